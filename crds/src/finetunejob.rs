@@ -1,0 +1,371 @@
+//! FineTuneJob: base model + dataset + LoRA/QLoRA settings → a trainer Job → a versioned adapter.
+
+use crate::common::{BaseModelSpec, PodPlacement, SecretRef};
+use crate::conditions::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A LoRA or QLoRA fine-tuning run of a base model on a dataset, producing a new version of a
+/// named adapter in the adapter registry.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kubetune.dev",
+    version = "v1alpha1",
+    kind = "FineTuneJob",
+    plural = "finetunejobs",
+    shortname = "ftj",
+    category = "kubetune",
+    namespaced,
+    status = "FineTuneJobStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pending, Running, Succeeded, Failed or Suspended"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.display","description":"Optimizer steps done of the total"}"#,
+    printcolumn = r#"{"name":"Loss","type":"number","jsonPath":".status.progress.trainLoss","description":"Latest training loss"}"#,
+    printcolumn = r#"{"name":"Adapter","type":"string","jsonPath":".status.adapter.reference","description":"The adapter version this job published"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.method != 'qlora' || (has(self.quantization) && self.quantization.bits == 4)",
+        "message": "spec.quantization: method qlora needs 4-bit quantization (quantization.bits: 4)",
+        "fieldPath": ".quantization",
+        "reason": "FieldValueRequired"
+    }
+]))]
+pub struct FineTuneJobSpec {
+    /// The model to fine-tune.
+    pub base_model: BaseModelSpec,
+    /// Fine-tuning method: `lora` trains low-rank adapters on a full-precision frozen base;
+    /// `qlora` does the same on a 4-bit quantized base (needs `quantization.bits: 4`).
+    pub method: FineTuneMethod,
+    /// Low-rank adapter settings, as in HF PEFT's LoraConfig.
+    pub lora: LoraSpec,
+    /// How the frozen base is quantized in memory. Required for `qlora`, not allowed to be
+    /// anything but 4-bit there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationSpec>,
+    /// The training data.
+    pub dataset: DatasetSpec,
+    /// Optimisation settings. Immutable once the job exists.
+    pub training: TrainingSpec,
+    /// Where the adapter goes.
+    pub output: OutputSpec,
+    /// Trainer container image; the operator's configured default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Where the trainer pod runs and with what resources.
+    #[serde(flatten)]
+    pub placement: PodPlacement,
+    /// Suspends the job: no trainer pod runs while true. Flipping it back resumes from the last
+    /// checkpoint. Queueing systems such as Kueue use this to admit jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    /// How many times a failed or preempted trainer pod is retried (each retry resumes from the
+    /// last checkpoint). Defaults to 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub backoff_limit: Option<i32>,
+    /// Wall-clock limit for the whole job, in seconds; the job fails with DeadlineExceeded after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Seconds after the job finishes before its trainer Job and pods are deleted. The
+    /// FineTuneJob and the published adapter stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+    /// Secret with the object-storage credentials the trainer uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_secret_ref: Option<SecretRef>,
+}
+
+/// The fine-tuning method.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FineTuneMethod {
+    /// Low-rank adapters on a full-precision frozen base.
+    Lora,
+    /// Low-rank adapters on a 4-bit quantized frozen base.
+    Qlora,
+}
+
+/// A projection of a Llama-family decoder layer that can carry an adapter (HF PEFT names).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetModule {
+    /// Attention query projection.
+    QProj,
+    /// Attention key projection.
+    KProj,
+    /// Attention value projection.
+    VProj,
+    /// Attention output projection.
+    OProj,
+    /// MLP gate projection.
+    GateProj,
+    /// MLP up projection.
+    UpProj,
+    /// MLP down projection.
+    DownProj,
+}
+
+/// LoRA hyperparameters (HF PEFT LoraConfig names: r, lora_alpha, lora_dropout, target_modules).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSpec {
+    /// Rank of the low-rank update, 1 to 256.
+    #[schemars(range(min = 1, max = 256))]
+    pub r: u32,
+    /// Scaling numerator: the update is scaled by alpha / r. Must be greater than 0.
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
+    pub alpha: f64,
+    /// Dropout on the adapter input during training, in [0, 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "maximum" = 1, "exclusiveMaximum" = true))]
+    pub dropout: Option<f64>,
+    /// Projections that get adapters. Defaults to q_proj and v_proj.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
+    pub target_modules: Option<Vec<TargetModule>>,
+}
+
+/// Quantization of the frozen base model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.type) || (self.type == 'int8') == (self.bits == 8)",
+        "message": "quantization.type: int8 goes with bits 8, nf4 and fp4 with bits 4",
+        "fieldPath": ".type"
+    }
+]))]
+pub struct QuantizationSpec {
+    /// Bits per base weight: 4 or 8.
+    #[schemars(extend("enum" = [4, 8]))]
+    pub bits: u32,
+    /// Number format: nf4 (QLoRA's 4-bit NormalFloat, the default for 4 bits), fp4, or int8.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub quant_type: Option<QuantType>,
+    /// Also quantize the per-block scales (QLoRA's double quantization). Defaults to true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub double_quant: Option<bool>,
+}
+
+/// Number format of quantized base weights.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantType {
+    /// 4-bit NormalFloat (QLoRA paper).
+    Nf4,
+    /// 4-bit floating point.
+    Fp4,
+    /// 8-bit integers.
+    Int8,
+}
+
+/// The training data.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetSpec {
+    /// JSON Lines file (or prefix of files) with one example per line.
+    #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
+    pub uri: String,
+    /// Line format: `instruction` (instruction, context, response), `chat` (messages with role
+    /// and content) or `text` (a text field).
+    pub format: DatasetFormat,
+    /// Fraction of examples held out for evaluation, in [0, 1). Ignored when validationUri is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "maximum" = 1, "exclusiveMaximum" = true))]
+    pub validation_split: Option<f64>,
+    /// A separate evaluation file in the same format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
+    pub validation_uri: Option<String>,
+    /// Skip malformed lines (and report how many) instead of failing before training starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_invalid: Option<bool>,
+}
+
+/// Format of each dataset line.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    /// `{"instruction": ..., "context": ..., "response": ...}` (dolly-15k style); loss on the response only.
+    Instruction,
+    /// `{"messages": [{"role": ..., "content": ...}]}`; loss on assistant turns only.
+    Chat,
+    /// `{"text": ...}`; loss on every token.
+    Text,
+}
+
+/// Optimisation settings (names as in HF TrainingArguments, camelCased).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.epochs) || has(self.maxSteps)",
+        "message": "spec.training: set epochs (>= 1) or maxSteps (>= 1)",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "self == oldSelf",
+        "message": "spec.training is immutable once the FineTuneJob is created; create a new job instead"
+    }
+]))]
+pub struct TrainingSpec {
+    /// Passes over the dataset. At least one of epochs and maxSteps must be set; when both are,
+    /// training stops at whichever comes first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: Option<u32>,
+    /// Optimizer steps to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_steps: Option<u64>,
+    /// Peak learning rate, in (0, 1).
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true, "maximum" = 1, "exclusiveMaximum" = true))]
+    pub learning_rate: f64,
+    /// Sequences per micro-batch. Defaults to 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: Option<u32>,
+    /// Micro-batches whose gradients add up to one optimizer step. Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub gradient_accumulation_steps: Option<u32>,
+    /// Longest sequence in tokens; longer examples are truncated (and counted). Defaults to 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8, max = 131072))]
+    pub max_seq_length: Option<u32>,
+    /// Steps of linear warm-up from 0 to the learning rate. Defaults to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub warmup_steps: Option<u64>,
+    /// Learning-rate schedule after warm-up. Defaults to linear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<LrScheduler>,
+    /// Seed for adapter initialisation, dropout and data shuffling. Defaults to 42.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub seed: Option<u64>,
+}
+
+/// Learning-rate schedule.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    /// Stays at the learning rate.
+    Constant,
+    /// Decays linearly to 0 at the last step.
+    Linear,
+    /// Follows a half cosine down to 0 at the last step.
+    Cosine,
+}
+
+/// Where the trained adapter is published.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// Adapter name in the registry (a DNS-1123 label). Each successful job publishes the next
+    /// version of it: v1, v2, ...
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    pub adapter_name: String,
+    /// Adapter registry root, e.g. s3://bucket/kubetune; the operator's configured default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
+    pub registry: Option<String>,
+}
+
+/// Observed state of a FineTuneJob.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FineTuneJobStatus {
+    /// Coarse state: Pending, Running, Succeeded, Failed or Suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<FineTuneJobPhase>,
+    /// Ready, Running, Succeeded and Failed conditions. Ready is true once the adapter is published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Live training progress, taken from the trainer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TrainingProgress>,
+    /// When the trainer first started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job succeeded or failed for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The adapter version this job published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PublishedAdapter>,
+    /// Retries of the trainer pod so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<i32>,
+}
+
+/// Coarse state of a FineTuneJob.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FineTuneJobPhase {
+    /// Accepted, waiting for the trainer pod to start.
+    Pending,
+    /// The trainer is running.
+    Running,
+    /// The adapter is published.
+    Succeeded,
+    /// The job failed for good; the Failed condition says why.
+    Failed,
+    /// spec.suspend is true.
+    Suspended,
+}
+
+/// Training progress as last reported by the trainer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingProgress {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Optimizer steps the run will take.
+    pub total_steps: u64,
+    /// Fractional epoch reached, e.g. 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<f64>,
+    /// Latest training loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    /// Latest evaluation loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// Training throughput, in tokens per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Estimated time left, as a duration such as 3m20s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<String>,
+    /// "step/totalSteps (percent)", for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}
+
+/// An adapter version in the registry.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedAdapter {
+    /// Adapter name.
+    pub name: String,
+    /// Version number, from 1.
+    pub version: u32,
+    /// URI of the version's directory in the registry.
+    pub uri: String,
+    /// sha256 digest of the version's manifest, "sha256:<hex>".
+    pub digest: String,
+    /// "name@vN", for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}

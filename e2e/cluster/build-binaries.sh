@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds the local cluster's Go binaries from their Go modules through the module proxy:
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and MinIO.
+# Each lands in $KUBETUNE_CACHE/bin/<name>-<version>/ and is skipped when already there,
+# so only the first run on a machine pays for the compile.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
+proxy="${GOPROXY:-https://proxy.golang.org}"
+proxy="${proxy%%,*}"
+export GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
+
+log() { echo "[build-binaries] $*" >&2; }
+
+# A throwaway consumer module: `go build` of a main package from a dependency is the only way to
+# build these without cloning their repositories.
+new_module() {
+  local dir="$1"
+  rm -rf "$dir" && mkdir -p "$dir"
+  printf 'module kubetune.dev/localcluster/build\n\ngo 1.26\n' >"$dir/go.mod"
+}
+
+build_kubernetes() {
+  local out="$cache/bin/kubernetes-$KUBERNETES_VERSION"
+  [ -x "$out/kubectl" ] && [ -x "$out/kube-apiserver" ] && { log "kubernetes $KUBERNETES_VERSION cached"; return; }
+  local work="$cache/build/kubernetes-$KUBERNETES_VERSION"
+  new_module "$work"
+  local minor="${KUBERNETES_VERSION#v}"; minor="${minor#*.}"; minor="${minor%%.*}"
+  local staging="v0.${KUBERNETES_VERSION#v1.}"
+  # k8s.io/kubernetes points its staging modules at ./staging/src; map each to its published v0.x tag.
+  curl -fsS "$proxy/k8s.io/kubernetes/@v/$KUBERNETES_VERSION.mod" \
+    | sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\1#p' >"$work/staging.txt"
+  {
+    echo
+    echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+    while read -r m; do echo "replace $m => $m $staging"; done <"$work/staging.txt"
+  } >>"$work/go.mod"
+  local pkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version ld=""
+  for p in $pkg $cpkg; do
+    ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  log "building kubernetes $KUBERNETES_VERSION (cold: several minutes)"
+  (cd "$work" && go get k8s.io/kubernetes@"$KUBERNETES_VERSION" \
+    && mkdir -p "$work/out" \
+    && go build -trimpath -ldflags "-s -w $ld" -o "$work/out/" \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
+build_etcd() {
+  local out="$cache/bin/etcd-$ETCD_VERSION"
+  [ -x "$out/etcd" ] && { log "etcd $ETCD_VERSION cached"; return; }
+  local work="$cache/build/etcd-$ETCD_VERSION"
+  new_module "$work"
+  log "building etcd $ETCD_VERSION"
+  (cd "$work" && go get go.etcd.io/etcd/server/v3@"$ETCD_VERSION" \
+    && go build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
+      -o "$work/out/etcd" go.etcd.io/etcd/server/v3)
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
+build_minio() {
+  local out="$cache/bin/minio-$MINIO_VERSION"
+  [ -x "$out/minio" ] && { log "minio $MINIO_VERSION cached"; return; }
+  local work="$cache/build/minio-$MINIO_VERSION"
+  new_module "$work"
+  log "building minio $MINIO_VERSION"
+  (cd "$work" && go get github.com/minio/minio@"$MINIO_VERSION" \
+    && go build -trimpath -ldflags "-s -w -X github.com/minio/minio/cmd.Version=$MINIO_VERSION" \
+      -o "$work/out/minio" github.com/minio/minio)
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(etcd kubernetes minio)
+for t in "${targets[@]}"; do "build_$t"; done
