@@ -197,12 +197,18 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    // An empty RUST_LOG would silence everything; treat it as unset. (Targets match by prefix,
+    // so a plain `kube=warn` would also silence `kubetune_node_agent`.)
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::new(spec),
+        _ => tracing_subscriber::EnvFilter::new("info,kube_client=warn,kube_runtime=warn"),
+    };
     if cli.log_json {
         tracing_subscriber::fmt().with_env_filter(filter).json().init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        use std::io::IsTerminal;
+        // Colour codes only help on a terminal; up.sh sends our output to a log file.
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stdout().is_terminal()).init();
     }
 
     let names = node_names(&cli);

@@ -69,6 +69,8 @@ pub fn initial_rt(pod: &Pod, ip: &str, fake: bool) -> PodRt {
                         reason: Some("Error".into()),
                         message: Some("the node agent restarted and lost this process".into()),
                         started_at: state.running.and_then(|r| r.started_at),
+                        // When we noticed: the real end is unknown.
+                        finished_at: Some(Time(Timestamp::now())),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -196,7 +198,7 @@ async fn run_containers(
             spec.containers.iter().map(|_| Runner::Fake(Fake { exit })).collect(),
         )
     } else {
-        let Some(prepared) = prepare_until_ready(agent, pod, ip, &dir, shared, stop).await else { return };
+        let Some(prepared) = prepare_until_ready(agent, &ctx.pod_name, pod, ip, &dir, shared, stop).await else { return };
         if let (Some(file), Some(ttl)) = (prepared.token_file.clone(), prepared.token_expires_in) {
             tokio::spawn(refresh_token(agent.clone(), pods.clone(), file, ttl, stop.clone()));
         }
@@ -237,6 +239,7 @@ fn fake_exit(pod: &Pod) -> Option<(i32, Duration)> {
 /// Retries setup with back-off, showing why it waits in the container statuses.
 async fn prepare_until_ready(
     agent: &Agent,
+    key: &str,
     pod: &Pod,
     ip: &str,
     dir: &std::path::Path,
@@ -248,7 +251,7 @@ async fn prepare_until_ready(
         match setup::prepare(agent, pod, ip, dir).await {
             Ok(prepared) => return Some(prepared),
             Err(failure) => {
-                tracing::warn!(pod = %dir.display(), reason = failure.reason, message = %failure.message, "pod not ready to start");
+                tracing::warn!(pod = %key, reason = failure.reason, message = %failure.message, "pod not ready to start");
                 shared.update(|rt| {
                     for c in rt.init.iter_mut().chain(rt.containers.iter_mut()) {
                         if failure.container.as_deref().is_none_or(|n| n == c.name) {
