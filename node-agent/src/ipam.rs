@@ -26,6 +26,8 @@ pub struct Ipam {
     last: u32,
     next: u32,
     used: HashSet<u32>,
+    /// Held for pods seen before their worker started (after an agent restart).
+    held: HashSet<u32>,
 }
 
 impl Ipam {
@@ -41,7 +43,7 @@ impl Ipam {
         let network = u32::from(addr) & mask;
         let first = network + 1;
         let last = (network | !mask) - 1;
-        Ok(Self { range: range.to_owned(), first, last, next: first, used: HashSet::new() })
+        Ok(Self { range: range.to_owned(), first, last, next: first, used: HashSet::new(), held: HashSet::new() })
     }
 
     fn usable(&self, ip: u32) -> bool {
@@ -61,14 +63,24 @@ impl Ipam {
     }
 
     /// Claims a specific IP (a pod that already had one before an agent restart).
-    /// Returns false if it is outside the range or already taken.
+    /// Returns false if it is outside the range or already taken (unless merely held).
     pub fn reserve(&mut self, ip: Ipv4Addr) -> bool {
         let ip = u32::from(ip);
-        self.usable(ip) && self.used.insert(ip)
+        self.held.remove(&ip) || (self.usable(ip) && self.used.insert(ip))
+    }
+
+    /// Keeps an existing pod's IP from being handed to a new pod until that pod's worker
+    /// claims it with [`Ipam::reserve`].
+    pub fn hold(&mut self, ip: Ipv4Addr) {
+        let ip = u32::from(ip);
+        if self.usable(ip) && self.used.insert(ip) {
+            self.held.insert(ip);
+        }
     }
 
     pub fn release(&mut self, ip: Ipv4Addr) {
         self.used.remove(&u32::from(ip));
+        self.held.remove(&u32::from(ip));
     }
 }
 
@@ -108,6 +120,16 @@ mod tests {
         for _ in 0..2000 {
             assert_ne!(ipam.allocate().expect("plenty left"), ip);
         }
+    }
+
+    #[test]
+    fn held_ips_are_skipped_until_claimed_once() {
+        let mut ipam = Ipam::new("127.0.0.0/29").expect("valid range");
+        let existing = Ipv4Addr::new(127, 0, 0, 2);
+        ipam.hold(existing);
+        assert_ne!(ipam.allocate().expect("free"), existing);
+        assert!(ipam.reserve(existing));
+        assert!(!ipam.reserve(existing));
     }
 
     #[test]

@@ -37,8 +37,27 @@ async fn watch_node(agent: Arc<Agent>, node: String, events: mpsc::Sender<(Strin
     }
 }
 
+/// Holds the IPs of pods already bound to our nodes (from before an agent restart), so that
+/// a new pod on one node cannot be given an IP an existing pod on another still owns.
+async fn hold_existing_ips(agent: &Agent, nodes: &[String]) {
+    let api: Api<Pod> = Api::all(agent.client.clone());
+    for node in nodes {
+        let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+        match api.list(&params).await {
+            Ok(list) => {
+                let mut ipam = agent.ipam.lock().unwrap_or_else(|e| e.into_inner());
+                for ip in list.items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()) {
+                    ipam.hold(ip);
+                }
+            }
+            Err(e) => tracing::warn!(node = %node, error = %e, "cannot list existing pods to keep their IPs"),
+        }
+    }
+}
+
 /// Runs until `agent.shutdown` fires, then waits (bounded) for every pod's processes to stop.
 pub async fn run(agent: Arc<Agent>, nodes: Vec<String>) {
+    hold_existing_ips(&agent, &nodes).await;
     let (events_tx, mut events) = mpsc::channel(1024);
     let mut watchers = JoinSet::new();
     for node in nodes {

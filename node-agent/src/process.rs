@@ -175,27 +175,50 @@ pub fn log_tail(log: &Path, offset: u64, max_lines: usize, max_bytes: usize) -> 
 
 /// Kills process groups a previous agent left behind under `state_dir`.
 ///
-/// A pid is only trusted if the process still carries the pod's `KUBETUNE_POD_UID` marker,
-/// so a recycled pid of an unrelated process is never signalled.
+/// The group leader may be gone while its children live on (PR_SET_PDEATHSIG only covers the
+/// leader), so every process in the recorded group is checked. A process is only trusted if
+/// it still carries the pod's `KUBETUNE_POD_UID` marker, so a recycled pid of an unrelated
+/// process is never signalled.
 pub fn reap_orphans(state_dir: &Path) {
     let Ok(pods) = std::fs::read_dir(state_dir.join("pods")) else { return };
     for pod in pods.flatten() {
         let uid = pod.file_name().to_string_lossy().rsplit('_').next().unwrap_or_default().to_owned();
+        let marker = format!("{POD_UID_ENV}={uid}");
         let Ok(files) = std::fs::read_dir(pod.path()) else { continue };
         for file in files.flatten().filter(|f| f.path().extension() == Some(OsStr::new("pid"))) {
-            let pid: i32 = match std::fs::read_to_string(file.path()).map(|s| s.trim().parse()) {
-                Ok(Ok(pid)) => pid,
-                _ => continue,
-            };
-            let marker = format!("{POD_UID_ENV}={uid}");
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
-                tracing::warn!(pid, pod = %pod.file_name().to_string_lossy(), "killing process group left by a previous agent");
-                signal_group(pid, libc::SIGKILL);
+            if let Ok(Ok(pgid)) = std::fs::read_to_string(file.path()).map(|s| s.trim().parse::<i32>()) {
+                for pid in group_members(pgid).into_iter().filter(|pid| has_env(*pid, &marker)) {
+                    tracing::warn!(pid, pod = %pod.file_name().to_string_lossy(), "killing a process left by a previous agent");
+                    // SAFETY: plain syscall on a pid verified to belong to this pod.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
             }
             let _ = std::fs::remove_file(file.path());
         }
     }
+}
+
+/// Pids whose process group is `pgid`, from /proc/<pid>/stat.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            // Fields after the command name (which may contain spaces) closed by ')':
+            // state ppid pgrp ...
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return false };
+            rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+        })
+        .collect()
+}
+
+fn has_env(pid: i32, marker: &str) -> bool {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    environ.split(|b| *b == 0).any(|var| var == marker.as_bytes())
 }
 
 #[cfg(test)]
@@ -216,6 +239,13 @@ mod tests {
         assert_eq!(log_tail(&log, old.len() as u64, 80, 8), "line 100");
         assert_eq!(log_tail(&log, 0, 1000, 7), "ine 100");
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn finds_own_process_group_members() {
+        // SAFETY: getpgrp has no preconditions.
+        let pgid = unsafe { libc::getpgrp() };
+        assert!(group_members(pgid).contains(&(std::process::id() as i32)));
     }
 
     #[test]
