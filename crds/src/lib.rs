@@ -21,7 +21,29 @@ pub const GROUP: &str = "kubetune.dev";
 
 /// Every CRD kubetune defines, in the order they are installed.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![FineTuneJob::crd(), ModelDeployment::crd()]
+    vec![FineTuneJob::crd(), ModelDeployment::crd()].into_iter().map(with_kubernetes_formats).collect()
+}
+
+/// schemars marks unsigned integers with the formats `uint32` / `uint64`, which the API server
+/// does not know and warns about on every apply. Their `minimum: 0` already carries the
+/// constraint, so they become plain `int64`.
+fn with_kubernetes_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn rewrite(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if matches!(map.get("format").and_then(|f| f.as_str()), Some("uint32" | "uint64" | "uint")) {
+                    map.insert("format".into(), "int64".into());
+                }
+                map.values_mut().for_each(rewrite);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(rewrite),
+            _ => {}
+        }
+    }
+    // Our own types always round-trip through JSON; a failure here is a bug in this crate.
+    let mut value = serde_json::to_value(&crd).expect("CRD serialises to JSON");
+    rewrite(&mut value);
+    serde_json::from_value(value).expect("rewritten CRD deserialises")
 }
 
 /// The checked-in YAML file for a CRD, relative to the `crds/` directory.

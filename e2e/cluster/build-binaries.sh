@@ -69,8 +69,13 @@ build_minio() {
   local work="$cache/build/minio-$MINIO_VERSION"
   new_module "$work"
   log "building minio $MINIO_VERSION"
+  # The pseudo-version's timestamp and commit become MinIO's own release tag and commit id.
+  local stamp="${MINIO_VERSION#v0.0.0-}" commit="${MINIO_VERSION##*-}"
+  stamp="${stamp%%-*}"
+  local tag="RELEASE.${stamp:0:4}-${stamp:4:2}-${stamp:6:2}T${stamp:8:2}-${stamp:10:2}-${stamp:12:2}Z"
+  local m=github.com/minio/minio/cmd
   (cd "$work" && go get github.com/minio/minio@"$MINIO_VERSION" \
-    && go build -trimpath -ldflags "-s -w -X github.com/minio/minio/cmd.Version=$MINIO_VERSION" \
+    && go build -trimpath -ldflags "-s -w -X $m.Version=$tag -X $m.ReleaseTag=$tag -X $m.CommitID=$commit -X $m.ShortCommitID=$commit" \
       -o "$work/out/minio" github.com/minio/minio)
   rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
 }

@@ -1,0 +1,17 @@
+# The two commands at the top of README.md.
+.PHONY: demo test cluster-up cluster-down crds
+
+demo: ## Local cluster up, install kubetune, fine-tune, deploy, query
+	./e2e/demo.sh
+
+test: ## Every unit and end-to-end test, against a fresh local cluster
+	./e2e/run-tests.sh
+
+cluster-up:
+	./e2e/cluster/up.sh
+
+cluster-down:
+	./e2e/cluster/down.sh
+
+crds: ## Regenerate crds/generated/*.yaml from the Rust types
+	cargo run -q -p kubetune-crds --bin kubetune-crdgen
