@@ -1,3 +1,25 @@
 #!/usr/bin/env bash
-# placeholder until the node agent CLI lands
-exit 0
+# Builds kubetune's node agent and starts it: it registers the local cluster's Nodes (with fake
+# nvidia.com/gpu capacity) and runs the pods scheduled onto them as local processes.
+# Container images map to the workspace's binaries through $cluster_dir/node-agent.yaml.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+target="${CARGO_TARGET_DIR:-$repo_root/target}"
+(cd "$repo_root" && cargo build -q -p kubetune-node-agent)
+cat >"$cluster_dir/node-agent.yaml" <<YAML
+# Image (tag ignored) -> local binary that stands in for the image's entrypoint.
+images:
+  kubetune/operator: $target/debug/kubetune-operator
+  kubetune/trainer: $target/debug/kubetune-trainer
+  kubetune/server: $target/debug/kubetune-server
+YAML
+if ! daemon_running node-agent; then
+  start_daemon node-agent "$target/debug/kubetune-node-agent" \
+    --kubeconfig "$kubeconfig" --config "$cluster_dir/node-agent.yaml" --state-dir "$cluster_dir/node-agent" \
+    --node kubetune-gpu-0 --node kubetune-gpu-1 --gpus 2 --gpu-memory-mib 24576 \
+    --label kubetune.dev/pool=local
+fi
+ready_nodes() { [ "$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" -ge 2 ]; }
+wait_for "node agent's Nodes" 60 ready_nodes
+log "nodes ready; pod logs under $cluster_dir/node-agent"
