@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): brings the local cluster up (building what is not
+# cached), runs every unit and end-to-end test in the workspace against it, and stops the cluster.
+# KUBETUNE_KEEP_CLUSTER=1 leaves the cluster running afterwards.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source e2e/cluster/lib.sh
+
+start=$SECONDS
+if [ "${KUBETUNE_KEEP_CLUSTER:-0}" != 1 ]; then
+  trap 'e2e/cluster/down.sh >/dev/null 2>&1 || true' EXIT
+fi
+e2e/cluster/up.sh
+export KUBECONFIG="$kubeconfig" KUBECTL="$kube_bin/kubectl" KUBETUNE_S3_ENV="$state/s3.env"
+cargo test --workspace --locked "$@"
+log "all tests passed in $((SECONDS - start))s"
