@@ -23,7 +23,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(rt: PodRt) -> Self {
-        Self { rt: Mutex::new(rt), dirty: Notify::new() }
+        Self {
+            rt: Mutex::new(rt),
+            dirty: Notify::new(),
+        }
     }
 
     pub fn update(&self, f: impl FnOnce(&mut PodRt)) {
@@ -77,7 +80,7 @@ pub struct Fake {
 }
 
 pub enum Runner {
-    Real(Launch),
+    Real(Box<Launch>),
     Fake(Fake),
 }
 
@@ -87,7 +90,12 @@ fn now() -> Time {
 
 /// Runs the container under `policy` ("Always", "OnFailure" or "Never") until it is done for
 /// good or `ctx.stop` fires.
-pub async fn supervise(ctx: Arc<ContainerCtx>, slot: Slot, runner: Runner, policy: &str) -> Outcome {
+pub async fn supervise(
+    ctx: Arc<ContainerCtx>,
+    slot: Slot,
+    runner: Runner,
+    policy: &str,
+) -> Outcome {
     let mut backoff = ctx.backoff_base;
     let name = ctx.shared.snapshot_name(slot);
     loop {
@@ -100,7 +108,9 @@ pub async fn supervise(ctx: Arc<ContainerCtx>, slot: Slot, runner: Runner, polic
             Runner::Fake(fake) => run_fake(&ctx, slot, *fake, started_at.clone()).await,
             Runner::Real(launch) => run_real(&ctx, slot, launch, started_at.clone()).await,
         };
-        let Some(exit) = exit else { return Outcome::Stopped };
+        let Some(exit) = exit else {
+            return Outcome::Stopped;
+        };
         let reason = match (&message, exit.code) {
             (Some(m), 128) if m.starts_with("StartError: ") => "StartError",
             (_, 0) => "Completed",
@@ -128,13 +138,21 @@ pub async fn supervise(ctx: Arc<ContainerCtx>, slot: Slot, runner: Runner, polic
             _ => false,
         };
         if !restart || ctx.stop.is_cancelled() {
-            return if exit.code == 0 { Outcome::Succeeded } else { Outcome::Failed };
+            return if exit.code == 0 {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            };
         }
         // Like kubelet: a container that ran for a good while starts over with a short delay.
         if began.elapsed() > Duration::from_secs(600) {
             backoff = ctx.backoff_base;
         }
-        let wait_message = format!("back-off {}s restarting failed container={name} pod={}", backoff.as_secs(), ctx.pod_name);
+        let wait_message = format!(
+            "back-off {}s restarting failed container={name} pod={}",
+            backoff.as_secs(),
+            ctx.pod_name
+        );
         ctx.shared.update(|rt| {
             if let Some(c) = slot.get(rt) {
                 c.prepare_restart("CrashLoopBackOff", Some(wait_message));
@@ -151,7 +169,9 @@ pub async fn supervise(ctx: Arc<ContainerCtx>, slot: Slot, runner: Runner, polic
 impl Shared {
     fn snapshot_name(&self, slot: Slot) -> String {
         let mut rt = self.rt.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get(&mut rt).map(|c| c.name.clone()).unwrap_or_default()
+        slot.get(&mut rt)
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -161,12 +181,23 @@ fn grace(ctx: &ContainerCtx) -> Duration {
 
 /// One run of a real process. Returns `(None, _)` when stopped by the pod ending, otherwise
 /// the exit and the termination message.
-async fn run_real(ctx: &ContainerCtx, slot: Slot, launch: &Launch, started_at: Time) -> (Option<Exit>, Option<String>) {
+async fn run_real(
+    ctx: &ContainerCtx,
+    slot: Slot,
+    launch: &Launch,
+    started_at: Time,
+) -> (Option<Exit>, Option<String>) {
     let mut running = match process::spawn(&launch.spec) {
         Ok(running) => running,
         Err(e) => {
             tracing::warn!(pod = %ctx.pod_name, container = %launch.container.name, error = %e, "container failed to start");
-            return (Some(Exit { code: 128, signal: None }), Some(format!("StartError: {e}")));
+            return (
+                Some(Exit {
+                    code: 128,
+                    signal: None,
+                }),
+                Some(format!("StartError: {e}")),
+            );
         }
     };
     tracing::info!(
@@ -180,7 +211,12 @@ async fn run_real(ctx: &ContainerCtx, slot: Slot, launch: &Launch, started_at: T
         }
     });
     let (tx, mut rx) = mpsc::channel(8);
-    let probe_task = tokio::spawn(probes::run(launch.container.clone(), launch.probe_target.clone(), Instant::now(), tx));
+    let probe_task = tokio::spawn(probes::run(
+        launch.container.clone(),
+        launch.probe_target.clone(),
+        Instant::now(),
+        tx,
+    ));
     let mut unhealthy = None;
     let exit = loop {
         tokio::select! {
@@ -206,7 +242,10 @@ async fn run_real(ctx: &ContainerCtx, slot: Slot, launch: &Launch, started_at: T
         }
     };
     probe_task.abort();
-    (Some(exit), unhealthy.or_else(|| termination_message(launch, running.log_offset, exit.code)))
+    (
+        Some(exit),
+        unhealthy.or_else(|| termination_message(launch, running.log_offset, exit.code)),
+    )
 }
 
 /// terminationMessagePath's contents if written, else (with FallbackToLogsOnError and a
@@ -220,11 +259,17 @@ fn termination_message(launch: &Launch, log_offset: u64, code: i32) -> Option<St
             }
         }
     }
-    let fallback = launch.container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
+    let fallback =
+        launch.container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
     (fallback && code != 0).then(|| process::log_tail(&launch.spec.log, log_offset, 80, 2048))
 }
 
-async fn run_fake(ctx: &ContainerCtx, slot: Slot, fake: Fake, started_at: Time) -> (Option<Exit>, Option<String>) {
+async fn run_fake(
+    ctx: &ContainerCtx,
+    slot: Slot,
+    fake: Fake,
+    started_at: Time,
+) -> (Option<Exit>, Option<String>) {
     ctx.shared.update(|rt| {
         if let Some(c) = slot.get(rt) {
             c.set_running("kubetune://fake".into(), started_at);

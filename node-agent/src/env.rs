@@ -53,7 +53,9 @@ pub fn referenced_objects(container: &Container) -> (BTreeSet<String>, BTreeSet<
         }
     }
     for var in container.env.iter().flatten() {
-        let Some(source) = &var.value_from else { continue };
+        let Some(source) = &var.value_from else {
+            continue;
+        };
         if let Some(s) = &source.secret_key_ref {
             secrets.insert(s.name.clone());
         }
@@ -66,20 +68,29 @@ pub fn referenced_objects(container: &Container) -> (BTreeSet<String>, BTreeSet<
 
 /// The container's environment, in Kubernetes' precedence: `envFrom` first, then `env`
 /// entries in order, each able to refer to the ones defined before it via `$(NAME)`.
-pub fn resolve(container: &Container, inputs: &EnvInputs) -> Result<BTreeMap<String, String>, EnvError> {
+pub fn resolve(
+    container: &Container,
+    inputs: &EnvInputs,
+) -> Result<BTreeMap<String, String>, EnvError> {
     let mut env = BTreeMap::new();
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.as_deref().unwrap_or("");
         if let Some(r) = &from.secret_ref {
             match inputs.secrets.get(&r.name) {
-                Some(data) => env.extend(data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone()))),
+                Some(data) => env.extend(
+                    data.iter()
+                        .map(|(k, v)| (format!("{prefix}{k}"), v.clone())),
+                ),
                 None if r.optional == Some(true) => {}
                 None => return Err(EnvError::MissingSecret(r.name.clone())),
             }
         }
         if let Some(r) = &from.config_map_ref {
             match inputs.config_maps.get(&r.name) {
-                Some(data) => env.extend(data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone()))),
+                Some(data) => env.extend(
+                    data.iter()
+                        .map(|(k, v)| (format!("{prefix}{k}"), v.clone())),
+                ),
                 None if r.optional == Some(true) => {}
                 None => return Err(EnvError::MissingConfigMap(r.name.clone())),
             }
@@ -113,7 +124,10 @@ fn value_from(
             Some(data) => match data.get(&r.key) {
                 Some(v) => Ok(Some(v.clone())),
                 None if optional => Ok(None),
-                None => Err(EnvError::MissingSecretKey { name: r.name.clone(), key: r.key.clone() }),
+                None => Err(EnvError::MissingSecretKey {
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                }),
             },
         };
     }
@@ -125,14 +139,20 @@ fn value_from(
             Some(data) => match data.get(&r.key) {
                 Some(v) => Ok(Some(v.clone())),
                 None if optional => Ok(None),
-                None => Err(EnvError::MissingConfigMapKey { name: r.name.clone(), key: r.key.clone() }),
+                None => Err(EnvError::MissingConfigMapKey {
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                }),
             },
         };
     }
     if let Some(r) = &source.field_ref {
-        return field_value(&r.field_path, inputs)
-            .map(Some)
-            .ok_or_else(|| EnvError::UnsupportedField { var: var.into(), path: r.field_path.clone() });
+        return field_value(&r.field_path, inputs).map(Some).ok_or_else(|| {
+            EnvError::UnsupportedField {
+                var: var.into(),
+                path: r.field_path.clone(),
+            }
+        });
     }
     if let Some(r) = &source.resource_field_ref {
         return resource_value(var, r, container, inputs).map(Some);
@@ -145,20 +165,37 @@ pub fn field_value(path: &str, inputs: &EnvInputs) -> Option<String> {
     let meta = &inputs.pod.metadata;
     let spec = inputs.pod.spec.as_ref();
     let keyed = |prefix: &str| -> Option<String> {
-        path.strip_prefix(prefix)?.strip_prefix("['")?.strip_suffix("']").map(str::to_owned)
+        path.strip_prefix(prefix)?
+            .strip_prefix("['")?
+            .strip_suffix("']")
+            .map(str::to_owned)
     };
     if let Some(key) = keyed("metadata.labels") {
-        return Some(meta.labels.as_ref().and_then(|l| l.get(&key)).cloned().unwrap_or_default());
+        return Some(
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get(&key))
+                .cloned()
+                .unwrap_or_default(),
+        );
     }
     if let Some(key) = keyed("metadata.annotations") {
-        return Some(meta.annotations.as_ref().and_then(|a| a.get(&key)).cloned().unwrap_or_default());
+        return Some(
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(&key))
+                .cloned()
+                .unwrap_or_default(),
+        );
     }
     Some(match path {
         "metadata.name" => meta.name.clone().unwrap_or_default(),
         "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
         "status.podIP" | "status.podIPs" => inputs.pod_ip.clone(),
         "status.hostIP" | "status.hostIPs" => inputs.host_ip.clone(),
         _ => return None,
@@ -171,7 +208,10 @@ fn resource_value(
     container: &Container,
     inputs: &EnvInputs,
 ) -> Result<String, EnvError> {
-    let unsupported = |detail: String| EnvError::UnsupportedResource { var: var.into(), detail };
+    let unsupported = |detail: String| EnvError::UnsupportedResource {
+        var: var.into(),
+        detail,
+    };
     let target = match r.container_name.as_deref() {
         None | Some("") => container,
         Some(name) => inputs
@@ -280,8 +320,8 @@ pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        ConfigMapEnvSource, EnvFromSource, EnvVar, ObjectFieldSelector, PodSpec, ResourceRequirements,
-        SecretKeySelector,
+        ConfigMapEnvSource, EnvFromSource, EnvVar, ObjectFieldSelector, PodSpec,
+        ResourceRequirements, SecretKeySelector,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -307,11 +347,19 @@ mod tests {
     }
 
     fn var(name: &str, value: &str) -> EnvVar {
-        EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+        EnvVar {
+            name: name.into(),
+            value: Some(value.into()),
+            value_from: None,
+        }
     }
 
     fn from(name: &str, source: EnvVarSource) -> EnvVar {
-        EnvVar { name: name.into(), value: None, value_from: Some(source) }
+        EnvVar {
+            name: name.into(),
+            value: None,
+            value_from: Some(source),
+        }
     }
 
     fn pod() -> Pod {
@@ -319,16 +367,26 @@ mod tests {
         pod.metadata.name = Some("p".into());
         pod.metadata.namespace = Some("ns".into());
         pod.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
-        pod.spec = Some(PodSpec { node_name: Some("gpu-0".into()), ..Default::default() });
+        pod.spec = Some(PodSpec {
+            node_name: Some("gpu-0".into()),
+            ..Default::default()
+        });
         pod
     }
 
     #[test]
     fn resolves_values_sources_and_order() {
         let pod = pod();
-        let secrets: ObjectData = [("s".to_string(), [("token".to_string(), "t0p".to_string())].into())].into();
-        let config_maps: ObjectData =
-            [("c".to_string(), [("MODE".to_string(), "fast".to_string())].into())].into();
+        let secrets: ObjectData = [(
+            "s".to_string(),
+            [("token".to_string(), "t0p".to_string())].into(),
+        )]
+        .into();
+        let config_maps: ObjectData = [(
+            "c".to_string(),
+            [("MODE".to_string(), "fast".to_string())].into(),
+        )]
+        .into();
         let inputs = EnvInputs {
             pod: &pod,
             pod_ip: "127.0.0.7".into(),
@@ -339,13 +397,19 @@ mod tests {
             node_memory: "16Gi",
         };
         let field = |path: &str| EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
             ..Default::default()
         };
         let container = Container {
             name: "main".into(),
             env_from: Some(vec![EnvFromSource {
-                config_map_ref: Some(ConfigMapEnvSource { name: "c".into(), optional: None }),
+                config_map_ref: Some(ConfigMapEnvSource {
+                    name: "c".into(),
+                    optional: None,
+                }),
                 prefix: Some("CFG_".into()),
                 secret_ref: None,
             }]),
@@ -398,21 +462,43 @@ mod tests {
             node_memory: "1Gi",
         };
         let secret = |optional| EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: "nope".into(), key: "k".into(), optional }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: "nope".into(),
+                key: "k".into(),
+                optional,
+            }),
             ..Default::default()
         };
-        let container =
-            Container { env: Some(vec![from("X", secret(None))]), ..Default::default() };
-        assert_eq!(resolve(&container, &inputs), Err(EnvError::MissingSecret("nope".into())));
-        let container =
-            Container { env: Some(vec![from("X", secret(Some(true)))]), ..Default::default() };
-        assert!(resolve(&container, &inputs).expect("optional").get("X").is_none());
+        let container = Container {
+            env: Some(vec![from("X", secret(None))]),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&container, &inputs),
+            Err(EnvError::MissingSecret("nope".into()))
+        );
+        let container = Container {
+            env: Some(vec![from("X", secret(Some(true)))]),
+            ..Default::default()
+        };
+        assert!(!resolve(&container, &inputs)
+            .expect("optional")
+            .contains_key("X"));
         let bad_field = EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "spec.bogus".into(), api_version: None }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "spec.bogus".into(),
+                api_version: None,
+            }),
             ..Default::default()
         };
-        let container = Container { env: Some(vec![from("X", bad_field)]), ..Default::default() };
-        assert!(matches!(resolve(&container, &inputs), Err(EnvError::UnsupportedField { .. })));
+        let container = Container {
+            env: Some(vec![from("X", bad_field)]),
+            ..Default::default()
+        };
+        assert!(matches!(
+            resolve(&container, &inputs),
+            Err(EnvError::UnsupportedField { .. })
+        ));
     }
 
     #[test]

@@ -43,7 +43,14 @@ impl Ipam {
         let network = u32::from(addr) & mask;
         let first = network + 1;
         let last = (network | !mask) - 1;
-        Ok(Self { range: range.to_owned(), first, last, next: first, used: HashSet::new(), held: HashSet::new() })
+        Ok(Self {
+            range: range.to_owned(),
+            first,
+            last,
+            next: first,
+            used: HashSet::new(),
+            held: HashSet::new(),
+        })
     }
 
     fn usable(&self, ip: u32) -> bool {
@@ -54,7 +61,11 @@ impl Ipam {
         let size = self.last - self.first + 1;
         for _ in 0..size {
             let candidate = self.next;
-            self.next = if self.next >= self.last { self.first } else { self.next + 1 };
+            self.next = if self.next >= self.last {
+                self.first
+            } else {
+                self.next + 1
+            };
             if self.usable(candidate) && self.used.insert(candidate) {
                 return Ok(Ipv4Addr::from(candidate));
             }
@@ -95,7 +106,10 @@ mod tests {
         // .0 is the network, .1 the host, .7 the broadcast: 2..=6 remain.
         let expected: Vec<Ipv4Addr> = (2..=6).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect();
         assert_eq!(ips, expected);
-        assert_eq!(ipam.allocate(), Err(IpamError::Exhausted("127.0.0.0/29".into())));
+        assert_eq!(
+            ipam.allocate(),
+            Err(IpamError::Exhausted("127.0.0.0/29".into()))
+        );
     }
 
     #[test]

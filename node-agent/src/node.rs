@@ -61,7 +61,10 @@ pub fn node_labels(name: &str, opts: &NodeOptions) -> BTreeMap<String, String> {
         ("kubernetes.io/hostname", name.to_owned()),
         ("kubernetes.io/os", "linux".to_owned()),
         ("kubernetes.io/arch", arch().to_owned()),
-        ("node.kubernetes.io/instance-type", "kubetune-local".to_owned()),
+        (
+            "node.kubernetes.io/instance-type",
+            "kubetune-local".to_owned(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -71,7 +74,10 @@ pub fn node_labels(name: &str, opts: &NodeOptions) -> BTreeMap<String, String> {
         labels.insert("nvidia.com/gpu.present".into(), "true".into());
         labels.insert("nvidia.com/gpu.count".into(), opts.gpus.to_string());
         labels.insert("nvidia.com/gpu.product".into(), opts.gpu_product.clone());
-        labels.insert("nvidia.com/gpu.memory".into(), opts.gpu_memory_mib.to_string());
+        labels.insert(
+            "nvidia.com/gpu.memory".into(),
+            opts.gpu_memory_mib.to_string(),
+        );
     }
     labels.extend(opts.labels.clone());
     labels
@@ -106,12 +112,35 @@ pub fn node_status(opts: &NodeOptions, since: &Time, now: &Time) -> NodeStatus {
     NodeStatus {
         capacity: Some(resources(opts)),
         allocatable: Some(resources(opts)),
-        addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: "127.0.0.1".into() }]),
+        addresses: Some(vec![NodeAddress {
+            type_: "InternalIP".into(),
+            address: "127.0.0.1".into(),
+        }]),
         conditions: Some(vec![
-            condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubetune node agent has sufficient memory available"),
-            condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubetune node agent has no disk pressure"),
-            condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubetune node agent has sufficient PID available"),
-            condition("Ready", "True", "KubeletReady", "kubetune node agent is posting ready status"),
+            condition(
+                "MemoryPressure",
+                "False",
+                "KubeletHasSufficientMemory",
+                "kubetune node agent has sufficient memory available",
+            ),
+            condition(
+                "DiskPressure",
+                "False",
+                "KubeletHasNoDiskPressure",
+                "kubetune node agent has no disk pressure",
+            ),
+            condition(
+                "PIDPressure",
+                "False",
+                "KubeletHasSufficientPID",
+                "kubetune node agent has sufficient PID available",
+            ),
+            condition(
+                "Ready",
+                "True",
+                "KubeletReady",
+                "kubetune node agent is posting ready status",
+            ),
         ]),
         node_info: Some(NodeSystemInfo {
             architecture: arch().into(),
@@ -139,7 +168,12 @@ fn apply_params() -> PatchParams {
 }
 
 /// Creates or updates one node and its status; returns the node's uid (for the Lease owner).
-async fn apply_node(client: &Client, name: &str, opts: &NodeOptions, since: &Time) -> Result<String, NodeError> {
+async fn apply_node(
+    client: &Client,
+    name: &str,
+    opts: &NodeOptions,
+    since: &Time,
+) -> Result<String, NodeError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node = serde_json::json!({
         "apiVersion": "v1",
@@ -149,12 +183,20 @@ async fn apply_node(client: &Client, name: &str, opts: &NodeOptions, since: &Tim
     let applied = nodes
         .patch(name, &apply_params(), &Patch::Apply(&node))
         .await
-        .map_err(|source| NodeError::Register { node: name.into(), source })?;
+        .map_err(|source| NodeError::Register {
+            node: name.into(),
+            source,
+        })?;
     apply_status(client, name, opts, since).await?;
     Ok(applied.metadata.uid.unwrap_or_default())
 }
 
-async fn apply_status(client: &Client, name: &str, opts: &NodeOptions, since: &Time) -> Result<(), NodeError> {
+async fn apply_status(
+    client: &Client,
+    name: &str,
+    opts: &NodeOptions,
+    since: &Time,
+) -> Result<(), NodeError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let status = serde_json::json!({
         "apiVersion": "v1",
@@ -165,10 +207,18 @@ async fn apply_status(client: &Client, name: &str, opts: &NodeOptions, since: &T
         .patch_status(name, &apply_params(), &Patch::Apply(&status))
         .await
         .map(|_| ())
-        .map_err(|source| NodeError::Status { node: name.into(), source })
+        .map_err(|source| NodeError::Status {
+            node: name.into(),
+            source,
+        })
 }
 
-async fn renew_lease(client: &Client, name: &str, uid: &str, opts: &NodeOptions) -> Result<(), NodeError> {
+async fn renew_lease(
+    client: &Client,
+    name: &str,
+    uid: &str,
+    opts: &NodeOptions,
+) -> Result<(), NodeError> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
     let lease = Lease {
         metadata: ObjectMeta {
@@ -200,11 +250,18 @@ async fn renew_lease(client: &Client, name: &str, uid: &str, opts: &NodeOptions)
         .patch(name, &apply_params(), &Patch::Apply(&body))
         .await
         .map(|_| ())
-        .map_err(|source| NodeError::Lease { node: name.into(), source })
+        .map_err(|source| NodeError::Lease {
+            node: name.into(),
+            source,
+        })
 }
 
 /// Registers every node (and its Lease) once; fails if the API server refuses.
-pub async fn register(client: &Client, opts: &NodeOptions, since: &Time) -> Result<BTreeMap<String, String>, NodeError> {
+pub async fn register(
+    client: &Client,
+    opts: &NodeOptions,
+    since: &Time,
+) -> Result<BTreeMap<String, String>, NodeError> {
     let mut uids = BTreeMap::new();
     for name in &opts.names {
         let uid = apply_node(client, name, opts, since).await?;
@@ -217,7 +274,13 @@ pub async fn register(client: &Client, opts: &NodeOptions, since: &Time) -> Resu
 
 /// Renews leases and refreshes node status until `stop`; errors are logged and retried on
 /// the next tick, since a blip in the API server must not kill the agent.
-pub async fn keep_alive(client: Client, opts: NodeOptions, mut uids: BTreeMap<String, String>, since: Time, stop: CancellationToken) {
+pub async fn keep_alive(
+    client: Client,
+    opts: NodeOptions,
+    mut uids: BTreeMap<String, String>,
+    since: Time,
+    stop: CancellationToken,
+) {
     let mut lease_tick = tokio::time::interval(opts.lease_renew);
     let mut status_tick = tokio::time::interval(opts.status_refresh);
     lease_tick.tick().await;
@@ -277,7 +340,12 @@ mod tests {
         let capacity = status.capacity.expect("capacity");
         assert_eq!(capacity["nvidia.com/gpu"], Quantity("2".into()));
         assert_eq!(capacity["pods"], Quantity("110".into()));
-        let ready = status.conditions.expect("conditions").into_iter().find(|c| c.type_ == "Ready").expect("Ready");
+        let ready = status
+            .conditions
+            .expect("conditions")
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
         assert_eq!(ready.status, "True");
         assert_eq!(status.addresses.expect("addresses")[0].address, "127.0.0.1");
     }

@@ -46,11 +46,17 @@ async fn hold_existing_ips(agent: &Agent, nodes: &[String]) {
         match api.list(&params).await {
             Ok(list) => {
                 let mut ipam = agent.ipam.lock().unwrap_or_else(|e| e.into_inner());
-                for ip in list.items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()) {
+                for ip in list
+                    .items
+                    .iter()
+                    .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+                {
                     ipam.hold(ip);
                 }
             }
-            Err(e) => tracing::warn!(node = %node, error = %e, "cannot list existing pods to keep their IPs"),
+            Err(e) => {
+                tracing::warn!(node = %node, error = %e, "cannot list existing pods to keep their IPs")
+            }
         }
     }
 }
@@ -128,7 +134,10 @@ pub async fn run(agent: Arc<Agent>, nodes: Vec<String>) {
     watchers.abort_all();
     // Workers see the shutdown themselves and stop their processes; give them a bounded time.
     let drain = async { while workers.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(15), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(15), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("some pod workers did not stop in time");
     }
 }

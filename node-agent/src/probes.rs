@@ -35,14 +35,24 @@ pub struct ProbeTarget {
 }
 
 impl ProbeTarget {
-    pub fn new(ip: &str, container: &Container, env: BTreeMap<String, String>, cwd: PathBuf) -> Self {
+    pub fn new(
+        ip: &str,
+        container: &Container,
+        env: BTreeMap<String, String>,
+        cwd: PathBuf,
+    ) -> Self {
         let ports = container
             .ports
             .iter()
             .flatten()
             .filter_map(|p| p.name.clone().map(|n| (n, p.container_port)))
             .collect();
-        Self { ip: ip.into(), ports, env, cwd }
+        Self {
+            ip: ip.into(),
+            ports,
+            env,
+            cwd,
+        }
     }
 
     fn port(&self, port: &IntOrString) -> Result<i32, String> {
@@ -50,7 +60,11 @@ impl ProbeTarget {
             IntOrString::Int(n) => Ok(*n),
             IntOrString::String(name) => match name.parse() {
                 Ok(n) => Ok(n),
-                Err(_) => self.ports.get(name).copied().ok_or_else(|| format!("port {name:?} is not a named container port")),
+                Err(_) => self
+                    .ports
+                    .get(name)
+                    .copied()
+                    .ok_or_else(|| format!("port {name:?} is not a named container port")),
             },
         }
     }
@@ -64,21 +78,39 @@ fn secs(value: Option<i32>, default: i32) -> Duration {
 pub async fn check(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
     let limit = secs(probe.timeout_seconds, 1).max(Duration::from_secs(1));
     if let Some(http) = &probe.http_get {
-        if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
+        if http
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+        {
             return Err("HTTPS probes are not supported by the kubetune node agent".into());
         }
-        let host = http.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.ip.clone());
+        let host = http
+            .host
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| target.ip.clone());
         let port = target.port(&http.port)?;
         let path = http.path.clone().unwrap_or_else(|| "/".into());
-        let headers: Vec<(String, String)> =
-            http.http_headers.iter().flatten().map(|h| (h.name.clone(), h.value.clone())).collect();
+        let headers: Vec<(String, String)> = http
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
         return match timeout(limit, http_get(&host, port, &path, &headers)).await {
             Ok(result) => result,
-            Err(_) => Err(format!("Get \"http://{host}:{port}{path}\": context deadline exceeded")),
+            Err(_) => Err(format!(
+                "Get \"http://{host}:{port}{path}\": context deadline exceeded"
+            )),
         };
     }
     if let Some(tcp) = &probe.tcp_socket {
-        let host = tcp.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.ip.clone());
+        let host = tcp
+            .host
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| target.ip.clone());
         let port = target.port(&tcp.port)?;
         return match timeout(limit, TcpStream::connect((host.as_str(), port as u16))).await {
             Ok(Ok(_)) => Ok(()),
@@ -89,24 +121,40 @@ pub async fn check(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
     if let Some(exec) = &probe.exec {
         return exec_probe(exec.command.as_deref().unwrap_or_default(), target, limit).await;
     }
-    Err("probe type not supported by the kubetune node agent (use httpGet, tcpSocket or exec)".into())
+    Err(
+        "probe type not supported by the kubetune node agent (use httpGet, tcpSocket or exec)"
+            .into(),
+    )
 }
 
 /// A minimal HTTP/1.1 GET: kubelet only looks at the status code (200..400 is success).
-async fn http_get(host: &str, port: i32, path: &str, headers: &[(String, String)]) -> Result<(), String> {
+async fn http_get(
+    host: &str,
+    port: i32,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(), String> {
     let url = format!("http://{host}:{port}{path}");
-    let mut stream = TcpStream::connect((host, port as u16)).await.map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let mut stream = TcpStream::connect((host, port as u16))
+        .await
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.36\r\nAccept: */*\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("Get \"{url}\": {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 256];
     // The status line is all we need; stop reading once we have it.
     while !head.contains(&b'\n') && head.len() < 4096 {
-        let n = stream.read(&mut buf).await.map_err(|e| format!("Get \"{url}\": {e}"))?;
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("Get \"{url}\": {e}"))?;
         if n == 0 {
             break;
         }
@@ -125,12 +173,17 @@ async fn http_get(host: &str, port: i32, path: &str, headers: &[(String, String)
     }
 }
 
-async fn exec_probe(command: &[String], target: &ProbeTarget, limit: Duration) -> Result<(), String> {
+async fn exec_probe(
+    command: &[String],
+    target: &ProbeTarget,
+    limit: Duration,
+) -> Result<(), String> {
     let Some((first, rest)) = command.split_first() else {
         return Err("exec probe has an empty command".into());
     };
     let path = target.env.get("PATH").cloned().unwrap_or_default();
-    let program = crate::process::resolve_program(first, &path, &target.cwd).map_err(|e| e.to_string())?;
+    let program =
+        crate::process::resolve_program(first, &path, &target.cwd).map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(program)
         .args(rest)
         .env_clear()
@@ -160,10 +213,19 @@ async fn exec_probe(command: &[String], target: &ProbeTarget, limit: Duration) -
 
 /// Runs the container's probes from `started` (the process start) until the receiver is
 /// dropped, reporting transitions on `events`.
-pub async fn run(container: Container, target: ProbeTarget, started: Instant, events: mpsc::Sender<ProbeEvent>) {
+pub async fn run(
+    container: Container,
+    target: ProbeTarget,
+    started: Instant,
+    events: mpsc::Sender<ProbeEvent>,
+) {
     if let Some(probe) = &container.startup_probe {
         if let Err(message) = until_threshold(probe, &target, started, true).await {
-            let _ = events.send(ProbeEvent::Unhealthy(format!("Startup probe failed: {message}"))).await;
+            let _ = events
+                .send(ProbeEvent::Unhealthy(format!(
+                    "Startup probe failed: {message}"
+                )))
+                .await;
             return;
         }
     }
@@ -212,7 +274,11 @@ pub async fn run(container: Container, target: ProbeTarget, started: Instant, ev
             return std::future::pending::<()>().await;
         };
         if let Err(message) = until_threshold(probe, &target, started, false).await {
-            let _ = events.send(ProbeEvent::Unhealthy(format!("Liveness probe failed: {message}"))).await;
+            let _ = events
+                .send(ProbeEvent::Unhealthy(format!(
+                    "Liveness probe failed: {message}"
+                )))
+                .await;
         }
     };
     tokio::join!(readiness, liveness);
@@ -220,7 +286,12 @@ pub async fn run(container: Container, target: ProbeTarget, started: Instant, ev
 
 /// Probes every period. With `stop_on_success` it returns `Ok` at the first success (startup);
 /// otherwise it only returns, with `Err`, after `failureThreshold` consecutive failures.
-async fn until_threshold(probe: &Probe, target: &ProbeTarget, started: Instant, stop_on_success: bool) -> Result<(), String> {
+async fn until_threshold(
+    probe: &Probe,
+    target: &ProbeTarget,
+    started: Instant,
+    stop_on_success: bool,
+) -> Result<(), String> {
     let threshold = probe.failure_threshold.unwrap_or(3).max(1);
     let mut failures = 0;
     let mut next = started + secs(probe.initial_delay_seconds, 0);
@@ -251,12 +322,21 @@ mod tests {
             ports: Some(
                 ports
                     .into_iter()
-                    .map(|(n, p)| ContainerPort { name: Some(n.into()), container_port: p, ..Default::default() })
+                    .map(|(n, p)| ContainerPort {
+                        name: Some(n.into()),
+                        container_port: p,
+                        ..Default::default()
+                    })
                     .collect(),
             ),
             ..Default::default()
         };
-        ProbeTarget::new("127.0.0.1", &container, BTreeMap::new(), std::env::temp_dir())
+        ProbeTarget::new(
+            "127.0.0.1",
+            &container,
+            BTreeMap::new(),
+            std::env::temp_dir(),
+        )
     }
 
     async fn serve_once(status: &'static str) -> u16 {
@@ -266,24 +346,44 @@ mod tests {
             if let Ok((mut socket, _)) = listener.accept().await {
                 let mut buf = [0u8; 1024];
                 let _ = socket.read(&mut buf).await;
-                let _ = socket.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                let _ = socket
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
             }
         });
         port
     }
 
     fn http_probe(port: IntOrString) -> Probe {
-        Probe { http_get: Some(HTTPGetAction { port, path: Some("/healthz".into()), ..Default::default() }), ..Default::default() }
+        Probe {
+            http_get: Some(HTTPGetAction {
+                port,
+                path: Some("/healthz".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
     async fn http_probe_judges_by_status_code_and_resolves_named_ports() {
         let port = serve_once("200 OK").await;
-        assert_eq!(check(&http_probe(IntOrString::String("http".into())), &target(vec![("http", port as i32)])).await, Ok(()));
+        assert_eq!(
+            check(
+                &http_probe(IntOrString::String("http".into())),
+                &target(vec![("http", port as i32)])
+            )
+            .await,
+            Ok(())
+        );
         let port = serve_once("503 Service Unavailable").await;
         let result = check(&http_probe(IntOrString::Int(port as i32)), &target(vec![])).await;
         assert_eq!(result, Err("HTTP probe failed with statuscode: 503".into()));
-        let missing = check(&http_probe(IntOrString::String("nope".into())), &target(vec![])).await;
+        let missing = check(
+            &http_probe(IntOrString::String("nope".into())),
+            &target(vec![]),
+        )
+        .await;
         assert!(missing.is_err());
     }
 
@@ -292,7 +392,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port() as i32;
         let probe = Probe {
-            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(port), host: None }),
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(port),
+                host: None,
+            }),
             ..Default::default()
         };
         assert_eq!(check(&probe, &target(vec![])).await, Ok(()));

@@ -21,9 +21,15 @@ pub enum ProcessError {
     #[error("exec: {0:?}: executable file not found in $PATH")]
     NotFound(String),
     #[error("cannot open log file {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
 }
 
 /// Everything needed to start one container process.
@@ -68,14 +74,23 @@ pub fn resolve_program(word: &str, path: &str, cwd: &Path) -> Result<PathBuf, Pr
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 pub fn spawn(spec: &LaunchSpec) -> Result<Running, ProcessError> {
     let path = spec.env.get("PATH").map(String::as_str).unwrap_or_default();
     let program = resolve_program(&spec.program, path, &spec.cwd)?;
-    let log_err = |source| ProcessError::Log { path: spec.log.clone(), source };
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log).map_err(log_err)?;
+    let log_err = |source| ProcessError::Log {
+        path: spec.log.clone(),
+        source,
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .map_err(log_err)?;
     let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let stderr = log.try_clone().map_err(log_err)?;
     let mut command = Command::new(&program);
@@ -98,15 +113,21 @@ pub fn spawn(spec: &LaunchSpec) -> Result<Running, ProcessError> {
             Ok(())
         });
     }
-    let child = command
-        .spawn()
-        .map_err(|source| ProcessError::Spawn { program: spec.program.clone(), source })?;
+    let child = command.spawn().map_err(|source| ProcessError::Spawn {
+        program: spec.program.clone(),
+        source,
+    })?;
     let pid = child.id().map_or(0, |p| p as i32);
     // Best effort: losing the pid file only weakens orphan cleanup after a crash.
     if let Err(e) = std::fs::write(&spec.pid_file, pid.to_string()) {
         tracing::warn!(path = %spec.pid_file.display(), error = %e, "cannot write pid file");
     }
-    Ok(Running { child, pid, log_offset, pid_file: spec.pid_file.clone() })
+    Ok(Running {
+        child,
+        pid,
+        log_offset,
+        pid_file: spec.pid_file.clone(),
+    })
 }
 
 /// Sends `signal` to the whole process group led by `pid`.
@@ -130,7 +151,10 @@ impl Running {
             Ok(status) => exit_of(status),
             Err(e) => {
                 tracing::warn!(pid = self.pid, error = %e, "waiting for process failed");
-                Exit { code: 128, signal: None }
+                Exit {
+                    code: 128,
+                    signal: None,
+                }
             }
         }
     }
@@ -150,15 +174,23 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => Exit { code, signal: None },
-        (None, Some(signal)) => Exit { code: 128 + signal, signal: Some(signal) },
-        (None, None) => Exit { code: 128, signal: None },
+        (None, Some(signal)) => Exit {
+            code: 128 + signal,
+            signal: Some(signal),
+        },
+        (None, None) => Exit {
+            code: 128,
+            signal: None,
+        },
     }
 }
 
 /// Last `max_lines` lines / `max_bytes` bytes of `log` from `offset` on (kubelet's
 /// FallbackToLogsOnError limits are 80 lines and 2048 bytes).
 pub fn log_tail(log: &Path, offset: u64, max_lines: usize, max_bytes: usize) -> String {
-    let Ok(bytes) = std::fs::read(log) else { return String::new() };
+    let Ok(bytes) = std::fs::read(log) else {
+        return String::new();
+    };
     let start = (offset as usize).min(bytes.len());
     let text = String::from_utf8_lossy(&bytes[start..]);
     let lines: Vec<&str> = text.lines().collect();
@@ -180,14 +212,32 @@ pub fn log_tail(log: &Path, offset: u64, max_lines: usize, max_bytes: usize) -> 
 /// it still carries the pod's `KUBETUNE_POD_UID` marker, so a recycled pid of an unrelated
 /// process is never signalled.
 pub fn reap_orphans(state_dir: &Path) {
-    let Ok(pods) = std::fs::read_dir(state_dir.join("pods")) else { return };
+    let Ok(pods) = std::fs::read_dir(state_dir.join("pods")) else {
+        return;
+    };
     for pod in pods.flatten() {
-        let uid = pod.file_name().to_string_lossy().rsplit('_').next().unwrap_or_default().to_owned();
+        let uid = pod
+            .file_name()
+            .to_string_lossy()
+            .rsplit('_')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         let marker = format!("{POD_UID_ENV}={uid}");
-        let Ok(files) = std::fs::read_dir(pod.path()) else { continue };
-        for file in files.flatten().filter(|f| f.path().extension() == Some(OsStr::new("pid"))) {
-            if let Ok(Ok(pgid)) = std::fs::read_to_string(file.path()).map(|s| s.trim().parse::<i32>()) {
-                for pid in group_members(pgid).into_iter().filter(|pid| has_env(*pid, &marker)) {
+        let Ok(files) = std::fs::read_dir(pod.path()) else {
+            continue;
+        };
+        for file in files
+            .flatten()
+            .filter(|f| f.path().extension() == Some(OsStr::new("pid")))
+        {
+            if let Ok(Ok(pgid)) =
+                std::fs::read_to_string(file.path()).map(|s| s.trim().parse::<i32>())
+            {
+                for pid in group_members(pgid)
+                    .into_iter()
+                    .filter(|pid| has_env(*pid, &marker))
+                {
                     tracing::warn!(pid, pod = %pod.file_name().to_string_lossy(), "killing a process left by a previous agent");
                     // SAFETY: plain syscall on a pid verified to belong to this pod.
                     unsafe {
@@ -202,23 +252,34 @@ pub fn reap_orphans(state_dir: &Path) {
 
 /// Pids whose process group is `pgid`, from /proc/<pid>/stat.
 fn group_members(pgid: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
             // Fields after the command name (which may contain spaces) closed by ')':
             // state ppid pgrp ...
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return false };
-            rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                return false;
+            };
+            rest.split_whitespace()
+                .nth(2)
+                .and_then(|g| g.parse::<i32>().ok())
+                == Some(pgid)
         })
         .collect()
 }
 
 fn has_env(pid: i32, marker: &str) -> bool {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    environ.split(|b| *b == 0).any(|var| var == marker.as_bytes())
+    environ
+        .split(|b| *b == 0)
+        .any(|var| var == marker.as_bytes())
 }
 
 #[cfg(test)]
@@ -250,9 +311,16 @@ mod tests {
 
     #[test]
     fn resolves_programs_from_path() {
-        let sh = resolve_program("sh", "/nonexistent:/bin:/usr/bin", Path::new("/")).expect("sh exists");
+        let sh =
+            resolve_program("sh", "/nonexistent:/bin:/usr/bin", Path::new("/")).expect("sh exists");
         assert!(sh.ends_with("sh"));
-        assert!(matches!(resolve_program("no-such-binary-xyz", "/bin", Path::new("/")), Err(ProcessError::NotFound(_))));
-        assert_eq!(resolve_program("./run", "/bin", Path::new("/pod")).expect("path"), PathBuf::from("/pod/./run"));
+        assert!(matches!(
+            resolve_program("no-such-binary-xyz", "/bin", Path::new("/")),
+            Err(ProcessError::NotFound(_))
+        ));
+        assert_eq!(
+            resolve_program("./run", "/bin", Path::new("/pod")).expect("path"),
+            PathBuf::from("/pod/./run")
+        );
     }
 }

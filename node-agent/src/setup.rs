@@ -30,10 +30,18 @@ pub struct SetupFailure {
 
 impl SetupFailure {
     fn pod(reason: &'static str, message: String) -> Self {
-        Self { container: None, reason, message }
+        Self {
+            container: None,
+            reason,
+            message,
+        }
     }
     fn container(name: &str, reason: &'static str, message: String) -> Self {
-        Self { container: Some(name.into()), reason, message }
+        Self {
+            container: Some(name.into()),
+            reason,
+            message,
+        }
     }
 }
 
@@ -61,7 +69,8 @@ pub fn kubeconfig_yaml(api: &ApiAccess, namespace: &str, user: &str, token_file:
     let mut cluster = serde_json::json!({ "server": api.server });
     if let Some(pem) = &api.ca_pem {
         use base64::Engine;
-        cluster["certificate-authority-data"] = base64::engine::general_purpose::STANDARD.encode(pem).into();
+        cluster["certificate-authority-data"] =
+            base64::engine::general_purpose::STANDARD.encode(pem).into();
     }
     if api.insecure {
         cluster["insecure-skip-tls-verify"] = true.into();
@@ -80,22 +89,42 @@ pub fn kubeconfig_yaml(api: &ApiAccess, namespace: &str, user: &str, token_file:
     serde_yaml::to_string(&config).unwrap_or_default()
 }
 
-async fn fetch_objects(agent: &Agent, namespace: &str, secrets: &BTreeSet<String>, config_maps: &BTreeSet<String>) -> Result<(ObjectData, ObjectData), SetupFailure> {
+async fn fetch_objects(
+    agent: &Agent,
+    namespace: &str,
+    secrets: &BTreeSet<String>,
+    config_maps: &BTreeSet<String>,
+) -> Result<(ObjectData, ObjectData), SetupFailure> {
     let fail = |kind: &str, name: &str, e: kube::Error| {
-        SetupFailure::pod("CreateContainerConfigError", format!("cannot read {kind} {namespace}/{name}: {e}"))
+        SetupFailure::pod(
+            "CreateContainerConfigError",
+            format!("cannot read {kind} {namespace}/{name}: {e}"),
+        )
     };
     let secret_api: Api<Secret> = Api::namespaced(agent.client.clone(), namespace);
     let mut secret_data = ObjectData::new();
     for name in secrets {
-        if let Some(secret) = secret_api.get_opt(name).await.map_err(|e| fail("secret", name, e))? {
+        if let Some(secret) = secret_api
+            .get_opt(name)
+            .await
+            .map_err(|e| fail("secret", name, e))?
+        {
             let data = secret.data.unwrap_or_default().into_iter();
-            secret_data.insert(name.clone(), data.map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect());
+            secret_data.insert(
+                name.clone(),
+                data.map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                    .collect(),
+            );
         }
     }
     let cm_api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), namespace);
     let mut cm_data = ObjectData::new();
     for name in config_maps {
-        if let Some(cm) = cm_api.get_opt(name).await.map_err(|e| fail("configmap", name, e))? {
+        if let Some(cm) = cm_api
+            .get_opt(name)
+            .await
+            .map_err(|e| fail("configmap", name, e))?
+        {
             let mut data: BTreeMap<String, String> = cm.data.unwrap_or_default();
             for (k, v) in cm.binary_data.unwrap_or_default() {
                 data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
@@ -107,9 +136,17 @@ async fn fetch_objects(agent: &Agent, namespace: &str, secrets: &BTreeSet<String
 }
 
 /// Asks the TokenRequest API for a token of the pod's service account, bound to the pod.
-pub async fn request_token(agent: &Agent, pod: &Pod, audience: &str) -> Result<(String, Option<std::time::Duration>), SetupFailure> {
+pub async fn request_token(
+    agent: &Agent,
+    pod: &Pod,
+    audience: &str,
+) -> Result<(String, Option<std::time::Duration>), SetupFailure> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
     let api: Api<ServiceAccount> = Api::namespaced(agent.client.clone(), namespace);
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
@@ -125,25 +162,38 @@ pub async fn request_token(agent: &Agent, pod: &Pod, audience: &str) -> Result<(
         }),
         ..Default::default()
     };
-    let response = api.create_token_request(&account, &PostParams::default(), &request).await.map_err(|e| {
-        SetupFailure::pod(
-            "CreateContainerConfigError",
-            format!("cannot get a token for service account {namespace}/{account}: {e}"),
-        )
-    })?;
+    let response = api
+        .create_token_request(&account, &PostParams::default(), &request)
+        .await
+        .map_err(|e| {
+            SetupFailure::pod(
+                "CreateContainerConfigError",
+                format!("cannot get a token for service account {namespace}/{account}: {e}"),
+            )
+        })?;
     let status = response.status.unwrap_or_default();
     let token = status.token.filter(|t| !t.is_empty()).ok_or_else(|| {
-        SetupFailure::pod("CreateContainerConfigError", format!("token request for {namespace}/{account} returned no token"))
+        SetupFailure::pod(
+            "CreateContainerConfigError",
+            format!("token request for {namespace}/{account} returned no token"),
+        )
     })?;
-    let expires_in = status
-        .expiration_timestamp
-        .and_then(|t| t.0.duration_since(k8s_openapi::jiff::Timestamp::now()).try_into().ok());
+    let expires_in = status.expiration_timestamp.and_then(|t| {
+        t.0.duration_since(k8s_openapi::jiff::Timestamp::now())
+            .try_into()
+            .ok()
+    });
     Ok((token, expires_in))
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), SetupFailure> {
     use std::os::unix::fs::PermissionsExt;
-    let fail = |e: std::io::Error| SetupFailure::pod("CreateContainerConfigError", format!("cannot write {}: {e}", path.display()));
+    let fail = |e: std::io::Error| {
+        SetupFailure::pod(
+            "CreateContainerConfigError",
+            format!("cannot write {}: {e}", path.display()),
+        )
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(fail)?;
     }
@@ -152,18 +202,34 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<(), SetupFailure> {
 }
 
 /// Prepares everything; any failure is reported and the whole preparation retried later.
-pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Result<Prepared, SetupFailure> {
+pub async fn prepare(
+    agent: &Agent,
+    pod: &Pod,
+    pod_ip: &str,
+    dir: &Path,
+) -> Result<Prepared, SetupFailure> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let spec = pod.spec.clone().unwrap_or_default();
-    std::fs::create_dir_all(dir)
-        .map_err(|e| SetupFailure::pod("ContainerCreating", format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        SetupFailure::pod(
+            "ContainerCreating",
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
     let config = match &agent.config_path {
         // Re-read on every attempt so fixing the image map un-sticks pending pods.
-        Some(path) => AgentConfig::load(path).map_err(|e| SetupFailure::pod("ErrImagePull", e.to_string()))?,
+        Some(path) => {
+            AgentConfig::load(path).map_err(|e| SetupFailure::pod("ErrImagePull", e.to_string()))?
+        }
         None => AgentConfig::default(),
     };
 
-    let all: Vec<&Container> = spec.init_containers.iter().flatten().chain(spec.containers.iter()).collect();
+    let all: Vec<&Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .collect();
     let (mut secrets, mut config_maps) = (BTreeSet::new(), BTreeSet::new());
     for c in &all {
         let (s, m) = env::referenced_objects(c);
@@ -177,11 +243,21 @@ pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Resu
     let (token, expires_in) = request_token(agent, pod, "").await?;
     let token_file = dir.join("kube").join("token");
     write(&token_file, &token, 0o600)?;
-    let account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let kubeconfig = dir.join("kube").join("config");
-    write(&kubeconfig, &kubeconfig_yaml(&agent.api, namespace, &account, &token_file), 0o600)?;
+    write(
+        &kubeconfig,
+        &kubeconfig_yaml(&agent.api, namespace, &account, &token_file),
+        0o600,
+    )?;
     let mut tokens = BTreeMap::from([(String::new(), token)]);
-    for audience in volumes::token_audiences(pod).into_iter().filter(|a| !a.is_empty()) {
+    for audience in volumes::token_audiences(pod)
+        .into_iter()
+        .filter(|a| !a.is_empty())
+    {
         let (t, _) = request_token(agent, pod, &audience).await?;
         tokens.insert(audience, t);
     }
@@ -196,17 +272,36 @@ pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Resu
         node_memory: &agent.node_memory,
     };
     let volume_paths = volumes::volume_paths(&agent.state_dir, dir, pod);
-    volumes::materialise(pod, &volume_paths, &VolumeInputs { env: env_inputs(), tokens: &tokens })
-        .map_err(|e| SetupFailure::pod("CreateContainerConfigError", e.to_string()))?;
+    volumes::materialise(
+        pod,
+        &volume_paths,
+        &VolumeInputs {
+            env: env_inputs(),
+            tokens: &tokens,
+        },
+    )
+    .map_err(|e| SetupFailure::pod("CreateContainerConfigError", e.to_string()))?;
 
-    let mut base_env: BTreeMap<String, String> =
-        agent.pass_env.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v))).collect();
-    base_env.insert("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default());
-    base_env.insert(POD_UID_ENV.into(), pod.metadata.uid.clone().unwrap_or_default());
+    let mut base_env: BTreeMap<String, String> = agent
+        .pass_env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
+    base_env.insert(
+        "HOSTNAME".into(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    );
+    base_env.insert(
+        POD_UID_ENV.into(),
+        pod.metadata.uid.clone().unwrap_or_default(),
+    );
     let launch = |c: &Container| -> Result<Launch, SetupFailure> {
-        let config_error = |m: String| SetupFailure::container(&c.name, "CreateContainerConfigError", m);
-        let container_env = env::resolve(c, &env_inputs()).map_err(|e| config_error(e.to_string()))?;
-        let mounts = MountMap::for_container(c, &volume_paths).map_err(|e| config_error(e.to_string()))?;
+        let config_error =
+            |m: String| SetupFailure::container(&c.name, "CreateContainerConfigError", m);
+        let container_env =
+            env::resolve(c, &env_inputs()).map_err(|e| config_error(e.to_string()))?;
+        let mounts =
+            MountMap::for_container(c, &volume_paths).map_err(|e| config_error(e.to_string()))?;
         for host_dir in mounts.host_dirs() {
             std::fs::create_dir_all(host_dir)
                 .map_err(|e| config_error(format!("cannot create {}: {e}", host_dir.display())))?;
@@ -214,7 +309,11 @@ pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Resu
         let expand = |s: &String| env::expand(s, |name| container_env.get(name).cloned());
         let image = c.image.clone().unwrap_or_default();
         let (program, mut args, image_id) = match c.command.as_deref() {
-            Some([first, rest @ ..]) => (expand(first), rest.iter().map(expand).collect(), format!("local://{}", image_name(&image))),
+            Some([first, rest @ ..]) => (
+                expand(first),
+                rest.iter().map(expand).collect(),
+                format!("local://{}", image_name(&image)),
+            ),
             _ => {
                 let binary = config.binary_for(&image).ok_or_else(|| {
                     SetupFailure::container(
@@ -223,13 +322,23 @@ pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Resu
                         format!("image {image:?} is not mapped to a local binary in the node agent config and the container has no command"),
                     )
                 })?;
-                (binary.display().to_string(), Vec::new(), format!("local://{}", binary.display()))
+                (
+                    binary.display().to_string(),
+                    Vec::new(),
+                    format!("local://{}", binary.display()),
+                )
             }
         };
         args.extend(c.args.iter().flatten().map(expand));
         let mut process_env = base_env.clone();
-        process_env.extend(container_env.iter().map(|(k, v)| (k.clone(), mounts.rewrite(v))));
-        process_env.entry("KUBECONFIG".into()).or_insert_with(|| kubeconfig.display().to_string());
+        process_env.extend(
+            container_env
+                .iter()
+                .map(|(k, v)| (k.clone(), mounts.rewrite(v))),
+        );
+        process_env
+            .entry("KUBECONFIG".into())
+            .or_insert_with(|| kubeconfig.display().to_string());
         let cwd = c
             .working_dir
             .as_deref()
@@ -237,7 +346,11 @@ pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Resu
             .map(PathBuf::from)
             .unwrap_or_else(|| dir.to_owned());
         let termination_path = mounts
-            .rewrite_path(c.termination_message_path.as_deref().unwrap_or("/dev/termination-log"))
+            .rewrite_path(
+                c.termination_message_path
+                    .as_deref()
+                    .unwrap_or("/dev/termination-log"),
+            )
             .map(PathBuf::from);
         Ok(Launch {
             container: c.clone(),
@@ -254,9 +367,23 @@ pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Resu
             probe_target: ProbeTarget::new(pod_ip, c, process_env, cwd),
         })
     };
-    let init = spec.init_containers.iter().flatten().map(&launch).collect::<Result<_, _>>()?;
-    let containers = spec.containers.iter().map(&launch).collect::<Result<_, _>>()?;
-    Ok(Prepared { init, containers, token_file: Some(token_file), token_expires_in: expires_in })
+    let init = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(&launch)
+        .collect::<Result<_, _>>()?;
+    let containers = spec
+        .containers
+        .iter()
+        .map(&launch)
+        .collect::<Result<_, _>>()?;
+    Ok(Prepared {
+        init,
+        containers,
+        token_file: Some(token_file),
+        token_expires_in: expires_in,
+    })
 }
 
 #[cfg(test)]
@@ -271,11 +398,22 @@ mod tests {
             insecure: false,
             tls_server_name: None,
         };
-        let yaml = kubeconfig_yaml(&api, "team-a", "operator", Path::new("/s/pods/p/kube/token"));
+        let yaml = kubeconfig_yaml(
+            &api,
+            "team-a",
+            "operator",
+            Path::new("/s/pods/p/kube/token"),
+        );
         let parsed: serde_json::Value = serde_yaml::from_str(&yaml).expect("valid yaml");
-        assert_eq!(parsed["clusters"][0]["cluster"]["server"], "https://127.0.0.1:6443");
+        assert_eq!(
+            parsed["clusters"][0]["cluster"]["server"],
+            "https://127.0.0.1:6443"
+        );
         assert!(parsed["clusters"][0]["cluster"]["certificate-authority-data"].is_string());
-        assert_eq!(parsed["users"][0]["user"]["tokenFile"], "/s/pods/p/kube/token");
+        assert_eq!(
+            parsed["users"][0]["user"]["tokenFile"],
+            "/s/pods/p/kube/token"
+        );
         assert_eq!(parsed["contexts"][0]["context"]["namespace"], "team-a");
     }
 }

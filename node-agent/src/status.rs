@@ -4,8 +4,8 @@
 //! unit-tested here; the pod worker only mutates [`PodRt`] and asks for a rebuild.
 
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
-    HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -47,7 +47,9 @@ impl ContainerRt {
     pub fn set_running(&mut self, container_id: String, started_at: Time) {
         self.container_id = Some(container_id);
         self.state = ContainerState {
-            running: Some(ContainerStateRunning { started_at: Some(started_at) }),
+            running: Some(ContainerStateRunning {
+                started_at: Some(started_at),
+            }),
             ..Default::default()
         };
         self.ready = false;
@@ -55,7 +57,10 @@ impl ContainerRt {
     }
 
     pub fn set_terminated(&mut self, terminated: ContainerStateTerminated) {
-        self.state = ContainerState { terminated: Some(terminated), ..Default::default() };
+        self.state = ContainerState {
+            terminated: Some(terminated),
+            ..Default::default()
+        };
         self.ready = false;
         self.started = false;
     }
@@ -95,7 +100,10 @@ impl ContainerRt {
 
 pub fn waiting(reason: &str, message: Option<String>) -> ContainerState {
     ContainerState {
-        waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message }),
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.into()),
+            message,
+        }),
         ..Default::default()
     }
 }
@@ -141,7 +149,12 @@ pub fn phase(rt: &PodRt) -> &'static str {
             if code != 0 {
                 failed += 1;
             }
-        } else if let Some(code) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code) {
+        } else if let Some(code) = c
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code)
+        {
             // Waiting to restart after a previous run: counts as stopped, not as never started.
             if code != 0 {
                 failed += 1;
@@ -180,17 +193,30 @@ pub fn build(pod: &Pod, rt: &PodRt, previous: Option<&PodStatus>, now: &Time) ->
     let phase = phase(rt);
     let terminal = phase == SUCCEEDED || phase == FAILED;
     let initialized = rt.init.iter().all(|c| c.exit_code() == Some(0));
-    let unready: Vec<&str> = rt.containers.iter().filter(|c| !c.ready).map(|c| c.name.as_str()).collect();
+    let unready: Vec<&str> = rt
+        .containers
+        .iter()
+        .filter(|c| !c.ready)
+        .map(|c| c.name.as_str())
+        .collect();
     let unready_message = format!("containers with unready status: [{}]", unready.join(" "));
     let containers_ready = unready.is_empty() && !terminal;
     // Readiness gates are set by other controllers; the pod is Ready only when they are True too.
-    let gates_ok = pod.spec.iter().flat_map(|s| s.readiness_gates.iter().flatten()).all(|gate| {
-        pod.status
-            .iter()
-            .flat_map(|s| s.conditions.iter().flatten())
-            .any(|c| c.type_ == gate.condition_type && c.status == "True")
-    });
-    let not_ready_reason = if terminal { "PodCompleted" } else { "ContainersNotReady" };
+    let gates_ok = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.readiness_gates.iter().flatten())
+        .all(|gate| {
+            pod.status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .any(|c| c.type_ == gate.condition_type && c.status == "True")
+        });
+    let not_ready_reason = if terminal {
+        "PodCompleted"
+    } else {
+        "ContainersNotReady"
+    };
     let mut conditions = vec![
         condition("PodReadyToStartContainers", rt.sandbox_ready, None, None),
         condition(
@@ -199,23 +225,44 @@ pub fn build(pod: &Pod, rt: &PodRt, previous: Option<&PodStatus>, now: &Time) ->
             Some("ContainersNotInitialized"),
             Some(format!(
                 "containers with incomplete status: [{}]",
-                rt.init.iter().filter(|c| c.exit_code() != Some(0)).map(|c| c.name.as_str()).collect::<Vec<_>>().join(" ")
+                rt.init
+                    .iter()
+                    .filter(|c| c.exit_code() != Some(0))
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )),
         ),
-        condition("Ready", containers_ready && gates_ok, Some(not_ready_reason), Some(unready_message.clone())),
-        condition("ContainersReady", containers_ready, Some(not_ready_reason), Some(unready_message)),
+        condition(
+            "Ready",
+            containers_ready && gates_ok,
+            Some(not_ready_reason),
+            Some(unready_message.clone()),
+        ),
+        condition(
+            "ContainersReady",
+            containers_ready,
+            Some(not_ready_reason),
+            Some(unready_message),
+        ),
         condition("PodScheduled", true, None, None),
     ];
     if terminal {
         // Kubelet reports PodCompleted without a container list once a pod is done.
-        for c in conditions.iter_mut().filter(|c| c.type_ == "Ready" || c.type_ == "ContainersReady") {
+        for c in conditions
+            .iter_mut()
+            .filter(|c| c.type_ == "Ready" || c.type_ == "ContainersReady")
+        {
             c.message = None;
         }
     }
     for c in &mut conditions {
         let kept = previous
             .and_then(|p| p.conditions.as_ref())
-            .and_then(|list| list.iter().find(|old| old.type_ == c.type_ && old.status == c.status))
+            .and_then(|list| {
+                list.iter()
+                    .find(|old| old.type_ == c.type_ && old.status == c.status)
+            })
             .and_then(|old| old.last_transition_time.clone());
         c.last_transition_time = Some(kept.unwrap_or_else(|| now.clone()));
     }
@@ -227,11 +274,14 @@ pub fn build(pod: &Pod, rt: &PodRt, previous: Option<&PodStatus>, now: &Time) ->
         phase: Some(phase.into()),
         conditions: Some(conditions),
         host_ip: Some(rt.host_ip.clone()),
-        host_ips: Some(vec![HostIP { ip: rt.host_ip.clone() }]),
+        host_ips: Some(vec![HostIP {
+            ip: rt.host_ip.clone(),
+        }]),
         pod_ip: rt.pod_ip.clone(),
         pod_ips: rt.pod_ip.as_ref().map(|ip| vec![PodIP { ip: ip.clone() }]),
         start_time: rt.start_time.clone(),
-        init_container_statuses: (!rt.init.is_empty()).then(|| rt.init.iter().map(ContainerRt::to_status).collect()),
+        init_container_statuses: (!rt.init.is_empty())
+            .then(|| rt.init.iter().map(ContainerRt::to_status).collect()),
         container_statuses: Some(rt.containers.iter().map(ContainerRt::to_status).collect()),
         reason,
         message,
@@ -316,14 +366,27 @@ mod tests {
         let mut pod_rt = rt("Always", vec![a]);
         let first = build(&pod, &pod_rt, None, &time(10));
         let cond = |s: &PodStatus, t: &str| {
-            s.conditions.as_ref().and_then(|c| c.iter().find(|c| c.type_ == t)).cloned().expect("condition present")
+            s.conditions
+                .as_ref()
+                .and_then(|c| c.iter().find(|c| c.type_ == t))
+                .cloned()
+                .expect("condition present")
         };
         assert_eq!(first.phase.as_deref(), Some(RUNNING));
         assert_eq!(first.pod_ip.as_deref(), Some("127.0.0.2"));
-        assert_eq!(first.pod_ips.as_ref().map(|v| v[0].ip.as_str()), Some("127.0.0.2"));
+        assert_eq!(
+            first.pod_ips.as_ref().map(|v| v[0].ip.as_str()),
+            Some("127.0.0.2")
+        );
         assert_eq!(cond(&first, "Ready").status, "False");
-        assert_eq!(cond(&first, "Ready").message.as_deref(), Some("containers with unready status: [a]"));
-        let statuses = first.container_statuses.clone().expect("container statuses");
+        assert_eq!(
+            cond(&first, "Ready").message.as_deref(),
+            Some("containers with unready status: [a]")
+        );
+        let statuses = first
+            .container_statuses
+            .clone()
+            .expect("container statuses");
         assert_eq!(statuses[0].container_id.as_deref(), Some("kubetune://42"));
 
         pod_rt.containers[0].ready = true;
@@ -331,7 +394,10 @@ mod tests {
         let second = build(&pod, &pod_rt, Some(&first), &time(20));
         assert_eq!(cond(&second, "Ready").status, "True");
         assert_eq!(cond(&second, "Ready").last_transition_time, Some(time(20)));
-        assert_eq!(cond(&second, "Initialized").last_transition_time, Some(time(10)));
+        assert_eq!(
+            cond(&second, "Initialized").last_transition_time,
+            Some(time(10))
+        );
     }
 
     #[test]
@@ -340,7 +406,15 @@ mod tests {
         a.set_terminated(terminated(0));
         let status = build(&Pod::default(), &rt("Never", vec![a]), None, &time(5));
         assert_eq!(status.phase.as_deref(), Some(SUCCEEDED));
-        let ready = status.conditions.expect("conditions").into_iter().find(|c| c.type_ == "Ready").expect("Ready");
-        assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("PodCompleted")));
+        let ready = status
+            .conditions
+            .expect("conditions")
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some("PodCompleted"))
+        );
     }
 }

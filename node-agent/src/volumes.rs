@@ -26,7 +26,11 @@ pub enum VolumeError {
     #[error("volume {volume:?}: {detail}")]
     Source { volume: String, detail: String },
     #[error("volume {volume:?}: cannot write {path}: {source}")]
-    Io { volume: String, path: PathBuf, source: std::io::Error },
+    Io {
+        volume: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub fn pod_dir(state_dir: &Path, pod: &Pod) -> PathBuf {
@@ -73,10 +77,12 @@ impl MountMap {
     ) -> Result<Self, VolumeError> {
         let mut entries = Vec::new();
         for mount in container.volume_mounts.iter().flatten() {
-            let base = volume_paths.get(&mount.name).ok_or_else(|| VolumeError::UnknownVolume {
-                container: container.name.clone(),
-                mount: mount.name.clone(),
-            })?;
+            let base = volume_paths
+                .get(&mount.name)
+                .ok_or_else(|| VolumeError::UnknownVolume {
+                    container: container.name.clone(),
+                    mount: mount.name.clone(),
+                })?;
             let host = match mount.sub_path.as_deref() {
                 Some(sub) if !sub.is_empty() => base.join(sub),
                 _ => base.clone(),
@@ -87,7 +93,7 @@ impl MountMap {
                 entries.push((mount_path, host));
             }
         }
-        entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        entries.sort_by_key(|(mount, _)| std::cmp::Reverse(mount.len()));
         Ok(Self { entries })
     }
 
@@ -138,27 +144,58 @@ pub struct VolumeInputs<'a> {
 }
 
 /// Files of a secret, configMap, downwardAPI or projected volume; empty for directory volumes.
-pub fn volume_files(volume: &Volume, inputs: &VolumeInputs) -> Result<Vec<VolumeFile>, VolumeError> {
-    let err = |detail: String| VolumeError::Source { volume: volume.name.clone(), detail };
+pub fn volume_files(
+    volume: &Volume,
+    inputs: &VolumeInputs,
+) -> Result<Vec<VolumeFile>, VolumeError> {
+    let err = |detail: String| VolumeError::Source {
+        volume: volume.name.clone(),
+        detail,
+    };
     let mut files = Vec::new();
     if let Some(s) = &volume.secret {
         let name = s.secret_name.clone().unwrap_or_default();
         let mode = s.default_mode.map_or(0o644, |m| m as u32);
-        object_files(&name, "secret", inputs.env.secrets.get(&name), s.items.as_deref(), s.optional, mode, &mut files)
-            .map_err(err)?;
+        object_files(
+            &name,
+            "secret",
+            inputs.env.secrets.get(&name),
+            s.items.as_deref(),
+            s.optional,
+            mode,
+            &mut files,
+        )
+        .map_err(err)?;
     }
     if let Some(c) = &volume.config_map {
         let mode = c.default_mode.map_or(0o644, |m| m as u32);
         let data = inputs.env.config_maps.get(&c.name);
-        object_files(&c.name, "configmap", data, c.items.as_deref(), c.optional, mode, &mut files).map_err(err)?;
+        object_files(
+            &c.name,
+            "configmap",
+            data,
+            c.items.as_deref(),
+            c.optional,
+            mode,
+            &mut files,
+        )
+        .map_err(err)?;
     }
     if let Some(d) = &volume.downward_api {
         let mode = d.default_mode.map_or(0o644, |m| m as u32);
         for item in d.items.iter().flatten() {
-            let path = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or("");
+            let path = item
+                .field_ref
+                .as_ref()
+                .map(|f| f.field_path.as_str())
+                .unwrap_or("");
             let contents = env::field_value(path, &inputs.env)
                 .ok_or_else(|| err(format!("unsupported downward API field {path:?}")))?;
-            files.push(VolumeFile { path: item.path.clone(), contents, mode: item.mode.map_or(mode, |m| m as u32) });
+            files.push(VolumeFile {
+                path: item.path.clone(),
+                contents,
+                mode: item.mode.map_or(mode, |m| m as u32),
+            });
         }
     }
     if let Some(p) = &volume.projected {
@@ -166,35 +203,68 @@ pub fn volume_files(volume: &Volume, inputs: &VolumeInputs) -> Result<Vec<Volume
         for source in p.sources.iter().flatten() {
             if let Some(s) = &source.secret {
                 let data = inputs.env.secrets.get(&s.name);
-                object_files(&s.name, "secret", data, s.items.as_deref(), s.optional, mode, &mut files).map_err(err)?;
+                object_files(
+                    &s.name,
+                    "secret",
+                    data,
+                    s.items.as_deref(),
+                    s.optional,
+                    mode,
+                    &mut files,
+                )
+                .map_err(err)?;
             }
             if let Some(c) = &source.config_map {
                 let data = inputs.env.config_maps.get(&c.name);
-                object_files(&c.name, "configmap", data, c.items.as_deref(), c.optional, mode, &mut files)
-                    .map_err(err)?;
+                object_files(
+                    &c.name,
+                    "configmap",
+                    data,
+                    c.items.as_deref(),
+                    c.optional,
+                    mode,
+                    &mut files,
+                )
+                .map_err(err)?;
             }
             if let Some(d) = &source.downward_api {
                 for item in d.items.iter().flatten() {
-                    let path = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or("");
+                    let path = item
+                        .field_ref
+                        .as_ref()
+                        .map(|f| f.field_path.as_str())
+                        .unwrap_or("");
                     let contents = env::field_value(path, &inputs.env)
                         .ok_or_else(|| err(format!("unsupported downward API field {path:?}")))?;
-                    files.push(VolumeFile { path: item.path.clone(), contents, mode });
+                    files.push(VolumeFile {
+                        path: item.path.clone(),
+                        contents,
+                        mode,
+                    });
                 }
             }
             if let Some(t) = &source.service_account_token {
                 let audience = t.audience.clone().unwrap_or_default();
-                let token = inputs
-                    .tokens
-                    .get(&audience)
-                    .ok_or_else(|| err(format!("no service-account token for audience {audience:?}")))?;
-                files.push(VolumeFile { path: t.path.clone(), contents: token.clone(), mode: 0o600 });
+                let token = inputs.tokens.get(&audience).ok_or_else(|| {
+                    err(format!(
+                        "no service-account token for audience {audience:?}"
+                    ))
+                })?;
+                files.push(VolumeFile {
+                    path: t.path.clone(),
+                    contents: token.clone(),
+                    mode: 0o600,
+                });
             }
         }
     }
     for file in &files {
         // Item paths come from the pod spec: never let them escape the volume directory.
         if file.path.starts_with('/') || file.path.split('/').any(|part| part == "..") {
-            return Err(err(format!("file path {:?} must be relative and stay inside the volume", file.path)));
+            return Err(err(format!(
+                "file path {:?} must be relative and stay inside the volume",
+                file.path
+            )));
         }
     }
     Ok(files)
@@ -210,7 +280,11 @@ fn object_files(
     files: &mut Vec<VolumeFile>,
 ) -> Result<(), String> {
     let Some(data) = data else {
-        return if optional == Some(true) { Ok(()) } else { Err(format!("{kind} {name:?} not found")) };
+        return if optional == Some(true) {
+            Ok(())
+        } else {
+            Err(format!("{kind} {name:?} not found"))
+        };
     };
     match items {
         Some(items) if !items.is_empty() => {
@@ -226,7 +300,11 @@ fn object_files(
                 }
             }
         }
-        _ => files.extend(data.iter().map(|(key, value)| VolumeFile { path: key.clone(), contents: value.clone(), mode })),
+        _ => files.extend(data.iter().map(|(key, value)| VolumeFile {
+            path: key.clone(),
+            contents: value.clone(),
+            mode,
+        })),
     }
     Ok(())
 }
@@ -238,9 +316,21 @@ pub fn materialise(
     inputs: &VolumeInputs,
 ) -> Result<(), VolumeError> {
     use std::os::unix::fs::PermissionsExt;
-    for volume in pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
-        let Some(dir) = paths.get(&volume.name) else { continue };
-        let io = |path: &Path, source| VolumeError::Io { volume: volume.name.clone(), path: path.to_owned(), source };
+    for volume in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let Some(dir) = paths.get(&volume.name) else {
+            continue;
+        };
+        let io = |path: &Path, source| VolumeError::Io {
+            volume: volume.name.clone(),
+            path: path.to_owned(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         for file in volume_files(volume, inputs)? {
             let path = dir.join(&file.path);
@@ -248,22 +338,37 @@ pub fn materialise(
                 std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
             }
             std::fs::write(&path, &file.contents).map_err(|e| io(&path, e))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode)).map_err(|e| io(&path, e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode))
+                .map_err(|e| io(&path, e))?;
         }
     }
     Ok(())
 }
 
 /// Collects the Secret and ConfigMap names volumes refer to into the given sets.
-pub fn referenced_objects(pod: &Pod, secrets: &mut std::collections::BTreeSet<String>, config_maps: &mut std::collections::BTreeSet<String>) {
-    for volume in pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
+pub fn referenced_objects(
+    pod: &Pod,
+    secrets: &mut std::collections::BTreeSet<String>,
+    config_maps: &mut std::collections::BTreeSet<String>,
+) {
+    for volume in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+    {
         if let Some(name) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) {
             secrets.insert(name);
         }
         if let Some(c) = &volume.config_map {
             config_maps.insert(c.name.clone());
         }
-        for source in volume.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+        for source in volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+        {
             if let Some(s) = &source.secret {
                 secrets.insert(s.name.clone());
             }
@@ -291,12 +396,17 @@ mod tests {
     use super::*;
     use crate::env::ObjectData;
     use k8s_openapi::api::core::v1::{
-        ConfigMapProjection, EmptyDirVolumeSource, PodSpec, ProjectedVolumeSource, SecretVolumeSource,
-        ServiceAccountTokenProjection, VolumeMount, VolumeProjection,
+        ConfigMapProjection, EmptyDirVolumeSource, PodSpec, ProjectedVolumeSource,
+        SecretVolumeSource, ServiceAccountTokenProjection, VolumeMount, VolumeProjection,
     };
 
     fn mount(name: &str, path: &str, sub: Option<&str>) -> VolumeMount {
-        VolumeMount { name: name.into(), mount_path: path.into(), sub_path: sub.map(Into::into), ..Default::default() }
+        VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            sub_path: sub.map(Into::into),
+            ..Default::default()
+        }
     }
 
     fn mounts() -> MountMap {
@@ -323,9 +433,18 @@ mod tests {
         let m = mounts();
         assert_eq!(m.rewrite("/data"), "/s/p/volumes/data");
         assert_eq!(m.rewrite("/data/out/x.bin"), "/s/p/volumes/data/out/x.bin");
-        assert_eq!(m.rewrite("/data/models/m.safetensors"), "/s/pvcs/ns/models/m.safetensors");
-        assert_eq!(m.rewrite("/etc/app/app.yaml"), "/s/p/volumes/cfg/conf/app.yaml");
-        assert_eq!(m.rewrite("--output=/data/run1"), "--output=/s/p/volumes/data/run1");
+        assert_eq!(
+            m.rewrite("/data/models/m.safetensors"),
+            "/s/pvcs/ns/models/m.safetensors"
+        );
+        assert_eq!(
+            m.rewrite("/etc/app/app.yaml"),
+            "/s/p/volumes/cfg/conf/app.yaml"
+        );
+        assert_eq!(
+            m.rewrite("--output=/data/run1"),
+            "--output=/s/p/volumes/data/run1"
+        );
         // Not under a mount: a shared prefix is not enough.
         assert_eq!(m.rewrite("/database"), "/database");
         assert_eq!(m.rewrite("relative/data"), "relative/data");
@@ -335,7 +454,11 @@ mod tests {
 
     #[test]
     fn unknown_volume_is_an_error() {
-        let container = Container { name: "c".into(), volume_mounts: Some(vec![mount("nope", "/x", None)]), ..Default::default() };
+        let container = Container {
+            name: "c".into(),
+            volume_mounts: Some(vec![mount("nope", "/x", None)]),
+            ..Default::default()
+        };
         assert!(MountMap::for_container(&container, &BTreeMap::new()).is_err());
     }
 
@@ -344,9 +467,16 @@ mod tests {
         let mut pod = Pod::default();
         pod.metadata.namespace = Some("ns".into());
         pod.spec = Some(PodSpec::default());
-        let secrets: ObjectData = [("creds".to_string(), [("key".to_string(), "v".to_string())].into())].into();
-        let config_maps: ObjectData =
-            [("kube-root-ca.crt".to_string(), [("ca.crt".to_string(), "PEM".to_string())].into())].into();
+        let secrets: ObjectData = [(
+            "creds".to_string(),
+            [("key".to_string(), "v".to_string())].into(),
+        )]
+        .into();
+        let config_maps: ObjectData = [(
+            "kube-root-ca.crt".to_string(),
+            [("ca.crt".to_string(), "PEM".to_string())].into(),
+        )]
+        .into();
         let tokens: BTreeMap<String, String> = [(String::new(), "jwt".to_string())].into();
         let inputs = VolumeInputs {
             env: EnvInputs {
@@ -362,11 +492,21 @@ mod tests {
         };
         let secret = Volume {
             name: "s".into(),
-            secret: Some(SecretVolumeSource { secret_name: Some("creds".into()), ..Default::default() }),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some("creds".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let files = volume_files(&secret, &inputs).expect("secret exists");
-        assert_eq!(files, vec![VolumeFile { path: "key".into(), contents: "v".into(), mode: 0o644 }]);
+        assert_eq!(
+            files,
+            vec![VolumeFile {
+                path: "key".into(),
+                contents: "v".into(),
+                mode: 0o644
+            }]
+        );
 
         let projected = Volume {
             name: "kube-api-access".into(),
@@ -382,7 +522,11 @@ mod tests {
                     VolumeProjection {
                         config_map: Some(ConfigMapProjection {
                             name: "kube-root-ca.crt".into(),
-                            items: Some(vec![KeyToPath { key: "ca.crt".into(), path: "ca.crt".into(), mode: None }]),
+                            items: Some(vec![KeyToPath {
+                                key: "ca.crt".into(),
+                                path: "ca.crt".into(),
+                                mode: None,
+                            }]),
                             optional: None,
                         }),
                         ..Default::default()
@@ -393,15 +537,27 @@ mod tests {
             ..Default::default()
         };
         let files = volume_files(&projected, &inputs).expect("projection sources exist");
-        let names: Vec<_> = files.iter().map(|f| (f.path.as_str(), f.contents.as_str())).collect();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| (f.path.as_str(), f.contents.as_str()))
+            .collect();
         assert_eq!(names, vec![("token", "jwt"), ("ca.crt", "PEM")]);
 
-        let empty = Volume { name: "e".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() };
-        assert!(volume_files(&empty, &inputs).expect("dir volume").is_empty());
+        let empty = Volume {
+            name: "e".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        };
+        assert!(volume_files(&empty, &inputs)
+            .expect("dir volume")
+            .is_empty());
 
         let missing = Volume {
             name: "m".into(),
-            secret: Some(SecretVolumeSource { secret_name: Some("absent".into()), ..Default::default() }),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some("absent".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         assert!(volume_files(&missing, &inputs).is_err());

@@ -30,14 +30,21 @@ enum Ending {
 }
 
 fn is_terminal(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some(status::SUCCEEDED | status::FAILED))
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some(status::SUCCEEDED | status::FAILED)
+    )
 }
 
 fn grace_of(pod: &Pod) -> Duration {
     let seconds = pod
         .metadata
         .deletion_grace_period_seconds
-        .or_else(|| pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+        })
         .unwrap_or(30);
     Duration::from_secs(seconds.max(0) as u64)
 }
@@ -48,56 +55,83 @@ fn grace_of(pod: &Pod) -> Duration {
 pub fn initial_rt(pod: &Pod, ip: &str, fake: bool) -> PodRt {
     let spec = pod.spec.clone().unwrap_or_default();
     let previous = pod.status.clone().unwrap_or_default();
-    let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+    let policy = spec
+        .restart_policy
+        .clone()
+        .unwrap_or_else(|| "Always".into());
     let has_init = spec.init_containers.as_ref().is_some_and(|i| !i.is_empty());
     let mut lost = false;
-    let mut restore = |name: &str, image: &str, reason: &str, old: Option<&k8s_openapi::api::core::v1::ContainerStatus>| {
-        let mut c = ContainerRt::new(name, image, reason);
-        if let Some(old) = old {
-            let state = old.state.clone().unwrap_or_default();
-            c.restart_count = old.restart_count;
-            c.last_state = old.last_state.clone();
-            c.container_id = old.container_id.clone();
-            c.image_id = old.image_id.clone();
-            if state.terminated.is_some() {
-                c.state = state;
-            } else if state.running.is_some() {
-                lost = true;
-                c.last_state = Some(k8s_openapi::api::core::v1::ContainerState {
-                    terminated: Some(k8s_openapi::api::core::v1::ContainerStateTerminated {
-                        exit_code: 137,
-                        reason: Some("Error".into()),
-                        message: Some("the node agent restarted and lost this process".into()),
-                        started_at: state.running.and_then(|r| r.started_at),
-                        // When we noticed: the real end is unknown.
-                        finished_at: Some(Time(Timestamp::now())),
+    let mut restore =
+        |name: &str,
+         image: &str,
+         reason: &str,
+         old: Option<&k8s_openapi::api::core::v1::ContainerStatus>| {
+            let mut c = ContainerRt::new(name, image, reason);
+            if let Some(old) = old {
+                let state = old.state.clone().unwrap_or_default();
+                c.restart_count = old.restart_count;
+                c.last_state = old.last_state.clone();
+                c.container_id = old.container_id.clone();
+                c.image_id = old.image_id.clone();
+                if state.terminated.is_some() {
+                    c.state = state;
+                } else if state.running.is_some() {
+                    lost = true;
+                    c.last_state = Some(k8s_openapi::api::core::v1::ContainerState {
+                        terminated: Some(k8s_openapi::api::core::v1::ContainerStateTerminated {
+                            exit_code: 137,
+                            reason: Some("Error".into()),
+                            message: Some("the node agent restarted and lost this process".into()),
+                            started_at: state.running.and_then(|r| r.started_at),
+                            // When we noticed: the real end is unknown.
+                            finished_at: Some(Time(Timestamp::now())),
+                            ..Default::default()
+                        }),
                         ..Default::default()
-                    }),
-                    ..Default::default()
-                });
-                if policy == "Never" {
-                    c.state = c.last_state.take().unwrap_or_default();
-                } else {
-                    c.restart_count += 1;
+                    });
+                    if policy == "Never" {
+                        c.state = c.last_state.take().unwrap_or_default();
+                    } else {
+                        c.restart_count += 1;
+                    }
                 }
             }
-        }
-        c
-    };
+            c
+        };
     let find = |list: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>, name: &str| {
-        list.as_ref().and_then(|l| l.iter().find(|s| s.name == name)).cloned()
+        list.as_ref()
+            .and_then(|l| l.iter().find(|s| s.name == name))
+            .cloned()
     };
     let init = spec
         .init_containers
         .iter()
         .flatten()
-        .map(|c| restore(&c.name, c.image.as_deref().unwrap_or(""), "PodInitializing", find(&previous.init_container_statuses, &c.name).as_ref()))
+        .map(|c| {
+            restore(
+                &c.name,
+                c.image.as_deref().unwrap_or(""),
+                "PodInitializing",
+                find(&previous.init_container_statuses, &c.name).as_ref(),
+            )
+        })
         .collect();
-    let main_reason = if has_init { "PodInitializing" } else { "ContainerCreating" };
+    let main_reason = if has_init {
+        "PodInitializing"
+    } else {
+        "ContainerCreating"
+    };
     let containers = spec
         .containers
         .iter()
-        .map(|c| restore(&c.name, c.image.as_deref().unwrap_or(""), main_reason, find(&previous.container_statuses, &c.name).as_ref()))
+        .map(|c| {
+            restore(
+                &c.name,
+                c.image.as_deref().unwrap_or(""),
+                main_reason,
+                find(&previous.container_statuses, &c.name).as_ref(),
+            )
+        })
         .collect();
     PodRt {
         pod_ip: Some(ip.into()),
@@ -107,16 +141,26 @@ pub fn initial_rt(pod: &Pod, ip: &str, fake: bool) -> PodRt {
         restart_policy: policy.clone(),
         init,
         containers,
-        failed: (lost && policy == "Never")
-            .then(|| ("NodeAgentRestarted".into(), "the node agent restarted and this pod's processes were lost".into())),
+        failed: (lost && policy == "Never").then(|| {
+            (
+                "NodeAgentRestarted".into(),
+                "the node agent restarted and this pod's processes were lost".into(),
+            )
+        }),
     }
 }
 
 /// Runs one pod until it is deleted, vanishes, or the agent shuts down.
 pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
-    let Some(pod) = pods.borrow().clone() else { return };
+    let Some(pod) = pods.borrow().clone() else {
+        return;
+    };
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let key = format!("{namespace}/{name}");
     let api: Api<Pod> = Api::namespaced(agent.client.clone(), &namespace);
     let old_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
@@ -124,7 +168,13 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     let stop = agent.shutdown.child_token();
     let ending = Arc::new(Mutex::new(None::<Ending>));
     let grace = Arc::new(Mutex::new(grace_of(&pod).min(Duration::from_secs(5))));
-    let watch_task = tokio::spawn(watch_ending(pods.clone(), agent.shutdown.clone(), stop.clone(), ending.clone(), grace.clone()));
+    let watch_task = tokio::spawn(watch_ending(
+        pods.clone(),
+        agent.shutdown.clone(),
+        stop.clone(),
+        ending.clone(),
+        grace.clone(),
+    ));
 
     let ip = match allocate(&agent, old_ip.as_deref(), &stop, &key).await {
         Some(ip) => ip,
@@ -141,7 +191,13 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     let shared = Arc::new(Shared::new(rt));
     shared.dirty.notify_one();
     let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(status_writer(api.clone(), name.clone(), shared.clone(), pods.clone(), writer_stop.clone()));
+    let writer = tokio::spawn(status_writer(
+        api.clone(),
+        name.clone(),
+        shared.clone(),
+        pods.clone(),
+        writer_stop.clone(),
+    ));
     let ctx = Arc::new(ContainerCtx {
         shared: shared.clone(),
         pod_name: key.clone(),
@@ -152,7 +208,16 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     });
 
     if !already_failed {
-        run_containers(&agent, &pod, &ip.to_string(), &shared, &ctx, &stop, &mut pods).await;
+        run_containers(
+            &agent,
+            &pod,
+            &ip.to_string(),
+            &shared,
+            &ctx,
+            &stop,
+            &mut pods,
+        )
+        .await;
     }
     // Finished or stopped: keep reporting until the pod is deleted or vanishes.
     stop.cancelled().await;
@@ -166,7 +231,12 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     finish(&agent, &api, &key, &pod, Some(ip), &ending, watch_task).await
 }
 
-async fn allocate(agent: &Agent, wanted: Option<&str>, stop: &CancellationToken, key: &str) -> Option<Ipv4Addr> {
+async fn allocate(
+    agent: &Agent,
+    wanted: Option<&str>,
+    stop: &CancellationToken,
+    key: &str,
+) -> Option<Ipv4Addr> {
     loop {
         match agent.allocate_ip(wanted) {
             Ok(ip) => return Some(ip),
@@ -189,28 +259,73 @@ async fn run_containers(
     pods: &mut watch::Receiver<Option<Pod>>,
 ) {
     let spec = pod.spec.clone().unwrap_or_default();
-    let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+    let policy = spec
+        .restart_policy
+        .clone()
+        .unwrap_or_else(|| "Always".into());
     let dir = crate::volumes::pod_dir(&agent.state_dir, pod);
     let (init, main): (Vec<Runner>, Vec<Runner>) = if agent.fake {
         let exit = fake_exit(pod);
         (
-            spec.init_containers.iter().flatten().map(|_| Runner::Fake(Fake { exit: Some((0, Duration::ZERO)) })).collect(),
-            spec.containers.iter().map(|_| Runner::Fake(Fake { exit })).collect(),
+            spec.init_containers
+                .iter()
+                .flatten()
+                .map(|_| {
+                    Runner::Fake(Fake {
+                        exit: Some((0, Duration::ZERO)),
+                    })
+                })
+                .collect(),
+            spec.containers
+                .iter()
+                .map(|_| Runner::Fake(Fake { exit }))
+                .collect(),
         )
     } else {
-        let Some(prepared) = prepare_until_ready(agent, &ctx.pod_name, pod, ip, &dir, shared, stop).await else { return };
+        let Some(prepared) =
+            prepare_until_ready(agent, &ctx.pod_name, pod, ip, &dir, shared, stop).await
+        else {
+            return;
+        };
         if let (Some(file), Some(ttl)) = (prepared.token_file.clone(), prepared.token_expires_in) {
-            tokio::spawn(refresh_token(agent.clone(), pods.clone(), file, ttl, stop.clone()));
+            tokio::spawn(refresh_token(
+                agent.clone(),
+                pods.clone(),
+                file,
+                ttl,
+                stop.clone(),
+            ));
         }
-        (prepared.init.into_iter().map(Runner::Real).collect(), prepared.containers.into_iter().map(Runner::Real).collect())
+        (
+            prepared
+                .init
+                .into_iter()
+                .map(|l| Runner::Real(Box::new(l)))
+                .collect(),
+            prepared
+                .containers
+                .into_iter()
+                .map(|l| Runner::Real(Box::new(l)))
+                .collect(),
+        )
     };
     shared.update(|rt| rt.sandbox_ready = true);
 
-    let init_policy = if policy == "Never" { "Never" } else { "OnFailure" };
-    let init_done = shared.snapshot().init.iter().all(|c| c.exit_code() == Some(0));
+    let init_policy = if policy == "Never" {
+        "Never"
+    } else {
+        "OnFailure"
+    };
+    let init_done = shared
+        .snapshot()
+        .init
+        .iter()
+        .all(|c| c.exit_code() == Some(0));
     if !init_done {
         for (i, runner) in init.into_iter().enumerate() {
-            if container::supervise(ctx.clone(), Slot::Init(i), runner, init_policy).await != Outcome::Succeeded {
+            if container::supervise(ctx.clone(), Slot::Init(i), runner, init_policy).await
+                != Outcome::Succeeded
+            {
                 return;
             }
         }
@@ -219,12 +334,19 @@ async fn run_containers(
     let mut running = Vec::new();
     for (i, runner) in main.into_iter().enumerate() {
         // Containers that already finished for good (before an agent restart) stay finished.
-        let finished = current.containers[i].exit_code().is_some_and(|code| policy == "Never" || (code == 0 && policy == "OnFailure"));
+        let finished = current.containers[i]
+            .exit_code()
+            .is_some_and(|code| policy == "Never" || (code == 0 && policy == "OnFailure"));
         if finished {
             continue;
         }
         shared.update(|rt| rt.containers[i].set_waiting("ContainerCreating", None));
-        running.push(container::supervise(ctx.clone(), Slot::Main(i), runner, &policy));
+        running.push(container::supervise(
+            ctx.clone(),
+            Slot::Main(i),
+            runner,
+            &policy,
+        ));
     }
     futures::future::join_all(running).await;
 }
@@ -232,7 +354,10 @@ async fn run_containers(
 fn fake_exit(pod: &Pod) -> Option<(i32, Duration)> {
     let annotations = pod.metadata.annotations.as_ref()?;
     let code = annotations.get(FAKE_EXIT_CODE)?.trim().parse().ok()?;
-    let seconds: f64 = annotations.get(FAKE_RUN_SECONDS).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
+    let seconds: f64 = annotations
+        .get(FAKE_RUN_SECONDS)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0.0);
     Some((code, Duration::from_secs_f64(seconds.max(0.0))))
 }
 
@@ -270,13 +395,21 @@ async fn prepare_until_ready(
 }
 
 /// Re-requests the kubeconfig's token at 80% of its lifetime (kube clients re-read the file).
-async fn refresh_token(agent: Arc<Agent>, pods: watch::Receiver<Option<Pod>>, file: std::path::PathBuf, mut ttl: Duration, stop: CancellationToken) {
+async fn refresh_token(
+    agent: Arc<Agent>,
+    pods: watch::Receiver<Option<Pod>>,
+    file: std::path::PathBuf,
+    mut ttl: Duration,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(ttl.mul_f64(0.8)) => {}
             _ = stop.cancelled() => return,
         }
-        let Some(pod) = pods.borrow().clone() else { return };
+        let Some(pod) = pods.borrow().clone() else {
+            return;
+        };
         match setup::request_token(&agent, &pod, "").await {
             Ok((token, expires)) => {
                 if let Err(e) = std::fs::write(&file, token) {
@@ -305,7 +438,9 @@ async fn watch_ending(
             let pod = pods.borrow_and_update();
             match pod.as_ref() {
                 None => Some((Ending::Vanished, Duration::from_secs(2))),
-                Some(p) if p.metadata.deletion_timestamp.is_some() => Some((Ending::Deleted, grace_of(p))),
+                Some(p) if p.metadata.deletion_timestamp.is_some() => {
+                    Some((Ending::Deleted, grace_of(p)))
+                }
                 Some(_) => None,
             }
         };
@@ -341,10 +476,16 @@ async fn finish(
         // As kubelet does: once the processes are gone, remove the object for good.
         let params = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
             ..Default::default()
         };
-        match api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &params).await {
+        match api
+            .delete(pod.metadata.name.as_deref().unwrap_or_default(), &params)
+            .await
+        {
             Ok(_) => tracing::info!(pod = %key, "pod deleted"),
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => tracing::warn!(pod = %key, error = %e, "final pod deletion failed"),
@@ -358,7 +499,13 @@ async fn finish(
 }
 
 /// Reports the pod's status whenever the runtime state changes, retrying on API errors.
-async fn status_writer(api: Api<Pod>, name: String, shared: Arc<Shared>, pods: watch::Receiver<Option<Pod>>, stop: CancellationToken) {
+async fn status_writer(
+    api: Api<Pod>,
+    name: String,
+    shared: Arc<Shared>,
+    pods: watch::Receiver<Option<Pod>>,
+    stop: CancellationToken,
+) {
     let mut sent: Option<PodStatus> = None;
     loop {
         tokio::select! {
@@ -368,14 +515,24 @@ async fn status_writer(api: Api<Pod>, name: String, shared: Arc<Shared>, pods: w
         // Coalesce bursts of changes (e.g. every container starting) into one write.
         tokio::time::sleep(Duration::from_millis(50)).await;
         loop {
-            let Some(pod) = pods.borrow().clone() else { return };
+            let Some(pod) = pods.borrow().clone() else {
+                return;
+            };
             let rt = shared.snapshot();
-            let status = status::build(&pod, &rt, sent.as_ref().or(pod.status.as_ref()), &Time(Timestamp::now()));
+            let status = status::build(
+                &pod,
+                &rt,
+                sent.as_ref().or(pod.status.as_ref()),
+                &Time(Timestamp::now()),
+            );
             if sent.as_ref() == Some(&status) {
                 break;
             }
             let patch = serde_json::json!({ "status": status });
-            match api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+            {
                 Ok(_) => {
                     tracing::debug!(pod = %name, phase = ?status.phase, "status reported");
                     sent = Some(status);
@@ -395,29 +552,39 @@ async fn status_writer(api: Api<Pod>, name: String, shared: Arc<Shared>, pods: w
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Container, ContainerState, ContainerStateRunning, ContainerStatus, PodSpec};
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerState, ContainerStateRunning, ContainerStatus, PodSpec,
+    };
 
     fn pod(policy: &str, state: ContainerState) -> Pod {
-        let mut pod = Pod::default();
-        pod.spec = Some(PodSpec {
-            restart_policy: Some(policy.into()),
-            containers: vec![Container { name: "main".into(), image: Some("img".into()), ..Default::default() }],
-            ..Default::default()
-        });
-        pod.status = Some(PodStatus {
-            container_statuses: Some(vec![ContainerStatus {
-                name: "main".into(),
-                restart_count: 2,
-                state: Some(state),
+        Pod {
+            spec: Some(PodSpec {
+                restart_policy: Some(policy.into()),
+                containers: vec![Container {
+                    name: "main".into(),
+                    image: Some("img".into()),
+                    ..Default::default()
+                }],
                 ..Default::default()
-            }]),
+            }),
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "main".into(),
+                    restart_count: 2,
+                    state: Some(state),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
-        pod
+        }
     }
 
     fn running() -> ContainerState {
-        ContainerState { running: Some(ContainerStateRunning { started_at: None }), ..Default::default() }
+        ContainerState {
+            running: Some(ContainerStateRunning { started_at: None }),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -430,7 +597,10 @@ mod tests {
         let always = initial_rt(&pod("Always", running()), "127.0.0.9", false);
         assert!(always.failed.is_none());
         assert_eq!(always.containers[0].restart_count, 3);
-        assert!(always.containers[0].last_state.as_ref().is_some_and(|s| s.terminated.is_some()));
+        assert!(always.containers[0]
+            .last_state
+            .as_ref()
+            .is_some_and(|s| s.terminated.is_some()));
     }
 
     #[test]
