@@ -169,6 +169,13 @@ pub enum QuantType {
 /// The training data.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.validationSplit) && has(self.validationUri))",
+        "message": "spec.dataset: set at most one of validationSplit and validationUri",
+        "fieldPath": ".validationUri"
+    }
+]))]
 pub struct DatasetSpec {
     /// JSON Lines file (or prefix of files) with one example per line.
     #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
@@ -176,11 +183,11 @@ pub struct DatasetSpec {
     /// Line format: `instruction` (instruction, context, response), `chat` (messages with role
     /// and content) or `text` (a text field).
     pub format: DatasetFormat,
-    /// Fraction of examples held out for evaluation, in [0, 1). Ignored when validationUri is set.
+    /// Fraction of examples held out for evaluation, in [0, 1). Not together with validationUri.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("minimum" = 0, "maximum" = 1, "exclusiveMaximum" = true))]
     pub validation_split: Option<f64>,
-    /// A separate evaluation file in the same format.
+    /// A separate evaluation file in the same format. Not together with validationSplit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
     pub validation_uri: Option<String>,

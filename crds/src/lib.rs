@@ -8,6 +8,7 @@ pub mod common;
 pub mod conditions;
 pub mod finetunejob;
 pub mod modeldeployment;
+pub mod trainer_contract;
 
 pub use common::*;
 pub use finetunejob::*;

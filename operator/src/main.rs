@@ -1,7 +1,148 @@
-//! kubetune-operator: reconciles FineTuneJobs and ModelDeployments.
-//! The controllers arrive with their own issues; until then the binary only reports its version,
-//! so that images, charts and the local cluster can already refer to it.
+//! kubetune-operator: reconciles FineTuneJobs into trainer Jobs.
 
-fn main() {
-    println!("kubetune-operator {} (controllers not built yet)", env!("CARGO_PKG_VERSION"));
+use anyhow::Context as _;
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use kubetune_crds::FineTuneJob;
+use kubetune_operator::config::OperatorConfig;
+use kubetune_operator::context::{Backoff, Context};
+use kubetune_operator::finetunejob::{self, progress::MetricsReader};
+use kubetune_operator::http::{router, Readiness};
+use kubetune_operator::leader::{LeaderElector, LeaseConfig};
+use kubetune_operator::metrics::Metrics;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "kubetune-operator", version, about = "Reconciles kubetune FineTuneJobs into trainer Jobs")]
+struct Args {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBETUNE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Elect a leader through a Lease so that several replicas are safe.
+    #[arg(long, env = "KUBETUNE_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubetune-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// FineTuneJobs reconciled at the same time, at most.
+    #[arg(long, env = "KUBETUNE_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Log as JSON lines.
+    #[arg(long, env = "KUBETUNE_LOG_JSON", default_value_t = false)]
+    log_json: bool,
+    #[command(flatten)]
+    config: OperatorConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_json);
+    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    client.apiserver_version().await.context("the Kubernetes API does not answer")?;
+
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    readiness.set(true);
+    let listener = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let app = router(metrics.clone(), readiness.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    let elector = if args.leader_election {
+        let identity = args.identity.clone().unwrap_or_else(|| format!("kubetune-operator-{}", std::process::id()));
+        let elector = LeaderElector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: args.lease_namespace.clone(),
+                name: "kubetune-operator".into(),
+                identity,
+                duration: Duration::from_secs(15),
+                retry: Duration::from_secs(4),
+            },
+        );
+        elector.acquire().await;
+        Some(elector)
+    } else {
+        None
+    };
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config: args.config.clone(),
+        metrics,
+        recorder: Recorder::new(client.clone(), Reporter { controller: "kubetune-operator".into(), instance: args.identity.clone() }),
+        metrics_reader: MetricsReader::default(),
+        backoff: Backoff::default(),
+    });
+    let ftjs: Api<FineTuneJob> = Api::all(client.clone());
+    let jobs: Api<Job> = Api::all(client.clone());
+    let controller = Controller::new(ftjs, watcher::Config::default())
+        .owns(jobs, watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL))
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(shutdown_signal())
+        .run(finetunejob::reconcile, finetunejob::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile result");
+            }
+        });
+    tracing::info!("kubetune-operator running");
+    match elector {
+        Some(elector) => {
+            tokio::select! {
+                _ = controller => {}
+                _ = elector.keep_renewing() => anyhow::bail!("lost leadership; exiting so a restart stands for election again"),
+            }
+        }
+        None => controller.await,
+    }
+    tracing::info!("kubetune-operator stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C; in-flight reconciles then finish before the process exits.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

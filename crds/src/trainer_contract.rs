@@ -1,0 +1,106 @@
+//! What the operator hands the trainer pod: the FineTuneJob with every default resolved, as JSON
+//! in the environment variable [`TRAINER_JOB_ENV`]. One type on both sides keeps them in step,
+//! and the trainer never re-derives a default the operator already chose.
+
+use crate::{DatasetFormat, FineTuneMethod, LrScheduler, QuantType, TargetModule};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable holding the JSON [`TrainerJob`].
+pub const TRAINER_JOB_ENV: &str = "KUBETUNE_TRAINER_JOB";
+
+/// The FineTuneJob a trainer pod runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerJob {
+    /// Which FineTuneJob this is; recorded in the adapter manifest.
+    pub owner: JobIdentity,
+    pub base_model_uri: String,
+    pub dataset: TrainerDataset,
+    pub method: FineTuneMethod,
+    pub lora: TrainerLora,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<TrainerQuantization>,
+    pub training: TrainerTraining,
+    /// Adapter name to publish the next version of.
+    pub adapter_name: String,
+    /// Registry root the adapter is published to.
+    pub registry: String,
+    /// Where checkpoints go so that a retried pod resumes instead of starting over.
+    pub checkpoint_uri: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerDataset {
+    pub uri: String,
+    pub format: DatasetFormat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_split: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_uri: Option<String>,
+    pub skip_invalid: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerLora {
+    pub r: u32,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<TargetModule>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerQuantization {
+    pub bits: u32,
+    pub quant_type: QuantType,
+    pub double_quant: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerTraining {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    pub gradient_accumulation_steps: u32,
+    pub max_seq_length: u32,
+    pub warmup_steps: u64,
+    pub scheduler: LrScheduler,
+    pub seed: u64,
+}
+
+/// What the trainer writes to its termination message (one JSON object), so the operator can
+/// report the outcome without reading logs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "result")]
+pub enum TrainerOutcome {
+    /// The adapter version was published.
+    Succeeded {
+        adapter: crate::PublishedAdapter,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        train_loss: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eval_loss: Option<f64>,
+    },
+    /// The run failed; `reason` is a condition reason such as DatasetInvalid or LossDiverged.
+    Failed { reason: String, message: String },
+}
+
+/// Trainer exit code for bad input (dataset, model, config): retrying cannot help, so the Job's
+/// pod failure policy fails the Job at once.
+pub const EXIT_INVALID_INPUT: i32 = 2;
+/// Trainer exit code for a NaN or infinite loss: retrying from the checkpoint would diverge again.
+pub const EXIT_LOSS_DIVERGED: i32 = 3;

@@ -1,0 +1,308 @@
+//! Pure construction of the trainer Job for a validated FineTuneJob.
+
+use super::validate::ValidFineTuneJob;
+use crate::config::OperatorConfig;
+use crate::error::{Error, Result};
+use k8s_openapi::api::batch::v1::Job;
+use kube::{Resource, ResourceExt};
+use kubetune_crds::trainer_contract::{
+    JobIdentity, TrainerDataset, TrainerJob, TrainerLora, TrainerQuantization, TrainerTraining, EXIT_INVALID_INPUT,
+    EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
+};
+use kubetune_crds::FineTuneJob;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// Label on every child object, naming the FineTuneJob it belongs to.
+pub const FINETUNEJOB_LABEL: &str = "kubetune.dev/finetunejob";
+/// Name of the trainer container.
+pub const TRAINER_CONTAINER: &str = "trainer";
+/// Name of the trainer's metrics port.
+pub const METRICS_PORT_NAME: &str = "metrics";
+/// Mount path of the scratch volume (model, dataset, checkpoints, output).
+pub const SCRATCH_PATH: &str = "/scratch";
+/// Where the trainer writes its outcome; under the scratch volume so it is writable with a
+/// read-only root filesystem.
+pub const TERMINATION_LOG: &str = "/scratch/termination-log";
+
+/// The trainer Job's name: the FineTuneJob's own, so `kubectl get jobs` reads naturally.
+pub fn job_name(ftj: &FineTuneJob) -> String {
+    ftj.name_any()
+}
+
+/// The request the trainer receives, every default resolved.
+pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<TrainerJob> {
+    let missing = |field| Error::MissingField { object: format!("FineTuneJob {}", ftj.name_any()), field };
+    let owner = JobIdentity {
+        namespace: ftj.namespace().ok_or_else(|| missing("metadata.namespace"))?,
+        name: ftj.name_any(),
+        uid: ftj.uid().ok_or_else(|| missing("metadata.uid"))?,
+    };
+    let checkpoint_uri = format!(
+        "{}/checkpoints/{}/{}-{}",
+        valid.registry.trim_end_matches('/'),
+        owner.namespace,
+        owner.name,
+        owner.uid
+    );
+    let spec = &ftj.spec;
+    Ok(TrainerJob {
+        owner,
+        base_model_uri: spec.base_model.uri.clone(),
+        dataset: TrainerDataset {
+            uri: spec.dataset.uri.clone(),
+            format: valid.dataset_format,
+            validation_split: spec.dataset.validation_split,
+            validation_uri: spec.dataset.validation_uri.clone(),
+            skip_invalid: spec.dataset.skip_invalid.unwrap_or(false),
+        },
+        method: valid.method,
+        lora: TrainerLora { r: valid.r, alpha: valid.alpha, dropout: valid.dropout, target_modules: valid.target_modules.clone() },
+        quantization: valid.quant_type.map(|quant_type| TrainerQuantization {
+            bits: spec.quantization.as_ref().map_or(4, |q| q.bits),
+            quant_type,
+            double_quant: valid.double_quant,
+        }),
+        training: TrainerTraining {
+            epochs: valid.epochs,
+            max_steps: valid.max_steps,
+            learning_rate: valid.learning_rate,
+            batch_size: valid.batch_size,
+            gradient_accumulation_steps: valid.gradient_accumulation_steps,
+            max_seq_length: valid.max_seq_length,
+            warmup_steps: valid.warmup_steps,
+            scheduler: valid.scheduler,
+            seed: valid.seed,
+        },
+        adapter_name: spec.output.adapter_name.clone(),
+        registry: valid.registry.clone(),
+        checkpoint_uri,
+    })
+}
+
+/// Labels of the Job and its pod.
+pub fn labels(ftj: &FineTuneJob) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "kubetune-trainer".into()),
+        ("app.kubernetes.io/managed-by".into(), "kubetune-operator".into()),
+        (FINETUNEJOB_LABEL.into(), ftj.name_any()),
+    ])
+}
+
+/// Builds the batch/v1 Job that runs one trainer pod for the FineTuneJob.
+pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorConfig) -> Result<Job> {
+    let spec = &ftj.spec;
+    let request = serde_json::to_string(&trainer_job(ftj, valid)?).map_err(|source| Error::Serialize { what: "trainer job", source })?;
+    let owner = ftj
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::MissingField { object: format!("FineTuneJob {}", ftj.name_any()), field: "metadata.uid" })?;
+    let labels = labels(ftj);
+
+    let mut env = vec![
+        json!({"name": TRAINER_JOB_ENV, "value": request}),
+        json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        json!({"name": "KUBETUNE_JOB_NAME", "value": format!("{}/{}", ftj.namespace().unwrap_or_default(), ftj.name_any())}),
+    ];
+    let env_from = spec
+        .storage_secret_ref
+        .as_ref()
+        .map(|s| vec![json!({"secretRef": {"name": s.name}})])
+        .unwrap_or_default();
+    if valid.gpus == 0 {
+        env.push(json!({"name": "KUBETUNE_DEVICE", "value": "cpu"}));
+    }
+    let resources = match &spec.placement.resources {
+        Some(r) => serde_json::to_value(r).map_err(|source| Error::Serialize { what: "resources", source })?,
+        None => json!({"limits": {config.gpu_resource.clone(): "1"}}),
+    };
+    let container = json!({
+        "name": TRAINER_CONTAINER,
+        "image": valid.image,
+        "args": [
+            "--work-dir", SCRATCH_PATH,
+            "--metrics-addr", format!("$(POD_IP):{}", config.trainer_metrics_port),
+            "--termination-log", TERMINATION_LOG,
+        ],
+        "env": env,
+        "envFrom": env_from,
+        "resources": resources,
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": config.trainer_metrics_port, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "scratch", "mountPath": SCRATCH_PATH},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    let p = &spec.placement;
+    let mut pod_spec = json!({
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [
+            {"name": "scratch", "emptyDir": {"sizeLimit": config.scratch_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        ],
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    let optional = [
+        ("nodeSelector", serde_json::to_value(&p.node_selector)),
+        ("tolerations", serde_json::to_value(&p.tolerations)),
+        ("affinity", serde_json::to_value(&p.affinity)),
+        ("priorityClassName", serde_json::to_value(&p.priority_class_name)),
+        ("serviceAccountName", serde_json::to_value(&p.service_account_name)),
+        ("imagePullSecrets", serde_json::to_value(&p.image_pull_secrets)),
+    ];
+    for (key, value) in optional {
+        let value = value.map_err(|source| Error::Serialize { what: "pod placement", source })?;
+        if !value.is_null() {
+            pod_spec[key] = value;
+        }
+    }
+
+    let job = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(ftj),
+            "namespace": ftj.namespace(),
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "backoffLimit": valid.backoff_limit,
+            "activeDeadlineSeconds": spec.active_deadline_seconds,
+            "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+            "suspend": spec.suspend.unwrap_or(false),
+            // Bad input and divergence cannot be fixed by a retry: fail the Job at once. Evictions
+            // and preemptions do not count against the backoff limit; the retry resumes anyway.
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": pod_spec,
+            },
+        },
+    });
+    // Unset optionals are null here and None after parsing, so they are left out of the apply.
+    serde_json::from_value(job).map_err(|source| Error::Serialize { what: "job", source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::finetunejob::validate::{validate, Facts};
+    use crate::fixtures::finetunejob;
+    use kubetune_crds::trainer_contract::TrainerJob;
+
+    fn built(fixture: &str) -> (FineTuneJob, Job) {
+        let ftj = finetunejob(fixture);
+        let config = OperatorConfig::for_tests();
+        let valid = validate(&ftj.spec, &config, &Facts::default()).expect("fixture is valid");
+        let job = build_job(&ftj, &valid, &config).expect("job builds");
+        (ftj, job)
+    }
+
+    fn pod_spec(job: &Job) -> &k8s_openapi::api::core::v1::PodSpec {
+        job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+    }
+
+    #[test]
+    fn job_is_owned_and_labelled() {
+        let (ftj, job) = built("minimal.yaml");
+        let owners = job.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].uid, ftj.metadata.uid.clone().unwrap_or_default());
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(job.metadata.labels.as_ref().and_then(|l| l.get(FINETUNEJOB_LABEL)).map(String::as_str), Some("minimal"));
+        assert_eq!(job.metadata.namespace.as_deref(), Some("team-a"));
+    }
+
+    #[test]
+    fn trainer_pod_is_locked_down() {
+        let (_, job) = built("minimal.yaml");
+        let pod = pod_spec(&job);
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().expect("container security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+        let port = &c.ports.as_ref().expect("ports")[0];
+        assert_eq!((port.name.as_deref(), port.container_port), (Some(METRICS_PORT_NAME), 9090));
+        let mounts: Vec<_> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(mounts, [SCRATCH_PATH, "/tmp"]);
+        let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
+        assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"), "one GPU by default");
+    }
+
+    #[test]
+    fn every_placement_and_job_setting_reaches_the_job() {
+        let (_, job) = built("full.yaml");
+        let spec = job.spec.as_ref().expect("spec");
+        assert_eq!(spec.suspend, Some(true));
+        assert_eq!(spec.backoff_limit, Some(5));
+        assert_eq!(spec.active_deadline_seconds, Some(86400));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(600));
+        let pod = pod_spec(&job);
+        assert_eq!(pod.node_selector.as_ref().and_then(|n| n.get("nvidia.com/gpu.product")).map(String::as_str), Some("H100"));
+        assert_eq!(pod.tolerations.as_ref().map(Vec::len), Some(1));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("training"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("trainer"));
+        assert_eq!(pod.image_pull_secrets.as_ref().map(|s| s[0].name.clone()), Some("regcred".into()));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example.com/kubetune/trainer:v1"));
+        let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
+        assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("2"));
+        let env_from = c.env_from.as_ref().expect("envFrom");
+        assert_eq!(env_from[0].secret_ref.as_ref().map(|s| s.name.clone()), Some("s3-creds".into()));
+    }
+
+    #[test]
+    fn trainer_receives_every_resolved_setting() {
+        let (_, job) = built("full.yaml");
+        let c = &pod_spec(&job).containers[0];
+        let raw = c.env.iter().flatten().find(|e| e.name == TRAINER_JOB_ENV).and_then(|e| e.value.clone()).expect("job env");
+        let request: TrainerJob = serde_json::from_str(&raw).expect("trainer job JSON");
+        assert_eq!(request.owner.namespace, "team-a");
+        assert_eq!(request.registry, "s3://registry/kubetune");
+        assert_eq!(request.checkpoint_uri, "s3://registry/kubetune/checkpoints/team-a/full-0b5e7c1e-0000-4000-8000-000000000001");
+        assert_eq!((request.training.batch_size, request.training.gradient_accumulation_steps), (8, 4));
+        assert_eq!(request.training.seed, 7);
+        assert!(request.dataset.skip_invalid);
+        assert_eq!(request.lora.target_modules.len(), 4);
+        assert_eq!(request.quantization, None);
+    }
+
+    #[test]
+    fn bad_input_and_divergence_fail_the_job_without_retries() {
+        let (_, job) = built("minimal.yaml");
+        let policy = job.spec.as_ref().and_then(|s| s.pod_failure_policy.as_ref()).expect("pod failure policy");
+        let fail_codes = policy.rules[0].on_exit_codes.as_ref().expect("exit codes");
+        assert_eq!(policy.rules[0].action, "FailJob");
+        assert_eq!(fail_codes.values, vec![EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED]);
+    }
+
+    #[test]
+    fn cpu_jobs_request_no_gpu() {
+        let (_, job) = built("cpu.yaml");
+        let c = &pod_spec(&job).containers[0];
+        let r = c.resources.as_ref().expect("resources");
+        assert!(r.limits.as_ref().is_none_or(|l| !l.contains_key("nvidia.com/gpu")));
+        assert!(c.env.iter().flatten().any(|e| e.name == "KUBETUNE_DEVICE" && e.value.as_deref() == Some("cpu")));
+    }
+}

@@ -1,0 +1,122 @@
+//! Live training progress, read from the trainer's Prometheus endpoint.
+//!
+//! Why the metrics endpoint: the trainer serves it anyway for Prometheus and its alerts, so the
+//! operator reads the very numbers users alert on, with no second channel to keep in step and
+//! no write access to the FineTuneJob for the trainer's ServiceAccount.
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use kubetune_crds::TrainingProgress;
+use std::time::Duration;
+
+/// HTTP client for trainer metrics, shared by all reconciles.
+#[derive(Clone)]
+pub struct MetricsReader {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    timeout: Duration,
+}
+
+impl Default for MetricsReader {
+    fn default() -> Self {
+        Self { client: Client::builder(TokioExecutor::new()).build_http(), timeout: Duration::from_secs(3) }
+    }
+}
+
+impl MetricsReader {
+    /// Reads and parses `http://{ip}:{port}/metrics`. None when the trainer does not answer in
+    /// time (it may be starting or finishing); progress then keeps its last value.
+    pub async fn read(&self, ip: &str, port: u16) -> Option<TrainingProgress> {
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        let uri: hyper::Uri = format!("http://{host}:{port}/metrics").parse().ok()?;
+        let fetch = async {
+            let response = self.client.get(uri).await.ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some(String::from_utf8_lossy(&body).into_owned())
+        };
+        let text = tokio::time::timeout(self.timeout, fetch).await.ok()??;
+        parse_progress(&text)
+    }
+}
+
+/// Extracts training progress from Prometheus text exposition. None without a step metric.
+pub fn parse_progress(text: &str) -> Option<TrainingProgress> {
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let metric = series.split('{').next()?.trim();
+                (metric == name).then(|| value.trim().parse::<f64>().ok())?
+            })
+            .filter(|v| v.is_finite() || name.ends_with("_loss"))
+    };
+    let step = value("kubetune_train_step")?;
+    let total = value("kubetune_train_total_steps").unwrap_or(0.0);
+    let tokens_per_second = value("kubetune_train_tokens_per_second").filter(|t| *t > 0.0);
+    Some(TrainingProgress {
+        step: step as u64,
+        total_steps: total as u64,
+        epoch: value("kubetune_train_epoch"),
+        train_loss: value("kubetune_train_loss").filter(|l| l.is_finite()),
+        eval_loss: value("kubetune_eval_loss").filter(|l| l.is_finite()),
+        tokens_per_second,
+        eta: None,
+        display: None,
+    })
+}
+
+/// Formats seconds as a Go-style duration (1h2m3s), the form kubectl users read.
+pub fn format_duration(mut secs: u64) -> String {
+    let hours = secs / 3600;
+    secs %= 3600;
+    let (minutes, seconds) = (secs / 60, secs % 60);
+    match (hours, minutes) {
+        (0, 0) => format!("{seconds}s"),
+        (0, _) => format!("{minutes}m{seconds}s"),
+        _ => format!("{hours}h{minutes}m{seconds}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+# HELP kubetune_train_loss Latest training loss.
+# TYPE kubetune_train_loss gauge
+kubetune_train_loss{job=\"ns/ftj\"} 1.25
+kubetune_eval_loss{job=\"ns/ftj\"} NaN
+kubetune_train_step{job=\"ns/ftj\"} 30
+kubetune_train_total_steps{job=\"ns/ftj\"} 120
+kubetune_train_epoch{job=\"ns/ftj\"} 0.75
+kubetune_train_tokens_per_second{job=\"ns/ftj\"} 512.5
+";
+
+    #[test]
+    fn parses_the_trainer_metrics() {
+        let p = parse_progress(SAMPLE).expect("progress");
+        assert_eq!((p.step, p.total_steps), (30, 120));
+        assert_eq!(p.train_loss, Some(1.25));
+        assert_eq!(p.eval_loss, None, "NaN eval loss means none yet");
+        assert_eq!(p.epoch, Some(0.75));
+        assert_eq!(p.tokens_per_second, Some(512.5));
+    }
+
+    #[test]
+    fn no_step_metric_means_no_progress() {
+        assert_eq!(parse_progress("kubetune_train_loss 1.0\n"), None);
+        assert_eq!(parse_progress("garbage without spaces"), None);
+    }
+
+    #[test]
+    fn durations_read_like_kubectl() {
+        assert_eq!(format_duration(5), "5s");
+        assert_eq!(format_duration(125), "2m5s");
+        assert_eq!(format_duration(3725), "1h2m5s");
+    }
+}

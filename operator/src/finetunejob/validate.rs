@@ -1,0 +1,264 @@
+//! Pure validation of a FineTuneJob beyond what the CRD schema checks: defaults resolved, the
+//! registry known, and the model fitting the GPUs it asks for.
+
+use crate::config::OperatorConfig;
+use kubetune_crds::{DatasetFormat, FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule};
+
+/// Why a FineTuneJob cannot run as written. `reason` becomes the condition reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the cluster and the model say, gathered before validation (by `dereference`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Facts {
+    /// Memory of one GPU in MiB on the largest node the job could land on, when nodes say.
+    pub gpu_memory_mib: Option<u64>,
+    /// The base model's shape, when its config.json could be read.
+    pub model: Option<ModelShape>,
+}
+
+/// The parts of a Llama-family config.json that decide memory use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelShape {
+    pub hidden_size: u64,
+    pub intermediate_size: u64,
+    pub num_hidden_layers: u64,
+    pub num_attention_heads: u64,
+    pub num_key_value_heads: u64,
+    pub vocab_size: u64,
+    pub tie_word_embeddings: bool,
+}
+
+/// A FineTuneJob with every default filled in: what the trainer is asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidFineTuneJob {
+    pub method: FineTuneMethod,
+    pub r: u32,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<TargetModule>,
+    pub quant_type: Option<QuantType>,
+    pub double_quant: bool,
+    pub dataset_format: DatasetFormat,
+    pub epochs: Option<u32>,
+    pub max_steps: Option<u64>,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    pub gradient_accumulation_steps: u32,
+    pub max_seq_length: u32,
+    pub warmup_steps: u64,
+    pub scheduler: LrScheduler,
+    pub seed: u64,
+    pub registry: String,
+    pub image: String,
+    pub backoff_limit: i32,
+    /// GPUs the trainer pod asks for.
+    pub gpus: u64,
+}
+
+pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
+
+/// Checks a spec against the operator's settings and the gathered facts.
+pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) -> Result<ValidFineTuneJob, Invalid> {
+    let registry = spec
+        .output
+        .registry
+        .clone()
+        .or_else(|| config.default_registry.clone())
+        .ok_or_else(|| Invalid {
+            reason: "InvalidSpec",
+            message: "spec.output.registry: not set, and the operator has no default registry (--default-registry)".into(),
+        })?;
+    if registry.starts_with("hf://") {
+        return Err(Invalid {
+            reason: "InvalidSpec",
+            message: format!("spec.output.registry: {registry} is on the Hugging Face hub, which kubetune only reads; use s3, gs, az, file or pvc"),
+        });
+    }
+    let training = &spec.training;
+    let quant = spec.quantization.as_ref();
+    let valid = ValidFineTuneJob {
+        method: spec.method,
+        r: spec.lora.r,
+        alpha: spec.lora.alpha,
+        dropout: spec.lora.dropout.unwrap_or(0.0),
+        target_modules: spec.lora.target_modules.clone().unwrap_or_else(|| vec![TargetModule::QProj, TargetModule::VProj]),
+        quant_type: quant.map(|q| q.quant_type.unwrap_or(if q.bits == 8 { QuantType::Int8 } else { QuantType::Nf4 })),
+        double_quant: quant.and_then(|q| q.double_quant).unwrap_or(true),
+        dataset_format: spec.dataset.format,
+        epochs: training.epochs,
+        max_steps: training.max_steps,
+        learning_rate: training.learning_rate,
+        batch_size: training.batch_size.unwrap_or(4),
+        gradient_accumulation_steps: training.gradient_accumulation_steps.unwrap_or(1),
+        max_seq_length: training.max_seq_length.unwrap_or(512),
+        warmup_steps: training.warmup_steps.unwrap_or(0),
+        scheduler: training.scheduler.unwrap_or(LrScheduler::Linear),
+        seed: training.seed.unwrap_or(42),
+        registry,
+        image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),
+        backoff_limit: spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
+        gpus: requested_gpus(spec, &config.gpu_resource),
+    };
+    check_gpu_memory(&valid, facts)?;
+    Ok(valid)
+}
+
+/// GPUs the pod will request: the spec's limit (or request) of the GPU resource; one GPU when
+/// the spec sets no resources at all; none when it sets resources without a GPU (CPU training).
+pub fn requested_gpus(spec: &FineTuneJobSpec, gpu_resource: &str) -> u64 {
+    let Some(resources) = spec.placement.resources.as_ref() else { return 1 };
+    [resources.limits.as_ref(), resources.requests.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|m| m.get(gpu_resource))
+        .and_then(|q| q.0.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Fails fast when the estimated training memory cannot fit the GPUs the job asks for, rather
+/// than letting the pod be scheduled and die of OOM. Only when both the node's GPU memory and
+/// the model's shape are known.
+fn check_gpu_memory(job: &ValidFineTuneJob, facts: &Facts) -> Result<(), Invalid> {
+    let (Some(gpu_mib), Some(model)) = (facts.gpu_memory_mib, facts.model.as_ref()) else { return Ok(()) };
+    if job.gpus == 0 {
+        return Ok(());
+    }
+    let need = estimate_training_memory_mib(job, model);
+    let have = gpu_mib * job.gpus;
+    if need > have {
+        return Err(Invalid {
+            reason: "InsufficientGPUMemory",
+            message: format!(
+                "the model needs about {need} MiB to train with {:?} at batch {} x {} tokens, but {} GPU(s) of {gpu_mib} MiB give {have} MiB; use qlora, a smaller batch or maxSeqLength, or more GPUs",
+                job.method, job.batch_size, job.max_seq_length, job.gpus
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A deliberately simple estimate of peak GPU memory, in MiB: frozen base weights (bf16, or
+/// 4-bit NF4 with its scales for QLoRA), adapter weights with their fp32 master copy, gradients
+/// and two AdamW moments, activations kept for the backward pass, and a fixed CUDA overhead.
+pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u64 {
+    let head_dim = m.hidden_size / m.num_attention_heads.max(1);
+    let kv_dim = head_dim * m.num_key_value_heads;
+    let (h, i) = (m.hidden_size, m.intermediate_size);
+    let per_layer = h * h * 2 + h * kv_dim * 2 + 3 * h * i;
+    let embeddings = m.vocab_size * h * if m.tie_word_embeddings { 1 } else { 2 };
+    let params = per_layer * m.num_hidden_layers + embeddings;
+    let base_bytes = match job.method {
+        FineTuneMethod::Lora => params * 2,
+        // 4 bits per weight plus one fp8 scale per 64 weights (double quantization).
+        FineTuneMethod::Qlora => params / 2 + params / 64,
+    };
+    let adapter_params: u64 = job
+        .target_modules
+        .iter()
+        .map(|t| {
+            let (fan_in, fan_out) = match t {
+                TargetModule::QProj | TargetModule::OProj => (h, h),
+                TargetModule::KProj | TargetModule::VProj => (h, kv_dim),
+                TargetModule::GateProj | TargetModule::UpProj => (h, i),
+                TargetModule::DownProj => (i, h),
+            };
+            u64::from(job.r) * (fan_in + fan_out)
+        })
+        .sum::<u64>()
+        * m.num_hidden_layers;
+    let adapter_bytes = adapter_params * 16;
+    let tokens = u64::from(job.batch_size) * u64::from(job.max_seq_length);
+    // About 34 bf16 values per token per hidden unit per layer survive to the backward pass
+    // without activation checkpointing, plus the logits.
+    let activation_bytes = tokens * h * m.num_hidden_layers * 34 * 2 + tokens * m.vocab_size * 4;
+    let overhead = 1024 * 1024 * 1024;
+    (base_bytes + adapter_bytes + activation_bytes + overhead).div_ceil(1024 * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::finetunejob;
+
+    fn llama_8b() -> ModelShape {
+        ModelShape {
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            vocab_size: 128256,
+            tie_word_embeddings: false,
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let ftj = finetunejob("minimal.yaml");
+        let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
+        assert_eq!(valid.target_modules, vec![TargetModule::QProj, TargetModule::VProj]);
+        assert_eq!((valid.batch_size, valid.gradient_accumulation_steps, valid.max_seq_length), (4, 1, 512));
+        assert_eq!(valid.scheduler, LrScheduler::Linear);
+        assert_eq!(valid.registry, "s3://kubetune/registry");
+        assert_eq!(valid.image, "kubetune/trainer:test");
+        assert_eq!(valid.gpus, 1, "no resources at all means one GPU");
+        assert_eq!(valid.backoff_limit, DEFAULT_BACKOFF_LIMIT);
+    }
+
+    #[test]
+    fn a_registry_is_required_from_spec_or_operator() {
+        let ftj = finetunejob("minimal.yaml");
+        let config = OperatorConfig { default_registry: None, ..OperatorConfig::for_tests() };
+        let err = validate(&ftj.spec, &config, &Facts::default()).expect_err("no registry");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(err.message.starts_with("spec.output.registry"), "{}", err.message);
+    }
+
+    #[test]
+    fn hub_registry_is_rejected() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.spec.output.registry = Some("hf://org/adapters".into());
+        let err = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect_err("read-only");
+        assert!(err.message.contains("only reads"), "{}", err.message);
+    }
+
+    #[test]
+    fn cpu_training_when_resources_name_no_gpu() {
+        let ftj = finetunejob("cpu.yaml");
+        let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
+        assert_eq!(valid.gpus, 0);
+    }
+
+    #[test]
+    fn lora_of_an_8b_model_does_not_fit_a_24gib_gpu_but_qlora_does() {
+        let facts = Facts { gpu_memory_mib: Some(24576), model: Some(llama_8b()) };
+        let lora = finetunejob("minimal.yaml");
+        let err = validate(&lora.spec, &OperatorConfig::for_tests(), &facts).expect_err("bf16 8B + activations > 24 GiB");
+        assert_eq!(err.reason, "InsufficientGPUMemory");
+        assert!(err.message.contains("24576 MiB"), "{}", err.message);
+
+        let qlora = finetunejob("qlora.yaml");
+        validate(&qlora.spec, &OperatorConfig::for_tests(), &facts).expect("4-bit 8B at batch 1 fits 24 GiB");
+    }
+
+    #[test]
+    fn unknown_gpu_memory_skips_the_check() {
+        let facts = Facts { gpu_memory_mib: None, model: Some(llama_8b()) };
+        validate(&finetunejob("minimal.yaml").spec, &OperatorConfig::for_tests(), &facts).expect("nothing to compare with");
+    }
+
+    #[test]
+    fn estimate_grows_with_batch_and_shrinks_with_qlora() {
+        let config = OperatorConfig::for_tests();
+        let lora = validate(&finetunejob("minimal.yaml").spec, &config, &Facts::default()).expect("valid");
+        let bigger = ValidFineTuneJob { batch_size: lora.batch_size * 4, ..lora.clone() };
+        let qlora = ValidFineTuneJob { method: FineTuneMethod::Qlora, ..lora.clone() };
+        let m = llama_8b();
+        assert!(estimate_training_memory_mib(&bigger, &m) > estimate_training_memory_mib(&lora, &m));
+        assert!(estimate_training_memory_mib(&qlora, &m) < estimate_training_memory_mib(&lora, &m));
+    }
+}
