@@ -1,1 +1,38 @@
-//! placeholder
+//! kubetune-storage: moves models, datasets and LoRA adapters between object storage and local
+//! disk, and keeps a versioned adapter registry.
+//!
+//! - [`Storage::from_uri`] opens `s3://`, `gs://`, `az://` or `file://` roots with
+//!   [`Credentials`] from the environment or a mounted Secret.
+//! - [`Cache`] downloads objects, prefixes, `hf://` models and adapters into a local cache that
+//!   is safe under concurrent fillers and readers.
+//! - [`Registry`] publishes, lists, resolves, fetches, deletes and retains adapter versions
+//!   (`adapters/<name>/v<N>/`), with race-free version numbers.
+//! - [`AdapterRef`] parses `name`, `name@latest`, `name@3`, `name@sha256:…`.
+
+mod adapter_ref;
+mod cache;
+mod credentials;
+mod digest;
+mod error;
+mod hf;
+mod manifest;
+mod names;
+mod progress;
+mod registry;
+mod retry;
+mod store;
+mod uri;
+
+pub use adapter_ref::{AdapterRef, VersionSelector};
+pub use cache::Cache;
+pub use credentials::Credentials;
+pub use digest::Sha256Digest;
+pub use error::{Result, StorageError};
+pub use hf::{HfConfig, HfRepo};
+pub use manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE};
+pub use names::{validate_adapter_name, validate_file_path};
+pub use progress::{ProgressEvent, ProgressFn};
+pub use registry::{PublishRequest, Registry, RegistryConfig, ResolvedAdapter};
+pub use retry::RetryPolicy;
+pub use store::{CreateOutcome, ObjectInfo, Storage};
+pub use uri::StorageUri;

@@ -1,0 +1,108 @@
+//! `manifest.json`: the record that makes an adapter version exist. It is written last, so its
+//! presence means every file it lists was uploaded first; its sha256 is the version's digest.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Sha256Digest;
+use crate::error::{Result, StorageError};
+use crate::names::{validate_adapter_name, validate_file_path};
+
+/// File name of the manifest inside `adapters/<name>/v<N>/`.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Current manifest schema; bumped on incompatible changes.
+pub const MANIFEST_SCHEMA: u32 = 1;
+
+/// One file of the adapter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub sha256: Sha256Digest,
+    pub size: u64,
+}
+
+/// A model or dataset the adapter was trained from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceRef {
+    pub uri: String,
+    /// `sha256:<hex>` of the source when it was known at training time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Sha256Digest>,
+}
+
+/// Final training metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+/// The FineTuneJob that produced the adapter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Contents of `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: u32,
+    pub name: String,
+    pub version: u32,
+    /// Relative path → digest and size, for every file of the version except the manifest.
+    pub files: BTreeMap<String, FileEntry>,
+    pub base_model: SourceRef,
+    pub dataset: SourceRef,
+    /// Free-form: the trainer's hyperparameters as it reports them.
+    pub hyperparameters: serde_json::Value,
+    pub metrics: Metrics,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRef>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Manifest {
+    /// The canonical bytes stored in the registry (pretty JSON, so humans can read it).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses manifest bytes read from `uri` and checks they belong at `name`/`version` and
+    /// that every file name is safe to create locally (a registry is outside input too).
+    pub fn parse(uri: &str, bytes: &[u8], name: &str, version: u32) -> Result<Self> {
+        let invalid = |reason: String| StorageError::InvalidManifest {
+            uri: uri.to_string(),
+            reason,
+        };
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        if m.schema != MANIFEST_SCHEMA {
+            return Err(invalid(format!(
+                "schema {} is not supported by this version of kubetune (supports {MANIFEST_SCHEMA})",
+                m.schema
+            )));
+        }
+        if m.name != name || m.version != version {
+            return Err(invalid(format!(
+                "describes {}@{} but is stored at {name}@{version}",
+                m.name, m.version
+            )));
+        }
+        validate_adapter_name(&m.name).map_err(|e| invalid(e.to_string()))?;
+        for file in m.files.keys() {
+            validate_file_path(file).map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(m)
+    }
+
+    /// The digest of the manifest bytes: what FineTuneJob status reports and `name@sha256:…`
+    /// resolves.
+    pub fn digest_of(bytes: &[u8]) -> Sha256Digest {
+        Sha256Digest::of(bytes)
+    }
+}
