@@ -55,13 +55,18 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
     let now = &o.now;
     let is = |p: FineTuneJobPhase| phase == p;
     let ready = is(FineTuneJobPhase::Succeeded) && status.adapter.is_some();
+    // Ready and the condition of the current phase carry the reason; the others only say which
+    // phase the job is in instead.
+    let elsewhere = format!("{phase:?}");
     for (type_, value) in [
         (READY, ready),
         (RUNNING, is(FineTuneJobPhase::Running)),
         (SUCCEEDED, is(FineTuneJobPhase::Succeeded)),
         (FAILED, is(FineTuneJobPhase::Failed)),
     ] {
-        set_condition(&mut status.conditions, condition(type_, value, &reason, message.clone(), generation, now.clone()));
+        let current = type_ == READY || value;
+        let (r, m) = if current { (reason.as_str(), message.clone()) } else { (elsewhere.as_str(), String::new()) };
+        set_condition(&mut status.conditions, condition(type_, value, r, m, generation, now.clone()));
     }
 
     let transition = (old.phase != Some(phase)).then(|| Transition {
@@ -223,6 +228,7 @@ mod tests {
         let (s, _) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: Some(progress), now: at(10) });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Running));
         assert_eq!(cond(&s, RUNNING).status, "True");
+        assert_eq!((cond(&s, FAILED).status.as_str(), cond(&s, FAILED).reason.as_str()), ("False", "Running"));
         let p = s.progress.expect("progress");
         assert_eq!(p.display.as_deref(), Some("25/100 (25%)"));
         assert_eq!(s.start_time, Some(at(10)));
