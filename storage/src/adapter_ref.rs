@@ -44,8 +44,15 @@ impl FromStr for AdapterRef {
                 VersionSelector::Digest(Sha256Digest::parse("adapter reference digest", sel)?)
             }
             // Digits only: no sign, no leading zeros (so `3` and `03` are not two spellings).
-            Some(sel) if !sel.is_empty() && sel.chars().all(|c| c.is_ascii_digit()) && !sel.starts_with('0') => {
-                VersionSelector::Number(sel.parse().map_err(|_| bad(format!("version {sel} is too large; {FORMS}")))?)
+            Some(sel)
+                if !sel.is_empty()
+                    && sel.chars().all(|c| c.is_ascii_digit())
+                    && !sel.starts_with('0') =>
+            {
+                VersionSelector::Number(
+                    sel.parse()
+                        .map_err(|_| bad(format!("version {sel} is too large; {FORMS}")))?,
+                )
             }
             Some(sel) => return Err(bad(format!("version {sel:?} not understood; {FORMS}"))),
         };
@@ -77,7 +84,10 @@ mod tests {
             ("bot", VersionSelector::Latest),
             ("bot@latest", VersionSelector::Latest),
             ("bot@3", VersionSelector::Number(3)),
-            (&format!("bot@{d}") as &str, VersionSelector::Digest(d.clone())),
+            (
+                &format!("bot@{d}") as &str,
+                VersionSelector::Digest(d.clone()),
+            ),
         ];
         for (s, v) in cases {
             let r: AdapterRef = s.parse().unwrap();
@@ -87,8 +97,23 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "bot@", "bot@0", "bot@03", "bot@-1", "bot@v3", "bot@99999999999", "bot@sha256:abc", "Bot@1", "../x@1", "a@1@2"] {
-            assert!(bad.parse::<AdapterRef>().is_err(), "{bad} should be rejected");
+        for bad in [
+            "",
+            "bot@",
+            "bot@0",
+            "bot@03",
+            "bot@-1",
+            "bot@v3",
+            "bot@99999999999",
+            "bot@sha256:abc",
+            "Bot@1",
+            "../x@1",
+            "a@1@2",
+        ] {
+            assert!(
+                bad.parse::<AdapterRef>().is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 }

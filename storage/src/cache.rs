@@ -35,7 +35,10 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("root", &self.root).field("hf", &self.hf).finish()
+        f.debug_struct("Cache")
+            .field("root", &self.root)
+            .field("hf", &self.hf)
+            .finish()
     }
 }
 
@@ -56,7 +59,8 @@ impl Cache {
         let root = root.into();
         for sub in ["entries", "locks", "tmp", "hf"] {
             let dir = root.join(sub);
-            std::fs::create_dir_all(&dir).map_err(|e| StorageError::io("creating cache directory", &dir, e))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io("creating cache directory", &dir, e))?;
         }
         Ok(Self {
             root,
@@ -91,7 +95,12 @@ impl Cache {
 
     /// Returns `final_path`, building it with `fill` first if it does not exist. `fill` gets
     /// an empty temporary directory; on success it is renamed to `final_path`.
-    pub(crate) async fn fill_once<F, Fut>(&self, lock_name: &str, final_path: &Path, fill: F) -> Result<PathBuf>
+    pub(crate) async fn fill_once<F, Fut>(
+        &self,
+        lock_name: &str,
+        final_path: &Path,
+        fill: F,
+    ) -> Result<PathBuf>
     where
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = Result<()>>,
@@ -106,15 +115,19 @@ impl Cache {
             return Ok(final_path.to_path_buf());
         }
         let tmp = temp_sibling(&self.root.join("tmp").join(lock_name));
-        tokio::fs::create_dir_all(&tmp).await.map_err(|e| StorageError::io("creating", &tmp, e))?;
+        tokio::fs::create_dir_all(&tmp)
+            .await
+            .map_err(|e| StorageError::io("creating", &tmp, e))?;
         let result = match fill(tmp.clone()).await {
             Ok(()) => {
                 if let Some(parent) = final_path.parent() {
-                    tokio::fs::create_dir_all(parent).await.map_err(|e| StorageError::io("creating", parent, e))?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| StorageError::io("creating", parent, e))?;
                 }
-                tokio::fs::rename(&tmp, final_path)
-                    .await
-                    .map_err(|e| StorageError::io("renaming cache entry into place at", final_path, e))
+                tokio::fs::rename(&tmp, final_path).await.map_err(|e| {
+                    StorageError::io("renaming cache entry into place at", final_path, e)
+                })
             }
             Err(e) => Err(e),
         };
@@ -126,7 +139,12 @@ impl Cache {
 
     /// Downloads one object into the cache and returns the local file path. The entry is keyed
     /// by the object URI and its ETag (or `expected` digest), and verified against `expected`.
-    pub async fn download_object(&self, storage: &Storage, rel: &str, expected: Option<&Sha256Digest>) -> Result<PathBuf> {
+    pub async fn download_object(
+        &self,
+        storage: &Storage,
+        rel: &str,
+        expected: Option<&Sha256Digest>,
+    ) -> Result<PathBuf> {
         validate_relative_path("object path", rel)?;
         let uri = storage.object_uri(rel);
         let version = match expected {
@@ -134,7 +152,8 @@ impl Cache {
             None => {
                 let info = storage.head(rel).await?;
                 // Without an ETag, size + mtime is the best version marker the store offers.
-                info.etag.unwrap_or_else(|| format!("{}-{}", info.size, info.last_modified.to_rfc3339()))
+                info.etag
+                    .unwrap_or_else(|| format!("{}-{}", info.size, info.last_modified.to_rfc3339()))
             }
         };
         let key = key_of(&["object", &uri, &version]);
@@ -143,7 +162,10 @@ impl Cache {
         let progress = self.progress.clone();
         let dir = self
             .fill_once(&key, &entry, |tmp| async move {
-                storage.download_to(rel, &tmp.join(&file_name), expected, progress.as_ref()).await.map(|_| ())
+                storage
+                    .download_to(rel, &tmp.join(&file_name), expected, progress.as_ref())
+                    .await
+                    .map(|_| ())
             })
             .await?;
         Ok(dir.join(rel.rsplit('/').next().unwrap_or(rel)))
@@ -160,7 +182,9 @@ impl Cache {
         };
         let mut objects = Vec::new();
         for obj in storage.list(rel_prefix).await? {
-            let Some(rel) = obj.key.strip_prefix(&prefix) else { continue };
+            let Some(rel) = obj.key.strip_prefix(&prefix) else {
+                continue;
+            };
             if rel.split('/').any(|s| s.starts_with('.')) {
                 tracing::info!(key = %obj.key, "skipping hidden file");
                 continue;
@@ -183,9 +207,13 @@ impl Cache {
             for (rel, obj) in &objects {
                 let local = tmp.join(rel);
                 if let Some(parent) = local.parent() {
-                    tokio::fs::create_dir_all(parent).await.map_err(|e| StorageError::io("creating", parent, e))?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| StorageError::io("creating", parent, e))?;
                 }
-                storage.download_to(&obj.key, &local, None, progress.as_ref()).await?;
+                storage
+                    .download_to(&obj.key, &local, None, progress.as_ref())
+                    .await?;
             }
             Ok(())
         })
@@ -196,7 +224,9 @@ impl Cache {
     /// HF_HUB_OFFLINE), anything else as a directory prefix of a store.
     pub async fn download_model(&self, uri: &str, credentials: &Credentials) -> Result<PathBuf> {
         match StorageUri::parse(uri)? {
-            StorageUri::HuggingFace(repo) => hf::download(self, &repo, &self.hf, &self.retry, self.progress.as_ref()).await,
+            StorageUri::HuggingFace(repo) => {
+                hf::download(self, &repo, &self.hf, &self.retry, self.progress.as_ref()).await
+            }
             _ => {
                 let storage = Storage::from_uri(uri, credentials)?;
                 self.download_prefix(&storage, "").await
@@ -206,7 +236,11 @@ impl Cache {
 
     /// Fetches an adapter version into the cache (keyed by its manifest digest, which pins
     /// every file's sha256) and returns the directory.
-    pub async fn fetch_adapter(&self, registry: &Registry, adapter: &ResolvedAdapter) -> Result<PathBuf> {
+    pub async fn fetch_adapter(
+        &self,
+        registry: &Registry,
+        adapter: &ResolvedAdapter,
+    ) -> Result<PathBuf> {
         let key = key_of(&["adapter", adapter.digest.hex()]);
         let entry = self.root.join("entries").join(&key);
         if entry.exists() {
@@ -215,7 +249,9 @@ impl Cache {
         let lock_path = self.root.join("locks").join(format!("{key}.lock"));
         let _lock = lock_exclusive(lock_path).await?;
         if !entry.exists() {
-            registry.fetch(adapter, &entry, self.progress.as_ref()).await?;
+            registry
+                .fetch(adapter, &entry, self.progress.as_ref())
+                .await?;
         }
         Ok(entry)
     }
@@ -233,7 +269,8 @@ pub(crate) async fn lock_exclusive(path: PathBuf) -> Result<LockGuard> {
             .write(true)
             .open(&path)
             .map_err(|e| StorageError::io("opening lock file", &path, e))?;
-        file.lock().map_err(|e| StorageError::io("locking", &path, e))?;
+        file.lock()
+            .map_err(|e| StorageError::io("locking", &path, e))?;
         Ok(LockGuard(file))
     })
     .await

@@ -9,7 +9,9 @@ use tokio::io::AsyncReadExt;
 use crate::error::{Result, StorageError};
 
 /// A sha256 digest, written `sha256:<64 lowercase hex digits>` (the OCI convention).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Sha256Digest(String);
 
@@ -17,9 +19,17 @@ impl Sha256Digest {
     /// Parses `sha256:<hex>`; the error names the field and the expected form.
     pub fn parse(field: &'static str, value: &str) -> Result<Self> {
         let hex = value.strip_prefix("sha256:").ok_or_else(|| {
-            StorageError::invalid_name(field, value, "digest must be written sha256:<64 lowercase hex digits>")
+            StorageError::invalid_name(
+                field,
+                value,
+                "digest must be written sha256:<64 lowercase hex digits>",
+            )
         })?;
-        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        {
             return Err(StorageError::invalid_name(
                 field,
                 value,
@@ -51,7 +61,10 @@ impl Sha256Digest {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = file.read(&mut buf).await.map_err(|e| StorageError::io("reading", path, e))?;
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| StorageError::io("reading", path, e))?;
             if n == 0 {
                 break;
             }
@@ -100,9 +113,17 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         let d = Sha256Digest::of(b"");
-        assert_eq!(d.hex(), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            d.hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         assert_eq!(Sha256Digest::parse("digest", &d.to_string()).unwrap(), d);
-        for bad in ["e3b0", "sha256:XYZ", "sha512:e3b0", &format!("sha256:{}", "A".repeat(64))] {
+        for bad in [
+            "e3b0",
+            "sha256:XYZ",
+            "sha512:e3b0",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(Sha256Digest::parse("digest", bad).is_err(), "{bad}");
         }
     }

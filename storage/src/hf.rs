@@ -51,11 +51,13 @@ impl HfRepo {
             _ => return Err(invalid("expected hf://org/name[@revision]".into())),
         };
         for segment in org.iter().chain(std::iter::once(&name)) {
-            validate_segment("Hugging Face repository name", segment).map_err(|e| invalid(e.to_string()))?;
+            validate_segment("Hugging Face repository name", segment)
+                .map_err(|e| invalid(e.to_string()))?;
         }
         // Branch names may contain '/', e.g. refs/pr/1; each segment must still be safe because
         // the revision becomes a path under refs/ in the cache.
-        validate_relative_path("Hugging Face revision", revision).map_err(|e| invalid(e.to_string()))?;
+        validate_relative_path("Hugging Face revision", revision)
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             org: org.map(str::to_string),
             name: name.to_string(),
@@ -115,11 +117,19 @@ impl HfConfig {
     /// Reads HF_ENDPOINT and HF_HUB_OFFLINE from the environment and HF_TOKEN from `credentials`.
     pub fn from_env(credentials: &Credentials) -> Result<Self> {
         let offline = std::env::var("HF_HUB_OFFLINE").ok();
-        Self::from_values(std::env::var("HF_ENDPOINT").ok(), offline.as_deref(), credentials)
+        Self::from_values(
+            std::env::var("HF_ENDPOINT").ok(),
+            offline.as_deref(),
+            credentials,
+        )
     }
 
     /// Like [`HfConfig::from_env`] with explicit values (tests, CLI flags).
-    pub fn from_values(endpoint: Option<String>, offline: Option<&str>, credentials: &Credentials) -> Result<Self> {
+    pub fn from_values(
+        endpoint: Option<String>,
+        offline: Option<&str>,
+        credentials: &Credentials,
+    ) -> Result<Self> {
         let offline = match offline.map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
             Some(v) => match v.as_str() {
@@ -136,7 +146,11 @@ impl HfConfig {
         };
         let endpoint = endpoint.unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-            return Err(StorageError::invalid_name("HF_ENDPOINT", &endpoint, "must be an http(s):// URL"));
+            return Err(StorageError::invalid_name(
+                "HF_ENDPOINT",
+                &endpoint,
+                "must be an http(s):// URL",
+            ));
         }
         Ok(Self {
             endpoint: endpoint.trim_end_matches('/').to_string(),
@@ -178,9 +192,14 @@ pub(crate) async fn download(
     let cached_commit = if repo.is_commit() {
         Some(repo.revision.clone())
     } else {
-        tokio::fs::read_to_string(&ref_path).await.ok().map(|s| s.trim().to_string())
+        tokio::fs::read_to_string(&ref_path)
+            .await
+            .ok()
+            .map(|s| s.trim().to_string())
     };
-    let cached = cached_commit.map(|c| base.join("snapshots").join(c)).filter(|p| p.exists());
+    let cached = cached_commit
+        .map(|c| base.join("snapshots").join(c))
+        .filter(|p| p.exists());
     if cfg.offline {
         return cached.ok_or_else(|| StorageError::Offline {
             uri: repo.to_string(),
@@ -205,7 +224,11 @@ pub(crate) async fn download(
     );
     let uri = repo.to_string();
     let info: ModelInfo = with_retry(retry, "resolving", &uri, || async {
-        let body = send(&client, &info_url, cfg, &uri).await?.bytes().await.map_err(transient)?;
+        let body = send(&client, &info_url, cfg, &uri)
+            .await?
+            .bytes()
+            .await
+            .map_err(transient)?;
         serde_json::from_slice(&body).map_err(|e| {
             Attempt::Permanent(StorageError::InvalidManifest {
                 uri: uri.clone(),
@@ -232,17 +255,35 @@ pub(crate) async fn download(
                 }
                 validate_relative_path("Hugging Face file name", file)?;
                 let expected = match &sibling.lfs {
-                    Some(lfs) => Some(Sha256Digest::parse("Hugging Face LFS sha256", &format!("sha256:{}", lfs.sha256))?),
+                    Some(lfs) => Some(Sha256Digest::parse(
+                        "Hugging Face LFS sha256",
+                        &format!("sha256:{}", lfs.sha256),
+                    )?),
                     None => None,
                 };
-                let url = format!("{}/{}/resolve/{}/{file}", cfg.endpoint, repo.repo_id(), info.sha);
+                let url = format!(
+                    "{}/{}/resolve/{}/{file}",
+                    cfg.endpoint,
+                    repo.repo_id(),
+                    info.sha
+                );
                 let file_uri = format!("{}/{file}", repo);
                 let dest = tmp.join(file);
                 if let Some(parent) = dest.parent() {
-                    tokio::fs::create_dir_all(parent).await.map_err(|e| StorageError::io("creating", parent, e))?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| StorageError::io("creating", parent, e))?;
                 }
                 with_retry(retry, "downloading", &file_uri, || {
-                    download_file(client, &url, cfg, &file_uri, &dest, expected.as_ref(), progress)
+                    download_file(
+                        client,
+                        &url,
+                        cfg,
+                        &file_uri,
+                        &dest,
+                        expected.as_ref(),
+                        progress,
+                    )
                 })
                 .await?;
             }
@@ -256,10 +297,14 @@ pub(crate) async fn download(
 /// Records revision → commit through temp file + rename so readers never see half a sha.
 async fn write_ref(ref_path: &Path, sha: &str) -> Result<()> {
     if let Some(parent) = ref_path.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(|e| StorageError::io("creating", parent, e))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| StorageError::io("creating", parent, e))?;
     }
     let tmp = temp_sibling(ref_path);
-    tokio::fs::write(&tmp, sha).await.map_err(|e| StorageError::io("writing", &tmp, e))?;
+    tokio::fs::write(&tmp, sha)
+        .await
+        .map_err(|e| StorageError::io("writing", &tmp, e))?;
     tokio::fs::rename(&tmp, ref_path)
         .await
         .map_err(|e| StorageError::io("renaming into place at", ref_path, e))
@@ -270,7 +315,12 @@ fn transient(e: reqwest::Error) -> Attempt {
 }
 
 /// Sends a GET with the token (if any) and classifies failures by status.
-async fn send(client: &reqwest::Client, url: &str, cfg: &HfConfig, uri: &str) -> std::result::Result<reqwest::Response, Attempt> {
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    cfg: &HfConfig,
+    uri: &str,
+) -> std::result::Result<reqwest::Response, Attempt> {
     let mut req = client.get(url);
     if let Some(token) = &cfg.token {
         req = req.bearer_auth(token);
@@ -282,10 +332,14 @@ async fn send(client: &reqwest::Client, url: &str, cfg: &HfConfig, uri: &str) ->
     }
     let code = status.as_u16();
     if code == 429 || status.is_server_error() {
-        return Err(Attempt::Transient(format!("{url} answered HTTP {status}").into()));
+        return Err(Attempt::Transient(
+            format!("{url} answered HTTP {status}").into(),
+        ));
     }
     let hint = match code {
-        401 | 403 => "; the repository may be gated or private: set HF_TOKEN to a token with access",
+        401 | 403 => {
+            "; the repository may be gated or private: set HF_TOKEN to a token with access"
+        }
         404 => "; check the repository name and revision",
         _ => "",
     };
@@ -310,16 +364,22 @@ async fn download_file(
     let mut tracker = Tracker::new(uri, resp.content_length(), progress);
     let tmp = temp_sibling(dest);
     let result = async {
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| StorageError::io("creating", &tmp, e))?;
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| StorageError::io("creating", &tmp, e))?;
         let mut hasher = Sha256::new();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(transient)?;
             hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(|e| StorageError::io("writing", &tmp, e))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| StorageError::io("writing", &tmp, e))?;
             tracker.advance(chunk.len() as u64);
         }
-        file.sync_all().await.map_err(|e| StorageError::io("flushing", &tmp, e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| StorageError::io("flushing", &tmp, e))?;
         if let Some(expected) = expected {
             expected.verify(uri, &Sha256Digest::from_hasher(hasher))?;
         }

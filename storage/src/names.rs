@@ -51,7 +51,11 @@ pub fn validate_adapter_name(name: &str) -> Result<()> {
 /// Used for prefix segments of storage URIs and for components of adapter file names.
 pub fn validate_segment(field: &'static str, segment: &str) -> Result<()> {
     if segment.is_empty() {
-        return Err(StorageError::invalid_name(field, segment, "empty path segment (doubled or trailing '/')"));
+        return Err(StorageError::invalid_name(
+            field,
+            segment,
+            "empty path segment (doubled or trailing '/')",
+        ));
     }
     if segment.len() > MAX_SEGMENT {
         return Err(StorageError::invalid_name(
@@ -98,7 +102,11 @@ pub fn validate_file_path(path: &str) -> Result<()> {
 /// Checks a relative '/'-separated path whose segments each pass [`validate_segment`].
 pub fn validate_relative_path(field: &'static str, path: &str) -> Result<()> {
     if path.starts_with('/') {
-        return Err(StorageError::invalid_name(field, path, "must be relative, not absolute"));
+        return Err(StorageError::invalid_name(
+            field,
+            path,
+            "must be relative, not absolute",
+        ));
     }
     let segments: Vec<&str> = path.split('/').collect();
     if segments.len() > MAX_FILE_DEPTH {
@@ -110,7 +118,9 @@ pub fn validate_relative_path(field: &'static str, path: &str) -> Result<()> {
     }
     for segment in segments {
         validate_segment(field, segment).map_err(|e| match e {
-            StorageError::InvalidName { reason, .. } => StorageError::invalid_name(field, path, reason),
+            StorageError::InvalidName { reason, .. } => {
+                StorageError::invalid_name(field, path, reason)
+            }
             other => other,
         })?;
     }
@@ -151,7 +161,12 @@ mod tests {
 
     #[test]
     fn file_paths_cannot_escape() {
-        for ok in ["adapter_config.json", "adapter_model.safetensors", "tok/vocab.json", "README.md"] {
+        for ok in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tok/vocab.json",
+            "README.md",
+        ] {
             assert!(validate_file_path(ok).is_ok(), "{ok} should be accepted");
         }
         let hostile = [
@@ -172,7 +187,10 @@ mod tests {
         ];
         for bad in hostile {
             let err = validate_file_path(bad).expect_err(bad);
-            assert!(err.to_string().contains("adapter file path"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("adapter file path"),
+                "{bad}: {err}"
+            );
         }
     }
 }

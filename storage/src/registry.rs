@@ -23,7 +23,9 @@ use chrono::Utc;
 
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
-use crate::manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE, MANIFEST_SCHEMA};
+use crate::manifest::{
+    FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE, MANIFEST_SCHEMA,
+};
 use crate::names::{validate_adapter_name, validate_file_path};
 use crate::progress::ProgressFn;
 use crate::store::{temp_sibling, CreateOutcome, ObjectInfo, Storage};
@@ -130,7 +132,11 @@ impl Registry {
     }
 
     /// Publishes `req.source_dir` as the next version of `req.name`.
-    pub async fn publish(&self, req: &PublishRequest, progress: Option<&ProgressFn>) -> Result<ResolvedAdapter> {
+    pub async fn publish(
+        &self,
+        req: &PublishRequest,
+        progress: Option<&ProgressFn>,
+    ) -> Result<ResolvedAdapter> {
         validate_adapter_name(&req.name)?;
         let files = collect_files(&req.source_dir)?;
         if !files.iter().any(|(rel, _)| rel == REQUIRED_FILE) {
@@ -142,15 +148,25 @@ impl Registry {
         }
         let mut entries = BTreeMap::new();
         for (rel, path) in &files {
-            let size = std::fs::metadata(path).map_err(|e| StorageError::io("reading metadata of", path, e))?.len();
-            entries.insert(rel.clone(), FileEntry { sha256: Sha256Digest::of_file(path).await?, size });
+            let size = std::fs::metadata(path)
+                .map_err(|e| StorageError::io("reading metadata of", path, e))?
+                .len();
+            entries.insert(
+                rel.clone(),
+                FileEntry {
+                    sha256: Sha256Digest::of_file(path).await?,
+                    size,
+                },
+            );
         }
 
         let version = self.claim_version(&req.name).await?;
         let dir = version_dir(&req.name, version);
         tracing::info!(adapter = %req.name, version, files = files.len(), "publishing adapter");
         for (rel, path) in &files {
-            self.storage.put_file(&format!("{dir}/{rel}"), path, progress).await?;
+            self.storage
+                .put_file(&format!("{dir}/{rel}"), path, progress)
+                .await?;
         }
         let manifest = Manifest {
             schema: MANIFEST_SCHEMA,
@@ -169,16 +185,32 @@ impl Registry {
         match self.storage.create(&manifest_rel, bytes.clone()).await? {
             CreateOutcome::Created => {}
             CreateOutcome::AlreadyExists => {
-                return Err(StorageError::AlreadyExists { uri: self.storage.object_uri(&manifest_rel) })
+                return Err(StorageError::AlreadyExists {
+                    uri: self.storage.object_uri(&manifest_rel),
+                })
             }
-            CreateOutcome::Unsupported => self.storage.put_bytes(&manifest_rel, bytes.clone()).await?,
+            CreateOutcome::Unsupported => {
+                self.storage.put_bytes(&manifest_rel, bytes.clone()).await?
+            }
         }
         // A sweep that misjudged this publish as stale could have removed files before the
         // manifest landed; check, and withdraw the version rather than leave it broken.
-        let present: Vec<String> = self.storage.list(&dir).await?.into_iter().map(|o| o.key).collect();
-        if let Some(missing) = manifest.files.keys().find(|f| !present.contains(&format!("{dir}/{f}"))) {
+        let present: Vec<String> = self
+            .storage
+            .list(&dir)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        if let Some(missing) = manifest
+            .files
+            .keys()
+            .find(|f| !present.contains(&format!("{dir}/{f}")))
+        {
             self.storage.delete(&manifest_rel).await?;
-            return Err(StorageError::NotFound { uri: self.storage.object_uri(&format!("{dir}/{missing}")) });
+            return Err(StorageError::NotFound {
+                uri: self.storage.object_uri(&format!("{dir}/{missing}")),
+            });
         }
         Ok(ResolvedAdapter {
             name: req.name.clone(),
@@ -193,14 +225,20 @@ impl Registry {
     /// Claims the lowest free version number above every existing one.
     async fn claim_version(&self, name: &str) -> Result<u32> {
         let existing = self.storage.list_dirs(&format!("adapters/{name}")).await?;
-        let mut candidate = existing.iter().filter_map(|d| parse_version(d)).max().unwrap_or(0) + 1;
+        let mut candidate = existing
+            .iter()
+            .filter_map(|d| parse_version(d))
+            .max()
+            .unwrap_or(0)
+            + 1;
         let token = format!(
             "{}-{}-{}",
             std::process::id(),
             Utc::now().timestamp_nanos_opt().unwrap_or_default(),
             temp_sibling(Path::new("claim")).display()
         );
-        let body = Bytes::from(serde_json::json!({"claimed_by": token, "at": Utc::now()}).to_string());
+        let body =
+            Bytes::from(serde_json::json!({"claimed_by": token, "at": Utc::now()}).to_string());
         for _ in 0..self.config.max_claim_attempts {
             let rel = format!("{}/{CLAIM_FILE}", version_dir(name, candidate));
             match self.storage.create(&rel, body.clone()).await? {
@@ -233,13 +271,18 @@ impl Registry {
         let prefix = format!("adapters/{name}/");
         let mut versions: BTreeMap<u32, VersionObjects> = BTreeMap::new();
         for obj in self.storage.list(&format!("adapters/{name}")).await? {
-            let Some(rest) = obj.key.strip_prefix(&prefix) else { continue };
+            let Some(rest) = obj.key.strip_prefix(&prefix) else {
+                continue;
+            };
             let (dir, file) = rest.split_once('/').unwrap_or((rest, ""));
             let Some(v) = parse_version(dir) else {
                 tracing::warn!(key = %obj.key, "object in the registry outside any v<N>/ directory; ignored");
                 continue;
             };
-            let entry = versions.entry(v).or_insert(VersionObjects { has_manifest: false, objects: Vec::new() });
+            let entry = versions.entry(v).or_insert(VersionObjects {
+                has_manifest: false,
+                objects: Vec::new(),
+            });
             entry.has_manifest |= file == MANIFEST_FILE;
             entry.objects.push(obj);
         }
@@ -294,7 +337,11 @@ impl Registry {
             VersionSelector::Number(n) => self.load(&reference.name, *n).await,
             VersionSelector::Latest => {
                 let versions = self.objects_by_version(&reference.name).await?;
-                let latest = versions.iter().rev().find(|(_, o)| o.has_manifest).map(|(v, _)| *v);
+                let latest = versions
+                    .iter()
+                    .rev()
+                    .find(|(_, o)| o.has_manifest)
+                    .map(|(v, _)| *v);
                 let v = latest.ok_or_else(|| self.not_found(reference, "no published versions"))?;
                 self.load(&reference.name, v).await
             }
@@ -310,12 +357,23 @@ impl Registry {
     /// Downloads a resolved version into `dest` (which must not exist), verifying every file
     /// against the manifest. Files land in a temporary sibling directory that is renamed to
     /// `dest` only when complete, so `dest` is either absent or whole.
-    pub async fn fetch(&self, adapter: &ResolvedAdapter, dest: &Path, progress: Option<&ProgressFn>) -> Result<()> {
-        if tokio::fs::try_exists(dest).await.map_err(|e| StorageError::io("checking", dest, e))? {
+    pub async fn fetch(
+        &self,
+        adapter: &ResolvedAdapter,
+        dest: &Path,
+        progress: Option<&ProgressFn>,
+    ) -> Result<()> {
+        if tokio::fs::try_exists(dest)
+            .await
+            .map_err(|e| StorageError::io("checking", dest, e))?
+        {
             return Err(StorageError::io(
                 "fetch destination",
                 dest,
-                std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists; choose a new directory"),
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "already exists; choose a new directory",
+                ),
             ));
         }
         let tmp = temp_sibling(dest);
@@ -332,25 +390,42 @@ impl Registry {
         result
     }
 
-    async fn fetch_into(&self, adapter: &ResolvedAdapter, tmp: &Path, progress: Option<&ProgressFn>) -> Result<()> {
+    async fn fetch_into(
+        &self,
+        adapter: &ResolvedAdapter,
+        tmp: &Path,
+        progress: Option<&ProgressFn>,
+    ) -> Result<()> {
         let dir = version_dir(&adapter.name, adapter.version);
-        tokio::fs::create_dir_all(tmp).await.map_err(|e| StorageError::io("creating", tmp, e))?;
+        tokio::fs::create_dir_all(tmp)
+            .await
+            .map_err(|e| StorageError::io("creating", tmp, e))?;
         for (rel, entry) in &adapter.manifest.files {
             // Names were validated when the manifest was parsed; re-check since this is where
             // a hostile name would do harm.
             validate_file_path(rel)?;
             let local = tmp.join(rel);
             if let Some(parent) = local.parent() {
-                tokio::fs::create_dir_all(parent).await.map_err(|e| StorageError::io("creating", parent, e))?;
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| StorageError::io("creating", parent, e))?;
             }
             let (info, _) = self
                 .storage
-                .download_to(&format!("{dir}/{rel}"), &local, Some(&entry.sha256), progress)
+                .download_to(
+                    &format!("{dir}/{rel}"),
+                    &local,
+                    Some(&entry.sha256),
+                    progress,
+                )
                 .await?;
             if info.size != entry.size {
                 return Err(StorageError::InvalidManifest {
                     uri: adapter.uri.clone(),
-                    reason: format!("{rel} is {} bytes but the manifest says {}", info.size, entry.size),
+                    reason: format!(
+                        "{rel} is {} bytes but the manifest says {}",
+                        info.size, entry.size
+                    ),
                 });
             }
         }
@@ -368,9 +443,13 @@ impl Registry {
         let objs = versions
             .get(&version)
             .filter(|o| o.has_manifest)
-            .ok_or_else(|| self.not_found(format!("{name}@{version}"), "no such published version"))?;
+            .ok_or_else(|| {
+                self.not_found(format!("{name}@{version}"), "no such published version")
+            })?;
         let dir = version_dir(name, version);
-        self.storage.delete(&format!("{dir}/{MANIFEST_FILE}")).await?;
+        self.storage
+            .delete(&format!("{dir}/{MANIFEST_FILE}"))
+            .await?;
         self.delete_files(&dir, &objs.objects).await
     }
 
@@ -387,7 +466,11 @@ impl Registry {
     pub async fn retain(&self, name: &str, keep: usize) -> Result<Vec<u32>> {
         validate_adapter_name(name)?;
         if keep == 0 {
-            return Err(StorageError::invalid_name("retention count", "0", "must keep at least 1 version"));
+            return Err(StorageError::invalid_name(
+                "retention count",
+                "0",
+                "must keep at least 1 version",
+            ));
         }
         let published: Vec<u32> = self
             .objects_by_version(name)
@@ -414,7 +497,8 @@ impl Registry {
             let newest = objs.objects.iter().map(|o| o.last_modified).max();
             if !objs.has_manifest && has_files && newest.is_some_and(|t| t < cutoff) {
                 tracing::info!(adapter = name, version = v, "sweeping unfinished version");
-                self.delete_files(&version_dir(name, v), &objs.objects).await?;
+                self.delete_files(&version_dir(name, v), &objs.objects)
+                    .await?;
                 swept.push(v);
             }
         }
@@ -428,15 +512,26 @@ fn collect_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
     while let Some((path, rel)) = stack.pop() {
-        let entries = std::fs::read_dir(&path).map_err(|e| StorageError::io("reading directory", &path, e))?;
+        let entries = std::fs::read_dir(&path)
+            .map_err(|e| StorageError::io("reading directory", &path, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StorageError::io("reading directory", &path, e))?;
             let name = entry.file_name();
             let name = name.to_str().ok_or_else(|| {
-                StorageError::invalid_name("adapter file path", &entry.path().display().to_string(), "not UTF-8")
+                StorageError::invalid_name(
+                    "adapter file path",
+                    &entry.path().display().to_string(),
+                    "not UTF-8",
+                )
             })?;
-            let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
-            let kind = entry.file_type().map_err(|e| StorageError::io("inspecting", entry.path(), e))?;
+            let child_rel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let kind = entry
+                .file_type()
+                .map_err(|e| StorageError::io("inspecting", entry.path(), e))?;
             if kind.is_dir() {
                 stack.push((entry.path(), child_rel));
             } else if kind.is_file() {

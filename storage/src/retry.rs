@@ -44,7 +44,12 @@ impl From<StorageError> for Attempt {
 
 /// Runs `f` until it succeeds, fails permanently, or the attempts are used up; the final error
 /// names `operation`, `uri`, the number of attempts and the last cause.
-pub(crate) async fn with_retry<T, F, Fut>(policy: &RetryPolicy, operation: &'static str, uri: &str, mut f: F) -> Result<T>
+pub(crate) async fn with_retry<T, F, Fut>(
+    policy: &RetryPolicy,
+    operation: &'static str,
+    uri: &str,
+    mut f: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, Attempt>>,
@@ -78,8 +83,12 @@ where
 pub(crate) fn classify(operation: &'static str, uri: &str, e: object_store::Error) -> Attempt {
     use object_store::Error as E;
     match e {
-        E::NotFound { .. } => Attempt::Permanent(StorageError::NotFound { uri: uri.to_string() }),
-        E::AlreadyExists { .. } => Attempt::Permanent(StorageError::AlreadyExists { uri: uri.to_string() }),
+        E::NotFound { .. } => Attempt::Permanent(StorageError::NotFound {
+            uri: uri.to_string(),
+        }),
+        E::AlreadyExists { .. } => Attempt::Permanent(StorageError::AlreadyExists {
+            uri: uri.to_string(),
+        }),
         // Generic covers network errors, timeouts and 5xx answers: the retryable kind.
         E::Generic { .. } | E::JoinError { .. } => Attempt::Transient(Box::new(e)),
         other => Attempt::Permanent(StorageError::Transfer {
@@ -127,7 +136,12 @@ mod tests {
         .await
         .unwrap_err()
         .to_string();
-        assert!(err.contains("s3://b/k") && err.contains("3 attempt") && err.contains("connection reset"), "{err}");
+        assert!(
+            err.contains("s3://b/k")
+                && err.contains("3 attempt")
+                && err.contains("connection reset"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -135,7 +149,9 @@ mod tests {
         let calls = AtomicU32::new(0);
         let err = with_retry(&fast(5), "get", "s3://b/k", || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err::<(), _>(Attempt::Permanent(StorageError::NotFound { uri: "s3://b/k".into() }))
+            Err::<(), _>(Attempt::Permanent(StorageError::NotFound {
+                uri: "s3://b/k".into(),
+            }))
         })
         .await
         .unwrap_err();

@@ -52,7 +52,9 @@ pub struct Storage {
 impl std::fmt::Debug for Storage {
     // The store's own Debug may include its configuration; only the URI is shown here.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage").field("root", &self.root.to_string()).finish()
+        f.debug_struct("Storage")
+            .field("root", &self.root.to_string())
+            .finish()
     }
 }
 
@@ -60,7 +62,10 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A name for a temporary sibling of `dest`, unique across processes (pid) and threads (counter).
 pub(crate) fn temp_sibling(dest: &Path) -> PathBuf {
-    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("download");
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     dest.with_file_name(format!(".{name}.part-{}-{n}", std::process::id()))
 }
@@ -173,7 +178,11 @@ impl Storage {
     }
 
     fn relative(&self, key: &Key) -> String {
-        let parts: Vec<_> = key.parts().skip(self.prefix.len()).map(|p| p.as_ref().to_string()).collect();
+        let parts: Vec<_> = key
+            .parts()
+            .skip(self.prefix.len())
+            .map(|p| p.as_ref().to_string())
+            .collect();
         parts.join("/")
     }
 
@@ -191,7 +200,11 @@ impl Storage {
         let key = self.key(rel)?;
         let uri = self.object_uri(rel);
         with_retry(&self.retry, "reading", &uri, || async {
-            let got = self.store.get(&key).await.map_err(|e| classify("reading", &uri, e))?;
+            let got = self
+                .store
+                .get(&key)
+                .await
+                .map_err(|e| classify("reading", &uri, e))?;
             got.bytes().await.map_err(|e| classify("reading", &uri, e))
         })
         .await
@@ -202,7 +215,10 @@ impl Storage {
         let key = self.key(rel)?;
         let uri = self.object_uri(rel);
         let meta = with_retry(&self.retry, "inspecting", &uri, || async {
-            self.store.head(&key).await.map_err(|e| classify("inspecting", &uri, e))
+            self.store
+                .head(&key)
+                .await
+                .map_err(|e| classify("inspecting", &uri, e))
         })
         .await?;
         Ok(self.info(meta))
@@ -232,12 +248,17 @@ impl Storage {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            match self.store.put_opts(&key, PutPayload::from_bytes(bytes.clone()), opts).await {
+            match self
+                .store
+                .put_opts(&key, PutPayload::from_bytes(bytes.clone()), opts)
+                .await
+            {
                 Ok(_) => Ok(CreateOutcome::Created),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(CreateOutcome::AlreadyExists),
-                Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
-                    Ok(CreateOutcome::Unsupported)
-                }
+                Err(
+                    object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. },
+                ) => Ok(CreateOutcome::Unsupported),
                 Err(e) => Err(classify("creating", &uri, e)),
             }
         })
@@ -247,7 +268,12 @@ impl Storage {
 
     /// Uploads a local file. Small files go in one request; large ones as a multipart upload,
     /// which object_store aborts if it is dropped unfinished. A failure retries the whole file.
-    pub async fn put_file(&self, rel: &str, path: &Path, progress: Option<&ProgressFn>) -> Result<()> {
+    pub async fn put_file(
+        &self,
+        rel: &str,
+        path: &Path,
+        progress: Option<&ProgressFn>,
+    ) -> Result<()> {
         const SINGLE_PUT_LIMIT: u64 = 32 << 20;
         const PART_SIZE: usize = 16 << 20;
         let key = self.key(rel)?;
@@ -259,16 +285,25 @@ impl Storage {
         with_retry(&self.retry, "uploading", &uri, || async {
             let mut tracker = Tracker::new(&uri, Some(size), progress);
             if size <= SINGLE_PUT_LIMIT {
-                let bytes = tokio::fs::read(path).await.map_err(|e| StorageError::io("reading", path, e))?;
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| StorageError::io("reading", path, e))?;
                 self.store
                     .put(&key, PutPayload::from(bytes))
                     .await
                     .map_err(|e| classify("uploading", &uri, e))?;
                 tracker.advance(size);
             } else {
-                let upload = self.store.put_multipart(&key).await.map_err(|e| classify("uploading", &uri, e))?;
-                let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-                let mut file = tokio::fs::File::open(path).await.map_err(|e| StorageError::io("opening", path, e))?;
+                let upload = self
+                    .store
+                    .put_multipart(&key)
+                    .await
+                    .map_err(|e| classify("uploading", &uri, e))?;
+                let mut writer =
+                    object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                let mut file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| StorageError::io("opening", path, e))?;
                 let mut buf = vec![0u8; PART_SIZE];
                 loop {
                     let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf)
@@ -277,11 +312,17 @@ impl Storage {
                     if n == 0 {
                         break;
                     }
-                    writer.wait_for_capacity(4).await.map_err(|e| classify("uploading", &uri, e))?;
+                    writer
+                        .wait_for_capacity(4)
+                        .await
+                        .map_err(|e| classify("uploading", &uri, e))?;
                     writer.write(&buf[..n]);
                     tracker.advance(n as u64);
                 }
-                writer.finish().await.map_err(|e| classify("uploading", &uri, e))?;
+                writer
+                    .finish()
+                    .await
+                    .map_err(|e| classify("uploading", &uri, e))?;
             }
             tracker.finish();
             Ok(())
@@ -293,14 +334,15 @@ impl Storage {
     pub async fn list(&self, rel_prefix: &str) -> Result<Vec<ObjectInfo>> {
         let key = self.key(rel_prefix)?;
         let uri = self.object_uri(rel_prefix);
-        let metas: Vec<object_store::ObjectMeta> = with_retry(&self.retry, "listing", &uri, || async {
-            self.store
-                .list(Some(&key))
-                .try_collect()
-                .await
-                .map_err(|e| classify("listing", &uri, e))
-        })
-        .await?;
+        let metas: Vec<object_store::ObjectMeta> =
+            with_retry(&self.retry, "listing", &uri, || async {
+                self.store
+                    .list(Some(&key))
+                    .try_collect()
+                    .await
+                    .map_err(|e| classify("listing", &uri, e))
+            })
+            .await?;
         Ok(metas.into_iter().map(|m| self.info(m)).collect())
     }
 
@@ -350,7 +392,9 @@ impl Storage {
         let uri = self.object_uri(rel);
         with_retry(&self.retry, "downloading", &uri, || async {
             let tmp = temp_sibling(dest);
-            let result = self.download_attempt(&key, &uri, &tmp, dest, expected, progress).await;
+            let result = self
+                .download_attempt(&key, &uri, &tmp, dest, expected, progress)
+                .await;
             if result.is_err() {
                 // Best effort: the temp name is unique, so a leftover only wastes space.
                 let _ = tokio::fs::remove_file(&tmp).await;
@@ -369,7 +413,11 @@ impl Storage {
         expected: Option<&Sha256Digest>,
         progress: Option<&ProgressFn>,
     ) -> std::result::Result<(ObjectInfo, Sha256Digest), Attempt> {
-        let got = self.store.get(key).await.map_err(|e| classify("downloading", uri, e))?;
+        let got = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| classify("downloading", uri, e))?;
         let info = self.info(got.meta.clone());
         let mut tracker = Tracker::new(uri, Some(info.size), progress);
         let mut file = tokio::fs::File::create(tmp)
@@ -378,12 +426,20 @@ impl Storage {
         let mut hasher = Sha256::new();
         let mut stream = got.into_stream();
         // A stream error mid-body (connection reset) is Generic, hence retried from scratch.
-        while let Some(chunk) = stream.try_next().await.map_err(|e| classify("downloading", uri, e))? {
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| classify("downloading", uri, e))?
+        {
             hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(|e| StorageError::io("writing", tmp, e))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| StorageError::io("writing", tmp, e))?;
             tracker.advance(chunk.len() as u64);
         }
-        file.sync_all().await.map_err(|e| StorageError::io("flushing", tmp, e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| StorageError::io("flushing", tmp, e))?;
         drop(file);
         let actual = Sha256Digest::from_hasher(hasher);
         if let Some(expected) = expected {

@@ -19,7 +19,10 @@ pub enum StorageUri {
     /// `gs://bucket/prefix`: Google Cloud Storage.
     Gcs { bucket: String, prefix: Vec<String> },
     /// `az://container/prefix`: Azure Blob Storage (account from AZURE_STORAGE_ACCOUNT_NAME).
-    Azure { container: String, prefix: Vec<String> },
+    Azure {
+        container: String,
+        prefix: Vec<String>,
+    },
     /// `file:///absolute/path`: the local filesystem (a PVC or hostPath in the cluster).
     File { path: PathBuf },
     /// `hf://org/name[@revision]`: a model on the Hugging Face hub (read-only).
@@ -36,10 +39,15 @@ impl StorageUri {
             reason,
         };
         if let Some(bad) = uri.chars().find(|c| c.is_control() || c.is_whitespace()) {
-            return Err(invalid(format!("contains {bad:?}; whitespace and control characters are not allowed")));
+            return Err(invalid(format!(
+                "contains {bad:?}; whitespace and control characters are not allowed"
+            )));
         }
         for (c, why) in [
-            ('%', "percent-encoding is not allowed; write names literally"),
+            (
+                '%',
+                "percent-encoding is not allowed; write names literally",
+            ),
             ('?', "query strings are not allowed"),
             ('#', "fragments are not allowed"),
             ('\\', "backslashes are not allowed"),
@@ -66,7 +74,8 @@ impl StorageUri {
             "file" => {
                 if !rest.starts_with('/') {
                     return Err(invalid(
-                        "file URIs need an absolute path with an empty host: file:///absolute/path".into(),
+                        "file URIs need an absolute path with an empty host: file:///absolute/path"
+                            .into(),
                     ));
                 }
                 let trimmed = rest.trim_end_matches('/');
@@ -82,7 +91,9 @@ impl StorageUri {
                 })
             }
             "hf" => Ok(StorageUri::HuggingFace(HfRepo::parse(uri, rest)?)),
-            other => Err(invalid(format!("unsupported scheme {other:?}; expected {ALLOWED}"))),
+            other => Err(invalid(format!(
+                "unsupported scheme {other:?}; expected {ALLOWED}"
+            ))),
         }
     }
 }
@@ -115,13 +126,14 @@ fn split_bucket(rest: &str) -> std::result::Result<(String, Vec<String>), String
 
 impl fmt::Display for StorageUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let with_prefix = |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &[String]| {
-            write!(f, "{scheme}://{bucket}")?;
-            for segment in prefix {
-                write!(f, "/{segment}")?;
-            }
-            Ok(())
-        };
+        let with_prefix =
+            |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &[String]| {
+                write!(f, "{scheme}://{bucket}")?;
+                for segment in prefix {
+                    write!(f, "/{segment}")?;
+                }
+                Ok(())
+            };
         match self {
             StorageUri::S3 { bucket, prefix } => with_prefix(f, "s3", bucket, prefix),
             StorageUri::Gcs { bucket, prefix } => with_prefix(f, "gs", bucket, prefix),
@@ -147,17 +159,28 @@ mod tests {
         );
         assert_eq!(
             StorageUri::parse("gs://b").unwrap(),
-            StorageUri::Gcs { bucket: "b".into(), prefix: vec![] }
+            StorageUri::Gcs {
+                bucket: "b".into(),
+                prefix: vec![]
+            }
         );
         assert_eq!(
             StorageUri::parse("az://models/x").unwrap(),
-            StorageUri::Azure { container: "models".into(), prefix: vec!["x".into()] }
+            StorageUri::Azure {
+                container: "models".into(),
+                prefix: vec!["x".into()]
+            }
         );
         assert_eq!(
             StorageUri::parse("file:///var/lib/kubetune").unwrap(),
-            StorageUri::File { path: "/var/lib/kubetune".into() }
+            StorageUri::File {
+                path: "/var/lib/kubetune".into()
+            }
         );
-        assert_eq!(StorageUri::parse("s3://kubetune/a/b").unwrap().to_string(), "s3://kubetune/a/b");
+        assert_eq!(
+            StorageUri::parse("s3://kubetune/a/b").unwrap().to_string(),
+            "s3://kubetune/a/b"
+        );
     }
 
     #[test]
@@ -179,7 +202,10 @@ mod tests {
         ];
         for (uri, needle) in cases {
             let err = StorageUri::parse(uri).expect_err(uri).to_string();
-            assert!(err.contains(needle) && err.contains(&format!("{uri:?}")), "{uri}: {err}");
+            assert!(
+                err.contains(needle) && err.contains(&format!("{uri:?}")),
+                "{uri}: {err}"
+            );
         }
     }
 }

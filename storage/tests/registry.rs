@@ -26,9 +26,18 @@ async fn round_trip(env: &Env) {
     let published = reg.publish(&req, None).await.unwrap();
     assert_eq!(published.version, 1);
 
-    for reference in ["support-bot", "support-bot@latest", "support-bot@1", &format!("support-bot@{}", published.digest)] {
+    for reference in [
+        "support-bot",
+        "support-bot@latest",
+        "support-bot@1",
+        &format!("support-bot@{}", published.digest),
+    ] {
         let resolved = reg.resolve(&r(reference)).await.unwrap();
-        assert_eq!((resolved.version, &resolved.digest), (1, &published.digest), "{reference}");
+        assert_eq!(
+            (resolved.version, &resolved.digest),
+            (1, &published.digest),
+            "{reference}"
+        );
     }
     let resolved = reg.resolve(&r("support-bot")).await.unwrap();
     assert_eq!(resolved.manifest.hyperparameters["epochs"], 3);
@@ -37,16 +46,40 @@ async fn round_trip(env: &Env) {
 
     let dest = env.scratch.path().join("fetched");
     reg.fetch(&resolved, &dest, None).await.unwrap();
-    assert_eq!(std::fs::read(dest.join("adapter_model.safetensors")).unwrap(), b"weights-v1");
-    assert_eq!(std::fs::read(dest.join("tokenizer/vocab.json")).unwrap(), b"{}");
+    assert_eq!(
+        std::fs::read(dest.join("adapter_model.safetensors")).unwrap(),
+        b"weights-v1"
+    );
+    assert_eq!(
+        std::fs::read(dest.join("tokenizer/vocab.json")).unwrap(),
+        b"{}"
+    );
     let manifest_bytes = std::fs::read(dest.join(MANIFEST_FILE)).unwrap();
-    assert_eq!(kubetune_storage::Sha256Digest::of(&manifest_bytes), published.digest);
+    assert_eq!(
+        kubetune_storage::Sha256Digest::of(&manifest_bytes),
+        published.digest
+    );
 
-    let v2 = reg.publish(&env.adapter_source("support-bot", b"weights-v2"), None).await.unwrap();
+    let v2 = reg
+        .publish(&env.adapter_source("support-bot", b"weights-v2"), None)
+        .await
+        .unwrap();
     assert_eq!(v2.version, 2);
-    assert_eq!(reg.resolve(&r("support-bot@latest")).await.unwrap().version, 2);
-    assert_eq!(reg.resolve(&r("support-bot@1")).await.unwrap().digest, published.digest);
-    let versions: Vec<u32> = reg.list("support-bot").await.unwrap().iter().map(|v| v.version).collect();
+    assert_eq!(
+        reg.resolve(&r("support-bot@latest")).await.unwrap().version,
+        2
+    );
+    assert_eq!(
+        reg.resolve(&r("support-bot@1")).await.unwrap().digest,
+        published.digest
+    );
+    let versions: Vec<u32> = reg
+        .list("support-bot")
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
     assert_eq!(versions, [1, 2]);
     assert_eq!(reg.adapters().await.unwrap(), ["support-bot"]);
 
@@ -60,7 +93,9 @@ async fn concurrent_publishers_get_distinct_versions(env: &Env) {
     for i in 0..PUBLISHERS {
         let reg = Registry::open(env.storage.clone());
         let req = env.adapter_source("racer", format!("w{i}").as_bytes());
-        tasks.push(tokio::spawn(async move { reg.publish(&req, None).await.map(|p| p.version) }));
+        tasks.push(tokio::spawn(async move {
+            reg.publish(&req, None).await.map(|p| p.version)
+        }));
     }
     let mut versions = BTreeSet::new();
     for t in tasks {
@@ -74,74 +109,166 @@ async fn concurrent_publishers_get_distinct_versions(env: &Env) {
 async fn interrupted_upload_is_invisible_and_swept(env: &Env) {
     let reg = Registry::open(env.storage.clone());
     // A publisher that died after uploading files, before the manifest.
-    env.storage.put_bytes("adapters/crashy/v1/.claim", "{}".into()).await.unwrap();
-    env.storage.put_bytes("adapters/crashy/v1/adapter_config.json", "{}".into()).await.unwrap();
-    env.storage.put_bytes("adapters/crashy/v1/adapter_model.safetensors", "partial".into()).await.unwrap();
+    env.storage
+        .put_bytes("adapters/crashy/v1/.claim", "{}".into())
+        .await
+        .unwrap();
+    env.storage
+        .put_bytes("adapters/crashy/v1/adapter_config.json", "{}".into())
+        .await
+        .unwrap();
+    env.storage
+        .put_bytes(
+            "adapters/crashy/v1/adapter_model.safetensors",
+            "partial".into(),
+        )
+        .await
+        .unwrap();
 
     assert!(reg.list("crashy").await.unwrap().is_empty());
     for reference in ["crashy", "crashy@1"] {
         let err = reg.resolve(&r(reference)).await.unwrap_err();
-        assert!(matches!(err, StorageError::AdapterNotFound { .. }), "{reference}: {err}");
+        assert!(
+            matches!(err, StorageError::AdapterNotFound { .. }),
+            "{reference}: {err}"
+        );
     }
     // The next publish does not reuse the abandoned number.
-    assert_eq!(reg.publish(&env.adapter_source("crashy", b"w"), None).await.unwrap().version, 2);
+    assert_eq!(
+        reg.publish(&env.adapter_source("crashy", b"w"), None)
+            .await
+            .unwrap()
+            .version,
+        2
+    );
 
     // Recent leftovers are kept (they may be a live upload) ...
     assert!(reg.sweep("crashy").await.unwrap().is_empty());
     // ... and stale ones removed. A negative age makes everything count as stale.
     let eager = Registry::with_config(
         env.storage.clone(),
-        RegistryConfig { stale_after: chrono::Duration::seconds(-60), ..RegistryConfig::default() },
+        RegistryConfig {
+            stale_after: chrono::Duration::seconds(-60),
+            ..RegistryConfig::default()
+        },
     );
     assert_eq!(eager.sweep("crashy").await.unwrap(), [1]);
-    let left: Vec<String> = env.storage.list("adapters/crashy/v1").await.unwrap().into_iter().map(|o| o.key).collect();
-    assert_eq!(left, ["adapters/crashy/v1/.claim"], "only the claim (number reservation) stays");
-    assert_eq!(reg.resolve(&r("crashy")).await.unwrap().version, 2, "published versions are not swept");
+    let left: Vec<String> = env
+        .storage
+        .list("adapters/crashy/v1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(
+        left,
+        ["adapters/crashy/v1/.claim"],
+        "only the claim (number reservation) stays"
+    );
+    assert_eq!(
+        reg.resolve(&r("crashy")).await.unwrap().version,
+        2,
+        "published versions are not swept"
+    );
 }
 
 async fn digest_mismatch_is_detected(env: &Env) {
     let reg = Registry::open(env.storage.clone());
-    let published = reg.publish(&env.adapter_source("tampered", b"good weights"), None).await.unwrap();
+    let published = reg
+        .publish(&env.adapter_source("tampered", b"good weights"), None)
+        .await
+        .unwrap();
     env.storage
-        .put_bytes("adapters/tampered/v1/adapter_model.safetensors", "evil weights".into())
+        .put_bytes(
+            "adapters/tampered/v1/adapter_model.safetensors",
+            "evil weights".into(),
+        )
         .await
         .unwrap();
     let dest = env.scratch.path().join("tampered");
     let err = reg.fetch(&published, &dest, None).await.unwrap_err();
     match &err {
-        StorageError::DigestMismatch { uri, expected, actual } => {
-            assert!(uri.ends_with("adapters/tampered/v1/adapter_model.safetensors"), "{uri}");
-            assert_eq!(expected, &published.manifest.files["adapter_model.safetensors"].sha256.to_string());
+        StorageError::DigestMismatch {
+            uri,
+            expected,
+            actual,
+        } => {
+            assert!(
+                uri.ends_with("adapters/tampered/v1/adapter_model.safetensors"),
+                "{uri}"
+            );
+            assert_eq!(
+                expected,
+                &published.manifest.files["adapter_model.safetensors"]
+                    .sha256
+                    .to_string()
+            );
             assert_ne!(expected, actual);
         }
         other => panic!("expected a digest mismatch, got {other}"),
     }
-    assert!(!dest.exists(), "a failed fetch leaves no destination behind");
-    let leftovers: Vec<_> = std::fs::read_dir(env.scratch.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".part-")).collect();
+    assert!(
+        !dest.exists(),
+        "a failed fetch leaves no destination behind"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(env.scratch.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".part-"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary directories are removed");
 }
 
 async fn hostile_names_are_rejected(env: &Env) {
     let reg = Registry::open(env.storage.clone());
-    for name in ["../escape", "a/b", "/abs", "%2e%2e", "..", "UPPER", "a\\b", ""] {
+    for name in [
+        "../escape",
+        "a/b",
+        "/abs",
+        "%2e%2e",
+        "..",
+        "UPPER",
+        "a\\b",
+        "",
+    ] {
         let err = reg.list(name).await.unwrap_err();
-        assert!(matches!(err, StorageError::InvalidName { .. }), "{name}: {err}");
-        let err = reg.publish(&env.adapter_source(name, b"w"), None).await.unwrap_err();
+        assert!(
+            matches!(err, StorageError::InvalidName { .. }),
+            "{name}: {err}"
+        );
+        let err = reg
+            .publish(&env.adapter_source(name, b"w"), None)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("adapter name"), "{name}: {err}");
         assert!(format!("{name}@1").parse::<AdapterRef>().is_err(), "{name}");
     }
     // A manifest in the registry is outside input too: a hostile file name in it is refused
     // before anything is written locally.
-    env.storage.put_bytes("adapters/evil/v1/.claim", "{}".into()).await.unwrap();
+    env.storage
+        .put_bytes("adapters/evil/v1/.claim", "{}".into())
+        .await
+        .unwrap();
     let manifest = serde_json::json!({
         "schema": 1, "name": "evil", "version": 1,
         "files": {"../../escape": {"sha256": kubetune_storage::Sha256Digest::of(b"x"), "size": 1}},
         "base_model": {"uri": "hf://o/b"}, "dataset": {"uri": "s3://d/x"},
         "hyperparameters": {}, "metrics": {}, "created_at": "2026-01-01T00:00:00Z"
     });
-    env.storage.put_bytes("adapters/evil/v1/manifest.json", manifest.to_string().into()).await.unwrap();
+    env.storage
+        .put_bytes(
+            "adapters/evil/v1/manifest.json",
+            manifest.to_string().into(),
+        )
+        .await
+        .unwrap();
     let err = reg.resolve(&r("evil@1")).await.unwrap_err();
-    assert!(matches!(err, StorageError::InvalidManifest { .. }) && err.to_string().contains("../../escape"), "{err}");
+    assert!(
+        matches!(err, StorageError::InvalidManifest { .. })
+            && err.to_string().contains("../../escape"),
+        "{err}"
+    );
     // Nothing outside the registry prefix was touched.
     for obj in env.storage.list("").await.unwrap() {
         assert!(obj.key.starts_with("adapters/"), "{}", obj.key);
@@ -151,16 +278,38 @@ async fn hostile_names_are_rejected(env: &Env) {
 async fn delete_and_retention_never_reuse_numbers(env: &Env) {
     let reg = Registry::open(env.storage.clone());
     for i in 0..4 {
-        reg.publish(&env.adapter_source("kept", format!("w{i}").as_bytes()), None).await.unwrap();
+        reg.publish(
+            &env.adapter_source("kept", format!("w{i}").as_bytes()),
+            None,
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(reg.retain("kept", 2).await.unwrap(), [1, 2]);
-    let versions = |list: Vec<kubetune_storage::ResolvedAdapter>| list.iter().map(|v| v.version).collect::<Vec<_>>();
+    let versions = |list: Vec<kubetune_storage::ResolvedAdapter>| {
+        list.iter().map(|v| v.version).collect::<Vec<_>>()
+    };
     assert_eq!(versions(reg.list("kept").await.unwrap()), [3, 4]);
-    assert!(matches!(reg.resolve(&r("kept@1")).await.unwrap_err(), StorageError::AdapterNotFound { .. }));
+    assert!(matches!(
+        reg.resolve(&r("kept@1")).await.unwrap_err(),
+        StorageError::AdapterNotFound { .. }
+    ));
 
     reg.delete("kept", 4).await.unwrap();
     assert_eq!(reg.resolve(&r("kept")).await.unwrap().version, 3);
-    assert_eq!(reg.publish(&env.adapter_source("kept", b"w5"), None).await.unwrap().version, 5);
-    assert!(matches!(reg.delete("kept", 4).await.unwrap_err(), StorageError::AdapterNotFound { .. }));
-    assert!(reg.retain("kept", 0).await.is_err(), "keeping zero versions is refused");
+    assert_eq!(
+        reg.publish(&env.adapter_source("kept", b"w5"), None)
+            .await
+            .unwrap()
+            .version,
+        5
+    );
+    assert!(matches!(
+        reg.delete("kept", 4).await.unwrap_err(),
+        StorageError::AdapterNotFound { .. }
+    ));
+    assert!(
+        reg.retain("kept", 0).await.is_err(),
+        "keeping zero versions is refused"
+    );
 }

@@ -18,8 +18,13 @@ pub struct Env {
 pub fn fs_env() -> Env {
     let scratch = tempfile::tempdir().expect("temp dir");
     let root = scratch.path().join("store");
-    let storage = Storage::from_uri(&format!("file://{}", root.display()), &Credentials::none()).expect("fs storage");
-    Env { storage, creds: Credentials::none(), scratch }
+    let storage = Storage::from_uri(&format!("file://{}", root.display()), &Credentials::none())
+        .expect("fs storage");
+    Env {
+        storage,
+        creds: Credentials::none(),
+        scratch,
+    }
 }
 
 /// Where s3-up.sh writes its settings (overridable with KUBETUNE_S3_ENV).
@@ -43,7 +48,13 @@ pub fn s3_env() -> Env {
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{}: line without '=': key {:?}", path.display(), l.split('=').next()));
+            let (k, v) = l.split_once('=').unwrap_or_else(|| {
+                panic!(
+                    "{}: line without '=': key {:?}",
+                    path.display(),
+                    l.split('=').next()
+                )
+            });
             (k.trim().to_string(), v.trim().to_string())
         })
         .collect();
@@ -51,11 +62,20 @@ pub fn s3_env() -> Env {
         .iter()
         .find(|(k, _)| k == "KUBETUNE_S3_BUCKET")
         .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| panic!("{} has no KUBETUNE_S3_BUCKET; re-run e2e/cluster/s3-up.sh", path.display()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{} has no KUBETUNE_S3_BUCKET; re-run e2e/cluster/s3-up.sh",
+                path.display()
+            )
+        });
     let creds = Credentials::from_vars(vars);
     let uri = format!("s3://{bucket}/{}", unique_prefix());
     let storage = Storage::from_uri(&uri, &creds).expect("s3 storage");
-    Env { storage, creds, scratch: tempfile::tempdir().expect("temp dir") }
+    Env {
+        storage,
+        creds,
+        scratch: tempfile::tempdir().expect("temp dir"),
+    }
 }
 
 /// A prefix no other test (or earlier run) uses.
@@ -65,7 +85,11 @@ fn unique_prefix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    format!("tests/run-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "tests/run-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl Env {
@@ -79,18 +103,34 @@ impl Env {
     /// Writes a PEFT-like adapter directory and returns a publish request for it.
     pub fn adapter_source(&self, name: &str, weights: &[u8]) -> PublishRequest {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = self.scratch.path().join(format!("src-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let dir = self
+            .scratch
+            .path()
+            .join(format!("src-{}", N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
-        std::fs::write(dir.join("adapter_config.json"), br#"{"r": 8, "lora_alpha": 16}"#).unwrap();
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            br#"{"r": 8, "lora_alpha": 16}"#,
+        )
+        .unwrap();
         std::fs::write(dir.join("adapter_model.safetensors"), weights).unwrap();
         std::fs::write(dir.join("tokenizer/vocab.json"), b"{}").unwrap();
         PublishRequest {
             name: name.to_string(),
             source_dir: dir,
-            base_model: SourceRef { uri: "hf://org/base@main".into(), digest: None },
-            dataset: SourceRef { uri: "s3://data/chat.jsonl".into(), digest: None },
+            base_model: SourceRef {
+                uri: "hf://org/base@main".into(),
+                digest: None,
+            },
+            dataset: SourceRef {
+                uri: "s3://data/chat.jsonl".into(),
+                digest: None,
+            },
             hyperparameters: serde_json::json!({"lr": 2e-4, "epochs": 3}),
-            metrics: Metrics { train_loss: Some(0.5), eval_loss: Some(0.75) },
+            metrics: Metrics {
+                train_loss: Some(0.5),
+                eval_loss: Some(0.75),
+            },
             job: None,
         }
     }
