@@ -68,9 +68,11 @@ pub struct Manifest {
 
 impl Manifest {
     /// The canonical bytes stored in the registry (pretty JSON, so humans can read it).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // Serialising plain data with string keys cannot fail.
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(self).map_err(|e| StorageError::InvalidManifest {
+            uri: format!("{}@{}", self.name, self.version),
+            reason: format!("cannot serialise: {e}"),
+        })
     }
 
     /// Parses manifest bytes read from `uri` and checks they belong at `name`/`version` and

@@ -180,7 +180,7 @@ impl Registry {
             job: req.job.clone(),
             created_at: Utc::now(),
         };
-        let bytes = Bytes::from(manifest.to_bytes());
+        let bytes = Bytes::from(manifest.to_bytes()?);
         let manifest_rel = format!("{dir}/{MANIFEST_FILE}");
         match self.storage.create(&manifest_rel, bytes.clone()).await? {
             CreateOutcome::Created => {}
