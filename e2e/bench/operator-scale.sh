@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Scale benchmark of the FineTuneJob controller: creates N FineTuneJobs (default 1000) whose
+# pods are faked by a second node agent in --fake mode, and reports how long until every trainer
+# Job exists and every status is current (observedGeneration == generation), and the operator's
+# peak RSS. Goal (issue 6): 1,000 reconciled within 30 s, operator RSS under 100 MiB.
+#
+#   e2e/bench/operator-scale.sh [N]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source e2e/cluster/lib.sh
+n="${1:-1000}"
+
+e2e/cluster/up.sh
+cargo build -q --release -p kubetune-operator -p kubetune-crds
+target="${CARGO_TARGET_DIR:-$repo_root/target}"
+"$target/release/kubetune-crdgen" --stdout | kubectl apply --server-side --field-manager kubetune -f - >/dev/null
+kubectl wait --for condition=Established crd/finetunejobs.kubetune.dev --timeout 60s >/dev/null
+
+# Fake nodes with room for every pod, on their own pod-IP range.
+start_daemon node-agent-fake "$target/debug/kubetune-node-agent" --kubeconfig "$kubeconfig" --fake \
+  --nodes 10 --name-prefix kubetune-fake- --gpus 200 --max-pods 250 --cpu 1000 --memory 4Ti \
+  --label kubetune.dev/pool=fake --pod-ip-range 127.64.0.0/12 --state-dir "$cluster_dir/node-agent-fake"
+ns="bench-$(date +%s)"
+kubectl create namespace "$ns" >/dev/null
+cleanup() {
+  stop_daemon operator-bench
+  kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+  stop_daemon node-agent-fake
+  kubectl delete nodes -l kubetune.dev/pool=fake --wait=false >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+KUBECONFIG="$kubeconfig" RUST_LOG=warn start_daemon operator-bench "$target/release/kubetune-operator" \
+  --trainer-image kubetune/trainer:bench --http-addr 127.0.0.1:18181 --concurrency 16
+wait_for operator 60 curl -fsS http://127.0.0.1:18181/readyz
+op_pid="$(cat "$pids/operator-bench.pid")"
+
+manifests="$cluster_dir/bench-ftjs.yaml"
+for i in $(seq 1 "$n"); do
+  cat <<YAML
+---
+apiVersion: kubetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: ftj-$i, namespace: $ns}
+spec:
+  baseModel: {uri: s3://kubetune/models/tiny-llama}
+  method: lora
+  lora: {r: 8, alpha: 16}
+  dataset: {uri: s3://kubetune/datasets/d.jsonl, format: text}
+  training: {maxSteps: 10, learningRate: 0.001}
+  output: {adapterName: bench-$i, registry: s3://kubetune/registry}
+  nodeSelector: {kubetune.dev/pool: fake}
+YAML
+done >"$manifests"
+
+log "creating $n FineTuneJobs in $ns"
+t0=$(date +%s.%N)
+kubectl create -f "$manifests" >/dev/null
+t_created=$(date +%s.%N)
+current() {
+  local jobs statuses
+  jobs=$(kubectl get jobs -n "$ns" --no-headers 2>/dev/null | wc -l)
+  statuses=$(kubectl get ftj -n "$ns" -o jsonpath='{range .items[*]}{.metadata.generation}={.status.observedGeneration}{"\n"}{end}' \
+    | awk -F= '$1==$2' | wc -l)
+  echo "$jobs $statuses"
+  [ "$jobs" -ge "$n" ] && [ "$statuses" -ge "$n" ]
+}
+deadline=$((SECONDS + 600))
+until state=$(current); do
+  [ $SECONDS -lt $deadline ] || die "not all reconciled after 600 s (jobs, current statuses: $state)"
+  sleep 1
+done
+t_done=$(date +%s.%N)
+rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$op_pid/status")
+awk -v n="$n" -v c="$t_created" -v d="$t_done" -v t0="$t0" -v r="$rss_kib" 'BEGIN {
+  c -= t0; d -= t0
+  printf "FineTuneJobs:                      %d\n", n
+  printf "kubectl create took:               %.1f s\n", c
+  printf "all Jobs exist, statuses current:  %.1f s after the first create (goal 30 s; ratio %.2f)\n", d, d / 30
+  printf "operator peak RSS:                 %.1f MiB (goal 100 MiB; ratio %.2f)\n", r / 1024, r / 1024 / 100
+}'
