@@ -1,6 +1,7 @@
 //! State shared by every reconcile.
 
 use crate::config::OperatorConfig;
+use crate::finetunejob::model_facts::ModelShapes;
 use crate::finetunejob::progress::MetricsReader;
 use crate::metrics::Metrics;
 use kube::runtime::events::Recorder;
@@ -16,6 +17,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics_reader: MetricsReader,
     pub backoff: Backoff,
+    pub model_shapes: ModelShapes,
 }
 
 /// Per-object retry delays after failed reconciles: 5 s, doubling, at most 5 min.

@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         recorder: Recorder::new(client.clone(), Reporter { controller: "kubetune-operator".into(), instance: args.identity.clone() }),
         metrics_reader: MetricsReader::default(),
         backoff: Backoff::default(),
+        model_shapes: Default::default(),
     });
     let ftjs: Api<FineTuneJob> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());

@@ -20,7 +20,8 @@ type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 fn finetunejob(extra_spec: Value) -> FineTuneJob {
     let mut spec = json!({
-        "baseModel": {"uri": "s3://models/tiny"},
+        // pvc:// models are not read by the operator, so the mock sees no storage traffic.
+        "baseModel": {"uri": "pvc://models/tiny"},
         "method": "lora",
         "lora": {"r": 4, "alpha": 8},
         "dataset": {"uri": "s3://data/train.jsonl", "format": "text"},
@@ -48,6 +49,7 @@ fn context() -> (Arc<Context>, ApiHandle) {
         recorder: Recorder::new(client, Reporter { controller: "kubetune-operator".into(), instance: None }),
         metrics_reader: MetricsReader::default(),
         backoff: Backoff::default(),
+        model_shapes: Default::default(),
     };
     (Arc::new(ctx), handle)
 }

@@ -1,6 +1,7 @@
 //! The FineTuneJob controller: dereference → validate → build → apply → update_status.
 
 pub mod build;
+pub mod model_facts;
 pub mod progress;
 pub mod status;
 pub mod validate;
@@ -98,20 +99,32 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
     })
 }
 
-/// Gathers what validation needs from the cluster: that the storage Secret exists, and the GPU
-/// memory of the nodes the job may land on.
+/// Gathers what validation needs: that the storage Secret exists, the GPU memory of the nodes
+/// the job may land on, and the base model's shape (its config.json, read with the Secret).
 async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Result<Facts, Invalid>> {
     let ns = ftj.namespace().unwrap_or_default();
+    let mut secret_data = std::collections::BTreeMap::new();
     if let Some(secret) = &ftj.spec.storage_secret_ref {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        if secrets.get_metadata_opt(&secret.name).await?.is_none() {
+        let Some(found) = secrets.get_opt(&secret.name).await? else {
             return Ok(Err(Invalid {
                 reason: "SecretNotFound",
                 message: format!("spec.storageSecretRef.name: Secret {ns}/{} does not exist", secret.name),
             }));
+        };
+        for (k, v) in found.data.unwrap_or_default() {
+            if let Ok(v) = String::from_utf8(v.0) {
+                secret_data.insert(k, v);
+            }
         }
     }
-    Ok(Ok(Facts { gpu_memory_mib: gpu_memory_mib(ftj, ctx).await?, model: None }))
+    let gpu_memory_mib = gpu_memory_mib(ftj, ctx).await?;
+    // The model is only read when there is something to compare it with.
+    let model = match gpu_memory_mib {
+        Some(_) => ctx.model_shapes.get(&ftj.spec.base_model.uri, secret_data).await,
+        None => None,
+    };
+    Ok(Ok(Facts { gpu_memory_mib, model }))
 }
 
 /// The largest per-GPU memory among the nodes matching the job's nodeSelector, from the node
