@@ -173,7 +173,7 @@ pub fn with_eta(mut p: TrainingProgress, started: Option<&Time>, now: &Time) -> 
 
 /// Adds the "step/total (pct%)" printer-column text.
 pub fn with_display(mut p: TrainingProgress) -> TrainingProgress {
-    let pct = if p.total_steps > 0 { p.step * 100 / p.total_steps } else { 0 };
+    let pct = (p.step * 100).checked_div(p.total_steps).unwrap_or(0);
     p.display = Some(format!("{}/{} ({pct}%)", p.step, p.total_steps));
     p
 }
