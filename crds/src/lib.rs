@@ -8,6 +8,7 @@ pub mod common;
 pub mod conditions;
 pub mod finetunejob;
 pub mod modeldeployment;
+pub mod server_contract;
 pub mod trainer_contract;
 
 pub use common::*;

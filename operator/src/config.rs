@@ -8,7 +8,10 @@ pub struct OperatorConfig {
     /// Trainer image used when a FineTuneJob names none.
     #[arg(long, env = "KUBETUNE_TRAINER_IMAGE", default_value = "ghcr.io/kubetune/trainer:latest")]
     pub trainer_image: String,
-    /// Adapter registry used when a FineTuneJob names none (e.g. s3://bucket/kubetune).
+    /// Inference server image used when a ModelDeployment names none.
+    #[arg(long, env = "KUBETUNE_SERVER_IMAGE", default_value = "ghcr.io/kubetune/server:latest")]
+    pub server_image: String,
+    /// Adapter registry used when a FineTuneJob or ModelDeployment names none (e.g. s3://bucket/kubetune).
     #[arg(long, env = "KUBETUNE_REGISTRY")]
     pub default_registry: Option<String>,
     /// Extended resource that GPUs are requested as.
@@ -30,6 +33,7 @@ impl OperatorConfig {
     pub fn for_tests() -> Self {
         Self {
             trainer_image: "kubetune/trainer:test".into(),
+            server_image: "kubetune/server:test".into(),
             default_registry: Some("s3://kubetune/registry".into()),
             gpu_resource: "nvidia.com/gpu".into(),
             gpu_memory_label: "nvidia.com/gpu.memory".into(),

@@ -8,6 +8,8 @@ pub mod finetunejob;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod modeldeployment;
+pub mod workload;
 
 #[cfg(test)]
 pub mod fixtures;

@@ -3,6 +3,7 @@
 use super::validate::ValidFineTuneJob;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
+use crate::workload::{apply_placement, resources_or_one_gpu, restricted_container_security, restricted_pod_security};
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
 use kubetune_crds::trainer_contract::{
@@ -111,10 +112,7 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
     if valid.gpus == 0 {
         env.push(json!({"name": "KUBETUNE_DEVICE", "value": "cpu"}));
     }
-    let resources = match &spec.placement.resources {
-        Some(r) => serde_json::to_value(r).map_err(|source| Error::Serialize { what: "resources", source })?,
-        None => json!({"limits": {config.gpu_resource.clone(): "1"}}),
-    };
+    let resources = resources_or_one_gpu(&spec.placement, &config.gpu_resource)?;
     let container = json!({
         "name": TRAINER_CONTAINER,
         "image": valid.image,
@@ -133,14 +131,8 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "runAsNonRoot": true,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted_container_security(),
     });
-    let p = &spec.placement;
     let mut pod_spec = json!({
         "restartPolicy": "Never",
         "containers": [container],
@@ -148,28 +140,9 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
             {"name": "scratch", "emptyDir": {"sizeLimit": config.scratch_size}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
-        "securityContext": {
-            "runAsNonRoot": true,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
-            "fsGroup": 65532,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_pod_security(),
     });
-    let optional = [
-        ("nodeSelector", serde_json::to_value(&p.node_selector)),
-        ("tolerations", serde_json::to_value(&p.tolerations)),
-        ("affinity", serde_json::to_value(&p.affinity)),
-        ("priorityClassName", serde_json::to_value(&p.priority_class_name)),
-        ("serviceAccountName", serde_json::to_value(&p.service_account_name)),
-        ("imagePullSecrets", serde_json::to_value(&p.image_pull_secrets)),
-    ];
-    for (key, value) in optional {
-        let value = value.map_err(|source| Error::Serialize { what: "pod placement", source })?;
-        if !value.is_null() {
-            pod_spec[key] = value;
-        }
-    }
+    apply_placement(&mut pod_spec, &spec.placement)?;
 
     let job = json!({
         "apiVersion": "batch/v1",

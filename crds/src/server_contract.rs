@@ -1,0 +1,29 @@
+//! What the operator and the inference server say to each other: the adapters file a server pod
+//! loads at start, and the admin API the operator hot-swaps adapter versions through.
+
+use serde::{Deserialize, Serialize};
+
+/// Port the server listens on in its pod.
+pub const SERVER_PORT: u16 = 8000;
+/// Where the adapters file is mounted in the server pod.
+pub const ADAPTERS_FILE: &str = "/etc/kubetune/adapters/adapters.json";
+
+/// One adapter a server pod serves: `name` is what clients ask for; `source` is the registry
+/// reference or URI it loads from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedAdapter {
+    pub name: String,
+    /// Registry reference `registry-name@N`, resolved against the server's `--registry`.
+    pub source: String,
+    pub version: u32,
+    /// Manifest digest the loaded files must match, "sha256:<hex>".
+    pub digest: String,
+}
+
+/// The adapters file: every adapter a pod loads at start, before it reports ready.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptersFile {
+    pub adapters: Vec<ServedAdapter>,
+}
