@@ -13,5 +13,7 @@ cluster-up:
 cluster-down:
 	./e2e/cluster/down.sh
 
-crds: ## Regenerate crds/generated/*.yaml from the Rust types
+crds: ## Regenerate crds/generated/*.yaml from the Rust types, and the Helm chart's copy
 	cargo run -q -p kubetune-crds --bin kubetune-crdgen
+	rm -f charts/kubetune/crds/*.yaml
+	cp crds/generated/*.yaml charts/kubetune/crds/
