@@ -268,6 +268,13 @@ pub struct RolloutStatus {
     /// When it reached Promoted, RolledBack or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// Load attempts that failed so far; the rollout fails at spec.rollout.maxAttempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_attempts: Option<u32>,
+    /// Manifest digest of the version being rolled out, so a failed version is not retried
+    /// until the spec or the registry points elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_digest: Option<String>,
 }
 
 /// State of a rollout.

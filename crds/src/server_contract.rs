@@ -27,3 +27,23 @@ pub struct ServedAdapter {
 pub struct AdaptersFile {
     pub adapters: Vec<ServedAdapter>,
 }
+
+/// `POST /v1/adapters`: load (or replace) an adapter under `name`. The switch is atomic: requests
+/// see the old version until the new one is fully loaded, and a failed load leaves the old one.
+pub type LoadAdapterRequest = ServedAdapter;
+
+/// One entry of `GET /v1/models`, as OpenAI lists models, plus the adapter's version and digest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ModelEntry {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelList {
+    pub data: Vec<ModelEntry>,
+}

@@ -2,3 +2,4 @@
 //! rolling them out through the servers' admin API come with the inference server.
 
 pub mod build;
+pub mod rollout;
