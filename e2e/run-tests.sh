@@ -11,7 +11,7 @@ if [ "${KUBETUNE_KEEP_CLUSTER:-0}" != 1 ]; then
   trap 'e2e/cluster/down.sh >/dev/null 2>&1 || true' EXIT
 fi
 e2e/cluster/up.sh
-# helm, promtool and lua for the chart, alert and Argo CD tests (built or unpacked once, then cached).
+# helm, promtool, lua and actionlint for the chart, alert, Argo CD and CI workflow tests (built or unpacked once, then cached).
 e2e/tools.sh >/dev/null
 export KUBECONFIG="$kubeconfig" KUBECTL="$kube_bin/kubectl" KUBETUNE_S3_ENV="$state/s3.env"
 cargo test --workspace --locked "$@"

@@ -4,6 +4,7 @@
 #   helm      built from its Go module by e2e/cluster/build-binaries.sh (version in versions.env)
 #   promtool  Prometheus's rule tester, from the distribution's `prometheus` package
 #   lua       a Lua 5.4 interpreter (Argo CD runs health checks in Lua 5.x), package `lua5.4`
+#   actionlint  GitHub Actions workflow linter, built from its Go module like helm
 # A tool already on PATH is used as is; otherwise the package is fetched with `apt-get download`
 # and unpacked into $KUBETUNE_CACHE/bin/<package>-<version>/ (no root, no daemon started).
 # Serialised with a lock, so concurrent test binaries do not build the same thing twice.
@@ -46,6 +47,9 @@ tool() {
     helm)
       "$here/cluster/build-binaries.sh" helm >&2
       echo "$cache/bin/helm-$HELM_VERSION/helm" ;;
+    actionlint)
+      "$here/cluster/build-binaries.sh" actionlint >&2
+      echo "$cache/bin/actionlint-$ACTIONLINT_VERSION/actionlint" ;;
     promtool)
       command -v promtool || from_package prometheus promtool ;;
     lua)
@@ -54,5 +58,5 @@ tool() {
   esac
 }
 
-[ $# -gt 0 ] || set -- helm promtool lua
+[ $# -gt 0 ] || set -- helm promtool lua actionlint
 for t in "$@"; do tool "$t"; done

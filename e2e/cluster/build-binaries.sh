@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local cluster's Go binaries from their Go modules through the module proxy:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and MinIO (the default
-# targets), and on request helm (`build-binaries.sh helm`, for the chart tests).
+# targets), and on request helm and actionlint (`build-binaries.sh helm actionlint`, for the chart
+# and CI workflow tests).
 # Each lands in $KUBETUNE_CACHE/bin/<name>-<version>/ and is skipped when already there,
 # so only the first run on a machine pays for the compile.
 set -euo pipefail
@@ -94,6 +95,18 @@ build_helm() {
   (cd "$work" && go get "$m@$HELM_VERSION" \
     && go build -trimpath -ldflags "-s -w -X $m/internal/version.version=$HELM_VERSION -X $m/internal/version.gitTreeState=clean" \
       -o "$work/out/helm" "$m/cmd/helm")
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
+build_actionlint() {
+  local out="$cache/bin/actionlint-$ACTIONLINT_VERSION"
+  [ -x "$out/actionlint" ] && { log "actionlint $ACTIONLINT_VERSION cached"; return; }
+  local work="$cache/build/actionlint-$ACTIONLINT_VERSION"
+  new_module "$work"
+  log "building actionlint $ACTIONLINT_VERSION"
+  (cd "$work" && go get github.com/rhysd/actionlint@"$ACTIONLINT_VERSION" \
+    && go build -trimpath -ldflags "-s -w" \
+      -o "$work/out/actionlint" github.com/rhysd/actionlint/cmd/actionlint)
   rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
 }
 

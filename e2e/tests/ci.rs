@@ -1,10 +1,13 @@
 //! What can be checked here of the CI pieces that need Docker and kind (which cannot run here):
-//! the GitHub Actions workflow parses and hangs together, and the Dockerfiles are multi-stage,
+//! actionlint passes the GitHub Actions workflow, which parses and hangs together, and the Dockerfiles are multi-stage,
 //! end as non-root, and have the targets the workflow builds.
+
+mod tools;
 
 use anyhow::{anyhow, Result};
 use kubetune_e2e::repo_root;
 use serde_json::Value;
+use std::process::Command;
 
 fn workflow() -> Result<Value> {
     let text = std::fs::read_to_string(repo_root().join(".github/workflows/e2e.yaml"))?;
@@ -17,6 +20,13 @@ fn steps(job: &Value) -> Vec<&Value> {
 
 fn all_runs(job: &Value) -> String {
     steps(job).iter().filter_map(|s| s["run"].as_str()).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn actionlint_finds_nothing() -> Result<()> {
+    // Expressions, action inputs, runner labels and job wiring (and shell scripts, when shellcheck is installed).
+    tools::run(Command::new(tools::tool("actionlint")).arg("-no-color").arg(repo_root().join(".github/workflows/e2e.yaml")))?;
+    Ok(())
 }
 
 #[test]

@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// Path of a tool that e2e/tools.sh provides: helm, promtool or lua.
+/// Path of a tool that e2e/tools.sh provides: helm, promtool, lua or actionlint.
 pub fn tool(name: &str) -> PathBuf {
     static TOOLS: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
     let tools = TOOLS.get_or_init(|| {
-        let names = ["helm", "promtool", "lua"];
+        let names = ["helm", "promtool", "lua", "actionlint"];
         let out = Command::new(repo_root().join("e2e/tools.sh"))
             .args(names)
             .output()
