@@ -242,7 +242,8 @@ impl Drop for ClusterScoped {
 }
 
 /// Renders the chart as release `ns.name` into that namespace and server-side applies every
-/// object; the Prometheus Operator kinds only where the cluster serves them. Returns the objects.
+/// object (the CRDs as a dry run); the Prometheus Operator kinds only where the cluster serves
+/// them, which the local cluster does not. Returns the objects.
 async fn install(client: &Client, ns: &TestNamespace, args: &[&str]) -> Result<Vec<Value>> {
     let objects = render(&ns.name, &ns.name, args)?;
     let discovery = Discovery::new(client.clone()).run().await?;
@@ -252,7 +253,9 @@ async fn install(client: &Client, ns: &TestNamespace, args: &[&str]) -> Result<V
         if monitoring && !serves_monitoring {
             continue;
         }
-        apply_object(client, &discovery, &ns.name, obj, ApplyMode::Apply)
+        // The CRDs are shared by every test on the cluster: validated (dry run), not replaced.
+        let mode = if obj["kind"] == "CustomResourceDefinition" { ApplyMode::DryRun } else { ApplyMode::Apply };
+        apply_object(client, &discovery, &ns.name, obj, mode)
             .await
             .map_err(|e| anyhow!("{} {} does not apply: {e:#}", obj["kind"], obj["metadata"]["name"]))?;
     }
