@@ -18,6 +18,7 @@ pub struct Context {
     pub metrics_reader: MetricsReader,
     pub backoff: Backoff,
     pub model_shapes: ModelShapes,
+    pub pod_http: crate::podhttp::PodHttp,
 }
 
 /// Per-object retry delays after failed reconciles: 5 s, doubling, at most 5 min.

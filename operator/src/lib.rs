@@ -9,6 +9,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod modeldeployment;
+pub mod podhttp;
 pub mod workload;
 
 #[cfg(test)]

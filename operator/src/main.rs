@@ -1,17 +1,20 @@
-//! kubetune-operator: reconciles FineTuneJobs into trainer Jobs.
+//! kubetune-operator: reconciles FineTuneJobs into trainer Jobs and ModelDeployments into
+//! inference pods with hot-swapped adapter versions.
 
 use anyhow::Context as _;
 use clap::Parser;
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use kubetune_crds::FineTuneJob;
+use kubetune_crds::{FineTuneJob, ModelDeployment};
 use kubetune_operator::config::OperatorConfig;
 use kubetune_operator::context::{Backoff, Context};
 use kubetune_operator::finetunejob::{self, progress::MetricsReader};
+use kubetune_operator::modeldeployment;
 use kubetune_operator::http::{router, Readiness};
 use kubetune_operator::leader::{LeaderElector, LeaseConfig};
 use kubetune_operator::metrics::Metrics;
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "kubetune-operator", version, about = "Reconciles kubetune FineTuneJobs into trainer Jobs")]
+#[command(name = "kubetune-operator", version, about = "Reconciles kubetune FineTuneJobs into trainer Jobs and ModelDeployments into inference pods")]
 struct Args {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "KUBETUNE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -48,6 +51,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_json);
+    // Two TLS crypto providers are linked (see Cargo.toml); choose one before any client exists.
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        tracing::debug!("a TLS crypto provider was already installed");
+    }
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
     client.apiserver_version().await.context("the Kubernetes API does not answer")?;
 
@@ -88,19 +95,25 @@ async fn main() -> anyhow::Result<()> {
         metrics_reader: MetricsReader::default(),
         backoff: Backoff::default(),
         model_shapes: Default::default(),
+        pod_http: kubetune_operator::podhttp::PodHttp::new(std::time::Duration::from_secs(5)),
     });
     let ftjs: Api<FineTuneJob> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
-    let controller = Controller::new(ftjs, watcher::Config::default())
+    let finetunejobs = Controller::new(ftjs, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL))
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
-        .run(finetunejob::reconcile, finetunejob::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile result");
-            }
-        });
+        .run(finetunejob::reconcile, finetunejob::error_policy, ctx.clone())
+        .for_each(log_result);
+    let mdeps: Api<ModelDeployment> = Api::all(client.clone());
+    let deployments: Api<Deployment> = Api::all(client.clone());
+    let modeldeployments = Controller::new(mdeps, watcher::Config::default())
+        .owns(deployments, watcher::Config::default().labels(modeldeployment::build::MODELDEPLOYMENT_LABEL))
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(shutdown_signal())
+        .run(modeldeployment::reconcile, modeldeployment::error_policy, ctx)
+        .for_each(log_result);
+    let controller = futures::future::join(finetunejobs, modeldeployments);
     tracing::info!("kubetune-operator running");
     match elector {
         Some(elector) => {
@@ -109,10 +122,18 @@ async fn main() -> anyhow::Result<()> {
                 _ = elector.keep_renewing() => anyhow::bail!("lost leadership; exiting so a restart stands for election again"),
             }
         }
-        None => controller.await,
+        None => {
+            controller.await;
+        }
     }
     tracing::info!("kubetune-operator stopped");
     Ok(())
+}
+
+async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "reconcile result");
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C; in-flight reconciles then finish before the process exits.

@@ -50,6 +50,7 @@ fn context() -> (Arc<Context>, ApiHandle) {
         metrics_reader: MetricsReader::default(),
         backoff: Backoff::default(),
         model_shapes: Default::default(),
+        pod_http: kubetune_operator::podhttp::PodHttp::new(std::time::Duration::from_secs(5)),
     };
     (Arc::new(ctx), handle)
 }

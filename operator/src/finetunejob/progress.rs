@@ -4,23 +4,20 @@
 //! operator reads the very numbers users alert on, with no second channel to keep in step and
 //! no write access to the FineTuneJob for the trainer's ServiceAccount.
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use crate::podhttp::PodHttp;
+use hyper::Method;
 use kubetune_crds::TrainingProgress;
 use std::time::Duration;
 
-/// HTTP client for trainer metrics, shared by all reconciles.
+/// Reads trainer metrics, shared by all reconciles.
 #[derive(Clone)]
 pub struct MetricsReader {
-    client: Client<HttpConnector, Empty<Bytes>>,
-    timeout: Duration,
+    http: PodHttp,
 }
 
 impl Default for MetricsReader {
     fn default() -> Self {
-        Self { client: Client::builder(TokioExecutor::new()).build_http(), timeout: Duration::from_secs(3) }
+        Self { http: PodHttp::new(Duration::from_secs(3)) }
     }
 }
 
@@ -28,18 +25,11 @@ impl MetricsReader {
     /// Reads and parses `http://{ip}:{port}/metrics`. None when the trainer does not answer in
     /// time (it may be starting or finishing); progress then keeps its last value.
     pub async fn read(&self, ip: &str, port: u16) -> Option<TrainingProgress> {
-        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
-        let uri: hyper::Uri = format!("http://{host}:{port}/metrics").parse().ok()?;
-        let fetch = async {
-            let response = self.client.get(uri).await.ok()?;
-            if !response.status().is_success() {
-                return None;
-            }
-            let body = response.into_body().collect().await.ok()?.to_bytes();
-            Some(String::from_utf8_lossy(&body).into_owned())
-        };
-        let text = tokio::time::timeout(self.timeout, fetch).await.ok()??;
-        parse_progress(&text)
+        let reply = self.http.send(Method::GET, ip, port, "/metrics", None).await.ok()?;
+        if reply.status != 200 {
+            return None;
+        }
+        parse_progress(&String::from_utf8_lossy(&reply.body))
     }
 }
 

@@ -1,5 +1,225 @@
-//! The ModelDeployment controller. This first part builds the workloads; resolving versions and
-//! rolling them out through the servers' admin API come with the inference server.
+//! The ModelDeployment controller: resolve adapter versions → plan the rollout from what each
+//! pod serves → load versions through the pods' admin API → apply the workloads → status.
 
 pub mod build;
+pub mod resolve;
 pub mod rollout;
+pub mod status;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use build::{adapters_config_map_name, build_children, endpoint, selector_labels};
+use hyper::Method;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use kubetune_crds::server_contract::{AdaptersFile, ModelList, ServedAdapter, SERVER_PORT};
+use kubetune_crds::{ModelDeployment, RolloutState};
+use kubetune_storage::{Credentials, Registry, Storage};
+use resolve::Unresolved;
+use rollout::{plan, PodView, Step};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const CONTROLLER: &str = "modeldeployment";
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let ns = md.namespace().ok_or_else(|| Error::MissingField { object: md.name_any(), field: "metadata.namespace" })?;
+    if md.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    // Backoff keys carry the kind: a FineTuneJob may share the name.
+    let key = format!("modeldeployment/{ns}/{}", md.name_any());
+
+    // Resolve every adapter; an unresolvable one keeps its promoted version serving.
+    let registry_uri = md.spec.registry.clone().or_else(|| ctx.config.default_registry.clone());
+    let promoted = current_promoted(&ctx, &ns, &md).await?;
+    let mut desired = Vec::new();
+    let mut unresolved = Vec::new();
+    match &registry_uri {
+        None if !md.spec.adapters.is_empty() => unresolved.push(Unresolved {
+            reason: "InvalidSpec",
+            message: "spec.registry: not set, and the operator has no default registry (--default-registry)".into(),
+        }),
+        None => {}
+        Some(uri) => {
+            let registry = open_registry(&ctx, &ns, &md, uri).await?;
+            for source in &md.spec.adapters {
+                let outcome = match &registry {
+                    Ok(r) => resolve::resolve(source, r, &ctx.client, &ns).await,
+                    Err(u) => Err(u.clone()),
+                };
+                match outcome {
+                    Ok(a) => desired.push(a),
+                    Err(u) => {
+                        desired.extend(promoted.adapters.iter().find(|a| a.name == source.name).cloned());
+                        unresolved.push(u);
+                    }
+                }
+            }
+        }
+    }
+
+    let pods = pod_views(&ctx, &ns, &md).await?;
+    let previous: Vec<_> = md.status.iter().flat_map(|s| s.rollout.clone()).collect();
+    let max_attempts = md.spec.rollout.as_ref().and_then(|r| r.max_attempts).unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    let mut the_plan = plan(&desired, &promoted, &pods.views, &previous, max_attempts);
+    for Step::Load { pod, adapter } in the_plan.steps.clone() {
+        if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter).await {
+            tracing::warn!(modeldeployment = %key, %pod, adapter = %adapter.source, %message, "adapter load failed");
+            if let Some(r) = the_plan.rollouts.iter_mut().find(|r| r.adapter == adapter.name && r.to_version == adapter.version) {
+                r.failed_attempts = Some(r.failed_attempts.unwrap_or(0) + 1);
+                r.message = Some(message);
+            }
+        }
+    }
+
+    let registry_arg = registry_uri.clone().unwrap_or_default();
+    let children = build_children(&md, &ctx.config, &registry_arg, &the_plan.promoted)?;
+    let params = PatchParams::apply(crate::FIELD_MANAGER).force();
+    apply(&ctx, &ns, &children.config_map, &params).await?;
+    apply(&ctx, &ns, &children.deployment, &params).await?;
+    apply(&ctx, &ns, &children.service, &params).await?;
+    if let Some(pdb) = &children.pdb {
+        apply(&ctx, &ns, pdb, &params).await?;
+    }
+
+    let observed = status::ObservedDeployment {
+        md: &md,
+        desired: &desired,
+        unresolved: &unresolved,
+        pods: &pods.views,
+        plan: &the_plan,
+        endpoint: endpoint(&md),
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    let new_status = status::derive_status(&observed);
+    let old_state = md.status.as_ref().and_then(|s| s.rollout.as_ref()).map(|r| (r.state, r.to_version));
+    if md.status.as_ref() != Some(&new_status) {
+        let patch = serde_json::json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "status": new_status});
+        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(&md.name_any(), &params, &Patch::Apply(&patch)).await?;
+    }
+    if let Some(r) = new_status.rollout.as_ref().filter(|r| old_state != Some((r.state, r.to_version))) {
+        let event = Event {
+            type_: if r.state == RolloutState::Failed { EventType::Warning } else { EventType::Normal },
+            reason: format!("Rollout{:?}", r.state),
+            note: Some(format!("{} v{} -> v{}: {:?}{}", r.adapter, r.from_version.unwrap_or(0), r.to_version, r.state, r.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())),
+            action: "Rollout".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+            tracing::warn!(modeldeployment = %key, error = %e, "could not publish event");
+        }
+    }
+    ctx.backoff.succeeded(&key);
+    // A rollout is followed closely; an adapter that is not there yet is looked for again soon;
+    // otherwise pod restarts are caught by the periodic check.
+    let rolling = the_plan.rollouts.iter().any(|r| r.state == RolloutState::Progressing);
+    Ok(Action::requeue(Duration::from_secs(match (rolling, unresolved.is_empty()) {
+        (true, _) => 3,
+        (false, false) => 15,
+        (false, true) => 30,
+    })))
+}
+
+/// The versions pods load at start, from the adapters ConfigMap (none before the first apply).
+async fn current_promoted(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<AdaptersFile> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let cm = api.get_opt(&adapters_config_map_name(md)).await?;
+    let text = cm.and_then(|c| c.data).and_then(|d| d.get("adapters.json").cloned());
+    Ok(text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default())
+}
+
+async fn open_registry(ctx: &Context, ns: &str, md: &ModelDeployment, uri: &str) -> Result<Result<Registry, Unresolved>> {
+    let mut vars = BTreeMap::new();
+    if let Some(secret) = &md.spec.storage_secret_ref {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let Some(found) = api.get_opt(&secret.name).await? else {
+            return Ok(Err(Unresolved { reason: "SecretNotFound", message: format!("spec.storageSecretRef.name: Secret {ns}/{} does not exist", secret.name) }));
+        };
+        for (k, v) in found.data.unwrap_or_default() {
+            if let Ok(v) = String::from_utf8(v.0) {
+                vars.insert(k, v);
+            }
+        }
+    }
+    Ok(Storage::from_uri(uri, &Credentials::from_vars(vars))
+        .map(Registry::open)
+        .map_err(|e| Unresolved { reason: "InvalidSpec", message: format!("spec.registry: {e}") }))
+}
+
+struct Pods {
+    views: Vec<PodView>,
+    ips: BTreeMap<String, String>,
+}
+
+/// What each server pod serves, asked of the pod itself.
+async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<Pods> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = selector_labels(md).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let mut views = Vec::new();
+    let mut ips = BTreeMap::new();
+    for pod in api.list(&ListParams::default().labels(&selector)).await?.items {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = pod.name_any();
+        let status = pod.status.unwrap_or_default();
+        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+        let served = match (&status.pod_ip, ready) {
+            (Some(ip), true) => {
+                ips.insert(name.clone(), ip.clone());
+                served_by(ctx, ip).await
+            }
+            _ => None,
+        };
+        views.push(PodView { name, ready, served });
+    }
+    Ok(Pods { views, ips })
+}
+
+async fn served_by(ctx: &Context, ip: &str) -> Option<BTreeMap<String, (u32, String)>> {
+    let reply = ctx.pod_http.send(Method::GET, ip, SERVER_PORT, "/v1/models", None).await.ok()?;
+    let list: ModelList = serde_json::from_slice(&reply.body).ok().filter(|_| reply.status == 200)?;
+    Some(list.data.into_iter().filter_map(|m| Some((m.id, (m.version?, m.digest?)))).collect())
+}
+
+/// Asks one pod to load an adapter version; Err carries the server's own explanation.
+async fn load(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter: &ServedAdapter) -> Result<(), String> {
+    let ip = ips.get(pod).ok_or_else(|| format!("pod {pod} has no IP"))?;
+    let body = serde_json::to_vec(adapter).map_err(|e| e.to_string())?;
+    let reply = ctx.pod_http.send(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body)).await?;
+    if (200..300).contains(&reply.status) {
+        Ok(())
+    } else {
+        Err(format!("pod {pod} answered HTTP {}: {}", reply.status, String::from_utf8_lossy(&reply.body)))
+    }
+}
+
+async fn apply<K>(ctx: &Context, ns: &str, obj: &K, params: &PatchParams) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
+    <K as Resource>::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let name = obj.meta().name.clone().ok_or_else(|| Error::MissingField { object: "child".into(), field: "metadata.name" })?;
+    api.patch(&name, params, &Patch::Apply(obj)).await?;
+    Ok(())
+}
+
+/// A failed reconcile is retried with exponential backoff per object.
+pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("modeldeployment/{}/{}", md.namespace().unwrap_or_default(), md.name_any());
+    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
+    let delay = ctx.backoff.failed(&key);
+    tracing::warn!(modeldeployment = %key, %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

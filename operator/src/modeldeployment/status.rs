@@ -1,0 +1,168 @@
+//! Pure derivation of a ModelDeployment's status.
+
+use super::resolve::Unresolved;
+use super::rollout::{Plan, PodView};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kubetune_crds::conditions::{condition, set_condition, READY};
+use kubetune_crds::server_contract::ServedAdapter;
+use kubetune_crds::{AdapterStatus, ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus, RolloutState};
+
+/// Most rollouts kept in status.rolloutHistory.
+const HISTORY: usize = 10;
+
+pub struct ObservedDeployment<'a> {
+    pub md: &'a ModelDeployment,
+    pub desired: &'a [ServedAdapter],
+    pub unresolved: &'a [Unresolved],
+    pub pods: &'a [PodView],
+    pub plan: &'a Plan,
+    pub endpoint: String,
+    pub now: Time,
+}
+
+/// The new status. Ready is true only when every desired replica is ready and serves every
+/// desired adapter version, as each pod itself reports.
+pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
+    let old = o.md.status.clone().unwrap_or_default();
+    let generation = o.md.metadata.generation;
+    let replicas = o.md.spec.replicas.unwrap_or(1);
+    let serves_all = |p: &PodView| {
+        o.desired.iter().all(|a| p.served.as_ref().and_then(|s| s.get(&a.name)).is_some_and(|(v, d)| *v == a.version && *d == a.digest))
+    };
+    let ready_pods: Vec<&PodView> = o.pods.iter().filter(|p| p.ready && p.served.is_some()).collect();
+    let ready_replicas = ready_pods.iter().filter(|p| serves_all(p)).count() as i32;
+
+    let adapters = o
+        .desired
+        .iter()
+        .map(|a| {
+            let versions: Vec<Option<u32>> = ready_pods.iter().map(|p| p.served.as_ref().and_then(|s| s.get(&a.name)).map(|(v, _)| *v)).collect();
+            let serving = match versions.first() {
+                Some(Some(v)) if versions.iter().all(|x| *x == Some(*v)) => Some(*v),
+                _ => None,
+            };
+            AdapterStatus { name: a.name.clone(), desired_version: Some(a.version), serving_version: serving, digest: Some(a.digest.clone()) }
+        })
+        .collect::<Vec<_>>();
+
+    let failed = o.plan.rollouts.iter().find(|r| r.state == RolloutState::Failed);
+    let progressing = o.plan.rollouts.iter().any(|r| r.state == RolloutState::Progressing);
+    let all_ready = ready_replicas == replicas && o.unresolved.is_empty() && failed.is_none() && !progressing;
+    let (phase, reason, message) = if let Some(u) = o.unresolved.first() {
+        let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Pending } else { ModelDeploymentPhase::Degraded };
+        (phase, u.reason.to_string(), u.message.clone())
+    } else if let Some(f) = failed {
+        let message = format!("rollout of {}@{} failed: {}", f.adapter, f.to_version, f.message.clone().unwrap_or_default());
+        let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Failed } else { ModelDeploymentPhase::Degraded };
+        (phase, "RolloutFailed".into(), message)
+    } else if progressing {
+        (ModelDeploymentPhase::Progressing, "RolloutInProgress".into(), String::new())
+    } else if all_ready {
+        (ModelDeploymentPhase::Ready, "AllReplicasServing".into(), String::new())
+    } else if ready_pods.is_empty() {
+        (ModelDeploymentPhase::Pending, "WaitingForReplicas".into(), format!("0 of {replicas} replicas ready"))
+    } else {
+        (ModelDeploymentPhase::Progressing, "ScalingReplicas".into(), format!("{ready_replicas} of {replicas} replicas ready"))
+    };
+
+    let mut status = ModelDeploymentStatus {
+        phase: Some(phase),
+        conditions: old.conditions.clone(),
+        observed_generation: generation,
+        replicas: Some(replicas),
+        ready_replicas: Some(ready_replicas),
+        ready_display: Some(format!("{ready_replicas}/{replicas}")),
+        serving_display: Some(
+            adapters
+                .iter()
+                .map(|a| format!("{}@{}", a.name, a.serving_version.map_or("-".into(), |v| format!("v{v}"))))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        adapters,
+        endpoint: Some(o.endpoint.clone()),
+        rollout: old.rollout.clone(),
+        rollout_history: old.rollout_history.clone(),
+    };
+    set_condition(&mut status.conditions, condition(READY, all_ready, &reason, message, generation, o.now.clone()));
+    for r in &o.plan.rollouts {
+        let mut r = r.clone();
+        let same = old.rollout.as_ref().filter(|p| p.adapter == r.adapter && p.to_digest == r.to_digest);
+        r.started_at = same.and_then(|p| p.started_at.clone()).or_else(|| Some(o.now.clone()));
+        let finished = matches!(r.state, RolloutState::Promoted | RolloutState::Failed | RolloutState::RolledBack);
+        r.finished_at = if finished { same.and_then(|p| p.finished_at.clone()).or_else(|| Some(o.now.clone())) } else { None };
+        if finished && same.is_none_or(|p| p.state != r.state) {
+            status.rollout_history.insert(0, r.clone());
+            status.rollout_history.truncate(HISTORY);
+        }
+        status.rollout = Some(r);
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::modeldeployment;
+    use crate::modeldeployment::rollout::plan;
+    use k8s_openapi::jiff::Timestamp;
+    use kubetune_crds::server_contract::AdaptersFile;
+    use std::collections::BTreeMap;
+
+    fn adapter(version: u32) -> ServedAdapter {
+        ServedAdapter { name: "support-bot".into(), source: format!("support-bot@{version}"), version, digest: format!("sha256:{version}") }
+    }
+
+    fn pod(name: &str, version: Option<u32>) -> PodView {
+        let served = version.map(|v| ("support-bot".to_string(), (v, format!("sha256:{v}")))).into_iter().collect::<BTreeMap<_, _>>();
+        PodView { name: name.into(), ready: true, served: Some(served) }
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_800_000_000).expect("valid"))
+    }
+
+    fn derive(md: &ModelDeployment, desired: &[ServedAdapter], promoted: &[ServedAdapter], pods: &[PodView], unresolved: &[Unresolved]) -> ModelDeploymentStatus {
+        let p = plan(desired, &AdaptersFile { adapters: promoted.to_vec() }, pods, &[], 3);
+        derive_status(&ObservedDeployment { md, desired, unresolved, pods, plan: &p, endpoint: "http://e".into(), now: now() })
+    }
+
+    fn ready(s: &ModelDeploymentStatus) -> bool {
+        s.conditions.iter().any(|c| c.type_ == READY && c.status == "True")
+    }
+
+    #[test]
+    fn ready_only_when_every_replica_serves_the_desired_version() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let s = derive(&md, &[adapter(1)], &[adapter(1)], &[pod("a", Some(1))], &[]);
+        assert!(ready(&s));
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Ready));
+        assert_eq!((s.ready_display.as_deref(), s.serving_display.as_deref()), (Some("1/1"), Some("support-bot@v1")));
+
+        let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(1))], &[]);
+        assert!(!ready(&s));
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Progressing));
+        assert_eq!(s.adapters[0].desired_version, Some(2));
+        assert_eq!(s.adapters[0].serving_version, Some(1));
+    }
+
+    #[test]
+    fn replicas_disagreeing_have_no_serving_version() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.replicas = Some(2);
+        let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(2)), pod("b", Some(1))], &[]);
+        assert_eq!(s.adapters[0].serving_version, None);
+        assert_eq!(s.ready_replicas, Some(1));
+    }
+
+    #[test]
+    fn unresolved_adapter_is_not_ready_and_says_why() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let missing = Unresolved { reason: "AdapterNotFound", message: "spec.adapters[support-bot]: no versions".into() };
+        let s = derive(&md, &[], &[], &[], &[missing]);
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Pending));
+        let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "AdapterNotFound"));
+        assert_eq!(s.endpoint.as_deref(), Some("http://e"));
+    }
+}
