@@ -6,10 +6,7 @@ use crate::error::{Error, Result};
 use crate::workload::{apply_placement, resources_or_one_gpu, restricted_container_security, restricted_pod_security};
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
-use kubetune_crds::trainer_contract::{
-    JobIdentity, TrainerDataset, TrainerJob, TrainerLora, TrainerQuantization, TrainerTraining, EXIT_INVALID_INPUT,
-    EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
-};
+use kubetune_crds::trainer_contract::{JobIdentity, TrainerJob, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV};
 use kubetune_crds::FineTuneJob;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -46,36 +43,15 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
         owner.name,
         owner.uid
     );
-    let spec = &ftj.spec;
     Ok(TrainerJob {
         owner,
-        base_model_uri: spec.base_model.uri.clone(),
-        dataset: TrainerDataset {
-            uri: spec.dataset.uri.clone(),
-            format: valid.dataset_format,
-            validation_split: spec.dataset.validation_split,
-            validation_uri: spec.dataset.validation_uri.clone(),
-            skip_invalid: spec.dataset.skip_invalid.unwrap_or(false),
-        },
+        base_model_uri: ftj.spec.base_model.uri.clone(),
+        dataset: valid.dataset.clone(),
         method: valid.method,
-        lora: TrainerLora { r: valid.r, alpha: valid.alpha, dropout: valid.dropout, target_modules: valid.target_modules.clone() },
-        quantization: valid.quant_type.map(|quant_type| TrainerQuantization {
-            bits: spec.quantization.as_ref().map_or(4, |q| q.bits),
-            quant_type,
-            double_quant: valid.double_quant,
-        }),
-        training: TrainerTraining {
-            epochs: valid.epochs,
-            max_steps: valid.max_steps,
-            learning_rate: valid.learning_rate,
-            batch_size: valid.batch_size,
-            gradient_accumulation_steps: valid.gradient_accumulation_steps,
-            max_seq_length: valid.max_seq_length,
-            warmup_steps: valid.warmup_steps,
-            scheduler: valid.scheduler,
-            seed: valid.seed,
-        },
-        adapter_name: spec.output.adapter_name.clone(),
+        lora: valid.lora.clone(),
+        quantization: valid.quantization.clone(),
+        training: valid.training.clone(),
+        adapter_name: ftj.spec.output.adapter_name.clone(),
         registry: valid.registry.clone(),
         checkpoint_uri,
     })

@@ -2,7 +2,8 @@
 //! registry known, and the model fitting the GPUs it asks for.
 
 use crate::config::OperatorConfig;
-use kubetune_crds::{DatasetFormat, FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule};
+use kubetune_crds::trainer_contract::{TrainerDataset, TrainerLora, TrainerQuantization, TrainerTraining};
+use kubetune_crds::{FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule};
 
 /// Why a FineTuneJob cannot run as written. `reason` becomes the condition reason.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,26 +33,15 @@ pub struct ModelShape {
     pub tie_word_embeddings: bool,
 }
 
-/// A FineTuneJob with every default filled in: what the trainer is asked to do.
+/// A FineTuneJob with every default filled in: what the trainer is asked to do, in the very
+/// types the trainer receives, plus what the pod needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidFineTuneJob {
     pub method: FineTuneMethod,
-    pub r: u32,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub target_modules: Vec<TargetModule>,
-    pub quant_type: Option<QuantType>,
-    pub double_quant: bool,
-    pub dataset_format: DatasetFormat,
-    pub epochs: Option<u32>,
-    pub max_steps: Option<u64>,
-    pub learning_rate: f64,
-    pub batch_size: u32,
-    pub gradient_accumulation_steps: u32,
-    pub max_seq_length: u32,
-    pub warmup_steps: u64,
-    pub scheduler: LrScheduler,
-    pub seed: u64,
+    pub lora: TrainerLora,
+    pub quantization: Option<TrainerQuantization>,
+    pub dataset: TrainerDataset,
+    pub training: TrainerTraining,
     pub registry: String,
     pub image: String,
     pub backoff_limit: i32,
@@ -79,25 +69,37 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         });
     }
     let training = &spec.training;
-    let quant = spec.quantization.as_ref();
     let valid = ValidFineTuneJob {
         method: spec.method,
-        r: spec.lora.r,
-        alpha: spec.lora.alpha,
-        dropout: spec.lora.dropout.unwrap_or(0.0),
-        target_modules: spec.lora.target_modules.clone().unwrap_or_else(|| vec![TargetModule::QProj, TargetModule::VProj]),
-        quant_type: quant.map(|q| q.quant_type.unwrap_or(if q.bits == 8 { QuantType::Int8 } else { QuantType::Nf4 })),
-        double_quant: quant.and_then(|q| q.double_quant).unwrap_or(true),
-        dataset_format: spec.dataset.format,
-        epochs: training.epochs,
-        max_steps: training.max_steps,
-        learning_rate: training.learning_rate,
-        batch_size: training.batch_size.unwrap_or(4),
-        gradient_accumulation_steps: training.gradient_accumulation_steps.unwrap_or(1),
-        max_seq_length: training.max_seq_length.unwrap_or(512),
-        warmup_steps: training.warmup_steps.unwrap_or(0),
-        scheduler: training.scheduler.unwrap_or(LrScheduler::Linear),
-        seed: training.seed.unwrap_or(42),
+        lora: TrainerLora {
+            r: spec.lora.r,
+            alpha: spec.lora.alpha,
+            dropout: spec.lora.dropout.unwrap_or(0.0),
+            target_modules: spec.lora.target_modules.clone().unwrap_or_else(|| vec![TargetModule::QProj, TargetModule::VProj]),
+        },
+        quantization: spec.quantization.as_ref().map(|q| TrainerQuantization {
+            bits: q.bits,
+            quant_type: q.quant_type.unwrap_or(if q.bits == 8 { QuantType::Int8 } else { QuantType::Nf4 }),
+            double_quant: q.double_quant.unwrap_or(true),
+        }),
+        dataset: TrainerDataset {
+            uri: spec.dataset.uri.clone(),
+            format: spec.dataset.format,
+            validation_split: spec.dataset.validation_split,
+            validation_uri: spec.dataset.validation_uri.clone(),
+            skip_invalid: spec.dataset.skip_invalid.unwrap_or(false),
+        },
+        training: TrainerTraining {
+            epochs: training.epochs,
+            max_steps: training.max_steps,
+            learning_rate: training.learning_rate,
+            batch_size: training.batch_size.unwrap_or(4),
+            gradient_accumulation_steps: training.gradient_accumulation_steps.unwrap_or(1),
+            max_seq_length: training.max_seq_length.unwrap_or(512),
+            warmup_steps: training.warmup_steps.unwrap_or(0),
+            scheduler: training.scheduler.unwrap_or(LrScheduler::Linear),
+            seed: training.seed.unwrap_or(42),
+        },
         registry,
         image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),
         backoff_limit: spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
@@ -134,7 +136,7 @@ fn check_gpu_memory(job: &ValidFineTuneJob, facts: &Facts) -> Result<(), Invalid
             reason: "InsufficientGPUMemory",
             message: format!(
                 "the model needs about {need} MiB to train with {:?} at batch {} x {} tokens, but {} GPU(s) of {gpu_mib} MiB give {have} MiB; use qlora, a smaller batch or maxSeqLength, or more GPUs",
-                job.method, job.batch_size, job.max_seq_length, job.gpus
+                job.method, job.training.batch_size, job.training.max_seq_length, job.gpus
             ),
         });
     }
@@ -157,6 +159,7 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
         FineTuneMethod::Qlora => params / 2 + params / 64,
     };
     let adapter_params: u64 = job
+        .lora
         .target_modules
         .iter()
         .map(|t| {
@@ -166,12 +169,12 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
                 TargetModule::GateProj | TargetModule::UpProj => (h, i),
                 TargetModule::DownProj => (i, h),
             };
-            u64::from(job.r) * (fan_in + fan_out)
+            u64::from(job.lora.r) * (fan_in + fan_out)
         })
         .sum::<u64>()
         * m.num_hidden_layers;
     let adapter_bytes = adapter_params * 16;
-    let tokens = u64::from(job.batch_size) * u64::from(job.max_seq_length);
+    let tokens = u64::from(job.training.batch_size) * u64::from(job.training.max_seq_length);
     // About 34 bf16 values per token per hidden unit per layer survive to the backward pass
     // without activation checkpointing, plus the logits.
     let activation_bytes = tokens * h * m.num_hidden_layers * 34 * 2 + tokens * m.vocab_size * 4;
@@ -200,9 +203,9 @@ mod tests {
     fn defaults_are_filled_in() {
         let ftj = finetunejob("minimal.yaml");
         let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
-        assert_eq!(valid.target_modules, vec![TargetModule::QProj, TargetModule::VProj]);
-        assert_eq!((valid.batch_size, valid.gradient_accumulation_steps, valid.max_seq_length), (4, 1, 512));
-        assert_eq!(valid.scheduler, LrScheduler::Linear);
+        assert_eq!(valid.lora.target_modules, vec![TargetModule::QProj, TargetModule::VProj]);
+        assert_eq!((valid.training.batch_size, valid.training.gradient_accumulation_steps, valid.training.max_seq_length), (4, 1, 512));
+        assert_eq!(valid.training.scheduler, LrScheduler::Linear);
         assert_eq!(valid.registry, "s3://kubetune/registry");
         assert_eq!(valid.image, "kubetune/trainer:test");
         assert_eq!(valid.gpus, 1, "no resources at all means one GPU");
@@ -255,7 +258,8 @@ mod tests {
     fn estimate_grows_with_batch_and_shrinks_with_qlora() {
         let config = OperatorConfig::for_tests();
         let lora = validate(&finetunejob("minimal.yaml").spec, &config, &Facts::default()).expect("valid");
-        let bigger = ValidFineTuneJob { batch_size: lora.batch_size * 4, ..lora.clone() };
+        let mut bigger = lora.clone();
+        bigger.training.batch_size *= 4;
         let qlora = ValidFineTuneJob { method: FineTuneMethod::Qlora, ..lora.clone() };
         let m = llama_8b();
         assert!(estimate_training_memory_mib(&bigger, &m) > estimate_training_memory_mib(&lora, &m));
