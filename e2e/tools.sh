@@ -25,6 +25,12 @@ from_package() {
   local version
   version="$(apt-cache policy "$package" 2>/dev/null | sed -n 's/^ *Candidate: *//p')"
   if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    # A fresh machine may have no package lists yet.
+    log "refreshing the package lists to find $package"
+    apt-get update -qq >/dev/null 2>&1 || true
+    version="$(apt-cache policy "$package" 2>/dev/null | sed -n 's/^ *Candidate: *//p')"
+  fi
+  if [ -z "$version" ] || [ "$version" = "(none)" ]; then
     log "package $package unknown to apt; run 'apt-get update' or put $binary on PATH"
     return 1
   fi
