@@ -1,1 +1,31 @@
-//! placeholder
+//! Llama-family causal language models (Llama 2/3, Mistral, Qwen2) in candle, with LoRA
+//! adapters kept outside the frozen base, shared by the trainer and the inference server.
+//!
+//! - [`Config`] mirrors HF config.json; [`load::load_model`] reads an HF model directory.
+//! - [`CausalLm::forward`] takes token ids, the position offset, an optional KV cache and an
+//!   optional adapter.
+//! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
+//! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
+//! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
+
+pub mod cache;
+pub mod config;
+mod corpus;
+pub mod error;
+pub mod generate;
+pub mod linear;
+pub mod load;
+pub mod lora;
+pub mod model;
+pub mod nf4;
+pub mod peft;
+pub mod rope;
+pub mod tensors;
+pub mod tiny;
+
+pub use cache::KvCache;
+pub use config::Config;
+pub use error::{ModelError, Result};
+pub use load::{load_model, BaseFormat, LoadOptions};
+pub use lora::{ActiveAdapter, LoraAdapter, LoraConfig, TargetModule};
+pub use model::CausalLm;

@@ -1,0 +1,269 @@
+//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral and Qwen2 share.
+//! Unknown fields are ignored (HF configs carry many that do not affect the forward pass), but
+//! every field that changes the maths is either honoured or rejected, never silently dropped.
+
+use crate::error::{ModelError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Absent in old Llama configs, which means plain multi-head attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Some configs (Mistral Nemo, Qwen3-style) set it explicitly instead of hidden/heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama: bias on q, k, v and o. Qwen2 has no such field; it always has q/k/v bias.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+}
+
+/// `eos_token_id` is a single id in Llama 2 and a list in Llama 3 instruct models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// RoPE frequency scaling. Only the kinds implemented here are accepted; a config asking for
+/// another kind (yarn, dynamic, ...) is rejected so the model never runs with wrong positions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// HF wrote `type` before it wrote `rope_type`.
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default = "one")]
+    pub factor: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_positions() -> usize {
+    4096
+}
+fn one() -> f64 {
+    1.0
+}
+
+/// The architectures whose weight layout and maths this crate implements.
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+
+impl Config {
+    /// Reads and validates config.json.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(ModelError::io(path))?;
+        let config: Config =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.into(), source })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks the invariants the forward pass relies on; `path` only labels the error.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, reason: String| ModelError::InvalidConfig {
+            path: path.into(),
+            field: field.into(),
+            reason,
+        };
+        if !SUPPORTED.contains(&self.model_type.as_str()) {
+            return Err(bad("model_type", format!("`{}` is not one of {SUPPORTED:?}", self.model_type)));
+        }
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ] {
+            if value == 0 {
+                return Err(bad(field, "must be positive".into()));
+            }
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(bad(
+                "num_key_value_heads",
+                format!("{kv} does not divide num_attention_heads {}", self.num_attention_heads),
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(bad(
+                "num_attention_heads",
+                format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(bad("head_dim", format!("{} is odd; RoPE needs an even head size", self.head_dim())));
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(bad("hidden_act", format!("`{act}` is not supported (only silu)")));
+            }
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            match scaling.rope_type.as_str() {
+                "default" | "linear" => {}
+                "llama3" => {
+                    if scaling.low_freq_factor.is_none()
+                        || scaling.high_freq_factor.is_none()
+                        || scaling.original_max_position_embeddings.is_none()
+                    {
+                        return Err(bad(
+                            "rope_scaling",
+                            "llama3 scaling needs low_freq_factor, high_freq_factor and original_max_position_embeddings".into(),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(bad("rope_scaling.rope_type", format!("`{other}` is not supported (default, linear, llama3)")))
+                }
+            }
+            if !(scaling.factor > 0.0) {
+                return Err(bad("rope_scaling.factor", format!("{} must be positive", scaling.factor)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Whether q/k/v carry a bias: always for Qwen2, by `attention_bias` for Llama.
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias
+    }
+
+    /// Whether o_proj carries a bias (Qwen2's does not).
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias
+    }
+
+    /// The attention window, if the model uses one. Qwen2 configs list a window but switch it
+    /// off with `use_sliding_window: false`; Mistral's has no switch and means it.
+    pub fn attention_window(&self) -> Option<usize> {
+        let default_on = self.model_type != "qwen2";
+        if self.use_sliding_window.unwrap_or(default_on) {
+            self.sliding_window
+        } else {
+            None
+        }
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config> {
+        let c: Config = serde_json::from_str(json).map_err(|source| ModelError::Json { path: "t".into(), source })?;
+        c.validate(Path::new("config.json"))?;
+        Ok(c)
+    }
+
+    #[test]
+    fn reads_llama3_style_config() {
+        let c = parse(r#"{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"rope_theta":500000.0,
+            "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+            "original_max_position_embeddings":8192,"rope_type":"llama3"},"eos_token_id":[128001,128008,128009],
+            "architectures":["LlamaForCausalLM"]}"#)
+        .expect("valid config");
+        assert_eq!(c.num_kv_heads(), 8);
+        assert_eq!(c.head_dim(), 128);
+        assert_eq!(c.eos_token_ids(), vec![128001, 128008, 128009]);
+        assert!(!c.qkv_bias());
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_no_window_by_default() {
+        let c = parse(r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
+            "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"sliding_window":32768,
+            "use_sliding_window":false,"tie_word_embeddings":true,"eos_token_id":151643}"#)
+        .expect("valid config");
+        assert!(c.qkv_bias() && !c.o_bias() && c.tie_word_embeddings);
+        assert_eq!(c.attention_window(), None);
+    }
+
+    #[test]
+    fn mistral_window_is_on_without_a_switch() {
+        let c = parse(r#"{"model_type":"mistral","vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"sliding_window":4096}"#)
+        .expect("valid config");
+        assert_eq!(c.attention_window(), Some(4096));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_compute() {
+        let base = r#""vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+        let cases = [
+            (format!(r#"{{"model_type":"gpt2",{base}}}"#), "field `model_type`"),
+            (format!(r#"{{"model_type":"llama",{base},"num_key_value_heads":3}}"#), "field `num_key_value_heads`"),
+            (format!(r#"{{"model_type":"llama",{base},"rope_scaling":{{"rope_type":"yarn","factor":4.0}}}}"#), "field `rope_scaling.rope_type`"),
+            (format!(r#"{{"model_type":"llama",{base},"hidden_act":"gelu"}}"#), "field `hidden_act`"),
+        ];
+        for (json, expected) in cases {
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(err.contains("config.json") && err.contains(expected), "{json}: {err}");
+        }
+    }
+}

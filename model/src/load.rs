@@ -1,0 +1,83 @@
+//! Loading a model directory in HF layout: config.json plus model.safetensors, or shards listed
+//! in model.safetensors.index.json.
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::linear::DenseStore;
+use crate::model::CausalLm;
+use crate::nf4::Nf4Store;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// How the frozen base is held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseFormat {
+    /// f32 weights (plain LoRA).
+    #[default]
+    Dense,
+    /// NF4 with double quantization (QLoRA).
+    Nf4,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub base: BaseFormat,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, base: BaseFormat::Dense }
+    }
+}
+
+/// The safetensors files of a model directory, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(ModelError::NoWeights { dir: dir.into() });
+    }
+    let text = std::fs::read_to_string(&index).map_err(ModelError::io(&index))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::InvalidConfig {
+        path: index.clone(),
+        field: "weight_map".into(),
+        reason: "missing or not an object".into(),
+    })?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| ModelError::InvalidConfig {
+            path: index.clone(),
+            field: format!("weight_map.{tensor}"),
+            reason: "not a file name".into(),
+        })?;
+        files.insert(dir.join(file));
+    }
+    Ok(files.into_iter().collect())
+}
+
+/// Reads config.json and the weights of `dir`.
+pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm)> {
+    let config = Config::from_file(&dir.join("config.json"))?;
+    let files = weight_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
+    // nobody rewriting a model file while it is loaded.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &options.device) }
+        .map_err(|source| ModelError::Weights { path: dir.into(), source })?;
+    let model = match options.base {
+        BaseFormat::Dense => CausalLm::load(vb, &config, &DenseStore),
+        BaseFormat::Nf4 => CausalLm::load(vb, &config, &Nf4Store),
+    }
+    .map_err(|e| match e {
+        ModelError::Candle(source) => ModelError::Weights { path: dir.into(), source },
+        other => other,
+    })?;
+    Ok((config, model))
+}

@@ -1,0 +1,317 @@
+//! The decoder: embeddings, N pre-norm layers (GQA attention + SwiGLU MLP), final norm, head.
+//!
+//! Weight names follow the HF safetensors keys (`model.layers.0.self_attn.q_proj.weight`, ...)
+//! because every tensor is fetched with `vb.pp(...)` paths that spell them out.
+
+use crate::cache::KvCache;
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::linear::{BaseWeight, DenseStore, Projection, RmsNorm, WeightStore};
+use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
+use crate::rope::{self, Rope};
+use candle_core::{Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    input_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+}
+
+/// A Llama-family causal LM with a frozen base. Adapters are passed to `forward`, not stored.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    config: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// None when tied to the embeddings.
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    device: Device,
+}
+
+impl CausalLm {
+    /// Builds the model from a VarBuilder rooted at the checkpoint (keys `model.*`, `lm_head.*`).
+    /// Projection weights go through `store`, which may quantize them.
+    pub fn load(vb: VarBuilder, config: &Config, store: &dyn WeightStore) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed = m.pp("embed_tokens").get((config.vocab_size, config.hidden_size), "weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            layers.push(Layer::load(m.pp("layers").pp(i), config, store, i)?);
+        }
+        let norm = RmsNorm::load(m.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(vb.pp("lm_head").get((config.vocab_size, config.hidden_size), "weight")?)
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(config),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Loads dense (full-precision) weights.
+    pub fn load_dense(vb: VarBuilder, config: &Config) -> Result<Self> {
+        Self::load(vb, config, &DenseStore)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits of shape (batch, seq, vocab) for `input_ids` (batch, seq) at positions
+    /// `offset..offset+seq`. With a cache, keys and values of earlier calls are reused and
+    /// this call's are appended; `offset` must then equal the cached length.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        adapter: Option<&ActiveAdapter>,
+    ) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        if let Some(c) = cache.as_deref() {
+            if c.num_layers() != self.layers.len() {
+                return Err(ModelError::Adapter(format!(
+                    "KV cache has {} layers, the model {}",
+                    c.num_layers(),
+                    self.layers.len()
+                )));
+            }
+            if c.len() != offset {
+                return Err(ModelError::Adapter(format!(
+                    "forward at offset {offset} but the KV cache holds {} positions",
+                    c.len()
+                )));
+            }
+        }
+        let (cos, sin) = self.rope.tables(offset, seq, &self.device)?;
+        let mask = self.mask(seq, offset)?;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().and_then(|c| c.layer_mut(i));
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, adapter)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (b, t, h) = x.dims3()?;
+        let logits = x.reshape((b * t, h))?.matmul(&head.t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies the
+    /// sliding window when the config has one.
+    fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
+        if seq == 1 && self.config.attention_window().is_none_or(|w| offset < w) {
+            return Ok(None);
+        }
+        let total = offset + seq;
+        let window = self.config.attention_window();
+        let mut m = Vec::with_capacity(seq * total);
+        for i in 0..seq {
+            let pos = offset + i;
+            for j in 0..total {
+                let visible = j <= pos && window.is_none_or(|w| pos - j < w);
+                m.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (seq, total), &self.device)?))
+    }
+
+    /// A copy of this model with the adapter folded into the base weights:
+    /// W' = W + scale * B A. Used to check the unmerged path and to serve merged models.
+    pub fn merged(&self, adapter: &LoraAdapter) -> Result<Self> {
+        let mut out = self.clone();
+        let scale = adapter.config.scale();
+        for (&(layer, module), pair) in adapter.pairs() {
+            let l = out
+                .layers
+                .get_mut(layer)
+                .ok_or_else(|| ModelError::Adapter(format!("adapter has layer {layer}, model has {}", self.layers.len())))?;
+            let p = l.projection_mut(module);
+            let delta = (pair.b.matmul(&pair.a)? * scale)?;
+            p.weight = BaseWeight::Dense((p.weight.dense()? + delta)?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes held by the projection weights, and how many of them are quantized. Lets tests
+    /// and metrics check that a QLoRA base really stays 4-bit.
+    pub fn projection_storage(&self) -> (usize, usize) {
+        let mut bytes = 0;
+        let mut quantized = 0;
+        for l in &self.layers {
+            for m in TargetModule::ALL {
+                match &l.projection(m).weight {
+                    BaseWeight::Dense(t) => bytes += t.elem_count() * t.dtype().size_in_bytes(),
+                    BaseWeight::Nf4(q) => {
+                        bytes += q.storage_bytes();
+                        quantized += 1;
+                    }
+                }
+            }
+        }
+        (bytes, quantized)
+    }
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, c: &Config, store: &dyn WeightStore, i: usize) -> Result<Self> {
+        let a = vb.pp("self_attn");
+        let proj = |vb: &VarBuilder, m: TargetModule, bias: bool| Projection::load(vb, store, m.shape(c), bias, i, m);
+        let attn = Attention {
+            q: proj(&a, TargetModule::QProj, c.qkv_bias())?,
+            k: proj(&a, TargetModule::KProj, c.qkv_bias())?,
+            v: proj(&a, TargetModule::VProj, c.qkv_bias())?,
+            o: proj(&a, TargetModule::OProj, c.o_bias())?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+        };
+        let m = vb.pp("mlp");
+        let mlp = Mlp {
+            gate: proj(&m, TargetModule::GateProj, c.mlp_bias)?,
+            up: proj(&m, TargetModule::UpProj, c.mlp_bias)?,
+            down: proj(&m, TargetModule::DownProj, c.mlp_bias)?,
+        };
+        Ok(Self {
+            attn,
+            mlp,
+            input_norm: RmsNorm::load(vb.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            post_attn_norm: RmsNorm::load(vb.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+        })
+    }
+
+    fn projection(&self, m: TargetModule) -> &Projection {
+        match m {
+            TargetModule::QProj => &self.attn.q,
+            TargetModule::KProj => &self.attn.k,
+            TargetModule::VProj => &self.attn.v,
+            TargetModule::OProj => &self.attn.o,
+            TargetModule::GateProj => &self.mlp.gate,
+            TargetModule::UpProj => &self.mlp.up,
+            TargetModule::DownProj => &self.mlp.down,
+        }
+    }
+
+    fn projection_mut(&mut self, m: TargetModule) -> &mut Projection {
+        match m {
+            TargetModule::QProj => &mut self.attn.q,
+            TargetModule::KProj => &mut self.attn.k,
+            TargetModule::VProj => &mut self.attn.v,
+            TargetModule::OProj => &mut self.attn.o,
+            TargetModule::GateProj => &mut self.mlp.gate,
+            TargetModule::UpProj => &mut self.mlp.up,
+            TargetModule::DownProj => &mut self.mlp.down,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        adapter: Option<&ActiveAdapter>,
+    ) -> Result<Tensor> {
+        let h = self.attn.forward(&self.input_norm.forward(x)?, cos, sin, mask, kv, adapter)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?, adapter)?;
+        Ok((x + h)?)
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        adapter: Option<&ActiveAdapter>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.q.forward(x, adapter)?, self.heads)?;
+        let k = split(self.k.forward(x, adapter)?, self.kv_heads)?;
+        let v = split(self.v.forward(x, adapter)?, self.kv_heads)?;
+        let q = rope::apply(&q, cos, sin)?;
+        let mut k = rope::apply(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(slot) = kv {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let k = repeat_kv(&k, self.heads / self.kv_heads)?;
+        let v = repeat_kv(&v, self.heads / self.kv_heads)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (self.head_dim as f64).sqrt())?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        // The generic softmax is built from differentiable ops; the fused one has no backward.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&out, adapter)
+    }
+}
+
+/// Expands (b, kv_heads, s, d) to (b, kv_heads * n, s, d) so each query head has its KV head.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, kv, n, s, d))?.reshape((b, kv * n, s, d))?)
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
+        let gate = self.gate.forward(x, adapter)?.silu()?;
+        let up = self.up.forward(x, adapter)?;
+        self.down.forward(&(gate * up)?, adapter)
+    }
+}
+

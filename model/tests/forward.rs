@@ -1,0 +1,114 @@
+//! Forward-pass behaviour: LoRA against merged weights, dropout, KV cache, sharded loading,
+//! gradients reaching only the adapters.
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use kubetune_model::{load_model, ActiveAdapter, KvCache, LoadOptions};
+
+const PROMPT: [u32; 9] = [0, 57, 80, 120, 301, 44, 9, 200, 17];
+
+#[test]
+fn lora_forward_equals_merged_weights_with_scale_not_one() {
+    let t = tiny();
+    // alpha / r = 3: a wrongly placed scale (on the base, or missing) would show.
+    let (adapter, _vars) = random_adapter(&t.config, 4, 12.0, 0.0);
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let with_lora = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("lora forward");
+    let merged = t.model.merged(&adapter).expect("merge");
+    let merged_out = merged.forward(&ids(&PROMPT), 0, None, None).expect("merged forward");
+    let base_out = t.model.forward(&ids(&PROMPT), 0, None, None).expect("base forward");
+    let diff = max_abs_diff(&with_lora, &merged_out);
+    assert!(diff < 1e-4, "lora vs merged differ by {diff}");
+    assert!(max_abs_diff(&with_lora, &base_out) > 1e-2, "the adapter must change the output");
+}
+
+#[test]
+fn dropout_applies_only_when_training() {
+    let t = tiny();
+    let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.5);
+    let eval = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let a = t.model.forward(&ids(&PROMPT), 0, None, Some(&eval)).expect("eval");
+    let merged = t.model.merged(&adapter).expect("merge").forward(&ids(&PROMPT), 0, None, None).expect("merged");
+    assert!(max_abs_diff(&a, &merged) < 1e-4, "no dropout at eval");
+    let train = |seed| {
+        let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(seed) };
+        t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("train")
+    };
+    assert!(max_abs_diff(&train(1), &a) > 1e-3, "dropout changes the training output");
+    assert_eq!(max_abs_diff(&train(1), &train(1)), 0.0, "same seed, same masks");
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let t = tiny();
+    let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.0);
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let full = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("full");
+    let mut cache = KvCache::new(t.config.num_hidden_layers);
+    let split = 5;
+    let first = t.model.forward(&ids(&PROMPT[..split]), 0, Some(&mut cache), Some(&active)).expect("prefix");
+    assert!(max_abs_diff(&first, &full.narrow(1, 0, split).expect("narrow")) < 1e-4);
+    for (i, &tok) in PROMPT.iter().enumerate().skip(split) {
+        let step = t.model.forward(&ids(&[tok]), i, Some(&mut cache), Some(&active)).expect("step");
+        let expected = full.narrow(1, i, 1).expect("narrow");
+        assert!(max_abs_diff(&step, &expected) < 1e-4, "position {i}");
+    }
+    let wrong = t.model.forward(&ids(&[1]), 3, Some(&mut cache), None).expect_err("offset mismatch");
+    assert!(wrong.to_string().contains("KV cache holds 9"), "{wrong}");
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_a_single_file() {
+    let t = tiny();
+    let sharded = tempfile::tempdir().expect("dir");
+    let all = kubetune_model::tensors::load(&t.dir.path().join("model.safetensors"), &Device::Cpu).expect("load");
+    let (mut one, mut two) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, tensor)) in all.into_iter().enumerate() {
+        let file = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        weight_map.insert(name.clone(), file.into());
+        if i % 2 == 0 { one.insert(name, tensor) } else { two.insert(name, tensor) };
+    }
+    kubetune_model::tensors::save(&sharded.path().join("model-00001-of-00002.safetensors"), &one).expect("shard 1");
+    kubetune_model::tensors::save(&sharded.path().join("model-00002-of-00002.safetensors"), &two).expect("shard 2");
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), index.to_string()).expect("index");
+    std::fs::copy(t.dir.path().join("config.json"), sharded.path().join("config.json")).expect("config");
+    let (_, model) = load_model(sharded.path(), &LoadOptions::default()).expect("sharded load");
+    let a = model.forward(&ids(&PROMPT), 0, None, None).expect("sharded forward");
+    let b = t.model.forward(&ids(&PROMPT), 0, None, None).expect("forward");
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn missing_weights_name_the_directory_and_tensor() {
+    let t = tiny();
+    let broken = tempfile::tempdir().expect("dir");
+    let mut all = kubetune_model::tensors::load(&t.dir.path().join("model.safetensors"), &Device::Cpu).expect("load");
+    all.remove("model.layers.1.mlp.up_proj.weight");
+    kubetune_model::tensors::save(&broken.path().join("model.safetensors"), &all).expect("save");
+    std::fs::copy(t.dir.path().join("config.json"), broken.path().join("config.json")).expect("config");
+    let err = load_model(broken.path(), &LoadOptions::default()).expect_err("missing tensor").to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    let empty = tempfile::tempdir().expect("dir");
+    std::fs::copy(t.dir.path().join("config.json"), empty.path().join("config.json")).expect("config");
+    let err = load_model(empty.path(), &LoadOptions::default()).expect_err("no weights").to_string();
+    assert!(err.contains("no model.safetensors"), "{err}");
+}
+
+#[test]
+fn gradients_reach_adapters_of_every_layer() {
+    let t = tiny();
+    let (adapter, vars) = random_adapter(&t.config, 4, 8.0, 0.0);
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let logits = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("forward");
+    let loss = logits.sqr().expect("sqr").mean_all().expect("mean");
+    let grads = loss.backward().expect("backward");
+    for v in &vars {
+        let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+        let norm: f32 = g.sqr().expect("sqr").sum_all().expect("sum").to_scalar().expect("scalar");
+        assert!(norm > 0.0, "zero gradient for {}", v.name);
+    }
+}
