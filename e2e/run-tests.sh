@@ -11,6 +11,8 @@ if [ "${KUBETUNE_KEEP_CLUSTER:-0}" != 1 ]; then
   trap 'e2e/cluster/down.sh >/dev/null 2>&1 || true' EXIT
 fi
 e2e/cluster/up.sh
+# The binaries the node agent runs for kubetune/* images (operator, trainer, server pods).
+cargo build --locked --workspace --bins -q
 # helm, promtool, lua and actionlint for the chart, alert, Argo CD and CI workflow tests (built or unpacked once, then cached).
 e2e/tools.sh >/dev/null
 export KUBECONFIG="$kubeconfig" KUBECTL="$kube_bin/kubectl" KUBETUNE_S3_ENV="$state/s3.env"

@@ -8,7 +8,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 target="${CARGO_TARGET_DIR:-$repo_root/target}"
 (cd "$repo_root" && cargo build -q -p kubetune-node-agent)
 cat >"$cluster_dir/node-agent.yaml" <<YAML
-# Image (tag ignored) -> local binary that stands in for the image's entrypoint.
+# Image (tag ignored) -> local binary that stands in for the image's entrypoint. Only the short
+# kubetune/* names map: a chart installed with its default ghcr.io images (as the chart tests do)
+# stays unstarted, so only an install that asks for these names runs a live operator.
 images:
   kubetune/operator: $target/debug/kubetune-operator
   kubetune/trainer: $target/debug/kubetune-trainer

@@ -110,6 +110,20 @@ where
     }
 }
 
+/// Waits until the named object is gone, or fails after `timeout`.
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, timeout: Duration) -> Result<()>
+where
+    K: Clone + Debug + Send + DeserializeOwned + Resource + 'static,
+{
+    let Some(obj) = api.get_opt(name).await? else { return Ok(()) };
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, kube::runtime::wait::conditions::is_deleted(&uid))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(anyhow!(e)).context(format!("watching {name} for deletion")),
+        Err(_) => bail!("{name} still exists after {timeout:?}"),
+    }
+}
+
 /// Splits a multi-document YAML file into JSON objects, skipping empty documents.
 pub fn yaml_documents(text: &str) -> Result<Vec<serde_json::Value>> {
     let mut docs = Vec::new();

@@ -106,7 +106,7 @@ fn nondefault_values_reach_the_manifests() -> Result<()> {
     let c = container(deployment);
     assert_eq!(c["image"], "registry.example.com/kubetune/operator:1.2.3");
     assert_eq!(c["imagePullPolicy"], "Always");
-    assert_eq!(strings(&c["args"]), ["--leader-election", "--http-addr=0.0.0.0:8081", "--concurrency=16"]);
+    assert_eq!(strings(&c["args"]), ["--leader-election", "--http-addr=$(POD_IP):8081", "--concurrency=16"]);
     for (name, value) in [
         ("KUBETUNE_TRAINER_IMAGE", "registry.example.com/kubetune/trainer:1.2.3"),
         ("KUBETUNE_SERVER_IMAGE", "registry.example.com/kubetune/server:1.2.3-cpu"),

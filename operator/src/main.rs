@@ -51,10 +51,6 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_json);
-    // Two TLS crypto providers are linked (see Cargo.toml); choose one before any client exists.
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
-        tracing::debug!("a TLS crypto provider was already installed");
-    }
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
     client.apiserver_version().await.context("the Kubernetes API does not answer")?;
 
