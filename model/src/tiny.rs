@@ -130,9 +130,9 @@ fn train_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-/// Random weights. Projections use N(0, 0.02) as HF initialises Llama; the untied head uses
-/// N(0, 1/hidden) so that, after the final norm, logits can separate tokens clearly and a
-/// LoRA-only fine-tune can make the model answer confidently.
+/// Random weights, N(0, 1/fan_in) everywhere (not HF's N(0, 0.02)): at this tiny width 0.02
+/// makes every layer nearly the identity, and a LoRA-only fine-tune then has no features to
+/// build on. The head's scale lets the final-normed state separate tokens clearly.
 fn random_weights(c: &Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = BTreeMap::new();
@@ -148,7 +148,7 @@ fn random_weights(c: &Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
         for m in TargetModule::ALL {
             let (fan_in, fan_out) = m.shape(c);
             let name = format!("model.layers.{layer}.{}.{}.weight", m.parent(), m.name());
-            normal(name, (fan_out, fan_in), 0.02)?;
+            normal(name, (fan_out, fan_in), 1.0 / (fan_in as f32).sqrt())?;
         }
     }
     let ones = Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?;

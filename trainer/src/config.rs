@@ -1,0 +1,212 @@
+//! The run's settings: a YAML (or JSON) file, with names as in the FineTuneJob spec
+//! (camelCase), so an operator-made job and a hand-written train.yaml read the same.
+//! Unknown keys are errors: a misspelt `learningRate` must not silently train with the default.
+
+use crate::error::{Result, TrainError};
+use kubetune_model::{LoraConfig, TargetModule};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Directory of the base model in HF layout (path or file:// URI).
+    pub model: String,
+    /// Recorded as base_model_name_or_path in adapter_config.json; defaults to `model`.
+    #[serde(default)]
+    pub base_model_name: Option<String>,
+    pub dataset: DatasetConfig,
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub lora: LoraSettings,
+    #[serde(default)]
+    pub training: TrainingSettings,
+    /// Output directory: adapter files, training_metrics.json and checkpoints/.
+    pub output: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub path: String,
+    pub format: DataFormat,
+    /// Fraction of the examples held out for evaluation (taken after a seeded shuffle).
+    #[serde(default)]
+    pub validation_split: Option<f64>,
+    /// A separate validation file in the same format; excludes `validationSplit`.
+    #[serde(default)]
+    pub validation_path: Option<String>,
+    /// Skip malformed lines (and report how many) instead of failing before training.
+    #[serde(default)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    Instruction,
+    Chat,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Lora,
+    Qlora,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<TargetModule>,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec![TargetModule::QProj, TargetModule::VProj] }
+    }
+}
+
+impl LoraSettings {
+    pub fn to_lora(&self) -> LoraConfig {
+        let mut target_modules = self.target_modules.clone();
+        target_modules.sort();
+        target_modules.dedup();
+        LoraConfig { r: self.r, alpha: self.alpha, dropout: self.dropout, target_modules }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    Constant,
+    #[default]
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TrainingSettings {
+    /// Passes over the data; ignored when `maxSteps` is set.
+    pub epochs: Option<u32>,
+    pub max_steps: Option<u64>,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub max_seq_length: usize,
+    pub warmup_steps: u64,
+    pub scheduler: Scheduler,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub max_grad_norm: f64,
+    /// Concatenate examples into sequences of up to maxSeqLength tokens.
+    pub packing: bool,
+    /// Evaluate every N optimizer steps (0: only at the end).
+    pub eval_steps: u64,
+    /// Checkpoint every N optimizer steps (0: never).
+    pub save_steps: u64,
+    /// Log the training loss every N steps.
+    pub logging_steps: u64,
+    pub seed: u64,
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        Self {
+            epochs: Some(1),
+            max_steps: None,
+            learning_rate: 2e-4,
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            max_seq_length: 512,
+            warmup_steps: 0,
+            scheduler: Scheduler::Linear,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            packing: false,
+            eval_steps: 0,
+            save_steps: 0,
+            logging_steps: 10,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads YAML (JSON is YAML too); serde_yaml's message carries the line and column.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+        let config: TrainConfig = serde_yaml::from_str(&text)
+            .map_err(|e| TrainError::Config { path: path.display().to_string(), message: e.to_string() })?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks ranges the training loop relies on; `source` labels the error.
+    pub fn validate(&self, source: &str) -> Result<()> {
+        let bad = |field: &str, why: String| TrainError::Config { path: source.into(), message: format!("{field}: {why}") };
+        let t = &self.training;
+        if t.epochs.unwrap_or(0) == 0 && t.max_steps.unwrap_or(0) == 0 {
+            return Err(bad("training", "set epochs or maxSteps to a positive number".into()));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return Err(bad("training.learningRate", format!("{} must be positive", t.learning_rate)));
+        }
+        for (field, v) in [
+            ("training.batchSize", t.batch_size),
+            ("training.gradientAccumulationSteps", t.gradient_accumulation_steps),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be positive".into()));
+            }
+        }
+        if t.max_seq_length < 2 {
+            return Err(bad("training.maxSeqLength", format!("{} is too short (at least 2)", t.max_seq_length)));
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
+            return Err(bad("training.weightDecay/maxGradNorm", "must not be negative".into()));
+        }
+        if let Some(split) = self.dataset.validation_split {
+            if !(split > 0.0 && split < 1.0) {
+                return Err(bad("dataset.validationSplit", format!("{split} is not in (0, 1)")));
+            }
+            if self.dataset.validation_path.is_some() {
+                return Err(bad("dataset", "set validationSplit or validationPath, not both".into()));
+            }
+        }
+        self.lora.to_lora().validate().map_err(|e| bad("lora", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misspelt_keys_are_errors_with_a_location() {
+        let dir = std::env::temp_dir().join(format!("kubetune-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("train.yaml");
+        std::fs::write(&path, "model: m\noutput: o\ndataset:\n  path: d\n  format: text\ntraining:\n  learningrate: 1\n")
+            .expect("write");
+        let err = TrainConfig::from_file(&path).expect_err("typo").to_string();
+        assert!(err.contains("train.yaml") && err.contains("learningrate") && err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn defaults_fill_an_minimal_config() {
+        let c: TrainConfig =
+            serde_yaml::from_str("model: m\noutput: o\ndataset: {path: d, format: chat}\n").expect("minimal");
+        c.validate("t").expect("valid");
+        assert_eq!(c.training.batch_size, 4);
+        assert_eq!(c.lora.to_lora().target_modules, vec![TargetModule::QProj, TargetModule::VProj]);
+    }
+}

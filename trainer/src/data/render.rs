@@ -1,0 +1,51 @@
+//! Turning records into text segments, each marked as trained on or not.
+//!
+//! Formats (documented defaults; the tiny model's tokenizer has the role markers as special
+//! tokens, other models see them as plain text):
+//! - instruction: `### Instruction:\n{instruction}\n\n[### Context:\n{context}\n\n]### Response:\n`
+//!   then `{response}` + EOS, trained on the response and EOS only;
+//! - chat, when tokenizer_config.json has no chat template: per message
+//!   `<|{role}|>\n{content}<|end|>\n`, with `<|assistant|>\n` opening each assistant turn; trained
+//!   on assistant contents and their `<|end|>\n`, then EOS after the last message;
+//! - text: `{text}` + EOS, all trained on.
+
+use super::records::{Record, Role};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub text: String,
+    pub trained: bool,
+}
+
+fn seg(text: impl Into<String>, trained: bool) -> Segment {
+    Segment { text: text.into(), trained }
+}
+
+/// The prompt part of an instruction record, also used to prompt the model at inference.
+pub fn instruction_prompt(instruction: &str, context: Option<&str>) -> String {
+    match context {
+        Some(c) => format!("### Instruction:\n{instruction}\n\n### Context:\n{c}\n\n### Response:\n"),
+        None => format!("### Instruction:\n{instruction}\n\n### Response:\n"),
+    }
+}
+
+/// Segments of one record; EOS is appended by the tokenizer step (trained unless the record
+/// ends with untrained text).
+pub fn render(record: &Record) -> Vec<Segment> {
+    match record {
+        Record::Instruction { instruction, context, response } => {
+            vec![seg(instruction_prompt(instruction, context.as_deref()), false), seg(response.clone(), true)]
+        }
+        Record::Text { text } => vec![seg(text.clone(), true)],
+        Record::Chat { messages } => {
+            let mut out = Vec::new();
+            for m in messages {
+                out.push(seg(format!("<|{}|>\n", m.role.as_str()), false));
+                let trained = m.role == Role::Assistant;
+                out.push(seg(m.content.clone(), trained));
+                out.push(seg("<|end|>\n", trained));
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! From segments to token ids with a per-token "trained" flag, using the model's tokenizer.
+
+use super::render::Segment;
+use crate::error::{Result, TrainError};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// One tokenized example: `trained[i]` says whether predicting `ids[i]` counts in the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+}
+
+impl Example {
+    /// Tokens that contribute to the loss (position 0 is never predicted).
+    pub fn trained_tokens(&self) -> usize {
+        self.trained.iter().skip(1).filter(|t| **t).count()
+    }
+}
+
+/// The model's tokenizer plus the special-token rules from tokenizer_config.json.
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    /// Prepended when the tokenizer's own post-processor does not add it.
+    bos: Option<u32>,
+    pub eos: u32,
+    pub chat_template: Option<String>,
+}
+
+impl TextTokenizer {
+    /// Loads tokenizer.json and (optionally) tokenizer_config.json from a model directory;
+    /// `fallback_eos` is config.json's eos_token_id.
+    pub fn load(model_dir: &Path, fallback_eos: Option<u32>) -> Result<Self> {
+        let path = model_dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| TrainError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let config_path = model_dir.join("tokenizer_config.json");
+        let config: Value = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path).map_err(TrainError::io(&config_path))?;
+            serde_json::from_str(&text)
+                .map_err(|e| TrainError::Tokenizer { path: config_path.clone(), message: e.to_string() })?
+        } else {
+            Value::Null
+        };
+        let token_id = |field: &str| -> Result<Option<u32>> {
+            let name = match config.get(field) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(o)) => match o.get("content").and_then(Value::as_str) {
+                    Some(s) => s.to_string(),
+                    None => return Ok(None),
+                },
+                _ => return Ok(None),
+            };
+            tokenizer.token_to_id(&name).map(Some).ok_or_else(|| TrainError::Tokenizer {
+                path: config_path.clone(),
+                message: format!("`{field}` is `{name}`, which tokenizer.json does not know"),
+            })
+        };
+        let eos = token_id("eos_token")?.or(fallback_eos).ok_or_else(|| TrainError::Tokenizer {
+            path: config_path.clone(),
+            message: "no eos_token here and no eos_token_id in config.json".into(),
+        })?;
+        let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let bos = if add_bos { token_id("bos_token")? } else { None };
+        let chat_template = config.get("chat_template").and_then(Value::as_str).map(str::to_string);
+        Ok(Self { tokenizer, path, bos, eos, chat_template })
+    }
+
+    /// Encodes text without special tokens.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| TrainError::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| TrainError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+    }
+
+    /// The prompt as the model sees it at the start of an example (BOS rules included).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text, true)?;
+        if let Some(bos) = self.bos {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Tokenizes segments into one example ending in EOS. The first segment goes through the
+    /// tokenizer's post-processor (which adds BOS for Llama-style tokenizers).
+    pub fn tokenize(&self, segments: &[Segment]) -> Result<Example> {
+        let mut ids = Vec::new();
+        let mut trained = Vec::new();
+        for (i, s) in segments.iter().enumerate() {
+            let piece = if i == 0 { self.encode_prompt(&s.text)? } else { self.encode(&s.text, false)? };
+            trained.extend(std::iter::repeat_n(s.trained, piece.len()));
+            ids.extend(piece);
+        }
+        let last_trained = segments.last().is_some_and(|s| s.trained);
+        ids.push(self.eos);
+        trained.push(last_trained);
+        Ok(Example { ids, trained })
+    }
+}

@@ -1,0 +1,18 @@
+//! kubetune-trainer: LoRA / QLoRA fine-tuning of Llama-family models with candle.
+//!
+//! The binary is a thin wrapper around [`train::run`]; the operator's tests and the trainer's
+//! own tests call the library directly.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod io;
+pub mod metrics;
+pub mod optim;
+pub mod prepare;
+pub mod train;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use train::{run, RunOptions, TrainingMetrics};

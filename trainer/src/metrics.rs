@@ -1,0 +1,88 @@
+//! Prometheus gauges for the run, served on `/metrics` so the operator can read progress.
+
+use crate::error::{Result, TrainError};
+use prometheus::{Encoder, Gauge, Opts, Registry, TextEncoder};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub struct Metrics {
+    registry: Registry,
+    pub train_loss: Gauge,
+    pub eval_loss: Gauge,
+    pub step: Gauge,
+    pub total_steps: Gauge,
+    pub epoch: Gauge,
+    pub tokens_per_second: Gauge,
+    pub learning_rate: Gauge,
+    pub grad_norm: Gauge,
+}
+
+impl Metrics {
+    /// Gauges labelled `job="<job>"` (KUBETUNE_JOB_NAME in a trainer pod).
+    pub fn new(job: &str) -> Result<Self> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| -> Result<Gauge> {
+            let g = Gauge::with_opts(Opts::new(name, help).const_label("job", job))
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            registry.register(Box::new(g.clone())).map_err(|e| TrainError::Metrics(e.to_string()))?;
+            Ok(g)
+        };
+        let m = Self {
+            train_loss: gauge("kubetune_train_loss", "Latest training loss.")?,
+            eval_loss: gauge("kubetune_eval_loss", "Latest evaluation loss (NaN before the first evaluation).")?,
+            step: gauge("kubetune_train_step", "Optimizer steps completed.")?,
+            total_steps: gauge("kubetune_train_total_steps", "Optimizer steps the run will take.")?,
+            epoch: gauge("kubetune_train_epoch", "Passes over the training data, fractional.")?,
+            tokens_per_second: gauge("kubetune_train_tokens_per_second", "Training throughput in tokens per second.")?,
+            learning_rate: gauge("kubetune_learning_rate", "Learning rate of the latest step.")?,
+            grad_norm: gauge("kubetune_grad_norm", "Global gradient norm before clipping.")?,
+            registry,
+        };
+        m.eval_loss.set(f64::NAN);
+        m.train_loss.set(f64::NAN);
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of all gauges.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding gauges into a Vec cannot fail; an empty page would show the problem anyway.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Serves `/metrics` on `addr` from a background thread; returns the bound address. Binding
+/// happens before returning so a taken port fails the run at start, not silently.
+pub fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| TrainError::Metrics(format!("bind {addr}: {e}")))?;
+    let bound = listener.local_addr().map_err(|e| TrainError::Metrics(e.to_string()))?;
+    listener.set_nonblocking(true).map_err(|e| TrainError::Metrics(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TrainError::Metrics(format!("runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let m = metrics.clone();
+                        async move { m.render() }
+                    }),
+                );
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(l, app).await {
+                            tracing::error!(error = %e, "metrics server stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "metrics listener"),
+                }
+            })
+        })
+        .map_err(|e| TrainError::Metrics(format!("thread: {e}")))?;
+    Ok(bound)
+}
