@@ -198,8 +198,5 @@ fn truncate(s: &str, max: usize) -> String {
 /// A failed reconcile is retried with exponential backoff per object (5 s doubling to 5 min).
 pub fn error_policy(ftj: Arc<FineTuneJob>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", ftj.namespace().unwrap_or_default(), ftj.name_any());
-    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
-    let delay = ctx.backoff.failed(&key);
-    tracing::warn!(finetunejob = %key, %error, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    crate::context::retry_with_backoff(&ctx, CONTROLLER, &key, error)
 }

@@ -218,8 +218,5 @@ where
 /// A failed reconcile is retried with exponential backoff per object.
 pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("modeldeployment/{}/{}", md.namespace().unwrap_or_default(), md.name_any());
-    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
-    let delay = ctx.backoff.failed(&key);
-    tracing::warn!(modeldeployment = %key, %error, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    crate::context::retry_with_backoff(&ctx, CONTROLLER, &key, error)
 }
