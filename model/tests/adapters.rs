@@ -123,8 +123,10 @@ fn nf4_base_stays_four_bit_and_passes_gradients() {
     let prompt = ids(&[0, 57, 80, 120, 301]);
     let dense = t.model.forward(&prompt, 0, None, Some(&active)).expect("dense");
     let quant = q.forward(&prompt, 0, None, Some(&active)).expect("nf4");
-    let rel = max_abs_diff(&dense, &quant) / dense.abs().expect("abs").flatten_all().expect("f").max(0).expect("m").to_scalar::<f32>().expect("s");
-    assert!(rel < 0.1, "NF4 logits stray {rel} from dense");
+    // 4-bit codes perturb every weight by a few percent; the logits must still point the same way.
+    let dot = |a: &Tensor, b: &Tensor| -> f32 { (a * b).expect("mul").sum_all().expect("sum").to_scalar().expect("s") };
+    let cosine = dot(&dense, &quant) / (dot(&dense, &dense).sqrt() * dot(&quant, &quant).sqrt());
+    assert!(cosine > 0.95, "NF4 logits have cosine {cosine} to the dense ones");
     let grads = quant.sqr().expect("sqr").mean_all().expect("mean").backward().expect("backward");
     let first = vars.iter().find(|v| v.name == peft_name(0, TargetModule::QProj, "B")).expect("var");
     assert!(grads.get(first.var.as_tensor()).is_some(), "gradient reaches layer 0 through the NF4 base");

@@ -190,8 +190,16 @@ fn parse_format(s: &str) -> Result<DataFormat, TrainError> {
 
 /// Human-readable lines on a terminal, JSON lines otherwise (pods, CI), both on stderr.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(e) => {
+            // Unset RUST_LOG is normal; a set but unparsable one is worth saying.
+            if std::env::var_os("RUST_LOG").is_some() {
+                eprintln!("warning: ignoring RUST_LOG ({e}); logging at info");
+            }
+            tracing_subscriber::EnvFilter::new("info")
+        }
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.compact().init();

@@ -1,0 +1,63 @@
+//! A run stopped at a checkpoint and resumed follows the uninterrupted run's loss curve and
+//! ends with the same adapter.
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use kubetune_trainer::{run, RunOptions};
+
+#[test]
+fn resumed_run_matches_uninterrupted_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (model_dir, data) = (dir.path().join("model"), dir.path().join("facts.jsonl"));
+    tiny_model(&model_dir);
+    write_facts(&data);
+    let config_for = |out: &str| {
+        let mut c = facts_config(&model_dir, &data, &dir.path().join(out));
+        // Dropout, accumulation and a non-trivial schedule all have state a resume must restore.
+        c.lora.dropout = 0.1;
+        c.training.epochs = None;
+        c.training.max_steps = Some(12);
+        c.training.batch_size = 4;
+        c.training.gradient_accumulation_steps = 2;
+        c.training.save_steps = 4;
+        c.training.weight_decay = 0.01;
+        c
+    };
+
+    let full = run(&config_for("full"), &RunOptions::default()).expect("uninterrupted run");
+
+    let resumed_config = config_for("resumed");
+    let stopped = run(&resumed_config, &RunOptions { stop_after_steps: Some(6), ..RunOptions::default() })
+        .expect("interrupted run");
+    assert!(!stopped.completed && stopped.steps == 6);
+    let resumed = run(&resumed_config, &RunOptions { resume: true, ..RunOptions::default() }).expect("resumed run");
+    assert_eq!(resumed.resumed_from_step, Some(6));
+    assert!(resumed.completed);
+
+    assert_eq!(full.train_history.len(), 12);
+    assert_eq!(resumed.train_history.len(), 12);
+    for (a, b) in full.train_history.iter().zip(&resumed.train_history) {
+        assert_eq!(a.step, b.step);
+        assert!((a.loss - b.loss).abs() < 1e-5, "step {}: {} vs {}", a.step, a.loss, b.loss);
+    }
+    let load = |out: &str| {
+        kubetune_model::tensors::load(&dir.path().join(out).join("adapter_model.safetensors"), &Device::Cpu).expect("adapter")
+    };
+    let (a, b) = (load("full"), load("resumed"));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, t) in &a {
+        let diff: f32 = (t - &b[name]).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar().expect("s");
+        assert!(diff < 1e-5, "{name} differs by {diff}");
+    }
+
+    // Changing a setting that shapes the trajectory makes the checkpoint unusable.
+    let mut changed = config_for("full");
+    changed.training.learning_rate = 0.5;
+    let stopped_dir = config_for("changed");
+    run(&stopped_dir, &RunOptions { stop_after_steps: Some(4), ..RunOptions::default() }).expect("stop");
+    changed.output = stopped_dir.output.clone();
+    let err = run(&changed, &RunOptions { resume: true, ..RunOptions::default() }).expect_err("changed settings");
+    assert!(err.to_string().contains("training settings differ"), "{err}");
+}
