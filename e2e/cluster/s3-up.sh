@@ -21,9 +21,19 @@ fi
 endpoint="http://127.0.0.1:$S3_PORT"
 wait_for "minio" 60 curl -fsS "$endpoint/minio/health/ready"
 # Create the bucket through the S3 API itself (SigV4-signed by curl); 409 means it exists already.
-code=$(curl -sS -o /dev/null -w '%{http_code}' -X PUT --user "$access:$secret" \
-  --aws-sigv4 "aws:amz:us-east-1:s3" "$endpoint/$S3_BUCKET")
-case "$code" in 200|409) ;; *) die "creating bucket $S3_BUCKET answered HTTP $code" ;; esac
+# MinIO can report ready a moment before its object layer answers (HTTP 503), so this is waited
+# for like the readiness itself.
+deadline=$((SECONDS + 60))
+while :; do
+  code=$(curl -sS -o /dev/null -w '%{http_code}' -X PUT --user "$access:$secret" \
+    --aws-sigv4 "aws:amz:us-east-1:s3" "$endpoint/$S3_BUCKET")
+  case "$code" in
+    200|409) break ;;
+    503) [ $SECONDS -lt $deadline ] || die "creating bucket $S3_BUCKET still answered HTTP 503 after 60 s" ;;
+    *) die "creating bucket $S3_BUCKET answered HTTP $code" ;;
+  esac
+  sleep 0.2
+done
 (umask 077; cat >"$s3_env" <<ENV
 AWS_ENDPOINT_URL=$endpoint
 AWS_ACCESS_KEY_ID=$access
