@@ -131,19 +131,19 @@ impl Config {
             }
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(
                 "num_key_value_heads",
                 format!("{kv} does not divide num_attention_heads {}", self.num_attention_heads),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
                 format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(bad("head_dim", format!("{} is odd; RoPE needs an even head size", self.head_dim())));
         }
         if let Some(act) = &self.hidden_act {
@@ -169,7 +169,8 @@ impl Config {
                     return Err(bad("rope_scaling.rope_type", format!("`{other}` is not supported (default, linear, llama3)")))
                 }
             }
-            if !(scaling.factor > 0.0) {
+            // Written so that NaN is rejected too.
+            if scaling.factor.is_nan() || scaling.factor <= 0.0 {
                 return Err(bad("rope_scaling.factor", format!("{} must be positive", scaling.factor)));
             }
         }

@@ -194,17 +194,17 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
             m.learning_rate.set(lr);
             m.grad_norm.set(grad_norm);
         }
-        if t.logging_steps > 0 && (state.step % t.logging_steps == 0 || state.step == 1) {
+        if t.logging_steps > 0 && (state.step.is_multiple_of(t.logging_steps) || state.step == 1) {
             tracing::info!(step = state.step, total_steps, loss, lr, grad_norm, epoch, tokens_per_second = tps, "train");
         }
         let last = state.step == total_steps;
-        if t.eval_steps > 0 && state.step % t.eval_steps == 0 && !last {
+        if t.eval_steps > 0 && state.step.is_multiple_of(t.eval_steps) && !last {
             if let Some(l) = eval(state.step)? {
                 state.eval_history.push(LossPoint { step: state.step, loss: l });
             }
         }
         let stop_now = options.stop_after_steps.is_some_and(|s| state.step >= s) && !last;
-        if (t.save_steps > 0 && state.step % t.save_steps == 0 && !last) || stop_now {
+        if (t.save_steps > 0 && state.step.is_multiple_of(t.save_steps) && !last) || stop_now {
             state.elapsed_secs = elapsed_before + segment_start.elapsed().as_secs_f64();
             let dir = checkpoint::save(&output, &adapter, &base_name, &optimizer.state(), &state)?;
             tracing::info!(step = state.step, checkpoint = %dir.display(), "checkpoint saved");
