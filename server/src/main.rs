@@ -1,6 +1,34 @@
-//! kubetune-server: OpenAI-compatible inference. The engine arrives with its own issue;
-//! until then the binary only reports its version.
+//! kubetune-server: see the library docs. Exit status 1 with the reason on stderr when start-up
+//! fails (a bad flag, a model or adapter that cannot be loaded).
 
-fn main() {
-    println!("kubetune-server {} (inference not built yet)", env!("CARGO_PKG_VERSION"));
+use clap::Parser;
+use kubetune_server::server::{build, serve, warm_up, Args};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let state = build(&args).await?;
+    warm_up(&state).await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
+    state.set_ready(true);
+    tracing::info!(listen = %args.listen, model = %state.base_name, adapters = state.adapters.len(), "ready");
+    serve(state, listener, Duration::from_secs(args.shutdown_timeout_s)).await?;
+    Ok(())
 }

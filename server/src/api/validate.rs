@@ -1,0 +1,318 @@
+//! Turning a request body into a `ValidGeneration`: everything the engine needs, checked.
+//! Nothing past this point looks at client input again.
+
+use super::fields::{kind, parse_body, Fields};
+use crate::adapters::{AdapterSet, LoadedAdapter};
+use crate::engine::GenerateRequest;
+use crate::error::ApiError;
+use crate::metrics::UNKNOWN_MODEL;
+use crate::sampling::SamplingParams;
+use crate::text::{ChatMessage, TextCodec};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// What validation needs to know about the server.
+pub struct ValidationContext<'a> {
+    pub base_name: &'a str,
+    /// In merged mode, the adapter folded into the base; the base itself is not served.
+    pub merged: Option<&'a LoadedAdapter>,
+    pub adapters: &'a AdapterSet,
+    pub codec: &'a TextCodec,
+    pub vocab_size: usize,
+    pub max_context: usize,
+    pub kv_bytes_per_token: usize,
+    pub kv_budget_bytes: usize,
+    pub stop_ids: &'a Arc<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+pub struct ValidGeneration {
+    /// The served model id echoed in responses.
+    pub model: String,
+    pub request: GenerateRequest,
+    pub stop: Vec<String>,
+    pub stream: bool,
+}
+
+/// The label a request is counted under: a served model, or "unknown".
+pub fn model_label(ctx: &ValidationContext, body: &[u8]) -> String {
+    let requested = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string));
+    match requested.and_then(|m| resolve_model(ctx, &m).ok()) {
+        Some((name, _)) => name,
+        None => UNKNOWN_MODEL.to_string(),
+    }
+}
+
+pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Result<ValidGeneration, ApiError> {
+    let value = parse_body(body)?;
+    let f = Fields::new(&value);
+    let (model, adapter) = resolve_model(ctx, f.required_string("model")?)?;
+    reject_unsupported(&f, endpoint)?;
+
+    let prompt = match endpoint {
+        Endpoint::Completions => completion_prompt(ctx, &f)?,
+        Endpoint::Chat => ctx.codec.encode_chat(&messages(&f)?).map_err(ApiError::Internal)?,
+    };
+    let prompt_param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
+    if prompt.len() >= ctx.max_context {
+        return Err(ApiError::invalid_code(
+            prompt_param,
+            "context_length_exceeded",
+            format!("the prompt is {} tokens; the context length is {} and at least one token must be generated", prompt.len(), ctx.max_context),
+        ));
+    }
+    let room = ctx.max_context - prompt.len();
+    let max_tokens = max_tokens(&f, endpoint, ctx.max_context as i64)?;
+    let max_tokens = match max_tokens {
+        Some(n) if n > room => {
+            return Err(ApiError::invalid_code(
+                f.get("max_completion_tokens").map_or("max_tokens", |_| "max_completion_tokens"),
+                "context_length_exceeded",
+                format!("the prompt is {} tokens and max_tokens is {n}: together more than the context length {}", prompt.len(), ctx.max_context),
+            ))
+        }
+        Some(n) => n,
+        // OpenAI's defaults: 16 for completions, the rest of the context for chat.
+        None if endpoint == Endpoint::Completions => room.min(16),
+        None => room,
+    };
+    let kv = (prompt.len() + max_tokens).saturating_mul(ctx.kv_bytes_per_token);
+    if kv > ctx.kv_budget_bytes {
+        return Err(ApiError::invalid_code(
+            "max_tokens",
+            "context_length_exceeded",
+            format!("prompt + max_tokens need {kv} bytes of KV cache, more than the server's budget of {} bytes", ctx.kv_budget_bytes),
+        ));
+    }
+
+    let params = sampling(&f, endpoint, ctx.vocab_size)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    if let Some(opts) = f.get("stream_options") {
+        if !stream {
+            return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed with `stream: true`"));
+        }
+        let o = opts.as_object().ok_or_else(|| ApiError::invalid("stream_options", "`stream_options` must be an object"))?;
+        if let Some(v) = o.get("include_usage").filter(|v| !v.is_null() && !v.is_boolean()) {
+            return Err(ApiError::invalid("stream_options.include_usage", format!("must be a boolean, got {}", kind(v))));
+        }
+    }
+    Ok(ValidGeneration {
+        model,
+        request: GenerateRequest { prompt, adapter, params, max_tokens, stop_ids: ctx.stop_ids.clone() },
+        stop: stop_strings(&f)?,
+        stream,
+    })
+}
+
+/// `model` is the base name, an adapter name, or `name@N` / `name@latest` / `name@sha256:…`,
+/// which must match the loaded version.
+pub fn resolve_model(ctx: &ValidationContext, model: &str) -> Result<(String, Option<Arc<LoadedAdapter>>), ApiError> {
+    let unknown = |message: String| ApiError::UnknownModel { message };
+    if model == ctx.base_name {
+        if let Some(m) = ctx.merged {
+            return Err(unknown(format!(
+                "this server runs merged: `{}` is folded into the base, which is not served on its own; use model `{}`",
+                m.name, m.name
+            )));
+        }
+        return Ok((model.to_string(), None));
+    }
+    let (name, selector) = match model.split_once('@') {
+        Some((n, s)) => (n, Some(s)),
+        None => (model, None),
+    };
+    let (adapter, merged) = match ctx.merged {
+        Some(m) if m.name == name => (None, Some(m)),
+        Some(_) => (None, None),
+        None => (ctx.adapters.get(name), None),
+    };
+    let Some(found) = adapter.as_deref().or(merged) else {
+        return Err(unknown(format!(
+            "model `{model}` is not served here; GET /v1/models lists the base `{}` and the loaded adapters",
+            ctx.base_name
+        )));
+    };
+    let matches = match selector {
+        None | Some("latest") => true,
+        Some(s) if s.starts_with("sha256:") => found.digest.as_deref() == Some(s),
+        Some(s) => s.parse::<u32>().ok().is_some_and(|v| found.version == Some(v)),
+    };
+    if !matches {
+        let loaded = match (&found.version, &found.digest) {
+            (Some(v), Some(d)) => format!("version {v} ({d})"),
+            (Some(v), None) => format!("version {v}"),
+            _ => "an unversioned copy".to_string(),
+        };
+        return Err(unknown(format!("model `{model}`: adapter `{name}` is loaded at {loaded}")));
+    }
+    Ok((name.to_string(), adapter))
+}
+
+fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
+    let one = |v: &Value| v.as_i64() == Some(1);
+    f.unsupported("n", one)?;
+    f.unsupported("best_of", one)?;
+    f.unsupported("echo", |v| v == &Value::Bool(false))?;
+    f.unsupported("suffix", |v| v.as_str() == Some(""))?;
+    f.unsupported("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty()))?;
+    f.unsupported("tools", |v| v.as_array().is_some_and(|a| a.is_empty()))?;
+    f.unsupported("functions", |v| v.as_array().is_some_and(|a| a.is_empty()))?;
+    f.unsupported("tool_choice", |v| v.as_str() == Some("none"))?;
+    f.unsupported("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text"))?;
+    if endpoint == Endpoint::Chat {
+        f.unsupported("logprobs", |v| v == &Value::Bool(false))?;
+        f.unsupported("top_logprobs", |v| v.as_i64() == Some(0))?;
+    }
+    Ok(())
+}
+
+fn max_tokens(f: &Fields, endpoint: Endpoint, context: i64) -> Result<Option<usize>, ApiError> {
+    let check = |name: &str| -> Result<Option<usize>, ApiError> {
+        match f.integer(name, 1, i64::MAX)? {
+            Some(n) if n > context => Err(ApiError::invalid_code(
+                name,
+                "context_length_exceeded",
+                format!("`{name}` is {n}, beyond the context length {context}"),
+            )),
+            n => Ok(n.map(|n| n as usize)),
+        }
+    };
+    let primary = check("max_tokens")?;
+    if endpoint == Endpoint::Chat {
+        // The newer name wins when both are sent.
+        if let Some(n) = check("max_completion_tokens")? {
+            return Ok(Some(n));
+        }
+    }
+    Ok(primary)
+}
+
+fn sampling(f: &Fields, endpoint: Endpoint, vocab: usize) -> Result<SamplingParams, ApiError> {
+    let d = SamplingParams::default();
+    let logprobs = match endpoint {
+        Endpoint::Completions => f.integer("logprobs", 0, 20)?.map(|n| n as usize),
+        Endpoint::Chat => None,
+    };
+    let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(1.0);
+    if top_p == 0.0 {
+        return Err(ApiError::invalid("top_p", "`top_p` is 0; it must be greater than 0 and at most 1"));
+    }
+    // -1 and 0 both mean "no top-k", as in vLLM.
+    let top_k = f.integer("top_k", -1, vocab as i64)?.map_or(0, |k| k.max(0) as usize);
+    Ok(SamplingParams {
+        temperature: f.number("temperature", 0.0, 2.0)?.map_or(d.temperature, |t| t as f32),
+        top_p: top_p as f32,
+        top_k,
+        presence_penalty: f.number("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+        frequency_penalty: f.number("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+        // Negative seeds are valid in OpenAI's API; keep their bits.
+        seed: f.integer("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
+        logprobs,
+    })
+}
+
+fn stop_strings(f: &Fields) -> Result<Vec<String>, ApiError> {
+    let list: Vec<&Value> = match f.get("stop") {
+        None => return Ok(Vec::new()),
+        Some(v @ Value::String(_)) => vec![v],
+        Some(Value::Array(a)) if a.len() <= 4 => a.iter().collect(),
+        Some(Value::Array(_)) => return Err(ApiError::invalid("stop", "`stop` may hold at most 4 sequences")),
+        Some(other) => return Err(ApiError::invalid("stop", format!("`stop` must be a string or an array of strings, got {}", kind(other)))),
+    };
+    list.into_iter()
+        .enumerate()
+        .map(|(i, v)| match v.as_str() {
+            Some("") => Err(ApiError::invalid(format!("stop[{i}]"), "stop sequences must not be empty")),
+            Some(s) => Ok(s.to_string()),
+            None => Err(ApiError::invalid(format!("stop[{i}]"), format!("must be a string, got {}", kind(v)))),
+        })
+        .collect()
+}
+
+/// A string, a one-string array, or token ids (flat or one nested list).
+fn completion_prompt(ctx: &ValidationContext, f: &Fields) -> Result<Vec<u32>, ApiError> {
+    let empty = || ApiError::invalid_code("prompt", "empty_prompt", "`prompt` is empty");
+    let v = f.get("prompt").ok_or_else(|| ApiError::invalid_code("prompt", "missing_field", "`prompt` is required"))?;
+    let text = |s: &str| -> Result<Vec<u32>, ApiError> {
+        if s.is_empty() {
+            return Err(empty());
+        }
+        ctx.codec.encode_prompt(s).map_err(ApiError::Internal)
+    };
+    let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.as_u64().filter(|&id| id < ctx.vocab_size as u64).map(|id| id as u32).ok_or_else(|| {
+                    ApiError::invalid(format!("prompt[{i}]"), format!("token ids must be integers in 0..{}", ctx.vocab_size))
+                })
+            })
+            .collect()
+    };
+    let tokens = match v {
+        Value::String(s) => text(s)?,
+        Value::Array(a) if a.is_empty() => return Err(empty()),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => text(a[0].as_str().unwrap_or_default())?,
+        Value::Array(a) if a.len() == 1 && a[0].is_array() => ids(a[0].as_array().map(Vec::as_slice).unwrap_or_default())?,
+        Value::Array(a) if a.iter().all(Value::is_number) => ids(a)?,
+        Value::Array(_) => {
+            return Err(ApiError::invalid_code("prompt", "unsupported_parameter", "one prompt per request: a string, or one list of token ids"))
+        }
+        other => return Err(ApiError::invalid("prompt", format!("`prompt` must be a string or token ids, got {}", kind(other)))),
+    };
+    if tokens.is_empty() {
+        return Err(empty());
+    }
+    Ok(tokens)
+}
+
+fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
+    let list = match f.get("messages") {
+        None => return Err(ApiError::invalid_code("messages", "missing_field", "`messages` is required")),
+        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::invalid_code("messages", "empty_prompt", "`messages` is empty")),
+        Some(Value::Array(a)) => a,
+        Some(other) => return Err(ApiError::invalid("messages", format!("`messages` must be an array, got {}", kind(other)))),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let at = |field: &str| format!("messages[{i}].{field}");
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+            Some(r) => return Err(ApiError::invalid(at("role"), format!("role `{r}` is not one of system, user, assistant"))),
+            None => return Err(ApiError::invalid(at("role"), "each message needs a string `role`")),
+        };
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid_code(
+                                format!("messages[{i}].content[{j}]"),
+                                "unsupported_parameter",
+                                "only {\"type\": \"text\", \"text\": ...} parts are supported",
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+            Some(other) => return Err(ApiError::invalid(at("content"), format!("must be a string or text parts, got {}", kind(other)))),
+            None => return Err(ApiError::invalid(at("content"), "each message needs `content`")),
+        };
+        out.push(ChatMessage { role, content });
+    }
+    if out.iter().all(|m| m.content.is_empty()) {
+        return Err(ApiError::invalid_code("messages", "empty_prompt", "every message's content is empty"));
+    }
+    Ok(out)
+}

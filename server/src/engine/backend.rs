@@ -1,0 +1,83 @@
+//! The engine's view of a model: run tokens after a sequence's KV cache, get the last
+//! position's logits. The engine never sees tensors, so tests can drive it with a scripted
+//! model and the real one lives in one small impl.
+
+use kubetune_model::{ActiveAdapter, CausalLm, KvCache, LoraAdapter};
+
+/// One sequence's part of a decode step.
+pub struct DecodeItem<'a, C> {
+    pub token: u32,
+    pub cache: &'a mut C,
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
+pub trait Backend: Send + 'static {
+    /// Per-sequence state (the KV cache).
+    type Cache: Send;
+
+    fn new_cache(&self) -> Self::Cache;
+
+    /// Bytes of KV cache one position of one sequence takes; the engine budgets with it.
+    fn kv_bytes_per_token(&self) -> usize;
+
+    /// Runs `tokens` after whatever `cache` holds and returns the logits of the last position.
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>, String>;
+
+    /// One new token for each sequence of the batch. The default runs them one by one; a
+    /// backend with a ragged batched kernel can override it without the engine changing.
+    fn decode(&self, batch: &mut [DecodeItem<'_, Self::Cache>]) -> Vec<Result<Vec<f32>, String>> {
+        batch.iter_mut().map(|item| self.forward(&[item.token], item.cache, item.adapter)).collect()
+    }
+}
+
+/// The candle model. Each sequence is run with its own adapter (unmerged LoRA), so a batch
+/// can mix adapters; `CausalLm::forward` takes one cache and one adapter per call, which is
+/// why the decode step loops over sequences.
+pub struct CandleBackend {
+    model: CausalLm,
+}
+
+pub struct CandleCache {
+    kv: KvCache,
+    len: usize,
+}
+
+impl CandleBackend {
+    pub fn new(model: CausalLm) -> Self {
+        Self { model }
+    }
+
+    pub fn model(&self) -> &CausalLm {
+        &self.model
+    }
+}
+
+impl Backend for CandleBackend {
+    type Cache = CandleCache;
+
+    fn new_cache(&self) -> CandleCache {
+        CandleCache { kv: KvCache::new(self.model.config().num_hidden_layers), len: 0 }
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        let c = self.model.config();
+        // Keys and values, f32, per layer and KV head.
+        2 * c.num_hidden_layers * c.num_kv_heads() * c.head_dim() * 4
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut CandleCache, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>, String> {
+        let mut run = || -> kubetune_model::Result<Vec<f32>> {
+            let ids = candle_core::Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
+            let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None });
+            let logits = self.model.forward(&ids, cache.len, Some(&mut cache.kv), active.as_ref())?;
+            let last = logits.narrow(1, tokens.len() - 1, 1)?.flatten_all()?;
+            Ok(last.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+        };
+        if tokens.is_empty() {
+            return Err("forward called with no tokens".into());
+        }
+        let out = run().map_err(|e| e.to_string())?;
+        cache.len += tokens.len();
+        Ok(out)
+    }
+}

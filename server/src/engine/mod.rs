@@ -1,0 +1,138 @@
+//! The generation engine: one actor thread owns the model, the queue and every KV cache;
+//! HTTP handlers talk to it through channels. Overload is decided here, before anything is
+//! queued: a semaphore of `max_batch + max_queue` permits turns a full queue into HTTP 429.
+
+mod actor;
+pub mod backend;
+
+use crate::adapters::LoadedAdapter;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::sampling::{SamplingParams, TokenLogprob};
+use backend::Backend;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Requests that may wait for a batch slot; beyond this the server answers 429.
+    pub max_queue: usize,
+    /// Longest prompt + completion, in tokens.
+    pub max_context: usize,
+    /// KV cache memory all running sequences may hold together.
+    pub kv_budget_bytes: usize,
+    /// Seconds clients are told to wait in Retry-After when the queue is full.
+    pub retry_after_s: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch: 8, max_queue: 64, max_context: 2048, kv_budget_bytes: 1 << 30, retry_after_s: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token (EOS) or a stop string.
+    Stop,
+    /// max_tokens reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What the engine tells a request's handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token { id: u32, logprob: Option<TokenLogprob> },
+    Finished(FinishReason),
+    Failed(String),
+}
+
+/// A validated generation, ready for the engine.
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub adapter: Option<Arc<LoadedAdapter>>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop_ids: Arc<Vec<u32>>,
+}
+
+/// A request inside the engine: the permit is released when the request is dropped, which is
+/// when it finishes, fails or is cancelled.
+pub(crate) struct Admitted {
+    req: GenerateRequest,
+    events: mpsc::UnboundedSender<Event>,
+    enqueued: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Handle to the engine actor; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::UnboundedSender<Admitted>,
+    permits: Arc<Semaphore>,
+    config: EngineConfig,
+    kv_bytes_per_token: usize,
+}
+
+impl Engine {
+    /// Starts the actor on its own OS thread: model steps are long, blocking CPU work that
+    /// must not stall the async runtime serving HTTP.
+    pub fn start<B: Backend>(backend: B, config: EngineConfig, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let kv_bytes_per_token = backend.kv_bytes_per_token();
+        let permits = Arc::new(Semaphore::new(config.max_batch + config.max_queue));
+        let actor_config = config.clone();
+        std::thread::Builder::new()
+            .name("kubetune-engine".into())
+            .spawn(move || actor::run(backend, rx, actor_config, metrics))
+            .expect("spawning the engine thread");
+        Self { tx, permits, config, kv_bytes_per_token }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// KV bytes a sequence of `tokens` positions needs.
+    pub fn kv_bytes(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.kv_bytes_per_token)
+    }
+
+    /// Queues a request, or refuses it at once when the server is at capacity. Dropping the
+    /// returned receiver cancels the generation at the next step.
+    pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let permit = self.permits.clone().try_acquire_owned().map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => ApiError::ShuttingDown,
+            tokio::sync::TryAcquireError::NoPermits => ApiError::Overloaded {
+                capacity: self.config.max_batch + self.config.max_queue,
+                retry_after_s: self.config.retry_after_s,
+            },
+        })?;
+        let (events, rx) = mpsc::unbounded_channel();
+        let admitted = Admitted { req, events, enqueued: Instant::now(), _permit: permit };
+        self.tx.send(admitted).map_err(|_| ApiError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    /// Refuses new requests from now on; those already admitted run to completion.
+    pub fn close(&self) {
+        self.permits.close();
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        (self.config.max_batch + self.config.max_queue).saturating_sub(self.permits.available_permits())
+    }
+}

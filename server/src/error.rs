@@ -1,0 +1,143 @@
+//! Errors of the server. Each variant maps to exactly one HTTP status, one OpenAI error `type`
+//! and one metric label, so a client, a dashboard and a log line all say the same thing.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or a value is out of range; `param` names the field.
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<String>, code: &'static str },
+    /// `model` names nothing this server serves.
+    #[error("{message}")]
+    UnknownModel { message: String },
+    #[error("missing or invalid API key; send `Authorization: Bearer <key>`")]
+    Unauthorized,
+    /// The bounded queue is full; the client should retry after `retry_after_s`.
+    #[error("the server is at capacity ({capacity} requests running or queued); retry later")]
+    Overloaded { capacity: usize, retry_after_s: u64 },
+    /// An adapter could not be loaded: bad files, wrong base model, wrong shapes.
+    #[error("{message}")]
+    AdapterRejected { message: String, param: Option<String> },
+    /// A cap on adapters (count, memory) is reached.
+    #[error("{0}")]
+    AdapterLimit(String),
+    #[error("adapter `{0}` is not loaded")]
+    AdapterNotFound(String),
+    /// Storage (registry, object store) failed while loading an adapter.
+    #[error("{0}")]
+    Storage(String),
+    /// Merged mode serves one adapter fixed at start.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The engine failed while generating; the message is for operators, not for fixing input.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest { message: message.into(), param: Some(param.into()), code: "invalid_value" }
+    }
+
+    pub fn invalid_code(param: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest { message: message.into(), param: Some(param.into()), code }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } | ApiError::UnknownModel { .. } | ApiError::AdapterRejected { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::AdapterLimit(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::AdapterNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
+            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's error `type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { .. }
+            | ApiError::UnknownModel { .. }
+            | ApiError::AdapterRejected { .. }
+            | ApiError::AdapterLimit(_)
+            | ApiError::AdapterNotFound(_)
+            | ApiError::Conflict(_) => "invalid_request_error",
+            ApiError::Unauthorized => "authentication_error",
+            ApiError::Overloaded { .. } => "rate_limit_error",
+            ApiError::Storage(_) | ApiError::ShuttingDown | ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { code, .. } => code,
+            ApiError::UnknownModel { .. } => "model_not_found",
+            ApiError::Unauthorized => "invalid_api_key",
+            ApiError::Overloaded { .. } => "queue_full",
+            ApiError::AdapterRejected { .. } => "adapter_rejected",
+            ApiError::AdapterLimit(_) => "adapter_limit",
+            ApiError::AdapterNotFound(_) => "adapter_not_found",
+            ApiError::Storage(_) => "storage_error",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } | ApiError::AdapterRejected { param, .. } => param.as_deref(),
+            ApiError::UnknownModel { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI error body, also sent as the last SSE event when a stream fails.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.to_string(), "type": self.kind(), "param": self.param(), "code": self.code()}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::Overloaded { retry_after_s, .. } = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        }
+        if let ApiError::Unauthorized = &self {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Errors of start-up: the model, tokenizer or listed adapters could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("model: {0}")]
+    Model(#[from] kubetune_model::ModelError),
+    #[error("storage: {0}")]
+    Storage(#[from] kubetune_storage::StorageError),
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: std::path::PathBuf, reason: String },
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("adapter `{name}`: {error}")]
+    Adapter { name: String, error: ApiError },
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+    #[error("{path}: {reason}")]
+    File { path: std::path::PathBuf, reason: String },
+    #[error("warm-up: {0}")]
+    Warmup(String),
+}

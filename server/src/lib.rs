@@ -1,0 +1,18 @@
+//! kubetune-server: an OpenAI-compatible inference server for one base model and many LoRA
+//! adapters.
+//!
+//! - [`api`]: HTTP routes; requests are validated into `ValidGeneration` before anything runs.
+//! - [`engine`]: the actor that owns the batch, the KV caches and the model (continuous
+//!   batching, bounded queue, cancellation), behind the [`engine::backend::Backend`] trait.
+//! - [`adapters`] / [`loader`]: the loaded adapter set and how adapters are fetched and checked.
+//! - [`server`]: start-up from the command line, warm-up, graceful shutdown.
+
+pub mod adapters;
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod loader;
+pub mod metrics;
+pub mod sampling;
+pub mod text;
+pub mod server;

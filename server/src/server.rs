@@ -1,0 +1,263 @@
+//! Start-up: the command line, loading the model and the listed adapters, warm-up, serving and
+//! graceful shutdown.
+
+use crate::adapters::{AdapterLimits, AdapterSet, LoadedAdapter};
+use crate::api::{self, AppState};
+use crate::engine::backend::{Backend, CandleBackend};
+use crate::engine::{Engine, EngineConfig, Event, GenerateRequest};
+use crate::error::StartupError;
+use crate::loader::{AdapterLoader, AdapterSpec};
+use crate::metrics::Metrics;
+use crate::sampling::SamplingParams;
+use crate::text::TextCodec;
+use clap::Parser;
+use kubetune_model::{load_model, LoadOptions};
+use kubetune_storage::{Cache, Credentials, Registry, Storage};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "OpenAI-compatible inference server for a base model and LoRA adapters")]
+pub struct Args {
+    /// Base model: a local directory, file://, s3://, gs://, az:// or hf:// URI (HF layout).
+    #[arg(long)]
+    pub model: String,
+    /// The id clients use for the base model; defaults to --model.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Other names of the base model that adapters may record as base_model_name_or_path.
+    #[arg(long = "base-model-alias")]
+    pub base_model_aliases: Vec<String>,
+    /// An adapter to load at start, `name=SOURCE` (registry reference `reg-name@N`, URI or
+    /// directory). Repeatable.
+    #[arg(long = "adapter", value_parser = parse_adapter_flag)]
+    pub adapters: Vec<AdapterSpec>,
+    /// The operator's adapters file (JSON `{"adapters": [{name, source, version, digest}]}`).
+    #[arg(long)]
+    pub adapters_file: Option<PathBuf>,
+    /// Adapter registry root that registry references resolve in.
+    #[arg(long)]
+    pub registry: Option<String>,
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    pub listen: String,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_batch: u32,
+    /// Longest prompt + completion in tokens; defaults to the model's max_position_embeddings.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_context: Option<u32>,
+    /// Requests that may wait for a batch slot before the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: u32,
+    /// KV cache memory for all running sequences together, MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_mb: u64,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_adapters: u32,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_adapter_rank: u32,
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_adapter_memory_mb: u64,
+    /// Fold the one listed adapter into the base weights (fastest; no other adapters served).
+    #[arg(long)]
+    pub merge: bool,
+    /// File with one API key per line; when set, /v1/* requires `Authorization: Bearer <key>`.
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Download cache for models and adapters from object storage and the registry.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Directory of a mounted Secret with storage credentials (AWS_*, ...), on top of the env.
+    #[arg(long)]
+    pub credentials_dir: Option<PathBuf>,
+    /// How long in-flight requests may run after SIGTERM before the server exits anyway.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout_s: u64,
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_s: u64,
+}
+
+fn parse_adapter_flag(s: &str) -> Result<AdapterSpec, String> {
+    let (name, source) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected name=SOURCE"))?;
+    if name.is_empty() || source.is_empty() {
+        return Err(format!("`{s}`: expected name=SOURCE with both parts non-empty"));
+    }
+    Ok(AdapterSpec { name: name.into(), source: source.into(), version: None, digest: None })
+}
+
+fn flag(flag: &'static str, reason: impl Into<String>) -> StartupError {
+    StartupError::Flag { flag, reason: reason.into() }
+}
+
+/// Every adapter to load at start: --adapter flags, then the adapters file.
+fn startup_adapters(args: &Args) -> Result<Vec<AdapterSpec>, StartupError> {
+    let mut specs = args.adapters.clone();
+    if let Some(path) = &args.adapters_file {
+        let text = std::fs::read_to_string(path).map_err(|e| StartupError::File { path: path.clone(), reason: e.to_string() })?;
+        let file: kubetune_crds::server_contract::AdaptersFile =
+            serde_json::from_str(&text).map_err(|e| StartupError::File { path: path.clone(), reason: e.to_string() })?;
+        specs.extend(file.adapters.into_iter().map(|a| AdapterSpec {
+            name: a.name,
+            source: a.source,
+            version: Some(a.version),
+            digest: Some(a.digest),
+        }));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = specs.iter().find(|s| !seen.insert(s.name.clone())) {
+        return Err(flag("--adapter", format!("adapter `{}` is listed twice", dup.name)));
+    }
+    Ok(specs)
+}
+
+async fn model_dir(args: &Args, cache: Option<&Cache>, credentials: &Credentials) -> Result<PathBuf, StartupError> {
+    let local = Path::new(&args.model);
+    if local.is_dir() {
+        return Ok(local.to_path_buf());
+    }
+    let cache = cache.ok_or_else(|| flag("--model", format!("`{}` is not a local directory, and without --cache-dir it cannot be downloaded", args.model)))?;
+    Ok(cache.download_model(&args.model, credentials).await?)
+}
+
+/// Everything `serve` needs, built from the command line.
+pub async fn build(args: &Args) -> Result<Arc<AppState>, StartupError> {
+    build_with(args, |b| b).await
+}
+
+/// As `build`, with the model backend wrapped by `wrap` (tests use it to observe or gate
+/// engine steps).
+pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend) -> B) -> Result<Arc<AppState>, StartupError> {
+    let mut credentials = Credentials::from_env();
+    if let Some(dir) = &args.credentials_dir {
+        credentials = credentials.merged(Credentials::from_secret_dir(dir)?);
+    }
+    let cache = args.cache_dir.as_ref().map(Cache::new).transpose()?;
+    let dir = model_dir(args, cache.as_ref(), &credentials).await?;
+    let device = candle_core::Device::cuda_if_available(0).map_err(kubetune_model::ModelError::from)?;
+    let options = LoadOptions { device: device.clone(), ..LoadOptions::default() };
+    let load_dir = dir.clone();
+    let (config, model) = tokio::task::spawn_blocking(move || load_model(&load_dir, &options))
+        .await
+        .map_err(|e| StartupError::Warmup(e.to_string()))??;
+    let codec = Arc::new(TextCodec::load(&dir, &config.eos_token_ids())?);
+    let max_context = match args.max_context {
+        Some(c) if c as usize > config.max_position_embeddings => {
+            return Err(flag("--max-context", format!("{c} exceeds the model's max_position_embeddings {}", config.max_position_embeddings)))
+        }
+        Some(c) => c as usize,
+        None => config.max_position_embeddings,
+    };
+    let base_name = args.served_model_name.clone().unwrap_or_else(|| args.model.clone());
+    let mut base_names = vec![args.model.clone(), base_name.clone()];
+    base_names.extend(args.base_model_aliases.iter().cloned());
+    let registry = args.registry.as_ref().map(|r| Storage::from_uri(r, &credentials).map(Registry::open)).transpose()?;
+    let loader = Arc::new(AdapterLoader { config: config.clone(), base_names, registry, cache, credentials, device });
+    let limits = AdapterLimits {
+        max_adapters: args.max_adapters as usize,
+        max_rank: args.max_adapter_rank as usize,
+        max_bytes: (args.max_adapter_memory_mb as usize).saturating_mul(1 << 20),
+    };
+    let adapters = Arc::new(AdapterSet::new(limits));
+    let specs = startup_adapters(args)?;
+    for spec in &specs {
+        let loaded = loader.load(spec, &adapters).await.map_err(|error| StartupError::Adapter { name: spec.name.clone(), error })?;
+        adapters.insert(loaded).map_err(|error| StartupError::Adapter { name: spec.name.clone(), error })?;
+    }
+    let (model, merged) = if args.merge {
+        let [only] = specs.as_slice() else {
+            return Err(flag("--merge", format!("needs exactly one adapter, {} are listed", specs.len())));
+        };
+        let adapter = adapters.remove(&only.name).map_err(|error| StartupError::Adapter { name: only.name.clone(), error })?;
+        (model.merged(&adapter.weights)?, Some(adapter))
+    } else {
+        (model, None)
+    };
+    let engine_config = EngineConfig {
+        max_batch: args.max_batch as usize,
+        max_queue: args.max_queue as usize,
+        max_context,
+        kv_budget_bytes: (args.kv_cache_mb as usize).saturating_mul(1 << 20),
+        retry_after_s: args.retry_after_s,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
+    let api_keys = args.api_keys_file.as_deref().map(api::read_api_keys).transpose()?;
+    let vocab = config.vocab_size;
+    let loader = if args.merge { None } else { Some(loader) };
+    Ok(Arc::new(AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, api_keys)))
+}
+
+/// Runs one short generation for the base and for every adapter, so the first real request
+/// pays no one-time costs and a broken adapter shows before the pod reports ready.
+pub async fn warm_up(state: &AppState) -> Result<(), StartupError> {
+    let mut targets: Vec<Option<Arc<LoadedAdapter>>> = vec![None];
+    targets.extend(state.adapters.list().into_iter().map(Some));
+    let prompt = state.codec.encode_prompt("Hello").map_err(StartupError::Warmup)?;
+    for adapter in targets {
+        let request = GenerateRequest {
+            prompt: prompt.clone(),
+            adapter,
+            params: SamplingParams::greedy(),
+            max_tokens: 1,
+            stop_ids: Arc::new(Vec::new()),
+        };
+        let mut rx = state.engine.submit(request).map_err(|e| StartupError::Warmup(e.to_string()))?;
+        loop {
+            match rx.recv().await {
+                Some(Event::Finished(_)) => break,
+                Some(Event::Token { .. }) => {}
+                Some(Event::Failed(e)) => return Err(StartupError::Warmup(e)),
+                None => return Err(StartupError::Warmup("the engine stopped".into())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight requests finish and
+/// exits when they are done or `deadline` has passed, whichever comes first.
+pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, deadline: Duration) -> std::io::Result<()> {
+    let app = api::router(state.clone());
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let notify = stopping.clone();
+    let signal_state = state.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(in_flight = signal_state.engine.in_flight(), "shutting down: no new requests");
+        signal_state.set_ready(false);
+        signal_state.engine.close();
+        notify.notify_one();
+    });
+    let expired = async {
+        stopping.notified().await;
+        tokio::time::sleep(deadline).await;
+    };
+    tokio::select! {
+        result = server => result,
+        () = expired => {
+            tracing::warn!(in_flight = state.engine.in_flight(), "shutdown deadline passed; abandoning requests still running");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,278 @@
+//! The tokenizer with tokenizer_config.json's rules: BOS, stop tokens and the chat format.
+//!
+//! Chat prompts use the model's own Jinja `chat_template` when it has one. Without one (the tiny
+//! test model has none) they use the trainer's default chat format, so an adapter trained on
+//! chat data sees at serving time exactly what it saw in training:
+//! `<|{role}|>\n{content}<|end|>\n` per message, then `<|assistant|>\n`.
+
+use crate::error::StartupError;
+use serde::Serialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    bos: Option<(u32, String)>,
+    eos_text: String,
+    /// Every id that ends a generation: EOS ids and, in the default chat format, `<|end|>`.
+    pub stop_ids: Vec<u32>,
+    template: Option<minijinja::Environment<'static>>,
+}
+
+const TEMPLATE_NAME: &str = "chat";
+
+impl TextCodec {
+    /// Loads tokenizer.json and tokenizer_config.json (optional) from a model directory.
+    /// `config_eos` are config.json's eos_token_id values.
+    pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self, StartupError> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| StartupError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| StartupError::File { path: config_path.clone(), reason: e.to_string() })?;
+            serde_json::from_str(&text)
+                .map_err(|e| StartupError::File { path: config_path.clone(), reason: e.to_string() })?
+        } else {
+            Value::Null
+        };
+        let token = |field: &str| -> Result<Option<(u32, String)>, StartupError> {
+            let name = match config.get(field) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(o)) => match o.get("content").and_then(Value::as_str) {
+                    Some(s) => s.to_string(),
+                    None => return Ok(None),
+                },
+                _ => return Ok(None),
+            };
+            let id = tokenizer.token_to_id(&name).ok_or_else(|| StartupError::Tokenizer {
+                path: config_path.clone(),
+                reason: format!("`{field}` is `{name}`, which tokenizer.json does not know"),
+            })?;
+            Ok(Some((id, name)))
+        };
+        let eos = token("eos_token")?;
+        let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let bos = if add_bos { token("bos_token")? } else { None };
+        let bos_text = token("bos_token")?.map(|(_, t)| t).unwrap_or_default();
+        let mut stop_ids: Vec<u32> = config_eos.to_vec();
+        if let Some((id, _)) = &eos {
+            stop_ids.push(*id);
+        }
+        let template = match chat_template(&config) {
+            Some(source) => Some(compile_template(source, bos_text, eos.as_ref().map(|e| e.1.clone()))?),
+            None => {
+                // The default format closes each turn with <|end|>; the model must stop there.
+                if let Some(end) = tokenizer.token_to_id("<|end|>") {
+                    stop_ids.push(end);
+                }
+                None
+            }
+        };
+        if stop_ids.is_empty() {
+            return Err(StartupError::Tokenizer {
+                path: config_path,
+                reason: "no eos_token here and no eos_token_id in config.json: generation could never stop".into(),
+            });
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let eos_text = eos.map(|(_, t)| t).unwrap_or_default();
+        Ok(Self { tokenizer, path, bos, eos_text, stop_ids, template })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// A completion prompt as the model sees it: the tokenizer's post-processor, then BOS if
+    /// tokenizer_config.json asks for it and the post-processor did not add it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut ids = self.encode(text, true)?;
+        if let Some((bos, _)) = &self.bos {
+            if ids.first() != Some(bos) {
+                ids.insert(0, *bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
+        let enc = self.tokenizer.encode(text, special).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Renders and tokenizes a chat. A Jinja template writes BOS itself, so its output is
+    /// tokenized without adding special tokens (else BOS would appear twice).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        match &self.template {
+            Some(env) => {
+                let tmpl = env.get_template(TEMPLATE_NAME).map_err(|e| e.to_string())?;
+                let text = tmpl
+                    .render(minijinja::context! { messages => messages, add_generation_prompt => true })
+                    .map_err(|e| format!("chat template: {e}"))?;
+                self.encode(&text, false)
+            }
+            None => {
+                let mut text = String::new();
+                for m in messages {
+                    text.push_str(&format!("<|{}|>\n{}<|end|>\n", m.role, m.content));
+                }
+                text.push_str("<|assistant|>\n");
+                self.encode_prompt(&text)
+            }
+        }
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer.decode(ids, true).map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    /// Text of one token as OpenAI's logprobs list it.
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_default()
+    }
+
+    pub fn eos_text(&self) -> &str {
+        &self.eos_text
+    }
+}
+
+/// `chat_template` is a string, or a list of `{name, template}` where "default" is the one.
+fn chat_template(config: &Value) -> Option<&str> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+fn compile_template(source: &str, bos: String, eos: Option<String>) -> Result<minijinja::Environment<'static>, StartupError> {
+    let mut env = minijinja::Environment::new();
+    // HF templates call Python string methods (`.strip()`, `.startswith()`).
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_global("bos_token", bos);
+    env.add_global("eos_token", eos.unwrap_or_default());
+    // HF templates reject unsupported conversations with raise_exception("...").
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template_owned(TEMPLATE_NAME.to_string(), source.to_string())
+        .map_err(|e| StartupError::ChatTemplate(e.to_string()))?;
+    Ok(env)
+}
+
+/// Turns a growing list of token ids into text deltas. Decoding one token at a time garbles
+/// multi-byte characters and word-piece spacing, so each step decodes a short window and emits
+/// only the new suffix, holding it back while it ends in an incomplete character.
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Default for IncrementalDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+
+    pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<String, String> {
+        self.ids.push(id);
+        let prefix = codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = codec.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubetune_model::tiny::{write_tiny_model, TinySpec};
+
+    fn tiny(chat_template: Option<&str>) -> (tempfile::TempDir, TextCodec) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_tiny_model(dir.path(), &TinySpec::default()).expect("tiny model");
+        if let Some(t) = chat_template {
+            let path = dir.path().join("tokenizer_config.json");
+            let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+            config["chat_template"] = Value::String(t.into());
+            std::fs::write(&path, config.to_string()).expect("write");
+        }
+        let codec = TextCodec::load(dir.path(), &[kubetune_model::tiny::EOS_ID]).expect("codec");
+        (dir, codec)
+    }
+
+    fn msgs() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage { role: "system".into(), content: "  Be brief.  ".into() },
+            ChatMessage { role: "user".into(), content: "Hi".into() },
+        ]
+    }
+
+    #[test]
+    fn without_a_template_chats_use_the_trainers_format_and_stop_at_end() {
+        let (_d, codec) = tiny(None);
+        let ids = codec.encode_chat(&msgs()).expect("encode");
+        let expected = codec.encode_prompt("<|system|>\n  Be brief.  <|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n").expect("encode");
+        assert_eq!(ids, expected);
+        assert_eq!(ids[0], kubetune_model::tiny::BOS_ID, "add_bos_token is set");
+        let end = codec.tokenizer.token_to_id("<|end|>").expect("special token");
+        assert!(codec.stop_ids.contains(&end) && codec.stop_ids.contains(&kubetune_model::tiny::EOS_ID));
+    }
+
+    #[test]
+    fn a_jinja_template_renders_with_python_string_methods() {
+        let template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}]{{ m['content'].strip() }}\n{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}";
+        let (_d, codec) = tiny(Some(template));
+        let ids = codec.encode_chat(&msgs()).expect("encode");
+        let text = codec.tokenizer.decode(&ids, false).expect("decode");
+        assert_eq!(text, "<s>[SYSTEM]Be brief.\n[USER]Hi\n[ASSISTANT]");
+        assert_eq!(ids.iter().filter(|&&i| i == kubetune_model::tiny::BOS_ID).count(), 1, "BOS once");
+    }
+
+    #[test]
+    fn a_template_that_raises_is_an_error_not_a_panic() {
+        let (_d, codec) = tiny(Some("{{ raise_exception('system messages are not supported') }}"));
+        let err = codec.encode_chat(&msgs()).expect_err("raises");
+        assert!(err.contains("system messages are not supported"), "{err}");
+    }
+
+    #[test]
+    fn incremental_decoding_equals_decoding_everything_at_once() {
+        let (_d, codec) = tiny(None);
+        let ids = codec.encode("naïve café 漢字 and more words", false).expect("encode");
+        let mut dec = IncrementalDecoder::new();
+        let mut out = String::new();
+        for &id in &ids {
+            out.push_str(&dec.push(&codec, id).expect("push"));
+        }
+        assert_eq!(out, codec.decode(&ids).expect("decode"));
+    }
+}

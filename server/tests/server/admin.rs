@@ -1,0 +1,218 @@
+//! The admin API, adapter caps and checks, the registry path, auth and operational endpoints.
+
+use crate::common::*;
+use kubetune_storage::{Metrics, PublishRequest, Registry, SourceRef, Storage};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn load_body(name: &str, dir: &std::path::Path) -> Value {
+    json!({"name": name, "source": dir.display().to_string()})
+}
+
+#[tokio::test]
+async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
+    let f = fixture();
+    let s = server(&["--max-batch", "4", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let admin_done = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let traffic = tokio::spawn({
+        let (app, admin_done, rounds) = (s.app.clone(), admin_done.clone(), rounds.clone());
+        async move {
+            let mut replies = Vec::new();
+            // Keep going until the admin calls are done, and a few rounds beyond.
+            let mut after = 0;
+            while after < 3 {
+                if admin_done.load(Ordering::SeqCst) {
+                    after += 1;
+                }
+                let batch: Vec<_> = [BASE, "a", BASE, "a"]
+                    .into_iter()
+                    .map(|m| {
+                        let app = app.clone();
+                        let body = json!({"model": m, "prompt": "hello", "max_tokens": 6, "temperature": 0});
+                        tokio::spawn(async move { post(&app, "/v1/completions", body).await })
+                    })
+                    .collect();
+                for r in batch {
+                    replies.push(r.await.expect("task"));
+                }
+                rounds.fetch_add(1, Ordering::SeqCst);
+            }
+            replies
+        }
+    });
+    wait_until("traffic is flowing", || rounds.load(Ordering::SeqCst) >= 1).await;
+    let loaded = post(&s.app, "/v1/adapters", json!({"name": "b", "source": f.adapter_b.display().to_string(), "version": 3})).await;
+    assert_eq!(loaded.status, 200, "{}", loaded.text);
+    // Replace `a` with other weights while requests for `a` are running.
+    let replaced = post(&s.app, "/v1/adapters", json!({"name": "a", "source": f.adapter_b.display().to_string(), "version": 2})).await;
+    assert_eq!(replaced.status, 200, "{}", replaced.text);
+    let b = post(&s.app, "/v1/completions", json!({"model": "b@3", "prompt": "hello", "max_tokens": 3})).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let deleted = send(&s.app, "DELETE", "/v1/adapters/b", None).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    admin_done.store(true, Ordering::SeqCst);
+    let replies = traffic.await.expect("traffic task");
+    assert!(replies.len() >= 16);
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let models = send(&s.app, "GET", "/v1/models", None).await;
+    let list: kubetune_crds::server_contract::ModelList = serde_json::from_str(&models.text).expect("the operator can read /v1/models");
+    let ids: Vec<(String, Option<u32>)> = list.data.into_iter().map(|m| (m.id, m.version)).collect();
+    assert_eq!(ids, vec![(BASE.to_string(), None), ("a".to_string(), Some(2))]);
+    let gone = post(&s.app, "/v1/completions", json!({"model": "b", "prompt": "hi"})).await;
+    assert_eq!(gone.status, 400);
+    assert_eq!(send(&s.app, "DELETE", "/v1/adapters/b", None).await.status, 404);
+}
+
+#[tokio::test]
+async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
+    let f = fixture();
+    let s = server(&["--max-adapters", "2", "--max-adapter-rank", "6", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    // Shapes of another model (hidden 32 instead of 64).
+    let other = kubetune_model::tiny::TinySpec { hidden_size: 32, ..Default::default() }.config();
+    let wrong_shape = dir.path().join("wrong-shape");
+    write_adapter(&wrong_shape, &other, 4, 3, &f.model.display().to_string());
+    let r = post(&s.app, "/v1/adapters", load_body("x", &wrong_shape)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("shape"), "{}", r.text);
+
+    let config = kubetune_model::tiny::TinySpec::default().config();
+    let other_base = dir.path().join("other-base");
+    write_adapter(&other_base, &config, 4, 3, "meta-llama/Llama-3.1-8B");
+    let r = post(&s.app, "/v1/adapters", load_body("x", &other_base)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("meta-llama/Llama-3.1-8B"));
+
+    // Rank 8 over a cap of 6 (adapter_b has r = 8).
+    let r = post(&s.app, "/v1/adapters", load_body("x", &f.adapter_b)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("--max-adapter-rank"));
+
+    // Count cap: a + c fit, d does not; replacing a loaded name does not count twice.
+    assert_eq!(post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status, 200);
+    let r = post(&s.app, "/v1/adapters", load_body("d", &f.adapter_a)).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "adapter_limit");
+    assert_eq!(post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status, 200);
+
+    for (body, param) in [
+        (json!({"source": "/x"}), "name"),
+        (json!({"name": "c"}), "source"),
+        (json!({"name": "c", "source": "/x", "version": 0}), "version"),
+        (json!({"name": "c", "source": "/x", "digest": "md5:1"}), "digest"),
+        (json!({"name": "Bad Name!", "source": "/x"}), "name"),
+        (json!({"name": "c", "source": "no-registry@1"}), "source"),
+    ] {
+        let r = post(&s.app, "/v1/adapters", body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text);
+    }
+    let metrics = send(&s.app, "GET", "/metrics", None).await.text;
+    assert!(metrics.contains("kubetune_server_loaded_adapters 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
+    let f = fixture();
+    let root = tempfile::tempdir().expect("temp dir");
+    let registry_uri = format!("file://{}", root.path().join("registry").display());
+    let registry = Registry::open(Storage::from_uri(&registry_uri, &kubetune_storage::Credentials::none()).expect("storage"));
+    let publish = |dir: &std::path::Path| PublishRequest {
+        name: "support-bot".into(),
+        source_dir: dir.to_path_buf(),
+        base_model: SourceRef { uri: f.model.display().to_string(), digest: None },
+        dataset: SourceRef { uri: "file:///data/train.jsonl".into(), digest: None },
+        hyperparameters: json!({}),
+        metrics: Metrics::default(),
+        job: None,
+    };
+    let v1 = registry.publish(&publish(&f.adapter_a), None).await.expect("publish v1");
+    let v2 = registry.publish(&publish(&f.adapter_b), None).await.expect("publish v2");
+    let adapters_file = root.path().join("adapters.json");
+    let file = json!({"adapters": [{"name": "bot", "source": "support-bot@1", "version": 1, "digest": v1.digest.to_string()}]});
+    std::fs::write(&adapters_file, file.to_string()).expect("write adapters file");
+    let cache = root.path().join("cache");
+    let s = server(&[
+        "--registry", &registry_uri,
+        "--cache-dir", cache.to_str().expect("utf-8"),
+        "--adapters-file", adapters_file.to_str().expect("utf-8"),
+    ])
+    .await;
+    let models = send(&s.app, "GET", "/v1/models", None).await.json();
+    assert_eq!(models["data"][1]["id"], "bot");
+    assert_eq!(models["data"][1]["version"], 1);
+    assert_eq!(models["data"][1]["digest"], json!(v1.digest.to_string()));
+
+    // The operator's hot swap: the next version, pinned by digest.
+    let swap = json!({"name": "bot", "source": "support-bot@2", "version": 2, "digest": v2.digest.to_string()});
+    let r = post(&s.app, "/v1/adapters", swap).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = post(&s.app, "/v1/completions", json!({"model": format!("bot@{}", v2.digest), "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A digest that is not the version's is refused and the loaded version stays.
+    let wrong = json!({"name": "bot", "source": "support-bot@1", "version": 1, "digest": v2.digest.to_string()});
+    let r = post(&s.app, "/v1/adapters", wrong).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"]["param"], "digest");
+    let missing = post(&s.app, "/v1/adapters", json!({"name": "bot", "source": "support-bot@9"})).await;
+    assert_eq!(missing.status, 400, "{}", missing.text);
+    assert_eq!(send(&s.app, "GET", "/v1/models", None).await.json()["data"][1]["version"], 2);
+}
+
+#[tokio::test]
+async fn api_keys_guard_v1_but_not_probes_or_metrics() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# comment\nsecret-1\n\nsecret-2\n").expect("write keys");
+    let s = server(&["--api-keys-file", keys.to_str().expect("utf-8")]).await;
+    let body = json!({"model": BASE, "prompt": "hi", "max_tokens": 2}).to_string();
+    let none = send(&s.app, "POST", "/v1/completions", Some(body.clone())).await;
+    assert_eq!(none.status, 401);
+    assert_eq!(none.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(send_with(&s.app, "POST", "/v1/completions", Some(body.clone()), Some("wrong")).await.status, 401);
+    assert_eq!(send_with(&s.app, "POST", "/v1/completions", Some(body), Some("secret-2")).await.status, 200);
+    assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 401);
+    for path in ["/health", "/ready", "/metrics"] {
+        assert_eq!(send(&s.app, "GET", path, None).await.status, 200, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_expose_the_documented_series() {
+    let s = server(&[]).await;
+    let r = post(&s.app, "/v1/completions", json!({"model": BASE, "prompt": "hello", "max_tokens": 3, "temperature": 0})).await;
+    assert_eq!(r.status, 200);
+    let text = send(&s.app, "GET", "/metrics", None).await.text;
+    for name in [
+        r#"kubetune_server_requests_total{model="tiny",status="200"} 1"#,
+        "kubetune_server_time_to_first_token_seconds_count",
+        "kubetune_server_inter_token_latency_seconds_count",
+        r#"kubetune_server_request_duration_seconds_count{model="tiny"} 1"#,
+        "kubetune_server_generated_tokens_total",
+        "kubetune_server_queue_depth",
+        "kubetune_server_batch_size_count",
+        "kubetune_server_loaded_adapters 0",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn startup_fails_with_the_flag_or_adapter_named() {
+    let f = fixture();
+    let err = |extra: &[&str]| {
+        let args = args(extra);
+        async move { kubetune_server::server::build(&args).await.err().expect("start-up must fail").to_string() }
+    };
+    assert!(err(&["--max-context", "100000"]).await.contains("--max-context"));
+    assert!(err(&["--merge"]).await.contains("--merge"));
+    let bad = err(&["--adapter", "x=/nonexistent/adapter"]).await;
+    assert!(bad.contains("adapter `x`") && bad.contains("/nonexistent/adapter"), "{bad}");
+    let twice = err(&["--adapter", &adapter_flag("a", &f.adapter_a), "--adapter", &adapter_flag("a", &f.adapter_b)]).await;
+    assert!(twice.contains("listed twice"), "{twice}");
+}

@@ -1,0 +1,235 @@
+//! Shared test helpers: a tiny model on disk, seeded adapters in PEFT layout, a server built
+//! through the real start-up path, and request helpers that go through the router.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use candle_core::{Device, Tensor};
+use http_body_util::BodyExt;
+use kubetune_model::lora::{LoraPair, TargetModule};
+use kubetune_model::tiny::{write_tiny_model, TinySpec};
+use kubetune_model::{peft, LoraAdapter, LoraConfig};
+use kubetune_server::api::{router, AppState};
+use kubetune_server::engine::backend::{Backend, CandleBackend};
+use kubetune_server::server::{build_with, warm_up, Args};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use tower::ServiceExt;
+
+pub const BASE: &str = "tiny";
+
+/// The tiny model and two adapters, written once per test binary.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub adapter_a: PathBuf,
+    pub adapter_b: PathBuf,
+}
+
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model = dir.path().join("model");
+        write_tiny_model(&model, &TinySpec::default()).expect("tiny model");
+        let config = TinySpec::default().config();
+        let adapter_a = dir.path().join("adapter-a");
+        let adapter_b = dir.path().join("adapter-b");
+        write_adapter(&adapter_a, &config, 4, 1, &model.display().to_string());
+        write_adapter(&adapter_b, &config, 8, 2, &model.display().to_string());
+        Fixture { _dir: dir, model, adapter_a, adapter_b }
+    })
+}
+
+/// A PEFT adapter on every projection with seeded random A and B (B non-zero, so it changes
+/// the output), recording `base` as base_model_name_or_path.
+pub fn write_adapter(dir: &Path, config: &kubetune_model::Config, r: usize, seed: u64, base: &str) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut random = |rows: usize, cols: usize, std: f32| {
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-std..std)).collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor")
+    };
+    let mut pairs = BTreeMap::new();
+    for layer in 0..config.num_hidden_layers {
+        for m in TargetModule::ALL {
+            let (fan_in, out) = m.shape(config);
+            pairs.insert((layer, m), LoraPair { a: random(r, fan_in, 0.3), b: random(out, r, 0.3) });
+        }
+    }
+    let lora = LoraConfig { r, alpha: 2.0 * r as f64, dropout: 0.0, target_modules: TargetModule::ALL.to_vec() };
+    peft::save(dir, &LoraAdapter::from_pairs(lora, pairs), base).expect("save adapter");
+}
+
+pub fn args(extra: &[&str]) -> Args {
+    let f = fixture();
+    let model = f.model.display().to_string();
+    let mut argv = vec!["kubetune-server", "--model", &model, "--served-model-name", BASE];
+    argv.extend_from_slice(extra);
+    Args::try_parse_from(argv).expect("valid test flags")
+}
+
+pub struct TestServer {
+    pub state: Arc<AppState>,
+    pub app: Router,
+}
+
+pub async fn server(extra: &[&str]) -> TestServer {
+    server_with(extra, |b| b).await
+}
+
+pub async fn server_with<B: Backend>(extra: &[&str], wrap: impl FnOnce(CandleBackend) -> B) -> TestServer {
+    let state = build_with(&args(extra), wrap).await.expect("server builds");
+    warm_up(&state).await.expect("warm-up");
+    state.set_ready(true);
+    let app = router(state.clone());
+    TestServer { state, app }
+}
+
+pub fn adapter_flag(name: &str, dir: &Path) -> String {
+    format!("{name}={}", dir.display())
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text))
+    }
+
+    /// The `data:` payloads of an SSE body.
+    pub fn sse_data(&self) -> Vec<String> {
+        self.text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    }
+}
+
+pub async fn send(app: &Router, method: &str, path: &str, body: Option<String>) -> Reply {
+    send_with(app, method, path, body, None).await
+}
+
+pub async fn send_with(app: &Router, method: &str, path: &str, body: Option<String>, key: Option<&str>) -> Reply {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req.body(body.map(Body::from).unwrap_or_else(Body::empty)).expect("request");
+    let response = app.clone().oneshot(req).await.expect("router never fails");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    Reply { status, headers, text: String::from_utf8_lossy(&bytes).into_owned() }
+}
+
+pub async fn post(app: &Router, path: &str, body: Value) -> Reply {
+    send(app, "POST", path, Some(body.to_string())).await
+}
+
+/// Waits (yielding, not sleeping a fixed time) until `cond` holds; fails after a generous
+/// bound so a broken condition shows as a failure instead of a hang.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let poll = async {
+        while !cond() {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(120), poll).await.is_err() {
+        panic!("condition never held: {what}");
+    }
+}
+
+/// Wraps the real backend so a test can hold the engine at a known point:
+/// - `arm_prefill()`: the next forward call blocks until `release()`;
+/// - `step_gate`: while set, each decode step waits for one message (dropping the sender
+///   lets every later step run freely).
+///
+/// It also records the most distinct adapters seen in one decode step.
+pub struct TestBackend {
+    inner: CandleBackend,
+    pub probe: Arc<Probe>,
+}
+
+#[derive(Default)]
+pub struct Probe {
+    prefill_gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    step_gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    pub max_adapters_in_step: std::sync::atomic::AtomicUsize,
+    pub max_batch_in_step: std::sync::atomic::AtomicUsize,
+}
+
+impl Probe {
+    /// Makes the next forward call wait; returns the sender that releases it.
+    pub fn arm_prefill(&self) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.prefill_gate.lock().expect("lock") = Some(rx);
+        tx
+    }
+
+    /// True once the engine has reached the armed forward call (it took the gate).
+    pub fn prefill_reached(&self) -> bool {
+        self.prefill_gate.lock().expect("lock").is_none()
+    }
+
+    pub fn gate_steps(&self) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.step_gate.lock().expect("lock") = Some(rx);
+        tx
+    }
+}
+
+impl TestBackend {
+    pub fn wrap(inner: CandleBackend) -> (Self, Arc<Probe>) {
+        let probe = Arc::new(Probe::default());
+        (Self { inner, probe: probe.clone() }, probe)
+    }
+}
+
+impl Backend for TestBackend {
+    type Cache = <CandleBackend as Backend>::Cache;
+
+    fn new_cache(&self) -> Self::Cache {
+        self.inner.new_cache()
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.inner.kv_bytes_per_token()
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>, String> {
+        let gate = self.probe.prefill_gate.lock().expect("lock").take();
+        if let Some(rx) = gate {
+            let _ = rx.recv();
+        }
+        self.inner.forward(tokens, cache, adapter)
+    }
+
+    fn decode(&self, batch: &mut [kubetune_server::engine::backend::DecodeItem<'_, Self::Cache>]) -> Vec<Result<Vec<f32>, String>> {
+        use std::sync::atomic::Ordering;
+        if let Some(rx) = self.probe.step_gate.lock().expect("lock").as_ref() {
+            let _ = rx.recv();
+        }
+        let distinct: std::collections::BTreeSet<usize> =
+            batch.iter().map(|i| i.adapter.map_or(0, |a| a as *const LoraAdapter as usize)).collect();
+        self.probe.max_adapters_in_step.fetch_max(distinct.len(), Ordering::SeqCst);
+        self.probe.max_batch_in_step.fetch_max(batch.len(), Ordering::SeqCst);
+        self.inner.decode(batch)
+    }
+}
+
+pub async fn gated_server(extra: &[&str]) -> (TestServer, Arc<Probe>) {
+    let mut probe = None;
+    let s = server_with(extra, |b| {
+        let (backend, p) = TestBackend::wrap(b);
+        probe = Some(p);
+        backend
+    })
+    .await;
+    (s, probe.expect("backend built"))
+}

@@ -1,0 +1,105 @@
+//! The engine under load: a full queue answers 429, a disconnect cancels generation.
+
+use crate::common::*;
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+fn body(max_tokens: usize, stream: bool) -> serde_json::Value {
+    json!({"model": BASE, "prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "stream": stream})
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_admitted_requests_still_finish() {
+    let (s, probe) = gated_server(&["--max-batch", "1", "--max-queue", "1", "--retry-after-s", "3"]).await;
+    let release = probe.arm_prefill();
+    let spawn = |app: axum::Router| tokio::spawn(async move { post(&app, "/v1/completions", body(4, false)).await });
+    let running = spawn(s.app.clone());
+    wait_until("first request in prefill", || probe.prefill_reached()).await;
+    let queued = spawn(s.app.clone());
+    wait_until("second request queued", || s.state.engine.in_flight() == 2).await;
+
+    let refused = post(&s.app, "/v1/completions", body(4, false)).await;
+    assert_eq!(refused.status, 429, "{}", refused.text);
+    assert_eq!(refused.headers["retry-after"], "3");
+    assert_eq!(refused.json()["error"]["code"], "queue_full");
+    assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
+
+    release.send(()).expect("engine waits");
+    assert_eq!(running.await.expect("task").status, 200);
+    assert_eq!(queued.await.expect("task").status, 200);
+    wait_until("permits returned", || s.state.engine.in_flight() == 0).await;
+    let metrics = send(&s.app, "GET", "/metrics", None).await.text;
+    assert!(metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="429"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="200"} 2"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_client_disconnect_cancels_its_generation() {
+    let (s, probe) = gated_server(&[]).await;
+    let step = probe.gate_steps();
+    let tokens_before = s.state.metrics.generated_tokens.get();
+    let request = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body(400, true).to_string()))
+        .expect("request");
+    let response = s.app.clone().oneshot(request).await.expect("router");
+    assert_eq!(response.status(), 200);
+    let mut stream = response.into_body();
+    // A few decode steps, in case the first tokens are bytes of one character that the
+    // detokenizer holds back until it is complete; then the engine waits at the gate.
+    for _ in 0..5 {
+        step.send(()).expect("engine alive");
+    }
+    let first = tokio::time::timeout(std::time::Duration::from_secs(60), stream.frame())
+        .await
+        .expect("text arrives within five decode steps")
+        .expect("a frame")
+        .expect("no error");
+    assert!(first.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
+    assert_eq!(s.state.engine.in_flight(), 1);
+    drop(stream);
+    // Let the engine step freely: it must notice the closed stream and stop.
+    drop(step);
+    wait_until("the cancelled sequence left the engine", || s.state.engine.in_flight() == 0).await;
+    let generated = s.state.metrics.generated_tokens.get() - tokens_before;
+    assert!(generated < 10, "generation went on after the disconnect: {generated} tokens");
+}
+
+#[tokio::test]
+async fn new_requests_join_a_running_batch_between_decode_steps() {
+    let (s, probe) = gated_server(&["--max-batch", "4"]).await;
+    let step = probe.gate_steps();
+    let first = tokio::spawn({
+        let app = s.app.clone();
+        async move { post(&app, "/v1/completions", body(8, false)).await }
+    });
+    wait_until("first request running", || s.state.engine.in_flight() == 1).await;
+    // The first sequence is now decoding one step per message; a second request arrives
+    // while it runs and must be decoded alongside it, not after it.
+    step.send(()).expect("engine steps");
+    let second = tokio::spawn({
+        let app = s.app.clone();
+        async move { post(&app, "/v1/completions", body(4, false)).await }
+    });
+    wait_until("second request admitted", || s.state.engine.in_flight() == 2).await;
+    drop(step);
+    assert_eq!(first.await.expect("task").status, 200);
+    assert_eq!(second.await.expect("task").status, 200);
+    assert_eq!(probe.max_batch_in_step.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_requests_and_readiness_drops() {
+    let s = server(&[]).await;
+    assert_eq!(send(&s.app, "GET", "/ready", None).await.status, 200);
+    s.state.set_ready(false);
+    s.state.engine.close();
+    assert_eq!(send(&s.app, "GET", "/ready", None).await.status, 503);
+    let reply = post(&s.app, "/v1/completions", body(2, false)).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"]["code"], "shutting_down");
+    assert_eq!(send(&s.app, "GET", "/health", None).await.status, 200);
+}

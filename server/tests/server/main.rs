@@ -1,0 +1,7 @@
+//! Integration tests: the real start-up path, the tiny model, requests through the router.
+
+mod admin;
+mod common;
+mod engine;
+mod generation;
+mod validation;
