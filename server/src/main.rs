@@ -2,7 +2,7 @@
 //! fails (a bad flag, a model or adapter that cannot be loaded).
 
 use clap::Parser;
-use kubetune_server::server::{build, serve, warm_up, Args};
+use kubetune_server::server::{build, serve, shutdown_signal, warm_up, Args};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,6 +29,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
     state.set_ready(true);
     tracing::info!(listen = %args.listen, model = %state.base_name, adapters = state.adapters.len(), "ready");
-    serve(state, listener, Duration::from_secs(args.shutdown_timeout_s)).await?;
+    serve(state, listener, Duration::from_secs(args.shutdown_timeout_s), shutdown_signal()).await?;
     Ok(())
 }

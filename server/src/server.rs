@@ -214,15 +214,21 @@ pub async fn warm_up(state: &AppState) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight requests finish and
-/// exits when they are done or `deadline` has passed, whichever comes first.
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, deadline: Duration) -> std::io::Result<()> {
+/// Serves until `shutdown` completes (SIGTERM or Ctrl-C in the binary: [`shutdown_signal`]),
+/// then stops accepting, lets in-flight requests finish and returns when they are done or
+/// `deadline` has passed, whichever comes first.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    deadline: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let app = api::router(state.clone());
     let stopping = Arc::new(tokio::sync::Notify::new());
     let notify = stopping.clone();
     let signal_state = state.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!(in_flight = signal_state.engine.in_flight(), "shutting down: no new requests");
         signal_state.set_ready(false);
         signal_state.engine.close();
@@ -241,7 +247,7 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, dead
     }
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -103,3 +103,46 @@ async fn shutdown_refuses_new_requests_and_readiness_drops() {
     assert_eq!(reply.json()["error"]["code"], "shutting_down");
     assert_eq!(send(&s.app, "GET", "/health", None).await.status, 200);
 }
+
+/// One HTTP/1.1 request over a real socket; returns the raw response.
+async fn raw_post(addr: std::net::SocketAddr, path: &str, body: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("write head");
+    conn.write_all(body.as_bytes()).await.expect("write body");
+    let mut out = Vec::new();
+    conn.read_to_end(&mut out).await.expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_in_flight_requests_finish() {
+    let (s, probe) = gated_server(&[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let deadline = std::time::Duration::from_secs(600);
+    let serving = tokio::spawn(kubetune_server::server::serve(s.state.clone(), listener, deadline, async move {
+        let _ = stopped.await;
+    }));
+    let release = probe.arm_prefill();
+    let client = tokio::spawn(raw_post(addr, "/v1/completions", body(5, false).to_string()));
+    wait_until("request in the engine", || probe.prefill_reached()).await;
+
+    stop.send(()).expect("server listens for the signal");
+    wait_until("readiness dropped", || !s.state.is_ready()).await;
+    let late = post(&s.app, "/v1/completions", body(2, false)).await;
+    assert_eq!(late.status, 503, "new work is refused once shutdown began");
+
+    release.send(()).expect("engine waits");
+    let reply = client.await.expect("client task");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"text_completion\""), "{reply}");
+    // serve returns once the in-flight request is done, long before the 600 s deadline.
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(120), serving).await;
+    finished.expect("serve returned after draining").expect("task").expect("serve ok");
+}
