@@ -117,34 +117,16 @@ fn value_from(
     inputs: &EnvInputs,
 ) -> Result<Option<String>, EnvError> {
     if let Some(r) = &source.secret_key_ref {
-        let optional = r.optional == Some(true);
-        return match inputs.secrets.get(&r.name) {
-            None if optional => Ok(None),
-            None => Err(EnvError::MissingSecret(r.name.clone())),
-            Some(data) => match data.get(&r.key) {
-                Some(v) => Ok(Some(v.clone())),
-                None if optional => Ok(None),
-                None => Err(EnvError::MissingSecretKey {
-                    name: r.name.clone(),
-                    key: r.key.clone(),
-                }),
-            },
-        };
+        let found = inputs.secrets.get(&r.name);
+        return key_value(found, &r.name, &r.key, r.optional, EnvError::MissingSecret, |name, key| {
+            EnvError::MissingSecretKey { name, key }
+        });
     }
     if let Some(r) = &source.config_map_key_ref {
-        let optional = r.optional == Some(true);
-        return match inputs.config_maps.get(&r.name) {
-            None if optional => Ok(None),
-            None => Err(EnvError::MissingConfigMap(r.name.clone())),
-            Some(data) => match data.get(&r.key) {
-                Some(v) => Ok(Some(v.clone())),
-                None if optional => Ok(None),
-                None => Err(EnvError::MissingConfigMapKey {
-                    name: r.name.clone(),
-                    key: r.key.clone(),
-                }),
-            },
-        };
+        let found = inputs.config_maps.get(&r.name);
+        return key_value(found, &r.name, &r.key, r.optional, EnvError::MissingConfigMap, |name, key| {
+            EnvError::MissingConfigMapKey { name, key }
+        });
     }
     if let Some(r) = &source.field_ref {
         return field_value(&r.field_path, inputs).map(Some).ok_or_else(|| {
@@ -314,6 +296,25 @@ pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// One key of a Secret's or ConfigMap's data, as secretKeyRef and configMapKeyRef read it: an
+/// optional reference yields nothing where the object or key is missing, a required one an error.
+fn key_value(
+    data: Option<&BTreeMap<String, String>>,
+    name: &str,
+    key: &str,
+    optional: Option<bool>,
+    missing_object: fn(String) -> EnvError,
+    missing_key: fn(String, String) -> EnvError,
+) -> Result<Option<String>, EnvError> {
+    let optional = optional == Some(true);
+    match data.map(|d| d.get(key)) {
+        Some(Some(v)) => Ok(Some(v.clone())),
+        _ if optional => Ok(None),
+        None => Err(missing_object(name.to_string())),
+        Some(None) => Err(missing_key(name.to_string(), key.to_string())),
+    }
 }
 
 #[cfg(test)]
