@@ -3,6 +3,9 @@
 //! The tests take any cluster: `KUBECONFIG` when set, else the local cluster's admin kubeconfig
 //! (`.kubetune/cluster/admin.kubeconfig`, written by `e2e/cluster/up.sh`).
 
+pub mod pods;
+pub mod store;
+
 use anyhow::{anyhow, bail, Context, Result};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};

@@ -7,17 +7,16 @@
 
 mod tools;
 
-use anyhow::{Context, Result};
-use k8s_openapi::api::apps::v1::Deployment;
+use anyhow::Result;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use kube::discovery::Discovery;
 use kubetune_crds::{FineTuneJob, FineTuneJobPhase};
-use kubetune_e2e::{apply_object, client, install_crds, kubeconfig_path, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace};
+use kubetune_e2e::{apply_object, client, install_crds, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tools::{render, tool};
+use kubetune_e2e::store::create_storage_secret;
+use tools::{install_operator, tool};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -41,33 +40,12 @@ async fn operator_from_the_chart_reconciles_finetunejobs_under_its_own_rbac() ->
     // Make sure helm exists before the clock starts on anything.
     let _helm = tool("helm");
     let system = TestNamespace::new(&client, "operator").await?;
+    let _operator = install_operator(&client, &system.name).await?;
     let discovery = Discovery::new(client.clone()).run().await?;
-
-    // The chart, with the images the local cluster's node agent maps to this workspace's binaries.
-    let values = [
-        "--set", "operator.image.repository=kubetune/operator",
-        "--set", "trainer.image.repository=kubetune/trainer",
-        "--set", "server.image.repository=kubetune/server",
-    ];
-    let objects = render(&system.name, &system.name, &values)?;
-    for obj in objects.iter().filter(|o| !o["apiVersion"].as_str().unwrap_or("").starts_with("monitoring.coreos.com/")) {
-        let mode = if obj["kind"] == "CustomResourceDefinition" { ApplyMode::DryRun } else { ApplyMode::Apply };
-        apply_object(&client, &discovery, &system.name, obj, mode).await.with_context(|| format!("applying {} {}", obj["kind"], obj["metadata"]["name"]))?;
-    }
-    let _cleanup = ClusterScoped(system.name.clone());
-    let deployments: Api<Deployment> = system.api();
-    let operator_name = objects.iter().find(|o| o["kind"] == "Deployment").and_then(|o| o["metadata"]["name"].as_str()).context("chart has a Deployment")?.to_string();
-    let available = |d: Option<&Deployment>| d.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(1);
-    wait_for(&deployments, &operator_name, "available", TIMEOUT, available).await?;
 
     let ns = TestNamespace::new(&client, "ftj").await?;
     // The storage Secret the example names, with the local S3 store's credentials.
-    let s3_env = std::fs::read_to_string(std::env::var("KUBETUNE_S3_ENV").unwrap_or_else(|_| repo_root().join(".kubetune/s3.env").to_string_lossy().into()))
-        .context("reading the S3 credentials (e2e/cluster/s3-up.sh writes them)")?;
-    let data: serde_json::Map<String, Value> =
-        s3_env.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
-    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "kubetune-storage"}, "stringData": data}))?;
-    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    create_storage_secret(&client, &ns.name, "kubetune-storage").await?;
 
     // A job it can run: the trainer Job appears, owned by the FineTuneJob, and status follows it.
     let ftjs: Api<FineTuneJob> = ns.api();
@@ -98,16 +76,3 @@ async fn operator_from_the_chart_reconciles_finetunejobs_under_its_own_rbac() ->
     Ok(())
 }
 
-/// Deletes the release's cluster-scoped objects; the namespaces take the rest.
-struct ClusterScoped(String);
-
-impl Drop for ClusterScoped {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(kubetune_e2e::kubectl_path())
-            .arg("--kubeconfig")
-            .arg(kubeconfig_path())
-            .args(["delete", "clusterrole,clusterrolebinding", "--ignore-not-found", "-l"])
-            .arg(format!("app.kubernetes.io/instance={}", self.0))
-            .output();
-    }
-}

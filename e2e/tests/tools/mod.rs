@@ -80,3 +80,56 @@ pub fn scratch_dir(prefix: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// The operator installed from the chart into `namespace`, with the images the local cluster's
+/// node agent maps to this workspace's binaries; available when this returns. Its
+/// cluster-scoped objects go when the value drops, the namespace takes the rest.
+pub struct OperatorInstall {
+    pub deployment: String,
+    release: String,
+}
+
+pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<OperatorInstall> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kubetune_e2e::{apply_object, wait_for, ApplyMode};
+    let discovery = kube::discovery::Discovery::new(client.clone()).run().await?;
+    let values = [
+        "--set", "operator.image.repository=kubetune/operator",
+        "--set", "trainer.image.repository=kubetune/trainer",
+        "--set", "server.image.repository=kubetune/server",
+    ];
+    let objects = render(namespace, namespace, &values)?;
+    let install = OperatorInstall {
+        deployment: objects.iter().find(|o| o["kind"] == "Deployment").and_then(|o| o["metadata"]["name"].as_str()).context("chart has a Deployment")?.to_string(),
+        release: namespace.to_string(),
+    };
+    for obj in objects.iter().filter(|o| !o["apiVersion"].as_str().unwrap_or("").starts_with("monitoring.coreos.com/")) {
+        // The CRDs are installed by the tests already; the chart's copy must agree with them.
+        let mode = if obj["kind"] == "CustomResourceDefinition" { ApplyMode::DryRun } else { ApplyMode::Apply };
+        apply_object(client, &discovery, namespace, obj, mode).await.with_context(|| format!("applying {} {}", obj["kind"], obj["metadata"]["name"]))?;
+    }
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), namespace);
+    let available = |d: Option<&Deployment>| d.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(1);
+    wait_for(&deployments, &install.deployment, "available", std::time::Duration::from_secs(120), available).await?;
+    Ok(install)
+}
+
+impl Drop for OperatorInstall {
+    fn drop(&mut self) {
+        // Gone before the next test binary installs its own operator: two live operators
+        // would both reconcile every namespace.
+        let _ = Command::new(kubetune_e2e::kubectl_path())
+            .arg("--kubeconfig")
+            .arg(kubetune_e2e::kubeconfig_path())
+            .args(["delete", "deployment", "--cascade=foreground", "--wait", "--timeout=60s", "--ignore-not-found", "-n"])
+            .arg(&self.release)
+            .arg(&self.deployment)
+            .output();
+        let _ = Command::new(kubetune_e2e::kubectl_path())
+            .arg("--kubeconfig")
+            .arg(kubetune_e2e::kubeconfig_path())
+            .args(["delete", "clusterrole,clusterrolebinding", "--ignore-not-found", "-l"])
+            .arg(format!("app.kubernetes.io/instance={}", self.release))
+            .output();
+    }
+}
