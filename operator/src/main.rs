@@ -95,7 +95,9 @@ async fn main() -> anyhow::Result<()> {
     });
     let ftjs: Api<FineTuneJob> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
-    let finetunejobs = Controller::new(ftjs, watcher::Config::default())
+    let finetunejobs = Controller::new(ftjs, watcher::Config::default());
+    let ftj_cache = finetunejobs.store();
+    let finetunejobs = finetunejobs
         .owns(jobs, watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL))
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
@@ -103,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
         .for_each(log_result);
     let mdeps: Api<ModelDeployment> = Api::all(client.clone());
     let deployments: Api<Deployment> = Api::all(client.clone());
-    let modeldeployments = Controller::new(mdeps, watcher::Config::default())
+    let modeldeployments = Controller::new(mdeps, watcher::Config::default());
+    let md_cache = modeldeployments.store();
+    tokio::spawn(prune_deleted_series(ctx.metrics.clone(), ftj_cache, md_cache));
+    let modeldeployments = modeldeployments
         .owns(deployments, watcher::Config::default().labels(modeldeployment::build::MODELDEPLOYMENT_LABEL))
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
@@ -124,6 +129,24 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("kubetune-operator stopped");
     Ok(())
+}
+
+/// Deleted objects are never reconciled again, so their metric series are dropped by comparing
+/// with the controllers' caches now and then.
+async fn prune_deleted_series(
+    metrics: Arc<Metrics>,
+    ftjs: kube::runtime::reflector::Store<FineTuneJob>,
+    mds: kube::runtime::reflector::Store<ModelDeployment>,
+) {
+    use kube::runtime::reflector::ObjectRef;
+    let mut every = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        every.tick().await;
+        metrics.retain(
+            |ns, name| ftjs.get(&ObjectRef::new(name).within(ns)).is_some(),
+            |ns, name| mds.get(&ObjectRef::new(name).within(ns)).is_some(),
+        );
+    }
 }
 
 async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {

@@ -1,7 +1,8 @@
 //! The operator's Prometheus metrics.
 
+use kubetune_crds::RolloutState;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -12,6 +13,10 @@ pub struct Metrics {
     failures: IntCounterVec,
     duration: HistogramVec,
     finetunejobs: IntGaugeVec,
+    modeldeployment_ready: IntGaugeVec,
+    modeldeployment_rollout: IntGaugeVec,
+    /// ModelDeployments with series, (namespace, name), so deleted ones can be dropped.
+    modeldeployments: Mutex<BTreeSet<(String, String)>>,
     /// Phase of each FineTuneJob last reconciled, so the per-phase gauge counts each job once.
     phases: Mutex<BTreeMap<String, String>>,
 }
@@ -40,15 +45,37 @@ impl Metrics {
         .expect("valid metric");
         let finetunejobs = IntGaugeVec::new(Opts::new("kubetune_finetunejobs", "FineTuneJobs by phase"), &["phase"])
             .expect("valid metric");
+        let modeldeployment_ready = IntGaugeVec::new(
+            Opts::new("kubetune_modeldeployment_ready", "1 when every replica of the ModelDeployment serves the desired adapter versions"),
+            &["namespace", "modeldeployment"],
+        )
+        .expect("valid metric");
+        let modeldeployment_rollout = IntGaugeVec::new(
+            Opts::new("kubetune_modeldeployment_rollout_state", "1 for the state of the ModelDeployment's last rollout, 0 for the others"),
+            &["namespace", "modeldeployment", "state"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(finetunejobs.clone()),
+            Box::new(modeldeployment_ready.clone()),
+            Box::new(modeldeployment_rollout.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
-        Self { registry, reconciles, failures, duration, finetunejobs, phases: Mutex::new(BTreeMap::new()) }
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            finetunejobs,
+            modeldeployment_ready,
+            modeldeployment_rollout,
+            modeldeployments: Mutex::new(BTreeSet::new()),
+            phases: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Counts a reconcile and times it until the returned guard drops.
@@ -78,6 +105,42 @@ impl Metrics {
         }
     }
 
+    /// Records a ModelDeployment's readiness and the state of its last rollout (None: no
+    /// rollout yet, every state 0).
+    pub fn set_modeldeployment(&self, namespace: &str, name: &str, ready: bool, rollout: Option<RolloutState>) {
+        self.modeldeployment_ready.with_label_values(&[namespace, name]).set(i64::from(ready));
+        for state in ROLLOUT_STATES {
+            let value = i64::from(rollout == Some(state));
+            self.modeldeployment_rollout.with_label_values(&[namespace, name, &format!("{state:?}")]).set(value);
+        }
+        if let Ok(mut known) = self.modeldeployments.lock() {
+            known.insert((namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Drops the series of objects that no longer exist. Deleted objects are never reconciled
+    /// again (no finalizers), so the caller prunes with the controllers' caches from time to time.
+    pub fn retain(&self, finetunejob_exists: impl Fn(&str, &str) -> bool, modeldeployment_exists: impl Fn(&str, &str) -> bool) {
+        let gone: Vec<String> = match self.phases.lock() {
+            Ok(phases) => phases.keys().filter(|k| k.split_once('/').is_none_or(|(ns, n)| !finetunejob_exists(ns, n))).cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        for key in gone {
+            self.set_finetunejob_phase(&key, None);
+        }
+        let Ok(mut known) = self.modeldeployments.lock() else { return };
+        known.retain(|(ns, name)| {
+            let keep = modeldeployment_exists(ns, name);
+            if !keep {
+                let _ = self.modeldeployment_ready.remove_label_values(&[ns, name]);
+                for state in ROLLOUT_STATES {
+                    let _ = self.modeldeployment_rollout.remove_label_values(&[ns, name, &format!("{state:?}")]);
+                }
+            }
+            keep
+        });
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -89,6 +152,9 @@ impl Metrics {
     }
 }
 
+const ROLLOUT_STATES: [RolloutState; 5] =
+    [RolloutState::Progressing, RolloutState::Canary, RolloutState::Promoted, RolloutState::RolledBack, RolloutState::Failed];
+
 /// Observes the reconcile duration when dropped.
 pub struct ReconcileTimer<'a> {
     metrics: &'a Metrics,
@@ -99,5 +165,26 @@ pub struct ReconcileTimer<'a> {
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         self.metrics.duration.with_label_values(&[self.controller]).observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modeldeployment_series_are_one_hot_and_go_with_the_object() {
+        let m = Metrics::new();
+        m.set_modeldeployment("ns", "support", false, Some(RolloutState::Failed));
+        let text = m.render();
+        assert!(text.contains(r#"kubetune_modeldeployment_ready{modeldeployment="support",namespace="ns"} 0"#), "{text}");
+        assert!(text.contains(r#"kubetune_modeldeployment_rollout_state{modeldeployment="support",namespace="ns",state="Failed"} 1"#), "{text}");
+        assert!(text.contains(r#"kubetune_modeldeployment_rollout_state{modeldeployment="support",namespace="ns",state="Promoted"} 0"#), "{text}");
+
+        m.set_finetunejob_phase("ns/job", Some("Running"));
+        m.retain(|_, _| false, |_, _| false);
+        let text = m.render();
+        assert!(!text.contains("modeldeployment=\"support\""), "{text}");
+        assert!(text.contains(r#"kubetune_finetunejobs{phase="Running"} 0"#), "{text}");
     }
 }

@@ -119,6 +119,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             tracing::warn!(modeldeployment = %key, error = %e, "could not publish event");
         }
     }
+    let ready = new_status.conditions.iter().any(|c| c.type_ == kubetune_crds::conditions::READY && c.status == "True");
+    ctx.metrics.set_modeldeployment(&ns, &md.name_any(), ready, new_status.rollout.as_ref().map(|r| r.state));
     ctx.backoff.succeeded(&key);
     // A rollout is followed closely; an adapter that is not there yet is looked for again soon;
     // otherwise pod restarts are caught by the periodic check.

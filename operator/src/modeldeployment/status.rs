@@ -26,11 +26,15 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
     let old = o.md.status.clone().unwrap_or_default();
     let generation = o.md.metadata.generation;
     let replicas = o.md.spec.replicas.unwrap_or(1);
-    let serves_all = |p: &PodView| {
-        o.desired.iter().all(|a| p.served.as_ref().and_then(|s| s.get(&a.name)).is_some_and(|(v, d)| *v == a.version && *d == a.digest))
-    };
+    let serves = |p: &PodView, a: &ServedAdapter| p.served.as_ref().and_then(|s| s.get(&a.name)).is_some_and(|(v, d)| *v == a.version && *d == a.digest);
+    let promoted = |name: &str| o.plan.promoted.adapters.iter().find(|a| a.name == name);
+    // Ready replicas serve, for every adapter, the desired version or the promoted one (the
+    // previous version during a rollout, or after a failed one): they answer correctly. Ready
+    // (the condition) further needs every replica on the desired versions.
+    let serves_acceptable = |p: &PodView| o.desired.iter().all(|a| serves(p, a) || promoted(&a.name).is_some_and(|old| serves(p, old)));
     let ready_pods: Vec<&PodView> = o.pods.iter().filter(|p| p.ready && p.served.is_some()).collect();
-    let ready_replicas = ready_pods.iter().filter(|p| serves_all(p)).count() as i32;
+    let ready_replicas = ready_pods.iter().filter(|p| serves_acceptable(p)).count() as i32;
+    let current_replicas = ready_pods.iter().filter(|p| o.desired.iter().all(|a| serves(p, a))).count() as i32;
 
     let adapters = o
         .desired
@@ -47,7 +51,7 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
 
     let failed = o.plan.rollouts.iter().find(|r| r.state == RolloutState::Failed);
     let progressing = o.plan.rollouts.iter().any(|r| r.state == RolloutState::Progressing);
-    let all_ready = ready_replicas == replicas && o.unresolved.is_empty() && failed.is_none() && !progressing;
+    let all_ready = current_replicas == replicas && o.unresolved.is_empty() && failed.is_none() && !progressing;
     let (phase, reason, message) = if let Some(u) = o.unresolved.first() {
         let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Pending } else { ModelDeploymentPhase::Degraded };
         (phase, u.reason.to_string(), u.message.clone())
@@ -152,7 +156,12 @@ mod tests {
         md.spec.replicas = Some(2);
         let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(2)), pod("b", Some(1))], &[]);
         assert_eq!(s.adapters[0].serving_version, None);
-        assert_eq!(s.ready_replicas, Some(1));
+        // Both answer with an acceptable version mid-rollout, but the rollout is not done.
+        assert_eq!(s.ready_replicas, Some(2));
+        assert!(!ready(&s));
+
+        let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(3)), pod("b", Some(1))], &[]);
+        assert_eq!(s.ready_replicas, Some(1), "a pod serving neither version is not ready");
     }
 
     #[test]
