@@ -275,6 +275,51 @@ pub struct RolloutStatus {
     /// until the spec or the registry points elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_digest: Option<String>,
+    /// The canary of a `canary` rollout: which replicas serve the new version first, and the
+    /// counters its analysis compares against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+}
+
+/// Progress of a canary.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// Pods chosen to serve the new version first.
+    pub pods: Vec<String>,
+    /// When every canary pod served the new version and the analysis window opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_started_at: Option<Time>,
+    /// Each canary pod's request counters for the adapter when the window opened.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline: Vec<ServingCounters>,
+    /// The analysis passed; the version is being loaded into the other replicas.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passed: bool,
+}
+
+/// A server pod's cumulative request counters for one adapter, from its /metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingCounters {
+    pub pod: String,
+    /// Generation requests answered.
+    pub requests: f64,
+    /// Of those, answered with a 5xx status.
+    pub errors: f64,
+    /// Cumulative latency histogram: requests that took at most `le` seconds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency: Vec<LatencyBucket>,
+}
+
+/// One cumulative histogram bucket.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LatencyBucket {
+    /// Upper bound in seconds; absent for +Inf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub le: Option<f64>,
+    pub count: f64,
 }
 
 /// State of a rollout.

@@ -2,6 +2,7 @@
 //! pod serves → load versions through the pods' admin API → apply the workloads → status.
 
 pub mod build;
+pub mod counters;
 pub mod resolve;
 pub mod rollout;
 pub mod status;
@@ -17,10 +18,10 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use kubetune_crds::server_contract::{AdaptersFile, ModelList, ServedAdapter, SERVER_PORT};
-use kubetune_crds::{ModelDeployment, RolloutState};
+use kubetune_crds::{ModelDeployment, RolloutState, RolloutStrategy, ServingCounters};
 use kubetune_storage::{Credentials, Registry, Storage};
 use resolve::Unresolved;
-use rollout::{plan, PodView, Step};
+use rollout::{plan, CanaryPolicy, PodView, Policy, Step};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -67,10 +68,13 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         }
     }
 
-    let pods = pod_views(&ctx, &ns, &md).await?;
+    let policy = rollout_policy(&md);
     let previous: Vec<_> = md.status.iter().flat_map(|s| s.rollout.clone()).collect();
-    let max_attempts = md.spec.rollout.as_ref().and_then(|r| r.max_attempts).unwrap_or(DEFAULT_MAX_ATTEMPTS);
-    let mut the_plan = plan(&desired, &promoted, &pods.views, &previous, max_attempts);
+    // Request counters matter only to a canary under way (or about to start).
+    let canary_in_flight = policy.canary.is_some() && desired.iter().any(|a| !promoted.adapters.contains(a));
+    let pods = pod_views(&ctx, &ns, &md, canary_in_flight).await?;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut the_plan = plan(&desired, &promoted, &pods.views, &previous, &policy, &now);
     for Step::Load { pod, adapter } in the_plan.steps.clone() {
         if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter).await {
             tracing::warn!(modeldeployment = %key, %pod, adapter = %adapter.source, %message, "adapter load failed");
@@ -98,7 +102,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         pods: &pods.views,
         plan: &the_plan,
         endpoint: endpoint(&md),
-        now: Time(k8s_openapi::jiff::Timestamp::now()),
+        now,
     };
     let new_status = status::derive_status(&observed);
     let old_state = md.status.as_ref().and_then(|s| s.rollout.as_ref()).map(|r| (r.state, r.to_version));
@@ -124,7 +128,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     ctx.backoff.succeeded(&key);
     // A rollout is followed closely; an adapter that is not there yet is looked for again soon;
     // otherwise pod restarts are caught by the periodic check.
-    let rolling = the_plan.rollouts.iter().any(|r| r.state == RolloutState::Progressing);
+    let rolling = the_plan.rollouts.iter().any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
     Ok(Action::requeue(Duration::from_secs(match (rolling, unresolved.is_empty()) {
         (true, _) => 3,
         (false, false) => 15,
@@ -164,7 +168,7 @@ struct Pods {
 }
 
 /// What each server pod serves, asked of the pod itself.
-async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<Pods> {
+async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters: bool) -> Result<Pods> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let selector = selector_labels(md).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let mut views = Vec::new();
@@ -183,7 +187,11 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<Pods
             }
             _ => None,
         };
-        views.push(PodView { name, ready, served });
+        let counters = match (&status.pod_ip, ready && with_counters) {
+            (Some(ip), true) => serving_counters(ctx, ip, &name).await,
+            _ => BTreeMap::new(),
+        };
+        views.push(PodView { name, ready, served, counters });
     }
     Ok(Pods { views, ips })
 }
@@ -192,6 +200,35 @@ async fn served_by(ctx: &Context, ip: &str) -> Option<BTreeMap<String, (u32, Str
     let reply = ctx.pod_http.send(Method::GET, ip, SERVER_PORT, "/v1/models", None).await.ok()?;
     let list: ModelList = serde_json::from_slice(&reply.body).ok().filter(|_| reply.status == 200)?;
     Some(list.data.into_iter().filter_map(|m| Some((m.id, (m.version?, m.digest?)))).collect())
+}
+
+/// A pod's request counters per adapter, from its /metrics; empty when it does not answer
+/// (the canary analysis then sees no traffic from it rather than failing on a scrape).
+async fn serving_counters(ctx: &Context, ip: &str, pod: &str) -> BTreeMap<String, ServingCounters> {
+    match ctx.pod_http.send(Method::GET, ip, SERVER_PORT, "/metrics", None).await {
+        Ok(reply) if reply.status == 200 => counters::parse(&String::from_utf8_lossy(&reply.body), pod),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// spec.rollout with its defaults.
+fn rollout_policy(md: &ModelDeployment) -> Policy {
+    let spec = md.spec.rollout.clone().unwrap_or_default();
+    let canary = (spec.strategy == Some(RolloutStrategy::Canary)).then(|| {
+        let c = spec.canary.clone().unwrap_or_default();
+        CanaryPolicy {
+            replica_percent: c.replica_percent.unwrap_or(25),
+            analysis_seconds: c.analysis_seconds.unwrap_or(60),
+            max_error_rate: c.max_error_rate.unwrap_or(0.01),
+            max_p99_latency_ms: c.max_p99_latency_ms,
+        }
+    });
+    Policy {
+        max_attempts: spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        canary,
+        paused: spec.paused.unwrap_or(false),
+        abort: spec.abort.unwrap_or(false),
+    }
 }
 
 /// Asks one pod to load an adapter version; Err carries the server's own explanation.

@@ -49,18 +49,21 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         })
         .collect::<Vec<_>>();
 
-    let failed = o.plan.rollouts.iter().find(|r| r.state == RolloutState::Failed);
-    let progressing = o.plan.rollouts.iter().any(|r| r.state == RolloutState::Progressing);
+    let failed = o.plan.rollouts.iter().find(|r| matches!(r.state, RolloutState::Failed | RolloutState::RolledBack));
+    let progressing = o.plan.rollouts.iter().any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
     let all_ready = current_replicas == replicas && o.unresolved.is_empty() && failed.is_none() && !progressing;
     let (phase, reason, message) = if let Some(u) = o.unresolved.first() {
         let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Pending } else { ModelDeploymentPhase::Degraded };
         (phase, u.reason.to_string(), u.message.clone())
     } else if let Some(f) = failed {
-        let message = format!("rollout of {}@{} failed: {}", f.adapter, f.to_version, f.message.clone().unwrap_or_default());
+        let verb = if f.state == RolloutState::RolledBack { "rolled back" } else { "failed" };
+        let message = format!("rollout of {}@{} {verb}: {}", f.adapter, f.to_version, f.message.clone().unwrap_or_default());
         let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Failed } else { ModelDeploymentPhase::Degraded };
-        (phase, "RolloutFailed".into(), message)
+        let reason = if f.state == RolloutState::RolledBack { "RolledBack" } else { "RolloutFailed" };
+        (phase, reason.into(), message)
     } else if progressing {
-        (ModelDeploymentPhase::Progressing, "RolloutInProgress".into(), String::new())
+        let message = o.plan.rollouts.iter().find_map(|r| r.message.clone()).unwrap_or_default();
+        (ModelDeploymentPhase::Progressing, "RolloutInProgress".into(), message)
     } else if all_ready {
         (ModelDeploymentPhase::Ready, "AllReplicasServing".into(), String::new())
     } else if ready_pods.is_empty() {
@@ -119,7 +122,7 @@ mod tests {
 
     fn pod(name: &str, version: Option<u32>) -> PodView {
         let served = version.map(|v| ("support-bot".to_string(), (v, format!("sha256:{v}")))).into_iter().collect::<BTreeMap<_, _>>();
-        PodView { name: name.into(), ready: true, served: Some(served) }
+        PodView { name: name.into(), ready: true, served: Some(served), ..Default::default() }
     }
 
     fn now() -> Time {
@@ -127,7 +130,8 @@ mod tests {
     }
 
     fn derive(md: &ModelDeployment, desired: &[ServedAdapter], promoted: &[ServedAdapter], pods: &[PodView], unresolved: &[Unresolved]) -> ModelDeploymentStatus {
-        let p = plan(desired, &AdaptersFile { adapters: promoted.to_vec() }, pods, &[], 3);
+        let policy = crate::modeldeployment::rollout::Policy { max_attempts: 3, canary: None, paused: false, abort: false };
+        let p = plan(desired, &AdaptersFile { adapters: promoted.to_vec() }, pods, &[], &policy, &now());
         derive_status(&ObservedDeployment { md, desired, unresolved, pods, plan: &p, endpoint: "http://e".into(), now: now() })
     }
 
