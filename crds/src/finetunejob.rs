@@ -358,6 +358,10 @@ pub struct TrainingProgress {
     /// "step/totalSteps (percent)", for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+    /// The step a retried trainer pod resumed from (its last checkpoint); absent when the run
+    /// started from zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
 }
 
 /// An adapter version in the registry.

@@ -94,6 +94,9 @@ pub enum TrainerOutcome {
         train_loss: Option<f64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         eval_loss: Option<f64>,
+        /// The checkpoint step this pod resumed from, when it was a retry.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_from_step: Option<u64>,
     },
     /// The run failed; `reason` is a condition reason such as DatasetInvalid or LossDiverged.
     Failed { reason: String, message: String },

@@ -57,6 +57,7 @@ pub fn parse_progress(text: &str) -> Option<TrainingProgress> {
         tokens_per_second,
         eta: None,
         display: None,
+        resumed_from_step: value("kubetune_train_resumed_from_step").filter(|s| *s > 0.0).map(|s| s as u64),
     })
 }
 
@@ -85,6 +86,7 @@ kubetune_train_step{job=\"ns/ftj\"} 30
 kubetune_train_total_steps{job=\"ns/ftj\"} 120
 kubetune_train_epoch{job=\"ns/ftj\"} 0.75
 kubetune_train_tokens_per_second{job=\"ns/ftj\"} 512.5
+kubetune_train_resumed_from_step{job=\"ns/ftj\"} 20
 ";
 
     #[test]
@@ -95,6 +97,7 @@ kubetune_train_tokens_per_second{job=\"ns/ftj\"} 512.5
         assert_eq!(p.eval_loss, None, "NaN eval loss means none yet");
         assert_eq!(p.epoch, Some(0.75));
         assert_eq!(p.tokens_per_second, Some(512.5));
+        assert_eq!(p.resumed_from_step, Some(20));
     }
 
     #[test]

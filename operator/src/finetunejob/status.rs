@@ -93,12 +93,13 @@ fn phase_of(o: &Observed, old: &FineTuneJobStatus, status: &mut FineTuneJobStatu
     if let Some(job) = o.job {
         if job_condition(job, "Complete") || job_condition(job, "SuccessCriteriaMet") {
             return match outcome {
-                Some(TrainerOutcome::Succeeded { adapter, train_loss, eval_loss }) => {
+                Some(TrainerOutcome::Succeeded { adapter, train_loss, eval_loss, resumed_from_step }) => {
                     let message = format!("published {}", adapter.reference.clone().unwrap_or_else(|| adapter.uri.clone()));
                     status.adapter = Some(adapter);
                     let progress = status.progress.get_or_insert_with(Default::default);
                     progress.train_loss = train_loss.or(progress.train_loss);
                     progress.eval_loss = eval_loss.or(progress.eval_loss);
+                    progress.resumed_from_step = resumed_from_step.or(progress.resumed_from_step);
                     (Succeeded, "AdapterPublished".into(), message)
                 }
                 _ if status.adapter.is_some() => (Succeeded, "AdapterPublished".into(), String::new()),
@@ -244,14 +245,15 @@ mod tests {
     fn success_records_the_published_adapter() {
         let ftj = finetunejob("minimal.yaml");
         let j = job(json!([{"type": "Complete", "status": "True"}]));
-        let message = json!({"result": "succeeded", "adapter": {"name": "minimal", "version": 2, "uri": "s3://r/adapters/minimal/v2", "digest": "sha256:ab", "reference": "minimal@v2"}, "trainLoss": 0.5}).to_string();
+        let message = json!({"result": "succeeded", "adapter": {"name": "minimal", "version": 2, "uri": "s3://r/adapters/minimal/v2", "digest": "sha256:ab", "reference": "minimal@v2"}, "trainLoss": 0.5, "resumedFromStep": 40}).to_string();
         let p = pod("Succeeded", Some(json!({"exitCode": 0, "reason": "Completed", "message": message})));
         let (s, t) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: None, now: at(99) });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Succeeded));
         assert_eq!(s.adapter.as_ref().map(|a| a.version), Some(2));
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(s.completion_time, Some(at(99)));
-        assert_eq!(s.progress.and_then(|p| p.train_loss), Some(0.5));
+        assert_eq!(s.progress.as_ref().and_then(|p| p.train_loss), Some(0.5));
+        assert_eq!(s.progress.and_then(|p| p.resumed_from_step), Some(40));
         assert_eq!(t.map(|t| t.reason), Some("AdapterPublished".into()));
     }
 
