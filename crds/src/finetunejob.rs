@@ -258,6 +258,11 @@ pub struct TrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub seed: Option<u64>,
+    /// Optimizer steps between checkpoints in object storage; a retried or preempted trainer
+    /// pod resumes from the last one. Defaults to 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub checkpoint_steps: Option<u64>,
 }
 
 /// Learning-rate schedule.

@@ -80,6 +80,9 @@ pub struct TrainerTraining {
     pub warmup_steps: u64,
     pub scheduler: LrScheduler,
     pub seed: u64,
+    /// Steps between checkpoints uploaded to `checkpoint_uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_steps: Option<u64>,
 }
 
 /// What the trainer writes to its termination message (one JSON object), so the operator can

@@ -51,6 +51,9 @@ pub struct ValidFineTuneJob {
 
 pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
 
+/// Checkpoints often enough that a retry loses little, rarely enough that uploads stay cheap.
+const DEFAULT_CHECKPOINT_STEPS: u64 = 50;
+
 /// Checks a spec against the operator's settings and the gathered facts.
 pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) -> Result<ValidFineTuneJob, Invalid> {
     let registry = spec
@@ -99,6 +102,7 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             warmup_steps: training.warmup_steps.unwrap_or(0),
             scheduler: training.scheduler.unwrap_or(LrScheduler::Linear),
             seed: training.seed.unwrap_or(42),
+            checkpoint_steps: Some(training.checkpoint_steps.unwrap_or(DEFAULT_CHECKPOINT_STEPS)),
         },
         registry,
         image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),
