@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod io;
+pub mod job;
 pub mod metrics;
 pub mod optim;
 pub mod prepare;

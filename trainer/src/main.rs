@@ -1,10 +1,16 @@
-//! `kubetune-trainer --config train.yaml` (or flags): fine-tunes a LoRA adapter.
+//! `kubetune-trainer --config train.yaml` (or flags): fine-tunes a LoRA adapter from local files.
+//! In a trainer pod (KUBETUNE_TRAINER_JOB set, no --config) it runs the operator's job through
+//! object storage instead; see kubetune_trainer::job.
 //! Exit codes: 0 done, 2 bad input (config, data, model), 3 loss diverged, 1 anything else.
 
 use clap::Parser;
 use kubetune_trainer::config::{DataFormat, DatasetConfig, LoraSettings, Method, TrainConfig, TrainingSettings};
 use kubetune_trainer::metrics::{serve, Metrics};
+use kubetune_crds::trainer_contract::{TrainerOutcome, TRAINER_JOB_ENV};
+use kubetune_storage::Credentials;
+use kubetune_trainer::job::{parse_job, run_job, JobRun};
 use kubetune_trainer::{run, RunOptions, TrainError};
+use std::sync::atomic::AtomicBool;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,7 +58,7 @@ struct Args {
     /// File that receives a one-line JSON outcome (the pod's termination message).
     #[arg(long)]
     termination_log: Option<PathBuf>,
-    /// Scratch directory in a trainer pod (used once object storage is wired in).
+    /// Scratch directory in a trainer pod: download cache, output and checkpoints (job mode).
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// cpu or cuda.
@@ -63,6 +69,11 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logging();
+    if args.config.is_none() {
+        if let Ok(text) = std::env::var(TRAINER_JOB_ENV) {
+            return job_main(args, &text);
+        }
+    }
     let termination_log = args.termination_log.clone();
     match try_main(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -86,12 +97,8 @@ fn try_main(args: Args) -> Result<(), TrainError> {
         let bound = serve(metrics.clone(), addr)?;
         tracing::info!(addr = %bound, "serving /metrics");
     }
-    let device = match args.device.as_str() {
-        "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0)?,
-        other => return Err(config_error("--device", format!("`{other}` is not cpu or cuda"))),
-    };
-    let options = RunOptions { resume: args.resume, stop_after_steps: args.stop_after_steps, metrics: Some(metrics), device };
+    let device = device(&args.device)?;
+    let options = RunOptions { resume: args.resume, stop_after_steps: args.stop_after_steps, metrics: Some(metrics), device, ..RunOptions::default() };
     let result = run(&config, &options)?;
     tracing::info!(
         steps = result.steps,
@@ -111,6 +118,85 @@ fn try_main(args: Args) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Job mode (a trainer pod): runs the operator's job description through object storage and
+/// writes the outcome as the pod's termination message.
+fn job_main(args: Args, text: &str) -> std::process::ExitCode {
+    let outcome = match job_outcome(&args, text) {
+        Ok(outcome) => Some(outcome),
+        Err((reason, message, code, write)) => {
+            tracing::error!(reason, error = %message, "training failed");
+            if !write {
+                return std::process::ExitCode::from(code as u8);
+            }
+            let failed = TrainerOutcome::Failed { reason: reason.to_string(), message };
+            write_outcome(args.termination_log.as_deref(), &failed);
+            return std::process::ExitCode::from(code as u8);
+        }
+    };
+    if let Some(o) = &outcome {
+        write_outcome(args.termination_log.as_deref(), o);
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// Err: (reason, message, exit code, whether to write a failed outcome).
+fn job_outcome(args: &Args, text: &str) -> Result<TrainerOutcome, (&'static str, String, i32, bool)> {
+    let from_train = |e: TrainError| (e.reason(), e.to_string(), e.exit_code(), true);
+    let job = parse_job(text).map_err(from_train)?;
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| ("TrainerFailed", format!("starting the async runtime: {e}"), 1, true))?;
+    let metrics = Arc::new(Metrics::new(&format!("{}/{}", job.owner.namespace, job.owner.name)).map_err(from_train)?);
+    if let Some(addr) = args.metrics_addr {
+        let bound = serve(metrics.clone(), addr).map_err(from_train)?;
+        tracing::info!(addr = %bound, "serving /metrics");
+    }
+    let device = device(&args.device).map_err(from_train)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = JobRun { job, work_dir, credentials: Credentials::from_env(), metrics: Some(metrics), stop: Some(stop.clone()), device };
+    runtime.block_on(async move {
+        tokio::spawn(stop_on_sigterm(stop));
+        run_job(run).await.map_err(|e| (e.reason(), e.to_string(), e.exit_code(), e.is_final()))
+    })
+}
+
+/// Asks the run to checkpoint and stop when the pod is deleted or preempted.
+async fn stop_on_sigterm(stop: Arc<AtomicBool>) {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            term.recv().await;
+            tracing::warn!("SIGTERM: checkpointing after this step, then stopping");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn write_outcome(path: Option<&std::path::Path>, outcome: &TrainerOutcome) {
+    let Some(path) = path else { return };
+    let text = match serde_json::to_string(outcome) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the outcome");
+            return;
+        }
+    };
+    if let Err(e) = std::fs::write(path, text) {
+        tracing::error!(path = %path.display(), error = %e, "cannot write termination log");
+    }
+}
+
+fn device(name: &str) -> Result<candle_core::Device, TrainError> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
+        other => Err(config_error("--device", format!("`{other}` is not cpu or cuda"))),
+    }
+}
+
 fn config_error(field: &str, message: String) -> TrainError {
     TrainError::Config { path: field.into(), message }
 }
@@ -120,14 +206,6 @@ fn build_config(a: &Args) -> Result<TrainConfig, TrainError> {
     let mut config = match &a.config {
         Some(path) => TrainConfig::from_file(path)?,
         None => {
-            if std::env::var_os("KUBETUNE_TRAINER_JOB").is_some() {
-                return Err(config_error(
-                    "KUBETUNE_TRAINER_JOB",
-                    "running from the operator's job description needs object storage support, which is not built yet; \
-                     pass --config"
-                        .into(),
-                ));
-            }
             let need = |v: &Option<String>, flag: &str| {
                 v.clone().ok_or_else(|| config_error(flag, format!("{flag} is required without --config")))
             };

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub tokens_per_second: Gauge,
     pub learning_rate: Gauge,
     pub grad_norm: Gauge,
+    pub resumed_from_step: Gauge,
 }
 
 impl Metrics {
@@ -36,6 +37,7 @@ impl Metrics {
             tokens_per_second: gauge("kubetune_train_tokens_per_second", "Training throughput in tokens per second.")?,
             learning_rate: gauge("kubetune_learning_rate", "Learning rate of the latest step.")?,
             grad_norm: gauge("kubetune_grad_norm", "Global gradient norm before clipping.")?,
+            resumed_from_step: gauge("kubetune_train_resumed_from_step", "Checkpoint step this run resumed from (0: started from zero).")?,
             registry,
         };
         m.eval_loss.set(f64::NAN);

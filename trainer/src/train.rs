@@ -16,6 +16,7 @@ use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, CausalLm, Load
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,11 +30,19 @@ pub struct RunOptions {
     pub stop_after_steps: Option<u64>,
     pub metrics: Option<Arc<Metrics>>,
     pub device: Device,
+    /// Set from outside (SIGTERM, preemption): the run checkpoints after the current step and
+    /// stops, to be resumed later.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Called with each checkpoint directory once it is complete on disk (job mode uploads it).
+    pub on_checkpoint: Option<CheckpointHook>,
 }
+
+/// Receives `(checkpoint directory, step)`; an error fails the run.
+pub type CheckpointHook = Arc<dyn Fn(&Path, u64) -> Result<()> + Send + Sync>;
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { resume: false, stop_after_steps: None, metrics: None, device: Device::Cpu }
+        Self { resume: false, stop_after_steps: None, metrics: None, device: Device::Cpu, stop: None, on_checkpoint: None }
     }
 }
 
@@ -118,6 +127,9 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
                 });
             }
             resumed_from = Some(state.step);
+            if let Some(m) = &options.metrics {
+                m.resumed_from_step.set(state.step as f64);
+            }
             tracing::info!(step = state.step, checkpoint = %dir.display(), "resuming");
         } else {
             tracing::info!(output = %output.display(), "no checkpoint to resume from; starting at step 0");
@@ -203,11 +215,15 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
                 state.eval_history.push(LossPoint { step: state.step, loss: l });
             }
         }
-        let stop_now = options.stop_after_steps.is_some_and(|s| state.step >= s) && !last;
+        let stop_requested = options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let stop_now = (options.stop_after_steps.is_some_and(|s| state.step >= s) || stop_requested) && !last;
         if (t.save_steps > 0 && state.step.is_multiple_of(t.save_steps) && !last) || stop_now {
             state.elapsed_secs = elapsed_before + segment_start.elapsed().as_secs_f64();
             let dir = checkpoint::save(&output, &adapter, &base_name, &optimizer.state(), &state)?;
             tracing::info!(step = state.step, checkpoint = %dir.display(), "checkpoint saved");
+            if let Some(hook) = &options.on_checkpoint {
+                hook(&dir, state.step)?;
+            }
         }
         if stop_now {
             stopped_early = true;
@@ -354,9 +370,21 @@ fn fingerprint(config: &TrainConfig) -> Result<String> {
     t.save_steps = 0;
     t.eval_steps = 0;
     t.logging_steps = 0;
+    // Identity, not location: a retried pod downloads the same model and data to another
+    // path, and must still resume. The model by the name adapters record, the data by content.
+    let content = |path: &str| -> Result<String> {
+        let local = crate::io::local_path(path, "dataset")?;
+        let bytes = std::fs::read(&local).map_err(TrainError::io(&local))?;
+        Ok(kubetune_storage::Sha256Digest::of(&bytes).to_string())
+    };
+    let d = &config.dataset;
     let value = serde_json::json!({
-        "model": config.model, "method": config.method, "lora": config.lora, "training": t,
-        "dataset": config.dataset,
+        "model": config.base_model_name.as_ref().unwrap_or(&config.model), "method": config.method, "lora": config.lora, "training": t,
+        "dataset": {
+            "data": content(&d.path)?,
+            "validation": d.validation_path.as_deref().map(content).transpose()?,
+            "format": d.format, "validationSplit": d.validation_split, "skipInvalid": d.skip_invalid,
+        },
     });
     serde_json::to_string(&value).map_err(|e| TrainError::Config { path: "fingerprint".into(), message: e.to_string() })
 }

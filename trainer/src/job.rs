@@ -1,0 +1,332 @@
+//! Job mode: the FineTuneJob the operator hands a trainer pod (`KUBETUNE_TRAINER_JOB`), run
+//! end to end through object storage.
+//!
+//! 1. If this job (by uid) already published a version, report it: the pod died after
+//!    publishing and before exiting, and a second publish would make a duplicate version.
+//! 2. Download the base model and the dataset into the work directory's cache.
+//! 3. Restore the newest checkpoint under `checkpointUri`, if a previous pod left one.
+//! 4. Train; every `checkpointSteps` steps the checkpoint is uploaded, files first and the
+//!    `latest.json` pointer last, so a half-uploaded checkpoint is never resumed from.
+//! 5. Publish the adapter as the registry's next version (atomic, see kubetune-storage), then
+//!    remove the checkpoints.
+
+use crate::config::TrainConfig;
+use crate::error::TrainError;
+use crate::metrics::Metrics;
+use crate::train::{run, CheckpointHook, RunOptions, TrainingMetrics};
+use kubetune_crds::trainer_contract::{TrainerJob, TrainerOutcome, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED};
+use kubetune_crds::PublishedAdapter;
+use kubetune_storage::{Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage, StorageError};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Pointer to the newest complete checkpoint, written after its files.
+const LATEST: &str = "latest.json";
+/// Exit code of a run stopped by SIGTERM (128 + 15), as a shell would report it.
+pub const EXIT_STOPPED: i32 = 143;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    Train(TrainError),
+    /// A dataset line the trainer rejected, named by its URI rather than the local copy.
+    #[error("{uri} line {line}: {message}")]
+    DataLine { uri: String, line: usize, message: String },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("stopped at step {step} (SIGTERM); the checkpoint is in object storage for the retry")]
+    Stopped { step: u64 },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl JobError {
+    /// The condition reason the operator shows.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            JobError::Train(e) => e.reason(),
+            JobError::DataLine { .. } => "DatasetInvalid",
+            JobError::Storage(StorageError::NotFound { .. }) => "InputNotFound",
+            JobError::Storage(_) => "StorageError",
+            JobError::Stopped { .. } => "Stopped",
+            JobError::Internal(_) => "TrainerFailed",
+        }
+    }
+
+    /// Bad input is not worth a retry (the Job's pod failure policy fails it at once).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            JobError::Train(e) => e.exit_code(),
+            JobError::DataLine { .. } | JobError::Storage(StorageError::NotFound { .. }) => EXIT_INVALID_INPUT,
+            JobError::Stopped { .. } => EXIT_STOPPED,
+            _ => 1,
+        }
+    }
+
+    /// True when the process should write a failed outcome (not for a stop, which is retried).
+    pub fn is_final(&self) -> bool {
+        !matches!(self, JobError::Stopped { .. })
+    }
+}
+
+/// Compile-time check that the contract's exit codes are the ones TrainError uses.
+const _: () = assert!(EXIT_INVALID_INPUT == 2 && EXIT_LOSS_DIVERGED == 3);
+
+/// Everything a job run needs from its process.
+pub struct JobRun {
+    pub job: TrainerJob,
+    /// Scratch directory: cache, output, checkpoints.
+    pub work_dir: PathBuf,
+    pub credentials: Credentials,
+    pub metrics: Option<Arc<Metrics>>,
+    /// Set on SIGTERM.
+    pub stop: Option<Arc<AtomicBool>>,
+    pub device: candle_core::Device,
+}
+
+/// Parses the operator's job description, naming the variable in the error.
+pub fn parse_job(text: &str) -> Result<TrainerJob, TrainError> {
+    serde_json::from_str(text).map_err(|e| TrainError::Config {
+        path: kubetune_crds::trainer_contract::TRAINER_JOB_ENV.into(),
+        message: format!("not a valid trainer job description: {e}"),
+    })
+}
+
+/// Runs the job; the outcome for the termination message.
+pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
+    let job = &r.job;
+    let registry = Registry::open(Storage::from_uri(&job.registry, &r.credentials)?);
+    if let Some(done) = published_by_this_job(&registry, job).await? {
+        tracing::info!(adapter = %done.name, version = done.version, "this job already published; reporting that version");
+        let metrics = &done.manifest.metrics;
+        return Ok(succeeded(&done, metrics.train_loss, metrics.eval_loss, None));
+    }
+
+    let cache = Cache::new(r.work_dir.join("cache"))?;
+    tracing::info!(uri = %job.base_model_uri, "downloading the base model");
+    let model_dir = cache.download_model(&job.base_model_uri, &r.credentials).await?;
+    let dataset = download_file(&cache, &job.dataset.uri, &r.credentials).await?;
+    let validation = match &job.dataset.validation_uri {
+        Some(uri) => Some(download_file(&cache, uri, &r.credentials).await?),
+        None => None,
+    };
+
+    let output = r.work_dir.join("output");
+    let checkpoints = Storage::from_uri(&job.checkpoint_uri, &r.credentials)?;
+    let resume_step = restore_checkpoint(&checkpoints, &output).await?;
+    let config = train_config(job, &model_dir, &dataset, validation.as_deref(), &output)?;
+
+    let handle = tokio::runtime::Handle::current();
+    let uploads = checkpoints.clone();
+    let hook: CheckpointHook = Arc::new(move |dir: &Path, step: u64| {
+        handle
+            .block_on(upload_checkpoint(&uploads, dir, step))
+            .map_err(|e| TrainError::Checkpoint { path: dir.to_path_buf(), message: format!("uploading: {e}") })
+    });
+    let options = RunOptions {
+        resume: resume_step.is_some(),
+        stop_after_steps: None,
+        metrics: r.metrics.clone(),
+        device: r.device.clone(),
+        stop: r.stop.clone(),
+        on_checkpoint: Some(hook),
+    };
+    let sources = [(dataset.clone(), job.dataset.uri.clone())]
+        .into_iter()
+        .chain(validation.clone().zip(job.dataset.validation_uri.clone()))
+        .collect::<Vec<_>>();
+    let result = tokio::task::spawn_blocking(move || run(&config, &options))
+        .await
+        .map_err(|e| JobError::Internal(format!("training thread: {e}")))?
+        .map_err(|e| named_by_uri(e, &sources))?;
+    if !result.completed {
+        return Err(JobError::Stopped { step: result.steps });
+    }
+
+    let published = publish(&registry, job, &output, &result, &r.work_dir).await?;
+    tracing::info!(adapter = %published.name, version = published.version, uri = %published.uri, "published");
+    if let Err(e) = remove_checkpoints(&checkpoints).await {
+        tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
+    }
+    Ok(succeeded(&published, result.final_train_loss, result.final_eval_loss, result.resumed_from_step))
+}
+
+fn succeeded(a: &ResolvedAdapter, train_loss: Option<f64>, eval_loss: Option<f64>, resumed_from_step: Option<u64>) -> TrainerOutcome {
+    TrainerOutcome::Succeeded {
+        adapter: PublishedAdapter {
+            name: a.name.clone(),
+            version: a.version,
+            uri: a.uri.clone(),
+            digest: a.digest.to_string(),
+            reference: Some(format!("{}@{}", a.name, a.version)),
+        },
+        train_loss,
+        eval_loss,
+        resumed_from_step,
+    }
+}
+
+/// A dataset line error names the dataset's URI, which is what the user wrote.
+fn named_by_uri(e: TrainError, sources: &[(PathBuf, String)]) -> JobError {
+    match e {
+        TrainError::Data { file, line, message } => match sources.iter().find(|(local, _)| *local == file) {
+            Some((_, uri)) => JobError::DataLine { uri: uri.clone(), line, message },
+            None => JobError::Train(TrainError::Data { file, line, message }),
+        },
+        TrainError::Dataset { file, message } => match sources.iter().find(|(local, _)| *local == file) {
+            Some((_, uri)) => JobError::Train(TrainError::Dataset { file: PathBuf::from(uri), message }),
+            None => JobError::Train(TrainError::Dataset { file, message }),
+        },
+        other => JobError::Train(other),
+    }
+}
+
+/// The version this job published before, found by its uid in the manifests.
+async fn published_by_this_job(registry: &Registry, job: &TrainerJob) -> Result<Option<ResolvedAdapter>, JobError> {
+    let versions = match registry.list(&job.adapter_name).await {
+        Ok(v) => v,
+        Err(StorageError::NotFound { .. } | StorageError::AdapterNotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(versions.into_iter().rev().find(|v| v.manifest.job.as_ref().is_some_and(|j| j.uid == job.owner.uid)))
+}
+
+/// One object into the cache; its local path.
+async fn download_file(cache: &Cache, uri: &str, credentials: &Credentials) -> Result<PathBuf, JobError> {
+    let (parent, name) = uri.rsplit_once('/').filter(|(p, n)| !n.is_empty() && p.contains("://")).ok_or_else(|| {
+        JobError::Train(TrainError::Config { path: "dataset".into(), message: format!("`{uri}` does not name a file") })
+    })?;
+    let storage = Storage::from_uri(parent, credentials)?;
+    tracing::info!(%uri, "downloading");
+    Ok(cache.download_object(&storage, name, None).await?)
+}
+
+/// Downloads the checkpoint `latest.json` points at into `output/checkpoints/step-N`.
+async fn restore_checkpoint(checkpoints: &Storage, output: &Path) -> Result<Option<u64>, JobError> {
+    let pointer = match checkpoints.get_bytes(LATEST).await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let step = serde_json::from_slice::<serde_json::Value>(&pointer).ok().and_then(|v| v["step"].as_u64()).ok_or_else(|| {
+        JobError::Train(TrainError::Checkpoint {
+            path: PathBuf::from(checkpoints.object_uri(LATEST)),
+            message: "expected {\"step\": N}".into(),
+        })
+    })?;
+    let prefix = format!("step-{step}");
+    // Downloaded beside its final name and renamed when whole: the trainer resumes from any
+    // `step-N` directory it finds.
+    let root = output.join("checkpoints");
+    let partial = root.join(format!(".download-{prefix}"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JobError::Train(TrainError::Io { path, source })
+    };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    for object in checkpoints.list(&prefix).await? {
+        let Some(name) = object.key.rsplit('/').next() else { continue };
+        checkpoints.download_to(&object.key, &partial.join(name), None, None).await?;
+    }
+    std::fs::rename(&partial, root.join(&prefix)).map_err(io(&root))?;
+    tracing::info!(step, uri = %checkpoints.object_uri(&prefix), "resuming from step {step}");
+    Ok(Some(step))
+}
+
+/// Uploads one checkpoint, then points `latest.json` at it, then drops older ones.
+async fn upload_checkpoint(checkpoints: &Storage, dir: &Path, step: u64) -> Result<(), StorageError> {
+    let prefix = format!("step-{step}");
+    let entries = std::fs::read_dir(dir).map_err(|e| StorageError::Io { action: "reading", path: dir.to_path_buf(), source: e })?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StorageError::Io { action: "reading", path: dir.to_path_buf(), source: e })?;
+        if entry.file_type().map_err(|e| StorageError::Io { action: "reading", path: dir.to_path_buf(), source: e })?.is_file() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            checkpoints.put_file(&format!("{prefix}/{name}"), &entry.path(), None).await?;
+        }
+    }
+    checkpoints.put_bytes(LATEST, json!({"step": step}).to_string().into()).await?;
+    for object in checkpoints.list("").await? {
+        let stale = object.key.split('/').next().is_some_and(|first| first.starts_with("step-") && first != prefix);
+        if stale {
+            checkpoints.delete(&object.key).await?;
+        }
+    }
+    tracing::info!(step, uri = %checkpoints.object_uri(&prefix), "checkpoint uploaded");
+    Ok(())
+}
+
+async fn remove_checkpoints(checkpoints: &Storage) -> Result<(), StorageError> {
+    // The pointer goes first, so a crash half way never points at deleted files.
+    match checkpoints.delete(LATEST).await {
+        Ok(()) | Err(StorageError::NotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    for object in checkpoints.list("").await? {
+        checkpoints.delete(&object.key).await?;
+    }
+    Ok(())
+}
+
+/// The trainer config for the job, with names as in the FineTuneJob spec.
+fn train_config(job: &TrainerJob, model: &Path, dataset: &Path, validation: Option<&Path>, output: &Path) -> Result<TrainConfig, JobError> {
+    let t = &job.training;
+    let value = json!({
+        "model": model,
+        "baseModelName": job.base_model_uri,
+        "dataset": {
+            "path": dataset,
+            "format": job.dataset.format,
+            "validationSplit": job.dataset.validation_split,
+            "validationPath": validation,
+            "skipInvalid": job.dataset.skip_invalid,
+        },
+        "method": job.method,
+        "lora": {"r": job.lora.r, "alpha": job.lora.alpha, "dropout": job.lora.dropout, "targetModules": job.lora.target_modules},
+        "training": {
+            "epochs": t.epochs,
+            "maxSteps": t.max_steps,
+            "learningRate": t.learning_rate,
+            "batchSize": t.batch_size,
+            "gradientAccumulationSteps": t.gradient_accumulation_steps,
+            "maxSeqLength": t.max_seq_length,
+            "warmupSteps": t.warmup_steps,
+            "scheduler": t.scheduler,
+            "seed": t.seed,
+            "saveSteps": t.checkpoint_steps.unwrap_or(50),
+        },
+        "output": output,
+    });
+    let invalid = |message: String| JobError::Train(TrainError::Config { path: "KUBETUNE_TRAINER_JOB".into(), message });
+    let config: TrainConfig = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    config.validate("KUBETUNE_TRAINER_JOB").map_err(JobError::Train)?;
+    Ok(config)
+}
+
+/// Publishes the adapter files (not the checkpoints beside them) as the next version.
+async fn publish(registry: &Registry, job: &TrainerJob, output: &Path, result: &TrainingMetrics, work_dir: &Path) -> Result<ResolvedAdapter, JobError> {
+    let dir = work_dir.join("publish");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| JobError::Train(TrainError::Io { path: dir.clone(), source: e }))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| JobError::Train(TrainError::Io { path: dir.clone(), source: e }))?;
+    for name in ["adapter_config.json", "adapter_model.safetensors", "training_metrics.json"] {
+        let from = output.join(name);
+        std::fs::copy(&from, dir.join(name)).map_err(|e| JobError::Train(TrainError::Io { path: from.clone(), source: e }))?;
+    }
+    let hyperparameters = json!({"method": job.method, "lora": job.lora, "quantization": job.quantization, "training": job.training});
+    let request = PublishRequest {
+        name: job.adapter_name.clone(),
+        source_dir: dir,
+        base_model: SourceRef { uri: job.base_model_uri.clone(), digest: None },
+        dataset: SourceRef { uri: job.dataset.uri.clone(), digest: None },
+        hyperparameters,
+        metrics: kubetune_storage::Metrics { train_loss: result.final_train_loss, eval_loss: result.final_eval_loss },
+        job: Some(JobRef { namespace: job.owner.namespace.clone(), name: job.owner.name.clone(), uid: job.owner.uid.clone() }),
+    };
+    Ok(registry.publish(&request, None).await?)
+}
