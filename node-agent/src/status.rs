@@ -177,6 +177,15 @@ pub fn phase(rt: &PodRt) -> &'static str {
     }
 }
 
+/// The phase of a pod whose containers were stopped because it was deleted.
+pub fn terminal_phase(rt: &PodRt) -> &'static str {
+    if rt.failed.is_none() && !rt.containers.is_empty() && rt.containers.iter().all(|c| c.exit_code() == Some(0)) {
+        SUCCEEDED
+    } else {
+        FAILED
+    }
+}
+
 fn condition(type_: &str, ok: bool, reason: Option<&str>, message: Option<String>) -> PodCondition {
     PodCondition {
         type_: type_.into(),
@@ -343,6 +352,17 @@ mod tests {
         backing_off.prepare_restart("CrashLoopBackOff", None);
         assert_eq!(backing_off.restart_count, 1);
         assert_eq!(phase(&rt("OnFailure", vec![backing_off])), RUNNING);
+    }
+
+    #[test]
+    fn deleted_pods_end_failed_unless_every_container_exited_zero() {
+        let mut killed = container("a");
+        killed.set_terminated(terminated(143));
+        assert_eq!(terminal_phase(&rt("Always", vec![killed])), FAILED);
+        let mut done = container("a");
+        done.set_terminated(terminated(0));
+        assert_eq!(terminal_phase(&rt("Never", vec![done])), SUCCEEDED);
+        assert_eq!(terminal_phase(&rt("Never", vec![container("never-started")])), FAILED);
     }
 
     #[test]

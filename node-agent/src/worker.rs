@@ -221,13 +221,15 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     }
     // Finished or stopped: keep reporting until the pod is deleted or vanishes.
     stop.cancelled().await;
-    let end = *ending.lock().unwrap_or_else(|e| e.into_inner());
-    if end == Some(Ending::Deleted) {
-        // Let the final container states reach the API server before the object goes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     writer_stop.cancel();
     let _ = writer.await;
+    let end = *ending.lock().unwrap_or_else(|e| e.into_inner());
+    if end == Some(Ending::Deleted) {
+        // As kubelet does, a deleted pod ends in a terminal phase with its containers' final
+        // states before the object goes: the Job controller counts the pod (and removes its
+        // tracking finalizer) only once it sees Failed or Succeeded.
+        report_terminal_status(&api, &name, &shared, &pods).await;
+    }
     finish(&agent, &api, &key, &pod, Some(ip), &ending, watch_task).await
 }
 
@@ -494,6 +496,30 @@ async fn finish(
     if end != Some(Ending::Shutdown) {
         if let Some(ip) = ip {
             agent.release_ip(ip);
+        }
+    }
+}
+
+/// Writes the deleted pod's last status, phase Succeeded when every container exited 0 and
+/// Failed otherwise, retrying a few times with back-off.
+async fn report_terminal_status(api: &Api<Pod>, name: &str, shared: &Shared, pods: &watch::Receiver<Option<Pod>>) {
+    let Some(pod) = pods.borrow().clone() else {
+        return;
+    };
+    let rt = shared.snapshot();
+    let mut status = status::build(&pod, &rt, pod.status.as_ref(), &Time(Timestamp::now()));
+    status.phase = Some(status::terminal_phase(&rt).into());
+    let patch = serde_json::json!({ "status": status });
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=4 {
+        match api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 404 => return,
+            Err(e) if attempt == 4 => tracing::warn!(pod = %name, error = %e, "could not report the final status"),
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
         }
     }
 }

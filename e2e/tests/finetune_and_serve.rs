@@ -1,0 +1,505 @@
+//! The product end to end on a cluster, with the operator installed from the chart: fine-tune
+//! the tiny model into an adapter, serve it, roll out a new version under load, survive a broken
+//! one, scale out, promote a version through a canary and clean up. Along the way: a bad
+//! dataset, suspend/resume, an operator restart in the middle of a run, and a trainer pod killed
+//! mid-run that resumes from its checkpoint.
+//!
+//! One test function on purpose: the operator watches every namespace, so two installs at once
+//! would both reconcile the same objects; and each step builds on the adapter versions the
+//! steps before it published.
+
+mod tools;
+
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::discovery::Discovery;
+use kube::Client;
+use kubetune_crds::{FineTuneJob, FineTuneJobPhase, ModelDeployment, RolloutState};
+use kubetune_e2e::pods::{chat, http, ready_pod_ips, served_models};
+use kubetune_e2e::store::{create_storage_secret, registry, storage, upload, BUCKET};
+use kubetune_e2e::{apply_object, client, install_crds, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace};
+use kubetune_storage::{AdapterRef, JobRef, Metrics, PublishRequest, SourceRef};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tools::{install_operator, scratch_dir, tool, OperatorInstall};
+
+/// Long enough for a trainer or server pod to start, download, train or load on 2 busy cores.
+const TIMEOUT: Duration = Duration::from_secs(300);
+const ADAPTER: &str = "support-bot";
+/// Answers the v2 dataset changes, so a reply tells which version served it.
+const V2_CHANGES: [(&str, &str); 2] =
+    [("When does the library open?", "At ten in the morning."), ("How many books can I borrow?", "Up to eight books.")];
+
+/// The example's questions and answers: (question, answer).
+fn facts() -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(repo_root().join("examples/data/support-facts.jsonl"))?;
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l)?;
+            let text = |i: usize| v["messages"][i]["content"].as_str().map(str::to_string).context("example fact");
+            Ok((text(0)?, text(1)?))
+        })
+        .collect()
+}
+
+fn dataset(facts: &[(String, String)]) -> String {
+    facts
+        .iter()
+        .map(|(q, a)| json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string() + "\n")
+        .collect()
+}
+
+fn v2_facts(facts: &[(String, String)]) -> Vec<(String, String)> {
+    facts
+        .iter()
+        .map(|(q, a)| match V2_CHANGES.iter().find(|(cq, _)| cq == q) {
+            Some((_, new)) => (q.clone(), new.to_string()),
+            None => (q.clone(), a.clone()),
+        })
+        .collect()
+}
+
+/// Everything one run of the test works in: its namespace and its corner of the S3 bucket.
+struct Env {
+    client: Client,
+    discovery: Discovery,
+    ns: TestNamespace,
+    root: String,
+}
+
+impl Env {
+    fn uri(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.root)
+    }
+
+    fn example(&self, file: &str) -> Result<Value> {
+        let text = std::fs::read_to_string(repo_root().join("examples").join(file))?;
+        let mut obj = yaml_documents(&text)?.remove(0);
+        obj["spec"]["baseModel"]["uri"] = json!(self.uri("models/tiny-llama"));
+        if obj["kind"] == "ModelDeployment" {
+            obj["spec"]["registry"] = json!(self.uri("registry"));
+        }
+        Ok(obj)
+    }
+
+    /// The example FineTuneJob, named `name`, trained on `dataset` (a file under datasets/).
+    fn finetunejob(&self, name: &str, dataset: &str) -> Result<Value> {
+        let mut ftj = self.example("finetunejob.yaml")?;
+        ftj["metadata"]["name"] = json!(name);
+        ftj["spec"]["dataset"]["uri"] = json!(self.uri(&format!("datasets/{dataset}")));
+        ftj["spec"]["dataset"]["validationUri"] = json!(self.uri(&format!("datasets/{dataset}")));
+        ftj["spec"]["output"]["registry"] = json!(self.uri("registry"));
+        Ok(ftj)
+    }
+
+    async fn apply(&self, obj: &Value) -> Result<()> {
+        apply_object(&self.client, &self.discovery, &self.ns.name, obj, ApplyMode::Apply).await?;
+        Ok(())
+    }
+
+    async fn wait_ftj(&self, name: &str, what: &str, phases: &[FineTuneJobPhase]) -> Result<FineTuneJob> {
+        let phases = phases.to_vec();
+        wait_for(&self.ns.api(), name, what, TIMEOUT, move |f: Option<&FineTuneJob>| {
+            f.and_then(|f| f.status.as_ref()).and_then(|s| s.phase).is_some_and(|p| phases.contains(&p))
+        })
+        .await
+    }
+
+    async fn server_ips(&self) -> Result<Vec<String>> {
+        let pods = ready_pod_ips(&self.ns.api::<Pod>(), "kubetune.dev/modeldeployment=support").await?;
+        Ok(pods.into_iter().map(|(_, ip)| ip).collect())
+    }
+}
+
+fn condition<'a>(conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn ftj_condition(ftj: &FineTuneJob, type_: &str) -> Option<(String, String)> {
+    let status = ftj.status.as_ref()?;
+    condition(&status.conditions, type_).map(|c| (c.reason.clone(), c.message.clone()))
+}
+
+fn serving_version(md: &ModelDeployment) -> Option<u32> {
+    md.status.as_ref()?.adapters.iter().find(|a| a.name == ADAPTER)?.serving_version
+}
+
+fn md_ready(md: &ModelDeployment) -> bool {
+    md.status.as_ref().and_then(|s| condition(&s.conditions, "Ready")).is_some_and(|c| c.status == "True")
+}
+
+#[tokio::test]
+async fn finetune_serve_roll_out_and_roll_back() -> Result<()> {
+    let client = client().await?;
+    install_crds(&client).await?;
+    let _helm = tool("helm");
+    let system = TestNamespace::new(&client, "system").await?;
+    let operator = install_operator(&client, &system.name).await?;
+    let ns = TestNamespace::new(&client, "flow").await?;
+    create_storage_secret(&client, &ns.name, "kubetune-storage").await?;
+    let root = format!("s3://{BUCKET}/e2e/{}", ns.name);
+    let env = Env { discovery: Discovery::new(client.clone()).run().await?, client, root, ns };
+    seed_store(&env).await?;
+
+    bad_dataset_fails_with_the_line(&env).await?;
+    suspended_job_runs_when_resumed_through_an_operator_restart(&env, &system, &operator).await?;
+    killed_trainer_resumes_from_its_checkpoint(&env).await?;
+    serves_the_fine_tuned_answers(&env).await?;
+    new_version_rolls_out_under_load(&env).await?;
+    broken_version_is_rolled_back(&env).await?;
+    scale_out_serves_the_same_version(&env).await?;
+    canary_promotes_a_healthy_version(&env).await?;
+    deletion_cleans_up(&env).await?;
+    Ok(())
+}
+
+/// The tiny base model and the datasets, in this run's corner of the bucket.
+async fn seed_store(env: &Env) -> Result<()> {
+    let dir = scratch_dir("flow")?;
+    let model = dir.join("tiny-llama");
+    kubetune_model::tiny::write_tiny_model(&model, &kubetune_model::tiny::TinySpec::default())?;
+    upload(&model, &env.uri("models/tiny-llama")).await?;
+    let facts = facts()?;
+    for (name, text) in [
+        ("v1.jsonl", dataset(&facts)),
+        ("v2.jsonl", dataset(&v2_facts(&facts))),
+        // Line 3 is cut short: not JSON.
+        ("bad.jsonl", format!("{}{}{{\"messages\": [{{\"role\": \"user\"\n", dataset(&facts[..1]), dataset(&facts[1..2]))),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        upload(&path, &env.uri(&format!("datasets/{name}"))).await?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn bad_dataset_fails_with_the_line(env: &Env) -> Result<()> {
+    env.apply(&env.finetunejob("bad-data", "bad.jsonl")?).await?;
+    let failed = env.wait_ftj("bad-data", "Failed", &[FineTuneJobPhase::Failed, FineTuneJobPhase::Succeeded]).await?;
+    let (reason, message) = ftj_condition(&failed, "Failed").context("a Failed condition")?;
+    assert_eq!(reason, "DatasetInvalid", "{message}");
+    assert!(message.contains("line 3"), "the message names the line: {message}");
+    Ok(())
+}
+
+/// A job created suspended waits with its Job suspended and no pod; resumed, it trains, and
+/// restarting the operator in the middle changes nothing: same Job, no retry, v1 published.
+async fn suspended_job_runs_when_resumed_through_an_operator_restart(env: &Env, system: &TestNamespace, operator: &OperatorInstall) -> Result<()> {
+    let mut ftj = env.finetunejob("support-v1", "v1.jsonl")?;
+    ftj["spec"]["suspend"] = json!(true);
+    env.apply(&ftj).await?;
+    env.wait_ftj("support-v1", "Suspended", &[FineTuneJobPhase::Suspended]).await?;
+    let jobs: Api<Job> = env.ns.api();
+    let job = wait_for(&jobs, "support-v1", "created suspended", TIMEOUT, |j: Option<&Job>| {
+        j.and_then(|j| j.spec.as_ref()).and_then(|s| s.suspend) == Some(true)
+    })
+    .await?;
+    let trainer_pods = ListParams::default().labels("kubetune.dev/finetunejob=support-v1");
+    assert!(env.ns.api::<Pod>().list(&trainer_pods).await?.items.is_empty(), "a suspended job has no pod");
+
+    ftj["spec"]["suspend"] = json!(false);
+    env.apply(&ftj).await?;
+    env.wait_ftj("support-v1", "Running", &[FineTuneJobPhase::Running, FineTuneJobPhase::Succeeded]).await?;
+    restart_operator(system, operator).await?;
+
+    let done = env.wait_ftj("support-v1", "Succeeded", &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed]).await?;
+    let status = done.status.clone().context("status")?;
+    assert_eq!(status.phase, Some(FineTuneJobPhase::Succeeded), "{status:#?}");
+    let adapter = status.adapter.clone().context("status.adapter")?;
+    assert_eq!((adapter.name.as_str(), adapter.version), (ADAPTER, 1));
+    assert_eq!(jobs.get("support-v1").await?.metadata.uid, job.metadata.uid, "the restarted operator kept the Job");
+    assert_eq!(env.ns.api::<Pod>().list(&trainer_pods).await?.items.len(), 1, "one trainer pod: no retry");
+    assert_eq!(condition(&status.conditions, "Ready").map(|c| c.status.as_str()), Some("True"));
+
+    let published = registry(&env.uri("registry"))?.resolve(&format!("{ADAPTER}@latest").parse::<AdapterRef>()?).await?;
+    assert_eq!(published.version, 1);
+    assert_eq!(published.digest.to_string(), adapter.digest);
+    Ok(())
+}
+
+/// Deleting the trainer pod mid-run: the Job's retry resumes from the last checkpoint in object
+/// storage, which status shows, and still publishes.
+async fn killed_trainer_resumes_from_its_checkpoint(env: &Env) -> Result<()> {
+    let mut ftj = env.finetunejob("resume", "v1.jsonl")?;
+    ftj["spec"]["output"]["adapterName"] = json!("resume-bot");
+    ftj["spec"]["training"]["epochs"] = Value::Null;
+    ftj["spec"]["training"]["maxSteps"] = json!(600);
+    ftj["spec"]["training"]["checkpointSteps"] = json!(20);
+    env.apply(&ftj).await?;
+    let pods: Api<Pod> = env.ns.api();
+    let (pod, ip) = wait_for_trainer_ip(&pods).await?;
+    // Wait (polling the trainer's own /metrics, which the operator reads less often) until a
+    // few checkpoints exist, then kill the pod.
+    let http = http()?;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let step = kubetune_e2e::pods::metric(&http, &ip, 9090, "kubetune_train_step").await.ok().flatten().unwrap_or(0.0);
+        if step >= 60.0 {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the trainer did not reach step 60 in {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pods.delete(&pod, &DeleteParams::default()).await?;
+
+    let done = env.wait_ftj("resume", "Succeeded", &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed]).await?;
+    let status = done.status.clone().context("status")?;
+    assert_eq!(status.phase, Some(FineTuneJobPhase::Succeeded), "{status:#?}");
+    let resumed = status.progress.as_ref().and_then(|p| p.resumed_from_step).context("status.progress.resumedFromStep after a retry")?;
+    assert!(resumed >= 60 || (resumed >= 20 && resumed % 20 == 0), "resumed from a checkpoint step, not from zero: {resumed}");
+    assert_eq!(status.retries, Some(1), "one failed pod, then the retry");
+    assert_eq!(status.adapter.map(|a| (a.name, a.version)), Some(("resume-bot".to_string(), 1)));
+    Ok(())
+}
+
+/// The running trainer pod of FineTuneJob "resume": (name, IP).
+async fn wait_for_trainer_ip(pods: &Api<Pod>) -> Result<(String, String)> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let list = pods.list(&ListParams::default().labels("kubetune.dev/finetunejob=resume")).await?;
+        let running = list.items.into_iter().find_map(|p| {
+            let status = p.status?;
+            (status.phase.as_deref() == Some("Running")).then_some(())?;
+            Some((p.metadata.name?, status.pod_ip?))
+        });
+        if let Some(found) = running {
+            return Ok(found);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "no running trainer pod after {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes the operator pod and waits for its replacement to be available.
+async fn restart_operator(system: &TestNamespace, operator: &OperatorInstall) -> Result<()> {
+    let pods: Api<Pod> = system.api();
+    let selector = ListParams::default().labels("app.kubernetes.io/name=kubetune-operator");
+    let before: Vec<String> = pods.list(&selector).await?.items.into_iter().filter_map(|p| p.metadata.name).collect();
+    ensure!(!before.is_empty(), "no operator pod to restart");
+    for name in &before {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    let deployments: Api<Deployment> = system.api();
+    wait_for(&deployments, &operator.deployment, "available again", TIMEOUT, |d: Option<&Deployment>| {
+        d.and_then(|d| d.status.as_ref()).is_some_and(|s| s.available_replicas == Some(1) && s.replicas == Some(1))
+    })
+    .await?;
+    Ok(())
+}
+
+async fn serves_the_fine_tuned_answers(env: &Env) -> Result<()> {
+    env.apply(&env.example("modeldeployment.yaml")?).await?;
+    let mds: Api<ModelDeployment> = env.ns.api();
+    let md = wait_for(&mds, "support", "Ready", TIMEOUT, |m: Option<&ModelDeployment>| m.is_some_and(md_ready)).await?;
+    assert_eq!(serving_version(&md), Some(1), "{:#?}", md.status);
+    let ips = env.server_ips().await?;
+    assert_eq!(ips.len(), 1);
+    let http = http()?;
+    assert!(served_models(&http, &ips[0]).await?.contains(&(ADAPTER.to_string(), Some(1))));
+    right_answers(&http, &ips[0], &facts()?).await
+}
+
+/// Asks every question; fails unless the adapter gives (nearly) every trained answer. The tiny
+/// model learns these facts to the letter; one slip is allowed so a near-tie in greedy decoding
+/// does not decide the test.
+async fn right_answers(http: &reqwest::Client, ip: &str, facts: &[(String, String)]) -> Result<()> {
+    let mut wrong = Vec::new();
+    for (question, answer) in facts {
+        let got = chat(http, ip, ADAPTER, question).await?;
+        if got.trim() != answer {
+            wrong.push(format!("{question} -> {got:?} (trained {answer:?})"));
+        }
+    }
+    ensure!(wrong.len() <= 1, "{} of {} answers are not the trained ones:\n{}", wrong.len(), facts.len(), wrong.join("\n"));
+    Ok(())
+}
+
+/// Steady chat traffic against the deployment's pods until stopped; counts what failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(ips: Vec<String>) -> Result<Self> {
+        let (stop, ok, failures) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let http = http()?;
+        let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
+        let task = tokio::spawn(async move {
+            let mut i = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                let ip = &ips[i % ips.len()];
+                i += 1;
+                match chat(&http, ip, ADAPTER, "When does the library open?").await {
+                    Ok(_) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => f.lock().map(|mut f| f.push(e.to_string())).unwrap_or_default(),
+                }
+            }
+        });
+        Ok(Self { stop, ok, failures, task })
+    }
+
+    async fn finish(self) -> Result<(usize, Vec<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?;
+        let failures = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
+        Ok((self.ok.load(Ordering::Relaxed), failures))
+    }
+}
+
+async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
+    let ips = env.server_ips().await?;
+    let load = Load::start(ips.clone())?;
+    env.apply(&env.finetunejob("support-v2", "v2.jsonl")?).await?;
+    let done = env.wait_ftj("support-v2", "Succeeded", &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed]).await?;
+    assert_eq!(done.status.as_ref().and_then(|s| s.adapter.as_ref()).map(|a| a.version), Some(2), "{:#?}", done.status);
+
+    let mds: Api<ModelDeployment> = env.ns.api();
+    let md = wait_for(&mds, "support", "serving v2", TIMEOUT, |m: Option<&ModelDeployment>| {
+        m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(2))
+    })
+    .await?;
+    let rollout = md.status.as_ref().and_then(|s| s.rollout.clone()).context("status.rollout")?;
+    assert_eq!((rollout.state, rollout.from_version, rollout.to_version), (RolloutState::Promoted, Some(1), 2));
+    let (ok, failures) = load.finish().await?;
+    assert!(ok > 0, "the load sent requests");
+    assert!(failures.is_empty(), "{} of {} requests failed during the rollout: {:?}", failures.len(), ok + failures.len(), failures);
+
+    let http = http()?;
+    for ip in &ips {
+        assert!(served_models(&http, ip).await?.contains(&(ADAPTER.to_string(), Some(2))), "{ip} serves v2");
+    }
+    right_answers(&http, &ips[0], &v2_facts(&facts()?)).await
+}
+
+/// Publishes the files of version `from` again, as the next version.
+async fn republish(env: &Env, from: u32) -> Result<u32> {
+    let registry = registry(&env.uri("registry"))?;
+    let source = registry.resolve(&format!("{ADAPTER}@{from}").parse::<AdapterRef>()?).await?;
+    let dir = scratch_dir("republish")?;
+    let files = dir.join("adapter");
+    registry.fetch(&source, &files, None).await?;
+    let _ = std::fs::remove_file(files.join("manifest.json"));
+    let request = PublishRequest {
+        name: ADAPTER.into(),
+        source_dir: files,
+        base_model: SourceRef { uri: env.uri("models/tiny-llama"), digest: None },
+        dataset: SourceRef { uri: env.uri("datasets/v2.jsonl"), digest: None },
+        hyperparameters: json!({}),
+        metrics: Metrics::default(),
+        job: Some(JobRef { namespace: env.ns.name.clone(), name: "e2e-republish".into(), uid: "e2e".into() }),
+    };
+    let published = registry.publish(&request, None).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(published.version)
+}
+
+/// Publishes v3 as a copy of v2 whose weights file is then overwritten: its digest no longer
+/// matches the manifest, so every pod refuses it.
+async fn publish_corrupt_v3(env: &Env) -> Result<()> {
+    let v3 = republish(env, 2).await?;
+    ensure!(v3 == 3, "published v{v3} instead of v3");
+    storage(&env.uri("registry"))?
+        .put_bytes(&format!("adapters/{ADAPTER}/v3/adapter_model.safetensors"), bytes_of("not a safetensors file"))
+        .await?;
+    Ok(())
+}
+
+fn bytes_of(text: &str) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(text.as_bytes())
+}
+
+async fn broken_version_is_rolled_back(env: &Env) -> Result<()> {
+    publish_corrupt_v3(env).await?;
+    let mds: Api<ModelDeployment> = env.ns.api();
+    let md = wait_for(&mds, "support", "rollout Failed", TIMEOUT, |m: Option<&ModelDeployment>| {
+        m.and_then(|m| m.status.as_ref()).and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.to_version == 3 && r.state == RolloutState::Failed)
+    })
+    .await?;
+    let rollout = md.status.as_ref().and_then(|s| s.rollout.clone()).context("status.rollout")?;
+    assert!(rollout.reason.is_some(), "a failed rollout says why: {rollout:#?}");
+    assert!(rollout.message.as_deref().is_some_and(|m| !m.is_empty()), "and explains: {rollout:#?}");
+    assert_eq!(serving_version(&md), Some(2), "{:#?}", md.status);
+
+    let http = http()?;
+    for ip in env.server_ips().await? {
+        assert!(served_models(&http, &ip).await?.contains(&(ADAPTER.to_string(), Some(2))), "{ip} still serves v2");
+    }
+    Ok(())
+}
+
+async fn scale_out_serves_the_same_version(env: &Env) -> Result<()> {
+    let mds: Api<ModelDeployment> = env.ns.api();
+    let mut md = env.example("modeldeployment.yaml")?;
+    md["spec"]["replicas"] = json!(2);
+    env.apply(&md).await?;
+    wait_for(&mds, "support", "2 ready replicas", TIMEOUT, |m: Option<&ModelDeployment>| {
+        m.and_then(|m| m.status.as_ref()).and_then(|s| s.ready_replicas) == Some(2)
+    })
+    .await?;
+    let http = http()?;
+    let ips = env.server_ips().await?;
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    for ip in &ips {
+        assert!(served_models(&http, ip).await?.contains(&(ADAPTER.to_string(), Some(2))), "{ip} serves v2");
+    }
+    Ok(())
+}
+
+/// With the canary strategy, a new version serves from half the replicas first, is judged on
+/// their traffic, then reaches the rest; no request fails on the way.
+async fn canary_promotes_a_healthy_version(env: &Env) -> Result<()> {
+    let mut md = env.example("modeldeployment.yaml")?;
+    md["spec"]["replicas"] = json!(2);
+    md["spec"]["rollout"] = json!({"strategy": "canary", "canary": {"replicaPercent": 50, "analysisSeconds": 5, "maxErrorRate": 0.05}});
+    env.apply(&md).await?;
+    let ips = env.server_ips().await?;
+    let load = Load::start(ips.clone())?;
+    let v4 = republish(env, 2).await?;
+    ensure!(v4 == 4, "published v{v4} instead of v4");
+
+    let mds: Api<ModelDeployment> = env.ns.api();
+    let rollout_is = |state: RolloutState| {
+        move |m: Option<&ModelDeployment>| {
+            m.and_then(|m| m.status.as_ref()).and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.to_version == 4 && r.state == state)
+        }
+    };
+    let canary = wait_for(&mds, "support", "in Canary", TIMEOUT, rollout_is(RolloutState::Canary)).await?;
+    let pods = canary.status.and_then(|s| s.rollout).and_then(|r| r.canary).map(|c| c.pods).unwrap_or_default();
+    assert_eq!(pods.len(), 1, "50% of 2 replicas: {pods:?}");
+    wait_for(&mds, "support", "Promoted", TIMEOUT, rollout_is(RolloutState::Promoted)).await?;
+    let md = wait_for(&mds, "support", "Ready on v4", TIMEOUT, |m: Option<&ModelDeployment>| m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(4))).await?;
+    assert_eq!(md.status.as_ref().and_then(|s| s.ready_replicas), Some(2));
+    let (ok, failures) = load.finish().await?;
+    assert!(ok > 0, "the load sent requests");
+    assert!(failures.is_empty(), "{} of {} requests failed during the canary: {:?}", failures.len(), ok + failures.len(), failures);
+    let http = http()?;
+    for ip in &ips {
+        assert!(served_models(&http, ip).await?.contains(&(ADAPTER.to_string(), Some(4))), "{ip} serves v4");
+    }
+    Ok(())
+}
+
+async fn deletion_cleans_up(env: &Env) -> Result<()> {
+    let mds: Api<ModelDeployment> = env.ns.api();
+    mds.delete("support", &DeleteParams::foreground()).await?;
+    wait_deleted(&mds, "support", TIMEOUT).await?;
+    wait_deleted(&env.ns.api::<Deployment>(), "support", TIMEOUT).await?;
+    wait_deleted(&env.ns.api::<Service>(), "support", TIMEOUT).await?;
+    wait_deleted(&env.ns.api::<ConfigMap>(), "support-adapters", TIMEOUT).await?;
+    let pods = env.ns.api::<Pod>().list(&ListParams::default().labels("kubetune.dev/modeldeployment=support")).await?.items;
+    for pod in pods.iter().filter_map(|p| p.metadata.name.as_deref()) {
+        wait_deleted(&env.ns.api::<Pod>(), pod, TIMEOUT).await?;
+    }
+    Ok(())
+}
