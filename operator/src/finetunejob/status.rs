@@ -100,6 +100,9 @@ fn phase_of(o: &Observed, old: &FineTuneJobStatus, status: &mut FineTuneJobStatu
                     progress.train_loss = train_loss.or(progress.train_loss);
                     progress.eval_loss = eval_loss.or(progress.eval_loss);
                     progress.resumed_from_step = resumed_from_step.or(progress.resumed_from_step);
+                    // The last poll may predate the last steps; a published adapter means all ran.
+                    progress.step = progress.step.max(progress.total_steps);
+                    *progress = with_display(progress.clone());
                     (Succeeded, "AdapterPublished".into(), message)
                 }
                 _ if status.adapter.is_some() => (Succeeded, "AdapterPublished".into(), String::new()),
@@ -176,6 +179,11 @@ pub fn with_eta(mut p: TrainingProgress, started: Option<&Time>, now: &Time) -> 
 pub fn with_display(mut p: TrainingProgress) -> TrainingProgress {
     let pct = (p.step * 100).checked_div(p.total_steps).unwrap_or(0);
     p.display = Some(format!("{}/{} ({pct}%)", p.step, p.total_steps));
+    // Four decimals are what a person reads in `kubectl get`; Prometheus has the full values.
+    let round = |v: f64, places: i32| (v * 10f64.powi(places)).round() / 10f64.powi(places);
+    p.train_loss = p.train_loss.map(|l| round(l, 4));
+    p.eval_loss = p.eval_loss.map(|l| round(l, 4));
+    p.tokens_per_second = p.tokens_per_second.map(|t| round(t, 1));
     p
 }
 
@@ -239,6 +247,12 @@ mod tests {
     fn eta_from_average_step_time() {
         let p = TrainingProgress { step: 10, total_steps: 40, ..Default::default() };
         assert_eq!(with_eta(p, Some(&at(0)), &at(20)).eta.as_deref(), Some("1m0s"));
+    }
+
+    #[test]
+    fn display_rounds_for_people() {
+        let p = with_display(TrainingProgress { step: 50, total_steps: 200, train_loss: Some(0.346804816), tokens_per_second: Some(5589.4290), ..Default::default() });
+        assert_eq!((p.display.as_deref(), p.train_loss, p.tokens_per_second), (Some("50/200 (25%)"), Some(0.3468), Some(5589.4)));
     }
 
     #[test]
