@@ -15,6 +15,12 @@ e2e/cluster/up.sh
 cargo build --locked --workspace --bins -q
 # helm, promtool, lua and actionlint for the chart, alert, Argo CD and CI workflow tests (built or unpacked once, then cached).
 e2e/tools.sh >/dev/null
+# The end-to-end tests install their own operator and need the cluster to themselves; `make demo`
+# leaves its release running (make demo installs it again in under a minute).
+if kubectl -n kubetune-system get deployment kubetune >/dev/null 2>&1; then
+  log "removing make demo's kubetune release: the tests run their own operator"
+  "$(e2e/tools.sh helm)" uninstall kubetune --namespace kubetune-system --kubeconfig "$kubeconfig" --wait >/dev/null
+fi
 export KUBECONFIG="$kubeconfig" KUBECTL="$kube_bin/kubectl" KUBETUNE_S3_ENV="$state/s3.env"
 cargo test --workspace --locked "$@"
 log "all tests passed in $((SECONDS - start))s"

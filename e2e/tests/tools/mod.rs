@@ -92,6 +92,18 @@ pub struct OperatorInstall {
 pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<OperatorInstall> {
     use k8s_openapi::api::apps::v1::Deployment;
     use kubetune_e2e::{apply_object, wait_for, ApplyMode};
+    // Two operators would both reconcile every namespace; `make demo` leaves one running.
+    let operators: kube::Api<Deployment> = kube::Api::all(client.clone());
+    let others = operators.list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=kubetune-operator")).await?;
+    if let Some(other) = others.items.iter().find(|d| d.metadata.deletion_timestamp.is_none()) {
+        anyhow::bail!(
+            "another kubetune operator runs in namespace {} (make demo installs one); the end-to-end tests need the cluster to themselves: \
+             helm uninstall {} -n {} (or e2e/cluster/down.sh --purge)",
+            other.metadata.namespace.as_deref().unwrap_or("?"),
+            other.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/instance")).map_or("kubetune", |v| v),
+            other.metadata.namespace.as_deref().unwrap_or("?"),
+        );
+    }
     let discovery = kube::discovery::Discovery::new(client.clone()).run().await?;
     let values = [
         "--set", "operator.image.repository=kubetune/operator",
