@@ -69,7 +69,7 @@ fn invalid_table() -> Vec<Invalid> {
         case("unknown dataset format", FTJ, "/spec/dataset/format", json!("csv"), &["spec.dataset.format", "instruction"]),
         case("adapter name not DNS-1123", FTJ, "/spec/output/adapterName", json!("Support_Bot"), &["spec.output.adapterName"]),
         case("adapter name too long", FTJ, "/spec/output/adapterName", json!("a".repeat(64)), &["spec.output.adapterName", "63"]),
-        case("both validation split and file", FTJ, "/spec/dataset/validationUri", json!("s3://kubetune/eval.jsonl"), &["spec.dataset.validationUri", "at most one of validationSplit and validationUri"]),
+        case("both validation split and file", FTJ, "/spec/dataset/validationSplit", json!(0.1), &["spec.dataset.validationUri", "at most one of validationSplit and validationUri"]),
         case("negative backoffLimit", FTJ, "/spec/backoffLimit", json!(-1), &["spec.backoffLimit"]),
         case("missing base model", FTJ, "/spec/baseModel", Value::Null, &["spec.baseModel", "Required"]),
         case("negative replicas", MDEP, "/spec/replicas", json!(-1), &["spec.replicas", "greater than or equal to 0"]),

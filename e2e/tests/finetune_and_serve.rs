@@ -300,9 +300,8 @@ async fn serves_the_fine_tuned_answers(env: &Env) -> Result<()> {
     assert_eq!(serving_version(&md), Some(1), "{:#?}", md.status);
     let ips = env.server_ips().await?;
     assert_eq!(ips.len(), 1);
-    let http = http()?;
-    assert!(served_models(&http, &ips[0]).await?.contains(&(ADAPTER.to_string(), Some(1))));
-    right_answers(&http, &ips[0], &facts()?).await
+    every_pod_serves(&ips, 1).await?;
+    right_answers(&http()?, &ips[0], &facts()?).await
 }
 
 /// Asks every question; fails unless the adapter gives (nearly) every trained answer. The tiny
@@ -317,6 +316,24 @@ async fn right_answers(http: &reqwest::Client, ip: &str, facts: &[(String, Strin
         }
     }
     ensure!(wrong.len() <= 1, "{} of {} answers are not the trained ones:\n{}", wrong.len(), facts.len(), wrong.join("\n"));
+    Ok(())
+}
+
+/// Fails unless every pod at `ips` reports serving the adapter at `version` in /v1/models.
+async fn every_pod_serves(ips: &[String], version: u64) -> Result<()> {
+    let http = http()?;
+    for ip in ips {
+        let served = served_models(&http, ip).await?;
+        ensure!(served.contains(&(ADAPTER.to_string(), Some(version))), "{ip} does not serve {ADAPTER} v{version}: {served:?}");
+    }
+    Ok(())
+}
+
+/// Stops the load and fails unless it sent requests and none failed.
+async fn no_failed_request(load: Load, during: &str) -> Result<()> {
+    let (ok, failures) = load.finish().await?;
+    ensure!(ok > 0, "the load sent no request during the {during}");
+    ensure!(failures.is_empty(), "{} of {} requests failed during the {during}: {:?}", failures.len(), ok + failures.len(), failures);
     Ok(())
 }
 
@@ -371,15 +388,9 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
     .await?;
     let rollout = md.status.as_ref().and_then(|s| s.rollout.clone()).context("status.rollout")?;
     assert_eq!((rollout.state, rollout.from_version, rollout.to_version), (RolloutState::Promoted, Some(1), 2));
-    let (ok, failures) = load.finish().await?;
-    assert!(ok > 0, "the load sent requests");
-    assert!(failures.is_empty(), "{} of {} requests failed during the rollout: {:?}", failures.len(), ok + failures.len(), failures);
-
-    let http = http()?;
-    for ip in &ips {
-        assert!(served_models(&http, ip).await?.contains(&(ADAPTER.to_string(), Some(2))), "{ip} serves v2");
-    }
-    right_answers(&http, &ips[0], &v2_facts(&facts()?)).await
+    no_failed_request(load, "rollout").await?;
+    every_pod_serves(&ips, 2).await?;
+    right_answers(&http()?, &ips[0], &v2_facts(&facts()?)).await
 }
 
 /// Publishes the files of version `from` again, as the next version.
@@ -431,11 +442,7 @@ async fn broken_version_is_rolled_back(env: &Env) -> Result<()> {
     assert!(rollout.message.as_deref().is_some_and(|m| !m.is_empty()), "and explains: {rollout:#?}");
     assert_eq!(serving_version(&md), Some(2), "{:#?}", md.status);
 
-    let http = http()?;
-    for ip in env.server_ips().await? {
-        assert!(served_models(&http, &ip).await?.contains(&(ADAPTER.to_string(), Some(2))), "{ip} still serves v2");
-    }
-    Ok(())
+    every_pod_serves(&env.server_ips().await?, 2).await
 }
 
 async fn scale_out_serves_the_same_version(env: &Env) -> Result<()> {
@@ -447,13 +454,9 @@ async fn scale_out_serves_the_same_version(env: &Env) -> Result<()> {
         m.and_then(|m| m.status.as_ref()).and_then(|s| s.ready_replicas) == Some(2)
     })
     .await?;
-    let http = http()?;
     let ips = env.server_ips().await?;
     assert_eq!(ips.len(), 2, "{ips:?}");
-    for ip in &ips {
-        assert!(served_models(&http, ip).await?.contains(&(ADAPTER.to_string(), Some(2))), "{ip} serves v2");
-    }
-    Ok(())
+    every_pod_serves(&ips, 2).await
 }
 
 /// With the canary strategy, a new version serves from half the replicas first, is judged on
@@ -480,14 +483,8 @@ async fn canary_promotes_a_healthy_version(env: &Env) -> Result<()> {
     wait_for(&mds, "support", "Promoted", TIMEOUT, rollout_is(RolloutState::Promoted)).await?;
     let md = wait_for(&mds, "support", "Ready on v4", TIMEOUT, |m: Option<&ModelDeployment>| m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(4))).await?;
     assert_eq!(md.status.as_ref().and_then(|s| s.ready_replicas), Some(2));
-    let (ok, failures) = load.finish().await?;
-    assert!(ok > 0, "the load sent requests");
-    assert!(failures.is_empty(), "{} of {} requests failed during the canary: {:?}", failures.len(), ok + failures.len(), failures);
-    let http = http()?;
-    for ip in &ips {
-        assert!(served_models(&http, ip).await?.contains(&(ADAPTER.to_string(), Some(4))), "{ip} serves v4");
-    }
-    Ok(())
+    no_failed_request(load, "canary").await?;
+    every_pod_serves(&ips, 4).await
 }
 
 async fn deletion_cleans_up(env: &Env) -> Result<()> {
