@@ -95,7 +95,9 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
     // Two operators would both reconcile every namespace; `make demo` leaves one running.
     let operators: kube::Api<Deployment> = kube::Api::all(client.clone());
     let others = operators.list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=kubetune-operator")).await?;
-    if let Some(other) = others.items.iter().find(|d| d.metadata.deletion_timestamp.is_none()) {
+    // Only running ones count: the chart tests apply the chart with images that never start.
+    let running = |d: &&Deployment| d.metadata.deletion_timestamp.is_none() && d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
+    if let Some(other) = others.items.iter().find(running) {
         anyhow::bail!(
             "another kubetune operator runs in namespace {} (make demo installs one); the end-to-end tests need the cluster to themselves: \
              helm uninstall {} -n {} (or e2e/cluster/down.sh --purge)",
