@@ -14,12 +14,12 @@ use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::metrics::Metrics;
 use crate::train::{run, CheckpointHook, RunOptions, TrainingMetrics};
-use kubetune_crds::trainer_contract::{TrainerJob, TrainerOutcome, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED};
+use kubetune_crds::trainer_contract::{TrainerJob, TrainerOutcome, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV};
 use kubetune_crds::PublishedAdapter;
-use kubetune_storage::{Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage, StorageError};
+use kubetune_storage::{Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, Sha256Digest, SourceRef, Storage, StorageError};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Pointer to the newest complete checkpoint, written after its files.
@@ -29,39 +29,73 @@ pub const EXIT_STOPPED: i32 = 143;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// `KUBETUNE_TRAINER_JOB` is not a job description this trainer understands.
+    #[error("{TRAINER_JOB_ENV}: {0}")]
+    InvalidJob(String),
     #[error("{0}")]
     Train(TrainError),
     /// A dataset line the trainer rejected, named by its URI rather than the local copy.
     #[error("{uri} line {line}: {message}")]
     DataLine { uri: String, line: usize, message: String },
+    /// The base model or a dataset the job names is not in object storage.
+    #[error("{what}: {source}")]
+    MissingInput { what: Input, source: StorageError },
     #[error("{0}")]
     Storage(#[from] StorageError),
-    #[error("stopped at step {step} (SIGTERM); the checkpoint is in object storage for the retry")]
+    #[error("stopped at step {step} (SIGTERM); the retry resumes from the checkpoint in object storage")]
     Stopped { step: u64 },
     #[error("{0}")]
     Internal(String),
 }
 
+/// The inputs a job downloads, for errors that say which one is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    BaseModel,
+    Dataset,
+    ValidationDataset,
+}
+
+impl std::fmt::Display for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Input::BaseModel => "base model",
+            Input::Dataset => "dataset",
+            Input::ValidationDataset => "validation dataset",
+        })
+    }
+}
+
 impl JobError {
-    /// The condition reason the operator shows.
+    /// The condition reason the operator shows. A bad trainer config is a bad FineTuneJob
+    /// spec here, so it carries the operator's own reason for that.
     pub fn reason(&self) -> &'static str {
         match self {
+            JobError::InvalidJob(_)
+            | JobError::Train(TrainError::Config { .. })
+            | JobError::Storage(StorageError::InvalidUri { .. } | StorageError::InvalidName { .. }) => "InvalidSpec",
             JobError::Train(e) => e.reason(),
-            JobError::DataLine { .. } => "DatasetInvalid",
-            JobError::Storage(StorageError::NotFound { .. }) => "InputNotFound",
+            JobError::DataLine { .. } | JobError::MissingInput { what: Input::Dataset | Input::ValidationDataset, .. } => {
+                "DatasetInvalid"
+            }
+            JobError::MissingInput { what: Input::BaseModel, .. } => "ModelInvalid",
             JobError::Storage(_) => "StorageError",
             JobError::Stopped { .. } => "Stopped",
             JobError::Internal(_) => "TrainerFailed",
         }
     }
 
-    /// Bad input is not worth a retry (the Job's pod failure policy fails it at once).
+    /// Bad input is not worth a retry (the Job's pod failure policy fails it at once); storage
+    /// and other errors may be transient and are retried (exit 1).
     pub fn exit_code(&self) -> i32 {
         match self {
+            JobError::InvalidJob(_)
+            | JobError::DataLine { .. }
+            | JobError::MissingInput { .. }
+            | JobError::Storage(StorageError::InvalidUri { .. } | StorageError::InvalidName { .. }) => EXIT_INVALID_INPUT,
             JobError::Train(e) => e.exit_code(),
-            JobError::DataLine { .. } | JobError::Storage(StorageError::NotFound { .. }) => EXIT_INVALID_INPUT,
             JobError::Stopped { .. } => EXIT_STOPPED,
-            _ => 1,
+            JobError::Storage(_) | JobError::Internal(_) => 1,
         }
     }
 
@@ -83,15 +117,14 @@ pub struct JobRun {
     pub metrics: Option<Arc<Metrics>>,
     /// Set on SIGTERM.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Stop as a preempted pod would once this many steps are done (tests); None in a pod.
+    pub stop_after_steps: Option<u64>,
     pub device: candle_core::Device,
 }
 
-/// Parses the operator's job description, naming the variable in the error.
-pub fn parse_job(text: &str) -> Result<TrainerJob, TrainError> {
-    serde_json::from_str(text).map_err(|e| TrainError::Config {
-        path: kubetune_crds::trainer_contract::TRAINER_JOB_ENV.into(),
-        message: format!("not a valid trainer job description: {e}"),
-    })
+/// Parses the operator's job description; the error names the variable.
+pub fn parse_job(text: &str) -> Result<TrainerJob, JobError> {
+    serde_json::from_str(text).map_err(|e| JobError::InvalidJob(format!("not a valid trainer job description: {e}")))
 }
 
 /// Runs the job; the outcome for the termination message.
@@ -103,54 +136,100 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
         let metrics = &done.manifest.metrics;
         return Ok(succeeded(&done, metrics.train_loss, metrics.eval_loss, None));
     }
-
-    let cache = Cache::new(r.work_dir.join("cache"))?;
-    tracing::info!(uri = %job.base_model_uri, "downloading the base model");
-    let model_dir = cache.download_model(&job.base_model_uri, &r.credentials).await?;
-    let dataset = download_file(&cache, &job.dataset.uri, &r.credentials).await?;
-    let validation = match &job.dataset.validation_uri {
-        Some(uri) => Some(download_file(&cache, uri, &r.credentials).await?),
-        None => None,
-    };
-
+    let inputs = download_inputs(job, &r.work_dir, &r.credentials).await?;
     let output = r.work_dir.join("output");
     let checkpoints = Storage::from_uri(&job.checkpoint_uri, &r.credentials)?;
     let resume_step = restore_checkpoint(&checkpoints, &output).await?;
-    let config = train_config(job, &model_dir, &dataset, validation.as_deref(), &output)?;
-
-    let handle = tokio::runtime::Handle::current();
-    let uploads = checkpoints.clone();
-    let hook: CheckpointHook = Arc::new(move |dir: &Path, step: u64| {
-        handle
-            .block_on(upload_checkpoint(&uploads, dir, step))
-            .map_err(|e| TrainError::Checkpoint { path: dir.to_path_buf(), message: format!("uploading: {e}") })
-    });
-    let options = RunOptions {
-        resume: resume_step.is_some(),
-        stop_after_steps: None,
-        metrics: r.metrics.clone(),
-        device: r.device.clone(),
-        stop: r.stop.clone(),
-        on_checkpoint: Some(hook),
-    };
-    let sources = [(dataset.clone(), job.dataset.uri.clone())]
-        .into_iter()
-        .chain(validation.clone().zip(job.dataset.validation_uri.clone()))
-        .collect::<Vec<_>>();
-    let result = tokio::task::spawn_blocking(move || run(&config, &options))
-        .await
-        .map_err(|e| JobError::Internal(format!("training thread: {e}")))?
-        .map_err(|e| named_by_uri(e, &sources))?;
+    // A pod deleted while it downloaded has nothing new to save: stop before training.
+    if r.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+        return Err(JobError::Stopped { step: resume_step.unwrap_or(0) });
+    }
+    let config = train_config(job, &inputs, &output)?;
+    let result = train(&r, config, &inputs, checkpoints.clone(), resume_step.is_some()).await?;
     if !result.completed {
         return Err(JobError::Stopped { step: result.steps });
     }
-
-    let published = publish(&registry, job, &output, &result, &r.work_dir).await?;
+    let published = publish(&registry, job, &inputs, &output, &result, &r.work_dir).await?;
     tracing::info!(adapter = %published.name, version = published.version, uri = %published.uri, "published");
     if let Err(e) = remove_checkpoints(&checkpoints).await {
         tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
     }
     Ok(succeeded(&published, result.final_train_loss, result.final_eval_loss, result.resumed_from_step))
+}
+
+/// Local copies of the job's inputs.
+struct Inputs {
+    model: PathBuf,
+    dataset: PathBuf,
+    validation: Option<PathBuf>,
+}
+
+async fn download_inputs(job: &TrainerJob, work_dir: &Path, credentials: &Credentials) -> Result<Inputs, JobError> {
+    let missing = |what: Input| move |e: JobError| match e {
+        JobError::Storage(source @ StorageError::NotFound { .. }) => JobError::MissingInput { what, source },
+        other => other,
+    };
+    let cache = Cache::new(work_dir.join("cache"))?;
+    tracing::info!(uri = %job.base_model_uri, "downloading the base model");
+    let model = cache
+        .download_model(&job.base_model_uri, credentials)
+        .await
+        .map_err(JobError::from)
+        .map_err(missing(Input::BaseModel))?;
+    let dataset = download_file(&cache, &job.dataset.uri, "dataset.uri", credentials).await.map_err(missing(Input::Dataset))?;
+    let validation = match &job.dataset.validation_uri {
+        Some(uri) => Some(
+            download_file(&cache, uri, "dataset.validationUri", credentials).await.map_err(missing(Input::ValidationDataset))?,
+        ),
+        None => None,
+    };
+    Ok(Inputs { model, dataset, validation })
+}
+
+/// Runs the training loop on a blocking thread, uploading each checkpoint as it is made. A
+/// checkpoint that cannot be used (made by another trainer version, say) is dropped once and
+/// the run starts over rather than failing the job for good.
+async fn train(r: &JobRun, config: TrainConfig, inputs: &Inputs, checkpoints: Storage, resume: bool) -> Result<TrainingMetrics, JobError> {
+    let handle = tokio::runtime::Handle::current();
+    let hook: CheckpointHook = Arc::new(move |dir: &Path, step: u64| {
+        // An upload that fails after the store's own retries costs only progress on a later
+        // retry of the pod, so training goes on; the publish at the end needs the store anyway.
+        if let Err(e) = handle.block_on(upload_checkpoint(&checkpoints, dir, step)) {
+            tracing::warn!(step, error = %e, "checkpoint upload failed; training continues");
+        }
+        Ok(())
+    });
+    let mut options = RunOptions {
+        resume,
+        stop_after_steps: r.stop_after_steps,
+        metrics: r.metrics.clone(),
+        device: r.device.clone(),
+        stop: r.stop.clone(),
+        on_checkpoint: Some(hook),
+    };
+    let sources = [(inputs.dataset.clone(), r.job.dataset.uri.clone())]
+        .into_iter()
+        .chain(inputs.validation.clone().zip(r.job.dataset.validation_uri.clone()))
+        .collect::<Vec<_>>();
+    match run_blocking(&config, &options).await? {
+        // A bad base model fails the fresh attempt the same way, so catching Model here only
+        // costs a second load; a checkpoint's tensors that do not fit the model also land here.
+        Err(e @ (TrainError::Checkpoint { .. } | TrainError::Model(_))) if resume => {
+            tracing::warn!(error = %e, "the checkpoint cannot be resumed from; starting from step 0");
+            let local = crate::io::local_path(&config.output, "output").map_err(JobError::Train)?.join("checkpoints");
+            std::fs::remove_dir_all(&local).map_err(|e| JobError::Train(TrainError::Io { path: local, source: e }))?;
+            options.resume = false;
+            run_blocking(&config, &options).await?.map_err(|e| named_by_uri(e, &sources))
+        }
+        other => other.map_err(|e| named_by_uri(e, &sources)),
+    }
+}
+
+async fn run_blocking(config: &TrainConfig, options: &RunOptions) -> Result<crate::Result<TrainingMetrics>, JobError> {
+    let (config, options) = (config.clone(), options.clone());
+    tokio::task::spawn_blocking(move || run(&config, &options))
+        .await
+        .map_err(|e| JobError::Internal(format!("training thread: {e}")))
 }
 
 fn succeeded(a: &ResolvedAdapter, train_loss: Option<f64>, eval_loss: Option<f64>, resumed_from_step: Option<u64>) -> TrainerOutcome {
@@ -193,10 +272,10 @@ async fn published_by_this_job(registry: &Registry, job: &TrainerJob) -> Result<
     Ok(versions.into_iter().rev().find(|v| v.manifest.job.as_ref().is_some_and(|j| j.uid == job.owner.uid)))
 }
 
-/// One object into the cache; its local path.
-async fn download_file(cache: &Cache, uri: &str, credentials: &Credentials) -> Result<PathBuf, JobError> {
+/// One object into the cache; its local path. `field` names the spec field in errors.
+async fn download_file(cache: &Cache, uri: &str, field: &str, credentials: &Credentials) -> Result<PathBuf, JobError> {
     let (parent, name) = uri.rsplit_once('/').filter(|(p, n)| !n.is_empty() && p.contains("://")).ok_or_else(|| {
-        JobError::Train(TrainError::Config { path: "dataset".into(), message: format!("`{uri}` does not name a file") })
+        JobError::Train(TrainError::Config { path: field.into(), message: format!("`{uri}` does not name a file") })
     })?;
     let storage = Storage::from_uri(parent, credentials)?;
     tracing::info!(%uri, "downloading");
@@ -233,7 +312,11 @@ async fn restore_checkpoint(checkpoints: &Storage, output: &Path) -> Result<Opti
         let Some(name) = object.key.rsplit('/').next() else { continue };
         checkpoints.download_to(&object.key, &partial.join(name), None, None).await?;
     }
-    std::fs::rename(&partial, root.join(&prefix)).map_err(io(&root))?;
+    let complete = root.join(&prefix);
+    if complete.exists() {
+        std::fs::remove_dir_all(&complete).map_err(io(&complete))?;
+    }
+    std::fs::rename(&partial, &complete).map_err(io(&root))?;
     tracing::info!(step, uri = %checkpoints.object_uri(&prefix), "resuming from step {step}");
     Ok(Some(step))
 }
@@ -273,16 +356,16 @@ async fn remove_checkpoints(checkpoints: &Storage) -> Result<(), StorageError> {
 }
 
 /// The trainer config for the job, with names as in the FineTuneJob spec.
-fn train_config(job: &TrainerJob, model: &Path, dataset: &Path, validation: Option<&Path>, output: &Path) -> Result<TrainConfig, JobError> {
+fn train_config(job: &TrainerJob, inputs: &Inputs, output: &Path) -> Result<TrainConfig, JobError> {
     let t = &job.training;
     let value = json!({
-        "model": model,
+        "model": inputs.model,
         "baseModelName": job.base_model_uri,
         "dataset": {
-            "path": dataset,
+            "path": inputs.dataset,
             "format": job.dataset.format,
             "validationSplit": job.dataset.validation_split,
-            "validationPath": validation,
+            "validationPath": inputs.validation,
             "skipInvalid": job.dataset.skip_invalid,
         },
         "method": job.method,
@@ -301,14 +384,20 @@ fn train_config(job: &TrainerJob, model: &Path, dataset: &Path, validation: Opti
         },
         "output": output,
     });
-    let invalid = |message: String| JobError::Train(TrainError::Config { path: "KUBETUNE_TRAINER_JOB".into(), message });
-    let config: TrainConfig = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
-    config.validate("KUBETUNE_TRAINER_JOB").map_err(JobError::Train)?;
+    let config: TrainConfig = serde_json::from_value(value).map_err(|e| JobError::InvalidJob(e.to_string()))?;
+    config.validate(TRAINER_JOB_ENV).map_err(JobError::Train)?;
     Ok(config)
 }
 
 /// Publishes the adapter files (not the checkpoints beside them) as the next version.
-async fn publish(registry: &Registry, job: &TrainerJob, output: &Path, result: &TrainingMetrics, work_dir: &Path) -> Result<ResolvedAdapter, JobError> {
+async fn publish(
+    registry: &Registry,
+    job: &TrainerJob,
+    inputs: &Inputs,
+    output: &Path,
+    result: &TrainingMetrics,
+    work_dir: &Path,
+) -> Result<ResolvedAdapter, JobError> {
     let dir = work_dir.join("publish");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| JobError::Train(TrainError::Io { path: dir.clone(), source: e }))?;
@@ -323,7 +412,8 @@ async fn publish(registry: &Registry, job: &TrainerJob, output: &Path, result: &
         name: job.adapter_name.clone(),
         source_dir: dir,
         base_model: SourceRef { uri: job.base_model_uri.clone(), digest: None },
-        dataset: SourceRef { uri: job.dataset.uri.clone(), digest: None },
+        // What was trained on, in case the object at the URI is replaced later.
+        dataset: SourceRef { uri: job.dataset.uri.clone(), digest: Some(Sha256Digest::of_file(&inputs.dataset).await?) },
         hyperparameters,
         metrics: kubetune_storage::Metrics { train_loss: result.final_train_loss, eval_loss: result.final_eval_loss },
         job: Some(JobRef { namespace: job.owner.namespace.clone(), name: job.owner.name.clone(), uid: job.owner.uid.clone() }),

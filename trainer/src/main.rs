@@ -8,7 +8,7 @@ use kubetune_trainer::config::{DataFormat, DatasetConfig, LoraSettings, Method, 
 use kubetune_trainer::metrics::{serve, Metrics};
 use kubetune_crds::trainer_contract::{TrainerOutcome, TRAINER_JOB_ENV};
 use kubetune_storage::Credentials;
-use kubetune_trainer::job::{parse_job, run_job, JobRun};
+use kubetune_trainer::job::{parse_job, run_job, JobError, JobRun};
 use kubetune_trainer::{run, RunOptions, TrainError};
 use std::sync::atomic::AtomicBool;
 use std::io::IsTerminal;
@@ -119,60 +119,65 @@ fn try_main(args: Args) -> Result<(), TrainError> {
 }
 
 /// Job mode (a trainer pod): runs the operator's job description through object storage and
-/// writes the outcome as the pod's termination message.
+/// writes the outcome as the pod's termination message. A SIGTERM stop writes none: the pod
+/// is retried and its successor reports.
 fn job_main(args: Args, text: &str) -> std::process::ExitCode {
-    let outcome = match job_outcome(&args, text) {
-        Ok(outcome) => Some(outcome),
-        Err((reason, message, code, write)) => {
-            tracing::error!(reason, error = %message, "training failed");
-            if !write {
-                return std::process::ExitCode::from(code as u8);
-            }
-            let failed = TrainerOutcome::Failed { reason: reason.to_string(), message };
-            write_outcome(args.termination_log.as_deref(), &failed);
-            return std::process::ExitCode::from(code as u8);
+    match job_outcome(&args, text) {
+        Ok(outcome) => {
+            write_outcome(args.termination_log.as_deref(), &outcome);
+            std::process::ExitCode::SUCCESS
         }
-    };
-    if let Some(o) = &outcome {
-        write_outcome(args.termination_log.as_deref(), o);
+        Err(e) => {
+            tracing::error!(reason = e.reason(), error = %e, "training failed");
+            if e.is_final() {
+                let failed = TrainerOutcome::Failed { reason: e.reason().to_string(), message: e.to_string() };
+                write_outcome(args.termination_log.as_deref(), &failed);
+            }
+            std::process::ExitCode::from(e.exit_code() as u8)
+        }
     }
-    std::process::ExitCode::SUCCESS
 }
 
-/// Err: (reason, message, exit code, whether to write a failed outcome).
-fn job_outcome(args: &Args, text: &str) -> Result<TrainerOutcome, (&'static str, String, i32, bool)> {
-    let from_train = |e: TrainError| (e.reason(), e.to_string(), e.exit_code(), true);
-    let job = parse_job(text).map_err(from_train)?;
+fn job_outcome(args: &Args, text: &str) -> Result<TrainerOutcome, JobError> {
+    let job = parse_job(text)?;
     let work_dir = args.work_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| ("TrainerFailed", format!("starting the async runtime: {e}"), 1, true))?;
-    let metrics = Arc::new(Metrics::new(&format!("{}/{}", job.owner.namespace, job.owner.name)).map_err(from_train)?);
-    if let Some(addr) = args.metrics_addr {
-        let bound = serve(metrics.clone(), addr).map_err(from_train)?;
-        tracing::info!(addr = %bound, "serving /metrics");
-    }
-    let device = device(&args.device).map_err(from_train)?;
+        .map_err(|e| JobError::Internal(format!("starting the async runtime: {e}")))?;
+    let metrics = Arc::new(Metrics::new(&format!("{}/{}", job.owner.namespace, job.owner.name)).map_err(JobError::Train)?);
+    let device = device(&args.device).map_err(JobError::Train)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let run = JobRun { job, work_dir, credentials: Credentials::from_env(), metrics: Some(metrics), stop: Some(stop.clone()), device };
     runtime.block_on(async move {
-        tokio::spawn(stop_on_sigterm(stop));
-        run_job(run).await.map_err(|e| (e.reason(), e.to_string(), e.exit_code(), e.is_final()))
+        stop_on_sigterm(stop.clone())?;
+        if let Some(addr) = args.metrics_addr {
+            let bound = serve(metrics.clone(), addr).map_err(JobError::Train)?;
+            tracing::info!(addr = %bound, "serving /metrics");
+        }
+        tracing::info!(job = %format!("{}/{}", job.owner.namespace, job.owner.name), uid = %job.owner.uid, "running the trainer job");
+        let credentials = Credentials::from_env();
+        run_job(JobRun { job, work_dir, credentials, metrics: Some(metrics), stop: Some(stop), stop_after_steps: None, device }).await
     })
 }
 
-/// Asks the run to checkpoint and stop when the pod is deleted or preempted.
-async fn stop_on_sigterm(stop: Arc<AtomicBool>) {
+/// Asks the run to checkpoint and stop when the pod is deleted or preempted. The handler is
+/// registered before this returns, so a SIGTERM from then on never kills the process outright.
+fn stop_on_sigterm(stop: Arc<AtomicBool>) -> Result<(), JobError> {
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            term.recv().await;
-            tracing::warn!("SIGTERM: checkpointing after this step, then stopping");
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| JobError::Internal(format!("SIGTERM handler: {e}")))?;
+        tokio::spawn(async move {
+            if term.recv().await.is_some() {
+                tracing::warn!("SIGTERM: checkpointing after this step, then stopping");
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
     }
+    #[cfg(not(unix))]
+    let _ = stop;
+    Ok(())
 }
 
 fn write_outcome(path: Option<&std::path::Path>, outcome: &TrainerOutcome) {
@@ -184,7 +189,7 @@ fn write_outcome(path: Option<&std::path::Path>, outcome: &TrainerOutcome) {
             return;
         }
     };
-    if let Err(e) = std::fs::write(path, text) {
+    if let Err(e) = std::fs::write(path, text + "\n") {
         tracing::error!(path = %path.display(), error = %e, "cannot write termination log");
     }
 }
