@@ -247,6 +247,22 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_steps_reach_the_trainer_with_a_default() {
+        let steps = |ftj: &FineTuneJob| {
+            let config = OperatorConfig::for_tests();
+            let valid = validate(&ftj.spec, &config, &Facts::default()).expect("fixture is valid");
+            let job = build_job(ftj, &valid, &config).expect("job builds");
+            let c = &pod_spec(&job).containers[0];
+            let raw = c.env.iter().flatten().find(|e| e.name == TRAINER_JOB_ENV).and_then(|e| e.value.clone()).expect("job env");
+            serde_json::from_str::<TrainerJob>(&raw).expect("trainer job JSON").training.checkpoint_steps
+        };
+        let mut ftj = finetunejob("minimal.yaml");
+        assert_eq!(steps(&ftj), Some(50));
+        ftj.spec.training.checkpoint_steps = Some(7);
+        assert_eq!(steps(&ftj), Some(7));
+    }
+
+    #[test]
     fn cpu_jobs_request_no_gpu() {
         let (_, job) = built("cpu.yaml");
         let c = &pod_spec(&job).containers[0];
