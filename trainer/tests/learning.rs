@@ -22,6 +22,11 @@ fn learns_the_facts(method: Method) {
     let initial = m.initial_eval_loss.expect("initial eval");
     let last = m.final_eval_loss.expect("final eval");
     eprintln!("{method:?}: eval loss {initial:.3} -> {last:.3} in {} steps, {:.0} tokens/s", m.steps, m.tokens_per_second);
+    // For a failure elsewhere: which tokenizer and weights this run had, and the loss curve.
+    let digest = |f: &str| kubetune_storage::Sha256Digest::of(&std::fs::read(model_dir.join(f)).expect("model file")).to_string();
+    eprintln!("tiny model: tokenizer.json {}, model.safetensors {}", digest("tokenizer.json"), digest("model.safetensors"));
+    let curve: Vec<String> = m.train_history.iter().step_by(25).map(|p| format!("{}:{:.2}", p.step, p.loss)).collect();
+    eprintln!("train loss: {}", curve.join(" "));
     assert!(last <= initial / 2.0, "eval loss fell from {initial} only to {last}");
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).expect("metrics file")).expect("json");
@@ -57,4 +62,19 @@ fn lora_learns_the_facts() {
 #[test]
 fn qlora_learns_the_facts() {
     learns_the_facts(Method::Qlora);
+}
+
+/// The learning tests depend on the generated model being the same everywhere: the BPE
+/// tokenizer is trained at generation time (HashMap-backed, multi-threaded in the tokenizers
+/// crate), so check that two generations in one process, with different hash seeds, agree.
+#[test]
+fn the_tiny_model_generator_is_deterministic() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    tiny_model(&a);
+    tiny_model(&b);
+    for file in ["tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"] {
+        let read = |d: &std::path::Path| std::fs::read(d.join(file)).expect("model file");
+        assert!(read(&a) == read(&b), "{file} differs between two generations");
+    }
 }
