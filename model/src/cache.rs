@@ -1,24 +1,46 @@
 //! Per-layer key/value cache for incremental decoding.
+//!
+//! Each layer keeps one buffer of keys and one of values, (batch, kv_heads, capacity, head_dim),
+//! and new positions are written into it in place. Concatenating the whole history onto each new
+//! token would copy the cache once per step, which at decode time costs as much memory traffic
+//! as the attention itself. A buffer that fills up is reallocated at twice the size, so a cache
+//! made without a capacity still appends in amortised constant time.
 
+use crate::error::{ModelError, Result};
 use candle_core::Tensor;
 
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
+
+/// Not Clone: the buffers are written in place, so two caches must never share one.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    /// Positions to allocate on the first write; grows past it when needed.
+    capacity: usize,
+}
+
+/// Positions allocated on first use when the caller gave no capacity.
+const DEFAULT_CAPACITY: usize = 64;
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self::with_capacity(num_layers, DEFAULT_CAPACITY)
+    }
+
+    /// A cache that holds `capacity` positions without reallocating: the server knows each
+    /// sequence's prompt + max_tokens up front.
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), capacity: capacity.max(1) }
     }
 
     /// Number of positions cached so far.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .and_then(|(k, _)| k.dim(2).ok())
-            .unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -29,8 +51,46 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// The slot of layer `i`; `CausalLm::forward` checks the layer count before calling.
-    pub(crate) fn layer_mut(&mut self, i: usize) -> Option<&mut Option<(Tensor, Tensor)>> {
-        self.layers.get_mut(i)
+    /// Appends `k` and `v`, (batch, kv_heads, seq, head_dim), to layer `layer` and returns views
+    /// of everything cached there, (batch, kv_heads, len, head_dim). The views share the
+    /// buffer; later appends only write past their end, so they stay valid.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let capacity = self.capacity;
+        let slot = self.layers.get_mut(layer).ok_or_else(|| {
+            ModelError::Decode(format!("KV cache has no layer {layer}"))
+        })?;
+        let seq = k.dim(2)?;
+        let entry = match slot.take() {
+            None => LayerKv { k: buffer(k, capacity.max(seq))?, v: buffer(v, capacity.max(seq))?, len: 0 },
+            Some(e) => {
+                let room = e.k.dim(2)?;
+                let need = e.len + seq;
+                if need > room {
+                    grow(e, need.max(2 * room))?
+                } else {
+                    e
+                }
+            }
+        };
+        entry.k.slice_set(&k.contiguous()?, 2, entry.len)?;
+        entry.v.slice_set(&v.contiguous()?, 2, entry.len)?;
+        let len = entry.len + seq;
+        let views = (entry.k.narrow(2, 0, len)?, entry.v.narrow(2, 0, len)?);
+        *slot = Some(LayerKv { len, ..entry });
+        Ok(views)
     }
+}
+
+/// An empty buffer shaped like `x` but with room for `capacity` positions.
+fn buffer(x: &Tensor, capacity: usize) -> Result<Tensor> {
+    let (b, h, _, d) = x.dims4()?;
+    Ok(Tensor::zeros((b, h, capacity, d), x.dtype(), x.device())?)
+}
+
+fn grow(e: LayerKv, capacity: usize) -> Result<LayerKv> {
+    let k = buffer(&e.k, capacity)?;
+    let v = buffer(&e.v, capacity)?;
+    k.slice_set(&e.k.narrow(2, 0, e.len)?.contiguous()?, 2, 0)?;
+    v.slice_set(&e.v.narrow(2, 0, e.len)?.contiguous()?, 2, 0)?;
+    Ok(LayerKv { k, v, len: e.len })
 }

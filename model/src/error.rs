@@ -30,6 +30,9 @@ pub enum ModelError {
     NoWeights { dir: PathBuf },
     #[error("adapter: {0}")]
     Adapter(String),
+    /// A KV cache or decode batch that does not fit the model or the call.
+    #[error("decode: {0}")]
+    Decode(String),
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error(transparent)]

@@ -4,6 +4,8 @@
 //! - [`Config`] mirrors HF config.json; [`load::load_model`] reads an HF model directory.
 //! - [`CausalLm::forward`] takes token ids, the position offset, an optional KV cache and an
 //!   optional adapter.
+//! - [`CausalLm::decode`] runs one new token for each of a batch of sequences, each with its
+//!   own cache and adapter, reading the weights once (the server's decode step).
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
@@ -11,6 +13,7 @@
 pub mod cache;
 pub mod config;
 mod corpus;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod linear;
@@ -25,6 +28,7 @@ pub mod tiny;
 
 pub use cache::KvCache;
 pub use config::Config;
+pub use decode::DecodeRow;
 pub use error::{ModelError, Result};
 pub use load::{load_model, BaseFormat, LoadOptions};
 pub use lora::{ActiveAdapter, LoraAdapter, LoraConfig, TargetModule};

@@ -81,6 +81,47 @@ impl Projection {
     }
 }
 
+/// Which rows of a decode batch use which adapter. Rows of the same adapter are one group, so
+/// the low-rank product runs once per adapter, not once per row; rows without an adapter are
+/// in no group and get no delta.
+pub(crate) struct RowGroups<'a> {
+    pub groups: Vec<RowGroup<'a>>,
+}
+
+pub(crate) struct RowGroup<'a> {
+    pub adapter: ActiveAdapter<'a>,
+    /// The rows (u32 indices into the batch), or None when the group is the whole batch.
+    pub rows: Option<Tensor>,
+}
+
+impl Projection {
+    /// `x` is (rows, in), one row per sequence of a decode batch; the result is (rows, out).
+    /// The base weight is read once for all rows; each adapter group adds its own delta.
+    pub(crate) fn forward_rows(&self, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
+        let w = self.weight.dense()?;
+        let mut y = x.matmul(&w.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        for g in &groups.groups {
+            match &g.rows {
+                None => {
+                    if let Some(delta) = g.adapter.delta(self.layer, self.module, x)? {
+                        y = (y + delta)?;
+                    }
+                }
+                Some(rows) => {
+                    let xs = x.index_select(rows, 0)?;
+                    if let Some(delta) = g.adapter.delta(self.layer, self.module, &xs)? {
+                        y = y.index_add(rows, &delta, 0)?;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
 /// RMSNorm written with basic ops: candle's fused kernel has no backward, and gradients must
 /// flow through every norm to reach the adapters of earlier layers.
 #[derive(Debug, Clone)]
@@ -92,6 +133,14 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub(crate) fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+}
+
+impl RmsNorm {
+    /// candle's fused kernel: one pass instead of five ops, for inference where no gradient
+    /// is taken.
+    pub(crate) fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
     }
 }
 

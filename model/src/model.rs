@@ -13,42 +13,42 @@ use candle_core::{Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
-struct Attention {
-    q: Projection,
-    k: Projection,
-    v: Projection,
-    o: Projection,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+pub(crate) struct Attention {
+    pub(crate) q: Projection,
+    pub(crate) k: Projection,
+    pub(crate) v: Projection,
+    pub(crate) o: Projection,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate: Projection,
-    up: Projection,
-    down: Projection,
+pub(crate) struct Mlp {
+    pub(crate) gate: Projection,
+    pub(crate) up: Projection,
+    pub(crate) down: Projection,
 }
 
 #[derive(Debug, Clone)]
-struct Layer {
-    attn: Attention,
-    mlp: Mlp,
-    input_norm: RmsNorm,
-    post_attn_norm: RmsNorm,
+pub(crate) struct Layer {
+    pub(crate) attn: Attention,
+    pub(crate) mlp: Mlp,
+    pub(crate) input_norm: RmsNorm,
+    pub(crate) post_attn_norm: RmsNorm,
 }
 
 /// A Llama-family causal LM with a frozen base. Adapters are passed to `forward`, not stored.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
-    config: Config,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
+    pub(crate) config: Config,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: RmsNorm,
     /// None when tied to the embeddings.
-    lm_head: Option<Tensor>,
-    rope: Rope,
-    device: Device,
+    pub(crate) lm_head: Option<Tensor>,
+    pub(crate) rope: Rope,
+    pub(crate) device: Device,
 }
 
 impl CausalLm {
@@ -104,14 +104,14 @@ impl CausalLm {
         let (batch, seq) = input_ids.dims2()?;
         if let Some(c) = cache.as_deref() {
             if c.num_layers() != self.layers.len() {
-                return Err(ModelError::Adapter(format!(
+                return Err(ModelError::Decode(format!(
                     "KV cache has {} layers, the model {}",
                     c.num_layers(),
                     self.layers.len()
                 )));
             }
             if c.len() != offset {
-                return Err(ModelError::Adapter(format!(
+                return Err(ModelError::Decode(format!(
                     "forward at offset {offset} but the KV cache holds {} positions",
                     c.len()
                 )));
@@ -124,7 +124,7 @@ impl CausalLm {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().and_then(|c| c.layer_mut(i));
+            let kv = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, adapter)?;
         }
         let x = self.norm.forward(&x)?;
@@ -247,7 +247,7 @@ impl Layer {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<(&mut KvCache, usize)>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
         let h = self.attn.forward(&self.input_norm.forward(x)?, cos, sin, mask, kv, adapter)?;
@@ -264,7 +264,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<(&mut KvCache, usize)>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -275,15 +275,11 @@ impl Attention {
         let k = split(self.k.forward(x, adapter)?, self.kv_heads)?;
         let v = split(self.v.forward(x, adapter)?, self.kv_heads)?;
         let q = rope::apply(&q, cos, sin)?;
-        let mut k = rope::apply(&k, cos, sin)?;
-        let mut v = v;
-        if let Some(slot) = kv {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
+        let k = rope::apply(&k, cos, sin)?;
+        let (k, v) = match kv {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
         let k = repeat_kv(&k, self.heads / self.kv_heads)?;
         let v = repeat_kv(&v, self.heads / self.kv_heads)?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? / (self.head_dim as f64).sqrt())?;

@@ -43,6 +43,24 @@ impl Rope {
         let angles = Tensor::from_vec(angles, (len, half), device)?;
         Ok((angles.cos()?, angles.sin()?))
     }
+
+    /// (cos, sin) for one position per row of a decode batch, each (rows, 1, head_dim / 2): the
+    /// layout candle's fused rope takes for per-row positions.
+    pub fn tables_at(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                // The same f32 product as `tables`, so both paths rotate identically.
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), 1, half);
+        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+    }
 }
 
 /// Llama 3.1's scaling: long wavelengths are slowed by `factor`, short ones kept, and the band

@@ -91,7 +91,7 @@ fn kv_need<B: Backend>(backend: &B, r: &Admitted) -> usize {
 }
 
 fn prefill<B: Backend>(backend: &B, request: Admitted, kv_reserved: usize, metrics: &Metrics) -> Option<Sequence<B::Cache>> {
-    let mut cache = backend.new_cache();
+    let mut cache = backend.new_cache(request.req.prompt.len() + request.req.max_tokens);
     let adapter = request.req.adapter.as_ref().map(|a| &a.weights);
     let logits = match backend.forward(&request.req.prompt, &mut cache, adapter) {
         Ok(l) => l,

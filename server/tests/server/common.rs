@@ -194,8 +194,8 @@ impl TestBackend {
 impl Backend for TestBackend {
     type Cache = <CandleBackend as Backend>::Cache;
 
-    fn new_cache(&self) -> Self::Cache {
-        self.inner.new_cache()
+    fn new_cache(&self, positions: usize) -> Self::Cache {
+        self.inner.new_cache(positions)
     }
 
     fn kv_bytes_per_token(&self) -> usize {

@@ -1,0 +1,170 @@
+//! Batched decoding: one new token for each of several sequences in a single forward.
+//!
+//! At decode time a forward is dominated by reading the weights, so stacking the sequences'
+//! new tokens into one (rows, hidden) batch makes every projection read its weight once per
+//! step instead of once per sequence. Only attention is per sequence: each row attends to its
+//! own KV cache, whose length differs from row to row. LoRA stays unmerged and is added per
+//! group of rows sharing an adapter, so one batch can mix adapters and the base.
+//!
+//! This path is inference only: it uses candle's fused norm, rope and softmax kernels, which
+//! have no backward. Training goes through [`CausalLm::forward`].
+
+use crate::cache::KvCache;
+use crate::error::{ModelError, Result};
+use crate::linear::{RowGroup, RowGroups};
+use crate::lora::{ActiveAdapter, LoraAdapter};
+use crate::model::{Attention, CausalLm, Layer, Mlp};
+use candle_core::Tensor;
+
+/// One sequence's part of a decode step: its newest token, its cache (which the step extends
+/// by one position) and its adapter, if any.
+pub struct DecodeRow<'a> {
+    pub token: u32,
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
+impl CausalLm {
+    /// Runs one token per row at the position after its cache and returns the logits, (rows,
+    /// vocab), in row order. Each row's logits equal those of [`CausalLm::forward`] with that
+    /// row's cache and adapter alone (up to float rounding of the fused kernels).
+    pub fn decode(&self, rows: &mut [DecodeRow<'_>]) -> Result<Tensor> {
+        if rows.is_empty() {
+            return Err(ModelError::Decode("decode called with no rows".into()));
+        }
+        let positions = self.check_caches(rows)?;
+        let groups = group_rows(rows, &self.device)?;
+        let (cos, sin) = self.rope.tables_at(&positions, &self.device)?;
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|r| &mut *r.cache).collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups, self.config.attention_window())?;
+        }
+        let x = self.norm.forward_inference(&x)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(x.matmul(&head.t()?)?)
+    }
+
+    /// Every cache must belong to this model and fit one more position; returns the position
+    /// each row's token takes.
+    fn check_caches(&self, rows: &[DecodeRow<'_>]) -> Result<Vec<usize>> {
+        let max = self.config.max_position_embeddings;
+        rows.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                if r.cache.num_layers() != self.layers.len() {
+                    return Err(ModelError::Decode(format!(
+                        "row {i}: KV cache has {} layers, the model {}",
+                        r.cache.num_layers(),
+                        self.layers.len()
+                    )));
+                }
+                if r.cache.is_empty() {
+                    return Err(ModelError::Decode(format!("row {i}: empty KV cache; prefill the prompt first")));
+                }
+                if r.cache.len() >= max {
+                    return Err(ModelError::Decode(format!("row {i}: position {} is past max_position_embeddings {max}", r.cache.len())));
+                }
+                Ok(r.cache.len())
+            })
+            .collect()
+    }
+}
+
+/// Groups rows by adapter (by identity: the server hands the same loaded adapter to every
+/// request for it).
+fn group_rows<'a>(rows: &[DecodeRow<'a>], device: &candle_core::Device) -> Result<RowGroups<'a>> {
+    let mut found: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let Some(adapter) = r.adapter else { continue };
+        match found.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
+            Some((_, idx)) => idx.push(i as u32),
+            None => found.push((adapter, vec![i as u32])),
+        }
+    }
+    let groups = found
+        .into_iter()
+        .map(|(adapter, idx)| {
+            // A group spanning the batch needs no gather or scatter.
+            let rows_tensor = if idx.len() == rows.len() { None } else { Some(Tensor::new(idx.as_slice(), device)?) };
+            Ok(RowGroup { adapter: ActiveAdapter { adapter, dropout_seed: None }, rows: rows_tensor })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RowGroups { groups })
+}
+
+impl Layer {
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut KvCache],
+        index: usize,
+        groups: &RowGroups,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let h = self.input_norm.forward_inference(x)?;
+        let h = self.attn.decode(&h, cos, sin, caches, index, groups, window)?;
+        let x = (x + h)?;
+        let h = self.mlp.decode(&self.post_attn_norm.forward_inference(&x)?, groups)?;
+        Ok((x + h)?)
+    }
+}
+
+impl Attention {
+    /// `x` is (rows, hidden). Projections run on the whole batch, attention row by row.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        groups: &RowGroups,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        // (rows, heads * d) is already (rows, heads, 1, d) in memory: a free reshape.
+        let heads = |y: Tensor, n: usize| y.reshape((rows, n, 1, self.head_dim));
+        let q = heads(self.q.forward_rows(x, groups)?, self.heads)?;
+        let k = heads(self.k.forward_rows(x, groups)?, self.kv_heads)?;
+        let v = heads(self.v.forward_rows(x, groups)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let mut outs = Vec::with_capacity(rows);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (kc, vc) = cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+            outs.push(self.attend_one(&q.narrow(0, i, 1)?, &kc, &vc, window)?);
+        }
+        self.o.forward_rows(&Tensor::cat(&outs, 0)?, groups)
+    }
+
+    /// One row's query, (1, heads, 1, d), against its cache views, (1, kv_heads, len, d).
+    /// The query heads that share a KV head become the rows of one matmul, so grouped-query
+    /// attention needs no copy of the cache per query head.
+    fn attend_one(&self, q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+        let group = self.heads / self.kv_heads;
+        let len = k.dim(2)?;
+        // The newest position sees the `window` latest ones, itself included.
+        let start = window.map_or(0, |w| len.saturating_sub(w));
+        let k = k.squeeze(0)?.narrow(1, start, len - start)?;
+        let v = v.squeeze(0)?.narrow(1, start, len - start)?;
+        let q = q.reshape((self.kv_heads, group, self.head_dim))?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probs.matmul(&v)?.reshape((1, self.heads * self.head_dim))?)
+    }
+}
+
+impl Mlp {
+    fn decode(&self, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
+        let gate = self.gate.forward_rows(x, groups)?.silu()?;
+        let up = self.up.forward_rows(x, groups)?;
+        self.down.forward_rows(&(gate * up)?, groups)
+    }
+}

@@ -1,0 +1,113 @@
+//! Batched decoding against the one-sequence forward: a batch mixing adapters, the base and
+//! different cache lengths gives each row the logits and greedy tokens it gets alone.
+
+mod common;
+
+use candle_core::{Tensor, D};
+use common::*;
+use kubetune_model::{ActiveAdapter, CausalLm, DecodeRow, KvCache, LoraAdapter};
+
+const PROMPTS: [&[u32]; 4] = [&[0, 57, 80, 120, 301], &[0, 9, 200], &[0, 44, 9, 200, 17, 301, 12], &[0, 3]];
+
+fn active(adapter: Option<&LoraAdapter>) -> Option<ActiveAdapter<'_>> {
+    adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None })
+}
+
+fn argmax_last(logits: &Tensor) -> u32 {
+    let seq = logits.dim(1).expect("seq");
+    logits.narrow(1, seq - 1, 1).expect("narrow").flatten_all().expect("flat").argmax(D::Minus1).expect("argmax").to_scalar().expect("id")
+}
+
+/// Prefills `prompt` into a new cache; returns the cache and the first generated token.
+fn prefill(model: &CausalLm, prompt: &[u32], adapter: Option<&LoraAdapter>, capacity: usize) -> (KvCache, u32) {
+    let mut cache = KvCache::with_capacity(model.config().num_hidden_layers, capacity);
+    let logits = model.forward(&ids(prompt), 0, Some(&mut cache), active(adapter).as_ref()).expect("prefill");
+    (cache, argmax_last(&logits))
+}
+
+/// Greedy tokens for one sequence with the one-sequence forward only (the reference).
+fn greedy_alone(model: &CausalLm, prompt: &[u32], adapter: Option<&LoraAdapter>, steps: usize) -> Vec<u32> {
+    let (mut cache, mut next) = prefill(model, prompt, adapter, 1);
+    let mut out = vec![next];
+    for _ in 1..steps {
+        let offset = cache.len();
+        let logits = model.forward(&ids(&[next]), offset, Some(&mut cache), active(adapter).as_ref()).expect("step");
+        next = argmax_last(&logits);
+        out.push(next);
+    }
+    out
+}
+
+#[test]
+fn a_mixed_batch_decodes_each_row_as_it_would_alone() {
+    let t = tiny();
+    let (a, _va) = random_adapter(&t.config, 4, 8.0, 0.0);
+    let (b, _vb) = random_adapter(&t.config, 8, 4.0, 0.0);
+    // Rows 0 and 2 share adapter a (a group that is not the whole batch), row 1 has b, row 3
+    // none; prompts differ in length so the caches do too.
+    let adapters = [Some(&a), Some(&b), Some(&a), None];
+    let steps = 12;
+    let alone: Vec<Vec<u32>> =
+        PROMPTS.iter().zip(adapters).map(|(p, ad)| greedy_alone(&t.model, p, ad, steps)).collect();
+
+    let mut caches = Vec::new();
+    let mut next = Vec::new();
+    for (p, ad) in PROMPTS.iter().zip(adapters) {
+        let (cache, token) = prefill(&t.model, p, ad, p.len() + steps);
+        caches.push(cache);
+        next.push(token);
+    }
+    let mut together: Vec<Vec<u32>> = next.iter().map(|&n| vec![n]).collect();
+    for _ in 1..steps {
+        let mut rows: Vec<DecodeRow> = caches
+            .iter_mut()
+            .zip(&next)
+            .zip(adapters)
+            .map(|((cache, &token), adapter)| DecodeRow { token, cache, adapter })
+            .collect();
+        let logits = t.model.decode(&mut rows).expect("decode");
+        next = logits.argmax(D::Minus1).expect("argmax").to_vec1().expect("ids");
+        for (out, &n) in together.iter_mut().zip(&next) {
+            out.push(n);
+        }
+    }
+    assert_eq!(together, alone);
+    assert!(alone[0] != alone[1] && alone[0] != alone[3], "the adapters must change the tokens for this test to mean anything");
+}
+
+#[test]
+fn decode_logits_match_the_full_forward_while_the_cache_grows() {
+    let t = tiny();
+    let (a, _va) = random_adapter(&t.config, 4, 8.0, 0.0);
+    let prompt = [0u32, 57, 80, 120, 301, 44, 9, 200, 17, 5, 77];
+    let full = t.model.forward(&ids(&prompt), 0, None, active(Some(&a)).as_ref()).expect("full");
+    // Capacity 2 forces the cache to reallocate several times while decoding.
+    let mut cache = KvCache::with_capacity(t.config.num_hidden_layers, 2);
+    t.model.forward(&ids(&prompt[..3]), 0, Some(&mut cache), active(Some(&a)).as_ref()).expect("prefix");
+    for (i, &token) in prompt.iter().enumerate().skip(3) {
+        let mut rows = [DecodeRow { token, cache: &mut cache, adapter: Some(&a) }];
+        let step = t.model.decode(&mut rows).expect("decode");
+        let expected = full.narrow(1, i, 1).expect("narrow").squeeze(1).expect("squeeze");
+        let diff = max_abs_diff(&step, &expected);
+        assert!(diff < 1e-4, "position {i}: {diff}");
+    }
+    assert_eq!(cache.len(), prompt.len());
+}
+
+#[test]
+fn decode_refuses_caches_it_cannot_extend_naming_the_row() {
+    let t = tiny();
+    let (mut filled, token) = prefill(&t.model, &[0, 5], None, 4);
+    let mut empty = KvCache::new(t.config.num_hidden_layers);
+    let mut rows = [
+        DecodeRow { token, cache: &mut filled, adapter: None },
+        DecodeRow { token, cache: &mut empty, adapter: None },
+    ];
+    let err = t.model.decode(&mut rows).expect_err("empty cache").to_string();
+    assert!(err.contains("row 1") && err.contains("prefill"), "{err}");
+    let mut wrong = KvCache::new(t.config.num_hidden_layers + 1);
+    let mut rows = [DecodeRow { token, cache: &mut wrong, adapter: None }];
+    let err = t.model.decode(&mut rows).expect_err("wrong layer count").to_string();
+    assert!(err.contains("row 0") && err.contains("layers"), "{err}");
+    assert!(t.model.decode(&mut []).is_err());
+}
