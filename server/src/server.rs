@@ -61,9 +61,17 @@ pub struct Args {
     /// Fold the one listed adapter into the base weights (fastest; no other adapters served).
     #[arg(long)]
     pub merge: bool,
-    /// File with one API key per line; when set, /v1/* requires `Authorization: Bearer <key>`.
+    /// File with one API key per line; when set, completions and chat require
+    /// `Authorization: Bearer <key>`, and so does GET /v1/models (which also takes an admin key).
+    /// Without it they are open.
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// File with one admin key per line; when set, the adapter admin API (POST/GET
+    /// /v1/adapters, DELETE /v1/adapters/NAME) requires `Authorization: Bearer <admin key>`.
+    /// Without it the admin API is open to anyone who can reach the port (restrict it with a
+    /// NetworkPolicy); API keys never grant admin access.
+    #[arg(long)]
+    pub admin_api_key_file: Option<PathBuf>,
     /// Download cache for models and adapters from object storage and the registry.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -127,6 +135,11 @@ pub async fn build(args: &Args) -> Result<Arc<AppState>, StartupError> {
 /// As `build`, with the model backend wrapped by `wrap` (tests use it to observe or gate
 /// engine steps).
 pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend) -> B) -> Result<Arc<AppState>, StartupError> {
+    // Key files first: a bad one fails before minutes of model download.
+    let keys = api::auth::Keys {
+        api: args.api_keys_file.as_deref().map(|p| api::auth::read_keys(p, "--api-keys-file")).transpose()?,
+        admin: args.admin_api_key_file.as_deref().map(|p| api::auth::read_keys(p, "--admin-api-key-file")).transpose()?,
+    };
     let mut credentials = Credentials::from_env();
     if let Some(dir) = &args.credentials_dir {
         credentials = credentials.merged(Credentials::from_secret_dir(dir)?);
@@ -181,10 +194,9 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     };
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
-    let api_keys = args.api_keys_file.as_deref().map(api::read_api_keys).transpose()?;
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };
-    Ok(Arc::new(AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, api_keys)))
+    Ok(Arc::new(AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys)))
 }
 
 /// Runs one short generation for the base and for every adapter, so the first real request

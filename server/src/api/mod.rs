@@ -1,6 +1,7 @@
 //! The HTTP API: OpenAI routes, the adapter admin API and the operational endpoints.
 
 mod admin;
+pub mod auth;
 pub mod fields;
 pub mod generation;
 mod openai;
@@ -13,13 +14,10 @@ use crate::error::ApiError;
 use crate::loader::AdapterLoader;
 use crate::metrics::Metrics;
 use crate::text::TextCodec;
-use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use validate::ValidationContext;
@@ -37,8 +35,8 @@ pub struct AppState {
     pub stop_ids: Arc<Vec<u32>>,
     /// Loads adapters for the admin API; None serves only what was loaded at start.
     pub loader: Option<Arc<AdapterLoader>>,
-    /// Bearer keys accepted on /v1/*; None means no authentication.
-    pub api_keys: Option<HashSet<String>>,
+    /// Bearer keys for inference and for the admin API (see [`auth`]).
+    pub keys: auth::Keys,
     ready: AtomicBool,
     /// Serialises admin loads so two concurrent loads cannot both pass the caps.
     pub admin_lock: tokio::sync::Mutex<()>,
@@ -55,7 +53,7 @@ impl AppState {
         merged: Option<Arc<LoadedAdapter>>,
         vocab_size: usize,
         loader: Option<Arc<AdapterLoader>>,
-        api_keys: Option<HashSet<String>>,
+        keys: auth::Keys,
     ) -> Self {
         let stop_ids = Arc::new(codec.stop_ids.clone());
         metrics.loaded_adapters.set((adapters.len() + merged.is_some() as usize) as i64);
@@ -69,7 +67,7 @@ impl AppState {
             vocab_size,
             stop_ids,
             loader,
-            api_keys,
+            keys,
             ready: AtomicBool::new(false),
             admin_lock: tokio::sync::Mutex::new(()),
         }
@@ -100,50 +98,22 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
+    let inference = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/models", get(admin::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::inference));
+    let listing = Router::new().route("/v1/models", get(admin::models)).route_layer(middleware::from_fn_with_state(state.clone(), auth::listing));
+    let admin = Router::new()
         .route("/v1/adapters", post(admin::load_adapter).get(admin::models))
         .route("/v1/adapters/{name}", delete(admin::unload_adapter))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
     Router::new()
-        .merge(v1)
+        .merge(inference)
+        .merge(listing)
+        .merge(admin)
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .fallback(|| async { ApiError::invalid_code("path", "not_found", "no such route").into_response() })
         .with_state(state)
-}
-
-/// Checks `Authorization: Bearer <key>` against the keys file. Probes and /metrics stay open
-/// (they are outside this layer) so the kubelet and Prometheus need no key.
-async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if let Some(keys) = &state.api_keys {
-        let presented = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !presented.is_some_and(|k| keys.contains(k)) {
-            return ApiError::Unauthorized.into_response();
-        }
-    }
-    next.run(request).await
-}
-
-/// Reads an API keys file: one key per line; blank lines and `#` comments ignored.
-pub fn read_api_keys(path: &std::path::Path) -> Result<HashSet<String>, crate::error::StartupError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| crate::error::StartupError::File { path: path.into(), reason: e.to_string() })?;
-    let keys: HashSet<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
-    if keys.is_empty() {
-        return Err(crate::error::StartupError::File {
-            path: path.into(),
-            reason: "holds no keys; every request would be refused".into(),
-        });
-    }
-    Ok(keys)
 }

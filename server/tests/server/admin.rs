@@ -182,6 +182,61 @@ async fn api_keys_guard_v1_but_not_probes_or_metrics() {
     }
 }
 
+fn keys_file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write keys");
+    path.to_str().expect("utf-8").to_string()
+}
+
+#[tokio::test]
+async fn the_admin_api_takes_only_admin_keys_and_model_listing_takes_either() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (api, admin) = (keys_file(&dir, "api", "client-key\n"), keys_file(&dir, "admin", "operator-key\n"));
+    let s = server(&["--api-keys-file", &api, "--admin-api-key-file", &admin]).await;
+    let load = Some(load_body("a", &f.adapter_a).to_string());
+    for key in [None, Some("client-key"), Some("wrong")] {
+        let r = send_with(&s.app, "POST", "/v1/adapters", load.clone(), key).await;
+        assert_eq!(r.status, 401, "{key:?}: {}", r.text);
+        assert_eq!(send_with(&s.app, "DELETE", "/v1/adapters/a", None, key).await.status, 401, "{key:?}");
+        assert_eq!(send_with(&s.app, "GET", "/v1/adapters", None, key).await.status, 401, "{key:?}");
+    }
+    let r = send_with(&s.app, "POST", "/v1/adapters", load, Some("operator-key")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 401);
+    for key in ["client-key", "operator-key"] {
+        let r = send_with(&s.app, "GET", "/v1/models", None, Some(key)).await;
+        assert_eq!(r.status, 200, "{key}: {}", r.text);
+        assert_eq!(r.json()["data"][1]["id"], "a");
+    }
+    // An admin key is not an inference credential.
+    let body = Some(json!({"model": "a", "prompt": "hi", "max_tokens": 2}).to_string());
+    assert_eq!(send_with(&s.app, "POST", "/v1/completions", body.clone(), Some("operator-key")).await.status, 401);
+    assert_eq!(send_with(&s.app, "POST", "/v1/completions", body, Some("client-key")).await.status, 200);
+    assert_eq!(send_with(&s.app, "DELETE", "/v1/adapters/a", None, Some("operator-key")).await.status, 200);
+}
+
+#[tokio::test]
+async fn each_key_file_guards_only_its_own_routes() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // API keys only: the operator, which sends no key, can still load adapters.
+    let s = server(&["--api-keys-file", &keys_file(&dir, "api", "client-key\n")]).await;
+    let r = post(&s.app, "/v1/adapters", load_body("a", &f.adapter_a)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 401);
+    // Admin key only: inference and the listing stay open, the admin API does not.
+    let s = server(&["--admin-api-key-file", &keys_file(&dir, "admin", "operator-key\n")]).await;
+    assert_eq!(post(&s.app, "/v1/adapters", load_body("a", &f.adapter_a)).await.status, 401);
+    assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 200);
+    let r = post(&s.app, "/v1/completions", json!({"model": BASE, "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let empty = keys_file(&dir, "empty", "# no keys yet\n");
+    let err = kubetune_server::server::build(&args(&["--admin-api-key-file", &empty])).await.err().expect("empty key file");
+    assert!(err.to_string().contains("--admin-api-key-file"), "{err}");
+}
+
 #[tokio::test]
 async fn metrics_expose_the_documented_series() {
     let s = server(&[]).await;
