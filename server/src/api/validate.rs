@@ -103,9 +103,11 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
             return Err(ApiError::invalid("stream_options.include_usage", format!("must be a boolean, got {}", kind(v))));
         }
     }
+    // vLLM's extension: generate exactly max_tokens (benchmarks need fixed-length outputs).
+    let stop_ids = if f.bool("ignore_eos")?.unwrap_or(false) { Arc::new(Vec::new()) } else { ctx.stop_ids.clone() };
     Ok(ValidGeneration {
         model,
-        request: GenerateRequest { prompt, adapter, params, max_tokens, stop_ids: ctx.stop_ids.clone() },
+        request: GenerateRequest { prompt, adapter, params, max_tokens, stop_ids },
         stop: stop_strings(&f)?,
         stream,
     })

@@ -44,6 +44,15 @@ async fn greedy_output_equals_a_reference_decode_with_the_model_crate() {
 }
 
 #[tokio::test]
+async fn ignore_eos_generates_exactly_max_tokens() {
+    let s = server(&[]).await;
+    let body = json!({"model": BASE, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": true});
+    let got = post(&s.app, "/v1/completions", body).await.json();
+    assert_eq!(got["usage"]["completion_tokens"], 40, "{got}");
+    assert_eq!(got["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
 async fn different_adapters_in_one_batch_give_the_same_tokens_as_each_alone() {
     let f = fixture();
     let (s, probe) = gated_server(&[

@@ -38,6 +38,7 @@ async fn each_bad_request_gets_a_400_naming_the_field() {
         ("completions", ok(json!({"max_tokens": 100000})), json!("max_tokens"), "context_length_exceeded"),
         ("completions", ok(json!({"max_tokens": 47})), json!("max_tokens"), "context_length_exceeded"),
         ("completions", ok(json!({"max_tokens": 0})), json!("max_tokens"), "invalid_value"),
+        ("completions", ok(json!({"ignore_eos": "yes"})), json!("ignore_eos"), "invalid_value"),
         ("completions", ok(json!({"max_tokens": 2.5})), json!("max_tokens"), "invalid_value"),
         ("completions", ok(json!({"temperature": -0.1})), json!("temperature"), "invalid_value"),
         ("completions", ok(json!({"temperature": 2.5})), json!("temperature"), "invalid_value"),
