@@ -13,6 +13,17 @@ cache="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
 proxy="${GOPROXY:-https://proxy.golang.org}"
 proxy="${proxy%%,*}"
 export GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
+# A cold build fills Go's module and build caches with several GB (Kubernetes and MinIO pull in
+# much of the Go ecosystem). Only the binaries are kept, so the caches live under the build
+# directory and go when this script ends; a later build downloads its modules again.
+go_scratch="$cache/build/go"
+export GOMODCACHE="$go_scratch/mod" GOCACHE="$go_scratch/cache"
+drop_go_scratch() {
+  [ -d "$go_scratch" ] || return 0
+  chmod -R u+w "$go_scratch" 2>/dev/null || true  # the module cache is read-only
+  rm -rf "$go_scratch"
+}
+trap drop_go_scratch EXIT
 
 log() { echo "[build-binaries] $*" >&2; }
 
