@@ -35,6 +35,12 @@ pub enum ModelError {
     Decode(String),
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    /// A chat template that does not compile; `reason` names the template line.
+    #[error("{path}: chat_template: {reason}")]
+    ChatTemplate { path: PathBuf, reason: String },
+    /// A chat template that fails on a conversation, e.g. through its own raise_exception.
+    #[error("chat template: {0}")]
+    ChatRender(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

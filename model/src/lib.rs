@@ -8,9 +8,11 @@
 //!   own cache and adapter, reading the weights once (the server's decode step).
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
+//! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
 
 pub mod cache;
+pub mod chat;
 pub mod config;
 mod corpus;
 pub mod decode;

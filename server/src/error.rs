@@ -130,8 +130,6 @@ pub enum StartupError {
     Storage(#[from] kubetune_storage::StorageError),
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: std::path::PathBuf, reason: String },
-    #[error("chat template: {0}")]
-    ChatTemplate(String),
     #[error("adapter `{name}`: {error}")]
     Adapter { name: String, error: ApiError },
     #[error("{flag}: {reason}")]

@@ -1,21 +1,17 @@
 //! The tokenizer with tokenizer_config.json's rules: BOS, stop tokens and the chat format.
 //!
-//! Chat prompts use the model's own Jinja `chat_template` when it has one. Without one (the tiny
-//! test model has none) they use the trainer's default chat format, so an adapter trained on
-//! chat data sees at serving time exactly what it saw in training:
+//! Chat prompts use the model's own Jinja `chat_template` when it has one, rendered by
+//! kubetune_model::chat as the trainer renders training data. Without one (the tiny test model
+//! has none) they use the trainer's default chat format. Either way an adapter trained on chat
+//! data sees at serving time exactly what it saw in training:
 //! `<|{role}|>\n{content}<|end|>\n` per message, then `<|assistant|>\n`.
 
 use crate::error::StartupError;
-use serde::Serialize;
+pub use kubetune_model::chat::ChatMessage;
+use kubetune_model::chat::ChatTemplate;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
 
 pub struct TextCodec {
     tokenizer: Tokenizer,
@@ -24,10 +20,8 @@ pub struct TextCodec {
     eos_text: String,
     /// Every id that ends a generation: EOS ids and, in the default chat format, `<|end|>`.
     pub stop_ids: Vec<u32>,
-    template: Option<minijinja::Environment<'static>>,
+    template: Option<ChatTemplate>,
 }
-
-const TEMPLATE_NAME: &str = "chat";
 
 impl TextCodec {
     /// Loads tokenizer.json and tokenizer_config.json (optional) from a model directory.
@@ -63,21 +57,19 @@ impl TextCodec {
         let eos = token("eos_token")?;
         let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let bos = if add_bos { token("bos_token")? } else { None };
-        let bos_text = token("bos_token")?.map(|(_, t)| t).unwrap_or_default();
+        // Checks that a configured BOS exists even where only the template writes it.
+        token("bos_token")?;
         let mut stop_ids: Vec<u32> = config_eos.to_vec();
         if let Some((id, _)) = &eos {
             stop_ids.push(*id);
         }
-        let template = match chat_template(&config) {
-            Some(source) => Some(compile_template(source, bos_text, eos.as_ref().map(|e| e.1.clone()))?),
-            None => {
-                // The default format closes each turn with <|end|>; the model must stop there.
-                if let Some(end) = tokenizer.token_to_id("<|end|>") {
-                    stop_ids.push(end);
-                }
-                None
+        let template = ChatTemplate::from_tokenizer_config(&config, &config_path)?;
+        if template.is_none() {
+            // The default format closes each turn with <|end|>; the model must stop there.
+            if let Some(end) = tokenizer.token_to_id("<|end|>") {
+                stop_ids.push(end);
             }
-        };
+        }
         if stop_ids.is_empty() {
             return Err(StartupError::Tokenizer {
                 path: config_path,
@@ -115,11 +107,8 @@ impl TextCodec {
     /// tokenized without adding special tokens (else BOS would appear twice).
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
         match &self.template {
-            Some(env) => {
-                let tmpl = env.get_template(TEMPLATE_NAME).map_err(|e| e.to_string())?;
-                let text = tmpl
-                    .render(minijinja::context! { messages => messages, add_generation_prompt => true })
-                    .map_err(|e| format!("chat template: {e}"))?;
+            Some(template) => {
+                let text = template.render(messages, true).map_err(|e| e.to_string())?;
                 self.encode(&text, false)
             }
             None => {
@@ -146,34 +135,6 @@ impl TextCodec {
     pub fn eos_text(&self) -> &str {
         &self.eos_text
     }
-}
-
-/// `chat_template` is a string, or a list of `{name, template}` where "default" is the one.
-fn chat_template(config: &Value) -> Option<&str> {
-    match config.get("chat_template")? {
-        Value::String(s) => Some(s),
-        Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .and_then(|t| t.get("template"))
-            .and_then(Value::as_str),
-        _ => None,
-    }
-}
-
-fn compile_template(source: &str, bos: String, eos: Option<String>) -> Result<minijinja::Environment<'static>, StartupError> {
-    let mut env = minijinja::Environment::new();
-    // HF templates call Python string methods (`.strip()`, `.startswith()`).
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_global("bos_token", bos);
-    env.add_global("eos_token", eos.unwrap_or_default());
-    // HF templates reject unsupported conversations with raise_exception("...").
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
-    env.add_template_owned(TEMPLATE_NAME.to_string(), source.to_string())
-        .map_err(|e| StartupError::ChatTemplate(e.to_string()))?;
-    Ok(env)
 }
 
 /// Turns a growing list of token ids into text deltas. Decoding one token at a time garbles

@@ -1,0 +1,164 @@
+//! Chat templates: the Jinja `chat_template` of a model's tokenizer_config.json.
+//!
+//! The server renders prompts and the trainer renders training conversations with this one
+//! implementation, so an adapter sees at serving time exactly the text it was trained on.
+
+use crate::error::{ModelError, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// One turn of a conversation as templates see it (`message.role`, `message['content']`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+}
+
+/// A compiled chat template with the special tokens it may refer to.
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+}
+
+/// Also the file name in minijinja's errors: "(in chat_template:3)" is line 3 of the template.
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// The template of a parsed tokenizer_config.json, or None when it has none. `path` is the
+    /// file's path, for errors.
+    pub fn from_tokenizer_config(config: &Value, path: &Path) -> Result<Option<Self>> {
+        let Some(source) = template_source(config, path)? else {
+            return Ok(None);
+        };
+        let bos = special_token_text(config, "bos_token").unwrap_or_default();
+        let eos = special_token_text(config, "eos_token").unwrap_or_default();
+        let template = Self::compile(source, bos, eos)
+            .map_err(|e| ModelError::ChatTemplate { path: path.into(), reason: e.to_string() })?;
+        Ok(Some(template))
+    }
+
+    /// Compiles `source`; a syntax error names the template line.
+    pub fn compile(source: &str, bos_token: &str, eos_token: &str) -> std::result::Result<Self, minijinja::Error> {
+        let mut env = minijinja::Environment::new();
+        // HF templates call Python string methods (`.strip()`, `.startswith()`).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_global("bos_token", bos_token.to_string());
+        env.add_global("eos_token", eos_token.to_string());
+        // HF templates reject conversations they cannot express with raise_exception("...").
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(NAME, source.to_string())?;
+        Ok(Self { env })
+    }
+
+    /// The conversation as text. `add_generation_prompt` appends what opens the assistant's
+    /// next turn (a prompt for generation); without it the text ends after the last message.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let render_error = |e: minijinja::Error| ModelError::ChatRender(e.to_string());
+        let template = self.env.get_template(NAME).map_err(render_error)?;
+        template
+            .render(minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt })
+            .map_err(render_error)
+    }
+}
+
+/// `chat_template` is a string, or a list of `{name, template}` in which "default" is the one.
+/// Anything else is an error rather than ignored: falling back to another format would train
+/// or prompt the model with text it does not expect.
+fn template_source<'a>(config: &'a Value, path: &Path) -> Result<Option<&'a str>> {
+    let bad = |reason: &str| ModelError::InvalidConfig { path: path.into(), field: NAME.into(), reason: reason.into() };
+    match config.get(NAME) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(Some)
+            .ok_or_else(|| bad("a list of named templates without one named `default` (with a string `template`)")),
+        Some(_) => Err(bad("expected a string or a list of {name, template}")),
+    }
+}
+
+/// A special token's text: tokenizer_config.json writes it as a string or as an AddedToken
+/// object with `content`.
+pub fn special_token_text<'a>(config: &'a Value, field: &str) -> Option<&'a str> {
+    match config.get(field)? {
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("content").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A ChatML-style template, as Qwen2 and many others ship it.
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+                          {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    fn chatml() -> ChatTemplate {
+        let config = json!({"chat_template": CHATML, "eos_token": "<|im_end|>"});
+        ChatTemplate::from_tokenizer_config(&config, Path::new("m/tokenizer_config.json")).expect("compiles").expect("has one")
+    }
+
+    #[test]
+    fn renders_a_prompt_with_and_without_the_generation_prompt() {
+        let t = chatml();
+        let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
+        let prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n";
+        assert_eq!(t.render(&msgs, false).expect("render"), prompt);
+        assert_eq!(t.render(&msgs, true).expect("render"), format!("{prompt}<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn special_tokens_and_python_string_methods_are_available() {
+        let config = json!({
+            "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'].strip() }}{{ eos_token }}{% endfor %}",
+            "bos_token": {"content": "<s>", "special": true},
+            "eos_token": "</s>",
+        });
+        let t = ChatTemplate::from_tokenizer_config(&config, Path::new("x")).expect("ok").expect("some");
+        assert_eq!(t.render(&[ChatMessage::new("user", "  hi  ")], false).expect("render"), "<s>hi</s>");
+    }
+
+    #[test]
+    fn the_default_of_a_list_of_templates_is_used_and_a_list_without_one_is_an_error() {
+        let path = Path::new("m/tokenizer_config.json");
+        let listed = json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        let t = ChatTemplate::from_tokenizer_config(&listed, path).expect("ok").expect("some");
+        assert_eq!(t.render(&[], false).expect("render"), "D");
+        assert!(ChatTemplate::from_tokenizer_config(&json!({}), path).expect("ok").is_none());
+        let no_default = json!({"chat_template": [{"name": "tool_use", "template": "T"}]});
+        let err = ChatTemplate::from_tokenizer_config(&no_default, path).err().expect("error").to_string();
+        assert!(err.contains("m/tokenizer_config.json") && err.contains("chat_template") && err.contains("default"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_and_the_template_line() {
+        let config = json!({"chat_template": "{% for m in messages %}\n{{ m.content }\n{% endfor %}"});
+        let err = ChatTemplate::from_tokenizer_config(&config, Path::new("m/tokenizer_config.json")).err().expect("error");
+        let err = err.to_string();
+        assert!(err.starts_with("m/tokenizer_config.json: chat_template: syntax error"), "{err}");
+        assert!(err.contains("chat_template:2"), "{err}");
+    }
+
+    #[test]
+    fn raise_exception_is_a_render_error_with_the_templates_message() {
+        let config = json!({"chat_template": "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"});
+        let t = ChatTemplate::from_tokenizer_config(&config, Path::new("x")).expect("ok").expect("some");
+        let err = t.render(&[ChatMessage::new("system", "s")], true).expect_err("raises").to_string();
+        assert!(err.contains("System role not supported"), "{err}");
+        assert!(t.render(&[ChatMessage::new("user", "u")], true).is_ok());
+    }
+}
