@@ -46,6 +46,10 @@ impl ChatTemplate {
     /// Compiles `source`; a syntax error names the template line.
     pub fn compile(source: &str, bos_token: &str, eos_token: &str) -> std::result::Result<Self, minijinja::Error> {
         let mut env = minijinja::Environment::new();
+        // As transformers' apply_chat_template renders them: a block tag's own line break and
+        // indentation are not output, which multi-line templates are written for.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         // HF templates call Python string methods (`.strip()`, `.startswith()`).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_global("bos_token", bos_token.to_string());
@@ -142,6 +146,15 @@ mod tests {
         let no_default = json!({"chat_template": [{"name": "tool_use", "template": "T"}]});
         let err = ChatTemplate::from_tokenizer_config(&no_default, path).err().expect("error").to_string();
         assert!(err.contains("m/tokenizer_config.json") && err.contains("chat_template") && err.contains("default"), "{err}");
+    }
+
+    #[test]
+    fn block_tags_leave_no_line_breaks_or_indentation_as_in_transformers() {
+        let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[U] {{ m.content }}\n    {% else %}\n\
+                      [A] {{ m.content }}\n    {% endif %}\n{% endfor %}\n";
+        let t = ChatTemplate::compile(source, "", "").expect("compiles");
+        let msgs = [ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "yo")];
+        assert_eq!(t.render(&msgs, false).expect("render"), "[U] hi\n[A] yo\n");
     }
 
     #[test]
