@@ -1,13 +1,15 @@
 //! Builds the training and validation sequences from the dataset files and the tokenizer.
 
-use crate::config::{DataFormat, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::batch::{pack, split_validation, truncate, PrepareStats};
 use crate::data::records::Record;
 use crate::data::render::render;
+use crate::data::template::render_with_template;
 use crate::data::tokenize::{Example, TextTokenizer};
 use crate::data::{load_jsonl, Loaded};
 use crate::error::{Result, TrainError};
 use crate::io::local_path;
+use std::path::Path;
 
 pub struct Prepared {
     pub train: Vec<Example>,
@@ -20,25 +22,17 @@ pub struct Prepared {
 pub fn prepare(config: &TrainConfig, tokenizer: &TextTokenizer) -> Result<Prepared> {
     let ds = &config.dataset;
     let t = &config.training;
-    if ds.format == DataFormat::Chat && tokenizer.chat_template.is_some() {
-        return Err(TrainError::Config {
-            path: "dataset.format".into(),
-            message: "the model's tokenizer_config.json has a chat_template, and rendering chat templates is not \
-                      implemented yet; convert the data to `instruction` or `text`"
-                .into(),
-        });
-    }
     let train_path = local_path(&ds.path, "dataset.path")?;
-    let Loaded { records, skipped } = load_jsonl(&train_path, ds.format, ds.skip_invalid)?;
-    let mut skipped_invalid = skipped;
+    let loaded = load_jsonl(&train_path, ds.format, ds.skip_invalid)?;
+    let mut skipped_invalid = loaded.skipped;
     let mut stats = PrepareStats::default();
-    let examples = truncate(tokenize_all(&records, tokenizer)?, t.max_seq_length, &mut stats);
+    let examples = truncate(tokenize_all(&loaded, &train_path, tokenizer)?, t.max_seq_length, &mut stats);
     let (train, validation) = match (&ds.validation_path, ds.validation_split) {
         (Some(path), _) => {
             let path = local_path(path, "dataset.validationPath")?;
             let loaded = load_jsonl(&path, ds.format, ds.skip_invalid)?;
             skipped_invalid += loaded.skipped;
-            let val = truncate(tokenize_all(&loaded.records, tokenizer)?, t.max_seq_length, &mut stats);
+            let val = truncate(tokenize_all(&loaded, &path, tokenizer)?, t.max_seq_length, &mut stats);
             (examples, val)
         }
         (None, Some(fraction)) if examples.len() >= 2 => split_validation(examples, fraction, t.seed),
@@ -63,6 +57,17 @@ pub fn prepare(config: &TrainConfig, tokenizer: &TextTokenizer) -> Result<Prepar
     Ok(Prepared { train, validation, stats, skipped_invalid })
 }
 
-fn tokenize_all(records: &[Record], tokenizer: &TextTokenizer) -> Result<Vec<Example>> {
-    records.iter().map(|r| tokenizer.tokenize(&render(r))).collect()
+/// Chat records go through the model's chat template when it has one (as the server renders
+/// prompts), everything else through the documented default formats.
+fn tokenize_all(loaded: &Loaded, file: &Path, tokenizer: &TextTokenizer) -> Result<Vec<Example>> {
+    let eos = tokenizer.eos_text();
+    let tokenize = |record: &Record, line: usize| match (record, &tokenizer.chat_template) {
+        (Record::Chat { messages }, Some(template)) => {
+            let rendered = render_with_template(messages, template, eos.as_deref())
+                .map_err(|message| TrainError::Data { file: file.into(), line, message })?;
+            tokenizer.tokenize_framed(&rendered.segments, rendered.framing)
+        }
+        _ => tokenizer.tokenize(&render(record)),
+    };
+    loaded.records.iter().zip(&loaded.lines).map(|(r, &line)| tokenize(r, line)).collect()
 }

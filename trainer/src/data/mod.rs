@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod records;
 pub mod render;
+pub mod template;
 pub mod tokenize;
 
 use crate::config::DataFormat;
@@ -15,6 +16,9 @@ use std::path::Path;
 #[derive(Debug)]
 pub struct Loaded {
     pub records: Vec<Record>,
+    /// The 1-based line of each record, for errors found after parsing (a chat template that
+    /// rejects a conversation).
+    pub lines: Vec<usize>,
     pub skipped: usize,
 }
 
@@ -24,13 +28,17 @@ pub struct Loaded {
 pub fn load_jsonl(path: &Path, format: DataFormat, skip_invalid: bool) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
     let mut records = Vec::new();
+    let mut lines = Vec::new();
     let mut skipped = 0;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         match records::parse_line(line, format) {
-            Ok(r) => records.push(r),
+            Ok(r) => {
+                records.push(r);
+                lines.push(i + 1);
+            }
             Err(_) if skip_invalid => skipped += 1,
             Err(message) => return Err(TrainError::Data { file: path.into(), line: i + 1, message }),
         }
@@ -43,5 +51,5 @@ pub fn load_jsonl(path: &Path, format: DataFormat, skip_invalid: bool) -> Result
         };
         return Err(TrainError::Dataset { file: path.into(), message });
     }
-    Ok(Loaded { records, skipped })
+    Ok(Loaded { records, lines, skipped })
 }

@@ -7,6 +7,9 @@
 //! - chat, when tokenizer_config.json has no chat template: per message
 //!   `<|{role}|>\n{content}<|end|>\n`, with `<|assistant|>\n` opening each assistant turn; trained
 //!   on assistant contents and their `<|end|>\n`, then EOS after the last message;
+//! - chat, when it has one: the model's own template (see [`super::template`]), trained on the
+//!   same parts: each assistant turn's content and what the template closes it with, then EOS
+//!   after the last message unless the template already ends with it;
 //! - text: `{text}` + EOS, all trained on.
 
 use super::records::{Record, Role};

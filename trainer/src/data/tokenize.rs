@@ -2,6 +2,7 @@
 
 use super::render::Segment;
 use crate::error::{Result, TrainError};
+use kubetune_model::chat::ChatTemplate;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -27,7 +28,19 @@ pub struct TextTokenizer {
     /// Prepended when the tokenizer's own post-processor does not add it.
     bos: Option<u32>,
     pub eos: u32,
-    pub chat_template: Option<String>,
+    /// tokenizer_config.json's chat template, compiled at load so a syntax error stops the run
+    /// before any data is read.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// What the tokenizer step adds around an example's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// Run the first segment through the tokenizer's post-processor and add BOS as
+    /// tokenizer_config.json asks. Off for chat templates, which write BOS themselves.
+    pub special_tokens: bool,
+    /// Append EOS, trained on or not; None when the text already ends with it.
+    pub eos: Option<bool>,
 }
 
 impl TextTokenizer {
@@ -65,7 +78,7 @@ impl TextTokenizer {
         })?;
         let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let bos = if add_bos { token_id("bos_token")? } else { None };
-        let chat_template = config.get("chat_template").and_then(Value::as_str).map(str::to_string);
+        let chat_template = ChatTemplate::from_tokenizer_config(&config, &config_path)?;
         Ok(Self { tokenizer, path, bos, eos, chat_template })
     }
 
@@ -95,19 +108,32 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Tokenizes segments into one example ending in EOS. The first segment goes through the
-    /// tokenizer's post-processor (which adds BOS for Llama-style tokenizers).
+    /// EOS as text, to tell whether a chat template already ends a conversation with it.
+    pub fn eos_text(&self) -> Option<String> {
+        self.tokenizer.id_to_token(self.eos)
+    }
+
+    /// Tokenizes segments of the built-in formats into one example ending in EOS, trained on
+    /// when the last segment is. The first segment goes through the tokenizer's post-processor
+    /// (which adds BOS for Llama-style tokenizers).
     pub fn tokenize(&self, segments: &[Segment]) -> Result<Example> {
+        let last_trained = segments.last().is_some_and(|s| s.trained);
+        self.tokenize_framed(segments, Framing { special_tokens: true, eos: Some(last_trained) })
+    }
+
+    /// Tokenizes segments into one example, framed as `framing` says.
+    pub fn tokenize_framed(&self, segments: &[Segment], framing: Framing) -> Result<Example> {
         let mut ids = Vec::new();
         let mut trained = Vec::new();
         for (i, s) in segments.iter().enumerate() {
-            let piece = if i == 0 { self.encode_prompt(&s.text)? } else { self.encode(&s.text, false)? };
+            let piece = if i == 0 && framing.special_tokens { self.encode_prompt(&s.text)? } else { self.encode(&s.text, false)? };
             trained.extend(std::iter::repeat_n(s.trained, piece.len()));
             ids.extend(piece);
         }
-        let last_trained = segments.last().is_some_and(|s| s.trained);
-        ids.push(self.eos);
-        trained.push(last_trained);
+        if let Some(eos_trained) = framing.eos {
+            ids.push(self.eos);
+            trained.push(eos_trained);
+        }
         Ok(Example { ids, trained })
     }
 }
