@@ -206,6 +206,8 @@ async fn train(r: &JobRun, config: TrainConfig, inputs: &Inputs, checkpoints: St
         device: r.device.clone(),
         stop: r.stop.clone(),
         on_checkpoint: Some(hook),
+        // A pod's log has no terminal to draw a progress bar on.
+        progress: None,
     };
     let sources = [(inputs.dataset.clone(), r.job.dataset.uri.clone())]
         .into_iter()

@@ -12,8 +12,9 @@ pub mod job;
 pub mod metrics;
 pub mod optim;
 pub mod prepare;
+pub mod progress;
 pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
-pub use train::{run, RunOptions, TrainingMetrics};
+pub use train::{run, ProgressObserver, RunOptions, StepProgress, TrainingMetrics};

@@ -9,6 +9,7 @@ use kubetune_trainer::metrics::{serve, Metrics};
 use kubetune_crds::trainer_contract::{TrainerOutcome, TRAINER_JOB_ENV};
 use kubetune_storage::Credentials;
 use kubetune_trainer::job::{parse_job, run_job, JobError, JobRun};
+use kubetune_trainer::progress::TerminalProgress;
 use kubetune_trainer::{run, RunOptions, TrainError};
 use std::sync::atomic::AtomicBool;
 use std::io::IsTerminal;
@@ -68,14 +69,14 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logging();
+    let progress = init_logging();
     if args.config.is_none() {
         if let Ok(text) = std::env::var(TRAINER_JOB_ENV) {
             return job_main(args, &text);
         }
     }
     let termination_log = args.termination_log.clone();
-    match try_main(args) {
+    match try_main(args, progress) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(reason = e.reason(), error = %e, "training failed");
@@ -90,7 +91,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn try_main(args: Args) -> Result<(), TrainError> {
+fn try_main(args: Args, progress: Option<Arc<TerminalProgress>>) -> Result<(), TrainError> {
     let config = build_config(&args)?;
     let metrics = Arc::new(Metrics::new(&args.job_name)?);
     if let Some(addr) = args.metrics_addr {
@@ -98,8 +99,20 @@ fn try_main(args: Args) -> Result<(), TrainError> {
         tracing::info!(addr = %bound, "serving /metrics");
     }
     let device = device(&args.device)?;
-    let options = RunOptions { resume: args.resume, stop_after_steps: args.stop_after_steps, metrics: Some(metrics), device, ..RunOptions::default() };
-    let result = run(&config, &options)?;
+    let options = RunOptions {
+        resume: args.resume,
+        stop_after_steps: args.stop_after_steps,
+        metrics: Some(metrics),
+        device,
+        progress: progress.clone().map(|p| p as Arc<dyn kubetune_trainer::ProgressObserver>),
+        ..RunOptions::default()
+    };
+    let result = run(&config, &options);
+    // The bar stays where the run ended; what follows (the summary, an error) prints below it.
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let result = result?;
     tracing::info!(
         steps = result.steps,
         final_train_loss = result.final_train_loss,
@@ -271,8 +284,9 @@ fn parse_format(s: &str) -> Result<DataFormat, TrainError> {
     }
 }
 
-/// Human-readable lines on a terminal, JSON lines otherwise (pods, CI), both on stderr.
-fn init_logging() {
+/// Human-readable lines and a progress bar on a terminal, JSON lines otherwise (pods, CI),
+/// all on stderr. Returns the bar when there is one.
+fn init_logging() -> Option<Arc<TerminalProgress>> {
     let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
         Ok(f) => f,
         Err(e) => {
@@ -283,10 +297,13 @@ fn init_logging() {
             tracing_subscriber::EnvFilter::new("info")
         }
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if std::io::stderr().is_terminal() {
-        builder.compact().init();
+        let progress = TerminalProgress::stderr();
+        builder.with_writer(progress.log_writer()).compact().init();
+        Some(progress)
     } else {
-        builder.json().flatten_event(true).init();
+        builder.with_writer(std::io::stderr).json().flatten_event(true).init();
+        None
     }
 }

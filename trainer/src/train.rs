@@ -35,14 +35,47 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Called with each checkpoint directory once it is complete on disk (job mode uploads it).
     pub on_checkpoint: Option<CheckpointHook>,
+    /// Follows the loop step by step (the binary's progress bar on a terminal).
+    pub progress: Option<Arc<dyn ProgressObserver>>,
 }
 
 /// Receives `(checkpoint directory, step)`; an error fails the run.
 pub type CheckpointHook = Arc<dyn Fn(&Path, u64) -> Result<()> + Send + Sync>;
 
+/// Follows the training loop, on its thread: keep it quick, it runs between steps.
+pub trait ProgressObserver: Send + Sync {
+    /// The loop starts at `step` (past 0 when resumed) of `total_steps`, once the data and
+    /// model are ready: step times are measured from here.
+    fn start(&self, step: u64, total_steps: u64);
+    /// An optimizer step is done.
+    fn step(&self, progress: &StepProgress);
+}
+
+/// What one optimizer step did; the same values as the `train` log line and the gauges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepProgress {
+    /// Steps done, this one included.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Mean loss per trained token of this step.
+    pub loss: f64,
+    /// Since this run (not the job) started.
+    pub tokens_per_second: f64,
+    pub epoch: f64,
+    pub learning_rate: f64,
+}
+
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { resume: false, stop_after_steps: None, metrics: None, device: Device::Cpu, stop: None, on_checkpoint: None }
+        Self {
+            resume: false,
+            stop_after_steps: None,
+            metrics: None,
+            device: Device::Cpu,
+            stop: None,
+            on_checkpoint: None,
+            progress: None,
+        }
     }
 }
 
@@ -158,6 +191,9 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
         m.step.set(state.step as f64);
     }
 
+    if let Some(p) = &options.progress {
+        p.start(state.step, total_steps);
+    }
     let segment_start = Instant::now();
     let tokens_at_start = state.tokens;
     let elapsed_before = state.elapsed_secs;
@@ -205,6 +241,9 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
             m.tokens_per_second.set(tps);
             m.learning_rate.set(lr);
             m.grad_norm.set(grad_norm);
+        }
+        if let Some(p) = &options.progress {
+            p.step(&StepProgress { step: state.step, total_steps, loss, tokens_per_second: tps, epoch, learning_rate: lr });
         }
         if t.logging_steps > 0 && (state.step.is_multiple_of(t.logging_steps) || state.step == 1) {
             tracing::info!(step = state.step, total_steps, loss, lr, grad_norm, epoch, tokens_per_second = tps, "train");

@@ -1,7 +1,8 @@
 //! Job mode through object storage (file:// here; the e2e suite runs it against S3): publish,
 //! a second version, idempotent re-runs, missing inputs, a bad dataset named by URI and line,
 //! a preempted run that resumes from the checkpoint it uploaded and ends with the adapter an
-//! uninterrupted run makes, and the binary's termination message, exit codes and SIGTERM.
+//! uninterrupted run makes, and the binary's termination message, exit codes, SIGTERM and
+//! its log without a terminal.
 
 mod common;
 
@@ -324,4 +325,32 @@ fn sigterm_uploads_a_checkpoint_and_exits_143_without_an_outcome() {
     let step = pointer["step"].as_u64().expect("step");
     assert!(step >= 2, "{pointer}");
     assert!(log.iter().any(|l| l.contains("SIGTERM")), "{}", log.join("\n"));
+}
+
+/// The operator and these tests parse the log: without a terminal it stays JSON lines, with
+/// no progress bar drawn into it (run here in local mode, where a terminal would get one).
+#[test]
+fn without_a_terminal_the_log_is_json_lines_and_no_progress_bar() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (model_dir, data, out) = (dir.path().join("model"), dir.path().join("facts.jsonl"), dir.path().join("out"));
+    tiny_model(&model_dir);
+    write_facts(&data);
+    let path = |p: &Path| p.display().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"))
+        .args(["--model", &path(&model_dir), "--data", &path(&data), "--format", "instruction"])
+        .args(["--output", &path(&out), "--max-steps", "2"])
+        .env("RUST_LOG", "info")
+        .env_remove(TRAINER_JOB_ENV)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubetune-trainer");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}\n{log}", output.status);
+    assert!(output.stdout.is_empty() && !log.contains(['\r', '\u{1b}']), "nothing but log lines: {log:?}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["message"] == "train" && l["step"] == 1 && l["total_steps"] == 2), "{log}");
+    assert!(lines.iter().any(|l| l["message"] == "training finished" && l["steps"] == 2), "{log}");
 }

@@ -1,11 +1,12 @@
 //! A run stopped at a checkpoint and resumed follows the uninterrupted run's loss curve and
-//! ends with the same adapter.
+//! ends with the same adapter; a progress observer follows both runs step by step.
 
 mod common;
 
 use candle_core::Device;
 use common::*;
-use kubetune_trainer::{run, RunOptions};
+use kubetune_trainer::{run, ProgressObserver, RunOptions, StepProgress};
+use std::sync::{Arc, Mutex};
 
 #[test]
 fn resumed_run_matches_uninterrupted_run() {
@@ -60,4 +61,53 @@ fn resumed_run_matches_uninterrupted_run() {
     changed.output = stopped_dir.output.clone();
     let err = run(&changed, &RunOptions { resume: true, ..RunOptions::default() }).expect_err("changed settings");
     assert!(err.to_string().contains("training settings differ"), "{err}");
+}
+
+/// Records what a progress observer is told.
+#[derive(Default)]
+struct Recorder {
+    starts: Mutex<Vec<(u64, u64)>>,
+    steps: Mutex<Vec<StepProgress>>,
+}
+
+impl ProgressObserver for Recorder {
+    fn start(&self, step: u64, total_steps: u64) {
+        self.starts.lock().expect("lock").push((step, total_steps));
+    }
+    fn step(&self, progress: &StepProgress) {
+        self.steps.lock().expect("lock").push(*progress);
+    }
+}
+
+#[test]
+fn a_progress_observer_sees_every_step_also_across_a_resume() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (model_dir, data) = (dir.path().join("model"), dir.path().join("facts.jsonl"));
+    tiny_model(&model_dir);
+    write_facts(&data);
+    let mut config = facts_config(&model_dir, &data, &dir.path().join("out"));
+    config.training.epochs = None;
+    config.training.max_steps = Some(5);
+    // No evaluation: only the steps matter here.
+    config.dataset.validation_path = None;
+    let observe = |rec: &Arc<Recorder>, resume: bool, stop: Option<u64>| RunOptions {
+        resume,
+        stop_after_steps: stop,
+        progress: Some(rec.clone() as Arc<dyn ProgressObserver>),
+        ..RunOptions::default()
+    };
+
+    let first = Arc::new(Recorder::default());
+    let stopped = run(&config, &observe(&first, false, Some(2))).expect("stopped run");
+    let second = Arc::new(Recorder::default());
+    let resumed = run(&config, &observe(&second, true, None)).expect("resumed run");
+
+    assert_eq!(*first.starts.lock().expect("lock"), [(0, 5)]);
+    assert_eq!(*second.starts.lock().expect("lock"), [(2, 5)], "a resumed run starts where the checkpoint is");
+    let steps: Vec<StepProgress> = [first, second].iter().flat_map(|r| r.steps.lock().expect("lock").clone()).collect();
+    assert_eq!(steps.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    // The same losses as the run's own history, each with the total and a measured rate.
+    let history: Vec<_> = stopped.train_history.iter().chain(&resumed.train_history[2..]).map(|p| p.loss).collect();
+    assert_eq!(steps.iter().map(|p| p.loss).collect::<Vec<_>>(), history);
+    assert!(steps.iter().all(|p| p.total_steps == 5 && p.tokens_per_second > 0.0 && p.learning_rate > 0.0), "{steps:?}");
 }
