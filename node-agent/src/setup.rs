@@ -308,9 +308,12 @@ pub async fn prepare(
         }
         let expand = |s: &String| env::expand(s, |name| container_env.get(name).cloned());
         let image = c.image.clone().unwrap_or_default();
+        // A command names a path in the container, which may lie under a mount; an image's
+        // binary is a host path already and must not be rewritten (a checkout under /tmp
+        // would otherwise land in a pod's /tmp emptyDir).
         let (program, mut args, image_id) = match c.command.as_deref() {
             Some([first, rest @ ..]) => (
-                expand(first),
+                mounts.rewrite(&expand(first)),
                 rest.iter().map(expand).collect(),
                 format!("local://{}", image_name(&image)),
             ),
@@ -355,7 +358,7 @@ pub async fn prepare(
         Ok(Launch {
             container: c.clone(),
             spec: LaunchSpec {
-                program: mounts.rewrite(&program),
+                program,
                 args: args.iter().map(|a| mounts.rewrite(a)).collect(),
                 env: process_env.clone(),
                 cwd: cwd.clone(),
