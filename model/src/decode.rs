@@ -43,8 +43,7 @@ impl CausalLm {
             x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups, self.config.attention_window())?;
         }
         let x = self.norm.forward_inference(&x)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(x.matmul(&head.t()?)?)
+        crate::linear::matmul_t(&x, self.head())
     }
 
     /// Every cache must belong to this model and fit one more position; returns the position

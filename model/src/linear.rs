@@ -2,8 +2,10 @@
 
 use crate::error::Result;
 use crate::lora::{ActiveAdapter, TargetModule};
-use candle_core::{Module, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 /// The frozen weight of a projection, (out, in) as HF stores it. An enum so a quantized form
 /// can sit beside the dense one without the layers knowing.
@@ -66,8 +68,7 @@ impl Projection {
     pub fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
         let (b, t, fan_in) = x.dims3()?;
         let x2 = x.reshape((b * t, fan_in))?;
-        let w = self.weight.dense()?;
-        let mut y = x2.matmul(&w.t()?)?;
+        let mut y = frozen_matmul(&x2, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -99,7 +100,7 @@ impl Projection {
     /// The base weight is read once for all rows; each adapter group adds its own delta.
     pub(crate) fn forward_rows(&self, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
         let w = self.weight.dense()?;
-        let mut y = x.matmul(&w.t()?)?;
+        let mut y = matmul_t(x, &w)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -119,6 +120,101 @@ impl Projection {
             }
         }
         Ok(y)
+    }
+}
+
+/// `x @ w^T` for `x` (rows, in) and a weight `w` (out, in). For a single row gemm takes its
+/// matrix-vector path, which runs on one thread: a lone decoding sequence would then read the
+/// weights with one core while the others idle. Splitting the output columns across rayon's
+/// threads lets every core stream its share of the weight. Larger batches go to gemm as they
+/// are; it threads those itself.
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let threads = rayon::current_num_threads();
+    let out = w.dim(0)?;
+    if x.dim(0)? != 1 || threads < 2 || !w.device().is_cpu() || !w.is_contiguous() || out < 2 * threads {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let chunk = out.div_ceil(threads);
+    let parts = (0..out)
+        .step_by(chunk)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| Ok(x.matmul(&w.narrow(0, start, chunk.min(out - start))?.t()?)?))
+        .collect::<Result<Vec<Tensor>>>()?;
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
+/// `x @ w^T` for `x` (rows, in) and a frozen weight (out, in), in a graph that trains adapters.
+///
+/// candle's matmul backward also computes the weight's gradient: a second product as large as
+/// the forward one, into a weight-sized buffer, for every projection and the head, though the
+/// base is frozen and nothing reads it. [`FrozenMatmul`] returns only the input's gradient.
+/// Outside a graph (inference, or an input no variable feeds) it is a plain matmul.
+pub(crate) fn frozen_matmul(x: &Tensor, weight: &BaseWeight) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(x.matmul(&weight.dense()?.t()?)?);
+    }
+    Ok(x.apply_op1(FrozenMatmul { weight: weight.clone() })?)
+}
+
+/// The op behind [`frozen_matmul`]. It keeps the weight as stored: an NF4 weight stays packed
+/// between the forward and the backward pass and is expanded again for the backward product,
+/// so QLoRA never holds the whole base in f32 at once.
+struct FrozenMatmul {
+    weight: BaseWeight,
+}
+
+impl FrozenMatmul {
+    fn forward<S: BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &Layout,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let w = self.weight.dense().map_err(candle_core::Error::wrap)?;
+        let (storage, w_layout) = w.storage_and_layout();
+        let w_storage = pick(&storage)
+            .ok_or_else(|| candle_core::Error::Msg("frozen matmul: the weight is on another device than its input".into()))?;
+        let (m, k) = x_layout.shape().dims2()?;
+        let (n, k_w) = w_layout.shape().dims2()?;
+        if k != k_w {
+            return Err(candle_core::Error::Msg(format!("frozen matmul: input has {k} features, the weight {k_w}")));
+        }
+        let y = x.matmul(w_storage, (1, m, n, k), x_layout, &w_layout.transpose(0, 1)?)?;
+        Ok((y, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward(x, layout, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.forward(x, layout, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(&self, x: &MetalStorage, layout: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
+        self.forward(x, layout, |s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// d(x w^T)/dx = grad w; the weight gets no gradient.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.weight.dense().map_err(candle_core::Error::wrap)?;
+        Ok(Some(grad.matmul(&w)?))
     }
 }
 
@@ -149,5 +245,46 @@ impl Module for RmsNorm {
         let mean_sq = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
         let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
         normed.broadcast_mul(&self.weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor) -> bool {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        diff < 1e-4
+    }
+
+    /// The op's forward and input gradient equal a plain matmul's, for a dense and an NF4 weight.
+    #[test]
+    fn frozen_matmul_matches_a_plain_matmul_in_value_and_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 64), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (3, 64), &dev)?;
+        let nf4 = crate::nf4::Nf4Tensor::quantize(&w)?;
+        for (weight, dense) in [(BaseWeight::Dense(w.clone()), w.clone()), (BaseWeight::Nf4(nf4.clone()), nf4.dequantize()?)] {
+            let ours = frozen_matmul(x.as_tensor(), &weight)?;
+            let plain = x.as_tensor().matmul(&dense.t()?)?;
+            assert!(close(&ours, &plain));
+            let g_ours = ours.sqr()?.sum_all()?.backward()?;
+            let g_plain = plain.sqr()?.sum_all()?.backward()?;
+            let (a, b) = (g_ours.get(x.as_tensor()).expect("grad"), g_plain.get(x.as_tensor()).expect("grad"));
+            assert!(close(a, b));
+        }
+        Ok(())
+    }
+
+    /// Without a variable upstream there is no graph, and the plain matmul runs.
+    #[test]
+    fn frozen_matmul_of_a_constant_input_tracks_nothing() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 64), &dev)?;
+        let y = frozen_matmul(&x, &BaseWeight::Dense(Tensor::randn(0f32, 1., (4, 64), &dev)?))?;
+        assert!(!y.track_op());
+        assert_eq!(y.dims(), &[2, 4]);
+        Ok(())
     }
 }

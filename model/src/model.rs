@@ -98,6 +98,39 @@ impl CausalLm {
         &self,
         input_ids: &Tensor,
         offset: usize,
+        cache: Option<&mut KvCache>,
+        adapter: Option<&ActiveAdapter>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(input_ids, offset, cache, adapter)?;
+        let (b, t, h) = x.dims3()?;
+        let head = crate::linear::BaseWeight::Dense(self.head().clone());
+        let logits = crate::linear::frozen_matmul(&x.reshape((b * t, h))?, &head)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// As [`CausalLm::forward`], but only the last position's logits, (batch, vocab): a prompt's
+    /// prefill needs no others, and the head is a large share of its cost.
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+        adapter: Option<&ActiveAdapter>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(input_ids, offset, cache, adapter)?;
+        let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
+        Ok(last.matmul(&self.head().t()?)?)
+    }
+
+    pub(crate) fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The final-normed hidden states, (batch, seq, hidden).
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
         mut cache: Option<&mut KvCache>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
@@ -127,11 +160,7 @@ impl CausalLm {
             let kv = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, adapter)?;
         }
-        let x = self.norm.forward(&x)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let (b, t, h) = x.dims3()?;
-        let logits = x.reshape((b * t, h))?.matmul(&head.t()?)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(self.norm.forward(&x)?)
     }
 
     /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies the

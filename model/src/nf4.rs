@@ -4,7 +4,8 @@
 //! so gradients could not flow through the base to earlier layers' adapters; and NF4 is what
 //! PEFT users mean by QLoRA, so adapters trained here behave like theirs. The weight stays
 //! packed (two 4-bit codes per byte) and is expanded to f32 only for the one matmul that uses
-//! it; that expanded copy is an ordinary constant, so the backward pass flows through it.
+//! it, and again for that matmul's backward product (`linear::frozen_matmul`), so gradients
+//! flow through the base while no step holds more than one expanded weight at a time.
 //!
 //! Layout: blocks of 64 weights share one absmax. Double quantization stores those absmaxes
 //! as int8 around their mean, with one f32 scale per 256 absmaxes: 4 + 8/64 + 32/(64*256)
@@ -13,6 +14,7 @@
 
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 pub const BLOCK: usize = 64;
 pub const ABSMAX_BLOCK: usize = 256;
@@ -81,15 +83,20 @@ impl Nf4Tensor {
 
     /// Expands to an f32 tensor of the original shape.
     pub fn dequantize(&self) -> Result<Tensor> {
-        let n: usize = self.dims.iter().product();
-        let mut out = Vec::with_capacity(n);
-        for (block, q) in self.absmax_q.iter().enumerate() {
-            let absmax = *q as f32 * self.absmax_scale[block / ABSMAX_BLOCK] + self.absmax_offset;
-            for i in block * BLOCK..(block + 1) * BLOCK {
-                let code = (self.codes[i / 2] >> (4 * (i % 2))) & 0x0f;
-                out.push(LEVELS[code as usize] * absmax);
+        // QLoRA expands every weight twice a step (forward and backward product), so this runs
+        // on all cores: one task per group of blocks sharing a second-level scale.
+        let mut out = vec![0f32; self.absmax_q.len() * BLOCK];
+        out.par_chunks_mut(BLOCK * ABSMAX_BLOCK).enumerate().for_each(|(group, values)| {
+            for (j, block_values) in values.chunks_mut(BLOCK).enumerate() {
+                let block = group * ABSMAX_BLOCK + j;
+                let absmax = self.absmax_q[block] as f32 * self.absmax_scale[group] + self.absmax_offset;
+                for (k, v) in block_values.iter_mut().enumerate() {
+                    let i = block * BLOCK + k;
+                    let code = (self.codes[i / 2] >> (4 * (i % 2))) & 0x0f;
+                    *v = LEVELS[code as usize] * absmax;
+                }
             }
-        }
+        });
         Ok(Tensor::from_vec(out, self.dims.as_slice(), &self.device)?)
     }
 

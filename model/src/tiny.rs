@@ -127,7 +127,24 @@ fn train_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
     tokenizer
         .train(&mut trainer, lines)
         .map_err(|e| ModelError::Tokenizer { path: "<built-in corpus>".into(), reason: e.to_string() })?;
+    pad_vocab(&mut tokenizer, vocab_size)?;
     Ok(tokenizer)
+}
+
+/// The built-in corpus runs out of merges at about a thousand tokens. A wider model (the
+/// server benchmark's has 8192) would then produce ids the tokenizer cannot decode, so the
+/// rest of the vocabulary is filled with placeholder tokens that decode to visible text.
+/// The default 512-token vocabulary is reached by training alone and is not touched.
+fn pad_vocab(tokenizer: &mut Tokenizer, vocab_size: usize) -> Result<()> {
+    let have = tokenizer.get_vocab_size(true);
+    if have >= vocab_size {
+        return Ok(());
+    }
+    let fillers: Vec<AddedToken> = (have..vocab_size).map(|i| AddedToken::from(format!("<|t{i}|>"), false)).collect();
+    tokenizer
+        .add_tokens(fillers)
+        .map_err(|e| ModelError::Tokenizer { path: "<placeholder tokens>".into(), reason: e.to_string() })?;
+    Ok(())
 }
 
 /// Random weights, N(0, 1/fan_in) everywhere (not HF's N(0, 0.02)): at this tiny width 0.02
@@ -166,4 +183,17 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
     let u1: f32 = rng.random_range(f32::EPSILON..1.0);
     let u2: f32 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vocabulary_wider_than_the_corpus_is_filled_with_decodable_placeholders() {
+        let tokenizer = train_tokenizer(2048).expect("tokenizer");
+        assert_eq!(tokenizer.get_vocab_size(true), 2048);
+        assert_eq!(tokenizer.decode(&[2047], true).expect("decode"), "<|t2047|>");
+        assert_eq!(train_tokenizer(512).expect("tokenizer").get_vocab_size(true), 512);
+    }
 }

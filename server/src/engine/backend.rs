@@ -81,9 +81,8 @@ impl Backend for CandleBackend {
             let ids = candle_core::Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
             let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None });
             let offset = cache.kv.len();
-            let logits = self.model.forward(&ids, offset, Some(&mut cache.kv), active.as_ref())?;
-            let last = logits.narrow(1, tokens.len() - 1, 1)?.flatten_all()?;
-            Ok(last.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+            let logits = self.model.forward_last(&ids, offset, Some(&mut cache.kv), active.as_ref())?;
+            Ok(logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
         };
         run().map_err(|e| e.to_string())
     }
