@@ -1,0 +1,143 @@
+"""kubetune-trainer vs PyTorch + PEFT on the same model and the same random data (see run.sh).
+
+Subcommands:
+  data MODEL OUT N          write N random training sequences as `text` JSONL for our trainer,
+                            and OUT.ids.json with the same token ids for PEFT
+  ours TRAINER CONFIG OUT   run our trainer on CONFIG (YAML), write its figures to OUT
+  peft MODEL IDS OUT        train the same LoRA with PEFT on the ids, write its figures to OUT
+  report OURS QLORA PEFT    print the table, the ratios and the issue's goals
+
+Every step is one batch of BATCH x SEQ tokens (4 x 256), LoRA r=16, alpha 32, no dropout, on
+all seven projections, AdamW, f32. Throughput counts the steps after the first (warm-up).
+"""
+
+import json
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+
+BATCH = int(os.environ.get("BATCH", "4"))
+SEQ = int(os.environ.get("SEQ", "256"))
+STEPS = int(os.environ.get("STEPS", "12"))
+LR = 1e-4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def placeholder_ids(model_dir):
+    """The tokenizer's `<|tN|>` tokens: each is one token id, so text made of them tokenizes to
+    exactly the ids we chose, for both sides."""
+    tok = json.load(open(os.path.join(model_dir, "tokenizer.json")))
+    pattern = re.compile(r"^<\|t(\d+)\|>$")
+    return sorted(t["id"] for t in tok["added_tokens"] if pattern.match(t["content"]))
+
+
+def write_data(model_dir, out, n):
+    pool = placeholder_ids(model_dir)
+    if len(pool) < 100:
+        sys.exit(f"{model_dir}: tokenizer has only {len(pool)} placeholder tokens; regenerate the benchmark model")
+    rng = random.Random(3)
+    # One more than SEQ: the trainer adds BOS and EOS and truncates to maxSeqLength = SEQ.
+    seqs = [[rng.choice(pool) for _ in range(SEQ + 1)] for _ in range(n)]
+    with open(out, "w") as f:
+        for s in seqs:
+            f.write(json.dumps({"text": "".join(f"<|t{i}|>" for i in s)}) + "\n")
+    json.dump([s[:SEQ] for s in seqs], open(out + ".ids.json", "w"))
+
+
+def steady_rate(points):
+    """tokens/s between the first and the last (step, tokens, seconds) point."""
+    (s0, t0, x0), (s1, t1, x1) = points[0], points[-1]
+    return (t1 - t0) / (x1 - x0), s1 - s0
+
+
+def run_ours(trainer, config, out):
+    """Runs the trainer as a child process; JSON log lines give per-step tokens/s."""
+    start = time.perf_counter()
+    proc = subprocess.run([trainer, "--config", config], stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    points = []
+    for line in proc.stderr.splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e.get("message") == "train":
+            step = e["step"]
+            tokens = step * BATCH * SEQ
+            points.append((step, tokens, tokens / e["tokens_per_second"]))
+    if len(points) < 2:
+        sys.exit(f"trainer logged {len(points)} train steps; set loggingSteps: 1")
+    rate, steps = steady_rate(points)
+    json.dump({"tok_s": rate, "steps": steps, "peak_rss_mib": rss_mib, "wall_s": wall,
+               "first_step_s": points[0][2]}, open(out, "w"))
+    print(f"  ours  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB", flush=True)
+
+
+def run_peft(model_dir, ids_file, out):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    seqs = json.load(open(ids_file))
+    points = []
+    start = time.perf_counter()
+    for step in range(1, STEPS + 1):
+        rows = [seqs[((step - 1) * BATCH + i) % len(seqs)] for i in range(BATCH)]
+        ids = torch.tensor(rows)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as our trainer (maxGradNorm 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        points.append((step, step * BATCH * SEQ, time.perf_counter() - start))
+    rate, steps = steady_rate(points)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    json.dump({"tok_s": rate, "steps": steps, "peak_rss_mib": rss_mib, "first_step_s": points[0][2],
+               "torch": torch.__version__, "threads": torch.get_num_threads()}, open(out, "w"))
+    print(f"  peft  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB", flush=True)
+
+
+def report(ours_file, qlora_file, peft_file):
+    o, q, p = (json.load(open(f)) for f in (ours_file, qlora_file, peft_file))
+    print(f"\nbatch {BATCH} x {SEQ} tokens, LoRA r=16 on {len(TARGETS)} projections, f32; "
+          f"torch {p['torch']} with {p['threads']} threads; {os.cpu_count()} cores")
+    print(f"{'':14} {'tok/s':>8} {'peak RSS MiB':>13} {'tok/s vs PEFT':>14} {'RSS vs PEFT':>12}")
+    for name, r in (("PyTorch+PEFT", p), ("ours LoRA", o), ("ours QLoRA", q)):
+        print(f"{name:14} {r['tok_s']:8.1f} {r['peak_rss_mib']:13.0f} "
+              f"{r['tok_s'] / p['tok_s']:13.2f}x {r['peak_rss_mib'] / p['peak_rss_mib']:11.2f}x")
+    speed, mem = o["tok_s"] / p["tok_s"], o["peak_rss_mib"] / p["peak_rss_mib"]
+    qmem = q["peak_rss_mib"] / o["peak_rss_mib"]
+    print(f"goal LoRA tok/s >= 1.3x PEFT: {speed:.2f}x {'met' if speed >= 1.3 else 'NOT met'}")
+    print(f"goal LoRA peak RSS <= 0.5x PEFT: {mem:.2f}x {'met' if mem <= 0.5 else 'NOT met'}")
+    print(f"goal QLoRA peak RSS <= 0.6x LoRA: {qmem:.2f}x {'met' if qmem <= 0.6 else 'NOT met'}")
+
+
+def main():
+    cmd = sys.argv[1:]
+    if len(cmd) == 4 and cmd[0] == "data":
+        write_data(cmd[1], cmd[2], int(cmd[3]))
+    elif len(cmd) == 4 and cmd[0] == "ours":
+        run_ours(cmd[1], cmd[2], cmd[3])
+    elif len(cmd) == 4 and cmd[0] == "peft":
+        run_peft(cmd[1], cmd[2], cmd[3])
+    elif len(cmd) == 4 and cmd[0] == "report":
+        report(cmd[1], cmd[2], cmd[3])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
