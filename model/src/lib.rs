@@ -9,6 +9,7 @@
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
 //! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
+//! - [`threads`] settles the CPU thread count once per process (binaries call it first).
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
 
 pub mod cache;
@@ -26,6 +27,7 @@ pub mod nf4;
 pub mod peft;
 pub mod rope;
 pub mod tensors;
+pub mod threads;
 pub mod tiny;
 
 pub use cache::KvCache;

@@ -68,6 +68,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread exists: see kubetune_model::threads.
+    kubetune_model::threads::settle_thread_count();
     let args = Args::parse();
     let progress = init_logging();
     if args.config.is_none() {
