@@ -8,7 +8,7 @@
 
 use crate::error::StartupError;
 pub use kubetune_model::chat::ChatMessage;
-use kubetune_model::chat::ChatTemplate;
+use kubetune_model::chat::{special_token_text, ChatTemplate};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -40,25 +40,21 @@ impl TextCodec {
             Value::Null
         };
         let token = |field: &str| -> Result<Option<(u32, String)>, StartupError> {
-            let name = match config.get(field) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Object(o)) => match o.get("content").and_then(Value::as_str) {
-                    Some(s) => s.to_string(),
-                    None => return Ok(None),
-                },
-                _ => return Ok(None),
+            let Some(name) = special_token_text(&config, field) else {
+                return Ok(None);
             };
-            let id = tokenizer.token_to_id(&name).ok_or_else(|| StartupError::Tokenizer {
+            let id = tokenizer.token_to_id(name).ok_or_else(|| StartupError::Tokenizer {
                 path: config_path.clone(),
                 reason: format!("`{field}` is `{name}`, which tokenizer.json does not know"),
             })?;
-            Ok(Some((id, name)))
+            Ok(Some((id, name.to_string())))
         };
         let eos = token("eos_token")?;
         let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-        let bos = if add_bos { token("bos_token")? } else { None };
-        // Checks that a configured BOS exists even where only the template writes it.
-        token("bos_token")?;
+        // Looked up even when not added: a configured BOS must exist, also where only the
+        // template writes it.
+        let bos_token = token("bos_token")?;
+        let bos = if add_bos { bos_token } else { None };
         let mut stop_ids: Vec<u32> = config_eos.to_vec();
         if let Some((id, _)) = &eos {
             stop_ids.push(*id);

@@ -2,7 +2,7 @@
 
 use super::render::Segment;
 use crate::error::{Result, TrainError};
-use kubetune_model::chat::ChatTemplate;
+use kubetune_model::chat::{special_token_text, ChatTemplate};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -59,15 +59,10 @@ impl TextTokenizer {
             Value::Null
         };
         let token_id = |field: &str| -> Result<Option<u32>> {
-            let name = match config.get(field) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Object(o)) => match o.get("content").and_then(Value::as_str) {
-                    Some(s) => s.to_string(),
-                    None => return Ok(None),
-                },
-                _ => return Ok(None),
+            let Some(name) = special_token_text(&config, field) else {
+                return Ok(None);
             };
-            tokenizer.token_to_id(&name).map(Some).ok_or_else(|| TrainError::Tokenizer {
+            tokenizer.token_to_id(name).map(Some).ok_or_else(|| TrainError::Tokenizer {
                 path: config_path.clone(),
                 message: format!("`{field}` is `{name}`, which tokenizer.json does not know"),
             })
