@@ -263,6 +263,11 @@ pub struct TrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub checkpoint_steps: Option<u64>,
+    /// Recompute each layer's activations in the backward pass instead of keeping them (as
+    /// HF's gradient_checkpointing): far less memory for about a third more compute.
+    /// Defaults to false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 /// Learning-rate schedule.

@@ -83,6 +83,8 @@ pub struct TrainerTraining {
     /// Steps between checkpoints uploaded to `checkpoint_uri`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 /// What the trainer writes to its termination message (one JSON object), so the operator can

@@ -6,6 +6,7 @@
 //!   optional adapter.
 //! - [`CausalLm::decode`] runs one new token for each of a batch of sequences, each with its
 //!   own cache and adapter, reading the weights once (the server's decode step).
+//! - [`CausalLm::loss_backward_checkpointed`] trains with gradient checkpointing.
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
 //! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
@@ -14,6 +15,7 @@
 
 pub mod cache;
 pub mod chat;
+pub mod checkpointing;
 pub mod config;
 mod corpus;
 pub mod decode;

@@ -166,6 +166,13 @@ impl LoraAdapter {
         Ok((Self { config, pairs }, vars))
     }
 
+    /// The same adapter with tensors cut from the autograd graph (sharing their storage): a
+    /// forward through it records nothing, so its intermediates are freed as it goes.
+    pub fn detached(&self) -> Self {
+        let pairs = self.pairs.iter().map(|(&k, p)| (k, LoraPair { a: p.a.detach(), b: p.b.detach() })).collect();
+        Self { config: self.config.clone(), pairs }
+    }
+
     pub fn get(&self, layer: usize, module: TargetModule) -> Option<&LoraPair> {
         self.pairs.get(&(layer, module))
     }

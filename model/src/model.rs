@@ -134,7 +134,7 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
+        let seq = input_ids.dim(1)?;
         if let Some(c) = cache.as_deref() {
             if c.num_layers() != self.layers.len() {
                 return Err(ModelError::Decode(format!(
@@ -152,10 +152,7 @@ impl CausalLm {
         }
         let (cos, sin) = self.rope.tables(offset, seq, &self.device)?;
         let mask = self.mask(seq, offset)?;
-        let mut x = self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((batch, seq, self.config.hidden_size))?;
+        let mut x = self.embed_tokens(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, adapter)?;
@@ -163,9 +160,18 @@ impl CausalLm {
         Ok(self.norm.forward(&x)?)
     }
 
+    /// The embeddings of `input_ids` (batch, seq): (batch, seq, hidden).
+    pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        Ok(self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq, self.config.hidden_size))?)
+    }
+
     /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies the
     /// sliding window when the config has one.
-    fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
+    pub(crate) fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
         if seq == 1 && self.config.attention_window().is_none_or(|w| offset < w) {
             return Ok(None);
         }
@@ -270,7 +276,7 @@ impl Layer {
         }
     }
 
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,

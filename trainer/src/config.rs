@@ -115,6 +115,11 @@ pub struct TrainingSettings {
     /// Log the training loss every N steps.
     pub logging_steps: u64,
     pub seed: u64,
+    /// Keep only each layer's input during the forward pass and recompute the layer in the
+    /// backward pass (as HF's gradient_checkpointing): much less memory for a second forward.
+    /// Left out of the serialised form when off, so older checkpoints' fingerprints still match.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingSettings {
@@ -135,6 +140,7 @@ impl Default for TrainingSettings {
             save_steps: 0,
             logging_steps: 10,
             seed: 42,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -383,6 +383,7 @@ fn train_config(job: &TrainerJob, inputs: &Inputs, output: &Path) -> Result<Trai
             "scheduler": t.scheduler,
             "seed": t.seed,
             "saveSteps": t.checkpoint_steps.unwrap_or(50),
+            "gradientCheckpointing": t.gradient_checkpointing,
         },
         "output": output,
     });

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::prepare::prepare;
 use candle_core::{DType, Device, Tensor, D};
+use kubetune_model::checkpointing::{CheckpointedStep, LossBatch};
 use kubetune_model::lora::{mix, NamedVar};
 use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, CausalLm, LoadOptions, LoraAdapter};
 use serde::Serialize;
@@ -209,12 +210,22 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
         for (k, batch) in micro.iter().enumerate() {
             let g = state.micro_batches + k as u64;
             let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(mix(t.seed, g)) };
-            let (sum, _) = batch_loss(&model, batch, &active, tokenizer.eos, &options.device)?;
             // Dividing by the step's target count makes accumulation equal to one big batch.
-            let loss = (sum.clone() / step_targets.max(1) as f64)?;
-            let store = loss.backward()?;
-            accumulate(&mut grads, &store, &vars)?;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
+            let scale = 1.0 / step_targets.max(1) as f64;
+            let targets = LossTargets::of(batch, tokenizer.eos, &options.device)?;
+            if t.gradient_checkpointing {
+                let step = CheckpointedStep { adapter: active, loss_scale: scale, head_rows: HEAD_ROWS };
+                let out = model.loss_backward_checkpointed(&targets.as_batch(), &step)?;
+                for store in &out.stores {
+                    accumulate(&mut grads, store, &vars)?;
+                }
+                loss_sum += out.loss_sum;
+            } else {
+                let sum = targets.loss_sum(&model, &active)?;
+                let store = (sum.clone() * scale)?.backward()?;
+                accumulate(&mut grads, &store, &vars)?;
+                loss_sum += sum.to_scalar::<f32>()? as f64;
+            }
             state.tokens += batch.iter().map(|e| e.ids.len() as u64).sum::<u64>();
         }
         let loss = loss_sum / step_targets.max(1) as f64;
@@ -311,40 +322,57 @@ fn micro_batch(train: &[Example], g: u64, per_epoch: u64, batch_size: usize, see
     batches(&order, batch_size).get(index).map(|b| b.iter().map(|&i| &train[i]).collect()).unwrap_or_default()
 }
 
-/// Sum of the token losses of the trained targets in `batch`, and their count. Sequences are
-/// right-padded, so padding never influences earlier positions under the causal mask.
-fn batch_loss(
-    model: &CausalLm,
-    batch: &[&Example],
-    adapter: &ActiveAdapter,
-    pad: u32,
-    device: &Device,
-) -> Result<(Tensor, usize)> {
-    let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(batch.len() * len);
-    let mut targets = Vec::with_capacity(batch.len() * (len - 1));
-    let mut mask = Vec::with_capacity(batch.len() * (len - 1));
-    let mut count = 0;
-    for e in batch {
-        for i in 0..len {
-            ids.push(e.ids.get(i).copied().unwrap_or(pad));
-            if i > 0 {
-                let trained = e.trained.get(i).copied().unwrap_or(false);
-                targets.push(e.ids.get(i).copied().unwrap_or(pad));
-                mask.push(if trained { 1f32 } else { 0f32 });
+/// Rows of logits computed at once under gradient checkpointing: 256 rows of a vocabulary of
+/// 32k are 32 MiB of f32, about what one recomputed layer holds.
+const HEAD_ROWS: usize = 256;
+
+/// A micro-batch as tensors. Sequences are right-padded, so padding never influences earlier
+/// positions under the causal mask. Position i of a sequence predicts token i + 1; its weight
+/// is 1 when that token is trained, else 0 (prompts, padding, the last position).
+struct LossTargets {
+    input: Tensor,
+    /// (batch * len) next-token ids.
+    targets: Tensor,
+    /// (batch * len) loss weights.
+    weights: Tensor,
+    count: usize,
+}
+
+impl LossTargets {
+    fn of(batch: &[&Example], pad: u32, device: &Device) -> Result<Self> {
+        let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let rows = batch.len() * len;
+        let (mut ids, mut targets, mut weights) = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let mut count = 0;
+        for e in batch {
+            for i in 0..len {
+                ids.push(e.ids.get(i).copied().unwrap_or(pad));
+                let trained = e.trained.get(i + 1).copied().unwrap_or(false);
+                targets.push(e.ids.get(i + 1).copied().unwrap_or(pad));
+                weights.push(if trained { 1f32 } else { 0f32 });
                 count += trained as usize;
             }
         }
+        Ok(Self {
+            input: Tensor::from_vec(ids, (batch.len(), len), device)?,
+            targets: Tensor::from_vec(targets, rows, device)?,
+            weights: Tensor::from_vec(weights, rows, device)?,
+            count,
+        })
     }
-    let b = batch.len();
-    let input = Tensor::from_vec(ids, (b, len), device)?;
-    let targets = Tensor::from_vec(targets, (b, len - 1, 1), device)?;
-    let mask = Tensor::from_vec(mask, (b, len - 1), device)?;
-    let logits = model.forward(&input, 0, None, Some(adapter))?.narrow(1, 0, len - 1)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
-    let sum = (picked * mask)?.sum_all()?.neg()?;
-    Ok((sum, count))
+
+    fn as_batch(&self) -> LossBatch<'_> {
+        LossBatch { input_ids: &self.input, targets: &self.targets, weights: &self.weights }
+    }
+
+    /// Sum of the token losses of the trained targets, through one recorded forward.
+    fn loss_sum(&self, model: &CausalLm, adapter: &ActiveAdapter) -> Result<Tensor> {
+        let (b, len) = self.input.dims2()?;
+        let logits = model.forward(&self.input, 0, None, Some(adapter))?.reshape((b * len, ()))?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = logp.gather(&self.targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        Ok((picked * &self.weights)?.sum_all()?.neg()?)
+    }
 }
 
 /// Mean loss per trained token over `examples`, without dropout.
@@ -356,13 +384,15 @@ pub fn evaluate(
     pad: u32,
     device: &Device,
 ) -> Result<f64> {
-    let active = ActiveAdapter { adapter, dropout_seed: None };
+    // Detached, the forward records no graph and frees each activation once used.
+    let detached = adapter.detached();
+    let active = ActiveAdapter { adapter: &detached, dropout_seed: None };
     let (mut sum, mut count) = (0.0, 0);
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let (s, c) = batch_loss(model, &refs, &active, pad, device)?;
-        sum += s.detach().to_scalar::<f32>()? as f64;
-        count += c;
+        let targets = LossTargets::of(&refs, pad, device)?;
+        sum += targets.loss_sum(model, &active)?.to_scalar::<f32>()? as f64;
+        count += targets.count;
     }
     Ok(sum / count.max(1) as f64)
 }
@@ -406,6 +436,8 @@ fn restore(
 /// limit may differ between the interrupted and the resumed run.
 fn fingerprint(config: &TrainConfig) -> Result<String> {
     let mut t = config.training.clone();
+    // Recomputing activations changes the memory, not the curve (beyond float noise).
+    t.gradient_checkpointing = false;
     t.save_steps = 0;
     t.eval_steps = 0;
     t.logging_steps = 0;

@@ -51,6 +51,8 @@ fn setup(root: &Path) -> TrainerJob {
             scheduler: LrScheduler::Cosine,
             seed: 7,
             checkpoint_steps: Some(2),
+            // The job path passes the setting through to a config the trainer accepts.
+            gradient_checkpointing: true,
         },
         adapter_name: "facts".into(),
         registry: uri(&root.join("store/registry")),

@@ -1,5 +1,6 @@
 //! A run stopped at a checkpoint and resumed follows the uninterrupted run's loss curve and
-//! ends with the same adapter; a progress observer follows both runs step by step.
+//! ends with the same adapter, with or without gradient checkpointing; a progress observer
+//! follows both runs step by step.
 
 mod common;
 
@@ -52,6 +53,19 @@ fn resumed_run_matches_uninterrupted_run() {
         let diff: f32 = (t - &b[name]).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar().expect("s");
         assert!(diff < 1e-5, "{name} differs by {diff}");
     }
+
+    // Gradient checkpointing recomputes activations but follows the same curve, and may be
+    // switched between the interrupted and the resumed run.
+    let mut checkpointed = config_for("checkpointed");
+    checkpointed.training.gradient_checkpointing = true;
+    run(&checkpointed, &RunOptions { stop_after_steps: Some(6), ..RunOptions::default() }).expect("checkpointed run");
+    checkpointed.training.gradient_checkpointing = false;
+    let mixed = run(&checkpointed, &RunOptions { resume: true, ..RunOptions::default() }).expect("resumed plainly");
+    assert_eq!(mixed.resumed_from_step, Some(6));
+    for (a, b) in full.train_history.iter().zip(&mixed.train_history) {
+        assert!((a.loss - b.loss).abs() < 1e-4, "checkpointed step {}: {} vs {}", a.step, a.loss, b.loss);
+    }
+    assert_eq!(mixed.train_history.len(), 12);
 
     // Changing a setting that shapes the trajectory makes the checkpoint unusable.
     let mut changed = config_for("full");

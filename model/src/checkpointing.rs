@@ -1,0 +1,119 @@
+//! Gradient checkpointing for LoRA training: the loss and its gradients without keeping every
+//! layer's activations alive at once.
+//!
+//! candle's autograd keeps each intermediate tensor of the graph until `backward` ends, so a
+//! plain forward over a 4 × 256 batch holds every layer's attention scores, MLP activations and
+//! full-vocabulary logits together. Here the forward runs without a graph and keeps only each
+//! layer's input. The backward then walks the layers from the top: it rebuilds one layer's
+//! graph from its stored input, pushes the gradient of the layer's output through it with the
+//! surrogate `sum(output * grad_output)`, and keeps the gradient of the input for the layer
+//! below. The head and loss run in row chunks the same way, so the logits of the whole batch
+//! never exist at once either. The price is a second forward of each layer.
+//!
+//! Dropout masks are derived from the seed, layer and module (see [`crate::lora`]), so the
+//! recomputed forward draws exactly the masks of the first.
+
+use crate::error::{ModelError, Result};
+use crate::linear::{frozen_matmul, BaseWeight};
+use crate::lora::ActiveAdapter;
+use crate::model::CausalLm;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Module, Tensor, Var, D};
+
+/// One micro-batch: token ids (batch, seq), and per position of the flattened (batch * seq)
+/// rows the next token (`targets`, u32) and its loss weight (`weights`, f32; 0 for positions
+/// that are not trained, such as prompts, padding and each sequence's last position).
+pub struct LossBatch<'a> {
+    pub input_ids: &'a Tensor,
+    pub targets: &'a Tensor,
+    pub weights: &'a Tensor,
+}
+
+/// Settings of one checkpointed step.
+pub struct CheckpointedStep<'a> {
+    pub adapter: ActiveAdapter<'a>,
+    /// Multiplies the loss before differentiation (e.g. 1 / trained tokens of the step).
+    pub loss_scale: f64,
+    /// Rows of the flattened batch whose logits are computed at once.
+    pub head_rows: usize,
+}
+
+/// The result: the unscaled summed loss and one gradient store per backward pass. Each store
+/// holds gradients of adapter variables only (candle drops intermediate gradients as it goes).
+pub struct CheckpointedGrads {
+    pub loss_sum: f64,
+    pub stores: Vec<GradStore>,
+}
+
+impl CausalLm {
+    /// `-sum(weights * log p(targets))` over the batch and its gradients with respect to the
+    /// adapter variables, with gradient checkpointing (see the module docs).
+    pub fn loss_backward_checkpointed(&self, batch: &LossBatch, step: &CheckpointedStep) -> Result<CheckpointedGrads> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let rows = b * t;
+        if batch.targets.dims() != [rows] || batch.weights.dims() != [rows] {
+            return Err(ModelError::Decode(format!(
+                "loss targets {:?} and weights {:?} must both have {rows} entries",
+                batch.targets.dims(),
+                batch.weights.dims()
+            )));
+        }
+        let detached = step.adapter.adapter.detached();
+        let no_graph = ActiveAdapter { adapter: &detached, dropout_seed: step.adapter.dropout_seed };
+        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
+        let mask = self.mask(t, 0)?;
+
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed_tokens(batch.input_ids)?;
+        for layer in &self.layers {
+            let next = layer.forward(&x, &cos, &sin, mask.as_ref(), None, Some(&no_graph))?;
+            inputs.push(x);
+            x = next;
+        }
+
+        let mut stores = Vec::with_capacity(self.layers.len() + 1);
+        let (loss_sum, mut grad) = self.head_backward(&x, batch, step)?;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = inputs.pop().ok_or_else(|| ModelError::Decode("layer inputs ran out".into()))?;
+            // The embeddings are frozen: the first layer's input needs no gradient.
+            let input = if i == 0 { input } else { Var::from_tensor(&input)?.as_tensor().clone() };
+            let out = layer.forward(&input, &cos, &sin, mask.as_ref(), None, Some(&step.adapter))?;
+            let mut store = (out * &grad)?.sum_all()?.backward()?;
+            if i > 0 {
+                grad = store
+                    .remove(&input)
+                    .ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?;
+            }
+            stores.push(store);
+        }
+        Ok(CheckpointedGrads { loss_sum, stores })
+    }
+
+    /// The final norm, head and loss in chunks of rows: returns the unscaled loss sum and the
+    /// gradient of the scaled loss with respect to `x`, the last layer's output (batch, seq, hidden).
+    fn head_backward(&self, x: &Tensor, batch: &LossBatch, step: &CheckpointedStep) -> Result<(f64, Tensor)> {
+        let (b, t, h) = x.dims3()?;
+        let flat = x.reshape((b * t, h))?;
+        let head = BaseWeight::Dense(self.head().clone());
+        let chunk = step.head_rows.max(1);
+        let mut loss_sum = 0.0;
+        let mut grads = Vec::with_capacity((b * t).div_ceil(chunk));
+        for start in (0..b * t).step_by(chunk) {
+            let len = chunk.min(b * t - start);
+            let rows = Var::from_tensor(&flat.narrow(0, start, len)?)?;
+            let logits = frozen_matmul(&self.norm.forward(rows.as_tensor())?, &head)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let targets = batch.targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let picked = logp.gather(&targets, 1)?.squeeze(1)?;
+            let weights = batch.weights.narrow(0, start, len)?.to_dtype(picked.dtype())?;
+            let sum = (picked * weights)?.sum_all()?.neg()?;
+            loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (sum * step.loss_scale)?.backward()?;
+            let g = store
+                .get(rows.as_tensor())
+                .ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
+            grads.push(g.clone());
+        }
+        Ok((loss_sum, Tensor::cat(&grads, 0)?.reshape((b, t, h))?))
+    }
+}
