@@ -20,6 +20,7 @@ pub mod config;
 mod corpus;
 pub mod decode;
 pub mod error;
+mod fused;
 pub mod generate;
 pub mod linear;
 pub mod load;

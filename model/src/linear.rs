@@ -242,6 +242,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::fused::fusable(x) {
+            return crate::fused::rms_norm(x, &self.weight, self.eps);
+        }
         let mean_sq = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
         let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
         normed.broadcast_mul(&self.weight)

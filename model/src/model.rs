@@ -21,6 +21,8 @@ pub(crate) struct Attention {
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
+    /// Sliding attention window, when the config has one.
+    pub(crate) window: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +239,7 @@ impl Layer {
             heads: c.num_attention_heads,
             kv_heads: c.num_kv_heads(),
             head_dim: c.head_dim(),
+            window: c.attention_window(),
         };
         let m = vb.pp("mlp");
         let mlp = Mlp {
@@ -317,13 +320,22 @@ impl Attention {
         };
         let k = repeat_kv(&k, self.heads / self.kv_heads)?;
         let v = repeat_kv(&v, self.heads / self.kv_heads)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (self.head_dim as f64).sqrt())?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = if crate::fused::fusable(&scores) {
+            // Derives the same causal (and window) mask from the shapes: the queries are the
+            // last positions of the keys.
+            crate::fused::causal_softmax(&scores, scale, self.window)?
+        } else {
+            let scores = (scores * scale)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            // The generic softmax is built from differentiable ops; candle's fused one has no
+            // backward.
+            candle_nn::ops::softmax(&scores, D::Minus1)?
         };
-        // The generic softmax is built from differentiable ops; the fused one has no backward.
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, adapter)
     }
@@ -340,9 +352,10 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
-        let gate = self.gate.forward(x, adapter)?.silu()?;
+        let gate = self.gate.forward(x, adapter)?;
         let up = self.up.forward(x, adapter)?;
-        self.down.forward(&(gate * up)?, adapter)
+        let h = if crate::fused::fusable(&gate) { crate::fused::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
+        self.down.forward(&h, adapter)
     }
 }
 

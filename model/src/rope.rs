@@ -84,8 +84,12 @@ fn llama3_scale(base: &[f64], factor: f64, low: f64, high: f64, original: f64) -
 }
 
 /// Applies RoPE in HF's "rotate half" layout to x of shape (batch, heads, seq, head_dim),
-/// using differentiable ops only (candle's fused rope has no backward).
+/// with `cos` and `sin` of shape (seq, head_dim / 2). Differentiable: f32 on the CPU takes our
+/// fused kernel, anything else basic ops (candle's fused rope has no backward).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::fused::fusable(x) {
+        return Ok(crate::fused::rope(x, cos, sin)?);
+    }
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;

@@ -1,0 +1,444 @@
+//! Fused CPU kernels, each with its own backward, for the recorded forward of training and
+//! prefill: RMSNorm, SwiGLU, RoPE and the causal softmax of attention.
+//!
+//! Written with candle's basic ops these are 4 to 8 element-wise passes each, and candle runs
+//! element-wise ops on one thread and keeps every intermediate for the backward pass. One
+//! kernel per op makes a single pass over rows split across rayon's threads, and keeps only
+//! what its backward needs (the input, or for softmax the output).
+//!
+//! The kernels take contiguous f32 on the CPU. Other devices and dtypes (CUDA bf16) take the
+//! basic-op path, which the tests also use as the reference.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether `t` can go through the fused kernels.
+pub(crate) fn fusable(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The f32 data of a contiguous CPU tensor.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => Err(candle_core::Error::Msg(format!("{op}: input is not contiguous"))),
+    }
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    l.dims().last().copied().ok_or_else(|| candle_core::Error::Msg("fused op on a scalar".into()))
+}
+
+/// Runs `row(index, out_row)` over rows of `width` in parallel; returns the filled buffer.
+fn map_rows(len: usize, width: usize, row: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(i, o)| row(i, o));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x * w / sqrt(mean(x^2) + eps). The weight is frozen: no gradient for it.
+
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, h) = (slice(xs, xl, "rms norm")?, slice(ws, wl, "rms norm")?, last_dim(xl)?);
+        if w.len() != h {
+            return Err(candle_core::Error::Msg(format!("rms norm: weight has {} entries, rows {h}", w.len())));
+        }
+        let out = map_rows(x.len(), h, |i, o| {
+            let xr = &x[i * h..(i + 1) * h];
+            let r = inv_rms(xr, self.eps);
+            for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
+                *o = xv * r * wv;
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBackward { eps: self.eps })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// dx = r * (g * w) - x * r^3 * sum(g * w * x) / h, with r = 1 / rms(x).
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "rms norm backward";
+        let (x, w, g, h) = (slice(xs, xl, op)?, slice(ws, wl, op)?, slice(gs, gl, op)?, last_dim(xl)?);
+        let out = map_rows(x.len(), h, |i, o| {
+            let (xr, gr) = (&x[i * h..(i + 1) * h], &g[i * h..(i + 1) * h]);
+            let r = inv_rms(xr, self.eps);
+            let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, gv), wv)| xv * gv * wv).sum();
+            let k = r * r * r * dot / h as f32;
+            for (((o, xv), gv), wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                *o = r * gv * wv - xv * k;
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: silu(gate) * up.
+
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (slice(gs, gl, "swiglu")?, slice(us, ul, "swiglu")?);
+        if gl.shape() != ul.shape() {
+            return Err(candle_core::Error::Msg(format!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())));
+        }
+        let w = last_dim(gl)?;
+        let out = map_rows(gate.len(), w, |i, o| {
+            for ((o, gv), uv) in o.iter_mut().zip(&gate[i * w..(i + 1) * w]).zip(&up[i * w..(i + 1) * w]) {
+                *o = gv * sigmoid(*gv) * uv;
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let d_gate = gate.apply_op3_no_bwd(up, &g, &SwiGluBackward { wrt_gate: true })?;
+        let d_up = gate.apply_op3_no_bwd(up, &g, &SwiGluBackward { wrt_gate: false })?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// d/dgate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d/dup = g * silu(gate).
+struct SwiGluBackward {
+    wrt_gate: bool,
+}
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "swiglu backward";
+        let (gate, up, d) = (slice(gs, gl, op)?, slice(us, ul, op)?, slice(ds, dl, op)?);
+        let w = last_dim(gl)?;
+        let out = map_rows(gate.len(), w, |i, o| {
+            let range = i * w..(i + 1) * w;
+            for (((o, gv), uv), dv) in o.iter_mut().zip(&gate[range.clone()]).zip(&up[range.clone()]).zip(&d[range.clone()]) {
+                let s = sigmoid(*gv);
+                *o = if self.wrt_gate { dv * uv * s * (1.0 + gv * (1.0 - s)) } else { dv * gv * s };
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE in HF's rotate-half layout on (batch, heads, seq, head_dim), one position per seq index.
+
+/// `cos` and `sin` are (seq, head_dim / 2).
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let table = RopeTable {
+        cos: cos.flatten_all()?.to_vec1::<f32>()?,
+        sin: sin.flatten_all()?.to_vec1::<f32>()?,
+    };
+    x.contiguous()?.apply_op1(Rope { table: std::sync::Arc::new(table), inverse: false })
+}
+
+struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Rotates each (x1, x2) half pair by the position's angle; `inverse` rotates back, which is
+/// also the backward pass (a rotation's transpose is its inverse).
+struct Rope {
+    table: std::sync::Arc<RopeTable>,
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, "rope")?;
+        let &[_, _, seq, d] = xl.dims() else {
+            return Err(candle_core::Error::Msg(format!("rope: expected 4 dims, got {:?}", xl.dims())));
+        };
+        let half = d / 2;
+        if self.table.cos.len() != seq * half || self.table.sin.len() != seq * half {
+            return Err(candle_core::Error::Msg(format!("rope: tables do not cover {seq} positions of {half}")));
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let out = map_rows(x.len(), d, |row, o| {
+            let pos = row % seq;
+            let (c, s) = (&self.table.cos[pos * half..(pos + 1) * half], &self.table.sin[pos * half..(pos + 1) * half]);
+            let xr = &x[row * d..(row + 1) * d];
+            let (x1, x2) = xr.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for k in 0..half {
+                let sk = sign * s[k];
+                o1[k] = x1[k] * c[k] - x2[k] * sk;
+                o2[k] = x2[k] * c[k] + x1[k] * sk;
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let back = Rope { table: self.table.clone(), inverse: !self.inverse };
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention probabilities: softmax(scores * scale) under the causal (and sliding-window) mask.
+
+/// `scores` is (batch, heads, queries, keys) with the queries at the last positions of the
+/// keys: query i sits at position keys - queries + i and sees keys j <= that position (and,
+/// with a window w, only the w newest of them). Masked entries come out as exactly 0.
+pub(crate) fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, window })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+    window: Option<usize>,
+}
+
+impl CausalSoftmax {
+    /// The visible key range of row `row` of a (.., queries, keys) tensor.
+    fn visible(&self, row: usize, queries: usize, keys: usize) -> std::ops::Range<usize> {
+        let pos = keys - queries + row % queries;
+        let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        first..pos + 1
+    }
+
+    fn dims(l: &Layout) -> Result<(usize, usize)> {
+        match l.dims() {
+            &[_, _, q, k] if q <= k && q > 0 => Ok((q, k)),
+            d => Err(candle_core::Error::Msg(format!("causal softmax: expected (b, h, queries <= keys, keys), got {d:?}"))),
+        }
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, "causal softmax")?;
+        let (q, k) = Self::dims(xl)?;
+        let out = map_rows(x.len(), k, |row, o| {
+            let seen = self.visible(row, q, k);
+            let xr = &x[row * k..(row + 1) * k][seen.clone()];
+            let max = xr.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
+            let visible = &mut o[seen];
+            let mut sum = 0.0;
+            for (o, v) in visible.iter_mut().zip(xr) {
+                *o = (v * self.scale - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            visible.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(p.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward { scale: self.scale })?))
+    }
+}
+
+/// dx = scale * p * (g - sum(p * g)) per row; masked entries have p = 0 and get 0.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(&self, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (p, g, k) = (slice(ps, pl, "softmax backward")?, slice(gs, gl, "softmax backward")?, last_dim(pl)?);
+        let out = map_rows(p.len(), k, |row, o| {
+            let (pr, gr) = (&p[row * k..(row + 1) * k], &g[row * k..(row + 1) * k]);
+            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, pv), gv) in o.iter_mut().zip(pr).zip(gr) {
+                *o = self.scale * pv * (gv - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), pl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).expect("sub").abs().expect("abs").flatten_all().expect("f").max(0).expect("max").to_scalar().expect("s")
+    }
+
+    /// Output and input gradients (under a random output gradient) of `fused` and `reference`.
+    fn agree(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, reference: impl Fn(&[Tensor]) -> Tensor) {
+        let g = randn(fused(inputs).dims(), 99);
+        let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).expect("var")).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts);
+            let grads = (&y * &g).expect("mul").sum_all().expect("sum").backward().expect("backward");
+            let gs: Vec<Tensor> = ts.iter().map(|t| grads.get(t).expect("grad").clone()).collect();
+            (y, gs)
+        };
+        let (yf, gf) = run(&fused);
+        let (yr, gr) = run(&reference);
+        assert!(max_diff(&yf, &yr) < 1e-5, "outputs differ by {}", max_diff(&yf, &yr));
+        for (i, (a, b)) in gf.iter().zip(&gr).enumerate() {
+            assert!(max_diff(a, b) < 1e-4, "gradient {i} differs by {}", max_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_basic_ops() {
+        let x = randn(&[3, 5, 16], 1);
+        let w = randn(&[16], 2);
+        let eps = 1e-5;
+        agree(
+            &[x],
+            |t| rms_norm(&t[0], &w, eps).expect("fused"),
+            |t| {
+                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                t[0].broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_basic_ops() {
+        agree(
+            &[randn(&[4, 24], 3), randn(&[4, 24], 4)],
+            |t| swiglu(&t[0], &t[1]).expect("fused"),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn rope_matches_the_rotate_half_formula_and_inverts() {
+        let (seq, half) = (6, 4);
+        let cos = randn(&[seq, half], 5).cos().expect("cos");
+        let sin = randn(&[seq, half], 5).sin().expect("sin");
+        agree(
+            &[randn(&[2, 3, seq, 2 * half], 6)],
+            |t| rope(&t[0], &cos, &sin).expect("fused"),
+            |t| {
+                let x1 = t[0].narrow(D::Minus1, 0, half).unwrap();
+                let x2 = t[0].narrow(D::Minus1, half, half).unwrap();
+                let a = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+                let b = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
+                Tensor::cat(&[a, b], D::Minus1).unwrap()
+            },
+        );
+    }
+
+    /// The additive-mask formulation the model used before, with `offset` cached positions.
+    fn masked_reference(x: &Tensor, scale: f64, window: Option<usize>) -> Tensor {
+        let (q, k) = (x.dim(2).unwrap(), x.dim(3).unwrap());
+        let mut m = Vec::new();
+        for i in 0..q {
+            let pos = k - q + i;
+            for j in 0..k {
+                let visible = j <= pos && window.is_none_or(|w| pos - j < w);
+                m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let mask = Tensor::from_vec(m, (q, k), &Device::Cpu).unwrap();
+        candle_nn::ops::softmax(&(x * scale).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+    }
+
+    #[test]
+    fn causal_softmax_matches_the_additive_mask() {
+        for (q, k, window) in [(7, 7, None), (3, 9, None), (8, 8, Some(3)), (1, 6, Some(4))] {
+            agree(
+                &[randn(&[2, 3, q, k], 7)],
+                |t| causal_softmax(&t[0], 0.35, window).expect("fused"),
+                |t| masked_reference(&t[0], 0.35, window),
+            );
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_errors() {
+        let x = randn(&[2, 3, 5, 4], 8);
+        let err = causal_softmax(&x, 1.0, None).expect_err("more queries than keys").to_string();
+        assert!(err.contains("queries <= keys"), "{err}");
+        let err = rms_norm(&randn(&[2, 8], 1), &randn(&[4], 2), 1e-5).expect_err("weight size").to_string();
+        assert!(err.contains("weight has 4 entries"), "{err}");
+    }
+}
