@@ -5,7 +5,9 @@ Subcommands:
                             and OUT.ids.json with the same token ids for PEFT
   ours TRAINER CONFIG OUT   run our trainer on CONFIG (YAML), write its figures to OUT
   peft MODEL IDS OUT        train the same LoRA with PEFT on the ids, write its figures to OUT
-  report OURS QLORA PEFT    print the table, the ratios and the issue's goals
+                            (GRAD_CKPT=1: with HF gradient checkpointing)
+  report DIR                print the table from DIR/{ours,qlora,peft}{,-ckpt}.json, the ratios
+                            and the issue's goals
 
 Every step is one batch of BATCH x SEQ tokens (4 x 256), LoRA r=16, alpha 32, no dropout, on
 all seven projections, AdamW, f32. Throughput counts the steps after the first (warm-up).
@@ -87,6 +89,9 @@ def run_peft(model_dir, ids_file, out):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    checkpointing = os.environ.get("GRAD_CKPT") == "1"
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,19 +115,35 @@ def run_peft(model_dir, ids_file, out):
     print(f"  peft  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB", flush=True)
 
 
-def report(ours_file, qlora_file, peft_file):
-    o, q, p = (json.load(open(f)) for f in (ours_file, qlora_file, peft_file))
+def report(d):
+    def load(name):
+        path = os.path.join(d, name + ".json")
+        return json.load(open(path)) if os.path.exists(path) else None
+
+    p, pc = load("peft"), load("peft-ckpt")
+    rows = [("PyTorch+PEFT", p, p), ("ours LoRA", load("ours"), p), ("ours QLoRA", load("qlora"), p),
+            ("PEFT, ckpt", pc, pc), ("ours LoRA, ckpt", load("ours-ckpt"), pc), ("ours QLoRA, ckpt", load("qlora-ckpt"), pc)]
     print(f"\nbatch {BATCH} x {SEQ} tokens, LoRA r=16 on {len(TARGETS)} projections, f32; "
-          f"torch {p['torch']} with {p['threads']} threads; {os.cpu_count()} cores")
-    print(f"{'':14} {'tok/s':>8} {'peak RSS MiB':>13} {'tok/s vs PEFT':>14} {'RSS vs PEFT':>12}")
-    for name, r in (("PyTorch+PEFT", p), ("ours LoRA", o), ("ours QLoRA", q)):
-        print(f"{name:14} {r['tok_s']:8.1f} {r['peak_rss_mib']:13.0f} "
-              f"{r['tok_s'] / p['tok_s']:13.2f}x {r['peak_rss_mib'] / p['peak_rss_mib']:11.2f}x")
-    speed, mem = o["tok_s"] / p["tok_s"], o["peak_rss_mib"] / p["peak_rss_mib"]
-    qmem = q["peak_rss_mib"] / o["peak_rss_mib"]
-    print(f"goal LoRA tok/s >= 1.3x PEFT: {speed:.2f}x {'met' if speed >= 1.3 else 'NOT met'}")
-    print(f"goal LoRA peak RSS <= 0.5x PEFT: {mem:.2f}x {'met' if mem <= 0.5 else 'NOT met'}")
-    print(f"goal QLoRA peak RSS <= 0.6x LoRA: {qmem:.2f}x {'met' if qmem <= 0.6 else 'NOT met'}")
+          f"torch {p['torch']} with {p['threads']} threads; {os.cpu_count()} cores; "
+          "ckpt = gradient checkpointing, compared with PEFT under the same setting")
+    print(f"{'':17} {'tok/s':>8} {'peak RSS MiB':>13} {'tok/s vs PEFT':>14} {'RSS vs PEFT':>12}")
+    for name, r, ref in rows:
+        if r and ref:
+            print(f"{name:17} {r['tok_s']:8.1f} {r['peak_rss_mib']:13.0f} "
+                  f"{r['tok_s'] / ref['tok_s']:13.2f}x {r['peak_rss_mib'] / ref['peak_rss_mib']:11.2f}x")
+
+    def goals(label, ours, qlora, ref):
+        if not (ours and qlora and ref):
+            return
+        speed, mem = ours["tok_s"] / ref["tok_s"], ours["peak_rss_mib"] / ref["peak_rss_mib"]
+        qmem = qlora["peak_rss_mib"] / ours["peak_rss_mib"]
+        print(f"{label}: goal LoRA tok/s >= 1.3x PEFT: {speed:.2f}x {'met' if speed >= 1.3 else 'NOT met'}; "
+              f"LoRA peak RSS <= 0.5x PEFT: {mem:.2f}x {'met' if mem <= 0.5 else 'NOT met'}; "
+              f"QLoRA peak RSS <= 0.6x LoRA: {qmem:.2f}x {'met' if qmem <= 0.6 else 'NOT met'}")
+
+    goals("both plain", load("ours"), load("qlora"), p)
+    goals("both checkpointed", load("ours-ckpt"), load("qlora-ckpt"), pc)
+    goals("ours checkpointed vs plain PEFT", load("ours-ckpt"), load("qlora-ckpt"), p)
 
 
 def main():
@@ -133,8 +154,8 @@ def main():
         run_ours(cmd[1], cmd[2], cmd[3])
     elif len(cmd) == 4 and cmd[0] == "peft":
         run_peft(cmd[1], cmd[2], cmd[3])
-    elif len(cmd) == 4 and cmd[0] == "report":
-        report(cmd[1], cmd[2], cmd[3])
+    elif len(cmd) == 2 and cmd[0] == "report":
+        report(cmd[1])
     else:
         sys.exit(__doc__)
 
