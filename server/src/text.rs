@@ -23,6 +23,15 @@ pub struct TextCodec {
     template: Option<ChatTemplate>,
 }
 
+/// Why a chat could not become prompt tokens.
+#[derive(Debug)]
+pub enum ChatEncodeError {
+    /// The model's chat template refused the conversation (a client error).
+    Rejected(String),
+    /// The tokenizer failed on the rendered text (a server error).
+    Tokenizer(String),
+}
+
 impl TextCodec {
     /// Loads tokenizer.json and tokenizer_config.json (optional) from a model directory.
     /// `config_eos` are config.json's eos_token_id values.
@@ -101,11 +110,13 @@ impl TextCodec {
 
     /// Renders and tokenizes a chat. A Jinja template writes BOS itself, so its output is
     /// tokenized without adding special tokens (else BOS would appear twice).
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ChatEncodeError> {
         match &self.template {
             Some(template) => {
-                let text = template.render(messages, true).map_err(|e| e.to_string())?;
-                self.encode(&text, false)
+                // A template fails on a conversation it does not accept (its raise_exception
+                // on roles that do not alternate, say): that is the request's fault.
+                let text = template.render(messages, true).map_err(|e| ChatEncodeError::Rejected(e.to_string()))?;
+                self.encode(&text, false).map_err(ChatEncodeError::Tokenizer)
             }
             None => {
                 let mut text = String::new();
@@ -113,7 +124,7 @@ impl TextCodec {
                     text.push_str(&format!("<|{}|>\n{}<|end|>\n", m.role, m.content));
                 }
                 text.push_str("<|assistant|>\n");
-                self.encode_prompt(&text)
+                self.encode_prompt(&text).map_err(ChatEncodeError::Tokenizer)
             }
         }
     }
@@ -218,7 +229,10 @@ mod tests {
     fn a_template_that_raises_is_an_error_not_a_panic() {
         let (_d, codec) = tiny(Some("{{ raise_exception('system messages are not supported') }}"));
         let err = codec.encode_chat(&msgs()).expect_err("raises");
-        assert!(err.contains("system messages are not supported"), "{err}");
+        assert!(
+            matches!(&err, ChatEncodeError::Rejected(m) if m.contains("system messages are not supported")),
+            "{err:?}"
+        );
     }
 
     #[test]

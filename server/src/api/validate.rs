@@ -7,7 +7,7 @@ use crate::engine::GenerateRequest;
 use crate::error::ApiError;
 use crate::metrics::UNKNOWN_MODEL;
 use crate::sampling::SamplingParams;
-use crate::text::{ChatMessage, TextCodec};
+use crate::text::{ChatEncodeError, ChatMessage, TextCodec};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -58,7 +58,12 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
 
     let prompt = match endpoint {
         Endpoint::Completions => completion_prompt(ctx, &f)?,
-        Endpoint::Chat => ctx.codec.encode_chat(&messages(&f)?).map_err(ApiError::Internal)?,
+        Endpoint::Chat => ctx.codec.encode_chat(&messages(&f)?).map_err(|e| match e {
+            ChatEncodeError::Rejected(m) => {
+                ApiError::invalid("messages", format!("the model's chat template rejects this conversation: {m}"))
+            }
+            ChatEncodeError::Tokenizer(m) => ApiError::Internal(m),
+        })?,
     };
     let prompt_param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
     if prompt.len() >= ctx.max_context {
