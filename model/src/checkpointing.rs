@@ -38,8 +38,8 @@ pub struct CheckpointedStep<'a> {
     pub head_rows: usize,
 }
 
-/// The result: the unscaled summed loss and one gradient store per backward pass. Each store
-/// holds gradients of adapter variables only (candle drops intermediate gradients as it goes).
+/// The result: the unscaled summed loss and one gradient store per layer, holding the
+/// gradients of that layer's adapter tensors only.
 pub struct CheckpointedGrads {
     pub loss_sum: f64,
     pub stores: Vec<GradStore>,
@@ -78,13 +78,14 @@ impl CausalLm {
             // The embeddings are frozen: the first layer's input needs no gradient.
             let input = if i == 0 { input } else { Var::from_tensor(&input)?.as_tensor().clone() };
             let out = layer.forward(&input, &cos, &sin, mask.as_ref(), None, Some(&step.adapter))?;
-            let mut store = (out * &grad)?.sum_all()?.backward()?;
+            let store = (out * &grad)?.sum_all()?.backward()?;
             if i > 0 {
                 grad = store
-                    .remove(&input)
-                    .ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?;
+                    .get(&input)
+                    .ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?
+                    .detach();
             }
-            stores.push(store);
+            stores.push(adapter_grads(&store, step.adapter.adapter, i));
         }
         Ok(CheckpointedGrads { loss_sum, stores })
     }
@@ -112,8 +113,23 @@ impl CausalLm {
             let g = store
                 .get(rows.as_tensor())
                 .ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
-            grads.push(g.clone());
+            grads.push(g.detach());
         }
         Ok((loss_sum, Tensor::cat(&grads, 0)?.reshape((b, t, h))?))
     }
+}
+
+/// The gradients of layer `layer`'s adapter tensors in `store`, detached. candle leaves each
+/// gradient with the op that made it, and that op refers to the forward activations: kept as
+/// they are, the gradients would keep every layer's graph alive and undo the checkpointing.
+fn adapter_grads(store: &GradStore, adapter: &crate::lora::LoraAdapter, layer: usize) -> GradStore {
+    let mut out = GradStore::default();
+    for (_, pair) in adapter.pairs().filter(|((l, _), _)| *l == layer) {
+        for t in [&pair.a, &pair.b] {
+            if let Some(g) = store.get(t) {
+                out.insert(t, g.detach());
+            }
+        }
+    }
+    out
 }
