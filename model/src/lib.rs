@@ -10,6 +10,7 @@
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
 //! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
+//! - [`malloc`] keeps glibc from mapping and unmapping every tensor-sized block.
 //! - [`threads`] settles the CPU thread count once per process (binaries call it first).
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
 
@@ -25,6 +26,7 @@ pub mod generate;
 pub mod linear;
 pub mod load;
 pub mod lora;
+pub mod malloc;
 pub mod model;
 pub mod nf4;
 pub mod peft;

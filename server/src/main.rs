@@ -9,6 +9,7 @@ use std::time::Duration;
 fn main() -> ExitCode {
     // Before the runtime starts its threads: see kubetune_model::threads.
     kubetune_model::threads::settle_thread_count();
+    kubetune_model::malloc::tune();
     match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime.block_on(async_main()),
         Err(e) => {

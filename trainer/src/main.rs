@@ -70,6 +70,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     // Before any thread exists: see kubetune_model::threads.
     kubetune_model::threads::settle_thread_count();
+    kubetune_model::malloc::tune();
     let args = Args::parse();
     let progress = init_logging();
     if args.config.is_none() {
