@@ -254,8 +254,10 @@ impl ActiveAdapter<'_> {
             }
             _ => x.clone(),
         };
-        let delta = x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
-        Ok(Some((delta * self.adapter.config.scale())?))
+        // Scaling the rank-r intermediate rather than the (rows, out) delta is the same product
+        // with an element-wise pass over r columns instead of out, forward and backward.
+        let low = (x.matmul(&pair.a.t()?)? * self.adapter.config.scale())?;
+        Ok(Some(low.matmul(&pair.b.t()?)?))
     }
 }
 
