@@ -14,7 +14,8 @@ use crate::error::{ModelError, Result};
 use crate::linear::{RowGroup, RowGroups};
 use crate::lora::{ActiveAdapter, LoraAdapter};
 use crate::model::{Attention, CausalLm, Layer, Mlp};
-use candle_core::Tensor;
+use candle_core::{Layout, Storage, Tensor};
+use rayon::prelude::*;
 
 /// One sequence's part of a decode step: its newest token, its cache (which the step extends
 /// by one position) and its adapter, if any.
@@ -135,12 +136,74 @@ impl Attention {
         let v = heads(self.v.forward_rows(x, groups)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let mut outs = Vec::with_capacity(rows);
+        let mut views = Vec::with_capacity(rows);
         for (i, cache) in caches.iter_mut().enumerate() {
-            let (kc, vc) = cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-            outs.push(self.attend_one(&q.narrow(0, i, 1)?, &kc, &vc, window)?);
+            views.push(cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?);
         }
-        self.o.forward_rows(&Tensor::cat(&outs, 0)?, groups)
+        let out = match self.attend_rows_cpu(&q, &views, window)? {
+            Some(out) => out,
+            None => {
+                let mut outs = Vec::with_capacity(rows);
+                for (i, (kc, vc)) in views.iter().enumerate() {
+                    outs.push(self.attend_one(&q.narrow(0, i, 1)?, kc, vc, window)?);
+                }
+                Tensor::cat(&outs, 0)?
+            }
+        };
+        self.o.forward_rows(&out, groups)
+    }
+
+    /// Every row's attention in one pass over rows split across threads, for f32 on the CPU
+    /// (None otherwise). Per row and layer the general path is about a dozen small candle ops,
+    /// each allocating and some dispatching to gemm's threads: at 16 sequences that is over a
+    /// thousand tiny ops per decode step. Here each row reads its cache views in place.
+    fn attend_rows_cpu(&self, q: &Tensor, views: &[(Tensor, Tensor)], window: Option<usize>) -> Result<Option<Tensor>> {
+        if !crate::fused::fusable(q) || views.iter().any(|(k, v)| !crate::fused::fusable(k) || !crate::fused::fusable(v)) {
+            return Ok(None);
+        }
+        let q = q.contiguous()?;
+        let (q_guard, q_layout) = q.storage_and_layout();
+        let Some(q_data) = cpu_f32(&q_guard, q_layout)? else { return Ok(None) };
+        let mut guards = Vec::with_capacity(views.len());
+        for (k, v) in views {
+            let (kg, kl) = k.storage_and_layout();
+            let (vg, vl) = v.storage_and_layout();
+            guards.push(((kg, kl), (vg, vl)));
+        }
+        let mut caches = Vec::with_capacity(views.len());
+        for ((kg, kl), (vg, vl)) in &guards {
+            let (Some(k), Some(v)) = (cpu_f32(kg, kl)?, cpu_f32(vg, vl)?) else { return Ok(None) };
+            let (Some(k), Some(v)) = (CacheView::new(k, kl, self.kv_heads, self.head_dim), CacheView::new(v, vl, self.kv_heads, self.head_dim)) else {
+                return Ok(None);
+            };
+            caches.push((k, v));
+        }
+        let (heads, d, group) = (self.heads, self.head_dim, self.heads / self.kv_heads);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; views.len() * heads * d];
+        out.par_chunks_mut(heads * d).zip(caches.par_iter()).enumerate().for_each(|(row, (o, (k, v)))| {
+            let start = window.map_or(0, |w| k.len.saturating_sub(w));
+            let mut p = vec![0f32; k.len - start];
+            for head in 0..heads {
+                let kv = head / group;
+                let qh = &q_data[(row * heads + head) * d..(row * heads + head + 1) * d];
+                for (j, s) in (start..k.len).zip(p.iter_mut()) {
+                    *s = dot(qh, k.position(kv, j)) * scale;
+                }
+                let max = p.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+                let mut sum = 0.0;
+                p.iter_mut().for_each(|s| {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                });
+                let oh = &mut o[head * d..(head + 1) * d];
+                for (j, s) in (start..k.len).zip(&p) {
+                    let w = s / sum;
+                    oh.iter_mut().zip(v.position(kv, j)).for_each(|(o, x)| *o += w * x);
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(out, (views.len(), heads * d), q.device())?))
     }
 
     /// One row's query, (1, heads, 1, d), against its cache views, (1, kv_heads, len, d).
@@ -158,6 +221,56 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.reshape((1, self.heads * self.head_dim))?)
     }
+}
+
+/// The f32 data of a CPU storage from the layout's start (None for other devices or dtypes).
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<Option<&'a [f32]>> {
+    match storage {
+        Storage::Cpu(cpu) => match cpu.as_slice::<f32>() {
+            Ok(data) => Ok(data.get(layout.start_offset()..)),
+            Err(_) => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// One layer's cached keys or values of one sequence, (1, kv_heads, len, d), read in place:
+/// each position's head_dim values must be contiguous; heads and positions may be strided.
+struct CacheView<'a> {
+    data: &'a [f32],
+    head_stride: usize,
+    pos_stride: usize,
+    len: usize,
+    d: usize,
+}
+
+impl<'a> CacheView<'a> {
+    fn new(data: &'a [f32], layout: &Layout, kv_heads: usize, d: usize) -> Option<Self> {
+        let (&[1, h, len, dd], &[_, hs, ps, 1]) = (layout.dims(), layout.stride()) else { return None };
+        if h != kv_heads || dd != d || len == 0 || data.len() < (h - 1) * hs + (len - 1) * ps + d {
+            return None;
+        }
+        Some(Self { data, head_stride: hs, pos_stride: ps, len, d })
+    }
+
+    fn position(&self, head: usize, pos: usize) -> &[f32] {
+        let at = head * self.head_stride + pos * self.pos_stride;
+        &self.data[at..at + self.d]
+    }
+}
+
+/// A dot product with eight independent sums, which the compiler can vectorise (a single
+/// running sum would fix the order of the additions and keep it scalar).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 impl Mlp {
