@@ -180,6 +180,7 @@ impl Attention {
         }
         let (heads, d, group) = (self.heads, self.head_dim, self.heads / self.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
+        let dot = crate::linear::dot_kernel();
         let mut out = vec![0f32; views.len() * heads * d];
         out.par_chunks_mut(heads * d).zip(caches.par_iter()).enumerate().for_each(|(row, (o, (k, v)))| {
             let start = window.map_or(0, |w| k.len.saturating_sub(w));
@@ -257,20 +258,6 @@ impl<'a> CacheView<'a> {
         let at = head * self.head_stride + pos * self.pos_stride;
         &self.data[at..at + self.d]
     }
-}
-
-/// A dot product with eight independent sums, which the compiler can vectorise (a single
-/// running sum would fix the order of the additions and keep it scalar).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 impl Mlp {
