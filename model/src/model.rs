@@ -121,7 +121,7 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let x = self.hidden(input_ids, offset, cache, adapter)?;
         let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
-        Ok(last.matmul(&self.head().t()?)?)
+        crate::linear::matmul_t(&last, self.head())
     }
 
     pub(crate) fn head(&self) -> &Tensor {
