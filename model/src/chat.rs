@@ -1,4 +1,5 @@
-//! Chat templates: the Jinja `chat_template` of a model's tokenizer_config.json.
+//! Chat templates: the Jinja `chat_template` of a model's tokenizer_config.json, or its
+//! chat_template.jinja file.
 //!
 //! The server renders prompts and the trainer renders training conversations with this one
 //! implementation, so an adapter sees at serving time exactly the text it was trained on.
@@ -40,6 +41,23 @@ impl ChatTemplate {
         let eos = special_token_text(config, "eos_token").unwrap_or_default();
         let template = Self::compile(source, bos, eos)
             .map_err(|e| ModelError::ChatTemplate { path: path.into(), reason: e.to_string() })?;
+        Ok(Some(template))
+    }
+
+    /// The template of a model directory: `chat_template.jinja` beside tokenizer_config.json
+    /// when there is one (newer transformers save it there, and it wins over the field, as in
+    /// transformers), else the config's `chat_template`. `config_path` is the parsed
+    /// tokenizer_config.json's path.
+    pub fn for_model(config: &Value, config_path: &Path) -> Result<Option<Self>> {
+        let file = config_path.with_file_name("chat_template.jinja");
+        if !file.exists() {
+            return Self::from_tokenizer_config(config, config_path);
+        }
+        let source = std::fs::read_to_string(&file).map_err(ModelError::io(&file))?;
+        let bos = special_token_text(config, "bos_token").unwrap_or_default();
+        let eos = special_token_text(config, "eos_token").unwrap_or_default();
+        let template =
+            Self::compile(&source, bos, eos).map_err(|e| ModelError::ChatTemplate { path: file, reason: e.to_string() })?;
         Ok(Some(template))
     }
 
@@ -164,6 +182,21 @@ mod tests {
         let err = err.to_string();
         assert!(err.starts_with("m/tokenizer_config.json: chat_template: syntax error"), "{err}");
         assert!(err.contains("chat_template:2"), "{err}");
+    }
+
+    #[test]
+    fn a_chat_template_jinja_file_wins_over_the_config_field() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config_path = dir.path().join("tokenizer_config.json");
+        let config = json!({"chat_template": "from the field", "eos_token": "</s>"});
+        let field = ChatTemplate::for_model(&config, &config_path).expect("ok").expect("some");
+        assert_eq!(field.render(&[], false).expect("render"), "from the field");
+        std::fs::write(dir.path().join("chat_template.jinja"), "from the file {{ eos_token }}").expect("write");
+        let file = ChatTemplate::for_model(&config, &config_path).expect("ok").expect("some");
+        assert_eq!(file.render(&[], false).expect("render"), "from the file </s>");
+        std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").expect("write");
+        let err = ChatTemplate::for_model(&config, &config_path).err().expect("syntax error").to_string();
+        assert!(err.contains("chat_template.jinja: chat_template: syntax error"), "{err}");
     }
 
     #[test]

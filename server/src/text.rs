@@ -68,7 +68,7 @@ impl TextCodec {
         if let Some((id, _)) = &eos {
             stop_ids.push(*id);
         }
-        let template = ChatTemplate::from_tokenizer_config(&config, &config_path)?;
+        let template = ChatTemplate::for_model(&config, &config_path)?;
         if template.is_none() {
             // The default format closes each turn with <|end|>; the model must stop there.
             if let Some(end) = tokenizer.token_to_id("<|end|>") {

@@ -73,7 +73,7 @@ impl TextTokenizer {
         })?;
         let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let bos = if add_bos { token_id("bos_token")? } else { None };
-        let chat_template = ChatTemplate::from_tokenizer_config(&config, &config_path)?;
+        let chat_template = ChatTemplate::for_model(&config, &config_path)?;
         Ok(Self { tokenizer, path, bos, eos, chat_template })
     }
 
