@@ -103,11 +103,7 @@ impl CausalLm {
             let len = chunk.min(b * t - start);
             let rows = Var::from_tensor(&flat.narrow(0, start, len)?)?;
             let logits = frozen_matmul(&self.norm.forward(rows.as_tensor())?, &head)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let targets = batch.targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let picked = logp.gather(&targets, 1)?.squeeze(1)?;
-            let weights = batch.weights.narrow(0, start, len)?.to_dtype(picked.dtype())?;
-            let sum = (picked * weights)?.sum_all()?.neg()?;
+            let sum = weighted_nll(&logits, &batch.targets.narrow(0, start, len)?, &batch.weights.narrow(0, start, len)?)?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = (sum * step.loss_scale)?.backward()?;
             let g = store
@@ -117,6 +113,16 @@ impl CausalLm {
         }
         Ok((loss_sum, Tensor::cat(&grads, 0)?.reshape((b, t, h))?))
     }
+}
+
+/// `-sum(weights * log_softmax(logits)[targets])` for logits (rows, vocab), next-token ids
+/// (rows) and loss weights (rows): the training loss, summed rather than averaged so that
+/// chunks and micro-batches add up.
+pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let weights = weights.to_dtype(picked.dtype())?;
+    Ok((picked * weights)?.sum_all()?.neg()?)
 }
 
 /// The gradients of layer `layer`'s adapter tensors in `store`, detached. candle leaves each

@@ -10,8 +10,8 @@ use crate::io::local_path;
 use crate::metrics::Metrics;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::prepare::prepare;
-use candle_core::{DType, Device, Tensor, D};
-use kubetune_model::checkpointing::{CheckpointedStep, LossBatch};
+use candle_core::{DType, Device, Tensor};
+use kubetune_model::checkpointing::{weighted_nll, CheckpointedStep, LossBatch};
 use kubetune_model::lora::{mix, NamedVar};
 use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, CausalLm, LoadOptions, LoraAdapter};
 use serde::Serialize;
@@ -369,9 +369,7 @@ impl LossTargets {
     fn loss_sum(&self, model: &CausalLm, adapter: &ActiveAdapter) -> Result<Tensor> {
         let (b, len) = self.input.dims2()?;
         let logits = model.forward(&self.input, 0, None, Some(adapter))?.reshape((b * len, ()))?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = logp.gather(&self.targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-        Ok((picked * &self.weights)?.sum_all()?.neg()?)
+        Ok(weighted_nll(&logits, &self.targets, &self.weights)?)
     }
 }
 
