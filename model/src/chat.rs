@@ -37,11 +37,7 @@ impl ChatTemplate {
         let Some(source) = template_source(config, path)? else {
             return Ok(None);
         };
-        let bos = special_token_text(config, "bos_token").unwrap_or_default();
-        let eos = special_token_text(config, "eos_token").unwrap_or_default();
-        let template = Self::compile(source, bos, eos)
-            .map_err(|e| ModelError::ChatTemplate { path: path.into(), reason: e.to_string() })?;
-        Ok(Some(template))
+        Self::compile_with_tokens(source, config, path).map(Some)
     }
 
     /// The template of a model directory: `chat_template.jinja` beside tokenizer_config.json
@@ -54,11 +50,15 @@ impl ChatTemplate {
             return Self::from_tokenizer_config(config, config_path);
         }
         let source = std::fs::read_to_string(&file).map_err(ModelError::io(&file))?;
+        Self::compile_with_tokens(&source, config, &file).map(Some)
+    }
+
+    /// Compiles `source` with the config's BOS and EOS texts; errors name `path`, the file the
+    /// source came from.
+    fn compile_with_tokens(source: &str, config: &Value, path: &Path) -> Result<Self> {
         let bos = special_token_text(config, "bos_token").unwrap_or_default();
         let eos = special_token_text(config, "eos_token").unwrap_or_default();
-        let template =
-            Self::compile(&source, bos, eos).map_err(|e| ModelError::ChatTemplate { path: file, reason: e.to_string() })?;
-        Ok(Some(template))
+        Self::compile(source, bos, eos).map_err(|e| ModelError::ChatTemplate { path: path.into(), reason: e.to_string() })
     }
 
     /// Compiles `source`; a syntax error names the template line.
