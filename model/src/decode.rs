@@ -14,7 +14,8 @@ use crate::error::{ModelError, Result};
 use crate::linear::{RowGroup, RowGroups};
 use crate::lora::{ActiveAdapter, LoraAdapter};
 use crate::model::{Attention, CausalLm, Layer, Mlp};
-use candle_core::{Layout, Storage, Tensor};
+use crate::fused::cpu_f32;
+use candle_core::{Layout, Tensor};
 use rayon::prelude::*;
 
 /// One sequence's part of a decode step: its newest token, its cache (which the step extends
@@ -163,7 +164,7 @@ impl Attention {
         }
         let q = q.contiguous()?;
         let (q_guard, q_layout) = q.storage_and_layout();
-        let Some(q_data) = cpu_f32(&q_guard, q_layout)? else { return Ok(None) };
+        let Some(q_data) = cpu_f32(&q_guard, q_layout) else { return Ok(None) };
         let mut guards = Vec::with_capacity(views.len());
         for (k, v) in views {
             let (kg, kl) = k.storage_and_layout();
@@ -172,7 +173,7 @@ impl Attention {
         }
         let mut caches = Vec::with_capacity(views.len());
         for ((kg, kl), (vg, vl)) in &guards {
-            let (Some(k), Some(v)) = (cpu_f32(kg, kl)?, cpu_f32(vg, vl)?) else { return Ok(None) };
+            let (Some(k), Some(v)) = (cpu_f32(kg, kl), cpu_f32(vg, vl)) else { return Ok(None) };
             let (Some(k), Some(v)) = (CacheView::new(k, kl, self.kv_heads, self.head_dim), CacheView::new(v, vl, self.kv_heads, self.head_dim)) else {
                 return Ok(None);
             };
@@ -221,17 +222,6 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.reshape((1, self.heads * self.head_dim))?)
-    }
-}
-
-/// The f32 data of a CPU storage from the layout's start (None for other devices or dtypes).
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<Option<&'a [f32]>> {
-    match storage {
-        Storage::Cpu(cpu) => match cpu.as_slice::<f32>() {
-            Ok(data) => Ok(data.get(layout.start_offset()..)),
-            Err(_) => Ok(None),
-        },
-        _ => Ok(None),
     }
 }
 

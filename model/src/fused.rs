@@ -26,6 +26,15 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// The f32 data of a tensor's storage from its layout's start, or None unless it is f32 on
+/// the CPU. For kernels that read tensors in place outside a custom op.
+pub(crate) fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok()?.get(layout.start_offset()..),
+        _ => None,
+    }
+}
+
 fn last_dim(l: &Layout) -> Result<usize> {
     l.dims().last().copied().ok_or_else(|| candle_core::Error::Msg("fused op on a scalar".into()))
 }

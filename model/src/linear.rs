@@ -152,10 +152,9 @@ fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let (guard, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*guard else {
-        return Err(crate::error::ModelError::Decode("matmul: weight is not on the CPU".into()));
-    };
-    let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out * k];
+    let ws = crate::fused::cpu_f32(&guard, layout)
+        .and_then(|data| data.get(..out * k))
+        .ok_or_else(|| crate::error::ModelError::Decode("matmul: the weight is not f32 on the CPU".into()))?;
     let dot = dot_kernel();
     // Each task fills a (rows, block) tile; the tiles are then laid side by side.
     let tiles: Vec<Vec<f32>> = ws
