@@ -42,7 +42,7 @@ impl CausalLm {
         let mut x = self.embed.index_select(&ids, 0)?;
         let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|r| &mut *r.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups, self.config.attention_window())?;
+            x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups)?;
         }
         let x = self.norm.forward_inference(&x)?;
         crate::linear::matmul_t(&x, self.head())
@@ -97,7 +97,6 @@ fn group_rows<'a>(rows: &[DecodeRow<'a>], device: &candle_core::Device) -> Resul
 }
 
 impl Layer {
-    #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
         x: &Tensor,
@@ -106,10 +105,9 @@ impl Layer {
         caches: &mut [&mut KvCache],
         index: usize,
         groups: &RowGroups,
-        window: Option<usize>,
     ) -> Result<Tensor> {
         let h = self.input_norm.forward_inference(x)?;
-        let h = self.attn.decode(&h, cos, sin, caches, index, groups, window)?;
+        let h = self.attn.decode(&h, cos, sin, caches, index, groups)?;
         let x = (x + h)?;
         let h = self.mlp.decode(&self.post_attn_norm.forward_inference(&x)?, groups)?;
         Ok((x + h)?)
@@ -117,8 +115,7 @@ impl Layer {
 }
 
 impl Attention {
-    /// `x` is (rows, hidden). Projections run on the whole batch, attention row by row.
-    #[allow(clippy::too_many_arguments)]
+    /// `x` is (rows, hidden). Projections run on the whole batch, attention per row.
     fn decode(
         &self,
         x: &Tensor,
@@ -127,7 +124,6 @@ impl Attention {
         caches: &mut [&mut KvCache],
         layer: usize,
         groups: &RowGroups,
-        window: Option<usize>,
     ) -> Result<Tensor> {
         let rows = x.dim(0)?;
         // (rows, heads * d) is already (rows, heads, 1, d) in memory: a free reshape.
@@ -141,12 +137,12 @@ impl Attention {
         for (i, cache) in caches.iter_mut().enumerate() {
             views.push(cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?);
         }
-        let out = match self.attend_rows_cpu(&q, &views, window)? {
+        let out = match self.attend_rows_cpu(&q, &views)? {
             Some(out) => out,
             None => {
                 let mut outs = Vec::with_capacity(rows);
                 for (i, (kc, vc)) in views.iter().enumerate() {
-                    outs.push(self.attend_one(&q.narrow(0, i, 1)?, kc, vc, window)?);
+                    outs.push(self.attend_one(&q.narrow(0, i, 1)?, kc, vc)?);
                 }
                 Tensor::cat(&outs, 0)?
             }
@@ -158,7 +154,7 @@ impl Attention {
     /// (None otherwise). Per row and layer the general path is about a dozen small candle ops,
     /// each allocating and some dispatching to gemm's threads: at 16 sequences that is over a
     /// thousand tiny ops per decode step. Here each row reads its cache views in place.
-    fn attend_rows_cpu(&self, q: &Tensor, views: &[(Tensor, Tensor)], window: Option<usize>) -> Result<Option<Tensor>> {
+    fn attend_rows_cpu(&self, q: &Tensor, views: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
         if !crate::fused::fusable(q) || views.iter().any(|(k, v)| !crate::fused::fusable(k) || !crate::fused::fusable(v)) {
             return Ok(None);
         }
@@ -184,7 +180,7 @@ impl Attention {
         let dot = crate::linear::dot_kernel();
         let mut out = vec![0f32; views.len() * heads * d];
         out.par_chunks_mut(heads * d).zip(caches.par_iter()).enumerate().for_each(|(row, (o, (k, v)))| {
-            let start = window.map_or(0, |w| k.len.saturating_sub(w));
+            let start = self.window.map_or(0, |w| k.len.saturating_sub(w));
             let mut p = vec![0f32; k.len - start];
             for head in 0..heads {
                 let kv = head / group;
@@ -211,11 +207,11 @@ impl Attention {
     /// One row's query, (1, heads, 1, d), against its cache views, (1, kv_heads, len, d).
     /// The query heads that share a KV head become the rows of one matmul, so grouped-query
     /// attention needs no copy of the cache per query head.
-    fn attend_one(&self, q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    fn attend_one(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let group = self.heads / self.kv_heads;
         let len = k.dim(2)?;
         // The newest position sees the `window` latest ones, itself included.
-        let start = window.map_or(0, |w| len.saturating_sub(w));
+        let start = self.window.map_or(0, |w| len.saturating_sub(w));
         let k = k.squeeze(0)?.narrow(1, start, len - start)?;
         let v = v.squeeze(0)?.narrow(1, start, len - start)?;
         let q = q.reshape((self.kv_heads, group, self.head_dim))?;

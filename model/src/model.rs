@@ -172,8 +172,12 @@ impl CausalLm {
     }
 
     /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies the
-    /// sliding window when the config has one.
+    /// sliding window when the config has one. None as well where attention runs through the
+    /// fused causal softmax (f32 on the CPU), which derives the same mask from the shapes.
     pub(crate) fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
+        if crate::fused::fusable(&self.embed) {
+            return Ok(None);
+        }
         if seq == 1 && self.config.attention_window().is_none_or(|w| offset < w) {
             return Ok(None);
         }
