@@ -14,7 +14,7 @@
 //! recomputed forward draws exactly the masks of the first.
 
 use crate::error::{ModelError, Result};
-use crate::linear::{frozen_matmul, BaseWeight};
+use crate::linear::frozen_matmul;
 use crate::lora::ActiveAdapter;
 use crate::model::CausalLm;
 use candle_core::backprop::GradStore;
@@ -95,7 +95,7 @@ impl CausalLm {
     fn head_backward(&self, x: &Tensor, batch: &LossBatch, step: &CheckpointedStep) -> Result<(f64, Tensor)> {
         let (b, t, h) = x.dims3()?;
         let flat = x.reshape((b * t, h))?;
-        let head = BaseWeight::Dense(self.head().clone());
+        let head = self.head();
         let chunk = step.head_rows.max(1);
         let mut loss_sum = 0.0;
         let mut grads = Vec::with_capacity((b * t).div_ceil(chunk));

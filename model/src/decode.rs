@@ -31,6 +31,10 @@ impl CausalLm {
     /// vocab), in row order. Each row's logits equal those of [`CausalLm::forward`] with that
     /// row's cache and adapter alone (up to float rounding of the fused kernels).
     pub fn decode(&self, rows: &mut [DecodeRow<'_>]) -> Result<Tensor> {
+        crate::threads::in_pool(|| self.decode_in_pool(rows))
+    }
+
+    fn decode_in_pool(&self, rows: &mut [DecodeRow<'_>]) -> Result<Tensor> {
         if rows.is_empty() {
             return Err(ModelError::Decode("decode called with no rows".into()));
         }
@@ -45,7 +49,7 @@ impl CausalLm {
             x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups)?;
         }
         let x = self.norm.forward_inference(&x)?;
-        crate::linear::matmul_t(&x, self.head())
+        crate::linear::matmul_weight(&x, &self.head())
     }
 
     /// Every cache must belong to this model and fit one more position; returns the position
@@ -176,30 +180,22 @@ impl Attention {
             caches.push((k, v));
         }
         let (heads, d, group) = (self.heads, self.head_dim, self.heads / self.kv_heads);
-        let scale = 1.0 / (d as f32).sqrt();
-        let dot = crate::linear::dot_kernel();
+        let attend = group_attention_kernel();
         let mut out = vec![0f32; views.len() * heads * d];
-        out.par_chunks_mut(heads * d).zip(caches.par_iter()).enumerate().for_each(|(row, (o, (k, v)))| {
-            let start = self.window.map_or(0, |w| k.len.saturating_sub(w));
-            let mut p = vec![0f32; k.len - start];
-            for head in 0..heads {
-                let kv = head / group;
-                let qh = &q_data[(row * heads + head) * d..(row * heads + head + 1) * d];
-                for (j, s) in (start..k.len).zip(p.iter_mut()) {
-                    *s = dot(qh, k.position(kv, j)) * scale;
-                }
-                let max = p.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-                let mut sum = 0.0;
-                p.iter_mut().for_each(|s| {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                });
-                let oh = &mut o[head * d..(head + 1) * d];
-                for (j, s) in (start..k.len).zip(&p) {
-                    let w = s / sum;
-                    oh.iter_mut().zip(v.position(kv, j)).for_each(|(o, x)| *o += w * x);
-                }
-            }
+        // One task per (row, KV head): the query heads sharing a KV head are contiguous in
+        // both q and the output, and one sequence still spreads over the threads.
+        out.par_chunks_mut(group * d).enumerate().for_each(|(task, o)| {
+            let (row, kv) = (task / self.kv_heads, task % self.kv_heads);
+            let (k, v) = &caches[row];
+            let group_attention = GroupAttention {
+                q: &q_data[task * group * d..(task + 1) * group * d],
+                k,
+                v,
+                kv,
+                start: self.window.map_or(0, |w| k.len.saturating_sub(w)),
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            attend(&group_attention, o);
         });
         Ok(Some(Tensor::from_vec(out, (views.len(), heads * d), q.device())?))
     }
@@ -219,6 +215,83 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.reshape((1, self.heads * self.head_dim))?)
     }
+}
+
+/// The query heads of one row that share KV head `kv`, (group, d), against that head's
+/// cached positions `start..len`.
+struct GroupAttention<'a> {
+    q: &'a [f32],
+    k: &'a CacheView<'a>,
+    v: &'a CacheView<'a>,
+    kv: usize,
+    start: usize,
+    scale: f32,
+}
+
+/// [`attend_group`] compiled for AVX-512 when the CPU has it. The crate is built for baseline
+/// x86-64, so the plain function's loops vectorise only to SSE2's four lanes.
+fn group_attention_kernel() -> fn(&GroupAttention, &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: returned only after checking that the CPU has the features.
+            return |a, o| unsafe { attend_group_avx512(a, o) };
+        }
+    }
+    attend_group
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_group_avx512(a: &GroupAttention, o: &mut [f32]) {
+    attend_group(a, o)
+}
+
+/// Softmax(q k^T * scale) v for each query head of the group, into `o` (group, d). Each
+/// cached key and value is read once for all heads of the group.
+#[inline(always)]
+fn attend_group(a: &GroupAttention, o: &mut [f32]) {
+    let d = a.k.d;
+    let group = a.q.len() / d;
+    let n = a.k.len - a.start;
+    let mut p = vec![0f32; group * n];
+    for (j, pos) in (a.start..a.k.len).enumerate() {
+        let key = a.k.position(a.kv, pos);
+        for (g, qh) in a.q.chunks_exact(d).enumerate() {
+            p[g * n + j] = dot16(qh, key) * a.scale;
+        }
+    }
+    for probs in p.chunks_exact_mut(n) {
+        let max = probs.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let mut sum = 0.0;
+        probs.iter_mut().for_each(|s| {
+            *s = (*s - max).exp();
+            sum += *s;
+        });
+        probs.iter_mut().for_each(|s| *s /= sum);
+    }
+    for (j, pos) in (a.start..a.k.len).enumerate() {
+        let value = a.v.position(a.kv, pos);
+        for (g, oh) in o.chunks_exact_mut(d).enumerate() {
+            let w = p[g * n + j];
+            oh.iter_mut().zip(value).for_each(|(o, x)| *o += w * x);
+        }
+    }
+}
+
+/// A dot product in sixteen independent sums, so it vectorises (one running sum would fix the
+/// order of the additions and keep it scalar).
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// One layer's cached keys or values of one sequence, (1, kv_heads, len, d), read in place:

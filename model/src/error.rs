@@ -31,6 +31,8 @@ pub enum ModelError {
     #[error("adapter: {0}")]
     Adapter(String),
     /// A KV cache or decode batch that does not fit the model or the call.
+    #[error("quantize: {0}")]
+    Quantize(String),
     #[error("decode: {0}")]
     Decode(String),
     #[error("tokenizer {path}: {reason}")]

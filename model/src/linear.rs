@@ -5,7 +5,6 @@ use crate::lora::{ActiveAdapter, TargetModule};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
 /// The frozen weight of a projection, (out, in) as HF stores it. An enum so a quantized form
 /// can sit beside the dense one without the layers knowing.
@@ -13,6 +12,8 @@ use rayon::prelude::*;
 pub enum BaseWeight {
     Dense(Tensor),
     Nf4(crate::nf4::Nf4Tensor),
+    /// Weight-only int8 for serving (see [`crate::int8`]).
+    Int8(crate::int8::Int8Tensor),
 }
 
 impl BaseWeight {
@@ -22,6 +23,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(w) => Ok(w.clone()),
             BaseWeight::Nf4(q) => q.dequantize(),
+            BaseWeight::Int8(q) => q.dequantize(),
         }
     }
 }
@@ -99,8 +101,7 @@ impl Projection {
     /// `x` is (rows, in), one row per sequence of a decode batch; the result is (rows, out).
     /// The base weight is read once for all rows; each adapter group adds its own delta.
     pub(crate) fn forward_rows(&self, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
-        let w = self.weight.dense()?;
-        let mut y = matmul_t(x, &w)?;
+        let mut y = matmul_weight(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -123,13 +124,12 @@ impl Projection {
     }
 }
 
-/// `x @ w^T` for `x` (rows, in) and a weight `w` (out, in), as decoding needs it: few rows.
+/// `x @ w^T` for `x` (rows, in) and a weight `w` (out, in).
 ///
-/// gemm does badly here: a single row takes its matrix-vector path on one thread, and a few
-/// rows through its AVX-512 kernels ran 4 server streams at 107 tok/s against 181 with its AVX2
-/// kernels. Up to [`SMALL_ROWS`] rows of f32 on the CPU therefore go to [`small_rows_matmul`],
-/// which streams each weight row once for all input rows, with the output columns split
-/// across rayon's threads. Prefill-sized inputs go to gemm, which threads them itself.
+/// Up to [`SMALL_ROWS`] rows of f32 on the CPU (decoding: one row per sequence) go to
+/// [`crate::small_rows`], which reads each weight once for all rows; gemm would pack the
+/// weight first, or take a single-threaded matrix-vector path for one row. Prefill-sized
+/// inputs go to gemm, which threads them itself.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
     if rows <= SMALL_ROWS && crate::fused::fusable(x) && crate::fused::fusable(w) {
@@ -138,11 +138,21 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
+/// [`matmul_t`] for any base weight: an int8 weight multiplies few rows in its own form (its
+/// point is reading fewer bytes), any other is expanded first.
+pub(crate) fn matmul_weight(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
+    if let BaseWeight::Int8(q) = w {
+        if x.dim(0)? <= SMALL_ROWS {
+            if let Some(y) = q.matmul_t(x)? {
+                return Ok(y);
+            }
+        }
+    }
+    matmul_t(x, &w.dense()?)
+}
+
 /// Row count up to which [`matmul_t`] uses its own kernel.
 const SMALL_ROWS: usize = 32;
-
-/// Output columns per rayon task: enough work to amortise a task, small enough to balance.
-const COLUMNS_PER_TASK: usize = 64;
 
 fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
@@ -155,67 +165,9 @@ fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let ws = crate::fused::cpu_f32(&guard, layout)
         .and_then(|data| data.get(..out * k))
         .ok_or_else(|| crate::error::ModelError::Decode("matmul: the weight is not f32 on the CPU".into()))?;
-    let dot = dot_kernel();
-    // Each task fills a (rows, block) tile; the tiles are then laid side by side.
-    let tiles: Vec<Vec<f32>> = ws
-        .par_chunks(COLUMNS_PER_TASK * k)
-        .map(|block| {
-            let cols = block.len() / k;
-            let mut tile = vec![0f32; rows * cols];
-            for (c, wrow) in block.chunks_exact(k).enumerate() {
-                for r in 0..rows {
-                    tile[r * cols + c] = dot(&xs[r * k..(r + 1) * k], wrow);
-                }
-            }
-            tile
-        })
-        .collect();
+    let y = crate::small_rows::matmul_t(&xs, rows, &crate::small_rows::Weight { values: ws, scales: None }, out, k);
     drop(guard);
-    let mut y = vec![0f32; rows * out];
-    let mut col = 0;
-    for tile in &tiles {
-        let cols = tile.len() / rows.max(1);
-        for r in 0..rows {
-            y[r * out + col..r * out + col + cols].copy_from_slice(&tile[r * cols..(r + 1) * cols]);
-        }
-        col += cols;
-    }
     Ok(Tensor::from_vec(y, (rows, out), x.device())?)
-}
-
-/// The dot product to use on this CPU: compiled for AVX2 + FMA when the CPU has them (the
-/// crate is built for baseline x86-64, which has only SSE2), else portable.
-pub(crate) fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: returned only after checking that the CPU has the features.
-            return |a, b| unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_with::<false>
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_with::<true>(a, b)
-}
-
-/// Sixteen independent sums, which the compiler can vectorise (one running sum would fix the
-/// order of the additions and keep it scalar). `FMA` only where the CPU has it: elsewhere
-/// mul_add is a slow library call.
-#[inline(always)]
-fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `x @ w^T` for `x` (rows, in) and a frozen weight (out, in), in a graph that trains adapters.

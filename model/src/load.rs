@@ -19,6 +19,8 @@ pub enum BaseFormat {
     Dense,
     /// NF4 with double quantization (QLoRA).
     Nf4,
+    /// Weight-only int8 with per-row scales, projections and head (serving).
+    Int8,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,10 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
     let model = match options.base {
         BaseFormat::Dense => CausalLm::load(vb, &config, &DenseStore),
         BaseFormat::Nf4 => CausalLm::load(vb, &config, &Nf4Store),
+        BaseFormat::Int8 => CausalLm::load(vb, &config, &crate::int8::Int8Store).and_then(|mut m| {
+            m.quantize_head_int8()?;
+            Ok(m)
+        }),
     }
     .map_err(|e| match e {
         ModelError::Candle(source) => ModelError::Weights { path: dir.into(), source },

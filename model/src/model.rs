@@ -47,8 +47,8 @@ pub struct CausalLm {
     pub(crate) embed: Tensor,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: RmsNorm,
-    /// None when tied to the embeddings.
-    pub(crate) lm_head: Option<Tensor>,
+    /// None when tied to the embeddings (and not quantized apart from them).
+    pub(crate) lm_head: Option<BaseWeight>,
     pub(crate) rope: Rope,
     pub(crate) device: Device,
 }
@@ -67,7 +67,7 @@ impl CausalLm {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(vb.pp("lm_head").get((config.vocab_size, config.hidden_size), "weight")?)
+            Some(BaseWeight::Dense(vb.pp("lm_head").get((config.vocab_size, config.hidden_size), "weight")?))
         };
         Ok(Self {
             config: config.clone(),
@@ -105,8 +105,7 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let x = self.hidden(input_ids, offset, cache, adapter)?;
         let (b, t, h) = x.dims3()?;
-        let head = crate::linear::BaseWeight::Dense(self.head().clone());
-        let logits = crate::linear::frozen_matmul(&x.reshape((b * t, h))?, &head)?;
+        let logits = crate::linear::frozen_matmul(&x.reshape((b * t, h))?, &self.head())?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -119,13 +118,43 @@ impl CausalLm {
         cache: Option<&mut KvCache>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
-        let x = self.hidden(input_ids, offset, cache, adapter)?;
-        let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
-        crate::linear::matmul_t(&last, self.head())
+        crate::threads::in_pool(|| {
+            let x = self.hidden(input_ids, offset, cache, adapter)?;
+            let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
+            crate::linear::matmul_weight(&last, &self.head())
+        })
     }
 
-    pub(crate) fn head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+    pub(crate) fn head(&self) -> std::borrow::Cow<'_, BaseWeight> {
+        match &self.lm_head {
+            Some(head) => std::borrow::Cow::Borrowed(head),
+            None => std::borrow::Cow::Owned(BaseWeight::Dense(self.embed.clone())),
+        }
+    }
+
+    /// Quantizes the head to weight-only int8 for serving; a head tied to the embeddings gets
+    /// its own int8 copy, since the embedding lookup stays f32. The projections are quantized
+    /// as they load ([`crate::int8::Int8Store`]) or by [`CausalLm::quantize_int8`].
+    pub(crate) fn quantize_head_int8(&mut self) -> Result<()> {
+        let dense = self.head().dense()?;
+        self.lm_head = Some(BaseWeight::Int8(crate::int8::Int8Tensor::quantize(&dense)?));
+        Ok(())
+    }
+
+    /// This model with every dense projection and the head in weight-only int8, for serving.
+    /// The server quantizes after merging an adapter, so the merged weight is rounded once.
+    pub fn quantize_int8(&self) -> Result<Self> {
+        let mut out = self.clone();
+        for l in &mut out.layers {
+            for m in TargetModule::ALL {
+                let p = l.projection_mut(m);
+                if let BaseWeight::Dense(w) = &p.weight {
+                    p.weight = BaseWeight::Int8(crate::int8::Int8Tensor::quantize(w)?);
+                }
+            }
+        }
+        out.quantize_head_int8()?;
+        Ok(out)
     }
 
     /// The final-normed hidden states, (batch, seq, hidden).
@@ -221,6 +250,10 @@ impl CausalLm {
                 match &l.projection(m).weight {
                     BaseWeight::Dense(t) => bytes += t.elem_count() * t.dtype().size_in_bytes(),
                     BaseWeight::Nf4(q) => {
+                        bytes += q.storage_bytes();
+                        quantized += 1;
+                    }
+                    BaseWeight::Int8(q) => {
                         bytes += q.storage_bytes();
                         quantized += 1;
                     }

@@ -111,3 +111,40 @@ fn decode_refuses_caches_it_cannot_extend_naming_the_row() {
     assert!(err.contains("row 0") && err.contains("layers"), "{err}");
     assert!(t.model.decode(&mut []).is_err());
 }
+
+/// Weight-only int8 (the server's `--quantize int8`): loading with it quantizes every
+/// projection and the head; its decode path (the int8 kernel) and its prefill path (expanded
+/// weights through gemm) agree; and its logits stay close to the f32 model's, with and
+/// without an adapter.
+#[test]
+fn an_int8_model_decodes_as_its_own_forward_and_close_to_f32() {
+    let t = tiny();
+    let options = kubetune_model::LoadOptions { base: kubetune_model::BaseFormat::Int8, ..Default::default() };
+    let (_, int8) = kubetune_model::load_model(t.dir.path(), &options).expect("load int8");
+    let (dense_bytes, dense_quantized) = t.model.projection_storage();
+    let (int8_bytes, quantized) = int8.projection_storage();
+    assert_eq!((dense_quantized, quantized), (0, 7 * t.config.num_hidden_layers));
+    assert!(int8_bytes * 3 < dense_bytes, "int8 holds {int8_bytes} bytes against f32's {dense_bytes}");
+    let converted = t.model.quantize_int8().expect("quantize after load");
+    assert_eq!(converted.projection_storage(), (int8_bytes, quantized));
+
+    let (a, _va) = random_adapter(&t.config, 4, 8.0, 0.0);
+    let prompt = [0u32, 57, 80, 120, 301, 44, 9, 200];
+    for adapter in [None, Some(&a)] {
+        let full = int8.forward(&ids(&prompt), 0, None, active(adapter).as_ref()).expect("full");
+        let mut cache = KvCache::with_capacity(t.config.num_hidden_layers, prompt.len());
+        int8.forward(&ids(&prompt[..3]), 0, Some(&mut cache), active(adapter).as_ref()).expect("prefix");
+        for (i, &token) in prompt.iter().enumerate().skip(3) {
+            let mut rows = [DecodeRow { token, cache: &mut cache, adapter }];
+            let step = int8.decode(&mut rows).expect("decode");
+            let expected = full.narrow(1, i, 1).expect("narrow").squeeze(1).expect("squeeze");
+            let diff = max_abs_diff(&step, &expected);
+            assert!(diff < 1e-4, "position {i}: decode and forward of the int8 model differ by {diff}");
+        }
+        let reference = t.model.forward(&ids(&prompt), 0, None, active(adapter).as_ref()).expect("f32");
+        let scale = reference.abs().expect("abs").flatten_all().expect("flat").max(0).expect("max").to_scalar::<f32>().expect("max");
+        let diff = max_abs_diff(&full, &reference);
+        assert!(diff < 0.05 * scale, "int8 logits are {diff} from f32's (largest logit {scale})");
+        assert!(diff > 0.0, "the int8 model must really be rounded");
+    }
+}
