@@ -3,8 +3,9 @@
 Subcommands:
   server URL OUT PID  load a running kubetune-server (process PID, for its peak RSS) at each
                      concurrency, write figures to OUT
-  hf MODEL OUT     run transformers generate (PyTorch CPU) at each batch size, write figures
-  report S H       print both side by side with the ratios and the issue's goals
+  hf MODEL OUT [int8]  run transformers generate (PyTorch CPU) at each batch size, write
+                     figures; with int8, after PyTorch's dynamic int8 quantization of every Linear
+  report S H TITLE print both side by side with the ratios and the issue's goals
 
 Every request is a 128-token prompt of token ids (the same ids for both) and asks for exactly
 128 new tokens (ignore_eos on the server, min_new_tokens in transformers), greedy.
@@ -111,13 +112,21 @@ def run_server(url, out, pid):
 
 # ---- transformers -----------------------------------------------------------------------------
 
-def run_hf(model_dir, out):
+def run_hf(model_dir, out, quantize="none"):
     import resource
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    if quantize == "int8":
+        # PyTorch's own weight int8 for CPU inference (dynamic quantization of every Linear:
+        # int8 weights, activations quantized per call), the like-for-like reference for
+        # `kubetune-server --quantize int8`.
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def generate(batch, new_tokens):
         ids = torch.tensor(prompts(batch))
@@ -155,9 +164,10 @@ def ms(x):
     return "-" if x is None else f"{x * 1000:.0f}"
 
 
-def report(server_file, hf_file):
+def report(server_file, hf_file, title):
     s, h = json.load(open(server_file)), json.load(open(hf_file))
-    print(f"\nprompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy; "
+    print(f"\n== {title}")
+    print(f"prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy; "
           f"torch {h['torch']} with {h['threads']} threads; load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} cores")
     print(f"{'conc':>4} | {'server tok/s':>12} {'TTFT p50/p99 ms':>16} | {'hf tok/s':>9} {'TTFT p50/p99 ms':>16} | {'tok/s ratio':>11}")
@@ -185,10 +195,10 @@ def main():
     cmd = sys.argv[1:]
     if len(cmd) == 4 and cmd[0] == "server":
         run_server(cmd[1], cmd[2], cmd[3])
-    elif len(cmd) == 3 and cmd[0] == "hf":
-        run_hf(cmd[1], cmd[2])
-    elif len(cmd) == 3 and cmd[0] == "report":
-        report(cmd[1], cmd[2])
+    elif len(cmd) in (3, 4) and cmd[0] == "hf":
+        run_hf(*cmd[1:])
+    elif len(cmd) == 4 and cmd[0] == "report":
+        report(cmd[1], cmd[2], cmd[3])
     else:
         sys.exit(__doc__)
 

@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::sampling::SamplingParams;
 use crate::text::TextCodec;
 use clap::Parser;
-use kubetune_model::{load_model, LoadOptions};
+use kubetune_model::{load_model, BaseFormat, LoadOptions};
 use kubetune_storage::{Cache, Credentials, Registry, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,6 +61,13 @@ pub struct Args {
     /// Fold the one listed adapter into the base weights (fastest; no other adapters served).
     #[arg(long)]
     pub merge: bool,
+    /// How the base weights are held. `none`: as the checkpoint has them (f32). `int8`: the
+    /// projections and the head rounded to int8 with one scale per output row, for CPU
+    /// serving. A decoded token then reads a quarter of the bytes, which about doubles the
+    /// single-stream speed, and logits move by well under a percent of their range. Adapters
+    /// stay f32; with --merge the adapter is folded in before rounding.
+    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    pub quantize: Quantize,
     /// File with one API key per line; when set, completions and chat require
     /// `Authorization: Bearer <key>`, and so does GET /v1/models (which also takes an admin key).
     /// Without it they are open.
@@ -91,6 +98,12 @@ fn parse_adapter_flag(s: &str) -> Result<AdapterSpec, String> {
         return Err(format!("`{s}`: expected name=SOURCE with both parts non-empty"));
     }
     Ok(AdapterSpec { name: name.into(), source: source.into(), version: None, digest: None })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    None,
+    Int8,
 }
 
 fn flag(flag: &'static str, reason: impl Into<String>) -> StartupError {
@@ -147,7 +160,12 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     let cache = args.cache_dir.as_ref().map(Cache::new).transpose()?;
     let dir = model_dir(args, cache.as_ref(), &credentials).await?;
     let device = candle_core::Device::cuda_if_available(0).map_err(kubetune_model::ModelError::from)?;
-    let options = LoadOptions { device: device.clone(), ..LoadOptions::default() };
+    if args.quantize == Quantize::Int8 && !device.is_cpu() {
+        return Err(flag("--quantize", "int8 weights are for CPU serving; on a GPU use --quantize none"));
+    }
+    // Rounded as they load, unless an adapter is to be merged first.
+    let base = if args.quantize == Quantize::Int8 && !args.merge { BaseFormat::Int8 } else { BaseFormat::Dense };
+    let options = LoadOptions { device: device.clone(), base };
     let load_dir = dir.clone();
     let (config, model) = tokio::task::spawn_blocking(move || load_model(&load_dir, &options))
         .await
@@ -181,7 +199,9 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
             return Err(flag("--merge", format!("needs exactly one adapter, {} are listed", specs.len())));
         };
         let adapter = adapters.remove(&only.name).map_err(|error| StartupError::Adapter { name: only.name.clone(), error })?;
-        (model.merged(&adapter.weights)?, Some(adapter))
+        let merged = model.merged(&adapter.weights)?;
+        let merged = if args.quantize == Quantize::Int8 { merged.quantize_int8()? } else { merged };
+        (merged, Some(adapter))
     } else {
         (model, None)
     };

@@ -266,6 +266,9 @@ async fn startup_fails_with_the_flag_or_adapter_named() {
     };
     assert!(err(&["--max-context", "100000"]).await.contains("--max-context"));
     assert!(err(&["--merge"]).await.contains("--merge"));
+    let bad_quantize = <kubetune_server::server::Args as clap::Parser>::try_parse_from(["kubetune-server", "--model", "m", "--quantize", "int4"]);
+    let message = bad_quantize.expect_err("int4 is not offered").to_string();
+    assert!(message.contains("--quantize") && message.contains("int8"), "{message}");
     let bad = err(&["--adapter", "x=/nonexistent/adapter"]).await;
     assert!(bad.contains("adapter `x`") && bad.contains("/nonexistent/adapter"), "{bad}");
     let twice = err(&["--adapter", &adapter_flag("a", &f.adapter_a), "--adapter", &adapter_flag("a", &f.adapter_b)]).await;

@@ -165,6 +165,28 @@ async fn merged_mode_serves_the_adapter_with_the_same_greedy_tokens() {
     assert_eq!(models["data"][0]["id"], "a");
 }
 
+/// `--quantize int8` serves what the model crate's int8 model computes: loaded int8 for the
+/// base and an unmerged adapter, and merged before rounding with `--merge`.
+#[tokio::test]
+async fn int8_serving_equals_a_reference_decode_with_the_int8_model() {
+    let f = fixture();
+    let s = server(&["--quantize", "int8", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let merged = server(&["--quantize", "int8", "--merge", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let options = LoadOptions { base: kubetune_model::BaseFormat::Int8, ..LoadOptions::default() };
+    let (config, int8) = load_model(&f.model, &options).expect("reference int8 model");
+    let (_, dense) = load_model(&f.model, &LoadOptions::default()).expect("reference f32 model");
+    let (_, adapter) = peft::load(&f.adapter_a, &config, &candle_core::Device::Cpu).expect("reference adapter");
+    let merged_reference = dense.merged(&adapter).and_then(|m| m.quantize_int8()).expect("merge, then round");
+    let stops = s.state.stop_ids.as_slice();
+    let cases = [(&s, BASE, &int8, None), (&s, "a", &int8, Some(&adapter)), (&merged, "a", &merged_reference, None)];
+    for (server, name, model, adapter) in cases {
+        let options = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_tokens: stops, adapter };
+        let reference = greedy(model, &PROMPT, &options).expect("reference decode");
+        let got = completion(&server.app, name, NEW_TOKENS).await;
+        assert_eq!(text(&got), server.state.codec.decode(&reference).expect("decode"), "model {name}");
+    }
+}
+
 #[tokio::test]
 async fn completions_logprobs_list_each_token_with_alternatives() {
     let s = server(&[]).await;
