@@ -6,6 +6,11 @@
 //! (perf: a fifth of a training step in kernel page-fault, spin-lock and IPI code). Raising the
 //! threshold to its maximum (32 MiB on 64-bit) and not trimming the heap lets freed tensors be
 //! reused in place. Measured with trainer/bench: peak RSS unchanged, tokens/s +20 to 25%.
+//!
+//! One arena for all threads: the work of a step now runs on rayon's workers (see
+//! `threads::in_pool`), and with an arena per thread a tensor freed by one worker could not be
+//! reused by the other. Peak RSS of a checkpointed training run then varied from 362 to 495
+//! MiB between identical runs; with one arena it is 366 MiB every time, and 15% faster.
 
 /// Applies the settings unless the user tuned malloc (MALLOC_* or GLIBC_TUNABLES). Call at
 /// start-up, before large allocations.
@@ -27,6 +32,7 @@ fn apply() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -110,6 +110,12 @@ pub const METRICS_FILE: &str = "training_metrics.json";
 /// Trains an adapter as `config` says and writes it, with training_metrics.json, to the output
 /// directory. Data and model are checked before the first step.
 pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics> {
+    // On a rayon worker, so the many parallel ops of a step do not each put this thread to
+    // sleep and wake it again (see kubetune_model::threads::in_pool).
+    kubetune_model::threads::in_pool(|| run_in_pool(config, options))
+}
+
+fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics> {
     let started = Instant::now();
     let t = &config.training;
     let model_dir = local_path(&config.model, "model")?;
