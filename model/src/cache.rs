@@ -81,6 +81,18 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Views of everything cached in layer `layer`, (batch, kv_heads, len, head_dim).
+    pub(crate) fn views(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        let entry = self
+            .layers
+            .get(layer)
+            .and_then(|l| l.as_ref())
+            .ok_or_else(|| ModelError::Decode(format!("KV cache has nothing in layer {layer}")))?;
+        Ok((entry.k.narrow(2, 0, entry.len)?, entry.v.narrow(2, 0, entry.len)?))
+    }
+}
+
 /// An empty buffer shaped like `x` but with room for `capacity` positions.
 fn buffer(x: &Tensor, capacity: usize) -> Result<Tensor> {
     let (b, h, _, d) = x.dims4()?;

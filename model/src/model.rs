@@ -158,7 +158,7 @@ impl CausalLm {
     }
 
     /// The final-normed hidden states, (batch, seq, hidden).
-    fn hidden(
+    pub(crate) fn hidden(
         &self,
         input_ids: &Tensor,
         offset: usize,

@@ -148,3 +148,30 @@ fn an_int8_model_decodes_as_its_own_forward_and_close_to_f32() {
         assert!(diff > 0.0, "the int8 model must really be rounded");
     }
 }
+
+/// Prompts of different lengths prefilled as one right-padded batch give each row the
+/// last-position logits and the cache it gets alone: the next decode step agrees too.
+#[test]
+fn a_batched_prefill_equals_each_prompt_alone() {
+    let t = tiny();
+    let (a, _va) = random_adapter(&t.config, 4, 8.0, 0.0);
+    for adapter in [None, Some(&a)] {
+        let mut caches: Vec<KvCache> = PROMPTS.iter().map(|p| KvCache::with_capacity(t.config.num_hidden_layers, p.len() + 1)).collect();
+        let mut rows: Vec<kubetune_model::PrefillRow> =
+            PROMPTS.iter().zip(caches.iter_mut()).map(|(p, cache)| kubetune_model::PrefillRow { tokens: p, cache }).collect();
+        let batched = t.model.prefill(&mut rows, active(adapter).as_ref()).expect("batched prefill");
+        for (i, (prompt, cache)) in PROMPTS.iter().zip(caches.iter_mut()).enumerate() {
+            let mut alone = KvCache::new(t.config.num_hidden_layers);
+            let want = t.model.forward_last(&ids(prompt), 0, Some(&mut alone), active(adapter).as_ref()).expect("alone");
+            let got = batched.narrow(0, i, 1).expect("row");
+            assert!(max_abs_diff(&got, &want) < 1e-4, "row {i}: prefill logits differ");
+            assert_eq!(cache.len(), prompt.len(), "row {i} caches only its real positions");
+            let step = |cache: &mut KvCache| t.model.decode(&mut [DecodeRow { token: 5, cache, adapter }]).expect("decode");
+            assert!(max_abs_diff(&step(cache), &step(&mut alone)) < 1e-4, "row {i}: the next step differs");
+        }
+    }
+    let mut used = KvCache::new(t.config.num_hidden_layers);
+    t.model.forward_last(&ids(&[0, 5]), 0, Some(&mut used), None).expect("fill");
+    let err = t.model.prefill(&mut [kubetune_model::PrefillRow { tokens: &[0, 5], cache: &mut used }], None).expect_err("a used cache");
+    assert!(err.to_string().contains("row 0") && err.to_string().contains("empty KV cache"), "{err}");
+}

@@ -1,14 +1,14 @@
 //! The engine loop (continuous batching). Each iteration:
 //! 1. takes newly submitted requests into the waiting queue and drops cancelled ones;
 //! 2. admits waiting requests in arrival order while a batch slot and KV budget are free, and
-//!    prefills each (its first token comes out right away);
+//!    prefills them together (each one's first token comes out right away);
 //! 3. runs one decode step for every sequence that was already running.
 //!
 //! New requests therefore join between decode steps without waiting for the batch to drain.
 //! KV memory is reserved for prompt + max_tokens at admission, so a running sequence can
 //! never run out of cache and nothing needs to be preempted.
 
-use super::backend::{Backend, DecodeItem};
+use super::backend::{Backend, DecodeItem, PrefillItem};
 use super::{Admitted, EngineConfig, Event, FinishReason};
 use crate::metrics::Metrics;
 use crate::sampling::Sampler;
@@ -50,23 +50,23 @@ pub(super) fn run<B: Backend>(backend: B, mut rx: mpsc::UnboundedReceiver<Admitt
         }
         waiting.retain(|r| !r.events.is_closed());
 
-        let mut prefilled = 0;
-        while running.len() < config.max_batch {
+        let mut admitted = Vec::new();
+        while running.len() + admitted.len() < config.max_batch {
             let Some(front) = waiting.front() else { break };
             let need = kv_need(&backend, front);
             // An empty batch always admits, so one oversized request cannot wedge the queue
             // (validation keeps requests within the budget; this is the backstop).
-            if kv_used + need > config.kv_budget_bytes && !running.is_empty() {
+            if kv_used + need > config.kv_budget_bytes && !(running.is_empty() && admitted.is_empty()) {
                 break;
             }
             let Some(request) = waiting.pop_front() else { break };
-            if let Some(seq) = prefill(&backend, request, need, &metrics) {
-                kv_used += seq.kv_reserved;
-                running.push(seq);
-                prefilled += 1;
-            }
+            kv_used += need;
+            admitted.push((request, need));
         }
         metrics.queue_depth.set(waiting.len() as i64);
+        let new = prefill(&backend, admitted, &metrics);
+        let prefilled = new.len();
+        running.extend(new);
 
         // Sequences prefilled above sit at the end of `running`; the rest take a decode step.
         let decoding = running.len() - prefilled;
@@ -90,23 +90,39 @@ fn kv_need<B: Backend>(backend: &B, r: &Admitted) -> usize {
     (r.req.prompt.len() + r.req.max_tokens).saturating_mul(backend.kv_bytes_per_token())
 }
 
-fn prefill<B: Backend>(backend: &B, request: Admitted, kv_reserved: usize, metrics: &Metrics) -> Option<Sequence<B::Cache>> {
-    let mut cache = backend.new_cache(request.req.prompt.len() + request.req.max_tokens);
-    let adapter = request.req.adapter.as_ref().map(|a| &a.weights);
-    let logits = match backend.forward(&request.req.prompt, &mut cache, adapter) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = request.events.send(Event::Failed(e));
-            return None;
-        }
-    };
-    let sampler = Sampler::new(request.req.params.clone());
-    let mut seq = Sequence { request, cache, sampler, generated: 0, last_token: 0, last_emit: Instant::now(), kv_reserved };
-    metrics.time_to_first_token.observe(seq.request.enqueued.elapsed().as_secs_f64());
-    match emit(&mut seq, &logits, metrics) {
-        Outcome::Continue => Some(seq),
-        Outcome::Done => None,
+/// Prefills the admitted requests together (the backend batches what it can); each one's
+/// first token comes out right away. Returns the sequences that go on decoding.
+fn prefill<B: Backend>(backend: &B, admitted: Vec<(Admitted, usize)>, metrics: &Metrics) -> Vec<Sequence<B::Cache>> {
+    if admitted.is_empty() {
+        return Vec::new();
     }
+    let mut caches: Vec<B::Cache> =
+        admitted.iter().map(|(r, _)| backend.new_cache(r.req.prompt.len() + r.req.max_tokens)).collect();
+    let results = {
+        let mut items: Vec<PrefillItem<'_, B::Cache>> = admitted
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|((r, _), cache)| PrefillItem { tokens: &r.req.prompt, cache, adapter: r.req.adapter.as_ref().map(|a| &a.weights) })
+            .collect();
+        backend.prefill(&mut items)
+    };
+    let mut sequences = Vec::with_capacity(admitted.len());
+    for (((request, kv_reserved), cache), result) in admitted.into_iter().zip(caches).zip(results) {
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = request.events.send(Event::Failed(e));
+                continue;
+            }
+        };
+        let sampler = Sampler::new(request.req.params.clone());
+        let mut seq = Sequence { request, cache, sampler, generated: 0, last_token: 0, last_emit: Instant::now(), kv_reserved };
+        metrics.time_to_first_token.observe(seq.request.enqueued.elapsed().as_secs_f64());
+        if let Outcome::Continue = emit(&mut seq, &logits, metrics) {
+            sequences.push(seq);
+        }
+    }
+    sequences
 }
 
 fn decode_step<B: Backend>(backend: &B, seqs: &mut [Sequence<B::Cache>], metrics: &Metrics) -> Vec<Outcome> {
