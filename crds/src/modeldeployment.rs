@@ -111,6 +111,30 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_queue: Option<u32>,
+    /// How the base weights are held: `none` (as the checkpoint has them, the default) or
+    /// `int8` (weight-only int8 with one scale per output row, about twice the single-stream
+    /// decode speed on CPU). int8 is for CPU serving: give spec.placement.resources without a
+    /// GPU, or the server refuses to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<ServerQuantize>,
+}
+
+/// Weight format of the inference server (its `--quantize` flag).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ServerQuantize {
+    None,
+    Int8,
+}
+
+impl ServerQuantize {
+    /// The server's flag value.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            ServerQuantize::None => "none",
+            ServerQuantize::Int8 => "int8",
+        }
+    }
 }
 
 /// How adapter version changes are rolled out.

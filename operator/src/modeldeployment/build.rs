@@ -87,6 +87,9 @@ pub fn build_children(md: &ModelDeployment, config: &OperatorConfig, registry: &
     if server.merge == Some(true) {
         args.push("--merge".into());
     }
+    if let Some(q) = server.quantize {
+        args.extend(["--quantize".to_string(), q.as_flag().to_string()]);
+    }
     let env_from: Vec<Value> = spec.storage_secret_ref.iter().map(|s| json!({"secretRef": {"name": s.name}})).collect();
     let resources = resources_or_one_gpu(&spec.placement, &config.gpu_resource)?;
     let container = json!({
@@ -178,6 +181,18 @@ mod tests {
     }
 
     #[test]
+    fn spec_server_quantize_becomes_the_servers_flag() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        let mut server = md.spec.server.clone().unwrap_or_default();
+        server.quantize = Some(kubetune_crds::ServerQuantize::Int8);
+        md.spec.server = Some(server);
+        let c = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let pod = c.deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        assert!(args.windows(2).any(|w| w[0] == "--quantize" && w[1] == "int8"), "{args:?}");
+    }
+
+    #[test]
     fn server_pods_are_probed_and_locked_down() {
         let md = modeldeployment("modeldeployment.yaml");
         let c = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
@@ -191,6 +206,7 @@ mod tests {
         let args = server.args.clone().unwrap_or_default();
         assert!(args.windows(2).any(|w| w[0] == "--adapters-file" && w[1] == ADAPTERS_FILE));
         assert!(args.windows(2).any(|w| w[0] == "--max-batch" && w[1] == "16"));
+        assert!(!args.iter().any(|a| a == "--quantize"), "no quantize flag unless the spec asks");
         assert_eq!(c.service.spec.as_ref().and_then(|s| s.selector.clone()), Some(selector_labels(&md)));
         assert!(c.pdb.is_none());
         assert_eq!(endpoint(&md), "http://support.team-a.svc:8000/v1");
