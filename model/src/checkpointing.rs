@@ -36,6 +36,9 @@ pub struct CheckpointedStep<'a> {
     pub loss_scale: f64,
     /// Rows of the flattened batch whose logits are computed at once.
     pub head_rows: usize,
+    /// Sequences whose layer is recomputed at once (the whole batch when 0 or larger). Fewer
+    /// hold fewer activations; more make larger, faster matmuls.
+    pub recompute_sequences: usize,
 }
 
 /// The result: the unscaled summed loss and one gradient store per layer, holding the
@@ -59,7 +62,7 @@ impl CausalLm {
             )));
         }
         let detached = step.adapter.adapter.detached();
-        let no_graph = ActiveAdapter { adapter: &detached, dropout_seed: step.adapter.dropout_seed };
+        let no_graph = ActiveAdapter { adapter: &detached, ..step.adapter };
         let (cos, sin) = self.rope.tables(0, t, &self.device)?;
         let mask = self.mask(t, 0)?;
 
@@ -73,19 +76,31 @@ impl CausalLm {
 
         let mut stores = Vec::with_capacity(self.layers.len() + 1);
         let (loss_sum, mut grad) = self.head_backward(&x, batch, step)?;
+        let part = if step.recompute_sequences == 0 { b } else { step.recompute_sequences.min(b) };
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = inputs.pop().ok_or_else(|| ModelError::Decode("layer inputs ran out".into()))?;
-            // The embeddings are frozen: the first layer's input needs no gradient.
-            let input = if i == 0 { input } else { Var::from_tensor(&input)?.as_tensor().clone() };
-            let out = layer.forward(&input, &cos, &sin, mask.as_ref(), None, Some(&step.adapter))?;
-            let store = (out * &grad)?.sum_all()?.backward()?;
-            if i > 0 {
-                grad = store
-                    .get(&input)
-                    .ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?
-                    .detach();
+            let mut layer_store = GradStore::default();
+            let mut input_grads = Vec::with_capacity(b.div_ceil(part));
+            // Sequences are independent within a layer, so the layer is rebuilt for a few at a
+            // time; each part draws the dropout masks the whole batch drew for its rows.
+            for first in (0..b).step_by(part) {
+                let n = part.min(b - first);
+                let x = input.narrow(0, first, n)?;
+                // The embeddings are frozen: the first layer's input needs no gradient.
+                let x = if i == 0 { x } else { Var::from_tensor(&x.contiguous()?)?.as_tensor().clone() };
+                let adapter = ActiveAdapter { first_row: step.adapter.first_row + first * t, ..step.adapter };
+                let out = layer.forward(&x, &cos, &sin, mask.as_ref(), None, Some(&adapter))?;
+                let store = (out * grad.narrow(0, first, n)?)?.sum_all()?.backward()?;
+                if i > 0 {
+                    let g = store.get(&x).ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?;
+                    input_grads.push(g.detach());
+                }
+                add_adapter_grads(&mut layer_store, &store, step.adapter.adapter, i)?;
             }
-            stores.push(adapter_grads(&store, step.adapter.adapter, i));
+            if i > 0 {
+                grad = Tensor::cat(&input_grads, 0)?;
+            }
+            stores.push(layer_store);
         }
         Ok(CheckpointedGrads { loss_sum, stores })
     }
@@ -125,17 +140,21 @@ pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Resu
     Ok((picked * weights)?.sum_all()?.neg()?)
 }
 
-/// The gradients of layer `layer`'s adapter tensors in `store`, detached. candle leaves each
-/// gradient with the op that made it, and that op refers to the forward activations: kept as
-/// they are, the gradients would keep every layer's graph alive and undo the checkpointing.
-fn adapter_grads(store: &GradStore, adapter: &crate::lora::LoraAdapter, layer: usize) -> GradStore {
-    let mut out = GradStore::default();
+/// Adds the gradients of layer `layer`'s adapter tensors in `store` to `into`, detached.
+/// candle leaves each gradient with the op that made it, and that op refers to the forward
+/// activations: kept as they are, the gradients would keep every layer's graph alive and undo
+/// the checkpointing.
+fn add_adapter_grads(into: &mut GradStore, store: &GradStore, adapter: &crate::lora::LoraAdapter, layer: usize) -> Result<()> {
     for (_, pair) in adapter.pairs().filter(|((l, _), _)| *l == layer) {
         for t in [&pair.a, &pair.b] {
             if let Some(g) = store.get(t) {
-                out.insert(t, g.detach());
+                let sum = match into.get(t) {
+                    Some(before) => (before + g)?.detach(),
+                    None => g.detach(),
+                };
+                into.insert(t, sum);
             }
         }
     }
-    out
+    Ok(())
 }

@@ -94,7 +94,7 @@ fn group_rows<'a>(rows: &[DecodeRow<'a>], device: &candle_core::Device) -> Resul
         .map(|(adapter, idx)| {
             // A group spanning the batch needs no gather or scatter.
             let rows_tensor = if idx.len() == rows.len() { None } else { Some(Tensor::new(idx.as_slice(), device)?) };
-            Ok(RowGroup { adapter: ActiveAdapter { adapter, dropout_seed: None }, rows: rows_tensor })
+            Ok(RowGroup { adapter: ActiveAdapter { adapter, dropout_seed: None, first_row: 0 }, rows: rows_tensor })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(RowGroups { groups })

@@ -238,6 +238,10 @@ impl LoraAdapter {
 pub struct ActiveAdapter<'a> {
     pub adapter: &'a LoraAdapter,
     pub dropout_seed: Option<u64>,
+    /// Where the rows of this forward start in the batch the dropout stream covers: 0, except
+    /// when a batch is recomputed in parts (gradient checkpointing), so each part draws the
+    /// masks the whole batch drew for its rows.
+    pub first_row: usize,
 }
 
 impl ActiveAdapter<'_> {
@@ -250,7 +254,7 @@ impl ActiveAdapter<'_> {
         let x = match self.dropout_seed {
             Some(seed) if p > 0.0 => {
                 let stream = mix(mix(seed, layer as u64), module.index());
-                x.mul(&dropout_mask(x, p, stream)?)?
+                x.mul(&dropout_mask(x, p, stream, self.first_row)?)?
             }
             _ => x.clone(),
         };
@@ -261,9 +265,13 @@ impl ActiveAdapter<'_> {
     }
 }
 
-/// Inverted-dropout mask: 0 with probability p, else 1/(1-p).
-fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+/// Inverted-dropout mask: 0 with probability p, else 1/(1-p). The stream runs over the
+/// elements of the whole batch in order; `x` (rows, in) takes its part from row `first_row`.
+fn dropout_mask(x: &Tensor, p: f64, seed: u64, first_row: usize) -> Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let per_row = x.dims().last().copied().unwrap_or(1) as u128;
+    // Each f64 draw takes two 32-bit words of the stream.
+    rng.set_word_pos(2 * per_row * first_row as u128);
     let keep = (1.0 / (1.0 - p)) as f32;
     let values: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })

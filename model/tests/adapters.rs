@@ -119,7 +119,7 @@ fn nf4_base_stays_four_bit_and_passes_gradients() {
     assert!((nf4_bytes as f64) < dense_bytes as f64 * 4.2 / 32.0, "{nf4_bytes} vs {dense_bytes} bytes");
 
     let (adapter, vars) = random_adapter(&t.config, 4, 8.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
     let prompt = ids(&[0, 57, 80, 120, 301]);
     let dense = t.model.forward(&prompt, 0, None, Some(&active)).expect("dense");
     let quant = q.forward(&prompt, 0, None, Some(&active)).expect("nf4");

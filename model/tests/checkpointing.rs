@@ -1,5 +1,6 @@
 //! Gradient checkpointing computes the same loss and adapter gradients as one recorded forward,
-//! on a dense and on an NF4 base, with dropout on and the head split into uneven row chunks.
+//! on a dense and on an NF4 base, with dropout on, the head split into uneven row chunks, and
+//! the layers recomputed for the whole batch or one sequence at a time.
 
 mod common;
 
@@ -27,7 +28,7 @@ fn targets() -> (Tensor, Tensor) {
 
 fn check(model: &CausalLm, config: &kubetune_model::Config) {
     let (adapter, vars) = random_adapter(config, 4, 8.0, 0.3);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(11) };
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(11), first_row: 0 };
     let input = Tensor::new(&INPUT, &Device::Cpu).expect("ids").reshape((2, SEQ)).expect("batch");
     let (targets, weights) = targets();
     let scale = 0.25;
@@ -39,20 +40,31 @@ fn check(model: &CausalLm, config: &kubetune_model::Config) {
     let plain = (sum.clone() * scale).expect("scale").backward().expect("backward");
     let plain_loss: f32 = sum.to_scalar().expect("loss");
 
-    let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
-    let step = CheckpointedStep { adapter: active, loss_scale: scale, head_rows: 5 };
-    let out = model.loss_backward_checkpointed(&batch, &step).expect("checkpointed");
+    for recompute_sequences in [0, 1] {
+        let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
+        let step = CheckpointedStep { adapter: active, loss_scale: scale, head_rows: 5, recompute_sequences };
+        let out = model.loss_backward_checkpointed(&batch, &step).expect("checkpointed");
+        compare(&out, &vars, &plain, plain_loss);
+    }
+}
+
+fn compare(
+    out: &kubetune_model::checkpointing::CheckpointedGrads,
+    vars: &[kubetune_model::lora::NamedVar],
+    plain: &candle_core::backprop::GradStore,
+    plain_loss: f32,
+) {
     assert!((out.loss_sum - plain_loss as f64).abs() < 1e-4 * plain_loss.abs() as f64, "{} vs {plain_loss}", out.loss_sum);
 
     let mut checkpointed: BTreeMap<&str, Tensor> = BTreeMap::new();
     for store in &out.stores {
-        for v in &vars {
+        for v in vars {
             if let Some(g) = store.get(v.var.as_tensor()) {
                 assert!(checkpointed.insert(&v.name, g.clone()).is_none(), "{} has two gradients", v.name);
             }
         }
     }
-    for v in &vars {
+    for v in vars {
         let want = plain.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no plain gradient for {}", v.name));
         let got = checkpointed.get(v.name.as_str()).unwrap_or_else(|| panic!("no checkpointed gradient for {}", v.name));
         let size = want.abs().expect("abs").flatten_all().expect("f").max(0).expect("max").to_scalar::<f32>().expect("s");
@@ -83,7 +95,7 @@ fn mismatched_targets_are_an_error_not_a_panic() {
     let short = Tensor::zeros(3, candle_core::DType::U32, &Device::Cpu).expect("t");
     let w = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).expect("w");
     let batch = LossBatch { input_ids: &input, targets: &short, weights: &w };
-    let step = CheckpointedStep { adapter: ActiveAdapter { adapter: &adapter, dropout_seed: None }, loss_scale: 1.0, head_rows: 4 };
+    let step = CheckpointedStep { adapter: ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 }, loss_scale: 1.0, head_rows: 4, recompute_sequences: 0 };
     let err = model_err(&t.model, &batch, &step);
     assert!(err.contains("18 entries"), "{err}");
 }

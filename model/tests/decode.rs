@@ -10,7 +10,7 @@ use kubetune_model::{ActiveAdapter, CausalLm, DecodeRow, KvCache, LoraAdapter};
 const PROMPTS: [&[u32]; 4] = [&[0, 57, 80, 120, 301], &[0, 9, 200], &[0, 44, 9, 200, 17, 301, 12], &[0, 3]];
 
 fn active(adapter: Option<&LoraAdapter>) -> Option<ActiveAdapter<'_>> {
-    adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None })
+    adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None, first_row: 0 })
 }
 
 fn argmax_last(logits: &Tensor) -> u32 {

@@ -14,7 +14,7 @@ fn lora_forward_equals_merged_weights_with_scale_not_one() {
     let t = tiny();
     // alpha / r = 3: a wrongly placed scale (on the base, or missing) would show.
     let (adapter, _vars) = random_adapter(&t.config, 4, 12.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
     let with_lora = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("lora forward");
     let merged = t.model.merged(&adapter).expect("merge");
     let merged_out = merged.forward(&ids(&PROMPT), 0, None, None).expect("merged forward");
@@ -28,12 +28,12 @@ fn lora_forward_equals_merged_weights_with_scale_not_one() {
 fn dropout_applies_only_when_training() {
     let t = tiny();
     let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.5);
-    let eval = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let eval = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
     let a = t.model.forward(&ids(&PROMPT), 0, None, Some(&eval)).expect("eval");
     let merged = t.model.merged(&adapter).expect("merge").forward(&ids(&PROMPT), 0, None, None).expect("merged");
     assert!(max_abs_diff(&a, &merged) < 1e-4, "no dropout at eval");
     let train = |seed| {
-        let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(seed) };
+        let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(seed), first_row: 0 };
         t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("train")
     };
     assert!(max_abs_diff(&train(1), &a) > 1e-3, "dropout changes the training output");
@@ -44,7 +44,7 @@ fn dropout_applies_only_when_training() {
 fn kv_cache_decoding_matches_full_forward() {
     let t = tiny();
     let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
     let full = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("full");
     let mut cache = KvCache::new(t.config.num_hidden_layers);
     let split = 5;
@@ -102,7 +102,7 @@ fn missing_weights_name_the_directory_and_tensor() {
 fn gradients_reach_adapters_of_every_layer() {
     let t = tiny();
     let (adapter, vars) = random_adapter(&t.config, 4, 8.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None };
+    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
     let logits = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("forward");
     let loss = logits.sqr().expect("sqr").mean_all().expect("mean");
     let grads = loss.backward().expect("backward");

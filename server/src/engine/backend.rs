@@ -84,7 +84,7 @@ impl CandleBackend {
             .filter(|(i, _)| indices.contains(i))
             .map(|(_, item)| PrefillRow { tokens: item.tokens, cache: &mut item.cache.kv })
             .collect();
-        let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None });
+        let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None, first_row: 0 });
         let logits = self.model.prefill(&mut rows, active.as_ref())?;
         Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
     }
@@ -155,7 +155,7 @@ impl Backend for CandleBackend {
         }
         let mut run = || -> kubetune_model::Result<Vec<f32>> {
             let ids = candle_core::Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
-            let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None });
+            let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None, first_row: 0 });
             let offset = cache.kv.len();
             let logits = self.model.forward_last(&ids, offset, Some(&mut cache.kv), active.as_ref())?;
             Ok(logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
