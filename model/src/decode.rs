@@ -244,23 +244,38 @@ fn group_attention_kernel() -> fn(&GroupAttention, &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn attend_group_avx512(a: &GroupAttention, o: &mut [f32]) {
-    attend_group(a, o)
+    // SAFETY: this function runs only where the CPU has AVX-512F.
+    let p = if a.k.d.is_multiple_of(16) { unsafe { avx512_scores::scores(a) } } else { scores(a) };
+    mix_values(a, p, o)
 }
 
-/// Softmax(q k^T * scale) v for each query head of the group, into `o` (group, d). Each
-/// cached key and value is read once for all heads of the group.
+/// Softmax(q k^T * scale) v for each query head of the group, into `o` (group, d).
 #[inline(always)]
 fn attend_group(a: &GroupAttention, o: &mut [f32]) {
+    let p = scores(a);
+    mix_values(a, p, o)
+}
+
+/// q k^T * scale, (group, positions). Each cached key is read once for all heads of the group.
+#[inline(always)]
+fn scores(a: &GroupAttention) -> Vec<f32> {
     let d = a.k.d;
-    let group = a.q.len() / d;
     let n = a.k.len - a.start;
-    let mut p = vec![0f32; group * n];
+    let mut p = vec![0f32; (a.q.len() / d) * n];
     for (j, pos) in (a.start..a.k.len).enumerate() {
         let key = a.k.position(a.kv, pos);
         for (g, qh) in a.q.chunks_exact(d).enumerate() {
             p[g * n + j] = dot16(qh, key) * a.scale;
         }
     }
+    p
+}
+
+/// Softmax over each head's scores, then the weighted sum of the cached values into `o`.
+#[inline(always)]
+fn mix_values(a: &GroupAttention, mut p: Vec<f32>, o: &mut [f32]) {
+    let d = a.k.d;
+    let n = a.k.len - a.start;
     for probs in p.chunks_exact_mut(n) {
         let max = probs.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
         let mut sum = 0.0;
@@ -276,6 +291,77 @@ fn attend_group(a: &GroupAttention, o: &mut [f32]) {
             let w = p[g * n + j];
             oh.iter_mut().zip(value).for_each(|(o, x)| *o += w * x);
         }
+    }
+}
+
+/// Scores sixteen positions at a time. A dot product per position ends in a horizontal sum of
+/// sixteen lanes, which cost more than the multiply-adds at head_dim 64 (a third of a
+/// 16-sequence decode step was attention); here the sixteen positions' partial sums are
+/// reduced together by a shuffle tree into one vector of sixteen scores.
+#[cfg(target_arch = "x86_64")]
+mod avx512_scores {
+    use super::GroupAttention;
+    use std::arch::x86_64::*;
+
+    /// As [`super::scores`], for head_dim a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores(a: &GroupAttention) -> Vec<f32> {
+        let d = a.k.d;
+        let n = a.k.len - a.start;
+        let group = a.q.len() / d;
+        let mut p = vec![0f32; group * n];
+        let scale = _mm512_set1_ps(a.scale);
+        // Up to four query heads per pass, so each key is loaded once for all of them.
+        for g0 in (0..group).step_by(4) {
+            let heads = (group - g0).min(4);
+            for j0 in (0..n).step_by(16) {
+                let m = (n - j0).min(16);
+                let mut acc = [[_mm512_setzero_ps(); 16]; 4];
+                for jj in 0..m {
+                    let key = a.k.position(a.kv, a.start + j0 + jj);
+                    for (c, kc) in key.chunks_exact(16).enumerate() {
+                        // SAFETY: the chunk holds exactly 16 values.
+                        let kv = unsafe { _mm512_loadu_ps(kc.as_ptr()) };
+                        for (h, acc) in acc.iter_mut().take(heads).enumerate() {
+                            let qc = &a.q[(g0 + h) * d + c * 16..(g0 + h) * d + c * 16 + 16];
+                            // SAFETY: as above.
+                            acc[jj] = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(qc.as_ptr()) }, kv, acc[jj]);
+                        }
+                    }
+                }
+                for (h, acc) in acc.iter().take(heads).enumerate() {
+                    let mut out = [0f32; 16];
+                    // SAFETY: `out` holds 16 values.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(reduce16(acc), scale)) };
+                    let row = (g0 + h) * n + j0;
+                    p[row..row + m].copy_from_slice(&out[..m]);
+                }
+            }
+        }
+        p
+    }
+
+    /// Lane i of the result is the sum of the sixteen lanes of `v[i]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn reduce16(v: &[__m512; 16]) -> __m512 {
+        // Pairs: per 128-bit lane, (a0+a2, b0+b2, a1+a3, b1+b3).
+        let pair = |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        // Quads: per 128-bit lane L, the lane-L sums of four vectors, in order (64-bit
+        // unpacks move the pairs' f32 sums two at a time).
+        let quad = |x: __m512, y: __m512| {
+            let (xd, yd) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)), _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd)))
+        };
+        let y: [__m512; 4] = std::array::from_fn(|m| {
+            quad(pair(v[4 * m], v[4 * m + 1]), pair(v[4 * m + 2], v[4 * m + 3]))
+        });
+        // y[m] holds, in 128-bit lane L, the lane-L sums of vectors 4m..4m+4. Adding lanes
+        // (0, 2) to (1, 3) twice leaves lane m of the result with y[m]'s four-lane totals.
+        let halves = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        };
+        let (u01, u23) = (halves(y[0], y[1]), halves(y[2], y[3]));
+        halves(u01, u23)
     }
 }
 
@@ -324,5 +410,29 @@ impl Mlp {
         let gate = self.gate.forward_rows(x, groups)?.silu()?;
         let up = self.up.forward_rows(x, groups)?;
         self.down.forward_rows(&(gate * up)?, groups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The shuffle tree gives lane i the sum of vector i's lanes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reduce16_sums_each_vector_into_its_lane() {
+        use std::arch::x86_64::*;
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let values: Vec<[f32; 16]> = (0..16).map(|i| std::array::from_fn(|l| (i * 16 + l) as f32 * if l % 3 == 0 { -0.5 } else { 1.0 })).collect();
+        // SAFETY: the CPU has AVX-512F (checked above).
+        let got = unsafe {
+            let v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(values[i].as_ptr()));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), super::avx512_scores::reduce16(&v));
+            out
+        };
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(got[i], v.iter().sum::<f32>(), "lane {i}");
+        }
     }
 }
