@@ -265,7 +265,7 @@ fn scores(a: &GroupAttention) -> Vec<f32> {
     for (j, pos) in (a.start..a.k.len).enumerate() {
         let key = a.k.position(a.kv, pos);
         for (g, qh) in a.q.chunks_exact(d).enumerate() {
-            p[g * n + j] = dot16(qh, key) * a.scale;
+            p[g * n + j] = crate::small_rows::dot_with::<false>(qh, key) * a.scale;
         }
     }
     p
@@ -363,21 +363,6 @@ mod avx512_scores {
         let (u01, u23) = (halves(y[0], y[1]), halves(y[2], y[3]));
         halves(u01, u23)
     }
-}
-
-/// A dot product in sixteen independent sums, so it vectorises (one running sum would fix the
-/// order of the additions and keep it scalar).
-#[inline(always)]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// One layer's cached keys or values of one sequence, (1, kv_heads, len, d), read in place:

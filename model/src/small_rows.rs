@@ -268,9 +268,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 /// Sixteen independent sums, which the compiler can vectorise (one running sum would fix the
 /// order of the additions and keep it scalar). `FMA` only where the CPU has it: elsewhere
-/// mul_add is a slow library call.
+/// mul_add is a slow library call. Inlined, it vectorises for the caller's target features.
 #[inline(always)]
-fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
