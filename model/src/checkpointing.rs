@@ -130,6 +130,40 @@ impl CausalLm {
     }
 }
 
+impl CausalLm {
+    /// `-sum(weights * log p(targets))` through one recorded forward, for `backward` (the
+    /// plain path, without checkpointing). The head and the loss run in chunks of `head_rows`
+    /// rows: the whole batch's logits (4 x 256 rows x 8192 f32 is 32 MiB) reached glibc's mmap
+    /// threshold, so every such tensor was a fresh mapping, page-faulted in and zeroed on each
+    /// step (5% of a step in the kernel). The chunks come from the reused heap instead.
+    pub fn loss_sum(&self, batch: &LossBatch, adapter: &ActiveAdapter, head_rows: usize) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let rows = b * t;
+        if batch.targets.dims() != [rows] || batch.weights.dims() != [rows] {
+            return Err(ModelError::Decode(format!(
+                "loss targets {:?} and weights {:?} must both have {rows} entries",
+                batch.targets.dims(),
+                batch.weights.dims()
+            )));
+        }
+        let x = self.hidden(batch.input_ids, 0, None, Some(adapter))?;
+        let flat = x.reshape((rows, x.dim(2)?))?;
+        let head = self.head();
+        let chunk = head_rows.max(1);
+        let mut total: Option<Tensor> = None;
+        for start in (0..rows).step_by(chunk) {
+            let len = chunk.min(rows - start);
+            let logits = frozen_matmul(&flat.narrow(0, start, len)?, &head)?;
+            let sum = weighted_nll(&logits, &batch.targets.narrow(0, start, len)?, &batch.weights.narrow(0, start, len)?)?;
+            total = Some(match total {
+                Some(t) => (t + sum)?,
+                None => sum,
+            });
+        }
+        total.ok_or_else(|| ModelError::Decode("loss of an empty batch".into()))
+    }
+}
+
 /// `-sum(weights * log_softmax(logits)[targets])` for logits (rows, vocab), next-token ids
 /// (rows) and loss weights (rows): the training loss, summed rather than averaged so that
 /// chunks and micro-batches add up.

@@ -1,6 +1,7 @@
-//! Gradient checkpointing computes the same loss and adapter gradients as one recorded forward,
-//! on a dense and on an NF4 base, with dropout on, the head split into uneven row chunks, and
-//! the layers recomputed for the whole batch or one sequence at a time.
+//! Gradient checkpointing, and the plain path's chunked head, compute the same loss and adapter
+//! gradients as one recorded forward with the whole batch's logits, on a dense and on an NF4
+//! base, with dropout on, the head split into uneven row chunks, and the layers recomputed for
+//! the whole batch or one sequence at a time.
 
 mod common;
 
@@ -39,6 +40,20 @@ fn check(model: &CausalLm, config: &kubetune_model::Config) {
     let sum = (picked * &weights).expect("mul").sum_all().expect("sum").neg().expect("neg");
     let plain = (sum.clone() * scale).expect("scale").backward().expect("backward");
     let plain_loss: f32 = sum.to_scalar().expect("loss");
+
+    // The plain path's chunked head and loss (odd chunks of 5 rows) give the same loss and
+    // gradients as the whole batch's logits at once.
+    let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
+    let chunked = model.loss_sum(&batch, &active, 5).expect("chunked loss");
+    let chunked_loss: f32 = chunked.to_scalar().expect("loss");
+    assert!((chunked_loss - plain_loss).abs() < 1e-4 * plain_loss.abs(), "{chunked_loss} vs {plain_loss}");
+    let store = (chunked * scale).expect("scale").backward().expect("backward");
+    let mut chunked_grads = candle_core::backprop::GradStore::default();
+    for v in &vars {
+        chunked_grads.insert(v.var.as_tensor(), store.get(v.var.as_tensor()).expect("gradient").clone());
+    }
+    let as_checkpointed = kubetune_model::checkpointing::CheckpointedGrads { loss_sum: chunked_loss as f64, stores: vec![chunked_grads] };
+    compare(&as_checkpointed, &vars, &plain, plain_loss);
 
     for recompute_sequences in [0, 1] {
         let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };

@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::prepare::prepare;
 use candle_core::{DType, Device, Tensor};
-use kubetune_model::checkpointing::{weighted_nll, CheckpointedStep, LossBatch};
+use kubetune_model::checkpointing::{CheckpointedStep, LossBatch};
 use kubetune_model::lora::{mix, NamedVar};
 use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, CausalLm, LoadOptions, LoraAdapter};
 use serde::Serialize;
@@ -385,9 +385,7 @@ impl LossTargets {
 
     /// Sum of the token losses of the trained targets, through one recorded forward.
     fn loss_sum(&self, model: &CausalLm, adapter: &ActiveAdapter) -> Result<Tensor> {
-        let (b, len) = self.input.dims2()?;
-        let logits = model.forward(&self.input, 0, None, Some(adapter))?.reshape((b * len, ()))?;
-        Ok(weighted_nll(&logits, &self.targets, &self.weights)?)
+        Ok(model.loss_sum(&self.as_batch(), adapter, HEAD_ROWS)?)
     }
 }
 
