@@ -400,6 +400,43 @@ impl Mlp {
 
 #[cfg(test)]
 mod tests {
+    use super::{attend_group, CacheView, GroupAttention};
+
+    /// A cache of two KV heads, each `len` positions of `d` values.
+    fn view(data: &[f32], len: usize, d: usize) -> CacheView<'_> {
+        CacheView { data, head_stride: len * d, pos_stride: d, len, d }
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    /// The AVX-512 attention (sixteen positions per reduction, up to four heads per pass)
+    /// equals the portable one, for head dims with and without a multiple of 16, position
+    /// counts that leave partial blocks, a window start, and groups of 1, 2 and 6 heads.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_attention_equals_the_portable_one() {
+        if !std::arch::is_x86_feature_detected!("avx512f") || !std::arch::is_x86_feature_detected!("fma") {
+            return;
+        }
+        for (d, len, start, group) in [(16, 1, 0, 2), (64, 37, 0, 2), (32, 40, 9, 6), (24, 19, 3, 1)] {
+            let kv_heads = 2;
+            let (k, v) = (values(kv_heads * len * d, 1), values(kv_heads * len * d, 2));
+            let (kc, vc) = (view(&k, len, d), view(&v, len, d));
+            let q = values(group * d, 3);
+            let a = GroupAttention { q: &q, k: &kc, v: &vc, kv: 1, start, scale: 0.125 };
+            let mut want = vec![0f32; group * d];
+            attend_group(&a, &mut want);
+            let mut got = vec![0f32; group * d];
+            // SAFETY: the CPU has the features (checked above).
+            unsafe { super::attend_group_avx512(&a, &mut got) };
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-5, "d {d}, len {len}, start {start}, group {group}, at {i}: {g} vs {w}");
+            }
+        }
+    }
+
     /// The shuffle tree gives lane i the sum of vector i's lanes.
     #[cfg(target_arch = "x86_64")]
     #[test]
