@@ -29,6 +29,22 @@ pub struct LossBatch<'a> {
     pub weights: &'a Tensor,
 }
 
+impl LossBatch<'_> {
+    /// (batch, seq), after checking that targets and weights have one entry per position.
+    fn shape(&self) -> Result<(usize, usize)> {
+        let (b, t) = self.input_ids.dims2()?;
+        let rows = b * t;
+        if self.targets.dims() != [rows] || self.weights.dims() != [rows] {
+            return Err(ModelError::Decode(format!(
+                "loss targets {:?} and weights {:?} must both have {rows} entries",
+                self.targets.dims(),
+                self.weights.dims()
+            )));
+        }
+        Ok((b, t))
+    }
+}
+
 /// Settings of one checkpointed step.
 pub struct CheckpointedStep<'a> {
     pub adapter: ActiveAdapter<'a>,
@@ -52,15 +68,7 @@ impl CausalLm {
     /// `-sum(weights * log p(targets))` over the batch and its gradients with respect to the
     /// adapter variables, with gradient checkpointing (see the module docs).
     pub fn loss_backward_checkpointed(&self, batch: &LossBatch, step: &CheckpointedStep) -> Result<CheckpointedGrads> {
-        let (b, t) = batch.input_ids.dims2()?;
-        let rows = b * t;
-        if batch.targets.dims() != [rows] || batch.weights.dims() != [rows] {
-            return Err(ModelError::Decode(format!(
-                "loss targets {:?} and weights {:?} must both have {rows} entries",
-                batch.targets.dims(),
-                batch.weights.dims()
-            )));
-        }
+        let (b, t) = batch.shape()?;
         let detached = step.adapter.adapter.detached();
         let no_graph = ActiveAdapter { adapter: &detached, ..step.adapter };
         let (cos, sin) = self.rope.tables(0, t, &self.device)?;
@@ -137,15 +145,8 @@ impl CausalLm {
     /// threshold, so every such tensor was a fresh mapping, page-faulted in and zeroed on each
     /// step (5% of a step in the kernel). The chunks come from the reused heap instead.
     pub fn loss_sum(&self, batch: &LossBatch, adapter: &ActiveAdapter, head_rows: usize) -> Result<Tensor> {
-        let (b, t) = batch.input_ids.dims2()?;
+        let (b, t) = batch.shape()?;
         let rows = b * t;
-        if batch.targets.dims() != [rows] || batch.weights.dims() != [rows] {
-            return Err(ModelError::Decode(format!(
-                "loss targets {:?} and weights {:?} must both have {rows} entries",
-                batch.targets.dims(),
-                batch.weights.dims()
-            )));
-        }
         let x = self.hidden(batch.input_ids, 0, None, Some(adapter))?;
         let flat = x.reshape((rows, x.dim(2)?))?;
         let head = self.head();
