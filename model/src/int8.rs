@@ -75,14 +75,8 @@ impl Int8Tensor {
         if !crate::fused::fusable(x) || !self.device.is_cpu() {
             return Ok(None);
         }
-        let (rows, k) = x.dims2()?;
-        if k != self.k {
-            return Err(ModelError::Decode(format!("matmul: input has {k} features, the weight {}", self.k)));
-        }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let w = Weight { values: &self.values, scales: Some(&self.scales) };
-        let y = small_rows::matmul_t(&xs, rows, &w, self.out, k);
-        Ok(Some(Tensor::from_vec(y, (rows, self.out), x.device())?))
+        Ok(Some(small_rows::product(x, &w, self.out, self.k)?))
     }
 }
 

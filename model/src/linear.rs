@@ -199,19 +199,12 @@ pub(crate) fn matmul_weight(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
 const SMALL_ROWS: usize = 32;
 
 fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (rows, k) = x.dims2()?;
     let (out, k_w) = w.dims2()?;
-    if k != k_w {
-        return Err(crate::error::ModelError::Decode(format!("matmul: input has {k} features, the weight {k_w}")));
-    }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let (guard, layout) = w.storage_and_layout();
     let ws = crate::fused::cpu_f32(&guard, layout)
-        .and_then(|data| data.get(..out * k))
+        .and_then(|data| data.get(..out * k_w))
         .ok_or_else(|| crate::error::ModelError::Decode("matmul: the weight is not f32 on the CPU".into()))?;
-    let y = crate::small_rows::matmul_t(&xs, rows, &crate::small_rows::Weight { values: ws, scales: None }, out, k);
-    drop(guard);
-    Ok(Tensor::from_vec(y, (rows, out), x.device())?)
+    crate::small_rows::product(x, &crate::small_rows::Weight { values: ws, scales: None }, out, k_w)
 }
 
 /// `x @ w^T` for `x` (rows, in) and a frozen weight (out, in), in a graph that trains adapters.

@@ -9,6 +9,7 @@
 //! weights, and int8 reads a quarter of the bytes). Without AVX-512 it falls back to one dot
 //! product per output.
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// Output columns per rayon task: enough work to amortise a task, small enough to balance.
@@ -63,6 +64,17 @@ impl Element for i8 {
 pub(crate) struct Weight<'a, E> {
     pub values: &'a [E],
     pub scales: Option<&'a [f32]>,
+}
+
+/// [`matmul_t`] on tensors: `x` (rows, k), f32 on the CPU, times the weight `w` of `out` rows
+/// of `k_w` values; a feature count that differs from the weight's is an error.
+pub(crate) fn product<E: Element>(x: &Tensor, w: &Weight<E>, out: usize, k_w: usize) -> crate::error::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    if k != k_w {
+        return Err(crate::error::ModelError::Decode(format!("matmul: input has {k} features, the weight {k_w}")));
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Tensor::from_vec(matmul_t(&xs, rows, w, out, k), (rows, out), x.device())?)
 }
 
 /// `y = x @ w^T` with `x` (rows, k) and `w` (out, k), both row-major; `y` is (rows, out).
