@@ -5,7 +5,6 @@ use crate::lora::{ActiveAdapter, TargetModule};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
 /// The frozen weight of a projection, (out, in) as HF stores it. An enum so a quantized form
 /// can sit beside the dense one without the layers knowing.
@@ -152,32 +151,17 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// orders took the same time.
 const WEIGHT_LEFT_ROWS: usize = 512;
 
-/// A contiguous 2-D f32 CPU tensor transposed into a new contiguous one, in cache-sized
-/// tiles. candle's strided copy took 11 ms for a (1408, 1024) transpose.
+/// A contiguous 2-D f32 CPU tensor transposed into a new contiguous one
+/// ([`crate::small_rows::transpose`]). candle's strided copy took 11 ms for a (1408, 1024)
+/// transpose.
 fn transpose(t: &Tensor) -> Result<Tensor> {
-    const TILE: usize = 32;
     let (rows, cols) = t.dims2()?;
     let (guard, layout) = t.storage_and_layout();
     let src = crate::fused::cpu_f32(&guard, layout)
         .filter(|_| layout.is_contiguous())
         .and_then(|d| d.get(..rows * cols))
         .ok_or_else(|| crate::error::ModelError::Decode("transpose: not a contiguous f32 CPU tensor".into()))?;
-    let mut dst = vec![0f32; rows * cols];
-    if rows > 0 {
-        // Each task writes TILE rows of the result, i.e. TILE columns of the source.
-        dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(block, out)| {
-            let c0 = block * TILE;
-            let nc = out.len() / rows;
-            for r0 in (0..rows).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    let line = &src[r * cols + c0..r * cols + c0 + nc];
-                    for (c, v) in line.iter().enumerate() {
-                        out[c * rows + r] = *v;
-                    }
-                }
-            }
-        });
-    }
+    let dst = crate::small_rows::transpose(src, rows, cols, true);
     drop(guard);
     Ok(Tensor::from_vec(dst, (cols, rows), t.device())?)
 }
