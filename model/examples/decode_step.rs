@@ -12,7 +12,6 @@ use std::time::Instant;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     kubetune_model::threads::settle_thread_count();
     kubetune_model::malloc::tune();
-    let in_pool = std::env::var_os("IN_POOL").is_some();
     let mut args = std::env::args().skip(1);
     let dir = args.next().ok_or("usage: decode_step MODEL_DIR [--int8] [ROWS...]")?;
     let rest: Vec<String> = args.collect();
@@ -45,11 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for step in 0..steps {
             let mut batch: Vec<DecodeRow> =
                 caches.iter_mut().map(|cache| DecodeRow { token: (step * 13 % 1000) as u32, cache, adapter: None }).collect();
-            if in_pool {
-                rayon::scope(|_| model.decode(&mut batch))?;
-            } else {
-                model.decode(&mut batch)?;
-            }
+            model.decode(&mut batch)?;
         }
         let per_step = start.elapsed().as_secs_f64() / steps as f64;
         println!(
