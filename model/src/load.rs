@@ -71,8 +71,10 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
     // nobody rewriting a model file while it is loaded.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &options.device) }
+    let mapped = unsafe { crate::mapped::MappedSafetensors::open(&files) }
         .map_err(|source| ModelError::Weights { path: dir.into(), source })?;
+    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(mapped);
+    let vb = VarBuilder::from_backend(backend, DType::F32, options.device.clone());
     let model = match options.base {
         BaseFormat::Dense => CausalLm::load(vb, &config, &DenseStore),
         BaseFormat::Nf4 => CausalLm::load(vb, &config, &Nf4Store),

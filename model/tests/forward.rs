@@ -96,6 +96,22 @@ fn missing_weights_name_the_directory_and_tensor() {
     std::fs::copy(t.dir.path().join("config.json"), empty.path().join("config.json")).expect("config");
     let err = load_model(empty.path(), &LoadOptions::default()).expect_err("no weights").to_string();
     assert!(err.contains("no model.safetensors"), "{err}");
+    // A file cut short (an interrupted copy) is an error naming the file, not a crash.
+    let bytes = std::fs::read(t.dir.path().join("model.safetensors")).expect("weights");
+    std::fs::write(empty.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
+    let err = anyhow_like(load_model(empty.path(), &LoadOptions::default()).expect_err("truncated"));
+    assert!(err.contains("model.safetensors") && err.contains("not a safetensors file"), "{err}");
+}
+
+/// The error with its sources, as a log line shows it.
+fn anyhow_like(e: kubetune_model::ModelError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 #[test]
