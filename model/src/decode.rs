@@ -43,7 +43,7 @@ impl CausalLm {
         let (cos, sin) = self.rope.tables_at(&positions, &self.device)?;
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let ids = Tensor::new(tokens.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed_rows(&ids)?;
         let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|r| &mut *r.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups)?;

@@ -258,60 +258,89 @@ impl CustomOp1 for Rope {
 // ---------------------------------------------------------------------------------------------
 // Attention probabilities: softmax(scores * scale) under the causal (and sliding-window) mask.
 
-/// `scores` is (batch, heads, queries, keys) with the queries at the last positions of the
-/// keys: query i sits at position keys - queries + i and sees keys j <= that position (and,
-/// with a window w, only the w newest of them). Masked entries come out as exactly 0.
-pub(crate) fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
-    scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, window })
+/// `softmax(scale * q k^T)` under the causal mask (and the sliding window, if any), for `q`
+/// (b, kv_heads, n * queries, d) and `k` (b, kv_heads, keys, d): the n query heads that share
+/// a KV head have their rows stacked, so grouped-query attention needs no copy of K and V per
+/// query head. The queries are the last positions of the keys: row i of a head sits at
+/// position keys - queries + i and sees keys j <= that position (with a window w, only the w
+/// newest). Masked entries come out as exactly 0.
+///
+/// One op from q and k to the probabilities: the graph keeps only the probabilities (the
+/// backward needs them), not the scores before them, and the backward produces the scores'
+/// gradient once instead of through candle's zero-filled accumulators.
+pub(crate) fn causal_probs(q: &Tensor, k: &Tensor, scale: f64, window: Option<usize>, queries: usize) -> Result<Tensor> {
+    q.contiguous()?.apply_op2(&k.contiguous()?, CausalProbs { scale: scale as f32, window, queries })
 }
 
-struct CausalSoftmax {
+struct CausalProbs {
     scale: f32,
     window: Option<usize>,
+    queries: usize,
 }
 
-impl CausalSoftmax {
-    /// The visible key range of row `row` of a (.., queries, keys) tensor.
-    fn visible(&self, row: usize, queries: usize, keys: usize) -> std::ops::Range<usize> {
-        let pos = keys - queries + row % queries;
+impl CausalProbs {
+    /// The visible key range of row `row` of a head's stacked rows.
+    fn visible(&self, row: usize, keys: usize) -> std::ops::Range<usize> {
+        let pos = keys - self.queries + row % self.queries;
         let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         first..pos + 1
     }
 
-    fn dims(l: &Layout) -> Result<(usize, usize)> {
-        match l.dims() {
-            &[_, _, q, k] if q <= k && q > 0 => Ok((q, k)),
-            d => Err(candle_core::Error::Msg(format!("causal softmax: expected (b, h, queries <= keys, keys), got {d:?}"))),
+    /// (batch * kv heads, rows, keys, head dim) after checking the shapes.
+    fn dims(&self, ql: &Layout, kl: &Layout) -> Result<(usize, usize, usize, usize)> {
+        match (ql.dims(), kl.dims()) {
+            (&[b, g, rows, d], &[kb, kg, keys, kd])
+                if (b, g, d) == (kb, kg, kd) && self.queries > 0 && rows % self.queries == 0 && self.queries <= keys =>
+            {
+                Ok((b * g, rows, keys, d))
+            }
+            (q, k) => Err(candle_core::Error::Msg(format!(
+                "causal attention: q {q:?} must be (b, kv heads, n * {} queries, d) and k {k:?} (b, kv heads, keys >= queries, d)",
+                self.queries
+            ))),
         }
+    }
+
+    /// Scaled, masked softmax of one row of scores, in place.
+    fn softmax_row(&self, scores: &mut [f32], row: usize) {
+        let seen = self.visible(row, scores.len());
+        let max = scores[seen.clone()].iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
+        let mut sum = 0.0;
+        for v in &mut scores[seen.clone()] {
+            *v = (*v * self.scale - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        scores[seen.clone()].iter_mut().for_each(|v| *v *= inv);
+        scores[..seen.start].fill(0.0);
+        scores[seen.end..].fill(0.0);
     }
 }
 
-impl CustomOp1 for CausalSoftmax {
+impl CustomOp2 for CausalProbs {
     fn name(&self) -> &'static str {
-        "fused-causal-softmax"
+        "fused-causal-probs"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(xs, xl, "causal softmax")?;
-        let (q, k) = Self::dims(xl)?;
-        let out = map_rows(x.len(), k, |row, o| {
-            let seen = self.visible(row, q, k);
-            let xr = &x[row * k..(row + 1) * k][seen.clone()];
-            let max = xr.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
-            let visible = &mut o[seen];
-            let mut sum = 0.0;
-            for (o, v) in visible.iter_mut().zip(xr) {
-                *o = (v * self.scale - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            visible.iter_mut().for_each(|o| *o *= inv);
-        });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (heads, rows, keys, d) = self.dims(ql, kl)?;
+        use candle_core::backend::BackendStorage;
+        let scores = qs.matmul(ks, (heads, rows, keys, d), ql, &kl.transpose(2, 3)?)?;
+        let CpuStorage::F32(mut scores) = scores else {
+            return Err(candle_core::Error::Msg("causal attention: expected f32".into()));
+        };
+        scores.par_chunks_mut(keys.max(1)).enumerate().for_each(|(i, r)| self.softmax_row(r, i % rows));
+        let mut shape = ql.dims().to_vec();
+        shape[3] = keys;
+        Ok((CpuStorage::F32(scores), Shape::from(shape)))
     }
 
-    fn bwd(&self, _x: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(p.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward { scale: self.scale })?))
+    /// With dS = scale * p * (g - sum(p * g)) the scores' gradient: dq = dS k, dk = dS^T q.
+    fn bwd(&self, q: &Tensor, k: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(dk)))
     }
 }
 
@@ -335,6 +364,84 @@ impl CustomOp2 for SoftmaxBackward {
             }
         });
         Ok((CpuStorage::F32(out), pl.shape().clone()))
+    }
+}
+
+/// The summed weighted negative log-likelihood of `targets` under `logits` (rows, vocab),
+/// `-sum_r weights[r] * log_softmax(logits[r])[targets[r]]`, returned; and `logits`
+/// overwritten with `scale` times its gradient, `scale * weights[r] * (softmax(logits[r]) -
+/// onehot(targets[r]))`.
+///
+/// For the head under gradient checkpointing: candle's log-softmax, gather and their backward
+/// hold about eleven logits-sized tensors per chunk (24 of a QLoRA step's 147 MiB peak heap);
+/// this holds the one. `logits` must be a contiguous f32 CPU tensor that nothing else reads.
+pub(crate) fn weighted_nll_grad_in_place(logits: &Tensor, targets: &[u32], weights: &[f32], scale: f64) -> Result<f64> {
+    let op = WeightedNllGrad { targets, weights, scale: scale as f32, loss: std::sync::Mutex::new(0.0) };
+    logits.inplace_op1(&op)?;
+    let loss = *op.loss.lock().map_err(|_| candle_core::Error::Msg("weighted nll: a worker panicked".into()))?;
+    Ok(loss)
+}
+
+struct WeightedNllGrad<'a> {
+    targets: &'a [u32],
+    weights: &'a [f32],
+    scale: f32,
+    loss: std::sync::Mutex<f64>,
+}
+
+impl candle_core::InplaceOp1 for WeightedNllGrad<'_> {
+    fn name(&self) -> &'static str {
+        "weighted-nll-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (rows, vocab) = layout.shape().dims2()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("weighted nll: logits are not contiguous".into()))?;
+        if self.targets.len() != rows || self.weights.len() != rows {
+            return Err(candle_core::Error::Msg(format!(
+                "weighted nll: {rows} rows of logits, {} targets and {} weights",
+                self.targets.len(),
+                self.weights.len()
+            )));
+        }
+        if let Some(row) = self.targets.iter().position(|&t| t as usize >= vocab) {
+            return Err(candle_core::Error::Msg(format!(
+                "weighted nll: row {row} targets token {} of a {vocab}-token vocabulary",
+                self.targets[row]
+            )));
+        }
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("weighted nll: logits are not f32".into()));
+        };
+        let loss: f64 = data[start..end]
+            .par_chunks_mut(vocab.max(1))
+            .zip(self.targets.par_iter().zip(self.weights.par_iter()))
+            .map(|(row, (&target, &weight))| self.row(row, target as usize, weight))
+            .sum();
+        *self.loss.lock().map_err(|_| candle_core::Error::Msg("weighted nll: a worker panicked".into()))? = loss;
+        Ok(())
+    }
+}
+
+impl WeightedNllGrad<'_> {
+    /// One row: returns its weighted loss and leaves its scaled gradient in place.
+    fn row(&self, row: &mut [f32], target: usize, weight: f32) -> f64 {
+        if weight == 0.0 {
+            row.fill(0.0);
+            return 0.0;
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+        let log_sum = max + sum.ln();
+        let loss = f64::from(weight) * f64::from(log_sum - row[target]);
+        let g = self.scale * weight;
+        for v in row.iter_mut() {
+            *v = g * (*v - log_sum).exp();
+        }
+        row[target] -= g;
+        loss
     }
 }
 
@@ -431,22 +538,56 @@ mod tests {
         candle_nn::ops::softmax(&(x * scale).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
     }
 
+    /// The fused probabilities equal the additive-mask softmax of q k^T with K repeated per
+    /// query head, in value and in the gradients of q and k: one query head per KV head and
+    /// three, more keys than queries (a cache before them) and a window.
     #[test]
-    fn causal_softmax_matches_the_additive_mask() {
-        for (q, k, window) in [(7, 7, None), (3, 9, None), (8, 8, Some(3)), (1, 6, Some(4))] {
+    fn causal_probs_match_the_additive_mask() {
+        for (n, q, k, window) in [(1, 7, 7, None), (3, 3, 9, None), (2, 8, 8, Some(3)), (3, 1, 6, Some(4))] {
             agree(
-                &[randn(&[2, 3, q, k], 7)],
-                |t| causal_softmax(&t[0], 0.35, window).expect("fused"),
-                |t| masked_reference(&t[0], 0.35, window),
+                &[randn(&[2, 2, n * q, 8], 7), randn(&[2, 2, k, 8], 8)],
+                |t| causal_probs(&t[0], &t[1], 0.35, window, q).expect("fused"),
+                |t| {
+                    let keys = t[1].unsqueeze(2).unwrap().expand((2, 2, n, k, 8)).unwrap().reshape((2, 2 * n, k, 8)).unwrap();
+                    let queries = t[0].reshape((2, 2 * n, q, 8)).unwrap();
+                    let scores = queries.matmul(&keys.t().unwrap()).unwrap();
+                    masked_reference(&scores, 0.35, window).reshape((2, 2, n * q, k)).unwrap()
+                },
             );
         }
     }
 
+    /// The loss and the in-place gradient equal candle's log-softmax, gather and backward,
+    /// with rows of weight 0 (prompt, padding) and fractional weights.
+    #[test]
+    fn weighted_nll_grad_in_place_matches_the_graph() {
+        let logits = randn(&[6, 37], 11);
+        let targets = [3u32, 0, 36, 17, 17, 5];
+        let weights = [1.0f32, 0.0, 0.5, 1.0, 0.0, 2.0];
+        let scale = 0.25;
+        let var = Var::from_tensor(&logits).expect("var");
+        let t = Tensor::new(&targets, &Device::Cpu).expect("t");
+        let w = Tensor::new(&weights, &Device::Cpu).expect("w");
+        let sum = crate::checkpointing::weighted_nll(var.as_tensor(), &t, &w).expect("nll");
+        let grads = (&sum * scale).expect("scale").backward().expect("backward");
+        let in_place = logits.copy().expect("copy");
+        let loss = weighted_nll_grad_in_place(&in_place, &targets, &weights, scale).expect("fused");
+        let want = sum.to_scalar::<f32>().expect("s");
+        assert!((loss as f32 - want).abs() < 1e-4 * want.abs().max(1.0), "{loss} vs {want}");
+        assert!(max_diff(&in_place, grads.get(var.as_tensor()).expect("grad")) < 1e-6);
+        let err = weighted_nll_grad_in_place(&logits.copy().expect("copy"), &[0, 37, 0, 0, 0, 0], &weights, 1.0)
+            .expect_err("a target past the vocabulary")
+            .to_string();
+        assert!(err.contains("row 1 targets token 37 of a 37-token vocabulary"), "{err}");
+    }
+
     #[test]
     fn shape_errors_are_errors() {
-        let x = randn(&[2, 3, 5, 4], 8);
-        let err = causal_softmax(&x, 1.0, None).expect_err("more queries than keys").to_string();
-        assert!(err.contains("queries <= keys"), "{err}");
+        let (q, k) = (randn(&[2, 3, 5, 8], 8), randn(&[2, 3, 4, 8], 9));
+        let err = causal_probs(&q, &k, 1.0, None, 5).expect_err("more queries than keys").to_string();
+        assert!(err.contains("keys >= queries"), "{err}");
+        let err = causal_probs(&q, &k, 1.0, None, 2).expect_err("rows not a multiple of the queries").to_string();
+        assert!(err.contains("n * 2 queries"), "{err}");
         let err = rms_norm(&randn(&[2, 8], 1), &randn(&[4], 2), 1e-5).expect_err("weight size").to_string();
         assert!(err.contains("weight has 4 entries"), "{err}");
     }

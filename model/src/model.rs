@@ -44,7 +44,8 @@ pub(crate) struct Layer {
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     pub(crate) config: Config,
-    pub(crate) embed: Tensor,
+    /// The embedding table; NF4 in a QLoRA base (see [`crate::nf4::Nf4Store`]).
+    pub(crate) embed: BaseWeight,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: RmsNorm,
     /// None when tied to the embeddings (and not quantized apart from them).
@@ -58,7 +59,7 @@ impl CausalLm {
     /// Projection weights go through `store`, which may quantize them.
     pub fn load(vb: VarBuilder, config: &Config, store: &dyn WeightStore) -> Result<Self> {
         let m = vb.pp("model");
-        let embed = m.pp("embed_tokens").get((config.vocab_size, config.hidden_size), "weight")?;
+        let embed = store.store_table(m.pp("embed_tokens").get((config.vocab_size, config.hidden_size), "weight")?)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             layers.push(Layer::load(m.pp("layers").pp(i), config, store, i)?);
@@ -67,7 +68,7 @@ impl CausalLm {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(BaseWeight::Dense(vb.pp("lm_head").get((config.vocab_size, config.hidden_size), "weight")?))
+            Some(store.store_table(vb.pp("lm_head").get((config.vocab_size, config.hidden_size), "weight")?)?)
         };
         Ok(Self {
             config: config.clone(),
@@ -128,7 +129,7 @@ impl CausalLm {
     pub(crate) fn head(&self) -> std::borrow::Cow<'_, BaseWeight> {
         match &self.lm_head {
             Some(head) => std::borrow::Cow::Borrowed(head),
-            None => std::borrow::Cow::Owned(BaseWeight::Dense(self.embed.clone())),
+            None => std::borrow::Cow::Borrowed(&self.embed),
         }
     }
 
@@ -194,17 +195,23 @@ impl CausalLm {
     /// The embeddings of `input_ids` (batch, seq): (batch, seq, hidden).
     pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
-        Ok(self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((batch, seq, self.config.hidden_size))?)
+        Ok(self.embed_rows(&input_ids.flatten_all()?)?.reshape((batch, seq, self.config.hidden_size))?)
+    }
+
+    /// The embeddings of a flat list of token ids: (ids, hidden).
+    pub(crate) fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.embed {
+            BaseWeight::Dense(table) => Ok(table.index_select(ids, 0)?),
+            BaseWeight::Nf4(table) => table.gather_rows(&ids.to_vec1::<u32>()?),
+            BaseWeight::Int8(table) => Ok(table.dequantize()?.index_select(ids, 0)?),
+        }
     }
 
     /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies the
     /// sliding window when the config has one. None as well where attention runs through the
     /// fused causal softmax (f32 on the CPU), which derives the same mask from the shapes.
     pub(crate) fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
-        if crate::fused::fusable(&self.embed) {
+        if crate::fused::fusable(&self.norm.weight) {
             return Ok(None);
         }
         if seq == 1 && self.config.attention_window().is_none_or(|w| offset < w) {
@@ -243,25 +250,34 @@ impl CausalLm {
     /// Bytes held by the projection weights, and how many of them are quantized. Lets tests
     /// and metrics check that a QLoRA base really stays 4-bit.
     pub fn projection_storage(&self) -> (usize, usize) {
-        let mut bytes = 0;
-        let mut quantized = 0;
-        for l in &self.layers {
-            for m in TargetModule::ALL {
-                match &l.projection(m).weight {
-                    BaseWeight::Dense(t) => bytes += t.elem_count() * t.dtype().size_in_bytes(),
-                    BaseWeight::Nf4(q) => {
-                        bytes += q.storage_bytes();
-                        quantized += 1;
-                    }
-                    BaseWeight::Int8(q) => {
-                        bytes += q.storage_bytes();
-                        quantized += 1;
-                    }
-                }
+        let weights = self.layers.iter().flat_map(|l| TargetModule::ALL.into_iter().map(move |m| &l.projection(m).weight));
+        storage_of(weights)
+    }
+
+    /// As [`CausalLm::projection_storage`], for the embedding table and an untied head.
+    pub fn table_storage(&self) -> (usize, usize) {
+        storage_of(std::iter::once(&self.embed).chain(self.lm_head.as_ref()))
+    }
+}
+
+/// Bytes held by `weights`, and how many of them are quantized.
+fn storage_of<'a>(weights: impl Iterator<Item = &'a BaseWeight>) -> (usize, usize) {
+    let mut bytes = 0;
+    let mut quantized = 0;
+    for w in weights {
+        match w {
+            BaseWeight::Dense(t) => bytes += t.elem_count() * t.dtype().size_in_bytes(),
+            BaseWeight::Nf4(q) => {
+                bytes += q.storage_bytes();
+                quantized += 1;
+            }
+            BaseWeight::Int8(q) => {
+                bytes += q.storage_bytes();
+                quantized += 1;
             }
         }
-        (bytes, quantized)
     }
+    (bytes, quantized)
 }
 
 impl Layer {
@@ -355,25 +371,26 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let k = repeat_kv(&k, self.heads / self.kv_heads)?;
-        let v = repeat_kv(&v, self.heads / self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = if crate::fused::fusable(&scores) {
-            // Derives the same causal (and window) mask from the shapes: the queries are the
-            // last positions of the keys.
-            crate::fused::causal_softmax(&scores, scale, self.window)?
+        let heads = if crate::fused::fusable(&q) {
+            // The query heads of each KV head stacked as rows of one matrix; the fused op
+            // derives the causal (and window) mask from the shapes.
+            let grouped = q.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, self.head_dim))?;
+            let probs = crate::fused::causal_probs(&grouped, &k, scale, self.window, t)?;
+            probs.matmul(&v.contiguous()?)?.reshape((b, self.heads, t, self.head_dim))?
         } else {
-            let scores = (scores * scale)?;
+            let k = repeat_kv(&k, self.heads / self.kv_heads)?;
+            let v = repeat_kv(&v, self.heads / self.kv_heads)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
             let scores = match mask {
                 Some(m) => scores.broadcast_add(m)?,
                 None => scores,
             };
             // The generic softmax is built from differentiable ops; candle's fused one has no
             // backward.
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
         };
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let out = heads.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, adapter)
     }
 }

@@ -85,19 +85,57 @@ impl Nf4Tensor {
     pub fn dequantize(&self) -> Result<Tensor> {
         // QLoRA expands every weight twice a step (forward and backward product), so this runs
         // on all cores: one task per group of blocks sharing a second-level scale.
-        let mut out = vec![0f32; self.absmax_q.len() * BLOCK];
-        out.par_chunks_mut(BLOCK * ABSMAX_BLOCK).enumerate().for_each(|(group, values)| {
-            for (j, block_values) in values.chunks_mut(BLOCK).enumerate() {
-                let block = group * ABSMAX_BLOCK + j;
-                let absmax = self.absmax_q[block] as f32 * self.absmax_scale[group] + self.absmax_offset;
-                for (k, v) in block_values.iter_mut().enumerate() {
-                    let i = block * BLOCK + k;
-                    let code = (self.codes[i / 2] >> (4 * (i % 2))) & 0x0f;
-                    *v = LEVELS[code as usize] * absmax;
-                }
-            }
-        });
+        let mut out = vec![0f32; self.elem_count()];
+        let group = BLOCK * ABSMAX_BLOCK;
+        out.par_chunks_mut(group).enumerate().for_each(|(g, values)| self.expand(g * group, values));
         Ok(Tensor::from_vec(out, self.dims.as_slice(), &self.device)?)
+    }
+
+    /// Rows `start..start + len` of a 2-D weight, expanded: (len, cols).
+    pub fn dequantize_rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        let (rows, cols) = self.dims2()?;
+        if start + len > rows {
+            return Err(ModelError::Decode(format!("NF4 rows {start}..{} of a weight with {rows} rows", start + len)));
+        }
+        let mut out = vec![0f32; len * cols];
+        out.par_chunks_mut(cols).with_min_len(8).enumerate().for_each(|(r, values)| self.expand((start + r) * cols, values));
+        Ok(Tensor::from_vec(out, (len, cols), &self.device)?)
+    }
+
+    /// The rows of a 2-D table (an embedding) at `ids`, expanded: (ids.len(), cols).
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (rows, cols) = self.dims2()?;
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(ModelError::Decode(format!("token id {id} is outside the embedding table of {rows} rows")));
+        }
+        let mut out = vec![0f32; ids.len() * cols];
+        out.par_chunks_mut(cols).zip(ids.par_iter()).for_each(|(values, &id)| self.expand(id as usize * cols, values));
+        Ok(Tensor::from_vec(out, (ids.len(), cols), &self.device)?)
+    }
+
+    /// Writes elements `first..first + out.len()` of the flattened weight, expanded, to `out`.
+    fn expand(&self, first: usize, out: &mut [f32]) {
+        let mut done = 0;
+        while done < out.len() {
+            // One piece per block (or the part of it in range), so one absmax serves it.
+            let i = first + done;
+            let block = i / BLOCK;
+            let len = (BLOCK - i % BLOCK).min(out.len() - done);
+            let absmax = self.absmax_q[block] as f32 * self.absmax_scale[block / ABSMAX_BLOCK] + self.absmax_offset;
+            for (k, v) in out[done..done + len].iter_mut().enumerate() {
+                let j = i + k;
+                let code = (self.codes[j / 2] >> (4 * (j % 2))) & 0x0f;
+                *v = LEVELS[code as usize] * absmax;
+            }
+            done += len;
+        }
+    }
+
+    pub(crate) fn dims2(&self) -> Result<(usize, usize)> {
+        match self.dims.as_slice() {
+            &[rows, cols] => Ok((rows, cols)),
+            dims => Err(ModelError::Decode(format!("expected a 2-D NF4 weight, got shape {dims:?}"))),
+        }
     }
 
     /// Bytes held for this weight (codes and both quantization levels).
@@ -107,6 +145,79 @@ impl Nf4Tensor {
 
     pub fn elem_count(&self) -> usize {
         self.dims.iter().product()
+    }
+}
+
+/// Weights of more elements than this are expanded a slice of rows at a time for a product:
+/// the head of a 8192-token vocabulary at hidden 512 would be 16 MiB of f32 at once, more than
+/// its NF4 form saves. Projections stay below and expand whole.
+const SLICE_ABOVE: usize = 1 << 20;
+/// Elements per expanded slice (1 MiB of f32).
+const SLICE_ELEMS: usize = 1 << 18;
+
+impl Nf4Tensor {
+    /// The row ranges expanded one at a time by [`Nf4Tensor::matmul_t`] and
+    /// [`Nf4Tensor::grad_matmul`]: the whole weight, or slices of about [`SLICE_ELEMS`].
+    fn row_slices(&self) -> Result<Vec<(usize, usize)>> {
+        let (rows, cols) = self.dims2()?;
+        let per = if rows * cols > SLICE_ABOVE { (SLICE_ELEMS / cols.max(1)).max(1) } else { rows };
+        Ok((0..rows).step_by(per.max(1)).map(|start| (start, per.min(rows - start))).collect())
+    }
+
+    /// Whether products expand this weight in slices rather than whole.
+    pub(crate) fn is_sliced(&self) -> bool {
+        self.row_slices().is_ok_and(|s| s.len() > 1)
+    }
+
+    /// `x @ w^T` for `x` (rows, in): (rows, out).
+    pub(crate) fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.is_sliced() {
+            return crate::linear::matmul_t(x, &self.dequantize()?);
+        }
+        let (out, _) = self.dims2()?;
+        if crate::fused::fusable(x) {
+            let values = self.product_cpu(&x.contiguous()?)?;
+            return Ok(Tensor::from_vec(values, (x.dim(0)?, out), x.device())?);
+        }
+        let parts = self
+            .row_slices()?
+            .into_iter()
+            .map(|(start, len)| crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// [`Nf4Tensor::matmul_t`] of a contiguous f32 CPU input, as the values of the (rows, out)
+    /// result: each slice's product is copied into its columns.
+    pub(crate) fn product_cpu(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let (n, _) = self.dims2()?;
+        let m = x.dim(0)?;
+        let mut out = vec![0f32; m * n];
+        for (start, len) in self.row_slices()? {
+            let y = crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?)?.contiguous()?;
+            let (guard, layout) = y.storage_and_layout();
+            let part = crate::fused::cpu_f32(&guard, layout)
+                .and_then(|d| d.get(..m * len))
+                .ok_or_else(|| ModelError::Decode("NF4 product: the input is not f32 on the CPU".into()))?;
+            for (row, values) in out.chunks_mut(n).zip(part.chunks(len)) {
+                row[start..start + len].copy_from_slice(values);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `grad @ w` for `grad` (rows, out): the input's gradient of [`Nf4Tensor::matmul_t`].
+    pub(crate) fn grad_matmul(&self, grad: &Tensor) -> Result<Tensor> {
+        let mut sum: Option<Tensor> = None;
+        for (start, len) in self.row_slices()? {
+            let g = if len == grad.dim(1)? { grad.clone() } else { grad.narrow(1, start, len)?.contiguous()? };
+            let part = g.matmul(&self.dequantize_rows(start, len)?)?;
+            sum = Some(match sum {
+                Some(s) => (s + part)?,
+                None => part,
+            });
+        }
+        sum.ok_or_else(|| ModelError::Decode("NF4 product with an empty weight".into()))
     }
 }
 
@@ -120,12 +231,18 @@ fn nearest_level(x: f32) -> u8 {
     best as u8
 }
 
-/// Loader hook that quantizes every projection weight as it is read.
+/// Loader hook that quantizes every frozen weight as it is read: the projections, and the
+/// embedding table and head too (QLoRA as bitsandbytes does it keeps those two in 16 bits; at
+/// a small model's shapes they are most of what is left, 32 of 44 MiB in the benchmark's).
 pub struct Nf4Store;
 
 impl crate::linear::WeightStore for Nf4Store {
     fn store(&self, dense: Tensor) -> Result<crate::linear::BaseWeight> {
         Ok(crate::linear::BaseWeight::Nf4(Nf4Tensor::quantize(&dense)?))
+    }
+
+    fn store_table(&self, dense: Tensor) -> Result<crate::linear::BaseWeight> {
+        self.store(dense)
     }
 }
 
@@ -143,6 +260,25 @@ mod tests {
         assert!(err < 0.12 * mean, "mean abs error {err} vs mean abs value {mean}");
         let bits = 8.0 * q.storage_bytes() as f64 / q.elem_count() as f64;
         assert!(bits < 4.2, "{bits} bits per weight");
+        Ok(())
+    }
+
+    /// Rows expanded alone, and rows gathered by id (an embedding lookup), equal those rows of
+    /// the whole expansion; ranges that do not start or end on a block boundary included.
+    #[test]
+    fn row_ranges_and_gathered_rows_equal_the_whole_expansion() -> Result<()> {
+        let t = Tensor::randn(0f32, 0.02, (40, 96), &Device::Cpu)?;
+        let q = Nf4Tensor::quantize(&t)?;
+        let whole = q.dequantize()?;
+        let same = |a: &Tensor, b: &Tensor| -> Result<bool> { Ok(a.eq(b)?.min_all()?.to_scalar::<u8>()? == 1) };
+        assert!(same(&q.dequantize_rows(3, 17)?, &whole.narrow(0, 3, 17)?)?);
+        assert!(same(&q.dequantize_rows(0, 40)?, &whole)?);
+        let ids = [5u32, 0, 39, 5, 22];
+        let ids_t = Tensor::new(&ids, &Device::Cpu)?;
+        assert!(same(&q.gather_rows(&ids)?, &whole.index_select(&ids_t, 0)?)?);
+        assert!(q.dequantize_rows(30, 11).is_err(), "rows past the end");
+        let err = q.gather_rows(&[1, 40]).expect_err("an id past the table").to_string();
+        assert!(err.contains("token id 40") && err.contains("40 rows"), "{err}");
         Ok(())
     }
 }

@@ -117,6 +117,9 @@ fn nf4_base_stays_four_bit_and_passes_gradients() {
     assert_eq!(dense_quantized, 0);
     assert_eq!(quantized, 7 * t.config.num_hidden_layers, "every projection is NF4");
     assert!((nf4_bytes as f64) < dense_bytes as f64 * 4.2 / 32.0, "{nf4_bytes} vs {dense_bytes} bytes");
+    let tables = 1 + usize::from(!t.config.tie_word_embeddings);
+    assert_eq!(t.model.table_storage().1, 0);
+    assert_eq!(q.table_storage().1, tables, "the embedding table and an untied head are NF4 too");
 
     let (adapter, vars) = random_adapter(&t.config, 4, 8.0, 0.0);
     let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };

@@ -38,6 +38,8 @@ fn learns_the_facts(method: Method) {
     let (config, model) = load_model(&model_dir, &LoadOptions { base, ..LoadOptions::default() }).expect("model");
     if method == Method::Qlora {
         assert_eq!(model.projection_storage().1, 7 * config.num_hidden_layers, "base is NF4 in memory");
+        let tables = 1 + usize::from(!config.tie_word_embeddings);
+        assert_eq!(model.table_storage().1, tables, "the embedding table and an untied head are NF4 in memory");
     }
     let (_, adapter) = peft::load(&out, &config, model.device()).expect("adapter");
     let tokenizer = kubetune_trainer::train::tokenizer_for(&model_dir, &config).expect("tokenizer");
