@@ -23,6 +23,8 @@ pub struct Int8Tensor {
     values: Arc<[i8]>,
     /// One per output row.
     scales: Arc<[f32]>,
+    /// `128 * sum` of each row, for the int8-input kernel ([`crate::vnni`]).
+    compensation: Arc<[i32]>,
     out: usize,
     k: usize,
     device: Device,
@@ -51,7 +53,8 @@ impl Int8Tensor {
                 q.iter_mut().zip(row).for_each(|(q, v)| *q = (v / *scale).round().clamp(-127.0, 127.0) as i8);
             });
         }
-        Ok(Self { values: values.into(), scales: scales.into(), out, k, device: t.device().clone() })
+        let compensation = crate::vnni::compensation(&values, k);
+        Ok(Self { values: values.into(), scales: scales.into(), compensation: compensation.into(), out, k, device: t.device().clone() })
     }
 
     /// The f32 weight the int8 values stand for.
@@ -71,12 +74,37 @@ impl Int8Tensor {
 
     /// `x @ w^T` for `x` (rows, k) of f32 on the CPU, reading the int8 values directly; None
     /// for other inputs, which the caller multiplies with [`Int8Tensor::dequantize`].
-    pub(crate) fn matmul_t(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    ///
+    /// With AVX-512 VNNI every row count takes [`crate::vnni`], which quantizes the input rows
+    /// too; without it, decode-sized inputs (up to `small_rows_limit` rows) take
+    /// [`crate::small_rows`] with f32 inputs.
+    pub(crate) fn matmul_t(&self, x: &Tensor, small_rows_limit: usize) -> Result<Option<Tensor>> {
         if !crate::fused::fusable(x) || !self.device.is_cpu() {
+            return Ok(None);
+        }
+        let (rows, k) = x.dims2()?;
+        if k != self.k {
+            return Err(ModelError::Decode(format!("matmul: input has {k} features, the weight {}", self.k)));
+        }
+        if crate::vnni::available() {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let w = crate::vnni::Int8Weight { values: &self.values, scales: &self.scales, compensation: &self.compensation };
+            let y = crate::vnni::matmul_t(&xs, rows, &w, self.out, self.k);
+            return Ok(Some(Tensor::from_vec(y, (rows, self.out), x.device())?));
+        }
+        if rows > small_rows_limit {
             return Ok(None);
         }
         let w = Weight { values: &self.values, scales: Some(&self.scales) };
         Ok(Some(small_rows::product(x, &w, self.out, self.k)?))
+    }
+
+    /// [`crate::small_rows`] with f32 inputs, whatever the CPU: the kernel the int8-input one
+    /// replaces, for comparisons.
+    #[cfg(test)]
+    pub(crate) fn matmul_t_f32_inputs(&self, x: &Tensor) -> Result<Tensor> {
+        let w = Weight { values: &self.values, scales: Some(&self.scales) };
+        small_rows::product(x, &w, self.out, self.k)
     }
 }
 
@@ -113,7 +141,7 @@ mod tests {
             }
         }
         let x = Tensor::randn(0f32, 1.0, (3, 70), &dev)?;
-        let direct = q.matmul_t(&x)?.expect("f32 on the CPU takes the kernel");
+        let direct = q.matmul_t_f32_inputs(&x)?;
         let expanded = x.matmul(&back.t()?)?;
         let diff = (direct - expanded)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-4, "kernel and expanded weight differ by {diff}");

@@ -35,6 +35,7 @@ pub mod peft;
 pub mod prefill;
 pub mod rope;
 mod small_rows;
+mod vnni;
 pub mod tensors;
 pub mod threads;
 pub mod tiny;

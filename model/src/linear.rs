@@ -193,10 +193,8 @@ pub(crate) fn matmul_weight(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
         return q.matmul_t(x);
     }
     if let BaseWeight::Int8(q) = w {
-        if x.dim(0)? <= SMALL_ROWS {
-            if let Some(y) = q.matmul_t(x)? {
-                return Ok(y);
-            }
+        if let Some(y) = q.matmul_t(x, SMALL_ROWS)? {
+            return Ok(y);
         }
     }
     matmul_t(x, &w.dense()?)

@@ -112,10 +112,11 @@ fn decode_refuses_caches_it_cannot_extend_naming_the_row() {
     assert!(t.model.decode(&mut []).is_err());
 }
 
-/// Weight-only int8 (the server's `--quantize int8`): loading with it quantizes every
-/// projection and the head; its decode path (the int8 kernel) and its prefill path (expanded
-/// weights through gemm) agree; and its logits stay close to the f32 model's, with and
-/// without an adapter.
+/// int8 (the server's `--quantize int8`): loading with it quantizes every projection and the
+/// head; its decode path and its full forward agree; and its logits stay close to the f32
+/// model's, with and without an adapter. Where the CPU has AVX-512 VNNI the inputs of each
+/// product are rounded to int8 too, so the two paths agree to within that rounding: an input
+/// that differs in its last bit between them can land on the other side of a step.
 #[test]
 fn an_int8_model_decodes_as_its_own_forward_and_close_to_f32() {
     let t = tiny();
@@ -132,6 +133,7 @@ fn an_int8_model_decodes_as_its_own_forward_and_close_to_f32() {
     let prompt = [0u32, 57, 80, 120, 301, 44, 9, 200];
     for adapter in [None, Some(&a)] {
         let full = int8.forward(&ids(&prompt), 0, None, active(adapter).as_ref()).expect("full");
+        let largest = full.abs().expect("abs").flatten_all().expect("flat").max(0).expect("max").to_scalar::<f32>().expect("max");
         let mut cache = KvCache::with_capacity(t.config.num_hidden_layers, prompt.len());
         int8.forward(&ids(&prompt[..3]), 0, Some(&mut cache), active(adapter).as_ref()).expect("prefix");
         for (i, &token) in prompt.iter().enumerate().skip(3) {
@@ -139,7 +141,7 @@ fn an_int8_model_decodes_as_its_own_forward_and_close_to_f32() {
             let step = int8.decode(&mut rows).expect("decode");
             let expected = full.narrow(1, i, 1).expect("narrow").squeeze(1).expect("squeeze");
             let diff = max_abs_diff(&step, &expected);
-            assert!(diff < 1e-4, "position {i}: decode and forward of the int8 model differ by {diff}");
+            assert!(diff < 0.02 * largest, "position {i}: decode and forward of the int8 model differ by {diff} (largest logit {largest})");
         }
         let reference = t.model.forward(&ids(&prompt), 0, None, active(adapter).as_ref()).expect("f32");
         let scale = reference.abs().expect("abs").flatten_all().expect("flat").max(0).expect("max").to_scalar::<f32>().expect("max");
