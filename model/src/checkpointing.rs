@@ -177,6 +177,26 @@ impl CausalLm {
 }
 
 impl CausalLm {
+    /// The loss sum and the gradients of `loss_scale` times it, without checkpointing: one
+    /// recorded forward of the layers, then the final norm, head and loss in chunks outside
+    /// that graph, as [`CausalLm::loss_backward_checkpointed`] does them, and one backward
+    /// pass from the last layer's output. Through candle's graph the head and loss held about
+    /// eleven logits-sized tensors per chunk until the backward pass, for every chunk of the
+    /// batch.
+    pub fn loss_backward(&self, batch: &LossBatch, adapter: &ActiveAdapter, loss_scale: f64, head_rows: usize) -> Result<(f64, GradStore)> {
+        let (_, t) = batch.shape()?;
+        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
+        let mask = self.mask(t, 0)?;
+        let mut x = self.embed_tokens(batch.input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), None, Some(adapter))?;
+        }
+        let step = CheckpointedStep { adapter: *adapter, loss_scale, head_rows, recompute_sequences: 0 };
+        let (loss_sum, grad) = self.head_backward(&x.detach(), batch, &step)?;
+        let store = (x * grad)?.sum_all()?.backward()?;
+        Ok((loss_sum, store))
+    }
+
     /// `-sum(weights * log p(targets))` through one recorded forward, for `backward` (the
     /// plain path, without checkpointing). The head and the loss run in chunks of `head_rows`
     /// rows: the whole batch's logits (4 x 256 rows x 8192 f32 is 32 MiB) reached glibc's mmap

@@ -1,4 +1,5 @@
-//! Gradient checkpointing, and the plain path's chunked head, compute the same loss and adapter
+//! Gradient checkpointing, and the plain path's chunked head (in the graph and outside it, as
+//! the trainer runs it), compute the same loss and adapter
 //! gradients as one recorded forward with the whole batch's logits, on a dense and on an NF4
 //! base, with dropout on, the head split into uneven row chunks, and the layers recomputed for
 //! the whole batch or one sequence at a time.
@@ -54,6 +55,14 @@ fn check(model: &CausalLm, config: &kubetune_model::Config) {
     }
     let as_checkpointed = kubetune_model::checkpointing::CheckpointedGrads { loss_sum: chunked_loss as f64, stores: vec![chunked_grads] };
     compare(&as_checkpointed, &vars, &plain, plain_loss);
+
+    // The plain path as the trainer runs it: layers recorded, head and loss outside the graph.
+    let (loss, store) = model.loss_backward(&batch, &active, scale, 5).expect("plain loss and backward");
+    let mut grads = candle_core::backprop::GradStore::default();
+    for v in &vars {
+        grads.insert(v.var.as_tensor(), store.get(v.var.as_tensor()).expect("gradient").clone());
+    }
+    compare(&kubetune_model::checkpointing::CheckpointedGrads { loss_sum: loss, stores: vec![grads] }, &vars, &plain, plain_loss);
 
     for recompute_sequences in [0, 1] {
         let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };

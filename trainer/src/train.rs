@@ -227,10 +227,9 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
                 }
                 loss_sum += out.loss_sum;
             } else {
-                let sum = targets.loss_sum(&model, &active)?;
-                let store = (sum.clone() * scale)?.backward()?;
+                let (sum, store) = model.loss_backward(&targets.as_batch(), &active, scale, HEAD_ROWS)?;
                 accumulate(&mut grads, &store, &vars)?;
-                loss_sum += sum.to_scalar::<f32>()? as f64;
+                loss_sum += sum;
             }
             state.tokens += batch.iter().map(|e| e.ids.len() as u64).sum::<u64>();
         }
