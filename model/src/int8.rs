@@ -1,15 +1,15 @@
-//! Weight-only int8 for serving (`kubetune-server --quantize int8`).
+//! int8 weights for serving (`kubetune-server --quantize int8`).
 //!
 //! Why: decoding one sequence reads every weight once per token, so its speed is the memory
-//! bandwidth divided by the weights' bytes; int8 reads a quarter of f32's. Activations stay f32
-//! and the weight is expanded in registers (`small_rows`), so only the weights' rounding
-//! changes the results.
+//! bandwidth divided by the weights' bytes; int8 reads a quarter of f32's. On CPUs with
+//! AVX-512 VNNI the products quantize their inputs per row too and multiply in int8
+//! ([`crate::vnni`]); elsewhere inputs stay f32, the weight is expanded in registers
+//! (`small_rows`) for decode-sized inputs and to f32 for one gemm for prefill-sized ones.
 //!
 //! Layout: one f32 scale per output row (absmax / 127) and the row's values rounded to the
 //! nearest of -127..=127; the round-trip error is at most half a step, absmax / 254, per
-//! weight. Per-row rather than per-block scales keep the kernel's inner loop a plain
-//! multiply-add (the scale is applied once per output). Prefill-sized inputs expand the weight
-//! to f32 for one gemm, as NF4 does.
+//! weight. Per-row rather than per-block scales keep the kernels' inner loops plain
+//! multiply-adds (the scale is applied once per output).
 
 use crate::error::{ModelError, Result};
 use crate::small_rows::{self, Weight};

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 pub enum BaseWeight {
     Dense(Tensor),
     Nf4(crate::nf4::Nf4Tensor),
-    /// Weight-only int8 for serving (see [`crate::int8`]).
+    /// int8 with one scale per output row, for serving (see [`crate::int8`]).
     Int8(crate::int8::Int8Tensor),
 }
 

@@ -133,7 +133,7 @@ impl CausalLm {
         }
     }
 
-    /// Quantizes the head to weight-only int8 for serving; a head tied to the embeddings gets
+    /// Quantizes the head to int8 for serving; a head tied to the embeddings gets
     /// its own int8 copy, since the embedding lookup stays f32. The projections are quantized
     /// as they load ([`crate::int8::Int8Store`]) or by [`CausalLm::quantize_int8`].
     pub(crate) fn quantize_head_int8(&mut self) -> Result<()> {
@@ -142,7 +142,7 @@ impl CausalLm {
         Ok(())
     }
 
-    /// This model with every dense projection and the head in weight-only int8, for serving.
+    /// This model with every dense projection and the head in int8, for serving.
     /// The server quantizes after merging an adapter, so the merged weight is rounded once.
     pub fn quantize_int8(&self) -> Result<Self> {
         let mut out = self.clone();
