@@ -304,14 +304,10 @@ impl CausalProbs {
     /// Scaled, masked softmax of one row of scores, in place.
     fn softmax_row(&self, scores: &mut [f32], row: usize) {
         let seen = self.visible(row, scores.len());
-        let max = scores[seen.clone()].iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
-        let mut sum = 0.0;
-        for v in &mut scores[seen.clone()] {
-            *v = (*v * self.scale - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        scores[seen.clone()].iter_mut().for_each(|v| *v *= inv);
+        let visible = &mut scores[seen.clone()];
+        visible.iter_mut().for_each(|v| *v *= self.scale);
+        let n = visible.len();
+        crate::softmax::softmax_rows(visible, n);
         scores[..seen.start].fill(0.0);
         scores[seen.end..].fill(0.0);
     }

@@ -35,6 +35,7 @@ pub mod peft;
 pub mod prefill;
 pub mod rope;
 mod small_rows;
+mod softmax;
 mod vnni;
 pub mod tensors;
 pub mod threads;
