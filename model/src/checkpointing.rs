@@ -184,24 +184,20 @@ impl CausalLm {
     /// eleven logits-sized tensors per chunk until the backward pass, for every chunk of the
     /// batch.
     pub fn loss_backward(&self, batch: &LossBatch, adapter: &ActiveAdapter, loss_scale: f64, head_rows: usize) -> Result<(f64, GradStore)> {
-        let (_, t) = batch.shape()?;
-        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
-        let mask = self.mask(t, 0)?;
-        let mut x = self.embed_tokens(batch.input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), None, Some(adapter))?;
-        }
+        batch.shape()?; // targets and weights must fit the batch
+        let x = self.last_layer_output(batch.input_ids, 0, None, Some(adapter))?;
         let step = CheckpointedStep { adapter: *adapter, loss_scale, head_rows, recompute_sequences: 0 };
         let (loss_sum, grad) = self.head_backward(&x.detach(), batch, &step)?;
         let store = (x * grad)?.sum_all()?.backward()?;
         Ok((loss_sum, store))
     }
 
-    /// `-sum(weights * log p(targets))` through one recorded forward, for `backward` (the
-    /// plain path, without checkpointing). The head and the loss run in chunks of `head_rows`
-    /// rows: the whole batch's logits (4 x 256 rows x 8192 f32 is 32 MiB) reached glibc's mmap
-    /// threshold, so every such tensor was a fresh mapping, page-faulted in and zeroed on each
-    /// step (5% of a step in the kernel). The chunks come from the reused heap instead.
+    /// `-sum(weights * log p(targets))` as one tensor, through candle's graph when the adapter
+    /// is trainable: the trainer's evaluation (with a detached adapter, so no graph) and the
+    /// tests' reference for [`CausalLm::loss_backward`]. The head and the loss run in chunks of
+    /// `head_rows` rows: the whole batch's logits (4 x 256 rows x 8192 f32 is 32 MiB) reached
+    /// glibc's mmap threshold, so every such tensor was a fresh mapping, page-faulted in and
+    /// zeroed each time. The chunks come from the reused heap instead.
     pub fn loss_sum(&self, batch: &LossBatch, adapter: &ActiveAdapter, head_rows: usize) -> Result<Tensor> {
         let (b, t) = batch.shape()?;
         let rows = b * t;

@@ -163,6 +163,17 @@ impl CausalLm {
         &self,
         input_ids: &Tensor,
         offset: usize,
+        cache: Option<&mut KvCache>,
+        adapter: Option<&ActiveAdapter>,
+    ) -> Result<Tensor> {
+        Ok(self.norm.forward(&self.last_layer_output(input_ids, offset, cache, adapter)?)?)
+    }
+
+    /// The last layer's output before the final norm, (batch, seq, hidden).
+    pub(crate) fn last_layer_output(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
         mut cache: Option<&mut KvCache>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
@@ -189,7 +200,7 @@ impl CausalLm {
             let kv = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, adapter)?;
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(x)
     }
 
     /// The embeddings of `input_ids` (batch, seq): (batch, seq, hidden).
