@@ -31,9 +31,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let prefill = start.elapsed().as_secs_f64() / rows as f64;
         // The same prompts as one batch, for comparison.
         let start = Instant::now();
-        let batch: Vec<u32> = (0..rows).flat_map(|_| prompt.iter().copied()).collect();
-        let ids = Tensor::from_vec(batch, (rows, prompt.len()), model.device())?;
-        drop(ids);
         let mut fresh: Vec<KvCache> = (0..rows).map(|_| KvCache::with_capacity(config.num_hidden_layers, 384)).collect();
         let mut batch: Vec<kubetune_model::PrefillRow> = fresh.iter_mut().map(|cache| kubetune_model::PrefillRow { tokens: &prompt, cache }).collect();
         model.prefill(&mut batch, None)?;

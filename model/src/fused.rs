@@ -368,9 +368,9 @@ impl CustomOp2 for SoftmaxBackward {
 /// overwritten with `scale` times its gradient, `scale * weights[r] * (softmax(logits[r]) -
 /// onehot(targets[r]))`.
 ///
-/// For the head under gradient checkpointing: candle's log-softmax, gather and their backward
-/// hold about eleven logits-sized tensors per chunk (24 of a QLoRA step's 147 MiB peak heap);
-/// this holds the one. `logits` must be a contiguous f32 CPU tensor that nothing else reads.
+/// For the head in training (with and without checkpointing): candle's log-softmax, gather
+/// and their backward hold about eleven logits-sized tensors per chunk (24 of a checkpointed
+/// QLoRA step's 147 MiB peak heap); this holds the one. `logits` must be a contiguous f32 CPU tensor that nothing else reads.
 pub(crate) fn weighted_nll_grad_in_place(logits: &Tensor, targets: &[u32], weights: &[f32], scale: f64) -> Result<f64> {
     let op = WeightedNllGrad { targets, weights, scale: scale as f32, loss: std::sync::Mutex::new(0.0) };
     logits.inplace_op1(&op)?;

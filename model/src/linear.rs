@@ -186,8 +186,9 @@ fn transpose(t: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(dst, (cols, rows), t.device())?)
 }
 
-/// [`matmul_t`] for any base weight: an int8 weight multiplies few rows in its own form (its
-/// point is reading fewer bytes), any other is expanded first.
+/// [`matmul_t`] for any base weight: an NF4 weight is expanded (a large one a slice of rows
+/// at a time, [`crate::nf4::Nf4Tensor::matmul_t`]); an int8 weight multiplies in its own form
+/// where [`crate::int8::Int8Tensor::matmul_t`] can, else it is expanded; a dense one as is.
 pub(crate) fn matmul_weight(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
     if let BaseWeight::Nf4(q) = w {
         return q.matmul_t(x);

@@ -159,14 +159,23 @@ impl Nf4Tensor {
     /// The row ranges expanded one at a time by [`Nf4Tensor::matmul_t`] and
     /// [`Nf4Tensor::grad_matmul`]: the whole weight, or slices of about [`SLICE_ELEMS`].
     fn row_slices(&self) -> Result<Vec<(usize, usize)>> {
+        let (rows, _) = self.dims2()?;
+        let per = self.rows_per_slice()?.max(1);
+        Ok((0..rows).step_by(per).map(|start| (start, per.min(rows - start))).collect())
+    }
+
+    /// Rows expanded at once: all of them, or about [`SLICE_ELEMS`] values' worth.
+    fn rows_per_slice(&self) -> Result<usize> {
         let (rows, cols) = self.dims2()?;
-        let per = if rows * cols > SLICE_ABOVE { (SLICE_ELEMS / cols.max(1)).max(1) } else { rows };
-        Ok((0..rows).step_by(per.max(1)).map(|start| (start, per.min(rows - start))).collect())
+        Ok(if rows * cols > SLICE_ABOVE { (SLICE_ELEMS / cols.max(1)).max(1) } else { rows })
     }
 
     /// Whether products expand this weight in slices rather than whole.
     pub(crate) fn is_sliced(&self) -> bool {
-        self.row_slices().is_ok_and(|s| s.len() > 1)
+        match (self.dims2(), self.rows_per_slice()) {
+            (Ok((rows, _)), Ok(per)) => per < rows,
+            _ => false,
+        }
     }
 
     /// `x @ w^T` for `x` (rows, in): (rows, out).
