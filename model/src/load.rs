@@ -19,7 +19,7 @@ pub enum BaseFormat {
     Dense,
     /// NF4 with double quantization (QLoRA).
     Nf4,
-    /// Weight-only int8 with per-row scales, projections and head (serving).
+    /// int8 with per-row scales, projections and head, for serving (see [`crate::int8`]).
     Int8,
 }
 
