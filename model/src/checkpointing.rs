@@ -53,7 +53,9 @@ pub struct CheckpointedStep<'a> {
     /// Rows of the flattened batch whose logits are computed at once.
     pub head_rows: usize,
     /// Sequences whose layer is recomputed at once (the whole batch when 0 or larger). Fewer
-    /// hold fewer activations; more make larger, faster matmuls.
+    /// hold fewer activations; more make larger, faster matmuls. The hand-written step of
+    /// f32 on the CPU (`layer_grad`) always recomputes the whole batch: its tape of a layer
+    /// is a fraction of what candle's graph of the same layer holds.
     pub recompute_sequences: usize,
 }
 
@@ -69,6 +71,10 @@ impl CausalLm {
     /// adapter variables, with gradient checkpointing (see the module docs).
     pub fn loss_backward_checkpointed(&self, batch: &LossBatch, step: &CheckpointedStep) -> Result<CheckpointedGrads> {
         let (b, t) = batch.shape()?;
+        if self.trains_by_hand(&step.adapter) {
+            let (loss_sum, stores) = self.loss_backward_by_hand(batch, step, true)?;
+            return Ok(CheckpointedGrads { loss_sum, stores });
+        }
         let detached = step.adapter.adapter.detached();
         let no_graph = ActiveAdapter { adapter: &detached, ..step.adapter };
         let (cos, sin) = self.rope.tables(0, t, &self.device)?;
@@ -122,7 +128,7 @@ impl CausalLm {
 
     /// The final norm, head and loss in chunks of rows: returns the unscaled loss sum and the
     /// gradient of the scaled loss with respect to `x`, the last layer's output (batch, seq, hidden).
-    fn head_backward(&self, x: &Tensor, batch: &LossBatch, step: &CheckpointedStep) -> Result<(f64, Tensor)> {
+    pub(crate) fn head_backward(&self, x: &Tensor, batch: &LossBatch, step: &CheckpointedStep) -> Result<(f64, Tensor)> {
         let (b, t, h) = x.dims3()?;
         let flat = x.reshape((b * t, h))?;
         let head = self.head();
@@ -185,8 +191,12 @@ impl CausalLm {
     /// batch.
     pub fn loss_backward(&self, batch: &LossBatch, adapter: &ActiveAdapter, loss_scale: f64, head_rows: usize) -> Result<(f64, GradStore)> {
         batch.shape()?; // targets and weights must fit the batch
-        let x = self.last_layer_output(batch.input_ids, 0, None, Some(adapter))?;
         let step = CheckpointedStep { adapter: *adapter, loss_scale, head_rows, recompute_sequences: 0 };
+        if self.trains_by_hand(adapter) {
+            let (loss_sum, mut stores) = self.loss_backward_by_hand(batch, &step, false)?;
+            return Ok((loss_sum, stores.pop().unwrap_or_default()));
+        }
+        let x = self.last_layer_output(batch.input_ids, 0, None, Some(adapter))?;
         let (loss_sum, grad) = self.head_backward(&x.detach(), batch, &step)?;
         let store = (x * grad)?.sum_all()?.backward()?;
         Ok((loss_sum, store))

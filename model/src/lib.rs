@@ -6,7 +6,10 @@
 //!   optional adapter.
 //! - [`CausalLm::decode`] runs one new token for each of a batch of sequences, each with its
 //!   own cache and adapter, reading the weights once (the server's decode step).
-//! - [`CausalLm::loss_backward_checkpointed`] trains with gradient checkpointing.
+//! - [`CausalLm::loss_backward`] and [`CausalLm::loss_backward_checkpointed`] (gradient
+//!   checkpointing) give a training step's loss and adapter gradients; in f32 on the CPU their
+//!   layers run forward and backward by hand (`layer_grad`, `matrix`), elsewhere through
+//!   candle's graph.
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
 //! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
@@ -24,11 +27,13 @@ pub mod error;
 mod fused;
 pub mod generate;
 pub mod int8;
+mod layer_grad;
 pub mod linear;
 pub mod load;
 pub mod lora;
 pub mod malloc;
 mod mapped;
+mod matrix;
 pub mod model;
 pub mod nf4;
 pub mod peft;

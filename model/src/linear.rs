@@ -366,7 +366,7 @@ impl CustomOp3 for LoraProduct {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub(crate) weight: Tensor,
-    eps: f64,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {

@@ -259,33 +259,30 @@ impl ActiveAdapter<'_> {
         let Some(pair) = self.adapter.get(layer, module) else {
             return Ok(None);
         };
-        let p = self.adapter.config.dropout;
-        let x = match self.dropout_seed {
-            Some(seed) if p > 0.0 => {
-                let stream = mix(mix(seed, layer as u64), module.index());
-                x.mul(&dropout_mask(x, p, stream, self.first_row)?)?
-            }
-            _ => x.clone(),
+        let (rows, cols) = x.dims2()?;
+        let x = match self.dropout_mask(layer, module, rows, cols) {
+            Some(mask) => x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+            None => x.clone(),
         };
         // Scaling the rank-r intermediate rather than the (rows, out) delta is the same product
         // with an element-wise pass over r columns instead of out, forward and backward.
         let low = (x.matmul(&pair.a.t()?)? * self.adapter.config.scale())?;
         Ok(Some((low, &pair.b)))
     }
-}
 
-/// Inverted-dropout mask: 0 with probability p, else 1/(1-p). The stream runs over the
-/// elements of the whole batch in order; `x` (rows, in) takes its part from row `first_row`.
-fn dropout_mask(x: &Tensor, p: f64, seed: u64, first_row: usize) -> Result<Tensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let per_row = x.dims().last().copied().unwrap_or(1) as u128;
-    // Each f64 draw takes two 32-bit words of the stream.
-    rng.set_word_pos(2 * per_row * first_row as u128);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let values: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect();
-    Ok(Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?)
+    /// The inverted-dropout mask of the input of `module` in `layer`, (rows, cols) values of
+    /// 0 (probability p) or 1/(1-p); None when not training or p is 0. The stream runs over
+    /// the elements of the whole batch in order; these rows take their part from
+    /// `first_row`, so a batch recomputed in parts draws the masks of the whole.
+    pub(crate) fn dropout_mask(&self, layer: usize, module: TargetModule, rows: usize, cols: usize) -> Option<Vec<f32>> {
+        let p = self.adapter.config.dropout;
+        let seed = self.dropout_seed.filter(|_| p > 0.0)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(seed, layer as u64), module.index()));
+        // Each f64 draw takes two 32-bit words of the stream.
+        rng.set_word_pos(2 * cols as u128 * self.first_row as u128);
+        let keep = (1.0 / (1.0 - p)) as f32;
+        Some((0..rows * cols).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect())
+    }
 }
 
 /// SplitMix64 step combining two values into a well-spread seed.

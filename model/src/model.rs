@@ -319,7 +319,7 @@ impl Layer {
         })
     }
 
-    fn projection(&self, m: TargetModule) -> &Projection {
+    pub(crate) fn projection(&self, m: TargetModule) -> &Projection {
         match m {
             TargetModule::QProj => &self.attn.q,
             TargetModule::KProj => &self.attn.k,

@@ -150,7 +150,7 @@ fn pad_vocab(tokenizer: &mut Tokenizer, vocab_size: usize) -> Result<()> {
 /// Random weights, N(0, 1/fan_in) everywhere (not HF's N(0, 0.02)): at this tiny width 0.02
 /// makes every layer nearly the identity, and a LoRA-only fine-tune then has no features to
 /// build on. The head's scale lets the final-normed state separate tokens clearly.
-fn random_weights(c: &Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+pub(crate) fn random_weights(c: &Config, seed: u64) -> Result<BTreeMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = BTreeMap::new();
     let mut normal = |name: String, shape: (usize, usize), std: f32| -> Result<()> {

@@ -1,0 +1,639 @@
+//! The decoder layers' forward and backward written out by hand, for LoRA training in f32 on
+//! the CPU: [`CausalLm::loss_backward`] and [`CausalLm::loss_backward_checkpointed`] take this
+//! path there, and candle's graph everywhere else (CUDA, other dtypes).
+//!
+//! Through candle's graph about half of a training step went outside the matrix products:
+//! gradient accumulators zero-filled and then summed op by op, element-wise ops that each
+//! allocate their output, the pool's threads spinning between small ops. Here the forward keeps
+//! exactly what the backward needs (a [`LayerTape`]), products go to gemm with strides instead
+//! of transposed copies, sums of products and residuals accumulate in their destination, and
+//! each element-wise step is one pass over rows split across the pool. Causal attention
+//! multiplies, per block of query rows, only the keys up to the block's last row. The frozen
+//! base gets no gradient; each adapter's A and B get theirs.
+//!
+//! The tests hold this path equal to the graph's (the model's forward, differentiated by
+//! candle) in loss and in every adapter gradient.
+
+use crate::checkpointing::{CheckpointedStep, LossBatch};
+use crate::error::{ModelError, Result};
+use crate::linear::{BaseWeight, Projection, RmsNorm};
+use crate::lora::{ActiveAdapter, TargetModule};
+use crate::matrix::{matmul, Dst, Threads, View, ViewMut};
+use crate::model::{CausalLm, Layer};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+/// Query rows per block of causal attention. Each block multiplies only the keys up to its
+/// last row: 5/8 of the whole product at 256 positions, instead of all of it.
+const ATTENTION_BLOCK: usize = 64;
+
+/// Rows per task of the element-wise passes: enough work per task to outweigh handing it out.
+const ROWS_PER_TASK: usize = 16;
+
+/// What one adapted projection's backward needs from its forward.
+struct LoraTape {
+    /// `scale * dropout(x) A^T`, (rows, r).
+    low: Vec<f32>,
+    /// The dropout mask applied to the input, when dropout is on.
+    mask: Option<Vec<f32>>,
+}
+
+/// What a layer's backward needs from its forward, all (rows, width) row-major.
+pub(crate) struct LayerTape {
+    /// The layer's input; the residual stream.
+    input: Vec<f32>,
+    /// The input normalised, and each row's 1 / rms.
+    normed: Vec<f32>,
+    inv_rms: Vec<f32>,
+    /// Queries and keys after rotation, and values.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention probabilities, (batch, heads, seq, seq); masked entries are 0.
+    probs: Vec<f32>,
+    /// The heads' outputs before the output projection.
+    attn: Vec<f32>,
+    /// The residual stream after attention, normalised, and its rows' 1 / rms.
+    mid: Vec<f32>,
+    mid_normed: Vec<f32>,
+    mid_inv_rms: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Per projection, indexed by `TargetModule as usize`.
+    lora: [Option<LoraTape>; 7],
+}
+
+/// The shapes and inputs shared by every layer of one step.
+pub(crate) struct Step<'a> {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    window: Option<usize>,
+    /// Rotary tables, (seq, head_dim / 2).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    adapter: ActiveAdapter<'a>,
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor, in place.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (guard, layout) = t.storage_and_layout();
+    let data = crate::fused::cpu_f32(&guard, layout)
+        .and_then(|d| d.get(..t.elem_count()))
+        .ok_or_else(|| ModelError::Decode(format!("hand-written training step: a {:?} tensor is not f32 on the CPU", t.dims())))?;
+    f(data)
+}
+
+/// Runs `f` on a frozen weight's (out, in) values; an NF4 weight is expanded for this use.
+fn with_weight<R>(w: &BaseWeight, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    match w {
+        BaseWeight::Dense(t) => with_values(t, f),
+        BaseWeight::Nf4(q) => with_values(&q.dequantize()?, f),
+        BaseWeight::Int8(_) => Err(ModelError::Decode("an int8 base is for serving; training needs a dense or NF4 base".into())),
+    }
+}
+
+fn zeros(len: usize) -> Vec<f32> {
+    vec![0f32; len]
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Normalised rows of `x` times `w`, and each row's 1 / rms.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let h = w.len();
+    let mut out = zeros(x.len());
+    let mut inv = zeros(x.len() / h);
+    out.par_chunks_mut(h).zip(inv.par_iter_mut()).zip(x.par_chunks(h)).with_min_len(ROWS_PER_TASK).for_each(|((o, r), xr)| {
+        *r = crate::fused::inv_rms(xr, eps);
+        for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
+            *o = xv * *r * wv;
+        }
+    });
+    (out, inv)
+}
+
+/// `dx += r * (g * w) - x * r^3 * sum(g * w * x) / h` per row: the input gradient of
+/// [`rms_norm`] for the output gradient `g`, with r the row's stored 1 / rms.
+fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32]) {
+    let h = w.len();
+    dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).zip(inv.par_iter()).with_min_len(ROWS_PER_TASK).for_each(
+        |(((d, xr), gr), &r)| {
+            let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, gv), wv)| xv * gv * wv).sum();
+            let k = r * r * r * dot / h as f32;
+            for (((d, xv), gv), wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
+                *d += r * gv * wv - xv * k;
+            }
+        },
+    );
+}
+
+/// `silu(gate) * up`.
+fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = zeros(gate.len());
+    out.par_chunks_mut(1024).zip(gate.par_chunks(1024)).zip(up.par_chunks(1024)).for_each(|((o, g), u)| {
+        for ((o, gv), uv) in o.iter_mut().zip(g).zip(u) {
+            *o = gv * sigmoid(*gv) * uv;
+        }
+    });
+    out
+}
+
+/// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`:
+/// `d * up * s * (1 + gate * (1 - s))` with s = sigmoid(gate), and `d * silu(gate)`.
+fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], d: &[f32]) {
+    gate.par_chunks_mut(1024).zip(up.par_chunks_mut(1024)).zip(d.par_chunks(1024)).for_each(|((g, u), d)| {
+        for ((gv, uv), dv) in g.iter_mut().zip(u.iter_mut()).zip(d) {
+            let s = sigmoid(*gv);
+            let d_gate = dv * *uv * s * (1.0 + *gv * (1.0 - s));
+            *uv = dv * *gv * s;
+            *gv = d_gate;
+        }
+    });
+}
+
+/// Softmax of the visible keys of query position `pos` in `row` (its computed keys), in
+/// place; the keys it may not see become 0.
+fn causal_softmax(row: &mut [f32], pos: usize, window: Option<usize>) {
+    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let n = pos + 1 - first;
+    crate::softmax::softmax_rows(&mut row[first..=pos], n);
+    row[..first].fill(0.0);
+    row[pos + 1..].fill(0.0);
+}
+
+impl<'a> Step<'a> {
+    fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    fn lora_scale(&self) -> f32 {
+        self.adapter.adapter.config.scale() as f32
+    }
+
+    /// `out = x W^T + bias + scale * dropout(x) A^T B^T` (or `out +=` with [`Dst::Add`]) for
+    /// `x` (rows, in) and `out` (rows, out); the tape of the adapter's part, if it has one.
+    fn project(&self, p: &Projection, x: &[f32], out: &mut [f32], mut mode: Dst) -> Result<Option<LoraTape>> {
+        let rows = self.rows();
+        let (fan_in, fan_out) = (x.len() / rows, out.len() / rows);
+        if let Some(bias) = &p.bias {
+            with_values(bias, |b| {
+                if b.len() != fan_out {
+                    return Err(ModelError::Decode(format!("{} bias has {} values for {fan_out} outputs", p.module.name(), b.len())));
+                }
+                for row in out.chunks_mut(fan_out) {
+                    match mode {
+                        Dst::Overwrite => row.copy_from_slice(b),
+                        Dst::Add => row.iter_mut().zip(b).for_each(|(o, b)| *o += b),
+                    }
+                }
+                Ok(())
+            })?;
+            mode = Dst::Add;
+        }
+        with_weight(&p.weight, |w| {
+            matmul(ViewMut::new(out, rows, fan_out), View::new(x, rows, fan_in), View::new(w, fan_out, fan_in).t(), 1.0, mode, Threads::Pool)
+        })?;
+        let Some(pair) = self.adapter.adapter.get(p.layer, p.module) else {
+            return Ok(None);
+        };
+        let r = pair.a.dim(0)?;
+        let mask = self.adapter.dropout_mask(p.layer, p.module, rows, fan_in);
+        let masked: Option<Vec<f32>> = mask.as_ref().map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect());
+        let input = masked.as_deref().unwrap_or(x);
+        let mut low = zeros(rows * r);
+        with_values(&pair.a, |a| {
+            let a = View::new(a, r, fan_in).t();
+            matmul(ViewMut::new(&mut low, rows, r), View::new(input, rows, fan_in), a, self.lora_scale(), Dst::Overwrite, Threads::Pool)
+        })?;
+        with_values(&pair.b, |b| {
+            matmul(ViewMut::new(out, rows, fan_out), View::new(&low, rows, r), View::new(b, fan_out, r).t(), 1.0, Dst::Add, Threads::Pool)
+        })?;
+        Ok(Some(LoraTape { low, mask }))
+    }
+
+    /// The gradients through [`Step::project`] for the output gradient `dy` (rows, out) and the
+    /// forward's input `x` (rows, in): A's and B's into `grads`, and the input's into `dx` when
+    /// it is wanted, written or added by `mode`.
+    #[allow(clippy::too_many_arguments)]
+    fn project_back(
+        &self,
+        p: &Projection,
+        dy: &[f32],
+        x: &[f32],
+        lora: Option<&LoraTape>,
+        mut dx: Option<&mut [f32]>,
+        mode: Dst,
+        grads: &mut GradStore,
+    ) -> Result<()> {
+        let rows = self.rows();
+        let (fan_in, fan_out) = (x.len() / rows, dy.len() / rows);
+        if let Some(dx) = dx.as_deref_mut() {
+            with_weight(&p.weight, |w| {
+                matmul(ViewMut::new(dx, rows, fan_in), View::new(dy, rows, fan_out), View::new(w, fan_out, fan_in), 1.0, mode, Threads::Pool)
+            })?;
+        }
+        let (Some(pair), Some(lora)) = (self.adapter.adapter.get(p.layer, p.module), lora) else {
+            return Ok(());
+        };
+        let r = lora.low.len() / rows;
+        let scale = self.lora_scale();
+        let dy_view = View::new(dy, rows, fan_out);
+        // d low = dy B, d B = dy^T low, d A = scale * d low^T dropout(x).
+        let mut d_low = zeros(rows * r);
+        with_values(&pair.b, |b| matmul(ViewMut::new(&mut d_low, rows, r), dy_view, View::new(b, fan_out, r), 1.0, Dst::Overwrite, Threads::Pool))?;
+        let mut d_b = zeros(fan_out * r);
+        matmul(ViewMut::new(&mut d_b, fan_out, r), dy_view.t(), View::new(&lora.low, rows, r), 1.0, Dst::Overwrite, Threads::Pool)?;
+        let masked: Option<Vec<f32>> = lora.mask.as_ref().map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect());
+        let input = masked.as_deref().unwrap_or(x);
+        let mut d_a = zeros(r * fan_in);
+        let d_low_view = View::new(&d_low, rows, r);
+        matmul(ViewMut::new(&mut d_a, r, fan_in), d_low_view.t(), View::new(input, rows, fan_in), scale, Dst::Overwrite, Threads::Pool)?;
+        drop(masked);
+        if let Some(dx) = dx {
+            // d x += scale * (d low A), times the dropout mask where there is one.
+            with_values(&pair.a, |a| {
+                let a = View::new(a, r, fan_in);
+                match &lora.mask {
+                    None => matmul(ViewMut::new(dx, rows, fan_in), d_low_view, a, scale, Dst::Add, Threads::Pool),
+                    Some(mask) => {
+                        let mut part = zeros(rows * fan_in);
+                        matmul(ViewMut::new(&mut part, rows, fan_in), d_low_view, a, scale, Dst::Overwrite, Threads::Pool)?;
+                        dx.iter_mut().zip(part).zip(mask).for_each(|((d, v), m)| *d += v * m);
+                        Ok(())
+                    }
+                }
+            })?;
+        }
+        grads.insert(&pair.a, Tensor::from_vec(d_a, (r, fan_in), &Device::Cpu)?);
+        grads.insert(&pair.b, Tensor::from_vec(d_b, (fan_out, r), &Device::Cpu)?);
+        Ok(())
+    }
+
+    /// Rotates each head of each row of `x` (rows, heads * head_dim) by its position's angles,
+    /// in HF's rotate-half layout; `inverse` rotates back, which is also the backward (a
+    /// rotation's transpose is its inverse).
+    fn rope(&self, x: &mut [f32], heads: usize, inverse: bool) {
+        let (d, half, seq) = (self.head_dim, self.head_dim / 2, self.seq);
+        let sign = if inverse { -1.0 } else { 1.0 };
+        x.par_chunks_mut(heads * d).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(row, xr)| {
+            let pos = row % seq;
+            let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+            for head in xr.chunks_exact_mut(d) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b, sj) = (x1[j], x2[j], sign * s[j]);
+                    x1[j] = a * c[j] - b * sj;
+                    x2[j] = b * c[j] + a * sj;
+                }
+            }
+        });
+    }
+
+    /// Causal (and windowed) attention of rotated `q` (rows, heads * d) over `k` and `v`
+    /// (rows, kv_heads * d): the probabilities (batch, heads, seq, seq) and the heads' outputs
+    /// (rows, heads * d). Sequences are the parallel tasks; query heads that share a KV head
+    /// read it in place.
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (t, d) = (self.seq, self.head_dim);
+        let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut probs = zeros(self.batch * self.heads * t * t);
+        let mut out = zeros(self.rows() * qd);
+        probs.par_chunks_mut(self.heads * t * t).zip(out.par_chunks_mut(t * qd)).enumerate().try_for_each(|(s, (p, o))| {
+            let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
+            for head in 0..self.heads {
+                let g = head / group;
+                let ph = &mut p[head * t * t..(head + 1) * t * t];
+                for first in (0..t).step_by(ATTENTION_BLOCK) {
+                    let n = ATTENTION_BLOCK.min(t - first);
+                    let keys = first + n;
+                    let scores = ViewMut::columns(ph, t, t, 0, keys).rows(first, n);
+                    let queries = View::columns(qs, t, qd, head * d, d).rows(first, n);
+                    matmul(scores, queries, View::columns(ks, keys, kvd, g * d, d).t(), scale, Dst::Overwrite, Threads::Caller)?;
+                    for i in first..keys {
+                        causal_softmax(&mut ph[i * t..i * t + keys], i, self.window);
+                    }
+                    let probs = View::columns(ph, t, t, 0, keys).rows(first, n);
+                    let dst = ViewMut::columns(o, t, qd, head * d, d).rows(first, n);
+                    matmul(dst, probs, View::columns(vs, keys, kvd, g * d, d), 1.0, Dst::Overwrite, Threads::Caller)?;
+                }
+            }
+            Ok::<(), ModelError>(())
+        })?;
+        Ok((probs, out))
+    }
+
+    /// The gradients of `q`, `k` and `v` for the gradient `d_out` of [`Step::attention`]'s
+    /// output: with dP = dO V^T and dS = scale * P * (dP - rowsum(P * dP)), dQ = dS K,
+    /// dK = dS^T Q and dV = P^T dO, each summed over the query heads of a KV head.
+    fn attention_back(&self, q: &[f32], k: &[f32], v: &[f32], probs: &[f32], d_out: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (t, d) = (self.seq, self.head_dim);
+        let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
+        let tasks = dq.par_chunks_mut(t * qd).zip(dk.par_chunks_mut(t * kvd)).zip(dv.par_chunks_mut(t * kvd)).enumerate();
+        tasks.try_for_each(|(s, ((dq, dk), dv))| {
+            let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
+            let dos = &d_out[s * t * qd..(s + 1) * t * qd];
+            let mut ds = zeros(ATTENTION_BLOCK * t);
+            for head in 0..self.heads {
+                let g = head / group;
+                let ph = &probs[(s * self.heads + head) * t * t..(s * self.heads + head + 1) * t * t];
+                for first in (0..t).step_by(ATTENTION_BLOCK) {
+                    let n = ATTENTION_BLOCK.min(t - first);
+                    let keys = first + n;
+                    let p = View::columns(ph, t, t, 0, keys).rows(first, n);
+                    let d_o = View::columns(dos, t, qd, head * d, d).rows(first, n);
+                    let k_head = View::columns(ks, keys, kvd, g * d, d);
+                    matmul(ViewMut::new(&mut ds, n, keys), d_o, View::columns(vs, keys, kvd, g * d, d).t(), 1.0, Dst::Overwrite, Threads::Caller)?;
+                    matmul(ViewMut::columns(dv, keys, kvd, g * d, d), p.t(), d_o, 1.0, Dst::Add, Threads::Caller)?;
+                    for (i, row) in ds.chunks_exact_mut(keys).take(n).enumerate() {
+                        let pr = &ph[(first + i) * t..(first + i) * t + keys];
+                        let dot: f32 = pr.iter().zip(row.iter()).map(|(a, b)| a * b).sum();
+                        row.iter_mut().zip(pr).for_each(|(g, pv)| *g = scale * pv * (*g - dot));
+                    }
+                    let d_s = View::new(&ds, n, keys);
+                    matmul(ViewMut::columns(dq, t, qd, head * d, d).rows(first, n), d_s, k_head, 1.0, Dst::Overwrite, Threads::Caller)?;
+                    let q_head = View::columns(qs, t, qd, head * d, d).rows(first, n);
+                    matmul(ViewMut::columns(dk, keys, kvd, g * d, d), d_s.t(), q_head, 1.0, Dst::Add, Threads::Caller)?;
+                }
+            }
+            Ok::<(), ModelError>(())
+        })?;
+        Ok((dq, dk, dv))
+    }
+
+    /// One layer's output for its input (rows, hidden), and the tape for its backward.
+    pub(crate) fn forward(&self, layer: &Layer, input: Vec<f32>) -> Result<(Vec<f32>, LayerTape)> {
+        let rows = self.rows();
+        let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (a, m) = (&layer.attn, &layer.mlp);
+        let mut lora: [Option<LoraTape>; 7] = Default::default();
+        let (normed, inv_rms) = norm(&layer.input_norm, &input)?;
+        let (mut q, mut k, mut v) = (zeros(rows * qd), zeros(rows * kvd), zeros(rows * kvd));
+        lora[TargetModule::QProj as usize] = self.project(&a.q, &normed, &mut q, Dst::Overwrite)?;
+        lora[TargetModule::KProj as usize] = self.project(&a.k, &normed, &mut k, Dst::Overwrite)?;
+        lora[TargetModule::VProj as usize] = self.project(&a.v, &normed, &mut v, Dst::Overwrite)?;
+        self.rope(&mut q, self.heads, false);
+        self.rope(&mut k, self.kv_heads, false);
+        let (probs, attn) = self.attention(&q, &k, &v)?;
+        let mut mid = input.clone();
+        lora[TargetModule::OProj as usize] = self.project(&a.o, &attn, &mut mid, Dst::Add)?;
+        let (mid_normed, mid_inv_rms) = norm(&layer.post_attn_norm, &mid)?;
+        let (mut gate, mut up) = (zeros(rows * self.intermediate), zeros(rows * self.intermediate));
+        lora[TargetModule::GateProj as usize] = self.project(&m.gate, &mid_normed, &mut gate, Dst::Overwrite)?;
+        lora[TargetModule::UpProj as usize] = self.project(&m.up, &mid_normed, &mut up, Dst::Overwrite)?;
+        let act = swiglu(&gate, &up);
+        let mut out = mid.clone();
+        lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
+        let tape = LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, gate, up, lora };
+        Ok((out, tape))
+    }
+
+    /// Adds the adapter gradients of `layer` for the gradient `d_out` of its output into
+    /// `grads`, and returns the gradient of its input when `input_grad` asks for it.
+    pub(crate) fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut GradStore) -> Result<Option<Vec<f32>>> {
+        let rows = self.rows();
+        let (a, m) = (&layer.attn, &layer.mlp);
+        let LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, mut gate, mut up, lora } = tape;
+        let tape_of = |module: TargetModule| lora[module as usize].as_ref();
+
+        let act = swiglu(&gate, &up);
+        let mut d_act = zeros(rows * self.intermediate);
+        self.project_back(&m.down, d_out, &act, tape_of(TargetModule::DownProj), Some(&mut d_act), Dst::Overwrite, grads)?;
+        drop(act);
+        swiglu_back_in_place(&mut gate, &mut up, &d_act);
+        drop(d_act);
+        let mut d_mid_normed = zeros(rows * self.hidden);
+        self.project_back(&m.gate, &gate, &mid_normed, tape_of(TargetModule::GateProj), Some(&mut d_mid_normed), Dst::Overwrite, grads)?;
+        self.project_back(&m.up, &up, &mid_normed, tape_of(TargetModule::UpProj), Some(&mut d_mid_normed), Dst::Add, grads)?;
+        drop((gate, up, mid_normed));
+        let mut d_mid = d_out.to_vec();
+        with_values(&layer.post_attn_norm.weight, |w| {
+            rms_norm_back_add(&mut d_mid, &mid, &mid_inv_rms, w, &d_mid_normed);
+            Ok(())
+        })?;
+        drop((mid, d_mid_normed));
+
+        let mut d_attn = zeros(attn.len());
+        self.project_back(&a.o, &d_mid, &attn, tape_of(TargetModule::OProj), Some(&mut d_attn), Dst::Overwrite, grads)?;
+        drop(attn);
+        let (mut dq, mut dk, dv) = self.attention_back(&q, &k, &v, &probs, &d_attn)?;
+        drop((q, k, v, probs, d_attn));
+        self.rope(&mut dq, self.heads, true);
+        self.rope(&mut dk, self.kv_heads, true);
+
+        if !input_grad {
+            // The first layer's input is the frozen embeddings: only the adapters need more.
+            for (p, d) in [(&a.q, &dq), (&a.k, &dk), (&a.v, &dv)] {
+                self.project_back(p, d, &normed, tape_of(p.module), None, Dst::Overwrite, grads)?;
+            }
+            return Ok(None);
+        }
+        let mut d_normed = zeros(rows * self.hidden);
+        let parts = [(&a.q, &dq, Dst::Overwrite), (&a.k, &dk, Dst::Add), (&a.v, &dv, Dst::Add)];
+        for (p, d, mode) in parts {
+            self.project_back(p, d, &normed, tape_of(p.module), Some(&mut d_normed), mode, grads)?;
+        }
+        let mut d_input = d_mid;
+        with_values(&layer.input_norm.weight, |w| {
+            rms_norm_back_add(&mut d_input, &input, &inv_rms, w, &d_normed);
+            Ok(())
+        })?;
+        Ok(Some(d_input))
+    }
+}
+
+/// [`rms_norm`] with a layer's norm.
+fn norm(n: &RmsNorm, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    with_values(&n.weight, |w| {
+        if w.is_empty() || !x.len().is_multiple_of(w.len()) {
+            return Err(ModelError::Decode(format!("rms norm of {} values with a weight of {}", x.len(), w.len())));
+        }
+        Ok(rms_norm(x, w, n.eps as f32))
+    })
+}
+
+impl CausalLm {
+    /// Whether a step for `adapter` can run by hand: the base and the adapter in f32 on the
+    /// CPU, with dense or NF4 projections.
+    pub(crate) fn trains_by_hand(&self, adapter: &ActiveAdapter) -> bool {
+        let f32_cpu = |t: &Tensor| crate::fused::fusable(t);
+        let weights_ok = self.layers.iter().all(|l| {
+            crate::lora::TargetModule::ALL.iter().all(|&m| match &l.projection(m).weight {
+                BaseWeight::Dense(t) => f32_cpu(t),
+                BaseWeight::Nf4(_) => true,
+                BaseWeight::Int8(_) => false,
+            })
+        });
+        weights_ok && f32_cpu(&self.norm.weight) && adapter.adapter.pairs().all(|(_, p)| f32_cpu(&p.a) && f32_cpu(&p.b))
+    }
+
+    fn by_hand_step<'a>(&self, batch: usize, seq: usize, adapter: &ActiveAdapter<'a>) -> Result<Step<'a>> {
+        let c = &self.config;
+        let (cos, sin) = self.rope.tables(0, seq, &Device::Cpu)?;
+        Ok(Step {
+            batch,
+            seq,
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+            intermediate: c.intermediate_size,
+            window: c.attention_window(),
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            adapter: *adapter,
+        })
+    }
+
+    /// The loss sum and its adapter gradients by hand: one store per layer when
+    /// `checkpointed` (each layer's tape is rebuilt from its input on the way back; the whole
+    /// batch at once), else one store for all.
+    pub(crate) fn loss_backward_by_hand(&self, batch: &LossBatch, step: &CheckpointedStep, checkpointed: bool) -> Result<(f64, Vec<GradStore>)> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let h = self.config.hidden_size;
+        let run = self.by_hand_step(b, t, &step.adapter)?;
+        let mut x = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut tapes = Vec::with_capacity(self.layers.len());
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (out, tape) = run.forward(layer, x)?;
+            if checkpointed {
+                inputs.push(tape.input);
+            } else {
+                tapes.push(tape);
+            }
+            x = out;
+        }
+        let (loss_sum, grad) = self.head_backward(&Tensor::from_vec(x, (b, t, h), &Device::Cpu)?, batch, step)?;
+        let mut grad = grad.flatten_all()?.to_vec1::<f32>()?;
+        let mut stores = Vec::with_capacity(if checkpointed { self.layers.len() } else { 1 });
+        let mut store = GradStore::default();
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let tape = match (tapes.pop(), inputs.pop()) {
+                (Some(tape), _) => tape,
+                (None, Some(input)) => run.forward(layer, input)?.1,
+                (None, None) => return Err(ModelError::Decode(format!("no tape or input left for layer {i}"))),
+            };
+            let d_input = run.backward(layer, tape, &grad, i > 0, &mut store)?;
+            if checkpointed {
+                stores.push(std::mem::take(&mut store));
+            }
+            if let Some(d) = d_input {
+                grad = d;
+            }
+        }
+        if !checkpointed {
+            stores.push(store);
+        }
+        Ok((loss_sum, stores))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::DenseStore;
+    use crate::lora::{LoraAdapter, LoraConfig};
+    use candle_core::D;
+    use candle_nn::VarBuilder;
+
+    const BATCH: usize = 2;
+    /// Three attention blocks, the last one partial.
+    const SEQ: usize = 150;
+
+    /// A Llama with biases on every projection, a sliding window shorter than the sequence,
+    /// grouped-query attention and norms that are not all ones: every branch of the step.
+    fn model() -> CausalLm {
+        let mut config = crate::tiny::TinySpec::default().config();
+        config.attention_bias = true;
+        config.mlp_bias = true;
+        config.sliding_window = Some(40);
+        let mut weights = crate::tiny::random_weights(&config, 3).expect("weights");
+        let noise = |n: usize, seed: u64, base: f32| -> Tensor {
+            let values = (0..n).map(|i| base + 0.2 * ((i as f32 * 0.77 + seed as f32).sin())).collect::<Vec<f32>>();
+            Tensor::from_vec(values, n, &Device::Cpu).expect("noise")
+        };
+        for layer in 0..config.num_hidden_layers {
+            for (i, m) in TargetModule::ALL.into_iter().enumerate() {
+                let name = format!("model.layers.{layer}.{}.{}.bias", m.parent(), m.name());
+                weights.insert(name, noise(m.shape(&config).1, (layer * 7 + i) as u64, 0.0));
+            }
+            for (i, norm) in ["input_layernorm", "post_attention_layernorm"].into_iter().enumerate() {
+                weights.insert(format!("model.layers.{layer}.{norm}.weight"), noise(config.hidden_size, (layer * 2 + i) as u64, 1.0));
+            }
+        }
+        let vb = VarBuilder::from_tensors(weights.into_iter().collect(), candle_core::DType::F32, &Device::Cpu);
+        CausalLm::load(vb, &config, &DenseStore).expect("model")
+    }
+
+    #[test]
+    fn by_hand_equals_the_graph_with_biases_a_window_and_several_attention_blocks() -> Result<()> {
+        let model = model();
+        let config = model.config().clone();
+        let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: TargetModule::ALL.to_vec() };
+        let (adapter, vars) = LoraAdapter::init_trainable(&config, lora, 5, &Device::Cpu)?;
+        for v in vars.iter().filter(|v| v.name.contains("lora_B")) {
+            v.var.set(&Tensor::randn(0f32, 0.1, v.var.shape(), &Device::Cpu)?)?;
+        }
+        let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(9), first_row: 0 };
+        assert!(model.trains_by_hand(&active));
+
+        let rows = BATCH * SEQ;
+        let ids: Vec<u32> = (0..rows).map(|i| ((i * 37 + 11) % config.vocab_size) as u32).collect();
+        let input = Tensor::from_vec(ids.clone(), (BATCH, SEQ), &Device::Cpu)?;
+        let targets: Vec<u32> = (0..rows).map(|i| ids[(i + 1) % rows]).collect();
+        let weights: Vec<f32> = (0..rows).map(|i| if i % SEQ > 20 && i % 3 != 0 { 1.0 } else { 0.0 }).collect();
+        let targets = Tensor::from_vec(targets, rows, &Device::Cpu)?;
+        let weights = Tensor::from_vec(weights, rows, &Device::Cpu)?;
+        let scale = 0.01;
+
+        // The reference: candle's graph over the whole batch's logits.
+        let logits = model.forward(&input, 0, None, Some(&active))?.reshape((rows, ()))?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let sum = (logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)? * &weights)?.sum_all()?.neg()?;
+        let want_loss = sum.to_scalar::<f32>()? as f64;
+        let want = (sum * scale)?.backward()?;
+
+        let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
+        let step = CheckpointedStep { adapter: active, loss_scale: scale, head_rows: 64, recompute_sequences: 0 };
+        for checkpointed in [false, true] {
+            let (loss, stores) = model.loss_backward_by_hand(&batch, &step, checkpointed)?;
+            assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "loss {loss} vs {want_loss}");
+            for v in &vars {
+                let expected = want.get(v.var.as_tensor()).expect("graph gradient");
+                let got = stores.iter().find_map(|s| s.get(v.var.as_tensor())).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+                let size = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let diff = (expected - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(size > 0.0 && diff <= 1e-4 * size, "{} (checkpointed {checkpointed}): differs by {diff}, largest {size}", v.name);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rope_backward_undoes_the_forward_rotation() {
+        let spec = crate::tiny::TinySpec::default().config();
+        let adapter = LoraAdapter::from_pairs(LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, target_modules: vec![TargetModule::QProj] }, Default::default());
+        let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+        let model = model();
+        let step = model.by_hand_step(2, 5, &active).expect("step");
+        let d = spec.head_dim();
+        let x: Vec<f32> = (0..2 * 5 * 3 * d).map(|i| (i as f32 * 0.31).cos()).collect();
+        let mut y = x.clone();
+        step.rope(&mut y, 3, false);
+        assert!(y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3), "positions past 0 rotate");
+        step.rope(&mut y, 3, true);
+        assert!(y.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+}
