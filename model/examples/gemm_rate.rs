@@ -1,7 +1,7 @@
 use candle_core::{Device, Tensor};
 fn main() -> candle_core::Result<()> {
     let d = Device::Cpu;
-    for (m, k, n) in [(1024, 512, 1408), (1024, 1408, 512), (1024, 512, 8192), (1024,512,512)] {
+    for (m, k, n) in [(1024, 512, 1408), (1024, 1408, 512), (1024,512,512), (512, 512, 1408), (512, 1408, 512), (512,512,512)] {
         let a = Tensor::randn(0f32, 1., (m, k), &d)?;
         let b = Tensor::randn(0f32, 1., (n, k), &d)?.t()?;
         for _ in 0..3 { a.matmul(&b)?; }

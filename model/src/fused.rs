@@ -424,20 +424,7 @@ impl candle_core::InplaceOp1 for WeightedNllGrad<'_> {
 impl WeightedNllGrad<'_> {
     /// One row: returns its weighted loss and leaves its scaled gradient in place.
     fn row(&self, row: &mut [f32], target: usize, weight: f32) -> f64 {
-        if weight == 0.0 {
-            row.fill(0.0);
-            return 0.0;
-        }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-        let log_sum = max + sum.ln();
-        let loss = f64::from(weight) * f64::from(log_sum - row[target]);
-        let g = self.scale * weight;
-        for v in row.iter_mut() {
-            *v = g * (*v - log_sum).exp();
-        }
-        row[target] -= g;
-        loss
+        crate::softmax::nll_grad_row(row, target, weight, self.scale)
     }
 }
 

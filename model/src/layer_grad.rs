@@ -78,6 +78,16 @@ pub(crate) struct Step<'a> {
     cos: Vec<f32>,
     sin: Vec<f32>,
     adapter: ActiveAdapter<'a>,
+    /// [`Threads::Pool`] when this step has the whole pool; [`Threads::Caller`] when it is
+    /// one of several parts of a batch running side by side, one per thread.
+    threads: Threads,
+}
+
+/// The adapter gradients of one projection.
+struct ModuleGrad {
+    module: TargetModule,
+    a: Vec<f32>,
+    b: Vec<f32>,
 }
 
 /// Runs `f` on the values of a contiguous f32 CPU tensor, in place.
@@ -103,16 +113,12 @@ fn zeros(len: usize) -> Vec<f32> {
     vec![0f32; len]
 }
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
 /// Normalised rows of `x` times `w`, and each row's 1 / rms.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
     let mut out = zeros(x.len());
     let mut inv = zeros(x.len() / h);
-    out.par_chunks_mut(h).zip(inv.par_iter_mut()).zip(x.par_chunks(h)).with_min_len(ROWS_PER_TASK).for_each(|((o, r), xr)| {
+    out.par_chunks_mut(h).zip(inv.par_iter_mut()).zip(x.par_chunks(h)).with_min_len(min_len).for_each(|((o, r), xr)| {
         *r = crate::fused::inv_rms(xr, eps);
         for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
             *o = xv * *r * wv;
@@ -123,9 +129,9 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 
 /// `dx += r * (g * w) - x * r^3 * sum(g * w * x) / h` per row: the input gradient of
 /// [`rms_norm`] for the output gradient `g`, with r the row's stored 1 / rms.
-fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32]) {
+fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32], min_len: usize) {
     let h = w.len();
-    dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).zip(inv.par_iter()).with_min_len(ROWS_PER_TASK).for_each(
+    dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).zip(inv.par_iter()).with_min_len(min_len).for_each(
         |(((d, xr), gr), &r)| {
             let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, gv), wv)| xv * gv * wv).sum();
             let k = r * r * r * dot / h as f32;
@@ -136,12 +142,18 @@ fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32
     );
 }
 
+/// Elements per task of [`swiglu`] and its backward; also their sigmoid buffer's length.
+const SWIGLU_CHUNK: usize = 1024;
+
 /// `silu(gate) * up`.
-fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> Vec<f32> {
     let mut out = zeros(gate.len());
-    out.par_chunks_mut(1024).zip(gate.par_chunks(1024)).zip(up.par_chunks(1024)).for_each(|((o, g), u)| {
-        for ((o, gv), uv) in o.iter_mut().zip(g).zip(u) {
-            *o = gv * sigmoid(*gv) * uv;
+    let tasks = out.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).zip(up.par_chunks(SWIGLU_CHUNK));
+    tasks.with_min_len(min_len).for_each(|((o, g), u)| {
+        let mut s = [0f32; SWIGLU_CHUNK];
+        crate::softmax::sigmoid(g, &mut s[..g.len()]);
+        for (((o, gv), uv), sv) in o.iter_mut().zip(g).zip(u).zip(&s) {
+            *o = gv * sv * uv;
         }
     });
     out
@@ -149,10 +161,12 @@ fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 
 /// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`:
 /// `d * up * s * (1 + gate * (1 - s))` with s = sigmoid(gate), and `d * silu(gate)`.
-fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], d: &[f32]) {
-    gate.par_chunks_mut(1024).zip(up.par_chunks_mut(1024)).zip(d.par_chunks(1024)).for_each(|((g, u), d)| {
-        for ((gv, uv), dv) in g.iter_mut().zip(u.iter_mut()).zip(d) {
-            let s = sigmoid(*gv);
+fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], d: &[f32], min_len: usize) {
+    let tasks = gate.par_chunks_mut(SWIGLU_CHUNK).zip(up.par_chunks_mut(SWIGLU_CHUNK)).zip(d.par_chunks(SWIGLU_CHUNK));
+    tasks.with_min_len(min_len).for_each(|((g, u), d)| {
+        let mut sig = [0f32; SWIGLU_CHUNK];
+        crate::softmax::sigmoid(g, &mut sig[..g.len()]);
+        for (((gv, uv), dv), &s) in g.iter_mut().zip(u.iter_mut()).zip(d).zip(&sig) {
             let d_gate = dv * *uv * s * (1.0 + *gv * (1.0 - s));
             *uv = dv * *gv * s;
             *gv = d_gate;
@@ -173,6 +187,15 @@ fn causal_softmax(row: &mut [f32], pos: usize, window: Option<usize>) {
 impl<'a> Step<'a> {
     fn rows(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// The fewest items a task of a parallel pass takes: `per_task` with the whole pool, or
+    /// all of them, on the calling thread, when this step is one part of several.
+    fn min_len(&self, per_task: usize) -> usize {
+        match self.threads {
+            Threads::Pool => per_task,
+            Threads::Caller => usize::MAX,
+        }
     }
 
     fn lora_scale(&self) -> f32 {
@@ -200,7 +223,7 @@ impl<'a> Step<'a> {
             mode = Dst::Add;
         }
         with_weight(&p.weight, |w| {
-            matmul(ViewMut::new(out, rows, fan_out), View::new(x, rows, fan_in), View::new(w, fan_out, fan_in).t(), 1.0, mode, Threads::Pool)
+            matmul(ViewMut::new(out, rows, fan_out), View::new(x, rows, fan_in), View::new(w, fan_out, fan_in).t(), 1.0, mode, self.threads)
         })?;
         let Some(pair) = self.adapter.adapter.get(p.layer, p.module) else {
             return Ok(None);
@@ -212,10 +235,10 @@ impl<'a> Step<'a> {
         let mut low = zeros(rows * r);
         with_values(&pair.a, |a| {
             let a = View::new(a, r, fan_in).t();
-            matmul(ViewMut::new(&mut low, rows, r), View::new(input, rows, fan_in), a, self.lora_scale(), Dst::Overwrite, Threads::Pool)
+            matmul(ViewMut::new(&mut low, rows, r), View::new(input, rows, fan_in), a, self.lora_scale(), Dst::Overwrite, self.threads)
         })?;
         with_values(&pair.b, |b| {
-            matmul(ViewMut::new(out, rows, fan_out), View::new(&low, rows, r), View::new(b, fan_out, r).t(), 1.0, Dst::Add, Threads::Pool)
+            matmul(ViewMut::new(out, rows, fan_out), View::new(&low, rows, r), View::new(b, fan_out, r).t(), 1.0, Dst::Add, self.threads)
         })?;
         Ok(Some(LoraTape { low, mask }))
     }
@@ -232,13 +255,13 @@ impl<'a> Step<'a> {
         lora: Option<&LoraTape>,
         mut dx: Option<&mut [f32]>,
         mode: Dst,
-        grads: &mut GradStore,
+        grads: &mut Vec<ModuleGrad>,
     ) -> Result<()> {
         let rows = self.rows();
         let (fan_in, fan_out) = (x.len() / rows, dy.len() / rows);
         if let Some(dx) = dx.as_deref_mut() {
             with_weight(&p.weight, |w| {
-                matmul(ViewMut::new(dx, rows, fan_in), View::new(dy, rows, fan_out), View::new(w, fan_out, fan_in), 1.0, mode, Threads::Pool)
+                matmul(ViewMut::new(dx, rows, fan_in), View::new(dy, rows, fan_out), View::new(w, fan_out, fan_in), 1.0, mode, self.threads)
             })?;
         }
         let (Some(pair), Some(lora)) = (self.adapter.adapter.get(p.layer, p.module), lora) else {
@@ -249,32 +272,31 @@ impl<'a> Step<'a> {
         let dy_view = View::new(dy, rows, fan_out);
         // d low = dy B, d B = dy^T low, d A = scale * d low^T dropout(x).
         let mut d_low = zeros(rows * r);
-        with_values(&pair.b, |b| matmul(ViewMut::new(&mut d_low, rows, r), dy_view, View::new(b, fan_out, r), 1.0, Dst::Overwrite, Threads::Pool))?;
+        with_values(&pair.b, |b| matmul(ViewMut::new(&mut d_low, rows, r), dy_view, View::new(b, fan_out, r), 1.0, Dst::Overwrite, self.threads))?;
         let mut d_b = zeros(fan_out * r);
-        matmul(ViewMut::new(&mut d_b, fan_out, r), dy_view.t(), View::new(&lora.low, rows, r), 1.0, Dst::Overwrite, Threads::Pool)?;
+        matmul(ViewMut::new(&mut d_b, fan_out, r), dy_view.t(), View::new(&lora.low, rows, r), 1.0, Dst::Overwrite, self.threads)?;
         let masked: Option<Vec<f32>> = lora.mask.as_ref().map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect());
         let input = masked.as_deref().unwrap_or(x);
         let mut d_a = zeros(r * fan_in);
         let d_low_view = View::new(&d_low, rows, r);
-        matmul(ViewMut::new(&mut d_a, r, fan_in), d_low_view.t(), View::new(input, rows, fan_in), scale, Dst::Overwrite, Threads::Pool)?;
+        matmul(ViewMut::new(&mut d_a, r, fan_in), d_low_view.t(), View::new(input, rows, fan_in), scale, Dst::Overwrite, self.threads)?;
         drop(masked);
         if let Some(dx) = dx {
             // d x += scale * (d low A), times the dropout mask where there is one.
             with_values(&pair.a, |a| {
                 let a = View::new(a, r, fan_in);
                 match &lora.mask {
-                    None => matmul(ViewMut::new(dx, rows, fan_in), d_low_view, a, scale, Dst::Add, Threads::Pool),
+                    None => matmul(ViewMut::new(dx, rows, fan_in), d_low_view, a, scale, Dst::Add, self.threads),
                     Some(mask) => {
                         let mut part = zeros(rows * fan_in);
-                        matmul(ViewMut::new(&mut part, rows, fan_in), d_low_view, a, scale, Dst::Overwrite, Threads::Pool)?;
+                        matmul(ViewMut::new(&mut part, rows, fan_in), d_low_view, a, scale, Dst::Overwrite, self.threads)?;
                         dx.iter_mut().zip(part).zip(mask).for_each(|((d, v), m)| *d += v * m);
                         Ok(())
                     }
                 }
             })?;
         }
-        grads.insert(&pair.a, Tensor::from_vec(d_a, (r, fan_in), &Device::Cpu)?);
-        grads.insert(&pair.b, Tensor::from_vec(d_b, (fan_out, r), &Device::Cpu)?);
+        grads.push(ModuleGrad { module: p.module, a: d_a, b: d_b });
         Ok(())
     }
 
@@ -284,7 +306,7 @@ impl<'a> Step<'a> {
     fn rope(&self, x: &mut [f32], heads: usize, inverse: bool) {
         let (d, half, seq) = (self.head_dim, self.head_dim / 2, self.seq);
         let sign = if inverse { -1.0 } else { 1.0 };
-        x.par_chunks_mut(heads * d).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(row, xr)| {
+        x.par_chunks_mut(heads * d).enumerate().with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|(row, xr)| {
             let pos = row % seq;
             let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
             for head in xr.chunks_exact_mut(d) {
@@ -308,7 +330,8 @@ impl<'a> Step<'a> {
         let scale = 1.0 / (d as f32).sqrt();
         let mut probs = zeros(self.batch * self.heads * t * t);
         let mut out = zeros(self.rows() * qd);
-        probs.par_chunks_mut(self.heads * t * t).zip(out.par_chunks_mut(t * qd)).enumerate().try_for_each(|(s, (p, o))| {
+        let tasks = probs.par_chunks_mut(self.heads * t * t).zip(out.par_chunks_mut(t * qd)).enumerate();
+        tasks.with_min_len(self.min_len(1)).try_for_each(|(s, (p, o))| {
             let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
             for head in 0..self.heads {
                 let g = head / group;
@@ -341,7 +364,7 @@ impl<'a> Step<'a> {
         let scale = 1.0 / (d as f32).sqrt();
         let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
         let tasks = dq.par_chunks_mut(t * qd).zip(dk.par_chunks_mut(t * kvd)).zip(dv.par_chunks_mut(t * kvd)).enumerate();
-        tasks.try_for_each(|(s, ((dq, dk), dv))| {
+        tasks.with_min_len(self.min_len(1)).try_for_each(|(s, ((dq, dk), dv))| {
             let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
             let dos = &d_out[s * t * qd..(s + 1) * t * qd];
             let mut ds = zeros(ATTENTION_BLOCK * t);
@@ -372,13 +395,66 @@ impl<'a> Step<'a> {
         Ok((dq, dk, dv))
     }
 
+    /// [`rms_norm`] with the norm `n`.
+    fn norm(&self, n: &RmsNorm, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        with_values(&n.weight, |w| {
+            if w.is_empty() || !x.len().is_multiple_of(w.len()) {
+                return Err(ModelError::Decode(format!("rms norm of {} values with a weight of {}", x.len(), w.len())));
+            }
+            Ok(rms_norm(x, w, n.eps as f32, self.min_len(ROWS_PER_TASK)))
+        })
+    }
+
+    /// The final norm, head and loss of this step's rows `x` (rows, hidden) whose weight is
+    /// not 0, `head_rows` at a time: the unscaled weighted loss sum and the gradient of
+    /// `scale` times it with respect to `x`. Rows of weight 0 (prompts, padding) get no logits
+    /// at all, and a zero gradient.
+    fn head_back(&self, model: &CausalLm, x: &[f32], targets: &[u32], weights: &[f32], scale: f32, head_rows: usize) -> Result<(f64, Vec<f32>)> {
+        let (h, vocab) = (self.hidden, model.config.vocab_size);
+        if let Some(row) = targets.iter().position(|&t| t as usize >= vocab) {
+            return Err(ModelError::Decode(format!("loss row {row} targets token {} of a {vocab}-token vocabulary", targets[row])));
+        }
+        let trained: Vec<usize> = (0..targets.len()).filter(|&r| weights[r] != 0.0).collect();
+        let head = model.head();
+        let mut d_x = zeros(x.len());
+        let mut loss = 0.0;
+        for rows in trained.chunks(head_rows.max(1)) {
+            let n = rows.len();
+            let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+            let (normed, inv) = self.norm(&model.norm, &picked)?;
+            let mut logits = zeros(n * vocab);
+            for_head_slices(&head, |first, count, w| {
+                let dst = ViewMut::columns(&mut logits, n, vocab, first, count);
+                matmul(dst, View::new(&normed, n, h), View::new(w, count, h).t(), 1.0, Dst::Overwrite, self.threads)
+            })?;
+            let tasks = logits.par_chunks_mut(vocab).zip(rows.par_iter()).with_min_len(self.min_len(1));
+            loss += tasks.map(|(row, &r)| crate::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale)).sum::<f64>();
+            let mut d_normed = zeros(n * h);
+            for_head_slices(&head, |first, count, w| {
+                let mode = if first == 0 { Dst::Overwrite } else { Dst::Add };
+                let grad = View::columns(&logits, n, vocab, first, count);
+                matmul(ViewMut::new(&mut d_normed, n, h), grad, View::new(w, count, h), 1.0, mode, self.threads)
+            })?;
+            drop(logits);
+            let mut d_picked = zeros(n * h);
+            with_values(&model.norm.weight, |w| {
+                rms_norm_back_add(&mut d_picked, &picked, &inv, w, &d_normed, self.min_len(ROWS_PER_TASK));
+                Ok(())
+            })?;
+            for (&r, d) in rows.iter().zip(d_picked.chunks_exact(h)) {
+                d_x[r * h..(r + 1) * h].copy_from_slice(d);
+            }
+        }
+        Ok((loss, d_x))
+    }
+
     /// One layer's output for its input (rows, hidden), and the tape for its backward.
-    pub(crate) fn forward(&self, layer: &Layer, input: Vec<f32>) -> Result<(Vec<f32>, LayerTape)> {
+    fn forward(&self, layer: &Layer, input: Vec<f32>) -> Result<(Vec<f32>, LayerTape)> {
         let rows = self.rows();
         let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let (a, m) = (&layer.attn, &layer.mlp);
         let mut lora: [Option<LoraTape>; 7] = Default::default();
-        let (normed, inv_rms) = norm(&layer.input_norm, &input)?;
+        let (normed, inv_rms) = self.norm(&layer.input_norm, &input)?;
         let (mut q, mut k, mut v) = (zeros(rows * qd), zeros(rows * kvd), zeros(rows * kvd));
         lora[TargetModule::QProj as usize] = self.project(&a.q, &normed, &mut q, Dst::Overwrite)?;
         lora[TargetModule::KProj as usize] = self.project(&a.k, &normed, &mut k, Dst::Overwrite)?;
@@ -388,11 +464,11 @@ impl<'a> Step<'a> {
         let (probs, attn) = self.attention(&q, &k, &v)?;
         let mut mid = input.clone();
         lora[TargetModule::OProj as usize] = self.project(&a.o, &attn, &mut mid, Dst::Add)?;
-        let (mid_normed, mid_inv_rms) = norm(&layer.post_attn_norm, &mid)?;
+        let (mid_normed, mid_inv_rms) = self.norm(&layer.post_attn_norm, &mid)?;
         let (mut gate, mut up) = (zeros(rows * self.intermediate), zeros(rows * self.intermediate));
         lora[TargetModule::GateProj as usize] = self.project(&m.gate, &mid_normed, &mut gate, Dst::Overwrite)?;
         lora[TargetModule::UpProj as usize] = self.project(&m.up, &mid_normed, &mut up, Dst::Overwrite)?;
-        let act = swiglu(&gate, &up);
+        let act = swiglu(&gate, &up, self.min_len(1));
         let mut out = mid.clone();
         lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
         let tape = LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, gate, up, lora };
@@ -401,17 +477,17 @@ impl<'a> Step<'a> {
 
     /// Adds the adapter gradients of `layer` for the gradient `d_out` of its output into
     /// `grads`, and returns the gradient of its input when `input_grad` asks for it.
-    pub(crate) fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut GradStore) -> Result<Option<Vec<f32>>> {
+    fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut Vec<ModuleGrad>) -> Result<Option<Vec<f32>>> {
         let rows = self.rows();
         let (a, m) = (&layer.attn, &layer.mlp);
         let LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, mut gate, mut up, lora } = tape;
         let tape_of = |module: TargetModule| lora[module as usize].as_ref();
 
-        let act = swiglu(&gate, &up);
+        let act = swiglu(&gate, &up, self.min_len(1));
         let mut d_act = zeros(rows * self.intermediate);
         self.project_back(&m.down, d_out, &act, tape_of(TargetModule::DownProj), Some(&mut d_act), Dst::Overwrite, grads)?;
         drop(act);
-        swiglu_back_in_place(&mut gate, &mut up, &d_act);
+        swiglu_back_in_place(&mut gate, &mut up, &d_act, self.min_len(1));
         drop(d_act);
         let mut d_mid_normed = zeros(rows * self.hidden);
         self.project_back(&m.gate, &gate, &mid_normed, tape_of(TargetModule::GateProj), Some(&mut d_mid_normed), Dst::Overwrite, grads)?;
@@ -419,7 +495,7 @@ impl<'a> Step<'a> {
         drop((gate, up, mid_normed));
         let mut d_mid = d_out.to_vec();
         with_values(&layer.post_attn_norm.weight, |w| {
-            rms_norm_back_add(&mut d_mid, &mid, &mid_inv_rms, w, &d_mid_normed);
+            rms_norm_back_add(&mut d_mid, &mid, &mid_inv_rms, w, &d_mid_normed, self.min_len(ROWS_PER_TASK));
             Ok(())
         })?;
         drop((mid, d_mid_normed));
@@ -446,21 +522,11 @@ impl<'a> Step<'a> {
         }
         let mut d_input = d_mid;
         with_values(&layer.input_norm.weight, |w| {
-            rms_norm_back_add(&mut d_input, &input, &inv_rms, w, &d_normed);
+            rms_norm_back_add(&mut d_input, &input, &inv_rms, w, &d_normed, self.min_len(ROWS_PER_TASK));
             Ok(())
         })?;
         Ok(Some(d_input))
     }
-}
-
-/// [`rms_norm`] with a layer's norm.
-fn norm(n: &RmsNorm, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-    with_values(&n.weight, |w| {
-        if w.is_empty() || !x.len().is_multiple_of(w.len()) {
-            return Err(ModelError::Decode(format!("rms norm of {} values with a weight of {}", x.len(), w.len())));
-        }
-        Ok(rms_norm(x, w, n.eps as f32))
-    })
 }
 
 impl CausalLm {
@@ -478,7 +544,7 @@ impl CausalLm {
         weights_ok && f32_cpu(&self.norm.weight) && adapter.adapter.pairs().all(|(_, p)| f32_cpu(&p.a) && f32_cpu(&p.b))
     }
 
-    fn by_hand_step<'a>(&self, batch: usize, seq: usize, adapter: &ActiveAdapter<'a>) -> Result<Step<'a>> {
+    fn by_hand_step<'a>(&self, batch: usize, seq: usize, adapter: &ActiveAdapter<'a>, threads: Threads) -> Result<Step<'a>> {
         let c = &self.config;
         let (cos, sin) = self.rope.tables(0, seq, &Device::Cpu)?;
         Ok(Step {
@@ -493,50 +559,141 @@ impl CausalLm {
             cos: cos.flatten_all()?.to_vec1()?,
             sin: sin.flatten_all()?.to_vec1()?,
             adapter: *adapter,
+            threads,
         })
     }
 
     /// The loss sum and its adapter gradients by hand: one store per layer when
-    /// `checkpointed` (each layer's tape is rebuilt from its input on the way back; the whole
-    /// batch at once), else one store for all.
+    /// `checkpointed` (each layer's tape is rebuilt from its input on the way back, for the
+    /// whole batch at once), else one store for all.
+    ///
+    /// With several threads and sequences, the batch is cut into one part of whole sequences
+    /// per thread, and each thread runs its part through a layer on its own (products and
+    /// element-wise passes on the calling thread), the parts meeting only between layers.
+    /// Sequences never look at each other, so this is the same arithmetic as the whole batch
+    /// at once, with no hand-over between threads inside a layer; single-threaded products of
+    /// half the rows also run faster per thread than two-threaded ones of all rows.
     pub(crate) fn loss_backward_by_hand(&self, batch: &LossBatch, step: &CheckpointedStep, checkpointed: bool) -> Result<(f64, Vec<GradStore>)> {
         let (b, t) = batch.input_ids.dims2()?;
         let h = self.config.hidden_size;
-        let run = self.by_hand_step(b, t, &step.adapter)?;
-        let mut x = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut tapes = Vec::with_capacity(self.layers.len());
-        let mut inputs = Vec::with_capacity(self.layers.len());
+        let targets = batch.targets.to_vec1::<u32>()?;
+        let weights = batch.weights.to_vec1::<f32>()?;
+        let embedded = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let count = rayon::current_num_threads().clamp(1, b.max(1));
+        let threads = if count > 1 { Threads::Caller } else { Threads::Pool };
+        let mut parts = Vec::with_capacity(count);
+        for p in 0..count {
+            let sequences = p * b / count..(p + 1) * b / count;
+            let rows = sequences.start * t..sequences.end * t;
+            let adapter = ActiveAdapter { first_row: step.adapter.first_row + rows.start, ..step.adapter };
+            parts.push(Part {
+                step: self.by_hand_step(sequences.len(), t, &adapter, threads)?,
+                x: embedded[rows.start * h..rows.end * h].to_vec(),
+                rows,
+                tapes: Vec::new(),
+                inputs: Vec::new(),
+                grads: Vec::new(),
+                loss: 0.0,
+            });
+        }
+        drop(embedded);
         for layer in &self.layers {
-            let (out, tape) = run.forward(layer, x)?;
-            if checkpointed {
-                inputs.push(tape.input);
-            } else {
-                tapes.push(tape);
-            }
-            x = out;
+            parts.par_iter_mut().try_for_each(|part| {
+                let (out, tape) = part.step.forward(layer, std::mem::take(&mut part.x))?;
+                if checkpointed {
+                    part.inputs.push(tape.input);
+                } else {
+                    part.tapes.push(tape);
+                }
+                part.x = out;
+                Ok::<(), ModelError>(())
+            })?;
         }
-        let (loss_sum, grad) = self.head_backward(&Tensor::from_vec(x, (b, t, h), &Device::Cpu)?, batch, step)?;
-        let mut grad = grad.flatten_all()?.to_vec1::<f32>()?;
-        let mut stores = Vec::with_capacity(if checkpointed { self.layers.len() } else { 1 });
-        let mut store = GradStore::default();
+        parts.par_iter_mut().try_for_each(|part| {
+            let rows = part.rows.clone();
+            let (loss, grad) = part.step.head_back(self, &part.x, &targets[rows.clone()], &weights[rows], step.loss_scale as f32, step.head_rows)?;
+            part.loss = loss;
+            part.x = grad;
+            Ok::<(), ModelError>(())
+        })?;
         for (i, layer) in self.layers.iter().enumerate().rev() {
-            let tape = match (tapes.pop(), inputs.pop()) {
-                (Some(tape), _) => tape,
-                (None, Some(input)) => run.forward(layer, input)?.1,
-                (None, None) => return Err(ModelError::Decode(format!("no tape or input left for layer {i}"))),
-            };
-            let d_input = run.backward(layer, tape, &grad, i > 0, &mut store)?;
-            if checkpointed {
-                stores.push(std::mem::take(&mut store));
-            }
-            if let Some(d) = d_input {
-                grad = d;
+            parts.par_iter_mut().try_for_each(|part| {
+                let tape = match (part.tapes.pop(), part.inputs.pop()) {
+                    (Some(tape), _) => tape,
+                    (None, Some(input)) => part.step.forward(layer, input)?.1,
+                    (None, None) => return Err(ModelError::Decode(format!("no tape or input left for layer {i}"))),
+                };
+                let mut grads = Vec::new();
+                if let Some(d) = part.step.backward(layer, tape, &part.x, i > 0, &mut grads)? {
+                    part.x = d;
+                }
+                part.grads.push((i, grads));
+                Ok(())
+            })?;
+        }
+        let loss = parts.iter().map(|p| p.loss).sum();
+        Ok((loss, self.sum_parts(parts, step.adapter.adapter, checkpointed)?))
+    }
+
+    /// The parts' adapter gradients added up, as one store per layer or one for all.
+    fn sum_parts(&self, parts: Vec<Part>, adapter: &crate::lora::LoraAdapter, per_layer: bool) -> Result<Vec<GradStore>> {
+        let mut sums: std::collections::BTreeMap<(usize, TargetModule), (Vec<f32>, Vec<f32>)> = Default::default();
+        for part in parts {
+            for (layer, grads) in part.grads {
+                for g in grads {
+                    match sums.get_mut(&(layer, g.module)) {
+                        Some((a, b)) => {
+                            a.iter_mut().zip(&g.a).for_each(|(s, v)| *s += v);
+                            b.iter_mut().zip(&g.b).for_each(|(s, v)| *s += v);
+                        }
+                        None => {
+                            sums.insert((layer, g.module), (g.a, g.b));
+                        }
+                    }
+                }
             }
         }
-        if !checkpointed {
-            stores.push(store);
+        let mut stores: Vec<GradStore> = (0..if per_layer { self.layers.len() } else { 1 }).map(|_| GradStore::default()).collect();
+        for ((layer, module), (a, b)) in sums {
+            let pair = adapter.get(layer, module).ok_or_else(|| ModelError::Decode(format!("a gradient for layer {layer} {} without an adapter pair", module.name())))?;
+            let store = &mut stores[if per_layer { layer } else { 0 }];
+            store.insert(&pair.a, Tensor::from_vec(a, pair.a.shape(), &Device::Cpu)?);
+            store.insert(&pair.b, Tensor::from_vec(b, pair.b.shape(), &Device::Cpu)?);
         }
-        Ok((loss_sum, stores))
+        Ok(stores)
+    }
+}
+
+/// The rows of a batch that one thread runs, and what it keeps between layers.
+struct Part<'a> {
+    step: Step<'a>,
+    /// Its rows of the flattened batch.
+    rows: std::ops::Range<usize>,
+    /// The current layer's input going forward; the gradient of the layer's output going back.
+    x: Vec<f32>,
+    tapes: Vec<LayerTape>,
+    /// Layer inputs, under checkpointing.
+    inputs: Vec<Vec<f32>>,
+    /// Adapter gradients per layer.
+    grads: Vec<(usize, Vec<ModuleGrad>)>,
+    loss: f64,
+}
+
+/// Calls `f(first_row, rows, values)` on the head's (vocab, hidden) weight: once on all of it
+/// when dense, once per slice of rows expanded at a time when NF4 (see [`crate::nf4`]).
+fn for_head_slices(head: &BaseWeight, mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>) -> Result<()> {
+    match head {
+        BaseWeight::Dense(t) => {
+            let rows = t.dim(0)?;
+            with_values(t, |w| f(0, rows, w))
+        }
+        BaseWeight::Nf4(q) => {
+            for (first, rows) in q.row_slices()? {
+                with_values(&q.dequantize_rows(first, rows)?, |w| f(first, rows, w))?;
+            }
+            Ok(())
+        }
+        BaseWeight::Int8(_) => Err(ModelError::Decode("an int8 head is for serving; training needs a dense or NF4 head".into())),
     }
 }
 
@@ -627,7 +784,7 @@ mod tests {
         let adapter = LoraAdapter::from_pairs(LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, target_modules: vec![TargetModule::QProj] }, Default::default());
         let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
         let model = model();
-        let step = model.by_hand_step(2, 5, &active).expect("step");
+        let step = model.by_hand_step(2, 5, &active, Threads::Pool).expect("step");
         let d = spec.head_dim();
         let x: Vec<f32> = (0..2 * 5 * 3 * d).map(|i| (i as f32 * 0.31).cos()).collect();
         let mut y = x.clone();

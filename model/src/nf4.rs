@@ -158,7 +158,7 @@ const SLICE_ELEMS: usize = 1 << 18;
 impl Nf4Tensor {
     /// The row ranges expanded one at a time by [`Nf4Tensor::matmul_t`] and
     /// [`Nf4Tensor::grad_matmul`]: the whole weight, or slices of about [`SLICE_ELEMS`].
-    fn row_slices(&self) -> Result<Vec<(usize, usize)>> {
+    pub(crate) fn row_slices(&self) -> Result<Vec<(usize, usize)>> {
         let (rows, _) = self.dims2()?;
         let per = self.rows_per_slice()?.max(1);
         Ok((0..rows).step_by(per).map(|start| (start, per.min(rows - start))).collect())
