@@ -60,6 +60,8 @@ pub(crate) struct LayerTape {
     mid_inv_rms: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// sigmoid(gate).
+    gate_sigmoid: Vec<f32>,
     /// Per projection, indexed by `TargetModule as usize`.
     lora: [Option<LoraTape>; 7],
 }
@@ -145,14 +147,19 @@ fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32
 /// Elements per task of [`swiglu`] and its backward; also their sigmoid buffer's length.
 const SWIGLU_CHUNK: usize = 1024;
 
-/// `silu(gate) * up`.
-fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> Vec<f32> {
+/// `silu(gate) * up`, and sigmoid(gate), which the backward needs again.
+fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut sig = zeros(gate.len());
+    sig.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).with_min_len(min_len).for_each(|(s, g)| crate::softmax::sigmoid(g, s));
+    (swiglu_from(gate, up, &sig, min_len), sig)
+}
+
+/// `gate * sig * up` with `sig` = sigmoid(gate): [`swiglu`] again without the exponentials.
+fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Vec<f32> {
     let mut out = zeros(gate.len());
-    let tasks = out.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).zip(up.par_chunks(SWIGLU_CHUNK));
-    tasks.with_min_len(min_len).for_each(|((o, g), u)| {
-        let mut s = [0f32; SWIGLU_CHUNK];
-        crate::softmax::sigmoid(g, &mut s[..g.len()]);
-        for (((o, gv), uv), sv) in o.iter_mut().zip(g).zip(u).zip(&s) {
+    let tasks = out.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).zip(up.par_chunks(SWIGLU_CHUNK)).zip(sig.par_chunks(SWIGLU_CHUNK));
+    tasks.with_min_len(min_len).for_each(|(((o, g), u), s)| {
+        for (((o, gv), uv), sv) in o.iter_mut().zip(g).zip(u).zip(s) {
             *o = gv * sv * uv;
         }
     });
@@ -160,13 +167,11 @@ fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> Vec<f32> {
 }
 
 /// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`:
-/// `d * up * s * (1 + gate * (1 - s))` with s = sigmoid(gate), and `d * silu(gate)`.
-fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], d: &[f32], min_len: usize) {
-    let tasks = gate.par_chunks_mut(SWIGLU_CHUNK).zip(up.par_chunks_mut(SWIGLU_CHUNK)).zip(d.par_chunks(SWIGLU_CHUNK));
-    tasks.with_min_len(min_len).for_each(|((g, u), d)| {
-        let mut sig = [0f32; SWIGLU_CHUNK];
-        crate::softmax::sigmoid(g, &mut sig[..g.len()]);
-        for (((gv, uv), dv), &s) in g.iter_mut().zip(u.iter_mut()).zip(d).zip(&sig) {
+/// `d * up * s * (1 + gate * (1 - s))` and `d * gate * s`, with `sig` holding s = sigmoid(gate).
+fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], sig: &[f32], d: &[f32], min_len: usize) {
+    let tasks = gate.par_chunks_mut(SWIGLU_CHUNK).zip(up.par_chunks_mut(SWIGLU_CHUNK)).zip(d.par_chunks(SWIGLU_CHUNK)).zip(sig.par_chunks(SWIGLU_CHUNK));
+    tasks.with_min_len(min_len).for_each(|(((g, u), d), sig)| {
+        for (((gv, uv), dv), &s) in g.iter_mut().zip(u.iter_mut()).zip(d).zip(sig) {
             let d_gate = dv * *uv * s * (1.0 + *gv * (1.0 - s));
             *uv = dv * *gv * s;
             *gv = d_gate;
@@ -468,10 +473,10 @@ impl<'a> Step<'a> {
         let (mut gate, mut up) = (zeros(rows * self.intermediate), zeros(rows * self.intermediate));
         lora[TargetModule::GateProj as usize] = self.project(&m.gate, &mid_normed, &mut gate, Dst::Overwrite)?;
         lora[TargetModule::UpProj as usize] = self.project(&m.up, &mid_normed, &mut up, Dst::Overwrite)?;
-        let act = swiglu(&gate, &up, self.min_len(1));
+        let (act, gate_sigmoid) = swiglu(&gate, &up, self.min_len(1));
         let mut out = mid.clone();
         lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
-        let tape = LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, gate, up, lora };
+        let tape = LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, gate, up, gate_sigmoid, lora };
         Ok((out, tape))
     }
 
@@ -480,15 +485,15 @@ impl<'a> Step<'a> {
     fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut Vec<ModuleGrad>) -> Result<Option<Vec<f32>>> {
         let rows = self.rows();
         let (a, m) = (&layer.attn, &layer.mlp);
-        let LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, mut gate, mut up, lora } = tape;
+        let LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, mut gate, mut up, gate_sigmoid, lora } = tape;
         let tape_of = |module: TargetModule| lora[module as usize].as_ref();
 
-        let act = swiglu(&gate, &up, self.min_len(1));
+        let act = swiglu_from(&gate, &up, &gate_sigmoid, self.min_len(1));
         let mut d_act = zeros(rows * self.intermediate);
         self.project_back(&m.down, d_out, &act, tape_of(TargetModule::DownProj), Some(&mut d_act), Dst::Overwrite, grads)?;
         drop(act);
-        swiglu_back_in_place(&mut gate, &mut up, &d_act, self.min_len(1));
-        drop(d_act);
+        swiglu_back_in_place(&mut gate, &mut up, &gate_sigmoid, &d_act, self.min_len(1));
+        drop((d_act, gate_sigmoid));
         let mut d_mid_normed = zeros(rows * self.hidden);
         self.project_back(&m.gate, &gate, &mid_normed, tape_of(TargetModule::GateProj), Some(&mut d_mid_normed), Dst::Overwrite, grads)?;
         self.project_back(&m.up, &up, &mid_normed, tape_of(TargetModule::UpProj), Some(&mut d_mid_normed), Dst::Add, grads)?;
