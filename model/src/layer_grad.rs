@@ -19,6 +19,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::{BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, TargetModule};
 use crate::matrix::{matmul, Dst, Threads, View, ViewMut};
+use crate::scratch::Buf;
 use crate::model::{CausalLm, Layer};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -34,7 +35,7 @@ const ROWS_PER_TASK: usize = 16;
 /// What one adapted projection's backward needs from its forward.
 struct LoraTape {
     /// `scale * dropout(x) A^T`, (rows, r).
-    low: Vec<f32>,
+    low: Buf,
     /// The dropout mask applied to the input, when dropout is on.
     mask: Option<Vec<f32>>,
 }
@@ -42,26 +43,26 @@ struct LoraTape {
 /// What a layer's backward needs from its forward, all (rows, width) row-major.
 pub(crate) struct LayerTape {
     /// The layer's input; the residual stream.
-    input: Vec<f32>,
+    input: Buf,
     /// The input normalised, and each row's 1 / rms.
-    normed: Vec<f32>,
-    inv_rms: Vec<f32>,
+    normed: Buf,
+    inv_rms: Buf,
     /// Queries and keys after rotation, and values.
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    q: Buf,
+    k: Buf,
+    v: Buf,
     /// Attention probabilities, (batch, heads, seq, seq); masked entries are 0.
-    probs: Vec<f32>,
+    probs: Buf,
     /// The heads' outputs before the output projection.
-    attn: Vec<f32>,
+    attn: Buf,
     /// The residual stream after attention, normalised, and its rows' 1 / rms.
-    mid: Vec<f32>,
-    mid_normed: Vec<f32>,
-    mid_inv_rms: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    mid: Buf,
+    mid_normed: Buf,
+    mid_inv_rms: Buf,
+    gate: Buf,
+    up: Buf,
     /// sigmoid(gate).
-    gate_sigmoid: Vec<f32>,
+    gate_sigmoid: Buf,
     /// Per projection, indexed by `TargetModule as usize`.
     lora: [Option<LoraTape>; 7],
 }
@@ -111,15 +112,19 @@ fn with_weight<R>(w: &BaseWeight, f: impl FnOnce(&[f32]) -> Result<R>) -> Result
     }
 }
 
-fn zeros(len: usize) -> Vec<f32> {
-    vec![0f32; len]
+
+/// `x * mask`, element by element.
+fn masked(x: &[f32], mask: &[f32]) -> Buf {
+    let mut out = Buf::for_overwrite(x.len());
+    out.iter_mut().zip(x).zip(mask).for_each(|((o, a), b)| *o = a * b);
+    out
 }
 
 /// Normalised rows of `x` times `w`, and each row's 1 / rms.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Vec<f32>, Vec<f32>) {
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Buf, Buf) {
     let h = w.len();
-    let mut out = zeros(x.len());
-    let mut inv = zeros(x.len() / h);
+    let mut out = Buf::for_overwrite(x.len());
+    let mut inv = Buf::for_overwrite(x.len() / h);
     out.par_chunks_mut(h).zip(inv.par_iter_mut()).zip(x.par_chunks(h)).with_min_len(min_len).for_each(|((o, r), xr)| {
         *r = crate::fused::inv_rms(xr, eps);
         for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
@@ -148,15 +153,15 @@ fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32
 const SWIGLU_CHUNK: usize = 1024;
 
 /// `silu(gate) * up`, and sigmoid(gate), which the backward needs again.
-fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut sig = zeros(gate.len());
+fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> (Buf, Buf) {
+    let mut sig = Buf::for_overwrite(gate.len());
     sig.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).with_min_len(min_len).for_each(|(s, g)| crate::softmax::sigmoid(g, s));
     (swiglu_from(gate, up, &sig, min_len), sig)
 }
 
 /// `gate * sig * up` with `sig` = sigmoid(gate): [`swiglu`] again without the exponentials.
-fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Vec<f32> {
-    let mut out = zeros(gate.len());
+fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Buf {
+    let mut out = Buf::for_overwrite(gate.len());
     let tasks = out.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).zip(up.par_chunks(SWIGLU_CHUNK)).zip(sig.par_chunks(SWIGLU_CHUNK));
     tasks.with_min_len(min_len).for_each(|(((o, g), u), s)| {
         for (((o, gv), uv), sv) in o.iter_mut().zip(g).zip(u).zip(s) {
@@ -235,9 +240,9 @@ impl<'a> Step<'a> {
         };
         let r = pair.a.dim(0)?;
         let mask = self.adapter.dropout_mask(p.layer, p.module, rows, fan_in);
-        let masked: Option<Vec<f32>> = mask.as_ref().map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect());
+        let masked = mask.as_deref().map(|m| masked(x, m));
         let input = masked.as_deref().unwrap_or(x);
-        let mut low = zeros(rows * r);
+        let mut low = Buf::for_overwrite(rows * r);
         with_values(&pair.a, |a| {
             let a = View::new(a, r, fan_in).t();
             matmul(ViewMut::new(&mut low, rows, r), View::new(input, rows, fan_in), a, self.lora_scale(), Dst::Overwrite, self.threads)
@@ -276,13 +281,13 @@ impl<'a> Step<'a> {
         let scale = self.lora_scale();
         let dy_view = View::new(dy, rows, fan_out);
         // d low = dy B, d B = dy^T low, d A = scale * d low^T dropout(x).
-        let mut d_low = zeros(rows * r);
+        let mut d_low = Buf::for_overwrite(rows * r);
         with_values(&pair.b, |b| matmul(ViewMut::new(&mut d_low, rows, r), dy_view, View::new(b, fan_out, r), 1.0, Dst::Overwrite, self.threads))?;
-        let mut d_b = zeros(fan_out * r);
+        let mut d_b = Buf::for_overwrite(fan_out * r);
         matmul(ViewMut::new(&mut d_b, fan_out, r), dy_view.t(), View::new(&lora.low, rows, r), 1.0, Dst::Overwrite, self.threads)?;
-        let masked: Option<Vec<f32>> = lora.mask.as_ref().map(|m| x.iter().zip(m).map(|(a, b)| a * b).collect());
+        let masked = lora.mask.as_deref().map(|m| masked(x, m));
         let input = masked.as_deref().unwrap_or(x);
-        let mut d_a = zeros(r * fan_in);
+        let mut d_a = Buf::for_overwrite(r * fan_in);
         let d_low_view = View::new(&d_low, rows, r);
         matmul(ViewMut::new(&mut d_a, r, fan_in), d_low_view.t(), View::new(input, rows, fan_in), scale, Dst::Overwrite, self.threads)?;
         drop(masked);
@@ -293,15 +298,15 @@ impl<'a> Step<'a> {
                 match &lora.mask {
                     None => matmul(ViewMut::new(dx, rows, fan_in), d_low_view, a, scale, Dst::Add, self.threads),
                     Some(mask) => {
-                        let mut part = zeros(rows * fan_in);
+                        let mut part = Buf::for_overwrite(rows * fan_in);
                         matmul(ViewMut::new(&mut part, rows, fan_in), d_low_view, a, scale, Dst::Overwrite, self.threads)?;
-                        dx.iter_mut().zip(part).zip(mask).for_each(|((d, v), m)| *d += v * m);
+                        dx.iter_mut().zip(part.iter()).zip(mask).for_each(|((d, v), m)| *d += v * m);
                         Ok(())
                     }
                 }
             })?;
         }
-        grads.push(ModuleGrad { module: p.module, a: d_a, b: d_b });
+        grads.push(ModuleGrad { module: p.module, a: d_a.into_vec(), b: d_b.into_vec() });
         Ok(())
     }
 
@@ -329,12 +334,14 @@ impl<'a> Step<'a> {
     /// (rows, kv_heads * d): the probabilities (batch, heads, seq, seq) and the heads' outputs
     /// (rows, heads * d). Sequences are the parallel tasks; query heads that share a KV head
     /// read it in place.
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Buf, Buf)> {
         let (t, d) = (self.seq, self.head_dim);
         let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut probs = zeros(self.batch * self.heads * t * t);
-        let mut out = zeros(self.rows() * qd);
+        // Every entry that is read later is written first: the scores of each block's keys
+        // (the rest of a row stays unused), and every head's columns of every row.
+        let mut probs = Buf::for_overwrite(self.batch * self.heads * t * t);
+        let mut out = Buf::for_overwrite(self.rows() * qd);
         let tasks = probs.par_chunks_mut(self.heads * t * t).zip(out.par_chunks_mut(t * qd)).enumerate();
         tasks.with_min_len(self.min_len(1)).try_for_each(|(s, (p, o))| {
             let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
@@ -363,16 +370,17 @@ impl<'a> Step<'a> {
     /// The gradients of `q`, `k` and `v` for the gradient `d_out` of [`Step::attention`]'s
     /// output: with dP = dO V^T and dS = scale * P * (dP - rowsum(P * dP)), dQ = dS K,
     /// dK = dS^T Q and dV = P^T dO, each summed over the query heads of a KV head.
-    fn attention_back(&self, q: &[f32], k: &[f32], v: &[f32], probs: &[f32], d_out: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    fn attention_back(&self, q: &[f32], k: &[f32], v: &[f32], probs: &[f32], d_out: &[f32]) -> Result<(Buf, Buf, Buf)> {
         let (t, d) = (self.seq, self.head_dim);
         let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
-        let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
+        // dQ is written head by head, block by block; dK and dV are sums.
+        let (mut dq, mut dk, mut dv) = (Buf::for_overwrite(q.len()), Buf::zeroed(k.len()), Buf::zeroed(v.len()));
         let tasks = dq.par_chunks_mut(t * qd).zip(dk.par_chunks_mut(t * kvd)).zip(dv.par_chunks_mut(t * kvd)).enumerate();
         tasks.with_min_len(self.min_len(1)).try_for_each(|(s, ((dq, dk), dv))| {
             let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
             let dos = &d_out[s * t * qd..(s + 1) * t * qd];
-            let mut ds = zeros(ATTENTION_BLOCK * t);
+            let mut ds = Buf::for_overwrite(ATTENTION_BLOCK * t);
             for head in 0..self.heads {
                 let g = head / group;
                 let ph = &probs[(s * self.heads + head) * t * t..(s * self.heads + head + 1) * t * t];
@@ -401,7 +409,7 @@ impl<'a> Step<'a> {
     }
 
     /// [`rms_norm`] with the norm `n`.
-    fn norm(&self, n: &RmsNorm, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn norm(&self, n: &RmsNorm, x: &[f32]) -> Result<(Buf, Buf)> {
         with_values(&n.weight, |w| {
             if w.is_empty() || !x.len().is_multiple_of(w.len()) {
                 return Err(ModelError::Decode(format!("rms norm of {} values with a weight of {}", x.len(), w.len())));
@@ -414,34 +422,37 @@ impl<'a> Step<'a> {
     /// not 0, `head_rows` at a time: the unscaled weighted loss sum and the gradient of
     /// `scale` times it with respect to `x`. Rows of weight 0 (prompts, padding) get no logits
     /// at all, and a zero gradient.
-    fn head_back(&self, model: &CausalLm, x: &[f32], targets: &[u32], weights: &[f32], scale: f32, head_rows: usize) -> Result<(f64, Vec<f32>)> {
+    fn head_back(&self, model: &CausalLm, x: &[f32], targets: &[u32], weights: &[f32], scale: f32, head_rows: usize) -> Result<(f64, Buf)> {
         let (h, vocab) = (self.hidden, model.config.vocab_size);
         if let Some(row) = targets.iter().position(|&t| t as usize >= vocab) {
             return Err(ModelError::Decode(format!("loss row {row} targets token {} of a {vocab}-token vocabulary", targets[row])));
         }
         let trained: Vec<usize> = (0..targets.len()).filter(|&r| weights[r] != 0.0).collect();
         let head = model.head();
-        let mut d_x = zeros(x.len());
+        let mut d_x = Buf::zeroed(x.len());
         let mut loss = 0.0;
         for rows in trained.chunks(head_rows.max(1)) {
             let n = rows.len();
-            let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+            let mut picked = Buf::for_overwrite(n * h);
+            for (dst, &r) in picked.chunks_exact_mut(h).zip(rows) {
+                dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+            }
             let (normed, inv) = self.norm(&model.norm, &picked)?;
-            let mut logits = zeros(n * vocab);
+            let mut logits = Buf::for_overwrite(n * vocab);
             for_head_slices(&head, |first, count, w| {
                 let dst = ViewMut::columns(&mut logits, n, vocab, first, count);
                 matmul(dst, View::new(&normed, n, h), View::new(w, count, h).t(), 1.0, Dst::Overwrite, self.threads)
             })?;
             let tasks = logits.par_chunks_mut(vocab).zip(rows.par_iter()).with_min_len(self.min_len(1));
             loss += tasks.map(|(row, &r)| crate::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale)).sum::<f64>();
-            let mut d_normed = zeros(n * h);
+            let mut d_normed = Buf::for_overwrite(n * h);
             for_head_slices(&head, |first, count, w| {
                 let mode = if first == 0 { Dst::Overwrite } else { Dst::Add };
                 let grad = View::columns(&logits, n, vocab, first, count);
                 matmul(ViewMut::new(&mut d_normed, n, h), grad, View::new(w, count, h), 1.0, mode, self.threads)
             })?;
             drop(logits);
-            let mut d_picked = zeros(n * h);
+            let mut d_picked = Buf::zeroed(n * h);
             with_values(&model.norm.weight, |w| {
                 rms_norm_back_add(&mut d_picked, &picked, &inv, w, &d_normed, self.min_len(ROWS_PER_TASK));
                 Ok(())
@@ -454,27 +465,27 @@ impl<'a> Step<'a> {
     }
 
     /// One layer's output for its input (rows, hidden), and the tape for its backward.
-    fn forward(&self, layer: &Layer, input: Vec<f32>) -> Result<(Vec<f32>, LayerTape)> {
+    fn forward(&self, layer: &Layer, input: Buf) -> Result<(Buf, LayerTape)> {
         let rows = self.rows();
         let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let (a, m) = (&layer.attn, &layer.mlp);
         let mut lora: [Option<LoraTape>; 7] = Default::default();
         let (normed, inv_rms) = self.norm(&layer.input_norm, &input)?;
-        let (mut q, mut k, mut v) = (zeros(rows * qd), zeros(rows * kvd), zeros(rows * kvd));
+        let (mut q, mut k, mut v) = (Buf::for_overwrite(rows * qd), Buf::for_overwrite(rows * kvd), Buf::for_overwrite(rows * kvd));
         lora[TargetModule::QProj as usize] = self.project(&a.q, &normed, &mut q, Dst::Overwrite)?;
         lora[TargetModule::KProj as usize] = self.project(&a.k, &normed, &mut k, Dst::Overwrite)?;
         lora[TargetModule::VProj as usize] = self.project(&a.v, &normed, &mut v, Dst::Overwrite)?;
         self.rope(&mut q, self.heads, false);
         self.rope(&mut k, self.kv_heads, false);
         let (probs, attn) = self.attention(&q, &k, &v)?;
-        let mut mid = input.clone();
+        let mut mid = Buf::copy_of(&input);
         lora[TargetModule::OProj as usize] = self.project(&a.o, &attn, &mut mid, Dst::Add)?;
         let (mid_normed, mid_inv_rms) = self.norm(&layer.post_attn_norm, &mid)?;
-        let (mut gate, mut up) = (zeros(rows * self.intermediate), zeros(rows * self.intermediate));
+        let (mut gate, mut up) = (Buf::for_overwrite(rows * self.intermediate), Buf::for_overwrite(rows * self.intermediate));
         lora[TargetModule::GateProj as usize] = self.project(&m.gate, &mid_normed, &mut gate, Dst::Overwrite)?;
         lora[TargetModule::UpProj as usize] = self.project(&m.up, &mid_normed, &mut up, Dst::Overwrite)?;
         let (act, gate_sigmoid) = swiglu(&gate, &up, self.min_len(1));
-        let mut out = mid.clone();
+        let mut out = Buf::copy_of(&mid);
         lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
         let tape = LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, gate, up, gate_sigmoid, lora };
         Ok((out, tape))
@@ -482,30 +493,30 @@ impl<'a> Step<'a> {
 
     /// Adds the adapter gradients of `layer` for the gradient `d_out` of its output into
     /// `grads`, and returns the gradient of its input when `input_grad` asks for it.
-    fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut Vec<ModuleGrad>) -> Result<Option<Vec<f32>>> {
+    fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut Vec<ModuleGrad>) -> Result<Option<Buf>> {
         let rows = self.rows();
         let (a, m) = (&layer.attn, &layer.mlp);
         let LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, mut gate, mut up, gate_sigmoid, lora } = tape;
         let tape_of = |module: TargetModule| lora[module as usize].as_ref();
 
         let act = swiglu_from(&gate, &up, &gate_sigmoid, self.min_len(1));
-        let mut d_act = zeros(rows * self.intermediate);
+        let mut d_act = Buf::for_overwrite(rows * self.intermediate);
         self.project_back(&m.down, d_out, &act, tape_of(TargetModule::DownProj), Some(&mut d_act), Dst::Overwrite, grads)?;
         drop(act);
         swiglu_back_in_place(&mut gate, &mut up, &gate_sigmoid, &d_act, self.min_len(1));
         drop((d_act, gate_sigmoid));
-        let mut d_mid_normed = zeros(rows * self.hidden);
+        let mut d_mid_normed = Buf::for_overwrite(rows * self.hidden);
         self.project_back(&m.gate, &gate, &mid_normed, tape_of(TargetModule::GateProj), Some(&mut d_mid_normed), Dst::Overwrite, grads)?;
         self.project_back(&m.up, &up, &mid_normed, tape_of(TargetModule::UpProj), Some(&mut d_mid_normed), Dst::Add, grads)?;
         drop((gate, up, mid_normed));
-        let mut d_mid = d_out.to_vec();
+        let mut d_mid = Buf::copy_of(d_out);
         with_values(&layer.post_attn_norm.weight, |w| {
             rms_norm_back_add(&mut d_mid, &mid, &mid_inv_rms, w, &d_mid_normed, self.min_len(ROWS_PER_TASK));
             Ok(())
         })?;
         drop((mid, d_mid_normed));
 
-        let mut d_attn = zeros(attn.len());
+        let mut d_attn = Buf::for_overwrite(attn.len());
         self.project_back(&a.o, &d_mid, &attn, tape_of(TargetModule::OProj), Some(&mut d_attn), Dst::Overwrite, grads)?;
         drop(attn);
         let (mut dq, mut dk, dv) = self.attention_back(&q, &k, &v, &probs, &d_attn)?;
@@ -520,7 +531,7 @@ impl<'a> Step<'a> {
             }
             return Ok(None);
         }
-        let mut d_normed = zeros(rows * self.hidden);
+        let mut d_normed = Buf::for_overwrite(rows * self.hidden);
         let parts = [(&a.q, &dq, Dst::Overwrite), (&a.k, &dk, Dst::Add), (&a.v, &dv, Dst::Add)];
         for (p, d, mode) in parts {
             self.project_back(p, d, &normed, tape_of(p.module), Some(&mut d_normed), mode, grads)?;
@@ -593,7 +604,7 @@ impl CausalLm {
             let adapter = ActiveAdapter { first_row: step.adapter.first_row + rows.start, ..step.adapter };
             parts.push(Part {
                 step: self.by_hand_step(sequences.len(), t, &adapter, threads)?,
-                x: embedded[rows.start * h..rows.end * h].to_vec(),
+                x: Buf::copy_of(&embedded[rows.start * h..rows.end * h]),
                 rows,
                 tapes: Vec::new(),
                 inputs: Vec::new(),
@@ -604,7 +615,7 @@ impl CausalLm {
         drop(embedded);
         for layer in &self.layers {
             parts.par_iter_mut().try_for_each(|part| {
-                let (out, tape) = part.step.forward(layer, std::mem::take(&mut part.x))?;
+                let (out, tape) = part.step.forward(layer, std::mem::replace(&mut part.x, Buf::for_overwrite(0)))?;
                 if checkpointed {
                     part.inputs.push(tape.input);
                 } else {
@@ -637,7 +648,9 @@ impl CausalLm {
             })?;
         }
         let loss = parts.iter().map(|p| p.loss).sum();
-        Ok((loss, self.sum_parts(parts, step.adapter.adapter, checkpointed)?))
+        let stores = self.sum_parts(parts, step.adapter.adapter, checkpointed)?;
+        crate::scratch::end_step();
+        Ok((loss, stores))
     }
 
     /// The parts' adapter gradients added up, as one store per layer or one for all.
@@ -675,10 +688,10 @@ struct Part<'a> {
     /// Its rows of the flattened batch.
     rows: std::ops::Range<usize>,
     /// The current layer's input going forward; the gradient of the layer's output going back.
-    x: Vec<f32>,
+    x: Buf,
     tapes: Vec<LayerTape>,
     /// Layer inputs, under checkpointing.
-    inputs: Vec<Vec<f32>>,
+    inputs: Vec<Buf>,
     /// Adapter gradients per layer.
     grads: Vec<(usize, Vec<ModuleGrad>)>,
     loss: f64,

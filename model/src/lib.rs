@@ -39,6 +39,7 @@ pub mod nf4;
 pub mod peft;
 pub mod prefill;
 pub mod rope;
+mod scratch;
 mod small_rows;
 mod softmax;
 mod vnni;
