@@ -29,6 +29,21 @@ use rayon::prelude::*;
 /// last row: 5/8 of the whole product at 256 positions, instead of all of it.
 const ATTENTION_BLOCK: usize = 64;
 
+/// Where the probabilities of the block of query rows from `first` start among a head's.
+/// A block of n rows keeps only its n x (first + n) keys that can be visible, so a head holds
+/// 5/8 of a full seq x seq matrix at 256 positions. Blocks before `first` are all full.
+fn block_offset(first: usize) -> usize {
+    let j = first / ATTENTION_BLOCK;
+    ATTENTION_BLOCK * ATTENTION_BLOCK * j * (j + 1) / 2
+}
+
+/// The probabilities one head keeps for `seq` positions: [`block_offset`] past the last
+/// full block, plus the partial block's rows, each `seq` keys long.
+fn head_probs(seq: usize) -> usize {
+    let full = seq / ATTENTION_BLOCK * ATTENTION_BLOCK;
+    block_offset(full) + (seq - full) * seq
+}
+
 /// Rows per task of the element-wise passes: enough work per task to outweigh handing it out.
 const ROWS_PER_TASK: usize = 16;
 
@@ -51,7 +66,8 @@ pub(crate) struct LayerTape {
     q: Buf,
     k: Buf,
     v: Buf,
-    /// Attention probabilities, (batch, heads, seq, seq); masked entries are 0.
+    /// Attention probabilities, per sequence and head in blocks of query rows (see
+    /// [`block_offset`]); masked entries are 0.
     probs: Buf,
     /// The heads' outputs before the output projection.
     attn: Buf,
@@ -103,11 +119,21 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> 
     f(data)
 }
 
-/// Runs `f` on a frozen weight's (out, in) values; an NF4 weight is expanded for this use.
-fn with_weight<R>(w: &BaseWeight, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+/// Calls `f(first_row, rows, values)` on a frozen (out, in) weight: once on all of it when
+/// dense, and when NF4 on each slice of rows expanded at a time, so a large weight (a 7B
+/// model's MLP, the head) is never expanded whole (see [`crate::nf4`]).
+fn for_weight_slices(w: &BaseWeight, mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>) -> Result<()> {
     match w {
-        BaseWeight::Dense(t) => with_values(t, f),
-        BaseWeight::Nf4(q) => with_values(&q.dequantize()?, f),
+        BaseWeight::Dense(t) => {
+            let rows = t.dim(0)?;
+            with_values(t, |values| f(0, rows, values))
+        }
+        BaseWeight::Nf4(q) => {
+            for (first, rows) in q.row_slices()? {
+                with_values(&q.dequantize_rows(first, rows)?, |values| f(first, rows, values))?;
+            }
+            Ok(())
+        }
         BaseWeight::Int8(_) => Err(ModelError::Decode("an int8 base is for serving; training needs a dense or NF4 base".into())),
     }
 }
@@ -232,8 +258,10 @@ impl<'a> Step<'a> {
             })?;
             mode = Dst::Add;
         }
-        with_weight(&p.weight, |w| {
-            matmul(ViewMut::new(out, rows, fan_out), View::new(x, rows, fan_in), View::new(w, fan_out, fan_in).t(), 1.0, mode, self.threads)
+        // Each slice of the weight's rows gives those columns of the output.
+        for_weight_slices(&p.weight, |first, count, w| {
+            let dst = ViewMut::columns(out, rows, fan_out, first, count);
+            matmul(dst, View::new(x, rows, fan_in), View::new(w, count, fan_in).t(), 1.0, mode, self.threads)
         })?;
         let Some(pair) = self.adapter.adapter.get(p.layer, p.module) else {
             return Ok(None);
@@ -270,8 +298,11 @@ impl<'a> Step<'a> {
         let rows = self.rows();
         let (fan_in, fan_out) = (x.len() / rows, dy.len() / rows);
         if let Some(dx) = dx.as_deref_mut() {
-            with_weight(&p.weight, |w| {
-                matmul(ViewMut::new(dx, rows, fan_in), View::new(dy, rows, fan_out), View::new(w, fan_out, fan_in), 1.0, mode, self.threads)
+            // Each slice of the weight's rows takes those columns of dy; the products add up.
+            for_weight_slices(&p.weight, |first, count, w| {
+                let slice_mode = if first == 0 { mode } else { Dst::Add };
+                let dy_columns = View::columns(dy, rows, fan_out, first, count);
+                matmul(ViewMut::new(dx, rows, fan_in), dy_columns, View::new(w, count, fan_in), 1.0, slice_mode, self.threads)
             })?;
         }
         let (Some(pair), Some(lora)) = (self.adapter.adapter.get(p.layer, p.module), lora) else {
@@ -339,33 +370,36 @@ impl<'a> Step<'a> {
     }
 
     /// Causal (and windowed) attention of rotated `q` (rows, heads * d) over `k` and `v`
-    /// (rows, kv_heads * d): the probabilities (batch, heads, seq, seq) and the heads' outputs
+    /// (rows, kv_heads * d): the probabilities (batch, heads, then blocks as [`block_offset`]
+    /// lays them out) and the heads' outputs
     /// (rows, heads * d). Sequences are the parallel tasks; query heads that share a KV head
     /// read it in place.
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Buf, Buf)> {
         let (t, d) = (self.seq, self.head_dim);
         let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
-        // Every entry that is read later is written first: the scores of each block's keys
-        // (the rest of a row stays unused), and every head's columns of every row.
-        let mut probs = Buf::for_overwrite(self.batch * self.heads * t * t);
+        // Every entry is written before it is read: each block's scores, then every head's
+        // columns of every row.
+        let per_head = head_probs(t);
+        let mut probs = Buf::for_overwrite(self.batch * self.heads * per_head);
         let mut out = Buf::for_overwrite(self.rows() * qd);
-        let tasks = probs.par_chunks_mut(self.heads * t * t).zip(out.par_chunks_mut(t * qd)).enumerate();
+        let tasks = probs.par_chunks_mut(self.heads * per_head).zip(out.par_chunks_mut(t * qd)).enumerate();
         tasks.with_min_len(self.min_len(1)).try_for_each(|(s, (p, o))| {
             let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
             for head in 0..self.heads {
                 let g = head / group;
-                let ph = &mut p[head * t * t..(head + 1) * t * t];
+                let ph = &mut p[head * per_head..(head + 1) * per_head];
                 for first in (0..t).step_by(ATTENTION_BLOCK) {
                     let n = ATTENTION_BLOCK.min(t - first);
                     let keys = first + n;
-                    let scores = ViewMut::columns(ph, t, t, 0, keys).rows(first, n);
+                    let block = &mut ph[block_offset(first)..block_offset(first) + n * keys];
                     let queries = View::columns(qs, t, qd, head * d, d).rows(first, n);
-                    matmul(scores, queries, View::columns(ks, keys, kvd, g * d, d).t(), scale, Dst::Overwrite, Threads::Caller)?;
-                    for i in first..keys {
-                        causal_softmax(&mut ph[i * t..i * t + keys], i, self.window);
+                    let keys_t = View::columns(ks, keys, kvd, g * d, d).t();
+                    matmul(ViewMut::new(block, n, keys), queries, keys_t, scale, Dst::Overwrite, Threads::Caller)?;
+                    for (i, row) in block.chunks_exact_mut(keys).enumerate() {
+                        causal_softmax(row, first + i, self.window);
                     }
-                    let probs = View::columns(ph, t, t, 0, keys).rows(first, n);
+                    let probs = View::new(block, n, keys);
                     let dst = ViewMut::columns(o, t, qd, head * d, d).rows(first, n);
                     matmul(dst, probs, View::columns(vs, keys, kvd, g * d, d), 1.0, Dst::Overwrite, Threads::Caller)?;
                 }
@@ -391,17 +425,18 @@ impl<'a> Step<'a> {
             let mut ds = Buf::for_overwrite(ATTENTION_BLOCK * t);
             for head in 0..self.heads {
                 let g = head / group;
-                let ph = &probs[(s * self.heads + head) * t * t..(s * self.heads + head + 1) * t * t];
+                let per_head = head_probs(t);
+                let ph = &probs[(s * self.heads + head) * per_head..(s * self.heads + head + 1) * per_head];
                 for first in (0..t).step_by(ATTENTION_BLOCK) {
                     let n = ATTENTION_BLOCK.min(t - first);
                     let keys = first + n;
-                    let p = View::columns(ph, t, t, 0, keys).rows(first, n);
+                    let block = &ph[block_offset(first)..block_offset(first) + n * keys];
+                    let p = View::new(block, n, keys);
                     let d_o = View::columns(dos, t, qd, head * d, d).rows(first, n);
                     let k_head = View::columns(ks, keys, kvd, g * d, d);
                     matmul(ViewMut::new(&mut ds, n, keys), d_o, View::columns(vs, keys, kvd, g * d, d).t(), 1.0, Dst::Overwrite, Threads::Caller)?;
                     matmul(ViewMut::columns(dv, keys, kvd, g * d, d), p.t(), d_o, 1.0, Dst::Add, Threads::Caller)?;
-                    for (i, row) in ds.chunks_exact_mut(keys).take(n).enumerate() {
-                        let pr = &ph[(first + i) * t..(first + i) * t + keys];
+                    for (row, pr) in ds.chunks_exact_mut(keys).zip(block.chunks_exact(keys)) {
                         let dot: f32 = pr.iter().zip(row.iter()).map(|(a, b)| a * b).sum();
                         row.iter_mut().zip(pr).for_each(|(g, pv)| *g = scale * pv * (*g - dot));
                     }
@@ -447,14 +482,14 @@ impl<'a> Step<'a> {
             }
             let (normed, inv) = self.norm(&model.norm, &picked)?;
             let mut logits = Buf::for_overwrite(n * vocab);
-            for_head_slices(&head, |first, count, w| {
+            for_weight_slices(&head, |first, count, w| {
                 let dst = ViewMut::columns(&mut logits, n, vocab, first, count);
                 matmul(dst, View::new(&normed, n, h), View::new(w, count, h).t(), 1.0, Dst::Overwrite, self.threads)
             })?;
             let tasks = logits.par_chunks_mut(vocab).zip(rows.par_iter()).with_min_len(self.min_len(1));
             loss += tasks.map(|(row, &r)| crate::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale)).sum::<f64>();
             let mut d_normed = Buf::for_overwrite(n * h);
-            for_head_slices(&head, |first, count, w| {
+            for_weight_slices(&head, |first, count, w| {
                 let mode = if first == 0 { Dst::Overwrite } else { Dst::Add };
                 let grad = View::columns(&logits, n, vocab, first, count);
                 matmul(ViewMut::new(&mut d_normed, n, h), grad, View::new(w, count, h), 1.0, mode, self.threads)
@@ -603,6 +638,7 @@ impl CausalLm {
         let targets = batch.targets.to_vec1::<u32>()?;
         let weights = batch.weights.to_vec1::<f32>()?;
         let embedded = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
+        crate::scratch::set_pooling(!checkpointed);
         let count = rayon::current_num_threads().clamp(1, b.max(1));
         let threads = if count > 1 { Threads::Caller } else { Threads::Pool };
         let mut parts = Vec::with_capacity(count);
@@ -633,9 +669,11 @@ impl CausalLm {
                 Ok::<(), ModelError>(())
             })?;
         }
+        // The parts' chunks of logits exist side by side: together they hold `head_rows` rows.
+        let head_rows = step.head_rows.div_ceil(count);
         parts.par_iter_mut().try_for_each(|part| {
             let rows = part.rows.clone();
-            let (loss, grad) = part.step.head_back(self, &part.x, &targets[rows.clone()], &weights[rows], step.loss_scale as f32, step.head_rows)?;
+            let (loss, grad) = part.step.head_back(self, &part.x, &targets[rows.clone()], &weights[rows], step.loss_scale as f32, head_rows)?;
             part.loss = loss;
             part.x = grad;
             Ok::<(), ModelError>(())
@@ -705,24 +743,6 @@ struct Part<'a> {
     loss: f64,
 }
 
-/// Calls `f(first_row, rows, values)` on the head's (vocab, hidden) weight: once on all of it
-/// when dense, once per slice of rows expanded at a time when NF4 (see [`crate::nf4`]).
-fn for_head_slices(head: &BaseWeight, mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>) -> Result<()> {
-    match head {
-        BaseWeight::Dense(t) => {
-            let rows = t.dim(0)?;
-            with_values(t, |w| f(0, rows, w))
-        }
-        BaseWeight::Nf4(q) => {
-            for (first, rows) in q.row_slices()? {
-                with_values(&q.dequantize_rows(first, rows)?, |w| f(first, rows, w))?;
-            }
-            Ok(())
-        }
-        BaseWeight::Int8(_) => Err(ModelError::Decode("an int8 head is for serving; training needs a dense or NF4 head".into())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,7 +782,31 @@ mod tests {
 
     #[test]
     fn by_hand_equals_the_graph_with_biases_a_window_and_several_attention_blocks() -> Result<()> {
-        let model = model();
+        by_hand_equals_the_graph(&model(), BATCH, SEQ)
+    }
+
+    /// NF4 projections above the slicing threshold are expanded a slice of rows at a time,
+    /// forward (slices of output columns) and backward (slices of the sum).
+    #[test]
+    fn by_hand_equals_the_graph_with_nf4_projections_expanded_in_slices() -> Result<()> {
+        let mut config = crate::tiny::TinySpec::default().config();
+        config.hidden_size = 512;
+        config.intermediate_size = 2304;
+        config.num_hidden_layers = 1;
+        config.num_attention_heads = 8;
+        config.num_key_value_heads = Some(4);
+        let weights = crate::tiny::random_weights(&config, 4)?;
+        let vb = VarBuilder::from_tensors(weights.into_iter().collect(), candle_core::DType::F32, &Device::Cpu);
+        let model = CausalLm::load(vb, &config, &crate::nf4::Nf4Store)?;
+        let sliced = |m: TargetModule| match &model.layers[0].projection(m).weight {
+            BaseWeight::Nf4(q) => q.row_slices().map(|s| s.len()).unwrap_or(0),
+            _ => 0,
+        };
+        assert!(sliced(TargetModule::GateProj) > 1 && sliced(TargetModule::DownProj) > 1, "the MLP weights are sliced");
+        by_hand_equals_the_graph(&model, 2, 12)
+    }
+
+    fn by_hand_equals_the_graph(model: &CausalLm, batch_size: usize, seq: usize) -> Result<()> {
         let config = model.config().clone();
         let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: TargetModule::ALL.to_vec() };
         let (adapter, vars) = LoraAdapter::init_trainable(&config, lora, 5, &Device::Cpu)?;
@@ -772,11 +816,11 @@ mod tests {
         let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(9), first_row: 0 };
         assert!(model.trains_by_hand(&active));
 
-        let rows = BATCH * SEQ;
+        let rows = batch_size * seq;
         let ids: Vec<u32> = (0..rows).map(|i| ((i * 37 + 11) % config.vocab_size) as u32).collect();
-        let input = Tensor::from_vec(ids.clone(), (BATCH, SEQ), &Device::Cpu)?;
+        let input = Tensor::from_vec(ids.clone(), (batch_size, seq), &Device::Cpu)?;
         let targets: Vec<u32> = (0..rows).map(|i| ids[(i + 1) % rows]).collect();
-        let weights: Vec<f32> = (0..rows).map(|i| if i % SEQ > 20 && i % 3 != 0 { 1.0 } else { 0.0 }).collect();
+        let weights: Vec<f32> = (0..rows).map(|i| if i % seq > seq / 7 && i % 3 != 0 { 1.0 } else { 0.0 }).collect();
         let targets = Tensor::from_vec(targets, rows, &Device::Cpu)?;
         let weights = Tensor::from_vec(weights, rows, &Device::Cpu)?;
         let scale = 0.01;
@@ -802,6 +846,14 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn attention_blocks_keep_only_the_keys_up_to_their_last_row() {
+        assert_eq!(head_probs(256), 64 * (64 + 128 + 192 + 256), "5/8 of 256 x 256");
+        assert_eq!(head_probs(150), 64 * (64 + 128) + 22 * 150, "a partial last block");
+        assert_eq!(head_probs(12), 12 * 12);
+        assert_eq!(block_offset(128), 64 * 64 + 64 * 128);
     }
 
     #[test]
