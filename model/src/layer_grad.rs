@@ -59,8 +59,7 @@ struct LoraTape {
 pub(crate) struct LayerTape {
     /// The layer's input; the residual stream.
     input: Buf,
-    /// The input normalised, and each row's 1 / rms.
-    normed: Buf,
+    /// Each row's 1 / rms: the backward normalises the input again rather than keeping it.
     inv_rms: Buf,
     /// Queries and keys after rotation, and values.
     q: Buf,
@@ -71,9 +70,8 @@ pub(crate) struct LayerTape {
     probs: Buf,
     /// The heads' outputs before the output projection.
     attn: Buf,
-    /// The residual stream after attention, normalised, and its rows' 1 / rms.
+    /// The residual stream after attention, and its rows' 1 / rms.
     mid: Buf,
-    mid_normed: Buf,
     mid_inv_rms: Buf,
     gate: Buf,
     up: Buf,
@@ -461,6 +459,22 @@ impl<'a> Step<'a> {
         })
     }
 
+    /// [`Step::norm`]'s output again from its input and the rows' 1 / rms: one pass, and a
+    /// tape without the normalised copies (4 MiB per layer at the benchmark's shape).
+    fn renorm(&self, n: &RmsNorm, x: &[f32], inv: &[f32]) -> Result<Buf> {
+        with_values(&n.weight, |w| {
+            let h = w.len();
+            let mut out = Buf::for_overwrite(x.len());
+            let rows = out.par_chunks_mut(h).zip(x.par_chunks(h)).zip(inv.par_iter());
+            rows.with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|((o, xr), &r)| {
+                for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
+                    *o = xv * r * wv;
+                }
+            });
+            Ok(out)
+        })
+    }
+
     /// The final norm, head and loss of this step's rows `x` (rows, hidden) whose weight is
     /// not 0, `head_rows` at a time: the unscaled weighted loss sum and the gradient of
     /// `scale` times it with respect to `x`. Rows of weight 0 (prompts, padding) get no logits
@@ -530,7 +544,8 @@ impl<'a> Step<'a> {
         let (act, gate_sigmoid) = swiglu(&gate, &up, self.min_len(1));
         let mut out = Buf::copy_of(&mid);
         lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
-        let tape = LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, gate, up, gate_sigmoid, lora };
+        drop((normed, mid_normed));
+        let tape = LayerTape { input, inv_rms, q, k, v, probs, attn, mid, mid_inv_rms, gate, up, gate_sigmoid, lora };
         Ok((out, tape))
     }
 
@@ -539,7 +554,7 @@ impl<'a> Step<'a> {
     fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut Vec<ModuleGrad>) -> Result<Option<Buf>> {
         let rows = self.rows();
         let (a, m) = (&layer.attn, &layer.mlp);
-        let LayerTape { input, normed, inv_rms, q, k, v, probs, attn, mid, mid_normed, mid_inv_rms, mut gate, mut up, gate_sigmoid, lora } = tape;
+        let LayerTape { input, inv_rms, q, k, v, probs, attn, mid, mid_inv_rms, mut gate, mut up, gate_sigmoid, lora } = tape;
         let tape_of = |module: TargetModule| lora[module as usize].as_ref();
 
         let act = swiglu_from(&gate, &up, &gate_sigmoid, self.min_len(1));
@@ -548,6 +563,7 @@ impl<'a> Step<'a> {
         drop(act);
         swiglu_back_in_place(&mut gate, &mut up, &gate_sigmoid, &d_act, self.min_len(1));
         drop((d_act, gate_sigmoid));
+        let mid_normed = self.renorm(&layer.post_attn_norm, &mid, &mid_inv_rms)?;
         let mut d_mid_normed = Buf::for_overwrite(rows * self.hidden);
         self.project_back(&m.gate, &gate, &mid_normed, tape_of(TargetModule::GateProj), Some(&mut d_mid_normed), Dst::Overwrite, grads)?;
         self.project_back(&m.up, &up, &mid_normed, tape_of(TargetModule::UpProj), Some(&mut d_mid_normed), Dst::Add, grads)?;
@@ -567,6 +583,7 @@ impl<'a> Step<'a> {
         self.rope(&mut dq, self.heads, true);
         self.rope(&mut dk, self.kv_heads, true);
 
+        let normed = self.renorm(&layer.input_norm, &input, &inv_rms)?;
         if !input_grad {
             // The first layer's input is the frozen embeddings: only the adapters need more.
             for (p, d) in [(&a.q, &dq), (&a.k, &dk), (&a.v, &dv)] {
