@@ -327,14 +327,17 @@ fn micro_batch(train: &[Example], g: u64, per_epoch: u64, batch_size: usize, see
     batches(&order, batch_size).get(index).map(|b| b.iter().map(|&i| &train[i]).collect()).unwrap_or_default()
 }
 
-/// Rows of logits computed at once under gradient checkpointing: 256 rows of a vocabulary of
-/// 32k are 32 MiB of f32, about what one recomputed layer holds.
+/// Rows of logits computed at once (with the CPU's hand-written step, by all threads
+/// together): 256 rows of a vocabulary of 32k are 32 MiB of f32, about what one recomputed
+/// layer holds.
 const HEAD_ROWS: usize = 256;
 
-/// Tokens whose layer is recomputed at once under gradient checkpointing. Whole sequences go
-/// together up to this many: fewer hold fewer activations, but matmuls of under ~512 rows ran
-/// slower (bench, 4 x 256 tokens: one sequence at a time 586 tok/s and 291 MiB peak RSS, two
-/// 652 tok/s and 310 MiB, all four 671 tok/s and 366 MiB).
+/// Tokens whose layer is recomputed at once under gradient checkpointing through candle's
+/// graph (CUDA). Whole sequences go together up to this many: fewer hold fewer activations,
+/// but matmuls of under ~512 rows ran slower (bench, 4 x 256 tokens: one sequence at a time
+/// 586 tok/s and 291 MiB peak RSS, two 652 tok/s and 310 MiB, all four 671 tok/s and 366
+/// MiB). The CPU's hand-written step recomputes the whole batch, whose tape of a layer is a
+/// fraction of what the graph held.
 const RECOMPUTE_TOKENS: usize = 512;
 
 /// A micro-batch as tensors. Sequences are right-padded, so padding never influences earlier
