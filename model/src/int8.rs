@@ -3,7 +3,7 @@
 //! Why: decoding one sequence reads every weight once per token, so its speed is the memory
 //! bandwidth divided by the weights' bytes; int8 reads a quarter of f32's. On CPUs with
 //! AVX-512 VNNI the products quantize their inputs per row too and multiply in int8
-//! ([`crate::vnni`]); elsewhere inputs stay f32, the weight is expanded in registers
+//! (`vnni.rs`); elsewhere inputs stay f32, the weight is expanded in registers
 //! (`small_rows`) for decode-sized inputs and to f32 for one gemm for prefill-sized ones.
 //!
 //! Layout: one f32 scale per output row (absmax / 127) and the row's values rounded to the
@@ -94,7 +94,7 @@ impl Int8Tensor {
                 .and_then(|d| d.get(..rows * k))
                 .ok_or_else(|| ModelError::Decode("int8 product: the input is not f32 on the CPU".into()))?;
             let w = crate::vnni::Int8Weight { values: &self.values, scales: &self.scales, compensation: &self.compensation };
-            let y = crate::vnni::matmul_t(xs, rows, &w, self.out, self.k);
+            let y = crate::vnni::matmul_t(xs, rows, &w, self.out, self.k)?;
             drop(guard);
             return Ok(Some(Tensor::from_vec(y, (rows, self.out), x.device())?));
         }

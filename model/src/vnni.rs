@@ -10,6 +10,7 @@
 //! `vpdpbusd` multiplies unsigned by signed bytes: the input goes in as `q + 128`, and the
 //! weight row's `128 * sum(w)` (precomputed, [`compensation`]) is taken off every sum.
 
+use crate::error::{ModelError, Result};
 use rayon::prelude::*;
 
 /// Input rows and output columns per rayon task. A task's weight block (64 rows of k bytes)
@@ -77,12 +78,24 @@ fn shifted_level(v: f32) -> u8 {
     ((v.clamp(-127.0, 127.0) + MAGIC) - MAGIC + 128.0) as u8
 }
 
-/// `y = x @ w^T`, `x` (rows, k) f32 and `w` (out, k) int8; `y` is (rows, out). Call only where
-/// [`available`] is true; the caller checks the slices' shapes.
-pub(crate) fn matmul_t(xs: &[f32], rows: usize, w: &Int8Weight, out: usize, k: usize) -> Vec<f32> {
+/// `y = x @ w^T`, `x` (rows, k) f32 and `w` (out, k) int8; `y` is (rows, out). An error where
+/// [`available`] is false, or where a slice is shorter than its shape.
+pub(crate) fn matmul_t(xs: &[f32], rows: usize, w: &Int8Weight, out: usize, k: usize) -> Result<Vec<f32>> {
+    if !available() {
+        return Err(ModelError::Decode("int8 product: this CPU lacks AVX-512 VNNI".into()));
+    }
+    if xs.len() < rows * k || w.values.len() < out * k || w.scales.len() < out || w.compensation.len() < out {
+        return Err(ModelError::Decode(format!(
+            "int8 product: input of {} values for {rows} x {k}, weight of {} for {out} x {k}, {} scales, {} sums",
+            xs.len(),
+            w.values.len(),
+            w.scales.len(),
+            w.compensation.len()
+        )));
+    }
     let mut y = vec![0f32; rows * out];
-    if rows == 0 || out == 0 || k == 0 || !available() {
-        return y;
+    if rows == 0 || out == 0 || k == 0 {
+        return Ok(y);
     }
     let x = quantize_rows(xs, k);
     let y_ptr = OutPtr(y.as_mut_ptr());
@@ -98,7 +111,7 @@ pub(crate) fn matmul_t(xs: &[f32], rows: usize, w: &Int8Weight, out: usize, k: u
             avx512::block(&block, &y_ptr)
         };
     });
-    y
+    Ok(y)
 }
 
 /// The output buffer, written by tasks at disjoint (row, column) blocks.
@@ -278,6 +291,18 @@ mod tests {
         }
     }
 
+    /// A slice shorter than its shape, or a CPU without VNNI, is an error rather than a
+    /// read past the end or a result of zeros.
+    #[test]
+    fn short_slices_are_an_error() {
+        let values = [1i8; 8];
+        let comp = compensation(&values, 4);
+        let w = Int8Weight { values: &values, scales: &[1.0, 1.0], compensation: &comp };
+        let e = matmul_t(&[0.5; 7], 2, &w, 2, 4).expect_err("7 values for 2 x 4");
+        assert!(e.to_string().contains("int8 product"), "{e}");
+        assert_eq!(matmul_t(&[0.5; 8], 2, &w, 2, 4).is_ok(), available());
+    }
+
     /// The kernel equals the same arithmetic done one product at a time: rows quantized with
     /// their own scale, exact integer sums, then both scales. Shapes around the tile, the
     /// task and the 64-byte step, with a zero row.
@@ -298,7 +323,7 @@ mod tests {
             let scales: Vec<f32> = (0..out).map(|_| next().abs() + 0.01).collect();
             let comp = compensation(&values, k);
             let w = Int8Weight { values: &values, scales: &scales, compensation: &comp };
-            let y = matmul_t(&xs, rows, &w, out, k);
+            let y = matmul_t(&xs, rows, &w, out, k).expect("int8 product");
             for r in 0..rows {
                 let x = &xs[r * k..(r + 1) * k];
                 let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
