@@ -12,6 +12,10 @@
 //!
 //! Dropout masks are derived from the seed, layer and module (see [`crate::lora`]), so the
 //! recomputed forward draws exactly the masks of the first.
+//!
+//! This is the path through candle's graph (CUDA, other dtypes). In f32 on the CPU both
+//! [`CausalLm::loss_backward`] and [`CausalLm::loss_backward_checkpointed`] run the layers by
+//! hand instead (`layer_grad`), with the same recomputation under checkpointing.
 
 use crate::error::{ModelError, Result};
 use crate::linear::{frozen_matmul, matmul_weight, BaseWeight};
@@ -128,7 +132,7 @@ impl CausalLm {
 
     /// The final norm, head and loss in chunks of rows: returns the unscaled loss sum and the
     /// gradient of the scaled loss with respect to `x`, the last layer's output (batch, seq, hidden).
-    pub(crate) fn head_backward(&self, x: &Tensor, batch: &LossBatch, step: &CheckpointedStep) -> Result<(f64, Tensor)> {
+    fn head_backward(&self, x: &Tensor, batch: &LossBatch, step: &CheckpointedStep) -> Result<(f64, Tensor)> {
         let (b, t, h) = x.dims3()?;
         let flat = x.reshape((b * t, h))?;
         let head = self.head();
@@ -183,8 +187,8 @@ impl CausalLm {
 }
 
 impl CausalLm {
-    /// The loss sum and the gradients of `loss_scale` times it, without checkpointing: one
-    /// recorded forward of the layers, then the final norm, head and loss in chunks outside
+    /// The loss sum and the gradients of `loss_scale` times it, without checkpointing. In f32
+    /// on the CPU, by hand (`layer_grad`); elsewhere one recorded forward of the layers, then the final norm, head and loss in chunks outside
     /// that graph, as [`CausalLm::loss_backward_checkpointed`] does them, and one backward
     /// pass from the last layer's output. Through candle's graph the head and loss held about
     /// eleven logits-sized tensors per chunk until the backward pass, for every chunk of the

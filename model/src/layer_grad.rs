@@ -1,18 +1,25 @@
-//! The decoder layers' forward and backward written out by hand, for LoRA training in f32 on
-//! the CPU: [`CausalLm::loss_backward`] and [`CausalLm::loss_backward_checkpointed`] take this
-//! path there, and candle's graph everywhere else (CUDA, other dtypes).
+//! The decoder layers' forward and backward written out by hand, with the final norm, head
+//! and loss, for LoRA training in f32 on the CPU: [`CausalLm::loss_backward`] and
+//! [`CausalLm::loss_backward_checkpointed`] take this path there, and candle's graph
+//! everywhere else (CUDA, other dtypes).
 //!
 //! Through candle's graph about half of a training step went outside the matrix products:
 //! gradient accumulators zero-filled and then summed op by op, element-wise ops that each
-//! allocate their output, the pool's threads spinning between small ops. Here the forward keeps
-//! exactly what the backward needs (a [`LayerTape`]), products go to gemm with strides instead
-//! of transposed copies, sums of products and residuals accumulate in their destination, and
-//! each element-wise step is one pass over rows split across the pool. Causal attention
-//! multiplies, per block of query rows, only the keys up to the block's last row. The frozen
-//! base gets no gradient; each adapter's A and B get theirs.
+//! allocate their output, threads handing work to each other between small ops. Here:
+//! - the forward keeps exactly what the backward needs (a [`LayerTape`]);
+//! - products go to gemm with strides instead of transposed copies, and sums of products and
+//!   residuals accumulate in their destination ([`crate::matrix`]);
+//! - element-wise steps are single passes over rows, on buffers reused from step to step
+//!   ([`crate::scratch`]);
+//! - causal attention multiplies, per block of query rows, only the keys up to the block's
+//!   last row, and keeps only those probabilities;
+//! - each thread takes its own whole sequences of the batch through a layer, so no work is
+//!   handed between threads inside a layer;
+//! - the head computes no logits for rows of loss weight 0.
 //!
-//! The tests hold this path equal to the graph's (the model's forward, differentiated by
-//! candle) in loss and in every adapter gradient.
+//! The frozen base gets no gradient; each adapter's A and B get theirs. The tests hold this
+//! path equal to the graph's (the model's forward, differentiated by candle) in loss and in
+//! every adapter gradient.
 
 use crate::checkpointing::{CheckpointedStep, LossBatch};
 use crate::error::{ModelError, Result};
@@ -56,7 +63,7 @@ struct LoraTape {
 }
 
 /// What a layer's backward needs from its forward, all (rows, width) row-major.
-pub(crate) struct LayerTape {
+struct LayerTape {
     /// The layer's input; the residual stream.
     input: Buf,
     /// Each row's 1 / rms: the backward normalises the input again rather than keeping it.
@@ -82,7 +89,7 @@ pub(crate) struct LayerTape {
 }
 
 /// The shapes and inputs shared by every layer of one step.
-pub(crate) struct Step<'a> {
+struct Step<'a> {
     batch: usize,
     seq: usize,
     hidden: usize,
@@ -651,6 +658,9 @@ impl CausalLm {
     /// half the rows also run faster per thread than two-threaded ones of all rows.
     pub(crate) fn loss_backward_by_hand(&self, batch: &LossBatch, step: &CheckpointedStep, checkpointed: bool) -> Result<(f64, Vec<GradStore>)> {
         let (b, t) = batch.input_ids.dims2()?;
+        if b == 0 || t == 0 {
+            return Err(ModelError::Decode(format!("a training step of an empty batch ({b} x {t} tokens)")));
+        }
         let h = self.config.hidden_size;
         let targets = batch.targets.to_vec1::<u32>()?;
         let weights = batch.weights.to_vec1::<f32>()?;
