@@ -650,12 +650,14 @@ impl CausalLm {
     /// `checkpointed` (each layer's tape is rebuilt from its input on the way back, for the
     /// whole batch at once), else one store for all.
     ///
-    /// With several threads and sequences, the batch is cut into one part of whole sequences
-    /// per thread, and each thread runs its part through a layer on its own (products and
-    /// element-wise passes on the calling thread), the parts meeting only between layers.
-    /// Sequences never look at each other, so this is the same arithmetic as the whole batch
-    /// at once, with no hand-over between threads inside a layer; single-threaded products of
-    /// half the rows also run faster per thread than two-threaded ones of all rows.
+    /// With at least as many sequences as threads, the batch is cut into one part of whole
+    /// sequences per thread, and each thread runs its part through a layer on its own
+    /// (products and element-wise passes on the calling thread), the parts meeting only
+    /// between layers. Sequences never look at each other, so this is the same arithmetic as
+    /// the whole batch at once, with no hand-over between threads inside a layer;
+    /// single-threaded products of half the rows also run faster per thread than
+    /// two-threaded ones of all rows. With fewer sequences than threads, there is a part per
+    /// sequence and their work shares the pool.
     pub(crate) fn loss_backward_by_hand(&self, batch: &LossBatch, step: &CheckpointedStep, checkpointed: bool) -> Result<(f64, Vec<GradStore>)> {
         let (b, t) = batch.input_ids.dims2()?;
         if b == 0 || t == 0 {
@@ -666,8 +668,12 @@ impl CausalLm {
         let weights = batch.weights.to_vec1::<f32>()?;
         let embedded = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
         crate::scratch::set_pooling(!checkpointed);
-        let count = rayon::current_num_threads().clamp(1, b.max(1));
-        let threads = if count > 1 { Threads::Caller } else { Threads::Pool };
+        // One part per thread when the batch has a sequence for each; with fewer sequences
+        // than threads (a batch of 4 on 16 cores), each part's products and passes share the
+        // pool instead, so no thread idles.
+        let pool = rayon::current_num_threads().max(1);
+        let count = pool.min(b);
+        let threads = if count > 1 && count == pool { Threads::Caller } else { Threads::Pool };
         let mut parts = Vec::with_capacity(count);
         for p in 0..count {
             let sequences = p * b / count..(p + 1) * b / count;
@@ -809,7 +815,10 @@ mod tests {
 
     #[test]
     fn by_hand_equals_the_graph_with_biases_a_window_and_several_attention_blocks() -> Result<()> {
-        by_hand_equals_the_graph(&model(), BATCH, SEQ)
+        // One part per thread (two sequences on this machine's two threads), and one part
+        // sharing the pool (one sequence).
+        by_hand_equals_the_graph(&model(), BATCH, SEQ)?;
+        by_hand_equals_the_graph(&model(), 1, SEQ)
     }
 
     /// NF4 projections above the slicing threshold are expanded a slice of rows at a time,
