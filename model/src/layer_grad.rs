@@ -846,8 +846,13 @@ mod tests {
         let config = model.config().clone();
         let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: TargetModule::ALL.to_vec() };
         let (adapter, vars) = LoraAdapter::init_trainable(&config, lora, 5, &Device::Cpu)?;
-        for v in vars.iter().filter(|v| v.name.contains("lora_B")) {
-            v.var.set(&Tensor::randn(0f32, 0.1, v.var.shape(), &Device::Cpu)?)?;
+        // B random rather than zero, so every path carries a delta; seeded, so every run
+        // checks the same values.
+        for (i, v) in vars.iter().enumerate().filter(|(_, v)| v.name.contains("lora_B")) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64);
+            let values: Vec<f32> = (0..v.var.elem_count()).map(|_| rng.random_range(-0.17f32..0.17)).collect();
+            v.var.set(&Tensor::from_vec(values, v.var.shape(), &Device::Cpu)?)?;
         }
         let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(9), first_row: 0 };
         assert!(model.trains_by_hand(&active));
