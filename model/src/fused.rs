@@ -35,6 +35,17 @@ pub(crate) fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) ->
     }
 }
 
+/// Runs `f` on the values of `t` (made contiguous, which is free when it already is), read in
+/// place; an error naming `what` unless `t` is f32 on the CPU.
+pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> crate::error::Result<R>) -> crate::error::Result<R> {
+    let t = t.contiguous()?;
+    let (guard, layout) = t.storage_and_layout();
+    let data = cpu_f32(&guard, layout)
+        .and_then(|d| d.get(..t.elem_count()))
+        .ok_or_else(|| crate::error::ModelError::Decode(format!("{what}: a {:?} tensor is not f32 on the CPU", t.dims())))?;
+    f(data)
+}
+
 fn last_dim(l: &Layout) -> Result<usize> {
     l.dims().last().copied().ok_or_else(|| candle_core::Error::Msg("fused op on a scalar".into()))
 }

@@ -88,14 +88,8 @@ impl Int8Tensor {
         }
         if crate::vnni::available() {
             // Read in place: a copy of a prefill's input cost as much as quantizing it.
-            let x = x.contiguous()?;
-            let (guard, layout) = x.storage_and_layout();
-            let xs = crate::fused::cpu_f32(&guard, layout)
-                .and_then(|d| d.get(..rows * k))
-                .ok_or_else(|| ModelError::Decode("int8 product: the input is not f32 on the CPU".into()))?;
             let w = crate::vnni::Int8Weight { values: &self.values, scales: &self.scales, compensation: &self.compensation };
-            let y = crate::vnni::matmul_t(xs, rows, &w, self.out, self.k)?;
-            drop(guard);
+            let y = crate::fused::with_f32(x, "int8 product input", |xs| crate::vnni::matmul_t(xs, rows, &w, self.out, self.k))?;
             return Ok(Some(Tensor::from_vec(y, (rows, self.out), x.device())?));
         }
         if rows > small_rows_limit {

@@ -114,14 +114,9 @@ struct ModuleGrad {
     b: Vec<f32>,
 }
 
-/// Runs `f` on the values of a contiguous f32 CPU tensor, in place.
+/// Runs `f` on the values of an f32 CPU tensor, read in place.
 fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (guard, layout) = t.storage_and_layout();
-    let data = crate::fused::cpu_f32(&guard, layout)
-        .and_then(|d| d.get(..t.elem_count()))
-        .ok_or_else(|| ModelError::Decode(format!("hand-written training step: a {:?} tensor is not f32 on the CPU", t.dims())))?;
-    f(data)
+    crate::fused::with_f32(t, "hand-written training step", f)
 }
 
 /// Calls `f(first_row, rows, values)` on a frozen (out, in) weight: once on all of it when

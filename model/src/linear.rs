@@ -206,11 +206,9 @@ const SMALL_ROWS: usize = 32;
 
 fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out, k_w) = w.dims2()?;
-    let (guard, layout) = w.storage_and_layout();
-    let ws = crate::fused::cpu_f32(&guard, layout)
-        .and_then(|data| data.get(..out * k_w))
-        .ok_or_else(|| crate::error::ModelError::Decode("matmul: the weight is not f32 on the CPU".into()))?;
-    crate::small_rows::product(x, &crate::small_rows::Weight { values: ws, scales: None }, out, k_w)
+    crate::fused::with_f32(w, "matmul weight", |ws| {
+        crate::small_rows::product(x, &crate::small_rows::Weight { values: ws, scales: None }, out, k_w)
+    })
 }
 
 /// `x @ w^T` for `x` (rows, in) and a frozen weight (out, in), in a graph that trains adapters.

@@ -203,14 +203,13 @@ impl Nf4Tensor {
         let m = x.dim(0)?;
         let mut out = vec![0f32; m * n];
         for (start, len) in self.row_slices()? {
-            let y = crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?)?.contiguous()?;
-            let (guard, layout) = y.storage_and_layout();
-            let part = crate::fused::cpu_f32(&guard, layout)
-                .and_then(|d| d.get(..m * len))
-                .ok_or_else(|| ModelError::Decode("NF4 product: the input is not f32 on the CPU".into()))?;
-            for (row, values) in out.chunks_mut(n).zip(part.chunks(len)) {
-                row[start..start + len].copy_from_slice(values);
-            }
+            let y = crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?)?;
+            crate::fused::with_f32(&y, "NF4 product", |part| {
+                for (row, values) in out.chunks_mut(n).zip(part.chunks(len)) {
+                    row[start..start + len].copy_from_slice(values);
+                }
+                Ok(())
+            })?;
         }
         Ok(out)
     }
