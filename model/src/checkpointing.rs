@@ -18,7 +18,7 @@
 //! hand instead (`layer_grad`), with the same recomputation under checkpointing.
 
 use crate::error::{ModelError, Result};
-use crate::linear::{frozen_matmul, matmul_weight, BaseWeight};
+use crate::linear::{frozen_matmul, BaseWeight};
 use crate::lora::ActiveAdapter;
 use crate::model::CausalLm;
 use candle_core::backprop::GradStore;
@@ -137,30 +137,22 @@ impl CausalLm {
         let flat = x.reshape((b * t, h))?;
         let head = self.head();
         let chunk = step.head_rows.max(1);
-        let in_place = crate::fused::fusable(&flat);
-        let (targets, weights) =
-            if in_place { (batch.targets.to_vec1::<u32>()?, batch.weights.to_vec1::<f32>()?) } else { (Vec::new(), Vec::new()) };
         let mut loss_sum = 0.0;
         let mut grads = Vec::with_capacity((b * t).div_ceil(chunk));
         for start in (0..b * t).step_by(chunk) {
             let len = chunk.min(b * t - start);
             let rows = flat.narrow(0, start, len)?;
-            let (loss, grad) = if in_place {
-                let range = start..start + len;
-                self.head_chunk_in_place(&rows, &targets[range.clone()], &weights[range], step.loss_scale, &head)?
-            } else {
-                let targets = batch.targets.narrow(0, start, len)?;
-                self.head_chunk_graph(&rows, &targets, &batch.weights.narrow(0, start, len)?, step.loss_scale, &head)?
-            };
+            let targets = batch.targets.narrow(0, start, len)?;
+            let (loss, grad) = self.head_chunk(&rows, &targets, &batch.weights.narrow(0, start, len)?, step.loss_scale, &head)?;
             loss_sum += loss;
             grads.push(grad);
         }
         Ok((loss_sum, Tensor::cat(&grads, 0)?.reshape((b, t, h))?))
     }
 
-    /// One chunk of [`CausalLm::head_backward`] through candle's graph (any device and dtype):
-    /// its unscaled loss and the gradient of the scaled loss with respect to `rows`.
-    fn head_chunk_graph(&self, rows: &Tensor, targets: &Tensor, weights: &Tensor, scale: f64, head: &BaseWeight) -> Result<(f64, Tensor)> {
+    /// One chunk of [`CausalLm::head_backward`] through candle's graph: its unscaled loss and
+    /// the gradient of the scaled loss with respect to `rows`.
+    fn head_chunk(&self, rows: &Tensor, targets: &Tensor, weights: &Tensor, scale: f64, head: &BaseWeight) -> Result<(f64, Tensor)> {
         let rows = Var::from_tensor(rows)?;
         let logits = frozen_matmul(&self.norm.forward(rows.as_tensor())?, head)?;
         let sum = weighted_nll(&logits, targets, weights)?;
@@ -169,30 +161,15 @@ impl CausalLm {
         let grad = store.get(rows.as_tensor()).ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
         Ok((loss, grad.detach()))
     }
-
-    /// [`CausalLm::head_chunk_graph`] for f32 on the CPU, holding one logits-sized buffer: the
-    /// graph covers only the final norm; the head's product runs outside it, the loss and its
-    /// gradient are computed in place over the logits, and the product back goes by hand.
-    fn head_chunk_in_place(&self, rows: &Tensor, targets: &[u32], weights: &[f32], scale: f64, head: &BaseWeight) -> Result<(f64, Tensor)> {
-        let rows = Var::from_tensor(rows)?;
-        let normed = self.norm.forward(rows.as_tensor())?;
-        let grad_logits = matmul_weight(&normed.detach(), head)?;
-        let loss = crate::fused::weighted_nll_grad_in_place(&grad_logits, targets, weights, scale)?;
-        let grad_normed = head.grad_matmul(&grad_logits)?;
-        drop(grad_logits);
-        let store = (normed * grad_normed)?.sum_all()?.backward()?;
-        let grad = store.get(rows.as_tensor()).ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
-        Ok((loss, grad.detach()))
-    }
 }
 
 impl CausalLm {
     /// The loss sum and the gradients of `loss_scale` times it, without checkpointing. In f32
-    /// on the CPU, by hand (`layer_grad`); elsewhere one recorded forward of the layers, then the final norm, head and loss in chunks outside
-    /// that graph, as [`CausalLm::loss_backward_checkpointed`] does them, and one backward
-    /// pass from the last layer's output. Through candle's graph the head and loss held about
-    /// eleven logits-sized tensors per chunk until the backward pass, for every chunk of the
-    /// batch.
+    /// on the CPU, by hand (`layer_grad`); elsewhere one recorded forward of the layers, then
+    /// the final norm, head and loss in chunks outside that graph, as
+    /// [`CausalLm::loss_backward_checkpointed`] does them, and one backward pass from the last
+    /// layer's output. Through candle's graph the head and loss held about eleven logits-sized
+    /// tensors per chunk until the backward pass, for every chunk of the batch.
     pub fn loss_backward(&self, batch: &LossBatch, adapter: &ActiveAdapter, loss_scale: f64, head_rows: usize) -> Result<(f64, GradStore)> {
         batch.shape()?; // targets and weights must fit the batch
         let step = CheckpointedStep { adapter: *adapter, loss_scale, head_rows, recompute_sequences: 0 };
@@ -260,38 +237,4 @@ fn add_adapter_grads(into: &mut GradStore, store: &GradStore, adapter: &crate::l
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::load::{load_model, BaseFormat, LoadOptions};
-    use candle_core::Device;
-
-    /// The in-place head chunk equals the graph one in loss and input gradient, for a dense
-    /// and an NF4 head.
-    #[test]
-    fn head_chunk_in_place_equals_the_graph() -> Result<()> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        crate::tiny::write_tiny_model(dir.path(), &crate::tiny::TinySpec::default())?;
-        for base in [BaseFormat::Dense, BaseFormat::Nf4] {
-            let (config, model) = load_model(dir.path(), &LoadOptions { base, device: Device::Cpu })?;
-            let rows = Tensor::randn(0f32, 1.0, (9, config.hidden_size), &Device::Cpu)?;
-            let targets: Vec<u32> = (0..9).map(|i| (i * 37 % config.vocab_size) as u32).collect();
-            let weights = [1.0f32, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0];
-            let head = model.head();
-            let (want_loss, want) = model.head_chunk_graph(
-                &rows,
-                &Tensor::new(targets.as_slice(), &Device::Cpu)?,
-                &Tensor::new(&weights, &Device::Cpu)?,
-                0.1,
-                &head,
-            )?;
-            let (loss, got) = model.head_chunk_in_place(&rows, &targets, &weights, 0.1, &head)?;
-            assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "{base:?}: {loss} vs {want_loss}");
-            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{base:?}: gradients differ by {diff}");
-        }
-        Ok(())
-    }
 }

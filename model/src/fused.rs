@@ -374,71 +374,6 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
-/// The summed weighted negative log-likelihood of `targets` under `logits` (rows, vocab),
-/// `-sum_r weights[r] * log_softmax(logits[r])[targets[r]]`, returned; and `logits`
-/// overwritten with `scale` times its gradient, `scale * weights[r] * (softmax(logits[r]) -
-/// onehot(targets[r]))`.
-///
-/// For the head in training (with and without checkpointing): candle's log-softmax, gather
-/// and their backward hold about eleven logits-sized tensors per chunk (24 of a checkpointed
-/// QLoRA step's 147 MiB peak heap); this holds the one. `logits` must be a contiguous f32 CPU tensor that nothing else reads.
-pub(crate) fn weighted_nll_grad_in_place(logits: &Tensor, targets: &[u32], weights: &[f32], scale: f64) -> Result<f64> {
-    let op = WeightedNllGrad { targets, weights, scale: scale as f32, loss: std::sync::Mutex::new(0.0) };
-    logits.inplace_op1(&op)?;
-    let loss = *op.loss.lock().map_err(|_| candle_core::Error::Msg("weighted nll: a worker panicked".into()))?;
-    Ok(loss)
-}
-
-struct WeightedNllGrad<'a> {
-    targets: &'a [u32],
-    weights: &'a [f32],
-    scale: f32,
-    loss: std::sync::Mutex<f64>,
-}
-
-impl candle_core::InplaceOp1 for WeightedNllGrad<'_> {
-    fn name(&self) -> &'static str {
-        "weighted-nll-grad"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (rows, vocab) = layout.shape().dims2()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("weighted nll: logits are not contiguous".into()))?;
-        if self.targets.len() != rows || self.weights.len() != rows {
-            return Err(candle_core::Error::Msg(format!(
-                "weighted nll: {rows} rows of logits, {} targets and {} weights",
-                self.targets.len(),
-                self.weights.len()
-            )));
-        }
-        if let Some(row) = self.targets.iter().position(|&t| t as usize >= vocab) {
-            return Err(candle_core::Error::Msg(format!(
-                "weighted nll: row {row} targets token {} of a {vocab}-token vocabulary",
-                self.targets[row]
-            )));
-        }
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("weighted nll: logits are not f32".into()));
-        };
-        let loss: f64 = data[start..end]
-            .par_chunks_mut(vocab.max(1))
-            .zip(self.targets.par_iter().zip(self.weights.par_iter()))
-            .map(|(row, (&target, &weight))| self.row(row, target as usize, weight))
-            .sum();
-        *self.loss.lock().map_err(|_| candle_core::Error::Msg("weighted nll: a worker panicked".into()))? = loss;
-        Ok(())
-    }
-}
-
-impl WeightedNllGrad<'_> {
-    /// One row: returns its weighted loss and leaves its scaled gradient in place.
-    fn row(&self, row: &mut [f32], target: usize, weight: f32) -> f64 {
-        crate::softmax::nll_grad_row(row, target, weight, self.scale)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,29 +486,6 @@ mod tests {
         }
     }
 
-    /// The loss and the in-place gradient equal candle's log-softmax, gather and backward,
-    /// with rows of weight 0 (prompt, padding) and fractional weights.
-    #[test]
-    fn weighted_nll_grad_in_place_matches_the_graph() {
-        let logits = randn(&[6, 37], 11);
-        let targets = [3u32, 0, 36, 17, 17, 5];
-        let weights = [1.0f32, 0.0, 0.5, 1.0, 0.0, 2.0];
-        let scale = 0.25;
-        let var = Var::from_tensor(&logits).expect("var");
-        let t = Tensor::new(&targets, &Device::Cpu).expect("t");
-        let w = Tensor::new(&weights, &Device::Cpu).expect("w");
-        let sum = crate::checkpointing::weighted_nll(var.as_tensor(), &t, &w).expect("nll");
-        let grads = (&sum * scale).expect("scale").backward().expect("backward");
-        let in_place = logits.copy().expect("copy");
-        let loss = weighted_nll_grad_in_place(&in_place, &targets, &weights, scale).expect("fused");
-        let want = sum.to_scalar::<f32>().expect("s");
-        assert!((loss as f32 - want).abs() < 1e-4 * want.abs().max(1.0), "{loss} vs {want}");
-        assert!(max_diff(&in_place, grads.get(var.as_tensor()).expect("grad")) < 1e-6);
-        let err = weighted_nll_grad_in_place(&logits.copy().expect("copy"), &[0, 37, 0, 0, 0, 0], &weights, 1.0)
-            .expect_err("a target past the vocabulary")
-            .to_string();
-        assert!(err.contains("row 1 targets token 37 of a 37-token vocabulary"), "{err}");
-    }
 
     #[test]
     fn shape_errors_are_errors() {

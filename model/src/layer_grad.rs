@@ -480,12 +480,10 @@ impl<'a> Step<'a> {
     /// The final norm, head and loss of this step's rows `x` (rows, hidden) whose weight is
     /// not 0, `head_rows` at a time: the unscaled weighted loss sum and the gradient of
     /// `scale` times it with respect to `x`. Rows of weight 0 (prompts, padding) get no logits
-    /// at all, and a zero gradient.
+    /// at all, and a zero gradient. The targets are inside the vocabulary (checked once for the
+    /// whole batch by [`CausalLm::loss_backward_by_hand`]).
     fn head_back(&self, model: &CausalLm, x: &[f32], targets: &[u32], weights: &[f32], scale: f32, head_rows: usize) -> Result<(f64, Buf)> {
         let (h, vocab) = (self.hidden, model.config.vocab_size);
-        if let Some(row) = targets.iter().position(|&t| t as usize >= vocab) {
-            return Err(ModelError::Decode(format!("loss row {row} targets token {} of a {vocab}-token vocabulary", targets[row])));
-        }
         let trained: Vec<usize> = (0..targets.len()).filter(|&r| weights[r] != 0.0).collect();
         let head = model.head();
         let mut d_x = Buf::zeroed(x.len());
@@ -661,6 +659,10 @@ impl CausalLm {
         let h = self.config.hidden_size;
         let targets = batch.targets.to_vec1::<u32>()?;
         let weights = batch.weights.to_vec1::<f32>()?;
+        let vocab = self.config.vocab_size;
+        if let Some(row) = targets.iter().position(|&t| t as usize >= vocab) {
+            return Err(ModelError::Decode(format!("loss row {row} targets token {} of a {vocab}-token vocabulary", targets[row])));
+        }
         let embedded = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
         crate::scratch::set_pooling(!checkpointed);
         // One part per thread when the batch has a sequence for each; with fewer sequences
@@ -880,6 +882,27 @@ mod tests {
                 let diff = (expected - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 assert!(size > 0.0 && diff <= 1e-4 * size, "{} (checkpointed {checkpointed}): differs by {diff}, largest {size}", v.name);
             }
+        }
+        Ok(())
+    }
+
+    /// A loss target past the vocabulary is an error naming its row of the batch (not of a
+    /// thread's part), in either mode.
+    #[test]
+    fn a_target_past_the_vocabulary_is_an_error_naming_the_row() -> Result<()> {
+        let model = model();
+        let vocab = model.config().vocab_size as u32;
+        let lora = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec![TargetModule::QProj] };
+        let (adapter, _vars) = LoraAdapter::init_trainable(model.config(), lora, 1, &Device::Cpu)?;
+        let input = Tensor::from_vec(vec![1u32, 2, 3, 4, 5, 6], (2, 3), &Device::Cpu)?;
+        let targets = Tensor::from_vec(vec![2u32, 3, 0, 5, vocab, 0], 6, &Device::Cpu)?;
+        let weights = Tensor::from_vec(vec![1f32, 1.0, 0.0, 1.0, 1.0, 0.0], 6, &Device::Cpu)?;
+        let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
+        let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+        let step = CheckpointedStep { adapter: active, loss_scale: 1.0, head_rows: 4, recompute_sequences: 0 };
+        for checkpointed in [false, true] {
+            let err = model.loss_backward_by_hand(&batch, &step, checkpointed).expect_err("target past the vocabulary").to_string();
+            assert!(err.contains(&format!("row 4 targets token {vocab} of a {vocab}-token vocabulary")), "{err}");
         }
         Ok(())
     }
