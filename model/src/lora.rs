@@ -247,15 +247,6 @@ pub struct ActiveAdapter<'a> {
 impl ActiveAdapter<'_> {
     /// `scale * B A dropout(x)` for a 2-D `x` of shape (n, in), or None without a pair here.
     pub(crate) fn delta(&self, layer: usize, module: TargetModule, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some((low, b)) = self.low_rank(layer, module, x)? else {
-            return Ok(None);
-        };
-        Ok(Some(low.matmul(&b.t()?)?))
-    }
-
-    /// The delta's two factors: `scale * dropout(x) A^T` (n, r) and B (out, r), whose product
-    /// is the delta; None without a pair here.
-    pub(crate) fn low_rank(&self, layer: usize, module: TargetModule, x: &Tensor) -> Result<Option<(Tensor, &Tensor)>> {
         let Some(pair) = self.adapter.get(layer, module) else {
             return Ok(None);
         };
@@ -267,7 +258,7 @@ impl ActiveAdapter<'_> {
         // Scaling the rank-r intermediate rather than the (rows, out) delta is the same product
         // with an element-wise pass over r columns instead of out, forward and backward.
         let low = (x.matmul(&pair.a.t()?)? * self.adapter.config.scale())?;
-        Ok(Some((low, &pair.b)))
+        Ok(Some(low.matmul(&pair.b.t()?)?))
     }
 
     /// The inverted-dropout mask of the input of `module` in `layer`, (rows, cols) values of
