@@ -73,6 +73,23 @@ pub(crate) fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / (ms + eps).sqrt()
 }
 
+/// `out = x * r * w` for one row `x` with its 1 / rms `r`.
+pub(crate) fn normalize_row(x: &[f32], w: &[f32], r: f32, out: &mut [f32]) {
+    for ((o, xv), wv) in out.iter_mut().zip(x).zip(w) {
+        *o = xv * r * wv;
+    }
+}
+
+/// `dx += r * (g * w) - x * r^3 * sum(g * w * x) / h` for one row: the input gradient of
+/// [`normalize_row`] for the output gradient `g`.
+pub(crate) fn rms_norm_grad_row_add(x: &[f32], g: &[f32], w: &[f32], r: f32, dx: &mut [f32]) {
+    let dot: f32 = x.iter().zip(g).zip(w).map(|((xv, gv), wv)| xv * gv * wv).sum();
+    let k = r * r * r * dot / x.len() as f32;
+    for (((d, xv), gv), wv) in dx.iter_mut().zip(x).zip(g).zip(w) {
+        *d += r * gv * wv - xv * k;
+    }
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "fused-rms-norm"
@@ -85,10 +102,7 @@ impl CustomOp2 for RmsNorm {
         }
         let out = map_rows(x.len(), h, |i, o| {
             let xr = &x[i * h..(i + 1) * h];
-            let r = inv_rms(xr, self.eps);
-            for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = xv * r * wv;
-            }
+            normalize_row(xr, w, inv_rms(xr, self.eps), o);
         });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -120,14 +134,10 @@ impl CustomOp3 for RmsNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let op = "rms norm backward";
         let (x, w, g, h) = (slice(xs, xl, op)?, slice(ws, wl, op)?, slice(gs, gl, op)?, last_dim(xl)?);
+        // map_rows starts each row at zeros, so adding the gradient writes it.
         let out = map_rows(x.len(), h, |i, o| {
             let (xr, gr) = (&x[i * h..(i + 1) * h], &g[i * h..(i + 1) * h]);
-            let r = inv_rms(xr, self.eps);
-            let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, gv), wv)| xv * gv * wv).sum();
-            let k = r * r * r * dot / h as f32;
-            for (((o, xv), gv), wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                *o = r * gv * wv - xv * k;
-            }
+            rms_norm_grad_row_add(xr, gr, w, inv_rms(xr, self.eps), o);
         });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -173,7 +183,14 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// d/dgate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d/dup = g * silu(gate).
+/// The gradients of `silu(gate) * up` with respect to gate and up for the output gradient `d`,
+/// with `s` = sigmoid(gate): `d * up * s * (1 + gate * (1 - s))` and `d * gate * s`.
+#[inline]
+pub(crate) fn swiglu_grads(gate: f32, up: f32, s: f32, d: f32) -> (f32, f32) {
+    (d * up * s * (1.0 + gate * (1.0 - s)), d * gate * s)
+}
+
+/// [`swiglu_grads`] with respect to gate or to up.
 struct SwiGluBackward {
     wrt_gate: bool,
 }
@@ -198,8 +215,8 @@ impl CustomOp3 for SwiGluBackward {
         let out = map_rows(gate.len(), w, |i, o| {
             let range = i * w..(i + 1) * w;
             for (((o, gv), uv), dv) in o.iter_mut().zip(&gate[range.clone()]).zip(&up[range.clone()]).zip(&d[range.clone()]) {
-                let s = sigmoid(*gv);
-                *o = if self.wrt_gate { dv * uv * s * (1.0 + gv * (1.0 - s)) } else { dv * gv * s };
+                let (d_gate, d_up) = swiglu_grads(*gv, *uv, sigmoid(*gv), *dv);
+                *o = if self.wrt_gate { d_gate } else { d_up };
             }
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
@@ -223,8 +240,20 @@ struct RopeTable {
     sin: Vec<f32>,
 }
 
-/// Rotates each (x1, x2) half pair by the position's angle; `inverse` rotates back, which is
-/// also the backward pass (a rotation's transpose is its inverse).
+/// Rotates one head's (x1, x2) half pairs in place by their angles' `cos` and `sin` (head_dim
+/// / 2 each); `inverse` rotates back, which is also the backward pass (a rotation's transpose
+/// is its inverse).
+pub(crate) fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let (x1, x2) = head.split_at_mut(cos.len());
+    for k in 0..cos.len() {
+        let (a, b, sk) = (x1[k], x2[k], sign * sin[k]);
+        x1[k] = a * cos[k] - b * sk;
+        x2[k] = b * cos[k] + a * sk;
+    }
+}
+
+/// [`rotate_half`] over (batch, heads, seq, head_dim), one position per seq index.
 struct Rope {
     table: std::sync::Arc<RopeTable>,
     inverse: bool,
@@ -244,18 +273,11 @@ impl CustomOp1 for Rope {
         if self.table.cos.len() != seq * half || self.table.sin.len() != seq * half {
             return Err(candle_core::Error::Msg(format!("rope: tables do not cover {seq} positions of {half}")));
         }
-        let sign = if self.inverse { -1.0 } else { 1.0 };
         let out = map_rows(x.len(), d, |row, o| {
             let pos = row % seq;
             let (c, s) = (&self.table.cos[pos * half..(pos + 1) * half], &self.table.sin[pos * half..(pos + 1) * half]);
-            let xr = &x[row * d..(row + 1) * d];
-            let (x1, x2) = xr.split_at(half);
-            let (o1, o2) = o.split_at_mut(half);
-            for k in 0..half {
-                let sk = sign * s[k];
-                o1[k] = x1[k] * c[k] - x2[k] * sk;
-                o2[k] = x2[k] * c[k] + x1[k] * sk;
-            }
+            o.copy_from_slice(&x[row * d..(row + 1) * d]);
+            rotate_half(o, c, s, self.inverse);
         });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -351,7 +373,15 @@ impl CustomOp2 for CausalProbs {
     }
 }
 
-/// dx = scale * p * (g - sum(p * g)) per row; masked entries have p = 0 and get 0.
+/// Turns `g`, the gradient of one row of probabilities `p`, into the gradient of the scaled
+/// scores before the softmax, in place: `scale * p * (g - sum(p * g))`. Masked entries have
+/// p = 0 and get 0.
+pub(crate) fn softmax_grad_row(p: &[f32], g: &mut [f32], scale: f32) {
+    let dot: f32 = p.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+    g.iter_mut().zip(p).for_each(|(gv, pv)| *gv = scale * pv * (*gv - dot));
+}
+
+/// [`softmax_grad_row`] over rows.
 struct SoftmaxBackward {
     scale: f32,
 }
@@ -364,11 +394,8 @@ impl CustomOp2 for SoftmaxBackward {
     fn cpu_fwd(&self, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (p, g, k) = (slice(ps, pl, "softmax backward")?, slice(gs, gl, "softmax backward")?, last_dim(pl)?);
         let out = map_rows(p.len(), k, |row, o| {
-            let (pr, gr) = (&p[row * k..(row + 1) * k], &g[row * k..(row + 1) * k]);
-            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((o, pv), gv) in o.iter_mut().zip(pr).zip(gr) {
-                *o = self.scale * pv * (gv - dot);
-            }
+            o.copy_from_slice(&g[row * k..(row + 1) * k]);
+            softmax_grad_row(&p[row * k..(row + 1) * k], o, self.scale);
         });
         Ok((CpuStorage::F32(out), pl.shape().clone()))
     }

@@ -153,26 +153,17 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Buf, Buf) {
     let mut inv = Buf::for_overwrite(x.len() / h);
     out.par_chunks_mut(h).zip(inv.par_iter_mut()).zip(x.par_chunks(h)).with_min_len(min_len).for_each(|((o, r), xr)| {
         *r = crate::fused::inv_rms(xr, eps);
-        for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-            *o = xv * *r * wv;
-        }
+        crate::fused::normalize_row(xr, w, *r, o);
     });
     (out, inv)
 }
 
-/// `dx += r * (g * w) - x * r^3 * sum(g * w * x) / h` per row: the input gradient of
-/// [`rms_norm`] for the output gradient `g`, with r the row's stored 1 / rms.
+/// Adds to `dx` the input gradient of [`rms_norm`] for the output gradient `g`, row by row
+/// with each row's stored 1 / rms.
 fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32], min_len: usize) {
     let h = w.len();
-    dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).zip(inv.par_iter()).with_min_len(min_len).for_each(
-        |(((d, xr), gr), &r)| {
-            let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, gv), wv)| xv * gv * wv).sum();
-            let k = r * r * r * dot / h as f32;
-            for (((d, xv), gv), wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
-                *d += r * gv * wv - xv * k;
-            }
-        },
-    );
+    let rows = dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).zip(inv.par_iter());
+    rows.with_min_len(min_len).for_each(|(((d, xr), gr), &r)| crate::fused::rms_norm_grad_row_add(xr, gr, w, r, d));
 }
 
 /// Elements per task of [`swiglu`] and its backward; also their sigmoid buffer's length.
@@ -197,15 +188,13 @@ fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Buf {
     out
 }
 
-/// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`:
-/// `d * up * s * (1 + gate * (1 - s))` and `d * gate * s`, with `sig` holding s = sigmoid(gate).
+/// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`
+/// ([`crate::fused::swiglu_grads`]), with `sig` holding sigmoid(gate).
 fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], sig: &[f32], d: &[f32], min_len: usize) {
     let tasks = gate.par_chunks_mut(SWIGLU_CHUNK).zip(up.par_chunks_mut(SWIGLU_CHUNK)).zip(d.par_chunks(SWIGLU_CHUNK)).zip(sig.par_chunks(SWIGLU_CHUNK));
     tasks.with_min_len(min_len).for_each(|(((g, u), d), sig)| {
         for (((gv, uv), dv), &s) in g.iter_mut().zip(u.iter_mut()).zip(d).zip(sig) {
-            let d_gate = dv * *uv * s * (1.0 + *gv * (1.0 - s));
-            *uv = dv * *gv * s;
-            *gv = d_gate;
+            (*gv, *uv) = crate::fused::swiglu_grads(*gv, *uv, s, *dv);
         }
     });
 }
@@ -354,17 +343,11 @@ impl<'a> Step<'a> {
     /// rotation's transpose is its inverse).
     fn rope(&self, x: &mut [f32], heads: usize, inverse: bool) {
         let (d, half, seq) = (self.head_dim, self.head_dim / 2, self.seq);
-        let sign = if inverse { -1.0 } else { 1.0 };
         x.par_chunks_mut(heads * d).enumerate().with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|(row, xr)| {
             let pos = row % seq;
             let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
             for head in xr.chunks_exact_mut(d) {
-                let (x1, x2) = head.split_at_mut(half);
-                for j in 0..half {
-                    let (a, b, sj) = (x1[j], x2[j], sign * s[j]);
-                    x1[j] = a * c[j] - b * sj;
-                    x2[j] = b * c[j] + a * sj;
-                }
+                crate::fused::rotate_half(head, c, s, inverse);
             }
         });
     }
@@ -437,8 +420,7 @@ impl<'a> Step<'a> {
                     matmul(ViewMut::new(&mut ds, n, keys), d_o, View::columns(vs, keys, kvd, g * d, d).t(), 1.0, Dst::Overwrite, Threads::Caller)?;
                     matmul(ViewMut::columns(dv, keys, kvd, g * d, d), p.t(), d_o, 1.0, Dst::Add, Threads::Caller)?;
                     for (row, pr) in ds.chunks_exact_mut(keys).zip(block.chunks_exact(keys)) {
-                        let dot: f32 = pr.iter().zip(row.iter()).map(|(a, b)| a * b).sum();
-                        row.iter_mut().zip(pr).for_each(|(g, pv)| *g = scale * pv * (*g - dot));
+                        crate::fused::softmax_grad_row(pr, row, scale);
                     }
                     let d_s = View::new(&ds, n, keys);
                     matmul(ViewMut::columns(dq, t, qd, head * d, d).rows(first, n), d_s, k_head, 1.0, Dst::Overwrite, Threads::Caller)?;
@@ -468,11 +450,7 @@ impl<'a> Step<'a> {
             let h = w.len();
             let mut out = Buf::for_overwrite(x.len());
             let rows = out.par_chunks_mut(h).zip(x.par_chunks(h)).zip(inv.par_iter());
-            rows.with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|((o, xr), &r)| {
-                for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-                    *o = xv * r * wv;
-                }
-            });
+            rows.with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|((o, xr), &r)| crate::fused::normalize_row(xr, w, r, o));
             Ok(out)
         })
     }
