@@ -337,13 +337,19 @@ impl CausalProbs {
     /// Scaled, masked softmax of one row of scores, in place.
     fn softmax_row(&self, scores: &mut [f32], row: usize) {
         let seen = self.visible(row, scores.len());
-        let visible = &mut scores[seen.clone()];
-        visible.iter_mut().for_each(|v| *v *= self.scale);
-        let n = visible.len();
-        crate::softmax::softmax_rows(visible, n);
-        scores[..seen.start].fill(0.0);
-        scores[seen.end..].fill(0.0);
+        scores[seen.clone()].iter_mut().for_each(|v| *v *= self.scale);
+        causal_softmax(scores, seen.end - 1, self.window);
     }
+}
+
+/// Softmax of the (already scaled) scores in `row` that query position `pos` may see: keys up
+/// to `pos`, and with a window w only the w newest; the rest of the row becomes 0.
+pub(crate) fn causal_softmax(row: &mut [f32], pos: usize, window: Option<usize>) {
+    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let n = pos + 1 - first;
+    crate::softmax::softmax_rows(&mut row[first..=pos], n);
+    row[..first].fill(0.0);
+    row[pos + 1..].fill(0.0);
 }
 
 impl CustomOp2 for CausalProbs {

@@ -138,7 +138,6 @@ fn for_weight_slices(w: &BaseWeight, mut f: impl FnMut(usize, usize, &[f32]) -> 
     }
 }
 
-
 /// `x * mask`, element by element.
 fn masked(x: &[f32], mask: &[f32]) -> Buf {
     let mut out = Buf::for_overwrite(x.len());
@@ -197,16 +196,6 @@ fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], sig: &[f32], d: &[f32]
             (*gv, *uv) = crate::fused::swiglu_grads(*gv, *uv, s, *dv);
         }
     });
-}
-
-/// Softmax of the visible keys of query position `pos` in `row` (its computed keys), in
-/// place; the keys it may not see become 0.
-fn causal_softmax(row: &mut [f32], pos: usize, window: Option<usize>) {
-    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    let n = pos + 1 - first;
-    crate::softmax::softmax_rows(&mut row[first..=pos], n);
-    row[..first].fill(0.0);
-    row[pos + 1..].fill(0.0);
 }
 
 impl<'a> Step<'a> {
@@ -307,12 +296,7 @@ impl<'a> Step<'a> {
         // wide destination as into the tall (out, r) one.
         let mut d_b_t = Buf::for_overwrite(r * fan_out);
         matmul(ViewMut::new(&mut d_b_t, r, fan_out), View::new(&lora.low, rows, r).t(), dy_view, 1.0, Dst::Overwrite, self.threads)?;
-        let mut d_b = vec![0f32; fan_out * r];
-        for (i, row) in d_b_t.chunks_exact(fan_out).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                d_b[j * r + i] = v;
-            }
-        }
+        let d_b = crate::small_rows::transpose(&d_b_t, r, fan_out, false);
         let masked = lora.mask.as_deref().map(|m| masked(x, m));
         let input = masked.as_deref().unwrap_or(x);
         let mut d_a = Buf::for_overwrite(r * fan_in);
@@ -354,9 +338,8 @@ impl<'a> Step<'a> {
 
     /// Causal (and windowed) attention of rotated `q` (rows, heads * d) over `k` and `v`
     /// (rows, kv_heads * d): the probabilities (batch, heads, then blocks as [`block_offset`]
-    /// lays them out) and the heads' outputs
-    /// (rows, heads * d). Sequences are the parallel tasks; query heads that share a KV head
-    /// read it in place.
+    /// lays them out) and the heads' outputs (rows, heads * d). Sequences are the parallel
+    /// tasks; query heads that share a KV head read it in place.
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Buf, Buf)> {
         let (t, d) = (self.seq, self.head_dim);
         let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
@@ -380,7 +363,7 @@ impl<'a> Step<'a> {
                     let keys_t = View::columns(ks, keys, kvd, g * d, d).t();
                     matmul(ViewMut::new(block, n, keys), queries, keys_t, scale, Dst::Overwrite, Threads::Caller)?;
                     for (i, row) in block.chunks_exact_mut(keys).enumerate() {
-                        causal_softmax(row, first + i, self.window);
+                        crate::fused::causal_softmax(row, first + i, self.window);
                     }
                     let probs = View::new(block, n, keys);
                     let dst = ViewMut::columns(o, t, qd, head * d, d).rows(first, n);
@@ -399,6 +382,7 @@ impl<'a> Step<'a> {
         let (t, d) = (self.seq, self.head_dim);
         let (qd, kvd, group) = (self.heads * d, self.kv_heads * d, self.heads / self.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
+        let per_head = head_probs(t);
         // dQ is written head by head, block by block; dK and dV are sums.
         let (mut dq, mut dk, mut dv) = (Buf::for_overwrite(q.len()), Buf::zeroed(k.len()), Buf::zeroed(v.len()));
         let tasks = dq.par_chunks_mut(t * qd).zip(dk.par_chunks_mut(t * kvd)).zip(dv.par_chunks_mut(t * kvd)).enumerate();
@@ -408,7 +392,6 @@ impl<'a> Step<'a> {
             let mut ds = Buf::for_overwrite(ATTENTION_BLOCK * t);
             for head in 0..self.heads {
                 let g = head / group;
-                let per_head = head_probs(t);
                 let ph = &probs[(s * self.heads + head) * per_head..(s * self.heads + head + 1) * per_head];
                 for first in (0..t).step_by(ATTENTION_BLOCK) {
                     let n = ATTENTION_BLOCK.min(t - first);

@@ -150,7 +150,8 @@ impl Nf4Tensor {
 
 /// Weights of more elements than this are expanded a slice of rows at a time for a product:
 /// the head of a 8192-token vocabulary at hidden 512 would be 16 MiB of f32 at once, more than
-/// its NF4 form saves. Projections stay below and expand whole.
+/// its NF4 form saves. The benchmark model's projections stay below and expand whole; a 7B
+/// model's are sliced too.
 const SLICE_ABOVE: usize = 1 << 20;
 /// Elements per expanded slice (1 MiB of f32).
 const SLICE_ELEMS: usize = 1 << 18;
