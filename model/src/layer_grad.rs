@@ -493,6 +493,7 @@ impl<'a> Step<'a> {
         lora[TargetModule::QProj as usize] = self.project(&a.q, &normed, &mut q, Dst::Overwrite)?;
         lora[TargetModule::KProj as usize] = self.project(&a.k, &normed, &mut k, Dst::Overwrite)?;
         lora[TargetModule::VProj as usize] = self.project(&a.v, &normed, &mut v, Dst::Overwrite)?;
+        drop(normed);
         self.rope(&mut q, self.heads, false);
         self.rope(&mut k, self.kv_heads, false);
         let (probs, attn) = self.attention(&q, &k, &v)?;
@@ -502,10 +503,10 @@ impl<'a> Step<'a> {
         let (mut gate, mut up) = (Buf::for_overwrite(rows * self.intermediate), Buf::for_overwrite(rows * self.intermediate));
         lora[TargetModule::GateProj as usize] = self.project(&m.gate, &mid_normed, &mut gate, Dst::Overwrite)?;
         lora[TargetModule::UpProj as usize] = self.project(&m.up, &mid_normed, &mut up, Dst::Overwrite)?;
+        drop(mid_normed);
         let (act, gate_sigmoid) = swiglu(&gate, &up, self.min_len(1));
         let mut out = Buf::copy_of(&mid);
         lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
-        drop((normed, mid_normed));
         let tape = LayerTape { input, inv_rms, q, k, v, probs, attn, mid, mid_inv_rms, gate, up, gate_sigmoid, lora };
         Ok((out, tape))
     }
