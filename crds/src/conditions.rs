@@ -21,7 +21,14 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
 }
 
 /// Builds a condition with the given fields, stamped now.
-pub fn condition(type_: &str, status: bool, reason: &str, message: impl Into<String>, generation: Option<i64>, now: Time) -> Condition {
+pub fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: Time,
+) -> Condition {
     Condition {
         type_: type_.to_string(),
         status: if status { "True" } else { "False" }.to_string(),
@@ -44,7 +51,10 @@ mod tests {
     #[test]
     fn unchanged_status_keeps_transition_time() {
         let mut conds = vec![condition(READY, false, "Pending", "", Some(1), at(10))];
-        set_condition(&mut conds, condition(READY, false, "StillPending", "x", Some(2), at(20)));
+        set_condition(
+            &mut conds,
+            condition(READY, false, "StillPending", "x", Some(2), at(20)),
+        );
         assert_eq!(conds.len(), 1);
         assert_eq!(conds[0].last_transition_time, at(10));
         assert_eq!(conds[0].reason, "StillPending");

@@ -23,7 +23,10 @@ pub const GROUP: &str = "kubetune.dev";
 
 /// Every CRD kubetune defines, in the order they are installed.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![FineTuneJob::crd(), ModelDeployment::crd()].into_iter().map(with_kubernetes_formats).collect()
+    vec![FineTuneJob::crd(), ModelDeployment::crd()]
+        .into_iter()
+        .map(with_kubernetes_formats)
+        .collect()
 }
 
 /// schemars marks unsigned integers with the formats `uint32` / `uint64`, which the API server
@@ -33,7 +36,10 @@ fn with_kubernetes_formats(crd: CustomResourceDefinition) -> CustomResourceDefin
     fn rewrite(value: &mut serde_json::Value) {
         match value {
             serde_json::Value::Object(map) => {
-                if matches!(map.get("format").and_then(|f| f.as_str()), Some("uint32" | "uint64" | "uint")) {
+                if matches!(
+                    map.get("format").and_then(|f| f.as_str()),
+                    Some("uint32" | "uint64" | "uint")
+                ) {
                     map.insert("format".into(), "int64".into());
                 }
                 map.values_mut().for_each(rewrite);

@@ -24,7 +24,10 @@ pub const FIELD_MANAGER: &str = "kubetune-e2e";
 
 /// The repository root (the e2e crate's parent).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// The kubeconfig the tests use.
@@ -39,14 +42,19 @@ pub fn kubeconfig_path() -> PathBuf {
 pub async fn client() -> Result<Client> {
     let path = kubeconfig_path();
     let kubeconfig = Kubeconfig::read_from(&path).with_context(|| {
-        format!("no kubeconfig at {}: start the local cluster with e2e/cluster/up.sh or set KUBECONFIG", path.display())
+        format!(
+            "no kubeconfig at {}: start the local cluster with e2e/cluster/up.sh or set KUBECONFIG",
+            path.display()
+        )
     })?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     let client = Client::try_from(config)?;
-    client
-        .apiserver_version()
-        .await
-        .with_context(|| format!("the cluster in {} does not answer: is it up (e2e/cluster/up.sh)?", path.display()))?;
+    client.apiserver_version().await.with_context(|| {
+        format!(
+            "the cluster in {} does not answer: is it up (e2e/cluster/up.sh)?",
+            path.display()
+        )
+    })?;
     Ok(client)
 }
 
@@ -59,13 +67,21 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// Creates a fresh namespace named after the test.
     pub async fn new(client: &Client, prefix: &str) -> Result<Self> {
-        let suffix: u32 = std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos());
+        let suffix: u32 = std::process::id()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .subsec_nanos());
         let name = format!("e2e-{prefix}-{:x}", suffix & 0xffffff);
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"kubetune.dev/e2e": "true"}}
         }))?;
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-        Ok(Self { client: client.clone(), name })
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(Self {
+            client: client.clone(),
+            name,
+        })
     }
 
     pub fn api<K>(&self) -> Api<K>
@@ -88,7 +104,9 @@ impl Drop for TestNamespace {
             if let Ok(rt) = rt {
                 let _ = rt.block_on(async {
                     let client = client().await?;
-                    Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await?;
+                    Api::<Namespace>::all(client)
+                        .delete(&name, &DeleteParams::background())
+                        .await?;
                     anyhow::Ok(())
                 });
             }
@@ -118,9 +136,16 @@ pub async fn wait_deleted<K>(api: &Api<K>, name: &str, timeout: Duration) -> Res
 where
     K: Clone + Debug + Send + DeserializeOwned + Resource + 'static,
 {
-    let Some(obj) = api.get_opt(name).await? else { return Ok(()) };
+    let Some(obj) = api.get_opt(name).await? else {
+        return Ok(());
+    };
     let uid = obj.meta().uid.clone().unwrap_or_default();
-    match tokio::time::timeout(timeout, await_condition(api.clone(), name, kube::runtime::wait::conditions::is_deleted(&uid))).await {
+    match tokio::time::timeout(
+        timeout,
+        await_condition(api.clone(), name, kube::runtime::wait::conditions::is_deleted(&uid)),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(anyhow!(e)).context(format!("watching {name} for deletion")),
         Err(_) => bail!("{name} still exists after {timeout:?}"),
@@ -152,15 +177,33 @@ pub enum ApplyMode {
 
 /// Server-side applies one object of any kind (namespaced ones into `namespace` unless they name
 /// their own), resolving its API through discovery. Returns the API server's answer.
-pub async fn apply_object(client: &Client, discovery: &Discovery, namespace: &str, obj: &serde_json::Value, mode: ApplyMode) -> Result<DynamicObject> {
+pub async fn apply_object(
+    client: &Client,
+    discovery: &Discovery,
+    namespace: &str,
+    obj: &serde_json::Value,
+    mode: ApplyMode,
+) -> Result<DynamicObject> {
     let dynamic: DynamicObject = serde_json::from_value(obj.clone()).context("object is not a Kubernetes object")?;
-    let types = dynamic.types.as_ref().ok_or_else(|| anyhow!("object has no apiVersion/kind"))?;
+    let types = dynamic
+        .types
+        .as_ref()
+        .ok_or_else(|| anyhow!("object has no apiVersion/kind"))?;
     let gvk = GroupVersionKind::try_from(types)?;
     let (resource, caps) = discovery
         .resolve_gvk(&gvk)
         .ok_or_else(|| anyhow!("the cluster does not serve {gvk:?}"))?;
-    let name = dynamic.metadata.name.clone().ok_or_else(|| anyhow!("object has no metadata.name"))?;
-    let api = dynamic_api(client, &resource, &caps, dynamic.metadata.namespace.as_deref().unwrap_or(namespace));
+    let name = dynamic
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| anyhow!("object has no metadata.name"))?;
+    let api = dynamic_api(
+        client,
+        &resource,
+        &caps,
+        dynamic.metadata.namespace.as_deref().unwrap_or(namespace),
+    );
     let mut params = PatchParams::apply(FIELD_MANAGER).force();
     if mode == ApplyMode::DryRun {
         params = params.dry_run();
@@ -181,7 +224,8 @@ pub async fn install_crds(client: &Client) -> Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in kubetune_crds::all_crds() {
         let name = crd.metadata.name.clone().ok_or_else(|| anyhow!("CRD without a name"))?;
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd)).await?;
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await?;
         let established = |obj: Option<&CustomResourceDefinition>| {
             obj.and_then(|c| c.status.as_ref())
                 .and_then(|s| s.conditions.as_ref())
@@ -204,7 +248,9 @@ pub fn kubectl_path() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kubetune")));
     match (version, cache) {
-        (Some(v), Some(c)) if c.join(format!("bin/kubernetes-{v}/kubectl")).exists() => c.join(format!("bin/kubernetes-{v}/kubectl")),
+        (Some(v), Some(c)) if c.join(format!("bin/kubernetes-{v}/kubectl")).exists() => {
+            c.join(format!("bin/kubernetes-{v}/kubectl"))
+        }
         _ => PathBuf::from("kubectl"),
     }
 }

@@ -14,10 +14,20 @@ pub const BUCKET: &str = "kubetune";
 
 /// The store's credentials as `KEY=VALUE` pairs.
 pub fn s3_env() -> Result<Vec<(String, String)>> {
-    let path = std::env::var_os("KUBETUNE_S3_ENV").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".kubetune/s3.env"));
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the S3 credentials at {} (e2e/cluster/s3-up.sh writes them)", path.display()))?;
-    Ok(text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect())
+    let path = std::env::var_os("KUBETUNE_S3_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".kubetune/s3.env"));
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the S3 credentials at {} (e2e/cluster/s3-up.sh writes them)",
+            path.display()
+        )
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect())
 }
 
 /// Storage rooted at `uri`, with the store's credentials.
@@ -41,7 +51,10 @@ pub async fn upload(local: &Path, uri: &str) -> Result<()> {
     for entry in std::fs::read_dir(local).with_context(|| format!("reading {}", local.display()))? {
         let entry = entry?;
         if entry.file_type()?.is_file() {
-            let name = entry.file_name().into_string().map_err(|n| anyhow::anyhow!("file name {n:?} is not UTF-8"))?;
+            let name = entry
+                .file_name()
+                .into_string()
+                .map_err(|n| anyhow::anyhow!("file name {n:?} is not UTF-8"))?;
             store.put_file(&name, &entry.path(), None).await?;
             count += 1;
         }
@@ -55,9 +68,13 @@ pub async fn upload(local: &Path, uri: &str) -> Result<()> {
 /// Creates Secret `name` in `namespace` holding the store's credentials, as FineTuneJobs and
 /// ModelDeployments reference it in `storageSecretRef`.
 pub async fn create_storage_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<()> {
-    let data: serde_json::Map<String, serde_json::Value> =
-        s3_env()?.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    let data: serde_json::Map<String, serde_json::Value> = s3_env()?
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
     let secret: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data}))?;
-    Api::<Secret>::namespaced(client.clone(), namespace).create(&PostParams::default(), &secret).await?;
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await?;
     Ok(())
 }

@@ -38,7 +38,9 @@ fn alert_names(objects: &[Value]) -> Vec<String> {
 fn default_rules_pass_promtool_check_and_unit_tests() -> Result<()> {
     let test = rendered_rules_with_test(&[], "rules_test.yaml")?;
     let dir = test.parent().expect("scratch dir");
-    let checked = run(Command::new(tool("promtool")).args(["check", "rules"]).arg(dir.join("rules.yaml")))?;
+    let checked = run(Command::new(tool("promtool"))
+        .args(["check", "rules"])
+        .arg(dir.join("rules.yaml")))?;
     assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
     let tested = run(Command::new(tool("promtool")).args(["test", "rules"]).arg(&test))?;
     assert!(tested.contains("SUCCESS"), "{tested}");
@@ -51,13 +53,20 @@ fn thresholds_come_from_values() -> Result<()> {
     // The same series as in rules_test.yaml, under thresholds raised through values, stay quiet.
     let test = rendered_rules_with_test(
         &[
-            "--set", "alerts.lossDiverging.risePercent=100",
-            "--set", "alerts.trainingStalled.window=30m",
-            "--set", "alerts.overfitting.evalRisePercent=20",
-            "--set", "alerts.servingErrorRate.ratio=0.1",
-            "--set", "alerts.servingLatency.seconds=10",
-            "--set", "alerts.modelDeploymentNotReady.for=30m",
-            "--set", "alerts.fineTuneJobFailed.threshold=1",
+            "--set",
+            "alerts.lossDiverging.risePercent=100",
+            "--set",
+            "alerts.trainingStalled.window=30m",
+            "--set",
+            "alerts.overfitting.evalRisePercent=20",
+            "--set",
+            "alerts.servingErrorRate.ratio=0.1",
+            "--set",
+            "alerts.servingLatency.seconds=10",
+            "--set",
+            "alerts.modelDeploymentNotReady.for=30m",
+            "--set",
+            "alerts.fineTuneJobFailed.threshold=1",
         ],
         "thresholds_test.yaml",
     )?;
@@ -89,16 +98,23 @@ fn each_alert_can_be_switched_off_and_labelled() -> Result<()> {
         "kt",
         "kubetune-system",
         &[
-            "--set", "prometheusRule.enabled=true",
-            "--set", "alerts.overfitting.enabled=false",
-            "--set", "alerts.servingLatency.enabled=false",
-            "--set", "prometheusRule.alertLabels.team=ml",
-            "--set", "alerts.lossNotFinite.severity=page",
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "alerts.overfitting.enabled=false",
+            "--set",
+            "alerts.servingLatency.enabled=false",
+            "--set",
+            "prometheusRule.alertLabels.team=ml",
+            "--set",
+            "alerts.lossNotFinite.severity=page",
         ],
     )?;
     let remaining = alert_names(&fewer);
     assert_eq!(remaining.len(), 7);
-    assert!(!remaining.iter().any(|n| n == "KubetuneTrainingOverfitting" || n == "KubetuneServingLatency"));
+    assert!(!remaining
+        .iter()
+        .any(|n| n == "KubetuneTrainingOverfitting" || n == "KubetuneServingLatency"));
     let rule = find(&fewer, "PrometheusRule", None);
     for group in rule["spec"]["groups"].as_array().expect("groups") {
         for r in group["rules"].as_array().expect("rules") {

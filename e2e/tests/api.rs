@@ -29,7 +29,12 @@ async fn crds_and_every_example_apply() -> Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{} does not apply: {e:#}", path.display()))?;
             // What comes back is what was sent: the schema defaults nothing the user didn't write.
-            assert_eq!(stored.data["spec"], doc["spec"], "{}: the stored spec differs from the manifest", path.display());
+            assert_eq!(
+                stored.data["spec"],
+                doc["spec"],
+                "{}: the stored spec differs from the manifest",
+                path.display()
+            );
             applied += 1;
         }
     }
@@ -50,41 +55,208 @@ struct Invalid {
 fn invalid_table() -> Vec<Invalid> {
     const FTJ: &str = "finetunejob.yaml";
     const MDEP: &str = "modeldeployment.yaml";
-    let case = |what, base, pointer, value, expect| Invalid { what, base, pointer, value, expect };
+    let case = |what, base, pointer, value, expect| Invalid {
+        what,
+        base,
+        pointer,
+        value,
+        expect,
+    };
     vec![
-        case("rank 0", FTJ, "/spec/lora/r", json!(0), &["spec.lora.r", "greater than or equal to 1"]),
-        case("rank 300", FTJ, "/spec/lora/r", json!(300), &["spec.lora.r", "less than or equal to 256"]),
-        case("alpha 0", FTJ, "/spec/lora/alpha", json!(0), &["spec.lora.alpha", "greater than 0"]),
-        case("dropout 1", FTJ, "/spec/lora/dropout", json!(1.0), &["spec.lora.dropout", "less than 1"]),
-        case("dropout negative", FTJ, "/spec/lora/dropout", json!(-0.1), &["spec.lora.dropout"]),
-        case("learning rate 0", FTJ, "/spec/training/learningRate", json!(0), &["spec.training.learningRate", "greater than 0"]),
-        case("learning rate 1", FTJ, "/spec/training/learningRate", json!(1), &["spec.training.learningRate", "less than 1"]),
-        case("epochs 0", FTJ, "/spec/training/epochs", json!(0), &["spec.training.epochs"]),
-        case("neither epochs nor maxSteps", FTJ, "/spec/training/epochs", Value::Null, &["spec.training", "epochs", "maxSteps"]),
-        case("unknown method", FTJ, "/spec/method", json!("full"), &["spec.method", "lora", "qlora"]),
-        case("qlora without quantization", FTJ, "/spec/method", json!("qlora"), &["spec.quantization", "4-bit"]),
-        case("unknown target module", FTJ, "/spec/lora/targetModules", json!(["q_proj", "lm_head"]), &["spec.lora.targetModules[1]", "q_proj"]),
-        case("unknown URI scheme", FTJ, "/spec/baseModel/uri", json!("ftp://models/x"), &["spec.baseModel.uri", "s3|gs|az|file|pvc|hf"]),
-        case("dataset URI without scheme", FTJ, "/spec/dataset/uri", json!("/data/x.jsonl"), &["spec.dataset.uri"]),
-        case("unknown dataset format", FTJ, "/spec/dataset/format", json!("csv"), &["spec.dataset.format", "instruction"]),
-        case("adapter name not DNS-1123", FTJ, "/spec/output/adapterName", json!("Support_Bot"), &["spec.output.adapterName"]),
-        case("adapter name too long", FTJ, "/spec/output/adapterName", json!("a".repeat(64)), &["spec.output.adapterName", "63"]),
-        case("both validation split and file", FTJ, "/spec/dataset/validationSplit", json!(0.1), &["spec.dataset.validationUri", "at most one of validationSplit and validationUri"]),
-        case("negative backoffLimit", FTJ, "/spec/backoffLimit", json!(-1), &["spec.backoffLimit"]),
-        case("missing base model", FTJ, "/spec/baseModel", Value::Null, &["spec.baseModel", "Required"]),
-        case("negative replicas", MDEP, "/spec/replicas", json!(-1), &["spec.replicas", "greater than or equal to 0"]),
-        case("adapter version 0", MDEP, "/spec/adapters/0/version", json!(0), &["spec.adapters[0].version"]),
-        case("adapter version word", MDEP, "/spec/adapters/0/version", json!("newest"), &["spec.adapters[0].version", "latest"]),
-        case("adapter with no source", MDEP, "/spec/adapters/0/version", Value::Null, &["spec.adapters[0]", "exactly one of version and fromFineTuneJob"]),
-        case("served adapter name invalid", MDEP, "/spec/adapters/0/name", json!("-bad"), &["spec.adapters[0].name"]),
-        case("model deployment URI scheme", MDEP, "/spec/baseModel/uri", json!("http://x"), &["spec.baseModel.uri"]),
+        case(
+            "rank 0",
+            FTJ,
+            "/spec/lora/r",
+            json!(0),
+            &["spec.lora.r", "greater than or equal to 1"],
+        ),
+        case(
+            "rank 300",
+            FTJ,
+            "/spec/lora/r",
+            json!(300),
+            &["spec.lora.r", "less than or equal to 256"],
+        ),
+        case(
+            "alpha 0",
+            FTJ,
+            "/spec/lora/alpha",
+            json!(0),
+            &["spec.lora.alpha", "greater than 0"],
+        ),
+        case(
+            "dropout 1",
+            FTJ,
+            "/spec/lora/dropout",
+            json!(1.0),
+            &["spec.lora.dropout", "less than 1"],
+        ),
+        case(
+            "dropout negative",
+            FTJ,
+            "/spec/lora/dropout",
+            json!(-0.1),
+            &["spec.lora.dropout"],
+        ),
+        case(
+            "learning rate 0",
+            FTJ,
+            "/spec/training/learningRate",
+            json!(0),
+            &["spec.training.learningRate", "greater than 0"],
+        ),
+        case(
+            "learning rate 1",
+            FTJ,
+            "/spec/training/learningRate",
+            json!(1),
+            &["spec.training.learningRate", "less than 1"],
+        ),
+        case(
+            "epochs 0",
+            FTJ,
+            "/spec/training/epochs",
+            json!(0),
+            &["spec.training.epochs"],
+        ),
+        case(
+            "neither epochs nor maxSteps",
+            FTJ,
+            "/spec/training/epochs",
+            Value::Null,
+            &["spec.training", "epochs", "maxSteps"],
+        ),
+        case(
+            "unknown method",
+            FTJ,
+            "/spec/method",
+            json!("full"),
+            &["spec.method", "lora", "qlora"],
+        ),
+        case(
+            "qlora without quantization",
+            FTJ,
+            "/spec/method",
+            json!("qlora"),
+            &["spec.quantization", "4-bit"],
+        ),
+        case(
+            "unknown target module",
+            FTJ,
+            "/spec/lora/targetModules",
+            json!(["q_proj", "lm_head"]),
+            &["spec.lora.targetModules[1]", "q_proj"],
+        ),
+        case(
+            "unknown URI scheme",
+            FTJ,
+            "/spec/baseModel/uri",
+            json!("ftp://models/x"),
+            &["spec.baseModel.uri", "s3|gs|az|file|pvc|hf"],
+        ),
+        case(
+            "dataset URI without scheme",
+            FTJ,
+            "/spec/dataset/uri",
+            json!("/data/x.jsonl"),
+            &["spec.dataset.uri"],
+        ),
+        case(
+            "unknown dataset format",
+            FTJ,
+            "/spec/dataset/format",
+            json!("csv"),
+            &["spec.dataset.format", "instruction"],
+        ),
+        case(
+            "adapter name not DNS-1123",
+            FTJ,
+            "/spec/output/adapterName",
+            json!("Support_Bot"),
+            &["spec.output.adapterName"],
+        ),
+        case(
+            "adapter name too long",
+            FTJ,
+            "/spec/output/adapterName",
+            json!("a".repeat(64)),
+            &["spec.output.adapterName", "63"],
+        ),
+        case(
+            "both validation split and file",
+            FTJ,
+            "/spec/dataset/validationSplit",
+            json!(0.1),
+            &[
+                "spec.dataset.validationUri",
+                "at most one of validationSplit and validationUri",
+            ],
+        ),
+        case(
+            "negative backoffLimit",
+            FTJ,
+            "/spec/backoffLimit",
+            json!(-1),
+            &["spec.backoffLimit"],
+        ),
+        case(
+            "missing base model",
+            FTJ,
+            "/spec/baseModel",
+            Value::Null,
+            &["spec.baseModel", "Required"],
+        ),
+        case(
+            "negative replicas",
+            MDEP,
+            "/spec/replicas",
+            json!(-1),
+            &["spec.replicas", "greater than or equal to 0"],
+        ),
+        case(
+            "adapter version 0",
+            MDEP,
+            "/spec/adapters/0/version",
+            json!(0),
+            &["spec.adapters[0].version"],
+        ),
+        case(
+            "adapter version word",
+            MDEP,
+            "/spec/adapters/0/version",
+            json!("newest"),
+            &["spec.adapters[0].version", "latest"],
+        ),
+        case(
+            "adapter with no source",
+            MDEP,
+            "/spec/adapters/0/version",
+            Value::Null,
+            &["spec.adapters[0]", "exactly one of version and fromFineTuneJob"],
+        ),
+        case(
+            "served adapter name invalid",
+            MDEP,
+            "/spec/adapters/0/name",
+            json!("-bad"),
+            &["spec.adapters[0].name"],
+        ),
+        case(
+            "model deployment URI scheme",
+            MDEP,
+            "/spec/baseModel/uri",
+            json!("http://x"),
+            &["spec.baseModel.uri"],
+        ),
     ]
 }
 
 /// Sets (or, for null, removes) the value at a JSON pointer.
 fn mutate(doc: &mut Value, pointer: &str, value: Value) {
     let (parent, key) = pointer.rsplit_once('/').expect("pointer has a parent");
-    let target = doc.pointer_mut(parent).unwrap_or_else(|| panic!("no {parent} in the example"));
+    let target = doc
+        .pointer_mut(parent)
+        .unwrap_or_else(|| panic!("no {parent} in the example"));
     match (target, value) {
         (Value::Object(map), Value::Null) => {
             map.remove(key);
@@ -122,7 +294,13 @@ async fn invalid_specs_are_rejected_naming_the_field() -> Result<()> {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} invalid manifests misjudged:\n{}", failures.len(), invalid_table().len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} invalid manifests misjudged:\n{}",
+        failures.len(),
+        invalid_table().len(),
+        failures.join("\n")
+    );
     Ok(())
 }
 
@@ -144,7 +322,10 @@ async fn training_spec_is_immutable_but_suspend_is_not() -> Result<()> {
         .await
         .expect_err("changing spec.training must be rejected");
     let message = format!("{err:#}");
-    assert!(message.contains("spec.training") && message.contains("immutable"), "unexpected message: {message}");
+    assert!(
+        message.contains("spec.training") && message.contains("immutable"),
+        "unexpected message: {message}"
+    );
     Ok(())
 }
 
@@ -155,15 +336,34 @@ async fn kubectl_get_shows_the_printer_columns() -> Result<()> {
     let ns = TestNamespace::new(&client, "columns").await?;
     let discovery = Discovery::new(client.clone()).run().await?;
     for (file, resource, columns) in [
-        ("finetunejob.yaml", "ftj", ["NAME", "PHASE", "PROGRESS", "LOSS", "ADAPTER", "AGE"]),
-        ("modeldeployment.yaml", "mdep", ["NAME", "PHASE", "READY", "SERVING", "URL", "AGE"]),
+        (
+            "finetunejob.yaml",
+            "ftj",
+            ["NAME", "PHASE", "PROGRESS", "LOSS", "ADAPTER", "AGE"],
+        ),
+        (
+            "modeldeployment.yaml",
+            "mdep",
+            ["NAME", "PHASE", "READY", "SERVING", "URL", "AGE"],
+        ),
     ] {
         apply_object(&client, &discovery, &ns.name, &example(file), ApplyMode::Apply).await?;
         let out = std::process::Command::new(kubetune_e2e::kubectl_path())
-            .args(["--kubeconfig", &kubetune_e2e::kubeconfig_path().to_string_lossy(), "get", resource, "-n", &ns.name])
+            .args([
+                "--kubeconfig",
+                &kubetune_e2e::kubeconfig_path().to_string_lossy(),
+                "get",
+                resource,
+                "-n",
+                &ns.name,
+            ])
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "kubectl get {resource} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "kubectl get {resource} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let header: Vec<&str> = stdout.lines().next().unwrap_or_default().split_whitespace().collect();
         assert_eq!(header, columns, "kubectl get {resource} printed:\n{stdout}");
     }

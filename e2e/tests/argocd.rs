@@ -18,7 +18,10 @@ fn argocd_dir() -> PathBuf {
 }
 
 fn health_script(kind: &str) -> PathBuf {
-    argocd_dir().join("resource_customizations/kubetune.dev").join(kind).join("health.lua")
+    argocd_dir()
+        .join("resource_customizations/kubetune.dev")
+        .join(kind)
+        .join("health.lua")
 }
 
 /// A JSON value as a Lua expression (objects and arrays as tables, as Argo CD hands them over).
@@ -30,7 +33,13 @@ fn lua_literal(v: &Value) -> String {
         Value::String(s) => lua_string(s),
         Value::Array(items) => format!("{{{}}}", items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")),
         Value::Object(map) => {
-            format!("{{{}}}", map.iter().map(|(k, v)| format!("[{}] = {}", lua_string(k), lua_literal(v))).collect::<Vec<_>>().join(", "))
+            format!(
+                "{{{}}}",
+                map.iter()
+                    .map(|(k, v)| format!("[{}] = {}", lua_string(k), lua_literal(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     }
 }
@@ -57,14 +66,29 @@ fn run_health(script: &Path, obj: &Value) -> Result<(String, String)> {
         lua_literal(obj),
         lua_string(&script.display().to_string())
     );
-    let mut child = Command::new(tool("lua")).arg("-").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?.write_all(program.as_bytes())?;
+    let mut child = Command::new(tool("lua"))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("no stdin"))?
+        .write_all(program.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        return Err(anyhow!("lua failed on {}: {}", script.display(), String::from_utf8_lossy(&out.stderr)));
+        return Err(anyhow!(
+            "lua failed on {}: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let text = String::from_utf8(out.stdout)?;
-    let (status, message) = text.split_once('\n').ok_or_else(|| anyhow!("unexpected output {text:?}"))?;
+    let (status, message) = text
+        .split_once('\n')
+        .ok_or_else(|| anyhow!("unexpected output {text:?}"))?;
     Ok((status.to_string(), message.to_string()))
 }
 
@@ -76,9 +100,15 @@ fn check_fixtures(kind: &str, must_cover: &[&str]) -> Result<()> {
     let mut seen = Vec::new();
     for t in tests {
         let (status, message) = run_health(&health_script(kind), &t["object"])?;
-        let (want_status, want_message) = (t["expect"]["status"].as_str().unwrap_or_default(), t["expect"]["message"].as_str().unwrap_or_default());
+        let (want_status, want_message) = (
+            t["expect"]["status"].as_str().unwrap_or_default(),
+            t["expect"]["message"].as_str().unwrap_or_default(),
+        );
         if (status.as_str(), message.as_str()) != (want_status, want_message) {
-            failures.push(format!("{}: got {status} {message:?}, want {want_status} {want_message:?}", t["name"]));
+            failures.push(format!(
+                "{}: got {status} {message:?}, want {want_status} {want_message:?}",
+                t["name"]
+            ));
         }
         seen.push(status);
     }
@@ -102,8 +132,14 @@ fn modeldeployment_health_matches_the_fixtures() -> Result<()> {
 #[test]
 fn lagging_observed_generation_is_progressing_whatever_the_phase() -> Result<()> {
     for (kind, phases) in [
-        ("FineTuneJob", &["Pending", "Running", "Succeeded", "Failed", "Suspended"][..]),
-        ("ModelDeployment", &["Pending", "Progressing", "Ready", "Degraded", "Failed"][..]),
+        (
+            "FineTuneJob",
+            &["Pending", "Running", "Succeeded", "Failed", "Suspended"][..],
+        ),
+        (
+            "ModelDeployment",
+            &["Pending", "Progressing", "Ready", "Degraded", "Failed"][..],
+        ),
     ] {
         for phase in phases {
             let obj = serde_json::json!({
@@ -122,18 +158,27 @@ fn lagging_observed_generation_is_progressing_whatever_the_phase() -> Result<()>
 #[test]
 fn argocd_cm_ships_exactly_the_health_scripts() -> Result<()> {
     let cm: Value = serde_yaml::from_str(&std::fs::read_to_string(argocd_dir().join("argocd-cm.yaml"))?)?;
-    assert_eq!((&cm["kind"], &cm["metadata"]["name"]), (&"ConfigMap".into(), &"argocd-cm".into()));
+    assert_eq!(
+        (&cm["kind"], &cm["metadata"]["name"]),
+        (&"ConfigMap".into(), &"argocd-cm".into())
+    );
     let data = cm["data"].as_object().ok_or_else(|| anyhow!("no data"))?;
     assert_eq!(data.len(), 2, "{:?}", data.keys().collect::<Vec<_>>());
     for kind in ["FineTuneJob", "ModelDeployment"] {
         let key = format!("resource.customizations.health.kubetune.dev_{kind}");
-        let embedded = data.get(&key).and_then(Value::as_str).ok_or_else(|| anyhow!("argocd-cm lacks {key}"))?;
+        let embedded = data
+            .get(&key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("argocd-cm lacks {key}"))?;
         assert!(
             embedded == std::fs::read_to_string(health_script(kind))?,
             "deploy/argocd/argocd-cm.yaml is stale for {kind}: run deploy/argocd/gen-argocd-cm.sh"
         );
     }
-    assert!(!data.keys().any(|k| k.contains("ignoreDifferences")), "the CRDs need no ignoreDifferences");
+    assert!(
+        !data.keys().any(|k| k.contains("ignoreDifferences")),
+        "the CRDs need no ignoreDifferences"
+    );
     Ok(())
 }
 
@@ -142,17 +187,30 @@ fn application_example_points_at_the_chart() -> Result<()> {
     let apps = yaml_documents(&std::fs::read_to_string(argocd_dir().join("application.yaml"))?)?;
     assert_eq!(apps.len(), 2);
     for app in &apps {
-        assert_eq!((&app["apiVersion"], &app["kind"]), (&"argoproj.io/v1alpha1".into(), &"Application".into()));
-        let path = app["spec"]["source"]["path"].as_str().ok_or_else(|| anyhow!("no source path"))?;
-        assert!(repo_root().join(path).is_dir(), "{path} is not a directory of this repository");
+        assert_eq!(
+            (&app["apiVersion"], &app["kind"]),
+            (&"argoproj.io/v1alpha1".into(), &"Application".into())
+        );
+        let path = app["spec"]["source"]["path"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no source path"))?;
+        assert!(
+            repo_root().join(path).is_dir(),
+            "{path} is not a directory of this repository"
+        );
         assert!(app["spec"]["ignoreDifferences"].is_null());
     }
     // The chart Application's values are values the chart has.
-    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/kubetune/values.yaml"))?)?;
+    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(
+        repo_root().join("charts/kubetune/values.yaml"),
+    )?)?;
     fn known(values: &Value, given: &Value, path: &str) {
         if let Some(map) = given.as_object() {
             for (k, v) in map {
-                assert!(!values[k].is_null(), "the Application sets {path}{k}, which values.yaml does not have");
+                assert!(
+                    !values[k].is_null(),
+                    "the Application sets {path}{k}, which values.yaml does not have"
+                );
                 known(&values[k], v, &format!("{path}{k}."));
             }
         }

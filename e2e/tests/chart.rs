@@ -15,7 +15,10 @@ use std::process::Command;
 use tools::{chart_dir, find, helm_template_cmd, kinds, output, render, run, scratch_dir, tool};
 
 fn nondefault() -> String {
-    repo_root().join("e2e/chart/nondefault-values.yaml").display().to_string()
+    repo_root()
+        .join("e2e/chart/nondefault-values.yaml")
+        .display()
+        .to_string()
 }
 
 fn container(deployment: &Value) -> &Value {
@@ -23,7 +26,13 @@ fn container(deployment: &Value) -> &Value {
 }
 
 fn env(container: &Value, name: &str) -> Value {
-    container["env"].as_array().into_iter().flatten().find(|e| e["name"] == name).cloned().unwrap_or(Value::Null)
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 fn strings(v: &Value) -> Vec<&str> {
@@ -34,7 +43,10 @@ fn strings(v: &Value) -> Vec<&str> {
 fn helm_lint_passes_with_default_and_nondefault_values() -> Result<()> {
     let out = run(Command::new(tool("helm")).args(["lint", "--strict"]).arg(chart_dir()))?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
-    let out = run(Command::new(tool("helm")).args(["lint", "--strict"]).arg(chart_dir()).args(["-f", &nondefault()]))?;
+    let out = run(Command::new(tool("helm"))
+        .args(["lint", "--strict"])
+        .arg(chart_dir())
+        .args(["-f", &nondefault()]))?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
     Ok(())
 }
@@ -45,16 +57,28 @@ fn default_values_render_the_operator_with_leader_election_and_a_locked_down_pod
     assert_eq!(
         kinds(&objects),
         [
-            "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ConfigMap",
-            "CustomResourceDefinition", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding",
-            "Service", "ServiceAccount",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
         ],
         "no Prometheus Operator objects by default"
     );
     // The chart's CRDs are the generated ones (crds/tests/chart_crds.rs checks the bytes).
     for crd in kubetune_crds::all_crds() {
         let name = crd.metadata.name.as_deref().expect("CRD name");
-        assert_eq!(find(&objects, "CustomResourceDefinition", Some(name)), &serde_json::to_value(&crd)?);
+        assert_eq!(
+            find(&objects, "CustomResourceDefinition", Some(name)),
+            &serde_json::to_value(&crd)?
+        );
     }
 
     let deployment = find(&objects, "Deployment", Some("kubetune"));
@@ -66,20 +90,49 @@ fn default_values_render_the_operator_with_leader_election_and_a_locked_down_pod
     let c = container(deployment);
     assert_eq!(c["image"], "ghcr.io/kubetune/operator:0.1.0");
     assert!(strings(&c["args"]).contains(&"--leader-election"), "{}", c["args"]);
-    assert_eq!(env(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
-    assert_eq!(env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
-    assert_eq!(env(c, "KUBETUNE_TRAINER_IMAGE")["value"], "ghcr.io/kubetune/trainer:0.1.0-cuda");
+    assert_eq!(
+        env(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert_eq!(
+        env(c, "KUBETUNE_TRAINER_IMAGE")["value"],
+        "ghcr.io/kubetune/trainer:0.1.0-cuda"
+    );
     assert_eq!(env(c, "KUBETUNE_GPU_RESOURCE")["value"], "nvidia.com/gpu");
-    assert_eq!(env(c, "KUBETUNE_REGISTRY"), Value::Null, "no default registry unless set");
+    assert_eq!(
+        env(c, "KUBETUNE_REGISTRY"),
+        Value::Null,
+        "no default registry unless set"
+    );
     assert_eq!(c["ports"][0]["containerPort"], 8080);
-    assert_eq!((&c["livenessProbe"]["httpGet"]["path"], &c["livenessProbe"]["httpGet"]["port"]), (&"/healthz".into(), &"http".into()));
+    assert_eq!(
+        (
+            &c["livenessProbe"]["httpGet"]["path"],
+            &c["livenessProbe"]["httpGet"]["port"]
+        ),
+        (&"/healthz".into(), &"http".into())
+    );
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     let sc = &c["securityContext"];
-    assert_eq!((&sc["runAsNonRoot"], &sc["readOnlyRootFilesystem"], &sc["allowPrivilegeEscalation"]), (&true.into(), &true.into(), &false.into()));
+    assert_eq!(
+        (
+            &sc["runAsNonRoot"],
+            &sc["readOnlyRootFilesystem"],
+            &sc["allowPrivilegeEscalation"]
+        ),
+        (&true.into(), &true.into(), &false.into())
+    );
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
 
     let service = find(&objects, "Service", None);
-    assert_eq!(service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
     assert_eq!(service["spec"]["ports"][0]["name"], "metrics");
     let lease_role = find(&objects, "Role", None);
     assert_eq!(lease_role["metadata"]["namespace"], "kubetune-system");
@@ -98,18 +151,28 @@ fn nondefault_values_reach_the_manifests() -> Result<()> {
     assert_eq!(pod["nodeSelector"]["node-role.kubernetes.io/control-plane"], "");
     assert_eq!(pod["tolerations"][0]["key"], "node-role.kubernetes.io/control-plane");
     assert_eq!(
-        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"],
+        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"],
         "kubernetes.io/hostname",
         "two replicas prefer two nodes"
     );
-    assert_eq!(deployment["spec"]["template"]["metadata"]["labels"]["team"], "ml-platform");
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["team"],
+        "ml-platform"
+    );
     let c = container(deployment);
     assert_eq!(c["image"], "registry.example.com/kubetune/operator:1.2.3");
     assert_eq!(c["imagePullPolicy"], "Always");
-    assert_eq!(strings(&c["args"]), ["--leader-election", "--http-addr=$(POD_IP):8081", "--concurrency=16"]);
+    assert_eq!(
+        strings(&c["args"]),
+        ["--leader-election", "--http-addr=$(POD_IP):8081", "--concurrency=16"]
+    );
     for (name, value) in [
         ("KUBETUNE_TRAINER_IMAGE", "registry.example.com/kubetune/trainer:1.2.3"),
-        ("KUBETUNE_SERVER_IMAGE", "registry.example.com/kubetune/server:1.2.3-cpu"),
+        (
+            "KUBETUNE_SERVER_IMAGE",
+            "registry.example.com/kubetune/server:1.2.3-cpu",
+        ),
         ("KUBETUNE_REGISTRY", "s3://ml-bucket/kubetune"),
         ("KUBETUNE_GPU_RESOURCE", "amd.com/gpu"),
         ("KUBETUNE_GPU_MEMORY_LABEL", "amd.com/gpu.vram"),
@@ -121,7 +184,10 @@ fn nondefault_values_reach_the_manifests() -> Result<()> {
         assert_eq!(env(c, name)["value"], value, "{name}");
     }
     assert_eq!(c["ports"][0]["containerPort"], 8081);
-    assert_eq!(find(&objects, "ServiceAccount", Some("tuner"))["metadata"]["annotations"]["iam.example.com/role"], "kubetune");
+    assert_eq!(
+        find(&objects, "ServiceAccount", Some("tuner"))["metadata"]["annotations"]["iam.example.com/role"],
+        "kubetune"
+    );
     assert_eq!(find(&objects, "Service", None)["spec"]["ports"][0]["port"], 9100);
 
     // RBAC: the ModelDeployment controller's role is switched off.
@@ -131,27 +197,55 @@ fn nondefault_values_reach_the_manifests() -> Result<()> {
     // Prometheus Operator objects.
     let sm = find(&objects, "ServiceMonitor", None);
     assert_eq!(sm["metadata"]["labels"]["release"], "prom");
-    assert_eq!(sm["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     let trainer = find(&objects, "PodMonitor", Some("prod-kubetune-trainer"));
-    assert_eq!(trainer["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "kubetune-trainer");
+    assert_eq!(
+        trainer["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "kubetune-trainer"
+    );
     assert_eq!(trainer["spec"]["namespaceSelector"]["any"], true);
     let endpoint = &trainer["spec"]["podMetricsEndpoints"][0];
-    assert_eq!((&endpoint["port"], &endpoint["honorLabels"], &endpoint["interval"]), (&"metrics".into(), &true.into(), &"10s".into()));
+    assert_eq!(
+        (&endpoint["port"], &endpoint["honorLabels"], &endpoint["interval"]),
+        (&"metrics".into(), &true.into(), &"10s".into())
+    );
     let server = find(&objects, "PodMonitor", Some("prod-kubetune-server"));
-    assert_eq!(server["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "kubetune-server");
-    assert_eq!(server["spec"]["podMetricsEndpoints"][0]["port"], "http", "the server's /metrics is on its API port");
-    assert_eq!(find(&objects, "PrometheusRule", None)["metadata"]["labels"]["release"], "prom");
-    assert_eq!(find(&objects, "ConfigMap", None)["metadata"]["annotations"]["grafana_folder"], "kubetune");
+    assert_eq!(
+        server["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "kubetune-server"
+    );
+    assert_eq!(
+        server["spec"]["podMetricsEndpoints"][0]["port"], "http",
+        "the server's /metrics is on its API port"
+    );
+    assert_eq!(
+        find(&objects, "PrometheusRule", None)["metadata"]["labels"]["release"],
+        "prom"
+    );
+    assert_eq!(
+        find(&objects, "ConfigMap", None)["metadata"]["annotations"]["grafana_folder"],
+        "kubetune"
+    );
     Ok(())
 }
 
 #[test]
 fn two_replicas_without_leader_election_are_refused() -> Result<()> {
-    let out = output(&mut helm_template_cmd("kt", "kt", &["--set", "operator.replicas=2", "--set", "operator.leaderElection=false"]))?;
+    let out = output(&mut helm_template_cmd(
+        "kt",
+        "kt",
+        &["--set", "operator.replicas=2", "--set", "operator.leaderElection=false"],
+    ))?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("operator.replicas > 1 needs operator.leaderElection: true"), "{stderr}");
+    assert!(
+        stderr.contains("operator.replicas > 1 needs operator.leaderElection: true"),
+        "{stderr}"
+    );
     // One replica without leader election is fine, and then there is no Lease Role.
     let objects = render("kt", "kt", &["--set", "operator.leaderElection=false"])?;
     assert!(!objects.iter().any(|o| o["kind"] == "Role"));
@@ -182,7 +276,9 @@ fn metric_names(expr: &str) -> Vec<String> {
     let mut rest = expr;
     while let Some(i) = rest.find("kubetune_") {
         let tail = &rest[i..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
         names.push(tail[..end].to_string());
         rest = &tail[end..];
     }
@@ -192,35 +288,70 @@ fn metric_names(expr: &str) -> Vec<String> {
 #[test]
 fn dashboard_queries_parse_and_use_known_metrics() -> Result<()> {
     let objects = render("kt", "kt", &[])?;
-    let json = find(&objects, "ConfigMap", None)["data"]["kubetune.json"].as_str().ok_or_else(|| anyhow!("no dashboard"))?.to_string();
+    let json = find(&objects, "ConfigMap", None)["data"]["kubetune.json"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no dashboard"))?
+        .to_string();
     let dashboard: Value = serde_json::from_str(&json)?;
-    let panels: Vec<&Value> = dashboard["panels"].as_array().into_iter().flatten().filter(|p| p["type"] != "row").collect();
+    let panels: Vec<&Value> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"] != "row")
+        .collect();
     let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
-    for wanted in ["Training loss", "Eval loss", "Tokens per second", "Error ratio (5xx)", "Latency p50 / p99", "Rollout state"] {
+    for wanted in [
+        "Training loss",
+        "Eval loss",
+        "Tokens per second",
+        "Error ratio (5xx)",
+        "Latency p50 / p99",
+        "Rollout state",
+    ] {
         assert!(titles.contains(&wanted), "dashboard lacks {wanted}: {titles:?}");
     }
     // Each query, with Grafana's variables filled in, as a recording rule: promtool parses them all.
     let mut rules = Vec::new();
-    for (i, target) in panels.iter().flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default()).enumerate() {
+    for (i, target) in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .enumerate()
+    {
         let expr = target["expr"].as_str().ok_or_else(|| anyhow!("target without expr"))?;
         for name in metric_names(expr) {
-            assert!(KNOWN_METRICS.contains(&name.as_str()), "dashboard query uses unknown metric {name}: {expr}");
+            assert!(
+                KNOWN_METRICS.contains(&name.as_str()),
+                "dashboard query uses unknown metric {name}: {expr}"
+            );
         }
-        let expr = expr.replace("$__rate_interval", "5m").replace("$namespace", ".*").replace("$finetunejob", ".*");
+        let expr = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$namespace", ".*")
+            .replace("$finetunejob", ".*");
         rules.push(serde_json::json!({"record": format!("dashboard:query{i}"), "expr": expr}));
     }
     assert!(rules.len() >= 10, "{} queries", rules.len());
     let dir = scratch_dir("dashboard")?;
     let file = dir.join("queries.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}))?)?;
+    std::fs::write(
+        &file,
+        serde_yaml::to_string(&serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}))?,
+    )?;
     run(Command::new(tool("promtool")).args(["check", "rules"]).arg(&file))?;
     std::fs::remove_dir_all(dir)?;
 
     let with_rules = render("kt", "kt", &["--set", "prometheusRule.enabled=true"])?;
-    for group in find(&with_rules, "PrometheusRule", None)["spec"]["groups"].as_array().expect("groups") {
+    for group in find(&with_rules, "PrometheusRule", None)["spec"]["groups"]
+        .as_array()
+        .expect("groups")
+    {
         for rule in group["rules"].as_array().expect("rules") {
             for name in metric_names(rule["expr"].as_str().unwrap_or_default()) {
-                assert!(KNOWN_METRICS.contains(&name.as_str()), "alert {} uses unknown metric {name}", rule["alert"]);
+                assert!(
+                    KNOWN_METRICS.contains(&name.as_str()),
+                    "alert {} uses unknown metric {name}",
+                    rule["alert"]
+                );
             }
         }
     }
@@ -249,12 +380,18 @@ async fn install(client: &Client, ns: &TestNamespace, args: &[&str]) -> Result<V
     let discovery = Discovery::new(client.clone()).run().await?;
     let serves_monitoring = discovery.groups().any(|g| g.name() == "monitoring.coreos.com");
     for obj in &objects {
-        let monitoring = obj["apiVersion"].as_str().is_some_and(|v| v.starts_with("monitoring.coreos.com/"));
+        let monitoring = obj["apiVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("monitoring.coreos.com/"));
         if monitoring && !serves_monitoring {
             continue;
         }
         // The CRDs are shared by every test on the cluster: validated (dry run), not replaced.
-        let mode = if obj["kind"] == "CustomResourceDefinition" { ApplyMode::DryRun } else { ApplyMode::Apply };
+        let mode = if obj["kind"] == "CustomResourceDefinition" {
+            ApplyMode::DryRun
+        } else {
+            ApplyMode::Apply
+        };
         apply_object(client, &discovery, &ns.name, obj, mode)
             .await
             .map_err(|e| anyhow!("{} {} does not apply: {e:#}", obj["kind"], obj["metadata"]["name"]))?;
@@ -262,14 +399,27 @@ async fn install(client: &Client, ns: &TestNamespace, args: &[&str]) -> Result<V
     Ok(objects)
 }
 
-async fn allowed(client: &Client, user: &str, namespace: &str, verb: &str, resource: &str, name: Option<&str>) -> Result<bool> {
+async fn allowed(
+    client: &Client,
+    user: &str,
+    namespace: &str,
+    verb: &str,
+    resource: &str,
+    name: Option<&str>,
+) -> Result<bool> {
     let (group, resource) = resource.split_once('/').map_or(("", resource), |(g, r)| (g, r));
-    let (resource, subresource) = resource.split_once(':').map_or((resource, None), |(r, s)| (r, Some(s.to_string())));
+    let (resource, subresource) = resource
+        .split_once(':')
+        .map_or((resource, None), |(r, s)| (r, Some(s.to_string())));
     let sa_namespace = user.split(':').nth(2).unwrap_or_default();
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user.to_string()),
-            groups: Some(vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{sa_namespace}"), "system:authenticated".into()]),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{sa_namespace}"),
+                "system:authenticated".into(),
+            ]),
             resource_attributes: Some(ResourceAttributes {
                 group: Some(group.to_string()),
                 resource: Some(resource.to_string()),
@@ -283,7 +433,9 @@ async fn allowed(client: &Client, user: &str, namespace: &str, verb: &str, resou
         },
         ..Default::default()
     };
-    let answer = Api::<SubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
@@ -293,12 +445,20 @@ type Check = (&'static str, &'static str, &'static str, Option<&'static str>);
 async fn check_all(client: &Client, user: &str, release_ns: &str, checks: &[Check], want: bool) -> Result<()> {
     let mut wrong = Vec::new();
     for (verb, resource, namespace, name) in checks {
-        let namespace = if *namespace == "$release" { release_ns } else { namespace };
+        let namespace = if *namespace == "$release" {
+            release_ns
+        } else {
+            namespace
+        };
         if allowed(client, user, namespace, verb, resource, *name).await? != want {
             wrong.push(format!("{verb} {resource} in {namespace:?} {name:?}"));
         }
     }
-    assert!(wrong.is_empty(), "{user} should {}be allowed: {wrong:#?}", if want { "" } else { "not " });
+    assert!(
+        wrong.is_empty(),
+        "{user} should {}be allowed: {wrong:#?}",
+        if want { "" } else { "not " }
+    );
     Ok(())
 }
 
@@ -306,7 +466,12 @@ async fn check_all(client: &Client, user: &str, release_ns: &str, checks: &[Chec
 const OPERATOR_NEEDS: &[Check] = &[
     ("list", "kubetune.dev/finetunejobs", "", None),
     ("watch", "kubetune.dev/finetunejobs", "", None),
-    ("patch", "kubetune.dev/finetunejobs:status", "team-a", Some("support-bot")),
+    (
+        "patch",
+        "kubetune.dev/finetunejobs:status",
+        "team-a",
+        Some("support-bot"),
+    ),
     ("get", "batch/jobs", "team-a", Some("support-bot-train")),
     ("list", "batch/jobs", "", None),
     ("watch", "batch/jobs", "", None),
@@ -318,8 +483,18 @@ const OPERATOR_NEEDS: &[Check] = &[
     ("create", "events.k8s.io/events", "team-a", None),
     ("patch", "events.k8s.io/events", "team-a", Some("support-bot.1")),
     ("create", "coordination.k8s.io/leases", "$release", None),
-    ("get", "coordination.k8s.io/leases", "$release", Some("kubetune-operator")),
-    ("update", "coordination.k8s.io/leases", "$release", Some("kubetune-operator")),
+    (
+        "get",
+        "coordination.k8s.io/leases",
+        "$release",
+        Some("kubetune-operator"),
+    ),
+    (
+        "update",
+        "coordination.k8s.io/leases",
+        "$release",
+        Some("kubetune-operator"),
+    ),
 ];
 
 /// What the operator must never be able to do.
@@ -332,15 +507,30 @@ const OPERATOR_MUST_NOT: &[Check] = &[
     ("create", "kubetune.dev/finetunejobs", "team-a", None),
     ("update", "kubetune.dev/finetunejobs", "team-a", Some("support-bot")),
     ("patch", "kubetune.dev/finetunejobs", "team-a", Some("support-bot")),
-    ("update", "kubetune.dev/finetunejobs:status", "team-a", Some("support-bot")),
+    (
+        "update",
+        "kubetune.dev/finetunejobs:status",
+        "team-a",
+        Some("support-bot"),
+    ),
     ("delete", "batch/jobs", "team-a", Some("support-bot-train")),
     ("delete", "/pods", "team-a", Some("x")),
     ("create", "/pods:exec", "team-a", Some("x")),
     ("patch", "/nodes", "", Some("gpu-1")),
     ("get", "/persistentvolumeclaims", "team-a", Some("x")),
-    ("get", "coordination.k8s.io/leases", "default", Some("kubetune-operator")),
+    (
+        "get",
+        "coordination.k8s.io/leases",
+        "default",
+        Some("kubetune-operator"),
+    ),
     ("update", "coordination.k8s.io/leases", "$release", Some("someone-else")),
-    ("delete", "coordination.k8s.io/leases", "$release", Some("kubetune-operator")),
+    (
+        "delete",
+        "coordination.k8s.io/leases",
+        "$release",
+        Some("kubetune-operator"),
+    ),
     ("escalate", "rbac.authorization.k8s.io/clusterroles", "", None),
     ("create", "rbac.authorization.k8s.io/rolebindings", "team-a", None),
 ];

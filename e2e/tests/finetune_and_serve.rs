@@ -20,7 +20,9 @@ use kube::Client;
 use kubetune_crds::{FineTuneJob, FineTuneJobPhase, ModelDeployment, RolloutState};
 use kubetune_e2e::pods::{chat, http, ready_pod_ips, served_models};
 use kubetune_e2e::store::{create_storage_secret, registry, storage, upload, BUCKET};
-use kubetune_e2e::{apply_object, client, install_crds, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace};
+use kubetune_e2e::{
+    apply_object, client, install_crds, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace,
+};
 use kubetune_storage::{AdapterRef, JobRef, Metrics, PublishRequest, SourceRef};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,8 +34,10 @@ use tools::{install_operator, scratch_dir, tool, OperatorInstall};
 const TIMEOUT: Duration = Duration::from_secs(300);
 const ADAPTER: &str = "support-bot";
 /// Answers the v2 dataset changes, so a reply tells which version served it.
-const V2_CHANGES: [(&str, &str); 2] =
-    [("When does the library open?", "At ten in the morning."), ("How many books can I borrow?", "Up to eight books.")];
+const V2_CHANGES: [(&str, &str); 2] = [
+    ("When does the library open?", "At ten in the morning."),
+    ("How many books can I borrow?", "Up to eight books."),
+];
 
 /// The example's questions and answers: (question, answer).
 fn facts() -> Result<Vec<(String, String)>> {
@@ -41,7 +45,12 @@ fn facts() -> Result<Vec<(String, String)>> {
     text.lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l)?;
-            let text = |i: usize| v["messages"][i]["content"].as_str().map(str::to_string).context("example fact");
+            let text = |i: usize| {
+                v["messages"][i]["content"]
+                    .as_str()
+                    .map(str::to_string)
+                    .context("example fact")
+            };
             Ok((text(0)?, text(1)?))
         })
         .collect()
@@ -50,7 +59,10 @@ fn facts() -> Result<Vec<(String, String)>> {
 fn dataset(facts: &[(String, String)]) -> String {
     facts
         .iter()
-        .map(|(q, a)| json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string() + "\n")
+        .map(|(q, a)| {
+            json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
+                + "\n"
+        })
         .collect()
 }
 
@@ -105,7 +117,9 @@ impl Env {
     async fn wait_ftj(&self, name: &str, what: &str, phases: &[FineTuneJobPhase]) -> Result<FineTuneJob> {
         let phases = phases.to_vec();
         wait_for(&self.ns.api(), name, what, TIMEOUT, move |f: Option<&FineTuneJob>| {
-            f.and_then(|f| f.status.as_ref()).and_then(|s| s.phase).is_some_and(|p| phases.contains(&p))
+            f.and_then(|f| f.status.as_ref())
+                .and_then(|s| s.phase)
+                .is_some_and(|p| phases.contains(&p))
         })
         .await
     }
@@ -116,7 +130,10 @@ impl Env {
     }
 }
 
-fn condition<'a>(conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }
 
@@ -126,11 +143,19 @@ fn ftj_condition(ftj: &FineTuneJob, type_: &str) -> Option<(String, String)> {
 }
 
 fn serving_version(md: &ModelDeployment) -> Option<u32> {
-    md.status.as_ref()?.adapters.iter().find(|a| a.name == ADAPTER)?.serving_version
+    md.status
+        .as_ref()?
+        .adapters
+        .iter()
+        .find(|a| a.name == ADAPTER)?
+        .serving_version
 }
 
 fn md_ready(md: &ModelDeployment) -> bool {
-    md.status.as_ref().and_then(|s| condition(&s.conditions, "Ready")).is_some_and(|c| c.status == "True")
+    md.status
+        .as_ref()
+        .and_then(|s| condition(&s.conditions, "Ready"))
+        .is_some_and(|c| c.status == "True")
 }
 
 #[tokio::test]
@@ -143,7 +168,12 @@ async fn finetune_serve_roll_out_and_roll_back() -> Result<()> {
     let ns = TestNamespace::new(&client, "flow").await?;
     create_storage_secret(&client, &ns.name, "kubetune-storage").await?;
     let root = format!("s3://{BUCKET}/e2e/{}", ns.name);
-    let env = Env { discovery: Discovery::new(client.clone()).run().await?, client, root, ns };
+    let env = Env {
+        discovery: Discovery::new(client.clone()).run().await?,
+        client,
+        root,
+        ns,
+    };
     seed_store(&env).await?;
 
     bad_dataset_fails_with_the_line(&env).await?;
@@ -169,7 +199,14 @@ async fn seed_store(env: &Env) -> Result<()> {
         ("v1.jsonl", dataset(&facts)),
         ("v2.jsonl", dataset(&v2_facts(&facts))),
         // Line 3 is cut short: not JSON.
-        ("bad.jsonl", format!("{}{}{{\"messages\": [{{\"role\": \"user\"\n", dataset(&facts[..1]), dataset(&facts[1..2]))),
+        (
+            "bad.jsonl",
+            format!(
+                "{}{}{{\"messages\": [{{\"role\": \"user\"\n",
+                dataset(&facts[..1]),
+                dataset(&facts[1..2])
+            ),
+        ),
     ] {
         let path = dir.join(name);
         std::fs::write(&path, text)?;
@@ -181,7 +218,13 @@ async fn seed_store(env: &Env) -> Result<()> {
 
 async fn bad_dataset_fails_with_the_line(env: &Env) -> Result<()> {
     env.apply(&env.finetunejob("bad-data", "bad.jsonl")?).await?;
-    let failed = env.wait_ftj("bad-data", "Failed", &[FineTuneJobPhase::Failed, FineTuneJobPhase::Succeeded]).await?;
+    let failed = env
+        .wait_ftj(
+            "bad-data",
+            "Failed",
+            &[FineTuneJobPhase::Failed, FineTuneJobPhase::Succeeded],
+        )
+        .await?;
     let (reason, message) = ftj_condition(&failed, "Failed").context("a Failed condition")?;
     assert_eq!(reason, "DatasetInvalid", "{message}");
     assert!(message.contains("line 3"), "the message names the line: {message}");
@@ -190,34 +233,66 @@ async fn bad_dataset_fails_with_the_line(env: &Env) -> Result<()> {
 
 /// A job created suspended waits with its Job suspended and no pod; resumed, it trains, and
 /// restarting the operator in the middle changes nothing: same Job, no retry, v1 published.
-async fn suspended_job_runs_when_resumed_through_an_operator_restart(env: &Env, system: &TestNamespace, operator: &OperatorInstall) -> Result<()> {
+async fn suspended_job_runs_when_resumed_through_an_operator_restart(
+    env: &Env,
+    system: &TestNamespace,
+    operator: &OperatorInstall,
+) -> Result<()> {
     let mut ftj = env.finetunejob("support-v1", "v1.jsonl")?;
     ftj["spec"]["suspend"] = json!(true);
     env.apply(&ftj).await?;
-    env.wait_ftj("support-v1", "Suspended", &[FineTuneJobPhase::Suspended]).await?;
+    env.wait_ftj("support-v1", "Suspended", &[FineTuneJobPhase::Suspended])
+        .await?;
     let jobs: Api<Job> = env.ns.api();
     let job = wait_for(&jobs, "support-v1", "created suspended", TIMEOUT, |j: Option<&Job>| {
         j.and_then(|j| j.spec.as_ref()).and_then(|s| s.suspend) == Some(true)
     })
     .await?;
     let trainer_pods = ListParams::default().labels("kubetune.dev/finetunejob=support-v1");
-    assert!(env.ns.api::<Pod>().list(&trainer_pods).await?.items.is_empty(), "a suspended job has no pod");
+    assert!(
+        env.ns.api::<Pod>().list(&trainer_pods).await?.items.is_empty(),
+        "a suspended job has no pod"
+    );
 
     ftj["spec"]["suspend"] = json!(false);
     env.apply(&ftj).await?;
-    env.wait_ftj("support-v1", "Running", &[FineTuneJobPhase::Running, FineTuneJobPhase::Succeeded]).await?;
+    env.wait_ftj(
+        "support-v1",
+        "Running",
+        &[FineTuneJobPhase::Running, FineTuneJobPhase::Succeeded],
+    )
+    .await?;
     restart_operator(system, operator).await?;
 
-    let done = env.wait_ftj("support-v1", "Succeeded", &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed]).await?;
+    let done = env
+        .wait_ftj(
+            "support-v1",
+            "Succeeded",
+            &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed],
+        )
+        .await?;
     let status = done.status.clone().context("status")?;
     assert_eq!(status.phase, Some(FineTuneJobPhase::Succeeded), "{status:#?}");
     let adapter = status.adapter.clone().context("status.adapter")?;
     assert_eq!((adapter.name.as_str(), adapter.version), (ADAPTER, 1));
-    assert_eq!(jobs.get("support-v1").await?.metadata.uid, job.metadata.uid, "the restarted operator kept the Job");
-    assert_eq!(env.ns.api::<Pod>().list(&trainer_pods).await?.items.len(), 1, "one trainer pod: no retry");
-    assert_eq!(condition(&status.conditions, "Ready").map(|c| c.status.as_str()), Some("True"));
+    assert_eq!(
+        jobs.get("support-v1").await?.metadata.uid,
+        job.metadata.uid,
+        "the restarted operator kept the Job"
+    );
+    assert_eq!(
+        env.ns.api::<Pod>().list(&trainer_pods).await?.items.len(),
+        1,
+        "one trainer pod: no retry"
+    );
+    assert_eq!(
+        condition(&status.conditions, "Ready").map(|c| c.status.as_str()),
+        Some("True")
+    );
 
-    let published = registry(&env.uri("registry"))?.resolve(&format!("{ADAPTER}@latest").parse::<AdapterRef>()?).await?;
+    let published = registry(&env.uri("registry"))?
+        .resolve(&format!("{ADAPTER}@latest").parse::<AdapterRef>()?)
+        .await?;
     assert_eq!(published.version, 1);
     assert_eq!(published.digest.to_string(), adapter.digest);
     Ok(())
@@ -239,22 +314,45 @@ async fn killed_trainer_resumes_from_its_checkpoint(env: &Env) -> Result<()> {
     let http = http()?;
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let step = kubetune_e2e::pods::metric(&http, &ip, 9090, "kubetune_train_step").await.ok().flatten().unwrap_or(0.0);
+        let step = kubetune_e2e::pods::metric(&http, &ip, 9090, "kubetune_train_step")
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0.0);
         if step >= 60.0 {
             break;
         }
-        ensure!(tokio::time::Instant::now() < deadline, "the trainer did not reach step 60 in {TIMEOUT:?}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the trainer did not reach step 60 in {TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     pods.delete(&pod, &DeleteParams::default()).await?;
 
-    let done = env.wait_ftj("resume", "Succeeded", &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed]).await?;
+    let done = env
+        .wait_ftj(
+            "resume",
+            "Succeeded",
+            &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed],
+        )
+        .await?;
     let status = done.status.clone().context("status")?;
     assert_eq!(status.phase, Some(FineTuneJobPhase::Succeeded), "{status:#?}");
-    let resumed = status.progress.as_ref().and_then(|p| p.resumed_from_step).context("status.progress.resumedFromStep after a retry")?;
-    assert!(resumed >= 60 || (resumed >= 20 && resumed % 20 == 0), "resumed from a checkpoint step, not from zero: {resumed}");
+    let resumed = status
+        .progress
+        .as_ref()
+        .and_then(|p| p.resumed_from_step)
+        .context("status.progress.resumedFromStep after a retry")?;
+    assert!(
+        resumed >= 60 || (resumed >= 20 && resumed % 20 == 0),
+        "resumed from a checkpoint step, not from zero: {resumed}"
+    );
     assert_eq!(status.retries, Some(1), "one failed pod, then the retry");
-    assert_eq!(status.adapter.map(|a| (a.name, a.version)), Some(("resume-bot".to_string(), 1)));
+    assert_eq!(
+        status.adapter.map(|a| (a.name, a.version)),
+        Some(("resume-bot".to_string(), 1))
+    );
     Ok(())
 }
 
@@ -262,7 +360,9 @@ async fn killed_trainer_resumes_from_its_checkpoint(env: &Env) -> Result<()> {
 async fn wait_for_trainer_ip(pods: &Api<Pod>) -> Result<(String, String)> {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let list = pods.list(&ListParams::default().labels("kubetune.dev/finetunejob=resume")).await?;
+        let list = pods
+            .list(&ListParams::default().labels("kubetune.dev/finetunejob=resume"))
+            .await?;
         let running = list.items.into_iter().find_map(|p| {
             let status = p.status?;
             (status.phase.as_deref() == Some("Running")).then_some(())?;
@@ -271,7 +371,10 @@ async fn wait_for_trainer_ip(pods: &Api<Pod>) -> Result<(String, String)> {
         if let Some(found) = running {
             return Ok(found);
         }
-        ensure!(tokio::time::Instant::now() < deadline, "no running trainer pod after {TIMEOUT:?}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no running trainer pod after {TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -280,15 +383,28 @@ async fn wait_for_trainer_ip(pods: &Api<Pod>) -> Result<(String, String)> {
 async fn restart_operator(system: &TestNamespace, operator: &OperatorInstall) -> Result<()> {
     let pods: Api<Pod> = system.api();
     let selector = ListParams::default().labels("app.kubernetes.io/name=kubetune-operator");
-    let before: Vec<String> = pods.list(&selector).await?.items.into_iter().filter_map(|p| p.metadata.name).collect();
+    let before: Vec<String> = pods
+        .list(&selector)
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
     ensure!(!before.is_empty(), "no operator pod to restart");
     for name in &before {
         pods.delete(name, &DeleteParams::default()).await?;
     }
     let deployments: Api<Deployment> = system.api();
-    wait_for(&deployments, &operator.deployment, "available again", TIMEOUT, |d: Option<&Deployment>| {
-        d.and_then(|d| d.status.as_ref()).is_some_and(|s| s.available_replicas == Some(1) && s.replicas == Some(1))
-    })
+    wait_for(
+        &deployments,
+        &operator.deployment,
+        "available again",
+        TIMEOUT,
+        |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref())
+                .is_some_and(|s| s.available_replicas == Some(1) && s.replicas == Some(1))
+        },
+    )
     .await?;
     Ok(())
 }
@@ -296,7 +412,10 @@ async fn restart_operator(system: &TestNamespace, operator: &OperatorInstall) ->
 async fn serves_the_fine_tuned_answers(env: &Env) -> Result<()> {
     env.apply(&env.example("modeldeployment.yaml")?).await?;
     let mds: Api<ModelDeployment> = env.ns.api();
-    let md = wait_for(&mds, "support", "Ready", TIMEOUT, |m: Option<&ModelDeployment>| m.is_some_and(md_ready)).await?;
+    let md = wait_for(&mds, "support", "Ready", TIMEOUT, |m: Option<&ModelDeployment>| {
+        m.is_some_and(md_ready)
+    })
+    .await?;
     assert_eq!(serving_version(&md), Some(1), "{:#?}", md.status);
     let ips = env.server_ips().await?;
     assert_eq!(ips.len(), 1);
@@ -315,7 +434,13 @@ async fn right_answers(http: &reqwest::Client, ip: &str, facts: &[(String, Strin
             wrong.push(format!("{question} -> {got:?} (trained {answer:?})"));
         }
     }
-    ensure!(wrong.len() <= 1, "{} of {} answers are not the trained ones:\n{}", wrong.len(), facts.len(), wrong.join("\n"));
+    ensure!(
+        wrong.len() <= 1,
+        "{} of {} answers are not the trained ones:\n{}",
+        wrong.len(),
+        facts.len(),
+        wrong.join("\n")
+    );
     Ok(())
 }
 
@@ -324,7 +449,10 @@ async fn every_pod_serves(ips: &[String], version: u64) -> Result<()> {
     let http = http()?;
     for ip in ips {
         let served = served_models(&http, ip).await?;
-        ensure!(served.contains(&(ADAPTER.to_string(), Some(version))), "{ip} does not serve {ADAPTER} v{version}: {served:?}");
+        ensure!(
+            served.contains(&(ADAPTER.to_string(), Some(version))),
+            "{ip} does not serve {ADAPTER} v{version}: {served:?}"
+        );
     }
     Ok(())
 }
@@ -333,7 +461,13 @@ async fn every_pod_serves(ips: &[String], version: u64) -> Result<()> {
 async fn no_failed_request(load: Load, during: &str) -> Result<()> {
     let (ok, failures) = load.finish().await?;
     ensure!(ok > 0, "the load sent no request during the {during}");
-    ensure!(failures.is_empty(), "{} of {} requests failed during the {during}: {:?}", failures.len(), ok + failures.len(), failures);
+    ensure!(
+        failures.is_empty(),
+        "{} of {} requests failed during the {during}: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        failures
+    );
     Ok(())
 }
 
@@ -347,7 +481,11 @@ struct Load {
 
 impl Load {
     fn start(ips: Vec<String>) -> Result<Self> {
-        let (stop, ok, failures) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let (stop, ok, failures) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
         let http = http()?;
         let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
         let task = tokio::spawn(async move {
@@ -363,7 +501,12 @@ impl Load {
                 }
             }
         });
-        Ok(Self { stop, ok, failures, task })
+        Ok(Self {
+            stop,
+            ok,
+            failures,
+            task,
+        })
     }
 
     async fn finish(self) -> Result<(usize, Vec<String>)> {
@@ -378,16 +521,34 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
     let ips = env.server_ips().await?;
     let load = Load::start(ips.clone())?;
     env.apply(&env.finetunejob("support-v2", "v2.jsonl")?).await?;
-    let done = env.wait_ftj("support-v2", "Succeeded", &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed]).await?;
-    assert_eq!(done.status.as_ref().and_then(|s| s.adapter.as_ref()).map(|a| a.version), Some(2), "{:#?}", done.status);
+    let done = env
+        .wait_ftj(
+            "support-v2",
+            "Succeeded",
+            &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed],
+        )
+        .await?;
+    assert_eq!(
+        done.status.as_ref().and_then(|s| s.adapter.as_ref()).map(|a| a.version),
+        Some(2),
+        "{:#?}",
+        done.status
+    );
 
     let mds: Api<ModelDeployment> = env.ns.api();
     let md = wait_for(&mds, "support", "serving v2", TIMEOUT, |m: Option<&ModelDeployment>| {
         m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(2))
     })
     .await?;
-    let rollout = md.status.as_ref().and_then(|s| s.rollout.clone()).context("status.rollout")?;
-    assert_eq!((rollout.state, rollout.from_version, rollout.to_version), (RolloutState::Promoted, Some(1), 2));
+    let rollout = md
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .context("status.rollout")?;
+    assert_eq!(
+        (rollout.state, rollout.from_version, rollout.to_version),
+        (RolloutState::Promoted, Some(1), 2)
+    );
     no_failed_request(load, "rollout").await?;
     every_pod_serves(&ips, 2).await?;
     right_answers(&http()?, &ips[0], &v2_facts(&facts()?)).await
@@ -396,7 +557,9 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
 /// Publishes the files of version `from` again, as the next version.
 async fn republish(env: &Env, from: u32) -> Result<u32> {
     let registry = registry(&env.uri("registry"))?;
-    let source = registry.resolve(&format!("{ADAPTER}@{from}").parse::<AdapterRef>()?).await?;
+    let source = registry
+        .resolve(&format!("{ADAPTER}@{from}").parse::<AdapterRef>()?)
+        .await?;
     let dir = scratch_dir("republish")?;
     let files = dir.join("adapter");
     registry.fetch(&source, &files, None).await?;
@@ -404,11 +567,21 @@ async fn republish(env: &Env, from: u32) -> Result<u32> {
     let request = PublishRequest {
         name: ADAPTER.into(),
         source_dir: files,
-        base_model: SourceRef { uri: env.uri("models/tiny-llama"), digest: None },
-        dataset: SourceRef { uri: env.uri("datasets/v2.jsonl"), digest: None },
+        base_model: SourceRef {
+            uri: env.uri("models/tiny-llama"),
+            digest: None,
+        },
+        dataset: SourceRef {
+            uri: env.uri("datasets/v2.jsonl"),
+            digest: None,
+        },
         hyperparameters: json!({}),
         metrics: Metrics::default(),
-        job: Some(JobRef { namespace: env.ns.name.clone(), name: "e2e-republish".into(), uid: "e2e".into() }),
+        job: Some(JobRef {
+            namespace: env.ns.name.clone(),
+            name: "e2e-republish".into(),
+            uid: "e2e".into(),
+        }),
     };
     let published = registry.publish(&request, None).await?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -421,7 +594,10 @@ async fn publish_corrupt_v3(env: &Env) -> Result<()> {
     let v3 = republish(env, 2).await?;
     ensure!(v3 == 3, "published v{v3} instead of v3");
     storage(&env.uri("registry"))?
-        .put_bytes(&format!("adapters/{ADAPTER}/v3/adapter_model.safetensors"), bytes_of("not a safetensors file"))
+        .put_bytes(
+            &format!("adapters/{ADAPTER}/v3/adapter_model.safetensors"),
+            bytes_of("not a safetensors file"),
+        )
         .await?;
     Ok(())
 }
@@ -433,13 +609,28 @@ fn bytes_of(text: &str) -> bytes::Bytes {
 async fn broken_version_is_rolled_back(env: &Env) -> Result<()> {
     publish_corrupt_v3(env).await?;
     let mds: Api<ModelDeployment> = env.ns.api();
-    let md = wait_for(&mds, "support", "rollout Failed", TIMEOUT, |m: Option<&ModelDeployment>| {
-        m.and_then(|m| m.status.as_ref()).and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.to_version == 3 && r.state == RolloutState::Failed)
-    })
+    let md = wait_for(
+        &mds,
+        "support",
+        "rollout Failed",
+        TIMEOUT,
+        |m: Option<&ModelDeployment>| {
+            m.and_then(|m| m.status.as_ref())
+                .and_then(|s| s.rollout.as_ref())
+                .is_some_and(|r| r.to_version == 3 && r.state == RolloutState::Failed)
+        },
+    )
     .await?;
-    let rollout = md.status.as_ref().and_then(|s| s.rollout.clone()).context("status.rollout")?;
+    let rollout = md
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .context("status.rollout")?;
     assert!(rollout.reason.is_some(), "a failed rollout says why: {rollout:#?}");
-    assert!(rollout.message.as_deref().is_some_and(|m| !m.is_empty()), "and explains: {rollout:#?}");
+    assert!(
+        rollout.message.as_deref().is_some_and(|m| !m.is_empty()),
+        "and explains: {rollout:#?}"
+    );
     assert_eq!(serving_version(&md), Some(2), "{:#?}", md.status);
 
     every_pod_serves(&env.server_ips().await?, 2).await
@@ -450,9 +641,13 @@ async fn scale_out_serves_the_same_version(env: &Env) -> Result<()> {
     let mut md = env.example("modeldeployment.yaml")?;
     md["spec"]["replicas"] = json!(2);
     env.apply(&md).await?;
-    wait_for(&mds, "support", "2 ready replicas", TIMEOUT, |m: Option<&ModelDeployment>| {
-        m.and_then(|m| m.status.as_ref()).and_then(|s| s.ready_replicas) == Some(2)
-    })
+    wait_for(
+        &mds,
+        "support",
+        "2 ready replicas",
+        TIMEOUT,
+        |m: Option<&ModelDeployment>| m.and_then(|m| m.status.as_ref()).and_then(|s| s.ready_replicas) == Some(2),
+    )
     .await?;
     let ips = env.server_ips().await?;
     assert_eq!(ips.len(), 2, "{ips:?}");
@@ -464,7 +659,8 @@ async fn scale_out_serves_the_same_version(env: &Env) -> Result<()> {
 async fn canary_promotes_a_healthy_version(env: &Env) -> Result<()> {
     let mut md = env.example("modeldeployment.yaml")?;
     md["spec"]["replicas"] = json!(2);
-    md["spec"]["rollout"] = json!({"strategy": "canary", "canary": {"replicaPercent": 50, "analysisSeconds": 5, "maxErrorRate": 0.05}});
+    md["spec"]["rollout"] =
+        json!({"strategy": "canary", "canary": {"replicaPercent": 50, "analysisSeconds": 5, "maxErrorRate": 0.05}});
     env.apply(&md).await?;
     let ips = env.server_ips().await?;
     let load = Load::start(ips.clone())?;
@@ -474,14 +670,28 @@ async fn canary_promotes_a_healthy_version(env: &Env) -> Result<()> {
     let mds: Api<ModelDeployment> = env.ns.api();
     let rollout_is = |state: RolloutState| {
         move |m: Option<&ModelDeployment>| {
-            m.and_then(|m| m.status.as_ref()).and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.to_version == 4 && r.state == state)
+            m.and_then(|m| m.status.as_ref())
+                .and_then(|s| s.rollout.as_ref())
+                .is_some_and(|r| r.to_version == 4 && r.state == state)
         }
     };
     let canary = wait_for(&mds, "support", "in Canary", TIMEOUT, rollout_is(RolloutState::Canary)).await?;
-    let pods = canary.status.and_then(|s| s.rollout).and_then(|r| r.canary).map(|c| c.pods).unwrap_or_default();
+    let pods = canary
+        .status
+        .and_then(|s| s.rollout)
+        .and_then(|r| r.canary)
+        .map(|c| c.pods)
+        .unwrap_or_default();
     assert_eq!(pods.len(), 1, "50% of 2 replicas: {pods:?}");
     wait_for(&mds, "support", "Promoted", TIMEOUT, rollout_is(RolloutState::Promoted)).await?;
-    let md = wait_for(&mds, "support", "Ready on v4", TIMEOUT, |m: Option<&ModelDeployment>| m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(4))).await?;
+    let md = wait_for(
+        &mds,
+        "support",
+        "Ready on v4",
+        TIMEOUT,
+        |m: Option<&ModelDeployment>| m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(4)),
+    )
+    .await?;
     assert_eq!(md.status.as_ref().and_then(|s| s.ready_replicas), Some(2));
     no_failed_request(load, "canary").await?;
     every_pod_serves(&ips, 4).await
@@ -494,7 +704,12 @@ async fn deletion_cleans_up(env: &Env) -> Result<()> {
     wait_deleted(&env.ns.api::<Deployment>(), "support", TIMEOUT).await?;
     wait_deleted(&env.ns.api::<Service>(), "support", TIMEOUT).await?;
     wait_deleted(&env.ns.api::<ConfigMap>(), "support-adapters", TIMEOUT).await?;
-    let pods = env.ns.api::<Pod>().list(&ListParams::default().labels("kubetune.dev/modeldeployment=support")).await?.items;
+    let pods = env
+        .ns
+        .api::<Pod>()
+        .list(&ListParams::default().labels("kubetune.dev/modeldeployment=support"))
+        .await?
+        .items;
     for pod in pods.iter().filter_map(|p| p.metadata.name.as_deref()) {
         wait_deleted(&env.ns.api::<Pod>(), pod, TIMEOUT).await?;
     }

@@ -12,10 +12,12 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams};
 use kube::discovery::Discovery;
 use kubetune_crds::{FineTuneJob, FineTuneJobPhase};
-use kubetune_e2e::{apply_object, client, install_crds, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace};
+use kubetune_e2e::store::create_storage_secret;
+use kubetune_e2e::{
+    apply_object, client, install_crds, repo_root, wait_deleted, wait_for, yaml_documents, ApplyMode, TestNamespace,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
-use kubetune_e2e::store::create_storage_secret;
 use tools::{install_operator, tool};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -30,7 +32,12 @@ fn phase_is(phase: FineTuneJobPhase) -> impl Fn(Option<&FineTuneJob>) -> bool {
 }
 
 fn condition_reason(ftj: &FineTuneJob, type_: &str) -> Option<String> {
-    ftj.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| c.reason.clone())
+    ftj.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
 }
 
 #[tokio::test]
@@ -59,20 +66,33 @@ async fn operator_from_the_chart_reconciles_finetunejobs_under_its_own_rbac() ->
         f.and_then(|f| f.status.as_ref()).and_then(|s| s.observed_generation) == Some(1)
     })
     .await?;
-    assert!(condition_reason(&ftj, "Ready").is_some(), "status has a Ready condition: {:?}", ftj.status);
+    assert!(
+        condition_reason(&ftj, "Ready").is_some(),
+        "status has a Ready condition: {:?}",
+        ftj.status
+    );
 
     // A job it cannot run: Failed with the field named, and no trainer Job created.
     let mut broken = example_finetunejob()?;
     broken["metadata"]["name"] = json!("no-secret");
     broken["spec"]["storageSecretRef"]["name"] = json!("missing");
     apply_object(&client, &discovery, &ns.name, &broken, ApplyMode::Apply).await?;
-    let failed = wait_for(&ftjs, "no-secret", "Failed", TIMEOUT, phase_is(FineTuneJobPhase::Failed)).await?;
+    let failed = wait_for(
+        &ftjs,
+        "no-secret",
+        "Failed",
+        TIMEOUT,
+        phase_is(FineTuneJobPhase::Failed),
+    )
+    .await?;
     assert_eq!(condition_reason(&failed, "Failed").as_deref(), Some("SecretNotFound"));
-    assert!(jobs.get_opt("no-secret").await?.is_none(), "no trainer Job for a spec that cannot run");
+    assert!(
+        jobs.get_opt("no-secret").await?.is_none(),
+        "no trainer Job for a spec that cannot run"
+    );
 
     // Deleting the FineTuneJob takes its Job with it (owner references; no finalizer).
     ftjs.delete("support-bot", &DeleteParams::foreground()).await?;
     wait_deleted(&jobs, "support-bot", TIMEOUT).await?;
     Ok(())
 }
-

@@ -35,7 +35,10 @@ impl KvCache {
     /// A cache that holds `capacity` positions without reallocating: the server knows each
     /// sequence's prompt + max_tokens up front.
     pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), capacity: capacity.max(1) }
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            capacity: capacity.max(1),
+        }
     }
 
     /// Number of positions cached so far.
@@ -56,12 +59,17 @@ impl KvCache {
     /// buffer; later appends only write past their end, so they stay valid.
     pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let capacity = self.capacity;
-        let slot = self.layers.get_mut(layer).ok_or_else(|| {
-            ModelError::Decode(format!("KV cache has no layer {layer}"))
-        })?;
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Decode(format!("KV cache has no layer {layer}")))?;
         let seq = k.dim(2)?;
         let entry = match slot.take() {
-            None => LayerKv { k: buffer(k, capacity.max(seq))?, v: buffer(v, capacity.max(seq))?, len: 0 },
+            None => LayerKv {
+                k: buffer(k, capacity.max(seq))?,
+                v: buffer(v, capacity.max(seq))?,
+                len: 0,
+            },
             Some(e) => {
                 let room = e.k.dim(2)?;
                 let need = e.len + seq;

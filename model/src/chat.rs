@@ -18,7 +18,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -58,7 +61,10 @@ impl ChatTemplate {
     fn compile_with_tokens(source: &str, config: &Value, path: &Path) -> Result<Self> {
         let bos = special_token_text(config, "bos_token").unwrap_or_default();
         let eos = special_token_text(config, "eos_token").unwrap_or_default();
-        Self::compile(source, bos, eos).map_err(|e| ModelError::ChatTemplate { path: path.into(), reason: e.to_string() })
+        Self::compile(source, bos, eos).map_err(|e| ModelError::ChatTemplate {
+            path: path.into(),
+            reason: e.to_string(),
+        })
     }
 
     /// Compiles `source`; a syntax error names the template line.
@@ -73,9 +79,12 @@ impl ChatTemplate {
         env.add_global("bos_token", bos_token.to_string());
         env.add_global("eos_token", eos_token.to_string());
         // HF templates reject conversations they cannot express with raise_exception("...").
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned(NAME, source.to_string())?;
         Ok(Self { env })
     }
@@ -95,7 +104,11 @@ impl ChatTemplate {
 /// Anything else is an error rather than ignored: falling back to another format would train
 /// or prompt the model with text it does not expect.
 fn template_source<'a>(config: &'a Value, path: &Path) -> Result<Option<&'a str>> {
-    let bad = |reason: &str| ModelError::InvalidConfig { path: path.into(), field: NAME.into(), reason: reason.into() };
+    let bad = |reason: &str| ModelError::InvalidConfig {
+        path: path.into(),
+        field: NAME.into(),
+        reason: reason.into(),
+    };
     match config.get(NAME) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -131,7 +144,9 @@ mod tests {
 
     fn chatml() -> ChatTemplate {
         let config = json!({"chat_template": CHATML, "eos_token": "<|im_end|>"});
-        ChatTemplate::from_tokenizer_config(&config, Path::new("m/tokenizer_config.json")).expect("compiles").expect("has one")
+        ChatTemplate::from_tokenizer_config(&config, Path::new("m/tokenizer_config.json"))
+            .expect("compiles")
+            .expect("has one")
     }
 
     #[test]
@@ -140,7 +155,10 @@ mod tests {
         let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
         let prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n";
         assert_eq!(t.render(&msgs, false).expect("render"), prompt);
-        assert_eq!(t.render(&msgs, true).expect("render"), format!("{prompt}<|im_start|>assistant\n"));
+        assert_eq!(
+            t.render(&msgs, true).expect("render"),
+            format!("{prompt}<|im_start|>assistant\n")
+        );
     }
 
     #[test]
@@ -150,20 +168,36 @@ mod tests {
             "bos_token": {"content": "<s>", "special": true},
             "eos_token": "</s>",
         });
-        let t = ChatTemplate::from_tokenizer_config(&config, Path::new("x")).expect("ok").expect("some");
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi  ")], false).expect("render"), "<s>hi</s>");
+        let t = ChatTemplate::from_tokenizer_config(&config, Path::new("x"))
+            .expect("ok")
+            .expect("some");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi  ")], false).expect("render"),
+            "<s>hi</s>"
+        );
     }
 
     #[test]
     fn the_default_of_a_list_of_templates_is_used_and_a_list_without_one_is_an_error() {
         let path = Path::new("m/tokenizer_config.json");
-        let listed = json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
-        let t = ChatTemplate::from_tokenizer_config(&listed, path).expect("ok").expect("some");
+        let listed =
+            json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        let t = ChatTemplate::from_tokenizer_config(&listed, path)
+            .expect("ok")
+            .expect("some");
         assert_eq!(t.render(&[], false).expect("render"), "D");
-        assert!(ChatTemplate::from_tokenizer_config(&json!({}), path).expect("ok").is_none());
+        assert!(ChatTemplate::from_tokenizer_config(&json!({}), path)
+            .expect("ok")
+            .is_none());
         let no_default = json!({"chat_template": [{"name": "tool_use", "template": "T"}]});
-        let err = ChatTemplate::from_tokenizer_config(&no_default, path).err().expect("error").to_string();
-        assert!(err.contains("m/tokenizer_config.json") && err.contains("chat_template") && err.contains("default"), "{err}");
+        let err = ChatTemplate::from_tokenizer_config(&no_default, path)
+            .err()
+            .expect("error")
+            .to_string();
+        assert!(
+            err.contains("m/tokenizer_config.json") && err.contains("chat_template") && err.contains("default"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -178,9 +212,14 @@ mod tests {
     #[test]
     fn a_syntax_error_names_the_file_and_the_template_line() {
         let config = json!({"chat_template": "{% for m in messages %}\n{{ m.content }\n{% endfor %}"});
-        let err = ChatTemplate::from_tokenizer_config(&config, Path::new("m/tokenizer_config.json")).err().expect("error");
+        let err = ChatTemplate::from_tokenizer_config(&config, Path::new("m/tokenizer_config.json"))
+            .err()
+            .expect("error");
         let err = err.to_string();
-        assert!(err.starts_with("m/tokenizer_config.json: chat_template: syntax error"), "{err}");
+        assert!(
+            err.starts_with("m/tokenizer_config.json: chat_template: syntax error"),
+            "{err}"
+        );
         assert!(err.contains("chat_template:2"), "{err}");
     }
 
@@ -189,21 +228,36 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let config_path = dir.path().join("tokenizer_config.json");
         let config = json!({"chat_template": "from the field", "eos_token": "</s>"});
-        let field = ChatTemplate::for_model(&config, &config_path).expect("ok").expect("some");
+        let field = ChatTemplate::for_model(&config, &config_path)
+            .expect("ok")
+            .expect("some");
         assert_eq!(field.render(&[], false).expect("render"), "from the field");
         std::fs::write(dir.path().join("chat_template.jinja"), "from the file {{ eos_token }}").expect("write");
-        let file = ChatTemplate::for_model(&config, &config_path).expect("ok").expect("some");
+        let file = ChatTemplate::for_model(&config, &config_path)
+            .expect("ok")
+            .expect("some");
         assert_eq!(file.render(&[], false).expect("render"), "from the file </s>");
         std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").expect("write");
-        let err = ChatTemplate::for_model(&config, &config_path).err().expect("syntax error").to_string();
-        assert!(err.contains("chat_template.jinja: chat_template: syntax error"), "{err}");
+        let err = ChatTemplate::for_model(&config, &config_path)
+            .err()
+            .expect("syntax error")
+            .to_string();
+        assert!(
+            err.contains("chat_template.jinja: chat_template: syntax error"),
+            "{err}"
+        );
     }
 
     #[test]
     fn raise_exception_is_a_render_error_with_the_templates_message() {
         let config = json!({"chat_template": "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"});
-        let t = ChatTemplate::from_tokenizer_config(&config, Path::new("x")).expect("ok").expect("some");
-        let err = t.render(&[ChatMessage::new("system", "s")], true).expect_err("raises").to_string();
+        let t = ChatTemplate::from_tokenizer_config(&config, Path::new("x"))
+            .expect("ok")
+            .expect("some");
+        let err = t
+            .render(&[ChatMessage::new("system", "s")], true)
+            .expect_err("raises")
+            .to_string();
         assert!(err.contains("System role not supported"), "{err}");
         assert!(t.render(&[ChatMessage::new("user", "u")], true).is_ok());
     }

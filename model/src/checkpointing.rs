@@ -80,7 +80,10 @@ impl CausalLm {
             return Ok(CheckpointedGrads { loss_sum, stores });
         }
         let detached = step.adapter.adapter.detached();
-        let no_graph = ActiveAdapter { adapter: &detached, ..step.adapter };
+        let no_graph = ActiveAdapter {
+            adapter: &detached,
+            ..step.adapter
+        };
         let (cos, sin) = self.rope.tables(0, t, &self.device)?;
         let mask = self.mask(t, 0)?;
 
@@ -98,11 +101,17 @@ impl CausalLm {
 
         let mut stores = Vec::with_capacity(self.layers.len() + 1);
         let (loss_sum, mut grad) = self.head_backward(&x, batch, step)?;
-        let part = if step.recompute_sequences == 0 { b } else { step.recompute_sequences.min(b) };
+        let part = if step.recompute_sequences == 0 {
+            b
+        } else {
+            step.recompute_sequences.min(b)
+        };
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = match i {
                 0 => self.embed_tokens(batch.input_ids)?,
-                _ => inputs.pop().ok_or_else(|| ModelError::Decode("layer inputs ran out".into()))?,
+                _ => inputs
+                    .pop()
+                    .ok_or_else(|| ModelError::Decode("layer inputs ran out".into()))?,
             };
             let mut layer_store = GradStore::default();
             let mut input_grads = Vec::with_capacity(b.div_ceil(part));
@@ -112,12 +121,21 @@ impl CausalLm {
                 let n = part.min(b - first);
                 let x = input.narrow(0, first, n)?;
                 // The embeddings are frozen: the first layer's input needs no gradient.
-                let x = if i == 0 { x } else { Var::from_tensor(&x.contiguous()?)?.as_tensor().clone() };
-                let adapter = ActiveAdapter { first_row: step.adapter.first_row + first * t, ..step.adapter };
+                let x = if i == 0 {
+                    x
+                } else {
+                    Var::from_tensor(&x.contiguous()?)?.as_tensor().clone()
+                };
+                let adapter = ActiveAdapter {
+                    first_row: step.adapter.first_row + first * t,
+                    ..step.adapter
+                };
                 let out = layer.forward(&x, &cos, &sin, mask.as_ref(), None, Some(&adapter))?;
                 let store = (out * grad.narrow(0, first, n)?)?.sum_all()?.backward()?;
                 if i > 0 {
-                    let g = store.get(&x).ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?;
+                    let g = store
+                        .get(&x)
+                        .ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?;
                     input_grads.push(g.detach());
                 }
                 add_adapter_grads(&mut layer_store, &store, step.adapter.adapter, i)?;
@@ -143,7 +161,13 @@ impl CausalLm {
             let len = chunk.min(b * t - start);
             let rows = flat.narrow(0, start, len)?;
             let targets = batch.targets.narrow(0, start, len)?;
-            let (loss, grad) = self.head_chunk(&rows, &targets, &batch.weights.narrow(0, start, len)?, step.loss_scale, &head)?;
+            let (loss, grad) = self.head_chunk(
+                &rows,
+                &targets,
+                &batch.weights.narrow(0, start, len)?,
+                step.loss_scale,
+                &head,
+            )?;
             loss_sum += loss;
             grads.push(grad);
         }
@@ -152,13 +176,22 @@ impl CausalLm {
 
     /// One chunk of [`CausalLm::head_backward`] through candle's graph: its unscaled loss and
     /// the gradient of the scaled loss with respect to `rows`.
-    fn head_chunk(&self, rows: &Tensor, targets: &Tensor, weights: &Tensor, scale: f64, head: &BaseWeight) -> Result<(f64, Tensor)> {
+    fn head_chunk(
+        &self,
+        rows: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        scale: f64,
+        head: &BaseWeight,
+    ) -> Result<(f64, Tensor)> {
         let rows = Var::from_tensor(rows)?;
         let logits = frozen_matmul(&self.norm.forward(rows.as_tensor())?, head)?;
         let sum = weighted_nll(&logits, targets, weights)?;
         let loss = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let store = (sum * scale)?.backward()?;
-        let grad = store.get(rows.as_tensor()).ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
+        let grad = store
+            .get(rows.as_tensor())
+            .ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
         Ok((loss, grad.detach()))
     }
 }
@@ -170,9 +203,20 @@ impl CausalLm {
     /// [`CausalLm::loss_backward_checkpointed`] does them, and one backward pass from the last
     /// layer's output. Through candle's graph the head and loss held about eleven logits-sized
     /// tensors per chunk until the backward pass, for every chunk of the batch.
-    pub fn loss_backward(&self, batch: &LossBatch, adapter: &ActiveAdapter, loss_scale: f64, head_rows: usize) -> Result<(f64, GradStore)> {
+    pub fn loss_backward(
+        &self,
+        batch: &LossBatch,
+        adapter: &ActiveAdapter,
+        loss_scale: f64,
+        head_rows: usize,
+    ) -> Result<(f64, GradStore)> {
         batch.shape()?; // targets and weights must fit the batch
-        let step = CheckpointedStep { adapter: *adapter, loss_scale, head_rows, recompute_sequences: 0 };
+        let step = CheckpointedStep {
+            adapter: *adapter,
+            loss_scale,
+            head_rows,
+            recompute_sequences: 0,
+        };
         if self.trains_by_hand(adapter) {
             let (loss_sum, mut stores) = self.loss_backward_by_hand(batch, &step, false)?;
             return Ok((loss_sum, stores.pop().unwrap_or_default()));
@@ -200,7 +244,11 @@ impl CausalLm {
         for start in (0..rows).step_by(chunk) {
             let len = chunk.min(rows - start);
             let logits = frozen_matmul(&flat.narrow(0, start, len)?, &head)?;
-            let sum = weighted_nll(&logits, &batch.targets.narrow(0, start, len)?, &batch.weights.narrow(0, start, len)?)?;
+            let sum = weighted_nll(
+                &logits,
+                &batch.targets.narrow(0, start, len)?,
+                &batch.weights.narrow(0, start, len)?,
+            )?;
             total = Some(match total {
                 Some(t) => (t + sum)?,
                 None => sum,
@@ -224,7 +272,12 @@ pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Resu
 /// candle leaves each gradient with the op that made it, and that op refers to the forward
 /// activations: kept as they are, the gradients would keep every layer's graph alive and undo
 /// the checkpointing.
-fn add_adapter_grads(into: &mut GradStore, store: &GradStore, adapter: &crate::lora::LoraAdapter, layer: usize) -> Result<()> {
+fn add_adapter_grads(
+    into: &mut GradStore,
+    store: &GradStore,
+    adapter: &crate::lora::LoraAdapter,
+    layer: usize,
+) -> Result<()> {
     for (_, pair) in adapter.pairs().filter(|((l, _), _)| *l == layer) {
         for t in [&pair.a, &pair.b] {
             if let Some(g) = store.get(t) {

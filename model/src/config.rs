@@ -103,8 +103,10 @@ impl Config {
     /// Reads and validates config.json.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(ModelError::io(path))?;
-        let config: Config =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.into(), source })?;
+        let config: Config = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.into(),
+            source,
+        })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -117,7 +119,10 @@ impl Config {
             reason,
         };
         if !SUPPORTED.contains(&self.model_type.as_str()) {
-            return Err(bad("model_type", format!("`{}` is not one of {SUPPORTED:?}", self.model_type)));
+            return Err(bad(
+                "model_type",
+                format!("`{}` is not one of {SUPPORTED:?}", self.model_type),
+            ));
         }
         for (field, value) in [
             ("vocab_size", self.vocab_size),
@@ -140,11 +145,17 @@ impl Config {
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
-                format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(bad("head_dim", format!("{} is odd; RoPE needs an even head size", self.head_dim())));
+            return Err(bad(
+                "head_dim",
+                format!("{} is odd; RoPE needs an even head size", self.head_dim()),
+            ));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
@@ -166,12 +177,18 @@ impl Config {
                     }
                 }
                 other => {
-                    return Err(bad("rope_scaling.rope_type", format!("`{other}` is not supported (default, linear, llama3)")))
+                    return Err(bad(
+                        "rope_scaling.rope_type",
+                        format!("`{other}` is not supported (default, linear, llama3)"),
+                    ))
                 }
             }
             // Written so that NaN is rejected too.
             if scaling.factor.is_nan() || scaling.factor <= 0.0 {
-                return Err(bad("rope_scaling.factor", format!("{} must be positive", scaling.factor)));
+                return Err(bad(
+                    "rope_scaling.factor",
+                    format!("{} must be positive", scaling.factor),
+                ));
             }
         }
         Ok(())
@@ -216,18 +233,23 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<Config> {
-        let c: Config = serde_json::from_str(json).map_err(|source| ModelError::Json { path: "t".into(), source })?;
+        let c: Config = serde_json::from_str(json).map_err(|source| ModelError::Json {
+            path: "t".into(),
+            source,
+        })?;
         c.validate(Path::new("config.json"))?;
         Ok(c)
     }
 
     #[test]
     fn reads_llama3_style_config() {
-        let c = parse(r#"{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+        let c = parse(
+            r#"{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
             "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"rope_theta":500000.0,
             "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
             "original_max_position_embeddings":8192,"rope_type":"llama3"},"eos_token_id":[128001,128008,128009],
-            "architectures":["LlamaForCausalLM"]}"#)
+            "architectures":["LlamaForCausalLM"]}"#,
+        )
         .expect("valid config");
         assert_eq!(c.num_kv_heads(), 8);
         assert_eq!(c.head_dim(), 128);
@@ -237,9 +259,11 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_and_no_window_by_default() {
-        let c = parse(r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
+        let c = parse(
+            r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
             "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"sliding_window":32768,
-            "use_sliding_window":false,"tie_word_embeddings":true,"eos_token_id":151643}"#)
+            "use_sliding_window":false,"tie_word_embeddings":true,"eos_token_id":151643}"#,
+        )
         .expect("valid config");
         assert!(c.qkv_bias() && !c.o_bias() && c.tie_word_embeddings);
         assert_eq!(c.attention_window(), None);
@@ -247,20 +271,32 @@ mod tests {
 
     #[test]
     fn mistral_window_is_on_without_a_switch() {
-        let c = parse(r#"{"model_type":"mistral","vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,
-            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"sliding_window":4096}"#)
+        let c = parse(
+            r#"{"model_type":"mistral","vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"sliding_window":4096}"#,
+        )
         .expect("valid config");
         assert_eq!(c.attention_window(), Some(4096));
     }
 
     #[test]
     fn rejects_what_it_cannot_compute() {
-        let base = r#""vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+        let base =
+            r#""vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
         let cases = [
             (format!(r#"{{"model_type":"gpt2",{base}}}"#), "field `model_type`"),
-            (format!(r#"{{"model_type":"llama",{base},"num_key_value_heads":3}}"#), "field `num_key_value_heads`"),
-            (format!(r#"{{"model_type":"llama",{base},"rope_scaling":{{"rope_type":"yarn","factor":4.0}}}}"#), "field `rope_scaling.rope_type`"),
-            (format!(r#"{{"model_type":"llama",{base},"hidden_act":"gelu"}}"#), "field `hidden_act`"),
+            (
+                format!(r#"{{"model_type":"llama",{base},"num_key_value_heads":3}}"#),
+                "field `num_key_value_heads`",
+            ),
+            (
+                format!(r#"{{"model_type":"llama",{base},"rope_scaling":{{"rope_type":"yarn","factor":4.0}}}}"#),
+                "field `rope_scaling.rope_type`",
+            ),
+            (
+                format!(r#"{{"model_type":"llama",{base},"hidden_act":"gelu"}}"#),
+                "field `hidden_act`",
+            ),
         ];
         for (json, expected) in cases {
             let err = parse(&json).expect_err(&json).to_string();

@@ -11,10 +11,10 @@
 
 use crate::cache::KvCache;
 use crate::error::{ModelError, Result};
+use crate::fused::cpu_f32;
 use crate::linear::{RowGroup, RowGroups};
 use crate::lora::{ActiveAdapter, LoraAdapter};
 use crate::model::{Attention, CausalLm, Layer, Mlp};
-use crate::fused::cpu_f32;
 use candle_core::{Layout, Tensor};
 use rayon::prelude::*;
 
@@ -67,10 +67,15 @@ impl CausalLm {
                     )));
                 }
                 if r.cache.is_empty() {
-                    return Err(ModelError::Decode(format!("row {i}: empty KV cache; prefill the prompt first")));
+                    return Err(ModelError::Decode(format!(
+                        "row {i}: empty KV cache; prefill the prompt first"
+                    )));
                 }
                 if r.cache.len() >= max {
-                    return Err(ModelError::Decode(format!("row {i}: position {} is past max_position_embeddings {max}", r.cache.len())));
+                    return Err(ModelError::Decode(format!(
+                        "row {i}: position {} is past max_position_embeddings {max}",
+                        r.cache.len()
+                    )));
                 }
                 Ok(r.cache.len())
             })
@@ -93,8 +98,19 @@ fn group_rows<'a>(rows: &[DecodeRow<'a>], device: &candle_core::Device) -> Resul
         .into_iter()
         .map(|(adapter, idx)| {
             // A group spanning the batch needs no gather or scatter.
-            let rows_tensor = if idx.len() == rows.len() { None } else { Some(Tensor::new(idx.as_slice(), device)?) };
-            Ok(RowGroup { adapter: ActiveAdapter { adapter, dropout_seed: None, first_row: 0 }, rows: rows_tensor })
+            let rows_tensor = if idx.len() == rows.len() {
+                None
+            } else {
+                Some(Tensor::new(idx.as_slice(), device)?)
+            };
+            Ok(RowGroup {
+                adapter: ActiveAdapter {
+                    adapter,
+                    dropout_seed: None,
+                    first_row: 0,
+                },
+                rows: rows_tensor,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(RowGroups { groups })
@@ -159,12 +175,18 @@ impl Attention {
     /// each allocating and some dispatching to gemm's threads: at 16 sequences that is over a
     /// thousand tiny ops per decode step. Here each row reads its cache views in place.
     fn attend_rows_cpu(&self, q: &Tensor, views: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
-        if !crate::fused::fusable(q) || views.iter().any(|(k, v)| !crate::fused::fusable(k) || !crate::fused::fusable(v)) {
+        if !crate::fused::fusable(q)
+            || views
+                .iter()
+                .any(|(k, v)| !crate::fused::fusable(k) || !crate::fused::fusable(v))
+        {
             return Ok(None);
         }
         let q = q.contiguous()?;
         let (q_guard, q_layout) = q.storage_and_layout();
-        let Some(q_data) = cpu_f32(&q_guard, q_layout) else { return Ok(None) };
+        let Some(q_data) = cpu_f32(&q_guard, q_layout) else {
+            return Ok(None);
+        };
         let mut guards = Vec::with_capacity(views.len());
         for (k, v) in views {
             let (kg, kl) = k.storage_and_layout();
@@ -173,8 +195,13 @@ impl Attention {
         }
         let mut caches = Vec::with_capacity(views.len());
         for ((kg, kl), (vg, vl)) in &guards {
-            let (Some(k), Some(v)) = (cpu_f32(kg, kl), cpu_f32(vg, vl)) else { return Ok(None) };
-            let (Some(k), Some(v)) = (CacheView::new(k, kl, self.kv_heads, self.head_dim), CacheView::new(v, vl, self.kv_heads, self.head_dim)) else {
+            let (Some(k), Some(v)) = (cpu_f32(kg, kl), cpu_f32(vg, vl)) else {
+                return Ok(None);
+            };
+            let (Some(k), Some(v)) = (
+                CacheView::new(k, kl, self.kv_heads, self.head_dim),
+                CacheView::new(v, vl, self.kv_heads, self.head_dim),
+            ) else {
                 return Ok(None);
             };
             caches.push((k, v));
@@ -245,7 +272,11 @@ fn group_attention_kernel() -> fn(&GroupAttention, &mut [f32]) {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn attend_group_avx512(a: &GroupAttention, o: &mut [f32]) {
     // SAFETY: this function runs only where the CPU has AVX-512F.
-    let mut p = if a.k.d.is_multiple_of(16) { unsafe { avx512_scores::scores(a) } } else { scores(a) };
+    let mut p = if a.k.d.is_multiple_of(16) {
+        unsafe { avx512_scores::scores(a) }
+    } else {
+        scores(a)
+    };
     crate::softmax::softmax_rows(&mut p, a.k.len - a.start);
     mix_values(a, &p, o)
 }
@@ -343,11 +374,13 @@ mod avx512_scores {
         // unpacks move the pairs' f32 sums two at a time).
         let quad = |x: __m512, y: __m512| {
             let (xd, yd) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
-            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)), _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd)))
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd)),
+            )
         };
-        let y: [__m512; 4] = std::array::from_fn(|m| {
-            quad(pair(v[4 * m], v[4 * m + 1]), pair(v[4 * m + 2], v[4 * m + 3]))
-        });
+        let y: [__m512; 4] =
+            std::array::from_fn(|m| quad(pair(v[4 * m], v[4 * m + 1]), pair(v[4 * m + 2], v[4 * m + 3])));
         // y[m] holds, in 128-bit lane L, the lane-L sums of vectors 4m..4m+4. Adding lanes
         // (0, 2) to (1, 3) twice leaves lane m of the result with y[m]'s four-lane totals.
         let halves = |a: __m512, b: __m512| {
@@ -370,11 +403,19 @@ struct CacheView<'a> {
 
 impl<'a> CacheView<'a> {
     fn new(data: &'a [f32], layout: &Layout, kv_heads: usize, d: usize) -> Option<Self> {
-        let (&[1, h, len, dd], &[_, hs, ps, 1]) = (layout.dims(), layout.stride()) else { return None };
+        let (&[1, h, len, dd], &[_, hs, ps, 1]) = (layout.dims(), layout.stride()) else {
+            return None;
+        };
         if h != kv_heads || dd != d || len == 0 || data.len() < (h - 1) * hs + (len - 1) * ps + d {
             return None;
         }
-        Some(Self { data, head_stride: hs, pos_stride: ps, len, d })
+        Some(Self {
+            data,
+            head_stride: hs,
+            pos_stride: ps,
+            len,
+            d,
+        })
     }
 
     fn position(&self, head: usize, pos: usize) -> &[f32] {
@@ -397,11 +438,19 @@ mod tests {
 
     /// A cache of two KV heads, each `len` positions of `d` values.
     fn view(data: &[f32], len: usize, d: usize) -> CacheView<'_> {
-        CacheView { data, head_stride: len * d, pos_stride: d, len, d }
+        CacheView {
+            data,
+            head_stride: len * d,
+            pos_stride: d,
+            len,
+            d,
+        }
     }
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     /// The AVX-512 attention (sixteen positions per reduction, up to four heads per pass)
@@ -418,14 +467,24 @@ mod tests {
             let (k, v) = (values(kv_heads * len * d, 1), values(kv_heads * len * d, 2));
             let (kc, vc) = (view(&k, len, d), view(&v, len, d));
             let q = values(group * d, 3);
-            let a = GroupAttention { q: &q, k: &kc, v: &vc, kv: 1, start, scale: 0.125 };
+            let a = GroupAttention {
+                q: &q,
+                k: &kc,
+                v: &vc,
+                kv: 1,
+                start,
+                scale: 0.125,
+            };
             let mut want = vec![0f32; group * d];
             attend_group(&a, &mut want);
             let mut got = vec![0f32; group * d];
             // SAFETY: the CPU has the features (checked above).
             unsafe { super::attend_group_avx512(&a, &mut got) };
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() < 1e-5, "d {d}, len {len}, start {start}, group {group}, at {i}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "d {d}, len {len}, start {start}, group {group}, at {i}: {g} vs {w}"
+                );
             }
         }
     }
@@ -438,7 +497,9 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let values: Vec<[f32; 16]> = (0..16).map(|i| std::array::from_fn(|l| (i * 16 + l) as f32 * if l % 3 == 0 { -0.5 } else { 1.0 })).collect();
+        let values: Vec<[f32; 16]> = (0..16)
+            .map(|i| std::array::from_fn(|l| (i * 16 + l) as f32 * if l % 3 == 0 { -0.5 } else { 1.0 }))
+            .collect();
         // SAFETY: the CPU has AVX-512F (checked above).
         let got = unsafe {
             let v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(values[i].as_ptr()));

@@ -19,7 +19,11 @@ pub enum ModelError {
         source: serde_json::Error,
     },
     #[error("{path}: field `{field}`: {reason}")]
-    InvalidConfig { path: PathBuf, field: String, reason: String },
+    InvalidConfig {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
     #[error("{path}: {source}")]
     Weights {
         path: PathBuf,

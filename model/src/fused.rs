@@ -37,23 +37,34 @@ pub(crate) fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) ->
 
 /// Runs `f` on the values of `t` (made contiguous, which is free when it already is), read in
 /// place; an error naming `what` unless `t` is f32 on the CPU.
-pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> crate::error::Result<R>) -> crate::error::Result<R> {
+pub(crate) fn with_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> crate::error::Result<R>,
+) -> crate::error::Result<R> {
     let t = t.contiguous()?;
     let (guard, layout) = t.storage_and_layout();
     let data = cpu_f32(&guard, layout)
         .and_then(|d| d.get(..t.elem_count()))
-        .ok_or_else(|| crate::error::ModelError::Decode(format!("{what}: a {:?} tensor is not f32 on the CPU", t.dims())))?;
+        .ok_or_else(|| {
+            crate::error::ModelError::Decode(format!("{what}: a {:?} tensor is not f32 on the CPU", t.dims()))
+        })?;
     f(data)
 }
 
 fn last_dim(l: &Layout) -> Result<usize> {
-    l.dims().last().copied().ok_or_else(|| candle_core::Error::Msg("fused op on a scalar".into()))
+    l.dims()
+        .last()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("fused op on a scalar".into()))
 }
 
 /// Runs `row(index, out_row)` over rows of `width` in parallel; returns the filled buffer.
 fn map_rows(len: usize, width: usize, row: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
     let mut out = vec![0f32; len];
-    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(i, o)| row(i, o));
+    out.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(i, o)| row(i, o));
     out
 }
 
@@ -98,7 +109,10 @@ impl CustomOp2 for RmsNorm {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w, h) = (slice(xs, xl, "rms norm")?, slice(ws, wl, "rms norm")?, last_dim(xl)?);
         if w.len() != h {
-            return Err(candle_core::Error::Msg(format!("rms norm: weight has {} entries, rows {h}", w.len())));
+            return Err(candle_core::Error::Msg(format!(
+                "rms norm: weight has {} entries, rows {h}",
+                w.len()
+            )));
         }
         let out = map_rows(x.len(), h, |i, o| {
             let xr = &x[i * h..(i + 1) * h];
@@ -133,7 +147,12 @@ impl CustomOp3 for RmsNormBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "rms norm backward";
-        let (x, w, g, h) = (slice(xs, xl, op)?, slice(ws, wl, op)?, slice(gs, gl, op)?, last_dim(xl)?);
+        let (x, w, g, h) = (
+            slice(xs, xl, op)?,
+            slice(ws, wl, op)?,
+            slice(gs, gl, op)?,
+            last_dim(xl)?,
+        );
         // map_rows starts each row at zeros, so adding the gradient writes it.
         let out = map_rows(x.len(), h, |i, o| {
             let (xr, gr) = (&x[i * h..(i + 1) * h], &g[i * h..(i + 1) * h]);
@@ -164,7 +183,11 @@ impl CustomOp2 for SwiGlu {
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
         let (gate, up) = (slice(gs, gl, "swiglu")?, slice(us, ul, "swiglu")?);
         if gl.shape() != ul.shape() {
-            return Err(candle_core::Error::Msg(format!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())));
+            return Err(candle_core::Error::Msg(format!(
+                "swiglu: gate {:?} and up {:?} differ",
+                gl.dims(),
+                ul.dims()
+            )));
         }
         let w = last_dim(gl)?;
         let out = map_rows(gate.len(), w, |i, o| {
@@ -214,7 +237,12 @@ impl CustomOp3 for SwiGluBackward {
         let w = last_dim(gl)?;
         let out = map_rows(gate.len(), w, |i, o| {
             let range = i * w..(i + 1) * w;
-            for (((o, gv), uv), dv) in o.iter_mut().zip(&gate[range.clone()]).zip(&up[range.clone()]).zip(&d[range.clone()]) {
+            for (((o, gv), uv), dv) in o
+                .iter_mut()
+                .zip(&gate[range.clone()])
+                .zip(&up[range.clone()])
+                .zip(&d[range.clone()])
+            {
                 let (d_gate, d_up) = swiglu_grads(*gv, *uv, sigmoid(*gv), *dv);
                 *o = if self.wrt_gate { d_gate } else { d_up };
             }
@@ -232,7 +260,10 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         cos: cos.flatten_all()?.to_vec1::<f32>()?,
         sin: sin.flatten_all()?.to_vec1::<f32>()?,
     };
-    x.contiguous()?.apply_op1(Rope { table: std::sync::Arc::new(table), inverse: false })
+    x.contiguous()?.apply_op1(Rope {
+        table: std::sync::Arc::new(table),
+        inverse: false,
+    })
 }
 
 struct RopeTable {
@@ -267,15 +298,23 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(xs, xl, "rope")?;
         let &[_, _, seq, d] = xl.dims() else {
-            return Err(candle_core::Error::Msg(format!("rope: expected 4 dims, got {:?}", xl.dims())));
+            return Err(candle_core::Error::Msg(format!(
+                "rope: expected 4 dims, got {:?}",
+                xl.dims()
+            )));
         };
         let half = d / 2;
         if self.table.cos.len() != seq * half || self.table.sin.len() != seq * half {
-            return Err(candle_core::Error::Msg(format!("rope: tables do not cover {seq} positions of {half}")));
+            return Err(candle_core::Error::Msg(format!(
+                "rope: tables do not cover {seq} positions of {half}"
+            )));
         }
         let out = map_rows(x.len(), d, |row, o| {
             let pos = row % seq;
-            let (c, s) = (&self.table.cos[pos * half..(pos + 1) * half], &self.table.sin[pos * half..(pos + 1) * half]);
+            let (c, s) = (
+                &self.table.cos[pos * half..(pos + 1) * half],
+                &self.table.sin[pos * half..(pos + 1) * half],
+            );
             o.copy_from_slice(&x[row * d..(row + 1) * d]);
             rotate_half(o, c, s, self.inverse);
         });
@@ -283,7 +322,10 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let back = Rope { table: self.table.clone(), inverse: !self.inverse };
+        let back = Rope {
+            table: self.table.clone(),
+            inverse: !self.inverse,
+        };
         Ok(Some(g.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
@@ -301,8 +343,21 @@ impl CustomOp1 for Rope {
 /// One op from q and k to the probabilities: the graph keeps only the probabilities (the
 /// backward needs them), not the scores before them, and the backward produces the scores'
 /// gradient once instead of through candle's zero-filled accumulators.
-pub(crate) fn causal_probs(q: &Tensor, k: &Tensor, scale: f64, window: Option<usize>, queries: usize) -> Result<Tensor> {
-    q.contiguous()?.apply_op2(&k.contiguous()?, CausalProbs { scale: scale as f32, window, queries })
+pub(crate) fn causal_probs(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    queries: usize,
+) -> Result<Tensor> {
+    q.contiguous()?.apply_op2(
+        &k.contiguous()?,
+        CausalProbs {
+            scale: scale as f32,
+            window,
+            queries,
+        },
+    )
 }
 
 struct CausalProbs {
@@ -364,7 +419,10 @@ impl CustomOp2 for CausalProbs {
         let CpuStorage::F32(mut scores) = scores else {
             return Err(candle_core::Error::Msg("causal attention: expected f32".into()));
         };
-        scores.par_chunks_mut(keys.max(1)).enumerate().for_each(|(i, r)| self.softmax_row(r, i % rows));
+        scores
+            .par_chunks_mut(keys.max(1))
+            .enumerate()
+            .for_each(|(i, r)| self.softmax_row(r, i % rows));
         let mut shape = ql.dims().to_vec();
         shape[3] = keys;
         Ok((CpuStorage::F32(scores), Shape::from(shape)))
@@ -398,7 +456,11 @@ impl CustomOp2 for SoftmaxBackward {
     }
 
     fn cpu_fwd(&self, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (p, g, k) = (slice(ps, pl, "softmax backward")?, slice(gs, gl, "softmax backward")?, last_dim(pl)?);
+        let (p, g, k) = (
+            slice(ps, pl, "softmax backward")?,
+            slice(gs, gl, "softmax backward")?,
+            last_dim(pl)?,
+        );
         let out = map_rows(p.len(), k, |row, o| {
             o.copy_from_slice(&g[row * k..(row + 1) * k]);
             softmax_grad_row(&p[row * k..(row + 1) * k], o, self.scale);
@@ -421,7 +483,16 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).expect("sub").abs().expect("abs").flatten_all().expect("f").max(0).expect("max").to_scalar().expect("s")
+        (a - b)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .flatten_all()
+            .expect("f")
+            .max(0)
+            .expect("max")
+            .to_scalar()
+            .expect("s")
     }
 
     /// Output and input gradients (under a random output gradient) of `fused` and `reference`.
@@ -431,7 +502,12 @@ mod tests {
             let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).expect("var")).collect();
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = f(&ts);
-            let grads = (&y * &g).expect("mul").sum_all().expect("sum").backward().expect("backward");
+            let grads = (&y * &g)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("backward");
             let gs: Vec<Tensor> = ts.iter().map(|t| grads.get(t).expect("grad").clone()).collect();
             (y, gs)
         };
@@ -453,7 +529,10 @@ mod tests {
             |t| rms_norm(&t[0], &w, eps).expect("fused"),
             |t| {
                 let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                t[0].broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap()
+                t[0].broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&w)
+                    .unwrap()
             },
         );
     }
@@ -510,24 +589,37 @@ mod tests {
                 &[randn(&[2, 2, n * q, 8], 7), randn(&[2, 2, k, 8], 8)],
                 |t| causal_probs(&t[0], &t[1], 0.35, window, q).expect("fused"),
                 |t| {
-                    let keys = t[1].unsqueeze(2).unwrap().expand((2, 2, n, k, 8)).unwrap().reshape((2, 2 * n, k, 8)).unwrap();
+                    let keys = t[1]
+                        .unsqueeze(2)
+                        .unwrap()
+                        .expand((2, 2, n, k, 8))
+                        .unwrap()
+                        .reshape((2, 2 * n, k, 8))
+                        .unwrap();
                     let queries = t[0].reshape((2, 2 * n, q, 8)).unwrap();
                     let scores = queries.matmul(&keys.t().unwrap()).unwrap();
-                    masked_reference(&scores, 0.35, window).reshape((2, 2, n * q, k)).unwrap()
+                    masked_reference(&scores, 0.35, window)
+                        .reshape((2, 2, n * q, k))
+                        .unwrap()
                 },
             );
         }
     }
 
-
     #[test]
     fn shape_errors_are_errors() {
         let (q, k) = (randn(&[2, 3, 5, 8], 8), randn(&[2, 3, 4, 8], 9));
-        let err = causal_probs(&q, &k, 1.0, None, 5).expect_err("more queries than keys").to_string();
+        let err = causal_probs(&q, &k, 1.0, None, 5)
+            .expect_err("more queries than keys")
+            .to_string();
         assert!(err.contains("keys >= queries"), "{err}");
-        let err = causal_probs(&q, &k, 1.0, None, 2).expect_err("rows not a multiple of the queries").to_string();
+        let err = causal_probs(&q, &k, 1.0, None, 2)
+            .expect_err("rows not a multiple of the queries")
+            .to_string();
         assert!(err.contains("n * 2 queries"), "{err}");
-        let err = rms_norm(&randn(&[2, 8], 1), &randn(&[4], 2), 1e-5).expect_err("weight size").to_string();
+        let err = rms_norm(&randn(&[2, 8], 1), &randn(&[4], 2), 1e-5)
+            .expect_err("weight size")
+            .to_string();
         assert!(err.contains("weight has 4 entries"), "{err}");
     }
 }

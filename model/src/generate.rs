@@ -15,7 +15,11 @@ pub struct GreedyOptions<'a> {
 
 /// Continues `prompt` with the most likely token at each step; returns the new tokens only.
 pub fn greedy(model: &CausalLm, prompt: &[u32], options: &GreedyOptions) -> Result<Vec<u32>> {
-    let active = options.adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None, first_row: 0 });
+    let active = options.adapter.map(|adapter| ActiveAdapter {
+        adapter,
+        dropout_seed: None,
+        first_row: 0,
+    });
     let mut cache = KvCache::new(model.config().num_hidden_layers);
     let mut out = Vec::new();
     let mut input = prompt.to_vec();

@@ -46,24 +46,41 @@ impl Int8Tensor {
         let mut values = vec![0i8; out * k];
         let mut scales = vec![0f32; out];
         if k > 0 {
-            values.par_chunks_mut(k).zip(dense.par_chunks(k)).zip(scales.par_iter_mut()).for_each(|((q, row), scale)| {
-                let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                // An all-zero row keeps scale 1: its values are zero either way.
-                *scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
-                q.iter_mut().zip(row).for_each(|(q, v)| *q = (v / *scale).round().clamp(-127.0, 127.0) as i8);
-            });
+            values
+                .par_chunks_mut(k)
+                .zip(dense.par_chunks(k))
+                .zip(scales.par_iter_mut())
+                .for_each(|((q, row), scale)| {
+                    let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    // An all-zero row keeps scale 1: its values are zero either way.
+                    *scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
+                    q.iter_mut()
+                        .zip(row)
+                        .for_each(|(q, v)| *q = (v / *scale).round().clamp(-127.0, 127.0) as i8);
+                });
         }
         let compensation = crate::vnni::compensation(&values, k);
-        Ok(Self { values: values.into(), scales: scales.into(), compensation: compensation.into(), out, k, device: t.device().clone() })
+        Ok(Self {
+            values: values.into(),
+            scales: scales.into(),
+            compensation: compensation.into(),
+            out,
+            k,
+            device: t.device().clone(),
+        })
     }
 
     /// The f32 weight the int8 values stand for.
     pub fn dequantize(&self) -> Result<Tensor> {
         let mut dense = vec![0f32; self.out * self.k];
         if self.k > 0 {
-            dense.par_chunks_mut(self.k).zip(self.values.par_chunks(self.k)).zip(&self.scales[..]).for_each(|((d, q), s)| {
-                d.iter_mut().zip(q).for_each(|(d, q)| *d = *q as f32 * s);
-            });
+            dense
+                .par_chunks_mut(self.k)
+                .zip(self.values.par_chunks(self.k))
+                .zip(&self.scales[..])
+                .for_each(|((d, q), s)| {
+                    d.iter_mut().zip(q).for_each(|(d, q)| *d = *q as f32 * s);
+                });
         }
         Ok(Tensor::from_vec(dense, (self.out, self.k), &self.device)?)
     }
@@ -84,18 +101,30 @@ impl Int8Tensor {
         }
         let (rows, k) = x.dims2()?;
         if k != self.k {
-            return Err(ModelError::Decode(format!("matmul: input has {k} features, the weight {}", self.k)));
+            return Err(ModelError::Decode(format!(
+                "matmul: input has {k} features, the weight {}",
+                self.k
+            )));
         }
         if crate::vnni::available() {
             // Read in place: a copy of a prefill's input cost as much as quantizing it.
-            let w = crate::vnni::Int8Weight { values: &self.values, scales: &self.scales, compensation: &self.compensation };
-            let y = crate::fused::with_f32(x, "int8 product input", |xs| crate::vnni::matmul_t(xs, rows, &w, self.out, self.k))?;
+            let w = crate::vnni::Int8Weight {
+                values: &self.values,
+                scales: &self.scales,
+                compensation: &self.compensation,
+            };
+            let y = crate::fused::with_f32(x, "int8 product input", |xs| {
+                crate::vnni::matmul_t(xs, rows, &w, self.out, self.k)
+            })?;
             return Ok(Some(Tensor::from_vec(y, (rows, self.out), x.device())?));
         }
         if rows > small_rows_limit {
             return Ok(None);
         }
-        let w = Weight { values: &self.values, scales: Some(&self.scales) };
+        let w = Weight {
+            values: &self.values,
+            scales: Some(&self.scales),
+        };
         Ok(Some(small_rows::product(x, &w, self.out, self.k)?))
     }
 
@@ -103,7 +132,10 @@ impl Int8Tensor {
     /// replaces, for comparisons.
     #[cfg(test)]
     pub(crate) fn matmul_t_f32_inputs(&self, x: &Tensor) -> Result<Tensor> {
-        let w = Weight { values: &self.values, scales: Some(&self.scales) };
+        let w = Weight {
+            values: &self.values,
+            scales: Some(&self.scales),
+        };
         small_rows::product(x, &w, self.out, self.k)
     }
 }

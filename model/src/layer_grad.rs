@@ -26,8 +26,8 @@ use crate::error::{ModelError, Result};
 use crate::linear::{BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, TargetModule};
 use crate::matrix::{matmul, Dst, Threads, View, ViewMut};
-use crate::scratch::Buf;
 use crate::model::{CausalLm, Layer};
+use crate::scratch::Buf;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -134,7 +134,9 @@ fn for_weight_slices(w: &BaseWeight, mut f: impl FnMut(usize, usize, &[f32]) -> 
             }
             Ok(())
         }
-        BaseWeight::Int8(_) => Err(ModelError::Decode("an int8 base is for serving; training needs a dense or NF4 base".into())),
+        BaseWeight::Int8(_) => Err(ModelError::Decode(
+            "an int8 base is for serving; training needs a dense or NF4 base".into(),
+        )),
     }
 }
 
@@ -150,10 +152,14 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Buf, Buf) {
     let h = w.len();
     let mut out = Buf::for_overwrite(x.len());
     let mut inv = Buf::for_overwrite(x.len() / h);
-    out.par_chunks_mut(h).zip(inv.par_iter_mut()).zip(x.par_chunks(h)).with_min_len(min_len).for_each(|((o, r), xr)| {
-        *r = crate::fused::inv_rms(xr, eps);
-        crate::fused::normalize_row(xr, w, *r, o);
-    });
+    out.par_chunks_mut(h)
+        .zip(inv.par_iter_mut())
+        .zip(x.par_chunks(h))
+        .with_min_len(min_len)
+        .for_each(|((o, r), xr)| {
+            *r = crate::fused::inv_rms(xr, eps);
+            crate::fused::normalize_row(xr, w, *r, o);
+        });
     (out, inv)
 }
 
@@ -161,8 +167,13 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Buf, Buf) {
 /// with each row's stored 1 / rms.
 fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32], min_len: usize) {
     let h = w.len();
-    let rows = dx.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).zip(inv.par_iter());
-    rows.with_min_len(min_len).for_each(|(((d, xr), gr), &r)| crate::fused::rms_norm_grad_row_add(xr, gr, w, r, d));
+    let rows = dx
+        .par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .zip(g.par_chunks(h))
+        .zip(inv.par_iter());
+    rows.with_min_len(min_len)
+        .for_each(|(((d, xr), gr), &r)| crate::fused::rms_norm_grad_row_add(xr, gr, w, r, d));
 }
 
 /// Elements per task of [`swiglu`] and its backward; also their sigmoid buffer's length.
@@ -171,14 +182,21 @@ const SWIGLU_CHUNK: usize = 1024;
 /// `silu(gate) * up`, and sigmoid(gate), which the backward needs again.
 fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> (Buf, Buf) {
     let mut sig = Buf::for_overwrite(gate.len());
-    sig.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).with_min_len(min_len).for_each(|(s, g)| crate::softmax::sigmoid(g, s));
+    sig.par_chunks_mut(SWIGLU_CHUNK)
+        .zip(gate.par_chunks(SWIGLU_CHUNK))
+        .with_min_len(min_len)
+        .for_each(|(s, g)| crate::softmax::sigmoid(g, s));
     (swiglu_from(gate, up, &sig, min_len), sig)
 }
 
 /// `gate * sig * up` with `sig` = sigmoid(gate): [`swiglu`] again without the exponentials.
 fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Buf {
     let mut out = Buf::for_overwrite(gate.len());
-    let tasks = out.par_chunks_mut(SWIGLU_CHUNK).zip(gate.par_chunks(SWIGLU_CHUNK)).zip(up.par_chunks(SWIGLU_CHUNK)).zip(sig.par_chunks(SWIGLU_CHUNK));
+    let tasks = out
+        .par_chunks_mut(SWIGLU_CHUNK)
+        .zip(gate.par_chunks(SWIGLU_CHUNK))
+        .zip(up.par_chunks(SWIGLU_CHUNK))
+        .zip(sig.par_chunks(SWIGLU_CHUNK));
     tasks.with_min_len(min_len).for_each(|(((o, g), u), s)| {
         for (((o, gv), uv), sv) in o.iter_mut().zip(g).zip(u).zip(s) {
             *o = gv * sv * uv;
@@ -190,7 +208,11 @@ fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Buf {
 /// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`
 /// ([`crate::fused::swiglu_grads`]), with `sig` holding sigmoid(gate).
 fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], sig: &[f32], d: &[f32], min_len: usize) {
-    let tasks = gate.par_chunks_mut(SWIGLU_CHUNK).zip(up.par_chunks_mut(SWIGLU_CHUNK)).zip(d.par_chunks(SWIGLU_CHUNK)).zip(sig.par_chunks(SWIGLU_CHUNK));
+    let tasks = gate
+        .par_chunks_mut(SWIGLU_CHUNK)
+        .zip(up.par_chunks_mut(SWIGLU_CHUNK))
+        .zip(d.par_chunks(SWIGLU_CHUNK))
+        .zip(sig.par_chunks(SWIGLU_CHUNK));
     tasks.with_min_len(min_len).for_each(|(((g, u), d), sig)| {
         for (((gv, uv), dv), &s) in g.iter_mut().zip(u.iter_mut()).zip(d).zip(sig) {
             (*gv, *uv) = crate::fused::swiglu_grads(*gv, *uv, s, *dv);
@@ -224,7 +246,11 @@ impl<'a> Step<'a> {
         if let Some(bias) = &p.bias {
             with_values(bias, |b| {
                 if b.len() != fan_out {
-                    return Err(ModelError::Decode(format!("{} bias has {} values for {fan_out} outputs", p.module.name(), b.len())));
+                    return Err(ModelError::Decode(format!(
+                        "{} bias has {} values for {fan_out} outputs",
+                        p.module.name(),
+                        b.len()
+                    )));
                 }
                 for row in out.chunks_mut(fan_out) {
                     match mode {
@@ -239,7 +265,14 @@ impl<'a> Step<'a> {
         // Each slice of the weight's rows gives those columns of the output.
         for_weight_slices(&p.weight, |first, count, w| {
             let dst = ViewMut::columns(out, rows, fan_out, first, count);
-            matmul(dst, View::new(x, rows, fan_in), View::new(w, count, fan_in).t(), 1.0, mode, self.threads)
+            matmul(
+                dst,
+                View::new(x, rows, fan_in),
+                View::new(w, count, fan_in).t(),
+                1.0,
+                mode,
+                self.threads,
+            )
         })?;
         let Some(pair) = self.adapter.adapter.get(p.layer, p.module) else {
             return Ok(None);
@@ -251,10 +284,24 @@ impl<'a> Step<'a> {
         let mut low = Buf::for_overwrite(rows * r);
         with_values(&pair.a, |a| {
             let a = View::new(a, r, fan_in).t();
-            matmul(ViewMut::new(&mut low, rows, r), View::new(input, rows, fan_in), a, self.lora_scale(), Dst::Overwrite, self.threads)
+            matmul(
+                ViewMut::new(&mut low, rows, r),
+                View::new(input, rows, fan_in),
+                a,
+                self.lora_scale(),
+                Dst::Overwrite,
+                self.threads,
+            )
         })?;
         with_values(&pair.b, |b| {
-            matmul(ViewMut::new(out, rows, fan_out), View::new(&low, rows, r), View::new(b, fan_out, r).t(), 1.0, Dst::Add, self.threads)
+            matmul(
+                ViewMut::new(out, rows, fan_out),
+                View::new(&low, rows, r),
+                View::new(b, fan_out, r).t(),
+                1.0,
+                Dst::Add,
+                self.threads,
+            )
         })?;
         Ok(Some(LoraTape { low, mask }))
     }
@@ -280,7 +327,14 @@ impl<'a> Step<'a> {
             for_weight_slices(&p.weight, |first, count, w| {
                 let slice_mode = if first == 0 { mode } else { Dst::Add };
                 let dy_columns = View::columns(dy, rows, fan_out, first, count);
-                matmul(ViewMut::new(dx, rows, fan_in), dy_columns, View::new(w, count, fan_in), 1.0, slice_mode, self.threads)
+                matmul(
+                    ViewMut::new(dx, rows, fan_in),
+                    dy_columns,
+                    View::new(w, count, fan_in),
+                    1.0,
+                    slice_mode,
+                    self.threads,
+                )
             })?;
         }
         let (Some(pair), Some(lora)) = (self.adapter.adapter.get(p.layer, p.module), lora) else {
@@ -291,34 +345,78 @@ impl<'a> Step<'a> {
         let dy_view = View::new(dy, rows, fan_out);
         // d low = dy B, d B = dy^T low, d A = scale * d low^T dropout(x).
         let mut d_low = Buf::for_overwrite(rows * r);
-        with_values(&pair.b, |b| matmul(ViewMut::new(&mut d_low, rows, r), dy_view, View::new(b, fan_out, r), 1.0, Dst::Overwrite, self.threads))?;
+        with_values(&pair.b, |b| {
+            matmul(
+                ViewMut::new(&mut d_low, rows, r),
+                dy_view,
+                View::new(b, fan_out, r),
+                1.0,
+                Dst::Overwrite,
+                self.threads,
+            )
+        })?;
         // d B^T (r, out) then its transpose: gemm runs this product 1.4 times as fast into a
         // wide destination as into the tall (out, r) one.
         let mut d_b_t = Buf::for_overwrite(r * fan_out);
-        matmul(ViewMut::new(&mut d_b_t, r, fan_out), View::new(&lora.low, rows, r).t(), dy_view, 1.0, Dst::Overwrite, self.threads)?;
+        matmul(
+            ViewMut::new(&mut d_b_t, r, fan_out),
+            View::new(&lora.low, rows, r).t(),
+            dy_view,
+            1.0,
+            Dst::Overwrite,
+            self.threads,
+        )?;
         let d_b = crate::small_rows::transpose(&d_b_t, r, fan_out, false);
         let masked = lora.mask.as_deref().map(|m| masked(x, m));
         let input = masked.as_deref().unwrap_or(x);
         let mut d_a = Buf::for_overwrite(r * fan_in);
         let d_low_view = View::new(&d_low, rows, r);
-        matmul(ViewMut::new(&mut d_a, r, fan_in), d_low_view.t(), View::new(input, rows, fan_in), scale, Dst::Overwrite, self.threads)?;
+        matmul(
+            ViewMut::new(&mut d_a, r, fan_in),
+            d_low_view.t(),
+            View::new(input, rows, fan_in),
+            scale,
+            Dst::Overwrite,
+            self.threads,
+        )?;
         drop(masked);
         if let Some(dx) = dx {
             // d x += scale * (d low A), times the dropout mask where there is one.
             with_values(&pair.a, |a| {
                 let a = View::new(a, r, fan_in);
                 match &lora.mask {
-                    None => matmul(ViewMut::new(dx, rows, fan_in), d_low_view, a, scale, Dst::Add, self.threads),
+                    None => matmul(
+                        ViewMut::new(dx, rows, fan_in),
+                        d_low_view,
+                        a,
+                        scale,
+                        Dst::Add,
+                        self.threads,
+                    ),
                     Some(mask) => {
                         let mut part = Buf::for_overwrite(rows * fan_in);
-                        matmul(ViewMut::new(&mut part, rows, fan_in), d_low_view, a, scale, Dst::Overwrite, self.threads)?;
-                        dx.iter_mut().zip(part.iter()).zip(mask).for_each(|((d, v), m)| *d += v * m);
+                        matmul(
+                            ViewMut::new(&mut part, rows, fan_in),
+                            d_low_view,
+                            a,
+                            scale,
+                            Dst::Overwrite,
+                            self.threads,
+                        )?;
+                        dx.iter_mut()
+                            .zip(part.iter())
+                            .zip(mask)
+                            .for_each(|((d, v), m)| *d += v * m);
                         Ok(())
                     }
                 }
             })?;
         }
-        grads.push(ModuleGrad { module: p.module, a: d_a.into_vec(), b: d_b });
+        grads.push(ModuleGrad {
+            module: p.module,
+            a: d_a.into_vec(),
+            b: d_b,
+        });
         Ok(())
     }
 
@@ -327,13 +425,19 @@ impl<'a> Step<'a> {
     /// rotation's transpose is its inverse).
     fn rope(&self, x: &mut [f32], heads: usize, inverse: bool) {
         let (d, half, seq) = (self.head_dim, self.head_dim / 2, self.seq);
-        x.par_chunks_mut(heads * d).enumerate().with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|(row, xr)| {
-            let pos = row % seq;
-            let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
-            for head in xr.chunks_exact_mut(d) {
-                crate::fused::rotate_half(head, c, s, inverse);
-            }
-        });
+        x.par_chunks_mut(heads * d)
+            .enumerate()
+            .with_min_len(self.min_len(ROWS_PER_TASK))
+            .for_each(|(row, xr)| {
+                let pos = row % seq;
+                let (c, s) = (
+                    &self.cos[pos * half..(pos + 1) * half],
+                    &self.sin[pos * half..(pos + 1) * half],
+                );
+                for head in xr.chunks_exact_mut(d) {
+                    crate::fused::rotate_half(head, c, s, inverse);
+                }
+            });
     }
 
     /// Causal (and windowed) attention of rotated `q` (rows, heads * d) over `k` and `v`
@@ -349,9 +453,16 @@ impl<'a> Step<'a> {
         let per_head = head_probs(t);
         let mut probs = Buf::for_overwrite(self.batch * self.heads * per_head);
         let mut out = Buf::for_overwrite(self.rows() * qd);
-        let tasks = probs.par_chunks_mut(self.heads * per_head).zip(out.par_chunks_mut(t * qd)).enumerate();
+        let tasks = probs
+            .par_chunks_mut(self.heads * per_head)
+            .zip(out.par_chunks_mut(t * qd))
+            .enumerate();
         tasks.with_min_len(self.min_len(1)).try_for_each(|(s, (p, o))| {
-            let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
+            let (qs, ks, vs) = (
+                &q[s * t * qd..(s + 1) * t * qd],
+                &k[s * t * kvd..(s + 1) * t * kvd],
+                &v[s * t * kvd..(s + 1) * t * kvd],
+            );
             for head in 0..self.heads {
                 let g = head / group;
                 let ph = &mut p[head * per_head..(head + 1) * per_head];
@@ -361,13 +472,27 @@ impl<'a> Step<'a> {
                     let block = &mut ph[block_offset(first)..block_offset(first) + n * keys];
                     let queries = View::columns(qs, t, qd, head * d, d).rows(first, n);
                     let keys_t = View::columns(ks, keys, kvd, g * d, d).t();
-                    matmul(ViewMut::new(block, n, keys), queries, keys_t, scale, Dst::Overwrite, Threads::Caller)?;
+                    matmul(
+                        ViewMut::new(block, n, keys),
+                        queries,
+                        keys_t,
+                        scale,
+                        Dst::Overwrite,
+                        Threads::Caller,
+                    )?;
                     for (i, row) in block.chunks_exact_mut(keys).enumerate() {
                         crate::fused::causal_softmax(row, first + i, self.window);
                     }
                     let probs = View::new(block, n, keys);
                     let dst = ViewMut::columns(o, t, qd, head * d, d).rows(first, n);
-                    matmul(dst, probs, View::columns(vs, keys, kvd, g * d, d), 1.0, Dst::Overwrite, Threads::Caller)?;
+                    matmul(
+                        dst,
+                        probs,
+                        View::columns(vs, keys, kvd, g * d, d),
+                        1.0,
+                        Dst::Overwrite,
+                        Threads::Caller,
+                    )?;
                 }
             }
             Ok::<(), ModelError>(())
@@ -385,34 +510,72 @@ impl<'a> Step<'a> {
         let per_head = head_probs(t);
         // dQ is written head by head, block by block; dK and dV are sums.
         let (mut dq, mut dk, mut dv) = (Buf::for_overwrite(q.len()), Buf::zeroed(k.len()), Buf::zeroed(v.len()));
-        let tasks = dq.par_chunks_mut(t * qd).zip(dk.par_chunks_mut(t * kvd)).zip(dv.par_chunks_mut(t * kvd)).enumerate();
-        tasks.with_min_len(self.min_len(1)).try_for_each(|(s, ((dq, dk), dv))| {
-            let (qs, ks, vs) = (&q[s * t * qd..(s + 1) * t * qd], &k[s * t * kvd..(s + 1) * t * kvd], &v[s * t * kvd..(s + 1) * t * kvd]);
-            let dos = &d_out[s * t * qd..(s + 1) * t * qd];
-            let mut ds = Buf::for_overwrite(ATTENTION_BLOCK * t);
-            for head in 0..self.heads {
-                let g = head / group;
-                let ph = &probs[(s * self.heads + head) * per_head..(s * self.heads + head + 1) * per_head];
-                for first in (0..t).step_by(ATTENTION_BLOCK) {
-                    let n = ATTENTION_BLOCK.min(t - first);
-                    let keys = first + n;
-                    let block = &ph[block_offset(first)..block_offset(first) + n * keys];
-                    let p = View::new(block, n, keys);
-                    let d_o = View::columns(dos, t, qd, head * d, d).rows(first, n);
-                    let k_head = View::columns(ks, keys, kvd, g * d, d);
-                    matmul(ViewMut::new(&mut ds, n, keys), d_o, View::columns(vs, keys, kvd, g * d, d).t(), 1.0, Dst::Overwrite, Threads::Caller)?;
-                    matmul(ViewMut::columns(dv, keys, kvd, g * d, d), p.t(), d_o, 1.0, Dst::Add, Threads::Caller)?;
-                    for (row, pr) in ds.chunks_exact_mut(keys).zip(block.chunks_exact(keys)) {
-                        crate::fused::softmax_grad_row(pr, row, scale);
+        let tasks = dq
+            .par_chunks_mut(t * qd)
+            .zip(dk.par_chunks_mut(t * kvd))
+            .zip(dv.par_chunks_mut(t * kvd))
+            .enumerate();
+        tasks
+            .with_min_len(self.min_len(1))
+            .try_for_each(|(s, ((dq, dk), dv))| {
+                let (qs, ks, vs) = (
+                    &q[s * t * qd..(s + 1) * t * qd],
+                    &k[s * t * kvd..(s + 1) * t * kvd],
+                    &v[s * t * kvd..(s + 1) * t * kvd],
+                );
+                let dos = &d_out[s * t * qd..(s + 1) * t * qd];
+                let mut ds = Buf::for_overwrite(ATTENTION_BLOCK * t);
+                for head in 0..self.heads {
+                    let g = head / group;
+                    let ph = &probs[(s * self.heads + head) * per_head..(s * self.heads + head + 1) * per_head];
+                    for first in (0..t).step_by(ATTENTION_BLOCK) {
+                        let n = ATTENTION_BLOCK.min(t - first);
+                        let keys = first + n;
+                        let block = &ph[block_offset(first)..block_offset(first) + n * keys];
+                        let p = View::new(block, n, keys);
+                        let d_o = View::columns(dos, t, qd, head * d, d).rows(first, n);
+                        let k_head = View::columns(ks, keys, kvd, g * d, d);
+                        matmul(
+                            ViewMut::new(&mut ds, n, keys),
+                            d_o,
+                            View::columns(vs, keys, kvd, g * d, d).t(),
+                            1.0,
+                            Dst::Overwrite,
+                            Threads::Caller,
+                        )?;
+                        matmul(
+                            ViewMut::columns(dv, keys, kvd, g * d, d),
+                            p.t(),
+                            d_o,
+                            1.0,
+                            Dst::Add,
+                            Threads::Caller,
+                        )?;
+                        for (row, pr) in ds.chunks_exact_mut(keys).zip(block.chunks_exact(keys)) {
+                            crate::fused::softmax_grad_row(pr, row, scale);
+                        }
+                        let d_s = View::new(&ds, n, keys);
+                        matmul(
+                            ViewMut::columns(dq, t, qd, head * d, d).rows(first, n),
+                            d_s,
+                            k_head,
+                            1.0,
+                            Dst::Overwrite,
+                            Threads::Caller,
+                        )?;
+                        let q_head = View::columns(qs, t, qd, head * d, d).rows(first, n);
+                        matmul(
+                            ViewMut::columns(dk, keys, kvd, g * d, d),
+                            d_s.t(),
+                            q_head,
+                            1.0,
+                            Dst::Add,
+                            Threads::Caller,
+                        )?;
                     }
-                    let d_s = View::new(&ds, n, keys);
-                    matmul(ViewMut::columns(dq, t, qd, head * d, d).rows(first, n), d_s, k_head, 1.0, Dst::Overwrite, Threads::Caller)?;
-                    let q_head = View::columns(qs, t, qd, head * d, d).rows(first, n);
-                    matmul(ViewMut::columns(dk, keys, kvd, g * d, d), d_s.t(), q_head, 1.0, Dst::Add, Threads::Caller)?;
                 }
-            }
-            Ok::<(), ModelError>(())
-        })?;
+                Ok::<(), ModelError>(())
+            })?;
         Ok((dq, dk, dv))
     }
 
@@ -420,7 +583,11 @@ impl<'a> Step<'a> {
     fn norm(&self, n: &RmsNorm, x: &[f32]) -> Result<(Buf, Buf)> {
         with_values(&n.weight, |w| {
             if w.is_empty() || !x.len().is_multiple_of(w.len()) {
-                return Err(ModelError::Decode(format!("rms norm of {} values with a weight of {}", x.len(), w.len())));
+                return Err(ModelError::Decode(format!(
+                    "rms norm of {} values with a weight of {}",
+                    x.len(),
+                    w.len()
+                )));
             }
             Ok(rms_norm(x, w, n.eps as f32, self.min_len(ROWS_PER_TASK)))
         })
@@ -433,7 +600,8 @@ impl<'a> Step<'a> {
             let h = w.len();
             let mut out = Buf::for_overwrite(x.len());
             let rows = out.par_chunks_mut(h).zip(x.par_chunks(h)).zip(inv.par_iter());
-            rows.with_min_len(self.min_len(ROWS_PER_TASK)).for_each(|((o, xr), &r)| crate::fused::normalize_row(xr, w, r, o));
+            rows.with_min_len(self.min_len(ROWS_PER_TASK))
+                .for_each(|((o, xr), &r)| crate::fused::normalize_row(xr, w, r, o));
             Ok(out)
         })
     }
@@ -443,7 +611,15 @@ impl<'a> Step<'a> {
     /// `scale` times it with respect to `x`. Rows of weight 0 (prompts, padding) get no logits
     /// at all, and a zero gradient. The targets are inside the vocabulary (checked once for the
     /// whole batch by [`CausalLm::loss_backward_by_hand`]).
-    fn head_back(&self, model: &CausalLm, x: &[f32], targets: &[u32], weights: &[f32], scale: f32, head_rows: usize) -> Result<(f64, Buf)> {
+    fn head_back(
+        &self,
+        model: &CausalLm,
+        x: &[f32],
+        targets: &[u32],
+        weights: &[f32],
+        scale: f32,
+        head_rows: usize,
+    ) -> Result<(f64, Buf)> {
         let (h, vocab) = (self.hidden, model.config.vocab_size);
         let trained: Vec<usize> = (0..targets.len()).filter(|&r| weights[r] != 0.0).collect();
         let head = model.head();
@@ -459,15 +635,34 @@ impl<'a> Step<'a> {
             let mut logits = Buf::for_overwrite(n * vocab);
             for_weight_slices(&head, |first, count, w| {
                 let dst = ViewMut::columns(&mut logits, n, vocab, first, count);
-                matmul(dst, View::new(&normed, n, h), View::new(w, count, h).t(), 1.0, Dst::Overwrite, self.threads)
+                matmul(
+                    dst,
+                    View::new(&normed, n, h),
+                    View::new(w, count, h).t(),
+                    1.0,
+                    Dst::Overwrite,
+                    self.threads,
+                )
             })?;
-            let tasks = logits.par_chunks_mut(vocab).zip(rows.par_iter()).with_min_len(self.min_len(1));
-            loss += tasks.map(|(row, &r)| crate::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale)).sum::<f64>();
+            let tasks = logits
+                .par_chunks_mut(vocab)
+                .zip(rows.par_iter())
+                .with_min_len(self.min_len(1));
+            loss += tasks
+                .map(|(row, &r)| crate::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale))
+                .sum::<f64>();
             let mut d_normed = Buf::for_overwrite(n * h);
             for_weight_slices(&head, |first, count, w| {
                 let mode = if first == 0 { Dst::Overwrite } else { Dst::Add };
                 let grad = View::columns(&logits, n, vocab, first, count);
-                matmul(ViewMut::new(&mut d_normed, n, h), grad, View::new(w, count, h), 1.0, mode, self.threads)
+                matmul(
+                    ViewMut::new(&mut d_normed, n, h),
+                    grad,
+                    View::new(w, count, h),
+                    1.0,
+                    mode,
+                    self.threads,
+                )
             })?;
             drop(logits);
             let mut d_picked = Buf::zeroed(n * h);
@@ -489,7 +684,11 @@ impl<'a> Step<'a> {
         let (a, m) = (&layer.attn, &layer.mlp);
         let mut lora: [Option<LoraTape>; 7] = Default::default();
         let (normed, inv_rms) = self.norm(&layer.input_norm, &input)?;
-        let (mut q, mut k, mut v) = (Buf::for_overwrite(rows * qd), Buf::for_overwrite(rows * kvd), Buf::for_overwrite(rows * kvd));
+        let (mut q, mut k, mut v) = (
+            Buf::for_overwrite(rows * qd),
+            Buf::for_overwrite(rows * kvd),
+            Buf::for_overwrite(rows * kvd),
+        );
         lora[TargetModule::QProj as usize] = self.project(&a.q, &normed, &mut q, Dst::Overwrite)?;
         lora[TargetModule::KProj as usize] = self.project(&a.k, &normed, &mut k, Dst::Overwrite)?;
         lora[TargetModule::VProj as usize] = self.project(&a.v, &normed, &mut v, Dst::Overwrite)?;
@@ -500,45 +699,122 @@ impl<'a> Step<'a> {
         let mut mid = Buf::copy_of(&input);
         lora[TargetModule::OProj as usize] = self.project(&a.o, &attn, &mut mid, Dst::Add)?;
         let (mid_normed, mid_inv_rms) = self.norm(&layer.post_attn_norm, &mid)?;
-        let (mut gate, mut up) = (Buf::for_overwrite(rows * self.intermediate), Buf::for_overwrite(rows * self.intermediate));
+        let (mut gate, mut up) = (
+            Buf::for_overwrite(rows * self.intermediate),
+            Buf::for_overwrite(rows * self.intermediate),
+        );
         lora[TargetModule::GateProj as usize] = self.project(&m.gate, &mid_normed, &mut gate, Dst::Overwrite)?;
         lora[TargetModule::UpProj as usize] = self.project(&m.up, &mid_normed, &mut up, Dst::Overwrite)?;
         drop(mid_normed);
         let (act, gate_sigmoid) = swiglu(&gate, &up, self.min_len(1));
         let mut out = Buf::copy_of(&mid);
         lora[TargetModule::DownProj as usize] = self.project(&m.down, &act, &mut out, Dst::Add)?;
-        let tape = LayerTape { input, inv_rms, q, k, v, probs, attn, mid, mid_inv_rms, gate, up, gate_sigmoid, lora };
+        let tape = LayerTape {
+            input,
+            inv_rms,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            mid,
+            mid_inv_rms,
+            gate,
+            up,
+            gate_sigmoid,
+            lora,
+        };
         Ok((out, tape))
     }
 
     /// Adds the adapter gradients of `layer` for the gradient `d_out` of its output into
     /// `grads`, and returns the gradient of its input when `input_grad` asks for it.
-    fn backward(&self, layer: &Layer, tape: LayerTape, d_out: &[f32], input_grad: bool, grads: &mut Vec<ModuleGrad>) -> Result<Option<Buf>> {
+    fn backward(
+        &self,
+        layer: &Layer,
+        tape: LayerTape,
+        d_out: &[f32],
+        input_grad: bool,
+        grads: &mut Vec<ModuleGrad>,
+    ) -> Result<Option<Buf>> {
         let rows = self.rows();
         let (a, m) = (&layer.attn, &layer.mlp);
-        let LayerTape { input, inv_rms, q, k, v, probs, attn, mid, mid_inv_rms, mut gate, mut up, gate_sigmoid, lora } = tape;
+        let LayerTape {
+            input,
+            inv_rms,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            mid,
+            mid_inv_rms,
+            mut gate,
+            mut up,
+            gate_sigmoid,
+            lora,
+        } = tape;
         let tape_of = |module: TargetModule| lora[module as usize].as_ref();
 
         let act = swiglu_from(&gate, &up, &gate_sigmoid, self.min_len(1));
         let mut d_act = Buf::for_overwrite(rows * self.intermediate);
-        self.project_back(&m.down, d_out, &act, tape_of(TargetModule::DownProj), Some(&mut d_act), Dst::Overwrite, grads)?;
+        self.project_back(
+            &m.down,
+            d_out,
+            &act,
+            tape_of(TargetModule::DownProj),
+            Some(&mut d_act),
+            Dst::Overwrite,
+            grads,
+        )?;
         drop(act);
         swiglu_back_in_place(&mut gate, &mut up, &gate_sigmoid, &d_act, self.min_len(1));
         drop((d_act, gate_sigmoid));
         let mid_normed = self.renorm(&layer.post_attn_norm, &mid, &mid_inv_rms)?;
         let mut d_mid_normed = Buf::for_overwrite(rows * self.hidden);
-        self.project_back(&m.gate, &gate, &mid_normed, tape_of(TargetModule::GateProj), Some(&mut d_mid_normed), Dst::Overwrite, grads)?;
-        self.project_back(&m.up, &up, &mid_normed, tape_of(TargetModule::UpProj), Some(&mut d_mid_normed), Dst::Add, grads)?;
+        self.project_back(
+            &m.gate,
+            &gate,
+            &mid_normed,
+            tape_of(TargetModule::GateProj),
+            Some(&mut d_mid_normed),
+            Dst::Overwrite,
+            grads,
+        )?;
+        self.project_back(
+            &m.up,
+            &up,
+            &mid_normed,
+            tape_of(TargetModule::UpProj),
+            Some(&mut d_mid_normed),
+            Dst::Add,
+            grads,
+        )?;
         drop((gate, up, mid_normed));
         let mut d_mid = Buf::copy_of(d_out);
         with_values(&layer.post_attn_norm.weight, |w| {
-            rms_norm_back_add(&mut d_mid, &mid, &mid_inv_rms, w, &d_mid_normed, self.min_len(ROWS_PER_TASK));
+            rms_norm_back_add(
+                &mut d_mid,
+                &mid,
+                &mid_inv_rms,
+                w,
+                &d_mid_normed,
+                self.min_len(ROWS_PER_TASK),
+            );
             Ok(())
         })?;
         drop((mid, d_mid_normed));
 
         let mut d_attn = Buf::for_overwrite(attn.len());
-        self.project_back(&a.o, &d_mid, &attn, tape_of(TargetModule::OProj), Some(&mut d_attn), Dst::Overwrite, grads)?;
+        self.project_back(
+            &a.o,
+            &d_mid,
+            &attn,
+            tape_of(TargetModule::OProj),
+            Some(&mut d_attn),
+            Dst::Overwrite,
+            grads,
+        )?;
         drop(attn);
         let (mut dq, mut dk, dv) = self.attention_back(&q, &k, &v, &probs, &d_attn)?;
         drop((q, k, v, probs, d_attn));
@@ -554,13 +830,24 @@ impl<'a> Step<'a> {
             return Ok(None);
         }
         let mut d_normed = Buf::for_overwrite(rows * self.hidden);
-        let parts = [(&a.q, &dq, Dst::Overwrite), (&a.k, &dk, Dst::Add), (&a.v, &dv, Dst::Add)];
+        let parts = [
+            (&a.q, &dq, Dst::Overwrite),
+            (&a.k, &dk, Dst::Add),
+            (&a.v, &dv, Dst::Add),
+        ];
         for (p, d, mode) in parts {
             self.project_back(p, d, &normed, tape_of(p.module), Some(&mut d_normed), mode, grads)?;
         }
         let mut d_input = d_mid;
         with_values(&layer.input_norm.weight, |w| {
-            rms_norm_back_add(&mut d_input, &input, &inv_rms, w, &d_normed, self.min_len(ROWS_PER_TASK));
+            rms_norm_back_add(
+                &mut d_input,
+                &input,
+                &inv_rms,
+                w,
+                &d_normed,
+                self.min_len(ROWS_PER_TASK),
+            );
             Ok(())
         })?;
         Ok(Some(d_input))
@@ -573,16 +860,24 @@ impl CausalLm {
     pub(crate) fn trains_by_hand(&self, adapter: &ActiveAdapter) -> bool {
         let f32_cpu = |t: &Tensor| crate::fused::fusable(t);
         let weights_ok = self.layers.iter().all(|l| {
-            crate::lora::TargetModule::ALL.iter().all(|&m| match &l.projection(m).weight {
-                BaseWeight::Dense(t) => f32_cpu(t),
-                BaseWeight::Nf4(_) => true,
-                BaseWeight::Int8(_) => false,
-            })
+            crate::lora::TargetModule::ALL
+                .iter()
+                .all(|&m| match &l.projection(m).weight {
+                    BaseWeight::Dense(t) => f32_cpu(t),
+                    BaseWeight::Nf4(_) => true,
+                    BaseWeight::Int8(_) => false,
+                })
         });
         weights_ok && f32_cpu(&self.norm.weight) && adapter.adapter.pairs().all(|(_, p)| f32_cpu(&p.a) && f32_cpu(&p.b))
     }
 
-    fn by_hand_step<'a>(&self, batch: usize, seq: usize, adapter: &ActiveAdapter<'a>, threads: Threads) -> Result<Step<'a>> {
+    fn by_hand_step<'a>(
+        &self,
+        batch: usize,
+        seq: usize,
+        adapter: &ActiveAdapter<'a>,
+        threads: Threads,
+    ) -> Result<Step<'a>> {
         let c = &self.config;
         let (cos, sin) = self.rope.tables(0, seq, &Device::Cpu)?;
         Ok(Step {
@@ -613,17 +908,27 @@ impl CausalLm {
     /// single-threaded products of half the rows also run faster per thread than
     /// two-threaded ones of all rows. With fewer sequences than threads, there is a part per
     /// sequence and their work shares the pool.
-    pub(crate) fn loss_backward_by_hand(&self, batch: &LossBatch, step: &CheckpointedStep, checkpointed: bool) -> Result<(f64, Vec<GradStore>)> {
+    pub(crate) fn loss_backward_by_hand(
+        &self,
+        batch: &LossBatch,
+        step: &CheckpointedStep,
+        checkpointed: bool,
+    ) -> Result<(f64, Vec<GradStore>)> {
         let (b, t) = batch.input_ids.dims2()?;
         if b == 0 || t == 0 {
-            return Err(ModelError::Decode(format!("a training step of an empty batch ({b} x {t} tokens)")));
+            return Err(ModelError::Decode(format!(
+                "a training step of an empty batch ({b} x {t} tokens)"
+            )));
         }
         let h = self.config.hidden_size;
         let targets = batch.targets.to_vec1::<u32>()?;
         let weights = batch.weights.to_vec1::<f32>()?;
         let vocab = self.config.vocab_size;
         if let Some(row) = targets.iter().position(|&t| t as usize >= vocab) {
-            return Err(ModelError::Decode(format!("loss row {row} targets token {} of a {vocab}-token vocabulary", targets[row])));
+            return Err(ModelError::Decode(format!(
+                "loss row {row} targets token {} of a {vocab}-token vocabulary",
+                targets[row]
+            )));
         }
         let embedded = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
         crate::scratch::set_pooling(!checkpointed);
@@ -632,12 +937,19 @@ impl CausalLm {
         // pool instead, so no thread idles.
         let pool = rayon::current_num_threads().max(1);
         let count = pool.min(b);
-        let threads = if count > 1 && count == pool { Threads::Caller } else { Threads::Pool };
+        let threads = if count > 1 && count == pool {
+            Threads::Caller
+        } else {
+            Threads::Pool
+        };
         let mut parts = Vec::with_capacity(count);
         for p in 0..count {
             let sequences = p * b / count..(p + 1) * b / count;
             let rows = sequences.start * t..sequences.end * t;
-            let adapter = ActiveAdapter { first_row: step.adapter.first_row + rows.start, ..step.adapter };
+            let adapter = ActiveAdapter {
+                first_row: step.adapter.first_row + rows.start,
+                ..step.adapter
+            };
             parts.push(Part {
                 step: self.by_hand_step(sequences.len(), t, &adapter, threads)?,
                 x: Buf::copy_of(&embedded[rows.start * h..rows.end * h]),
@@ -651,7 +963,9 @@ impl CausalLm {
         drop(embedded);
         for layer in &self.layers {
             parts.par_iter_mut().try_for_each(|part| {
-                let (out, tape) = part.step.forward(layer, std::mem::replace(&mut part.x, Buf::for_overwrite(0)))?;
+                let (out, tape) = part
+                    .step
+                    .forward(layer, std::mem::replace(&mut part.x, Buf::for_overwrite(0)))?;
                 if checkpointed {
                     part.inputs.push(tape.input);
                 } else {
@@ -665,7 +979,14 @@ impl CausalLm {
         let head_rows = step.head_rows.div_ceil(count);
         parts.par_iter_mut().try_for_each(|part| {
             let rows = part.rows.clone();
-            let (loss, grad) = part.step.head_back(self, &part.x, &targets[rows.clone()], &weights[rows], step.loss_scale as f32, head_rows)?;
+            let (loss, grad) = part.step.head_back(
+                self,
+                &part.x,
+                &targets[rows.clone()],
+                &weights[rows],
+                step.loss_scale as f32,
+                head_rows,
+            )?;
             part.loss = loss;
             part.x = grad;
             Ok::<(), ModelError>(())
@@ -692,7 +1013,12 @@ impl CausalLm {
     }
 
     /// The parts' adapter gradients added up, as one store per layer or one for all.
-    fn sum_parts(&self, parts: Vec<Part>, adapter: &crate::lora::LoraAdapter, per_layer: bool) -> Result<Vec<GradStore>> {
+    fn sum_parts(
+        &self,
+        parts: Vec<Part>,
+        adapter: &crate::lora::LoraAdapter,
+        per_layer: bool,
+    ) -> Result<Vec<GradStore>> {
         let mut sums: std::collections::BTreeMap<(usize, TargetModule), (Vec<f32>, Vec<f32>)> = Default::default();
         for part in parts {
             for (layer, grads) in part.grads {
@@ -709,9 +1035,16 @@ impl CausalLm {
                 }
             }
         }
-        let mut stores: Vec<GradStore> = (0..if per_layer { self.layers.len() } else { 1 }).map(|_| GradStore::default()).collect();
+        let mut stores: Vec<GradStore> = (0..if per_layer { self.layers.len() } else { 1 })
+            .map(|_| GradStore::default())
+            .collect();
         for ((layer, module), (a, b)) in sums {
-            let pair = adapter.get(layer, module).ok_or_else(|| ModelError::Decode(format!("a gradient for layer {layer} {} without an adapter pair", module.name())))?;
+            let pair = adapter.get(layer, module).ok_or_else(|| {
+                ModelError::Decode(format!(
+                    "a gradient for layer {layer} {} without an adapter pair",
+                    module.name()
+                ))
+            })?;
             let store = &mut stores[if per_layer { layer } else { 0 }];
             store.insert(&pair.a, Tensor::from_vec(a, pair.a.shape(), &Device::Cpu)?);
             store.insert(&pair.b, Tensor::from_vec(b, pair.b.shape(), &Device::Cpu)?);
@@ -756,7 +1089,9 @@ mod tests {
         config.sliding_window = Some(40);
         let mut weights = crate::tiny::random_weights(&config, 3).expect("weights");
         let noise = |n: usize, seed: u64, base: f32| -> Tensor {
-            let values = (0..n).map(|i| base + 0.2 * ((i as f32 * 0.77 + seed as f32).sin())).collect::<Vec<f32>>();
+            let values = (0..n)
+                .map(|i| base + 0.2 * ((i as f32 * 0.77 + seed as f32).sin()))
+                .collect::<Vec<f32>>();
             Tensor::from_vec(values, n, &Device::Cpu).expect("noise")
         };
         for layer in 0..config.num_hidden_layers {
@@ -765,7 +1100,10 @@ mod tests {
                 weights.insert(name, noise(m.shape(&config).1, (layer * 7 + i) as u64, 0.0));
             }
             for (i, norm) in ["input_layernorm", "post_attention_layernorm"].into_iter().enumerate() {
-                weights.insert(format!("model.layers.{layer}.{norm}.weight"), noise(config.hidden_size, (layer * 2 + i) as u64, 1.0));
+                weights.insert(
+                    format!("model.layers.{layer}.{norm}.weight"),
+                    noise(config.hidden_size, (layer * 2 + i) as u64, 1.0),
+                );
             }
         }
         let vb = VarBuilder::from_tensors(weights.into_iter().collect(), candle_core::DType::F32, &Device::Cpu);
@@ -797,30 +1135,46 @@ mod tests {
             BaseWeight::Nf4(q) => q.row_slices().map(|s| s.len()).unwrap_or(0),
             _ => 0,
         };
-        assert!(sliced(TargetModule::GateProj) > 1 && sliced(TargetModule::DownProj) > 1, "the MLP weights are sliced");
+        assert!(
+            sliced(TargetModule::GateProj) > 1 && sliced(TargetModule::DownProj) > 1,
+            "the MLP weights are sliced"
+        );
         by_hand_equals_the_graph(&model, 2, 12)
     }
 
     fn by_hand_equals_the_graph(model: &CausalLm, batch_size: usize, seq: usize) -> Result<()> {
         let config = model.config().clone();
-        let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: TargetModule::ALL.to_vec() };
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.2,
+            target_modules: TargetModule::ALL.to_vec(),
+        };
         let (adapter, vars) = LoraAdapter::init_trainable(&config, lora, 5, &Device::Cpu)?;
         // B random rather than zero, so every path carries a delta; seeded, so every run
         // checks the same values.
         for (i, v) in vars.iter().enumerate().filter(|(_, v)| v.name.contains("lora_B")) {
             use rand::{Rng, SeedableRng};
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64);
-            let values: Vec<f32> = (0..v.var.elem_count()).map(|_| rng.random_range(-0.17f32..0.17)).collect();
+            let values: Vec<f32> = (0..v.var.elem_count())
+                .map(|_| rng.random_range(-0.17f32..0.17))
+                .collect();
             v.var.set(&Tensor::from_vec(values, v.var.shape(), &Device::Cpu)?)?;
         }
-        let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(9), first_row: 0 };
+        let active = ActiveAdapter {
+            adapter: &adapter,
+            dropout_seed: Some(9),
+            first_row: 0,
+        };
         assert!(model.trains_by_hand(&active));
 
         let rows = batch_size * seq;
         let ids: Vec<u32> = (0..rows).map(|i| ((i * 37 + 11) % config.vocab_size) as u32).collect();
         let input = Tensor::from_vec(ids.clone(), (batch_size, seq), &Device::Cpu)?;
         let targets: Vec<u32> = (0..rows).map(|i| ids[(i + 1) % rows]).collect();
-        let weights: Vec<f32> = (0..rows).map(|i| if i % seq > seq / 7 && i % 3 != 0 { 1.0 } else { 0.0 }).collect();
+        let weights: Vec<f32> = (0..rows)
+            .map(|i| if i % seq > seq / 7 && i % 3 != 0 { 1.0 } else { 0.0 })
+            .collect();
         let targets = Tensor::from_vec(targets, rows, &Device::Cpu)?;
         let weights = Tensor::from_vec(weights, rows, &Device::Cpu)?;
         let scale = 0.01;
@@ -828,21 +1182,42 @@ mod tests {
         // The reference: candle's graph over the whole batch's logits.
         let logits = model.forward(&input, 0, None, Some(&active))?.reshape((rows, ()))?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let sum = (logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)? * &weights)?.sum_all()?.neg()?;
+        let sum = (logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)? * &weights)?
+            .sum_all()?
+            .neg()?;
         let want_loss = sum.to_scalar::<f32>()? as f64;
         let want = (sum * scale)?.backward()?;
 
-        let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
-        let step = CheckpointedStep { adapter: active, loss_scale: scale, head_rows: 64, recompute_sequences: 0 };
+        let batch = LossBatch {
+            input_ids: &input,
+            targets: &targets,
+            weights: &weights,
+        };
+        let step = CheckpointedStep {
+            adapter: active,
+            loss_scale: scale,
+            head_rows: 64,
+            recompute_sequences: 0,
+        };
         for checkpointed in [false, true] {
             let (loss, stores) = model.loss_backward_by_hand(&batch, &step, checkpointed)?;
-            assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "loss {loss} vs {want_loss}");
+            assert!(
+                (loss - want_loss).abs() < 1e-4 * want_loss.abs(),
+                "loss {loss} vs {want_loss}"
+            );
             for v in &vars {
                 let expected = want.get(v.var.as_tensor()).expect("graph gradient");
-                let got = stores.iter().find_map(|s| s.get(v.var.as_tensor())).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+                let got = stores
+                    .iter()
+                    .find_map(|s| s.get(v.var.as_tensor()))
+                    .unwrap_or_else(|| panic!("no gradient for {}", v.name));
                 let size = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 let diff = (expected - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                assert!(size > 0.0 && diff <= 1e-4 * size, "{} (checkpointed {checkpointed}): differs by {diff}, largest {size}", v.name);
+                assert!(
+                    size > 0.0 && diff <= 1e-4 * size,
+                    "{} (checkpointed {checkpointed}): differs by {diff}, largest {size}",
+                    v.name
+                );
             }
         }
         Ok(())
@@ -854,17 +1229,41 @@ mod tests {
     fn a_target_past_the_vocabulary_is_an_error_naming_the_row() -> Result<()> {
         let model = model();
         let vocab = model.config().vocab_size as u32;
-        let lora = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec![TargetModule::QProj] };
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec![TargetModule::QProj],
+        };
         let (adapter, _vars) = LoraAdapter::init_trainable(model.config(), lora, 1, &Device::Cpu)?;
         let input = Tensor::from_vec(vec![1u32, 2, 3, 4, 5, 6], (2, 3), &Device::Cpu)?;
         let targets = Tensor::from_vec(vec![2u32, 3, 0, 5, vocab, 0], 6, &Device::Cpu)?;
         let weights = Tensor::from_vec(vec![1f32, 1.0, 0.0, 1.0, 1.0, 0.0], 6, &Device::Cpu)?;
-        let batch = LossBatch { input_ids: &input, targets: &targets, weights: &weights };
-        let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
-        let step = CheckpointedStep { adapter: active, loss_scale: 1.0, head_rows: 4, recompute_sequences: 0 };
+        let batch = LossBatch {
+            input_ids: &input,
+            targets: &targets,
+            weights: &weights,
+        };
+        let active = ActiveAdapter {
+            adapter: &adapter,
+            dropout_seed: None,
+            first_row: 0,
+        };
+        let step = CheckpointedStep {
+            adapter: active,
+            loss_scale: 1.0,
+            head_rows: 4,
+            recompute_sequences: 0,
+        };
         for checkpointed in [false, true] {
-            let err = model.loss_backward_by_hand(&batch, &step, checkpointed).expect_err("target past the vocabulary").to_string();
-            assert!(err.contains(&format!("row 4 targets token {vocab} of a {vocab}-token vocabulary")), "{err}");
+            let err = model
+                .loss_backward_by_hand(&batch, &step, checkpointed)
+                .expect_err("target past the vocabulary")
+                .to_string();
+            assert!(
+                err.contains(&format!("row 4 targets token {vocab} of a {vocab}-token vocabulary")),
+                "{err}"
+            );
         }
         Ok(())
     }
@@ -880,15 +1279,30 @@ mod tests {
     #[test]
     fn rope_backward_undoes_the_forward_rotation() {
         let spec = crate::tiny::TinySpec::default().config();
-        let adapter = LoraAdapter::from_pairs(LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, target_modules: vec![TargetModule::QProj] }, Default::default());
-        let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+        let adapter = LoraAdapter::from_pairs(
+            LoraConfig {
+                r: 1,
+                alpha: 1.0,
+                dropout: 0.0,
+                target_modules: vec![TargetModule::QProj],
+            },
+            Default::default(),
+        );
+        let active = ActiveAdapter {
+            adapter: &adapter,
+            dropout_seed: None,
+            first_row: 0,
+        };
         let model = model();
         let step = model.by_hand_step(2, 5, &active, Threads::Pool).expect("step");
         let d = spec.head_dim();
         let x: Vec<f32> = (0..2 * 5 * 3 * d).map(|i| (i as f32 * 0.31).cos()).collect();
         let mut y = x.clone();
         step.rope(&mut y, 3, false);
-        assert!(y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3), "positions past 0 rotate");
+        assert!(
+            y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3),
+            "positions past 0 rotate"
+        );
         step.rope(&mut y, 3, true);
         assert!(y.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-5));
     }

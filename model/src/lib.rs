@@ -42,10 +42,10 @@ pub mod rope;
 mod scratch;
 mod small_rows;
 mod softmax;
-mod vnni;
 pub mod tensors;
 pub mod threads;
 pub mod tiny;
+mod vnni;
 
 pub use cache::KvCache;
 pub use config::Config;

@@ -78,7 +78,12 @@ impl Projection {
         let vb = vb.pp(module.name());
         let weight = store.store(vb.get((out, fan_in), "weight")?)?;
         let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
-        Ok(Self { weight, bias, layer, module })
+        Ok(Self {
+            weight,
+            bias,
+            layer,
+            module,
+        })
     }
 
     /// `x` is (batch, seq, in); the result is (batch, seq, out).
@@ -202,7 +207,15 @@ const SMALL_ROWS: usize = 32;
 fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out, k_w) = w.dims2()?;
     crate::fused::with_f32(w, "matmul weight", |ws| {
-        crate::small_rows::product(x, &crate::small_rows::Weight { values: ws, scales: None }, out, k_w)
+        crate::small_rows::product(
+            x,
+            &crate::small_rows::Weight {
+                values: ws,
+                scales: None,
+            },
+            out,
+            k_w,
+        )
     })
 }
 
@@ -235,12 +248,15 @@ impl FrozenMatmul {
     ) -> candle_core::Result<(S, Shape)> {
         let w = self.weight.dense().map_err(candle_core::Error::wrap)?;
         let (storage, w_layout) = w.storage_and_layout();
-        let w_storage = pick(&storage)
-            .ok_or_else(|| candle_core::Error::Msg("frozen matmul: the weight is on another device than its input".into()))?;
+        let w_storage = pick(&storage).ok_or_else(|| {
+            candle_core::Error::Msg("frozen matmul: the weight is on another device than its input".into())
+        })?;
         let (m, k) = x_layout.shape().dims2()?;
         let (n, k_w) = w_layout.shape().dims2()?;
         if k != k_w {
-            return Err(candle_core::Error::Msg(format!("frozen matmul: input has {k} features, the weight {k_w}")));
+            return Err(candle_core::Error::Msg(format!(
+                "frozen matmul: input has {k} features, the weight {k_w}"
+            )));
         }
         let y = x.matmul(w_storage, (1, m, n, k), x_layout, &w_layout.transpose(0, 1)?)?;
         Ok((y, Shape::from((m, n))))
@@ -286,7 +302,11 @@ impl CustomOp1 for FrozenMatmul {
 
     /// d(x w^T)/dx = grad w; the weight gets no gradient.
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.weight.grad_matmul(&grad.contiguous()?).map_err(candle_core::Error::wrap)?))
+        Ok(Some(
+            self.weight
+                .grad_matmul(&grad.contiguous()?)
+                .map_err(candle_core::Error::wrap)?,
+        ))
     }
 }
 
@@ -300,7 +320,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub(crate) fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps })
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
     }
 }
 
@@ -329,7 +352,14 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor) -> bool {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         diff < 1e-4
     }
 
@@ -356,13 +386,19 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 64), &dev)?)?;
         let w = Tensor::randn(0f32, 1., (3, 64), &dev)?;
         let nf4 = crate::nf4::Nf4Tensor::quantize(&w)?;
-        for (weight, dense) in [(BaseWeight::Dense(w.clone()), w.clone()), (BaseWeight::Nf4(nf4.clone()), nf4.dequantize()?)] {
+        for (weight, dense) in [
+            (BaseWeight::Dense(w.clone()), w.clone()),
+            (BaseWeight::Nf4(nf4.clone()), nf4.dequantize()?),
+        ] {
             let ours = frozen_matmul(x.as_tensor(), &weight)?;
             let plain = x.as_tensor().matmul(&dense.t()?)?;
             assert!(close(&ours, &plain));
             let g_ours = ours.sqr()?.sum_all()?.backward()?;
             let g_plain = plain.sqr()?.sum_all()?.backward()?;
-            let (a, b) = (g_ours.get(x.as_tensor()).expect("grad"), g_plain.get(x.as_tensor()).expect("grad"));
+            let (a, b) = (
+                g_ours.get(x.as_tensor()).expect("grad"),
+                g_plain.get(x.as_tensor()).expect("grad"),
+            );
             assert!(close(a, b));
         }
         Ok(())
@@ -384,7 +420,10 @@ mod tests {
         assert!(close(&ours, &plain));
         let g_ours = ours.sqr()?.sum_all()?.backward()?;
         let g_plain = plain.sqr()?.sum_all()?.backward()?;
-        assert!(close(g_ours.get(x.as_tensor()).expect("grad"), g_plain.get(x.as_tensor()).expect("grad")));
+        assert!(close(
+            g_ours.get(x.as_tensor()).expect("grad"),
+            g_plain.get(x.as_tensor()).expect("grad")
+        ));
         let no_graph = frozen_matmul(&x.as_tensor().detach(), &BaseWeight::Nf4(nf4))?;
         assert!(!no_graph.track_op());
         assert!(close(&no_graph, &plain));

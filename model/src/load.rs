@@ -31,7 +31,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, base: BaseFormat::Dense }
+        Self {
+            device: Device::Cpu,
+            base: BaseFormat::Dense,
+        }
     }
 }
 
@@ -46,13 +49,18 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Err(ModelError::NoWeights { dir: dir.into() });
     }
     let text = std::fs::read_to_string(&index).map_err(ModelError::io(&index))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::InvalidConfig {
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
         path: index.clone(),
-        field: "weight_map".into(),
-        reason: "missing or not an object".into(),
+        source,
     })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::InvalidConfig {
+            path: index.clone(),
+            field: "weight_map".into(),
+            reason: "missing or not an object".into(),
+        })?;
     let mut files = BTreeSet::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| ModelError::InvalidConfig {
@@ -71,8 +79,10 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
     // nobody rewriting a model file while it is loaded.
-    let mapped = unsafe { crate::mapped::MappedSafetensors::open(&files) }
-        .map_err(|source| ModelError::Weights { path: dir.into(), source })?;
+    let mapped = unsafe { crate::mapped::MappedSafetensors::open(&files) }.map_err(|source| ModelError::Weights {
+        path: dir.into(),
+        source,
+    })?;
     let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(mapped);
     let vb = VarBuilder::from_backend(backend, DType::F32, options.device.clone());
     let model = match options.base {
@@ -84,7 +94,10 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
         }),
     }
     .map_err(|e| match e {
-        ModelError::Candle(source) => ModelError::Weights { path: dir.into(), source },
+        ModelError::Candle(source) => ModelError::Weights {
+            path: dir.into(),
+            source,
+        },
         other => other,
     })?;
     Ok((config, model))

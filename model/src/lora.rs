@@ -99,7 +99,10 @@ impl LoraConfig {
             return Err(ModelError::Adapter("lora r must be positive".into()));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(ModelError::Adapter(format!("lora dropout {} is not in [0, 1)", self.dropout)));
+            return Err(ModelError::Adapter(format!(
+                "lora dropout {} is not in [0, 1)",
+                self.dropout
+            )));
         }
         if self.target_modules.is_empty() {
             return Err(ModelError::Adapter("lora target_modules is empty".into()));
@@ -129,7 +132,11 @@ pub struct NamedVar {
 
 /// PEFT's tensor name for A (`which == "A"`) or B of a projection.
 pub fn peft_name(layer: usize, module: TargetModule, which: &str) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{which}.weight", module.parent(), module.name())
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}.lora_{which}.weight",
+        module.parent(),
+        module.name()
+    )
 }
 
 impl LoraAdapter {
@@ -154,12 +161,26 @@ impl LoraAdapter {
             for &module in &config.target_modules {
                 let (fan_in, out) = module.shape(model);
                 let bound = 1.0 / (fan_in as f32).sqrt();
-                let values: Vec<f32> = (0..config.r * fan_in).map(|_| rng.random_range(-bound..bound)).collect();
+                let values: Vec<f32> = (0..config.r * fan_in)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
                 let a = Var::from_tensor(&Tensor::from_vec(values, (config.r, fan_in), device)?)?;
                 let b = Var::zeros((out, config.r), DType::F32, device)?;
-                pairs.insert((layer, module), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
-                vars.push(NamedVar { name: peft_name(layer, module, "A"), var: a });
-                vars.push(NamedVar { name: peft_name(layer, module, "B"), var: b });
+                pairs.insert(
+                    (layer, module),
+                    LoraPair {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                    },
+                );
+                vars.push(NamedVar {
+                    name: peft_name(layer, module, "A"),
+                    var: a,
+                });
+                vars.push(NamedVar {
+                    name: peft_name(layer, module, "B"),
+                    var: b,
+                });
             }
         }
         vars.sort_by(|x, y| x.name.cmp(&y.name));
@@ -169,8 +190,23 @@ impl LoraAdapter {
     /// The same adapter with tensors cut from the autograd graph (sharing their storage): a
     /// forward through it records nothing, so its intermediates are freed as it goes.
     pub fn detached(&self) -> Self {
-        let pairs = self.pairs.iter().map(|(&k, p)| (k, LoraPair { a: p.a.detach(), b: p.b.detach() })).collect();
-        Self { config: self.config.clone(), pairs }
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(&k, p)| {
+                (
+                    k,
+                    LoraPair {
+                        a: p.a.detach(),
+                        b: p.b.detach(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            config: self.config.clone(),
+            pairs,
+        }
     }
 
     pub fn get(&self, layer: usize, module: TargetModule) -> Option<&LoraPair> {
@@ -265,20 +301,32 @@ impl ActiveAdapter<'_> {
     /// 0 (probability p) or 1/(1-p); None when not training or p is 0. The stream runs over
     /// the elements of the whole batch in order; these rows take their part from
     /// `first_row`, so a batch recomputed in parts draws the masks of the whole.
-    pub(crate) fn dropout_mask(&self, layer: usize, module: TargetModule, rows: usize, cols: usize) -> Option<Vec<f32>> {
+    pub(crate) fn dropout_mask(
+        &self,
+        layer: usize,
+        module: TargetModule,
+        rows: usize,
+        cols: usize,
+    ) -> Option<Vec<f32>> {
         let p = self.adapter.config.dropout;
         let seed = self.dropout_seed.filter(|_| p > 0.0)?;
         let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(seed, layer as u64), module.index()));
         // Each f64 draw takes two 32-bit words of the stream.
         rng.set_word_pos(2 * cols as u128 * self.first_row as u128);
         let keep = (1.0 / (1.0 - p)) as f32;
-        Some((0..rows * cols).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect())
+        Some(
+            (0..rows * cols)
+                .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+                .collect(),
+        )
     }
 }
 
 /// SplitMix64 step combining two values into a well-spread seed.
 pub fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = a ^ b
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

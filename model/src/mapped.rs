@@ -37,16 +37,25 @@ impl MappedSafetensors {
         let mut entries = HashMap::new();
         for (i, path) in files.iter().enumerate() {
             let path = path.as_ref();
-            let file = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+            let file =
+                std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
             // SAFETY: read-only mapping; the caller promises the file is not rewritten.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+            let map =
+                unsafe { Mmap::map(&file) }.map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
             let st = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| candle_core::Error::Msg(format!("{}: not a safetensors file: {e}", path.display())))?;
             for (name, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
-                let entry = Entry { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), range: start..start + view.data().len() };
+                let entry = Entry {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    range: start..start + view.data().len(),
+                };
                 if entries.insert(name.clone(), entry).is_some() {
-                    return Err(candle_core::Error::Msg(format!("tensor {name} is stored in more than one file")));
+                    return Err(candle_core::Error::Msg(format!(
+                        "tensor {name} is stored in more than one file"
+                    )));
                 }
             }
             maps.push(map);
@@ -55,7 +64,10 @@ impl MappedSafetensors {
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         let map = &self.maps[entry.file];
         let bytes = &map[entry.range.clone()];
         let view = safetensors::tensor::TensorView::new(entry.dtype, entry.shape.clone(), bytes)

@@ -21,21 +21,43 @@ pub(crate) struct View<'a> {
 impl<'a> View<'a> {
     /// `rows` x `cols` stored row after row.
     pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows, cols, rs: cols, cs: 1 }
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// Columns `first..first + cols` of a row-major matrix whose rows are `stride` apart.
     pub(crate) fn columns(data: &'a [f32], rows: usize, stride: usize, first: usize, cols: usize) -> Self {
-        Self { data: data.get(first..).unwrap_or(&[]), rows, cols, rs: stride, cs: 1 }
+        Self {
+            data: data.get(first..).unwrap_or(&[]),
+            rows,
+            cols,
+            rs: stride,
+            cs: 1,
+        }
     }
 
     pub(crate) fn t(self) -> Self {
-        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
     }
 
     /// Rows `first..first + rows` of this view.
     pub(crate) fn rows(self, first: usize, rows: usize) -> Self {
-        Self { data: self.data.get(first * self.rs..).unwrap_or(&[]), rows, ..self }
+        Self {
+            data: self.data.get(first * self.rs..).unwrap_or(&[]),
+            rows,
+            ..self
+        }
     }
 
     fn fits(&self) -> bool {
@@ -54,7 +76,13 @@ pub(crate) struct ViewMut<'a> {
 
 impl<'a> ViewMut<'a> {
     pub(crate) fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows, cols, rs: cols, cs: 1 }
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// As [`View::columns`].
@@ -63,7 +91,13 @@ impl<'a> ViewMut<'a> {
             Some(d) => d,
             None => &mut [],
         };
-        Self { data, rows, cols, rs: stride, cs: 1 }
+        Self {
+            data,
+            rows,
+            cols,
+            rs: stride,
+            cs: 1,
+        }
     }
 
     /// As [`View::rows`].
@@ -160,11 +194,15 @@ mod tests {
     use super::*;
 
     fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        (0..m * n).map(|idx| (0..k).map(|p| a[idx / n * k + p] * b[p * n + idx % n]).sum()).collect()
+        (0..m * n)
+            .map(|idx| (0..k).map(|p| a[idx / n * k + p] * b[p * n + idx % n]).sum())
+            .collect()
     }
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * 0.37 + seed).sin() * 10.0).round() / 4.0).collect()
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() * 10.0).round() / 4.0)
+            .collect()
     }
 
     #[test]
@@ -175,19 +213,47 @@ mod tests {
         let want = naive(&a, &b, m, k, n);
 
         let mut out = vec![f32::NAN; m * n];
-        matmul(ViewMut::new(&mut out, m, n), View::new(&a, m, k), View::new(&b, k, n), 1.0, Dst::Overwrite, Threads::Pool)?;
+        matmul(
+            ViewMut::new(&mut out, m, n),
+            View::new(&a, m, k),
+            View::new(&b, k, n),
+            1.0,
+            Dst::Overwrite,
+            Threads::Pool,
+        )?;
         assert_eq!(out, want);
 
         // b given as its transpose (n x k), read through a transposed view.
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let mut out2 = vec![1.0; m * n];
-        matmul(ViewMut::new(&mut out2, m, n), View::new(&a, m, k), View::new(&bt, n, k).t(), 2.0, Dst::Add, Threads::Caller)?;
+        matmul(
+            ViewMut::new(&mut out2, m, n),
+            View::new(&a, m, k),
+            View::new(&bt, n, k).t(),
+            2.0,
+            Dst::Add,
+            Threads::Caller,
+        )?;
         assert_eq!(out2, want.iter().map(|v| 1.0 + 2.0 * v).collect::<Vec<_>>());
 
         // a as columns 2..5 of a wider matrix; the product into columns 1..5 of a wider one.
-        let wide: Vec<f32> = (0..m).flat_map(|i| [9.0, 9.0].into_iter().chain(a[i * k..(i + 1) * k].iter().copied()).chain([9.0])).collect();
+        let wide: Vec<f32> = (0..m)
+            .flat_map(|i| {
+                [9.0, 9.0]
+                    .into_iter()
+                    .chain(a[i * k..(i + 1) * k].iter().copied())
+                    .chain([9.0])
+            })
+            .collect();
         let mut dst = vec![0.0; m * 6];
-        matmul(ViewMut::columns(&mut dst, m, 6, 1, n), View::columns(&wide, m, 6, 2, k), View::new(&b, k, n), 1.0, Dst::Overwrite, Threads::Pool)?;
+        matmul(
+            ViewMut::columns(&mut dst, m, 6, 1, n),
+            View::columns(&wide, m, 6, 2, k),
+            View::new(&b, k, n),
+            1.0,
+            Dst::Overwrite,
+            Threads::Pool,
+        )?;
         for i in 0..m {
             assert_eq!(dst[i * 6], 0.0);
             assert_eq!(&dst[i * 6 + 1..i * 6 + 5], &want[i * n..(i + 1) * n]);
@@ -199,20 +265,55 @@ mod tests {
     fn mismatched_or_overrunning_views_are_errors() {
         let a = vec![0.0; 6];
         let mut out = vec![0.0; 4];
-        let e = matmul(ViewMut::new(&mut out, 2, 2), View::new(&a, 2, 3), View::new(&a, 2, 3), 1.0, Dst::Overwrite, Threads::Caller);
+        let e = matmul(
+            ViewMut::new(&mut out, 2, 2),
+            View::new(&a, 2, 3),
+            View::new(&a, 2, 3),
+            1.0,
+            Dst::Overwrite,
+            Threads::Caller,
+        );
         assert!(e.is_err());
-        let e = matmul(ViewMut::new(&mut out, 2, 2), View::new(&a, 2, 3), View::new(&a, 3, 3), 1.0, Dst::Overwrite, Threads::Caller);
+        let e = matmul(
+            ViewMut::new(&mut out, 2, 2),
+            View::new(&a, 2, 3),
+            View::new(&a, 3, 3),
+            1.0,
+            Dst::Overwrite,
+            Threads::Caller,
+        );
         assert!(e.is_err(), "a 3 x 3 view of 6 values overruns");
-        let e = matmul(ViewMut::new(&mut out, 2, 2), View::columns(&a, 2, 3, 2, 2), View::new(&a, 2, 2), 1.0, Dst::Overwrite, Threads::Caller);
+        let e = matmul(
+            ViewMut::new(&mut out, 2, 2),
+            View::columns(&a, 2, 3, 2, 2),
+            View::new(&a, 2, 2),
+            1.0,
+            Dst::Overwrite,
+            Threads::Caller,
+        );
         assert!(e.is_err(), "columns 2..4 of 3-wide rows overrun");
     }
 
     #[test]
     fn an_empty_sum_overwrites_with_zeros_and_adds_nothing() -> Result<()> {
         let mut out = vec![3.0; 4];
-        matmul(ViewMut::new(&mut out, 2, 2), View::new(&[], 2, 0), View::new(&[], 0, 2), 1.0, Dst::Add, Threads::Caller)?;
+        matmul(
+            ViewMut::new(&mut out, 2, 2),
+            View::new(&[], 2, 0),
+            View::new(&[], 0, 2),
+            1.0,
+            Dst::Add,
+            Threads::Caller,
+        )?;
         assert_eq!(out, vec![3.0; 4]);
-        matmul(ViewMut::new(&mut out, 2, 2), View::new(&[], 2, 0), View::new(&[], 0, 2), 1.0, Dst::Overwrite, Threads::Caller)?;
+        matmul(
+            ViewMut::new(&mut out, 2, 2),
+            View::new(&[], 2, 0),
+            View::new(&[], 0, 2),
+            1.0,
+            Dst::Overwrite,
+            Threads::Caller,
+        )?;
         assert_eq!(out, vec![0.0; 4]);
         Ok(())
     }

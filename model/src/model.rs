@@ -59,7 +59,10 @@ impl CausalLm {
     /// Projection weights go through `store`, which may quantize them.
     pub fn load(vb: VarBuilder, config: &Config, store: &dyn WeightStore) -> Result<Self> {
         let m = vb.pp("model");
-        let embed = store.store_table(m.pp("embed_tokens").get((config.vocab_size, config.hidden_size), "weight")?)?;
+        let embed = store.store_table(
+            m.pp("embed_tokens")
+                .get((config.vocab_size, config.hidden_size), "weight")?,
+        )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             layers.push(Layer::load(m.pp("layers").pp(i), config, store, i)?);
@@ -68,7 +71,12 @@ impl CausalLm {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(store.store_table(vb.pp("lm_head").get((config.vocab_size, config.hidden_size), "weight")?)?)
+            Some(
+                store.store_table(
+                    vb.pp("lm_head")
+                        .get((config.vocab_size, config.hidden_size), "weight")?,
+                )?,
+            )
         };
         Ok(Self {
             config: config.clone(),
@@ -166,7 +174,9 @@ impl CausalLm {
         cache: Option<&mut KvCache>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
-        Ok(self.norm.forward(&self.last_layer_output(input_ids, offset, cache, adapter)?)?)
+        Ok(self
+            .norm
+            .forward(&self.last_layer_output(input_ids, offset, cache, adapter)?)?)
     }
 
     /// The last layer's output before the final norm, (batch, seq, hidden).
@@ -206,7 +216,9 @@ impl CausalLm {
     /// The embeddings of `input_ids` (batch, seq): (batch, seq, hidden).
     pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
-        Ok(self.embed_rows(&input_ids.flatten_all()?)?.reshape((batch, seq, self.config.hidden_size))?)
+        Ok(self
+            .embed_rows(&input_ids.flatten_all()?)?
+            .reshape((batch, seq, self.config.hidden_size))?)
     }
 
     /// The embeddings of a flat list of token ids: (ids, hidden).
@@ -247,10 +259,9 @@ impl CausalLm {
         let mut out = self.clone();
         let scale = adapter.config.scale();
         for (&(layer, module), pair) in adapter.pairs() {
-            let l = out
-                .layers
-                .get_mut(layer)
-                .ok_or_else(|| ModelError::Adapter(format!("adapter has layer {layer}, model has {}", self.layers.len())))?;
+            let l = out.layers.get_mut(layer).ok_or_else(|| {
+                ModelError::Adapter(format!("adapter has layer {layer}, model has {}", self.layers.len()))
+            })?;
             let p = l.projection_mut(module);
             let delta = (pair.b.matmul(&pair.a)? * scale)?;
             p.weight = BaseWeight::Dense((p.weight.dense()? + delta)?);
@@ -261,7 +272,10 @@ impl CausalLm {
     /// Bytes held by the projection weights, and how many of them are quantized. Lets tests
     /// and metrics check that a QLoRA base really stays 4-bit.
     pub fn projection_storage(&self) -> (usize, usize) {
-        let weights = self.layers.iter().flat_map(|l| TargetModule::ALL.into_iter().map(move |m| &l.projection(m).weight));
+        let weights = self
+            .layers
+            .iter()
+            .flat_map(|l| TargetModule::ALL.into_iter().map(move |m| &l.projection(m).weight));
         storage_of(weights)
     }
 
@@ -352,7 +366,9 @@ impl Layer {
         kv: Option<(&mut KvCache, usize)>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
-        let h = self.attn.forward(&self.input_norm.forward(x)?, cos, sin, mask, kv, adapter)?;
+        let h = self
+            .attn
+            .forward(&self.input_norm.forward(x)?, cos, sin, mask, kv, adapter)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?, adapter)?;
         Ok((x + h)?)
@@ -388,7 +404,9 @@ impl Attention {
             // derives the causal (and window) mask from the shapes.
             let grouped = q.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, self.head_dim))?;
             let probs = crate::fused::causal_probs(&grouped, &k, scale, self.window, t)?;
-            probs.matmul(&v.contiguous()?)?.reshape((b, self.heads, t, self.head_dim))?
+            probs
+                .matmul(&v.contiguous()?)?
+                .reshape((b, self.heads, t, self.head_dim))?
         } else {
             let k = repeat_kv(&k, self.heads / self.kv_heads)?;
             let v = repeat_kv(&v, self.heads / self.kv_heads)?;
@@ -419,8 +437,11 @@ impl Mlp {
     fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
         let gate = self.gate.forward(x, adapter)?;
         let up = self.up.forward(x, adapter)?;
-        let h = if crate::fused::fusable(&gate) { crate::fused::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
+        let h = if crate::fused::fusable(&gate) {
+            crate::fused::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
         self.down.forward(&h, adapter)
     }
 }
-

@@ -60,8 +60,10 @@ impl Nf4Tensor {
                 values.len()
             )));
         }
-        let absmax: Vec<f32> =
-            values.chunks(BLOCK).map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect();
+        let absmax: Vec<f32> = values
+            .chunks(BLOCK)
+            .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())))
+            .collect();
         let mut codes = vec![0u8; values.len().div_ceil(2)];
         for (i, v) in values.iter().enumerate() {
             let m = absmax[i / BLOCK];
@@ -76,9 +78,20 @@ impl Nf4Tensor {
             let range = chunk.iter().fold(0.0f32, |m, a| m.max((a - absmax_offset).abs()));
             let scale = if range > 0.0 { range / 127.0 } else { 1.0 };
             absmax_scale.push(scale);
-            absmax_q.extend(chunk.iter().map(|a| ((a - absmax_offset) / scale).round().clamp(-127.0, 127.0) as i8));
+            absmax_q.extend(
+                chunk
+                    .iter()
+                    .map(|a| ((a - absmax_offset) / scale).round().clamp(-127.0, 127.0) as i8),
+            );
         }
-        Ok(Self { codes, absmax_q, absmax_scale, absmax_offset, dims, device: t.device().clone() })
+        Ok(Self {
+            codes,
+            absmax_q,
+            absmax_scale,
+            absmax_offset,
+            dims,
+            device: t.device().clone(),
+        })
     }
 
     /// Expands to an f32 tensor of the original shape.
@@ -87,7 +100,9 @@ impl Nf4Tensor {
         // on all cores: one task per group of blocks sharing a second-level scale.
         let mut out = vec![0f32; self.elem_count()];
         let group = BLOCK * ABSMAX_BLOCK;
-        out.par_chunks_mut(group).enumerate().for_each(|(g, values)| self.expand(g * group, values));
+        out.par_chunks_mut(group)
+            .enumerate()
+            .for_each(|(g, values)| self.expand(g * group, values));
         Ok(Tensor::from_vec(out, self.dims.as_slice(), &self.device)?)
     }
 
@@ -95,10 +110,16 @@ impl Nf4Tensor {
     pub fn dequantize_rows(&self, start: usize, len: usize) -> Result<Tensor> {
         let (rows, cols) = self.dims2()?;
         if start + len > rows {
-            return Err(ModelError::Decode(format!("NF4 rows {start}..{} of a weight with {rows} rows", start + len)));
+            return Err(ModelError::Decode(format!(
+                "NF4 rows {start}..{} of a weight with {rows} rows",
+                start + len
+            )));
         }
         let mut out = vec![0f32; len * cols];
-        out.par_chunks_mut(cols).with_min_len(8).enumerate().for_each(|(r, values)| self.expand((start + r) * cols, values));
+        out.par_chunks_mut(cols)
+            .with_min_len(8)
+            .enumerate()
+            .for_each(|(r, values)| self.expand((start + r) * cols, values));
         Ok(Tensor::from_vec(out, (len, cols), &self.device)?)
     }
 
@@ -106,10 +127,14 @@ impl Nf4Tensor {
     pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
         let (rows, cols) = self.dims2()?;
         if let Some(id) = ids.iter().find(|&&id| id as usize >= rows) {
-            return Err(ModelError::Decode(format!("token id {id} is outside the embedding table of {rows} rows")));
+            return Err(ModelError::Decode(format!(
+                "token id {id} is outside the embedding table of {rows} rows"
+            )));
         }
         let mut out = vec![0f32; ids.len() * cols];
-        out.par_chunks_mut(cols).zip(ids.par_iter()).for_each(|(values, &id)| self.expand(id as usize * cols, values));
+        out.par_chunks_mut(cols)
+            .zip(ids.par_iter())
+            .for_each(|(values, &id)| self.expand(id as usize * cols, values));
         Ok(Tensor::from_vec(out, (ids.len(), cols), &self.device)?)
     }
 
@@ -134,7 +159,9 @@ impl Nf4Tensor {
     pub(crate) fn dims2(&self) -> Result<(usize, usize)> {
         match self.dims.as_slice() {
             &[rows, cols] => Ok((rows, cols)),
-            dims => Err(ModelError::Decode(format!("expected a 2-D NF4 weight, got shape {dims:?}"))),
+            dims => Err(ModelError::Decode(format!(
+                "expected a 2-D NF4 weight, got shape {dims:?}"
+            ))),
         }
     }
 
@@ -162,13 +189,20 @@ impl Nf4Tensor {
     pub(crate) fn row_slices(&self) -> Result<Vec<(usize, usize)>> {
         let (rows, _) = self.dims2()?;
         let per = self.rows_per_slice()?.max(1);
-        Ok((0..rows).step_by(per).map(|start| (start, per.min(rows - start))).collect())
+        Ok((0..rows)
+            .step_by(per)
+            .map(|start| (start, per.min(rows - start)))
+            .collect())
     }
 
     /// Rows expanded at once: all of them, or about [`SLICE_ELEMS`] values' worth.
     fn rows_per_slice(&self) -> Result<usize> {
         let (rows, cols) = self.dims2()?;
-        Ok(if rows * cols > SLICE_ABOVE { (SLICE_ELEMS / cols.max(1)).max(1) } else { rows })
+        Ok(if rows * cols > SLICE_ABOVE {
+            (SLICE_ELEMS / cols.max(1)).max(1)
+        } else {
+            rows
+        })
     }
 
     /// Whether products expand this weight in slices rather than whole.
@@ -219,7 +253,11 @@ impl Nf4Tensor {
     pub(crate) fn grad_matmul(&self, grad: &Tensor) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
         for (start, len) in self.row_slices()? {
-            let g = if len == grad.dim(1)? { grad.clone() } else { grad.narrow(1, start, len)?.contiguous()? };
+            let g = if len == grad.dim(1)? {
+                grad.clone()
+            } else {
+                grad.narrow(1, start, len)?.contiguous()?
+            };
             let part = g.matmul(&self.dequantize_rows(start, len)?)?;
             sum = Some(match sum {
                 Some(s) => (s + part)?,

@@ -62,7 +62,12 @@ impl PeftConfig {
             r: config.r,
             lora_alpha: config.alpha,
             lora_dropout: config.dropout,
-            target_modules: config.target_modules.iter().map(|m| m.name()).collect::<Vec<_>>().into(),
+            target_modules: config
+                .target_modules
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .into(),
             base_model_name_or_path: Some(base_model.into()),
             bias: none(),
             fan_in_fan_out: false,
@@ -79,7 +84,11 @@ impl PeftConfig {
 
     /// The LoRA settings, or an error naming the first field we cannot honour.
     pub fn to_lora(&self, path: &Path) -> Result<LoraConfig> {
-        let bad = |field: &str, reason: String| ModelError::InvalidConfig { path: path.into(), field: field.into(), reason };
+        let bad = |field: &str, reason: String| ModelError::InvalidConfig {
+            path: path.into(),
+            field: field.into(),
+            reason,
+        };
         if self.peft_type != "LORA" {
             return Err(bad("peft_type", format!("`{}` is not LORA", self.peft_type)));
         }
@@ -89,27 +98,46 @@ impl PeftConfig {
             ("fan_in_fan_out", self.fan_in_fan_out),
             ("rank_pattern", !self.rank_pattern.is_empty()),
             ("alpha_pattern", !self.alpha_pattern.is_empty()),
-            ("modules_to_save", self.modules_to_save.as_ref().is_some_and(|v| !v.is_null())),
-            ("layers_to_transform", self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null())),
+            (
+                "modules_to_save",
+                self.modules_to_save.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+            (
+                "layers_to_transform",
+                self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()),
+            ),
             ("bias", self.bias != "none"),
         ];
         if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
             return Err(bad(field, "is set, which this runtime does not support".into()));
         }
-        let names = self
-            .target_modules
-            .as_array()
-            .ok_or_else(|| bad("target_modules", "must be a list of module names (a regex is not supported)".into()))?;
+        let names = self.target_modules.as_array().ok_or_else(|| {
+            bad(
+                "target_modules",
+                "must be a list of module names (a regex is not supported)".into(),
+            )
+        })?;
         let mut target_modules = Vec::new();
         for n in names {
             let name = n.as_str().unwrap_or_default();
-            let m = TargetModule::from_name(name)
-                .ok_or_else(|| bad("target_modules", format!("unknown module {n} (expected q_proj .. down_proj)")))?;
+            let m = TargetModule::from_name(name).ok_or_else(|| {
+                bad(
+                    "target_modules",
+                    format!("unknown module {n} (expected q_proj .. down_proj)"),
+                )
+            })?;
             target_modules.push(m);
         }
         target_modules.sort();
-        let config = LoraConfig { r: self.r, alpha: self.lora_alpha, dropout: self.lora_dropout, target_modules };
-        config.validate().map_err(|e| bad("r/lora_dropout/target_modules", e.to_string()))?;
+        let config = LoraConfig {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules,
+        };
+        config
+            .validate()
+            .map_err(|e| bad("r/lora_dropout/target_modules", e.to_string()))?;
         Ok(config)
     }
 }
@@ -118,8 +146,12 @@ impl PeftConfig {
 pub fn save(dir: &Path, adapter: &LoraAdapter, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
     let config_path = dir.join(ADAPTER_CONFIG);
-    let json = serde_json::to_string_pretty(&PeftConfig::from_lora(&adapter.config, base_model))
-        .map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+    let json = serde_json::to_string_pretty(&PeftConfig::from_lora(&adapter.config, base_model)).map_err(|source| {
+        ModelError::Json {
+            path: config_path.clone(),
+            source,
+        }
+    })?;
     std::fs::write(&config_path, json).map_err(ModelError::io(&config_path))?;
     tensors::save(&dir.join(ADAPTER_WEIGHTS), &adapter.to_peft_tensors())
 }
@@ -128,8 +160,10 @@ pub fn save(dir: &Path, adapter: &LoraAdapter, base_model: &str) -> Result<()> {
 pub fn load(dir: &Path, model: &Config, device: &Device) -> Result<(PeftConfig, LoraAdapter)> {
     let config_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(ModelError::io(&config_path))?;
-    let peft: PeftConfig =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+    let peft: PeftConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: config_path.clone(),
+        source,
+    })?;
     let lora = peft.to_lora(&config_path)?;
     let weights = dir.join(ADAPTER_WEIGHTS);
     let tensors = tensors::load(&weights, device)?;

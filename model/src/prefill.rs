@@ -41,14 +41,24 @@ impl CausalLm {
         let mut batch = KvCache::with_capacity(self.layers.len(), longest);
         let hidden = self.hidden(&ids, 0, Some(&mut batch), adapter)?;
         let (n, t, h) = hidden.dims3()?;
-        let last: Vec<u32> = rows.iter().enumerate().map(|(i, r)| (i * t + r.tokens.len() - 1) as u32).collect();
-        let last = hidden.reshape((n * t, h))?.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let last: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i * t + r.tokens.len() - 1) as u32)
+            .collect();
+        let last = hidden
+            .reshape((n * t, h))?
+            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let logits = crate::linear::matmul_weight(&last, &self.head())?;
         for layer in 0..self.layers.len() {
             let (k, v) = batch.views(layer)?;
             for (i, r) in rows.iter_mut().enumerate() {
                 let len = r.tokens.len();
-                r.cache.append(layer, &k.narrow(0, i, 1)?.narrow(2, 0, len)?, &v.narrow(0, i, 1)?.narrow(2, 0, len)?)?;
+                r.cache.append(
+                    layer,
+                    &k.narrow(0, i, 1)?.narrow(2, 0, len)?,
+                    &v.narrow(0, i, 1)?.narrow(2, 0, len)?,
+                )?;
             }
         }
         Ok(logits)
@@ -66,7 +76,10 @@ impl CausalLm {
                 return Err(ModelError::Decode(format!("row {i}: empty prompt")));
             }
             if r.tokens.len() > max {
-                return Err(ModelError::Decode(format!("row {i}: {} tokens exceed max_position_embeddings {max}", r.tokens.len())));
+                return Err(ModelError::Decode(format!(
+                    "row {i}: {} tokens exceed max_position_embeddings {max}",
+                    r.tokens.len()
+                )));
             }
             if !r.cache.is_empty() || r.cache.num_layers() != self.layers.len() {
                 return Err(ModelError::Decode(format!(

@@ -13,8 +13,9 @@ pub struct Rope {
 impl Rope {
     pub fn new(config: &Config) -> Self {
         let dim = config.head_dim();
-        let base: Vec<f64> =
-            (0..dim / 2).map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / dim as f64)).collect();
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / dim as f64))
+            .collect();
         let inv_freq = match &config.rope_scaling {
             None => base,
             Some(s) => match s.rope_type.as_str() {
@@ -30,7 +31,9 @@ impl Rope {
                 _ => base,
             },
         };
-        Self { inv_freq: inv_freq.into_iter().map(|f| f as f32).collect() }
+        Self {
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+        }
     }
 
     /// (cos, sin) for positions offset..offset+len, each of shape (len, head_dim / 2).
@@ -59,7 +62,10 @@ impl Rope {
             }
         }
         let shape = (positions.len(), 1, half);
-        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
     }
 }
 

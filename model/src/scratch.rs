@@ -27,7 +27,11 @@ struct Pool {
     free: BTreeMap<usize, Vec<(Vec<f32>, u64)>>,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool { on: true, step: 0, free: BTreeMap::new() });
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    on: true,
+    step: 0,
+    free: BTreeMap::new(),
+});
 
 /// Whether buffers go back to the pool and come out of it (on by default). Turning it off
 /// frees what the pool holds.
@@ -62,7 +66,10 @@ impl Buf {
         let reused = {
             let mut pool = lock(from);
             if !pool.on {
-                return Self { values: vec![0f32; len], pool: from };
+                return Self {
+                    values: vec![0f32; len],
+                    pool: from,
+                };
             }
             let capacity = pool.free.range(len..=len.saturating_mul(2)).next().map(|(&c, _)| c);
             capacity.and_then(|c| {
@@ -155,7 +162,11 @@ mod tests {
     #[test]
     fn buffers_come_back_with_their_values_and_unused_ones_are_freed_at_the_end_of_a_step() {
         // A pool of this test's own: the shared one is used by other tests meanwhile.
-        let own: &'static Mutex<Pool> = Box::leak(Box::new(Mutex::new(Pool { on: true, step: 0, free: BTreeMap::new() })));
+        let own: &'static Mutex<Pool> = Box::leak(Box::new(Mutex::new(Pool {
+            on: true,
+            step: 0,
+            free: BTreeMap::new(),
+        })));
         let len = 12_345;
         let mut a = Buf::from_pool(own, len);
         a.fill(7.0);
@@ -165,7 +176,10 @@ mod tests {
         assert_eq!(b.as_ptr(), address, "a buffer of enough capacity is reused");
         assert!(b.iter().all(|&v| v == 7.0), "as it was left");
         drop(b);
-        assert!(Buf::from_pool(own, 2 * len + 1).iter().all(|&v| v == 0.0), "too large a buffer is not handed out");
+        assert!(
+            Buf::from_pool(own, 2 * len + 1).iter().all(|&v| v == 0.0),
+            "too large a buffer is not handed out"
+        );
         assert!(lock(own).free.contains_key(&len), "the buffer is back in the pool");
 
         end_step_of(own); // handed back during this step: kept

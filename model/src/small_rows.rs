@@ -71,10 +71,16 @@ pub(crate) struct Weight<'a, E> {
 pub(crate) fn product<E: Element>(x: &Tensor, w: &Weight<E>, out: usize, k_w: usize) -> crate::error::Result<Tensor> {
     let (rows, k) = x.dims2()?;
     if k != k_w {
-        return Err(crate::error::ModelError::Decode(format!("matmul: input has {k} features, the weight {k_w}")));
+        return Err(crate::error::ModelError::Decode(format!(
+            "matmul: input has {k} features, the weight {k_w}"
+        )));
     }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    Ok(Tensor::from_vec(matmul_t(&xs, rows, w, out, k), (rows, out), x.device())?)
+    Ok(Tensor::from_vec(
+        matmul_t(&xs, rows, w, out, k),
+        (rows, out),
+        x.device(),
+    )?)
 }
 
 /// `y = x @ w^T` with `x` (rows, k) and `w` (out, k), both row-major; `y` is (rows, out).
@@ -89,12 +95,21 @@ pub(crate) fn matmul_t<E: Element>(xs: &[f32], rows: usize, w: &Weight<E>, out: 
     }
     let block = block_kernel::<E>();
     let ops = Operands { xs, rows, k };
-    yt.par_chunks_mut(COLUMNS_PER_TASK * rows).enumerate().for_each(|(task, yt)| {
-        let c0 = task * COLUMNS_PER_TASK;
-        let cols = yt.len() / rows;
-        let scales = w.scales.map(|s| &s[c0..c0 + cols]);
-        block(&ops, &Weight { values: &w.values[c0 * k..(c0 + cols) * k], scales }, yt)
-    });
+    yt.par_chunks_mut(COLUMNS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, yt)| {
+            let c0 = task * COLUMNS_PER_TASK;
+            let cols = yt.len() / rows;
+            let scales = w.scales.map(|s| &s[c0..c0 + cols]);
+            block(
+                &ops,
+                &Weight {
+                    values: &w.values[c0 * k..(c0 + cols) * k],
+                    scales,
+                },
+                yt,
+            )
+        });
     transpose(&yt, out, rows, false)
 }
 
@@ -314,7 +329,11 @@ pub(crate) fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
+            acc[i] = if FMA {
+                x[i].mul_add(y[i], acc[i])
+            } else {
+                acc[i] + x[i] * y[i]
+            };
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -335,7 +354,9 @@ mod tests {
     }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     fn by_dots<E: Element>(xs: &[f32], rows: usize, w: &Weight<E>, out: usize, k: usize) -> Vec<f32> {
@@ -348,7 +369,10 @@ mod tests {
     /// leave partial tiles.
     #[test]
     fn transpose_moves_every_value() {
-        for ((rows, cols), parallel) in [(1, 5), (33, 7), (300, 257)].into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        for ((rows, cols), parallel) in [(1, 5), (33, 7), (300, 257)]
+            .into_iter()
+            .flat_map(|s| [(s, false), (s, true)])
+        {
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
             let t = transpose(&src, rows, cols, parallel);
             for r in 0..rows {
@@ -359,7 +383,14 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 6] = [(1, 5, 16), (3, 67, 37), (4, 64, 512), (5, 130, 15), (16, 203, 100), (33, 9, 1)];
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 5, 16),
+        (3, 67, 37),
+        (4, 64, 512),
+        (5, 130, 15),
+        (16, 203, 100),
+        (33, 9, 1),
+    ];
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -375,9 +406,16 @@ mod tests {
         for (rows, out, k) in SHAPES {
             let (xs, ws) = (values(rows * k, 1), values(out * k, 7));
             let want = reference(&xs, rows, &ws, out, k);
-            let w = Weight { values: ws.as_slice(), scales: None };
+            let w = Weight {
+                values: ws.as_slice(),
+                scales: None,
+            };
             assert_close(&matmul_t(&xs, rows, &w, out, k), &want, &format!("{rows}x{out}x{k}"));
-            assert_close(&by_dots(&xs, rows, &w, out, k), &want, &format!("dots {rows}x{out}x{k}"));
+            assert_close(
+                &by_dots(&xs, rows, &w, out, k),
+                &want,
+                &format!("dots {rows}x{out}x{k}"),
+            );
         }
     }
 
@@ -391,9 +429,16 @@ mod tests {
             let scales: Vec<f32> = (0..out).map(|c| 0.01 + c as f32 * 1e-3).collect();
             let expanded: Vec<f32> = q.iter().enumerate().map(|(i, v)| *v as f32 * scales[i / k]).collect();
             let want = reference(&xs, rows, &expanded, out, k);
-            let w = Weight { values: q.as_slice(), scales: Some(scales.as_slice()) };
+            let w = Weight {
+                values: q.as_slice(),
+                scales: Some(scales.as_slice()),
+            };
             assert_close(&matmul_t(&xs, rows, &w, out, k), &want, &format!("{rows}x{out}x{k}"));
-            assert_close(&by_dots(&xs, rows, &w, out, k), &want, &format!("dots {rows}x{out}x{k}"));
+            assert_close(
+                &by_dots(&xs, rows, &w, out, k),
+                &want,
+                &format!("dots {rows}x{out}x{k}"),
+            );
         }
     }
 }

@@ -84,7 +84,13 @@ mod avx512 {
         if n == 0 {
             return;
         }
-        let lanes = |j: usize| -> __mmask16 { if n - j >= 16 { !0 } else { (1u16 << (n - j)) - 1 } };
+        let lanes = |j: usize| -> __mmask16 {
+            if n - j >= 16 {
+                !0
+            } else {
+                (1u16 << (n - j)) - 1
+            }
+        };
         for row in p.chunks_exact_mut(n) {
             let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
             for j in (0..n).step_by(16) {
@@ -139,7 +145,13 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn nll_grad_row(row: &mut [f32], target: usize, weight: f32, scale: f32) -> f64 {
         let n = row.len();
-        let lanes = |j: usize| -> __mmask16 { if n - j >= 16 { !0 } else { (1u16 << (n - j)) - 1 } };
+        let lanes = |j: usize| -> __mmask16 {
+            if n - j >= 16 {
+                !0
+            } else {
+                (1u16 << (n - j)) - 1
+            }
+        };
         let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
         for j in (0..n).step_by(16) {
             // SAFETY: the mask keeps the load within the row.
@@ -177,7 +189,16 @@ mod avx512 {
     pub(super) fn exp16(x: __m512) -> __m512 {
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
-        const C: [f32; 8] = [1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+        const C: [f32; 8] = [
+            1.0,
+            1.0,
+            1.0 / 2.0,
+            1.0 / 6.0,
+            1.0 / 24.0,
+            1.0 / 120.0,
+            1.0 / 720.0,
+            1.0 / 5040.0,
+        ];
         let x = _mm512_max_ps(x, _mm512_set1_ps(-150.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
@@ -191,7 +212,6 @@ mod avx512 {
         }
         _mm512_scalef_ps(p, n)
     }
-
 }
 
 #[cfg(test)]
@@ -214,7 +234,10 @@ mod tests {
                 out[0]
             };
             let want = x.exp();
-            assert!((got - want).abs() <= 4e-7 * want + f32::MIN_POSITIVE, "exp({x}) = {got}, want {want}");
+            assert!(
+                (got - want).abs() <= 4e-7 * want + f32::MIN_POSITIVE,
+                "exp({x}) = {got}, want {want}"
+            );
         }
         let xs: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 2.3).collect();
         let mut sig = vec![0f32; xs.len()];
@@ -222,7 +245,10 @@ mod tests {
         unsafe { super::avx512::sigmoid(&xs, &mut sig) };
         for (x, s) in xs.iter().zip(&sig) {
             let want = 1.0 / (1.0 + (-x).exp());
-            assert!((s - want).abs() <= 1e-6 * want.max(1e-30) + 1e-37, "sigmoid({x}) = {s}, want {want}");
+            assert!(
+                (s - want).abs() <= 1e-6 * want.max(1e-30) + 1e-37,
+                "sigmoid({x}) = {s}, want {want}"
+            );
         }
         for n in [1, 7, 16, 33, 300] {
             let logits: Vec<f32> = (0..n).map(|i| ((i * 53 % 29) as f32 - 14.0) * 0.9).collect();
@@ -237,7 +263,10 @@ mod tests {
             row.iter_mut().for_each(|v| *v = 0.05 * (*v - log_sum).exp());
             row[target] -= 0.05;
             portable.copy_from_slice(&row);
-            assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs().max(1.0), "n {n}: loss {loss} vs {want_loss}");
+            assert!(
+                (loss - want_loss).abs() <= 1e-6 * want_loss.abs().max(1.0),
+                "n {n}: loss {loss} vs {want_loss}"
+            );
             for (a, b) in ours.iter().zip(&portable) {
                 assert!((a - b).abs() <= 1e-7, "n {n}: {a} vs {b}");
             }
@@ -253,5 +282,4 @@ mod tests {
             }
         }
     }
-
 }

@@ -17,7 +17,15 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// Special tokens, in id order. The role markers are used by the default chat format.
-pub const SPECIAL_TOKENS: [&str; 7] = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"];
+pub const SPECIAL_TOKENS: [&str; 7] = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+];
 pub const BOS_ID: u32 = 0;
 pub const EOS_ID: u32 = 1;
 
@@ -87,9 +95,10 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
 
     let tokenizer = train_tokenizer(spec.vocab_size)?;
     let tok_path = dir.join("tokenizer.json");
-    tokenizer
-        .save(&tok_path, false)
-        .map_err(|e| ModelError::Tokenizer { path: tok_path.clone(), reason: e.to_string() })?;
+    tokenizer.save(&tok_path, false).map_err(|e| ModelError::Tokenizer {
+        path: tok_path.clone(),
+        reason: e.to_string(),
+    })?;
     let tok_config = serde_json::json!({
         "bos_token": SPECIAL_TOKENS[BOS_ID as usize],
         "eos_token": SPECIAL_TOKENS[EOS_ID as usize],
@@ -104,7 +113,10 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
 }
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|source| ModelError::Json { path: path.into(), source })?;
+    let text = serde_json::to_string_pretty(value).map_err(|source| ModelError::Json {
+        path: path.into(),
+        source,
+    })?;
     std::fs::write(path, text).map_err(ModelError::io(path))
 }
 
@@ -126,7 +138,10 @@ fn train_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
     let lines = CORPUS.split(". ").map(|s| format!("{s}. "));
     tokenizer
         .train(&mut trainer, lines)
-        .map_err(|e| ModelError::Tokenizer { path: "<built-in corpus>".into(), reason: e.to_string() })?;
+        .map_err(|e| ModelError::Tokenizer {
+            path: "<built-in corpus>".into(),
+            reason: e.to_string(),
+        })?;
     pad_vocab(&mut tokenizer, vocab_size)?;
     Ok(tokenizer)
 }
@@ -140,10 +155,13 @@ fn pad_vocab(tokenizer: &mut Tokenizer, vocab_size: usize) -> Result<()> {
     if have >= vocab_size {
         return Ok(());
     }
-    let fillers: Vec<AddedToken> = (have..vocab_size).map(|i| AddedToken::from(format!("<|t{i}|>"), false)).collect();
-    tokenizer
-        .add_tokens(fillers)
-        .map_err(|e| ModelError::Tokenizer { path: "<placeholder tokens>".into(), reason: e.to_string() })?;
+    let fillers: Vec<AddedToken> = (have..vocab_size)
+        .map(|i| AddedToken::from(format!("<|t{i}|>"), false))
+        .collect();
+    tokenizer.add_tokens(fillers).map_err(|e| ModelError::Tokenizer {
+        path: "<placeholder tokens>".into(),
+        reason: e.to_string(),
+    })?;
     Ok(())
 }
 
@@ -154,7 +172,9 @@ pub(crate) fn random_weights(c: &Config, seed: u64) -> Result<BTreeMap<String, T
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = BTreeMap::new();
     let mut normal = |name: String, shape: (usize, usize), std: f32| -> Result<()> {
-        let values: Vec<f32> = (0..shape.0 * shape.1).map(|_| std * standard_normal(&mut rng)).collect();
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| std * standard_normal(&mut rng))
+            .collect();
         out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
         Ok(())
     };

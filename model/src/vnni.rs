@@ -39,7 +39,10 @@ pub(crate) fn compensation(values: &[i8], k: usize) -> Vec<i32> {
     if k == 0 {
         return Vec::new();
     }
-    values.chunks_exact(k).map(|row| 128 * row.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
+    values
+        .chunks_exact(k)
+        .map(|row| 128 * row.iter().map(|&v| i32::from(v)).sum::<i32>())
+        .collect()
 }
 
 /// An int8 weight (out, k), row-major, with one scale per output row.
@@ -59,13 +62,17 @@ fn quantize_rows(xs: &[f32], k: usize) -> QuantizedRows {
     let rows = xs.len() / k;
     let mut values = vec![0u8; rows * k];
     let mut scales = vec![0f32; rows];
-    values.par_chunks_mut(k).zip(xs.par_chunks(k)).zip(scales.par_iter_mut()).for_each(|((q, x), scale)| {
-        let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // An all-zero row keeps scale 1: its values are zero either way.
-        *scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
-        let inv = 1.0 / *scale;
-        q.iter_mut().zip(x).for_each(|(q, v)| *q = shifted_level(v * inv));
-    });
+    values
+        .par_chunks_mut(k)
+        .zip(xs.par_chunks(k))
+        .zip(scales.par_iter_mut())
+        .for_each(|((q, x), scale)| {
+            let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // An all-zero row keeps scale 1: its values are zero either way.
+            *scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
+            let inv = 1.0 / *scale;
+            q.iter_mut().zip(x).for_each(|(q, v)| *q = shifted_level(v * inv));
+        });
     QuantizedRows { values, scales }
 }
 
@@ -103,7 +110,16 @@ pub(crate) fn matmul_t(xs: &[f32], rows: usize, w: &Int8Weight, out: usize, k: u
     let col_tasks = out.div_ceil(TASK_COLS);
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
         let (r0, c0) = (task / col_tasks * TASK_ROWS, task % col_tasks * TASK_COLS);
-        let block = Block { x: &x, w, k, out, r0, r1: (r0 + TASK_ROWS).min(rows), c0, c1: (c0 + TASK_COLS).min(out) };
+        let block = Block {
+            x: &x,
+            w,
+            k,
+            out,
+            r0,
+            r1: (r0 + TASK_ROWS).min(rows),
+            c0,
+            c1: (c0 + TASK_COLS).min(out),
+        };
         // SAFETY: `available` checked the CPU; the tasks' blocks of y are disjoint and y
         // outlives the parallel loop.
         #[cfg(target_arch = "x86_64")]
@@ -220,7 +236,8 @@ mod avx512 {
     pub(super) fn reduce16(v: &[__m512i; 16]) -> __m512i {
         let pair = |a: __m512i, b: __m512i| _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
         let quad = |x: __m512i, y: __m512i| _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
-        let y: [__m512i; 4] = std::array::from_fn(|m| quad(pair(v[4 * m], v[4 * m + 1]), pair(v[4 * m + 2], v[4 * m + 3])));
+        let y: [__m512i; 4] =
+            std::array::from_fn(|m| quad(pair(v[4 * m], v[4 * m + 1]), pair(v[4 * m + 2], v[4 * m + 3])));
         let halves = |a: __m512i, b: __m512i| {
             _mm512_add_epi32(_mm512_shuffle_i32x4::<0x88>(a, b), _mm512_shuffle_i32x4::<0xDD>(a, b))
         };
@@ -265,7 +282,17 @@ mod tests {
     /// Levels are the nearest integers (halves to even), clamped to ±127, plus 128.
     #[test]
     fn levels_round_to_nearest_and_clamp() {
-        for (v, want) in [(0.0, 128), (0.4, 128), (0.6, 129), (-0.6, 127), (2.5, 130), (3.5, 132), (-126.7, 1), (300.0, 255), (-1e9, 1)] {
+        for (v, want) in [
+            (0.0, 128),
+            (0.4, 128),
+            (0.6, 129),
+            (-0.6, 127),
+            (2.5, 130),
+            (3.5, 132),
+            (-126.7, 1),
+            (300.0, 255),
+            (-1e9, 1),
+        ] {
             assert_eq!(shifted_level(v), want, "{v}");
         }
     }
@@ -278,7 +305,9 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let values: Vec<[i32; 16]> = (0..16).map(|i| std::array::from_fn(|l| (i * 16 + l) as i32 * if l % 3 == 0 { -5 } else { 7 })).collect();
+        let values: Vec<[i32; 16]> = (0..16)
+            .map(|i| std::array::from_fn(|l| (i * 16 + l) as i32 * if l % 3 == 0 { -5 } else { 7 }))
+            .collect();
         // SAFETY: the CPU has AVX-512F (checked above).
         let got = unsafe {
             let v: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(values[i].as_ptr().cast()));
@@ -297,7 +326,11 @@ mod tests {
     fn short_slices_are_an_error() {
         let values = [1i8; 8];
         let comp = compensation(&values, 4);
-        let w = Int8Weight { values: &values, scales: &[1.0, 1.0], compensation: &comp };
+        let w = Int8Weight {
+            values: &values,
+            scales: &[1.0, 1.0],
+            compensation: &comp,
+        };
         let e = matmul_t(&[0.5; 7], 2, &w, 2, 4).expect_err("7 values for 2 x 4");
         assert!(e.to_string().contains("int8 product"), "{e}");
         assert_eq!(matmul_t(&[0.5; 8], 2, &w, 2, 4).is_ok(), available());
@@ -322,7 +355,11 @@ mod tests {
             let values: Vec<i8> = (0..out * k).map(|_| (next() * 127.0) as i8).collect();
             let scales: Vec<f32> = (0..out).map(|_| next().abs() + 0.01).collect();
             let comp = compensation(&values, k);
-            let w = Int8Weight { values: &values, scales: &scales, compensation: &comp };
+            let w = Int8Weight {
+                values: &values,
+                scales: &scales,
+                compensation: &comp,
+            };
             let y = matmul_t(&xs, rows, &w, out, k).expect("int8 product");
             for r in 0..rows {
                 let x = &xs[r * k..(r + 1) * k];
@@ -336,7 +373,10 @@ mod tests {
                         .sum();
                     let want = sum as f32 * sx * scales[c];
                     let got = y[r * out + c];
-                    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "({rows}, {out}, {k}) at ({r}, {c}): {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "({rows}, {out}, {k}) at ({r}, {c}): {got} vs {want}"
+                    );
                 }
             }
         }

@@ -24,7 +24,8 @@ fn peft_layout_round_trips_with_peft_names() {
     assert!(names.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string()));
 
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join(peft::ADAPTER_CONFIG)).expect("config")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(peft::ADAPTER_CONFIG)).expect("config"))
+            .expect("json");
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["r"], 4);
@@ -58,8 +59,14 @@ fn loads_an_adapter_written_by_peft() {
     for layer in 0..t.config.num_hidden_layers {
         for m in [TargetModule::QProj, TargetModule::VProj] {
             let (fan_in, out) = m.shape(&t.config);
-            let a = Tensor::randn(0f32, 0.1, (2, fan_in), &Device::Cpu).expect("a").to_dtype(DType::BF16).expect("bf16");
-            let b = Tensor::randn(0f32, 0.1, (out, 2), &Device::Cpu).expect("b").to_dtype(DType::BF16).expect("bf16");
+            let a = Tensor::randn(0f32, 0.1, (2, fan_in), &Device::Cpu)
+                .expect("a")
+                .to_dtype(DType::BF16)
+                .expect("bf16");
+            let b = Tensor::randn(0f32, 0.1, (out, 2), &Device::Cpu)
+                .expect("b")
+                .to_dtype(DType::BF16)
+                .expect("bf16");
             tensors.insert(peft_name(layer, m, "A"), a);
             tensors.insert(peft_name(layer, m, "B"), b);
         }
@@ -71,9 +78,14 @@ fn loads_an_adapter_written_by_peft() {
     assert!(adapter.get(0, TargetModule::QProj).is_some() && adapter.get(0, TargetModule::KProj).is_none());
 
     // A field that changes the maths is refused by name, not ignored.
-    std::fs::write(dir.path().join(peft::ADAPTER_CONFIG), config.replace(r#""use_dora": false"#, r#""use_dora": true"#))
-        .expect("write");
-    let err = peft::load(dir.path(), &t.config, &Device::Cpu).expect_err("dora").to_string();
+    std::fs::write(
+        dir.path().join(peft::ADAPTER_CONFIG),
+        config.replace(r#""use_dora": false"#, r#""use_dora": true"#),
+    )
+    .expect("write");
+    let err = peft::load(dir.path(), &t.config, &Device::Cpu)
+        .expect_err("dora")
+        .to_string();
     assert!(err.contains("adapter_config.json") && err.contains("use_dora"), "{err}");
 }
 
@@ -85,44 +97,98 @@ fn adapter_with_wrong_shapes_or_extra_tensors_is_rejected() {
     peft::save(dir.path(), &adapter, "tiny").expect("save");
     let path = dir.path().join(peft::ADAPTER_WEIGHTS);
     let mut tensors = kubetune_model::tensors::load(&path, &Device::Cpu).expect("load");
-    tensors.insert("base_model.model.lm_head.lora_A.weight".into(), Tensor::zeros((4, 64), DType::F32, &Device::Cpu).expect("t"));
+    tensors.insert(
+        "base_model.model.lm_head.lora_A.weight".into(),
+        Tensor::zeros((4, 64), DType::F32, &Device::Cpu).expect("t"),
+    );
     kubetune_model::tensors::save(&path, &tensors).expect("save");
-    let err = peft::load(dir.path(), &t.config, &Device::Cpu).expect_err("extra").to_string();
-    assert!(err.contains("unexpected tensor base_model.model.lm_head.lora_A.weight"), "{err}");
+    let err = peft::load(dir.path(), &t.config, &Device::Cpu)
+        .expect_err("extra")
+        .to_string();
+    assert!(
+        err.contains("unexpected tensor base_model.model.lm_head.lora_A.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn tiny_model_is_deterministic_from_its_seed() {
-    let (a, b, c) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"), tempfile::tempdir().expect("c"));
+    let (a, b, c) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+        tempfile::tempdir().expect("c"),
+    );
     write_tiny_model(a.path(), &TinySpec::default()).expect("a");
     write_tiny_model(b.path(), &TinySpec::default()).expect("b");
-    write_tiny_model(c.path(), &TinySpec { seed: 1, ..TinySpec::default() }).expect("c");
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    write_tiny_model(
+        c.path(),
+        &TinySpec {
+            seed: 1,
+            ..TinySpec::default()
+        },
+    )
+    .expect("c");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         let read = |d: &tempfile::TempDir| std::fs::read(d.path().join(file)).expect(file);
         assert_eq!(read(&a), read(&b), "{file} differs between runs");
     }
-    assert_ne!(std::fs::read(a.path().join("model.safetensors")).ok(), std::fs::read(c.path().join("model.safetensors")).ok());
+    assert_ne!(
+        std::fs::read(a.path().join("model.safetensors")).ok(),
+        std::fs::read(c.path().join("model.safetensors")).ok()
+    );
     let tok = tokenizers::Tokenizer::from_file(a.path().join("tokenizer.json")).expect("tokenizer");
-    let enc = tok.encode("Q: Where does the brother live? A: By the sea.", false).expect("encode");
-    assert!(enc.get_ids().len() < 20, "BPE merges common words: {:?}", enc.get_tokens());
-    assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "Q: Where does the brother live? A: By the sea.");
+    let enc = tok
+        .encode("Q: Where does the brother live? A: By the sea.", false)
+        .expect("encode");
+    assert!(
+        enc.get_ids().len() < 20,
+        "BPE merges common words: {:?}",
+        enc.get_tokens()
+    );
+    assert_eq!(
+        tok.decode(enc.get_ids(), false).expect("decode"),
+        "Q: Where does the brother live? A: By the sea."
+    );
 }
 
 #[test]
 fn nf4_base_stays_four_bit_and_passes_gradients() {
     let t = tiny();
-    let (_, q) = load_model(t.dir.path(), &LoadOptions { base: BaseFormat::Nf4, ..LoadOptions::default() }).expect("nf4");
+    let (_, q) = load_model(
+        t.dir.path(),
+        &LoadOptions {
+            base: BaseFormat::Nf4,
+            ..LoadOptions::default()
+        },
+    )
+    .expect("nf4");
     let (dense_bytes, dense_quantized) = t.model.projection_storage();
     let (nf4_bytes, quantized) = q.projection_storage();
     assert_eq!(dense_quantized, 0);
     assert_eq!(quantized, 7 * t.config.num_hidden_layers, "every projection is NF4");
-    assert!((nf4_bytes as f64) < dense_bytes as f64 * 4.2 / 32.0, "{nf4_bytes} vs {dense_bytes} bytes");
+    assert!(
+        (nf4_bytes as f64) < dense_bytes as f64 * 4.2 / 32.0,
+        "{nf4_bytes} vs {dense_bytes} bytes"
+    );
     let tables = 1 + usize::from(!t.config.tie_word_embeddings);
     assert_eq!(t.model.table_storage().1, 0);
-    assert_eq!(q.table_storage().1, tables, "the embedding table and an untied head are NF4 too");
+    assert_eq!(
+        q.table_storage().1,
+        tables,
+        "the embedding table and an untied head are NF4 too"
+    );
 
     let (adapter, vars) = random_adapter(&t.config, 4, 8.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+    let active = ActiveAdapter {
+        adapter: &adapter,
+        dropout_seed: None,
+        first_row: 0,
+    };
     let prompt = ids(&[0, 57, 80, 120, 301]);
     let dense = t.model.forward(&prompt, 0, None, Some(&active)).expect("dense");
     let quant = q.forward(&prompt, 0, None, Some(&active)).expect("nf4");
@@ -130,7 +196,19 @@ fn nf4_base_stays_four_bit_and_passes_gradients() {
     let dot = |a: &Tensor, b: &Tensor| -> f32 { (a * b).expect("mul").sum_all().expect("sum").to_scalar().expect("s") };
     let cosine = dot(&dense, &quant) / (dot(&dense, &dense).sqrt() * dot(&quant, &quant).sqrt());
     assert!(cosine > 0.95, "NF4 logits have cosine {cosine} to the dense ones");
-    let grads = quant.sqr().expect("sqr").mean_all().expect("mean").backward().expect("backward");
-    let first = vars.iter().find(|v| v.name == peft_name(0, TargetModule::QProj, "B")).expect("var");
-    assert!(grads.get(first.var.as_tensor()).is_some(), "gradient reaches layer 0 through the NF4 base");
+    let grads = quant
+        .sqr()
+        .expect("sqr")
+        .mean_all()
+        .expect("mean")
+        .backward()
+        .expect("backward");
+    let first = vars
+        .iter()
+        .find(|v| v.name == peft_name(0, TargetModule::QProj, "B"))
+        .expect("var");
+    assert!(
+        grads.get(first.var.as_tensor()).is_some(),
+        "gradient reaches layer 0 through the NF4 base"
+    );
 }

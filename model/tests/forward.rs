@@ -14,29 +14,55 @@ fn lora_forward_equals_merged_weights_with_scale_not_one() {
     let t = tiny();
     // alpha / r = 3: a wrongly placed scale (on the base, or missing) would show.
     let (adapter, _vars) = random_adapter(&t.config, 4, 12.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
-    let with_lora = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("lora forward");
+    let active = ActiveAdapter {
+        adapter: &adapter,
+        dropout_seed: None,
+        first_row: 0,
+    };
+    let with_lora = t
+        .model
+        .forward(&ids(&PROMPT), 0, None, Some(&active))
+        .expect("lora forward");
     let merged = t.model.merged(&adapter).expect("merge");
     let merged_out = merged.forward(&ids(&PROMPT), 0, None, None).expect("merged forward");
     let base_out = t.model.forward(&ids(&PROMPT), 0, None, None).expect("base forward");
     let diff = max_abs_diff(&with_lora, &merged_out);
     assert!(diff < 1e-4, "lora vs merged differ by {diff}");
-    assert!(max_abs_diff(&with_lora, &base_out) > 1e-2, "the adapter must change the output");
+    assert!(
+        max_abs_diff(&with_lora, &base_out) > 1e-2,
+        "the adapter must change the output"
+    );
 }
 
 #[test]
 fn dropout_applies_only_when_training() {
     let t = tiny();
     let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.5);
-    let eval = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+    let eval = ActiveAdapter {
+        adapter: &adapter,
+        dropout_seed: None,
+        first_row: 0,
+    };
     let a = t.model.forward(&ids(&PROMPT), 0, None, Some(&eval)).expect("eval");
-    let merged = t.model.merged(&adapter).expect("merge").forward(&ids(&PROMPT), 0, None, None).expect("merged");
+    let merged = t
+        .model
+        .merged(&adapter)
+        .expect("merge")
+        .forward(&ids(&PROMPT), 0, None, None)
+        .expect("merged");
     assert!(max_abs_diff(&a, &merged) < 1e-4, "no dropout at eval");
     let train = |seed| {
-        let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(seed), first_row: 0 };
+        let active = ActiveAdapter {
+            adapter: &adapter,
+            dropout_seed: Some(seed),
+            first_row: 0,
+        };
         t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("train")
     };
-    assert!(max_abs_diff(&train(1), &a) > 1e-3, "dropout changes the training output");
+    assert!(
+        max_abs_diff(&train(1), &a) > 1e-3,
+        "dropout changes the training output"
+    );
     assert_eq!(max_abs_diff(&train(1), &train(1)), 0.0, "same seed, same masks");
 }
 
@@ -44,18 +70,31 @@ fn dropout_applies_only_when_training() {
 fn kv_cache_decoding_matches_full_forward() {
     let t = tiny();
     let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+    let active = ActiveAdapter {
+        adapter: &adapter,
+        dropout_seed: None,
+        first_row: 0,
+    };
     let full = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("full");
     let mut cache = KvCache::new(t.config.num_hidden_layers);
     let split = 5;
-    let first = t.model.forward(&ids(&PROMPT[..split]), 0, Some(&mut cache), Some(&active)).expect("prefix");
+    let first = t
+        .model
+        .forward(&ids(&PROMPT[..split]), 0, Some(&mut cache), Some(&active))
+        .expect("prefix");
     assert!(max_abs_diff(&first, &full.narrow(1, 0, split).expect("narrow")) < 1e-4);
     for (i, &tok) in PROMPT.iter().enumerate().skip(split) {
-        let step = t.model.forward(&ids(&[tok]), i, Some(&mut cache), Some(&active)).expect("step");
+        let step = t
+            .model
+            .forward(&ids(&[tok]), i, Some(&mut cache), Some(&active))
+            .expect("step");
         let expected = full.narrow(1, i, 1).expect("narrow");
         assert!(max_abs_diff(&step, &expected) < 1e-4, "position {i}");
     }
-    let wrong = t.model.forward(&ids(&[1]), 3, Some(&mut cache), None).expect_err("offset mismatch");
+    let wrong = t
+        .model
+        .forward(&ids(&[1]), 3, Some(&mut cache), None)
+        .expect_err("offset mismatch");
     assert!(wrong.to_string().contains("KV cache holds 9"), "{wrong}");
 }
 
@@ -67,9 +106,17 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     let (mut one, mut two) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
     let mut weight_map = serde_json::Map::new();
     for (i, (name, tensor)) in all.into_iter().enumerate() {
-        let file = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        let file = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
         weight_map.insert(name.clone(), file.into());
-        if i % 2 == 0 { one.insert(name, tensor) } else { two.insert(name, tensor) };
+        if i % 2 == 0 {
+            one.insert(name, tensor)
+        } else {
+            two.insert(name, tensor)
+        };
     }
     kubetune_model::tensors::save(&sharded.path().join("model-00001-of-00002.safetensors"), &one).expect("shard 1");
     kubetune_model::tensors::save(&sharded.path().join("model-00002-of-00002.safetensors"), &two).expect("shard 2");
@@ -90,17 +137,24 @@ fn missing_weights_name_the_directory_and_tensor() {
     all.remove("model.layers.1.mlp.up_proj.weight");
     kubetune_model::tensors::save(&broken.path().join("model.safetensors"), &all).expect("save");
     std::fs::copy(t.dir.path().join("config.json"), broken.path().join("config.json")).expect("config");
-    let err = load_model(broken.path(), &LoadOptions::default()).expect_err("missing tensor").to_string();
+    let err = load_model(broken.path(), &LoadOptions::default())
+        .expect_err("missing tensor")
+        .to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
     let empty = tempfile::tempdir().expect("dir");
     std::fs::copy(t.dir.path().join("config.json"), empty.path().join("config.json")).expect("config");
-    let err = load_model(empty.path(), &LoadOptions::default()).expect_err("no weights").to_string();
+    let err = load_model(empty.path(), &LoadOptions::default())
+        .expect_err("no weights")
+        .to_string();
     assert!(err.contains("no model.safetensors"), "{err}");
     // A file cut short (an interrupted copy) is an error naming the file, not a crash.
     let bytes = std::fs::read(t.dir.path().join("model.safetensors")).expect("weights");
     std::fs::write(empty.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
     let err = anyhow_like(load_model(empty.path(), &LoadOptions::default()).expect_err("truncated"));
-    assert!(err.contains("model.safetensors") && err.contains("not a safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a safetensors file"),
+        "{err}"
+    );
 }
 
 /// The error with its sources, as a log line shows it.
@@ -118,13 +172,25 @@ fn anyhow_like(e: kubetune_model::ModelError) -> String {
 fn gradients_reach_adapters_of_every_layer() {
     let t = tiny();
     let (adapter, vars) = random_adapter(&t.config, 4, 8.0, 0.0);
-    let active = ActiveAdapter { adapter: &adapter, dropout_seed: None, first_row: 0 };
+    let active = ActiveAdapter {
+        adapter: &adapter,
+        dropout_seed: None,
+        first_row: 0,
+    };
     let logits = t.model.forward(&ids(&PROMPT), 0, None, Some(&active)).expect("forward");
     let loss = logits.sqr().expect("sqr").mean_all().expect("mean");
     let grads = loss.backward().expect("backward");
     for v in &vars {
-        let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", v.name));
-        let norm: f32 = g.sqr().expect("sqr").sum_all().expect("sum").to_scalar().expect("scalar");
+        let g = grads
+            .get(v.var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {}", v.name));
+        let norm: f32 = g
+            .sqr()
+            .expect("sqr")
+            .sum_all()
+            .expect("sum")
+            .to_scalar()
+            .expect("scalar");
         assert!(norm > 0.0, "zero gradient for {}", v.name);
     }
 }

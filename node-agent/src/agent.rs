@@ -40,10 +40,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn allocate_ip(
-        &self,
-        wanted: Option<&str>,
-    ) -> Result<std::net::Ipv4Addr, crate::ipam::IpamError> {
+    pub fn allocate_ip(&self, wanted: Option<&str>) -> Result<std::net::Ipv4Addr, crate::ipam::IpamError> {
         let mut ipam = self.ipam.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ip) = wanted.and_then(|w| w.parse().ok()) {
             if ipam.reserve(ip) {
@@ -54,9 +51,6 @@ impl Agent {
     }
 
     pub fn release_ip(&self, ip: std::net::Ipv4Addr) {
-        self.ipam
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(ip);
+        self.ipam.lock().unwrap_or_else(|e| e.into_inner()).release(ip);
     }
 }

@@ -16,15 +16,9 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read agent config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("agent config {path} is not valid YAML for this agent: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Parse { path: PathBuf, source: serde_yaml::Error },
 }
 
 /// Parsed config file; an absent file means "no images mapped".
@@ -94,47 +88,28 @@ mod tests {
     fn strips_tags_and_digests_but_not_registry_ports() {
         assert_eq!(image_name("kubetune/trainer"), "kubetune/trainer");
         assert_eq!(image_name("kubetune/trainer:0.1"), "kubetune/trainer");
-        assert_eq!(
-            image_name("kubetune/trainer@sha256:abc"),
-            "kubetune/trainer"
-        );
-        assert_eq!(
-            image_name("kubetune/trainer:0.1@sha256:abc"),
-            "kubetune/trainer"
-        );
-        assert_eq!(
-            image_name("localhost:5000/trainer"),
-            "localhost:5000/trainer"
-        );
-        assert_eq!(
-            image_name("localhost:5000/trainer:v2"),
-            "localhost:5000/trainer"
-        );
+        assert_eq!(image_name("kubetune/trainer@sha256:abc"), "kubetune/trainer");
+        assert_eq!(image_name("kubetune/trainer:0.1@sha256:abc"), "kubetune/trainer");
+        assert_eq!(image_name("localhost:5000/trainer"), "localhost:5000/trainer");
+        assert_eq!(image_name("localhost:5000/trainer:v2"), "localhost:5000/trainer");
     }
 
     #[test]
     fn maps_images_ignoring_tags_on_both_sides() {
-        let config = AgentConfig::parse(
-            "images:\n  kubetune/trainer: /bin/trainer\n  kubetune/server:latest: /bin/server\n",
-        )
-        .expect("valid config");
+        let config =
+            AgentConfig::parse("images:\n  kubetune/trainer: /bin/trainer\n  kubetune/server:latest: /bin/server\n")
+                .expect("valid config");
         assert_eq!(
             config.binary_for("kubetune/trainer:dev"),
             Some(Path::new("/bin/trainer"))
         );
-        assert_eq!(
-            config.binary_for("kubetune/server"),
-            Some(Path::new("/bin/server"))
-        );
+        assert_eq!(config.binary_for("kubetune/server"), Some(Path::new("/bin/server")));
         assert_eq!(config.binary_for("kubetune/other"), None);
     }
 
     #[test]
     fn empty_and_unknown_fields() {
-        assert!(AgentConfig::parse("")
-            .expect("empty is fine")
-            .images
-            .is_empty());
+        assert!(AgentConfig::parse("").expect("empty is fine").images.is_empty());
         assert!(AgentConfig::parse("imagez: {}").is_err());
     }
 }

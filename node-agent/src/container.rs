@@ -90,12 +90,7 @@ fn now() -> Time {
 
 /// Runs the container under `policy` ("Always", "OnFailure" or "Never") until it is done for
 /// good or `ctx.stop` fires.
-pub async fn supervise(
-    ctx: Arc<ContainerCtx>,
-    slot: Slot,
-    runner: Runner,
-    policy: &str,
-) -> Outcome {
+pub async fn supervise(ctx: Arc<ContainerCtx>, slot: Slot, runner: Runner, policy: &str) -> Outcome {
     let mut backoff = ctx.backoff_base;
     let name = ctx.shared.snapshot_name(slot);
     loop {
@@ -169,9 +164,7 @@ pub async fn supervise(
 impl Shared {
     fn snapshot_name(&self, slot: Slot) -> String {
         let mut rt = self.rt.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get(&mut rt)
-            .map(|c| c.name.clone())
-            .unwrap_or_default()
+        slot.get(&mut rt).map(|c| c.name.clone()).unwrap_or_default()
     }
 }
 
@@ -181,12 +174,7 @@ fn grace(ctx: &ContainerCtx) -> Duration {
 
 /// One run of a real process. Returns `(None, _)` when stopped by the pod ending, otherwise
 /// the exit and the termination message.
-async fn run_real(
-    ctx: &ContainerCtx,
-    slot: Slot,
-    launch: &Launch,
-    started_at: Time,
-) -> (Option<Exit>, Option<String>) {
+async fn run_real(ctx: &ContainerCtx, slot: Slot, launch: &Launch, started_at: Time) -> (Option<Exit>, Option<String>) {
     let mut running = match process::spawn(&launch.spec) {
         Ok(running) => running,
         Err(e) => {
@@ -259,17 +247,11 @@ fn termination_message(launch: &Launch, log_offset: u64, code: i32) -> Option<St
             }
         }
     }
-    let fallback =
-        launch.container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
+    let fallback = launch.container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
     (fallback && code != 0).then(|| process::log_tail(&launch.spec.log, log_offset, 80, 2048))
 }
 
-async fn run_fake(
-    ctx: &ContainerCtx,
-    slot: Slot,
-    fake: Fake,
-    started_at: Time,
-) -> (Option<Exit>, Option<String>) {
+async fn run_fake(ctx: &ContainerCtx, slot: Slot, fake: Fake, started_at: Time) -> (Option<Exit>, Option<String>) {
     ctx.shared.update(|rt| {
         if let Some(c) = slot.get(rt) {
             c.set_running("kubetune://fake".into(), started_at);

@@ -68,29 +68,20 @@ pub fn referenced_objects(container: &Container) -> (BTreeSet<String>, BTreeSet<
 
 /// The container's environment, in Kubernetes' precedence: `envFrom` first, then `env`
 /// entries in order, each able to refer to the ones defined before it via `$(NAME)`.
-pub fn resolve(
-    container: &Container,
-    inputs: &EnvInputs,
-) -> Result<BTreeMap<String, String>, EnvError> {
+pub fn resolve(container: &Container, inputs: &EnvInputs) -> Result<BTreeMap<String, String>, EnvError> {
     let mut env = BTreeMap::new();
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.as_deref().unwrap_or("");
         if let Some(r) = &from.secret_ref {
             match inputs.secrets.get(&r.name) {
-                Some(data) => env.extend(
-                    data.iter()
-                        .map(|(k, v)| (format!("{prefix}{k}"), v.clone())),
-                ),
+                Some(data) => env.extend(data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone()))),
                 None if r.optional == Some(true) => {}
                 None => return Err(EnvError::MissingSecret(r.name.clone())),
             }
         }
         if let Some(r) = &from.config_map_ref {
             match inputs.config_maps.get(&r.name) {
-                Some(data) => env.extend(
-                    data.iter()
-                        .map(|(k, v)| (format!("{prefix}{k}"), v.clone())),
-                ),
+                Some(data) => env.extend(data.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone()))),
                 None if r.optional == Some(true) => {}
                 None => return Err(EnvError::MissingConfigMap(r.name.clone())),
             }
@@ -118,23 +109,33 @@ fn value_from(
 ) -> Result<Option<String>, EnvError> {
     if let Some(r) = &source.secret_key_ref {
         let found = inputs.secrets.get(&r.name);
-        return key_value(found, &r.name, &r.key, r.optional, EnvError::MissingSecret, |name, key| {
-            EnvError::MissingSecretKey { name, key }
-        });
+        return key_value(
+            found,
+            &r.name,
+            &r.key,
+            r.optional,
+            EnvError::MissingSecret,
+            |name, key| EnvError::MissingSecretKey { name, key },
+        );
     }
     if let Some(r) = &source.config_map_key_ref {
         let found = inputs.config_maps.get(&r.name);
-        return key_value(found, &r.name, &r.key, r.optional, EnvError::MissingConfigMap, |name, key| {
-            EnvError::MissingConfigMapKey { name, key }
-        });
+        return key_value(
+            found,
+            &r.name,
+            &r.key,
+            r.optional,
+            EnvError::MissingConfigMap,
+            |name, key| EnvError::MissingConfigMapKey { name, key },
+        );
     }
     if let Some(r) = &source.field_ref {
-        return field_value(&r.field_path, inputs).map(Some).ok_or_else(|| {
-            EnvError::UnsupportedField {
+        return field_value(&r.field_path, inputs)
+            .map(Some)
+            .ok_or_else(|| EnvError::UnsupportedField {
                 var: var.into(),
                 path: r.field_path.clone(),
-            }
-        });
+            });
     }
     if let Some(r) = &source.resource_field_ref {
         return resource_value(var, r, container, inputs).map(Some);
@@ -175,9 +176,7 @@ pub fn field_value(path: &str, inputs: &EnvInputs) -> Option<String> {
         "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default(),
+        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
         "status.podIP" | "status.podIPs" => inputs.pod_ip.clone(),
         "status.hostIP" | "status.hostIPs" => inputs.host_ip.clone(),
         _ => return None,
@@ -321,8 +320,8 @@ fn key_value(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        ConfigMapEnvSource, EnvFromSource, EnvVar, ObjectFieldSelector, PodSpec,
-        ResourceRequirements, SecretKeySelector,
+        ConfigMapEnvSource, EnvFromSource, EnvVar, ObjectFieldSelector, PodSpec, ResourceRequirements,
+        SecretKeySelector,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -378,16 +377,8 @@ mod tests {
     #[test]
     fn resolves_values_sources_and_order() {
         let pod = pod();
-        let secrets: ObjectData = [(
-            "s".to_string(),
-            [("token".to_string(), "t0p".to_string())].into(),
-        )]
-        .into();
-        let config_maps: ObjectData = [(
-            "c".to_string(),
-            [("MODE".to_string(), "fast".to_string())].into(),
-        )]
-        .into();
+        let secrets: ObjectData = [("s".to_string(), [("token".to_string(), "t0p".to_string())].into())].into();
+        let config_maps: ObjectData = [("c".to_string(), [("MODE".to_string(), "fast".to_string())].into())].into();
         let inputs = EnvInputs {
             pod: &pod,
             pod_ip: "127.0.0.7".into(),
@@ -482,9 +473,7 @@ mod tests {
             env: Some(vec![from("X", secret(Some(true)))]),
             ..Default::default()
         };
-        assert!(!resolve(&container, &inputs)
-            .expect("optional")
-            .contains_key("X"));
+        assert!(!resolve(&container, &inputs).expect("optional").contains_key("X"));
         let bad_field = EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
                 field_path: "spec.bogus".into(),

@@ -106,10 +106,7 @@ mod tests {
         // .0 is the network, .1 the host, .7 the broadcast: 2..=6 remain.
         let expected: Vec<Ipv4Addr> = (2..=6).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect();
         assert_eq!(ips, expected);
-        assert_eq!(
-            ipam.allocate(),
-            Err(IpamError::Exhausted("127.0.0.0/29".into()))
-        );
+        assert_eq!(ipam.allocate(), Err(IpamError::Exhausted("127.0.0.0/29".into())));
     }
 
     #[test]

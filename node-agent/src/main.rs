@@ -141,9 +141,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn node_names(cli: &Cli) -> Vec<String> {
     let mut names = cli.nodes.clone();
-    let generated = cli
-        .node_count
-        .unwrap_or(if names.is_empty() { 1 } else { 0 });
+    let generated = cli.node_count.unwrap_or(if names.is_empty() { 1 } else { 0 });
     names.extend((0..generated).map(|i| format!("{}{i}", cli.name_prefix)));
     names
 }
@@ -164,19 +162,14 @@ fn pem(der: &[u8]) -> String {
 
 fn api_access(config: &Config) -> anyhow::Result<agent::ApiAccess> {
     let ca_pem = match (&config.root_cert_file, &config.root_cert) {
-        (Some(file), _) => Some(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("reading CA {}", file.display()))?,
-        ),
+        (Some(file), _) => {
+            Some(std::fs::read_to_string(file).with_context(|| format!("reading CA {}", file.display()))?)
+        }
         (None, Some(certs)) => Some(certs.iter().map(|c| pem(c)).collect()),
         (None, None) => None,
     };
     Ok(agent::ApiAccess {
-        server: config
-            .cluster_url
-            .to_string()
-            .trim_end_matches('/')
-            .to_owned(),
+        server: config.cluster_url.to_string().trim_end_matches('/').to_owned(),
         ca_pem,
         insecure: config.accept_invalid_certs,
         tls_server_name: config.tls_server_name.clone(),
@@ -186,15 +179,13 @@ fn api_access(config: &Config) -> anyhow::Result<agent::ApiAccess> {
 async fn kube_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     match path {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let kubeconfig =
+                Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
             Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                 .await
                 .with_context(|| format!("loading kubeconfig {}", path.display()))
         }
-        None => Config::infer()
-            .await
-            .context("no kubeconfig found (use --kubeconfig)"),
+        None => Config::infer().await.context("no kubeconfig found (use --kubeconfig)"),
     }
 }
 
@@ -223,10 +214,7 @@ async fn main() -> anyhow::Result<()> {
         _ => tracing_subscriber::EnvFilter::new("info,kube_client=warn,kube_runtime=warn"),
     };
     if cli.log_json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
     } else {
         use std::io::IsTerminal;
         // Colour codes only help on a terminal; up.sh sends our output to a log file.
@@ -240,9 +228,7 @@ async fn main() -> anyhow::Result<()> {
     if names.is_empty() {
         bail!("no nodes to register: use --node NAME or --nodes N");
     }
-    if !(cli.restart_backoff_seconds > 0.0
-        && cli.max_restart_backoff_seconds >= cli.restart_backoff_seconds)
-    {
+    if !(cli.restart_backoff_seconds > 0.0 && cli.max_restart_backoff_seconds >= cli.restart_backoff_seconds) {
         bail!("--restart-backoff-seconds must be > 0 and <= --max-restart-backoff-seconds");
     }
     let ipam = ipam::Ipam::new(&cli.pod_ip_range)?;
@@ -250,8 +236,7 @@ async fn main() -> anyhow::Result<()> {
         // Fail fast on a broken config at startup; later it is re-read per pod start.
         config::AgentConfig::load(path)?;
     }
-    std::fs::create_dir_all(&cli.state_dir)
-        .with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("creating {}", cli.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&cli.state_dir)?;
     process::reap_orphans(&state_dir);
 
@@ -309,13 +294,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
     });
     tracing::info!(nodes = ?names, fake = cli.fake, state_dir = %agent.state_dir.display(), "node agent running");
-    let heartbeat = tokio::spawn(node::keep_alive(
-        client,
-        opts,
-        uids,
-        since,
-        shutdown.clone(),
-    ));
+    let heartbeat = tokio::spawn(node::keep_alive(client, opts, uids, since, shutdown.clone()));
     let pod_manager = tokio::spawn(pods::run(agent, names));
 
     shutdown_signal().await;
@@ -332,15 +311,7 @@ mod tests {
 
     #[test]
     fn node_names_combine_explicit_and_generated() {
-        let cli = Cli::parse_from([
-            "agent",
-            "--node",
-            "gpu-a",
-            "--nodes",
-            "2",
-            "--name-prefix",
-            "fake-",
-        ]);
+        let cli = Cli::parse_from(["agent", "--node", "gpu-a", "--nodes", "2", "--name-prefix", "fake-"]);
         assert_eq!(node_names(&cli), vec!["gpu-a", "fake-0", "fake-1"]);
         let cli = Cli::parse_from(["agent"]);
         assert_eq!(node_names(&cli), vec!["kubetune-node-0"]);

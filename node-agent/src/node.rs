@@ -61,10 +61,7 @@ pub fn node_labels(name: &str, opts: &NodeOptions) -> BTreeMap<String, String> {
         ("kubernetes.io/hostname", name.to_owned()),
         ("kubernetes.io/os", "linux".to_owned()),
         ("kubernetes.io/arch", arch().to_owned()),
-        (
-            "node.kubernetes.io/instance-type",
-            "kubetune-local".to_owned(),
-        ),
+        ("node.kubernetes.io/instance-type", "kubetune-local".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -74,10 +71,7 @@ pub fn node_labels(name: &str, opts: &NodeOptions) -> BTreeMap<String, String> {
         labels.insert("nvidia.com/gpu.present".into(), "true".into());
         labels.insert("nvidia.com/gpu.count".into(), opts.gpus.to_string());
         labels.insert("nvidia.com/gpu.product".into(), opts.gpu_product.clone());
-        labels.insert(
-            "nvidia.com/gpu.memory".into(),
-            opts.gpu_memory_mib.to_string(),
-        );
+        labels.insert("nvidia.com/gpu.memory".into(), opts.gpu_memory_mib.to_string());
     }
     labels.extend(opts.labels.clone());
     labels
@@ -168,12 +162,7 @@ fn apply_params() -> PatchParams {
 }
 
 /// Creates or updates one node and its status; returns the node's uid (for the Lease owner).
-async fn apply_node(
-    client: &Client,
-    name: &str,
-    opts: &NodeOptions,
-    since: &Time,
-) -> Result<String, NodeError> {
+async fn apply_node(client: &Client, name: &str, opts: &NodeOptions, since: &Time) -> Result<String, NodeError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node = serde_json::json!({
         "apiVersion": "v1",
@@ -191,12 +180,7 @@ async fn apply_node(
     Ok(applied.metadata.uid.unwrap_or_default())
 }
 
-async fn apply_status(
-    client: &Client,
-    name: &str,
-    opts: &NodeOptions,
-    since: &Time,
-) -> Result<(), NodeError> {
+async fn apply_status(client: &Client, name: &str, opts: &NodeOptions, since: &Time) -> Result<(), NodeError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let status = serde_json::json!({
         "apiVersion": "v1",
@@ -213,12 +197,7 @@ async fn apply_status(
         })
 }
 
-async fn renew_lease(
-    client: &Client,
-    name: &str,
-    uid: &str,
-    opts: &NodeOptions,
-) -> Result<(), NodeError> {
+async fn renew_lease(client: &Client, name: &str, uid: &str, opts: &NodeOptions) -> Result<(), NodeError> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
     let lease = Lease {
         metadata: ObjectMeta {

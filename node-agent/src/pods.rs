@@ -134,10 +134,7 @@ pub async fn run(agent: Arc<Agent>, nodes: Vec<String>) {
     watchers.abort_all();
     // Workers see the shutdown themselves and stop their processes; give them a bounded time.
     let drain = async { while workers.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(15), drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(15), drain).await.is_err() {
         tracing::warn!("some pod workers did not stop in time");
     }
 }

@@ -35,12 +35,7 @@ pub struct ProbeTarget {
 }
 
 impl ProbeTarget {
-    pub fn new(
-        ip: &str,
-        container: &Container,
-        env: BTreeMap<String, String>,
-        cwd: PathBuf,
-    ) -> Self {
+    pub fn new(ip: &str, container: &Container, env: BTreeMap<String, String>, cwd: PathBuf) -> Self {
         let ports = container
             .ports
             .iter()
@@ -78,11 +73,7 @@ fn secs(value: Option<i32>, default: i32) -> Duration {
 pub async fn check(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
     let limit = secs(probe.timeout_seconds, 1).max(Duration::from_secs(1));
     if let Some(http) = &probe.http_get {
-        if http
-            .scheme
-            .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
-        {
+        if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
             return Err("HTTPS probes are not supported by the kubetune node agent".into());
         }
         let host = http
@@ -100,9 +91,7 @@ pub async fn check(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
             .collect();
         return match timeout(limit, http_get(&host, port, &path, &headers)).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
-                "Get \"http://{host}:{port}{path}\": context deadline exceeded"
-            )),
+            Err(_) => Err(format!("Get \"http://{host}:{port}{path}\": context deadline exceeded")),
         };
     }
     if let Some(tcp) = &probe.tcp_socket {
@@ -121,19 +110,11 @@ pub async fn check(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
     if let Some(exec) = &probe.exec {
         return exec_probe(exec.command.as_deref().unwrap_or_default(), target, limit).await;
     }
-    Err(
-        "probe type not supported by the kubetune node agent (use httpGet, tcpSocket or exec)"
-            .into(),
-    )
+    Err("probe type not supported by the kubetune node agent (use httpGet, tcpSocket or exec)".into())
 }
 
 /// A minimal HTTP/1.1 GET: kubelet only looks at the status code (200..400 is success).
-async fn http_get(
-    host: &str,
-    port: i32,
-    path: &str,
-    headers: &[(String, String)],
-) -> Result<(), String> {
+async fn http_get(host: &str, port: i32, path: &str, headers: &[(String, String)]) -> Result<(), String> {
     let url = format!("http://{host}:{port}{path}");
     let mut stream = TcpStream::connect((host, port as u16))
         .await
@@ -151,10 +132,7 @@ async fn http_get(
     let mut buf = [0u8; 256];
     // The status line is all we need; stop reading once we have it.
     while !head.contains(&b'\n') && head.len() < 4096 {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("Get \"{url}\": {e}"))?;
+        let n = stream.read(&mut buf).await.map_err(|e| format!("Get \"{url}\": {e}"))?;
         if n == 0 {
             break;
         }
@@ -173,17 +151,12 @@ async fn http_get(
     }
 }
 
-async fn exec_probe(
-    command: &[String],
-    target: &ProbeTarget,
-    limit: Duration,
-) -> Result<(), String> {
+async fn exec_probe(command: &[String], target: &ProbeTarget, limit: Duration) -> Result<(), String> {
     let Some((first, rest)) = command.split_first() else {
         return Err("exec probe has an empty command".into());
     };
     let path = target.env.get("PATH").cloned().unwrap_or_default();
-    let program =
-        crate::process::resolve_program(first, &path, &target.cwd).map_err(|e| e.to_string())?;
+    let program = crate::process::resolve_program(first, &path, &target.cwd).map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(program)
         .args(rest)
         .env_clear()
@@ -213,18 +186,11 @@ async fn exec_probe(
 
 /// Runs the container's probes from `started` (the process start) until the receiver is
 /// dropped, reporting transitions on `events`.
-pub async fn run(
-    container: Container,
-    target: ProbeTarget,
-    started: Instant,
-    events: mpsc::Sender<ProbeEvent>,
-) {
+pub async fn run(container: Container, target: ProbeTarget, started: Instant, events: mpsc::Sender<ProbeEvent>) {
     if let Some(probe) = &container.startup_probe {
         if let Err(message) = until_threshold(probe, &target, started, true).await {
             let _ = events
-                .send(ProbeEvent::Unhealthy(format!(
-                    "Startup probe failed: {message}"
-                )))
+                .send(ProbeEvent::Unhealthy(format!("Startup probe failed: {message}")))
                 .await;
             return;
         }
@@ -275,9 +241,7 @@ pub async fn run(
         };
         if let Err(message) = until_threshold(probe, &target, started, false).await {
             let _ = events
-                .send(ProbeEvent::Unhealthy(format!(
-                    "Liveness probe failed: {message}"
-                )))
+                .send(ProbeEvent::Unhealthy(format!("Liveness probe failed: {message}")))
                 .await;
         }
     };
@@ -331,12 +295,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        ProbeTarget::new(
-            "127.0.0.1",
-            &container,
-            BTreeMap::new(),
-            std::env::temp_dir(),
-        )
+        ProbeTarget::new("127.0.0.1", &container, BTreeMap::new(), std::env::temp_dir())
     }
 
     async fn serve_once(status: &'static str) -> u16 {
@@ -379,11 +338,7 @@ mod tests {
         let port = serve_once("503 Service Unavailable").await;
         let result = check(&http_probe(IntOrString::Int(port as i32)), &target(vec![])).await;
         assert_eq!(result, Err("HTTP probe failed with statuscode: 503".into()));
-        let missing = check(
-            &http_probe(IntOrString::String("nope".into())),
-            &target(vec![]),
-        )
-        .await;
+        let missing = check(&http_probe(IntOrString::String("nope".into())), &target(vec![])).await;
         assert!(missing.is_err());
     }
 

@@ -21,15 +21,9 @@ pub enum ProcessError {
     #[error("exec: {0:?}: executable file not found in $PATH")]
     NotFound(String),
     #[error("cannot open log file {path}: {source}")]
-    Log {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Log { path: PathBuf, source: std::io::Error },
     #[error("cannot start {program}: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
 }
 
 /// Everything needed to start one container process.
@@ -231,13 +225,8 @@ pub fn reap_orphans(state_dir: &Path) {
             .flatten()
             .filter(|f| f.path().extension() == Some(OsStr::new("pid")))
         {
-            if let Ok(Ok(pgid)) =
-                std::fs::read_to_string(file.path()).map(|s| s.trim().parse::<i32>())
-            {
-                for pid in group_members(pgid)
-                    .into_iter()
-                    .filter(|pid| has_env(*pid, &marker))
-                {
+            if let Ok(Ok(pgid)) = std::fs::read_to_string(file.path()).map(|s| s.trim().parse::<i32>()) {
+                for pid in group_members(pgid).into_iter().filter(|pid| has_env(*pid, &marker)) {
                     tracing::warn!(pid, pod = %pod.file_name().to_string_lossy(), "killing a process left by a previous agent");
                     // SAFETY: plain syscall on a pid verified to belong to this pod.
                     unsafe {
@@ -267,19 +256,14 @@ fn group_members(pgid: i32) -> Vec<i32> {
             let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
                 return false;
             };
-            rest.split_whitespace()
-                .nth(2)
-                .and_then(|g| g.parse::<i32>().ok())
-                == Some(pgid)
+            rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
         })
         .collect()
 }
 
 fn has_env(pid: i32, marker: &str) -> bool {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    environ
-        .split(|b| *b == 0)
-        .any(|var| var == marker.as_bytes())
+    environ.split(|b| *b == 0).any(|var| var == marker.as_bytes())
 }
 
 #[cfg(test)]
@@ -311,8 +295,7 @@ mod tests {
 
     #[test]
     fn resolves_programs_from_path() {
-        let sh =
-            resolve_program("sh", "/nonexistent:/bin:/usr/bin", Path::new("/")).expect("sh exists");
+        let sh = resolve_program("sh", "/nonexistent:/bin:/usr/bin", Path::new("/")).expect("sh exists");
         assert!(sh.ends_with("sh"));
         assert!(matches!(
             resolve_program("no-such-binary-xyz", "/bin", Path::new("/")),

@@ -69,8 +69,7 @@ pub fn kubeconfig_yaml(api: &ApiAccess, namespace: &str, user: &str, token_file:
     let mut cluster = serde_json::json!({ "server": api.server });
     if let Some(pem) = &api.ca_pem {
         use base64::Engine;
-        cluster["certificate-authority-data"] =
-            base64::engine::general_purpose::STANDARD.encode(pem).into();
+        cluster["certificate-authority-data"] = base64::engine::general_purpose::STANDARD.encode(pem).into();
     }
     if api.insecure {
         cluster["insecure-skip-tls-verify"] = true.into();
@@ -104,11 +103,7 @@ async fn fetch_objects(
     let secret_api: Api<Secret> = Api::namespaced(agent.client.clone(), namespace);
     let mut secret_data = ObjectData::new();
     for name in secrets {
-        if let Some(secret) = secret_api
-            .get_opt(name)
-            .await
-            .map_err(|e| fail("secret", name, e))?
-        {
+        if let Some(secret) = secret_api.get_opt(name).await.map_err(|e| fail("secret", name, e))? {
             let data = secret.data.unwrap_or_default().into_iter();
             secret_data.insert(
                 name.clone(),
@@ -120,11 +115,7 @@ async fn fetch_objects(
     let cm_api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), namespace);
     let mut cm_data = ObjectData::new();
     for name in config_maps {
-        if let Some(cm) = cm_api
-            .get_opt(name)
-            .await
-            .map_err(|e| fail("configmap", name, e))?
-        {
+        if let Some(cm) = cm_api.get_opt(name).await.map_err(|e| fail("configmap", name, e))? {
             let mut data: BTreeMap<String, String> = cm.data.unwrap_or_default();
             for (k, v) in cm.binary_data.unwrap_or_default() {
                 data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
@@ -178,11 +169,9 @@ pub async fn request_token(
             format!("token request for {namespace}/{account} returned no token"),
         )
     })?;
-    let expires_in = status.expiration_timestamp.and_then(|t| {
-        t.0.duration_since(k8s_openapi::jiff::Timestamp::now())
-            .try_into()
-            .ok()
-    });
+    let expires_in = status
+        .expiration_timestamp
+        .and_then(|t| t.0.duration_since(k8s_openapi::jiff::Timestamp::now()).try_into().ok());
     Ok((token, expires_in))
 }
 
@@ -202,25 +191,14 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<(), SetupFailure> {
 }
 
 /// Prepares everything; any failure is reported and the whole preparation retried later.
-pub async fn prepare(
-    agent: &Agent,
-    pod: &Pod,
-    pod_ip: &str,
-    dir: &Path,
-) -> Result<Prepared, SetupFailure> {
+pub async fn prepare(agent: &Agent, pod: &Pod, pod_ip: &str, dir: &Path) -> Result<Prepared, SetupFailure> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let spec = pod.spec.clone().unwrap_or_default();
-    std::fs::create_dir_all(dir).map_err(|e| {
-        SetupFailure::pod(
-            "ContainerCreating",
-            format!("cannot create {}: {e}", dir.display()),
-        )
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| SetupFailure::pod("ContainerCreating", format!("cannot create {}: {e}", dir.display())))?;
     let config = match &agent.config_path {
         // Re-read on every attempt so fixing the image map un-sticks pending pods.
-        Some(path) => {
-            AgentConfig::load(path).map_err(|e| SetupFailure::pod("ErrImagePull", e.to_string()))?
-        }
+        Some(path) => AgentConfig::load(path).map_err(|e| SetupFailure::pod("ErrImagePull", e.to_string()))?,
         None => AgentConfig::default(),
     };
 
@@ -243,10 +221,7 @@ pub async fn prepare(
     let (token, expires_in) = request_token(agent, pod, "").await?;
     let token_file = dir.join("kube").join("token");
     write(&token_file, &token, 0o600)?;
-    let account = spec
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
     let kubeconfig = dir.join("kube").join("config");
     write(
         &kubeconfig,
@@ -254,10 +229,7 @@ pub async fn prepare(
         0o600,
     )?;
     let mut tokens = BTreeMap::from([(String::new(), token)]);
-    for audience in volumes::token_audiences(pod)
-        .into_iter()
-        .filter(|a| !a.is_empty())
-    {
+    for audience in volumes::token_audiences(pod).into_iter().filter(|a| !a.is_empty()) {
         let (t, _) = request_token(agent, pod, &audience).await?;
         tokens.insert(audience, t);
     }
@@ -287,21 +259,12 @@ pub async fn prepare(
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
         .collect();
-    base_env.insert(
-        "HOSTNAME".into(),
-        pod.metadata.name.clone().unwrap_or_default(),
-    );
-    base_env.insert(
-        POD_UID_ENV.into(),
-        pod.metadata.uid.clone().unwrap_or_default(),
-    );
+    base_env.insert("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default());
+    base_env.insert(POD_UID_ENV.into(), pod.metadata.uid.clone().unwrap_or_default());
     let launch = |c: &Container| -> Result<Launch, SetupFailure> {
-        let config_error =
-            |m: String| SetupFailure::container(&c.name, "CreateContainerConfigError", m);
-        let container_env =
-            env::resolve(c, &env_inputs()).map_err(|e| config_error(e.to_string()))?;
-        let mounts =
-            MountMap::for_container(c, &volume_paths).map_err(|e| config_error(e.to_string()))?;
+        let config_error = |m: String| SetupFailure::container(&c.name, "CreateContainerConfigError", m);
+        let container_env = env::resolve(c, &env_inputs()).map_err(|e| config_error(e.to_string()))?;
+        let mounts = MountMap::for_container(c, &volume_paths).map_err(|e| config_error(e.to_string()))?;
         for host_dir in mounts.host_dirs() {
             std::fs::create_dir_all(host_dir)
                 .map_err(|e| config_error(format!("cannot create {}: {e}", host_dir.display())))?;
@@ -334,11 +297,7 @@ pub async fn prepare(
         };
         args.extend(c.args.iter().flatten().map(expand));
         let mut process_env = base_env.clone();
-        process_env.extend(
-            container_env
-                .iter()
-                .map(|(k, v)| (k.clone(), mounts.rewrite(v))),
-        );
+        process_env.extend(container_env.iter().map(|(k, v)| (k.clone(), mounts.rewrite(v))));
         process_env
             .entry("KUBECONFIG".into())
             .or_insert_with(|| kubeconfig.display().to_string());
@@ -349,11 +308,7 @@ pub async fn prepare(
             .map(PathBuf::from)
             .unwrap_or_else(|| dir.to_owned());
         let termination_path = mounts
-            .rewrite_path(
-                c.termination_message_path
-                    .as_deref()
-                    .unwrap_or("/dev/termination-log"),
-            )
+            .rewrite_path(c.termination_message_path.as_deref().unwrap_or("/dev/termination-log"))
             .map(PathBuf::from);
         Ok(Launch {
             container: c.clone(),
@@ -376,11 +331,7 @@ pub async fn prepare(
         .flatten()
         .map(&launch)
         .collect::<Result<_, _>>()?;
-    let containers = spec
-        .containers
-        .iter()
-        .map(&launch)
-        .collect::<Result<_, _>>()?;
+    let containers = spec.containers.iter().map(&launch).collect::<Result<_, _>>()?;
     Ok(Prepared {
         init,
         containers,
@@ -401,22 +352,11 @@ mod tests {
             insecure: false,
             tls_server_name: None,
         };
-        let yaml = kubeconfig_yaml(
-            &api,
-            "team-a",
-            "operator",
-            Path::new("/s/pods/p/kube/token"),
-        );
+        let yaml = kubeconfig_yaml(&api, "team-a", "operator", Path::new("/s/pods/p/kube/token"));
         let parsed: serde_json::Value = serde_yaml::from_str(&yaml).expect("valid yaml");
-        assert_eq!(
-            parsed["clusters"][0]["cluster"]["server"],
-            "https://127.0.0.1:6443"
-        );
+        assert_eq!(parsed["clusters"][0]["cluster"]["server"], "https://127.0.0.1:6443");
         assert!(parsed["clusters"][0]["cluster"]["certificate-authority-data"].is_string());
-        assert_eq!(
-            parsed["users"][0]["user"]["tokenFile"],
-            "/s/pods/p/kube/token"
-        );
+        assert_eq!(parsed["users"][0]["user"]["tokenFile"], "/s/pods/p/kube/token");
         assert_eq!(parsed["contexts"][0]["context"]["namespace"], "team-a");
     }
 }

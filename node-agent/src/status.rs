@@ -4,8 +4,8 @@
 //! unit-tested here; the pod worker only mutates [`PodRt`] and asks for a rebuild.
 
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, HostIP,
+    Pod, PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -221,11 +221,7 @@ pub fn build(pod: &Pod, rt: &PodRt, previous: Option<&PodStatus>, now: &Time) ->
                 .flat_map(|s| s.conditions.iter().flatten())
                 .any(|c| c.type_ == gate.condition_type && c.status == "True")
         });
-    let not_ready_reason = if terminal {
-        "PodCompleted"
-    } else {
-        "ContainersNotReady"
-    };
+    let not_ready_reason = if terminal { "PodCompleted" } else { "ContainersNotReady" };
     let mut conditions = vec![
         condition("PodReadyToStartContainers", rt.sandbox_ready, None, None),
         condition(
@@ -268,10 +264,7 @@ pub fn build(pod: &Pod, rt: &PodRt, previous: Option<&PodStatus>, now: &Time) ->
     for c in &mut conditions {
         let kept = previous
             .and_then(|p| p.conditions.as_ref())
-            .and_then(|list| {
-                list.iter()
-                    .find(|old| old.type_ == c.type_ && old.status == c.status)
-            })
+            .and_then(|list| list.iter().find(|old| old.type_ == c.type_ && old.status == c.status))
             .and_then(|old| old.last_transition_time.clone());
         c.last_transition_time = Some(kept.unwrap_or_else(|| now.clone()));
     }
@@ -283,14 +276,11 @@ pub fn build(pod: &Pod, rt: &PodRt, previous: Option<&PodStatus>, now: &Time) ->
         phase: Some(phase.into()),
         conditions: Some(conditions),
         host_ip: Some(rt.host_ip.clone()),
-        host_ips: Some(vec![HostIP {
-            ip: rt.host_ip.clone(),
-        }]),
+        host_ips: Some(vec![HostIP { ip: rt.host_ip.clone() }]),
         pod_ip: rt.pod_ip.clone(),
         pod_ips: rt.pod_ip.as_ref().map(|ip| vec![PodIP { ip: ip.clone() }]),
         start_time: rt.start_time.clone(),
-        init_container_statuses: (!rt.init.is_empty())
-            .then(|| rt.init.iter().map(ContainerRt::to_status).collect()),
+        init_container_statuses: (!rt.init.is_empty()).then(|| rt.init.iter().map(ContainerRt::to_status).collect()),
         container_statuses: Some(rt.containers.iter().map(ContainerRt::to_status).collect()),
         reason,
         message,
@@ -394,19 +384,13 @@ mod tests {
         };
         assert_eq!(first.phase.as_deref(), Some(RUNNING));
         assert_eq!(first.pod_ip.as_deref(), Some("127.0.0.2"));
-        assert_eq!(
-            first.pod_ips.as_ref().map(|v| v[0].ip.as_str()),
-            Some("127.0.0.2")
-        );
+        assert_eq!(first.pod_ips.as_ref().map(|v| v[0].ip.as_str()), Some("127.0.0.2"));
         assert_eq!(cond(&first, "Ready").status, "False");
         assert_eq!(
             cond(&first, "Ready").message.as_deref(),
             Some("containers with unready status: [a]")
         );
-        let statuses = first
-            .container_statuses
-            .clone()
-            .expect("container statuses");
+        let statuses = first.container_statuses.clone().expect("container statuses");
         assert_eq!(statuses[0].container_id.as_deref(), Some("kubetune://42"));
 
         pod_rt.containers[0].ready = true;
@@ -414,10 +398,7 @@ mod tests {
         let second = build(&pod, &pod_rt, Some(&first), &time(20));
         assert_eq!(cond(&second, "Ready").status, "True");
         assert_eq!(cond(&second, "Ready").last_transition_time, Some(time(20)));
-        assert_eq!(
-            cond(&second, "Initialized").last_transition_time,
-            Some(time(10))
-        );
+        assert_eq!(cond(&second, "Initialized").last_transition_time, Some(time(10)));
     }
 
     #[test]

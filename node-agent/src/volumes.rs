@@ -71,10 +71,7 @@ pub struct MountMap {
 }
 
 impl MountMap {
-    pub fn for_container(
-        container: &Container,
-        volume_paths: &BTreeMap<String, PathBuf>,
-    ) -> Result<Self, VolumeError> {
+    pub fn for_container(container: &Container, volume_paths: &BTreeMap<String, PathBuf>) -> Result<Self, VolumeError> {
         let mut entries = Vec::new();
         for mount in container.volume_mounts.iter().flatten() {
             let base = volume_paths
@@ -144,10 +141,7 @@ pub struct VolumeInputs<'a> {
 }
 
 /// Files of a secret, configMap, downwardAPI or projected volume; empty for directory volumes.
-pub fn volume_files(
-    volume: &Volume,
-    inputs: &VolumeInputs,
-) -> Result<Vec<VolumeFile>, VolumeError> {
+pub fn volume_files(volume: &Volume, inputs: &VolumeInputs) -> Result<Vec<VolumeFile>, VolumeError> {
     let err = |detail: String| VolumeError::Source {
         volume: volume.name.clone(),
         detail,
@@ -184,11 +178,7 @@ pub fn volume_files(
     if let Some(d) = &volume.downward_api {
         let mode = d.default_mode.map_or(0o644, |m| m as u32);
         for item in d.items.iter().flatten() {
-            let path = item
-                .field_ref
-                .as_ref()
-                .map(|f| f.field_path.as_str())
-                .unwrap_or("");
+            let path = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or("");
             let contents = env::field_value(path, &inputs.env)
                 .ok_or_else(|| err(format!("unsupported downward API field {path:?}")))?;
             files.push(VolumeFile {
@@ -229,11 +219,7 @@ pub fn volume_files(
             }
             if let Some(d) = &source.downward_api {
                 for item in d.items.iter().flatten() {
-                    let path = item
-                        .field_ref
-                        .as_ref()
-                        .map(|f| f.field_path.as_str())
-                        .unwrap_or("");
+                    let path = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or("");
                     let contents = env::field_value(path, &inputs.env)
                         .ok_or_else(|| err(format!("unsupported downward API field {path:?}")))?;
                     files.push(VolumeFile {
@@ -245,11 +231,10 @@ pub fn volume_files(
             }
             if let Some(t) = &source.service_account_token {
                 let audience = t.audience.clone().unwrap_or_default();
-                let token = inputs.tokens.get(&audience).ok_or_else(|| {
-                    err(format!(
-                        "no service-account token for audience {audience:?}"
-                    ))
-                })?;
+                let token = inputs
+                    .tokens
+                    .get(&audience)
+                    .ok_or_else(|| err(format!("no service-account token for audience {audience:?}")))?;
                 files.push(VolumeFile {
                     path: t.path.clone(),
                     contents: token.clone(),
@@ -310,19 +295,9 @@ fn object_files(
 }
 
 /// Creates the volume directories and writes the files of content volumes.
-pub fn materialise(
-    pod: &Pod,
-    paths: &BTreeMap<String, PathBuf>,
-    inputs: &VolumeInputs,
-) -> Result<(), VolumeError> {
+pub fn materialise(pod: &Pod, paths: &BTreeMap<String, PathBuf>, inputs: &VolumeInputs) -> Result<(), VolumeError> {
     use std::os::unix::fs::PermissionsExt;
-    for volume in pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.volumes.as_ref())
-        .into_iter()
-        .flatten()
-    {
+    for volume in pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
         let Some(dir) = paths.get(&volume.name) else {
             continue;
         };
@@ -338,8 +313,7 @@ pub fn materialise(
                 std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
             }
             std::fs::write(&path, &file.contents).map_err(|e| io(&path, e))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode))
-                .map_err(|e| io(&path, e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode)).map_err(|e| io(&path, e))?;
         }
     }
     Ok(())
@@ -351,24 +325,14 @@ pub fn referenced_objects(
     secrets: &mut std::collections::BTreeSet<String>,
     config_maps: &mut std::collections::BTreeSet<String>,
 ) {
-    for volume in pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.volumes.as_ref())
-        .into_iter()
-        .flatten()
-    {
+    for volume in pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
         if let Some(name) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) {
             secrets.insert(name);
         }
         if let Some(c) = &volume.config_map {
             config_maps.insert(c.name.clone());
         }
-        for source in volume
-            .projected
-            .iter()
-            .flat_map(|p| p.sources.iter().flatten())
-        {
+        for source in volume.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
             if let Some(s) = &source.secret {
                 secrets.insert(s.name.clone());
             }
@@ -396,8 +360,8 @@ mod tests {
     use super::*;
     use crate::env::ObjectData;
     use k8s_openapi::api::core::v1::{
-        ConfigMapProjection, EmptyDirVolumeSource, PodSpec, ProjectedVolumeSource,
-        SecretVolumeSource, ServiceAccountTokenProjection, VolumeMount, VolumeProjection,
+        ConfigMapProjection, EmptyDirVolumeSource, PodSpec, ProjectedVolumeSource, SecretVolumeSource,
+        ServiceAccountTokenProjection, VolumeMount, VolumeProjection,
     };
 
     fn mount(name: &str, path: &str, sub: Option<&str>) -> VolumeMount {
@@ -437,14 +401,8 @@ mod tests {
             m.rewrite("/data/models/m.safetensors"),
             "/s/pvcs/ns/models/m.safetensors"
         );
-        assert_eq!(
-            m.rewrite("/etc/app/app.yaml"),
-            "/s/p/volumes/cfg/conf/app.yaml"
-        );
-        assert_eq!(
-            m.rewrite("--output=/data/run1"),
-            "--output=/s/p/volumes/data/run1"
-        );
+        assert_eq!(m.rewrite("/etc/app/app.yaml"), "/s/p/volumes/cfg/conf/app.yaml");
+        assert_eq!(m.rewrite("--output=/data/run1"), "--output=/s/p/volumes/data/run1");
         // Not under a mount: a shared prefix is not enough.
         assert_eq!(m.rewrite("/database"), "/database");
         assert_eq!(m.rewrite("relative/data"), "relative/data");
@@ -467,11 +425,7 @@ mod tests {
         let mut pod = Pod::default();
         pod.metadata.namespace = Some("ns".into());
         pod.spec = Some(PodSpec::default());
-        let secrets: ObjectData = [(
-            "creds".to_string(),
-            [("key".to_string(), "v".to_string())].into(),
-        )]
-        .into();
+        let secrets: ObjectData = [("creds".to_string(), [("key".to_string(), "v".to_string())].into())].into();
         let config_maps: ObjectData = [(
             "kube-root-ca.crt".to_string(),
             [("ca.crt".to_string(), "PEM".to_string())].into(),
@@ -537,10 +491,7 @@ mod tests {
             ..Default::default()
         };
         let files = volume_files(&projected, &inputs).expect("projection sources exist");
-        let names: Vec<_> = files
-            .iter()
-            .map(|f| (f.path.as_str(), f.contents.as_str()))
-            .collect();
+        let names: Vec<_> = files.iter().map(|f| (f.path.as_str(), f.contents.as_str())).collect();
         assert_eq!(names, vec![("token", "jwt"), ("ca.crt", "PEM")]);
 
         let empty = Volume {
@@ -548,9 +499,7 @@ mod tests {
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Default::default()
         };
-        assert!(volume_files(&empty, &inputs)
-            .expect("dir volume")
-            .is_empty());
+        assert!(volume_files(&empty, &inputs).expect("dir volume").is_empty());
 
         let missing = Volume {
             name: "m".into(),

@@ -40,11 +40,7 @@ fn grace_of(pod: &Pod) -> Duration {
     let seconds = pod
         .metadata
         .deletion_grace_period_seconds
-        .or_else(|| {
-            pod.spec
-                .as_ref()
-                .and_then(|s| s.termination_grace_period_seconds)
-        })
+        .or_else(|| pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
         .unwrap_or(30);
     Duration::from_secs(seconds.max(0) as u64)
 }
@@ -55,17 +51,11 @@ fn grace_of(pod: &Pod) -> Duration {
 pub fn initial_rt(pod: &Pod, ip: &str, fake: bool) -> PodRt {
     let spec = pod.spec.clone().unwrap_or_default();
     let previous = pod.status.clone().unwrap_or_default();
-    let policy = spec
-        .restart_policy
-        .clone()
-        .unwrap_or_else(|| "Always".into());
+    let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
     let has_init = spec.init_containers.as_ref().is_some_and(|i| !i.is_empty());
     let mut lost = false;
     let mut restore =
-        |name: &str,
-         image: &str,
-         reason: &str,
-         old: Option<&k8s_openapi::api::core::v1::ContainerStatus>| {
+        |name: &str, image: &str, reason: &str, old: Option<&k8s_openapi::api::core::v1::ContainerStatus>| {
             let mut c = ContainerRt::new(name, image, reason);
             if let Some(old) = old {
                 let state = old.state.clone().unwrap_or_default();
@@ -99,9 +89,7 @@ pub fn initial_rt(pod: &Pod, ip: &str, fake: bool) -> PodRt {
             c
         };
     let find = |list: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>, name: &str| {
-        list.as_ref()
-            .and_then(|l| l.iter().find(|s| s.name == name))
-            .cloned()
+        list.as_ref().and_then(|l| l.iter().find(|s| s.name == name)).cloned()
     };
     let init = spec
         .init_containers
@@ -156,11 +144,7 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
         return;
     };
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let key = format!("{namespace}/{name}");
     let api: Api<Pod> = Api::namespaced(agent.client.clone(), &namespace);
     let old_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
@@ -208,16 +192,7 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     });
 
     if !already_failed {
-        run_containers(
-            &agent,
-            &pod,
-            &ip.to_string(),
-            &shared,
-            &ctx,
-            &stop,
-            &mut pods,
-        )
-        .await;
+        run_containers(&agent, &pod, &ip.to_string(), &shared, &ctx, &stop, &mut pods).await;
     }
     // Finished or stopped: keep reporting until the pod is deleted or vanishes.
     stop.cancelled().await;
@@ -233,12 +208,7 @@ pub async fn run(agent: Arc<Agent>, mut pods: watch::Receiver<Option<Pod>>) {
     finish(&agent, &api, &key, &pod, Some(ip), &ending, watch_task).await
 }
 
-async fn allocate(
-    agent: &Agent,
-    wanted: Option<&str>,
-    stop: &CancellationToken,
-    key: &str,
-) -> Option<Ipv4Addr> {
+async fn allocate(agent: &Agent, wanted: Option<&str>, stop: &CancellationToken, key: &str) -> Option<Ipv4Addr> {
     loop {
         match agent.allocate_ip(wanted) {
             Ok(ip) => return Some(ip),
@@ -261,10 +231,7 @@ async fn run_containers(
     pods: &mut watch::Receiver<Option<Pod>>,
 ) {
     let spec = pod.spec.clone().unwrap_or_default();
-    let policy = spec
-        .restart_policy
-        .clone()
-        .unwrap_or_else(|| "Always".into());
+    let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
     let dir = crate::volumes::pod_dir(&agent.state_dir, pod);
     let (init, main): (Vec<Runner>, Vec<Runner>) = if agent.fake {
         let exit = fake_exit(pod);
@@ -278,32 +245,17 @@ async fn run_containers(
                     })
                 })
                 .collect(),
-            spec.containers
-                .iter()
-                .map(|_| Runner::Fake(Fake { exit }))
-                .collect(),
+            spec.containers.iter().map(|_| Runner::Fake(Fake { exit })).collect(),
         )
     } else {
-        let Some(prepared) =
-            prepare_until_ready(agent, &ctx.pod_name, pod, ip, &dir, shared, stop).await
-        else {
+        let Some(prepared) = prepare_until_ready(agent, &ctx.pod_name, pod, ip, &dir, shared, stop).await else {
             return;
         };
         if let (Some(file), Some(ttl)) = (prepared.token_file.clone(), prepared.token_expires_in) {
-            tokio::spawn(refresh_token(
-                agent.clone(),
-                pods.clone(),
-                file,
-                ttl,
-                stop.clone(),
-            ));
+            tokio::spawn(refresh_token(agent.clone(), pods.clone(), file, ttl, stop.clone()));
         }
         (
-            prepared
-                .init
-                .into_iter()
-                .map(|l| Runner::Real(Box::new(l)))
-                .collect(),
+            prepared.init.into_iter().map(|l| Runner::Real(Box::new(l))).collect(),
             prepared
                 .containers
                 .into_iter()
@@ -313,21 +265,11 @@ async fn run_containers(
     };
     shared.update(|rt| rt.sandbox_ready = true);
 
-    let init_policy = if policy == "Never" {
-        "Never"
-    } else {
-        "OnFailure"
-    };
-    let init_done = shared
-        .snapshot()
-        .init
-        .iter()
-        .all(|c| c.exit_code() == Some(0));
+    let init_policy = if policy == "Never" { "Never" } else { "OnFailure" };
+    let init_done = shared.snapshot().init.iter().all(|c| c.exit_code() == Some(0));
     if !init_done {
         for (i, runner) in init.into_iter().enumerate() {
-            if container::supervise(ctx.clone(), Slot::Init(i), runner, init_policy).await
-                != Outcome::Succeeded
-            {
+            if container::supervise(ctx.clone(), Slot::Init(i), runner, init_policy).await != Outcome::Succeeded {
                 return;
             }
         }
@@ -343,12 +285,7 @@ async fn run_containers(
             continue;
         }
         shared.update(|rt| rt.containers[i].set_waiting("ContainerCreating", None));
-        running.push(container::supervise(
-            ctx.clone(),
-            Slot::Main(i),
-            runner,
-            &policy,
-        ));
+        running.push(container::supervise(ctx.clone(), Slot::Main(i), runner, &policy));
     }
     futures::future::join_all(running).await;
 }
@@ -440,9 +377,7 @@ async fn watch_ending(
             let pod = pods.borrow_and_update();
             match pod.as_ref() {
                 None => Some((Ending::Vanished, Duration::from_secs(2))),
-                Some(p) if p.metadata.deletion_timestamp.is_some() => {
-                    Some((Ending::Deleted, grace_of(p)))
-                }
+                Some(p) if p.metadata.deletion_timestamp.is_some() => Some((Ending::Deleted, grace_of(p))),
                 Some(_) => None,
             }
         };
@@ -512,7 +447,10 @@ async fn report_terminal_status(api: &Api<Pod>, name: &str, shared: &Shared, pod
     let patch = serde_json::json!({ "status": status });
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=4 {
-        match api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
             Ok(_) => return,
             Err(kube::Error::Api(e)) if e.code == 404 => return,
             Err(e) if attempt == 4 => tracing::warn!(pod = %name, error = %e, "could not report the final status"),
@@ -578,9 +516,7 @@ async fn status_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        Container, ContainerState, ContainerStateRunning, ContainerStatus, PodSpec,
-    };
+    use k8s_openapi::api::core::v1::{Container, ContainerState, ContainerStateRunning, ContainerStatus, PodSpec};
 
     fn pod(policy: &str, state: ContainerState) -> Pod {
         Pod {

@@ -6,10 +6,18 @@ use clap::Args;
 #[derive(Args, Clone, Debug)]
 pub struct OperatorConfig {
     /// Trainer image used when a FineTuneJob names none.
-    #[arg(long, env = "KUBETUNE_TRAINER_IMAGE", default_value = "ghcr.io/kubetune/trainer:latest")]
+    #[arg(
+        long,
+        env = "KUBETUNE_TRAINER_IMAGE",
+        default_value = "ghcr.io/kubetune/trainer:latest"
+    )]
     pub trainer_image: String,
     /// Inference server image used when a ModelDeployment names none.
-    #[arg(long, env = "KUBETUNE_SERVER_IMAGE", default_value = "ghcr.io/kubetune/server:latest")]
+    #[arg(
+        long,
+        env = "KUBETUNE_SERVER_IMAGE",
+        default_value = "ghcr.io/kubetune/server:latest"
+    )]
     pub server_image: String,
     /// Adapter registry used when a FineTuneJob or ModelDeployment names none (e.g. s3://bucket/kubetune).
     #[arg(long, env = "KUBETUNE_REGISTRY")]

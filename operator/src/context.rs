@@ -48,7 +48,12 @@ impl Backoff {
 
 /// The error policy both controllers share: count the error, log it with the object's key, and
 /// retry with per-object exponential backoff.
-pub fn retry_with_backoff(ctx: &Context, controller: &'static str, key: &str, error: &crate::error::Error) -> kube::runtime::controller::Action {
+pub fn retry_with_backoff(
+    ctx: &Context,
+    controller: &'static str,
+    key: &str,
+    error: &crate::error::Error,
+) -> kube::runtime::controller::Action {
     ctx.metrics.reconcile_failed(controller, error.metric_label());
     let delay = ctx.backoff.failed(key);
     tracing::warn!(%controller, object = %key, %error, retry_in = ?delay, "reconcile failed");

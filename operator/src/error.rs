@@ -9,7 +9,10 @@ pub enum Error {
     #[error("{object} has no {field}")]
     MissingField { object: String, field: &'static str },
     #[error("serialising {what}: {source}")]
-    Serialize { what: &'static str, source: serde_json::Error },
+    Serialize {
+        what: &'static str,
+        source: serde_json::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

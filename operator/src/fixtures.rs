@@ -6,7 +6,9 @@ use serde::de::DeserializeOwned;
 
 /// Loads tests/fixtures/<name>, with the namespace, uid and generation the API server would add.
 fn fixture<K: Resource + DeserializeOwned>(name: &str, uid: &str) -> K {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let mut obj: K = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
     let meta = obj.meta_mut();

@@ -14,16 +14,20 @@ use kubetune_crds::{FineTuneJob, ModelDeployment};
 use kubetune_operator::config::OperatorConfig;
 use kubetune_operator::context::{Backoff, Context};
 use kubetune_operator::finetunejob::{self, progress::MetricsReader};
-use kubetune_operator::modeldeployment;
 use kubetune_operator::http::{router, Readiness};
 use kubetune_operator::leader::{LeaderElector, LeaseConfig};
 use kubetune_operator::metrics::Metrics;
+use kubetune_operator::modeldeployment;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "kubetune-operator", version, about = "Reconciles kubetune FineTuneJobs into trainer Jobs and ModelDeployments into inference pods")]
+#[command(
+    name = "kubetune-operator",
+    version,
+    about = "Reconciles kubetune FineTuneJobs into trainer Jobs and ModelDeployments into inference pods"
+)]
 struct Args {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "KUBETUNE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -51,13 +55,20 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_json);
-    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
-    client.apiserver_version().await.context("the Kubernetes API does not answer")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    client
+        .apiserver_version()
+        .await
+        .context("the Kubernetes API does not answer")?;
 
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     readiness.set(true);
-    let listener = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
     let app = router(metrics.clone(), readiness.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -66,7 +77,10 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let elector = if args.leader_election {
-        let identity = args.identity.clone().unwrap_or_else(|| format!("kubetune-operator-{}", std::process::id()));
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("kubetune-operator-{}", std::process::id()));
         let elector = LeaderElector::new(
             client.clone(),
             LeaseConfig {
@@ -87,7 +101,13 @@ async fn main() -> anyhow::Result<()> {
         client: client.clone(),
         config: args.config.clone(),
         metrics,
-        recorder: Recorder::new(client.clone(), Reporter { controller: "kubetune-operator".into(), instance: args.identity.clone() }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kubetune-operator".into(),
+                instance: args.identity.clone(),
+            },
+        ),
         metrics_reader: MetricsReader::default(),
         backoff: Backoff::default(),
         model_shapes: Default::default(),
@@ -98,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
     let finetunejobs = Controller::new(ftjs, watcher::Config::default());
     let ftj_cache = finetunejobs.store();
     let finetunejobs = finetunejobs
-        .owns(jobs, watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL))
+        .owns(
+            jobs,
+            watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL),
+        )
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
         .run(finetunejob::reconcile, finetunejob::error_policy, ctx.clone())
@@ -109,7 +132,10 @@ async fn main() -> anyhow::Result<()> {
     let md_cache = modeldeployments.store();
     tokio::spawn(prune_deleted_series(ctx.metrics.clone(), ftj_cache, md_cache));
     let modeldeployments = modeldeployments
-        .owns(deployments, watcher::Config::default().labels(modeldeployment::build::MODELDEPLOYMENT_LABEL))
+        .owns(
+            deployments,
+            watcher::Config::default().labels(modeldeployment::build::MODELDEPLOYMENT_LABEL),
+        )
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
         .run(modeldeployment::reconcile, modeldeployment::error_policy, ctx)

@@ -30,28 +30,43 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let reconciles = IntCounterVec::new(Opts::new("kubetune_operator_reconciles_total", "Reconciles run"), &["controller"])
-            .expect("valid metric");
+        let reconciles = IntCounterVec::new(
+            Opts::new("kubetune_operator_reconciles_total", "Reconciles run"),
+            &["controller"],
+        )
+        .expect("valid metric");
         let failures = IntCounterVec::new(
-            Opts::new("kubetune_operator_reconcile_errors_total", "Reconciles that failed, by error"),
+            Opts::new(
+                "kubetune_operator_reconcile_errors_total",
+                "Reconciles that failed, by error",
+            ),
             &["controller", "error"],
         )
         .expect("valid metric");
         let duration = HistogramVec::new(
-            HistogramOpts::new("kubetune_operator_reconcile_duration_seconds", "Time spent in one reconcile")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            HistogramOpts::new(
+                "kubetune_operator_reconcile_duration_seconds",
+                "Time spent in one reconcile",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             &["controller"],
         )
         .expect("valid metric");
         let finetunejobs = IntGaugeVec::new(Opts::new("kubetune_finetunejobs", "FineTuneJobs by phase"), &["phase"])
             .expect("valid metric");
         let modeldeployment_ready = IntGaugeVec::new(
-            Opts::new("kubetune_modeldeployment_ready", "1 when every replica of the ModelDeployment serves the desired adapter versions"),
+            Opts::new(
+                "kubetune_modeldeployment_ready",
+                "1 when every replica of the ModelDeployment serves the desired adapter versions",
+            ),
             &["namespace", "modeldeployment"],
         )
         .expect("valid metric");
         let modeldeployment_rollout = IntGaugeVec::new(
-            Opts::new("kubetune_modeldeployment_rollout_state", "1 for the state of the ModelDeployment's last rollout, 0 for the others"),
+            Opts::new(
+                "kubetune_modeldeployment_rollout_state",
+                "1 for the state of the ModelDeployment's last rollout, 0 for the others",
+            ),
             &["namespace", "modeldeployment", "state"],
         )
         .expect("valid metric");
@@ -81,7 +96,11 @@ impl Metrics {
     /// Counts a reconcile and times it until the returned guard drops.
     pub fn reconcile_started(&self, controller: &'static str) -> ReconcileTimer<'_> {
         self.reconciles.with_label_values(&[controller]).inc();
-        ReconcileTimer { metrics: self, controller, start: Instant::now() }
+        ReconcileTimer {
+            metrics: self,
+            controller,
+            start: Instant::now(),
+        }
     }
 
     pub fn reconcile_failed(&self, controller: &str, error: &str) {
@@ -95,8 +114,10 @@ impl Metrics {
             Some(p) => phases.insert(key.to_string(), p.to_string()),
             None => phases.remove(key),
         };
-        let mut counts: BTreeMap<&str, i64> =
-            ["Pending", "Running", "Succeeded", "Failed", "Suspended"].into_iter().map(|p| (p, 0)).collect();
+        let mut counts: BTreeMap<&str, i64> = ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+            .into_iter()
+            .map(|p| (p, 0))
+            .collect();
         for p in phases.values() {
             *counts.entry(p.as_str()).or_default() += 1;
         }
@@ -108,10 +129,14 @@ impl Metrics {
     /// Records a ModelDeployment's readiness and the state of its last rollout (None: no
     /// rollout yet, every state 0).
     pub fn set_modeldeployment(&self, namespace: &str, name: &str, ready: bool, rollout: Option<RolloutState>) {
-        self.modeldeployment_ready.with_label_values(&[namespace, name]).set(i64::from(ready));
+        self.modeldeployment_ready
+            .with_label_values(&[namespace, name])
+            .set(i64::from(ready));
         for state in ROLLOUT_STATES {
             let value = i64::from(rollout == Some(state));
-            self.modeldeployment_rollout.with_label_values(&[namespace, name, &format!("{state:?}")]).set(value);
+            self.modeldeployment_rollout
+                .with_label_values(&[namespace, name, &format!("{state:?}")])
+                .set(value);
         }
         if let Ok(mut known) = self.modeldeployments.lock() {
             known.insert((namespace.to_string(), name.to_string()));
@@ -120,21 +145,33 @@ impl Metrics {
 
     /// Drops the series of objects that no longer exist. Deleted objects are never reconciled
     /// again (no finalizers), so the caller prunes with the controllers' caches from time to time.
-    pub fn retain(&self, finetunejob_exists: impl Fn(&str, &str) -> bool, modeldeployment_exists: impl Fn(&str, &str) -> bool) {
+    pub fn retain(
+        &self,
+        finetunejob_exists: impl Fn(&str, &str) -> bool,
+        modeldeployment_exists: impl Fn(&str, &str) -> bool,
+    ) {
         let gone: Vec<String> = match self.phases.lock() {
-            Ok(phases) => phases.keys().filter(|k| k.split_once('/').is_none_or(|(ns, n)| !finetunejob_exists(ns, n))).cloned().collect(),
+            Ok(phases) => phases
+                .keys()
+                .filter(|k| k.split_once('/').is_none_or(|(ns, n)| !finetunejob_exists(ns, n)))
+                .cloned()
+                .collect(),
             Err(_) => Vec::new(),
         };
         for key in gone {
             self.set_finetunejob_phase(&key, None);
         }
-        let Ok(mut known) = self.modeldeployments.lock() else { return };
+        let Ok(mut known) = self.modeldeployments.lock() else {
+            return;
+        };
         known.retain(|(ns, name)| {
             let keep = modeldeployment_exists(ns, name);
             if !keep {
                 let _ = self.modeldeployment_ready.remove_label_values(&[ns, name]);
                 for state in ROLLOUT_STATES {
-                    let _ = self.modeldeployment_rollout.remove_label_values(&[ns, name, &format!("{state:?}")]);
+                    let _ = self
+                        .modeldeployment_rollout
+                        .remove_label_values(&[ns, name, &format!("{state:?}")]);
                 }
             }
             keep
@@ -152,8 +189,13 @@ impl Metrics {
     }
 }
 
-const ROLLOUT_STATES: [RolloutState; 5] =
-    [RolloutState::Progressing, RolloutState::Canary, RolloutState::Promoted, RolloutState::RolledBack, RolloutState::Failed];
+const ROLLOUT_STATES: [RolloutState; 5] = [
+    RolloutState::Progressing,
+    RolloutState::Canary,
+    RolloutState::Promoted,
+    RolloutState::RolledBack,
+    RolloutState::Failed,
+];
 
 /// Observes the reconcile duration when dropped.
 pub struct ReconcileTimer<'a> {
@@ -164,7 +206,10 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.duration.with_label_values(&[self.controller]).observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .with_label_values(&[self.controller])
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -177,9 +222,22 @@ mod tests {
         let m = Metrics::new();
         m.set_modeldeployment("ns", "support", false, Some(RolloutState::Failed));
         let text = m.render();
-        assert!(text.contains(r#"kubetune_modeldeployment_ready{modeldeployment="support",namespace="ns"} 0"#), "{text}");
-        assert!(text.contains(r#"kubetune_modeldeployment_rollout_state{modeldeployment="support",namespace="ns",state="Failed"} 1"#), "{text}");
-        assert!(text.contains(r#"kubetune_modeldeployment_rollout_state{modeldeployment="support",namespace="ns",state="Promoted"} 0"#), "{text}");
+        assert!(
+            text.contains(r#"kubetune_modeldeployment_ready{modeldeployment="support",namespace="ns"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"kubetune_modeldeployment_rollout_state{modeldeployment="support",namespace="ns",state="Failed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"kubetune_modeldeployment_rollout_state{modeldeployment="support",namespace="ns",state="Promoted"} 0"#
+            ),
+            "{text}"
+        );
 
         m.set_finetunejob_phase("ns/job", Some("Running"));
         m.retain(|_, _| false, |_, _| false);

@@ -15,7 +15,10 @@ pub fn apply_placement(pod_spec: &mut Value, p: &PodPlacement) -> Result<()> {
         ("serviceAccountName", serde_json::to_value(&p.service_account_name)),
         ("imagePullSecrets", serde_json::to_value(&p.image_pull_secrets)),
     ] {
-        let value = value.map_err(|source| Error::Serialize { what: "pod placement", source })?;
+        let value = value.map_err(|source| Error::Serialize {
+            what: "pod placement",
+            source,
+        })?;
         if !value.is_null() {
             pod_spec[key] = value;
         }
@@ -26,7 +29,10 @@ pub fn apply_placement(pod_spec: &mut Value, p: &PodPlacement) -> Result<()> {
 /// The spec's resources, or one GPU when it sets none at all.
 pub fn resources_or_one_gpu(p: &PodPlacement, gpu_resource: &str) -> Result<Value> {
     match &p.resources {
-        Some(r) => serde_json::to_value(r).map_err(|source| Error::Serialize { what: "resources", source }),
+        Some(r) => serde_json::to_value(r).map_err(|source| Error::Serialize {
+            what: "resources",
+            source,
+        }),
         None => Ok(json!({"limits": {gpu_resource: "1"}})),
     }
 }

@@ -46,7 +46,13 @@ fn context() -> (Arc<Context>, ApiHandle) {
         client: client.clone(),
         config: OperatorConfig::for_tests(),
         metrics: Arc::new(Metrics::new()),
-        recorder: Recorder::new(client, Reporter { controller: "kubetune-operator".into(), instance: None }),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "kubetune-operator".into(),
+                instance: None,
+            },
+        ),
         metrics_reader: MetricsReader::default(),
         backoff: Backoff::default(),
         model_shapes: Default::default(),
@@ -58,14 +64,33 @@ fn context() -> (Arc<Context>, ApiHandle) {
 /// Answers the next request, checking its method and path, and returns its JSON body. A null
 /// reply echoes the request body back, as the API server does for a create or apply.
 async fn expect(handle: &mut ApiHandle, method: Method, path_prefix: &str, status: u16, reply: Value) -> Value {
-    let (request, send) = handle.next_request().await.expect("the reconciler made another request");
+    let (request, send) = handle
+        .next_request()
+        .await
+        .expect("the reconciler made another request");
     assert_eq!(request.method(), method, "request to {}", request.uri());
     let uri = request.uri().to_string();
-    assert!(uri.starts_with(path_prefix), "expected {method} {path_prefix}..., got {uri}");
+    assert!(
+        uri.starts_with(path_prefix),
+        "expected {method} {path_prefix}..., got {uri}"
+    );
     let body = request.into_body().collect_bytes().await.expect("request body");
-    let reply = if reply.is_null() { serde_json::from_slice(&body).expect("JSON body") } else { reply };
-    send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).expect("json"))).expect("response"));
-    if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).expect("JSON body") }
+    let reply = if reply.is_null() {
+        serde_json::from_slice(&body).expect("JSON body")
+    } else {
+        reply
+    };
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+            .expect("response"),
+    );
+    if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).expect("JSON body")
+    }
 }
 
 /// The FineTuneJob as the API server returns it after a status patch.
@@ -89,25 +114,70 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         expect(&mut api, Method::GET, "/api/v1/nodes", 200, json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": [
             {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "n1", "labels": {"nvidia.com/gpu.memory": "81920"}}}
         ]})).await;
-        expect(&mut api, Method::GET, "/apis/batch/v1/namespaces/team-a/jobs/tiny", 404, not_found()).await;
-        let job = expect(&mut api, Method::PATCH, "/apis/batch/v1/namespaces/team-a/jobs/tiny?&force=true&fieldManager=kubetune-operator", 200, Value::Null).await;
+        expect(
+            &mut api,
+            Method::GET,
+            "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+            404,
+            not_found(),
+        )
+        .await;
+        let job = expect(
+            &mut api,
+            Method::PATCH,
+            "/apis/batch/v1/namespaces/team-a/jobs/tiny?&force=true&fieldManager=kubetune-operator",
+            200,
+            Value::Null,
+        )
+        .await;
         assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], "1111-2222");
         assert_eq!(job["spec"]["suspend"], false);
-        assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["image"], "kubetune/trainer:test");
-        expect(&mut api, Method::GET, "/api/v1/namespaces/team-a/pods?&labelSelector=kubetune.dev%2Ffinetunejob%3Dtiny", 200, empty_list("PodList")).await;
-        let status = expect(&mut api, Method::PATCH, "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status", 200, stored()).await;
+        assert_eq!(
+            job["spec"]["template"]["spec"]["containers"][0]["image"],
+            "kubetune/trainer:test"
+        );
+        expect(
+            &mut api,
+            Method::GET,
+            "/api/v1/namespaces/team-a/pods?&labelSelector=kubetune.dev%2Ffinetunejob%3Dtiny",
+            200,
+            empty_list("PodList"),
+        )
+        .await;
+        let status = expect(
+            &mut api,
+            Method::PATCH,
+            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+            200,
+            stored(),
+        )
+        .await;
         assert_eq!(status["status"]["phase"], "Pending");
         assert_eq!(status["status"]["observedGeneration"], 1);
-        let event = expect(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/team-a/events", 200, Value::Null).await;
+        let event = expect(
+            &mut api,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team-a/events",
+            200,
+            Value::Null,
+        )
+        .await;
         assert_eq!(event["reason"], "Pending");
         api
     });
     let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
-    let mut api = tokio::time::timeout(Duration::from_secs(5), server).await.expect("mock finished").expect("mock passed");
+    let mut api = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("mock finished")
+        .expect("mock passed");
     // Nothing else was asked of the API server (the client is gone, or at least silent).
     let extra = tokio::time::timeout(Duration::from_millis(50), api.next_request()).await;
-    assert!(matches!(extra, Err(_) | Ok(None)), "unexpected extra request: {:?}", extra.ok().flatten().map(|(r, _)| r.uri().clone()));
+    assert!(
+        matches!(extra, Err(_) | Ok(None)),
+        "unexpected extra request: {:?}",
+        extra.ok().flatten().map(|(r, _)| r.uri().clone())
+    );
 }
 
 #[tokio::test]
@@ -115,19 +185,65 @@ async fn missing_storage_secret_fails_without_creating_anything_and_waits_for_a_
     let (ctx, mut api) = context();
     let ftj = Arc::new(finetunejob(json!({"storageSecretRef": {"name": "s3-creds"}})));
     let server = tokio::spawn(async move {
-        expect(&mut api, Method::GET, "/api/v1/namespaces/team-a/secrets/s3-creds", 404, not_found()).await;
-        expect(&mut api, Method::GET, "/apis/batch/v1/namespaces/team-a/jobs/tiny", 404, not_found()).await;
-        expect(&mut api, Method::GET, "/api/v1/namespaces/team-a/pods", 200, empty_list("PodList")).await;
-        let status = expect(&mut api, Method::PATCH, "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status", 200, stored()).await;
+        expect(
+            &mut api,
+            Method::GET,
+            "/api/v1/namespaces/team-a/secrets/s3-creds",
+            404,
+            not_found(),
+        )
+        .await;
+        expect(
+            &mut api,
+            Method::GET,
+            "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+            404,
+            not_found(),
+        )
+        .await;
+        expect(
+            &mut api,
+            Method::GET,
+            "/api/v1/namespaces/team-a/pods",
+            200,
+            empty_list("PodList"),
+        )
+        .await;
+        let status = expect(
+            &mut api,
+            Method::PATCH,
+            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+            200,
+            stored(),
+        )
+        .await;
         assert_eq!(status["status"]["phase"], "Failed");
-        let ready = status["status"]["conditions"].as_array().and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned());
+        let ready = status["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned());
         let ready = ready.expect("Ready condition");
         assert_eq!(ready["reason"], "SecretNotFound");
-        assert!(ready["message"].as_str().is_some_and(|m| m.contains("spec.storageSecretRef.name")));
-        let event = expect(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/team-a/events", 200, Value::Null).await;
+        assert!(ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.storageSecretRef.name")));
+        let event = expect(
+            &mut api,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team-a/events",
+            200,
+            Value::Null,
+        )
+        .await;
         assert_eq!(event["type"], "Warning");
     });
     let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
-    assert_eq!(action, Action::await_change(), "an invalid spec waits for a change: no hot loop");
-    tokio::time::timeout(Duration::from_secs(5), server).await.expect("mock finished").expect("mock passed");
+    assert_eq!(
+        action,
+        Action::await_change(),
+        "an invalid spec waits for a change: no hot loop"
+    );
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("mock finished")
+        .expect("mock passed");
 }

@@ -35,7 +35,11 @@ pub struct AdapterLimits {
 
 impl Default for AdapterLimits {
     fn default() -> Self {
-        Self { max_adapters: 16, max_rank: 64, max_bytes: 1 << 30 }
+        Self {
+            max_adapters: 16,
+            max_rank: 64,
+            max_bytes: 1 << 30,
+        }
     }
 }
 
@@ -47,7 +51,10 @@ pub struct AdapterSet {
 
 impl AdapterSet {
     pub fn new(limits: AdapterLimits) -> Self {
-        Self { limits, loaded: RwLock::default() }
+        Self {
+            limits,
+            loaded: RwLock::default(),
+        }
     }
 
     pub fn limits(&self) -> &AdapterLimits {
@@ -75,7 +82,10 @@ impl AdapterSet {
     pub fn check_rank(&self, rank: usize) -> Result<(), ApiError> {
         if rank > self.limits.max_rank {
             return Err(ApiError::AdapterRejected {
-                message: format!("adapter rank r={rank} exceeds this server's maximum rank {} (--max-adapter-rank)", self.limits.max_rank),
+                message: format!(
+                    "adapter rank r={rank} exceeds this server's maximum rank {} (--max-adapter-rank)",
+                    self.limits.max_rank
+                ),
                 param: Some("source".into()),
             });
         }
@@ -108,7 +118,8 @@ impl AdapterSet {
 
     pub fn remove(&self, name: &str) -> Result<Arc<LoadedAdapter>, ApiError> {
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        map.remove(name).ok_or_else(|| ApiError::AdapterNotFound(name.to_string()))
+        map.remove(name)
+            .ok_or_else(|| ApiError::AdapterNotFound(name.to_string()))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<LoadedAdapter>>> {

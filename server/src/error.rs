@@ -9,7 +9,11 @@ use serde_json::json;
 pub enum ApiError {
     /// The request is malformed or a value is out of range; `param` names the field.
     #[error("{message}")]
-    InvalidRequest { message: String, param: Option<String>, code: &'static str },
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
     /// `model` names nothing this server serves.
     #[error("{message}")]
     UnknownModel { message: String },
@@ -41,11 +45,19 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::InvalidRequest { message: message.into(), param: Some(param.into()), code: "invalid_value" }
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: "invalid_value",
+        }
     }
 
     pub fn invalid_code(param: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::InvalidRequest { message: message.into(), param: Some(param.into()), code }
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code,
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -112,10 +124,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         if let ApiError::Overloaded { retry_after_s, .. } = &self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         if let ApiError::Unauthorized = &self {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -14,5 +14,5 @@ pub mod error;
 pub mod loader;
 pub mod metrics;
 pub mod sampling;
-pub mod text;
 pub mod server;
+pub mod text;

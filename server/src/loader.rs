@@ -32,20 +32,32 @@ pub struct AdapterLoader {
 
 fn storage_err(e: StorageError) -> ApiError {
     match e {
-        StorageError::AdapterNotFound { .. } | StorageError::NotFound { .. } => ApiError::AdapterRejected { message: e.to_string(), param: Some("source".into()) },
-        StorageError::InvalidName { .. } | StorageError::InvalidUri { .. } => ApiError::AdapterRejected { message: e.to_string(), param: Some("source".into()) },
+        StorageError::AdapterNotFound { .. } | StorageError::NotFound { .. } => ApiError::AdapterRejected {
+            message: e.to_string(),
+            param: Some("source".into()),
+        },
+        StorageError::InvalidName { .. } | StorageError::InvalidUri { .. } => ApiError::AdapterRejected {
+            message: e.to_string(),
+            param: Some("source".into()),
+        },
         other => ApiError::Storage(other.to_string()),
     }
 }
 
 fn rejected(message: String) -> ApiError {
-    ApiError::AdapterRejected { message, param: Some("source".into()) }
+    ApiError::AdapterRejected {
+        message,
+        param: Some("source".into()),
+    }
 }
 
 /// Comparable form of a model name or URI: `hf://org/m`, `org/m` and `file:///x/` all say the
 /// same thing as `org/m` and `/x`.
 fn normalize(name: &str) -> &str {
-    let n = name.strip_prefix("hf://").or_else(|| name.strip_prefix("file://")).unwrap_or(name);
+    let n = name
+        .strip_prefix("hf://")
+        .or_else(|| name.strip_prefix("file://"))
+        .unwrap_or(name);
     n.trim_end_matches('/')
 }
 
@@ -53,8 +65,10 @@ impl AdapterLoader {
     /// Downloads (if needed) and reads the adapter, checking it against the base and the caps.
     /// Nothing is installed here: the caller swaps it in atomically.
     pub async fn load(&self, spec: &AdapterSpec, caps: &AdapterSet) -> Result<LoadedAdapter, ApiError> {
-        kubetune_storage::validate_adapter_name(&spec.name)
-            .map_err(|e| ApiError::AdapterRejected { message: e.to_string(), param: Some("name".into()) })?;
+        kubetune_storage::validate_adapter_name(&spec.name).map_err(|e| ApiError::AdapterRejected {
+            message: e.to_string(),
+            param: Some("name".into()),
+        })?;
         let (dir, version, digest) = self.locate(spec).await?;
         self.read(spec, &dir, version, digest, caps).await
     }
@@ -65,28 +79,41 @@ impl AdapterLoader {
             return Ok((PathBuf::from(source), spec.version, spec.digest.clone()));
         }
         if source.contains("://") {
-            let cache = self.cache.as_ref().ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))?;
+            let cache = self
+                .cache
+                .as_ref()
+                .ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))?;
             let storage = Storage::from_uri(source, &self.credentials).map_err(storage_err)?;
             let dir = cache.download_prefix(&storage, "").await.map_err(storage_err)?;
             return Ok((dir, spec.version, spec.digest.clone()));
         }
         let reference: AdapterRef = source.parse().map_err(|e: StorageError| rejected(e.to_string()))?;
-        let registry = self
-            .registry
+        let registry = self.registry.as_ref().ok_or_else(|| {
+            rejected(format!(
+                "source `{source}` is a registry reference but no --registry is configured"
+            ))
+        })?;
+        let cache = self
+            .cache
             .as_ref()
-            .ok_or_else(|| rejected(format!("source `{source}` is a registry reference but no --registry is configured")))?;
-        let cache = self.cache.as_ref().ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))?;
+            .ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))?;
         let resolved = registry.resolve(&reference).await.map_err(storage_err)?;
         let digest = resolved.digest.to_string();
         if let Some(v) = spec.version.filter(|v| *v != resolved.version) {
             return Err(ApiError::AdapterRejected {
-                message: format!("`{source}` resolves to version {}, but version {v} was asked for", resolved.version),
+                message: format!(
+                    "`{source}` resolves to version {}, but version {v} was asked for",
+                    resolved.version
+                ),
                 param: Some("version".into()),
             });
         }
         if let Some(d) = spec.digest.as_ref().filter(|d| **d != digest) {
             return Err(ApiError::AdapterRejected {
-                message: format!("`{source}` (version {}) has manifest digest {digest}, but {d} was asked for", resolved.version),
+                message: format!(
+                    "`{source}` (version {}) has manifest digest {digest}, but {d} was asked for",
+                    resolved.version
+                ),
                 param: Some("digest".into()),
             });
         }
@@ -94,7 +121,14 @@ impl AdapterLoader {
         Ok((dir, Some(resolved.version), Some(digest)))
     }
 
-    async fn read(&self, spec: &AdapterSpec, dir: &Path, version: Option<u32>, digest: Option<String>, caps: &AdapterSet) -> Result<LoadedAdapter, ApiError> {
+    async fn read(
+        &self,
+        spec: &AdapterSpec,
+        dir: &Path,
+        version: Option<u32>,
+        digest: Option<String>,
+        caps: &AdapterSet,
+    ) -> Result<LoadedAdapter, ApiError> {
         let config_path = dir.join(peft::ADAPTER_CONFIG);
         let text = tokio::fs::read_to_string(&config_path)
             .await
@@ -117,7 +151,17 @@ impl AdapterLoader {
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| rejected(format!("adapter `{}` does not fit the base model: {e}", spec.name)))?;
-        let bytes = weights.pairs().map(|(_, p)| (p.a.elem_count() + p.b.elem_count()) * 4).sum();
-        Ok(LoadedAdapter { name: spec.name.clone(), version, digest, source: spec.source.clone(), weights, bytes })
+        let bytes = weights
+            .pairs()
+            .map(|(_, p)| (p.a.elem_count() + p.b.elem_count()) * 4)
+            .sum();
+        Ok(LoadedAdapter {
+            name: spec.name.clone(),
+            version,
+            digest,
+            source: spec.source.clone(),
+            weights,
+            bytes,
+        })
     }
 }

@@ -41,6 +41,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
     state.set_ready(true);
     tracing::info!(listen = %args.listen, model = %state.base_name, adapters = state.adapters.len(), "ready");
-    serve(state, listener, Duration::from_secs(args.shutdown_timeout_s), shutdown_signal()).await?;
+    serve(
+        state,
+        listener,
+        Duration::from_secs(args.shutdown_timeout_s),
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

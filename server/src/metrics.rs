@@ -1,7 +1,9 @@
 //! Prometheus metrics. Labels hold only values the server chose (served model names, HTTP
 //! status codes): a client sending random `model` strings cannot grow the series count.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -22,33 +24,50 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let latency = || {
-            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+            vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]
         };
         let requests = IntCounterVec::new(
-            Opts::new("kubetune_server_requests_total", "Generation requests by served model and HTTP status"),
+            Opts::new(
+                "kubetune_server_requests_total",
+                "Generation requests by served model and HTTP status",
+            ),
             &["model", "status"],
         )
         .expect("static metric definition");
         let time_to_first_token = Histogram::with_opts(
-            HistogramOpts::new("kubetune_server_time_to_first_token_seconds", "From admission to the first generated token")
-                .buckets(latency()),
+            HistogramOpts::new(
+                "kubetune_server_time_to_first_token_seconds",
+                "From admission to the first generated token",
+            )
+            .buckets(latency()),
         )
         .expect("static metric definition");
         let inter_token_latency = Histogram::with_opts(
-            HistogramOpts::new("kubetune_server_inter_token_latency_seconds", "Between consecutive tokens of one sequence")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            HistogramOpts::new(
+                "kubetune_server_inter_token_latency_seconds",
+                "Between consecutive tokens of one sequence",
+            )
+            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
         )
         .expect("static metric definition");
         let request_duration = HistogramVec::new(
-            HistogramOpts::new("kubetune_server_request_duration_seconds", "End-to-end duration of generation requests")
-                .buckets(latency()),
+            HistogramOpts::new(
+                "kubetune_server_request_duration_seconds",
+                "End-to-end duration of generation requests",
+            )
+            .buckets(latency()),
             &["model"],
         )
         .expect("static metric definition");
-        let generated_tokens =
-            IntCounter::new("kubetune_server_generated_tokens_total", "Tokens generated").expect("static metric definition");
-        let queue_depth = IntGauge::new("kubetune_server_queue_depth", "Requests admitted but waiting for a batch slot")
+        let generated_tokens = IntCounter::new("kubetune_server_generated_tokens_total", "Tokens generated")
             .expect("static metric definition");
+        let queue_depth = IntGauge::new(
+            "kubetune_server_queue_depth",
+            "Requests admitted but waiting for a batch slot",
+        )
+        .expect("static metric definition");
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("kubetune_server_batch_size", "Sequences in each engine step")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),

@@ -22,13 +22,24 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, presence_penalty: 0.0, frequency_penalty: 0.0, seed: None, logprobs: None }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: None,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 }
 
@@ -50,7 +61,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        Self { params, rng: ChaCha8Rng::seed_from_u64(seed), counts: HashMap::new() }
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            counts: HashMap::new(),
+        }
     }
 
     /// Chooses the next token. Penalties count generated tokens only (OpenAI's "text so far"
@@ -65,7 +80,11 @@ impl Sampler {
                 }
             }
         }
-        let id = if p.temperature == 0.0 { argmax(&scores) } else { self.draw(&mut scores) };
+        let id = if p.temperature == 0.0 {
+            argmax(&scores)
+        } else {
+            self.draw(&mut scores)
+        };
         *self.counts.entry(id).or_insert(0) += 1;
         let logprob = p.logprobs.map(|n| logprobs_of(logits, id, n));
         (id, logprob)
@@ -79,7 +98,10 @@ impl Sampler {
             order.truncate(p.top_k);
         }
         let max = scores[order[0] as usize];
-        let mut probs: Vec<f32> = order.iter().map(|&i| ((scores[i as usize] - max) / p.temperature).exp()).collect();
+        let mut probs: Vec<f32> = order
+            .iter()
+            .map(|&i| ((scores[i as usize] - max) / p.temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         if p.top_p < 1.0 {
@@ -127,9 +149,16 @@ fn logprobs_of(logits: &[f32], chosen: u32, n: usize) -> TokenLogprob {
     if n > 0 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-        top = idx.into_iter().take(n).map(|i| (i, logits[i as usize] - log_z)).collect();
+        top = idx
+            .into_iter()
+            .take(n)
+            .map(|i| (i, logits[i as usize] - log_z))
+            .collect();
     }
-    TokenLogprob { logprob: logits[chosen as usize] - log_z, top }
+    TokenLogprob {
+        logprob: logits[chosen as usize] - log_z,
+        top,
+    }
 }
 
 #[cfg(test)]
@@ -156,7 +185,11 @@ mod tests {
             (0..20).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
-        assert_ne!(run(7), run(8), "different seeds should differ over 20 draws from a flat-ish distribution");
+        assert_ne!(
+            run(7),
+            run(8),
+            "different seeds should differ over 20 draws from a flat-ish distribution"
+        );
         let mut k1 = Sampler::new(params(|p| p.top_k = 1));
         assert_eq!(k1.sample(&logits).0, argmax(&logits));
     }

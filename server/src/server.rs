@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug, Clone)]
-#[command(version, about = "OpenAI-compatible inference server for a base model and LoRA adapters")]
+#[command(
+    version,
+    about = "OpenAI-compatible inference server for a base model and LoRA adapters"
+)]
 pub struct Args {
     /// Base model: a local directory, file://, s3://, gs://, az:// or hf:// URI (HF layout).
     #[arg(long)]
@@ -95,11 +98,18 @@ pub struct Args {
 }
 
 fn parse_adapter_flag(s: &str) -> Result<AdapterSpec, String> {
-    let (name, source) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected name=SOURCE"))?;
+    let (name, source) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected name=SOURCE"))?;
     if name.is_empty() || source.is_empty() {
         return Err(format!("`{s}`: expected name=SOURCE with both parts non-empty"));
     }
-    Ok(AdapterSpec { name: name.into(), source: source.into(), version: None, digest: None })
+    Ok(AdapterSpec {
+        name: name.into(),
+        source: source.into(),
+        version: None,
+        digest: None,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,16 +119,25 @@ pub enum Quantize {
 }
 
 fn flag(flag: &'static str, reason: impl Into<String>) -> StartupError {
-    StartupError::Flag { flag, reason: reason.into() }
+    StartupError::Flag {
+        flag,
+        reason: reason.into(),
+    }
 }
 
 /// Every adapter to load at start: --adapter flags, then the adapters file.
 fn startup_adapters(args: &Args) -> Result<Vec<AdapterSpec>, StartupError> {
     let mut specs = args.adapters.clone();
     if let Some(path) = &args.adapters_file {
-        let text = std::fs::read_to_string(path).map_err(|e| StartupError::File { path: path.clone(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| StartupError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let file: kubetune_crds::server_contract::AdaptersFile =
-            serde_json::from_str(&text).map_err(|e| StartupError::File { path: path.clone(), reason: e.to_string() })?;
+            serde_json::from_str(&text).map_err(|e| StartupError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         specs.extend(file.adapters.into_iter().map(|a| AdapterSpec {
             name: a.name,
             source: a.source,
@@ -138,7 +157,15 @@ async fn model_dir(args: &Args, cache: Option<&Cache>, credentials: &Credentials
     if local.is_dir() {
         return Ok(local.to_path_buf());
     }
-    let cache = cache.ok_or_else(|| flag("--model", format!("`{}` is not a local directory, and without --cache-dir it cannot be downloaded", args.model)))?;
+    let cache = cache.ok_or_else(|| {
+        flag(
+            "--model",
+            format!(
+                "`{}` is not a local directory, and without --cache-dir it cannot be downloaded",
+                args.model
+            ),
+        )
+    })?;
     Ok(cache.download_model(&args.model, credentials).await?)
 }
 
@@ -149,11 +176,22 @@ pub async fn build(args: &Args) -> Result<Arc<AppState>, StartupError> {
 
 /// As `build`, with the model backend wrapped by `wrap` (tests use it to observe or gate
 /// engine steps).
-pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend) -> B) -> Result<Arc<AppState>, StartupError> {
+pub async fn build_with<B: Backend>(
+    args: &Args,
+    wrap: impl FnOnce(CandleBackend) -> B,
+) -> Result<Arc<AppState>, StartupError> {
     // Key files first: a bad one fails before minutes of model download.
     let keys = api::auth::Keys {
-        api: args.api_keys_file.as_deref().map(|p| api::auth::read_keys(p, "--api-keys-file")).transpose()?,
-        admin: args.admin_api_key_file.as_deref().map(|p| api::auth::read_keys(p, "--admin-api-key-file")).transpose()?,
+        api: args
+            .api_keys_file
+            .as_deref()
+            .map(|p| api::auth::read_keys(p, "--api-keys-file"))
+            .transpose()?,
+        admin: args
+            .admin_api_key_file
+            .as_deref()
+            .map(|p| api::auth::read_keys(p, "--admin-api-key-file"))
+            .transpose()?,
     };
     let mut credentials = Credentials::from_env();
     if let Some(dir) = &args.credentials_dir {
@@ -163,11 +201,21 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     let dir = model_dir(args, cache.as_ref(), &credentials).await?;
     let device = candle_core::Device::cuda_if_available(0).map_err(kubetune_model::ModelError::from)?;
     if args.quantize == Quantize::Int8 && !device.is_cpu() {
-        return Err(flag("--quantize", "int8 weights are for CPU serving; on a GPU use --quantize none"));
+        return Err(flag(
+            "--quantize",
+            "int8 weights are for CPU serving; on a GPU use --quantize none",
+        ));
     }
     // Rounded as they load, unless an adapter is to be merged first.
-    let base = if args.quantize == Quantize::Int8 && !args.merge { BaseFormat::Int8 } else { BaseFormat::Dense };
-    let options = LoadOptions { device: device.clone(), base };
+    let base = if args.quantize == Quantize::Int8 && !args.merge {
+        BaseFormat::Int8
+    } else {
+        BaseFormat::Dense
+    };
+    let options = LoadOptions {
+        device: device.clone(),
+        base,
+    };
     let load_dir = dir.clone();
     let (config, model) = tokio::task::spawn_blocking(move || load_model(&load_dir, &options))
         .await
@@ -175,7 +223,13 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     let codec = Arc::new(TextCodec::load(&dir, &config.eos_token_ids())?);
     let max_context = match args.max_context {
         Some(c) if c as usize > config.max_position_embeddings => {
-            return Err(flag("--max-context", format!("{c} exceeds the model's max_position_embeddings {}", config.max_position_embeddings)))
+            return Err(flag(
+                "--max-context",
+                format!(
+                    "{c} exceeds the model's max_position_embeddings {}",
+                    config.max_position_embeddings
+                ),
+            ))
         }
         Some(c) => c as usize,
         None => config.max_position_embeddings,
@@ -183,8 +237,19 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     let base_name = args.served_model_name.clone().unwrap_or_else(|| args.model.clone());
     let mut base_names = vec![args.model.clone(), base_name.clone()];
     base_names.extend(args.base_model_aliases.iter().cloned());
-    let registry = args.registry.as_ref().map(|r| Storage::from_uri(r, &credentials).map(Registry::open)).transpose()?;
-    let loader = Arc::new(AdapterLoader { config: config.clone(), base_names, registry, cache, credentials, device });
+    let registry = args
+        .registry
+        .as_ref()
+        .map(|r| Storage::from_uri(r, &credentials).map(Registry::open))
+        .transpose()?;
+    let loader = Arc::new(AdapterLoader {
+        config: config.clone(),
+        base_names,
+        registry,
+        cache,
+        credentials,
+        device,
+    });
     let limits = AdapterLimits {
         max_adapters: args.max_adapters as usize,
         max_rank: args.max_adapter_rank as usize,
@@ -193,16 +258,35 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     let adapters = Arc::new(AdapterSet::new(limits));
     let specs = startup_adapters(args)?;
     for spec in &specs {
-        let loaded = loader.load(spec, &adapters).await.map_err(|error| StartupError::Adapter { name: spec.name.clone(), error })?;
-        adapters.insert(loaded).map_err(|error| StartupError::Adapter { name: spec.name.clone(), error })?;
+        let loaded = loader
+            .load(spec, &adapters)
+            .await
+            .map_err(|error| StartupError::Adapter {
+                name: spec.name.clone(),
+                error,
+            })?;
+        adapters.insert(loaded).map_err(|error| StartupError::Adapter {
+            name: spec.name.clone(),
+            error,
+        })?;
     }
     let (model, merged) = if args.merge {
         let [only] = specs.as_slice() else {
-            return Err(flag("--merge", format!("needs exactly one adapter, {} are listed", specs.len())));
+            return Err(flag(
+                "--merge",
+                format!("needs exactly one adapter, {} are listed", specs.len()),
+            ));
         };
-        let adapter = adapters.remove(&only.name).map_err(|error| StartupError::Adapter { name: only.name.clone(), error })?;
+        let adapter = adapters.remove(&only.name).map_err(|error| StartupError::Adapter {
+            name: only.name.clone(),
+            error,
+        })?;
         let merged = model.merged(&adapter.weights)?;
-        let merged = if args.quantize == Quantize::Int8 { merged.quantize_int8()? } else { merged };
+        let merged = if args.quantize == Quantize::Int8 {
+            merged.quantize_int8()?
+        } else {
+            merged
+        };
         (merged, Some(adapter))
     } else {
         (model, None)
@@ -218,7 +302,9 @@ pub async fn build_with<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };
-    Ok(Arc::new(AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys)))
+    Ok(Arc::new(AppState::new(
+        engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys,
+    )))
 }
 
 /// Runs one short generation for the base and for every adapter, so the first real request
@@ -235,7 +321,10 @@ pub async fn warm_up(state: &AppState) -> Result<(), StartupError> {
             max_tokens: 1,
             stop_ids: Arc::new(Vec::new()),
         };
-        let mut rx = state.engine.submit(request).map_err(|e| StartupError::Warmup(e.to_string()))?;
+        let mut rx = state
+            .engine
+            .submit(request)
+            .map_err(|e| StartupError::Warmup(e.to_string()))?;
         loop {
             match rx.recv().await {
                 Some(Event::Finished(_)) => break,
@@ -263,7 +352,10 @@ pub async fn serve(
     let signal_state = state.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
-        tracing::info!(in_flight = signal_state.engine.in_flight(), "shutting down: no new requests");
+        tracing::info!(
+            in_flight = signal_state.engine.in_flight(),
+            "shutting down: no new requests"
+        );
         signal_state.set_ready(false);
         signal_state.engine.close();
         notify.notify_one();

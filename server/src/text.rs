@@ -37,14 +37,20 @@ impl TextCodec {
     /// `config_eos` are config.json's eos_token_id values.
     pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self, StartupError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| StartupError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| StartupError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| StartupError::File { path: config_path.clone(), reason: e.to_string() })?;
-            serde_json::from_str(&text)
-                .map_err(|e| StartupError::File { path: config_path.clone(), reason: e.to_string() })?
+            let text = std::fs::read_to_string(&config_path).map_err(|e| StartupError::File {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            })?;
+            serde_json::from_str(&text).map_err(|e| StartupError::File {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            })?
         } else {
             Value::Null
         };
@@ -84,7 +90,14 @@ impl TextCodec {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let eos_text = eos.map(|(_, t)| t).unwrap_or_default();
-        Ok(Self { tokenizer, path, bos, eos_text, stop_ids, template })
+        Ok(Self {
+            tokenizer,
+            path,
+            bos,
+            eos_text,
+            stop_ids,
+            template,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -104,7 +117,10 @@ impl TextCodec {
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
-        let enc = self.tokenizer.encode(text, special).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -115,7 +131,9 @@ impl TextCodec {
             Some(template) => {
                 // A template fails on a conversation it does not accept (its raise_exception
                 // on roles that do not alternate, say): that is the request's fault.
-                let text = template.render(messages, true).map_err(|e| ChatEncodeError::Rejected(e.to_string()))?;
+                let text = template
+                    .render(messages, true)
+                    .map_err(|e| ChatEncodeError::Rejected(e.to_string()))?;
                 self.encode(&text, false).map_err(ChatEncodeError::Tokenizer)
             }
             None => {
@@ -131,7 +149,9 @@ impl TextCodec {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.tokenizer.decode(ids, true).map_err(|e| format!("{}: {e}", self.path.display()))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     /// Text of one token as OpenAI's logprobs list it.
@@ -161,7 +181,11 @@ impl Default for IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new() -> Self {
-        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<String, String> {
@@ -199,8 +223,14 @@ mod tests {
 
     fn msgs() -> Vec<ChatMessage> {
         vec![
-            ChatMessage { role: "system".into(), content: "  Be brief.  ".into() },
-            ChatMessage { role: "user".into(), content: "Hi".into() },
+            ChatMessage {
+                role: "system".into(),
+                content: "  Be brief.  ".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
         ]
     }
 
@@ -208,7 +238,9 @@ mod tests {
     fn without_a_template_chats_use_the_trainers_format_and_stop_at_end() {
         let (_d, codec) = tiny(None);
         let ids = codec.encode_chat(&msgs()).expect("encode");
-        let expected = codec.encode_prompt("<|system|>\n  Be brief.  <|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n").expect("encode");
+        let expected = codec
+            .encode_prompt("<|system|>\n  Be brief.  <|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n")
+            .expect("encode");
         assert_eq!(ids, expected);
         assert_eq!(ids[0], kubetune_model::tiny::BOS_ID, "add_bos_token is set");
         let end = codec.tokenizer.token_to_id("<|end|>").expect("special token");
@@ -222,7 +254,11 @@ mod tests {
         let ids = codec.encode_chat(&msgs()).expect("encode");
         let text = codec.tokenizer.decode(&ids, false).expect("decode");
         assert_eq!(text, "<s>[SYSTEM]Be brief.\n[USER]Hi\n[ASSISTANT]");
-        assert_eq!(ids.iter().filter(|&&i| i == kubetune_model::tiny::BOS_ID).count(), 1, "BOS once");
+        assert_eq!(
+            ids.iter().filter(|&&i| i == kubetune_model::tiny::BOS_ID).count(),
+            1,
+            "BOS once"
+        );
     }
 
     #[test]

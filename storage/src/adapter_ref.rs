@@ -44,11 +44,7 @@ impl FromStr for AdapterRef {
                 VersionSelector::Digest(Sha256Digest::parse("adapter reference digest", sel)?)
             }
             // Digits only: no sign, no leading zeros (so `3` and `03` are not two spellings).
-            Some(sel)
-                if !sel.is_empty()
-                    && sel.chars().all(|c| c.is_ascii_digit())
-                    && !sel.starts_with('0') =>
-            {
+            Some(sel) if !sel.is_empty() && sel.chars().all(|c| c.is_ascii_digit()) && !sel.starts_with('0') => {
                 VersionSelector::Number(
                     sel.parse()
                         .map_err(|_| bad(format!("version {sel} is too large; {FORMS}")))?,
@@ -84,10 +80,7 @@ mod tests {
             ("bot", VersionSelector::Latest),
             ("bot@latest", VersionSelector::Latest),
             ("bot@3", VersionSelector::Number(3)),
-            (
-                &format!("bot@{d}") as &str,
-                VersionSelector::Digest(d.clone()),
-            ),
+            (&format!("bot@{d}") as &str, VersionSelector::Digest(d.clone())),
         ];
         for (s, v) in cases {
             let r: AdapterRef = s.parse().unwrap();
@@ -110,10 +103,7 @@ mod tests {
             "../x@1",
             "a@1@2",
         ] {
-            assert!(
-                bad.parse::<AdapterRef>().is_err(),
-                "{bad} should be rejected"
-            );
+            assert!(bad.parse::<AdapterRef>().is_err(), "{bad} should be rejected");
         }
     }
 }

@@ -59,8 +59,7 @@ impl Cache {
         let root = root.into();
         for sub in ["entries", "locks", "tmp", "hf"] {
             let dir = root.join(sub);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| StorageError::io("creating cache directory", &dir, e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| StorageError::io("creating cache directory", &dir, e))?;
         }
         Ok(Self {
             root,
@@ -95,12 +94,7 @@ impl Cache {
 
     /// Returns `final_path`, building it with `fill` first if it does not exist. `fill` gets
     /// an empty temporary directory; on success it is renamed to `final_path`.
-    pub(crate) async fn fill_once<F, Fut>(
-        &self,
-        lock_name: &str,
-        final_path: &Path,
-        fill: F,
-    ) -> Result<PathBuf>
+    pub(crate) async fn fill_once<F, Fut>(&self, lock_name: &str, final_path: &Path, fill: F) -> Result<PathBuf>
     where
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = Result<()>>,
@@ -125,9 +119,9 @@ impl Cache {
                         .await
                         .map_err(|e| StorageError::io("creating", parent, e))?;
                 }
-                tokio::fs::rename(&tmp, final_path).await.map_err(|e| {
-                    StorageError::io("renaming cache entry into place at", final_path, e)
-                })
+                tokio::fs::rename(&tmp, final_path)
+                    .await
+                    .map_err(|e| StorageError::io("renaming cache entry into place at", final_path, e))
             }
             Err(e) => Err(e),
         };
@@ -211,9 +205,7 @@ impl Cache {
                         .await
                         .map_err(|e| StorageError::io("creating", parent, e))?;
                 }
-                storage
-                    .download_to(&obj.key, &local, None, progress.as_ref())
-                    .await?;
+                storage.download_to(&obj.key, &local, None, progress.as_ref()).await?;
             }
             Ok(())
         })
@@ -236,11 +228,7 @@ impl Cache {
 
     /// Fetches an adapter version into the cache (keyed by its manifest digest, which pins
     /// every file's sha256) and returns the directory.
-    pub async fn fetch_adapter(
-        &self,
-        registry: &Registry,
-        adapter: &ResolvedAdapter,
-    ) -> Result<PathBuf> {
+    pub async fn fetch_adapter(&self, registry: &Registry, adapter: &ResolvedAdapter) -> Result<PathBuf> {
         let key = key_of(&["adapter", adapter.digest.hex()]);
         let entry = self.root.join("entries").join(&key);
         if entry.exists() {
@@ -249,9 +237,7 @@ impl Cache {
         let lock_path = self.root.join("locks").join(format!("{key}.lock"));
         let _lock = lock_exclusive(lock_path).await?;
         if !entry.exists() {
-            registry
-                .fetch(adapter, &entry, self.progress.as_ref())
-                .await?;
+            registry.fetch(adapter, &entry, self.progress.as_ref()).await?;
         }
         Ok(entry)
     }
@@ -269,8 +255,7 @@ pub(crate) async fn lock_exclusive(path: PathBuf) -> Result<LockGuard> {
             .write(true)
             .open(&path)
             .map_err(|e| StorageError::io("opening lock file", &path, e))?;
-        file.lock()
-            .map_err(|e| StorageError::io("locking", &path, e))?;
+        file.lock().map_err(|e| StorageError::io("locking", &path, e))?;
         Ok(LockGuard(file))
     })
     .await

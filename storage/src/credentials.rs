@@ -34,9 +34,7 @@ impl Credentials {
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
         let values = vars
             .into_iter()
-            .filter(|(k, _)| {
-                ENV_PREFIXES.iter().any(|p| k.starts_with(p)) || ENV_EXACT.contains(&k.as_str())
-            })
+            .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)) || ENV_EXACT.contains(&k.as_str()))
             .collect();
         Self { values }
     }
@@ -46,17 +44,12 @@ impl Credentials {
     /// own `..data` symlink bookkeeping is skipped; any other unexpected name is an error so a
     /// mistyped key is noticed instead of being ignored.
     pub fn from_secret_dir(dir: &Path) -> Result<Self> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            StorageError::Credentials(format!("reading secret directory {}: {e}", dir.display()))
-        })?;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| StorageError::Credentials(format!("reading secret directory {}: {e}", dir.display())))?;
         let mut values = BTreeMap::new();
         for entry in entries {
-            let entry = entry.map_err(|e| {
-                StorageError::Credentials(format!(
-                    "reading secret directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
+            let entry = entry
+                .map_err(|e| StorageError::Credentials(format!("reading secret directory {}: {e}", dir.display())))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
                 return Err(StorageError::Credentials(format!(
@@ -75,16 +68,10 @@ impl Credentials {
             }
             let path = entry.path();
             let value = std::fs::read_to_string(&path).map_err(|e| {
-                StorageError::Credentials(format!(
-                    "reading secret key {name} in {}: {e}",
-                    dir.display()
-                ))
+                StorageError::Credentials(format!("reading secret key {name} in {}: {e}", dir.display()))
             })?;
             let value = value.strip_suffix('\n').unwrap_or(&value);
-            values.insert(
-                name.to_string(),
-                value.strip_suffix('\r').unwrap_or(value).to_string(),
-            );
+            values.insert(name.to_string(), value.strip_suffix('\r').unwrap_or(value).to_string());
         }
         Ok(Self { values })
     }
@@ -107,10 +94,7 @@ impl Credentials {
     }
 
     /// All `(key, value)` pairs whose key starts with `prefix`.
-    pub(crate) fn with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    pub(crate) fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
         self.values
             .iter()
             .filter(move |(k, _)| k.starts_with(prefix))
@@ -142,24 +126,14 @@ mod tests {
     #[test]
     fn debug_never_shows_values() {
         let creds = Credentials::from_vars([
-            (
-                "AWS_SECRET_ACCESS_KEY".to_string(),
-                "s3cr3t-value".to_string(),
-            ),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "s3cr3t-value".to_string()),
             ("HF_TOKEN".to_string(), "hf_tokenvalue".to_string()),
             ("PATH".to_string(), "/usr/bin".to_string()),
         ]);
         let shown = format!("{creds:?} {creds:#?}");
-        assert!(
-            !shown.contains("s3cr3t") && !shown.contains("hf_token"),
-            "{shown}"
-        );
+        assert!(!shown.contains("s3cr3t") && !shown.contains("hf_token"), "{shown}");
         assert!(shown.contains("AWS_SECRET_ACCESS_KEY") && shown.contains("<redacted>"));
-        assert_eq!(
-            creds.get("PATH"),
-            None,
-            "unrelated variables are not collected"
-        );
+        assert_eq!(creds.get("PATH"), None, "unrelated variables are not collected");
     }
 
     #[test]
@@ -171,9 +145,7 @@ mod tests {
         assert_eq!(creds.get("AWS_ACCESS_KEY_ID"), Some("id"));
 
         std::fs::write(dir.path().join("access-key"), "x").unwrap();
-        let err = Credentials::from_secret_dir(dir.path())
-            .unwrap_err()
-            .to_string();
+        let err = Credentials::from_secret_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("access-key") && !err.contains("id\n"), "{err}");
     }
 }

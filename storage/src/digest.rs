@@ -9,9 +9,7 @@ use tokio::io::AsyncReadExt;
 use crate::error::{Result, StorageError};
 
 /// A sha256 digest, written `sha256:<64 lowercase hex digits>` (the OCI convention).
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Sha256Digest(String);
 
@@ -19,17 +17,9 @@ impl Sha256Digest {
     /// Parses `sha256:<hex>`; the error names the field and the expected form.
     pub fn parse(field: &'static str, value: &str) -> Result<Self> {
         let hex = value.strip_prefix("sha256:").ok_or_else(|| {
-            StorageError::invalid_name(
-                field,
-                value,
-                "digest must be written sha256:<64 lowercase hex digits>",
-            )
+            StorageError::invalid_name(field, value, "digest must be written sha256:<64 lowercase hex digits>")
         })?;
-        if hex.len() != 64
-            || !hex
-                .chars()
-                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-        {
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
             return Err(StorageError::invalid_name(
                 field,
                 value,

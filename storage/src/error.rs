@@ -84,11 +84,7 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         StorageError::Io {
             action,
             path: path.into(),
@@ -96,11 +92,7 @@ impl StorageError {
         }
     }
 
-    pub(crate) fn invalid_name(
-        field: &'static str,
-        value: &str,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn invalid_name(field: &'static str, value: &str, reason: impl Into<String>) -> Self {
         StorageError::InvalidName {
             field,
             value: value.to_string(),

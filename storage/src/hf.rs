@@ -51,13 +51,11 @@ impl HfRepo {
             _ => return Err(invalid("expected hf://org/name[@revision]".into())),
         };
         for segment in org.iter().chain(std::iter::once(&name)) {
-            validate_segment("Hugging Face repository name", segment)
-                .map_err(|e| invalid(e.to_string()))?;
+            validate_segment("Hugging Face repository name", segment).map_err(|e| invalid(e.to_string()))?;
         }
         // Branch names may contain '/', e.g. refs/pr/1; each segment must still be safe because
         // the revision becomes a path under refs/ in the cache.
-        validate_relative_path("Hugging Face revision", revision)
-            .map_err(|e| invalid(e.to_string()))?;
+        validate_relative_path("Hugging Face revision", revision).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             org: org.map(str::to_string),
             name: name.to_string(),
@@ -117,19 +115,11 @@ impl HfConfig {
     /// Reads HF_ENDPOINT and HF_HUB_OFFLINE from the environment and HF_TOKEN from `credentials`.
     pub fn from_env(credentials: &Credentials) -> Result<Self> {
         let offline = std::env::var("HF_HUB_OFFLINE").ok();
-        Self::from_values(
-            std::env::var("HF_ENDPOINT").ok(),
-            offline.as_deref(),
-            credentials,
-        )
+        Self::from_values(std::env::var("HF_ENDPOINT").ok(), offline.as_deref(), credentials)
     }
 
     /// Like [`HfConfig::from_env`] with explicit values (tests, CLI flags).
-    pub fn from_values(
-        endpoint: Option<String>,
-        offline: Option<&str>,
-        credentials: &Credentials,
-    ) -> Result<Self> {
+    pub fn from_values(endpoint: Option<String>, offline: Option<&str>, credentials: &Credentials) -> Result<Self> {
         let offline = match offline.map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
             Some(v) => match v.as_str() {
@@ -261,12 +251,7 @@ pub(crate) async fn download(
                     )?),
                     None => None,
                 };
-                let url = format!(
-                    "{}/{}/resolve/{}/{file}",
-                    cfg.endpoint,
-                    repo.repo_id(),
-                    info.sha
-                );
+                let url = format!("{}/{}/resolve/{}/{file}", cfg.endpoint, repo.repo_id(), info.sha);
                 let file_uri = format!("{}/{file}", repo);
                 let dest = tmp.join(file);
                 if let Some(parent) = dest.parent() {
@@ -275,15 +260,7 @@ pub(crate) async fn download(
                         .map_err(|e| StorageError::io("creating", parent, e))?;
                 }
                 with_retry(retry, "downloading", &file_uri, || {
-                    download_file(
-                        client,
-                        &url,
-                        cfg,
-                        &file_uri,
-                        &dest,
-                        expected.as_ref(),
-                        progress,
-                    )
+                    download_file(client, &url, cfg, &file_uri, &dest, expected.as_ref(), progress)
                 })
                 .await?;
             }
@@ -332,14 +309,10 @@ async fn send(
     }
     let code = status.as_u16();
     if code == 429 || status.is_server_error() {
-        return Err(Attempt::Transient(
-            format!("{url} answered HTTP {status}").into(),
-        ));
+        return Err(Attempt::Transient(format!("{url} answered HTTP {status}").into()));
     }
     let hint = match code {
-        401 | 403 => {
-            "; the repository may be gated or private: set HF_TOKEN to a token with access"
-        }
+        401 | 403 => "; the repository may be gated or private: set HF_TOKEN to a token with access",
         404 => "; check the repository name and revision",
         _ => "",
     };

@@ -118,9 +118,7 @@ pub fn validate_relative_path(field: &'static str, path: &str) -> Result<()> {
     }
     for segment in segments {
         validate_segment(field, segment).map_err(|e| match e {
-            StorageError::InvalidName { reason, .. } => {
-                StorageError::invalid_name(field, path, reason)
-            }
+            StorageError::InvalidName { reason, .. } => StorageError::invalid_name(field, path, reason),
             other => other,
         })?;
     }
@@ -187,10 +185,7 @@ mod tests {
         ];
         for bad in hostile {
             let err = validate_file_path(bad).expect_err(bad);
-            assert!(
-                err.to_string().contains("adapter file path"),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().contains("adapter file path"), "{bad}: {err}");
         }
     }
 }

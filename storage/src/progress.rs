@@ -57,13 +57,7 @@ impl<'a> Tracker<'a> {
             let tenth = self.done * 10 / total;
             if tenth > self.last_logged_tenth {
                 self.last_logged_tenth = tenth;
-                tracing::info!(
-                    uri = self.uri,
-                    done = self.done,
-                    total,
-                    "transfer {}%",
-                    tenth * 10
-                );
+                tracing::info!(uri = self.uri, done = self.done, total, "transfer {}%", tenth * 10);
             }
         }
     }

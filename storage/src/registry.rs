@@ -23,9 +23,7 @@ use chrono::Utc;
 
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
-use crate::manifest::{
-    FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE, MANIFEST_SCHEMA,
-};
+use crate::manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE, MANIFEST_SCHEMA};
 use crate::names::{validate_adapter_name, validate_file_path};
 use crate::progress::ProgressFn;
 use crate::store::{temp_sibling, CreateOutcome, ObjectInfo, Storage};
@@ -132,11 +130,7 @@ impl Registry {
     }
 
     /// Publishes `req.source_dir` as the next version of `req.name`.
-    pub async fn publish(
-        &self,
-        req: &PublishRequest,
-        progress: Option<&ProgressFn>,
-    ) -> Result<ResolvedAdapter> {
+    pub async fn publish(&self, req: &PublishRequest, progress: Option<&ProgressFn>) -> Result<ResolvedAdapter> {
         validate_adapter_name(&req.name)?;
         let files = collect_files(&req.source_dir)?;
         if !files.iter().any(|(rel, _)| rel == REQUIRED_FILE) {
@@ -164,9 +158,7 @@ impl Registry {
         let dir = version_dir(&req.name, version);
         tracing::info!(adapter = %req.name, version, files = files.len(), "publishing adapter");
         for (rel, path) in &files {
-            self.storage
-                .put_file(&format!("{dir}/{rel}"), path, progress)
-                .await?;
+            self.storage.put_file(&format!("{dir}/{rel}"), path, progress).await?;
         }
         let manifest = Manifest {
             schema: MANIFEST_SCHEMA,
@@ -189,24 +181,12 @@ impl Registry {
                     uri: self.storage.object_uri(&manifest_rel),
                 })
             }
-            CreateOutcome::Unsupported => {
-                self.storage.put_bytes(&manifest_rel, bytes.clone()).await?
-            }
+            CreateOutcome::Unsupported => self.storage.put_bytes(&manifest_rel, bytes.clone()).await?,
         }
         // A sweep that misjudged this publish as stale could have removed files before the
         // manifest landed; check, and withdraw the version rather than leave it broken.
-        let present: Vec<String> = self
-            .storage
-            .list(&dir)
-            .await?
-            .into_iter()
-            .map(|o| o.key)
-            .collect();
-        if let Some(missing) = manifest
-            .files
-            .keys()
-            .find(|f| !present.contains(&format!("{dir}/{f}")))
-        {
+        let present: Vec<String> = self.storage.list(&dir).await?.into_iter().map(|o| o.key).collect();
+        if let Some(missing) = manifest.files.keys().find(|f| !present.contains(&format!("{dir}/{f}"))) {
             self.storage.delete(&manifest_rel).await?;
             return Err(StorageError::NotFound {
                 uri: self.storage.object_uri(&format!("{dir}/{missing}")),
@@ -225,20 +205,14 @@ impl Registry {
     /// Claims the lowest free version number above every existing one.
     async fn claim_version(&self, name: &str) -> Result<u32> {
         let existing = self.storage.list_dirs(&format!("adapters/{name}")).await?;
-        let mut candidate = existing
-            .iter()
-            .filter_map(|d| parse_version(d))
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let mut candidate = existing.iter().filter_map(|d| parse_version(d)).max().unwrap_or(0) + 1;
         let token = format!(
             "{}-{}-{}",
             std::process::id(),
             Utc::now().timestamp_nanos_opt().unwrap_or_default(),
             temp_sibling(Path::new("claim")).display()
         );
-        let body =
-            Bytes::from(serde_json::json!({"claimed_by": token, "at": Utc::now()}).to_string());
+        let body = Bytes::from(serde_json::json!({"claimed_by": token, "at": Utc::now()}).to_string());
         for _ in 0..self.config.max_claim_attempts {
             let rel = format!("{}/{CLAIM_FILE}", version_dir(name, candidate));
             match self.storage.create(&rel, body.clone()).await? {
@@ -337,11 +311,7 @@ impl Registry {
             VersionSelector::Number(n) => self.load(&reference.name, *n).await,
             VersionSelector::Latest => {
                 let versions = self.objects_by_version(&reference.name).await?;
-                let latest = versions
-                    .iter()
-                    .rev()
-                    .find(|(_, o)| o.has_manifest)
-                    .map(|(v, _)| *v);
+                let latest = versions.iter().rev().find(|(_, o)| o.has_manifest).map(|(v, _)| *v);
                 let v = latest.ok_or_else(|| self.not_found(reference, "no published versions"))?;
                 self.load(&reference.name, v).await
             }
@@ -357,12 +327,7 @@ impl Registry {
     /// Downloads a resolved version into `dest` (which must not exist), verifying every file
     /// against the manifest. Files land in a temporary sibling directory that is renamed to
     /// `dest` only when complete, so `dest` is either absent or whole.
-    pub async fn fetch(
-        &self,
-        adapter: &ResolvedAdapter,
-        dest: &Path,
-        progress: Option<&ProgressFn>,
-    ) -> Result<()> {
+    pub async fn fetch(&self, adapter: &ResolvedAdapter, dest: &Path, progress: Option<&ProgressFn>) -> Result<()> {
         if tokio::fs::try_exists(dest)
             .await
             .map_err(|e| StorageError::io("checking", dest, e))?
@@ -390,12 +355,7 @@ impl Registry {
         result
     }
 
-    async fn fetch_into(
-        &self,
-        adapter: &ResolvedAdapter,
-        tmp: &Path,
-        progress: Option<&ProgressFn>,
-    ) -> Result<()> {
+    async fn fetch_into(&self, adapter: &ResolvedAdapter, tmp: &Path, progress: Option<&ProgressFn>) -> Result<()> {
         let dir = version_dir(&adapter.name, adapter.version);
         tokio::fs::create_dir_all(tmp)
             .await
@@ -412,20 +372,12 @@ impl Registry {
             }
             let (info, _) = self
                 .storage
-                .download_to(
-                    &format!("{dir}/{rel}"),
-                    &local,
-                    Some(&entry.sha256),
-                    progress,
-                )
+                .download_to(&format!("{dir}/{rel}"), &local, Some(&entry.sha256), progress)
                 .await?;
             if info.size != entry.size {
                 return Err(StorageError::InvalidManifest {
                     uri: adapter.uri.clone(),
-                    reason: format!(
-                        "{rel} is {} bytes but the manifest says {}",
-                        info.size, entry.size
-                    ),
+                    reason: format!("{rel} is {} bytes but the manifest says {}", info.size, entry.size),
                 });
             }
         }
@@ -443,13 +395,9 @@ impl Registry {
         let objs = versions
             .get(&version)
             .filter(|o| o.has_manifest)
-            .ok_or_else(|| {
-                self.not_found(format!("{name}@{version}"), "no such published version")
-            })?;
+            .ok_or_else(|| self.not_found(format!("{name}@{version}"), "no such published version"))?;
         let dir = version_dir(name, version);
-        self.storage
-            .delete(&format!("{dir}/{MANIFEST_FILE}"))
-            .await?;
+        self.storage.delete(&format!("{dir}/{MANIFEST_FILE}")).await?;
         self.delete_files(&dir, &objs.objects).await
     }
 
@@ -497,8 +445,7 @@ impl Registry {
             let newest = objs.objects.iter().map(|o| o.last_modified).max();
             if !objs.has_manifest && has_files && newest.is_some_and(|t| t < cutoff) {
                 tracing::info!(adapter = name, version = v, "sweeping unfinished version");
-                self.delete_files(&version_dir(name, v), &objs.objects)
-                    .await?;
+                self.delete_files(&version_dir(name, v), &objs.objects).await?;
                 swept.push(v);
             }
         }
@@ -512,17 +459,12 @@ fn collect_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
     while let Some((path, rel)) = stack.pop() {
-        let entries = std::fs::read_dir(&path)
-            .map_err(|e| StorageError::io("reading directory", &path, e))?;
+        let entries = std::fs::read_dir(&path).map_err(|e| StorageError::io("reading directory", &path, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StorageError::io("reading directory", &path, e))?;
             let name = entry.file_name();
             let name = name.to_str().ok_or_else(|| {
-                StorageError::invalid_name(
-                    "adapter file path",
-                    &entry.path().display().to_string(),
-                    "not UTF-8",
-                )
+                StorageError::invalid_name("adapter file path", &entry.path().display().to_string(), "not UTF-8")
             })?;
             let child_rel = if rel.is_empty() {
                 name.to_string()

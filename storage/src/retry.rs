@@ -83,12 +83,8 @@ where
 pub(crate) fn classify(operation: &'static str, uri: &str, e: object_store::Error) -> Attempt {
     use object_store::Error as E;
     match e {
-        E::NotFound { .. } => Attempt::Permanent(StorageError::NotFound {
-            uri: uri.to_string(),
-        }),
-        E::AlreadyExists { .. } => Attempt::Permanent(StorageError::AlreadyExists {
-            uri: uri.to_string(),
-        }),
+        E::NotFound { .. } => Attempt::Permanent(StorageError::NotFound { uri: uri.to_string() }),
+        E::AlreadyExists { .. } => Attempt::Permanent(StorageError::AlreadyExists { uri: uri.to_string() }),
         // Generic covers network errors, timeouts and 5xx answers: the retryable kind.
         E::Generic { .. } | E::JoinError { .. } => Attempt::Transient(Box::new(e)),
         other => Attempt::Permanent(StorageError::Transfer {
@@ -137,9 +133,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("s3://b/k")
-                && err.contains("3 attempt")
-                && err.contains("connection reset"),
+            err.contains("s3://b/k") && err.contains("3 attempt") && err.contains("connection reset"),
             "{err}"
         );
     }
@@ -149,9 +143,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let err = with_retry(&fast(5), "get", "s3://b/k", || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err::<(), _>(Attempt::Permanent(StorageError::NotFound {
-                uri: "s3://b/k".into(),
-            }))
+            Err::<(), _>(Attempt::Permanent(StorageError::NotFound { uri: "s3://b/k".into() }))
         })
         .await
         .unwrap_err();

@@ -52,9 +52,7 @@ pub struct Storage {
 impl std::fmt::Debug for Storage {
     // The store's own Debug may include its configuration; only the URI is shown here.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage")
-            .field("root", &self.root.to_string())
-            .finish()
+        f.debug_struct("Storage").field("root", &self.root.to_string()).finish()
     }
 }
 
@@ -62,10 +60,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A name for a temporary sibling of `dest`, unique across processes (pid) and threads (counter).
 pub(crate) fn temp_sibling(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("download");
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     dest.with_file_name(format!(".{name}.part-{}-{n}", std::process::id()))
 }
@@ -200,11 +195,7 @@ impl Storage {
         let key = self.key(rel)?;
         let uri = self.object_uri(rel);
         with_retry(&self.retry, "reading", &uri, || async {
-            let got = self
-                .store
-                .get(&key)
-                .await
-                .map_err(|e| classify("reading", &uri, e))?;
+            let got = self.store.get(&key).await.map_err(|e| classify("reading", &uri, e))?;
             got.bytes().await.map_err(|e| classify("reading", &uri, e))
         })
         .await
@@ -215,10 +206,7 @@ impl Storage {
         let key = self.key(rel)?;
         let uri = self.object_uri(rel);
         let meta = with_retry(&self.retry, "inspecting", &uri, || async {
-            self.store
-                .head(&key)
-                .await
-                .map_err(|e| classify("inspecting", &uri, e))
+            self.store.head(&key).await.map_err(|e| classify("inspecting", &uri, e))
         })
         .await?;
         Ok(self.info(meta))
@@ -255,10 +243,9 @@ impl Storage {
             {
                 Ok(_) => Ok(CreateOutcome::Created),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(CreateOutcome::AlreadyExists),
-                Err(
-                    object_store::Error::NotImplemented { .. }
-                    | object_store::Error::NotSupported { .. },
-                ) => Ok(CreateOutcome::Unsupported),
+                Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
+                    Ok(CreateOutcome::Unsupported)
+                }
                 Err(e) => Err(classify("creating", &uri, e)),
             }
         })
@@ -268,12 +255,7 @@ impl Storage {
 
     /// Uploads a local file. Small files go in one request; large ones as a multipart upload,
     /// which object_store aborts if it is dropped unfinished. A failure retries the whole file.
-    pub async fn put_file(
-        &self,
-        rel: &str,
-        path: &Path,
-        progress: Option<&ProgressFn>,
-    ) -> Result<()> {
+    pub async fn put_file(&self, rel: &str, path: &Path, progress: Option<&ProgressFn>) -> Result<()> {
         const SINGLE_PUT_LIMIT: u64 = 32 << 20;
         const PART_SIZE: usize = 16 << 20;
         let key = self.key(rel)?;
@@ -299,8 +281,7 @@ impl Storage {
                     .put_multipart(&key)
                     .await
                     .map_err(|e| classify("uploading", &uri, e))?;
-                let mut writer =
-                    object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
                 let mut file = tokio::fs::File::open(path)
                     .await
                     .map_err(|e| StorageError::io("opening", path, e))?;
@@ -319,10 +300,7 @@ impl Storage {
                     writer.write(&buf[..n]);
                     tracker.advance(n as u64);
                 }
-                writer
-                    .finish()
-                    .await
-                    .map_err(|e| classify("uploading", &uri, e))?;
+                writer.finish().await.map_err(|e| classify("uploading", &uri, e))?;
             }
             tracker.finish();
             Ok(())
@@ -334,15 +312,14 @@ impl Storage {
     pub async fn list(&self, rel_prefix: &str) -> Result<Vec<ObjectInfo>> {
         let key = self.key(rel_prefix)?;
         let uri = self.object_uri(rel_prefix);
-        let metas: Vec<object_store::ObjectMeta> =
-            with_retry(&self.retry, "listing", &uri, || async {
-                self.store
-                    .list(Some(&key))
-                    .try_collect()
-                    .await
-                    .map_err(|e| classify("listing", &uri, e))
-            })
-            .await?;
+        let metas: Vec<object_store::ObjectMeta> = with_retry(&self.retry, "listing", &uri, || async {
+            self.store
+                .list(Some(&key))
+                .try_collect()
+                .await
+                .map_err(|e| classify("listing", &uri, e))
+        })
+        .await?;
         Ok(metas.into_iter().map(|m| self.info(m)).collect())
     }
 
@@ -392,9 +369,7 @@ impl Storage {
         let uri = self.object_uri(rel);
         with_retry(&self.retry, "downloading", &uri, || async {
             let tmp = temp_sibling(dest);
-            let result = self
-                .download_attempt(&key, &uri, &tmp, dest, expected, progress)
-                .await;
+            let result = self.download_attempt(&key, &uri, &tmp, dest, expected, progress).await;
             if result.is_err() {
                 // Best effort: the temp name is unique, so a leftover only wastes space.
                 let _ = tokio::fs::remove_file(&tmp).await;
@@ -413,11 +388,7 @@ impl Storage {
         expected: Option<&Sha256Digest>,
         progress: Option<&ProgressFn>,
     ) -> std::result::Result<(ObjectInfo, Sha256Digest), Attempt> {
-        let got = self
-            .store
-            .get(key)
-            .await
-            .map_err(|e| classify("downloading", uri, e))?;
+        let got = self.store.get(key).await.map_err(|e| classify("downloading", uri, e))?;
         let info = self.info(got.meta.clone());
         let mut tracker = Tracker::new(uri, Some(info.size), progress);
         let mut file = tokio::fs::File::create(tmp)
@@ -426,11 +397,7 @@ impl Storage {
         let mut hasher = Sha256::new();
         let mut stream = got.into_stream();
         // A stream error mid-body (connection reset) is Generic, hence retried from scratch.
-        while let Some(chunk) = stream
-            .try_next()
-            .await
-            .map_err(|e| classify("downloading", uri, e))?
-        {
+        while let Some(chunk) = stream.try_next().await.map_err(|e| classify("downloading", uri, e))? {
             hasher.update(&chunk);
             file.write_all(&chunk)
                 .await

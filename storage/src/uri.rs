@@ -19,17 +19,15 @@ pub enum StorageUri {
     /// `gs://bucket/prefix`: Google Cloud Storage.
     Gcs { bucket: String, prefix: Vec<String> },
     /// `az://container/prefix`: Azure Blob Storage (account from AZURE_STORAGE_ACCOUNT_NAME).
-    Azure {
-        container: String,
-        prefix: Vec<String>,
-    },
+    Azure { container: String, prefix: Vec<String> },
     /// `file:///absolute/path`: the local filesystem (a PVC or hostPath in the cluster).
     File { path: PathBuf },
     /// `hf://org/name[@revision]`: a model on the Hugging Face hub (read-only).
     HuggingFace(HfRepo),
 }
 
-const ALLOWED: &str = "s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///absolute/path or hf://org/name[@revision]";
+const ALLOWED: &str =
+    "s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///absolute/path or hf://org/name[@revision]";
 
 impl StorageUri {
     /// Parses a URI; the error names the URI and the allowed forms.
@@ -44,10 +42,7 @@ impl StorageUri {
             )));
         }
         for (c, why) in [
-            (
-                '%',
-                "percent-encoding is not allowed; write names literally",
-            ),
+            ('%', "percent-encoding is not allowed; write names literally"),
             ('?', "query strings are not allowed"),
             ('#', "fragments are not allowed"),
             ('\\', "backslashes are not allowed"),
@@ -74,8 +69,7 @@ impl StorageUri {
             "file" => {
                 if !rest.starts_with('/') {
                     return Err(invalid(
-                        "file URIs need an absolute path with an empty host: file:///absolute/path"
-                            .into(),
+                        "file URIs need an absolute path with an empty host: file:///absolute/path".into(),
                     ));
                 }
                 let trimmed = rest.trim_end_matches('/');
@@ -91,9 +85,7 @@ impl StorageUri {
                 })
             }
             "hf" => Ok(StorageUri::HuggingFace(HfRepo::parse(uri, rest)?)),
-            other => Err(invalid(format!(
-                "unsupported scheme {other:?}; expected {ALLOWED}"
-            ))),
+            other => Err(invalid(format!("unsupported scheme {other:?}; expected {ALLOWED}"))),
         }
     }
 }
@@ -126,14 +118,13 @@ fn split_bucket(rest: &str) -> std::result::Result<(String, Vec<String>), String
 
 impl fmt::Display for StorageUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let with_prefix =
-            |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &[String]| {
-                write!(f, "{scheme}://{bucket}")?;
-                for segment in prefix {
-                    write!(f, "/{segment}")?;
-                }
-                Ok(())
-            };
+        let with_prefix = |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &[String]| {
+            write!(f, "{scheme}://{bucket}")?;
+            for segment in prefix {
+                write!(f, "/{segment}")?;
+            }
+            Ok(())
+        };
         match self {
             StorageUri::S3 { bucket, prefix } => with_prefix(f, "s3", bucket, prefix),
             StorageUri::Gcs { bucket, prefix } => with_prefix(f, "gs", bucket, prefix),

@@ -18,16 +18,11 @@ both_backends!(
 );
 
 fn entries(cache: &Cache) -> usize {
-    std::fs::read_dir(cache.root().join("entries"))
-        .unwrap()
-        .count()
+    std::fs::read_dir(cache.root().join("entries")).unwrap().count()
 }
 
 fn tmp_is_empty(cache: &Cache) -> bool {
-    std::fs::read_dir(cache.root().join("tmp"))
-        .unwrap()
-        .next()
-        .is_none()
+    std::fs::read_dir(cache.root().join("tmp")).unwrap().next().is_none()
 }
 
 async fn create_only_puts_refuse_to_overwrite(env: &Env) {
@@ -59,9 +54,7 @@ async fn concurrent_readers_share_one_complete_entry(env: &Env) {
         }));
         let storage = env.storage.clone();
         tasks.push(tokio::spawn(async move {
-            cache
-                .download_object(&storage, "models/big.bin", None)
-                .await
+            cache.download_object(&storage, "models/big.bin", None).await
         }));
     }
     let mut paths = Vec::new();
@@ -86,10 +79,7 @@ async fn concurrent_readers_share_one_complete_entry(env: &Env) {
 
 async fn changed_object_gets_new_entry(env: &Env) {
     let cache = Cache::new(env.scratch.path().join("cache")).unwrap();
-    env.storage
-        .put_bytes("data/train.jsonl", "v1".into())
-        .await
-        .unwrap();
+    env.storage.put_bytes("data/train.jsonl", "v1".into()).await.unwrap();
     let first = cache
         .download_object(&env.storage, "data/train.jsonl", None)
         .await
@@ -109,10 +99,7 @@ async fn changed_object_gets_new_entry(env: &Env) {
 
 async fn expected_digest_is_verified(env: &Env) {
     let cache = Cache::new(env.scratch.path().join("cache")).unwrap();
-    env.storage
-        .put_bytes("data/d.jsonl", "actual".into())
-        .await
-        .unwrap();
+    env.storage.put_bytes("data/d.jsonl", "actual".into()).await.unwrap();
     let wrong = Sha256Digest::of(b"promised");
     let err = cache
         .download_object(&env.storage, "data/d.jsonl", Some(&wrong))
@@ -122,11 +109,7 @@ async fn expected_digest_is_verified(env: &Env) {
         matches!(&err, StorageError::DigestMismatch { uri, .. } if uri.ends_with("data/d.jsonl")),
         "{err}"
     );
-    assert_eq!(
-        entries(&cache),
-        0,
-        "nothing is cached under a digest it does not have"
-    );
+    assert_eq!(entries(&cache), 0, "nothing is cached under a digest it does not have");
     assert!(tmp_is_empty(&cache));
     let right = Sha256Digest::of(b"actual");
     let path = cache
@@ -153,10 +136,7 @@ async fn model_prefix_downloads_as_directory(env: &Env) {
     let model_uri = env.storage.object_uri("models/tiny");
     let dir = cache.download_model(&model_uri, &env.creds).await.unwrap();
     assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), b"{}");
-    assert_eq!(
-        std::fs::read(dir.join("weights/model.safetensors")).unwrap(),
-        b"w"
-    );
+    assert_eq!(std::fs::read(dir.join("weights/model.safetensors")).unwrap(), b"w");
     assert!(!dir.join(".gitattributes").exists());
     assert_eq!(
         cache.download_model(&model_uri, &env.creds).await.unwrap(),
@@ -165,10 +145,7 @@ async fn model_prefix_downloads_as_directory(env: &Env) {
     );
 
     let missing = env.storage.object_uri("models/none");
-    let err = cache
-        .download_model(&missing, &env.creds)
-        .await
-        .unwrap_err();
+    let err = cache.download_model(&missing, &env.creds).await.unwrap_err();
     assert!(
         matches!(&err, StorageError::NotFound { uri } if uri == &missing),
         "{err}"
@@ -185,9 +162,7 @@ async fn concurrent_adapter_fetches(env: &Env) {
     let mut tasks = Vec::new();
     for _ in 0..6 {
         let (reg, adapter, cache) = (reg.clone(), published.clone(), Cache::new(&root).unwrap());
-        tasks.push(tokio::spawn(async move {
-            cache.fetch_adapter(&reg, &adapter).await
-        }));
+        tasks.push(tokio::spawn(async move { cache.fetch_adapter(&reg, &adapter).await }));
     }
     let mut dirs = Vec::new();
     for t in tasks {

@@ -34,11 +34,7 @@ fn push_list_show_pull() {
             "0.5",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pushed = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(pushed.starts_with("bot@1 sha256:"), "{pushed}");
 
@@ -54,15 +50,8 @@ fn push_list_show_pull() {
 
     let dest = tmp.path().join("pulled");
     let out = cli(&registry, &["pull", "bot@latest", dest.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read(dest.join("adapter_model.safetensors")).unwrap(),
-        b"w"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(dest.join("adapter_model.safetensors")).unwrap(), b"w");
 
     let out = cli(&registry, &["show", "../etc@1"]);
     assert!(!out.status.success());

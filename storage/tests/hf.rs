@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kubetune_storage::{
-    Cache, Credentials, HfConfig, RetryPolicy, Sha256Digest, StorageError, StorageUri,
-};
+use kubetune_storage::{Cache, Credentials, HfConfig, RetryPolicy, Sha256Digest, StorageError, StorageUri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -65,10 +63,7 @@ async fn fake_hub(routes: HashMap<String, Vec<(u16, Vec<u8>)>>) -> (String, Log)
     (format!("http://{addr}"), log)
 }
 
-fn hub_routes(
-    weights_served: &[u8],
-    weights_promised: &[u8],
-) -> HashMap<String, Vec<(u16, Vec<u8>)>> {
+fn hub_routes(weights_served: &[u8], weights_promised: &[u8]) -> HashMap<String, Vec<(u16, Vec<u8>)>> {
     let info = serde_json::json!({
         "sha": SHA,
         "siblings": [
@@ -114,10 +109,7 @@ fn cache(root: &std::path::Path, endpoint: &str, offline: bool) -> Cache {
         &creds,
     )
     .unwrap();
-    Cache::new(root)
-        .unwrap()
-        .with_hf_config(cfg)
-        .with_retry(fast_retry())
+    Cache::new(root).unwrap().with_hf_config(cfg).with_retry(fast_retry())
 }
 
 #[test]
@@ -127,14 +119,8 @@ fn hf_uris_parse_and_hostile_ones_are_rejected() {
         other => panic!("{s} parsed as {other:?}"),
     };
     assert_eq!(parsed("hf://org/tiny"), ("org/tiny".into(), "main".into()));
-    assert_eq!(
-        parsed("hf://org/tiny@v1.0"),
-        ("org/tiny".into(), "v1.0".into())
-    );
-    assert_eq!(
-        parsed("hf://gpt2@refs/pr/1"),
-        ("gpt2".into(), "refs/pr/1".into())
-    );
+    assert_eq!(parsed("hf://org/tiny@v1.0"), ("org/tiny".into(), "v1.0".into()));
+    assert_eq!(parsed("hf://gpt2@refs/pr/1"), ("gpt2".into(), "refs/pr/1".into()));
     for bad in [
         "hf://",
         "hf://org/../x",
@@ -158,28 +144,17 @@ async fn downloads_then_serves_offline_from_cache() {
         .download_model("hf://org/tiny", &Credentials::none())
         .await
         .unwrap();
-    assert!(
-        snapshot.ends_with(format!("snapshots/{SHA}")),
-        "{}",
-        snapshot.display()
-    );
+    assert!(snapshot.ends_with(format!("snapshots/{SHA}")), "{}", snapshot.display());
     assert_eq!(std::fs::read(snapshot.join("config.json")).unwrap(), b"{}");
-    assert_eq!(
-        std::fs::read(snapshot.join("model.safetensors")).unwrap(),
-        b"weights"
-    );
+    assert_eq!(std::fs::read(snapshot.join("model.safetensors")).unwrap(), b"weights");
     assert!(!snapshot.join(".gitattributes").exists());
     {
         let log = log.lock().unwrap();
         assert!(
-            log.iter()
-                .all(|(_, auth)| auth.as_deref() == Some("Bearer hf_s3cr3t")),
+            log.iter().all(|(_, auth)| auth.as_deref() == Some("Bearer hf_s3cr3t")),
             "token sent on every request"
         );
-        let config_gets = log
-            .iter()
-            .filter(|(p, _)| p.ends_with("config.json"))
-            .count();
+        let config_gets = log.iter().filter(|(p, _)| p.ends_with("config.json")).count();
         assert_eq!(config_gets, 2, "the 503 was retried once");
     }
 
@@ -264,9 +239,6 @@ fn config_redacts_token_and_rejects_bad_offline_values() {
     let err = HfConfig::from_values(None, Some("maybe"), &creds)
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("HF_HUB_OFFLINE") && err.contains("maybe"),
-        "{err}"
-    );
+    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("maybe"), "{err}");
     assert!(HfConfig::from_values(Some("ftp://mirror".into()), None, &creds).is_err());
 }

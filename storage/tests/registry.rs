@@ -50,29 +50,17 @@ async fn round_trip(env: &Env) {
         std::fs::read(dest.join("adapter_model.safetensors")).unwrap(),
         b"weights-v1"
     );
-    assert_eq!(
-        std::fs::read(dest.join("tokenizer/vocab.json")).unwrap(),
-        b"{}"
-    );
+    assert_eq!(std::fs::read(dest.join("tokenizer/vocab.json")).unwrap(), b"{}");
     let manifest_bytes = std::fs::read(dest.join(MANIFEST_FILE)).unwrap();
-    assert_eq!(
-        kubetune_storage::Sha256Digest::of(&manifest_bytes),
-        published.digest
-    );
+    assert_eq!(kubetune_storage::Sha256Digest::of(&manifest_bytes), published.digest);
 
     let v2 = reg
         .publish(&env.adapter_source("support-bot", b"weights-v2"), None)
         .await
         .unwrap();
     assert_eq!(v2.version, 2);
-    assert_eq!(
-        reg.resolve(&r("support-bot@latest")).await.unwrap().version,
-        2
-    );
-    assert_eq!(
-        reg.resolve(&r("support-bot@1")).await.unwrap().digest,
-        published.digest
-    );
+    assert_eq!(reg.resolve(&r("support-bot@latest")).await.unwrap().version, 2);
+    assert_eq!(reg.resolve(&r("support-bot@1")).await.unwrap().digest, published.digest);
     let versions: Vec<u32> = reg
         .list("support-bot")
         .await
@@ -93,9 +81,9 @@ async fn concurrent_publishers_get_distinct_versions(env: &Env) {
     for i in 0..PUBLISHERS {
         let reg = Registry::open(env.storage.clone());
         let req = env.adapter_source("racer", format!("w{i}").as_bytes());
-        tasks.push(tokio::spawn(async move {
-            reg.publish(&req, None).await.map(|p| p.version)
-        }));
+        tasks.push(tokio::spawn(
+            async move { reg.publish(&req, None).await.map(|p| p.version) },
+        ));
     }
     let mut versions = BTreeSet::new();
     for t in tasks {
@@ -118,10 +106,7 @@ async fn interrupted_upload_is_invisible_and_swept(env: &Env) {
         .await
         .unwrap();
     env.storage
-        .put_bytes(
-            "adapters/crashy/v1/adapter_model.safetensors",
-            "partial".into(),
-        )
+        .put_bytes("adapters/crashy/v1/adapter_model.safetensors", "partial".into())
         .await
         .unwrap();
 
@@ -180,38 +165,23 @@ async fn digest_mismatch_is_detected(env: &Env) {
         .await
         .unwrap();
     env.storage
-        .put_bytes(
-            "adapters/tampered/v1/adapter_model.safetensors",
-            "evil weights".into(),
-        )
+        .put_bytes("adapters/tampered/v1/adapter_model.safetensors", "evil weights".into())
         .await
         .unwrap();
     let dest = env.scratch.path().join("tampered");
     let err = reg.fetch(&published, &dest, None).await.unwrap_err();
     match &err {
-        StorageError::DigestMismatch {
-            uri,
-            expected,
-            actual,
-        } => {
-            assert!(
-                uri.ends_with("adapters/tampered/v1/adapter_model.safetensors"),
-                "{uri}"
-            );
+        StorageError::DigestMismatch { uri, expected, actual } => {
+            assert!(uri.ends_with("adapters/tampered/v1/adapter_model.safetensors"), "{uri}");
             assert_eq!(
                 expected,
-                &published.manifest.files["adapter_model.safetensors"]
-                    .sha256
-                    .to_string()
+                &published.manifest.files["adapter_model.safetensors"].sha256.to_string()
             );
             assert_ne!(expected, actual);
         }
         other => panic!("expected a digest mismatch, got {other}"),
     }
-    assert!(
-        !dest.exists(),
-        "a failed fetch leaves no destination behind"
-    );
+    assert!(!dest.exists(), "a failed fetch leaves no destination behind");
     let leftovers: Vec<_> = std::fs::read_dir(env.scratch.path())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -222,25 +192,10 @@ async fn digest_mismatch_is_detected(env: &Env) {
 
 async fn hostile_names_are_rejected(env: &Env) {
     let reg = Registry::open(env.storage.clone());
-    for name in [
-        "../escape",
-        "a/b",
-        "/abs",
-        "%2e%2e",
-        "..",
-        "UPPER",
-        "a\\b",
-        "",
-    ] {
+    for name in ["../escape", "a/b", "/abs", "%2e%2e", "..", "UPPER", "a\\b", ""] {
         let err = reg.list(name).await.unwrap_err();
-        assert!(
-            matches!(err, StorageError::InvalidName { .. }),
-            "{name}: {err}"
-        );
-        let err = reg
-            .publish(&env.adapter_source(name, b"w"), None)
-            .await
-            .unwrap_err();
+        assert!(matches!(err, StorageError::InvalidName { .. }), "{name}: {err}");
+        let err = reg.publish(&env.adapter_source(name, b"w"), None).await.unwrap_err();
         assert!(err.to_string().contains("adapter name"), "{name}: {err}");
         assert!(format!("{name}@1").parse::<AdapterRef>().is_err(), "{name}");
     }
@@ -257,16 +212,12 @@ async fn hostile_names_are_rejected(env: &Env) {
         "hyperparameters": {}, "metrics": {}, "created_at": "2026-01-01T00:00:00Z"
     });
     env.storage
-        .put_bytes(
-            "adapters/evil/v1/manifest.json",
-            manifest.to_string().into(),
-        )
+        .put_bytes("adapters/evil/v1/manifest.json", manifest.to_string().into())
         .await
         .unwrap();
     let err = reg.resolve(&r("evil@1")).await.unwrap_err();
     assert!(
-        matches!(err, StorageError::InvalidManifest { .. })
-            && err.to_string().contains("../../escape"),
+        matches!(err, StorageError::InvalidManifest { .. }) && err.to_string().contains("../../escape"),
         "{err}"
     );
     // Nothing outside the registry prefix was touched.
@@ -278,17 +229,12 @@ async fn hostile_names_are_rejected(env: &Env) {
 async fn delete_and_retention_never_reuse_numbers(env: &Env) {
     let reg = Registry::open(env.storage.clone());
     for i in 0..4 {
-        reg.publish(
-            &env.adapter_source("kept", format!("w{i}").as_bytes()),
-            None,
-        )
-        .await
-        .unwrap();
+        reg.publish(&env.adapter_source("kept", format!("w{i}").as_bytes()), None)
+            .await
+            .unwrap();
     }
     assert_eq!(reg.retain("kept", 2).await.unwrap(), [1, 2]);
-    let versions = |list: Vec<kubetune_storage::ResolvedAdapter>| {
-        list.iter().map(|v| v.version).collect::<Vec<_>>()
-    };
+    let versions = |list: Vec<kubetune_storage::ResolvedAdapter>| list.iter().map(|v| v.version).collect::<Vec<_>>();
     assert_eq!(versions(reg.list("kept").await.unwrap()), [3, 4]);
     assert!(matches!(
         reg.resolve(&r("kept@1")).await.unwrap_err(),
@@ -308,8 +254,5 @@ async fn delete_and_retention_never_reuse_numbers(env: &Env) {
         reg.delete("kept", 4).await.unwrap_err(),
         StorageError::AdapterNotFound { .. }
     ));
-    assert!(
-        reg.retain("kept", 0).await.is_err(),
-        "keeping zero versions is refused"
-    );
+    assert!(reg.retain("kept", 0).await.is_err(), "keeping zero versions is refused");
 }

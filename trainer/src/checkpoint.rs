@@ -52,8 +52,10 @@ pub fn save(
     }
     peft::save(&tmp, adapter, base_model)?;
     tensors::save(&tmp.join(OPTIMIZER), optimizer)?;
-    let json = serde_json::to_string_pretty(state)
-        .map_err(|e| TrainError::Checkpoint { path: tmp.clone(), message: e.to_string() })?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
+        path: tmp.clone(),
+        message: e.to_string(),
+    })?;
     std::fs::write(tmp.join(STATE), json).map_err(TrainError::io(tmp.join(STATE)))?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(TrainError::io(&final_dir))?;
@@ -93,7 +95,10 @@ pub struct Loaded {
 }
 
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
-    let bad = |message: String| TrainError::Checkpoint { path: dir.into(), message };
+    let bad = |message: String| TrainError::Checkpoint {
+        path: dir.into(),
+        message,
+    };
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(format!("{STATE}: {e}")))?;

@@ -69,7 +69,12 @@ pub struct LoraSettings {
 
 impl Default for LoraSettings {
     fn default() -> Self {
-        Self { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec![TargetModule::QProj, TargetModule::VProj] }
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+        }
     }
 }
 
@@ -78,7 +83,12 @@ impl LoraSettings {
         let mut target_modules = self.target_modules.clone();
         target_modules.sort();
         target_modules.dedup();
-        LoraConfig { r: self.r, alpha: self.alpha, dropout: self.dropout, target_modules }
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules,
+        }
     }
 }
 
@@ -149,21 +159,29 @@ impl TrainConfig {
     /// Reads YAML (JSON is YAML too); serde_yaml's message carries the line and column.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
-        let config: TrainConfig = serde_yaml::from_str(&text)
-            .map_err(|e| TrainError::Config { path: path.display().to_string(), message: e.to_string() })?;
+        let config: TrainConfig = serde_yaml::from_str(&text).map_err(|e| TrainError::Config {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         config.validate(&path.display().to_string())?;
         Ok(config)
     }
 
     /// Checks ranges the training loop relies on; `source` labels the error.
     pub fn validate(&self, source: &str) -> Result<()> {
-        let bad = |field: &str, why: String| TrainError::Config { path: source.into(), message: format!("{field}: {why}") };
+        let bad = |field: &str, why: String| TrainError::Config {
+            path: source.into(),
+            message: format!("{field}: {why}"),
+        };
         let t = &self.training;
         if t.epochs.unwrap_or(0) == 0 && t.max_steps.unwrap_or(0) == 0 {
             return Err(bad("training", "set epochs or maxSteps to a positive number".into()));
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return Err(bad("training.learningRate", format!("{} must be positive", t.learning_rate)));
+            return Err(bad(
+                "training.learningRate",
+                format!("{} must be positive", t.learning_rate),
+            ));
         }
         for (field, v) in [
             ("training.batchSize", t.batch_size),
@@ -174,7 +192,10 @@ impl TrainConfig {
             }
         }
         if t.max_seq_length < 2 {
-            return Err(bad("training.maxSeqLength", format!("{} is too short (at least 2)", t.max_seq_length)));
+            return Err(bad(
+                "training.maxSeqLength",
+                format!("{} is too short (at least 2)", t.max_seq_length),
+            ));
         }
         if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
             return Err(bad("training.weightDecay/maxGradNorm", "must not be negative".into()));
@@ -201,10 +222,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kubetune-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("train.yaml");
-        std::fs::write(&path, "model: m\noutput: o\ndataset:\n  path: d\n  format: text\ntraining:\n  learningrate: 1\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "model: m\noutput: o\ndataset:\n  path: d\n  format: text\ntraining:\n  learningrate: 1\n",
+        )
+        .expect("write");
         let err = TrainConfig::from_file(&path).expect_err("typo").to_string();
-        assert!(err.contains("train.yaml") && err.contains("learningrate") && err.contains("line 7"), "{err}");
+        assert!(
+            err.contains("train.yaml") && err.contains("learningrate") && err.contains("line 7"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -213,6 +240,9 @@ mod tests {
             serde_yaml::from_str("model: m\noutput: o\ndataset: {path: d, format: chat}\n").expect("minimal");
         c.validate("t").expect("valid");
         assert_eq!(c.training.batch_size, 4);
-        assert_eq!(c.lora.to_lora().target_modules, vec![TargetModule::QProj, TargetModule::VProj]);
+        assert_eq!(
+            c.lora.to_lora().target_modules,
+            vec![TargetModule::QProj, TargetModule::VProj]
+        );
     }
 }

@@ -9,7 +9,11 @@ pub enum TrainError {
     Config { path: String, message: String },
     /// One bad dataset line; `line` is 1-based.
     #[error("{}:{line}: {message}", file.display())]
-    Data { file: PathBuf, line: usize, message: String },
+    Data {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{}: {message}", file.display())]
     Dataset { file: PathBuf, message: String },
     #[error("{}: {source}", path.display())]

@@ -14,9 +14,14 @@ use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::metrics::Metrics;
 use crate::train::{run, CheckpointHook, RunOptions, TrainingMetrics};
-use kubetune_crds::trainer_contract::{TrainerJob, TrainerOutcome, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV};
+use kubetune_crds::trainer_contract::{
+    TrainerJob, TrainerOutcome, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
+};
 use kubetune_crds::PublishedAdapter;
-use kubetune_storage::{Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, Sha256Digest, SourceRef, Storage, StorageError};
+use kubetune_storage::{
+    Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, Sha256Digest, SourceRef, Storage,
+    StorageError,
+};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,10 +80,14 @@ impl JobError {
             | JobError::Train(TrainError::Config { .. })
             | JobError::Storage(StorageError::InvalidUri { .. } | StorageError::InvalidName { .. }) => "InvalidSpec",
             JobError::Train(e) => e.reason(),
-            JobError::DataLine { .. } | JobError::MissingInput { what: Input::Dataset | Input::ValidationDataset, .. } => {
-                "DatasetInvalid"
-            }
-            JobError::MissingInput { what: Input::BaseModel, .. } => "ModelInvalid",
+            JobError::DataLine { .. }
+            | JobError::MissingInput {
+                what: Input::Dataset | Input::ValidationDataset,
+                ..
+            } => "DatasetInvalid",
+            JobError::MissingInput {
+                what: Input::BaseModel, ..
+            } => "ModelInvalid",
             JobError::Storage(_) => "StorageError",
             JobError::Stopped { .. } => "Stopped",
             JobError::Internal(_) => "TrainerFailed",
@@ -92,7 +101,9 @@ impl JobError {
             JobError::InvalidJob(_)
             | JobError::DataLine { .. }
             | JobError::MissingInput { .. }
-            | JobError::Storage(StorageError::InvalidUri { .. } | StorageError::InvalidName { .. }) => EXIT_INVALID_INPUT,
+            | JobError::Storage(StorageError::InvalidUri { .. } | StorageError::InvalidName { .. }) => {
+                EXIT_INVALID_INPUT
+            }
             JobError::Train(e) => e.exit_code(),
             JobError::Stopped { .. } => EXIT_STOPPED,
             JobError::Storage(_) | JobError::Internal(_) => 1,
@@ -142,7 +153,9 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     let resume_step = restore_checkpoint(&checkpoints, &output).await?;
     // A pod deleted while it downloaded has nothing new to save: stop before training.
     if r.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
-        return Err(JobError::Stopped { step: resume_step.unwrap_or(0) });
+        return Err(JobError::Stopped {
+            step: resume_step.unwrap_or(0),
+        });
     }
     let config = train_config(job, &inputs, &output)?;
     let result = train(&r, config, &inputs, checkpoints.clone(), resume_step.is_some()).await?;
@@ -154,7 +167,12 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     if let Err(e) = remove_checkpoints(&checkpoints).await {
         tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
     }
-    Ok(succeeded(&published, result.final_train_loss, result.final_eval_loss, result.resumed_from_step))
+    Ok(succeeded(
+        &published,
+        result.final_train_loss,
+        result.final_eval_loss,
+        result.resumed_from_step,
+    ))
 }
 
 /// Local copies of the job's inputs.
@@ -165,9 +183,11 @@ struct Inputs {
 }
 
 async fn download_inputs(job: &TrainerJob, work_dir: &Path, credentials: &Credentials) -> Result<Inputs, JobError> {
-    let missing = |what: Input| move |e: JobError| match e {
-        JobError::Storage(source @ StorageError::NotFound { .. }) => JobError::MissingInput { what, source },
-        other => other,
+    let missing = |what: Input| {
+        move |e: JobError| match e {
+            JobError::Storage(source @ StorageError::NotFound { .. }) => JobError::MissingInput { what, source },
+            other => other,
+        }
     };
     let cache = Cache::new(work_dir.join("cache"))?;
     tracing::info!(uri = %job.base_model_uri, "downloading the base model");
@@ -176,20 +196,34 @@ async fn download_inputs(job: &TrainerJob, work_dir: &Path, credentials: &Creden
         .await
         .map_err(JobError::from)
         .map_err(missing(Input::BaseModel))?;
-    let dataset = download_file(&cache, &job.dataset.uri, "dataset.uri", credentials).await.map_err(missing(Input::Dataset))?;
+    let dataset = download_file(&cache, &job.dataset.uri, "dataset.uri", credentials)
+        .await
+        .map_err(missing(Input::Dataset))?;
     let validation = match &job.dataset.validation_uri {
         Some(uri) => Some(
-            download_file(&cache, uri, "dataset.validationUri", credentials).await.map_err(missing(Input::ValidationDataset))?,
+            download_file(&cache, uri, "dataset.validationUri", credentials)
+                .await
+                .map_err(missing(Input::ValidationDataset))?,
         ),
         None => None,
     };
-    Ok(Inputs { model, dataset, validation })
+    Ok(Inputs {
+        model,
+        dataset,
+        validation,
+    })
 }
 
 /// Runs the training loop on a blocking thread, uploading each checkpoint as it is made. A
 /// checkpoint that cannot be used (made by another trainer version, say) is dropped once and
 /// the run starts over rather than failing the job for good.
-async fn train(r: &JobRun, config: TrainConfig, inputs: &Inputs, checkpoints: Storage, resume: bool) -> Result<TrainingMetrics, JobError> {
+async fn train(
+    r: &JobRun,
+    config: TrainConfig,
+    inputs: &Inputs,
+    checkpoints: Storage,
+    resume: bool,
+) -> Result<TrainingMetrics, JobError> {
     let handle = tokio::runtime::Handle::current();
     let hook: CheckpointHook = Arc::new(move |dir: &Path, step: u64| {
         // An upload that fails after the store's own retries costs only progress on a later
@@ -218,10 +252,14 @@ async fn train(r: &JobRun, config: TrainConfig, inputs: &Inputs, checkpoints: St
         // costs a second load; a checkpoint's tensors that do not fit the model also land here.
         Err(e @ (TrainError::Checkpoint { .. } | TrainError::Model(_))) if resume => {
             tracing::warn!(error = %e, "the checkpoint cannot be resumed from; starting from step 0");
-            let local = crate::io::local_path(&config.output, "output").map_err(JobError::Train)?.join("checkpoints");
+            let local = crate::io::local_path(&config.output, "output")
+                .map_err(JobError::Train)?
+                .join("checkpoints");
             std::fs::remove_dir_all(&local).map_err(|e| JobError::Train(TrainError::Io { path: local, source: e }))?;
             options.resume = false;
-            run_blocking(&config, &options).await?.map_err(|e| named_by_uri(e, &sources))
+            run_blocking(&config, &options)
+                .await?
+                .map_err(|e| named_by_uri(e, &sources))
         }
         other => other.map_err(|e| named_by_uri(e, &sources)),
     }
@@ -234,7 +272,12 @@ async fn run_blocking(config: &TrainConfig, options: &RunOptions) -> Result<crat
         .map_err(|e| JobError::Internal(format!("training thread: {e}")))
 }
 
-fn succeeded(a: &ResolvedAdapter, train_loss: Option<f64>, eval_loss: Option<f64>, resumed_from_step: Option<u64>) -> TrainerOutcome {
+fn succeeded(
+    a: &ResolvedAdapter,
+    train_loss: Option<f64>,
+    eval_loss: Option<f64>,
+    resumed_from_step: Option<u64>,
+) -> TrainerOutcome {
     TrainerOutcome::Succeeded {
         adapter: PublishedAdapter {
             name: a.name.clone(),
@@ -253,11 +296,18 @@ fn succeeded(a: &ResolvedAdapter, train_loss: Option<f64>, eval_loss: Option<f64
 fn named_by_uri(e: TrainError, sources: &[(PathBuf, String)]) -> JobError {
     match e {
         TrainError::Data { file, line, message } => match sources.iter().find(|(local, _)| *local == file) {
-            Some((_, uri)) => JobError::DataLine { uri: uri.clone(), line, message },
+            Some((_, uri)) => JobError::DataLine {
+                uri: uri.clone(),
+                line,
+                message,
+            },
             None => JobError::Train(TrainError::Data { file, line, message }),
         },
         TrainError::Dataset { file, message } => match sources.iter().find(|(local, _)| *local == file) {
-            Some((_, uri)) => JobError::Train(TrainError::Dataset { file: PathBuf::from(uri), message }),
+            Some((_, uri)) => JobError::Train(TrainError::Dataset {
+                file: PathBuf::from(uri),
+                message,
+            }),
             None => JobError::Train(TrainError::Dataset { file, message }),
         },
         other => JobError::Train(other),
@@ -271,14 +321,23 @@ async fn published_by_this_job(registry: &Registry, job: &TrainerJob) -> Result<
         Err(StorageError::NotFound { .. } | StorageError::AdapterNotFound { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    Ok(versions.into_iter().rev().find(|v| v.manifest.job.as_ref().is_some_and(|j| j.uid == job.owner.uid)))
+    Ok(versions
+        .into_iter()
+        .rev()
+        .find(|v| v.manifest.job.as_ref().is_some_and(|j| j.uid == job.owner.uid)))
 }
 
 /// One object into the cache; its local path. `field` names the spec field in errors.
 async fn download_file(cache: &Cache, uri: &str, field: &str, credentials: &Credentials) -> Result<PathBuf, JobError> {
-    let (parent, name) = uri.rsplit_once('/').filter(|(p, n)| !n.is_empty() && p.contains("://")).ok_or_else(|| {
-        JobError::Train(TrainError::Config { path: field.into(), message: format!("`{uri}` does not name a file") })
-    })?;
+    let (parent, name) = uri
+        .rsplit_once('/')
+        .filter(|(p, n)| !n.is_empty() && p.contains("://"))
+        .ok_or_else(|| {
+            JobError::Train(TrainError::Config {
+                path: field.into(),
+                message: format!("`{uri}` does not name a file"),
+            })
+        })?;
     let storage = Storage::from_uri(parent, credentials)?;
     tracing::info!(%uri, "downloading");
     Ok(cache.download_object(&storage, name, None).await?)
@@ -291,12 +350,15 @@ async fn restore_checkpoint(checkpoints: &Storage, output: &Path) -> Result<Opti
         Err(StorageError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let step = serde_json::from_slice::<serde_json::Value>(&pointer).ok().and_then(|v| v["step"].as_u64()).ok_or_else(|| {
-        JobError::Train(TrainError::Checkpoint {
-            path: PathBuf::from(checkpoints.object_uri(LATEST)),
-            message: "expected {\"step\": N}".into(),
-        })
-    })?;
+    let step = serde_json::from_slice::<serde_json::Value>(&pointer)
+        .ok()
+        .and_then(|v| v["step"].as_u64())
+        .ok_or_else(|| {
+            JobError::Train(TrainError::Checkpoint {
+                path: PathBuf::from(checkpoints.object_uri(LATEST)),
+                message: "expected {\"step\": N}".into(),
+            })
+        })?;
     let prefix = format!("step-{step}");
     // Downloaded beside its final name and renamed when whole: the trainer resumes from any
     // `step-N` directory it finds.
@@ -311,8 +373,12 @@ async fn restore_checkpoint(checkpoints: &Storage, output: &Path) -> Result<Opti
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     for object in checkpoints.list(&prefix).await? {
-        let Some(name) = object.key.rsplit('/').next() else { continue };
-        checkpoints.download_to(&object.key, &partial.join(name), None, None).await?;
+        let Some(name) = object.key.rsplit('/').next() else {
+            continue;
+        };
+        checkpoints
+            .download_to(&object.key, &partial.join(name), None, None)
+            .await?;
     }
     let complete = root.join(&prefix);
     if complete.exists() {
@@ -326,17 +392,41 @@ async fn restore_checkpoint(checkpoints: &Storage, output: &Path) -> Result<Opti
 /// Uploads one checkpoint, then points `latest.json` at it, then drops older ones.
 async fn upload_checkpoint(checkpoints: &Storage, dir: &Path, step: u64) -> Result<(), StorageError> {
     let prefix = format!("step-{step}");
-    let entries = std::fs::read_dir(dir).map_err(|e| StorageError::Io { action: "reading", path: dir.to_path_buf(), source: e })?;
+    let entries = std::fs::read_dir(dir).map_err(|e| StorageError::Io {
+        action: "reading",
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     for entry in entries {
-        let entry = entry.map_err(|e| StorageError::Io { action: "reading", path: dir.to_path_buf(), source: e })?;
-        if entry.file_type().map_err(|e| StorageError::Io { action: "reading", path: dir.to_path_buf(), source: e })?.is_file() {
+        let entry = entry.map_err(|e| StorageError::Io {
+            action: "reading",
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        if entry
+            .file_type()
+            .map_err(|e| StorageError::Io {
+                action: "reading",
+                path: dir.to_path_buf(),
+                source: e,
+            })?
+            .is_file()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
-            checkpoints.put_file(&format!("{prefix}/{name}"), &entry.path(), None).await?;
+            checkpoints
+                .put_file(&format!("{prefix}/{name}"), &entry.path(), None)
+                .await?;
         }
     }
-    checkpoints.put_bytes(LATEST, json!({"step": step}).to_string().into()).await?;
+    checkpoints
+        .put_bytes(LATEST, json!({"step": step}).to_string().into())
+        .await?;
     for object in checkpoints.list("").await? {
-        let stale = object.key.split('/').next().is_some_and(|first| first.starts_with("step-") && first != prefix);
+        let stale = object
+            .key
+            .split('/')
+            .next()
+            .is_some_and(|first| first.starts_with("step-") && first != prefix);
         if stale {
             checkpoints.delete(&object.key).await?;
         }
@@ -403,23 +493,56 @@ async fn publish(
 ) -> Result<ResolvedAdapter, JobError> {
     let dir = work_dir.join("publish");
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| JobError::Train(TrainError::Io { path: dir.clone(), source: e }))?;
+        std::fs::remove_dir_all(&dir).map_err(|e| {
+            JobError::Train(TrainError::Io {
+                path: dir.clone(),
+                source: e,
+            })
+        })?;
     }
-    std::fs::create_dir_all(&dir).map_err(|e| JobError::Train(TrainError::Io { path: dir.clone(), source: e }))?;
-    for name in ["adapter_config.json", "adapter_model.safetensors", "training_metrics.json"] {
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        JobError::Train(TrainError::Io {
+            path: dir.clone(),
+            source: e,
+        })
+    })?;
+    for name in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_metrics.json",
+    ] {
         let from = output.join(name);
-        std::fs::copy(&from, dir.join(name)).map_err(|e| JobError::Train(TrainError::Io { path: from.clone(), source: e }))?;
+        std::fs::copy(&from, dir.join(name)).map_err(|e| {
+            JobError::Train(TrainError::Io {
+                path: from.clone(),
+                source: e,
+            })
+        })?;
     }
-    let hyperparameters = json!({"method": job.method, "lora": job.lora, "quantization": job.quantization, "training": job.training});
+    let hyperparameters =
+        json!({"method": job.method, "lora": job.lora, "quantization": job.quantization, "training": job.training});
     let request = PublishRequest {
         name: job.adapter_name.clone(),
         source_dir: dir,
-        base_model: SourceRef { uri: job.base_model_uri.clone(), digest: None },
+        base_model: SourceRef {
+            uri: job.base_model_uri.clone(),
+            digest: None,
+        },
         // What was trained on, in case the object at the URI is replaced later.
-        dataset: SourceRef { uri: job.dataset.uri.clone(), digest: Some(Sha256Digest::of_file(&inputs.dataset).await?) },
+        dataset: SourceRef {
+            uri: job.dataset.uri.clone(),
+            digest: Some(Sha256Digest::of_file(&inputs.dataset).await?),
+        },
         hyperparameters,
-        metrics: kubetune_storage::Metrics { train_loss: result.final_train_loss, eval_loss: result.final_eval_loss },
-        job: Some(JobRef { namespace: job.owner.namespace.clone(), name: job.owner.name.clone(), uid: job.owner.uid.clone() }),
+        metrics: kubetune_storage::Metrics {
+            train_loss: result.final_train_loss,
+            eval_loss: result.final_eval_loss,
+        },
+        job: Some(JobRef {
+            namespace: job.owner.namespace.clone(),
+            name: job.owner.name.clone(),
+            uid: job.owner.uid.clone(),
+        }),
     };
     Ok(registry.publish(&request, None).await?)
 }

@@ -4,17 +4,17 @@
 //! Exit codes: 0 done, 2 bad input (config, data, model), 3 loss diverged, 1 anything else.
 
 use clap::Parser;
-use kubetune_trainer::config::{DataFormat, DatasetConfig, LoraSettings, Method, TrainConfig, TrainingSettings};
-use kubetune_trainer::metrics::{serve, Metrics};
 use kubetune_crds::trainer_contract::{TrainerOutcome, TRAINER_JOB_ENV};
 use kubetune_storage::Credentials;
+use kubetune_trainer::config::{DataFormat, DatasetConfig, LoraSettings, Method, TrainConfig, TrainingSettings};
 use kubetune_trainer::job::{parse_job, run_job, JobError, JobRun};
+use kubetune_trainer::metrics::{serve, Metrics};
 use kubetune_trainer::progress::TerminalProgress;
 use kubetune_trainer::{run, RunOptions, TrainError};
-use std::sync::atomic::AtomicBool;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -107,7 +107,9 @@ fn try_main(args: Args, progress: Option<Arc<TerminalProgress>>) -> Result<(), T
         stop_after_steps: args.stop_after_steps,
         metrics: Some(metrics),
         device,
-        progress: progress.clone().map(|p| p as Arc<dyn kubetune_trainer::ProgressObserver>),
+        progress: progress
+            .clone()
+            .map(|p| p as Arc<dyn kubetune_trainer::ProgressObserver>),
         ..RunOptions::default()
     };
     let result = run(&config, &options);
@@ -129,7 +131,10 @@ fn try_main(args: Args, progress: Option<Arc<TerminalProgress>>) -> Result<(), T
             "result": if result.completed { "succeeded" } else { "stopped" },
             "trainLoss": result.final_train_loss, "evalLoss": result.final_eval_loss,
         });
-        std::fs::write(path, outcome.to_string()).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+        std::fs::write(path, outcome.to_string()).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -146,7 +151,10 @@ fn job_main(args: Args, text: &str) -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(reason = e.reason(), error = %e, "training failed");
             if e.is_final() {
-                let failed = TrainerOutcome::Failed { reason: e.reason().to_string(), message: e.to_string() };
+                let failed = TrainerOutcome::Failed {
+                    reason: e.reason().to_string(),
+                    message: e.to_string(),
+                };
                 write_outcome(args.termination_log.as_deref(), &failed);
             }
             std::process::ExitCode::from(e.exit_code() as u8)
@@ -162,7 +170,8 @@ fn job_outcome(args: &Args, text: &str) -> Result<TrainerOutcome, JobError> {
         .enable_all()
         .build()
         .map_err(|e| JobError::Internal(format!("starting the async runtime: {e}")))?;
-    let metrics = Arc::new(Metrics::new(&format!("{}/{}", job.owner.namespace, job.owner.name)).map_err(JobError::Train)?);
+    let metrics =
+        Arc::new(Metrics::new(&format!("{}/{}", job.owner.namespace, job.owner.name)).map_err(JobError::Train)?);
     let device = device(&args.device).map_err(JobError::Train)?;
     let stop = Arc::new(AtomicBool::new(false));
     runtime.block_on(async move {
@@ -183,7 +192,8 @@ fn stop_on_sigterm(stop: Arc<AtomicBool>) -> Result<(), JobError> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| JobError::Internal(format!("SIGTERM handler: {e}")))?;
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| JobError::Internal(format!("SIGTERM handler: {e}")))?;
         tokio::spawn(async move {
             if term.recv().await.is_some() {
                 tracing::warn!("SIGTERM: checkpointing after this step, then stopping");
@@ -219,7 +229,10 @@ fn device(name: &str) -> Result<candle_core::Device, TrainError> {
 }
 
 fn config_error(field: &str, message: String) -> TrainError {
-    TrainError::Config { path: field.into(), message }
+    TrainError::Config {
+        path: field.into(),
+        message,
+    }
 }
 
 /// The config file with flag overrides, or a config from flags alone.
@@ -228,7 +241,8 @@ fn build_config(a: &Args) -> Result<TrainConfig, TrainError> {
         Some(path) => TrainConfig::from_file(path)?,
         None => {
             let need = |v: &Option<String>, flag: &str| {
-                v.clone().ok_or_else(|| config_error(flag, format!("{flag} is required without --config")))
+                v.clone()
+                    .ok_or_else(|| config_error(flag, format!("{flag} is required without --config")))
             };
             TrainConfig {
                 model: need(&a.model, "--model")?,
@@ -283,7 +297,10 @@ fn parse_format(s: &str) -> Result<DataFormat, TrainError> {
         "instruction" => Ok(DataFormat::Instruction),
         "chat" => Ok(DataFormat::Chat),
         "text" => Ok(DataFormat::Text),
-        other => Err(config_error("--format", format!("`{other}` is not instruction, chat or text"))),
+        other => Err(config_error(
+            "--format",
+            format!("`{other}` is not instruction, chat or text"),
+        )),
     }
 }
 

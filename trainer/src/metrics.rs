@@ -25,19 +25,30 @@ impl Metrics {
         let gauge = |name: &str, help: &str| -> Result<Gauge> {
             let g = Gauge::with_opts(Opts::new(name, help).const_label("job", job))
                 .map_err(|e| TrainError::Metrics(e.to_string()))?;
-            registry.register(Box::new(g.clone())).map_err(|e| TrainError::Metrics(e.to_string()))?;
+            registry
+                .register(Box::new(g.clone()))
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
             Ok(g)
         };
         let m = Self {
             train_loss: gauge("kubetune_train_loss", "Latest training loss.")?,
-            eval_loss: gauge("kubetune_eval_loss", "Latest evaluation loss (NaN before the first evaluation).")?,
+            eval_loss: gauge(
+                "kubetune_eval_loss",
+                "Latest evaluation loss (NaN before the first evaluation).",
+            )?,
             step: gauge("kubetune_train_step", "Optimizer steps completed.")?,
             total_steps: gauge("kubetune_train_total_steps", "Optimizer steps the run will take.")?,
             epoch: gauge("kubetune_train_epoch", "Passes over the training data, fractional.")?,
-            tokens_per_second: gauge("kubetune_train_tokens_per_second", "Training throughput in tokens per second.")?,
+            tokens_per_second: gauge(
+                "kubetune_train_tokens_per_second",
+                "Training throughput in tokens per second.",
+            )?,
             learning_rate: gauge("kubetune_learning_rate", "Learning rate of the latest step.")?,
             grad_norm: gauge("kubetune_grad_norm", "Global gradient norm before clipping.")?,
-            resumed_from_step: gauge("kubetune_train_resumed_from_step", "Checkpoint step this run resumed from (0: started from zero).")?,
+            resumed_from_step: gauge(
+                "kubetune_train_resumed_from_step",
+                "Checkpoint step this run resumed from (0: started from zero).",
+            )?,
             registry,
         };
         m.eval_loss.set(f64::NAN);
@@ -59,7 +70,9 @@ impl Metrics {
 pub fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr).map_err(|e| TrainError::Metrics(format!("bind {addr}: {e}")))?;
     let bound = listener.local_addr().map_err(|e| TrainError::Metrics(e.to_string()))?;
-    listener.set_nonblocking(true).map_err(|e| TrainError::Metrics(e.to_string()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| TrainError::Metrics(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

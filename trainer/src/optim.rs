@@ -30,10 +30,22 @@ impl AdamW {
         let params = vars
             .iter()
             .map(|nv| {
-                Ok(Param { name: nv.name.clone(), var: nv.var.clone(), m: nv.var.zeros_like()?, v: nv.var.zeros_like()? })
+                Ok(Param {
+                    name: nv.name.clone(),
+                    var: nv.var.clone(),
+                    m: nv.var.zeros_like()?,
+                    v: nv.var.zeros_like()?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, steps: 0, params })
+        Ok(Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            steps: 0,
+            params,
+        })
     }
 
     /// One update with `grads` (keyed by variable name) at learning rate `lr`:
@@ -69,9 +81,15 @@ impl AdamW {
         for p in &mut self.params {
             for (suffix, slot) in [("exp_avg", &mut p.m), ("exp_avg_sq", &mut p.v)] {
                 let key = format!("{}.{suffix}", p.name);
-                let t = state.remove(&key).ok_or_else(|| format!("optimizer state lacks {key}"))?;
+                let t = state
+                    .remove(&key)
+                    .ok_or_else(|| format!("optimizer state lacks {key}"))?;
                 if t.dims() != slot.dims() {
-                    return Err(format!("optimizer state {key} has shape {:?}, expected {:?}", t.dims(), slot.dims()));
+                    return Err(format!(
+                        "optimizer state {key} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.dims()
+                    ));
                 }
                 *slot = t;
             }
@@ -134,7 +152,13 @@ mod tests {
     fn adamw_first_step_moves_by_lr_against_the_gradient_sign() -> Result<()> {
         let dev = candle_core::Device::Cpu;
         let var = Var::from_tensor(&Tensor::new(&[1.0f32, -1.0], &dev)?)?;
-        let mut opt = AdamW::new(&[NamedVar { name: "w".into(), var: var.clone() }], 0.1)?;
+        let mut opt = AdamW::new(
+            &[NamedVar {
+                name: "w".into(),
+                var: var.clone(),
+            }],
+            0.1,
+        )?;
         let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[0.5f32, -2.0], &dev)?)]);
         opt.step(&grads, 0.01)?;
         let w = var.as_tensor().to_vec1::<f32>()?;

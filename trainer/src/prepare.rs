@@ -26,7 +26,11 @@ pub fn prepare(config: &TrainConfig, tokenizer: &TextTokenizer) -> Result<Prepar
     let loaded = load_jsonl(&train_path, ds.format, ds.skip_invalid)?;
     let mut skipped_invalid = loaded.skipped;
     let mut stats = PrepareStats::default();
-    let examples = truncate(tokenize_all(&loaded, &train_path, tokenizer)?, t.max_seq_length, &mut stats);
+    let examples = truncate(
+        tokenize_all(&loaded, &train_path, tokenizer)?,
+        t.max_seq_length,
+        &mut stats,
+    );
     let (train, validation) = match (&ds.validation_path, ds.validation_split) {
         (Some(path), _) => {
             let path = local_path(path, "dataset.validationPath")?;
@@ -53,8 +57,17 @@ pub fn prepare(config: &TrainConfig, tokenizer: &TextTokenizer) -> Result<Prepar
             ),
         });
     }
-    let train = if t.packing { pack(train, t.max_seq_length) } else { train };
-    Ok(Prepared { train, validation, stats, skipped_invalid })
+    let train = if t.packing {
+        pack(train, t.max_seq_length)
+    } else {
+        train
+    };
+    Ok(Prepared {
+        train,
+        validation,
+        stats,
+        skipped_invalid,
+    })
 }
 
 /// Chat records go through the model's chat template when it has one (as the server renders
@@ -63,11 +76,20 @@ fn tokenize_all(loaded: &Loaded, file: &Path, tokenizer: &TextTokenizer) -> Resu
     let eos = tokenizer.eos_text();
     let tokenize = |record: &Record, line: usize| match (record, &tokenizer.chat_template) {
         (Record::Chat { messages }, Some(template)) => {
-            let rendered = render_with_template(messages, template, eos.as_deref())
-                .map_err(|message| TrainError::Data { file: file.into(), line, message })?;
+            let rendered =
+                render_with_template(messages, template, eos.as_deref()).map_err(|message| TrainError::Data {
+                    file: file.into(),
+                    line,
+                    message,
+                })?;
             tokenizer.tokenize_framed(&rendered.segments, rendered.framing)
         }
         _ => tokenizer.tokenize(&render(record)),
     };
-    loaded.records.iter().zip(&loaded.lines).map(|(r, &line)| tokenize(r, line)).collect()
+    loaded
+        .records
+        .iter()
+        .zip(&loaded.lines)
+        .map(|(r, &line)| tokenize(r, line))
+        .collect()
 }

@@ -37,12 +37,19 @@ impl TerminalProgress {
         // indicatif that reads it differently.
         let style = ProgressStyle::with_template(TEMPLATE).unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style.progress_chars("=> "));
-        Arc::new(Self { bar, target: Mutex::new(Some(target)), sink })
+        Arc::new(Self {
+            bar,
+            target: Mutex::new(Some(target)),
+            sink,
+        })
     }
 
     /// A `tracing_subscriber` writer that prints each log line above the bar.
     pub fn log_writer(&self) -> BarLogWriter {
-        BarLogWriter { bar: self.bar.clone(), sink: self.sink.clone() }
+        BarLogWriter {
+            bar: self.bar.clone(),
+            sink: self.sink.clone(),
+        }
     }
 
     /// Leaves the bar where the run stopped (done, stopped early or failed) and stops drawing
@@ -59,7 +66,11 @@ impl ProgressObserver for TerminalProgress {
         self.bar.set_position(step);
         // Rate and elapsed time count from here, not from the steps of an earlier run.
         self.bar.reset_elapsed();
-        let target = self.target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let target = self
+            .target
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
         if let Some(target) = target {
             self.bar.set_draw_target(target);
         }
@@ -67,7 +78,8 @@ impl ProgressObserver for TerminalProgress {
     }
 
     fn step(&self, p: &StepProgress) {
-        self.bar.set_message(format!("loss {:.4}, {:.0} tok/s", p.loss, p.tokens_per_second));
+        self.bar
+            .set_message(format!("loss {:.4}, {:.0} tok/s", p.loss, p.tokens_per_second));
         self.bar.set_position(p.step);
     }
 }
@@ -83,7 +95,11 @@ impl<'a> MakeWriter<'a> for BarLogWriter {
     type Writer = BarLogLine;
 
     fn make_writer(&'a self) -> BarLogLine {
-        BarLogLine { bar: self.bar.clone(), sink: self.sink.clone(), buf: Vec::new() }
+        BarLogLine {
+            bar: self.bar.clone(),
+            sink: self.sink.clone(),
+            buf: Vec::new(),
+        }
     }
 }
 
@@ -181,7 +197,8 @@ mod tests {
 
     impl Write for LogLines {
         fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            self.0.push(format!("log: {}", String::from_utf8_lossy(data).trim_end()));
+            self.0
+                .push(format!("log: {}", String::from_utf8_lossy(data).trim_end()));
             Ok(data.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -190,7 +207,14 @@ mod tests {
     }
 
     fn step(step: u64) -> StepProgress {
-        StepProgress { step, total_steps: 10, loss: 1.23456, tokens_per_second: 1234.4, epoch: 0.5, learning_rate: 1e-3 }
+        StepProgress {
+            step,
+            total_steps: 10,
+            loss: 1.23456,
+            tokens_per_second: 1234.4,
+            epoch: 0.5,
+            learning_rate: 1e-3,
+        }
     }
 
     fn progress(screen: &Screen) -> Arc<TerminalProgress> {
@@ -201,13 +225,24 @@ mod tests {
     fn the_bar_shows_steps_loss_and_tokens_per_second_once_training_starts() {
         let screen = Screen::default();
         let p = progress(&screen);
-        p.log_writer().make_writer().write_all(b"loading the model\n").expect("log");
-        assert_eq!(screen.events(), ["log: loading the model"], "no bar before training starts");
+        p.log_writer()
+            .make_writer()
+            .write_all(b"loading the model\n")
+            .expect("log");
+        assert_eq!(
+            screen.events(),
+            ["log: loading the model"],
+            "no bar before training starts"
+        );
 
         p.start(2, 10);
         p.step(&step(3));
         p.finish();
-        let last = screen.events().into_iter().rfind(|e| e.starts_with("bar: ")).expect("drawn");
+        let last = screen
+            .events()
+            .into_iter()
+            .rfind(|e| e.starts_with("bar: "))
+            .expect("drawn");
         assert!(last.contains(" 3/10 steps, loss 1.2346, 1234 tok/s, ETA "), "{last}");
     }
 
@@ -221,12 +256,25 @@ mod tests {
         let mut line = p.log_writer().make_writer();
         line.write_all(b"eval ").expect("write");
         line.write_all(b"loss=2.5\n").expect("write");
-        assert_eq!(screen.events().len(), before, "nothing is written before the line is complete");
+        assert_eq!(
+            screen.events().len(),
+            before,
+            "nothing is written before the line is complete"
+        );
         drop(line);
         let events = screen.events()[before..].to_vec();
-        let log = events.iter().position(|e| e == "log: eval loss=2.5").expect("logged once, whole");
-        assert!(events[..log].iter().any(|e| e == "clear"), "the bar is cleared first: {events:?}");
-        assert!(events[log + 1..].iter().any(|e| e.contains("1/10 steps")), "then redrawn: {events:?}");
+        let log = events
+            .iter()
+            .position(|e| e == "log: eval loss=2.5")
+            .expect("logged once, whole");
+        assert!(
+            events[..log].iter().any(|e| e == "clear"),
+            "the bar is cleared first: {events:?}"
+        );
+        assert!(
+            events[log + 1..].iter().any(|e| e.contains("1/10 steps")),
+            "then redrawn: {events:?}"
+        );
     }
 
     #[test]
@@ -237,7 +285,10 @@ mod tests {
         p.step(&step(10));
         p.finish();
         let before = screen.events().len();
-        p.log_writer().make_writer().write_all(b"training finished\n").expect("log");
+        p.log_writer()
+            .make_writer()
+            .write_all(b"training finished\n")
+            .expect("log");
         assert_eq!(screen.events()[before..], ["log: training finished"]);
     }
 }

@@ -124,7 +124,13 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         Method::Lora => BaseFormat::Dense,
         Method::Qlora => BaseFormat::Nf4,
     };
-    let (model_config, model) = load_model(&model_dir, &LoadOptions { device: options.device.clone(), base })?;
+    let (model_config, model) = load_model(
+        &model_dir,
+        &LoadOptions {
+            device: options.device.clone(),
+            base,
+        },
+    )?;
     let tokenizer = TextTokenizer::load(&model_dir, model_config.eos_token_ids().first().copied())?;
     let data = prepare(config, &tokenizer)?;
     tracing::info!(
@@ -180,14 +186,25 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         if data.validation.is_empty() {
             return Ok(None);
         }
-        let loss = evaluate(&model, &adapter, &data.validation, t.batch_size, tokenizer.eos, &options.device)?;
+        let loss = evaluate(
+            &model,
+            &adapter,
+            &data.validation,
+            t.batch_size,
+            tokenizer.eos,
+            &options.device,
+        )?;
         tracing::info!(step, eval_loss = loss, "eval");
         if let Some(m) = &options.metrics {
             m.eval_loss.set(loss);
         }
         Ok(Some(loss))
     };
-    let initial_eval = if state.step == 0 { eval(0)? } else { state.eval_history.first().map(|p| p.loss) };
+    let initial_eval = if state.step == 0 {
+        eval(0)?
+    } else {
+        state.eval_history.first().map(|p| p.loss)
+    };
     if state.step == 0 {
         if let Some(loss) = initial_eval {
             state.eval_history.push(LossPoint { step: 0, loss });
@@ -208,19 +225,36 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
     while state.step < total_steps {
         let step = state.step;
         let micro: Vec<Vec<&Example>> = (0..accum)
-            .map(|k| micro_batch(&data.train, state.micro_batches + k, batches_per_epoch, t.batch_size, t.seed))
+            .map(|k| {
+                micro_batch(
+                    &data.train,
+                    state.micro_batches + k,
+                    batches_per_epoch,
+                    t.batch_size,
+                    t.seed,
+                )
+            })
             .collect();
         let step_targets: usize = micro.iter().flatten().map(|e| e.trained_tokens()).sum();
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0.0;
         for (k, batch) in micro.iter().enumerate() {
             let g = state.micro_batches + k as u64;
-            let active = ActiveAdapter { adapter: &adapter, dropout_seed: Some(mix(t.seed, g)), first_row: 0 };
+            let active = ActiveAdapter {
+                adapter: &adapter,
+                dropout_seed: Some(mix(t.seed, g)),
+                first_row: 0,
+            };
             // Dividing by the step's target count makes accumulation equal to one big batch.
             let scale = 1.0 / step_targets.max(1) as f64;
             let targets = LossTargets::of(batch, tokenizer.eos, &options.device)?;
             if t.gradient_checkpointing {
-                let step = CheckpointedStep { adapter: active, loss_scale: scale, head_rows: HEAD_ROWS, recompute_sequences: targets.recompute_sequences()? };
+                let step = CheckpointedStep {
+                    adapter: active,
+                    loss_scale: scale,
+                    head_rows: HEAD_ROWS,
+                    recompute_sequences: targets.recompute_sequences()?,
+                };
                 let out = model.loss_backward_checkpointed(&targets.as_batch(), &step)?;
                 for store in &out.stores {
                     accumulate(&mut grads, store, &vars)?;
@@ -239,7 +273,10 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         }
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged { step: step + 1, loss: grad_norm });
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss: grad_norm,
+            });
         }
         let lr = learning_rate(t.learning_rate, t.scheduler, t.warmup_steps, step, total_steps);
         optimizer.step(&grads, lr)?;
@@ -259,15 +296,34 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
             m.grad_norm.set(grad_norm);
         }
         if let Some(p) = &options.progress {
-            p.step(&StepProgress { step: state.step, total_steps, loss, tokens_per_second: tps, epoch, learning_rate: lr });
+            p.step(&StepProgress {
+                step: state.step,
+                total_steps,
+                loss,
+                tokens_per_second: tps,
+                epoch,
+                learning_rate: lr,
+            });
         }
         if t.logging_steps > 0 && (state.step.is_multiple_of(t.logging_steps) || state.step == 1) {
-            tracing::info!(step = state.step, total_steps, loss, lr, grad_norm, epoch, tokens_per_second = tps, "train");
+            tracing::info!(
+                step = state.step,
+                total_steps,
+                loss,
+                lr,
+                grad_norm,
+                epoch,
+                tokens_per_second = tps,
+                "train"
+            );
         }
         let last = state.step == total_steps;
         if t.eval_steps > 0 && state.step.is_multiple_of(t.eval_steps) && !last {
             if let Some(l) = eval(state.step)? {
-                state.eval_history.push(LossPoint { step: state.step, loss: l });
+                state.eval_history.push(LossPoint {
+                    step: state.step,
+                    loss: l,
+                });
             }
         }
         let stop_requested = options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
@@ -288,7 +344,10 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
 
     if !stopped_early {
         if let Some(l) = eval(state.step)? {
-            state.eval_history.push(LossPoint { step: state.step, loss: l });
+            state.eval_history.push(LossPoint {
+                step: state.step,
+                loss: l,
+            });
         }
         peft::save(&output, &adapter, &base_name)?;
     }
@@ -302,7 +361,11 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         final_train_loss: state.train_history.last().map(|p| p.loss),
         best_train_loss: state.train_history.iter().map(|p| p.loss).reduce(f64::min),
         initial_eval_loss: initial_eval,
-        final_eval_loss: if stopped_early { None } else { state.eval_history.last().map(|p| p.loss) },
+        final_eval_loss: if stopped_early {
+            None
+        } else {
+            state.eval_history.last().map(|p| p.loss)
+        },
         best_eval_loss: state.eval_history.iter().map(|p| p.loss).reduce(f64::min),
         train_tokens: state.tokens,
         duration_secs: duration,
@@ -324,7 +387,10 @@ fn micro_batch(train: &[Example], g: u64, per_epoch: u64, batch_size: usize, see
     let epoch = g / per_epoch;
     let index = (g % per_epoch) as usize;
     let order = epoch_order(train.len(), seed, epoch);
-    batches(&order, batch_size).get(index).map(|b| b.iter().map(|&i| &train[i]).collect()).unwrap_or_default()
+    batches(&order, batch_size)
+        .get(index)
+        .map(|b| b.iter().map(|&i| &train[i]).collect())
+        .unwrap_or_default()
 }
 
 /// Rows of logits computed at once (with the CPU's hand-written step, by all threads
@@ -362,7 +428,11 @@ impl LossTargets {
     fn of(batch: &[&Example], pad: u32, device: &Device) -> Result<Self> {
         let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let rows = batch.len() * len;
-        let (mut ids, mut targets, mut weights) = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let (mut ids, mut targets, mut weights) = (
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+            Vec::with_capacity(rows),
+        );
         let mut count = 0;
         for e in batch {
             for i in 0..len {
@@ -382,7 +452,11 @@ impl LossTargets {
     }
 
     fn as_batch(&self) -> LossBatch<'_> {
-        LossBatch { input_ids: &self.input, targets: &self.targets, weights: &self.weights }
+        LossBatch {
+            input_ids: &self.input,
+            targets: &self.targets,
+            weights: &self.weights,
+        }
     }
 
     /// Sum of the token losses of the trained targets, through one recorded forward.
@@ -402,7 +476,11 @@ pub fn evaluate(
 ) -> Result<f64> {
     // Detached, the forward records no graph and frees each activation once used.
     let detached = adapter.detached();
-    let active = ActiveAdapter { adapter: &detached, dropout_seed: None, first_row: 0 };
+    let active = ActiveAdapter {
+        adapter: &detached,
+        dropout_seed: None,
+        first_row: 0,
+    };
     let (mut sum, mut count) = (0.0, 0);
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -413,7 +491,11 @@ pub fn evaluate(
     Ok(sum / count.max(1) as f64)
 }
 
-fn accumulate(grads: &mut BTreeMap<String, Tensor>, store: &candle_core::backprop::GradStore, vars: &[NamedVar]) -> Result<()> {
+fn accumulate(
+    grads: &mut BTreeMap<String, Tensor>,
+    store: &candle_core::backprop::GradStore,
+    vars: &[NamedVar],
+) -> Result<()> {
     for v in vars {
         if let Some(g) = store.get(v.var.as_tensor()) {
             let g = g.detach();
@@ -436,12 +518,17 @@ fn restore(
     device: &Device,
 ) -> Result<TrainerState> {
     let loaded = checkpoint::load(dir, device)?;
-    let bad = |message: String| TrainError::Checkpoint { path: dir.into(), message };
+    let bad = |message: String| TrainError::Checkpoint {
+        path: dir.into(),
+        message,
+    };
     let adapter = LoraAdapter::from_peft_tensors(model_config, config.lora.to_lora(), loaded.adapter_tensors)
         .map_err(|e| bad(e.to_string()))?;
     let tensors = adapter.to_peft_tensors();
     for v in vars {
-        let t = tensors.get(&v.name).ok_or_else(|| bad(format!("adapter lacks {}", v.name)))?;
+        let t = tensors
+            .get(&v.name)
+            .ok_or_else(|| bad(format!("adapter lacks {}", v.name)))?;
         v.var.set(&t.to_dtype(DType::F32)?)?;
     }
     optimizer.load_state(loaded.optimizer, loaded.state.step).map_err(bad)?;
@@ -473,14 +560,19 @@ fn fingerprint(config: &TrainConfig) -> Result<String> {
             "format": d.format, "validationSplit": d.validation_split, "skipInvalid": d.skip_invalid,
         },
     });
-    serde_json::to_string(&value).map_err(|e| TrainError::Config { path: "fingerprint".into(), message: e.to_string() })
+    serde_json::to_string(&value).map_err(|e| TrainError::Config {
+        path: "fingerprint".into(),
+        message: e.to_string(),
+    })
 }
 
 fn write_metrics(output: &Path, metrics: &TrainingMetrics) -> Result<()> {
     std::fs::create_dir_all(output).map_err(TrainError::io(output))?;
     let path = output.join(METRICS_FILE);
-    let json = serde_json::to_string_pretty(metrics)
-        .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+    let json = serde_json::to_string_pretty(metrics).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     std::fs::write(&path, json).map_err(TrainError::io(&path))
 }
 

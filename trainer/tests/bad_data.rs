@@ -9,7 +9,8 @@ use kubetune_trainer::data::load_jsonl;
 use kubetune_trainer::{run, RunOptions, TrainError};
 
 const GOOD_INSTRUCTION: &str = r#"{"instruction": "Say hi", "response": "hi"}"#;
-const GOOD_CHAT: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+const GOOD_CHAT: &str =
+    r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
 
 #[test]
 fn each_malformed_file_is_rejected_with_its_line_and_reason() {
@@ -34,7 +35,11 @@ fn each_malformed_file_is_rejected_with_its_line_and_reason() {
         std::fs::write(&path, content).expect("write");
         let err = load_jsonl(&path, *format, false).expect_err(content);
         match &err {
-            TrainError::Data { file, line: got, message } => {
+            TrainError::Data {
+                file,
+                line: got,
+                message,
+            } => {
                 assert_eq!(file, &path);
                 assert_eq!(got, line, "case {i}: {err}");
                 assert!(message.contains(reason), "case {i}: {err}");
@@ -42,7 +47,10 @@ fn each_malformed_file_is_rejected_with_its_line_and_reason() {
             other => panic!("case {i}: expected a data error, got {other}"),
         }
         let shown = err.to_string();
-        assert!(shown.starts_with(&format!("{}:{line}: ", path.display())), "case {i}: {shown}");
+        assert!(
+            shown.starts_with(&format!("{}:{line}: ", path.display())),
+            "case {i}: {shown}"
+        );
         assert_eq!(err.exit_code(), 2);
     }
 }
@@ -51,26 +59,38 @@ fn each_malformed_file_is_rejected_with_its_line_and_reason() {
 fn skip_invalid_counts_and_empty_is_always_an_error() {
     let dir = tempfile::tempdir().expect("dir");
     let mixed = dir.path().join("mixed.jsonl");
-    std::fs::write(&mixed, format!("{GOOD_INSTRUCTION}\nnot json\n{{\"instruction\": 1}}\n{GOOD_INSTRUCTION}\n")).expect("w");
+    std::fs::write(
+        &mixed,
+        format!("{GOOD_INSTRUCTION}\nnot json\n{{\"instruction\": 1}}\n{GOOD_INSTRUCTION}\n"),
+    )
+    .expect("w");
     let loaded = load_jsonl(&mixed, DataFormat::Instruction, true).expect("skips");
     assert_eq!((loaded.records.len(), loaded.skipped), (2, 2));
 
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "\n  \n").expect("w");
     for skip in [false, true] {
-        let err = load_jsonl(&empty, DataFormat::Text, skip).expect_err("empty").to_string();
+        let err = load_jsonl(&empty, DataFormat::Text, skip)
+            .expect_err("empty")
+            .to_string();
         assert!(err.contains("empty.jsonl") && err.contains("dataset is empty"), "{err}");
     }
     let all_bad = dir.path().join("bad.jsonl");
     std::fs::write(&all_bad, "nope\nnope\n").expect("w");
-    let err = load_jsonl(&all_bad, DataFormat::Text, true).expect_err("all skipped").to_string();
+    let err = load_jsonl(&all_bad, DataFormat::Text, true)
+        .expect_err("all skipped")
+        .to_string();
     assert!(err.contains("all 2 lines were invalid"), "{err}");
 }
 
 #[test]
 fn a_bad_line_fails_the_run_before_training() {
     let dir = tempfile::tempdir().expect("dir");
-    let (model_dir, data, out) = (dir.path().join("model"), dir.path().join("d.jsonl"), dir.path().join("out"));
+    let (model_dir, data, out) = (
+        dir.path().join("model"),
+        dir.path().join("d.jsonl"),
+        dir.path().join("out"),
+    );
     tiny_model(&model_dir);
     std::fs::write(&data, format!("{GOOD_INSTRUCTION}\n{{\"instruction\": \"x\"}}\n")).expect("w");
     let err = run(&facts_config(&model_dir, &data, &out), &RunOptions::default()).expect_err("bad data");
@@ -82,7 +102,11 @@ fn a_bad_line_fails_the_run_before_training() {
 #[test]
 fn divergence_stops_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("dir");
-    let (model_dir, data, out) = (dir.path().join("model"), dir.path().join("d.jsonl"), dir.path().join("out"));
+    let (model_dir, data, out) = (
+        dir.path().join("model"),
+        dir.path().join("d.jsonl"),
+        dir.path().join("out"),
+    );
     tiny_model(&model_dir);
     write_facts(&data);
     let mut config = facts_config(&model_dir, &data, &out);

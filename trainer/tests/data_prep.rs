@@ -3,12 +3,12 @@
 mod common;
 
 use common::*;
+use kubetune_model::chat::ChatMessage;
+use kubetune_trainer::config::{DataFormat, TrainConfig};
 use kubetune_trainer::data::batch::{pack, truncate, PrepareStats};
 use kubetune_trainer::data::records::parse_line;
 use kubetune_trainer::data::render::render;
 use kubetune_trainer::data::tokenize::TextTokenizer;
-use kubetune_model::chat::ChatMessage;
-use kubetune_trainer::config::{DataFormat, TrainConfig};
 use kubetune_trainer::prepare::prepare;
 use std::path::Path;
 
@@ -22,11 +22,25 @@ fn tokenizer() -> (tempfile::TempDir, TextTokenizer) {
 #[test]
 fn loss_covers_only_the_response_and_eos() {
     let (_dir, tok) = tokenizer();
-    let rec = parse_line(r#"{"instruction": "What does Ann like?", "response": "apples"}"#, DataFormat::Instruction).expect("parse");
+    let rec = parse_line(
+        r#"{"instruction": "What does Ann like?", "response": "apples"}"#,
+        DataFormat::Instruction,
+    )
+    .expect("parse");
     let ex = tok.tokenize(&render(&rec)).expect("tokenize");
-    assert_eq!(ex.ids[0], kubetune_model::tiny::BOS_ID, "BOS from tokenizer_config add_bos_token");
+    assert_eq!(
+        ex.ids[0],
+        kubetune_model::tiny::BOS_ID,
+        "BOS from tokenizer_config add_bos_token"
+    );
     assert_eq!(*ex.ids.last().expect("eos"), tok.eos);
-    let trained: Vec<u32> = ex.ids.iter().zip(&ex.trained).filter(|(_, t)| **t).map(|(i, _)| *i).collect();
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.trained)
+        .filter(|(_, t)| **t)
+        .map(|(i, _)| *i)
+        .collect();
     let response = tok.encode("apples", false).expect("encode");
     assert_eq!(trained, [response, vec![tok.eos]].concat());
 }
@@ -36,10 +50,22 @@ fn chat_trains_on_assistant_turns_only() {
     let (_dir, tok) = tokenizer();
     let line = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now"}]}"#;
-    let ex = tok.tokenize(&render(&parse_line(line, DataFormat::Chat).expect("parse"))).expect("tokenize");
-    let trained: Vec<u32> = ex.ids.iter().zip(&ex.trained).filter(|(_, t)| **t).map(|(i, _)| *i).collect();
+    let ex = tok
+        .tokenize(&render(&parse_line(line, DataFormat::Chat).expect("parse")))
+        .expect("tokenize");
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.trained)
+        .filter(|(_, t)| **t)
+        .map(|(i, _)| *i)
+        .collect();
     let text = tok.decode(&trained).expect("decode");
-    assert_eq!(text.replace('\n', "|"), "Hello|Bye now|", "special tokens are skipped when decoding");
+    assert_eq!(
+        text.replace('\n', "|"),
+        "Hello|Bye now|",
+        "special tokens are skipped when decoding"
+    );
     assert!(!text.contains("Be brief") && !text.contains("Hi"));
 }
 
@@ -48,11 +74,15 @@ fn truncation_counts_and_packing_fills_sequences() {
     let (_dir, tok) = tokenizer();
     let mk = |response: &str| {
         let line = serde_json::json!({"instruction": "Q", "response": response}).to_string();
-        tok.tokenize(&render(&parse_line(&line, DataFormat::Instruction).expect("parse"))).expect("tokenize")
+        tok.tokenize(&render(&parse_line(&line, DataFormat::Instruction).expect("parse")))
+            .expect("tokenize")
     };
     let long = mk(&"the garden ".repeat(40));
     let short = mk("tea");
-    let prompt_len = tok.encode_prompt("### Instruction:\nQ\n\n### Response:\n").expect("p").len();
+    let prompt_len = tok
+        .encode_prompt("### Instruction:\nQ\n\n### Response:\n")
+        .expect("p")
+        .len();
     let mut stats = PrepareStats::default();
     let out = truncate(vec![long, short.clone(), short.clone()], 32, &mut stats);
     assert_eq!(stats.truncated, 1);
@@ -90,7 +120,8 @@ fn model_with_template(dir: &Path, template: &str, chatml_tokens: bool) {
 
 fn set_template(dir: &Path, template: &str) {
     let cfg_path = dir.join("tokenizer_config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("r")).expect("json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("r")).expect("json");
     cfg["chat_template"] = template.into();
     std::fs::write(&cfg_path, cfg.to_string()).expect("w");
 }
@@ -118,20 +149,34 @@ fn a_chat_template_renders_chat_data_and_only_assistant_turns_are_trained() {
                          <|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n\
                          <|im_start|>assistant\nBye now<|im_end|>\n";
     // The template writes no BOS, so none is added; EOS follows, as in the default format.
-    assert_eq!(ex.ids, [tok.encode(expected_text, false).expect("encode"), vec![tok.eos]].concat());
+    assert_eq!(
+        ex.ids,
+        [tok.encode(expected_text, false).expect("encode"), vec![tok.eos]].concat()
+    );
     let im_end = tok.encode("<|im_end|>", false).expect("encode");
     assert_eq!(im_end.len(), 1, "a special token");
-    let trained: Vec<u32> = ex.ids.iter().zip(&ex.trained).filter(|(_, t)| **t).map(|(i, _)| *i).collect();
-    let expected_trained = [tok.encode("Hello<|im_end|>\n", false), tok.encode("Bye now<|im_end|>\n", false)]
-        .map(|ids| ids.expect("encode"))
-        .concat();
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.trained)
+        .filter(|(_, t)| **t)
+        .map(|(i, _)| *i)
+        .collect();
+    let expected_trained = [
+        tok.encode("Hello<|im_end|>\n", false),
+        tok.encode("Bye now<|im_end|>\n", false),
+    ]
+    .map(|ids| ids.expect("encode"))
+    .concat();
     assert_eq!(trained, [expected_trained, vec![tok.eos]].concat());
 
     // The untrained text before each assistant turn is the prompt the server renders for it
     // (kubetune_model::chat, shared): the same tokens the model is prompted with.
     let template = tok.chat_template.as_ref().expect("template");
     let msgs = [("system", "Be brief."), ("user", "Hi")].map(|(r, c)| ChatMessage::new(r, c));
-    let prompt = tok.encode(&template.render(&msgs, true).expect("render"), false).expect("encode");
+    let prompt = tok
+        .encode(&template.render(&msgs, true).expect("render"), false)
+        .expect("encode");
     let first_trained = ex.trained.iter().position(|t| *t).expect("trained tokens");
     assert_eq!(ex.ids[..first_trained], prompt[..]);
 }
@@ -144,13 +189,30 @@ fn a_template_that_ends_conversations_with_eos_gets_no_second_one() {
     let template = "{% for m in messages %}{% if m.role == 'user' %}{{ bos_token }}[INST] {{ m.content }} [/INST]\
                     {% else %} {{ m.content }} {{ eos_token }}{% endif %}{% endfor %}";
     model_with_template(&model_dir, template, false);
-    std::fs::write(&data, r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#).expect("w");
+    std::fs::write(
+        &data,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#,
+    )
+    .expect("w");
     let tok = TextTokenizer::load(&model_dir, None).expect("tokenizer");
     let prepared = prepare(&chat_config(&model_dir, &data, &dir.path().join("out")), &tok).expect("prepare");
     let ex = &prepared.train[0];
-    assert_eq!(ex.ids, tok.encode("<s>[INST] Hi [/INST] Hello </s>", false).expect("encode"));
-    assert_eq!(ex.ids.iter().filter(|&&i| i == kubetune_model::tiny::BOS_ID).count(), 1, "BOS once, from the template");
-    let trained: Vec<u32> = ex.ids.iter().zip(&ex.trained).filter(|(_, t)| **t).map(|(i, _)| *i).collect();
+    assert_eq!(
+        ex.ids,
+        tok.encode("<s>[INST] Hi [/INST] Hello </s>", false).expect("encode")
+    );
+    assert_eq!(
+        ex.ids.iter().filter(|&&i| i == kubetune_model::tiny::BOS_ID).count(),
+        1,
+        "BOS once, from the template"
+    );
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.trained)
+        .filter(|(_, t)| **t)
+        .map(|(i, _)| *i)
+        .collect();
     assert_eq!(trained, tok.encode(" Hello </s>", false).expect("encode"));
 }
 
@@ -158,43 +220,62 @@ fn a_template_that_ends_conversations_with_eos_gets_no_second_one() {
 fn template_errors_name_tokenizer_config_or_the_dataset_line() {
     let dir = tempfile::tempdir().expect("dir");
     let (model_dir, data) = (dir.path().join("model"), dir.path().join("chat.jsonl"));
-    let raising = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}\
+    let raising =
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}\
                    {% endif %}{{ m.content }}{% endfor %}";
     model_with_template(&model_dir, raising, false);
     let good = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
     let with_system = r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
     std::fs::write(&data, format!("{good}\n\n{with_system}\n")).expect("w");
     let tok = TextTokenizer::load(&model_dir, None).expect("tokenizer");
-    let err = prepare(&chat_config(&model_dir, &data, &dir.path().join("out")), &tok).err().expect("raises");
+    let err = prepare(&chat_config(&model_dir, &data, &dir.path().join("out")), &tok)
+        .err()
+        .expect("raises");
     let shown = err.to_string();
     assert!(shown.starts_with(&format!("{}:3: ", data.display())), "{shown}");
-    assert!(shown.contains("System role not supported") && shown.contains("tokenizer_config.json"), "{shown}");
+    assert!(
+        shown.contains("System role not supported") && shown.contains("tokenizer_config.json"),
+        "{shown}"
+    );
     assert_eq!((err.reason(), err.exit_code()), ("DatasetInvalid", 2));
 
     // A syntax error stops loading the model, naming the file and the template's line.
     set_template(&model_dir, "{% for m in messages %}\n{{ m.content }\n{% endfor %}");
     let err = TextTokenizer::load(&model_dir, None).err().expect("syntax error");
     let shown = err.to_string();
-    assert!(shown.contains("tokenizer_config.json: chat_template: syntax error") && shown.contains("chat_template:2"), "{shown}");
+    assert!(
+        shown.contains("tokenizer_config.json: chat_template: syntax error") && shown.contains("chat_template:2"),
+        "{shown}"
+    );
     assert_eq!(err.reason(), "ModelInvalid");
 }
 
 #[test]
 fn a_run_trains_on_chat_data_with_the_models_template() {
     let dir = tempfile::tempdir().expect("dir");
-    let (model_dir, data, out) = (dir.path().join("model"), dir.path().join("chat.jsonl"), dir.path().join("out"));
+    let (model_dir, data, out) = (
+        dir.path().join("model"),
+        dir.path().join("chat.jsonl"),
+        dir.path().join("out"),
+    );
     // The tiny model's own role tokens, so every id is within its embeddings.
     let template = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}\
                     {% if add_generation_prompt %}<|assistant|>{% endif %}";
     model_with_template(&model_dir, template, false);
     let lines: Vec<String> = facts()
         .into_iter()
-        .map(|(q, a)| serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string())
+        .map(|(q, a)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                .to_string()
+        })
         .collect();
     std::fs::write(&data, lines.join("\n")).expect("w");
     let mut config = chat_config(&model_dir, &data, &out);
     config.training.epochs = None;
     config.training.max_steps = Some(2);
     let metrics = kubetune_trainer::run(&config, &Default::default()).expect("trains");
-    assert!(metrics.completed && metrics.final_train_loss.is_some_and(f64::is_finite), "{metrics:?}");
+    assert!(
+        metrics.completed && metrics.final_train_loss.is_some_and(f64::is_finite),
+        "{metrics:?}"
+    );
 }

@@ -7,7 +7,9 @@
 mod common;
 
 use common::*;
-use kubetune_crds::trainer_contract::{JobIdentity, TrainerDataset, TrainerJob, TrainerLora, TrainerOutcome, TrainerTraining, TRAINER_JOB_ENV};
+use kubetune_crds::trainer_contract::{
+    JobIdentity, TrainerDataset, TrainerJob, TrainerLora, TrainerOutcome, TrainerTraining, TRAINER_JOB_ENV,
+};
 use kubetune_crds::{DatasetFormat, FineTuneMethod, LrScheduler, TargetModule};
 use kubetune_storage::{Credentials, Storage};
 use kubetune_trainer::job::{run_job, JobError, JobRun};
@@ -28,7 +30,11 @@ fn setup(root: &Path) -> TrainerJob {
     std::fs::create_dir_all(root.join("store/data")).expect("mkdir");
     write_facts(&root.join("store/data/facts.jsonl"));
     let mut job = TrainerJob {
-        owner: JobIdentity { namespace: "ns".into(), name: "facts".into(), uid: String::new() },
+        owner: JobIdentity {
+            namespace: "ns".into(),
+            name: "facts".into(),
+            uid: String::new(),
+        },
         base_model_uri: uri(&root.join("store/models/tiny")),
         dataset: TrainerDataset {
             uri: uri(&root.join("store/data/facts.jsonl")),
@@ -38,7 +44,12 @@ fn setup(root: &Path) -> TrainerJob {
             skip_invalid: false,
         },
         method: FineTuneMethod::Lora,
-        lora: TrainerLora { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec![TargetModule::QProj, TargetModule::VProj] },
+        lora: TrainerLora {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            target_modules: vec![TargetModule::QProj, TargetModule::VProj],
+        },
         quantization: None,
         training: TrainerTraining {
             epochs: None,
@@ -96,20 +107,45 @@ fn read_json(path: &Path) -> serde_json::Value {
 async fn publishes_versions_once_per_job() {
     let dir = tempfile::tempdir().expect("dir");
     let job = setup(dir.path());
-    let first = run_job(job_run(&job, &dir.path().join("work1"))).await.expect("first run");
+    let first = run_job(job_run(&job, &dir.path().join("work1")))
+        .await
+        .expect("first run");
     let (version, digest) = published(&first);
     assert_eq!(version, 1);
-    let TrainerOutcome::Succeeded { adapter, train_loss, resumed_from_step, .. } = &first else { unreachable!() };
+    let TrainerOutcome::Succeeded {
+        adapter,
+        train_loss,
+        resumed_from_step,
+        ..
+    } = &first
+    else {
+        unreachable!()
+    };
     assert_eq!(adapter.reference.as_deref(), Some("facts@1"));
     assert!(train_loss.is_some_and(f64::is_finite));
     assert_eq!(*resumed_from_step, None);
     let v1 = dir.path().join("store/registry/adapters/facts/v1");
     let config = std::fs::read_to_string(v1.join("adapter_config.json")).expect("published config");
-    assert!(config.contains(&job.base_model_uri), "base_model_name_or_path is the model URI the server loads: {config}");
+    assert!(
+        config.contains(&job.base_model_uri),
+        "base_model_name_or_path is the model URI the server loads: {config}"
+    );
     let manifest = read_json(&v1.join("manifest.json"));
-    assert_eq!(manifest["job"], serde_json::json!({"namespace": "ns", "name": "facts", "uid": "uid-1"}), "{manifest}");
-    assert!(manifest["dataset"]["digest"].as_str().is_some_and(|d| d.starts_with("sha256:")), "{manifest}");
-    assert!(!dir.path().join("store/checkpoints/ns/facts-uid-1/latest.json").exists(), "checkpoints are removed after publishing");
+    assert_eq!(
+        manifest["job"],
+        serde_json::json!({"namespace": "ns", "name": "facts", "uid": "uid-1"}),
+        "{manifest}"
+    );
+    assert!(
+        manifest["dataset"]["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{manifest}"
+    );
+    assert!(
+        !dir.path().join("store/checkpoints/ns/facts-uid-1/latest.json").exists(),
+        "checkpoints are removed after publishing"
+    );
 
     // The same job again (a pod that died after publishing): the same version, not a new one.
     let again = run_job(job_run(&job, &dir.path().join("work2"))).await.expect("re-run");
@@ -119,7 +155,9 @@ async fn publishes_versions_once_per_job() {
     // Another job for the same adapter name: the next version.
     let mut second = job.clone();
     set_uid(&mut second, dir.path(), "uid-2");
-    let next = run_job(job_run(&second, &dir.path().join("work3"))).await.expect("second job");
+    let next = run_job(job_run(&second, &dir.path().join("work3")))
+        .await
+        .expect("second job");
     assert_eq!(published(&next).0, 2);
 }
 
@@ -127,11 +165,20 @@ async fn publishes_versions_once_per_job() {
 async fn a_bad_line_is_named_by_uri_and_line() {
     let dir = tempfile::tempdir().expect("dir");
     let job = setup(dir.path());
-    std::fs::write(dir.path().join("store/data/facts.jsonl"), "{\"instruction\": \"a\", \"response\": \"b\"}\n{\"instruction\": \n").expect("write");
-    let err = run_job(job_run(&job, &dir.path().join("work"))).await.expect_err("bad dataset");
+    std::fs::write(
+        dir.path().join("store/data/facts.jsonl"),
+        "{\"instruction\": \"a\", \"response\": \"b\"}\n{\"instruction\": \n",
+    )
+    .expect("write");
+    let err = run_job(job_run(&job, &dir.path().join("work")))
+        .await
+        .expect_err("bad dataset");
     assert!(matches!(err, JobError::DataLine { line: 2, .. }), "{err:?}");
     assert_eq!((err.reason(), err.exit_code()), ("DatasetInvalid", 2));
-    assert!(err.to_string().starts_with(&format!("{} line 2: ", job.dataset.uri)), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!("{} line 2: ", job.dataset.uri)),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,24 +187,37 @@ async fn missing_inputs_are_invalid_input_not_storage_trouble() {
     let job = setup(dir.path());
     let mut no_model = job.clone();
     no_model.base_model_uri = uri(&dir.path().join("store/models/absent"));
-    let err = run_job(job_run(&no_model, &dir.path().join("work1"))).await.expect_err("no model");
+    let err = run_job(job_run(&no_model, &dir.path().join("work1")))
+        .await
+        .expect_err("no model");
     assert_eq!((err.reason(), err.exit_code()), ("ModelInvalid", 2), "{err}");
-    assert!(err.to_string().starts_with("base model: ") && err.to_string().contains("models/absent"), "{err}");
+    assert!(
+        err.to_string().starts_with("base model: ") && err.to_string().contains("models/absent"),
+        "{err}"
+    );
 
     let mut no_data = job.clone();
     no_data.dataset.uri = uri(&dir.path().join("store/data/absent.jsonl"));
-    let err = run_job(job_run(&no_data, &dir.path().join("work2"))).await.expect_err("no dataset");
+    let err = run_job(job_run(&no_data, &dir.path().join("work2")))
+        .await
+        .expect_err("no dataset");
     assert_eq!((err.reason(), err.exit_code()), ("DatasetInvalid", 2), "{err}");
     assert!(err.to_string().contains("absent.jsonl"), "{err}");
 
     let mut bad_uri = job.clone();
     bad_uri.registry = "ftp://registry".into();
-    let err = run_job(job_run(&bad_uri, &dir.path().join("work3"))).await.expect_err("bad registry URI");
+    let err = run_job(job_run(&bad_uri, &dir.path().join("work3")))
+        .await
+        .expect_err("bad registry URI");
     assert_eq!((err.reason(), err.exit_code()), ("InvalidSpec", 2), "{err}");
 }
 
 fn adapter_tensors(version_dir: &Path) -> std::collections::BTreeMap<String, candle_core::Tensor> {
-    kubetune_model::tensors::load(&version_dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).expect("adapter")
+    kubetune_model::tensors::load(
+        &version_dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("adapter")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -175,11 +235,23 @@ async fn a_preempted_run_resumes_from_its_uploaded_checkpoint_and_matches_an_uni
     let checkpoints = Storage::from_uri(&job.checkpoint_uri, &Credentials::none()).expect("store");
     let pointer = checkpoints.get_bytes("latest.json").await.expect("latest.json");
     assert_eq!(std::str::from_utf8(&pointer).expect("utf8"), r#"{"step":4}"#);
-    let mut keys: Vec<String> = checkpoints.list("").await.expect("list").into_iter().map(|o| o.key).collect();
+    let mut keys: Vec<String> = checkpoints
+        .list("")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     keys.sort();
     assert_eq!(
         keys,
-        ["latest.json", "step-4/adapter_config.json", "step-4/adapter_model.safetensors", "step-4/optimizer.safetensors", "step-4/trainer_state.json"]
+        [
+            "latest.json",
+            "step-4/adapter_config.json",
+            "step-4/adapter_model.safetensors",
+            "step-4/optimizer.safetensors",
+            "step-4/trainer_state.json"
+        ]
     );
 
     // A fresh pod (new work directory) resumes from step 4 and publishes.
@@ -187,9 +259,22 @@ async fn a_preempted_run_resumes_from_its_uploaded_checkpoint_and_matches_an_uni
     let mut run = job_run(&job, &dir.path().join("work2"));
     run.metrics = Some(metrics.clone());
     let outcome = run_job(run).await.expect("resumed run");
-    let TrainerOutcome::Succeeded { resumed_from_step, adapter, .. } = outcome else { panic!("not published") };
+    let TrainerOutcome::Succeeded {
+        resumed_from_step,
+        adapter,
+        ..
+    } = outcome
+    else {
+        panic!("not published")
+    };
     assert_eq!((resumed_from_step, adapter.version), (Some(4), 1));
-    assert!(metrics.render().contains("kubetune_train_resumed_from_step{job=\"ns/facts\"} 4"), "{}", metrics.render());
+    assert!(
+        metrics
+            .render()
+            .contains("kubetune_train_resumed_from_step{job=\"ns/facts\"} 4"),
+        "{}",
+        metrics.render()
+    );
 
     // The same job never stopped, published by another FineTuneJob: the same adapter.
     let mut whole = job.clone();
@@ -199,12 +284,31 @@ async fn a_preempted_run_resumes_from_its_uploaded_checkpoint_and_matches_an_uni
     run.metrics = Some(fresh.clone());
     let outcome = run_job(run).await.expect("uninterrupted run");
     assert_eq!(published(&outcome).0, 2);
-    assert!(fresh.render().contains("kubetune_train_resumed_from_step{job=\"ns/facts\"} 0"), "{}", fresh.render());
+    assert!(
+        fresh
+            .render()
+            .contains("kubetune_train_resumed_from_step{job=\"ns/facts\"} 0"),
+        "{}",
+        fresh.render()
+    );
     let registry = dir.path().join("store/registry/adapters/facts");
-    let (resumed, uninterrupted) = (adapter_tensors(&registry.join("v1")), adapter_tensors(&registry.join("v2")));
-    assert_eq!(resumed.keys().collect::<Vec<_>>(), uninterrupted.keys().collect::<Vec<_>>());
+    let (resumed, uninterrupted) = (
+        adapter_tensors(&registry.join("v1")),
+        adapter_tensors(&registry.join("v2")),
+    );
+    assert_eq!(
+        resumed.keys().collect::<Vec<_>>(),
+        uninterrupted.keys().collect::<Vec<_>>()
+    );
     for (name, t) in &resumed {
-        let diff: f32 = (t - &uninterrupted[name]).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar().expect("scalar");
+        let diff: f32 = (t - &uninterrupted[name])
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar()
+            .expect("scalar");
         assert!(diff < 1e-6, "{name} differs by {diff}");
     }
 }
@@ -214,10 +318,18 @@ async fn an_unusable_checkpoint_is_dropped_and_the_run_starts_over() {
     let dir = tempfile::tempdir().expect("dir");
     let job = setup(dir.path());
     let checkpoints = Storage::from_uri(&job.checkpoint_uri, &Credentials::none()).expect("store");
-    checkpoints.put_bytes("step-2/trainer_state.json", "{\"step\": \"two\"}".into()).await.expect("put");
-    checkpoints.put_bytes("latest.json", r#"{"step":2}"#.into()).await.expect("put");
+    checkpoints
+        .put_bytes("step-2/trainer_state.json", "{\"step\": \"two\"}".into())
+        .await
+        .expect("put");
+    checkpoints
+        .put_bytes("latest.json", r#"{"step":2}"#.into())
+        .await
+        .expect("put");
     let outcome = run_job(job_run(&job, &dir.path().join("work"))).await.expect("run");
-    let TrainerOutcome::Succeeded { resumed_from_step, .. } = outcome else { panic!("not published") };
+    let TrainerOutcome::Succeeded { resumed_from_step, .. } = outcome else {
+        panic!("not published")
+    };
     assert_eq!(resumed_from_step, None);
 }
 
@@ -235,7 +347,12 @@ impl Drop for Trainer {
 
 fn trainer(job_json: &str, work: &Path) -> Trainer {
     let child = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"))
-        .args(["--work-dir", &work.display().to_string(), "--termination-log", &work.join("termination-log").display().to_string()])
+        .args([
+            "--work-dir",
+            &work.display().to_string(),
+            "--termination-log",
+            &work.join("termination-log").display().to_string(),
+        ])
         .env(TRAINER_JOB_ENV, job_json)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -247,7 +364,9 @@ fn trainer(job_json: &str, work: &Path) -> Trainer {
 
 /// Reads the trainer's log until a line contains `needle`; false if it exited first.
 fn wait_for_log(t: &mut Trainer, needle: &str, log: &mut Vec<String>) -> bool {
-    let Some(stderr) = t.0.stderr.as_mut() else { return false };
+    let Some(stderr) = t.0.stderr.as_mut() else {
+        return false;
+    };
     for line in std::io::BufReader::new(stderr).lines() {
         let Ok(line) = line else { return false };
         let found = line.contains(needle);
@@ -268,7 +387,10 @@ fn finish(mut t: Trainer) -> (ExitStatus, Vec<String>) {
 /// The termination message: exactly one JSON line.
 fn outcome(work: &Path) -> TrainerOutcome {
     let text = std::fs::read_to_string(work.join("termination-log")).expect("termination log");
-    assert!(text.ends_with('\n') && text.trim_end().lines().count() == 1, "one line: {text:?}");
+    assert!(
+        text.ends_with('\n') && text.trim_end().lines().count() == 1,
+        "one line: {text:?}"
+    );
     serde_json::from_str(&text).expect("outcome JSON")
 }
 
@@ -279,9 +401,20 @@ fn the_binary_reports_its_outcome_and_exit_code() {
     let work = dir.path().join("work-ok");
     let (status, log) = finish(trainer(&serde_json::to_string(&job).expect("json"), &work));
     assert!(status.success(), "{status}\n{}", log.join("\n"));
-    let TrainerOutcome::Succeeded { adapter, train_loss, .. } = outcome(&work) else { panic!("not succeeded") };
-    assert_eq!((adapter.name.as_str(), adapter.version, adapter.reference.as_deref()), ("facts", 1, Some("facts@1")));
-    assert!(adapter.uri.ends_with("/adapters/facts/v1") && adapter.digest.starts_with("sha256:"), "{adapter:?}");
+    let TrainerOutcome::Succeeded {
+        adapter, train_loss, ..
+    } = outcome(&work)
+    else {
+        panic!("not succeeded")
+    };
+    assert_eq!(
+        (adapter.name.as_str(), adapter.version, adapter.reference.as_deref()),
+        ("facts", 1, Some("facts@1"))
+    );
+    assert!(
+        adapter.uri.ends_with("/adapters/facts/v1") && adapter.digest.starts_with("sha256:"),
+        "{adapter:?}"
+    );
     assert!(train_loss.is_some());
 
     // Not JSON: exit 2, and the message names the variable.
@@ -289,21 +422,35 @@ fn the_binary_reports_its_outcome_and_exit_code() {
     std::fs::create_dir_all(&work).expect("mkdir");
     let (status, _) = finish(trainer("{\"owner\": ", &work));
     assert_eq!(status.code(), Some(2));
-    let TrainerOutcome::Failed { reason, message } = outcome(&work) else { panic!("not failed") };
+    let TrainerOutcome::Failed { reason, message } = outcome(&work) else {
+        panic!("not failed")
+    };
     assert_eq!(reason, "InvalidSpec");
-    assert!(message.starts_with("KUBETUNE_TRAINER_JOB: not a valid trainer job description"), "{message}");
+    assert!(
+        message.starts_with("KUBETUNE_TRAINER_JOB: not a valid trainer job description"),
+        "{message}"
+    );
 
     // A bad line: exit 2, DatasetInvalid, the URI and line number in the message.
     let mut bad = job.clone();
     set_uid(&mut bad, dir.path(), "uid-bad");
-    std::fs::write(dir.path().join("store/data/bad.jsonl"), "{\"instruction\": \"a\", \"response\": \"b\"}\n\n{\"instruction\": \"c\"}\n").expect("write");
+    std::fs::write(
+        dir.path().join("store/data/bad.jsonl"),
+        "{\"instruction\": \"a\", \"response\": \"b\"}\n\n{\"instruction\": \"c\"}\n",
+    )
+    .expect("write");
     bad.dataset.uri = uri(&dir.path().join("store/data/bad.jsonl"));
     let work = dir.path().join("work-bad");
     let (status, _) = finish(trainer(&serde_json::to_string(&bad).expect("json"), &work));
     assert_eq!(status.code(), Some(2));
-    let TrainerOutcome::Failed { reason, message } = outcome(&work) else { panic!("not failed") };
+    let TrainerOutcome::Failed { reason, message } = outcome(&work) else {
+        panic!("not failed")
+    };
     assert_eq!(reason, "DatasetInvalid");
-    assert!(message.starts_with(&format!("{} line 3: ", bad.dataset.uri)), "{message}");
+    assert!(
+        message.starts_with(&format!("{} line 3: ", bad.dataset.uri)),
+        "{message}"
+    );
 }
 
 #[test]
@@ -315,14 +462,21 @@ fn sigterm_uploads_a_checkpoint_and_exits_143_without_an_outcome() {
     let work = dir.path().join("work");
     let mut t = trainer(&serde_json::to_string(&job).expect("json"), &work);
     let mut log = Vec::new();
-    assert!(wait_for_log(&mut t, "checkpoint uploaded", &mut log), "no checkpoint upload:\n{}", log.join("\n"));
+    assert!(
+        wait_for_log(&mut t, "checkpoint uploaded", &mut log),
+        "no checkpoint upload:\n{}",
+        log.join("\n")
+    );
     let pid = t.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(killed.success());
     let (status, rest) = finish(t);
     log.extend(rest);
     assert_eq!(status.code(), Some(143), "{}", log.join("\n"));
-    assert!(!work.join("termination-log").exists(), "a stopped pod leaves the outcome to its retry");
+    assert!(
+        !work.join("termination-log").exists(),
+        "a stopped pod leaves the outcome to its retry"
+    );
     let pointer = read_json(&PathBuf::from(job.checkpoint_uri.trim_start_matches("file://")).join("latest.json"));
     let step = pointer["step"].as_u64().expect("step");
     assert!(step >= 2, "{pointer}");
@@ -334,12 +488,23 @@ fn sigterm_uploads_a_checkpoint_and_exits_143_without_an_outcome() {
 #[test]
 fn without_a_terminal_the_log_is_json_lines_and_no_progress_bar() {
     let dir = tempfile::tempdir().expect("dir");
-    let (model_dir, data, out) = (dir.path().join("model"), dir.path().join("facts.jsonl"), dir.path().join("out"));
+    let (model_dir, data, out) = (
+        dir.path().join("model"),
+        dir.path().join("facts.jsonl"),
+        dir.path().join("out"),
+    );
     tiny_model(&model_dir);
     write_facts(&data);
     let path = |p: &Path| p.display().to_string();
     let output = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"))
-        .args(["--model", &path(&model_dir), "--data", &path(&data), "--format", "instruction"])
+        .args([
+            "--model",
+            &path(&model_dir),
+            "--data",
+            &path(&data),
+            "--format",
+            "instruction",
+        ])
         .args(["--output", &path(&out), "--max-steps", "2"])
         .env("RUST_LOG", "info")
         .env_remove(TRAINER_JOB_ENV)
@@ -348,11 +513,24 @@ fn without_a_terminal_the_log_is_json_lines_and_no_progress_bar() {
         .expect("run kubetune-trainer");
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{}\n{log}", output.status);
-    assert!(output.stdout.is_empty() && !log.contains(['\r', '\u{1b}']), "nothing but log lines: {log:?}");
+    assert!(
+        output.stdout.is_empty() && !log.contains(['\r', '\u{1b}']),
+        "nothing but log lines: {log:?}"
+    );
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect();
-    assert!(lines.iter().any(|l| l["message"] == "train" && l["step"] == 1 && l["total_steps"] == 2), "{log}");
-    assert!(lines.iter().any(|l| l["message"] == "training finished" && l["steps"] == 2), "{log}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "train" && l["step"] == 1 && l["total_steps"] == 2),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "training finished" && l["steps"] == 2),
+        "{log}"
+    );
 }

@@ -12,7 +12,11 @@ use kubetune_trainer::{run, RunOptions};
 
 fn learns_the_facts(method: Method) {
     let dir = tempfile::tempdir().expect("dir");
-    let (model_dir, data, out) = (dir.path().join("model"), dir.path().join("facts.jsonl"), dir.path().join("out"));
+    let (model_dir, data, out) = (
+        dir.path().join("model"),
+        dir.path().join("facts.jsonl"),
+        dir.path().join("out"),
+    );
     tiny_model(&model_dir);
     write_facts(&data);
     let mut config = facts_config(&model_dir, &data, &out);
@@ -21,39 +25,84 @@ fn learns_the_facts(method: Method) {
 
     let initial = m.initial_eval_loss.expect("initial eval");
     let last = m.final_eval_loss.expect("final eval");
-    eprintln!("{method:?}: eval loss {initial:.3} -> {last:.3} in {} steps, {:.0} tokens/s", m.steps, m.tokens_per_second);
+    eprintln!(
+        "{method:?}: eval loss {initial:.3} -> {last:.3} in {} steps, {:.0} tokens/s",
+        m.steps, m.tokens_per_second
+    );
     // For a failure elsewhere: which tokenizer and weights this run had, and the loss curve.
-    let digest = |f: &str| kubetune_storage::Sha256Digest::of(&std::fs::read(model_dir.join(f)).expect("model file")).to_string();
-    eprintln!("tiny model: tokenizer.json {}, model.safetensors {}", digest("tokenizer.json"), digest("model.safetensors"));
-    let curve: Vec<String> = m.train_history.iter().step_by(25).map(|p| format!("{}:{:.2}", p.step, p.loss)).collect();
+    let digest = |f: &str| {
+        kubetune_storage::Sha256Digest::of(&std::fs::read(model_dir.join(f)).expect("model file")).to_string()
+    };
+    eprintln!(
+        "tiny model: tokenizer.json {}, model.safetensors {}",
+        digest("tokenizer.json"),
+        digest("model.safetensors")
+    );
+    let curve: Vec<String> = m
+        .train_history
+        .iter()
+        .step_by(25)
+        .map(|p| format!("{}:{:.2}", p.step, p.loss))
+        .collect();
     eprintln!("train loss: {}", curve.join(" "));
     assert!(last <= initial / 2.0, "eval loss fell from {initial} only to {last}");
     let written: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).expect("metrics file")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).expect("metrics file"))
+            .expect("json");
     let on_disk = written["finalEvalLoss"].as_f64().expect("finalEvalLoss");
     assert!((on_disk - last).abs() < 1e-9, "{on_disk} vs {last}");
 
     // Decode with the adapter as written to disk, on a freshly loaded base.
-    let base = if method == Method::Qlora { BaseFormat::Nf4 } else { BaseFormat::Dense };
-    let (config, model) = load_model(&model_dir, &LoadOptions { base, ..LoadOptions::default() }).expect("model");
+    let base = if method == Method::Qlora {
+        BaseFormat::Nf4
+    } else {
+        BaseFormat::Dense
+    };
+    let (config, model) = load_model(
+        &model_dir,
+        &LoadOptions {
+            base,
+            ..LoadOptions::default()
+        },
+    )
+    .expect("model");
     if method == Method::Qlora {
-        assert_eq!(model.projection_storage().1, 7 * config.num_hidden_layers, "base is NF4 in memory");
+        assert_eq!(
+            model.projection_storage().1,
+            7 * config.num_hidden_layers,
+            "base is NF4 in memory"
+        );
         let tables = 1 + usize::from(!config.tie_word_embeddings);
-        assert_eq!(model.table_storage().1, tables, "the embedding table and an untied head are NF4 in memory");
+        assert_eq!(
+            model.table_storage().1,
+            tables,
+            "the embedding table and an untied head are NF4 in memory"
+        );
     }
     let (_, adapter) = peft::load(&out, &config, model.device()).expect("adapter");
     let tokenizer = kubetune_trainer::train::tokenizer_for(&model_dir, &config).expect("tokenizer");
     let mut wrong = Vec::new();
     for (question, answer) in facts() {
-        let prompt = tokenizer.encode_prompt(&instruction_prompt(&question, None)).expect("prompt");
-        let options = GreedyOptions { max_new_tokens: 8, stop_tokens: &[tokenizer.eos], adapter: Some(&adapter) };
+        let prompt = tokenizer
+            .encode_prompt(&instruction_prompt(&question, None))
+            .expect("prompt");
+        let options = GreedyOptions {
+            max_new_tokens: 8,
+            stop_tokens: &[tokenizer.eos],
+            adapter: Some(&adapter),
+        };
         let ids = greedy(&model, &prompt, &options).expect("decode");
         let text = tokenizer.decode(&ids).expect("detokenize");
         if text.trim() != answer {
             wrong.push(format!("{question} -> {text:?} (want {answer:?})"));
         }
     }
-    assert!(wrong.is_empty(), "{} of 50 answers wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of 50 answers wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -75,7 +124,12 @@ fn the_tiny_model_generator_is_deterministic() {
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     tiny_model(&a);
     tiny_model(&b);
-    for file in ["tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"] {
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "model.safetensors",
+    ] {
         let read = |d: &std::path::Path| std::fs::read(d.join(file)).expect("model file");
         assert!(read(&a) == read(&b), "{file} differs between two generations");
     }

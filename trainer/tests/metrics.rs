@@ -12,7 +12,9 @@ fn metrics_endpoint_serves_labelled_gauges() {
     metrics.total_steps.set(120.0);
     let addr = serve(metrics.clone(), "127.0.0.1:0".parse().expect("addr")).expect("serve");
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
     let mut body = String::new();
     stream.read_to_string(&mut body).expect("response");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");

@@ -31,10 +31,23 @@ fn resumed_run_matches_uninterrupted_run() {
     let full = run(&config_for("full"), &RunOptions::default()).expect("uninterrupted run");
 
     let resumed_config = config_for("resumed");
-    let stopped = run(&resumed_config, &RunOptions { stop_after_steps: Some(6), ..RunOptions::default() })
-        .expect("interrupted run");
+    let stopped = run(
+        &resumed_config,
+        &RunOptions {
+            stop_after_steps: Some(6),
+            ..RunOptions::default()
+        },
+    )
+    .expect("interrupted run");
     assert!(!stopped.completed && stopped.steps == 6);
-    let resumed = run(&resumed_config, &RunOptions { resume: true, ..RunOptions::default() }).expect("resumed run");
+    let resumed = run(
+        &resumed_config,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .expect("resumed run");
     assert_eq!(resumed.resumed_from_step, Some(6));
     assert!(resumed.completed);
 
@@ -42,15 +55,29 @@ fn resumed_run_matches_uninterrupted_run() {
     assert_eq!(resumed.train_history.len(), 12);
     for (a, b) in full.train_history.iter().zip(&resumed.train_history) {
         assert_eq!(a.step, b.step);
-        assert!((a.loss - b.loss).abs() < 1e-5, "step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
     }
     let load = |out: &str| {
-        kubetune_model::tensors::load(&dir.path().join(out).join("adapter_model.safetensors"), &Device::Cpu).expect("adapter")
+        kubetune_model::tensors::load(&dir.path().join(out).join("adapter_model.safetensors"), &Device::Cpu)
+            .expect("adapter")
     };
     let (a, b) = (load("full"), load("resumed"));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (name, t) in &a {
-        let diff: f32 = (t - &b[name]).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar().expect("s");
+        let diff: f32 = (t - &b[name])
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar()
+            .expect("s");
         assert!(diff < 1e-5, "{name} differs by {diff}");
     }
 
@@ -58,12 +85,32 @@ fn resumed_run_matches_uninterrupted_run() {
     // switched between the interrupted and the resumed run.
     let mut checkpointed = config_for("checkpointed");
     checkpointed.training.gradient_checkpointing = true;
-    run(&checkpointed, &RunOptions { stop_after_steps: Some(6), ..RunOptions::default() }).expect("checkpointed run");
+    run(
+        &checkpointed,
+        &RunOptions {
+            stop_after_steps: Some(6),
+            ..RunOptions::default()
+        },
+    )
+    .expect("checkpointed run");
     checkpointed.training.gradient_checkpointing = false;
-    let mixed = run(&checkpointed, &RunOptions { resume: true, ..RunOptions::default() }).expect("resumed plainly");
+    let mixed = run(
+        &checkpointed,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .expect("resumed plainly");
     assert_eq!(mixed.resumed_from_step, Some(6));
     for (a, b) in full.train_history.iter().zip(&mixed.train_history) {
-        assert!((a.loss - b.loss).abs() < 1e-4, "checkpointed step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert!(
+            (a.loss - b.loss).abs() < 1e-4,
+            "checkpointed step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
     }
     assert_eq!(mixed.train_history.len(), 12);
 
@@ -71,9 +118,23 @@ fn resumed_run_matches_uninterrupted_run() {
     let mut changed = config_for("full");
     changed.training.learning_rate = 0.5;
     let stopped_dir = config_for("changed");
-    run(&stopped_dir, &RunOptions { stop_after_steps: Some(4), ..RunOptions::default() }).expect("stop");
+    run(
+        &stopped_dir,
+        &RunOptions {
+            stop_after_steps: Some(4),
+            ..RunOptions::default()
+        },
+    )
+    .expect("stop");
     changed.output = stopped_dir.output.clone();
-    let err = run(&changed, &RunOptions { resume: true, ..RunOptions::default() }).expect_err("changed settings");
+    let err = run(
+        &changed,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .expect_err("changed settings");
     assert!(err.to_string().contains("training settings differ"), "{err}");
 }
 
@@ -117,11 +178,28 @@ fn a_progress_observer_sees_every_step_also_across_a_resume() {
     let resumed = run(&config, &observe(&second, true, None)).expect("resumed run");
 
     assert_eq!(*first.starts.lock().expect("lock"), [(0, 5)]);
-    assert_eq!(*second.starts.lock().expect("lock"), [(2, 5)], "a resumed run starts where the checkpoint is");
-    let steps: Vec<StepProgress> = [first, second].iter().flat_map(|r| r.steps.lock().expect("lock").clone()).collect();
+    assert_eq!(
+        *second.starts.lock().expect("lock"),
+        [(2, 5)],
+        "a resumed run starts where the checkpoint is"
+    );
+    let steps: Vec<StepProgress> = [first, second]
+        .iter()
+        .flat_map(|r| r.steps.lock().expect("lock").clone())
+        .collect();
     assert_eq!(steps.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
     // The same losses as the run's own history, each with the total and a measured rate.
-    let history: Vec<_> = stopped.train_history.iter().chain(&resumed.train_history[2..]).map(|p| p.loss).collect();
+    let history: Vec<_> = stopped
+        .train_history
+        .iter()
+        .chain(&resumed.train_history[2..])
+        .map(|p| p.loss)
+        .collect();
     assert_eq!(steps.iter().map(|p| p.loss).collect::<Vec<_>>(), history);
-    assert!(steps.iter().all(|p| p.total_steps == 5 && p.tokens_per_second > 0.0 && p.learning_rate > 0.0), "{steps:?}");
+    assert!(
+        steps
+            .iter()
+            .all(|p| p.total_steps == 5 && p.tokens_per_second > 0.0 && p.learning_rate > 0.0),
+        "{steps:?}"
+    );
 }

@@ -19,12 +19,23 @@ pub fn tool(name: &str) -> PathBuf {
             .args(names)
             .output()
             .expect("running e2e/tools.sh");
-        assert!(out.status.success(), "e2e/tools.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        let paths: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).collect();
+        assert!(
+            out.status.success(),
+            "e2e/tools.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let paths: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(PathBuf::from)
+            .collect();
         assert_eq!(paths.len(), names.len(), "e2e/tools.sh printed {paths:?}");
         names.iter().map(|n| n.to_string()).zip(paths).collect()
     });
-    tools.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).unwrap_or_else(|| panic!("no tool {name}"))
+    tools
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_else(|| panic!("no tool {name}"))
 }
 
 pub fn chart_dir() -> PathBuf {
@@ -35,7 +46,12 @@ pub fn chart_dir() -> PathBuf {
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = output(cmd)?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -47,7 +63,10 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
 /// `helm template <release> charts/kubetune -n <namespace> --include-crds <args>`.
 pub fn helm_template_cmd(release: &str, namespace: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(tool("helm"));
-    cmd.args(["template", release]).arg(chart_dir()).args(["--namespace", namespace, "--include-crds"]).args(args);
+    cmd.args(["template", release])
+        .arg(chart_dir())
+        .args(["--namespace", namespace, "--include-crds"])
+        .args(args);
     cmd
 }
 
@@ -68,14 +87,19 @@ pub fn find<'a>(objects: &'a [Value], kind: &str, name: Option<&str>) -> &'a Val
 }
 
 pub fn kinds(objects: &[Value]) -> Vec<String> {
-    let mut kinds: Vec<String> = objects.iter().map(|o| o["kind"].as_str().unwrap_or("?").to_string()).collect();
+    let mut kinds: Vec<String> = objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap_or("?").to_string())
+        .collect();
     kinds.sort();
     kinds
 }
 
 /// A fresh scratch directory under the system temp dir.
 pub fn scratch_dir(prefix: &str) -> Result<PathBuf> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
     let dir = std::env::temp_dir().join(format!("kubetune-{prefix}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -94,9 +118,13 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
     use kubetune_e2e::{apply_object, wait_for, ApplyMode};
     // Two operators would both reconcile every namespace; `make demo` leaves one running.
     let operators: kube::Api<Deployment> = kube::Api::all(client.clone());
-    let others = operators.list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=kubetune-operator")).await?;
+    let others = operators
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=kubetune-operator"))
+        .await?;
     // Only running ones count: the chart tests apply the chart with images that never start.
-    let running = |d: &&Deployment| d.metadata.deletion_timestamp.is_none() && d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
+    let running = |d: &&Deployment| {
+        d.metadata.deletion_timestamp.is_none() && d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0
+    };
     if let Some(other) = others.items.iter().find(running) {
         anyhow::bail!(
             "another kubetune operator runs in namespace {} (make demo installs one); the end-to-end tests need the cluster to themselves: \
@@ -108,23 +136,50 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
     }
     let discovery = kube::discovery::Discovery::new(client.clone()).run().await?;
     let values = [
-        "--set", "operator.image.repository=kubetune/operator",
-        "--set", "trainer.image.repository=kubetune/trainer",
-        "--set", "server.image.repository=kubetune/server",
+        "--set",
+        "operator.image.repository=kubetune/operator",
+        "--set",
+        "trainer.image.repository=kubetune/trainer",
+        "--set",
+        "server.image.repository=kubetune/server",
     ];
     let objects = render(namespace, namespace, &values)?;
     let install = OperatorInstall {
-        deployment: objects.iter().find(|o| o["kind"] == "Deployment").and_then(|o| o["metadata"]["name"].as_str()).context("chart has a Deployment")?.to_string(),
+        deployment: objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .and_then(|o| o["metadata"]["name"].as_str())
+            .context("chart has a Deployment")?
+            .to_string(),
         release: namespace.to_string(),
     };
-    for obj in objects.iter().filter(|o| !o["apiVersion"].as_str().unwrap_or("").starts_with("monitoring.coreos.com/")) {
+    for obj in objects.iter().filter(|o| {
+        !o["apiVersion"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("monitoring.coreos.com/")
+    }) {
         // The CRDs are installed by the tests already; the chart's copy must agree with them.
-        let mode = if obj["kind"] == "CustomResourceDefinition" { ApplyMode::DryRun } else { ApplyMode::Apply };
-        apply_object(client, &discovery, namespace, obj, mode).await.with_context(|| format!("applying {} {}", obj["kind"], obj["metadata"]["name"]))?;
+        let mode = if obj["kind"] == "CustomResourceDefinition" {
+            ApplyMode::DryRun
+        } else {
+            ApplyMode::Apply
+        };
+        apply_object(client, &discovery, namespace, obj, mode)
+            .await
+            .with_context(|| format!("applying {} {}", obj["kind"], obj["metadata"]["name"]))?;
     }
     let deployments: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), namespace);
-    let available = |d: Option<&Deployment>| d.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(1);
-    wait_for(&deployments, &install.deployment, "available", std::time::Duration::from_secs(120), available).await?;
+    let available =
+        |d: Option<&Deployment>| d.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(1);
+    wait_for(
+        &deployments,
+        &install.deployment,
+        "available",
+        std::time::Duration::from_secs(120),
+        available,
+    )
+    .await?;
     Ok(install)
 }
 
@@ -135,7 +190,15 @@ impl Drop for OperatorInstall {
         let _ = Command::new(kubetune_e2e::kubectl_path())
             .arg("--kubeconfig")
             .arg(kubetune_e2e::kubeconfig_path())
-            .args(["delete", "deployment", "--cascade=foreground", "--wait", "--timeout=60s", "--ignore-not-found", "-n"])
+            .args([
+                "delete",
+                "deployment",
+                "--cascade=foreground",
+                "--wait",
+                "--timeout=60s",
+                "--ignore-not-found",
+                "-n",
+            ])
             .arg(&self.release)
             .arg(&self.deployment)
             .output();

@@ -5,7 +5,10 @@ use kubetune_model::tiny::{write_tiny_model, TinySpec};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(version, about = "Write a tiny randomly initialised Llama model (HF layout) for tests")]
+#[command(
+    version,
+    about = "Write a tiny randomly initialised Llama model (HF layout) for tests"
+)]
 struct Args {
     /// Output directory (created if missing).
     #[arg(long)]

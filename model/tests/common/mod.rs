@@ -23,7 +23,12 @@ pub fn tiny() -> Tiny {
 /// values are the same in every run (candle's own random tensors cannot be seeded), so a
 /// test's tolerances hold for the values it was measured with.
 pub fn random_adapter(config: &Config, r: usize, alpha: f64, dropout: f64) -> (LoraAdapter, Vec<NamedVar>) {
-    let lora = LoraConfig { r, alpha, dropout, target_modules: TargetModule::ALL.to_vec() };
+    let lora = LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules: TargetModule::ALL.to_vec(),
+    };
     let (adapter, vars) = LoraAdapter::init_trainable(config, lora, 7, &Device::Cpu).expect("adapter");
     for (i, v) in vars.iter().enumerate() {
         if v.name.contains("lora_B") {
@@ -38,15 +43,29 @@ pub fn set_random(var: &Var, std: f64, seed: u64) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let half_width = (std * 3f64.sqrt()) as f32;
-    let values: Vec<f32> = (0..var.elem_count()).map(|_| rng.random_range(-half_width..half_width)).collect();
+    let values: Vec<f32> = (0..var.elem_count())
+        .map(|_| rng.random_range(-half_width..half_width))
+        .collect();
     let t = Tensor::from_vec(values, var.shape(), &Device::Cpu).expect("values");
     var.set(&t).expect("set var");
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).expect("sub").abs().expect("abs").flatten_all().expect("flatten").max(0).expect("max").to_scalar().expect("scalar")
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .flatten_all()
+        .expect("flatten")
+        .max(0)
+        .expect("max")
+        .to_scalar()
+        .expect("scalar")
 }
 
 pub fn ids(values: &[u32]) -> Tensor {
-    Tensor::new(values, &Device::Cpu).expect("ids").unsqueeze(0).expect("batch")
+    Tensor::new(values, &Device::Cpu)
+        .expect("ids")
+        .unsqueeze(0)
+        .expect("batch")
 }

@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::workload::{apply_placement, resources_or_one_gpu, restricted_container_security, restricted_pod_security};
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
-use kubetune_crds::trainer_contract::{JobIdentity, TrainerJob, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV};
+use kubetune_crds::trainer_contract::{
+    JobIdentity, TrainerJob, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
+};
 use kubetune_crds::FineTuneJob;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -30,7 +32,10 @@ pub fn job_name(ftj: &FineTuneJob) -> String {
 
 /// The request the trainer receives, every default resolved.
 pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<TrainerJob> {
-    let missing = |field| Error::MissingField { object: format!("FineTuneJob {}", ftj.name_any()), field };
+    let missing = |field| Error::MissingField {
+        object: format!("FineTuneJob {}", ftj.name_any()),
+        field,
+    };
     let owner = JobIdentity {
         namespace: ftj.namespace().ok_or_else(|| missing("metadata.namespace"))?,
         name: ftj.name_any(),
@@ -69,10 +74,14 @@ pub fn labels(ftj: &FineTuneJob) -> BTreeMap<String, String> {
 /// Builds the batch/v1 Job that runs one trainer pod for the FineTuneJob.
 pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorConfig) -> Result<Job> {
     let spec = &ftj.spec;
-    let request = serde_json::to_string(&trainer_job(ftj, valid)?).map_err(|source| Error::Serialize { what: "trainer job", source })?;
-    let owner = ftj
-        .controller_owner_ref(&())
-        .ok_or_else(|| Error::MissingField { object: format!("FineTuneJob {}", ftj.name_any()), field: "metadata.uid" })?;
+    let request = serde_json::to_string(&trainer_job(ftj, valid)?).map_err(|source| Error::Serialize {
+        what: "trainer job",
+        source,
+    })?;
+    let owner = ftj.controller_owner_ref(&()).ok_or_else(|| Error::MissingField {
+        object: format!("FineTuneJob {}", ftj.name_any()),
+        field: "metadata.uid",
+    })?;
     let labels = labels(ftj);
 
     let mut env = vec![
@@ -166,7 +175,10 @@ mod tests {
     }
 
     fn pod_spec(job: &Job) -> &k8s_openapi::api::core::v1::PodSpec {
-        job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+        job.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
     }
 
     #[test]
@@ -176,7 +188,14 @@ mod tests {
         assert_eq!(owners.len(), 1);
         assert_eq!(owners[0].uid, ftj.metadata.uid.clone().unwrap_or_default());
         assert_eq!(owners[0].controller, Some(true));
-        assert_eq!(job.metadata.labels.as_ref().and_then(|l| l.get(FINETUNEJOB_LABEL)).map(String::as_str), Some("minimal"));
+        assert_eq!(
+            job.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(FINETUNEJOB_LABEL))
+                .map(String::as_str),
+            Some("minimal")
+        );
         assert_eq!(job.metadata.namespace.as_deref(), Some("team-a"));
     }
 
@@ -185,18 +204,36 @@ mod tests {
         let (_, job) = built("minimal.yaml");
         let pod = pod_spec(&job);
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
-        assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+        assert_eq!(
+            pod.security_context.as_ref().and_then(|s| s.run_as_non_root),
+            Some(true)
+        );
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().expect("container security context");
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
         let port = &c.ports.as_ref().expect("ports")[0];
-        assert_eq!((port.name.as_deref(), port.container_port), (Some(METRICS_PORT_NAME), 9090));
-        let mounts: Vec<_> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some(METRICS_PORT_NAME), 9090)
+        );
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
         assert_eq!(mounts, [SCRATCH_PATH, "/tmp"]);
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
-        assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"), "one GPU by default");
+        assert_eq!(
+            limits.get("nvidia.com/gpu").map(|q| q.0.as_str()),
+            Some("1"),
+            "one GPU by default"
+        );
     }
 
     #[test]
@@ -208,29 +245,56 @@ mod tests {
         assert_eq!(spec.active_deadline_seconds, Some(86400));
         assert_eq!(spec.ttl_seconds_after_finished, Some(600));
         let pod = pod_spec(&job);
-        assert_eq!(pod.node_selector.as_ref().and_then(|n| n.get("nvidia.com/gpu.product")).map(String::as_str), Some("H100"));
+        assert_eq!(
+            pod.node_selector
+                .as_ref()
+                .and_then(|n| n.get("nvidia.com/gpu.product"))
+                .map(String::as_str),
+            Some("H100")
+        );
         assert_eq!(pod.tolerations.as_ref().map(Vec::len), Some(1));
         assert_eq!(pod.priority_class_name.as_deref(), Some("training"));
         assert_eq!(pod.service_account_name.as_deref(), Some("trainer"));
-        assert_eq!(pod.image_pull_secrets.as_ref().map(|s| s[0].name.clone()), Some("regcred".into()));
+        assert_eq!(
+            pod.image_pull_secrets.as_ref().map(|s| s[0].name.clone()),
+            Some("regcred".into())
+        );
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("registry.example.com/kubetune/trainer:v1"));
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
         assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("2"));
         let env_from = c.env_from.as_ref().expect("envFrom");
-        assert_eq!(env_from[0].secret_ref.as_ref().map(|s| s.name.clone()), Some("s3-creds".into()));
+        assert_eq!(
+            env_from[0].secret_ref.as_ref().map(|s| s.name.clone()),
+            Some("s3-creds".into())
+        );
     }
 
     #[test]
     fn trainer_receives_every_resolved_setting() {
         let (_, job) = built("full.yaml");
         let c = &pod_spec(&job).containers[0];
-        let raw = c.env.iter().flatten().find(|e| e.name == TRAINER_JOB_ENV).and_then(|e| e.value.clone()).expect("job env");
+        let raw = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == TRAINER_JOB_ENV)
+            .and_then(|e| e.value.clone())
+            .expect("job env");
         let request: TrainerJob = serde_json::from_str(&raw).expect("trainer job JSON");
         assert_eq!(request.owner.namespace, "team-a");
         assert_eq!(request.registry, "s3://registry/kubetune");
-        assert_eq!(request.checkpoint_uri, "s3://registry/kubetune/checkpoints/team-a/full-0b5e7c1e-0000-4000-8000-000000000001");
-        assert_eq!((request.training.batch_size, request.training.gradient_accumulation_steps), (8, 4));
+        assert_eq!(
+            request.checkpoint_uri,
+            "s3://registry/kubetune/checkpoints/team-a/full-0b5e7c1e-0000-4000-8000-000000000001"
+        );
+        assert_eq!(
+            (
+                request.training.batch_size,
+                request.training.gradient_accumulation_steps
+            ),
+            (8, 4)
+        );
         assert_eq!(request.training.seed, 7);
         assert!(request.dataset.skip_invalid);
         assert_eq!(request.lora.target_modules.len(), 4);
@@ -240,7 +304,11 @@ mod tests {
     #[test]
     fn bad_input_and_divergence_fail_the_job_without_retries() {
         let (_, job) = built("minimal.yaml");
-        let policy = job.spec.as_ref().and_then(|s| s.pod_failure_policy.as_ref()).expect("pod failure policy");
+        let policy = job
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_failure_policy.as_ref())
+            .expect("pod failure policy");
         let fail_codes = policy.rules[0].on_exit_codes.as_ref().expect("exit codes");
         assert_eq!(policy.rules[0].action, "FailJob");
         assert_eq!(fail_codes.values, vec![EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED]);
@@ -253,8 +321,17 @@ mod tests {
             let valid = validate(&ftj.spec, &config, &Facts::default()).expect("fixture is valid");
             let job = build_job(ftj, &valid, &config).expect("job builds");
             let c = &pod_spec(&job).containers[0];
-            let raw = c.env.iter().flatten().find(|e| e.name == TRAINER_JOB_ENV).and_then(|e| e.value.clone()).expect("job env");
-            serde_json::from_str::<TrainerJob>(&raw).expect("trainer job JSON").training.checkpoint_steps
+            let raw = c
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == TRAINER_JOB_ENV)
+                .and_then(|e| e.value.clone())
+                .expect("job env");
+            serde_json::from_str::<TrainerJob>(&raw)
+                .expect("trainer job JSON")
+                .training
+                .checkpoint_steps
         };
         let mut ftj = finetunejob("minimal.yaml");
         assert_eq!(steps(&ftj), Some(50));
@@ -268,6 +345,10 @@ mod tests {
         let c = &pod_spec(&job).containers[0];
         let r = c.resources.as_ref().expect("resources");
         assert!(r.limits.as_ref().is_none_or(|l| !l.contains_key("nvidia.com/gpu")));
-        assert!(c.env.iter().flatten().any(|e| e.name == "KUBETUNE_DEVICE" && e.value.as_deref() == Some("cpu")));
+        assert!(c
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "KUBETUNE_DEVICE" && e.value.as_deref() == Some("cpu")));
     }
 }

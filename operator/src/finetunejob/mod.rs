@@ -33,7 +33,10 @@ const PENDING_INTERVAL: Duration = Duration::from_secs(30);
 /// Reconciles one FineTuneJob. Idempotent: every step recomputes from what the API server holds.
 pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
-    let ns = ftj.namespace().ok_or_else(|| Error::MissingField { object: ftj.name_any(), field: "metadata.namespace" })?;
+    let ns = ftj.namespace().ok_or_else(|| Error::MissingField {
+        object: ftj.name_any(),
+        field: "metadata.namespace",
+    })?;
     let key = format!("{ns}/{}", ftj.name_any());
     if ftj.meta().deletion_timestamp.is_some() {
         // The Job and its pods go with the FineTuneJob through their owner references; the
@@ -53,8 +56,14 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
         Err(_) => jobs.get_opt(&build::job_name(&ftj)).await?,
     };
     let pod = newest_pod(&ctx, &ns, &ftj).await?;
-    let progress = match pod.as_ref().and_then(|p| p.status.as_ref()).and_then(|s| s.pod_ip.clone()) {
-        Some(ip) if pod.as_ref().is_some_and(is_running) => ctx.metrics_reader.read(&ip, ctx.config.trainer_metrics_port).await,
+    let progress = match pod
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.pod_ip.clone())
+    {
+        Some(ip) if pod.as_ref().is_some_and(is_running) => {
+            ctx.metrics_reader.read(&ip, ctx.config.trainer_metrics_port).await
+        }
         _ => None,
     };
 
@@ -74,11 +83,20 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
             "status": status,
         });
         let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&ftj.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        api.patch_status(
+            &ftj.name_any(),
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
     }
     if let Some(t) = transition {
         let event = Event {
-            type_: if t.warning { EventType::Warning } else { EventType::Normal },
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: t.reason,
             note: Some(truncate(&t.message, 1024)),
             action: "Reconcile".into(),
@@ -144,13 +162,25 @@ async fn gpu_memory_mib(ftj: &FineTuneJob, ctx: &Context) -> Result<Option<u64>>
     Ok(list
         .items
         .iter()
-        .filter_map(|n| n.metadata.labels.as_ref()?.get(&ctx.config.gpu_memory_label)?.parse::<u64>().ok())
+        .filter_map(|n| {
+            n.metadata
+                .labels
+                .as_ref()?
+                .get(&ctx.config.gpu_memory_label)?
+                .parse::<u64>()
+                .ok()
+        })
         .max())
 }
 
 /// Creates the trainer Job, or re-applies it with the pod template it already has: a Job's
 /// template is immutable, while suspend and the deadlines may change.
-async fn apply_job(jobs: &Api<Job>, ftj: &FineTuneJob, valid: &validate::ValidFineTuneJob, ctx: &Context) -> Result<Job> {
+async fn apply_job(
+    jobs: &Api<Job>,
+    ftj: &FineTuneJob,
+    valid: &validate::ValidFineTuneJob,
+    ctx: &Context,
+) -> Result<Job> {
     let mut desired = build_job(ftj, valid, &ctx.config)?;
     let name = build::job_name(ftj);
     if let Some(existing) = jobs.get_opt(&name).await? {
@@ -162,12 +192,20 @@ async fn apply_job(jobs: &Api<Job>, ftj: &FineTuneJob, valid: &validate::ValidFi
             return Ok(existing);
         }
     }
-    Ok(jobs.patch(&name, &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&desired)).await?)
+    Ok(jobs
+        .patch(
+            &name,
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await?)
 }
 
 /// Whether the mutable fields we own differ.
 fn job_needs_update(existing: &Job, desired: &Job) -> bool {
-    let (Some(e), Some(d)) = (existing.spec.as_ref(), desired.spec.as_ref()) else { return true };
+    let (Some(e), Some(d)) = (existing.spec.as_ref(), desired.spec.as_ref()) else {
+        return true;
+    };
     e.suspend != d.suspend
         || e.active_deadline_seconds != d.active_deadline_seconds
         || e.ttl_seconds_after_finished != d.ttl_seconds_after_finished
@@ -176,8 +214,13 @@ fn job_needs_update(existing: &Job, desired: &Job) -> bool {
 
 async fn newest_pod(ctx: &Context, ns: &str, ftj: &FineTuneJob) -> Result<Option<Pod>> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels(&format!("{FINETUNEJOB_LABEL}={}", ftj.name_any()))).await?;
-    Ok(list.items.into_iter().max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0)))
+    let list = pods
+        .list(&ListParams::default().labels(&format!("{FINETUNEJOB_LABEL}={}", ftj.name_any())))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0)))
 }
 
 fn is_running(pod: &Pod) -> bool {

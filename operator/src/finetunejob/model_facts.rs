@@ -90,7 +90,8 @@ mod tests {
 
     #[test]
     fn reads_a_gqa_config_and_defaults_kv_heads() {
-        let qwen = br#"{"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        let qwen =
+            br#"{"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
             "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": true, "model_type": "qwen2"}"#;
         let s = parse_model_shape(qwen).expect("valid");
         assert_eq!((s.num_key_value_heads, s.tie_word_embeddings), (2, true));
@@ -110,8 +111,15 @@ mod tests {
         let shape = shapes.get(&uri, BTreeMap::new()).await.expect("read");
         assert_eq!(shape.hidden_size, 64);
         std::fs::remove_file(dir.join("config.json")).expect("remove");
-        assert_eq!(shapes.get(&uri, BTreeMap::new()).await, Some(shape), "served from memory");
-        assert_eq!(shapes.get("file:///nonexistent/kubetune-model", BTreeMap::new()).await, None);
+        assert_eq!(
+            shapes.get(&uri, BTreeMap::new()).await,
+            Some(shape),
+            "served from memory"
+        );
+        assert_eq!(
+            shapes.get("file:///nonexistent/kubetune-model", BTreeMap::new()).await,
+            None
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

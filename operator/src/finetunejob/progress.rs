@@ -17,7 +17,9 @@ pub struct MetricsReader {
 
 impl Default for MetricsReader {
     fn default() -> Self {
-        Self { http: PodHttp::new(Duration::from_secs(3)) }
+        Self {
+            http: PodHttp::new(Duration::from_secs(3)),
+        }
     }
 }
 
@@ -57,7 +59,9 @@ pub fn parse_progress(text: &str) -> Option<TrainingProgress> {
         tokens_per_second,
         eta: None,
         display: None,
-        resumed_from_step: value("kubetune_train_resumed_from_step").filter(|s| *s > 0.0).map(|s| s as u64),
+        resumed_from_step: value("kubetune_train_resumed_from_step")
+            .filter(|s| *s > 0.0)
+            .map(|s| s as u64),
     })
 }
 

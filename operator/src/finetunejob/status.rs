@@ -37,12 +37,19 @@ pub struct Transition {
 pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
     let old = o.ftj.status.clone().unwrap_or_default();
     let generation = o.ftj.metadata.generation;
-    let mut status = FineTuneJobStatus { observed_generation: generation, ..old.clone() };
+    let mut status = FineTuneJobStatus {
+        observed_generation: generation,
+        ..old.clone()
+    };
     let (phase, reason, message) = phase_of(o, &old, &mut status);
     status.phase = Some(phase);
 
     if matches!(phase, FineTuneJobPhase::Running) && status.start_time.is_none() {
-        status.start_time = o.job.and_then(|j| j.status.as_ref()).and_then(|s| s.start_time.clone()).or(Some(o.now.clone()));
+        status.start_time = o
+            .job
+            .and_then(|j| j.status.as_ref())
+            .and_then(|s| s.start_time.clone())
+            .or(Some(o.now.clone()));
     }
     if matches!(phase, FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed) && status.completion_time.is_none() {
         status.completion_time = Some(o.now.clone());
@@ -50,7 +57,11 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
     if let Some(p) = o.progress.clone() {
         status.progress = Some(with_display(with_eta(p, status.start_time.as_ref(), &o.now)));
     }
-    status.retries = o.job.and_then(|j| j.status.as_ref()).and_then(|s| s.failed).filter(|n| *n > 0);
+    status.retries = o
+        .job
+        .and_then(|j| j.status.as_ref())
+        .and_then(|s| s.failed)
+        .filter(|n| *n > 0);
 
     let now = &o.now;
     let is = |p: FineTuneJobPhase| phase == p;
@@ -65,25 +76,44 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
         (FAILED, is(FineTuneJobPhase::Failed)),
     ] {
         let current = type_ == READY || value;
-        let (r, m) = if current { (reason.as_str(), message.clone()) } else { (elsewhere.as_str(), String::new()) };
-        set_condition(&mut status.conditions, condition(type_, value, r, m, generation, now.clone()));
+        let (r, m) = if current {
+            (reason.as_str(), message.clone())
+        } else {
+            (elsewhere.as_str(), String::new())
+        };
+        set_condition(
+            &mut status.conditions,
+            condition(type_, value, r, m, generation, now.clone()),
+        );
     }
 
     let transition = (old.phase != Some(phase)).then(|| Transition {
         warning: phase == FineTuneJobPhase::Failed,
         reason: reason.clone(),
-        message: if message.is_empty() { format!("FineTuneJob is {phase:?}") } else { message.clone() },
+        message: if message.is_empty() {
+            format!("FineTuneJob is {phase:?}")
+        } else {
+            message.clone()
+        },
     });
     (status, transition)
 }
 
-fn phase_of(o: &Observed, old: &FineTuneJobStatus, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, String, String) {
+fn phase_of(
+    o: &Observed,
+    old: &FineTuneJobStatus,
+    status: &mut FineTuneJobStatus,
+) -> (FineTuneJobPhase, String, String) {
     use FineTuneJobPhase::*;
     // A finished job stays finished, also after its Job is garbage-collected by the TTL.
     if let Some(done @ (Succeeded | Failed)) = old.phase {
         if o.job.is_none() || o.invalid.is_some() {
             let c = old.conditions.iter().find(|c| c.type_ == READY);
-            return (done, c.map(|c| c.reason.clone()).unwrap_or_default(), c.map(|c| c.message.clone()).unwrap_or_default());
+            return (
+                done,
+                c.map(|c| c.reason.clone()).unwrap_or_default(),
+                c.map(|c| c.message.clone()).unwrap_or_default(),
+            );
         }
     }
     if let Some(invalid) = o.invalid {
@@ -93,8 +123,16 @@ fn phase_of(o: &Observed, old: &FineTuneJobStatus, status: &mut FineTuneJobStatu
     if let Some(job) = o.job {
         if job_condition(job, "Complete") || job_condition(job, "SuccessCriteriaMet") {
             return match outcome {
-                Some(TrainerOutcome::Succeeded { adapter, train_loss, eval_loss, resumed_from_step }) => {
-                    let message = format!("published {}", adapter.reference.clone().unwrap_or_else(|| adapter.uri.clone()));
+                Some(TrainerOutcome::Succeeded {
+                    adapter,
+                    train_loss,
+                    eval_loss,
+                    resumed_from_step,
+                }) => {
+                    let message = format!(
+                        "published {}",
+                        adapter.reference.clone().unwrap_or_else(|| adapter.uri.clone())
+                    );
                     status.adapter = Some(adapter);
                     let progress = status.progress.get_or_insert_with(Default::default);
                     progress.train_loss = train_loss.or(progress.train_loss);
@@ -106,13 +144,21 @@ fn phase_of(o: &Observed, old: &FineTuneJobStatus, status: &mut FineTuneJobStatu
                     (Succeeded, "AdapterPublished".into(), message)
                 }
                 _ if status.adapter.is_some() => (Succeeded, "AdapterPublished".into(), String::new()),
-                _ => (Succeeded, "OutcomeUnknown".into(), "the trainer finished but its termination message names no adapter".into()),
+                _ => (
+                    Succeeded,
+                    "OutcomeUnknown".into(),
+                    "the trainer finished but its termination message names no adapter".into(),
+                ),
             };
         }
         if let Some(failed) = job_failure(job) {
             return match outcome {
                 Some(TrainerOutcome::Failed { reason, message }) => (Failed, reason, message),
-                _ if o.pod.is_some_and(oom_killed) => (Failed, "OutOfMemory".into(), "the trainer was killed for using too much memory".into()),
+                _ if o.pod.is_some_and(oom_killed) => (
+                    Failed,
+                    "OutOfMemory".into(),
+                    "the trainer was killed for using too much memory".into(),
+                ),
                 _ => (Failed, failed.0, failed.1),
             };
         }
@@ -136,8 +182,13 @@ fn job_condition(job: &Job, type_: &str) -> bool {
 /// The Job's own failure reason (BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy), if it failed.
 fn job_failure(job: &Job) -> Option<(String, String)> {
     let conditions = job.status.as_ref()?.conditions.as_ref()?;
-    let c = conditions.iter().find(|c| (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True")?;
-    Some((c.reason.clone().unwrap_or_else(|| "JobFailed".into()), c.message.clone().unwrap_or_default()))
+    let c = conditions
+        .iter()
+        .find(|c| (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True")?;
+    Some((
+        c.reason.clone().unwrap_or_else(|| "JobFailed".into()),
+        c.message.clone().unwrap_or_default(),
+    ))
 }
 
 fn pod_running(pod: &Pod) -> bool {
@@ -199,12 +250,16 @@ mod tests {
     }
 
     fn job(conditions: serde_json::Value) -> Job {
-        serde_json::from_value(json!({"metadata": {"name": "x"}, "spec": {"template": {}}, "status": {"conditions": conditions}}))
-            .expect("job")
+        serde_json::from_value(
+            json!({"metadata": {"name": "x"}, "spec": {"template": {}}, "status": {"conditions": conditions}}),
+        )
+        .expect("job")
     }
 
     fn pod(phase: &str, terminated: Option<serde_json::Value>) -> Pod {
-        let state = terminated.map(|t| json!({"terminated": t})).unwrap_or(json!({"running": {}}));
+        let state = terminated
+            .map(|t| json!({"terminated": t}))
+            .unwrap_or(json!({"running": {}}));
         serde_json::from_value(json!({
             "metadata": {"name": "x-abc"},
             "status": {"phase": phase, "podIP": "127.0.1.2", "containerStatuses": [{
@@ -221,7 +276,14 @@ mod tests {
     #[test]
     fn no_job_yet_is_pending() {
         let ftj = finetunejob("minimal.yaml");
-        let (s, t) = derive_status(&Observed { ftj: &ftj, invalid: None, job: None, pod: None, progress: None, now: at(0) });
+        let (s, t) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: None,
+            pod: None,
+            progress: None,
+            now: at(0),
+        });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Pending));
         assert_eq!(s.observed_generation, Some(1));
         assert_eq!(cond(&s, READY).status, "False");
@@ -233,11 +295,26 @@ mod tests {
         let ftj = finetunejob("minimal.yaml");
         let j = job(json!([]));
         let p = pod("Running", None);
-        let progress = TrainingProgress { step: 25, total_steps: 100, train_loss: Some(1.5), ..Default::default() };
-        let (s, _) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: Some(progress), now: at(10) });
+        let progress = TrainingProgress {
+            step: 25,
+            total_steps: 100,
+            train_loss: Some(1.5),
+            ..Default::default()
+        };
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: Some(progress),
+            now: at(10),
+        });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Running));
         assert_eq!(cond(&s, RUNNING).status, "True");
-        assert_eq!((cond(&s, FAILED).status.as_str(), cond(&s, FAILED).reason.as_str()), ("False", "Running"));
+        assert_eq!(
+            (cond(&s, FAILED).status.as_str(), cond(&s, FAILED).reason.as_str()),
+            ("False", "Running")
+        );
         let p = s.progress.expect("progress");
         assert_eq!(p.display.as_deref(), Some("25/100 (25%)"));
         assert_eq!(s.start_time, Some(at(10)));
@@ -245,14 +322,27 @@ mod tests {
 
     #[test]
     fn eta_from_average_step_time() {
-        let p = TrainingProgress { step: 10, total_steps: 40, ..Default::default() };
+        let p = TrainingProgress {
+            step: 10,
+            total_steps: 40,
+            ..Default::default()
+        };
         assert_eq!(with_eta(p, Some(&at(0)), &at(20)).eta.as_deref(), Some("1m0s"));
     }
 
     #[test]
     fn display_rounds_for_people() {
-        let p = with_display(TrainingProgress { step: 50, total_steps: 200, train_loss: Some(0.346804816), tokens_per_second: Some(5589.4290), ..Default::default() });
-        assert_eq!((p.display.as_deref(), p.train_loss, p.tokens_per_second), (Some("50/200 (25%)"), Some(0.3468), Some(5589.4)));
+        let p = with_display(TrainingProgress {
+            step: 50,
+            total_steps: 200,
+            train_loss: Some(0.346804816),
+            tokens_per_second: Some(5589.4290),
+            ..Default::default()
+        });
+        assert_eq!(
+            (p.display.as_deref(), p.train_loss, p.tokens_per_second),
+            (Some("50/200 (25%)"), Some(0.3468), Some(5589.4))
+        );
     }
 
     #[test]
@@ -260,8 +350,18 @@ mod tests {
         let ftj = finetunejob("minimal.yaml");
         let j = job(json!([{"type": "Complete", "status": "True"}]));
         let message = json!({"result": "succeeded", "adapter": {"name": "minimal", "version": 2, "uri": "s3://r/adapters/minimal/v2", "digest": "sha256:ab", "reference": "minimal@v2"}, "trainLoss": 0.5, "resumedFromStep": 40}).to_string();
-        let p = pod("Succeeded", Some(json!({"exitCode": 0, "reason": "Completed", "message": message})));
-        let (s, t) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: None, now: at(99) });
+        let p = pod(
+            "Succeeded",
+            Some(json!({"exitCode": 0, "reason": "Completed", "message": message})),
+        );
+        let (s, t) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(99),
+        });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Succeeded));
         assert_eq!(s.adapter.as_ref().map(|a| a.version), Some(2));
         assert_eq!(cond(&s, READY).status, "True");
@@ -276,11 +376,24 @@ mod tests {
         let ftj = finetunejob("minimal.yaml");
         let j = job(json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]));
         let message = json!({"result": "failed", "reason": "DatasetInvalid", "message": "s3://d/train.jsonl line 7: missing field response"}).to_string();
-        let p = pod("Failed", Some(json!({"exitCode": 2, "reason": "Error", "message": message})));
-        let (s, t) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: None, now: at(5) });
+        let p = pod(
+            "Failed",
+            Some(json!({"exitCode": 2, "reason": "Error", "message": message})),
+        );
+        let (s, t) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(5),
+        });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Failed));
         let failed = cond(&s, FAILED);
-        assert_eq!((failed.status.as_str(), failed.reason.as_str()), ("True", "DatasetInvalid"));
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str()),
+            ("True", "DatasetInvalid")
+        );
         assert!(failed.message.contains("line 7"));
         assert!(t.is_some_and(|t| t.warning));
     }
@@ -288,21 +401,47 @@ mod tests {
     #[test]
     fn job_reasons_and_oom_when_the_trainer_said_nothing() {
         let ftj = finetunejob("minimal.yaml");
-        let j = job(json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]));
-        let (s, _) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: None, progress: None, now: at(5) });
+        let j = job(
+            json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]),
+        );
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: None,
+            progress: None,
+            now: at(5),
+        });
         assert_eq!(cond(&s, FAILED).reason, "DeadlineExceeded");
 
         let j = job(json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]));
         let p = pod("Failed", Some(json!({"exitCode": 137, "reason": "OOMKilled"})));
-        let (s, _) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: None, now: at(5) });
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(5),
+        });
         assert_eq!(cond(&s, FAILED).reason, "OutOfMemory");
     }
 
     #[test]
     fn invalid_spec_fails_with_its_reason() {
         let ftj = finetunejob("minimal.yaml");
-        let invalid = Invalid { reason: "InsufficientGPUMemory", message: "needs more".into() };
-        let (s, _) = derive_status(&Observed { ftj: &ftj, invalid: Some(&invalid), job: None, pod: None, progress: None, now: at(0) });
+        let invalid = Invalid {
+            reason: "InsufficientGPUMemory",
+            message: "needs more".into(),
+        };
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: Some(&invalid),
+            job: None,
+            pod: None,
+            progress: None,
+            now: at(0),
+        });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Failed));
         assert_eq!(cond(&s, READY).reason, "InsufficientGPUMemory");
     }
@@ -312,7 +451,14 @@ mod tests {
         let ftj = finetunejob("minimal.yaml");
         let mut j = job(json!([]));
         j.spec.as_mut().expect("spec").suspend = Some(true);
-        let (s, _) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: None, progress: None, now: at(0) });
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: None,
+            progress: None,
+            now: at(0),
+        });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Suspended));
     }
 
@@ -320,11 +466,26 @@ mod tests {
     fn finished_status_survives_the_job_ttl_and_is_stable() {
         let mut ftj = finetunejob("minimal.yaml");
         let j = job(json!([{"type": "Complete", "status": "True"}]));
-        let message = json!({"result": "succeeded", "adapter": {"name": "m", "version": 1, "uri": "u", "digest": "d"}}).to_string();
+        let message = json!({"result": "succeeded", "adapter": {"name": "m", "version": 1, "uri": "u", "digest": "d"}})
+            .to_string();
         let p = pod("Succeeded", Some(json!({"exitCode": 0, "message": message})));
-        let (done, _) = derive_status(&Observed { ftj: &ftj, invalid: None, job: Some(&j), pod: Some(&p), progress: None, now: at(1) });
+        let (done, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(1),
+        });
         ftj.status = Some(done.clone());
-        let (later, t) = derive_status(&Observed { ftj: &ftj, invalid: None, job: None, pod: None, progress: None, now: at(500) });
+        let (later, t) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: None,
+            pod: None,
+            progress: None,
+            now: at(500),
+        });
         assert_eq!(later, done, "nothing changes once finished, not even timestamps");
         assert!(t.is_none());
     }

@@ -63,7 +63,8 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         .or_else(|| config.default_registry.clone())
         .ok_or_else(|| Invalid {
             reason: "InvalidSpec",
-            message: "spec.output.registry: not set, and the operator has no default registry (--default-registry)".into(),
+            message: "spec.output.registry: not set, and the operator has no default registry (--default-registry)"
+                .into(),
         })?;
     if registry.starts_with("hf://") {
         return Err(Invalid {
@@ -78,11 +79,17 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             r: spec.lora.r,
             alpha: spec.lora.alpha,
             dropout: spec.lora.dropout.unwrap_or(0.0),
-            target_modules: spec.lora.target_modules.clone().unwrap_or_else(|| vec![TargetModule::QProj, TargetModule::VProj]),
+            target_modules: spec
+                .lora
+                .target_modules
+                .clone()
+                .unwrap_or_else(|| vec![TargetModule::QProj, TargetModule::VProj]),
         },
         quantization: spec.quantization.as_ref().map(|q| TrainerQuantization {
             bits: q.bits,
-            quant_type: q.quant_type.unwrap_or(if q.bits == 8 { QuantType::Int8 } else { QuantType::Nf4 }),
+            quant_type: q
+                .quant_type
+                .unwrap_or(if q.bits == 8 { QuantType::Int8 } else { QuantType::Nf4 }),
             double_quant: q.double_quant.unwrap_or(true),
         }),
         dataset: TrainerDataset {
@@ -117,7 +124,9 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
 /// GPUs the pod will request: the spec's limit (or request) of the GPU resource; one GPU when
 /// the spec sets no resources at all; none when it sets resources without a GPU (CPU training).
 pub fn requested_gpus(spec: &FineTuneJobSpec, gpu_resource: &str) -> u64 {
-    let Some(resources) = spec.placement.resources.as_ref() else { return 1 };
+    let Some(resources) = spec.placement.resources.as_ref() else {
+        return 1;
+    };
     [resources.limits.as_ref(), resources.requests.as_ref()]
         .into_iter()
         .flatten()
@@ -130,7 +139,9 @@ pub fn requested_gpus(spec: &FineTuneJobSpec, gpu_resource: &str) -> u64 {
 /// than letting the pod be scheduled and die of OOM. Only when both the node's GPU memory and
 /// the model's shape are known.
 fn check_gpu_memory(job: &ValidFineTuneJob, facts: &Facts) -> Result<(), Invalid> {
-    let (Some(gpu_mib), Some(model)) = (facts.gpu_memory_mib, facts.model.as_ref()) else { return Ok(()) };
+    let (Some(gpu_mib), Some(model)) = (facts.gpu_memory_mib, facts.model.as_ref()) else {
+        return Ok(());
+    };
     if job.gpus == 0 {
         return Ok(());
     }
@@ -213,8 +224,18 @@ mod tests {
     fn defaults_are_filled_in() {
         let ftj = finetunejob("minimal.yaml");
         let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
-        assert_eq!(valid.lora.target_modules, vec![TargetModule::QProj, TargetModule::VProj]);
-        assert_eq!((valid.training.batch_size, valid.training.gradient_accumulation_steps, valid.training.max_seq_length), (4, 1, 512));
+        assert_eq!(
+            valid.lora.target_modules,
+            vec![TargetModule::QProj, TargetModule::VProj]
+        );
+        assert_eq!(
+            (
+                valid.training.batch_size,
+                valid.training.gradient_accumulation_steps,
+                valid.training.max_seq_length
+            ),
+            (4, 1, 512)
+        );
         assert_eq!(valid.training.scheduler, LrScheduler::Linear);
         assert_eq!(valid.registry, "s3://kubetune/registry");
         assert_eq!(valid.image, "kubetune/trainer:test");
@@ -225,7 +246,10 @@ mod tests {
     #[test]
     fn a_registry_is_required_from_spec_or_operator() {
         let ftj = finetunejob("minimal.yaml");
-        let config = OperatorConfig { default_registry: None, ..OperatorConfig::for_tests() };
+        let config = OperatorConfig {
+            default_registry: None,
+            ..OperatorConfig::for_tests()
+        };
         let err = validate(&ftj.spec, &config, &Facts::default()).expect_err("no registry");
         assert_eq!(err.reason, "InvalidSpec");
         assert!(err.message.starts_with("spec.output.registry"), "{}", err.message);
@@ -248,9 +272,13 @@ mod tests {
 
     #[test]
     fn lora_of_an_8b_model_does_not_fit_a_24gib_gpu_but_qlora_does() {
-        let facts = Facts { gpu_memory_mib: Some(24576), model: Some(llama_8b()) };
+        let facts = Facts {
+            gpu_memory_mib: Some(24576),
+            model: Some(llama_8b()),
+        };
         let lora = finetunejob("minimal.yaml");
-        let err = validate(&lora.spec, &OperatorConfig::for_tests(), &facts).expect_err("bf16 8B + activations > 24 GiB");
+        let err =
+            validate(&lora.spec, &OperatorConfig::for_tests(), &facts).expect_err("bf16 8B + activations > 24 GiB");
         assert_eq!(err.reason, "InsufficientGPUMemory");
         assert!(err.message.contains("24576 MiB"), "{}", err.message);
 
@@ -260,8 +288,12 @@ mod tests {
 
     #[test]
     fn unknown_gpu_memory_skips_the_check() {
-        let facts = Facts { gpu_memory_mib: None, model: Some(llama_8b()) };
-        validate(&finetunejob("minimal.yaml").spec, &OperatorConfig::for_tests(), &facts).expect("nothing to compare with");
+        let facts = Facts {
+            gpu_memory_mib: None,
+            model: Some(llama_8b()),
+        };
+        validate(&finetunejob("minimal.yaml").spec, &OperatorConfig::for_tests(), &facts)
+            .expect("nothing to compare with");
     }
 
     #[test]
@@ -270,7 +302,10 @@ mod tests {
         let lora = validate(&finetunejob("minimal.yaml").spec, &config, &Facts::default()).expect("valid");
         let mut bigger = lora.clone();
         bigger.training.batch_size *= 4;
-        let qlora = ValidFineTuneJob { method: FineTuneMethod::Qlora, ..lora.clone() };
+        let qlora = ValidFineTuneJob {
+            method: FineTuneMethod::Qlora,
+            ..lora.clone()
+        };
         let m = llama_8b();
         assert!(estimate_training_memory_mib(&bigger, &m) > estimate_training_memory_mib(&lora, &m));
         assert!(estimate_training_memory_mib(&qlora, &m) < estimate_training_memory_mib(&lora, &m));
@@ -286,8 +321,14 @@ mod tests {
         let checkpointed = validate(&spec, &config, &Facts::default()).expect("valid");
         assert!(checkpointed.training.gradient_checkpointing);
         let m = llama_8b();
-        let (with, without) = (estimate_training_memory_mib(&checkpointed, &m), estimate_training_memory_mib(&plain, &m));
+        let (with, without) = (
+            estimate_training_memory_mib(&checkpointed, &m),
+            estimate_training_memory_mib(&plain, &m),
+        );
         // Batch 4 x 512 of an 8B model keeps about 18 GiB of activations without it.
-        assert!(without - with > 16 * 1024, "{with} MiB with checkpointing vs {without} MiB without");
+        assert!(
+            without - with > 16 * 1024,
+            "{with} MiB with checkpointing vs {without} MiB without"
+        );
     }
 }

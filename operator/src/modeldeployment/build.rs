@@ -50,15 +50,25 @@ fn labels(md: &ModelDeployment) -> BTreeMap<String, String> {
 
 /// The Service URL clients use, as status.endpoint reports it.
 pub fn endpoint(md: &ModelDeployment) -> String {
-    format!("http://{}.{}.svc:{SERVER_PORT}/v1", md.name_any(), md.namespace().unwrap_or_default())
+    format!(
+        "http://{}.{}.svc:{SERVER_PORT}/v1",
+        md.name_any(),
+        md.namespace().unwrap_or_default()
+    )
 }
 
 /// Builds every child. `registry` is the resolved registry root; `serving` the adapters pods load at start.
-pub fn build_children(md: &ModelDeployment, config: &OperatorConfig, registry: &str, serving: &AdaptersFile) -> Result<Children> {
+pub fn build_children(
+    md: &ModelDeployment,
+    config: &OperatorConfig,
+    registry: &str,
+    serving: &AdaptersFile,
+) -> Result<Children> {
     let ser = |what: &'static str| move |source| Error::Serialize { what, source };
-    let owner = md
-        .controller_owner_ref(&())
-        .ok_or_else(|| Error::MissingField { object: format!("ModelDeployment {}", md.name_any()), field: "metadata.uid" })?;
+    let owner = md.controller_owner_ref(&()).ok_or_else(|| Error::MissingField {
+        object: format!("ModelDeployment {}", md.name_any()),
+        field: "metadata.uid",
+    })?;
     let meta = |name: String| json!({"name": name, "namespace": md.namespace(), "labels": labels(md), "ownerReferences": [owner]});
     let spec = &md.spec;
 
@@ -72,13 +82,22 @@ pub fn build_children(md: &ModelDeployment, config: &OperatorConfig, registry: &
 
     let server = spec.server.clone().unwrap_or_default();
     let mut args: Vec<String> = vec![
-        "--model".into(), spec.base_model.uri.clone(),
-        "--listen".into(), format!("$(POD_IP):{SERVER_PORT}"),
-        "--registry".into(), registry.to_string(),
-        "--adapters-file".into(), ADAPTERS_FILE.into(),
-        "--cache-dir".into(), CACHE_PATH.into(),
+        "--model".into(),
+        spec.base_model.uri.clone(),
+        "--listen".into(),
+        format!("$(POD_IP):{SERVER_PORT}"),
+        "--registry".into(),
+        registry.to_string(),
+        "--adapters-file".into(),
+        ADAPTERS_FILE.into(),
+        "--cache-dir".into(),
+        CACHE_PATH.into(),
     ];
-    let numeric = [("--max-batch", server.max_batch_size), ("--max-context", server.max_context_length), ("--max-queue", server.max_queue)];
+    let numeric = [
+        ("--max-batch", server.max_batch_size),
+        ("--max-context", server.max_context_length),
+        ("--max-queue", server.max_queue),
+    ];
     for (flag, value) in numeric {
         if let Some(v) = value {
             args.extend([flag.to_string(), v.to_string()]);
@@ -90,7 +109,11 @@ pub fn build_children(md: &ModelDeployment, config: &OperatorConfig, registry: &
     if let Some(q) = server.quantize {
         args.extend(["--quantize".to_string(), q.as_flag().to_string()]);
     }
-    let env_from: Vec<Value> = spec.storage_secret_ref.iter().map(|s| json!({"secretRef": {"name": s.name}})).collect();
+    let env_from: Vec<Value> = spec
+        .storage_secret_ref
+        .iter()
+        .map(|s| json!({"secretRef": {"name": s.name}}))
+        .collect();
     let resources = resources_or_one_gpu(&spec.placement, &config.gpu_resource)?;
     let container = json!({
         "name": SERVER_CONTAINER,
@@ -154,7 +177,12 @@ pub fn build_children(md: &ModelDeployment, config: &OperatorConfig, registry: &
         ),
         _ => None,
     };
-    Ok(Children { config_map, deployment, service, pdb })
+    Ok(Children {
+        config_map,
+        deployment,
+        service,
+        pdb,
+    })
 }
 
 #[cfg(test)]
@@ -164,20 +192,36 @@ mod tests {
     use kubetune_crds::server_contract::ServedAdapter;
 
     fn serving() -> AdaptersFile {
-        AdaptersFile { adapters: vec![ServedAdapter { name: "support-bot".into(), source: "support-bot@2".into(), version: 2, digest: "sha256:ab".into() }] }
+        AdaptersFile {
+            adapters: vec![ServedAdapter {
+                name: "support-bot".into(),
+                source: "support-bot@2".into(),
+                version: 2,
+                digest: "sha256:ab".into(),
+            }],
+        }
     }
 
     #[test]
     fn adapter_versions_live_in_the_config_map_not_the_pod_template() {
         let md = modeldeployment("modeldeployment.yaml");
-        let c = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
-        let data = c.config_map.data.as_ref().and_then(|d| d.get("adapters.json")).expect("adapters.json");
+        let c =
+            build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let data = c
+            .config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("adapters.json"))
+            .expect("adapters.json");
         let file: AdaptersFile = serde_json::from_str(data).expect("adapters file");
         assert_eq!(file, serving());
 
         let other = AdaptersFile { adapters: vec![] };
         let c2 = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &other).expect("builds");
-        assert_eq!(c.deployment.spec, c2.deployment.spec, "a new adapter version must not roll the pods");
+        assert_eq!(
+            c.deployment.spec, c2.deployment.spec,
+            "a new adapter version must not roll the pods"
+        );
     }
 
     #[test]
@@ -186,28 +230,56 @@ mod tests {
         let mut server = md.spec.server.clone().unwrap_or_default();
         server.quantize = Some(kubetune_crds::ServerQuantize::Int8);
         md.spec.server = Some(server);
-        let c = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
-        let pod = c.deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
+        let c =
+            build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let pod = c
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod");
         let args = pod.containers[0].args.clone().unwrap_or_default();
-        assert!(args.windows(2).any(|w| w[0] == "--quantize" && w[1] == "int8"), "{args:?}");
+        assert!(
+            args.windows(2).any(|w| w[0] == "--quantize" && w[1] == "int8"),
+            "{args:?}"
+        );
     }
 
     #[test]
     fn server_pods_are_probed_and_locked_down() {
         let md = modeldeployment("modeldeployment.yaml");
-        let c = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let c =
+            build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
         let spec = c.deployment.spec.as_ref().expect("spec");
         assert_eq!(spec.replicas, Some(1));
         let pod = spec.template.spec.as_ref().expect("pod");
         let server = &pod.containers[0];
-        let ready = server.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness");
+        let ready = server
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("readiness");
         assert_eq!(ready.path.as_deref(), Some("/ready"));
-        assert_eq!(server.security_context.as_ref().and_then(|s| s.read_only_root_filesystem), Some(true));
+        assert_eq!(
+            server
+                .security_context
+                .as_ref()
+                .and_then(|s| s.read_only_root_filesystem),
+            Some(true)
+        );
         let args = server.args.clone().unwrap_or_default();
-        assert!(args.windows(2).any(|w| w[0] == "--adapters-file" && w[1] == ADAPTERS_FILE));
+        assert!(args
+            .windows(2)
+            .any(|w| w[0] == "--adapters-file" && w[1] == ADAPTERS_FILE));
         assert!(args.windows(2).any(|w| w[0] == "--max-batch" && w[1] == "16"));
-        assert!(!args.iter().any(|a| a == "--quantize"), "no quantize flag unless the spec asks");
-        assert_eq!(c.service.spec.as_ref().and_then(|s| s.selector.clone()), Some(selector_labels(&md)));
+        assert!(
+            !args.iter().any(|a| a == "--quantize"),
+            "no quantize flag unless the spec asks"
+        );
+        assert_eq!(
+            c.service.spec.as_ref().and_then(|s| s.selector.clone()),
+            Some(selector_labels(&md))
+        );
         assert!(c.pdb.is_none());
         assert_eq!(endpoint(&md), "http://support.team-a.svc:8000/v1");
     }

@@ -12,10 +12,15 @@ use std::collections::BTreeMap;
 pub fn parse(text: &str, pod: &str) -> BTreeMap<String, ServingCounters> {
     let mut out: BTreeMap<String, ServingCounters> = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, labels, value)) = split_sample(line) else { continue };
+        let Some((name, labels, value)) = split_sample(line) else {
+            continue;
+        };
         let Some(model) = label(labels, "model") else { continue };
         let adapter = model.split('@').next().unwrap_or(model).to_string();
-        let entry = || ServingCounters { pod: pod.to_string(), ..Default::default() };
+        let entry = || ServingCounters {
+            pod: pod.to_string(),
+            ..Default::default()
+        };
         match name {
             "kubetune_server_requests_total" => {
                 let c = out.entry(adapter).or_insert_with(entry);
@@ -82,12 +87,25 @@ kubetune_server_request_duration_seconds_count{model="bot"} 100
         let parsed = parse(TEXT, "pod-a");
         let bot = &parsed["bot"];
         assert_eq!((bot.pod.as_str(), bot.requests, bot.errors), ("pod-a", 100.0, 3.0));
-        assert_eq!(bot.latency, vec![LatencyBucket { le: Some(0.5), count: 80.0 }, LatencyBucket { le: None, count: 100.0 }]);
+        assert_eq!(
+            bot.latency,
+            vec![
+                LatencyBucket {
+                    le: Some(0.5),
+                    count: 80.0
+                },
+                LatencyBucket { le: None, count: 100.0 }
+            ]
+        );
         assert_eq!(parsed["other"].requests, 7.0);
     }
 
     #[test]
     fn ignores_lines_it_does_not_understand() {
-        assert!(parse("garbage\nkubetune_server_requests_total{model=\"bot\"} notanumber\n", "p").is_empty());
+        assert!(parse(
+            "garbage\nkubetune_server_requests_total{model=\"bot\"} notanumber\n",
+            "p"
+        )
+        .is_empty());
     }
 }

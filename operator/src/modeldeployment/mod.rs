@@ -32,7 +32,10 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
-    let ns = md.namespace().ok_or_else(|| Error::MissingField { object: md.name_any(), field: "metadata.namespace" })?;
+    let ns = md.namespace().ok_or_else(|| Error::MissingField {
+        object: md.name_any(),
+        field: "metadata.namespace",
+    })?;
     if md.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -78,7 +81,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     for Step::Load { pod, adapter } in the_plan.steps.clone() {
         if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter).await {
             tracing::warn!(modeldeployment = %key, %pod, adapter = %adapter.source, %message, "adapter load failed");
-            if let Some(r) = the_plan.rollouts.iter_mut().find(|r| r.adapter == adapter.name && r.to_version == adapter.version) {
+            if let Some(r) = the_plan
+                .rollouts
+                .iter_mut()
+                .find(|r| r.adapter == adapter.name && r.to_version == adapter.version)
+            {
                 r.failed_attempts = Some(r.failed_attempts.unwrap_or(0) + 1);
                 r.message = Some(message);
             }
@@ -105,17 +112,37 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         now,
     };
     let new_status = status::derive_status(&observed);
-    let old_state = md.status.as_ref().and_then(|s| s.rollout.as_ref()).map(|r| (r.state, r.to_version));
+    let old_state = md
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.as_ref())
+        .map(|r| (r.state, r.to_version));
     if md.status.as_ref() != Some(&new_status) {
-        let patch = serde_json::json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "status": new_status});
+        let patch =
+            serde_json::json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "status": new_status});
         let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(&md.name_any(), &params, &Patch::Apply(&patch)).await?;
     }
-    if let Some(r) = new_status.rollout.as_ref().filter(|r| old_state != Some((r.state, r.to_version))) {
+    if let Some(r) = new_status
+        .rollout
+        .as_ref()
+        .filter(|r| old_state != Some((r.state, r.to_version)))
+    {
         let event = Event {
-            type_: if r.state == RolloutState::Failed { EventType::Warning } else { EventType::Normal },
+            type_: if r.state == RolloutState::Failed {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: format!("Rollout{:?}", r.state),
-            note: Some(format!("{} v{} -> v{}: {:?}{}", r.adapter, r.from_version.unwrap_or(0), r.to_version, r.state, r.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())),
+            note: Some(format!(
+                "{} v{} -> v{}: {:?}{}",
+                r.adapter,
+                r.from_version.unwrap_or(0),
+                r.to_version,
+                r.state,
+                r.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+            )),
             action: "Rollout".into(),
             secondary: None,
         };
@@ -123,17 +150,26 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             tracing::warn!(modeldeployment = %key, error = %e, "could not publish event");
         }
     }
-    let ready = new_status.conditions.iter().any(|c| c.type_ == kubetune_crds::conditions::READY && c.status == "True");
-    ctx.metrics.set_modeldeployment(&ns, &md.name_any(), ready, new_status.rollout.as_ref().map(|r| r.state));
+    let ready = new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == kubetune_crds::conditions::READY && c.status == "True");
+    ctx.metrics
+        .set_modeldeployment(&ns, &md.name_any(), ready, new_status.rollout.as_ref().map(|r| r.state));
     ctx.backoff.succeeded(&key);
     // A rollout is followed closely; an adapter that is not there yet is looked for again soon;
     // otherwise pod restarts are caught by the periodic check.
-    let rolling = the_plan.rollouts.iter().any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
-    Ok(Action::requeue(Duration::from_secs(match (rolling, unresolved.is_empty()) {
-        (true, _) => 3,
-        (false, false) => 15,
-        (false, true) => 30,
-    })))
+    let rolling = the_plan
+        .rollouts
+        .iter()
+        .any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
+    Ok(Action::requeue(Duration::from_secs(
+        match (rolling, unresolved.is_empty()) {
+            (true, _) => 3,
+            (false, false) => 15,
+            (false, true) => 30,
+        },
+    )))
 }
 
 /// The versions pods load at start, from the adapters ConfigMap (none before the first apply).
@@ -144,12 +180,20 @@ async fn current_promoted(ctx: &Context, ns: &str, md: &ModelDeployment) -> Resu
     Ok(text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default())
 }
 
-async fn open_registry(ctx: &Context, ns: &str, md: &ModelDeployment, uri: &str) -> Result<Result<Registry, Unresolved>> {
+async fn open_registry(
+    ctx: &Context,
+    ns: &str,
+    md: &ModelDeployment,
+    uri: &str,
+) -> Result<Result<Registry, Unresolved>> {
     let mut vars = BTreeMap::new();
     if let Some(secret) = &md.spec.storage_secret_ref {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let Some(found) = api.get_opt(&secret.name).await? else {
-            return Ok(Err(Unresolved { reason: "SecretNotFound", message: format!("spec.storageSecretRef.name: Secret {ns}/{} does not exist", secret.name) }));
+            return Ok(Err(Unresolved {
+                reason: "SecretNotFound",
+                message: format!("spec.storageSecretRef.name: Secret {ns}/{} does not exist", secret.name),
+            }));
         };
         for (k, v) in found.data.unwrap_or_default() {
             if let Ok(v) = String::from_utf8(v.0) {
@@ -159,7 +203,10 @@ async fn open_registry(ctx: &Context, ns: &str, md: &ModelDeployment, uri: &str)
     }
     Ok(Storage::from_uri(uri, &Credentials::from_vars(vars))
         .map(Registry::open)
-        .map_err(|e| Unresolved { reason: "InvalidSpec", message: format!("spec.registry: {e}") }))
+        .map_err(|e| Unresolved {
+            reason: "InvalidSpec",
+            message: format!("spec.registry: {e}"),
+        }))
 }
 
 struct Pods {
@@ -170,7 +217,11 @@ struct Pods {
 /// What each server pod serves, asked of the pod itself.
 async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters: bool) -> Result<Pods> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let selector = selector_labels(md).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let selector = selector_labels(md)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut views = Vec::new();
     let mut ips = BTreeMap::new();
     for pod in api.list(&ListParams::default().labels(&selector)).await?.items {
@@ -179,7 +230,11 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters:
         }
         let name = pod.name_any();
         let status = pod.status.unwrap_or_default();
-        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+        let ready = status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
         let served = match (&status.pod_ip, ready) {
             (Some(ip), true) => {
                 ips.insert(name.clone(), ip.clone());
@@ -191,15 +246,31 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters:
             (Some(ip), true) => serving_counters(ctx, ip, &name).await,
             _ => BTreeMap::new(),
         };
-        views.push(PodView { name, ready, served, counters });
+        views.push(PodView {
+            name,
+            ready,
+            served,
+            counters,
+        });
     }
     Ok(Pods { views, ips })
 }
 
 async fn served_by(ctx: &Context, ip: &str) -> Option<BTreeMap<String, (u32, String)>> {
-    let reply = ctx.pod_http.send(Method::GET, ip, SERVER_PORT, "/v1/models", None).await.ok()?;
-    let list: ModelList = serde_json::from_slice(&reply.body).ok().filter(|_| reply.status == 200)?;
-    Some(list.data.into_iter().filter_map(|m| Some((m.id, (m.version?, m.digest?)))).collect())
+    let reply = ctx
+        .pod_http
+        .send(Method::GET, ip, SERVER_PORT, "/v1/models", None)
+        .await
+        .ok()?;
+    let list: ModelList = serde_json::from_slice(&reply.body)
+        .ok()
+        .filter(|_| reply.status == 200)?;
+    Some(
+        list.data
+            .into_iter()
+            .filter_map(|m| Some((m.id, (m.version?, m.digest?))))
+            .collect(),
+    )
 }
 
 /// A pod's request counters per adapter, from its /metrics; empty when it does not answer
@@ -235,27 +306,45 @@ fn rollout_policy(md: &ModelDeployment) -> Policy {
 async fn load(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter: &ServedAdapter) -> Result<(), String> {
     let ip = ips.get(pod).ok_or_else(|| format!("pod {pod} has no IP"))?;
     let body = serde_json::to_vec(adapter).map_err(|e| e.to_string())?;
-    let reply = ctx.pod_http.send(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body)).await?;
+    let reply = ctx
+        .pod_http
+        .send(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body))
+        .await?;
     if (200..300).contains(&reply.status) {
         Ok(())
     } else {
-        Err(format!("pod {pod} answered HTTP {}: {}", reply.status, String::from_utf8_lossy(&reply.body)))
+        Err(format!(
+            "pod {pod} answered HTTP {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        ))
     }
 }
 
 async fn apply<K>(ctx: &Context, ns: &str, obj: &K, params: &PatchParams) -> Result<()>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + Serialize
+        + serde::de::DeserializeOwned,
     <K as Resource>::DynamicType: Default,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let name = obj.meta().name.clone().ok_or_else(|| Error::MissingField { object: "child".into(), field: "metadata.name" })?;
+    let name = obj.meta().name.clone().ok_or_else(|| Error::MissingField {
+        object: "child".into(),
+        field: "metadata.name",
+    })?;
     api.patch(&name, params, &Patch::Apply(obj)).await?;
     Ok(())
 }
 
 /// A failed reconcile is retried with exponential backoff per object.
 pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("modeldeployment/{}/{}", md.namespace().unwrap_or_default(), md.name_any());
+    let key = format!(
+        "modeldeployment/{}/{}",
+        md.namespace().unwrap_or_default(),
+        md.name_any()
+    );
     crate::context::retry_with_backoff(&ctx, CONTROLLER, &key, error)
 }

@@ -66,14 +66,27 @@ fn serves(pod: &PodView, adapter: &ServedAdapter) -> bool {
 }
 
 fn load_where_missing(pods: &[&PodView], adapter: &ServedAdapter) -> Vec<Step> {
-    pods.iter().filter(|p| !serves(p, adapter)).map(|p| Step::Load { pod: p.name.clone(), adapter: adapter.clone() }).collect()
+    pods.iter()
+        .filter(|p| !serves(p, adapter))
+        .map(|p| Step::Load {
+            pod: p.name.clone(),
+            adapter: adapter.clone(),
+        })
+        .collect()
 }
 
 /// Plans the next steps towards serving `desired` on every ready pod.
 ///
 /// - `promoted`: what the ConfigMap says now (the versions every pod had when last promoted).
 /// - `previous`: the rollouts recorded in status, which carry failed-attempt counts and the canary.
-pub fn plan(desired: &[ServedAdapter], promoted: &AdaptersFile, pods: &[PodView], previous: &[RolloutStatus], policy: &Policy, now: &Time) -> Plan {
+pub fn plan(
+    desired: &[ServedAdapter],
+    promoted: &AdaptersFile,
+    pods: &[PodView],
+    previous: &[RolloutStatus],
+    policy: &Policy,
+    now: &Time,
+) -> Plan {
     let mut steps = Vec::new();
     let mut rollouts = Vec::new();
     let mut next_promoted: Vec<ServedAdapter> = Vec::new();
@@ -88,7 +101,9 @@ pub fn plan(desired: &[ServedAdapter], promoted: &AdaptersFile, pods: &[PodView]
             steps.extend(load_where_missing(&ready, want));
             continue;
         }
-        let record = previous.iter().find(|r| r.adapter == want.name && r.to_digest.as_deref() == Some(want.digest.as_str()));
+        let record = previous
+            .iter()
+            .find(|r| r.adapter == want.name && r.to_digest.as_deref() == Some(want.digest.as_str()));
         let failed_attempts = record.and_then(|r| r.failed_attempts).unwrap_or(0);
         let mut rollout = RolloutStatus {
             state: RolloutState::Progressing,
@@ -104,11 +119,23 @@ pub fn plan(desired: &[ServedAdapter], promoted: &AdaptersFile, pods: &[PodView]
         let outcome = if let Some(ended) = ended {
             // A version that failed or was rolled back is not tried again until the spec or
             // the registry points elsewhere.
-            Outcome::Withdraw { state: ended.state, reason: ended.reason.clone(), message: ended.message.clone() }
+            Outcome::Withdraw {
+                state: ended.state,
+                reason: ended.reason.clone(),
+                message: ended.message.clone(),
+            }
         } else if failed_attempts >= policy.max_attempts {
-            Outcome::Withdraw { state: RolloutState::Failed, reason: Some("AdapterLoadFailed".into()), message: record.and_then(|r| r.message.clone()) }
+            Outcome::Withdraw {
+                state: RolloutState::Failed,
+                reason: Some("AdapterLoadFailed".into()),
+                message: record.and_then(|r| r.message.clone()),
+            }
         } else if policy.abort && before.is_some() {
-            Outcome::Withdraw { state: RolloutState::RolledBack, reason: Some("Aborted".into()), message: Some("spec.rollout.abort is true".into()) }
+            Outcome::Withdraw {
+                state: RolloutState::RolledBack,
+                reason: Some("Aborted".into()),
+                message: Some("spec.rollout.abort is true".into()),
+            }
         } else if policy.paused && record.is_some() {
             Outcome::Hold(record.cloned())
         } else if let (Some(canary), Some(_)) = (&policy.canary, before) {
@@ -135,7 +162,11 @@ pub fn plan(desired: &[ServedAdapter], promoted: &AdaptersFile, pods: &[PodView]
                 rollout.message = Some("spec.rollout.paused is true".into());
                 next_promoted.extend(before.cloned());
             }
-            Outcome::Canary { steps: more, status, message } => {
+            Outcome::Canary {
+                steps: more,
+                status,
+                message,
+            } => {
                 rollout.state = RolloutState::Canary;
                 rollout.canary = Some(status);
                 rollout.message = Some(message);
@@ -172,26 +203,49 @@ pub fn plan(desired: &[ServedAdapter], promoted: &AdaptersFile, pods: &[PodView]
         }
         rollouts.push(rollout);
     }
-    Plan { steps, promoted: AdaptersFile { adapters: next_promoted }, rollouts }
+    Plan {
+        steps,
+        promoted: AdaptersFile {
+            adapters: next_promoted,
+        },
+        rollouts,
+    }
 }
 
 /// What to do with one changed adapter.
 enum Outcome {
     /// Bring every pod back to the previous version and end the rollout in `state`.
-    Withdraw { state: RolloutState, reason: Option<String>, message: Option<String> },
+    Withdraw {
+        state: RolloutState,
+        reason: Option<String>,
+        message: Option<String>,
+    },
     /// Paused: no steps; keep the recorded rollout as it is.
     Hold(Option<RolloutStatus>),
     /// Hot swap, or a canary that passed: load everywhere, promote when all serve it.
     LoadEverywhere,
     Promote(CanaryStatus),
     /// Canary in progress: load into the canary pods, then analyse.
-    Canary { steps: Vec<Step>, status: CanaryStatus, message: String },
+    Canary {
+        steps: Vec<Step>,
+        status: CanaryStatus,
+        message: String,
+    },
     /// The canary's analysis failed.
-    RollBack { status: CanaryStatus, message: String },
+    RollBack {
+        status: CanaryStatus,
+        message: String,
+    },
 }
 
 /// The canary's next move: pick pods, load them, open the analysis window, then judge.
-fn canary_step(policy: &CanaryPolicy, want: &ServedAdapter, ready: &[&PodView], record: Option<&RolloutStatus>, now: &Time) -> Outcome {
+fn canary_step(
+    policy: &CanaryPolicy,
+    want: &ServedAdapter,
+    ready: &[&PodView],
+    record: Option<&RolloutStatus>,
+    now: &Time,
+) -> Outcome {
     let mut status = record.and_then(|r| r.canary.clone()).unwrap_or_default();
     if status.passed {
         return Outcome::Promote(status);
@@ -202,29 +256,64 @@ fn canary_step(policy: &CanaryPolicy, want: &ServedAdapter, ready: &[&PodView], 
         names.sort();
         let count = (names.len() * policy.replica_percent as usize).div_ceil(100).max(1);
         names.truncate(count);
-        status = CanaryStatus { pods: names, ..Default::default() };
+        status = CanaryStatus {
+            pods: names,
+            ..Default::default()
+        };
     }
-    let canary: Vec<&PodView> = ready.iter().filter(|p| status.pods.contains(&p.name)).copied().collect();
+    let canary: Vec<&PodView> = ready
+        .iter()
+        .filter(|p| status.pods.contains(&p.name))
+        .copied()
+        .collect();
     if canary.is_empty() {
-        return Outcome::Canary { steps: vec![], status, message: "waiting for a ready replica".into() };
+        return Outcome::Canary {
+            steps: vec![],
+            status,
+            message: "waiting for a ready replica".into(),
+        };
     }
     let loading = load_where_missing(&canary, want);
     if !loading.is_empty() {
         status.analysis_started_at = None;
         status.baseline.clear();
         let message = format!("loading v{} into {} canary replica(s)", want.version, canary.len());
-        return Outcome::Canary { steps: loading, status, message };
+        return Outcome::Canary {
+            steps: loading,
+            status,
+            message,
+        };
     }
     let Some(started) = status.analysis_started_at.clone() else {
         status.analysis_started_at = Some(now.clone());
         status.baseline = canary.iter().map(|p| counters(p, &want.name)).collect();
-        let message = format!("{} of {} replicas serve v{}; analysing for {}s", canary.len(), ready.len(), want.version, policy.analysis_seconds);
-        return Outcome::Canary { steps: vec![], status, message };
+        let message = format!(
+            "{} of {} replicas serve v{}; analysing for {}s",
+            canary.len(),
+            ready.len(),
+            want.version,
+            policy.analysis_seconds
+        );
+        return Outcome::Canary {
+            steps: vec![],
+            status,
+            message,
+        };
     };
     let elapsed = now.0.duration_since(started.0).as_secs_f64();
     if elapsed < f64::from(policy.analysis_seconds) {
-        let message = format!("{} of {} replicas serve v{}; analysing for {}s", canary.len(), ready.len(), want.version, policy.analysis_seconds);
-        return Outcome::Canary { steps: vec![], status, message };
+        let message = format!(
+            "{} of {} replicas serve v{}; analysing for {}s",
+            canary.len(),
+            ready.len(),
+            want.version,
+            policy.analysis_seconds
+        );
+        return Outcome::Canary {
+            steps: vec![],
+            status,
+            message,
+        };
     }
     let current: Vec<ServingCounters> = canary.iter().map(|p| counters(p, &want.name)).collect();
     match judge(policy, &status.baseline, &current) {
@@ -243,7 +332,11 @@ fn counters(pod: &PodView, adapter: &str) -> ServingCounters {
 }
 
 /// Compares the canary's counters now with the baseline: Err says which limit it broke.
-pub fn judge(policy: &CanaryPolicy, baseline: &[ServingCounters], current: &[ServingCounters]) -> Result<String, String> {
+pub fn judge(
+    policy: &CanaryPolicy,
+    baseline: &[ServingCounters],
+    current: &[ServingCounters],
+) -> Result<String, String> {
     let before = |pod: &str| baseline.iter().find(|b| b.pod == pod).cloned().unwrap_or_default();
     let (mut requests, mut errors) = (0.0, 0.0);
     let mut buckets: BTreeMap<String, (Option<f64>, f64)> = BTreeMap::new();
@@ -251,11 +344,19 @@ pub fn judge(policy: &CanaryPolicy, baseline: &[ServingCounters], current: &[Ser
         let then = before(&now.pod);
         // A restarted pod's counters start again from zero: count from there.
         let restarted = now.requests < then.requests;
-        let (r0, e0) = if restarted { (0.0, 0.0) } else { (then.requests, then.errors) };
+        let (r0, e0) = if restarted {
+            (0.0, 0.0)
+        } else {
+            (then.requests, then.errors)
+        };
         requests += now.requests - r0;
         errors += now.errors - e0;
         for b in &now.latency {
-            let old = if restarted { 0.0 } else { then.latency.iter().find(|x| x.le == b.le).map_or(0.0, |x| x.count) };
+            let old = if restarted {
+                0.0
+            } else {
+                then.latency.iter().find(|x| x.le == b.le).map_or(0.0, |x| x.count)
+            };
             let key = b.le.map_or("+Inf".to_string(), |le| format!("{le:020.6}"));
             buckets.entry(key).or_insert((b.le, 0.0)).1 += b.count - old;
         }
@@ -265,17 +366,31 @@ pub fn judge(policy: &CanaryPolicy, baseline: &[ServingCounters], current: &[Ser
     }
     let error_rate = errors / requests;
     if error_rate > policy.max_error_rate {
-        return Err(format!("error rate {:.1}% over {requests} requests exceeds {:.1}%", error_rate * 100.0, policy.max_error_rate * 100.0));
+        return Err(format!(
+            "error rate {:.1}% over {requests} requests exceeds {:.1}%",
+            error_rate * 100.0,
+            policy.max_error_rate * 100.0
+        ));
     }
     if let Some(limit_ms) = policy.max_p99_latency_ms {
         let mut sorted: Vec<(Option<f64>, f64)> = buckets.into_values().collect();
         sorted.sort_by(|a, b| a.0.unwrap_or(f64::INFINITY).total_cmp(&b.0.unwrap_or(f64::INFINITY)));
-        let p99 = sorted.iter().find(|(_, count)| *count >= 0.99 * requests).and_then(|(le, _)| *le).unwrap_or(f64::INFINITY);
+        let p99 = sorted
+            .iter()
+            .find(|(_, count)| *count >= 0.99 * requests)
+            .and_then(|(le, _)| *le)
+            .unwrap_or(f64::INFINITY);
         if p99 * 1000.0 > f64::from(limit_ms) {
-            return Err(format!("p99 latency {:.0} ms (histogram bound) exceeds {limit_ms} ms", p99 * 1000.0));
+            return Err(format!(
+                "p99 latency {:.0} ms (histogram bound) exceeds {limit_ms} ms",
+                p99 * 1000.0
+            ));
         }
     }
-    Ok(format!("error rate {:.1}% over {requests} requests", error_rate * 100.0))
+    Ok(format!(
+        "error rate {:.1}% over {requests} requests",
+        error_rate * 100.0
+    ))
 }
 
 #[cfg(test)]
@@ -283,16 +398,31 @@ mod tests {
     use super::*;
 
     fn adapter(version: u32) -> ServedAdapter {
-        ServedAdapter { name: "bot".into(), source: format!("bot@{version}"), version, digest: format!("sha256:{version}") }
+        ServedAdapter {
+            name: "bot".into(),
+            source: format!("bot@{version}"),
+            version,
+            digest: format!("sha256:{version}"),
+        }
     }
 
     fn pod(name: &str, served: Option<u32>) -> PodView {
         let served = served.map(|v| BTreeMap::from([("bot".to_string(), (v, format!("sha256:{v}")))]));
-        PodView { name: name.into(), ready: true, served: Some(served.unwrap_or_default()), ..Default::default() }
+        PodView {
+            name: name.into(),
+            ready: true,
+            served: Some(served.unwrap_or_default()),
+            ..Default::default()
+        }
     }
 
     fn hot(max_attempts: u32) -> Policy {
-        Policy { max_attempts, canary: None, paused: false, abort: false }
+        Policy {
+            max_attempts,
+            canary: None,
+            paused: false,
+            abort: false,
+        }
     }
 
     fn at(second: i64) -> Time {
@@ -300,12 +430,21 @@ mod tests {
     }
 
     fn file(versions: &[u32]) -> AdaptersFile {
-        AdaptersFile { adapters: versions.iter().map(|v| adapter(*v)).collect() }
+        AdaptersFile {
+            adapters: versions.iter().map(|v| adapter(*v)).collect(),
+        }
     }
 
     #[test]
     fn steady_state_does_nothing() {
-        let p = plan(&[adapter(1)], &file(&[1]), &[pod("a", Some(1)), pod("b", Some(1))], &[], &hot(3), &at(0));
+        let p = plan(
+            &[adapter(1)],
+            &file(&[1]),
+            &[pod("a", Some(1)), pod("b", Some(1))],
+            &[],
+            &hot(3),
+            &at(0),
+        );
         assert!(p.steps.is_empty());
         assert!(p.rollouts.is_empty());
         assert_eq!(p.promoted, file(&[1]));
@@ -313,8 +452,21 @@ mod tests {
 
     #[test]
     fn a_restarted_pod_gets_the_promoted_version_again() {
-        let p = plan(&[adapter(1)], &file(&[1]), &[pod("a", Some(1)), pod("b", None)], &[], &hot(3), &at(0));
-        assert_eq!(p.steps, vec![Step::Load { pod: "b".into(), adapter: adapter(1) }]);
+        let p = plan(
+            &[adapter(1)],
+            &file(&[1]),
+            &[pod("a", Some(1)), pod("b", None)],
+            &[],
+            &hot(3),
+            &at(0),
+        );
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "b".into(),
+                adapter: adapter(1)
+            }]
+        );
     }
 
     #[test]
@@ -328,7 +480,13 @@ mod tests {
 
         let half = [pod("a", Some(2)), pod("b", Some(1))];
         let p = plan(&[adapter(2)], &file(&[1]), &half, &p.rollouts, &hot(3), &at(0));
-        assert_eq!(p.steps, vec![Step::Load { pod: "b".into(), adapter: adapter(2) }]);
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "b".into(),
+                adapter: adapter(2)
+            }]
+        );
 
         let done = [pod("a", Some(2)), pod("b", Some(2))];
         let p = plan(&[adapter(2)], &file(&[1]), &done, &p.rollouts, &hot(3), &at(0));
@@ -352,11 +510,24 @@ mod tests {
         let p = plan(&[adapter(3)], &file(&[2]), &pods, &previous, &hot(3), &at(0));
         assert_eq!(p.rollouts[0].state, RolloutState::Failed);
         assert_eq!(p.rollouts[0].message.as_deref(), Some("digest mismatch"));
-        assert_eq!(p.steps, vec![Step::Load { pod: "a".into(), adapter: adapter(2) }]);
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "a".into(),
+                adapter: adapter(2)
+            }]
+        );
         assert_eq!(p.promoted, file(&[2]), "the previous version keeps serving");
 
         // Once failed, the same version is not tried again.
-        let p2 = plan(&[adapter(3)], &file(&[2]), &[pod("a", Some(2)), pod("b", Some(2))], &p.rollouts, &hot(3), &at(0));
+        let p2 = plan(
+            &[adapter(3)],
+            &file(&[2]),
+            &[pod("a", Some(2)), pod("b", Some(2))],
+            &p.rollouts,
+            &hot(3),
+            &at(0),
+        );
         assert!(p2.steps.is_empty());
         assert_eq!(p2.rollouts[0].state, RolloutState::Failed);
     }
@@ -372,55 +543,139 @@ mod tests {
     fn unready_and_silent_pods_are_left_alone() {
         let mut starting = pod("c", None);
         starting.ready = false;
-        let silent = PodView { name: "d".into(), ready: true, served: None, ..Default::default() };
-        let p = plan(&[adapter(2)], &file(&[1]), &[pod("a", Some(1)), starting, silent], &[], &hot(3), &at(0));
-        assert_eq!(p.steps, vec![Step::Load { pod: "a".into(), adapter: adapter(2) }]);
+        let silent = PodView {
+            name: "d".into(),
+            ready: true,
+            served: None,
+            ..Default::default()
+        };
+        let p = plan(
+            &[adapter(2)],
+            &file(&[1]),
+            &[pod("a", Some(1)), starting, silent],
+            &[],
+            &hot(3),
+            &at(0),
+        );
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "a".into(),
+                adapter: adapter(2)
+            }]
+        );
     }
 
     fn canary(analysis_seconds: u32) -> Policy {
-        let canary = CanaryPolicy { replica_percent: 25, analysis_seconds, max_error_rate: 0.05, max_p99_latency_ms: Some(2000) };
-        Policy { canary: Some(canary), ..hot(3) }
+        let canary = CanaryPolicy {
+            replica_percent: 25,
+            analysis_seconds,
+            max_error_rate: 0.05,
+            max_p99_latency_ms: Some(2000),
+        };
+        Policy {
+            canary: Some(canary),
+            ..hot(3)
+        }
     }
 
     fn with_counters(mut pod: PodView, requests: f64, errors: f64, slow: f64) -> PodView {
         let latency = vec![
-            kubetune_crds::LatencyBucket { le: Some(1.0), count: requests - slow },
-            kubetune_crds::LatencyBucket { le: Some(5.0), count: requests },
-            kubetune_crds::LatencyBucket { le: None, count: requests },
+            kubetune_crds::LatencyBucket {
+                le: Some(1.0),
+                count: requests - slow,
+            },
+            kubetune_crds::LatencyBucket {
+                le: Some(5.0),
+                count: requests,
+            },
+            kubetune_crds::LatencyBucket {
+                le: None,
+                count: requests,
+            },
         ];
-        pod.counters.insert("bot".into(), ServingCounters { pod: pod.name.clone(), requests, errors, latency });
+        pod.counters.insert(
+            "bot".into(),
+            ServingCounters {
+                pod: pod.name.clone(),
+                requests,
+                errors,
+                latency,
+            },
+        );
         pod
     }
 
     /// Drives a canary over four pods to the analysis; returns the rollout record at that point.
     fn canary_under_analysis() -> Vec<RolloutStatus> {
-        let pods = [pod("d", Some(1)), pod("c", Some(1)), pod("b", Some(1)), pod("a", Some(1))];
+        let pods = [
+            pod("d", Some(1)),
+            pod("c", Some(1)),
+            pod("b", Some(1)),
+            pod("a", Some(1)),
+        ];
         let p = plan(&[adapter(2)], &file(&[1]), &pods, &[], &canary(60), &at(0));
-        assert_eq!(p.steps, vec![Step::Load { pod: "a".into(), adapter: adapter(2) }], "25% of 4 replicas, first by name");
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "a".into(),
+                adapter: adapter(2)
+            }],
+            "25% of 4 replicas, first by name"
+        );
         assert_eq!(p.rollouts[0].state, RolloutState::Canary);
         assert_eq!(p.promoted, file(&[1]));
 
-        let pods = [with_counters(pod("a", Some(2)), 10.0, 0.0, 0.0), pod("b", Some(1)), pod("c", Some(1)), pod("d", Some(1))];
+        let pods = [
+            with_counters(pod("a", Some(2)), 10.0, 0.0, 0.0),
+            pod("b", Some(1)),
+            pod("c", Some(1)),
+            pod("d", Some(1)),
+        ];
         let p = plan(&[adapter(2)], &file(&[1]), &pods, &p.rollouts, &canary(60), &at(5));
         assert!(p.steps.is_empty(), "only the canary serves v2 while it is analysed");
         let status = p.rollouts[0].canary.clone().expect("canary");
-        assert_eq!((status.analysis_started_at, status.baseline[0].requests), (Some(at(5)), 10.0));
+        assert_eq!(
+            (status.analysis_started_at, status.baseline[0].requests),
+            (Some(at(5)), 10.0)
+        );
         p.rollouts
     }
 
     #[test]
     fn a_healthy_canary_is_promoted_after_its_window() {
         let record = canary_under_analysis();
-        let pods = |v: u32| [with_counters(pod("a", Some(2)), 110.0, 1.0, 0.0), pod("b", Some(v)), pod("c", Some(v)), pod("d", Some(v))];
+        let pods = |v: u32| {
+            [
+                with_counters(pod("a", Some(2)), 110.0, 1.0, 0.0),
+                pod("b", Some(v)),
+                pod("c", Some(v)),
+                pod("d", Some(v)),
+            ]
+        };
         let early = plan(&[adapter(2)], &file(&[1]), &pods(1), &record, &canary(60), &at(30));
         assert!(early.steps.is_empty());
         assert_eq!(early.rollouts[0].state, RolloutState::Canary);
 
-        let judged = plan(&[adapter(2)], &file(&[1]), &pods(1), &early.rollouts, &canary(60), &at(66));
+        let judged = plan(
+            &[adapter(2)],
+            &file(&[1]),
+            &pods(1),
+            &early.rollouts,
+            &canary(60),
+            &at(66),
+        );
         assert_eq!(judged.steps.len(), 3, "1% errors is within 5%: load the rest");
         assert!(judged.rollouts[0].canary.as_ref().is_some_and(|c| c.passed));
 
-        let done = plan(&[adapter(2)], &file(&[1]), &pods(2), &judged.rollouts, &canary(60), &at(70));
+        let done = plan(
+            &[adapter(2)],
+            &file(&[1]),
+            &pods(2),
+            &judged.rollouts,
+            &canary(60),
+            &at(70),
+        );
         assert_eq!(done.rollouts[0].state, RolloutState::Promoted);
         assert_eq!(done.promoted, file(&[2]));
     }
@@ -428,15 +683,38 @@ mod tests {
     #[test]
     fn a_failing_canary_is_rolled_back_and_not_retried() {
         let record = canary_under_analysis();
-        let pods = [with_counters(pod("a", Some(2)), 30.0, 6.0, 0.0), pod("b", Some(1)), pod("c", Some(1)), pod("d", Some(1))];
+        let pods = [
+            with_counters(pod("a", Some(2)), 30.0, 6.0, 0.0),
+            pod("b", Some(1)),
+            pod("c", Some(1)),
+            pod("d", Some(1)),
+        ];
         let p = plan(&[adapter(2)], &file(&[1]), &pods, &record, &canary(60), &at(70));
         assert_eq!(p.rollouts[0].state, RolloutState::RolledBack);
         assert_eq!(p.rollouts[0].reason.as_deref(), Some("CanaryAnalysisFailed"));
-        assert!(p.rollouts[0].message.as_deref().is_some_and(|m| m.contains("error rate 30.0%")), "{:?}", p.rollouts[0].message);
-        assert_eq!(p.steps, vec![Step::Load { pod: "a".into(), adapter: adapter(1) }]);
+        assert!(
+            p.rollouts[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("error rate 30.0%")),
+            "{:?}",
+            p.rollouts[0].message
+        );
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "a".into(),
+                adapter: adapter(1)
+            }]
+        );
         assert_eq!(p.promoted, file(&[1]));
 
-        let back = [pod("a", Some(1)), pod("b", Some(1)), pod("c", Some(1)), pod("d", Some(1))];
+        let back = [
+            pod("a", Some(1)),
+            pod("b", Some(1)),
+            pod("c", Some(1)),
+            pod("d", Some(1)),
+        ];
         let again = plan(&[adapter(2)], &file(&[1]), &back, &p.rollouts, &canary(60), &at(80));
         assert!(again.steps.is_empty());
         assert_eq!(again.rollouts[0].state, RolloutState::RolledBack);
@@ -445,32 +723,77 @@ mod tests {
     #[test]
     fn a_slow_canary_is_rolled_back() {
         let record = canary_under_analysis();
-        let pods = [with_counters(pod("a", Some(2)), 110.0, 0.0, 50.0), pod("b", Some(1)), pod("c", Some(1)), pod("d", Some(1))];
+        let pods = [
+            with_counters(pod("a", Some(2)), 110.0, 0.0, 50.0),
+            pod("b", Some(1)),
+            pod("c", Some(1)),
+            pod("d", Some(1)),
+        ];
         let p = plan(&[adapter(2)], &file(&[1]), &pods, &record, &canary(60), &at(70));
         assert_eq!(p.rollouts[0].state, RolloutState::RolledBack);
-        assert!(p.rollouts[0].message.as_deref().is_some_and(|m| m.contains("p99 latency 5000 ms")), "{:?}", p.rollouts[0].message);
+        assert!(
+            p.rollouts[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("p99 latency 5000 ms")),
+            "{:?}",
+            p.rollouts[0].message
+        );
     }
 
     #[test]
     fn pause_holds_and_abort_withdraws() {
         let record = canary_under_analysis();
         let pods = [pod("a", Some(2)), pod("b", Some(1))];
-        let paused = Policy { paused: true, ..canary(60) };
+        let paused = Policy {
+            paused: true,
+            ..canary(60)
+        };
         let p = plan(&[adapter(2)], &file(&[1]), &pods, &record, &paused, &at(500));
         assert!(p.steps.is_empty());
-        assert_eq!((p.rollouts[0].state, p.rollouts[0].reason.as_deref()), (RolloutState::Canary, Some("Paused")));
+        assert_eq!(
+            (p.rollouts[0].state, p.rollouts[0].reason.as_deref()),
+            (RolloutState::Canary, Some("Paused"))
+        );
 
-        let abort = Policy { abort: true, ..canary(60) };
+        let abort = Policy {
+            abort: true,
+            ..canary(60)
+        };
         let p = plan(&[adapter(2)], &file(&[1]), &pods, &record, &abort, &at(500));
-        assert_eq!((p.rollouts[0].state, p.rollouts[0].reason.as_deref()), (RolloutState::RolledBack, Some("Aborted")));
-        assert_eq!(p.steps, vec![Step::Load { pod: "a".into(), adapter: adapter(1) }]);
+        assert_eq!(
+            (p.rollouts[0].state, p.rollouts[0].reason.as_deref()),
+            (RolloutState::RolledBack, Some("Aborted"))
+        );
+        assert_eq!(
+            p.steps,
+            vec![Step::Load {
+                pod: "a".into(),
+                adapter: adapter(1)
+            }]
+        );
     }
 
     #[test]
     fn a_restarted_canary_pod_counts_from_zero() {
-        let policy = CanaryPolicy { replica_percent: 50, analysis_seconds: 1, max_error_rate: 0.1, max_p99_latency_ms: None };
-        let baseline = vec![ServingCounters { pod: "a".into(), requests: 100.0, errors: 0.0, latency: vec![] }];
-        let now = vec![ServingCounters { pod: "a".into(), requests: 10.0, errors: 5.0, latency: vec![] }];
+        let policy = CanaryPolicy {
+            replica_percent: 50,
+            analysis_seconds: 1,
+            max_error_rate: 0.1,
+            max_p99_latency_ms: None,
+        };
+        let baseline = vec![ServingCounters {
+            pod: "a".into(),
+            requests: 100.0,
+            errors: 0.0,
+            latency: vec![],
+        }];
+        let now = vec![ServingCounters {
+            pod: "a".into(),
+            requests: 10.0,
+            errors: 5.0,
+            latency: vec![],
+        }];
         assert!(judge(&policy, &baseline, &now).is_err_and(|m| m.contains("50.0%")));
     }
 }

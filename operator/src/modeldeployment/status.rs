@@ -26,50 +26,112 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
     let old = o.md.status.clone().unwrap_or_default();
     let generation = o.md.metadata.generation;
     let replicas = o.md.spec.replicas.unwrap_or(1);
-    let serves = |p: &PodView, a: &ServedAdapter| p.served.as_ref().and_then(|s| s.get(&a.name)).is_some_and(|(v, d)| *v == a.version && *d == a.digest);
+    let serves = |p: &PodView, a: &ServedAdapter| {
+        p.served
+            .as_ref()
+            .and_then(|s| s.get(&a.name))
+            .is_some_and(|(v, d)| *v == a.version && *d == a.digest)
+    };
     let promoted = |name: &str| o.plan.promoted.adapters.iter().find(|a| a.name == name);
     // Ready replicas serve, for every adapter, the desired version or the promoted one (the
     // previous version during a rollout, or after a failed one): they answer correctly. Ready
     // (the condition) further needs every replica on the desired versions.
-    let serves_acceptable = |p: &PodView| o.desired.iter().all(|a| serves(p, a) || promoted(&a.name).is_some_and(|old| serves(p, old)));
+    let serves_acceptable = |p: &PodView| {
+        o.desired
+            .iter()
+            .all(|a| serves(p, a) || promoted(&a.name).is_some_and(|old| serves(p, old)))
+    };
     let ready_pods: Vec<&PodView> = o.pods.iter().filter(|p| p.ready && p.served.is_some()).collect();
     let ready_replicas = ready_pods.iter().filter(|p| serves_acceptable(p)).count() as i32;
-    let current_replicas = ready_pods.iter().filter(|p| o.desired.iter().all(|a| serves(p, a))).count() as i32;
+    let current_replicas = ready_pods
+        .iter()
+        .filter(|p| o.desired.iter().all(|a| serves(p, a)))
+        .count() as i32;
 
     let adapters = o
         .desired
         .iter()
         .map(|a| {
-            let versions: Vec<Option<u32>> = ready_pods.iter().map(|p| p.served.as_ref().and_then(|s| s.get(&a.name)).map(|(v, _)| *v)).collect();
+            let versions: Vec<Option<u32>> = ready_pods
+                .iter()
+                .map(|p| p.served.as_ref().and_then(|s| s.get(&a.name)).map(|(v, _)| *v))
+                .collect();
             let serving = match versions.first() {
                 Some(Some(v)) if versions.iter().all(|x| *x == Some(*v)) => Some(*v),
                 _ => None,
             };
-            AdapterStatus { name: a.name.clone(), desired_version: Some(a.version), serving_version: serving, digest: Some(a.digest.clone()) }
+            AdapterStatus {
+                name: a.name.clone(),
+                desired_version: Some(a.version),
+                serving_version: serving,
+                digest: Some(a.digest.clone()),
+            }
         })
         .collect::<Vec<_>>();
 
-    let failed = o.plan.rollouts.iter().find(|r| matches!(r.state, RolloutState::Failed | RolloutState::RolledBack));
-    let progressing = o.plan.rollouts.iter().any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
+    let failed = o
+        .plan
+        .rollouts
+        .iter()
+        .find(|r| matches!(r.state, RolloutState::Failed | RolloutState::RolledBack));
+    let progressing = o
+        .plan
+        .rollouts
+        .iter()
+        .any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
     let all_ready = current_replicas == replicas && o.unresolved.is_empty() && failed.is_none() && !progressing;
     let (phase, reason, message) = if let Some(u) = o.unresolved.first() {
-        let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Pending } else { ModelDeploymentPhase::Degraded };
+        let phase = if ready_pods.is_empty() {
+            ModelDeploymentPhase::Pending
+        } else {
+            ModelDeploymentPhase::Degraded
+        };
         (phase, u.reason.to_string(), u.message.clone())
     } else if let Some(f) = failed {
-        let verb = if f.state == RolloutState::RolledBack { "rolled back" } else { "failed" };
-        let message = format!("rollout of {}@{} {verb}: {}", f.adapter, f.to_version, f.message.clone().unwrap_or_default());
-        let phase = if ready_pods.is_empty() { ModelDeploymentPhase::Failed } else { ModelDeploymentPhase::Degraded };
-        let reason = if f.state == RolloutState::RolledBack { "RolledBack" } else { "RolloutFailed" };
+        let verb = if f.state == RolloutState::RolledBack {
+            "rolled back"
+        } else {
+            "failed"
+        };
+        let message = format!(
+            "rollout of {}@{} {verb}: {}",
+            f.adapter,
+            f.to_version,
+            f.message.clone().unwrap_or_default()
+        );
+        let phase = if ready_pods.is_empty() {
+            ModelDeploymentPhase::Failed
+        } else {
+            ModelDeploymentPhase::Degraded
+        };
+        let reason = if f.state == RolloutState::RolledBack {
+            "RolledBack"
+        } else {
+            "RolloutFailed"
+        };
         (phase, reason.into(), message)
     } else if progressing {
-        let message = o.plan.rollouts.iter().find_map(|r| r.message.clone()).unwrap_or_default();
+        let message = o
+            .plan
+            .rollouts
+            .iter()
+            .find_map(|r| r.message.clone())
+            .unwrap_or_default();
         (ModelDeploymentPhase::Progressing, "RolloutInProgress".into(), message)
     } else if all_ready {
         (ModelDeploymentPhase::Ready, "AllReplicasServing".into(), String::new())
     } else if ready_pods.is_empty() {
-        (ModelDeploymentPhase::Pending, "WaitingForReplicas".into(), format!("0 of {replicas} replicas ready"))
+        (
+            ModelDeploymentPhase::Pending,
+            "WaitingForReplicas".into(),
+            format!("0 of {replicas} replicas ready"),
+        )
     } else {
-        (ModelDeploymentPhase::Progressing, "ScalingReplicas".into(), format!("{ready_replicas} of {replicas} replicas ready"))
+        (
+            ModelDeploymentPhase::Progressing,
+            "ScalingReplicas".into(),
+            format!("{ready_replicas} of {replicas} replicas ready"),
+        )
     };
 
     let mut status = ModelDeploymentStatus {
@@ -82,7 +144,13 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         serving_display: Some(
             adapters
                 .iter()
-                .map(|a| format!("{}@{}", a.name, a.serving_version.map_or("-".into(), |v| format!("v{v}"))))
+                .map(|a| {
+                    format!(
+                        "{}@{}",
+                        a.name,
+                        a.serving_version.map_or("-".into(), |v| format!("v{v}"))
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(","),
         ),
@@ -91,13 +159,26 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         rollout: old.rollout.clone(),
         rollout_history: old.rollout_history.clone(),
     };
-    set_condition(&mut status.conditions, condition(READY, all_ready, &reason, message, generation, o.now.clone()));
+    set_condition(
+        &mut status.conditions,
+        condition(READY, all_ready, &reason, message, generation, o.now.clone()),
+    );
     for r in &o.plan.rollouts {
         let mut r = r.clone();
-        let same = old.rollout.as_ref().filter(|p| p.adapter == r.adapter && p.to_digest == r.to_digest);
+        let same = old
+            .rollout
+            .as_ref()
+            .filter(|p| p.adapter == r.adapter && p.to_digest == r.to_digest);
         r.started_at = same.and_then(|p| p.started_at.clone()).or_else(|| Some(o.now.clone()));
-        let finished = matches!(r.state, RolloutState::Promoted | RolloutState::Failed | RolloutState::RolledBack);
-        r.finished_at = if finished { same.and_then(|p| p.finished_at.clone()).or_else(|| Some(o.now.clone())) } else { None };
+        let finished = matches!(
+            r.state,
+            RolloutState::Promoted | RolloutState::Failed | RolloutState::RolledBack
+        );
+        r.finished_at = if finished {
+            same.and_then(|p| p.finished_at.clone()).or_else(|| Some(o.now.clone()))
+        } else {
+            None
+        };
         if finished && same.is_none_or(|p| p.state != r.state) {
             status.rollout_history.insert(0, r.clone());
             status.rollout_history.truncate(HISTORY);
@@ -117,22 +198,63 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn adapter(version: u32) -> ServedAdapter {
-        ServedAdapter { name: "support-bot".into(), source: format!("support-bot@{version}"), version, digest: format!("sha256:{version}") }
+        ServedAdapter {
+            name: "support-bot".into(),
+            source: format!("support-bot@{version}"),
+            version,
+            digest: format!("sha256:{version}"),
+        }
     }
 
     fn pod(name: &str, version: Option<u32>) -> PodView {
-        let served = version.map(|v| ("support-bot".to_string(), (v, format!("sha256:{v}")))).into_iter().collect::<BTreeMap<_, _>>();
-        PodView { name: name.into(), ready: true, served: Some(served), ..Default::default() }
+        let served = version
+            .map(|v| ("support-bot".to_string(), (v, format!("sha256:{v}"))))
+            .into_iter()
+            .collect::<BTreeMap<_, _>>();
+        PodView {
+            name: name.into(),
+            ready: true,
+            served: Some(served),
+            ..Default::default()
+        }
     }
 
     fn now() -> Time {
         Time(Timestamp::from_second(1_800_000_000).expect("valid"))
     }
 
-    fn derive(md: &ModelDeployment, desired: &[ServedAdapter], promoted: &[ServedAdapter], pods: &[PodView], unresolved: &[Unresolved]) -> ModelDeploymentStatus {
-        let policy = crate::modeldeployment::rollout::Policy { max_attempts: 3, canary: None, paused: false, abort: false };
-        let p = plan(desired, &AdaptersFile { adapters: promoted.to_vec() }, pods, &[], &policy, &now());
-        derive_status(&ObservedDeployment { md, desired, unresolved, pods, plan: &p, endpoint: "http://e".into(), now: now() })
+    fn derive(
+        md: &ModelDeployment,
+        desired: &[ServedAdapter],
+        promoted: &[ServedAdapter],
+        pods: &[PodView],
+        unresolved: &[Unresolved],
+    ) -> ModelDeploymentStatus {
+        let policy = crate::modeldeployment::rollout::Policy {
+            max_attempts: 3,
+            canary: None,
+            paused: false,
+            abort: false,
+        };
+        let p = plan(
+            desired,
+            &AdaptersFile {
+                adapters: promoted.to_vec(),
+            },
+            pods,
+            &[],
+            &policy,
+            &now(),
+        );
+        derive_status(&ObservedDeployment {
+            md,
+            desired,
+            unresolved,
+            pods,
+            plan: &p,
+            endpoint: "http://e".into(),
+            now: now(),
+        })
     }
 
     fn ready(s: &ModelDeploymentStatus) -> bool {
@@ -145,7 +267,10 @@ mod tests {
         let s = derive(&md, &[adapter(1)], &[adapter(1)], &[pod("a", Some(1))], &[]);
         assert!(ready(&s));
         assert_eq!(s.phase, Some(ModelDeploymentPhase::Ready));
-        assert_eq!((s.ready_display.as_deref(), s.serving_display.as_deref()), (Some("1/1"), Some("support-bot@v1")));
+        assert_eq!(
+            (s.ready_display.as_deref(), s.serving_display.as_deref()),
+            (Some("1/1"), Some("support-bot@v1"))
+        );
 
         let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(1))], &[]);
         assert!(!ready(&s));
@@ -158,20 +283,35 @@ mod tests {
     fn replicas_disagreeing_have_no_serving_version() {
         let mut md = modeldeployment("modeldeployment.yaml");
         md.spec.replicas = Some(2);
-        let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(2)), pod("b", Some(1))], &[]);
+        let s = derive(
+            &md,
+            &[adapter(2)],
+            &[adapter(1)],
+            &[pod("a", Some(2)), pod("b", Some(1))],
+            &[],
+        );
         assert_eq!(s.adapters[0].serving_version, None);
         // Both answer with an acceptable version mid-rollout, but the rollout is not done.
         assert_eq!(s.ready_replicas, Some(2));
         assert!(!ready(&s));
 
-        let s = derive(&md, &[adapter(2)], &[adapter(1)], &[pod("a", Some(3)), pod("b", Some(1))], &[]);
+        let s = derive(
+            &md,
+            &[adapter(2)],
+            &[adapter(1)],
+            &[pod("a", Some(3)), pod("b", Some(1))],
+            &[],
+        );
         assert_eq!(s.ready_replicas, Some(1), "a pod serving neither version is not ready");
     }
 
     #[test]
     fn unresolved_adapter_is_not_ready_and_says_why() {
         let md = modeldeployment("modeldeployment.yaml");
-        let missing = Unresolved { reason: "AdapterNotFound", message: "spec.adapters[support-bot]: no versions".into() };
+        let missing = Unresolved {
+            reason: "AdapterNotFound",
+            message: "spec.adapters[support-bot]: no versions".into(),
+        };
         let s = derive(&md, &[], &[], &[], &[missing]);
         assert_eq!(s.phase, Some(ModelDeploymentPhase::Pending));
         let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");

@@ -62,12 +62,20 @@ pub async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Re
 async fn load(state: &AppState, body: &[u8]) -> Result<Arc<LoadedAdapter>, ApiError> {
     let spec = parse_spec(body)?;
     if state.merged.is_some() {
-        return Err(ApiError::Conflict("the server runs with --merge and serves one adapter fixed at start".into()));
+        return Err(ApiError::Conflict(
+            "the server runs with --merge and serves one adapter fixed at start".into(),
+        ));
     }
     if spec.name == state.base_name {
-        return Err(ApiError::invalid("name", format!("`{}` is the base model's name", spec.name)));
+        return Err(ApiError::invalid(
+            "name",
+            format!("`{}` is the base model's name", spec.name),
+        ));
     }
-    let loader = state.loader.as_ref().ok_or_else(|| ApiError::Conflict("adapter loading is not configured".into()))?;
+    let loader = state
+        .loader
+        .as_ref()
+        .ok_or_else(|| ApiError::Conflict("adapter loading is not configured".into()))?;
     // One load at a time: the caps are checked on the final insert, but two concurrent loads
     // would also double the transient memory.
     let _guard = state.admin_lock.lock().await;

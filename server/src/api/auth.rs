@@ -79,10 +79,16 @@ pub async fn listing(State(state): State<Arc<AppState>>, request: Request, next:
 /// Reads a keys file: one key per line; blank lines and `#` comments ignored. `flag` names the
 /// option in errors.
 pub fn read_keys(path: &Path, flag: &'static str) -> Result<HashSet<String>, StartupError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| StartupError::File { path: path.into(), reason: format!("{flag}: {e}") })?;
-    let keys: HashSet<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+    let text = std::fs::read_to_string(path).map_err(|e| StartupError::File {
+        path: path.into(),
+        reason: format!("{flag}: {e}"),
+    })?;
+    let keys: HashSet<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
     if keys.is_empty() {
         return Err(StartupError::File {
             path: path.into(),

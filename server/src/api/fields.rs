@@ -33,7 +33,9 @@ fn null_is_absent(v: Option<&Value>) -> Option<&Value> {
 impl<'a> Fields<'a> {
     pub fn new(value: &'a Value) -> Self {
         static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-        Self { map: value.as_object().unwrap_or_else(|| EMPTY.get_or_init(Map::new)) }
+        Self {
+            map: value.as_object().unwrap_or_else(|| EMPTY.get_or_init(Map::new)),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&'a Value> {
@@ -44,19 +46,26 @@ impl<'a> Fields<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(ApiError::invalid(name, format!("`{name}` must be a string, got {}", kind(other)))),
+            Some(other) => Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be a string, got {}", kind(other)),
+            )),
         }
     }
 
     pub fn required_string(&self, name: &str) -> Result<&'a str, ApiError> {
-        self.string(name)?.ok_or_else(|| ApiError::invalid_code(name, "missing_field", format!("`{name}` is required")))
+        self.string(name)?
+            .ok_or_else(|| ApiError::invalid_code(name, "missing_field", format!("`{name}` is required")))
     }
 
     pub fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(ApiError::invalid(name, format!("`{name}` must be a boolean, got {}", kind(other)))),
+            Some(other) => Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be a boolean, got {}", kind(other)),
+            )),
         }
     }
 
@@ -65,13 +74,22 @@ impl<'a> Fields<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Number(n)) => {
-                let x = n.as_f64().filter(|x| x.is_finite()).ok_or_else(|| ApiError::invalid(name, format!("`{name}` is not a finite number")))?;
+                let x = n
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| ApiError::invalid(name, format!("`{name}` is not a finite number")))?;
                 if x < min || x > max {
-                    return Err(ApiError::invalid(name, format!("`{name}` is {x}; it must be between {min} and {max}")));
+                    return Err(ApiError::invalid(
+                        name,
+                        format!("`{name}` is {x}; it must be between {min} and {max}"),
+                    ));
                 }
                 Ok(Some(x))
             }
-            Some(other) => Err(ApiError::invalid(name, format!("`{name}` must be a number, got {}", kind(other)))),
+            Some(other) => Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be a number, got {}", kind(other)),
+            )),
         }
     }
 
@@ -81,14 +99,23 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(Value::Number(n)) => {
                 let x = n.as_i64().ok_or_else(|| {
-                    ApiError::invalid(name, format!("`{name}` must be an integer between {min} and {max}, got {n}"))
+                    ApiError::invalid(
+                        name,
+                        format!("`{name}` must be an integer between {min} and {max}, got {n}"),
+                    )
                 })?;
                 if x < min || x > max {
-                    return Err(ApiError::invalid(name, format!("`{name}` is {x}; it must be between {min} and {max}")));
+                    return Err(ApiError::invalid(
+                        name,
+                        format!("`{name}` is {x}; it must be between {min} and {max}"),
+                    ));
                 }
                 Ok(Some(x))
             }
-            Some(other) => Err(ApiError::invalid(name, format!("`{name}` must be an integer, got {}", kind(other)))),
+            Some(other) => Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be an integer, got {}", kind(other)),
+            )),
         }
     }
 

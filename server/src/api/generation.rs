@@ -36,7 +36,12 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn new(events: mpsc::UnboundedReceiver<Event>, codec: Arc<TextCodec>, stop: Vec<String>, prompt_tokens: usize) -> Self {
+    pub fn new(
+        events: mpsc::UnboundedReceiver<Event>,
+        codec: Arc<TextCodec>,
+        stop: Vec<String>,
+        prompt_tokens: usize,
+    ) -> Self {
         Self {
             events: Some(events),
             codec,
@@ -71,7 +76,11 @@ impl Generation {
                     let ready = self.held.len() - keep;
                     if ready > 0 {
                         let text: String = self.held.drain(..ready).collect();
-                        return Some(Ok(Chunk { text, tokens: std::mem::take(&mut self.tokens), finish: None }));
+                        return Some(Ok(Chunk {
+                            text,
+                            tokens: std::mem::take(&mut self.tokens),
+                            finish: None,
+                        }));
                     }
                 }
                 Some(Event::Finished(reason)) => return Some(Ok(self.finish(reason))),
@@ -85,7 +94,11 @@ impl Generation {
     /// (a stop string was found, or it already finished).
     fn finish(&mut self, reason: FinishReason) -> Chunk {
         self.events = None;
-        Chunk { text: std::mem::take(&mut self.held), tokens: std::mem::take(&mut self.tokens), finish: Some(reason) }
+        Chunk {
+            text: std::mem::take(&mut self.held),
+            tokens: std::mem::take(&mut self.tokens),
+            finish: Some(reason),
+        }
     }
 
     fn fail(&mut self, message: String) -> ApiError {

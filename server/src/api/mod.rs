@@ -56,7 +56,9 @@ impl AppState {
         keys: auth::Keys,
     ) -> Self {
         let stop_ids = Arc::new(codec.stop_ids.clone());
-        metrics.loaded_adapters.set((adapters.len() + merged.is_some() as usize) as i64);
+        metrics
+            .loaded_adapters
+            .set((adapters.len() + merged.is_some() as usize) as i64);
         Self {
             engine,
             codec,
@@ -102,7 +104,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::inference));
-    let listing = Router::new().route("/v1/models", get(admin::models)).route_layer(middleware::from_fn_with_state(state.clone(), auth::listing));
+    let listing = Router::new()
+        .route("/v1/models", get(admin::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::listing));
     let admin = Router::new()
         .route("/v1/adapters", post(admin::load_adapter).get(admin::models))
         .route("/v1/adapters/{name}", delete(admin::unload_adapter))

@@ -29,7 +29,12 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Respon
         Ok(v) => v,
         Err(e) => return refuse(&state, &body, e),
     };
-    let ValidGeneration { model, request, stop, stream } = valid;
+    let ValidGeneration {
+        model,
+        request,
+        stop,
+        stream,
+    } = valid;
     let prompt_tokens = request.prompt.len();
     let logprobs = request.params.logprobs.is_some();
     let events = match state.engine.submit(request) {
@@ -37,7 +42,13 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Respon
         Err(e) => return refuse(&state, &body, e),
     };
     let generation = Generation::new(events, state.codec.clone(), stop, prompt_tokens);
-    let meta = Meta { id: new_id(endpoint), model, created: now(), endpoint, logprobs };
+    let meta = Meta {
+        id: new_id(endpoint),
+        model,
+        created: now(),
+        endpoint,
+        logprobs,
+    };
     if stream {
         state.metrics.request(&meta.model, 200);
         Sse::new(sse(state, meta, generation, started)).into_response()
@@ -47,7 +58,9 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Respon
 }
 
 fn refuse(state: &AppState, body: &[u8], e: ApiError) -> Response {
-    state.metrics.request(&model_label(&state.validation(), body), e.status().as_u16());
+    state
+        .metrics
+        .request(&model_label(&state.validation(), body), e.status().as_u16());
     e.into_response()
 }
 
@@ -65,7 +78,10 @@ fn new_id(endpoint: Endpoint) -> String {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn usage(g: &Generation) -> Value {
@@ -98,7 +114,11 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
     let mut finish = None;
     while let Some(chunk) = g.next().await {
         match chunk {
-            Ok(Chunk { text: t, tokens: ts, finish: f }) => {
+            Ok(Chunk {
+                text: t,
+                tokens: ts,
+                finish: f,
+            }) => {
                 text.push_str(&t);
                 tokens.extend(ts);
                 finish = f.or(finish);
@@ -112,16 +132,28 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
     let finish = finish.map(|f| f.as_str());
     let choice = match meta.endpoint {
         Endpoint::Completions => {
-            let lp = if meta.logprobs { logprobs_json(&state.codec, &tokens, 0) } else { Value::Null };
+            let lp = if meta.logprobs {
+                logprobs_json(&state.codec, &tokens, 0)
+            } else {
+                Value::Null
+            };
             json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
         }
         Endpoint::Chat => {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
         }
     };
-    let object = if meta.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+    let object = if meta.endpoint == Endpoint::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
     state.metrics.request(&meta.model, 200);
-    state.metrics.request_duration.with_label_values(&[&meta.model]).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[&meta.model])
+        .observe(started.elapsed().as_secs_f64());
     Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
         "choices": [choice], "usage": usage(&g),
@@ -133,7 +165,12 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
 /// `data: [DONE]`. A failure mid-stream is sent as an OpenAI error object before `[DONE]`.
 /// When the client disconnects, hyper drops this stream and with it the engine receiver, which
 /// cancels the sequence.
-fn sse(state: Arc<AppState>, meta: Meta, g: Generation, started: Instant) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+fn sse(
+    state: Arc<AppState>,
+    meta: Meta,
+    g: Generation,
+    started: Instant,
+) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     struct S {
         state: Arc<AppState>,
         meta: Meta,
@@ -143,7 +180,15 @@ fn sse(state: Arc<AppState>, meta: Meta, g: Generation, started: Instant) -> imp
         text_offset: usize,
         done: bool,
     }
-    let init = S { state, meta, g, started, sent_role: false, text_offset: 0, done: false };
+    let init = S {
+        state,
+        meta,
+        g,
+        started,
+        sent_role: false,
+        text_offset: 0,
+        done: false,
+    };
     let events = stream::unfold(init, |mut s| async move {
         if s.done {
             return None;
@@ -157,9 +202,15 @@ fn sse(state: Arc<AppState>, meta: Meta, g: Generation, started: Instant) -> imp
             Some(Ok(chunk)) => {
                 if chunk.finish.is_some() {
                     let model = s.meta.model.as_str();
-                    s.state.metrics.request_duration.with_label_values(&[model]).observe(s.started.elapsed().as_secs_f64());
+                    s.state
+                        .metrics
+                        .request_duration
+                        .with_label_values(&[model])
+                        .observe(s.started.elapsed().as_secs_f64());
                 }
-                SseEvent::default().data(stream_chunk(&mut s.sent_role, &mut s.text_offset, &s.state, &s.meta, &s.g, chunk).to_string())
+                SseEvent::default().data(
+                    stream_chunk(&mut s.sent_role, &mut s.text_offset, &s.state, &s.meta, &s.g, chunk).to_string(),
+                )
             }
         };
         Some((event, s))
@@ -167,13 +218,27 @@ fn sse(state: Arc<AppState>, meta: Meta, g: Generation, started: Instant) -> imp
     events.map(Ok)
 }
 
-fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState, meta: &Meta, g: &Generation, chunk: Chunk) -> Value {
+fn stream_chunk(
+    sent_role: &mut bool,
+    text_offset: &mut usize,
+    state: &AppState,
+    meta: &Meta,
+    g: &Generation,
+    chunk: Chunk,
+) -> Value {
     let finish = chunk.finish.map(|f| f.as_str());
     let (object, choice) = match meta.endpoint {
         Endpoint::Completions => {
-            let lp = if meta.logprobs { logprobs_json(&state.codec, &chunk.tokens, *text_offset) } else { Value::Null };
+            let lp = if meta.logprobs {
+                logprobs_json(&state.codec, &chunk.tokens, *text_offset)
+            } else {
+                Value::Null
+            };
             *text_offset += chunk.text.len();
-            ("text_completion", json!({"index": 0, "text": chunk.text, "logprobs": lp, "finish_reason": finish}))
+            (
+                "text_completion",
+                json!({"index": 0, "text": chunk.text, "logprobs": lp, "finish_reason": finish}),
+            )
         }
         Endpoint::Chat => {
             let mut delta = json!({});
@@ -184,10 +249,14 @@ fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState,
             if !chunk.text.is_empty() || chunk.finish.is_none() {
                 delta["content"] = json!(chunk.text);
             }
-            ("chat.completion.chunk", json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}))
+            (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            )
         }
     };
-    let mut out = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
+    let mut out =
+        json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
     if chunk.finish.is_some() {
         out["usage"] = usage(g);
     }

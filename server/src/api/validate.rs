@@ -59,18 +59,27 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
     let prompt = match endpoint {
         Endpoint::Completions => completion_prompt(ctx, &f)?,
         Endpoint::Chat => ctx.codec.encode_chat(&messages(&f)?).map_err(|e| match e {
-            ChatEncodeError::Rejected(m) => {
-                ApiError::invalid("messages", format!("the model's chat template rejects this conversation: {m}"))
-            }
+            ChatEncodeError::Rejected(m) => ApiError::invalid(
+                "messages",
+                format!("the model's chat template rejects this conversation: {m}"),
+            ),
             ChatEncodeError::Tokenizer(m) => ApiError::Internal(m),
         })?,
     };
-    let prompt_param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
+    let prompt_param = if endpoint == Endpoint::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
     if prompt.len() >= ctx.max_context {
         return Err(ApiError::invalid_code(
             prompt_param,
             "context_length_exceeded",
-            format!("the prompt is {} tokens; the context length is {} and at least one token must be generated", prompt.len(), ctx.max_context),
+            format!(
+                "the prompt is {} tokens; the context length is {} and at least one token must be generated",
+                prompt.len(),
+                ctx.max_context
+            ),
         ));
     }
     let room = ctx.max_context - prompt.len();
@@ -78,9 +87,14 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
     let max_tokens = match max_tokens {
         Some(n) if n > room => {
             return Err(ApiError::invalid_code(
-                f.get("max_completion_tokens").map_or("max_tokens", |_| "max_completion_tokens"),
+                f.get("max_completion_tokens")
+                    .map_or("max_tokens", |_| "max_completion_tokens"),
                 "context_length_exceeded",
-                format!("the prompt is {} tokens and max_tokens is {n}: together more than the context length {}", prompt.len(), ctx.max_context),
+                format!(
+                    "the prompt is {} tokens and max_tokens is {n}: together more than the context length {}",
+                    prompt.len(),
+                    ctx.max_context
+                ),
             ))
         }
         Some(n) => n,
@@ -93,7 +107,10 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
         return Err(ApiError::invalid_code(
             "max_tokens",
             "context_length_exceeded",
-            format!("prompt + max_tokens need {kv} bytes of KV cache, more than the server's budget of {} bytes", ctx.kv_budget_bytes),
+            format!(
+                "prompt + max_tokens need {kv} bytes of KV cache, more than the server's budget of {} bytes",
+                ctx.kv_budget_bytes
+            ),
         ));
     }
 
@@ -101,18 +118,36 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
     let stream = f.bool("stream")?.unwrap_or(false);
     if let Some(opts) = f.get("stream_options") {
         if !stream {
-            return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed with `stream: true`"));
+            return Err(ApiError::invalid(
+                "stream_options",
+                "`stream_options` is only allowed with `stream: true`",
+            ));
         }
-        let o = opts.as_object().ok_or_else(|| ApiError::invalid("stream_options", "`stream_options` must be an object"))?;
+        let o = opts
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("stream_options", "`stream_options` must be an object"))?;
         if let Some(v) = o.get("include_usage").filter(|v| !v.is_null() && !v.is_boolean()) {
-            return Err(ApiError::invalid("stream_options.include_usage", format!("must be a boolean, got {}", kind(v))));
+            return Err(ApiError::invalid(
+                "stream_options.include_usage",
+                format!("must be a boolean, got {}", kind(v)),
+            ));
         }
     }
     // vLLM's extension: generate exactly max_tokens (benchmarks need fixed-length outputs).
-    let stop_ids = if f.bool("ignore_eos")?.unwrap_or(false) { Arc::new(Vec::new()) } else { ctx.stop_ids.clone() };
+    let stop_ids = if f.bool("ignore_eos")?.unwrap_or(false) {
+        Arc::new(Vec::new())
+    } else {
+        ctx.stop_ids.clone()
+    };
     Ok(ValidGeneration {
         model,
-        request: GenerateRequest { prompt, adapter, params, max_tokens, stop_ids },
+        request: GenerateRequest {
+            prompt,
+            adapter,
+            params,
+            max_tokens,
+            stop_ids,
+        },
         stop: stop_strings(&f)?,
         stream,
     })
@@ -157,7 +192,9 @@ pub fn resolve_model(ctx: &ValidationContext, model: &str) -> Result<(String, Op
             (Some(v), None) => format!("version {v}"),
             _ => "an unversioned copy".to_string(),
         };
-        return Err(unknown(format!("model `{model}`: adapter `{name}` is loaded at {loaded}")));
+        return Err(unknown(format!(
+            "model `{model}`: adapter `{name}` is loaded at {loaded}"
+        )));
     }
     Ok((name.to_string(), adapter))
 }
@@ -172,7 +209,9 @@ fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
     f.unsupported("tools", |v| v.as_array().is_some_and(|a| a.is_empty()))?;
     f.unsupported("functions", |v| v.as_array().is_some_and(|a| a.is_empty()))?;
     f.unsupported("tool_choice", |v| v.as_str() == Some("none"))?;
-    f.unsupported("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text"))?;
+    f.unsupported("response_format", |v| {
+        v.get("type").and_then(Value::as_str) == Some("text")
+    })?;
     if endpoint == Endpoint::Chat {
         f.unsupported("logprobs", |v| v == &Value::Bool(false))?;
         f.unsupported("top_logprobs", |v| v.as_i64() == Some(0))?;
@@ -209,7 +248,10 @@ fn sampling(f: &Fields, endpoint: Endpoint, vocab: usize) -> Result<SamplingPara
     };
     let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(1.0);
     if top_p == 0.0 {
-        return Err(ApiError::invalid("top_p", "`top_p` is 0; it must be greater than 0 and at most 1"));
+        return Err(ApiError::invalid(
+            "top_p",
+            "`top_p` is 0; it must be greater than 0 and at most 1",
+        ));
     }
     // -1 and 0 both mean "no top-k", as in vLLM.
     let top_k = f.integer("top_k", -1, vocab as i64)?.map_or(0, |k| k.max(0) as usize);
@@ -231,14 +273,25 @@ fn stop_strings(f: &Fields) -> Result<Vec<String>, ApiError> {
         Some(v @ Value::String(_)) => vec![v],
         Some(Value::Array(a)) if a.len() <= 4 => a.iter().collect(),
         Some(Value::Array(_)) => return Err(ApiError::invalid("stop", "`stop` may hold at most 4 sequences")),
-        Some(other) => return Err(ApiError::invalid("stop", format!("`stop` must be a string or an array of strings, got {}", kind(other)))),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("`stop` must be a string or an array of strings, got {}", kind(other)),
+            ))
+        }
     };
     list.into_iter()
         .enumerate()
         .map(|(i, v)| match v.as_str() {
-            Some("") => Err(ApiError::invalid(format!("stop[{i}]"), "stop sequences must not be empty")),
+            Some("") => Err(ApiError::invalid(
+                format!("stop[{i}]"),
+                "stop sequences must not be empty",
+            )),
             Some(s) => Ok(s.to_string()),
-            None => Err(ApiError::invalid(format!("stop[{i}]"), format!("must be a string, got {}", kind(v)))),
+            None => Err(ApiError::invalid(
+                format!("stop[{i}]"),
+                format!("must be a string, got {}", kind(v)),
+            )),
         })
         .collect()
 }
@@ -246,7 +299,9 @@ fn stop_strings(f: &Fields) -> Result<Vec<String>, ApiError> {
 /// A string, a one-string array, or token ids (flat or one nested list).
 fn completion_prompt(ctx: &ValidationContext, f: &Fields) -> Result<Vec<u32>, ApiError> {
     let empty = || ApiError::invalid_code("prompt", "empty_prompt", "`prompt` is empty");
-    let v = f.get("prompt").ok_or_else(|| ApiError::invalid_code("prompt", "missing_field", "`prompt` is required"))?;
+    let v = f
+        .get("prompt")
+        .ok_or_else(|| ApiError::invalid_code("prompt", "missing_field", "`prompt` is required"))?;
     let text = |s: &str| -> Result<Vec<u32>, ApiError> {
         if s.is_empty() {
             return Err(empty());
@@ -257,9 +312,15 @@ fn completion_prompt(ctx: &ValidationContext, f: &Fields) -> Result<Vec<u32>, Ap
         a.iter()
             .enumerate()
             .map(|(i, t)| {
-                t.as_u64().filter(|&id| id < ctx.vocab_size as u64).map(|id| id as u32).ok_or_else(|| {
-                    ApiError::invalid(format!("prompt[{i}]"), format!("token ids must be integers in 0..{}", ctx.vocab_size))
-                })
+                t.as_u64()
+                    .filter(|&id| id < ctx.vocab_size as u64)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("prompt[{i}]"),
+                            format!("token ids must be integers in 0..{}", ctx.vocab_size),
+                        )
+                    })
             })
             .collect()
     };
@@ -267,12 +328,23 @@ fn completion_prompt(ctx: &ValidationContext, f: &Fields) -> Result<Vec<u32>, Ap
         Value::String(s) => text(s)?,
         Value::Array(a) if a.is_empty() => return Err(empty()),
         Value::Array(a) if a.len() == 1 && a[0].is_string() => text(a[0].as_str().unwrap_or_default())?,
-        Value::Array(a) if a.len() == 1 && a[0].is_array() => ids(a[0].as_array().map(Vec::as_slice).unwrap_or_default())?,
+        Value::Array(a) if a.len() == 1 && a[0].is_array() => {
+            ids(a[0].as_array().map(Vec::as_slice).unwrap_or_default())?
+        }
         Value::Array(a) if a.iter().all(Value::is_number) => ids(a)?,
         Value::Array(_) => {
-            return Err(ApiError::invalid_code("prompt", "unsupported_parameter", "one prompt per request: a string, or one list of token ids"))
+            return Err(ApiError::invalid_code(
+                "prompt",
+                "unsupported_parameter",
+                "one prompt per request: a string, or one list of token ids",
+            ))
         }
-        other => return Err(ApiError::invalid("prompt", format!("`prompt` must be a string or token ids, got {}", kind(other)))),
+        other => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("`prompt` must be a string or token ids, got {}", kind(other)),
+            ))
+        }
     };
     if tokens.is_empty() {
         return Err(empty());
@@ -282,17 +354,39 @@ fn completion_prompt(ctx: &ValidationContext, f: &Fields) -> Result<Vec<u32>, Ap
 
 fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let list = match f.get("messages") {
-        None => return Err(ApiError::invalid_code("messages", "missing_field", "`messages` is required")),
-        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::invalid_code("messages", "empty_prompt", "`messages` is empty")),
+        None => {
+            return Err(ApiError::invalid_code(
+                "messages",
+                "missing_field",
+                "`messages` is required",
+            ))
+        }
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::invalid_code(
+                "messages",
+                "empty_prompt",
+                "`messages` is empty",
+            ))
+        }
         Some(Value::Array(a)) => a,
-        Some(other) => return Err(ApiError::invalid("messages", format!("`messages` must be an array, got {}", kind(other)))),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("`messages` must be an array, got {}", kind(other)),
+            ))
+        }
     };
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let at = |field: &str| format!("messages[{i}].{field}");
         let role = match m.get("role").and_then(Value::as_str) {
             Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
-            Some(r) => return Err(ApiError::invalid(at("role"), format!("role `{r}` is not one of system, user, assistant"))),
+            Some(r) => {
+                return Err(ApiError::invalid(
+                    at("role"),
+                    format!("role `{r}` is not one of system, user, assistant"),
+                ))
+            }
             None => return Err(ApiError::invalid(at("role"), "each message needs a string `role`")),
         };
         let content = match m.get("content") {
@@ -300,7 +394,10 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
                 for (j, p) in parts.iter().enumerate() {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         _ => {
                             return Err(ApiError::invalid_code(
@@ -313,13 +410,22 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
                 }
                 text
             }
-            Some(other) => return Err(ApiError::invalid(at("content"), format!("must be a string or text parts, got {}", kind(other)))),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    at("content"),
+                    format!("must be a string or text parts, got {}", kind(other)),
+                ))
+            }
             None => return Err(ApiError::invalid(at("content"), "each message needs `content`")),
         };
         out.push(ChatMessage { role, content });
     }
     if out.iter().all(|m| m.content.is_empty()) {
-        return Err(ApiError::invalid_code("messages", "empty_prompt", "every message's content is empty"));
+        return Err(ApiError::invalid_code(
+            "messages",
+            "empty_prompt",
+            "every message's content is empty",
+        ));
     }
     Ok(out)
 }

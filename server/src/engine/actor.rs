@@ -32,7 +32,12 @@ enum Outcome {
     Done,
 }
 
-pub(super) fn run<B: Backend>(backend: B, mut rx: mpsc::UnboundedReceiver<Admitted>, config: EngineConfig, metrics: Arc<Metrics>) {
+pub(super) fn run<B: Backend>(
+    backend: B,
+    mut rx: mpsc::UnboundedReceiver<Admitted>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+) {
     let mut waiting: VecDeque<Admitted> = VecDeque::new();
     let mut running: Vec<Sequence<B::Cache>> = Vec::new();
     let mut kv_used = 0usize;
@@ -96,13 +101,19 @@ fn prefill<B: Backend>(backend: &B, admitted: Vec<(Admitted, usize)>, metrics: &
     if admitted.is_empty() {
         return Vec::new();
     }
-    let mut caches: Vec<B::Cache> =
-        admitted.iter().map(|(r, _)| backend.new_cache(r.req.prompt.len() + r.req.max_tokens)).collect();
+    let mut caches: Vec<B::Cache> = admitted
+        .iter()
+        .map(|(r, _)| backend.new_cache(r.req.prompt.len() + r.req.max_tokens))
+        .collect();
     let results = {
         let mut items: Vec<PrefillItem<'_, B::Cache>> = admitted
             .iter()
             .zip(caches.iter_mut())
-            .map(|((r, _), cache)| PrefillItem { tokens: &r.req.prompt, cache, adapter: r.req.adapter.as_ref().map(|a| &a.weights) })
+            .map(|((r, _), cache)| PrefillItem {
+                tokens: &r.req.prompt,
+                cache,
+                adapter: r.req.adapter.as_ref().map(|a| &a.weights),
+            })
             .collect();
         backend.prefill(&mut items)
     };
@@ -116,8 +127,18 @@ fn prefill<B: Backend>(backend: &B, admitted: Vec<(Admitted, usize)>, metrics: &
             }
         };
         let sampler = Sampler::new(request.req.params.clone());
-        let mut seq = Sequence { request, cache, sampler, generated: 0, last_token: 0, last_emit: Instant::now(), kv_reserved };
-        metrics.time_to_first_token.observe(seq.request.enqueued.elapsed().as_secs_f64());
+        let mut seq = Sequence {
+            request,
+            cache,
+            sampler,
+            generated: 0,
+            last_token: 0,
+            last_emit: Instant::now(),
+            kv_reserved,
+        };
+        metrics
+            .time_to_first_token
+            .observe(seq.request.enqueued.elapsed().as_secs_f64());
         if let Outcome::Continue = emit(&mut seq, &logits, metrics) {
             sequences.push(seq);
         }
@@ -140,7 +161,9 @@ fn decode_step<B: Backend>(backend: &B, seqs: &mut [Sequence<B::Cache>], metrics
         .zip(results)
         .map(|(seq, result)| match result {
             Ok(logits) => {
-                metrics.inter_token_latency.observe(seq.last_emit.elapsed().as_secs_f64());
+                metrics
+                    .inter_token_latency
+                    .observe(seq.last_emit.elapsed().as_secs_f64());
                 emit(seq, &logits, metrics)
             }
             Err(e) => {

@@ -29,19 +29,30 @@ pub trait Backend: Send + 'static {
     fn kv_bytes_per_token(&self) -> usize;
 
     /// Runs `tokens` after whatever `cache` holds and returns the logits of the last position.
-    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>, String>;
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut Self::Cache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f32>, String>;
 
     /// Runs each new sequence's prompt into its fresh cache and returns each one's
     /// last-position logits, in order. The default runs them one by one; the candle backend
     /// batches prompts that share an adapter.
     fn prefill(&self, batch: &mut [PrefillItem<'_, Self::Cache>]) -> Vec<Result<Vec<f32>, String>> {
-        batch.iter_mut().map(|item| self.forward(item.tokens, item.cache, item.adapter)).collect()
+        batch
+            .iter_mut()
+            .map(|item| self.forward(item.tokens, item.cache, item.adapter))
+            .collect()
     }
 
     /// One new token for each sequence of the batch. The default runs them one by one; the
     /// candle backend overrides it with a single batched forward.
     fn decode(&self, batch: &mut [DecodeItem<'_, Self::Cache>]) -> Vec<Result<Vec<f32>, String>> {
-        batch.iter_mut().map(|item| self.forward(&[item.token], item.cache, item.adapter)).collect()
+        batch
+            .iter_mut()
+            .map(|item| self.forward(&[item.token], item.cache, item.adapter))
+            .collect()
     }
 }
 
@@ -67,7 +78,11 @@ impl CandleBackend {
     fn decode_batch(&self, batch: &mut [DecodeItem<'_, CandleCache>]) -> kubetune_model::Result<Vec<Vec<f32>>> {
         let mut rows: Vec<DecodeRow<'_>> = batch
             .iter_mut()
-            .map(|item| DecodeRow { token: item.token, cache: &mut item.cache.kv, adapter: item.adapter })
+            .map(|item| DecodeRow {
+                token: item.token,
+                cache: &mut item.cache.kv,
+                adapter: item.adapter,
+            })
             .collect();
         let logits = self.model.decode(&mut rows)?;
         Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
@@ -76,15 +91,26 @@ impl CandleBackend {
 
 impl CandleBackend {
     /// One batched prefill of the items at `indices` (one adapter), in index order.
-    fn prefill_batch(&self, batch: &mut [PrefillItem<'_, CandleCache>], indices: &[usize]) -> kubetune_model::Result<Vec<Vec<f32>>> {
+    fn prefill_batch(
+        &self,
+        batch: &mut [PrefillItem<'_, CandleCache>],
+        indices: &[usize],
+    ) -> kubetune_model::Result<Vec<Vec<f32>>> {
         let adapter = batch[indices[0]].adapter;
         let mut rows: Vec<PrefillRow<'_>> = batch
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| indices.contains(i))
-            .map(|(_, item)| PrefillRow { tokens: item.tokens, cache: &mut item.cache.kv })
+            .map(|(_, item)| PrefillRow {
+                tokens: item.tokens,
+                cache: &mut item.cache.kv,
+            })
             .collect();
-        let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None, first_row: 0 });
+        let active = adapter.map(|adapter| ActiveAdapter {
+            adapter,
+            dropout_seed: None,
+            first_row: 0,
+        });
         let logits = self.model.prefill(&mut rows, active.as_ref())?;
         Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
     }
@@ -140,7 +166,9 @@ impl Backend for CandleBackend {
     type Cache = CandleCache;
 
     fn new_cache(&self, positions: usize) -> CandleCache {
-        CandleCache { kv: KvCache::with_capacity(self.model.config().num_hidden_layers, positions) }
+        CandleCache {
+            kv: KvCache::with_capacity(self.model.config().num_hidden_layers, positions),
+        }
     }
 
     fn kv_bytes_per_token(&self) -> usize {
@@ -149,23 +177,44 @@ impl Backend for CandleBackend {
         2 * c.num_hidden_layers * c.num_kv_heads() * c.head_dim() * 4
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut CandleCache, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>, String> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut CandleCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f32>, String> {
         if tokens.is_empty() {
             return Err("forward called with no tokens".into());
         }
         let mut run = || -> kubetune_model::Result<Vec<f32>> {
             let ids = candle_core::Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
-            let active = adapter.map(|adapter| ActiveAdapter { adapter, dropout_seed: None, first_row: 0 });
+            let active = adapter.map(|adapter| ActiveAdapter {
+                adapter,
+                dropout_seed: None,
+                first_row: 0,
+            });
             let offset = cache.kv.len();
-            let logits = self.model.forward_last(&ids, offset, Some(&mut cache.kv), active.as_ref())?;
-            Ok(logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+            let logits = self
+                .model
+                .forward_last(&ids, offset, Some(&mut cache.kv), active.as_ref())?;
+            Ok(logits
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?)
         };
         run().map_err(|e| e.to_string())
     }
 
     fn prefill(&self, batch: &mut [PrefillItem<'_, Self::Cache>]) -> Vec<Result<Vec<f32>, String>> {
-        let keys: Vec<(usize, usize)> =
-            batch.iter().map(|item| (item.adapter.map_or(0, |a| a as *const LoraAdapter as usize), item.tokens.len())).collect();
+        let keys: Vec<(usize, usize)> = batch
+            .iter()
+            .map(|item| {
+                (
+                    item.adapter.map_or(0, |a| a as *const LoraAdapter as usize),
+                    item.tokens.len(),
+                )
+            })
+            .collect();
         let mut results: Vec<Result<Vec<f32>, String>> = vec![Err("not prefilled".into()); batch.len()];
         for indices in prefill_batches(&keys) {
             match self.prefill_batch(batch, &indices) {

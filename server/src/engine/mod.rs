@@ -30,7 +30,13 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 8, max_queue: 64, max_context: 2048, kv_budget_bytes: 1 << 30, retry_after_s: 1 }
+        Self {
+            max_batch: 8,
+            max_queue: 64,
+            max_context: 2048,
+            kv_budget_bytes: 1 << 30,
+            retry_after_s: 1,
+        }
     }
 }
 
@@ -98,7 +104,12 @@ impl Engine {
             .name("kubetune-engine".into())
             .spawn(move || actor::run(backend, rx, actor_config, metrics))
             .expect("spawning the engine thread");
-        Self { tx, permits, config, kv_bytes_per_token }
+        Self {
+            tx,
+            permits,
+            config,
+            kv_bytes_per_token,
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -121,7 +132,12 @@ impl Engine {
             },
         })?;
         let (events, rx) = mpsc::unbounded_channel();
-        let admitted = Admitted { req, events, enqueued: Instant::now(), _permit: permit };
+        let admitted = Admitted {
+            req,
+            events,
+            enqueued: Instant::now(),
+            _permit: permit,
+        };
         self.tx.send(admitted).map_err(|_| ApiError::ShuttingDown)?;
         Ok(rx)
     }

@@ -43,12 +43,27 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
         }
     });
     wait_until("traffic is flowing", || rounds.load(Ordering::SeqCst) >= 1).await;
-    let loaded = post(&s.app, "/v1/adapters", json!({"name": "b", "source": f.adapter_b.display().to_string(), "version": 3})).await;
+    let loaded = post(
+        &s.app,
+        "/v1/adapters",
+        json!({"name": "b", "source": f.adapter_b.display().to_string(), "version": 3}),
+    )
+    .await;
     assert_eq!(loaded.status, 200, "{}", loaded.text);
     // Replace `a` with other weights while requests for `a` are running.
-    let replaced = post(&s.app, "/v1/adapters", json!({"name": "a", "source": f.adapter_b.display().to_string(), "version": 2})).await;
+    let replaced = post(
+        &s.app,
+        "/v1/adapters",
+        json!({"name": "a", "source": f.adapter_b.display().to_string(), "version": 2}),
+    )
+    .await;
     assert_eq!(replaced.status, 200, "{}", replaced.text);
-    let b = post(&s.app, "/v1/completions", json!({"model": "b@3", "prompt": "hello", "max_tokens": 3})).await;
+    let b = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": "b@3", "prompt": "hello", "max_tokens": 3}),
+    )
+    .await;
     assert_eq!(b.status, 200, "{}", b.text);
     let deleted = send(&s.app, "DELETE", "/v1/adapters/b", None).await;
     assert_eq!(deleted.status, 200, "{}", deleted.text);
@@ -59,7 +74,8 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
         assert_eq!(r.status, 200, "{}", r.text);
     }
     let models = send(&s.app, "GET", "/v1/models", None).await;
-    let list: kubetune_crds::server_contract::ModelList = serde_json::from_str(&models.text).expect("the operator can read /v1/models");
+    let list: kubetune_crds::server_contract::ModelList =
+        serde_json::from_str(&models.text).expect("the operator can read /v1/models");
     let ids: Vec<(String, Option<u32>)> = list.data.into_iter().map(|m| (m.id, m.version)).collect();
     assert_eq!(ids, vec![(BASE.to_string(), None), ("a".to_string(), Some(2))]);
     let gone = post(&s.app, "/v1/completions", json!({"model": "b", "prompt": "hi"})).await;
@@ -70,35 +86,66 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
 #[tokio::test]
 async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
     let f = fixture();
-    let s = server(&["--max-adapters", "2", "--max-adapter-rank", "6", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let s = server(&[
+        "--max-adapters",
+        "2",
+        "--max-adapter-rank",
+        "6",
+        "--adapter",
+        &adapter_flag("a", &f.adapter_a),
+    ])
+    .await;
     let dir = tempfile::tempdir().expect("temp dir");
 
     // Shapes of another model (hidden 32 instead of 64).
-    let other = kubetune_model::tiny::TinySpec { hidden_size: 32, ..Default::default() }.config();
+    let other = kubetune_model::tiny::TinySpec {
+        hidden_size: 32,
+        ..Default::default()
+    }
+    .config();
     let wrong_shape = dir.path().join("wrong-shape");
     write_adapter(&wrong_shape, &other, 4, 3, &f.model.display().to_string());
     let r = post(&s.app, "/v1/adapters", load_body("x", &wrong_shape)).await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("shape"), "{}", r.text);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shape"),
+        "{}",
+        r.text
+    );
 
     let config = kubetune_model::tiny::TinySpec::default().config();
     let other_base = dir.path().join("other-base");
     write_adapter(&other_base, &config, 4, 3, "meta-llama/Llama-3.1-8B");
     let r = post(&s.app, "/v1/adapters", load_body("x", &other_base)).await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("meta-llama/Llama-3.1-8B"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("meta-llama/Llama-3.1-8B"));
 
     // Rank 8 over a cap of 6 (adapter_b has r = 8).
     let r = post(&s.app, "/v1/adapters", load_body("x", &f.adapter_b)).await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("--max-adapter-rank"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("--max-adapter-rank"));
 
     // Count cap: a + c fit, d does not; replacing a loaded name does not count twice.
-    assert_eq!(post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status, 200);
+    assert_eq!(
+        post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status,
+        200
+    );
     let r = post(&s.app, "/v1/adapters", load_body("d", &f.adapter_a)).await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "adapter_limit");
-    assert_eq!(post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status, 200);
+    assert_eq!(
+        post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status,
+        200
+    );
 
     for (body, param) in [
         (json!({"source": "/x"}), "name"),
@@ -121,26 +168,42 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
     let f = fixture();
     let root = tempfile::tempdir().expect("temp dir");
     let registry_uri = format!("file://{}", root.path().join("registry").display());
-    let registry = Registry::open(Storage::from_uri(&registry_uri, &kubetune_storage::Credentials::none()).expect("storage"));
+    let registry =
+        Registry::open(Storage::from_uri(&registry_uri, &kubetune_storage::Credentials::none()).expect("storage"));
     let publish = |dir: &std::path::Path| PublishRequest {
         name: "support-bot".into(),
         source_dir: dir.to_path_buf(),
-        base_model: SourceRef { uri: f.model.display().to_string(), digest: None },
-        dataset: SourceRef { uri: "file:///data/train.jsonl".into(), digest: None },
+        base_model: SourceRef {
+            uri: f.model.display().to_string(),
+            digest: None,
+        },
+        dataset: SourceRef {
+            uri: "file:///data/train.jsonl".into(),
+            digest: None,
+        },
         hyperparameters: json!({}),
         metrics: Metrics::default(),
         job: None,
     };
-    let v1 = registry.publish(&publish(&f.adapter_a), None).await.expect("publish v1");
-    let v2 = registry.publish(&publish(&f.adapter_b), None).await.expect("publish v2");
+    let v1 = registry
+        .publish(&publish(&f.adapter_a), None)
+        .await
+        .expect("publish v1");
+    let v2 = registry
+        .publish(&publish(&f.adapter_b), None)
+        .await
+        .expect("publish v2");
     let adapters_file = root.path().join("adapters.json");
     let file = json!({"adapters": [{"name": "bot", "source": "support-bot@1", "version": 1, "digest": v1.digest.to_string()}]});
     std::fs::write(&adapters_file, file.to_string()).expect("write adapters file");
     let cache = root.path().join("cache");
     let s = server(&[
-        "--registry", &registry_uri,
-        "--cache-dir", cache.to_str().expect("utf-8"),
-        "--adapters-file", adapters_file.to_str().expect("utf-8"),
+        "--registry",
+        &registry_uri,
+        "--cache-dir",
+        cache.to_str().expect("utf-8"),
+        "--adapters-file",
+        adapters_file.to_str().expect("utf-8"),
     ])
     .await;
     let models = send(&s.app, "GET", "/v1/models", None).await.json();
@@ -152,16 +215,29 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
     let swap = json!({"name": "bot", "source": "support-bot@2", "version": 2, "digest": v2.digest.to_string()});
     let r = post(&s.app, "/v1/adapters", swap).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let r = post(&s.app, "/v1/completions", json!({"model": format!("bot@{}", v2.digest), "prompt": "hi", "max_tokens": 2})).await;
+    let r = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": format!("bot@{}", v2.digest), "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     // A digest that is not the version's is refused and the loaded version stays.
     let wrong = json!({"name": "bot", "source": "support-bot@1", "version": 1, "digest": v2.digest.to_string()});
     let r = post(&s.app, "/v1/adapters", wrong).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.json()["error"]["param"], "digest");
-    let missing = post(&s.app, "/v1/adapters", json!({"name": "bot", "source": "support-bot@9"})).await;
+    let missing = post(
+        &s.app,
+        "/v1/adapters",
+        json!({"name": "bot", "source": "support-bot@9"}),
+    )
+    .await;
     assert_eq!(missing.status, 400, "{}", missing.text);
-    assert_eq!(send(&s.app, "GET", "/v1/models", None).await.json()["data"][1]["version"], 2);
+    assert_eq!(
+        send(&s.app, "GET", "/v1/models", None).await.json()["data"][1]["version"],
+        2
+    );
 }
 
 #[tokio::test]
@@ -174,8 +250,18 @@ async fn api_keys_guard_v1_but_not_probes_or_metrics() {
     let none = send(&s.app, "POST", "/v1/completions", Some(body.clone())).await;
     assert_eq!(none.status, 401);
     assert_eq!(none.json()["error"]["code"], "invalid_api_key");
-    assert_eq!(send_with(&s.app, "POST", "/v1/completions", Some(body.clone()), Some("wrong")).await.status, 401);
-    assert_eq!(send_with(&s.app, "POST", "/v1/completions", Some(body), Some("secret-2")).await.status, 200);
+    assert_eq!(
+        send_with(&s.app, "POST", "/v1/completions", Some(body.clone()), Some("wrong"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        send_with(&s.app, "POST", "/v1/completions", Some(body), Some("secret-2"))
+            .await
+            .status,
+        200
+    );
     assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 401);
     for path in ["/health", "/ready", "/metrics"] {
         assert_eq!(send(&s.app, "GET", path, None).await.status, 200, "{path}");
@@ -192,14 +278,25 @@ fn keys_file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
 async fn the_admin_api_takes_only_admin_keys_and_model_listing_takes_either() {
     let f = fixture();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (api, admin) = (keys_file(&dir, "api", "client-key\n"), keys_file(&dir, "admin", "operator-key\n"));
+    let (api, admin) = (
+        keys_file(&dir, "api", "client-key\n"),
+        keys_file(&dir, "admin", "operator-key\n"),
+    );
     let s = server(&["--api-keys-file", &api, "--admin-api-key-file", &admin]).await;
     let load = Some(load_body("a", &f.adapter_a).to_string());
     for key in [None, Some("client-key"), Some("wrong")] {
         let r = send_with(&s.app, "POST", "/v1/adapters", load.clone(), key).await;
         assert_eq!(r.status, 401, "{key:?}: {}", r.text);
-        assert_eq!(send_with(&s.app, "DELETE", "/v1/adapters/a", None, key).await.status, 401, "{key:?}");
-        assert_eq!(send_with(&s.app, "GET", "/v1/adapters", None, key).await.status, 401, "{key:?}");
+        assert_eq!(
+            send_with(&s.app, "DELETE", "/v1/adapters/a", None, key).await.status,
+            401,
+            "{key:?}"
+        );
+        assert_eq!(
+            send_with(&s.app, "GET", "/v1/adapters", None, key).await.status,
+            401,
+            "{key:?}"
+        );
     }
     let r = send_with(&s.app, "POST", "/v1/adapters", load, Some("operator-key")).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -211,9 +308,24 @@ async fn the_admin_api_takes_only_admin_keys_and_model_listing_takes_either() {
     }
     // An admin key is not an inference credential.
     let body = Some(json!({"model": "a", "prompt": "hi", "max_tokens": 2}).to_string());
-    assert_eq!(send_with(&s.app, "POST", "/v1/completions", body.clone(), Some("operator-key")).await.status, 401);
-    assert_eq!(send_with(&s.app, "POST", "/v1/completions", body, Some("client-key")).await.status, 200);
-    assert_eq!(send_with(&s.app, "DELETE", "/v1/adapters/a", None, Some("operator-key")).await.status, 200);
+    assert_eq!(
+        send_with(&s.app, "POST", "/v1/completions", body.clone(), Some("operator-key"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        send_with(&s.app, "POST", "/v1/completions", body, Some("client-key"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send_with(&s.app, "DELETE", "/v1/adapters/a", None, Some("operator-key"))
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -227,20 +339,36 @@ async fn each_key_file_guards_only_its_own_routes() {
     assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 401);
     // Admin key only: inference and the listing stay open, the admin API does not.
     let s = server(&["--admin-api-key-file", &keys_file(&dir, "admin", "operator-key\n")]).await;
-    assert_eq!(post(&s.app, "/v1/adapters", load_body("a", &f.adapter_a)).await.status, 401);
+    assert_eq!(
+        post(&s.app, "/v1/adapters", load_body("a", &f.adapter_a)).await.status,
+        401
+    );
     assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 200);
-    let r = post(&s.app, "/v1/completions", json!({"model": BASE, "prompt": "hi", "max_tokens": 2})).await;
+    let r = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": BASE, "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
 
     let empty = keys_file(&dir, "empty", "# no keys yet\n");
-    let err = kubetune_server::server::build(&args(&["--admin-api-key-file", &empty])).await.err().expect("empty key file");
+    let err = kubetune_server::server::build(&args(&["--admin-api-key-file", &empty]))
+        .await
+        .err()
+        .expect("empty key file");
     assert!(err.to_string().contains("--admin-api-key-file"), "{err}");
 }
 
 #[tokio::test]
 async fn metrics_expose_the_documented_series() {
     let s = server(&[]).await;
-    let r = post(&s.app, "/v1/completions", json!({"model": BASE, "prompt": "hello", "max_tokens": 3, "temperature": 0})).await;
+    let r = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": BASE, "prompt": "hello", "max_tokens": 3, "temperature": 0}),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let text = send(&s.app, "GET", "/metrics", None).await.text;
     for name in [
@@ -262,15 +390,36 @@ async fn startup_fails_with_the_flag_or_adapter_named() {
     let f = fixture();
     let err = |extra: &[&str]| {
         let args = args(extra);
-        async move { kubetune_server::server::build(&args).await.err().expect("start-up must fail").to_string() }
+        async move {
+            kubetune_server::server::build(&args)
+                .await
+                .err()
+                .expect("start-up must fail")
+                .to_string()
+        }
     };
     assert!(err(&["--max-context", "100000"]).await.contains("--max-context"));
     assert!(err(&["--merge"]).await.contains("--merge"));
-    let bad_quantize = <kubetune_server::server::Args as clap::Parser>::try_parse_from(["kubetune-server", "--model", "m", "--quantize", "int4"]);
+    let bad_quantize = <kubetune_server::server::Args as clap::Parser>::try_parse_from([
+        "kubetune-server",
+        "--model",
+        "m",
+        "--quantize",
+        "int4",
+    ]);
     let message = bad_quantize.expect_err("int4 is not offered").to_string();
     assert!(message.contains("--quantize") && message.contains("int8"), "{message}");
     let bad = err(&["--adapter", "x=/nonexistent/adapter"]).await;
-    assert!(bad.contains("adapter `x`") && bad.contains("/nonexistent/adapter"), "{bad}");
-    let twice = err(&["--adapter", &adapter_flag("a", &f.adapter_a), "--adapter", &adapter_flag("a", &f.adapter_b)]).await;
+    assert!(
+        bad.contains("adapter `x`") && bad.contains("/nonexistent/adapter"),
+        "{bad}"
+    );
+    let twice = err(&[
+        "--adapter",
+        &adapter_flag("a", &f.adapter_a),
+        "--adapter",
+        &adapter_flag("a", &f.adapter_b),
+    ])
+    .await;
     assert!(twice.contains("listed twice"), "{twice}");
 }

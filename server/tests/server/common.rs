@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use candle_core::{Device, Tensor};
+use clap::Parser;
 use http_body_util::BodyExt;
 use kubetune_model::lora::{LoraPair, TargetModule};
 use kubetune_model::tiny::{write_tiny_model, TinySpec};
@@ -12,7 +13,6 @@ use kubetune_model::{peft, LoraAdapter, LoraConfig};
 use kubetune_server::api::{router, AppState};
 use kubetune_server::engine::backend::{Backend, CandleBackend};
 use kubetune_server::server::{build_with, warm_up, Args};
-use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -42,7 +42,12 @@ pub fn fixture() -> &'static Fixture {
         let adapter_b = dir.path().join("adapter-b");
         write_adapter(&adapter_a, &config, 4, 1, &model.display().to_string());
         write_adapter(&adapter_b, &config, 8, 2, &model.display().to_string());
-        Fixture { _dir: dir, model, adapter_a, adapter_b }
+        Fixture {
+            _dir: dir,
+            model,
+            adapter_a,
+            adapter_b,
+        }
     })
 }
 
@@ -58,10 +63,21 @@ pub fn write_adapter(dir: &Path, config: &kubetune_model::Config, r: usize, seed
     for layer in 0..config.num_hidden_layers {
         for m in TargetModule::ALL {
             let (fan_in, out) = m.shape(config);
-            pairs.insert((layer, m), LoraPair { a: random(r, fan_in, 0.3), b: random(out, r, 0.3) });
+            pairs.insert(
+                (layer, m),
+                LoraPair {
+                    a: random(r, fan_in, 0.3),
+                    b: random(out, r, 0.3),
+                },
+            );
         }
     }
-    let lora = LoraConfig { r, alpha: 2.0 * r as f64, dropout: 0.0, target_modules: TargetModule::ALL.to_vec() };
+    let lora = LoraConfig {
+        r,
+        alpha: 2.0 * r as f64,
+        dropout: 0.0,
+        target_modules: TargetModule::ALL.to_vec(),
+    };
     peft::save(dir, &LoraAdapter::from_pairs(lora, pairs), base).expect("save adapter");
 }
 
@@ -107,7 +123,11 @@ impl Reply {
 
     /// The `data:` payloads of an SSE body.
     pub fn sse_data(&self) -> Vec<String> {
-        self.text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -116,16 +136,25 @@ pub async fn send(app: &Router, method: &str, path: &str, body: Option<String>) 
 }
 
 pub async fn send_with(app: &Router, method: &str, path: &str, body: Option<String>, key: Option<&str>) -> Reply {
-    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
-    let req = req.body(body.map(Body::from).unwrap_or_else(Body::empty)).expect("request");
+    let req = req
+        .body(body.map(Body::from).unwrap_or_else(Body::empty))
+        .expect("request");
     let response = app.clone().oneshot(req).await.expect("router never fails");
     let status = response.status();
     let headers = response.headers().clone();
     let bytes = response.into_body().collect().await.expect("body").to_bytes();
-    Reply { status, headers, text: String::from_utf8_lossy(&bytes).into_owned() }
+    Reply {
+        status,
+        headers,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    }
 }
 
 pub async fn post(app: &Router, path: &str, body: Value) -> Reply {
@@ -140,7 +169,10 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     };
-    if tokio::time::timeout(std::time::Duration::from_secs(120), poll).await.is_err() {
+    if tokio::time::timeout(std::time::Duration::from_secs(120), poll)
+        .await
+        .is_err()
+    {
         panic!("condition never held: {what}");
     }
 }
@@ -187,7 +219,13 @@ impl Probe {
 impl TestBackend {
     pub fn wrap(inner: CandleBackend) -> (Self, Arc<Probe>) {
         let probe = Arc::new(Probe::default());
-        (Self { inner, probe: probe.clone() }, probe)
+        (
+            Self {
+                inner,
+                probe: probe.clone(),
+            },
+            probe,
+        )
     }
 }
 
@@ -202,7 +240,12 @@ impl Backend for TestBackend {
         self.inner.kv_bytes_per_token()
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, adapter: Option<&LoraAdapter>) -> Result<Vec<f32>, String> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut Self::Cache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f32>, String> {
         let gate = self.probe.prefill_gate.lock().expect("lock").take();
         if let Some(rx) = gate {
             let _ = rx.recv();
@@ -210,14 +253,21 @@ impl Backend for TestBackend {
         self.inner.forward(tokens, cache, adapter)
     }
 
-    fn decode(&self, batch: &mut [kubetune_server::engine::backend::DecodeItem<'_, Self::Cache>]) -> Vec<Result<Vec<f32>, String>> {
+    fn decode(
+        &self,
+        batch: &mut [kubetune_server::engine::backend::DecodeItem<'_, Self::Cache>],
+    ) -> Vec<Result<Vec<f32>, String>> {
         use std::sync::atomic::Ordering;
         if let Some(rx) = self.probe.step_gate.lock().expect("lock").as_ref() {
             let _ = rx.recv();
         }
-        let distinct: std::collections::BTreeSet<usize> =
-            batch.iter().map(|i| i.adapter.map_or(0, |a| a as *const LoraAdapter as usize)).collect();
-        self.probe.max_adapters_in_step.fetch_max(distinct.len(), Ordering::SeqCst);
+        let distinct: std::collections::BTreeSet<usize> = batch
+            .iter()
+            .map(|i| i.adapter.map_or(0, |a| a as *const LoraAdapter as usize))
+            .collect();
+        self.probe
+            .max_adapters_in_step
+            .fetch_max(distinct.len(), Ordering::SeqCst);
         self.probe.max_batch_in_step.fetch_max(batch.len(), Ordering::SeqCst);
         self.inner.decode(batch)
     }

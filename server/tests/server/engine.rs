@@ -32,8 +32,14 @@ async fn a_full_queue_answers_429_with_retry_after_and_admitted_requests_still_f
     assert_eq!(queued.await.expect("task").status, 200);
     wait_until("permits returned", || s.state.engine.in_flight() == 0).await;
     let metrics = send(&s.app, "GET", "/metrics", None).await.text;
-    assert!(metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="429"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="200"} 2"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="429"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="200"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -63,9 +69,15 @@ async fn a_client_disconnect_cancels_its_generation() {
     drop(stream);
     // Let the engine step freely: it must notice the closed stream and stop.
     drop(step);
-    wait_until("the cancelled sequence left the engine", || s.state.engine.in_flight() == 0).await;
+    wait_until("the cancelled sequence left the engine", || {
+        s.state.engine.in_flight() == 0
+    })
+    .await;
     let generated = s.state.metrics.generated_tokens.get() - tokens_before;
-    assert!(generated < 10, "generation went on after the disconnect: {generated} tokens");
+    assert!(
+        generated < 10,
+        "generation went on after the disconnect: {generated} tokens"
+    );
 }
 
 #[tokio::test]
@@ -126,9 +138,14 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let deadline = std::time::Duration::from_secs(600);
-    let serving = tokio::spawn(kubetune_server::server::serve(s.state.clone(), listener, deadline, async move {
-        let _ = stopped.await;
-    }));
+    let serving = tokio::spawn(kubetune_server::server::serve(
+        s.state.clone(),
+        listener,
+        deadline,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let release = probe.arm_prefill();
     let client = tokio::spawn(raw_post(addr, "/v1/completions", body(5, false).to_string()));
     wait_until("request in the engine", || probe.prefill_reached()).await;
@@ -144,5 +161,8 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
     assert!(reply.contains("\"text_completion\""), "{reply}");
     // serve returns once the in-flight request is done, long before the 600 s deadline.
     let finished = tokio::time::timeout(std::time::Duration::from_secs(120), serving).await;
-    finished.expect("serve returned after draining").expect("task").expect("serve ok");
+    finished
+        .expect("serve returned after draining")
+        .expect("task")
+        .expect("serve ok");
 }

@@ -11,7 +11,12 @@ const NEW_TOKENS: usize = 12;
 
 /// The tokens of a greedy completion, read back through the tokenizer from the response text.
 async fn completion(app: &axum::Router, model: &str, max_tokens: usize) -> Value {
-    let reply = post(app, "/v1/completions", json!({"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})).await;
+    let reply = post(
+        app,
+        "/v1/completions",
+        json!({"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}),
+    )
+    .await;
     assert_eq!(reply.status, 200, "{}", reply.text);
     reply.json()
 }
@@ -29,18 +34,37 @@ async fn greedy_output_equals_a_reference_decode_with_the_model_crate() {
     let stops = s.state.stop_ids.as_slice();
     let mut outputs = Vec::new();
     for (name, adapter) in [(BASE, None), ("a", Some(&adapter))] {
-        let options = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_tokens: stops, adapter };
+        let options = GreedyOptions {
+            max_new_tokens: NEW_TOKENS,
+            stop_tokens: stops,
+            adapter,
+        };
         let reference = greedy(&model, &PROMPT, &options).expect("reference decode");
         let got = completion(&s.app, name, NEW_TOKENS).await;
-        assert_eq!(text(&got), s.state.codec.decode(&reference).expect("decode"), "model {name}");
-        assert_eq!(got["usage"]["completion_tokens"], json!(reference.len()), "model {name}");
+        assert_eq!(
+            text(&got),
+            s.state.codec.decode(&reference).expect("decode"),
+            "model {name}"
+        );
+        assert_eq!(
+            got["usage"]["completion_tokens"],
+            json!(reference.len()),
+            "model {name}"
+        );
         assert_eq!(got["usage"]["prompt_tokens"], json!(PROMPT.len()));
-        let finish = if reference.len() == NEW_TOKENS { "length" } else { "stop" };
+        let finish = if reference.len() == NEW_TOKENS {
+            "length"
+        } else {
+            "stop"
+        };
         assert_eq!(got["choices"][0]["finish_reason"], json!(finish));
         assert_eq!(got["model"], json!(name));
         outputs.push(reference);
     }
-    assert_ne!(outputs[0], outputs[1], "the adapter must change the output, or this test proves nothing");
+    assert_ne!(
+        outputs[0], outputs[1],
+        "the adapter must change the output, or this test proves nothing"
+    );
 }
 
 #[tokio::test]
@@ -56,19 +80,29 @@ async fn ignore_eos_generates_exactly_max_tokens() {
 async fn different_adapters_in_one_batch_give_the_same_tokens_as_each_alone() {
     let f = fixture();
     let (s, probe) = gated_server(&[
-        "--max-batch", "4",
-        "--adapter", &adapter_flag("a", &f.adapter_a),
-        "--adapter", &adapter_flag("b", &f.adapter_b),
+        "--max-batch",
+        "4",
+        "--adapter",
+        &adapter_flag("a", &f.adapter_a),
+        "--adapter",
+        &adapter_flag("b", &f.adapter_b),
     ])
     .await;
     let models = [BASE, "a", "b"];
     let mut alone = Vec::new();
     for m in models {
         let v = completion(&s.app, m, 16).await;
-        assert_eq!(v["choices"][0]["finish_reason"], "length", "{m} must run all 16 steps so the batch overlaps");
+        assert_eq!(
+            v["choices"][0]["finish_reason"], "length",
+            "{m} must run all 16 steps so the batch overlaps"
+        );
         alone.push(text(&v).to_string());
     }
-    assert_eq!(probe.max_batch_in_step.load(std::sync::atomic::Ordering::SeqCst), 1, "solo runs decode alone");
+    assert_eq!(
+        probe.max_batch_in_step.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "solo runs decode alone"
+    );
 
     // Hold the engine inside the first request's prefill until all three are queued, so the
     // other two join its batch at the next step.
@@ -92,14 +126,26 @@ async fn different_adapters_in_one_batch_give_the_same_tokens_as_each_alone() {
         together.push(text(&t.await.expect("task")).to_string());
     }
     assert_eq!(together, alone);
-    assert_eq!(probe.max_adapters_in_step.load(std::sync::atomic::Ordering::SeqCst), 3, "base, a and b decoded in one step");
-    assert!(alone[0] != alone[1] && alone[1] != alone[2], "adapters must differ for this test to mean anything");
+    assert_eq!(
+        probe.max_adapters_in_step.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "base, a and b decoded in one step"
+    );
+    assert!(
+        alone[0] != alone[1] && alone[1] != alone[2],
+        "adapters must differ for this test to mean anything"
+    );
 }
 
 /// Concatenates the text of SSE chunks; returns (text, finish_reason, usage of the last chunk).
 fn read_stream(reply: &Reply, chat: bool) -> (String, Value, Value) {
     let data = reply.sse_data();
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "stream ends with [DONE]: {}", reply.text);
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream ends with [DONE]: {}",
+        reply.text
+    );
     let mut text = String::new();
     let mut finish = Value::Null;
     let mut usage = Value::Null;
@@ -121,11 +167,23 @@ async fn streaming_and_non_streaming_agree() {
     let f = fixture();
     let s = server(&["--adapter", &adapter_flag("a", &f.adapter_a)]).await;
     let cases = [
-        ("/v1/completions", json!({"model": "a", "prompt": "The cat sat on", "max_tokens": 20, "temperature": 0})),
-        ("/v1/completions", json!({"model": BASE, "prompt": "Once upon", "max_tokens": 20, "temperature": 0.9, "seed": 5, "top_p": 0.9})),
-        ("/v1/chat/completions", json!({"model": "a", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20, "temperature": 0})),
+        (
+            "/v1/completions",
+            json!({"model": "a", "prompt": "The cat sat on", "max_tokens": 20, "temperature": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "Once upon", "max_tokens": 20, "temperature": 0.9, "seed": 5, "top_p": 0.9}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "a", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20, "temperature": 0}),
+        ),
         // A stop string cuts both the same way.
-        ("/v1/completions", json!({"model": BASE, "prompt": "The cat sat on", "max_tokens": 20, "temperature": 0, "stop": ["e"]})),
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "The cat sat on", "max_tokens": 20, "temperature": 0, "stop": ["e"]}),
+        ),
     ];
     for (path, body) in cases {
         let chat = path.contains("chat");
@@ -136,7 +194,10 @@ async fn streaming_and_non_streaming_agree() {
         streamed_body["stream"] = json!(true);
         let streamed = post(&s.app, path, streamed_body).await;
         assert_eq!(streamed.status, 200);
-        assert!(streamed.headers["content-type"].to_str().expect("ascii").starts_with("text/event-stream"));
+        assert!(streamed.headers["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/event-stream"));
         let (text, finish, usage) = read_stream(&streamed, chat);
         let c = &whole["choices"][0];
         let expected = if chat { &c["message"]["content"] } else { &c["text"] };
@@ -171,29 +232,63 @@ async fn merged_mode_serves_the_adapter_with_the_same_greedy_tokens() {
 async fn int8_serving_equals_a_reference_decode_with_the_int8_model() {
     let f = fixture();
     let s = server(&["--quantize", "int8", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
-    let merged = server(&["--quantize", "int8", "--merge", "--adapter", &adapter_flag("a", &f.adapter_a)]).await;
-    let options = LoadOptions { base: kubetune_model::BaseFormat::Int8, ..LoadOptions::default() };
+    let merged = server(&[
+        "--quantize",
+        "int8",
+        "--merge",
+        "--adapter",
+        &adapter_flag("a", &f.adapter_a),
+    ])
+    .await;
+    let options = LoadOptions {
+        base: kubetune_model::BaseFormat::Int8,
+        ..LoadOptions::default()
+    };
     let (config, int8) = load_model(&f.model, &options).expect("reference int8 model");
     let (_, dense) = load_model(&f.model, &LoadOptions::default()).expect("reference f32 model");
     let (_, adapter) = peft::load(&f.adapter_a, &config, &candle_core::Device::Cpu).expect("reference adapter");
-    let merged_reference = dense.merged(&adapter).and_then(|m| m.quantize_int8()).expect("merge, then round");
+    let merged_reference = dense
+        .merged(&adapter)
+        .and_then(|m| m.quantize_int8())
+        .expect("merge, then round");
     let stops = s.state.stop_ids.as_slice();
-    let cases = [(&s, BASE, &int8, None), (&s, "a", &int8, Some(&adapter)), (&merged, "a", &merged_reference, None)];
+    let cases = [
+        (&s, BASE, &int8, None),
+        (&s, "a", &int8, Some(&adapter)),
+        (&merged, "a", &merged_reference, None),
+    ];
     for (server, name, model, adapter) in cases {
-        let options = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_tokens: stops, adapter };
+        let options = GreedyOptions {
+            max_new_tokens: NEW_TOKENS,
+            stop_tokens: stops,
+            adapter,
+        };
         let reference = greedy(model, &PROMPT, &options).expect("reference decode");
         let got = completion(&server.app, name, NEW_TOKENS).await;
-        assert_eq!(text(&got), server.state.codec.decode(&reference).expect("decode"), "model {name}");
+        assert_eq!(
+            text(&got),
+            server.state.codec.decode(&reference).expect("decode"),
+            "model {name}"
+        );
     }
 }
 
 #[tokio::test]
 async fn completions_logprobs_list_each_token_with_alternatives() {
     let s = server(&[]).await;
-    let v = post(&s.app, "/v1/completions", json!({"model": BASE, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 3})).await.json();
+    let v = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": BASE, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 3}),
+    )
+    .await
+    .json();
     let lp = &v["choices"][0]["logprobs"];
     let tokens = lp["tokens"].as_array().expect("tokens");
-    assert_eq!(tokens.len(), v["usage"]["completion_tokens"].as_u64().expect("usage") as usize);
+    assert_eq!(
+        tokens.len(),
+        v["usage"]["completion_tokens"].as_u64().expect("usage") as usize
+    );
     for (i, top) in lp["top_logprobs"].as_array().expect("top").iter().enumerate() {
         let top = top.as_object().expect("object");
         assert!(!top.is_empty() && top.len() <= 3);

@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kubetune_storage::{
-    AdapterRef, Credentials, Metrics, PublishRequest, Registry, Sha256Digest, SourceRef, Storage,
-};
+use kubetune_storage::{AdapterRef, Credentials, Metrics, PublishRequest, Registry, Sha256Digest, SourceRef, Storage};
 
 #[derive(Parser)]
 #[command(about = "Inspect and move LoRA adapter versions in a kubetune registry")]
@@ -63,9 +61,7 @@ fn digest(field: &'static str, value: Option<String>) -> anyhow::Result<Option<S
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -93,10 +89,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Show { reference } => {
             let resolved = registry.resolve(&reference.parse::<AdapterRef>()?).await?;
-            println!(
-                "# {}@{} {}",
-                resolved.name, resolved.version, resolved.digest
-            );
+            println!("# {}@{} {}", resolved.name, resolved.version, resolved.digest);
             println!("{}", String::from_utf8_lossy(&resolved.manifest_bytes));
         }
         Command::Pull { reference, dest } => {
@@ -129,12 +122,9 @@ async fn main() -> anyhow::Result<()> {
             train_loss,
             eval_loss,
         } => {
-            let hyperparameters: serde_json::Value = serde_json::from_str(&hyperparameters)
-                .context("--hyperparameters must be a JSON object")?;
-            anyhow::ensure!(
-                hyperparameters.is_object(),
-                "--hyperparameters must be a JSON object"
-            );
+            let hyperparameters: serde_json::Value =
+                serde_json::from_str(&hyperparameters).context("--hyperparameters must be a JSON object")?;
+            anyhow::ensure!(hyperparameters.is_object(), "--hyperparameters must be a JSON object");
             let req = PublishRequest {
                 name,
                 source_dir: dir,
@@ -147,17 +137,11 @@ async fn main() -> anyhow::Result<()> {
                     digest: digest("--dataset-digest", dataset_digest)?,
                 },
                 hyperparameters,
-                metrics: Metrics {
-                    train_loss,
-                    eval_loss,
-                },
+                metrics: Metrics { train_loss, eval_loss },
                 job: None,
             };
             let published = registry.publish(&req, None).await?;
-            println!(
-                "{}@{} {}",
-                published.name, published.version, published.digest
-            );
+            println!("{}@{} {}", published.name, published.version, published.digest);
         }
     }
     Ok(())

@@ -76,11 +76,15 @@ fn files_below(root: &Path) -> anyhow::Result<Vec<String>> {
         for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
             let path = rel.join(entry.file_name());
-            let kind = entry.file_type().with_context(|| format!("reading {}", root.join(&path).display()))?;
+            let kind = entry
+                .file_type()
+                .with_context(|| format!("reading {}", root.join(&path).display()))?;
             if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file() {
-                let text = path.to_str().with_context(|| format!("{} is not valid UTF-8", path.display()))?;
+                let text = path
+                    .to_str()
+                    .with_context(|| format!("{} is not valid UTF-8", path.display()))?;
                 out.push(text.replace(std::path::MAIN_SEPARATOR, "/"));
             }
         }
@@ -117,7 +121,10 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("a/b")).expect("mkdir");
         std::fs::write(dir.path().join("z.json"), "{}").expect("write");
         std::fs::write(dir.path().join("a/b/c.bin"), "x").expect("write");
-        assert_eq!(files_below(dir.path()).expect("list"), vec!["a/b/c.bin".to_string(), "z.json".to_string()]);
+        assert_eq!(
+            files_below(dir.path()).expect("list"),
+            vec!["a/b/c.bin".to_string(), "z.json".to_string()]
+        );
     }
 
     #[test]
@@ -137,8 +144,15 @@ mod tests {
         std::fs::write(src.path().join("config.json"), "{}").expect("write");
         std::fs::write(src.path().join("sub/x.txt"), "x").expect("write");
         let uri = format!("file://{}/models/tiny", dst.path().display());
-        let cli = Cli { source: src.path().to_path_buf(), uri, env_file: None };
+        let cli = Cli {
+            source: src.path().to_path_buf(),
+            uri,
+            env_file: None,
+        };
         assert_eq!(upload(&cli).await.expect("upload"), 2);
-        assert_eq!(std::fs::read_to_string(dst.path().join("models/tiny/sub/x.txt")).expect("read"), "x");
+        assert_eq!(
+            std::fs::read_to_string(dst.path().join("models/tiny/sub/x.txt")).expect("read"),
+            "x"
+        );
     }
 }

@@ -18,8 +18,7 @@ pub struct Env {
 pub fn fs_env() -> Env {
     let scratch = tempfile::tempdir().expect("temp dir");
     let root = scratch.path().join("store");
-    let storage = Storage::from_uri(&format!("file://{}", root.display()), &Credentials::none())
-        .expect("fs storage");
+    let storage = Storage::from_uri(&format!("file://{}", root.display()), &Credentials::none()).expect("fs storage");
     Env {
         storage,
         creds: Credentials::none(),
@@ -48,13 +47,9 @@ pub fn s3_env() -> Env {
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| {
-                panic!(
-                    "{}: line without '=': key {:?}",
-                    path.display(),
-                    l.split('=').next()
-                )
-            });
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{}: line without '=': key {:?}", path.display(), l.split('=').next()));
             (k.trim().to_string(), v.trim().to_string())
         })
         .collect();
@@ -108,11 +103,7 @@ impl Env {
             .path()
             .join(format!("src-{}", N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
-        std::fs::write(
-            dir.join("adapter_config.json"),
-            br#"{"r": 8, "lora_alpha": 16}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.join("adapter_config.json"), br#"{"r": 8, "lora_alpha": 16}"#).unwrap();
         std::fs::write(dir.join("adapter_model.safetensors"), weights).unwrap();
         std::fs::write(dir.join("tokenizer/vocab.json"), b"{}").unwrap();
         PublishRequest {

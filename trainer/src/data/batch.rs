@@ -38,10 +38,19 @@ pub fn truncate(examples: Vec<Example>, max_len: usize, stats: &mut PrepareStats
 /// counts only their trained tokens.
 pub fn pack(examples: Vec<Example>, max_len: usize) -> Vec<Example> {
     let mut out: Vec<Example> = Vec::new();
-    let mut current = Example { ids: Vec::new(), trained: Vec::new() };
+    let mut current = Example {
+        ids: Vec::new(),
+        trained: Vec::new(),
+    };
     for ex in examples {
         if !current.ids.is_empty() && current.ids.len() + ex.ids.len() > max_len {
-            out.push(std::mem::replace(&mut current, Example { ids: Vec::new(), trained: Vec::new() }));
+            out.push(std::mem::replace(
+                &mut current,
+                Example {
+                    ids: Vec::new(),
+                    trained: Vec::new(),
+                },
+            ));
         }
         current.ids.extend(ex.ids);
         current.trained.extend(ex.trained);
@@ -69,7 +78,11 @@ pub fn split_validation(examples: Vec<Example>, fraction: f64, seed: u64) -> (Ve
     let mut train = Vec::new();
     for (k, i) in order.into_iter().enumerate() {
         if let Some(ex) = slots[i].take() {
-            if k < n_val { val.push(ex) } else { train.push(ex) }
+            if k < n_val {
+                val.push(ex)
+            } else {
+                train.push(ex)
+            }
         }
     }
     (train, val)

@@ -40,7 +40,13 @@ pub fn load_jsonl(path: &Path, format: DataFormat, skip_invalid: bool) -> Result
                 lines.push(i + 1);
             }
             Err(_) if skip_invalid => skipped += 1,
-            Err(message) => return Err(TrainError::Data { file: path.into(), line: i + 1, message }),
+            Err(message) => {
+                return Err(TrainError::Data {
+                    file: path.into(),
+                    line: i + 1,
+                    message,
+                })
+            }
         }
     }
     if records.is_empty() {
@@ -49,7 +55,14 @@ pub fn load_jsonl(path: &Path, format: DataFormat, skip_invalid: bool) -> Result
         } else {
             "dataset is empty: no records".to_string()
         };
-        return Err(TrainError::Dataset { file: path.into(), message });
+        return Err(TrainError::Dataset {
+            file: path.into(),
+            message,
+        });
     }
-    Ok(Loaded { records, lines, skipped })
+    Ok(Loaded {
+        records,
+        lines,
+        skipped,
+    })
 }

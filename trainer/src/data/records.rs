@@ -5,9 +5,17 @@ use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
-    Instruction { instruction: String, context: Option<String>, response: String },
-    Chat { messages: Vec<Message> },
-    Text { text: String },
+    Instruction {
+        instruction: String,
+        context: Option<String>,
+        response: String,
+    },
+    Chat {
+        messages: Vec<Message>,
+    },
+    Text {
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,29 +44,39 @@ impl Role {
 /// Parses one non-blank line; the error is the message without file and line.
 pub fn parse_line(line: &str, format: DataFormat) -> Result<Record, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let obj = value.as_object().ok_or_else(|| format!("expected a JSON object, got {}", kind(&value)))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("expected a JSON object, got {}", kind(&value)))?;
     match format {
         DataFormat::Instruction => Ok(Record::Instruction {
             instruction: required_text(obj, "instruction")?,
             context: optional_text(obj, "context")?,
             response: required_text(obj, "response")?,
         }),
-        DataFormat::Text => Ok(Record::Text { text: required_text(obj, "text")? }),
+        DataFormat::Text => Ok(Record::Text {
+            text: required_text(obj, "text")?,
+        }),
         DataFormat::Chat => {
             let list = obj.get("messages").ok_or("missing field `messages`")?;
-            let list = list.as_array().ok_or_else(|| format!("field `messages` must be a list, got {}", kind(list)))?;
+            let list = list
+                .as_array()
+                .ok_or_else(|| format!("field `messages` must be a list, got {}", kind(list)))?;
             if list.is_empty() {
                 return Err("field `messages` is empty".into());
             }
             let mut messages = Vec::with_capacity(list.len());
             for (i, m) in list.iter().enumerate() {
-                let m = m.as_object().ok_or_else(|| format!("`messages[{i}]` must be an object, got {}", kind(m)))?;
+                let m = m
+                    .as_object()
+                    .ok_or_else(|| format!("`messages[{i}]` must be an object, got {}", kind(m)))?;
                 let role = match m.get("role").and_then(Value::as_str) {
                     Some("system") => Role::System,
                     Some("user") => Role::User,
                     Some("assistant") => Role::Assistant,
                     Some(other) => {
-                        return Err(format!("`messages[{i}].role` is `{other}`, expected system, user or assistant"))
+                        return Err(format!(
+                            "`messages[{i}].role` is `{other}`, expected system, user or assistant"
+                        ))
                     }
                     None => return Err(format!("`messages[{i}].role` is missing or not a string")),
                 };
@@ -66,7 +84,10 @@ pub fn parse_line(line: &str, format: DataFormat) -> Result<Record, String> {
                     .get("content")
                     .and_then(Value::as_str)
                     .ok_or_else(|| format!("`messages[{i}].content` is missing or not a string"))?;
-                messages.push(Message { role, content: content.to_string() });
+                messages.push(Message {
+                    role,
+                    content: content.to_string(),
+                });
             }
             if !messages.iter().any(|m| m.role == Role::Assistant) {
                 return Err("no assistant message: nothing to learn from".into());

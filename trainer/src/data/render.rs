@@ -21,7 +21,10 @@ pub struct Segment {
 }
 
 fn seg(text: impl Into<String>, trained: bool) -> Segment {
-    Segment { text: text.into(), trained }
+    Segment {
+        text: text.into(),
+        trained,
+    }
 }
 
 /// The prompt part of an instruction record, also used to prompt the model at inference.
@@ -36,8 +39,15 @@ pub fn instruction_prompt(instruction: &str, context: Option<&str>) -> String {
 /// ends with untrained text).
 pub fn render(record: &Record) -> Vec<Segment> {
     match record {
-        Record::Instruction { instruction, context, response } => {
-            vec![seg(instruction_prompt(instruction, context.as_deref()), false), seg(response.clone(), true)]
+        Record::Instruction {
+            instruction,
+            context,
+            response,
+        } => {
+            vec![
+                seg(instruction_prompt(instruction, context.as_deref()), false),
+                seg(response.clone(), true),
+            ]
         }
         Record::Text { text } => vec![seg(text.clone(), true)],
         Record::Chat { messages } => {

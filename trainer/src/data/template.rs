@@ -30,16 +30,28 @@ pub struct Rendered {
 /// Renders `messages` with `template`. `eos` is EOS as text: appended after the last message
 /// (trained on when that message is the assistant's, as in the default format) unless the
 /// template already ends the conversation with it. The error is a message without file and line.
-pub fn render_with_template(messages: &[Message], template: &ChatTemplate, eos: Option<&str>) -> Result<Rendered, String> {
-    let chat: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str())).collect();
-    let full = template.render(&chat, false).map_err(|e| template_error(e, "this conversation"))?;
+pub fn render_with_template(
+    messages: &[Message],
+    template: &ChatTemplate,
+    eos: Option<&str>,
+) -> Result<Rendered, String> {
+    let chat: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
+        .collect();
+    let full = template
+        .render(&chat, false)
+        .map_err(|e| template_error(e, "this conversation"))?;
     let mut segments = Vec::new();
     // Bytes of `full` already in segments.
     let mut done = 0;
     for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
         let (start, end) = assistant_turn(&full, &chat, template, i)?;
         if start < done {
-            return Err(unmaskable(i, "the prompt for it ends before the previous assistant message does"));
+            return Err(unmaskable(
+                i,
+                "the prompt for it ends before the previous assistant message does",
+            ));
         }
         push(&mut segments, &full[done..start], false);
         push(&mut segments, &full[start..end], true);
@@ -48,12 +60,20 @@ pub fn render_with_template(messages: &[Message], template: &ChatTemplate, eos: 
     push(&mut segments, &full[done..], false);
     let ends_with_eos = eos.is_some_and(|e| !e.is_empty() && full.trim_end().ends_with(e));
     let last_is_assistant = messages.last().is_some_and(|m| m.role == Role::Assistant);
-    let framing = Framing { special_tokens: false, eos: (!ends_with_eos).then_some(last_is_assistant) };
+    let framing = Framing {
+        special_tokens: false,
+        eos: (!ends_with_eos).then_some(last_is_assistant),
+    };
     Ok(Rendered { segments, framing })
 }
 
 /// Byte range of assistant message `i`'s turn in `full`, the rendering of all of `chat`.
-fn assistant_turn(full: &str, chat: &[ChatMessage], template: &ChatTemplate, i: usize) -> Result<(usize, usize), String> {
+fn assistant_turn(
+    full: &str,
+    chat: &[ChatMessage],
+    template: &ChatTemplate,
+    i: usize,
+) -> Result<(usize, usize), String> {
     let prompt = template
         .render(&chat[..i], true)
         .map_err(|e| template_error(e, &format!("messages[..{i}] with add_generation_prompt")))?;
@@ -61,19 +81,27 @@ fn assistant_turn(full: &str, chat: &[ChatMessage], template: &ChatTemplate, i: 
         let what = format!("messages[..{i}] with add_generation_prompt (the prompt for this turn)");
         return Err(unmaskable(i, &not_a_prefix(&what, &prompt, full)));
     }
-    let turn = template.render(&chat[..=i], false).map_err(|e| template_error(e, &format!("messages[..={i}]")))?;
+    let turn = template
+        .render(&chat[..=i], false)
+        .map_err(|e| template_error(e, &format!("messages[..={i}]")))?;
     if !full.starts_with(&turn) {
         return Err(unmaskable(i, &not_a_prefix(&format!("messages[..={i}]"), &turn, full)));
     }
     if turn.len() < prompt.len() {
-        return Err(unmaskable(i, "the template renders the turn shorter than the generation prompt that opens it"));
+        return Err(unmaskable(
+            i,
+            "the template renders the turn shorter than the generation prompt that opens it",
+        ));
     }
     Ok((prompt.len(), turn.len()))
 }
 
 fn push(segments: &mut Vec<Segment>, text: &str, trained: bool) {
     if !text.is_empty() {
-        segments.push(Segment { text: text.to_string(), trained });
+        segments.push(Segment {
+            text: text.to_string(),
+            trained,
+        });
     }
 }
 
@@ -120,7 +148,10 @@ mod tests {
                           {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
     fn msg(role: Role, content: &str) -> Message {
-        Message { role, content: content.into() }
+        Message {
+            role,
+            content: content.into(),
+        }
     }
 
     fn template(source: &str) -> ChatTemplate {
@@ -133,7 +164,12 @@ mod tests {
 
     #[test]
     fn assistant_turns_and_their_closing_marker_are_trained_on() {
-        let messages = [msg(Role::User, "Hi"), msg(Role::Assistant, "Hello"), msg(Role::User, "Bye"), msg(Role::Assistant, "Ciao")];
+        let messages = [
+            msg(Role::User, "Hi"),
+            msg(Role::Assistant, "Hello"),
+            msg(Role::User, "Bye"),
+            msg(Role::Assistant, "Ciao"),
+        ];
         let r = render_with_template(&messages, &template(CHATML), Some("</s>")).expect("renders");
         assert_eq!(
             texts(&r),
@@ -144,7 +180,13 @@ mod tests {
                 ("Ciao<|im_end|>\n", true),
             ]
         );
-        assert_eq!(r.framing, Framing { special_tokens: false, eos: Some(true) });
+        assert_eq!(
+            r.framing,
+            Framing {
+                special_tokens: false,
+                eos: Some(true)
+            }
+        );
     }
 
     #[test]
@@ -164,17 +206,31 @@ mod tests {
         // Like templates that drop past reasoning: only the last message keeps its content.
         let source = "{% for m in messages %}[{{ m.role }}]{% if loop.last %}{{ m.content }}{% endif %}{% endfor %}\
                       {% if add_generation_prompt %}[assistant]{% endif %}";
-        let messages = [msg(Role::User, "Hi"), msg(Role::Assistant, "Hello"), msg(Role::User, "Bye")];
+        let messages = [
+            msg(Role::User, "Hi"),
+            msg(Role::Assistant, "Hello"),
+            msg(Role::User, "Bye"),
+        ];
         let err = render_with_template(&messages, &template(source), None).expect_err("unmaskable");
-        assert!(err.contains("messages[1]") && err.contains("tokenizer_config.json"), "{err}");
-        assert!(err.contains("\"Hi[assistant]\"") && err.contains("\"[assistant][user]Bye\""), "{err}");
+        assert!(
+            err.contains("messages[1]") && err.contains("tokenizer_config.json"),
+            "{err}"
+        );
+        assert!(
+            err.contains("\"Hi[assistant]\"") && err.contains("\"[assistant][user]Bye\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn raise_exception_is_reported_with_the_templates_message() {
-        let source = "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}";
+        let source =
+            "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}";
         let messages = [msg(Role::System, "s"), msg(Role::User, "u"), msg(Role::Assistant, "a")];
         let err = render_with_template(&messages, &template(source), None).expect_err("raises");
-        assert!(err.contains("System role not supported") && err.contains("chat_template (tokenizer_config.json)"), "{err}");
+        assert!(
+            err.contains("System role not supported") && err.contains("chat_template (tokenizer_config.json)"),
+            "{err}"
+        );
     }
 }

@@ -48,13 +48,17 @@ impl TextTokenizer {
     /// `fallback_eos` is config.json's eos_token_id.
     pub fn load(model_dir: &Path, fallback_eos: Option<u32>) -> Result<Self> {
         let path = model_dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| TrainError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TrainError::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let config_path = model_dir.join("tokenizer_config.json");
         let config: Value = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path).map_err(TrainError::io(&config_path))?;
-            serde_json::from_str(&text)
-                .map_err(|e| TrainError::Tokenizer { path: config_path.clone(), message: e.to_string() })?
+            serde_json::from_str(&text).map_err(|e| TrainError::Tokenizer {
+                path: config_path.clone(),
+                message: e.to_string(),
+            })?
         } else {
             Value::Null
         };
@@ -62,19 +66,30 @@ impl TextTokenizer {
             let Some(name) = special_token_text(&config, field) else {
                 return Ok(None);
             };
-            tokenizer.token_to_id(name).map(Some).ok_or_else(|| TrainError::Tokenizer {
-                path: config_path.clone(),
-                message: format!("`{field}` is `{name}`, which tokenizer.json does not know"),
-            })
+            tokenizer
+                .token_to_id(name)
+                .map(Some)
+                .ok_or_else(|| TrainError::Tokenizer {
+                    path: config_path.clone(),
+                    message: format!("`{field}` is `{name}`, which tokenizer.json does not know"),
+                })
         };
-        let eos = token_id("eos_token")?.or(fallback_eos).ok_or_else(|| TrainError::Tokenizer {
-            path: config_path.clone(),
-            message: "no eos_token here and no eos_token_id in config.json".into(),
-        })?;
+        let eos = token_id("eos_token")?
+            .or(fallback_eos)
+            .ok_or_else(|| TrainError::Tokenizer {
+                path: config_path.clone(),
+                message: "no eos_token here and no eos_token_id in config.json".into(),
+            })?;
         let add_bos = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let bos = if add_bos { token_id("bos_token")? } else { None };
         let chat_template = ChatTemplate::for_model(&config, &config_path)?;
-        Ok(Self { tokenizer, path, bos, eos, chat_template })
+        Ok(Self {
+            tokenizer,
+            path,
+            bos,
+            eos,
+            chat_template,
+        })
     }
 
     /// Encodes text without special tokens.
@@ -82,14 +97,18 @@ impl TextTokenizer {
         let enc = self
             .tokenizer
             .encode(text, add_special)
-            .map_err(|e| TrainError::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
+            .map_err(|e| TrainError::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| TrainError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+        self.tokenizer.decode(ids, true).map_err(|e| TrainError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
     }
 
     /// The prompt as the model sees it at the start of an example (BOS rules included).
@@ -113,7 +132,13 @@ impl TextTokenizer {
     /// (which adds BOS for Llama-style tokenizers).
     pub fn tokenize(&self, segments: &[Segment]) -> Result<Example> {
         let last_trained = segments.last().is_some_and(|s| s.trained);
-        self.tokenize_framed(segments, Framing { special_tokens: true, eos: Some(last_trained) })
+        self.tokenize_framed(
+            segments,
+            Framing {
+                special_tokens: true,
+                eos: Some(last_trained),
+            },
+        )
     }
 
     /// Tokenizes segments into one example, framed as `framing` says.
@@ -121,7 +146,11 @@ impl TextTokenizer {
         let mut ids = Vec::new();
         let mut trained = Vec::new();
         for (i, s) in segments.iter().enumerate() {
-            let piece = if i == 0 && framing.special_tokens { self.encode_prompt(&s.text)? } else { self.encode(&s.text, false)? };
+            let piece = if i == 0 && framing.special_tokens {
+                self.encode_prompt(&s.text)?
+            } else {
+                self.encode(&s.text, false)?
+            };
             trained.extend(std::iter::repeat_n(s.trained, piece.len()));
             ids.extend(piece);
         }

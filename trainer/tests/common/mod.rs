@@ -3,7 +3,9 @@
 
 use kubetune_model::tiny::{write_tiny_model, TinySpec};
 use kubetune_model::TargetModule;
-use kubetune_trainer::config::{DataFormat, DatasetConfig, LoraSettings, Method, Scheduler, TrainConfig, TrainingSettings};
+use kubetune_trainer::config::{
+    DataFormat, DatasetConfig, LoraSettings, Method, Scheduler, TrainConfig, TrainingSettings,
+};
 use std::path::Path;
 
 const NAMES: &str = "Ann Ben Carl Dora Emil Fay Gus Hana Ivan Jo Kai Lena Max Nina Otto Pia Quinn Rosa Sam Tina \
@@ -18,7 +20,12 @@ pub fn facts() -> Vec<(String, String)> {
     NAMES
         .split_whitespace()
         .enumerate()
-        .map(|(i, n)| (format!("What does {n} like?"), things[(i * 7) % things.len()].to_string()))
+        .map(|(i, n)| {
+            (
+                format!("What does {n} like?"),
+                things[(i * 7) % things.len()].to_string(),
+            )
+        })
         .collect()
 }
 
@@ -47,7 +54,12 @@ pub fn facts_config(model: &Path, data: &Path, output: &Path) -> TrainConfig {
             skip_invalid: false,
         },
         method: Method::Lora,
-        lora: LoraSettings { r: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModule::ALL.to_vec() },
+        lora: LoraSettings {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: TargetModule::ALL.to_vec(),
+        },
         training: TrainingSettings {
             epochs: Some(80),
             learning_rate: 1e-2,
