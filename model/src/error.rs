@@ -39,6 +39,9 @@ pub enum ModelError {
     Quantize(String),
     #[error("decode: {0}")]
     Decode(String),
+    /// A `--device` that does not parse or cannot be opened.
+    #[error("{0}")]
+    Device(String),
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     /// A chat template that does not compile; `reason` names the template line.

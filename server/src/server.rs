@@ -73,6 +73,11 @@ pub struct Args {
     /// folded in before rounding.
     #[arg(long, value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
+    /// auto, cpu, cuda or cuda:N. auto: CUDA when this binary was built with it and a GPU
+    /// opens, else the CPU. An explicit cuda never falls back to the CPU. On a GPU the base is
+    /// held in bf16.
+    #[arg(long, env = "KUBETUNE_DEVICE", default_value = "auto", value_parser = kubetune_model::device::parse_flag)]
+    pub device: kubetune_model::DeviceChoice,
     /// File with one API key per line; when set, completions and chat require
     /// `Authorization: Bearer <key>`, and so does GET /v1/models (which also takes an admin key).
     /// Without it they are open.
@@ -116,6 +121,18 @@ fn parse_adapter_flag(s: &str) -> Result<AdapterSpec, String> {
 pub enum Quantize {
     None,
     Int8,
+}
+
+/// Opens `--device` and logs where the server runs, and why not on a GPU where auto chose the
+/// CPU.
+fn open_device(choice: kubetune_model::DeviceChoice) -> Result<candle_core::Device, StartupError> {
+    let (device, cpu_because) = kubetune_model::device::open(choice).map_err(|e| flag("--device", e.to_string()))?;
+    let dtype = kubetune_model::device::base_dtype(&device);
+    match cpu_because {
+        Some(why) => tracing::info!(device = "cpu", ?dtype, asked = ?choice, why = %why, "device chosen"),
+        None => tracing::info!(device = %kubetune_model::device::describe(&device), ?dtype, "device chosen"),
+    }
+    Ok(device)
 }
 
 fn flag(flag: &'static str, reason: impl Into<String>) -> StartupError {
@@ -199,7 +216,7 @@ pub async fn build_with<B: Backend>(
     }
     let cache = args.cache_dir.as_ref().map(Cache::new).transpose()?;
     let dir = model_dir(args, cache.as_ref(), &credentials).await?;
-    let device = candle_core::Device::cuda_if_available(0).map_err(kubetune_model::ModelError::from)?;
+    let device = open_device(args.device)?;
     if args.quantize == Quantize::Int8 && !device.is_cpu() {
         return Err(flag(
             "--quantize",
@@ -212,10 +229,7 @@ pub async fn build_with<B: Backend>(
     } else {
         BaseFormat::Dense
     };
-    let options = LoadOptions {
-        device: device.clone(),
-        base,
-    };
+    let options = LoadOptions::on(device.clone(), base);
     let load_dir = dir.clone();
     let (config, model) = tokio::task::spawn_blocking(move || load_model(&load_dir, &options))
         .await

@@ -62,9 +62,11 @@ struct Args {
     /// Scratch directory in a trainer pod: download cache, output and checkpoints (job mode).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// cpu or cuda.
-    #[arg(long, env = "KUBETUNE_DEVICE", default_value = "cpu")]
-    device: String,
+    /// auto, cpu, cuda or cuda:N. auto: CUDA when this binary was built with it and a GPU
+    /// opens, else the CPU. An explicit cuda never falls back to the CPU. On a GPU the base is
+    /// held in bf16 and the adapter, its gradients and AdamW's moments in f32.
+    #[arg(long, env = "KUBETUNE_DEVICE", default_value = "auto", value_parser = kubetune_model::device::parse_flag)]
+    device: kubetune_model::DeviceChoice,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,13 +97,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn try_main(args: Args, progress: Option<Arc<TerminalProgress>>) -> Result<(), TrainError> {
+    // First, so the first log line says where the run goes, and a wrong device fails at once.
+    let device = device(args.device)?;
     let config = build_config(&args)?;
     let metrics = Arc::new(Metrics::new(&args.job_name)?);
     if let Some(addr) = args.metrics_addr {
         let bound = serve(metrics.clone(), addr)?;
         tracing::info!(addr = %bound, "serving /metrics");
     }
-    let device = device(&args.device)?;
     let options = RunOptions {
         resume: args.resume,
         stop_after_steps: args.stop_after_steps,
@@ -163,6 +166,7 @@ fn job_main(args: Args, text: &str) -> std::process::ExitCode {
 }
 
 fn job_outcome(args: &Args, text: &str) -> Result<TrainerOutcome, JobError> {
+    let device = device(args.device).map_err(JobError::Train)?;
     let job = parse_job(text)?;
     let work_dir = args.work_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -172,7 +176,6 @@ fn job_outcome(args: &Args, text: &str) -> Result<TrainerOutcome, JobError> {
         .map_err(|e| JobError::Internal(format!("starting the async runtime: {e}")))?;
     let metrics =
         Arc::new(Metrics::new(&format!("{}/{}", job.owner.namespace, job.owner.name)).map_err(JobError::Train)?);
-    let device = device(&args.device).map_err(JobError::Train)?;
     let stop = Arc::new(AtomicBool::new(false));
     runtime.block_on(async move {
         stop_on_sigterm(stop.clone())?;
@@ -220,12 +223,17 @@ fn write_outcome(path: Option<&std::path::Path>, outcome: &TrainerOutcome) {
     }
 }
 
-fn device(name: &str) -> Result<candle_core::Device, TrainError> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
-        other => Err(config_error("--device", format!("`{other}` is not cpu or cuda"))),
+/// Opens `--device` and logs where the trainer runs, and why not on a GPU where auto chose
+/// the CPU.
+fn device(choice: kubetune_model::DeviceChoice) -> Result<candle_core::Device, TrainError> {
+    let (device, cpu_because) =
+        kubetune_model::device::open(choice).map_err(|e| config_error("--device", e.to_string()))?;
+    let dtype = kubetune_model::device::base_dtype(&device);
+    match cpu_because {
+        Some(why) => tracing::info!(device = "cpu", ?dtype, asked = ?choice, why = %why, "device chosen"),
+        None => tracing::info!(device = %kubetune_model::device::describe(&device), ?dtype, "device chosen"),
     }
+    Ok(device)
 }
 
 fn config_error(field: &str, message: String) -> TrainError {
