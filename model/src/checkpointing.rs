@@ -84,7 +84,7 @@ impl CausalLm {
             adapter: &detached,
             ..step.adapter
         };
-        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
+        let (cos, sin) = self.rope_tables(0, t)?;
         let mask = self.mask(t, 0)?;
 
         // Each layer's input is kept for its recomputation, except the first layer's: the
@@ -262,7 +262,8 @@ impl CausalLm {
 /// (rows) and loss weights (rows): the training loss, summed rather than averaged so that
 /// chunks and micro-batches add up.
 pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    // The log-softmax in f32: bf16 logits keep too few bits for the loss and its gradient.
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     let weights = weights.to_dtype(picked.dtype())?;
     Ok((picked * weights)?.sum_all()?.neg()?)

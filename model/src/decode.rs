@@ -40,10 +40,11 @@ impl CausalLm {
         }
         let positions = self.check_caches(rows)?;
         let groups = group_rows(rows, &self.device)?;
-        let (cos, sin) = self.rope.tables_at(&positions, &self.device)?;
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self.embed_rows(&ids)?;
+        let (cos, sin) = self.rope.tables_at(&positions, &self.device)?;
+        let (cos, sin) = (cos.to_dtype(self.dtype())?, sin.to_dtype(self.dtype())?);
         let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|r| &mut *r.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups)?;

@@ -340,8 +340,12 @@ impl Module for RmsNorm {
         if crate::fused::fusable(x) {
             return crate::fused::rms_norm(x, &self.weight, self.eps);
         }
+        // In f32 whatever the activations' dtype, as transformers' LlamaRMSNorm: the mean of
+        // squares of a bf16 row loses too much to normalise by.
+        let dtype = x.dtype();
+        let x = x.to_dtype(candle_core::DType::F32)?;
         let mean_sq = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
+        let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight)
     }
 }

@@ -27,14 +27,22 @@ pub enum BaseFormat {
 pub struct LoadOptions {
     pub device: Device,
     pub base: BaseFormat,
+    /// The dtype of the dense weights (and so of the activations); an NF4 or int8 base expands
+    /// to it. [`LoadOptions::on`] picks the device's own ([`crate::device::base_dtype`]).
+    pub dtype: DType,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            base: BaseFormat::Dense,
-        }
+        Self::on(Device::Cpu, BaseFormat::Dense)
+    }
+}
+
+impl LoadOptions {
+    /// `base` on `device`, in that device's dtype: bf16 on a GPU, f32 on the CPU.
+    pub fn on(device: Device, base: BaseFormat) -> Self {
+        let dtype = crate::device::base_dtype(&device);
+        Self { device, base, dtype }
     }
 }
 
@@ -84,10 +92,19 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
         source,
     })?;
     let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(mapped);
-    let vb = VarBuilder::from_backend(backend, DType::F32, options.device.clone());
+    // NF4 quantizes the checkpoint's own values (read in f32), then expands to the wanted dtype.
+    let read_as = match options.base {
+        BaseFormat::Dense => options.dtype,
+        BaseFormat::Nf4 | BaseFormat::Int8 => DType::F32,
+    };
+    let vb = VarBuilder::from_backend(backend, read_as, options.device.clone());
     let model = match options.base {
         BaseFormat::Dense => CausalLm::load(vb, &config, &DenseStore),
-        BaseFormat::Nf4 => CausalLm::load(vb, &config, &Nf4Store),
+        BaseFormat::Nf4 => CausalLm::load(vb, &config, &Nf4Store).and_then(|m| m.with_dtype(options.dtype)),
+        BaseFormat::Int8 if options.dtype != DType::F32 => Err(ModelError::Quantize(format!(
+            "an int8 base is held in f32 (CPU serving), not {:?}",
+            options.dtype
+        ))),
         BaseFormat::Int8 => CausalLm::load(vb, &config, &crate::int8::Int8Store).and_then(|mut m| {
             m.quantize_head_int8()?;
             Ok(m)

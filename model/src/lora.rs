@@ -287,14 +287,18 @@ impl ActiveAdapter<'_> {
             return Ok(None);
         };
         let (rows, cols) = x.dims2()?;
+        // Mixed precision as PEFT does it: a bf16 base's activations enter the adapter in the
+        // adapter's own dtype (f32), and the delta leaves in the base's.
+        let base_dtype = x.dtype();
+        let x = x.to_dtype(pair.a.dtype())?;
         let x = match self.dropout_mask(layer, module, rows, cols) {
             Some(mask) => x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?,
-            None => x.clone(),
+            None => x,
         };
         // Scaling the rank-r intermediate rather than the (rows, out) delta is the same product
         // with an element-wise pass over r columns instead of out, forward and backward.
         let low = (x.matmul(&pair.a.t()?)? * self.adapter.config.scale())?;
-        Ok(Some(low.matmul(&pair.b.t()?)?))
+        Ok(Some(low.matmul(&pair.b.t()?)?.to_dtype(base_dtype)?))
     }
 
     /// The inverted-dropout mask of the input of `module` in `layer`, (rows, cols) values of

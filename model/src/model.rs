@@ -9,7 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::{BaseWeight, DenseStore, Projection, RmsNorm, WeightStore};
 use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
 use crate::rope::{self, Rope};
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -89,6 +89,34 @@ impl CausalLm {
         })
     }
 
+    /// This model with its dense tensors (norms, biases, dense weights) in `dtype` and its NF4
+    /// weights expanding to it; see [`crate::nf4::Nf4Tensor::expanding_to`].
+    pub(crate) fn with_dtype(mut self, dtype: DType) -> Result<Self> {
+        let cast = |w: BaseWeight| -> Result<BaseWeight> {
+            Ok(match w {
+                BaseWeight::Dense(t) => BaseWeight::Dense(t.to_dtype(dtype)?),
+                BaseWeight::Nf4(q) => BaseWeight::Nf4(q.expanding_to(dtype)?),
+                BaseWeight::Int8(_) => {
+                    return Err(ModelError::Quantize("an int8 base is held in f32 only".into()));
+                }
+            })
+        };
+        self.embed = cast(self.embed)?;
+        self.lm_head = self.lm_head.map(cast).transpose()?;
+        self.norm.weight = self.norm.weight.to_dtype(dtype)?;
+        for l in &mut self.layers {
+            for norm in [&mut l.input_norm, &mut l.post_attn_norm] {
+                norm.weight = norm.weight.to_dtype(dtype)?;
+            }
+            for m in TargetModule::ALL {
+                let p = l.projection_mut(m);
+                p.weight = cast(p.weight.clone())?;
+                p.bias = p.bias.take().map(|b| b.to_dtype(dtype)).transpose()?;
+            }
+        }
+        Ok(self)
+    }
+
     /// Loads dense (full-precision) weights.
     pub fn load_dense(vb: VarBuilder, config: &Config) -> Result<Self> {
         Self::load(vb, config, &DenseStore)
@@ -100,6 +128,17 @@ impl CausalLm {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype of the activations: the dense weights' (bf16 on a GPU, f32 on the CPU).
+    pub fn dtype(&self) -> DType {
+        self.norm.weight.dtype()
+    }
+
+    /// RoPE's (cos, sin) for positions offset..offset+len, in the activations' dtype.
+    pub(crate) fn rope_tables(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.rope.tables(offset, len, &self.device)?;
+        Ok((cos.to_dtype(self.dtype())?, sin.to_dtype(self.dtype())?))
     }
 
     /// Logits of shape (batch, seq, vocab) for `input_ids` (batch, seq) at positions
@@ -203,7 +242,7 @@ impl CausalLm {
                 )));
             }
         }
-        let (cos, sin) = self.rope.tables(offset, seq, &self.device)?;
+        let (cos, sin) = self.rope_tables(offset, seq)?;
         let mask = self.mask(seq, offset)?;
         let mut x = self.embed_tokens(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -263,8 +302,9 @@ impl CausalLm {
                 ModelError::Adapter(format!("adapter has layer {layer}, model has {}", self.layers.len()))
             })?;
             let p = l.projection_mut(module);
-            let delta = (pair.b.matmul(&pair.a)? * scale)?;
-            p.weight = BaseWeight::Dense((p.weight.dense()? + delta)?);
+            let base = p.weight.dense()?;
+            let delta = (pair.b.matmul(&pair.a)? * scale)?.to_dtype(base.dtype())?;
+            p.weight = BaseWeight::Dense((base + delta)?);
         }
         Ok(out)
     }
@@ -410,14 +450,17 @@ impl Attention {
         } else {
             let k = repeat_kv(&k, self.heads / self.kv_heads)?;
             let v = repeat_kv(&v, self.heads / self.kv_heads)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+            // Scores, mask and softmax in f32 whatever the activations' dtype: a bf16 softmax
+            // over long rows loses the small probabilities.
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
             let scores = match mask {
                 Some(m) => scores.broadcast_add(m)?,
                 None => scores,
             };
             // The generic softmax is built from differentiable ops; candle's fused one has no
             // backward.
-            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+            probs.matmul(&v)?
         };
         let out = heads.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, adapter)

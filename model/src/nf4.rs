@@ -48,6 +48,21 @@ pub struct Nf4Tensor {
     absmax_offset: f32,
     dims: Vec<usize>,
     device: Device,
+    /// The dtype expansions come out in: the dense weight's.
+    dtype: DType,
+    /// The codes and absmaxes as tensors on the device, for every base but f32 on the CPU:
+    /// there the hand-written expansion into host memory is the fast path; anywhere else (a GPU,
+    /// or bf16) a weight is expanded where it is used by tensor ops, and nothing crosses PCIe.
+    on_device: Option<DeviceCodes>,
+}
+
+/// [`Nf4Tensor`]'s data on its device: the packed codes (u8, two per byte, low nibble first),
+/// one f32 absmax per block (the double quantization undone once at load), and the 16 levels.
+#[derive(Debug, Clone)]
+struct DeviceCodes {
+    codes: Tensor,
+    absmax: Tensor,
+    levels: Tensor,
 }
 
 impl Nf4Tensor {
@@ -84,18 +99,70 @@ impl Nf4Tensor {
                     .map(|a| ((a - absmax_offset) / scale).round().clamp(-127.0, 127.0) as i8),
             );
         }
-        Ok(Self {
+        Self {
             codes,
             absmax_q,
             absmax_scale,
             absmax_offset,
             dims,
             device: t.device().clone(),
+            dtype: DType::F32,
+            on_device: None,
+        }
+        .expanding_to(t.dtype())
+    }
+
+    /// This weight, expanded to `dtype` from now on. The loader quantizes the checkpoint's f32
+    /// values and then asks for the activations' dtype, so a bf16 base holds the same codes as
+    /// an f32 one: quantizing bf16-rounded values would move some weights a whole level.
+    pub fn expanding_to(mut self, dtype: DType) -> Result<Self> {
+        self.dtype = dtype;
+        let host_path = self.device.is_cpu() && dtype == DType::F32;
+        self.on_device = if host_path { None } else { Some(self.device_codes()?) };
+        Ok(self)
+    }
+
+    fn device_codes(&self) -> Result<DeviceCodes> {
+        let absmax: Vec<f32> = (0..self.absmax_q.len()).map(|b| self.absmax(b)).collect();
+        Ok(DeviceCodes {
+            codes: Tensor::from_slice(&self.codes, self.codes.len(), &self.device)?,
+            absmax: Tensor::from_vec(absmax, self.absmax_q.len(), &self.device)?,
+            levels: Tensor::from_slice(&LEVELS[..], LEVELS.len(), &self.device)?,
         })
+    }
+
+    /// The absmax of block `block`, its double quantization undone.
+    fn absmax(&self, block: usize) -> f32 {
+        self.absmax_q[block] as f32 * self.absmax_scale[block / ABSMAX_BLOCK] + self.absmax_offset
+    }
+
+    /// Elements `first..first + len` of the flattened weight, expanded on the device by tensor
+    /// ops: the whole blocks that hold them are unpacked, scaled, and cut to the range.
+    fn expand_on_device(&self, d: &DeviceCodes, first: usize, len: usize) -> Result<Tensor> {
+        let (b0, b1) = (first / BLOCK, (first + len).div_ceil(BLOCK));
+        let packed = d
+            .codes
+            .narrow(0, b0 * BLOCK / 2, (b1 - b0) * BLOCK / 2)?
+            .to_dtype(DType::F32)?;
+        let high = (&packed / 16.0)?.floor()?;
+        let low = (&packed - (&high * 16.0)?)?;
+        // Low nibble first: interleave (low, high) per byte.
+        let codes = Tensor::stack(&[low, high], 1)?.flatten_all()?.to_dtype(DType::U32)?;
+        let values = d.levels.index_select(&codes, 0)?.reshape((b1 - b0, BLOCK))?;
+        let values = values.broadcast_mul(&d.absmax.narrow(0, b0, b1 - b0)?.unsqueeze(1)?)?;
+        Ok(values
+            .flatten_all()?
+            .narrow(0, first - b0 * BLOCK, len)?
+            .to_dtype(self.dtype)?)
     }
 
     /// Expands to an f32 tensor of the original shape.
     pub fn dequantize(&self) -> Result<Tensor> {
+        if let Some(d) = &self.on_device {
+            return Ok(self
+                .expand_on_device(d, 0, self.elem_count())?
+                .reshape(self.dims.as_slice())?);
+        }
         // QLoRA expands every weight twice a step (forward and backward product), so this runs
         // on all cores: one task per group of blocks sharing a second-level scale.
         let mut out = vec![0f32; self.elem_count()];
@@ -114,6 +181,11 @@ impl Nf4Tensor {
                 "NF4 rows {start}..{} of a weight with {rows} rows",
                 start + len
             )));
+        }
+        if let Some(d) = &self.on_device {
+            return Ok(self
+                .expand_on_device(d, start * cols, len * cols)?
+                .reshape((len, cols))?);
         }
         let mut out = vec![0f32; len * cols];
         out.par_chunks_mut(cols)
@@ -135,7 +207,7 @@ impl Nf4Tensor {
         out.par_chunks_mut(cols)
             .zip(ids.par_iter())
             .for_each(|(values, &id)| self.expand(id as usize * cols, values));
-        Ok(Tensor::from_vec(out, (ids.len(), cols), &self.device)?)
+        Ok(Tensor::from_vec(out, (ids.len(), cols), &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Writes elements `first..first + out.len()` of the flattened weight, expanded, to `out`.
@@ -146,7 +218,7 @@ impl Nf4Tensor {
             let i = first + done;
             let block = i / BLOCK;
             let len = (BLOCK - i % BLOCK).min(out.len() - done);
-            let absmax = self.absmax_q[block] as f32 * self.absmax_scale[block / ABSMAX_BLOCK] + self.absmax_offset;
+            let absmax = self.absmax(block);
             for (k, v) in out[done..done + len].iter_mut().enumerate() {
                 let j = i + k;
                 let code = (self.codes[j / 2] >> (4 * (j % 2))) & 0x0f;
@@ -167,7 +239,11 @@ impl Nf4Tensor {
 
     /// Bytes held for this weight (codes and both quantization levels).
     pub fn storage_bytes(&self) -> usize {
-        self.codes.len() + self.absmax_q.len() + 4 * self.absmax_scale.len() + 4
+        match &self.on_device {
+            // Codes, one f32 absmax per block, and the levels.
+            Some(d) => self.codes.len() + 4 * d.absmax.elem_count() + 4 * LEVELS.len(),
+            None => self.codes.len() + self.absmax_q.len() + 4 * self.absmax_scale.len() + 4,
+        }
     }
 
     pub fn elem_count(&self) -> usize {
@@ -198,8 +274,14 @@ impl Nf4Tensor {
     /// Rows expanded at once: all of them, or about [`SLICE_ELEMS`] values' worth.
     fn rows_per_slice(&self) -> Result<usize> {
         let (rows, cols) = self.dims2()?;
-        Ok(if rows * cols > SLICE_ABOVE {
-            (SLICE_ELEMS / cols.max(1)).max(1)
+        // On a GPU a product of a few hundred rows leaves most of the chip idle: slices there
+        // are 64 times larger (32 MiB of bf16), still far below the weight of a large head.
+        let (above, elems) = match self.on_device {
+            Some(_) => (SLICE_ABOVE << 6, SLICE_ELEMS << 6),
+            None => (SLICE_ABOVE, SLICE_ELEMS),
+        };
+        Ok(if rows * cols > above {
+            (elems / cols.max(1)).max(1)
         } else {
             rows
         })
@@ -326,6 +408,31 @@ mod tests {
         assert!(q.dequantize_rows(30, 11).is_err(), "rows past the end");
         let err = q.gather_rows(&[1, 40]).expect_err("an id past the table").to_string();
         assert!(err.contains("token id 40") && err.contains("40 rows"), "{err}");
+        Ok(())
+    }
+    /// A bf16 base (or any base off the f32 CPU path) expands by tensor ops on its device; the
+    /// result equals the host expansion of the same weight, rounded to bf16, for whole weights
+    /// and for row ranges that cut blocks.
+    #[test]
+    fn the_tensor_op_expansion_equals_the_host_expansion() -> Result<()> {
+        let t = Tensor::randn(0f32, 0.02, (40, 96), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let on_device = Nf4Tensor::quantize(&t)?;
+        let host = Nf4Tensor::quantize(&t.to_dtype(DType::F32)?)?;
+        assert!(on_device.on_device.is_some() && host.on_device.is_none());
+        let same = |a: Tensor, b: Tensor| -> Result<bool> {
+            Ok(a.to_dtype(DType::F32)?
+                .eq(&b.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)?
+                .min_all()?
+                .to_scalar::<u8>()?
+                == 1)
+        };
+        assert_eq!(on_device.dequantize()?.dtype(), DType::BF16);
+        assert!(same(on_device.dequantize()?, host.dequantize()?)?);
+        assert!(same(on_device.dequantize_rows(3, 17)?, host.dequantize_rows(3, 17)?)?);
+        assert!(same(
+            on_device.gather_rows(&[5, 0, 39])?,
+            host.gather_rows(&[5, 0, 39])?
+        )?);
         Ok(())
     }
 }

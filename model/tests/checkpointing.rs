@@ -188,14 +188,7 @@ fn checkpointed_gradients_equal_recorded_ones_on_a_dense_base() {
 #[test]
 fn checkpointed_gradients_equal_recorded_ones_on_an_nf4_base() {
     let t = tiny();
-    let (config, model) = load_model(
-        t.dir.path(),
-        &LoadOptions {
-            device: Device::Cpu,
-            base: BaseFormat::Nf4,
-        },
-    )
-    .expect("nf4 load");
+    let (config, model) = load_model(t.dir.path(), &LoadOptions::on(Device::Cpu, BaseFormat::Nf4)).expect("nf4 load");
     check(&model, &config);
 }
 

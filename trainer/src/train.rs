@@ -124,13 +124,7 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         Method::Lora => BaseFormat::Dense,
         Method::Qlora => BaseFormat::Nf4,
     };
-    let (model_config, model) = load_model(
-        &model_dir,
-        &LoadOptions {
-            device: options.device.clone(),
-            base,
-        },
-    )?;
+    let (model_config, model) = load_model(&model_dir, &LoadOptions::on(options.device.clone(), base))?;
     let tokenizer = TextTokenizer::load(&model_dir, model_config.eos_token_ids().first().copied())?;
     let data = prepare(config, &tokenizer)?;
     tracing::info!(
