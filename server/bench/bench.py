@@ -9,6 +9,10 @@ Subcommands:
 
 Every request is a 128-token prompt of token ids (the same ids for both) and asks for exactly
 128 new tokens (ignore_eos on the server, min_new_tokens in transformers), greedy.
+
+DEVICE=cuda (e2e/gpu/check.sh): transformers runs in bf16 on the GPU, and both sides report
+their peak GPU memory (e2e/bench/gpu_memory.py; the server's from GPU_BASELINE_MIB, the GPU's
+used memory before it started).
 """
 
 import json
@@ -24,6 +28,8 @@ NEW_TOKENS = int(os.environ.get("NEW_TOKENS", "128"))
 CONCURRENCY = [int(c) for c in os.environ.get("CONCURRENCY", "1 4 16").split()]
 # Ids past the tiny model's special tokens (0..6), the same for both sides.
 FIRST_ID, VOCAB = 7, 8192
+DEVICE = os.environ.get("DEVICE", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "e2e", "bench"))
 
 
 def prompts(n):
@@ -107,7 +113,11 @@ def run_server(url, out, pid):
         rounds = 3 if c == 1 else 2
         figures.append(load_at(url, c, rounds))
         print(f"  server  c={c:<3} {figures[-1]['tok_s']:8.1f} tok/s", flush=True)
-    json.dump({"runs": figures, "peak_rss_mib": peak_rss_mib(pid)}, open(out, "w"))
+    result = {"runs": figures, "peak_rss_mib": peak_rss_mib(pid)}
+    if DEVICE != "cpu":
+        from gpu_memory import used_mib
+        result["gpu_mib_after"] = used_mib() - float(os.environ.get("GPU_BASELINE_MIB", "0"))
+    json.dump(result, open(out, "w"))
 
 
 # ---- transformers -----------------------------------------------------------------------------
@@ -118,7 +128,8 @@ def run_hf(model_dir, out, quantize="none"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEVICE).eval()
     if quantize == "int8":
         # PyTorch's own weight int8 for CPU inference (dynamic quantization of every Linear:
         # int8 weights, activations quantized per call), the like-for-like reference for
@@ -129,13 +140,14 @@ def run_hf(model_dir, out, quantize="none"):
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def generate(batch, new_tokens):
-        ids = torch.tensor(prompts(batch))
+        ids = torch.tensor(prompts(batch), device=DEVICE)
         with torch.inference_mode():
             start = time.perf_counter()
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=2,
             )
+            out = out.cpu()  # waits for the GPU
             seconds = time.perf_counter() - start
         return (out.shape[1] - ids.shape[1]) * batch, seconds
 
@@ -154,8 +166,10 @@ def run_hf(model_dir, out, quantize="none"):
         })
         print(f"  hf      b={b:<3} {figures[-1]['tok_s']:8.1f} tok/s", flush=True)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    json.dump({"runs": figures, "peak_rss_mib": rss_mib, "torch": torch.__version__,
-               "threads": torch.get_num_threads()}, open(out, "w"))
+    result = {"runs": figures, "peak_rss_mib": rss_mib, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if DEVICE != "cpu":
+        result["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    json.dump(result, open(out, "w"))
 
 
 # ---- report -----------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ Subcommands:
 
 Every step is one batch of BATCH x SEQ tokens (4 x 256), LoRA r=16, alpha 32, no dropout, on
 all seven projections, AdamW, f32. Throughput counts the steps after the first (warm-up).
+
+DEVICE=cuda runs both sides on the GPU (e2e/gpu/check.sh): PEFT with the base in bf16 and its
+adapters in f32 (PEFT's default mixed precision), ours with --device cuda (the same split), and
+each side's peak GPU memory is read by e2e/bench/gpu_memory.py.
 """
 
 import json
@@ -27,6 +31,17 @@ SEQ = int(os.environ.get("SEQ", "256"))
 STEPS = int(os.environ.get("STEPS", "12"))
 LR = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEVICE = os.environ.get("DEVICE", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "e2e", "bench"))
+
+
+def gpu_memory():
+    """Samples the GPU's memory on a GPU run; a no-op context elsewhere."""
+    import contextlib
+    if DEVICE == "cpu":
+        return contextlib.nullcontext()
+    from gpu_memory import GpuMemory
+    return GpuMemory()
 
 
 def placeholder_ids(model_dir):
@@ -59,7 +74,8 @@ def steady_rate(points):
 def run_ours(trainer, config, out):
     """Runs the trainer as a child process; JSON log lines give per-step tokens/s."""
     start = time.perf_counter()
-    proc = subprocess.run([trainer, "--config", config], stderr=subprocess.PIPE, text=True)
+    with gpu_memory() as gpu:
+        proc = subprocess.run([trainer, "--config", config, "--device", DEVICE], stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -77,9 +93,12 @@ def run_ours(trainer, config, out):
     if len(points) < 2:
         sys.exit(f"trainer logged {len(points)} train steps; set loggingSteps: 1")
     rate, steps = steady_rate(points)
-    json.dump({"tok_s": rate, "steps": steps, "peak_rss_mib": rss_mib, "wall_s": wall,
-               "first_step_s": points[0][2]}, open(out, "w"))
-    print(f"  ours  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB", flush=True)
+    figures = {"tok_s": rate, "steps": steps, "peak_rss_mib": rss_mib, "wall_s": wall, "first_step_s": points[0][2]}
+    if gpu is not None:
+        figures["peak_gpu_mib"] = gpu.peak_mib
+    json.dump(figures, open(out, "w"))
+    print(f"  ours  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB  peak GPU {figures.get('peak_gpu_mib', 0):6.0f} MiB",
+          flush=True)
 
 
 def run_peft(model_dir, ids_file, out):
@@ -88,7 +107,11 @@ def run_peft(model_dir, ids_file, out):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    on_gpu = DEVICE != "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    gpu = gpu_memory()
+    gpu.__enter__()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEVICE)
     checkpointing = os.environ.get("GRAD_CKPT") == "1"
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -101,18 +124,25 @@ def run_peft(model_dir, ids_file, out):
     start = time.perf_counter()
     for step in range(1, STEPS + 1):
         rows = [seqs[((step - 1) * BATCH + i) % len(seqs)] for i in range(BATCH)]
-        ids = torch.tensor(rows)
+        ids = torch.tensor(rows, device=DEVICE)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # as our trainer (maxGradNorm 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for the GPU, as our trainer's logged loss does
         points.append((step, step * BATCH * SEQ, time.perf_counter() - start))
+    gpu.__exit__(None, None, None)
     rate, steps = steady_rate(points)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    json.dump({"tok_s": rate, "steps": steps, "peak_rss_mib": rss_mib, "first_step_s": points[0][2],
-               "torch": torch.__version__, "threads": torch.get_num_threads()}, open(out, "w"))
-    print(f"  peft  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB", flush=True)
+    figures = {"tok_s": rate, "steps": steps, "peak_rss_mib": rss_mib, "first_step_s": points[0][2],
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if on_gpu:
+        figures["peak_gpu_mib"] = gpu.peak_mib
+        figures["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    json.dump(figures, open(out, "w"))
+    print(f"  peft  {rate:7.1f} tok/s  peak RSS {rss_mib:6.0f} MiB  peak GPU {figures.get('peak_gpu_mib', 0):6.0f} MiB",
+          flush=True)
 
 
 def report(d):
