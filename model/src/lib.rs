@@ -17,6 +17,7 @@
 //! - [`threads`] settles the CPU thread count once per process (binaries call it first).
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
 
+mod attention;
 pub mod cache;
 pub mod chat;
 pub mod checkpointing;

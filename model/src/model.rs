@@ -9,7 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::{BaseWeight, DenseStore, Projection, RmsNorm, WeightStore};
 use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
 use crate::rope::{self, Rope};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -448,19 +448,10 @@ impl Attention {
                 .matmul(&v.contiguous()?)?
                 .reshape((b, self.heads, t, self.head_dim))?
         } else {
-            let k = repeat_kv(&k, self.heads / self.kv_heads)?;
-            let v = repeat_kv(&v, self.heads / self.kv_heads)?;
-            // Scores, mask and softmax in f32 whatever the activations' dtype: a bf16 softmax
-            // over long rows loses the small probabilities.
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            // The generic softmax is built from differentiable ops; candle's fused one has no
-            // backward.
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-            probs.matmul(&v)?
+            // In blocks of queries, scores and softmax in f32 (crate::attention).
+            let k = repeat_kv(&k, self.heads / self.kv_heads)?.contiguous()?;
+            let v = repeat_kv(&v, self.heads / self.kv_heads)?.contiguous()?;
+            crate::attention::attention(&q, &k, &v, mask, scale)?
         };
         let out = heads.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, adapter)

@@ -1,0 +1,269 @@
+//! Attention in blocks of queries, whose memory grows with the sequence and not its square.
+//!
+//! Off the CPU f32 path (a GPU, or bf16) attention used to build the whole (batch, heads, T, T)
+//! score tensor, and candle's graph kept it and four more of its size per layer for the backward
+//! pass: at 4 x 512 tokens and 16 heads, 330 MiB a layer. Here the queries go a block at a time:
+//! scores, softmax (in f32) and the product with the values exist for one block only. In
+//! training the output enters the graph through [`BlockedAttention`], a custom op whose backward
+//! computes each block's probabilities again from the saved log-sum-exp of its rows, as
+//! FlashAttention does; the graph keeps only q, k, v, the output and that log-sum-exp.
+
+use crate::error::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, Tensor, D};
+
+/// About this many bytes of f32 scores per block (batch x heads x rows x keys).
+const BLOCK_BYTES: usize = 64 << 20;
+
+/// softmax(scale q kᵀ + mask) v for q (b, h, t, d) and k, v (b, h, T, d) with as many heads as
+/// q; `mask` (t, T), additive f32, or None when every query sees every key.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    in_blocks(q, k, v, mask, scale, block_rows(q, k.dim(2)?)?)
+}
+
+/// [`attention`] with `per` query rows per block.
+fn in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, per: usize) -> Result<Tensor> {
+    let (out, lse) = forward(q, k, v, mask, scale, per)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let op = BlockedAttention {
+        out,
+        lse,
+        mask: mask.cloned(),
+        scale,
+        per,
+    };
+    Ok(q.apply_op3(k, v, op)?)
+}
+
+/// Query rows per block: as many as keep a block's f32 scores near [`BLOCK_BYTES`].
+fn block_rows(q: &Tensor, keys: usize) -> Result<usize> {
+    let (b, h, t, _) = q.dims4()?;
+    Ok((BLOCK_BYTES / (4 * b * h * keys).max(1)).clamp(16, t.max(16)))
+}
+
+/// The scores of queries `rows` of one block in f32, masked: (b, h, rows, T).
+fn scores(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64, start: usize) -> Result<Tensor> {
+    let rows = q.dim(2)?;
+    let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    Ok(match mask {
+        Some(m) => s.broadcast_add(&m.narrow(0, start, rows)?)?,
+        None => s,
+    })
+}
+
+/// The output (b, h, t, d) and the log-sum-exp of every row of scores (b, h, t, 1), in f32.
+fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    per: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    let t = q.dim(2)?;
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for start in (0..t).step_by(per) {
+        let rows = per.min(t - start);
+        let s = scores(&q.narrow(2, start, rows)?, &k, mask, scale, start)?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let e = s.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let p = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
+        outs.push(p.matmul(&v)?);
+        lses.push((max + sum.log()?)?);
+    }
+    Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
+}
+
+/// The training form of [`attention`]: its forward returns the output computed above; its
+/// backward recomputes each block's probabilities.
+struct BlockedAttention {
+    out: Tensor,
+    lse: Tensor,
+    mask: Option<Tensor>,
+    scale: f64,
+    per: usize,
+}
+
+impl BlockedAttention {
+    fn copy_out<S: BackendStorage>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
+        let (storage, layout) = self.out.storage_and_layout();
+        let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg("attention: output on another device".into()))?;
+        Ok((s.try_clone(layout)?, self.out.shape().clone()))
+    }
+
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (t, per) = (q.dim(2)?, self.per);
+        let grad = grad.to_dtype(v.dtype())?;
+        // D = rowsum(dO ∘ O), the softmax backward's correction term.
+        let d = (grad.to_dtype(DType::F32)? * self.out.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
+        // dK and dV sum over blocks: in f32, then back to the inputs' dtype.
+        let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
+            let x = x.to_dtype(DType::F32)?;
+            Ok(Some(match acc {
+                Some(a) => (a + x)?,
+                None => x,
+            }))
+        };
+        for start in (0..t).step_by(per) {
+            let rows = per.min(t - start);
+            let q_blk = q.narrow(2, start, rows)?;
+            let g_blk = grad.narrow(2, start, rows)?;
+            let s = scores(&q_blk, k, self.mask.as_ref(), self.scale, start)?;
+            let p = s.broadcast_sub(&self.lse.narrow(2, start, rows)?)?.exp()?;
+            dv = add(dv, p.to_dtype(v.dtype())?.t()?.matmul(&g_blk)?)?;
+            let dp = g_blk.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+            let ds = ((p * dp.broadcast_sub(&d.narrow(2, start, rows)?)?)? * self.scale)?.to_dtype(q.dtype())?;
+            dq.push(ds.matmul(k)?);
+            dk = add(dk, ds.t()?.matmul(&q_blk)?)?;
+        }
+        let missing = || crate::error::ModelError::Decode("attention backward of an empty sequence".into());
+        let (dk, dv) = (dk.ok_or_else(missing)?, dv.ok_or_else(missing)?);
+        Ok((Tensor::cat(&dq, 2)?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
+    }
+}
+
+impl CustomOp3 for BlockedAttention {
+    fn name(&self) -> &'static str {
+        "blocked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.copy_out(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.copy_out(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        self.copy_out(|s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.backward(q, k, v, grad).map_err(candle_core::Error::wrap)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The plain graph: whole scores, softmax, product.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+        let s = ((q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap())
+            .broadcast_add(mask)
+            .unwrap();
+        candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Blocks of 16 query rows, the last one partial, with a mask that has an offset (keys of
+    /// a cache) and a sliding window, in f32 against the whole graph; and one block of all rows.
+    #[test]
+    fn blocked_attention_and_its_gradients_equal_the_whole_graph() {
+        let dev = Device::Cpu;
+        let (b, h, t, offset, d) = (2, 3, 40, 9, 8);
+        let total = offset + t;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, total, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, total, d), &dev).unwrap()).unwrap();
+        let window = 20;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    let pos = offset + i;
+                    if j <= pos && pos - j < window {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, total), &dev).unwrap();
+        let scale = 0.35;
+        let want = reference(&q, &k, &v, &mask, scale);
+        let w = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let want_grads = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for per in [16, t] {
+            let got = in_blocks(&q, &k, &v, Some(&mask), scale, per).unwrap();
+            assert!(
+                max_rel(&got, &want) < 1e-5,
+                "{per} rows: output off by {}",
+                max_rel(&got, &want)
+            );
+            let got_grads = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (g, r) = (got_grads.get(var).unwrap(), want_grads.get(var).unwrap());
+                assert!(max_rel(g, r) < 1e-4, "{per} rows: d{name} off by {}", max_rel(g, r));
+            }
+        }
+    }
+
+    #[test]
+    fn block_rows_keep_a_block_near_the_budget() {
+        let q = Tensor::zeros((4, 16, 4096, 8), DType::F32, &Device::Cpu).unwrap();
+        let rows = block_rows(&q, 4096).unwrap();
+        assert_eq!(rows, 64, "4 x 16 heads x 4096 keys x 4 bytes is 1 MiB a row");
+        let small = Tensor::zeros((1, 1, 10, 8), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(block_rows(&small, 10).unwrap(), 16);
+    }
+}
