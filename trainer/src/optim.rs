@@ -118,11 +118,20 @@ pub fn learning_rate(peak: f64, scheduler: Scheduler, warmup: u64, step: u64, to
 /// Scales the gradients so their global L2 norm is at most `max_norm` (0: no clipping);
 /// returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    let mut sum = 0.0f64;
+    // Summed on the device and read once: one read per gradient waited on the GPU 224 times
+    // a step for a LoRA on all projections of 16 layers.
+    let mut sum: Option<Tensor> = None;
     for g in grads.values() {
-        sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        let part = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+        sum = Some(match sum {
+            Some(s) => (s + part)?,
+            None => part,
+        });
     }
-    let norm = sum.sqrt();
+    let norm = match sum {
+        Some(s) => s.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    };
     if max_norm > 0.0 && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for g in grads.values_mut() {
