@@ -110,6 +110,13 @@ if [[ "$device" == cpu ]]; then
 else
   train bench bench_shape 12 4 256
   train large large_shape 8 4 512
+  # Where a step's time goes (each phase waits for the GPU), for the LoRA run of the large shape.
+  for tag in lora qlora; do
+    log "step times, large $tag (KUBETUNE_STEP_TIMES=1)"
+    sed "s|out-$tag|times-$tag|" "$work/large/$tag.yaml" >"$work/large/times-$tag.yaml"
+    KUBETUNE_STEP_TIMES=1 timeout 120 "$bins/kubetune-trainer" --config "$work/large/times-$tag.yaml" 2>&1 |
+      grep '"step times"' | tail -1 | tee "$out/step-times-$tag.txt"
+  done
 fi
 
 # --- serving --------------------------------------------------------------------------------

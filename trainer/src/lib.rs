@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod optim;
 pub mod prepare;
 pub mod progress;
+pub mod timing;
 pub mod train;
 
 pub use config::TrainConfig;

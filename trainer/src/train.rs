@@ -216,6 +216,8 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
     let tokens_at_start = state.tokens;
     let elapsed_before = state.elapsed_secs;
     let mut stopped_early = false;
+    let mut timer = crate::timing::StepTimer::from_env(&options.device);
+    let mut steps_timed = 0;
     while state.step < total_steps {
         let step = state.step;
         let micro: Vec<Vec<&Example>> = (0..accum)
@@ -242,6 +244,7 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
             // Dividing by the step's target count makes accumulation equal to one big batch.
             let scale = 1.0 / step_targets.max(1) as f64;
             let targets = LossTargets::of(batch, tokenizer.eos, &options.device)?;
+            timer.mark("batch");
             if t.gradient_checkpointing {
                 let step = CheckpointedStep {
                     adapter: active,
@@ -260,12 +263,14 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
                 loss_sum += sum;
             }
             state.tokens += batch.iter().map(|e| e.ids.len() as u64).sum::<u64>();
+            timer.mark("forward_backward");
         }
         let loss = loss_sum / step_targets.max(1) as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: step + 1, loss });
         }
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        timer.mark("clip");
         if !grad_norm.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
@@ -274,6 +279,8 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         }
         let lr = learning_rate(t.learning_rate, t.scheduler, t.warmup_steps, step, total_steps);
         optimizer.step(&grads, lr)?;
+        timer.mark("optimizer");
+        steps_timed += 1;
         state.step += 1;
         state.micro_batches += accum;
         state.train_history.push(LossPoint { step: state.step, loss });
@@ -310,6 +317,7 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
                 tokens_per_second = tps,
                 "train"
             );
+            timer.report(state.step, std::mem::take(&mut steps_timed));
         }
         let last = state.step == total_steps;
         if t.eval_steps > 0 && state.step.is_multiple_of(t.eval_steps) && !last {
