@@ -8,9 +8,9 @@
 //! computes each block's probabilities again from the saved log-sum-exp of its rows, as
 //! FlashAttention does; the graph keeps only q, k, v, the output and that log-sum-exp.
 
+use crate::custom_grad::copy_of;
 use crate::error::Result;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Tensor, D};
 
 /// About this many bytes of f32 scores per block (batch x heads x rows x keys).
 const BLOCK_BYTES: usize = 64 << 20;
@@ -89,12 +89,6 @@ struct BlockedAttention {
 }
 
 impl BlockedAttention {
-    fn copy_out<S: BackendStorage>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
-        let (storage, layout) = self.out.storage_and_layout();
-        let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg("attention: output on another device".into()))?;
-        Ok((s.try_clone(layout)?, self.out.shape().clone()))
-    }
-
     fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (t, per) = (q.dim(2)?, self.per);
         let grad = grad.to_dtype(v.dtype())?;
@@ -141,10 +135,7 @@ impl CustomOp3 for BlockedAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.copy_out(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        copy_of(&self.out, crate::custom_grad::cpu)
     }
 
     fn cuda_fwd(
@@ -156,10 +147,7 @@ impl CustomOp3 for BlockedAttention {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.copy_out(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        copy_of(&self.out, crate::custom_grad::cuda)
     }
 
     fn metal_fwd(
@@ -171,10 +159,7 @@ impl CustomOp3 for BlockedAttention {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        self.copy_out(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
+        copy_of(&self.out, crate::custom_grad::metal)
     }
 
     fn bwd(

@@ -23,6 +23,7 @@ pub mod chat;
 pub mod checkpointing;
 pub mod config;
 mod corpus;
+mod custom_grad;
 pub mod decode;
 pub mod device;
 pub mod error;

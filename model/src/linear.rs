@@ -280,24 +280,15 @@ impl CustomOp1 for FrozenMatmul {
                 return Ok((CpuStorage::F32(y), Shape::from((m, n))));
             }
         }
-        self.forward(x, layout, |s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        self.forward(x, layout, crate::custom_grad::cpu)
     }
 
     fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.forward(x, layout, |s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        self.forward(x, layout, crate::custom_grad::cuda)
     }
 
     fn metal_fwd(&self, x: &MetalStorage, layout: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
-        self.forward(x, layout, |s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
+        self.forward(x, layout, crate::custom_grad::metal)
     }
 
     /// d(x w^T)/dx = grad w; the weight gets no gradient.
@@ -340,66 +331,32 @@ impl Module for RmsNorm {
         if crate::fused::fusable(x) {
             return crate::fused::rms_norm(x, &self.weight, self.eps);
         }
-        if !x.track_op() {
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
-        }
         let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &self.weight, self.eps as f32)?;
-        x.apply_op1(RmsNormOp {
+        crate::custom_grad::with_backward(
+            x,
             y,
-            weight: self.weight.clone(),
-            eps: self.eps,
-        })
+            RmsNormBackward {
+                weight: self.weight.clone(),
+                eps: self.eps,
+            },
+        )
     }
 }
 
-/// RMSNorm in a training graph: candle's fused kernel forward (in f32 inside, whatever the
-/// activations' dtype, as transformers' LlamaRMSNorm), and a backward written with tensor ops in
-/// f32 that needs only the input. The graph of the plain ops kept four f32 copies of the input
-/// per norm. The weight is frozen and gets no gradient.
-struct RmsNormOp {
-    /// The forward's result, computed before the op enters the graph.
-    y: Tensor,
+/// RMSNorm's backward in a training graph. The forward is candle's fused kernel (in f32 inside,
+/// whatever the activations' dtype, as transformers' LlamaRMSNorm); the graph of the plain ops
+/// kept four f32 copies of the input per norm, this keeps the input alone. The weight is frozen
+/// and gets no gradient.
+struct RmsNormBackward {
     weight: Tensor,
     eps: f64,
 }
 
-impl RmsNormOp {
-    fn copy_y<S: BackendStorage>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
-        let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg("rms norm: output on another device".into()))?;
-        Ok((s.try_clone(layout)?, self.y.shape().clone()))
-    }
-}
+impl crate::custom_grad::Backward for RmsNormBackward {
+    const NAME: &'static str = "rms-norm";
 
-impl CustomOp1 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        "rms-norm"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.copy_y(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.copy_y(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
-        self.copy_y(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    /// With r = 1/sqrt(mean(x²) + eps) per row and u = g ∘ w:
-    /// dx = r u − x r³ mean(u ∘ x).
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// With r = 1/sqrt(mean(x²) + eps) per row and u = g ∘ w: dx = r u − x r³ mean(u ∘ x), in f32.
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         use candle_core::{DType, D};
         let x32 = x.to_dtype(DType::F32)?;
         let u = grad
@@ -408,7 +365,7 @@ impl CustomOp1 for RmsNormOp {
         let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let mean_ux = (&u * &x32)?.mean_keepdim(D::Minus1)?;
         let dx = (u.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * mean_ux)?)?)?;
-        Ok(Some(dx.to_dtype(x.dtype())?))
+        dx.to_dtype(x.dtype())
     }
 }
 
@@ -509,7 +466,7 @@ mod tests {
     /// The training op (fused forward, hand-written backward) against the norm built from plain
     /// ops, in f32: output and input gradient.
     #[test]
-    fn the_rms_norm_op_and_its_input_gradient_equal_the_plain_ops() -> Result<()> {
+    fn the_rms_norm_backward_and_its_input_gradient_equal_the_plain_ops() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 32), &dev)?)?;
         let weight = (Tensor::randn(0f32, 0.3, 32, &dev)? + 1.0)?;
@@ -519,7 +476,7 @@ mod tests {
             x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(&weight)?
         };
         let y = candle_nn::ops::rms_norm(&x.as_tensor().detach(), &weight, eps as f32)?;
-        let op = x.apply_op1(RmsNormOp { y, weight, eps })?;
+        let op = crate::custom_grad::with_backward(x.as_tensor(), y, RmsNormBackward { weight, eps })?;
         assert!(close(&op, &plain));
         let w = Tensor::randn(0f32, 1.0, (6, 32), &dev)?;
         let g_plain = (plain * &w)?.sum_all()?.backward()?;

@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::error::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 /// Inverse frequencies, already scaled; positions are multiplied by them at each forward.
 #[derive(Debug, Clone)]
@@ -91,17 +91,36 @@ fn llama3_scale(base: &[f64], factor: f64, low: f64, high: f64, original: f64) -
 
 /// Applies RoPE in HF's "rotate half" layout to x of shape (batch, heads, seq, head_dim),
 /// with `cos` and `sin` of shape (seq, head_dim / 2). Differentiable: f32 on the CPU takes our
-/// fused kernel, anything else basic ops (candle's fused rope has no backward).
+/// fused kernel; anything else candle's fused kernel, with [`RopeBackward`] in a graph.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if crate::fused::fusable(x) {
         return Ok(crate::fused::rope(x, cos, sin)?);
     }
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Ok(Tensor::cat(&[a, b], D::Minus1)?)
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    Ok(crate::custom_grad::with_backward(
+        x,
+        y,
+        RopeBackward {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        },
+    )?)
+}
+
+/// RoPE rotates each pair of features by a position's angle, so its backward rotates the
+/// gradient back: the same kernel with the sine negated. The basic ops it replaces kept half a
+/// dozen copies of q and k for the backward and launched nine kernels each way.
+struct RopeBackward {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl crate::custom_grad::Backward for RopeBackward {
+    const NAME: &'static str = "rope";
+
+    fn backward(&self, _x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope(&grad.contiguous()?, &self.cos, &self.sin.neg()?)
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +133,44 @@ mod tests {
         let scaled = llama3_scale(&base, 8.0, 1.0, 4.0, 8192.0);
         assert_eq!(scaled[0], 1.0);
         assert!((scaled[2] - 1e-4 / 8.0).abs() < 1e-12);
+    }
+    /// candle's kernel with our backward against the rotation built from basic ops, in f64 (off
+    /// the f32 CPU path, and exact enough to compare tightly): output and input gradient.
+    #[test]
+    fn the_rope_backward_rotates_the_gradient_back() {
+        use candle_core::{DType, Var, D};
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+        )
+        .unwrap();
+        let angles = Tensor::randn(0f64, 1.0, (5, 4), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let plain = {
+            let x1 = x.narrow(D::Minus1, 0, 4).unwrap();
+            let x2 = x.narrow(D::Minus1, 4, 4).unwrap();
+            let a = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+            let b = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
+            Tensor::cat(&[a, b], D::Minus1).unwrap()
+        };
+        let fused = apply(&x, &cos, &sin).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(max_diff(&fused, &plain) < 1e-9);
+        let g_plain = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g_fused.get(&x).unwrap(), g_plain.get(&x).unwrap()) < 1e-9);
     }
 }

@@ -1,0 +1,83 @@
+//! Ops whose forward runs outside candle's graph (a fused kernel, or blocks of work) and whose
+//! backward is ours, entered into the graph as custom ops.
+//!
+//! candle's fused kernels (RMSNorm, RoPE) have no backward, and building the same function
+//! from basic ops keeps several full-size intermediates per op for the backward pass and
+//! launches many more kernels. Here the forward result is computed first; the custom op's forward
+//! hands over a copy of it, and its backward is written with tensor ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape, Storage, Tensor};
+
+/// The input's gradient of a one-input op, given the input and the output's gradient.
+pub(crate) trait Backward: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// `out`, computed from `x` outside the graph, as a node of `x`'s graph whose backward is `b`.
+/// Outside a graph, `out` itself.
+pub(crate) fn with_backward<B: Backward>(x: &Tensor, out: Tensor, b: B) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return Ok(out);
+    }
+    x.apply_op1(Precomputed { out, backward: b })
+}
+
+struct Precomputed<B> {
+    out: Tensor,
+    backward: B,
+}
+
+/// A copy of `t`'s storage, for a custom op's forward on the device `pick` selects.
+pub(crate) fn copy_of<S: BackendStorage>(
+    t: &Tensor,
+    pick: impl Fn(&Storage) -> Option<&S>,
+) -> candle_core::Result<(S, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg("custom op: result on another device".into()))?;
+    Ok((s.try_clone(layout)?, t.shape().clone()))
+}
+
+pub(crate) fn cpu(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+pub(crate) fn cuda(s: &Storage) -> Option<&CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
+
+pub(crate) fn metal(s: &Storage) -> Option<&MetalStorage> {
+    match s {
+        Storage::Metal(s) => Some(s),
+        _ => None,
+    }
+}
+
+impl<B: Backward> CustomOp1 for Precomputed<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(&self.out, cpu)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        copy_of(&self.out, cuda)
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
+        copy_of(&self.out, metal)
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.backward.backward(x, grad)?))
+    }
+}
