@@ -13,6 +13,9 @@
 #   e2e/gpu/check.sh                    # on the GPU machine, from the repo root
 #   e2e/gpu/check.sh --device cpu       # the same flow on the CPU (small shape, few steps)
 #
+# PARTS (default "correctness bench large serving") picks what runs; large is skipped on the CPU.
+# RUNS (default "lora:false qlora:false lora:true qlora:true") picks our training runs
+# (method:checkpointing).
 # Binaries: .kubetune/gpu-bundle/*.xz (GPU_BUNDLE), else target/release. Output: $OUT, else
 # .kubetune/gpu-check. Each phase has its own time limit; the whole runs in about 6 minutes on
 # an H200. A phase that fails is reported and the rest still run.
@@ -30,6 +33,8 @@ work="${GPU_WORK:-/tmp/kubetune-gpu-check}"
 out="${OUT:-$root/.kubetune/gpu-check}"
 mkdir -p "$work/bin" "$out"
 log() { echo "== [${SECONDS}s] $*" >&2; }
+parts=" ${PARTS:-correctness bench large serving} "
+want() { [[ "$parts" == *" $1 "* ]]; }
 
 # --- binaries and the libraries they need ---------------------------------------------------
 bins="$work/bin"
@@ -62,9 +67,11 @@ fi
 export KUBETUNE_DEVICE="$device" DEVICE="$device"
 
 # --- correctness ----------------------------------------------------------------------------
-log "correctness: $device bf16 against CPU f32"
-timeout 180 "$bins/kubetune-device-check" --device "$device" >"$out/correctness.json" 2>"$out/correctness.log" ||
-  echo "device check failed: $(tail -3 "$out/correctness.log")" >&2
+if want correctness; then
+  log "correctness: $device bf16 against CPU f32"
+  timeout 180 "$bins/kubetune-device-check" --device "$device" >"$out/correctness.json" 2>"$out/correctness.log" ||
+    echo "device check failed: $(tail -3 "$out/correctness.log")" >&2
+fi
 
 # --- training -------------------------------------------------------------------------------
 bench_shape=(--vocab-size 8192 --hidden-size 512 --intermediate-size 1408 --layers 8 --heads 8 --kv-heads 4)
@@ -94,7 +101,7 @@ train() {
   [[ -f "$dir/model/config.json" ]] || timeout 300 "$bins/kubetune-tiny-model" --out "$dir/model" "${shape[@]}" >/dev/null
   export STEPS=$steps BATCH=$batch SEQ=$seq
   "$PY" "$train_bench" data "$dir/model" "$dir/data.jsonl" $((steps * batch))
-  for run in lora:false qlora:false lora:true qlora:true; do
+  for run in ${RUNS:-lora:false qlora:false lora:true qlora:true}; do
     local method=${run%:*} ckpt=${run#*:} tag=${run%:*}
     [[ $ckpt == true ]] && tag="$tag-ckpt"
     config "$method" "$ckpt" "$dir/model" "$dir/data.jsonl" "$steps" "$batch" "$seq" "$dir/out-$tag" >"$dir/$tag.yaml"
@@ -106,12 +113,15 @@ train() {
   GRAD_CKPT=1 timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft-ckpt.json" || true
 }
 if [[ "$device" == cpu ]]; then
-  train bench bench_shape 3 4 256
+  want bench && train bench bench_shape 3 4 256
 else
-  train bench bench_shape 12 4 256
+  want bench && train bench bench_shape 12 4 256
+fi
+if [[ "$device" != cpu ]] && want large; then
   train large large_shape 8 4 512
   # Where a step's time goes (each phase waits for the GPU), for the LoRA run of the large shape.
   for tag in lora qlora; do
+    [[ -f "$work/large/$tag.yaml" ]] || continue
     log "step times, large $tag (KUBETUNE_STEP_TIMES=1)"
     sed "s|out-$tag|times-$tag|" "$work/large/$tag.yaml" >"$work/large/times-$tag.yaml"
     KUBETUNE_STEP_TIMES=1 timeout 120 "$bins/kubetune-trainer" --config "$work/large/times-$tag.yaml" 2>&1 |
@@ -120,8 +130,13 @@ else
 fi
 
 # --- serving --------------------------------------------------------------------------------
+if ! want serving; then
+  "$PY" "$root/e2e/gpu/report.py" "$out" "$device"
+  exit 0
+fi
 serve_bench="$root/server/bench/bench.py"
 model="$work/bench/model"
+[[ -f "$model/config.json" ]] || "$bins/kubetune-tiny-model" --out "$model" "${bench_shape[@]}" >/dev/null
 port=${PORT:-18133}
 export CONCURRENCY="1 16"
 log "kubetune-server on $device"
