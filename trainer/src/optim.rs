@@ -3,7 +3,7 @@
 //! estimates, which candle-nn's optimizer keeps private.
 
 use crate::config::Scheduler;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use candle_core::{Tensor, Var};
 use kubetune_model::lora::NamedVar;
 use std::collections::BTreeMap;
@@ -16,28 +16,46 @@ pub struct AdamW {
     /// Optimizer steps taken so far (bias correction uses it).
     pub steps: u64,
     params: Vec<Param>,
+    /// Both moments of every parameter, end to end in `params`' order: the update runs as a
+    /// dozen ops over all of them rather than a dozen per tensor (a LoRA on all projections
+    /// of 16 layers has 224 tensors: 3,600 small kernels a step on a GPU).
+    m: Tensor,
+    v: Tensor,
 }
 
 struct Param {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    /// Where its values sit in the flat moments.
+    start: usize,
+}
+
+impl Param {
+    fn slice(&self, flat: &Tensor) -> candle_core::Result<Tensor> {
+        flat.narrow(0, self.start, self.var.elem_count())?
+            .reshape(self.var.shape())
+    }
 }
 
 impl AdamW {
     pub fn new(vars: &[NamedVar], weight_decay: f64) -> Result<Self> {
-        let params = vars
+        let mut start = 0;
+        let params: Vec<Param> = vars
             .iter()
             .map(|nv| {
-                Ok(Param {
+                let p = Param {
                     name: nv.name.clone(),
                     var: nv.var.clone(),
-                    m: nv.var.zeros_like()?,
-                    v: nv.var.zeros_like()?,
-                })
+                    start,
+                };
+                start += nv.var.elem_count();
+                p
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
+        let (dtype, device) = match vars.first() {
+            Some(nv) => (nv.var.dtype(), nv.var.device().clone()),
+            None => (candle_core::DType::F32, candle_core::Device::Cpu),
+        };
         Ok(Self {
             beta1: 0.9,
             beta2: 0.999,
@@ -45,23 +63,40 @@ impl AdamW {
             weight_decay,
             steps: 0,
             params,
+            m: Tensor::zeros(start, dtype, &device)?,
+            v: Tensor::zeros(start, dtype, &device)?,
         })
     }
 
-    /// One update with `grads` (keyed by variable name) at learning rate `lr`:
-    /// decoupled weight decay, then the bias-corrected Adam step.
+    /// One update with `grads` (keyed by variable name; one for every parameter) at learning
+    /// rate `lr`: decoupled weight decay, then the bias-corrected Adam step.
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        if self.params.is_empty() {
+            return Ok(());
+        }
+        let flat = self
+            .params
+            .iter()
+            .map(|p| match grads.get(&p.name) {
+                Some(g) => Ok(g.flatten_all()?),
+                // Every adapter tensor is in every forward's graph: a missing one is a bug.
+                None => Err(TrainError::Candle(candle_core::Error::Msg(format!(
+                    "no gradient reached {}",
+                    p.name
+                )))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let g = Tensor::cat(&flat, 0)?;
         self.steps += 1;
         let t = self.steps as i32;
         let c1 = 1.0 - self.beta1.powi(t);
         let c2 = 1.0 - self.beta2.powi(t);
-        for p in &mut self.params {
-            let Some(g) = grads.get(&p.name) else { continue };
-            p.m = ((&p.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let update = ((&p.m / c1)? / ((&p.v / c2)?.sqrt()? + self.eps)?)?;
+        self.m = ((&self.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+        self.v = ((&self.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+        let update = (((&self.m / c1)? / ((&self.v / c2)?.sqrt()? + self.eps)?)? * lr)?;
+        for p in &self.params {
             let decayed = (p.var.as_tensor() * (1.0 - lr * self.weight_decay))?;
-            p.var.set(&(decayed - (update * lr)?)?)?;
+            p.var.set(&(decayed - p.slice(&update)?)?)?;
         }
         Ok(())
     }
@@ -70,29 +105,38 @@ impl AdamW {
     pub fn state(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for p in &self.params {
-            out.insert(format!("{}.exp_avg", p.name), p.m.clone());
-            out.insert(format!("{}.exp_avg_sq", p.name), p.v.clone());
+            for (suffix, flat) in [("exp_avg", &self.m), ("exp_avg_sq", &self.v)] {
+                if let Ok(t) = p.slice(flat) {
+                    out.insert(format!("{}.{suffix}", p.name), t);
+                }
+            }
         }
         out
     }
 
     /// Restores moments saved by [`AdamW::state`]; every parameter must be present.
     pub fn load_state(&mut self, mut state: BTreeMap<String, Tensor>, steps: u64) -> std::result::Result<(), String> {
-        for p in &mut self.params {
-            for (suffix, slot) in [("exp_avg", &mut p.m), ("exp_avg_sq", &mut p.v)] {
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for p in &self.params {
+            for (suffix, parts) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
                 let key = format!("{}.{suffix}", p.name);
                 let t = state
                     .remove(&key)
                     .ok_or_else(|| format!("optimizer state lacks {key}"))?;
-                if t.dims() != slot.dims() {
+                if t.dims() != p.var.dims() {
                     return Err(format!(
                         "optimizer state {key} has shape {:?}, expected {:?}",
                         t.dims(),
-                        slot.dims()
+                        p.var.dims()
                     ));
                 }
-                *slot = t;
+                let t = t.to_device(p.var.device()).and_then(|t| t.to_dtype(p.var.dtype()));
+                parts.push(t.and_then(|t| t.flatten_all()).map_err(|e| format!("{key}: {e}"))?);
             }
+        }
+        if !self.params.is_empty() {
+            self.m = Tensor::cat(&m, 0).map_err(|e| e.to_string())?;
+            self.v = Tensor::cat(&v, 0).map_err(|e| e.to_string())?;
         }
         self.steps = steps;
         Ok(())
@@ -174,6 +218,62 @@ mod tests {
         // decay: 1 * (1 - 0.001) = 0.999, then minus lr * sign(g).
         assert!((w[0] - (0.999 - 0.01)).abs() < 1e-5, "{w:?}");
         assert!((w[1] - (-0.999 + 0.01)).abs() < 1e-5, "{w:?}");
+        Ok(())
+    }
+
+    /// Two tensors of different shapes share the flat moments; two steps of each element
+    /// equal AdamW written out for that element alone, and a missing gradient is an error.
+    #[test]
+    fn every_tensor_steps_as_adamw_written_out_per_element() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[0.5f32, -0.25], &dev)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0], [-3.0, 0.0]], &dev)?)?;
+        let named = |n: &str, v: &Var| NamedVar {
+            name: n.into(),
+            var: v.clone(),
+        };
+        let mut opt = AdamW::new(&[named("a", &a), named("b", &b)], 0.01)?;
+        let ga = [0.3f32, -0.1];
+        let gb = [0.2f32, 0.0, -0.7, 1.5];
+        let grads = BTreeMap::from([
+            ("a".to_string(), Tensor::new(&ga, &dev)?),
+            ("b".to_string(), Tensor::new(&gb, &dev)?.reshape((2, 2))?),
+        ]);
+        let (lr, wd) = (0.05f64, 0.01f64);
+        let expected = |w0: f32, g: f32| {
+            let (mut w, mut m, mut v) = (w0 as f64, 0f64, 0f64);
+            for t in 1..=2 {
+                m = 0.9 * m + 0.1 * g as f64;
+                v = 0.999 * v + 0.001 * (g as f64).powi(2);
+                let update = (m / (1.0 - 0.9f64.powi(t))) / ((v / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
+                w = w * (1.0 - lr * wd) - lr * update;
+            }
+            w
+        };
+        let before: Vec<f32> = [
+            a.as_tensor().to_vec1::<f32>()?,
+            b.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+        ]
+        .concat();
+        opt.step(&grads, lr)?;
+        opt.step(&grads, lr)?;
+        let after: Vec<f32> = [
+            a.as_tensor().to_vec1::<f32>()?,
+            b.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+        ]
+        .concat();
+        for (i, (w0, g)) in before.iter().zip(ga.iter().chain(&gb)).enumerate() {
+            assert!(
+                (after[i] as f64 - expected(*w0, *g)).abs() < 1e-5,
+                "element {i}: {} vs {}",
+                after[i],
+                expected(*w0, *g)
+            );
+        }
+        assert_eq!(opt.state()["b.exp_avg"].dims(), &[2, 2]);
+        let partial = BTreeMap::from([("a".to_string(), Tensor::new(&ga, &dev)?)]);
+        let err = opt.step(&partial, lr).expect_err("b has no gradient").to_string();
+        assert!(err.contains("no gradient reached b"), "{err}");
         Ok(())
     }
 
