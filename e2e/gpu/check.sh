@@ -15,7 +15,7 @@
 #
 # PARTS (default "correctness bench large serving") picks what runs; large is skipped on the CPU.
 # RUNS (default "lora:false qlora:false lora:true qlora:true") picks our training runs
-# (method:checkpointing).
+# (method:checkpointing); STEP_TIMES (default "lora qlora") the large runs timed by phase.
 # Binaries: .kubetune/gpu-bundle/*.xz (GPU_BUNDLE), else target/release. Output: $OUT, else
 # .kubetune/gpu-check. Each phase has its own time limit; the whole runs in about 6 minutes on
 # an H200. A phase that fails is reported and the rest still run.
@@ -120,7 +120,7 @@ fi
 if [[ "$device" != cpu ]] && want large; then
   train large large_shape 8 4 512
   # Where a step's time goes (each phase waits for the GPU), for the LoRA run of the large shape.
-  for tag in lora qlora; do
+  for tag in ${STEP_TIMES:-lora qlora}; do
     [[ -f "$work/large/$tag.yaml" ]] || continue
     log "step times, large $tag (KUBETUNE_STEP_TIMES=1)"
     sed "s|out-$tag|times-$tag|" "$work/large/$tag.yaml" >"$work/large/times-$tag.yaml"
