@@ -100,7 +100,7 @@ def main():
             if r:
                 print(f"{tag:16} {r['tok_s']:9.1f} {r[mem]:7} {r['tok_s_vs_peft'] or 0:13.2f}x {r['mem_vs_peft'] or 0:11.2f}x")
             else:
-                print(f"{tag:16} {'failed':>9}")
+                print(f"{tag:16} {'no result':>9}")  # failed, or not in RUNS
         print(f"QLoRA memory / LoRA memory: {t['qlora_mem_vs_lora']}")
     s = summary["serving"]
     if s:
