@@ -1,6 +1,7 @@
 //! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral and Qwen2 share.
 //! Unknown fields are ignored (HF configs carry many that do not affect the forward pass), but
-//! every field that changes the maths is either honoured or rejected, never silently dropped.
+//! every field that changes the maths is either honoured or rejected, never silently dropped:
+//! transformers 5's `rope_parameters` is read, and [`UNSUPPORTED_KEYS`] are refused by name.
 
 use crate::error::{ModelError, Result};
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,97 @@ fn one() -> f64 {
     1.0
 }
 
+/// transformers 5 writes RoPE's settings as one object, `rope_parameters: {rope_theta, rope_type,
+/// factor, ...}`, where older versions wrote a top-level `rope_theta` and a `rope_scaling`
+/// object. Reading only the old names silently ran such a model at theta 10000, and it answered
+/// garbage. The object's fields move to the old names here; one that both spell differently is
+/// an error, and so is an object per layer type (Gemma 3's), which this crate does not run.
+fn rope_parameters_to_fields(value: &mut serde_json::Value, path: &Path) -> Result<()> {
+    let bad = |field: &str, reason: String| ModelError::InvalidConfig {
+        path: path.into(),
+        field: field.into(),
+        reason,
+    };
+    let Some(obj) = value.as_object_mut() else {
+        return Ok(());
+    };
+    let Some(params) = obj.remove("rope_parameters") else {
+        return Ok(());
+    };
+    let serde_json::Value::Object(mut params) = params else {
+        return Err(bad("rope_parameters", "must be an object".into()));
+    };
+    if params.values().any(|v| v.is_object()) {
+        return Err(bad(
+            "rope_parameters",
+            "settings per layer type (e.g. full_attention / sliding_attention) are not supported".into(),
+        ));
+    }
+    let theta = params
+        .remove("rope_theta")
+        .ok_or_else(|| bad("rope_parameters.rope_theta", "missing".into()))?;
+    if !theta.is_number() {
+        return Err(bad("rope_parameters.rope_theta", format!("{theta} is not a number")));
+    }
+    if let Some(top) = obj.get("rope_theta").filter(|t| t.as_f64() != theta.as_f64()) {
+        return Err(bad(
+            "rope_theta",
+            format!("{top} disagrees with rope_parameters.rope_theta {theta}"),
+        ));
+    }
+    obj.insert("rope_theta".into(), theta);
+    let kind = params.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+    if kind == "default" {
+        params.remove("rope_type");
+        if let Some(key) = params.keys().next() {
+            return Err(bad(
+                &format!("rope_parameters.{key}"),
+                "is not a setting of default RoPE".into(),
+            ));
+        }
+        return Ok(());
+    }
+    if obj.get("rope_scaling").is_some_and(|s| !s.is_null()) {
+        return Err(bad(
+            "rope_scaling",
+            "given together with a scaled rope_parameters; keep one".into(),
+        ));
+    }
+    obj.insert("rope_scaling".into(), serde_json::Value::Object(params));
+    Ok(())
+}
+
+/// Keys that change the maths of families or variants this crate does not implement (Gemma's
+/// soft-capping and query scaling, partial rotary embeddings, q/k norms): refused by name when
+/// set, rather than ignored.
+const UNSUPPORTED_KEYS: &[&str] = &[
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "query_pre_attn_scalar",
+    "partial_rotary_factor",
+    "use_qk_norm",
+    "qk_layernorm",
+];
+
+fn refuse_unsupported_keys(value: &serde_json::Value, path: &Path) -> Result<()> {
+    for key in UNSUPPORTED_KEYS {
+        let set = match value.get(key) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+            // A rotary factor of 1 is the plain rotation this crate runs.
+            Some(v) if *key == "partial_rotary_factor" => v.as_f64() != Some(1.0),
+            Some(_) => true,
+        };
+        if set {
+            return Err(ModelError::InvalidConfig {
+                path: path.into(),
+                field: (*key).into(),
+                reason: format!("{} is not supported", value[key]),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The architectures whose weight layout and maths this crate implements.
 const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
 
@@ -103,10 +195,19 @@ impl Config {
     /// Reads and validates config.json.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(ModelError::io(path))?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        Self::from_json(&text, path)
+    }
+
+    /// Parses and validates the text of a config.json; `path` only labels errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let json = |source| ModelError::Json {
             path: path.into(),
             source,
-        })?;
+        };
+        let mut value: serde_json::Value = serde_json::from_str(text).map_err(json)?;
+        rope_parameters_to_fields(&mut value, path)?;
+        refuse_unsupported_keys(&value, path)?;
+        let config: Config = serde_json::from_value(value).map_err(json)?;
         config.validate(path)?;
         Ok(config)
     }
@@ -233,12 +334,67 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<Config> {
-        let c: Config = serde_json::from_str(json).map_err(|source| ModelError::Json {
-            path: "t".into(),
-            source,
-        })?;
-        c.validate(Path::new("config.json"))?;
-        Ok(c)
+        Config::from_json(json, Path::new("config.json"))
+    }
+
+    /// SmolLM2's config as transformers 5 writes it: theta 1e5 inside rope_parameters.
+    #[test]
+    fn rope_parameters_of_transformers_5_set_theta_and_scaling() {
+        let base = r#""model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+        let c = parse(&format!(
+            r#"{{{base},"rope_parameters":{{"rope_theta":100000.0,"rope_type":"default"}}}}"#
+        ))
+        .expect("default rope_parameters");
+        assert_eq!(c.rope_theta, 100000.0);
+        assert_eq!(c.rope_scaling, None);
+        let c = parse(&format!(
+            r#"{{{base},"rope_parameters":{{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}}}"#
+        ))
+        .expect("llama3 rope_parameters");
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling.as_ref().map(|s| (s.rope_type.as_str(), s.factor)),
+            Some(("llama3", 8.0))
+        );
+    }
+
+    #[test]
+    fn rope_parameters_that_conflict_or_cannot_be_run_are_errors_naming_the_field() {
+        let base = r#""model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+        let cases = [
+            (
+                r#""rope_theta":10000.0,"rope_parameters":{"rope_theta":100000.0}"#,
+                "field `rope_theta`",
+            ),
+            (
+                r#""rope_parameters":{"rope_type":"default"}"#,
+                "field `rope_parameters.rope_theta`",
+            ),
+            (
+                r#""rope_parameters":{"rope_theta":1e4,"rope_type":"yarn","factor":4.0}"#,
+                "field `rope_scaling.rope_type`",
+            ),
+            (
+                r#""rope_parameters":{"rope_theta":1e4,"factor":4.0}"#,
+                "field `rope_parameters.factor`",
+            ),
+            (
+                r#""rope_parameters":{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
+                "field `rope_parameters`",
+            ),
+            (r#""final_logit_softcapping":30.0"#, "field `final_logit_softcapping`"),
+            (r#""partial_rotary_factor":0.5"#, "field `partial_rotary_factor`"),
+        ];
+        for (extra, expected) in cases {
+            let json = format!("{{{base},{extra}}}");
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(err.contains("config.json") && err.contains(expected), "{json}: {err}");
+        }
+        parse(&format!(
+            r#"{{{base},"partial_rotary_factor":1.0,"final_logit_softcapping":null}}"#
+        ))
+        .expect("a factor of 1 and a null soft-cap are the plain model");
     }
 
     #[test]
