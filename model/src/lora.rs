@@ -291,14 +291,40 @@ impl ActiveAdapter<'_> {
         // adapter's own dtype (f32), and the delta leaves in the base's.
         let base_dtype = x.dtype();
         let x = x.to_dtype(pair.a.dtype())?;
-        let x = match self.dropout_mask(layer, module, rows, cols) {
-            Some(mask) => x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+        let x = match self.dropout_mask_on(layer, module, rows, cols, x.device())? {
+            Some(mask) => x.mul(&mask.to_dtype(x.dtype())?)?,
             None => x,
         };
         // Scaling the rank-r intermediate rather than the (rows, out) delta is the same product
         // with an element-wise pass over r columns instead of out, forward and backward.
         let low = (x.matmul(&pair.a.t()?)? * self.adapter.config.scale())?;
         Ok(Some(low.matmul(&pair.b.t()?)?.to_dtype(base_dtype)?))
+    }
+
+    /// [`ActiveAdapter::dropout_mask`] as a tensor on `device`. On the CPU it is that mask. On a
+    /// GPU it is drawn there: a host stream of rows x cols draws and its upload, for every
+    /// projection of every micro-batch, would cost more than the step. The device's generator
+    /// is seeded from the seed, the layer and the module, and draws the whole batch's rows up to
+    /// these, so a part recomputed under checkpointing gets the rows the whole batch got.
+    pub(crate) fn dropout_mask_on(
+        &self,
+        layer: usize,
+        module: TargetModule,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        if device.is_cpu() {
+            let mask = self.dropout_mask(layer, module, rows, cols);
+            return Ok(mask.map(|m| Tensor::from_vec(m, (rows, cols), device)).transpose()?);
+        }
+        let p = self.adapter.config.dropout;
+        let Some(seed) = self.dropout_seed.filter(|_| p > 0.0) else {
+            return Ok(None);
+        };
+        device.set_seed(mix(mix(seed, layer as u64), module.index()))?;
+        let uniform = Tensor::rand(0f32, 1f32, (self.first_row + rows, cols), device)?;
+        Ok(Some(inverted_dropout(&uniform.narrow(0, self.first_row, rows)?, p)?))
     }
 
     /// The inverted-dropout mask of the input of `module` in `layer`, (rows, cols) values of
@@ -326,6 +352,11 @@ impl ActiveAdapter<'_> {
     }
 }
 
+/// Inverted dropout from uniform draws in [0, 1): 0 where a draw is below `p`, else 1/(1-p).
+fn inverted_dropout(uniform: &Tensor, p: f64) -> Result<Tensor> {
+    Ok((uniform.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p)))?)
+}
+
 /// SplitMix64 step combining two values into a well-spread seed.
 pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b
@@ -334,4 +365,47 @@ pub fn mix(a: u64, b: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU's mask from uniform draws: exactly the draws below p are dropped, the rest
+    /// scaled by 1/(1-p). (The draws themselves are the device generator's.)
+    #[test]
+    fn inverted_dropout_drops_the_draws_below_p_and_scales_the_rest() -> Result<()> {
+        let uniform = (Tensor::arange(0u32, 1000, &Device::Cpu)?.to_dtype(DType::F32)? / 1000.0)?;
+        let mask = inverted_dropout(&uniform, 0.3)?.to_vec1::<f32>()?;
+        assert!(mask[..300].iter().all(|&m| m == 0.0));
+        assert!(mask[300..].iter().all(|&m| (m - 1.0 / 0.7).abs() < 1e-6));
+        Ok(())
+    }
+
+    #[test]
+    fn the_cpu_mask_is_the_host_stream_and_none_without_a_seed() -> Result<()> {
+        let config = crate::tiny::TinySpec::default().config();
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.25,
+            target_modules: vec![TargetModule::QProj],
+        };
+        let (adapter, _) = LoraAdapter::init_trainable(&config, lora, 1, &Device::Cpu)?;
+        let mut active = ActiveAdapter {
+            adapter: &adapter,
+            dropout_seed: Some(9),
+            first_row: 3,
+        };
+        let on = active
+            .dropout_mask_on(1, TargetModule::QProj, 4, 8, &Device::Cpu)?
+            .expect("a mask");
+        let host = active.dropout_mask(1, TargetModule::QProj, 4, 8).expect("a host mask");
+        assert_eq!(on.flatten_all()?.to_vec1::<f32>()?, host);
+        active.dropout_seed = None;
+        assert!(active
+            .dropout_mask_on(1, TargetModule::QProj, 4, 8, &Device::Cpu)?
+            .is_none());
+        Ok(())
+    }
 }
