@@ -254,7 +254,7 @@ fn two_replicas_without_leader_election_are_refused() -> Result<()> {
 }
 
 /// Every `kubetune_*` metric the dashboard and the alerts use is one that kubetune exports (or,
-/// for the ModelDeployment controller and the server, one that README's metrics contract names).
+/// for the ModelDeployment controller and the server, one that docs/alerts.md's metrics contract names).
 const KNOWN_METRICS: &[&str] = &[
     "kubetune_train_loss",
     "kubetune_eval_loss",
