@@ -34,6 +34,7 @@ mod layer_grad;
 pub mod linear;
 pub mod load;
 pub mod lora;
+mod lora_linear;
 pub mod malloc;
 mod mapped;
 mod matrix;

@@ -90,11 +90,18 @@ impl Projection {
     pub fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
         let (b, t, fan_in) = x.dims3()?;
         let x2 = x.reshape((b * t, fan_in))?;
-        let mut y = frozen_matmul(&x2, &self.weight)?;
+        // In a training graph without dropout, the projection and its pair are one op.
+        let fused = adapter
+            .and_then(|a| a.undropped_pair(self.layer, self.module))
+            .filter(|(pair, _)| x2.track_op() || pair.a.track_op() || pair.b.track_op());
+        let mut y = match fused {
+            Some((pair, scale)) => crate::lora_linear::lora_linear(&x2, &self.weight, &pair.a, &pair.b, scale)?,
+            None => frozen_matmul(&x2, &self.weight)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let Some(adapter) = adapter {
+        if let (Some(adapter), None) = (adapter, fused) {
             if let Some(delta) = adapter.delta(self.layer, self.module, &x2)? {
                 y = (y + delta)?;
             }

@@ -301,6 +301,14 @@ impl ActiveAdapter<'_> {
         Ok(Some(low.matmul(&pair.b.t()?)?.to_dtype(base_dtype)?))
     }
 
+    /// The pair of `module` in `layer` and its scale, when this forward applies no dropout to
+    /// it: the case [`crate::lora_linear`] computes as one op.
+    pub(crate) fn undropped_pair(&self, layer: usize, module: TargetModule) -> Option<(&LoraPair, f64)> {
+        let dropped = self.dropout_seed.is_some() && self.adapter.config.dropout > 0.0;
+        let pair = self.adapter.get(layer, module).filter(|_| !dropped)?;
+        Some((pair, self.adapter.config.scale()))
+    }
+
     /// [`ActiveAdapter::dropout_mask`] as a tensor on `device`. On the CPU it is that mask. On a
     /// GPU it is drawn there: a host stream of rows x cols draws and its upload, for every
     /// projection of every micro-batch, would cost more than the step. The device's generator
