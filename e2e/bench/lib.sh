@@ -3,6 +3,8 @@
 # issues 3 and 5: hidden 512, 8 layers, 8 heads / 4 KV heads, intermediate 1408, vocab 8192.
 # Everything they write goes under .kubetune/bench/ (ignored by Git).
 # shellcheck shell=bash
+# The variables set here (bench_python, ...) are read by the scripts that source this file.
+# shellcheck disable=SC2034
 
 bench_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bench_work="${BENCH_DIR:-$bench_root/.kubetune/bench}"

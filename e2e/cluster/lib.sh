@@ -1,5 +1,7 @@
 # Shared paths and helpers of the local-cluster scripts. Sourced, not run.
 # shellcheck shell=bash
+# The variables set here are read by the scripts that source this file.
+# shellcheck disable=SC2034
 cluster_scripts="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "$cluster_scripts/../.." && pwd)"
 # shellcheck source=versions.env

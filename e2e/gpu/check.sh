@@ -74,7 +74,10 @@ if want correctness; then
 fi
 
 # --- training -------------------------------------------------------------------------------
+# Both are read through `train`'s nameref.
+# shellcheck disable=SC2034
 bench_shape=(--vocab-size 8192 --hidden-size 512 --intermediate-size 1408 --layers 8 --heads 8 --kv-heads 4)
+# shellcheck disable=SC2034
 large_shape=(--vocab-size 16384 --hidden-size 2048 --intermediate-size 5632 --layers 16 --heads 16 --kv-heads 8)
 train_bench="$root/trainer/bench/bench.py"
 
@@ -140,7 +143,10 @@ model="$work/bench/model"
 port=${PORT:-18133}
 export CONCURRENCY="1 16"
 log "kubetune-server on $device"
-[[ "$device" == cpu ]] || export GPU_BASELINE_MIB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0)
+if [[ "$device" != cpu ]]; then
+  GPU_BASELINE_MIB=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0)
+  export GPU_BASELINE_MIB
+fi
 "$bins/kubetune-server" --model "$model" --served-model-name bench --listen "127.0.0.1:$port" --max-batch 16 \
   --max-queue 64 >"$out/server.log" 2>&1 &
 server=$!

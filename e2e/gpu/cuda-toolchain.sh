@@ -23,7 +23,7 @@ if [ ! -f "$stamp" ]; then
   rm -rf "$root" && mkdir -p "$root"
   python3 -m pip install -q --no-deps --no-compile --disable-pip-version-check --target "$root/site" "${wheels[@]}" >&2
   for lib in cudart cublas cublasLt curand nvrtc; do
-    versioned=$(cd "$cu/lib" && ls "lib$lib.so."* | sort | head -n1)
+    versioned=$(cd "$cu/lib" && printf '%s\n' "lib$lib.so."* | sort | head -n1)
     ln -sf "$versioned" "$cu/lib/lib$lib.so"
   done
   [ -d "$cu/lib64" ] || ln -s lib "$cu/lib64"
