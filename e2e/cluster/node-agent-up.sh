@@ -7,14 +7,23 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 target="${CARGO_TARGET_DIR:-$repo_root/target}"
 (cd "$repo_root" && cargo build -q -p kubetune-node-agent)
+# The Nodes' GPUs are fake and the binaries are CPU builds: the operator tells a pod that
+# requests a GPU to open CUDA (KUBETUNE_DEVICE=cuda), which a CPU build refuses. The stand-ins
+# for the trainer and server images therefore run on the CPU whatever device the pod is told.
+on_cpu="$cluster_dir/on-cpu"
+mkdir -p "$on_cpu"
+for name in kubetune-trainer kubetune-server; do
+  printf '#!/bin/sh\nexport KUBETUNE_DEVICE=cpu\nexec '"'"'%s'"'"' "$@"\n' "$target/debug/$name" >"$on_cpu/$name"
+  chmod +x "$on_cpu/$name"
+done
 cat >"$cluster_dir/node-agent.yaml" <<YAML
 # Image (tag ignored) -> local binary that stands in for the image's entrypoint. Only the short
 # kubetune/* names map: a chart installed with its default ghcr.io images (as the chart tests do)
 # stays unstarted, so only an install that asks for these names runs a live operator.
 images:
   kubetune/operator: $target/debug/kubetune-operator
-  kubetune/trainer: $target/debug/kubetune-trainer
-  kubetune/server: $target/debug/kubetune-server
+  kubetune/trainer: $on_cpu/kubetune-trainer
+  kubetune/server: $on_cpu/kubetune-server
 YAML
 if ! daemon_running node-agent; then
   start_daemon node-agent "$target/debug/kubetune-node-agent" \

@@ -1,5 +1,5 @@
 //! Pod-spec pieces every kubetune workload shares: placement from the spec, the restricted
-//! security contexts, and the default of one GPU.
+//! security contexts, the default of one GPU, and the device the pod's binary opens.
 
 use crate::error::{Error, Result};
 use kubetune_crds::PodPlacement;
@@ -37,6 +37,48 @@ pub fn resources_or_one_gpu(p: &PodPlacement, gpu_resource: &str) -> Result<Valu
     }
 }
 
+/// Environment variable the trainer and the server read their `--device` from.
+pub const DEVICE_ENV: &str = "KUBETUNE_DEVICE";
+
+/// GPUs one pod can use: the trainer and the server open a single device.
+pub const MAX_GPUS_PER_POD: u64 = 1;
+
+/// GPUs the pod will request: the spec's limit (or request) of the GPU resource; one GPU when
+/// the spec sets no resources at all; none when it sets resources without a GPU (CPU work).
+/// Err names the field when the count is not a whole number, or more than one GPU: the binaries
+/// open one device, so a second GPU would be held and never used.
+pub fn requested_gpus(p: &PodPlacement, gpu_resource: &str) -> std::result::Result<u64, String> {
+    let Some(resources) = p.resources.as_ref() else {
+        return Ok(1);
+    };
+    let mut gpus = None;
+    for (kind, map) in [("limits", &resources.limits), ("requests", &resources.requests)] {
+        let Some(quantity) = map.as_ref().and_then(|m| m.get(gpu_resource)) else {
+            continue;
+        };
+        let field = format!("spec.resources.{kind}[\"{gpu_resource}\"]");
+        let count = quantity
+            .0
+            .parse::<u64>()
+            .map_err(|_| format!("{field}: {:?} is not a whole number of GPUs", quantity.0))?;
+        if count > MAX_GPUS_PER_POD {
+            return Err(format!(
+                "{field}: {count} GPUs requested, but one GPU per pod is supported: the trainer and the server open a single device (multi-GPU is not implemented); request 1"
+            ));
+        }
+        // Limits first: for an extended resource the request defaults to the limit.
+        gpus.get_or_insert(count);
+    }
+    Ok(gpus.unwrap_or(0))
+}
+
+/// The `KUBETUNE_DEVICE` entry for a pod with `gpus` GPUs. Always set, never left to `auto`: a
+/// pod holding a GPU must use it or fail saying why (a CPU-only binary refuses `cuda`), and a
+/// pod without one must not try a GPU it does not hold.
+pub fn device_env(gpus: u64) -> Value {
+    json!({"name": DEVICE_ENV, "value": if gpus == 0 { "cpu" } else { "cuda" }})
+}
+
 /// Non-root, no privilege escalation, read-only root filesystem, every capability dropped.
 pub fn restricted_container_security() -> Value {
     json!({
@@ -50,4 +92,86 @@ pub fn restricted_container_security() -> Value {
 /// Pod-level counterpart of [`restricted_container_security`].
 pub fn restricted_pod_security() -> Value {
     json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
+
+    const GPU: &str = "nvidia.com/gpu";
+
+    fn placement(limits: &[(&str, &str)], requests: &[(&str, &str)]) -> PodPlacement {
+        let map = |pairs: &[(&str, &str)]| {
+            (!pairs.is_empty()).then(|| {
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                    .collect::<BTreeMap<_, _>>()
+            })
+        };
+        PodPlacement {
+            resources: Some(ResourceRequirements {
+                limits: map(limits),
+                requests: map(requests),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_resources_means_one_gpu_and_resources_without_one_mean_none() {
+        assert_eq!(requested_gpus(&PodPlacement::default(), GPU), Ok(1));
+        assert_eq!(
+            requested_gpus(&placement(&[("memory", "4Gi")], &[("cpu", "2")]), GPU),
+            Ok(0)
+        );
+        assert_eq!(requested_gpus(&placement(&[(GPU, "0")], &[]), GPU), Ok(0));
+    }
+
+    #[test]
+    fn a_gpu_is_counted_from_limits_or_from_requests() {
+        assert_eq!(requested_gpus(&placement(&[(GPU, "1")], &[]), GPU), Ok(1));
+        assert_eq!(requested_gpus(&placement(&[], &[(GPU, "1")]), GPU), Ok(1));
+    }
+
+    #[test]
+    fn more_than_one_gpu_is_refused_in_limits_or_requests_naming_the_field() {
+        let err = requested_gpus(&placement(&[(GPU, "1")], &[(GPU, "2")]), GPU).expect_err("two GPUs");
+        assert!(
+            err.starts_with(r#"spec.resources.requests["nvidia.com/gpu"]: 2 GPUs requested"#),
+            "{err}"
+        );
+        assert!(err.contains("one GPU per pod is supported"), "{err}");
+        let err = requested_gpus(&placement(&[(GPU, "8")], &[]), GPU).expect_err("eight GPUs");
+        assert!(
+            err.starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 8 GPUs"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_gpu_count_that_is_not_a_whole_number_is_refused_naming_the_field() {
+        let err = requested_gpus(&placement(&[(GPU, "500m")], &[]), GPU).expect_err("half a GPU");
+        assert_eq!(
+            err,
+            r#"spec.resources.limits["nvidia.com/gpu"]: "500m" is not a whole number of GPUs"#
+        );
+    }
+
+    #[test]
+    fn the_configured_gpu_resource_is_the_one_counted() {
+        let p = placement(&[("amd.com/gpu", "2"), (GPU, "1")], &[]);
+        assert!(requested_gpus(&p, "amd.com/gpu").is_err());
+        assert_eq!(requested_gpus(&p, GPU), Ok(1));
+    }
+
+    #[test]
+    fn the_device_is_cuda_with_a_gpu_and_the_cpu_without() {
+        assert_eq!(device_env(1), json!({"name": "KUBETUNE_DEVICE", "value": "cuda"}));
+        assert_eq!(device_env(0), json!({"name": "KUBETUNE_DEVICE", "value": "cpu"}));
+    }
 }

@@ -1,16 +1,17 @@
-//! The FineTuneJob reconcile sequence against a mocked API server (tower-test): which calls it
-//! makes, in which order, and what it sends.
+//! The FineTuneJob and ModelDeployment reconcile sequences against a mocked API server
+//! (tower-test): which calls they make, in which order, and what they send.
 
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
-use kubetune_crds::FineTuneJob;
+use kubetune_crds::{FineTuneJob, ModelDeployment};
 use kubetune_operator::config::OperatorConfig;
 use kubetune_operator::context::{Backoff, Context};
 use kubetune_operator::finetunejob::{progress::MetricsReader, reconcile};
 use kubetune_operator::metrics::Metrics;
+use kubetune_operator::modeldeployment;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +137,14 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
             job["spec"]["template"]["spec"]["containers"][0]["image"],
             "kubetune/trainer:test"
         );
+        let env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            env.contains(&json!({"name": "KUBETUNE_DEVICE", "value": "cuda"})),
+            "no resources: one GPU, and the trainer is told to use it: {env:?}"
+        );
         expect(
             &mut api,
             Method::GET,
@@ -246,4 +255,136 @@ async fn missing_storage_secret_fails_without_creating_anything_and_waits_for_a_
         .await
         .expect("mock finished")
         .expect("mock passed");
+}
+
+/// The Ready condition a status patch sends.
+fn ready_condition(status_patch: &Value) -> Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
+        .expect("Ready condition")
+}
+
+#[tokio::test]
+async fn a_job_asking_for_two_gpus_fails_naming_the_field_and_creates_no_job() {
+    let (ctx, mut api) = context();
+    let ftj = Arc::new(finetunejob(json!({"resources": {"limits": {"nvidia.com/gpu": "2"}}})));
+    let server = tokio::spawn(async move {
+        expect(
+            &mut api,
+            Method::GET,
+            "/api/v1/nodes",
+            200,
+            json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": []}),
+        )
+        .await;
+        expect(
+            &mut api,
+            Method::GET,
+            "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+            404,
+            not_found(),
+        )
+        .await;
+        expect(
+            &mut api,
+            Method::GET,
+            "/api/v1/namespaces/team-a/pods",
+            200,
+            empty_list("PodList"),
+        )
+        .await;
+        let status = expect(
+            &mut api,
+            Method::PATCH,
+            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+            200,
+            stored(),
+        )
+        .await;
+        assert_eq!(status["status"]["phase"], "Failed");
+        let ready = ready_condition(&status);
+        assert_eq!(ready["reason"], "InvalidSpec");
+        let message = ready["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs"#),
+            "{message}"
+        );
+        assert!(message.contains("one GPU per pod is supported"), "{message}");
+        expect(
+            &mut api,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team-a/events",
+            200,
+            Value::Null,
+        )
+        .await;
+    });
+    let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
+    assert_eq!(action, Action::await_change());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("mock finished")
+        .expect("mock passed");
+}
+
+#[tokio::test]
+async fn a_model_deployment_asking_for_two_gpus_is_refused_in_its_status_and_applies_nothing() {
+    let (ctx, mut api) = context();
+    let md: ModelDeployment = serde_json::from_value(json!({
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "support", "namespace": "team-a", "uid": "3333-4444", "generation": 1},
+        "spec": {
+            "baseModel": {"uri": "s3://kubetune/models/tiny-llama"},
+            "resources": {"limits": {"nvidia.com/gpu": "2"}},
+        },
+    }))
+    .expect("valid ModelDeployment");
+    let stored_md = serde_json::to_value(&md).expect("json");
+    let server = tokio::spawn(async move {
+        // The first request is the status: no ConfigMap read, no Deployment applied.
+        let status = expect(
+            &mut api,
+            Method::PATCH,
+            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/modeldeployments/support/status",
+            200,
+            stored_md,
+        )
+        .await;
+        assert_eq!(status["status"]["phase"], "Failed");
+        let ready = ready_condition(&status);
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("False"), Some("InvalidSpec"))
+        );
+        let message = ready["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs"#),
+            "{message}"
+        );
+        let event = expect(
+            &mut api,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team-a/events",
+            200,
+            Value::Null,
+        )
+        .await;
+        assert_eq!(event["type"], "Warning");
+        api
+    });
+    let action = modeldeployment::reconcile(Arc::new(md), ctx)
+        .await
+        .expect("reconcile succeeds");
+    assert_eq!(action, Action::await_change(), "a refused spec waits for a change");
+    let mut api = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("mock finished")
+        .expect("mock passed");
+    let extra = tokio::time::timeout(Duration::from_millis(50), api.next_request()).await;
+    assert!(
+        matches!(extra, Err(_) | Ok(None)),
+        "unexpected extra request: {:?}",
+        extra.ok().flatten().map(|(r, _)| r.uri().clone())
+    );
 }

@@ -3,7 +3,9 @@
 use super::validate::ValidFineTuneJob;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
-use crate::workload::{apply_placement, resources_or_one_gpu, restricted_container_security, restricted_pod_security};
+use crate::workload::{
+    apply_placement, device_env, resources_or_one_gpu, restricted_container_security, restricted_pod_security,
+};
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
 use kubetune_crds::trainer_contract::{
@@ -84,19 +86,17 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
     })?;
     let labels = labels(ftj);
 
-    let mut env = vec![
+    let env = vec![
         json!({"name": TRAINER_JOB_ENV, "value": request}),
         json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
         json!({"name": "KUBETUNE_JOB_NAME", "value": format!("{}/{}", ftj.namespace().unwrap_or_default(), ftj.name_any())}),
+        device_env(valid.gpus),
     ];
     let env_from = spec
         .storage_secret_ref
         .as_ref()
         .map(|s| vec![json!({"secretRef": {"name": s.name}})])
         .unwrap_or_default();
-    if valid.gpus == 0 {
-        env.push(json!({"name": "KUBETUNE_DEVICE", "value": "cpu"}));
-    }
     let resources = resources_or_one_gpu(&spec.placement, &config.gpu_resource)?;
     let container = json!({
         "name": TRAINER_CONTAINER,
@@ -262,7 +262,7 @@ mod tests {
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("registry.example.com/kubetune/trainer:v1"));
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
-        assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("2"));
+        assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
         let env_from = c.env_from.as_ref().expect("envFrom");
         assert_eq!(
             env_from[0].secret_ref.as_ref().map(|s| s.name.clone()),
@@ -339,16 +339,28 @@ mod tests {
         assert_eq!(steps(&ftj), Some(7));
     }
 
+    fn device(job: &Job) -> Option<String> {
+        let c = &pod_spec(job).containers[0];
+        let mut set = c.env.iter().flatten().filter(|e| e.name == "KUBETUNE_DEVICE");
+        let device = set.next().and_then(|e| e.value.clone());
+        assert!(set.next().is_none(), "KUBETUNE_DEVICE is set once");
+        device
+    }
+
     #[test]
-    fn cpu_jobs_request_no_gpu() {
+    fn cpu_jobs_request_no_gpu_and_train_on_the_cpu() {
         let (_, job) = built("cpu.yaml");
         let c = &pod_spec(&job).containers[0];
         let r = c.resources.as_ref().expect("resources");
         assert!(r.limits.as_ref().is_none_or(|l| !l.contains_key("nvidia.com/gpu")));
-        assert!(c
-            .env
-            .iter()
-            .flatten()
-            .any(|e| e.name == "KUBETUNE_DEVICE" && e.value.as_deref() == Some("cpu")));
+        assert_eq!(device(&job).as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn gpu_jobs_train_on_cuda_whether_the_gpu_is_the_default_or_asked_for() {
+        for fixture in ["minimal.yaml", "full.yaml"] {
+            let (_, job) = built(fixture);
+            assert_eq!(device(&job).as_deref(), Some("cuda"), "{fixture}");
+        }
     }
 }

@@ -159,7 +159,7 @@ fn phase_of(
                     "OutOfMemory".into(),
                     "the trainer was killed for using too much memory".into(),
                 ),
-                _ => (Failed, failed.0, failed.1),
+                _ => (Failed, failed.0, with_last_words(failed.1, o.pod)),
             };
         }
         if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
@@ -189,6 +189,22 @@ fn job_failure(job: &Job) -> Option<(String, String)> {
         c.reason.clone().unwrap_or_else(|| "JobFailed".into()),
         c.message.clone().unwrap_or_default(),
     ))
+}
+
+/// The Job's failure message followed by the last line of the trainer's termination message,
+/// when that is no outcome: a trainer that failed before it could write one leaves its log's
+/// tail there (FallbackToLogsOnError), and its last line is what the user needs to read.
+fn with_last_words(message: String, pod: Option<&Pod>) -> String {
+    let last = pod.and_then(|p| {
+        terminated_states(p)
+            .filter_map(|t| t.message.as_deref())
+            .find_map(|m| m.lines().map(str::trim).rfind(|l| !l.is_empty()))
+    });
+    match last {
+        Some(last) if message.is_empty() => last.to_string(),
+        Some(last) => format!("{message}: {last}"),
+        None => message,
+    }
 }
 
 fn pod_running(pod: &Pod) -> bool {
@@ -396,6 +412,62 @@ mod tests {
         );
         assert!(failed.message.contains("line 7"));
         assert!(t.is_some_and(|t| t.warning));
+    }
+
+    #[test]
+    fn a_trainer_built_without_cuda_fails_the_job_saying_so() {
+        let ftj = finetunejob("minimal.yaml");
+        // The trainer exits 2 (bad input), which the Job's pod failure policy fails at once.
+        let j = job(json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]));
+        let said = "--device cuda: this kubetune-trainer was built without CUDA support (build with --features cuda)";
+        let message = json!({"result": "failed", "reason": "InvalidSpec", "message": said}).to_string();
+        let p = pod(
+            "Failed",
+            Some(json!({"exitCode": 2, "reason": "Error", "message": message})),
+        );
+        let (s, t) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(5),
+        });
+        assert_eq!(s.phase, Some(FineTuneJobPhase::Failed));
+        let failed = cond(&s, FAILED);
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str(), failed.message.as_str()),
+            ("True", "InvalidSpec", said)
+        );
+        assert_eq!(cond(&s, READY).message, said);
+        assert!(t.is_some_and(|t| t.warning && t.message == said));
+    }
+
+    #[test]
+    fn a_trainer_that_wrote_no_outcome_leaves_its_last_log_line_in_the_condition() {
+        let ftj = finetunejob("minimal.yaml");
+        let j = job(
+            json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "Container trainer for pod team-a/x-abc failed with exit code 2 matching FailJob rule at index 0"}]),
+        );
+        let tail = "INFO starting\nERROR --device cuda: this kubetune-trainer was built without CUDA support\n\n";
+        let p = pod(
+            "Failed",
+            Some(json!({"exitCode": 2, "reason": "Error", "message": tail})),
+        );
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(5),
+        });
+        let failed = cond(&s, FAILED);
+        assert_eq!(failed.reason, "PodFailurePolicy");
+        assert_eq!(
+            failed.message,
+            "Container trainer for pod team-a/x-abc failed with exit code 2 matching FailJob rule at index 0: ERROR --device cuda: this kubetune-trainer was built without CUDA support"
+        );
     }
 
     #[test]

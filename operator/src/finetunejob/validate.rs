@@ -2,6 +2,7 @@
 //! registry known, and the model fitting the GPUs it asks for.
 
 use crate::config::OperatorConfig;
+use crate::workload::requested_gpus;
 use kubetune_crds::trainer_contract::{TrainerDataset, TrainerLora, TrainerQuantization, TrainerTraining};
 use kubetune_crds::{FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule};
 
@@ -45,7 +46,7 @@ pub struct ValidFineTuneJob {
     pub registry: String,
     pub image: String,
     pub backoff_limit: i32,
-    /// GPUs the trainer pod asks for.
+    /// GPUs the trainer pod asks for: 0 (CPU training) or 1, as validation refuses more.
     pub gpus: u64,
 }
 
@@ -72,6 +73,10 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             message: format!("spec.output.registry: {registry} is on the Hugging Face hub, which kubetune only reads; use s3, gs, az, file or pvc"),
         });
     }
+    let gpus = requested_gpus(&spec.placement, &config.gpu_resource).map_err(|message| Invalid {
+        reason: "InvalidSpec",
+        message,
+    })?;
     let training = &spec.training;
     let valid = ValidFineTuneJob {
         method: spec.method,
@@ -115,29 +120,15 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         registry,
         image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),
         backoff_limit: spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
-        gpus: requested_gpus(spec, &config.gpu_resource),
+        gpus,
     };
     check_gpu_memory(&valid, facts)?;
     Ok(valid)
 }
 
-/// GPUs the pod will request: the spec's limit (or request) of the GPU resource; one GPU when
-/// the spec sets no resources at all; none when it sets resources without a GPU (CPU training).
-pub fn requested_gpus(spec: &FineTuneJobSpec, gpu_resource: &str) -> u64 {
-    let Some(resources) = spec.placement.resources.as_ref() else {
-        return 1;
-    };
-    [resources.limits.as_ref(), resources.requests.as_ref()]
-        .into_iter()
-        .flatten()
-        .find_map(|m| m.get(gpu_resource))
-        .and_then(|q| q.0.parse::<u64>().ok())
-        .unwrap_or(0)
-}
-
-/// Fails fast when the estimated training memory cannot fit the GPUs the job asks for, rather
-/// than letting the pod be scheduled and die of OOM. Only when both the node's GPU memory and
-/// the model's shape are known.
+/// Fails fast when the estimated training memory cannot fit the job's GPU, rather than letting
+/// the pod be scheduled and die of OOM. Only when both the node's GPU memory and the model's
+/// shape are known. One GPU's memory, whatever the node has: the trainer opens one device.
 fn check_gpu_memory(job: &ValidFineTuneJob, facts: &Facts) -> Result<(), Invalid> {
     let (Some(gpu_mib), Some(model)) = (facts.gpu_memory_mib, facts.model.as_ref()) else {
         return Ok(());
@@ -146,22 +137,27 @@ fn check_gpu_memory(job: &ValidFineTuneJob, facts: &Facts) -> Result<(), Invalid
         return Ok(());
     }
     let need = estimate_training_memory_mib(job, model);
-    let have = gpu_mib * job.gpus;
-    if need > have {
+    if need > gpu_mib {
         return Err(Invalid {
             reason: "InsufficientGPUMemory",
             message: format!(
-                "the model needs about {need} MiB to train with {:?} at batch {} x {} tokens, but {} GPU(s) of {gpu_mib} MiB give {have} MiB; use qlora, a smaller batch or maxSeqLength, or more GPUs",
-                job.method, job.training.batch_size, job.training.max_seq_length, job.gpus
+                "the model needs about {need} MiB to train with {:?} at batch {} x {} tokens, but its GPU has {gpu_mib} MiB; use qlora, gradientCheckpointing, a smaller batchSize or maxSeqLength, or a node with a larger GPU",
+                job.method, job.training.batch_size, job.training.max_seq_length
             ),
         });
     }
     Ok(())
 }
 
-/// A deliberately simple estimate of peak GPU memory, in MiB: frozen base weights (bf16, or
-/// 4-bit NF4 with its scales for QLoRA), adapter weights with their fp32 master copy, gradients
-/// and two AdamW moments, activations kept for the backward pass, and a fixed CUDA overhead.
+/// A deliberately simple estimate of peak GPU memory, in MiB, in the dtypes the trainer holds on
+/// a GPU:
+/// - frozen base weights: bf16 (2 bytes per parameter) for LoRA; for QLoRA NF4 codes (half a
+///   byte) plus one f32 absmax per block of 64, about 0.5625 bytes per parameter (the double
+///   quantization is undone at load), plus one projection expanded to bf16 for its matmul;
+/// - LoRA A and B, their gradients and AdamW's two moments, all f32: 16 bytes per trainable
+///   parameter;
+/// - activations kept for the backward pass in bf16, and the logits in f32 (the loss is f32);
+/// - a fixed CUDA overhead (context, cuBLAS workspace, allocator slack).
 pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u64 {
     let head_dim = m.hidden_size / m.num_attention_heads.max(1);
     let kv_dim = head_dim * m.num_key_value_heads;
@@ -171,8 +167,8 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
     let params = per_layer * m.num_hidden_layers + embeddings;
     let base_bytes = match job.method {
         FineTuneMethod::Lora => params * 2,
-        // 4 bits per weight plus one fp8 scale per 64 weights (double quantization).
-        FineTuneMethod::Qlora => params / 2 + params / 64,
+        // Packed codes, an f32 absmax per 64 weights, and the largest projection expanded.
+        FineTuneMethod::Qlora => params / 2 + params * 4 / 64 + h * i.max(h) * 2,
     };
     let adapter_params: u64 = job
         .lora
@@ -189,10 +185,11 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
         })
         .sum::<u64>()
         * m.num_hidden_layers;
-    let adapter_bytes = adapter_params * 16;
+    // Weight, gradient and two moments, each f32.
+    let adapter_bytes = adapter_params * 4 * 4;
     let tokens = u64::from(job.training.batch_size) * u64::from(job.training.max_seq_length);
     // About 34 bf16 values per token per hidden unit per layer survive to the backward pass
-    // without gradient checkpointing, plus the logits. With it, each layer keeps only its
+    // without gradient checkpointing, plus the f32 logits. With it, each layer keeps only its
     // input, one layer at a time is rebuilt, and the logits go in chunks of 256 rows.
     let activation_bytes = if job.training.gradient_checkpointing {
         tokens * h * m.num_hidden_layers * 2 + tokens * h * 34 * 2 + tokens.min(256) * m.vocab_size * 4
@@ -207,6 +204,7 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
 mod tests {
     use super::*;
     use crate::fixtures::finetunejob;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn llama_8b() -> ModelShape {
         ModelShape {
@@ -268,6 +266,68 @@ mod tests {
         let ftj = finetunejob("cpu.yaml");
         let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
         assert_eq!(valid.gpus, 0);
+    }
+
+    #[test]
+    fn two_gpus_are_refused_naming_the_field_and_saying_one_is_supported() {
+        let mut ftj = finetunejob("full.yaml");
+        let limits = ftj
+            .spec
+            .placement
+            .resources
+            .as_mut()
+            .and_then(|r| r.limits.as_mut())
+            .expect("full.yaml sets limits");
+        limits.insert("nvidia.com/gpu".into(), Quantity("2".into()));
+        let err = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect_err("two GPUs");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(
+            err.message
+                .starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs"#),
+            "{}",
+            err.message
+        );
+        assert!(err.message.contains("one GPU per pod is supported"), "{}", err.message);
+    }
+
+    #[test]
+    fn lora_holds_the_base_in_bf16_and_qlora_in_nf4_with_f32_absmax() {
+        let lora = validate(
+            &finetunejob("minimal.yaml").spec,
+            &OperatorConfig::for_tests(),
+            &Facts::default(),
+        )
+        .expect("valid");
+        let qlora = ValidFineTuneJob {
+            method: FineTuneMethod::Qlora,
+            ..lora.clone()
+        };
+        let m = llama_8b();
+        // 8,029,995,008 weights: 2 bytes each in bf16, 0.5625 in NF4; QLoRA also holds its largest
+        // projection (4096 x 14336) expanded to bf16. Everything else is the same for both.
+        let bf16_minus_nf4 = (8_029_995_008u64 * 2 - 8_029_995_008 * 9 / 16 - 4096 * 14336 * 2) >> 20;
+        let difference = estimate_training_memory_mib(&lora, &m) - estimate_training_memory_mib(&qlora, &m);
+        assert!(
+            difference.abs_diff(bf16_minus_nf4) <= 1,
+            "{difference} MiB vs {bf16_minus_nf4} MiB"
+        );
+    }
+
+    #[test]
+    fn every_trainable_parameter_costs_16_bytes_of_f32_weight_gradient_and_moments() {
+        let small = validate(
+            &finetunejob("minimal.yaml").spec,
+            &OperatorConfig::for_tests(),
+            &Facts::default(),
+        )
+        .expect("valid");
+        let mut large = small.clone();
+        large.lora.r *= 2;
+        let m = llama_8b();
+        // r=16 on q_proj (4096 -> 4096) and v_proj (4096 -> 1024) of 32 layers.
+        let added_params = 16 * ((4096 + 4096) + (4096 + 1024)) * 32u64;
+        let added = estimate_training_memory_mib(&large, &m) - estimate_training_memory_mib(&small, &m);
+        assert!(added.abs_diff((added_params * 16) >> 20) <= 1, "{added} MiB");
     }
 
     #[test]

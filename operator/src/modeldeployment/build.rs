@@ -5,9 +5,12 @@
 //! running pods through their admin API, so it must not roll the Deployment. The ConfigMap holds
 //! the versions a pod loads when it (re)starts, and it is updated once a rollout is promoted.
 
+use super::validate::ValidModelDeployment;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
-use crate::workload::{apply_placement, resources_or_one_gpu, restricted_container_security, restricted_pod_security};
+use crate::workload::{
+    apply_placement, device_env, resources_or_one_gpu, restricted_container_security, restricted_pod_security,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -57,9 +60,11 @@ pub fn endpoint(md: &ModelDeployment) -> String {
     )
 }
 
-/// Builds every child. `registry` is the resolved registry root; `serving` the adapters pods load at start.
+/// Builds every child of a validated spec. `registry` is the resolved registry root; `serving`
+/// the adapters pods load at start.
 pub fn build_children(
     md: &ModelDeployment,
+    valid: &ValidModelDeployment,
     config: &OperatorConfig,
     registry: &str,
     serving: &AdaptersFile,
@@ -119,7 +124,10 @@ pub fn build_children(
         "name": SERVER_CONTAINER,
         "image": server.image.clone().unwrap_or_else(|| config.server_image.clone()),
         "args": args,
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            device_env(valid.gpus),
+        ],
         "envFrom": env_from,
         "resources": resources,
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
@@ -191,6 +199,25 @@ mod tests {
     use crate::fixtures::modeldeployment;
     use kubetune_crds::server_contract::ServedAdapter;
 
+    fn valid(md: &ModelDeployment) -> ValidModelDeployment {
+        crate::modeldeployment::validate::validate(&md.spec, &OperatorConfig::for_tests()).expect("fixture is valid")
+    }
+
+    /// The device the server container is told to open.
+    fn device(md: &ModelDeployment) -> Option<String> {
+        let c = build_children(md, &valid(md), &OperatorConfig::for_tests(), "s3://r", &serving()).expect("builds");
+        let pod = c.deployment.spec.and_then(|s| s.template.spec).expect("pod");
+        let mut set = pod.containers[0]
+            .env
+            .clone()
+            .into_iter()
+            .flatten()
+            .filter(|e| e.name == "KUBETUNE_DEVICE");
+        let device = set.next().and_then(|e| e.value);
+        assert!(set.next().is_none(), "KUBETUNE_DEVICE is set once");
+        device
+    }
+
     fn serving() -> AdaptersFile {
         AdaptersFile {
             adapters: vec![ServedAdapter {
@@ -205,8 +232,14 @@ mod tests {
     #[test]
     fn adapter_versions_live_in_the_config_map_not_the_pod_template() {
         let md = modeldeployment("modeldeployment.yaml");
-        let c =
-            build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let c = build_children(
+            &md,
+            &valid(&md),
+            &OperatorConfig::for_tests(),
+            "s3://kubetune/registry",
+            &serving(),
+        )
+        .expect("builds");
         let data = c
             .config_map
             .data
@@ -217,7 +250,14 @@ mod tests {
         assert_eq!(file, serving());
 
         let other = AdaptersFile { adapters: vec![] };
-        let c2 = build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &other).expect("builds");
+        let c2 = build_children(
+            &md,
+            &valid(&md),
+            &OperatorConfig::for_tests(),
+            "s3://kubetune/registry",
+            &other,
+        )
+        .expect("builds");
         assert_eq!(
             c.deployment.spec, c2.deployment.spec,
             "a new adapter version must not roll the pods"
@@ -230,8 +270,14 @@ mod tests {
         let mut server = md.spec.server.clone().unwrap_or_default();
         server.quantize = Some(kubetune_crds::ServerQuantize::Int8);
         md.spec.server = Some(server);
-        let c =
-            build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let c = build_children(
+            &md,
+            &valid(&md),
+            &OperatorConfig::for_tests(),
+            "s3://kubetune/registry",
+            &serving(),
+        )
+        .expect("builds");
         let pod = c
             .deployment
             .spec
@@ -248,8 +294,14 @@ mod tests {
     #[test]
     fn server_pods_are_probed_and_locked_down() {
         let md = modeldeployment("modeldeployment.yaml");
-        let c =
-            build_children(&md, &OperatorConfig::for_tests(), "s3://kubetune/registry", &serving()).expect("builds");
+        let c = build_children(
+            &md,
+            &valid(&md),
+            &OperatorConfig::for_tests(),
+            "s3://kubetune/registry",
+            &serving(),
+        )
+        .expect("builds");
         let spec = c.deployment.spec.as_ref().expect("spec");
         assert_eq!(spec.replicas, Some(1));
         let pod = spec.template.spec.as_ref().expect("pod");
@@ -285,10 +337,27 @@ mod tests {
     }
 
     #[test]
+    fn gpu_servers_open_cuda_whether_the_gpu_is_the_default_or_asked_for() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        assert_eq!(device(&md).as_deref(), Some("cuda"), "no resources: one GPU");
+        md.spec.placement.resources =
+            Some(serde_json::from_value(json!({"limits": {"nvidia.com/gpu": "1"}})).expect("resources"));
+        assert_eq!(device(&md).as_deref(), Some("cuda"));
+    }
+
+    #[test]
+    fn cpu_servers_open_the_cpu() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.placement.resources =
+            Some(serde_json::from_value(json!({"requests": {"cpu": "4", "memory": "8Gi"}})).expect("resources"));
+        assert_eq!(device(&md).as_deref(), Some("cpu"));
+    }
+
+    #[test]
     fn pdb_when_asked() {
         let mut md = modeldeployment("modeldeployment.yaml");
         md.spec.pod_disruption_budget = Some(true);
-        let c = build_children(&md, &OperatorConfig::for_tests(), "s3://r", &serving()).expect("builds");
+        let c = build_children(&md, &valid(&md), &OperatorConfig::for_tests(), "s3://r", &serving()).expect("builds");
         assert!(c.pdb.is_some());
     }
 }

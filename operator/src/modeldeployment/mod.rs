@@ -1,11 +1,12 @@
-//! The ModelDeployment controller: resolve adapter versions → plan the rollout from what each
-//! pod serves → load versions through the pods' admin API → apply the workloads → status.
+//! The ModelDeployment controller: validate → resolve adapter versions → plan the rollout from
+//! what each pod serves → load versions through the pods' admin API → apply the workloads → status.
 
 pub mod build;
 pub mod counters;
 pub mod resolve;
 pub mod rollout;
 pub mod status;
+pub mod validate;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -41,6 +42,10 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
     // Backoff keys carry the kind: a FineTuneJob may share the name.
     let key = format!("modeldeployment/{ns}/{}", md.name_any());
+    let valid = match validate::validate(&md.spec, &ctx.config) {
+        Ok(valid) => valid,
+        Err(refused) => return refuse(&md, &ctx, &ns, &key, &refused).await,
+    };
 
     // Resolve every adapter; an unresolvable one keeps its promoted version serving.
     let registry_uri = md.spec.registry.clone().or_else(|| ctx.config.default_registry.clone());
@@ -93,7 +98,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
 
     let registry_arg = registry_uri.clone().unwrap_or_default();
-    let children = build_children(&md, &ctx.config, &registry_arg, &the_plan.promoted)?;
+    let children = build_children(&md, &valid, &ctx.config, &registry_arg, &the_plan.promoted)?;
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     apply(&ctx, &ns, &children.config_map, &params).await?;
     apply(&ctx, &ns, &children.deployment, &params).await?;
@@ -170,6 +175,34 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             (false, true) => 30,
         },
     )))
+}
+
+/// A spec the operator refuses changes nothing in the cluster: no adapter is loaded and no child
+/// is applied, so the pods of an earlier spec keep serving. Only the status (and an Event) says
+/// why, and nothing is retried until the spec changes.
+async fn refuse(md: &ModelDeployment, ctx: &Context, ns: &str, key: &str, refused: &Unresolved) -> Result<Action> {
+    let new_status = status::refused_status(md, refused, Time(k8s_openapi::jiff::Timestamp::now()));
+    if md.status.as_ref() != Some(&new_status) {
+        let patch =
+            serde_json::json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "status": new_status});
+        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), ns);
+        let params = PatchParams::apply(crate::FIELD_MANAGER).force();
+        api.patch_status(&md.name_any(), &params, &Patch::Apply(&patch)).await?;
+        let event = Event {
+            type_: EventType::Warning,
+            reason: refused.reason.into(),
+            note: Some(refused.message.clone()),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+            tracing::warn!(modeldeployment = %key, error = %e, "could not publish event");
+        }
+    }
+    ctx.metrics
+        .set_modeldeployment(ns, &md.name_any(), false, new_status.rollout.as_ref().map(|r| r.state));
+    ctx.backoff.succeeded(key);
+    Ok(Action::await_change())
 }
 
 /// The versions pods load at start, from the adapters ConfigMap (none before the first apply).

@@ -188,6 +188,25 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
     status
 }
 
+/// The status of a spec the operator refuses. Nothing was applied for it, so the pods of an
+/// earlier spec, if any, still serve: Degraded while the last observation saw ready replicas,
+/// else Failed. Ready is false and says why; the rest is as last observed.
+pub fn refused_status(md: &ModelDeployment, refused: &Unresolved, now: Time) -> ModelDeploymentStatus {
+    let mut status = md.status.clone().unwrap_or_default();
+    let generation = md.metadata.generation;
+    status.observed_generation = generation;
+    status.phase = Some(if status.ready_replicas.unwrap_or(0) > 0 {
+        ModelDeploymentPhase::Degraded
+    } else {
+        ModelDeploymentPhase::Failed
+    });
+    set_condition(
+        &mut status.conditions,
+        condition(READY, false, refused.reason, refused.message.clone(), generation, now),
+    );
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +322,38 @@ mod tests {
             &[],
         );
         assert_eq!(s.ready_replicas, Some(1), "a pod serving neither version is not ready");
+    }
+
+    #[test]
+    fn a_refused_spec_is_failed_with_the_refusal_as_ready_condition() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let refused = Unresolved {
+            reason: "InvalidSpec",
+            message: r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs requested, but one GPU per pod is supported"#
+                .into(),
+        };
+        let s = refused_status(&md, &refused, now());
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Failed));
+        assert_eq!(s.observed_generation, Some(1));
+        let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "InvalidSpec"));
+        assert_eq!(c.message, refused.message);
+    }
+
+    #[test]
+    fn a_refused_spec_whose_earlier_pods_still_serve_is_degraded() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.status = Some(derive(&md, &[adapter(1)], &[adapter(1)], &[pod("a", Some(1))], &[]));
+        md.metadata.generation = Some(2);
+        let refused = Unresolved {
+            reason: "InvalidSpec",
+            message: "two GPUs".into(),
+        };
+        let s = refused_status(&md, &refused, now());
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Degraded));
+        assert_eq!(s.observed_generation, Some(2));
+        assert_eq!(s.serving_display.as_deref(), Some("support-bot@v1"), "as last observed");
+        assert!(!ready(&s));
     }
 
     #[test]
