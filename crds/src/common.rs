@@ -39,6 +39,8 @@ pub struct SecretRef {
 #[serde(rename_all = "camelCase")]
 pub struct PodPlacement {
     /// CPU, memory and GPU (e.g. nvidia.com/gpu) requests and limits of the main container.
+    /// Unset: one GPU. At most one GPU: the trainer and the server open a single device, on
+    /// CUDA when the pod requests a GPU and on the CPU when it requests none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Node labels the pods must match.

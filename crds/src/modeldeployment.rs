@@ -114,8 +114,8 @@ pub struct ServerSpec {
     /// How the base weights are held: `none` (as the checkpoint has them, the default) or
     /// `int8` (int8 weights with one scale per output row; on CPUs with AVX-512 VNNI each
     /// product's inputs are rounded to int8 per row too; about three times f32's single-stream
-    /// decode speed on CPU). int8 is for CPU serving: give spec.placement.resources without a
-    /// GPU, or the server refuses to start.
+    /// decode speed on CPU). int8 is for CPU serving: give spec.resources without a GPU,
+    /// or the server refuses to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<ServerQuantize>,
 }
