@@ -8,9 +8,8 @@
 //! computes each block's probabilities again from the saved log-sum-exp of its rows, as
 //! FlashAttention does; the graph keeps only q, k, v, the output and that log-sum-exp.
 
-use crate::custom_grad::copy_of;
 use crate::error::Result;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// About this many bytes of f32 scores per block (batch x heads x rows x keys).
 const BLOCK_BYTES: usize = 64 << 20;
@@ -24,17 +23,13 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor
 /// [`attention`] with `per` query rows per block.
 fn in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, per: usize) -> Result<Tensor> {
     let (out, lse) = forward(q, k, v, mask, scale, per)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(out);
-    }
-    let op = BlockedAttention {
-        out,
+    let backward = BlockedAttention {
         lse,
         mask: mask.cloned(),
         scale,
         per,
     };
-    Ok(q.apply_op3(k, v, op)?)
+    Ok(crate::custom_grad::with_backward3([q, k, v], out, backward)?)
 }
 
 /// Query rows per block: as many as keep a block's f32 scores near [`BLOCK_BYTES`].
@@ -78,10 +73,8 @@ fn forward(
     Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
 }
 
-/// The training form of [`attention`]: its forward returns the output computed above; its
-/// backward recomputes each block's probabilities.
+/// The backward of [`attention`] in a training graph: it recomputes each block's probabilities.
 struct BlockedAttention {
-    out: Tensor,
     lse: Tensor,
     mask: Option<Tensor>,
     scale: f64,
@@ -89,11 +82,18 @@ struct BlockedAttention {
 }
 
 impl BlockedAttention {
-    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn backward_blocks(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (t, per) = (q.dim(2)?, self.per);
         let grad = grad.to_dtype(v.dtype())?;
         // D = rowsum(dO ∘ O), the softmax backward's correction term.
-        let d = (grad.to_dtype(DType::F32)? * self.out.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        let d = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
         // dK and dV sum over blocks: in f32, then back to the inputs' dtype.
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
@@ -121,57 +121,17 @@ impl BlockedAttention {
     }
 }
 
-impl CustomOp3 for BlockedAttention {
-    fn name(&self) -> &'static str {
-        "blocked-attention"
-    }
+impl crate::custom_grad::Backward3 for BlockedAttention {
+    const NAME: &'static str = "blocked-attention";
 
-    fn cpu_fwd(
+    fn backward(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_of(&self.out, crate::custom_grad::cpu)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        copy_of(&self.out, crate::custom_grad::cuda)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        copy_of(&self.out, crate::custom_grad::metal)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _out: &Tensor,
+        [q, k, v]: [&Tensor; 3],
+        out: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.backward(q, k, v, grad).map_err(candle_core::Error::wrap)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        self.backward_blocks(q, k, v, out, grad)
+            .map_err(candle_core::Error::wrap)
     }
 }
 

@@ -7,12 +7,24 @@
 //! hands over a copy of it, and its backward is written with tensor ops.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, MetalStorage, Shape, Storage, Tensor};
 
 /// The input's gradient of a one-input op, given the input and the output's gradient.
 pub(crate) trait Backward: Send + Sync + 'static {
     const NAME: &'static str;
     fn backward(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// The gradients of a three-input op's inputs, given the inputs, its output and the output's
+/// gradient.
+pub(crate) trait Backward3: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn backward(
+        &self,
+        args: [&Tensor; 3],
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)>;
 }
 
 /// `out`, computed from `x` outside the graph, as a node of `x`'s graph whose backward is `b`.
@@ -24,16 +36,21 @@ pub(crate) fn with_backward<B: Backward>(x: &Tensor, out: Tensor, b: B) -> candl
     x.apply_op1(Precomputed { out, backward: b })
 }
 
+/// As [`with_backward`], for an op of three inputs.
+pub(crate) fn with_backward3<B: Backward3>(args: [&Tensor; 3], out: Tensor, b: B) -> candle_core::Result<Tensor> {
+    if !args.iter().any(|t| t.track_op()) {
+        return Ok(out);
+    }
+    args[0].apply_op3(args[1], args[2], Precomputed { out, backward: b })
+}
+
 struct Precomputed<B> {
     out: Tensor,
     backward: B,
 }
 
 /// A copy of `t`'s storage, for a custom op's forward on the device `pick` selects.
-pub(crate) fn copy_of<S: BackendStorage>(
-    t: &Tensor,
-    pick: impl Fn(&Storage) -> Option<&S>,
-) -> candle_core::Result<(S, Shape)> {
+fn copy_of<S: BackendStorage>(t: &Tensor, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
     let (storage, layout) = t.storage_and_layout();
     let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg("custom op: result on another device".into()))?;
     Ok((s.try_clone(layout)?, t.shape().clone()))
@@ -79,5 +96,59 @@ impl<B: Backward> CustomOp1 for Precomputed<B> {
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.backward.backward(x, grad)?))
+    }
+}
+
+impl<B: Backward3> CustomOp3 for Precomputed<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(&self.out, cpu)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        copy_of(&self.out, cuda)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        copy_of(&self.out, metal)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (da, db, dc) = self.backward.backward([a, b, c], out, grad)?;
+        Ok((Some(da), Some(db), Some(dc)))
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::error::Result;
 use crate::linear::{matmul_weight, BaseWeight};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Tensor};
+use candle_core::Tensor;
 
 /// `x Wᵀ + scale (x Aᵀ) Bᵀ` for `x` (rows, in), `a` (r, in) and `b` (out, r), in x's dtype;
 /// differentiable in x, a and b.
@@ -19,90 +19,44 @@ pub(crate) fn lora_linear(x: &Tensor, weight: &BaseWeight, a: &Tensor, b: &Tenso
     let base = matmul_weight(&x.detach(), weight)?;
     let low = (x.detach().to_dtype(a.dtype())?.matmul(&a.detach().t()?)? * scale)?;
     let out = (base + low.matmul(&b.detach().t()?)?.to_dtype(x.dtype())?)?;
-    Ok(x.apply_op3(
-        a,
-        b,
-        LoraLinear {
+    Ok(crate::custom_grad::with_backward3(
+        [x, a, b],
+        out,
+        LoraLinearBackward {
             weight: weight.clone(),
             scale,
-            out,
         },
     )?)
 }
 
-struct LoraLinear {
+struct LoraLinearBackward {
     weight: BaseWeight,
     scale: f64,
-    /// The forward's result, computed before the op enters the graph.
-    out: Tensor,
 }
 
-impl LoraLinear {
+impl crate::custom_grad::Backward3 for LoraLinearBackward {
+    const NAME: &'static str = "lora-linear";
+
     /// With low = s x Aᵀ (in the adapter's dtype) and g the output's gradient:
     /// dB = gᵀ low, dA = s (g B)ᵀ x, dx = g W + s (g B) A.
-    fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn backward(
+        &self,
+        [x, a, b]: [&Tensor; 3],
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let x32 = x.to_dtype(a.dtype())?;
         let g32 = grad.to_dtype(b.dtype())?;
         let low = (x32.matmul(&a.t()?)? * self.scale)?;
         let gb = (g32.matmul(b)? * self.scale)?;
         let db = g32.t()?.matmul(&low)?;
         let da = gb.t()?.matmul(&x32)?;
-        let dx = (self.weight.grad_matmul(&grad.contiguous()?)? + gb.matmul(a)?.to_dtype(x.dtype())?)?;
+        let base = self
+            .weight
+            .grad_matmul(&grad.contiguous()?)
+            .map_err(candle_core::Error::wrap)?;
+        let dx = (base + gb.matmul(a)?.to_dtype(x.dtype())?)?;
         Ok((dx, da, db))
-    }
-}
-
-impl CustomOp3 for LoraLinear {
-    fn name(&self) -> &'static str {
-        "lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        crate::custom_grad::copy_of(&self.out, crate::custom_grad::cpu)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        crate::custom_grad::copy_of(&self.out, crate::custom_grad::cuda)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        crate::custom_grad::copy_of(&self.out, crate::custom_grad::metal)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, da, db) = self.backward(x, a, b, grad).map_err(candle_core::Error::wrap)?;
-        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
