@@ -203,9 +203,21 @@ mod tests {
         crate::modeldeployment::validate::validate(&md.spec, &OperatorConfig::for_tests()).expect("fixture is valid")
     }
 
+    /// The children of `md` serving `adapters`, with the test config and registry.
+    fn children(md: &ModelDeployment, adapters: &AdaptersFile) -> Children {
+        build_children(
+            md,
+            &valid(md),
+            &OperatorConfig::for_tests(),
+            "s3://kubetune/registry",
+            adapters,
+        )
+        .expect("builds")
+    }
+
     /// The device the server container is told to open.
     fn device(md: &ModelDeployment) -> Option<String> {
-        let c = build_children(md, &valid(md), &OperatorConfig::for_tests(), "s3://r", &serving()).expect("builds");
+        let c = children(md, &serving());
         let pod = c.deployment.spec.and_then(|s| s.template.spec).expect("pod");
         let mut set = pod.containers[0]
             .env
@@ -232,14 +244,7 @@ mod tests {
     #[test]
     fn adapter_versions_live_in_the_config_map_not_the_pod_template() {
         let md = modeldeployment("modeldeployment.yaml");
-        let c = build_children(
-            &md,
-            &valid(&md),
-            &OperatorConfig::for_tests(),
-            "s3://kubetune/registry",
-            &serving(),
-        )
-        .expect("builds");
+        let c = children(&md, &serving());
         let data = c
             .config_map
             .data
@@ -250,14 +255,7 @@ mod tests {
         assert_eq!(file, serving());
 
         let other = AdaptersFile { adapters: vec![] };
-        let c2 = build_children(
-            &md,
-            &valid(&md),
-            &OperatorConfig::for_tests(),
-            "s3://kubetune/registry",
-            &other,
-        )
-        .expect("builds");
+        let c2 = children(&md, &other);
         assert_eq!(
             c.deployment.spec, c2.deployment.spec,
             "a new adapter version must not roll the pods"
@@ -270,14 +268,7 @@ mod tests {
         let mut server = md.spec.server.clone().unwrap_or_default();
         server.quantize = Some(kubetune_crds::ServerQuantize::Int8);
         md.spec.server = Some(server);
-        let c = build_children(
-            &md,
-            &valid(&md),
-            &OperatorConfig::for_tests(),
-            "s3://kubetune/registry",
-            &serving(),
-        )
-        .expect("builds");
+        let c = children(&md, &serving());
         let pod = c
             .deployment
             .spec
@@ -294,14 +285,7 @@ mod tests {
     #[test]
     fn server_pods_are_probed_and_locked_down() {
         let md = modeldeployment("modeldeployment.yaml");
-        let c = build_children(
-            &md,
-            &valid(&md),
-            &OperatorConfig::for_tests(),
-            "s3://kubetune/registry",
-            &serving(),
-        )
-        .expect("builds");
+        let c = children(&md, &serving());
         let spec = c.deployment.spec.as_ref().expect("spec");
         assert_eq!(spec.replicas, Some(1));
         let pod = spec.template.spec.as_ref().expect("pod");
@@ -357,7 +341,7 @@ mod tests {
     fn pdb_when_asked() {
         let mut md = modeldeployment("modeldeployment.yaml");
         md.spec.pod_disruption_budget = Some(true);
-        let c = build_children(&md, &valid(&md), &OperatorConfig::for_tests(), "s3://r", &serving()).expect("builds");
+        let c = children(&md, &serving());
         assert!(c.pdb.is_some());
     }
 }
