@@ -14,7 +14,11 @@ pub struct LoadedAdapter {
     pub version: Option<u32>,
     /// Registry manifest digest, `sha256:<hex>`.
     pub digest: Option<String>,
+    /// Where it was loaded from. Shown on the admin API only: a storage URI says more about
+    /// the deployment than inference clients need to know.
     pub source: String,
+    /// Unix seconds when it was loaded: its `created` in GET /v1/models.
+    pub loaded_at: u64,
     pub weights: LoraAdapter,
     pub bytes: usize,
 }

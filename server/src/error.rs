@@ -14,9 +14,18 @@ pub enum ApiError {
         param: Option<String>,
         code: &'static str,
     },
-    /// `model` names nothing this server serves.
+    /// `model` names nothing this server serves (404, as OpenAI answers an unknown model).
     #[error("{message}")]
     UnknownModel { message: String },
+    /// No route has this path.
+    #[error("no route {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    /// The path exists, but not for this method.
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The body is larger than the server reads.
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
     #[error("missing or invalid API key; send `Authorization: Bearer <key>`")]
     Unauthorized,
     /// The bounded queue is full; the client should retry after `retry_after_s`.
@@ -38,6 +47,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The engine thread has stopped (it panicked); nothing can be generated until the pod
+    /// restarts, which the failing /health makes the kubelet do.
+    #[error("the generation engine has stopped; the server must be restarted")]
+    EngineDown,
     /// The engine failed while generating; the message is for operators, not for fixing input.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,15 +75,16 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest { .. } | ApiError::UnknownModel { .. } | ApiError::AdapterRejected { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidRequest { .. } | ApiError::AdapterRejected { .. } => StatusCode::BAD_REQUEST,
+            ApiError::UnknownModel { .. } | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AdapterLimit(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::AdapterNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
-            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::EngineDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,13 +94,18 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. }
             | ApiError::UnknownModel { .. }
+            | ApiError::RouteNotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::BodyTooLarge { .. }
             | ApiError::AdapterRejected { .. }
             | ApiError::AdapterLimit(_)
             | ApiError::AdapterNotFound(_)
             | ApiError::Conflict(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
-            ApiError::Storage(_) | ApiError::ShuttingDown | ApiError::Internal(_) => "server_error",
+            ApiError::Storage(_) | ApiError::ShuttingDown | ApiError::EngineDown | ApiError::Internal(_) => {
+                "server_error"
+            }
         }
     }
 
@@ -94,6 +113,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { code, .. } => code,
             ApiError::UnknownModel { .. } => "model_not_found",
+            ApiError::RouteNotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::BodyTooLarge { .. } => "request_too_large",
             ApiError::Unauthorized => "invalid_api_key",
             ApiError::Overloaded { .. } => "queue_full",
             ApiError::AdapterRejected { .. } => "adapter_rejected",
@@ -102,6 +124,7 @@ impl ApiError {
             ApiError::Storage(_) => "storage_error",
             ApiError::Conflict(_) => "conflict",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::EngineDown => "engine_stopped",
             ApiError::Internal(_) => "internal_error",
         }
     }

@@ -160,6 +160,7 @@ impl AdapterLoader {
             version,
             digest,
             source: spec.source.clone(),
+            loaded_at: crate::api::unix_now(),
             weights,
             bytes,
         })

@@ -1,34 +1,67 @@
-//! GET /v1/models and the adapter admin API (POST /v1/adapters, DELETE /v1/adapters/{name}).
+//! GET /v1/models and /v1/models/{id}, and the adapter admin API (POST and GET /v1/adapters,
+//! DELETE /v1/adapters/{name}).
 //! The body of POST is the operator's `ServedAdapter` (name, source, version, digest), with
 //! version and digest optional for hand-made requests.
 
-use super::fields::{parse_body, Fields};
+use super::fields::{parse_body, read_body, Fields};
 use super::AppState;
 use crate::adapters::LoadedAdapter;
 use crate::error::ApiError;
 use crate::loader::AdapterSpec;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+/// An adapter as clients see it: OpenAI's model object plus what the operator checks (version,
+/// digest). No `root`: that would be the storage URI.
 fn entry(a: &LoadedAdapter, base: &str) -> Value {
     json!({
-        "id": a.name, "object": "model", "owned_by": "kubetune", "root": a.source, "parent": base,
+        "id": a.name, "object": "model", "created": a.loaded_at, "owned_by": "kubetune", "parent": base,
         "version": a.version, "digest": a.digest, "rank": a.weights.config.r,
     })
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// The admin view adds where each adapter came from.
+fn admin_entry(a: &LoadedAdapter, base: &str) -> Value {
+    let mut e = entry(a, base);
+    e["source"] = json!(a.source);
+    e
+}
+
+fn listing(state: &AppState, each: fn(&LoadedAdapter, &str) -> Value) -> Vec<Value> {
     let mut data = Vec::new();
     match &state.merged {
-        Some(m) => data.push(entry(m, &state.base_name)),
-        None => data.push(json!({"id": state.base_name, "object": "model", "owned_by": "kubetune"})),
+        Some(m) => data.push(each(m, &state.base_name)),
+        None => data.push(json!({
+            "id": state.base_name, "object": "model", "created": state.started_at, "owned_by": "kubetune",
+        })),
     }
-    data.extend(state.adapters.list().iter().map(|a| entry(a, &state.base_name)));
-    Json(json!({"object": "list", "data": data}))
+    data.extend(state.adapters.list().iter().map(|a| each(a, &state.base_name)));
+    data
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": listing(&state, entry)}))
+}
+
+/// GET /v1/models/{id}: one entry of the listing (the openai client's `models.retrieve`).
+pub async fn model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match listing(&state, entry).into_iter().find(|e| e["id"] == id.as_str()) {
+        Some(e) => Json(e).into_response(),
+        None => ApiError::UnknownModel {
+            message: format!("model `{id}` is not served here; GET /v1/models lists what is"),
+        }
+        .into_response(),
+    }
+}
+
+/// GET /v1/adapters: the listing with each adapter's source, for the operator and admins.
+pub async fn adapters(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": listing(&state, admin_entry)}))
 }
 
 pub fn parse_spec(body: &[u8]) -> Result<AdapterSpec, ApiError> {
@@ -49,9 +82,13 @@ pub fn parse_spec(body: &[u8]) -> Result<AdapterSpec, ApiError> {
     })
 }
 
-pub async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn load_adapter(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match read_body(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     match load(&state, &body).await {
-        Ok(a) => (axum::http::StatusCode::OK, Json(entry(&a, &state.base_name))).into_response(),
+        Ok(a) => (axum::http::StatusCode::OK, Json(admin_entry(&a, &state.base_name))).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "adapter load refused");
             e.into_response()

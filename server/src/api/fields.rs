@@ -3,7 +3,30 @@
 //! "invalid type ... at line 1 column 57", which does not tell a client which field to fix.
 
 use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
 use serde_json::{Map, Value};
+
+/// The largest request body read (axum's default, stated here so the 413 can name it). A
+/// prompt filling a long context is well below it.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// The body, or the error answer for one that is too large or could not be read. Handlers
+/// take the extractor's `Result` so these answers are OpenAI error objects, not axum's text.
+pub fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge { limit: MAX_BODY_BYTES }
+        } else {
+            ApiError::InvalidRequest {
+                message: format!("the request body could not be read: {e}"),
+                param: None,
+                code: "invalid_body",
+            }
+        }
+    })
+}
 
 pub struct Fields<'a> {
     map: &'a Map<String, Value>,

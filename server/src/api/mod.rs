@@ -6,6 +6,7 @@ pub mod fields;
 pub mod generation;
 mod openai;
 mod ops;
+pub mod request_id;
 pub mod validate;
 
 use crate::adapters::{AdapterSet, LoadedAdapter};
@@ -14,6 +15,8 @@ use crate::error::ApiError;
 use crate::loader::AdapterLoader;
 use crate::metrics::Metrics;
 use crate::text::TextCodec;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
@@ -38,6 +41,8 @@ pub struct AppState {
     /// Bearer keys for inference and for the admin API (see [`auth`]).
     pub keys: auth::Keys,
     ready: AtomicBool,
+    /// Unix seconds when the server started: the base model's `created` in GET /v1/models.
+    pub started_at: u64,
     /// Serialises admin loads so two concurrent loads cannot both pass the caps.
     pub admin_lock: tokio::sync::Mutex<()>,
 }
@@ -71,6 +76,7 @@ impl AppState {
             loader,
             keys,
             ready: AtomicBool::new(false),
+            started_at: unix_now(),
             admin_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -99,6 +105,19 @@ impl AppState {
     }
 }
 
+/// Seconds since the Unix epoch, as OpenAI's `created` fields count.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A path as error messages quote it: bounded, so a huge URL does not make a huge error body.
+fn quoted_path(uri: &Uri) -> String {
+    uri.path().chars().take(200).collect()
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let inference = Router::new()
         .route("/v1/completions", post(openai::completions))
@@ -106,9 +125,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::inference));
     let listing = Router::new()
         .route("/v1/models", get(admin::models))
+        // Wildcard: a base model id such as `org/model` holds slashes.
+        .route("/v1/models/{*id}", get(admin::model))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::listing));
     let admin = Router::new()
-        .route("/v1/adapters", post(admin::load_adapter).get(admin::models))
+        .route("/v1/adapters", post(admin::load_adapter).get(admin::adapters))
         .route("/v1/adapters/{name}", delete(admin::unload_adapter))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
     Router::new()
@@ -118,6 +139,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
-        .fallback(|| async { ApiError::invalid_code("path", "not_found", "no such route").into_response() })
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::RouteNotFound {
+                method: method.to_string(),
+                path: quoted_path(&uri),
+            }
+            .into_response()
+        })
+        // After every route: it applies to the routes present when it is called.
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                path: quoted_path(&uri),
+            }
+            .into_response()
+        })
+        .layer(DefaultBodyLimit::max(fields::MAX_BODY_BYTES))
+        // Outermost, so every answer carries the id, errors of the layers above included.
+        .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }

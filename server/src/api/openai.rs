@@ -1,11 +1,14 @@
 //! POST /v1/completions and /v1/chat/completions, streaming (SSE) or not.
 
+use super::fields::read_body;
 use super::generation::{Chunk, Generation, TokenInfo};
+use super::request_id::RequestId;
 use super::validate::{model_label, validate, Endpoint, ValidGeneration};
-use super::AppState;
+use super::{unix_now, AppState};
 use crate::error::ApiError;
 use crate::text::TextCodec;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,18 +16,32 @@ use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    handle(state, Endpoint::Completions, body).await
+type Body = Result<Bytes, BytesRejection>;
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    id: Option<axum::Extension<RequestId>>,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::Completions, id.map(|e| e.0), body).await
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    handle(state, Endpoint::Chat, body).await
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    id: Option<axum::Extension<RequestId>>,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::Chat, id.map(|e| e.0), body).await
 }
 
-async fn handle(state: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Response {
+async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<RequestId>, body: Body) -> Response {
     let started = Instant::now();
+    let body = match read_body(body) {
+        Ok(b) => b,
+        Err(e) => return refuse(&state, &[], e),
+    };
     let valid = match validate(&state.validation(), endpoint, &body) {
         Ok(v) => v,
         Err(e) => return refuse(&state, &body, e),
@@ -34,6 +51,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Respon
         request,
         stop,
         stream,
+        include_usage,
     } = valid;
     let prompt_tokens = request.prompt.len();
     let logprobs = request.params.logprobs.is_some();
@@ -45,9 +63,11 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Respon
     let meta = Meta {
         id: new_id(endpoint),
         model,
-        created: now(),
+        created: unix_now(),
         endpoint,
         logprobs,
+        include_usage,
+        request_id,
     };
     if stream {
         state.metrics.request(&meta.model, 200);
@@ -70,18 +90,14 @@ struct Meta {
     created: u64,
     endpoint: Endpoint,
     logprobs: bool,
+    /// Streaming: send usage in a chunk of its own after the last choice chunk.
+    include_usage: bool,
+    request_id: Option<RequestId>,
 }
 
 fn new_id(endpoint: Endpoint) -> String {
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn usage(g: &Generation) -> Value {
@@ -124,6 +140,7 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
                 finish = f.or(finish);
             }
             Err(e) => {
+                log_failure(&meta, &e);
                 state.metrics.request(&meta.model, e.status().as_u16());
                 return e.into_response();
             }
@@ -161,10 +178,11 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
     .into_response()
 }
 
-/// Server-sent events: one per chunk, the last chunk carrying finish_reason and usage, then
-/// `data: [DONE]`. A failure mid-stream is sent as an OpenAI error object before `[DONE]`.
-/// When the client disconnects, hyper drops this stream and with it the engine receiver, which
-/// cancels the sequence.
+/// Server-sent events: one per chunk, the last one carrying finish_reason; with
+/// `stream_options.include_usage`, then a chunk with `choices: []` and the usage (OpenAI's
+/// shape); then `data: [DONE]`. A failure mid-stream is sent as an OpenAI error object before
+/// `[DONE]`. When the client disconnects, hyper drops this stream and with it the engine
+/// receiver, which cancels the sequence.
 fn sse(
     state: Arc<AppState>,
     meta: Meta,
@@ -178,6 +196,8 @@ fn sse(
         started: Instant,
         sent_role: bool,
         text_offset: usize,
+        /// The usage chunk is still to be sent (set once the generation finished well).
+        usage_due: bool,
         done: bool,
     }
     let init = S {
@@ -187,6 +207,7 @@ fn sse(
         started,
         sent_role: false,
         text_offset: 0,
+        usage_due: false,
         done: false,
     };
     let events = stream::unfold(init, |mut s| async move {
@@ -194,11 +215,23 @@ fn sse(
             return None;
         }
         let event = match s.g.next().await {
+            None if s.usage_due => {
+                s.usage_due = false;
+                let object = chunk_object(s.meta.endpoint);
+                let m = &s.meta;
+                SseEvent::default().data(
+                    json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [], "usage": usage(&s.g)})
+                        .to_string(),
+                )
+            }
             None => {
                 s.done = true;
                 return Some((SseEvent::default().data("[DONE]"), s));
             }
-            Some(Err(e)) => SseEvent::default().data(e.body().to_string()),
+            Some(Err(e)) => {
+                log_failure(&s.meta, &e);
+                SseEvent::default().data(e.body().to_string())
+            }
             Some(Ok(chunk)) => {
                 if chunk.finish.is_some() {
                     let model = s.meta.model.as_str();
@@ -207,10 +240,10 @@ fn sse(
                         .request_duration
                         .with_label_values(&[model])
                         .observe(s.started.elapsed().as_secs_f64());
+                    s.usage_due = s.meta.include_usage;
                 }
-                SseEvent::default().data(
-                    stream_chunk(&mut s.sent_role, &mut s.text_offset, &s.state, &s.meta, &s.g, chunk).to_string(),
-                )
+                SseEvent::default()
+                    .data(stream_chunk(&mut s.sent_role, &mut s.text_offset, &s.state, &s.meta, chunk).to_string())
             }
         };
         Some((event, s))
@@ -218,14 +251,21 @@ fn sse(
     events.map(Ok)
 }
 
-fn stream_chunk(
-    sent_role: &mut bool,
-    text_offset: &mut usize,
-    state: &AppState,
-    meta: &Meta,
-    g: &Generation,
-    chunk: Chunk,
-) -> Value {
+fn chunk_object(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Completions => "text_completion",
+        Endpoint::Chat => "chat.completion.chunk",
+    }
+}
+
+/// Engine failures are the server's fault: logged with what an operator needs to find the
+/// request the client reports.
+fn log_failure(meta: &Meta, e: &ApiError) {
+    let request_id = meta.request_id.as_ref().map(|r| r.0.as_str()).unwrap_or("-");
+    tracing::error!(request_id, model = %meta.model, error = %e, "generation failed");
+}
+
+fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState, meta: &Meta, chunk: Chunk) -> Value {
     let finish = chunk.finish.map(|f| f.as_str());
     let (object, choice) = match meta.endpoint {
         Endpoint::Completions => {
@@ -257,8 +297,9 @@ fn stream_chunk(
     };
     let mut out =
         json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
-    if chunk.finish.is_some() {
-        out["usage"] = usage(g);
+    if meta.include_usage {
+        // OpenAI's chunks all carry the field; only the final, choice-less one fills it.
+        out["usage"] = Value::Null;
     }
     out
 }

@@ -37,6 +37,8 @@ pub struct ValidGeneration {
     pub request: GenerateRequest,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// `stream_options.include_usage`: a final chunk with the usage.
+    pub include_usage: bool,
 }
 
 /// The label a request is counted under: a served model, or "unknown".
@@ -116,6 +118,7 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
 
     let params = sampling(&f, endpoint, ctx.vocab_size)?;
     let stream = f.bool("stream")?.unwrap_or(false);
+    let mut include_usage = false;
     if let Some(opts) = f.get("stream_options") {
         if !stream {
             return Err(ApiError::invalid(
@@ -126,11 +129,15 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
         let o = opts
             .as_object()
             .ok_or_else(|| ApiError::invalid("stream_options", "`stream_options` must be an object"))?;
-        if let Some(v) = o.get("include_usage").filter(|v| !v.is_null() && !v.is_boolean()) {
-            return Err(ApiError::invalid(
-                "stream_options.include_usage",
-                format!("must be a boolean, got {}", kind(v)),
-            ));
+        match o.get("include_usage") {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(b)) => include_usage = *b,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "stream_options.include_usage",
+                    format!("must be a boolean, got {}", kind(v)),
+                ))
+            }
         }
     }
     // vLLM's extension: generate exactly max_tokens (benchmarks need fixed-length outputs).
@@ -150,6 +157,7 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
         },
         stop: stop_strings(&f)?,
         stream,
+        include_usage,
     })
 }
 

@@ -79,7 +79,8 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
     let ids: Vec<(String, Option<u32>)> = list.data.into_iter().map(|m| (m.id, m.version)).collect();
     assert_eq!(ids, vec![(BASE.to_string(), None), ("a".to_string(), Some(2))]);
     let gone = post(&s.app, "/v1/completions", json!({"model": "b", "prompt": "hi"})).await;
-    assert_eq!(gone.status, 400);
+    assert_eq!(gone.status, 404);
+    assert_eq!(gone.json()["error"]["code"], "model_not_found");
     assert_eq!(send(&s.app, "DELETE", "/v1/adapters/b", None).await.status, 404);
 }
 

@@ -137,7 +137,8 @@ async fn different_adapters_in_one_batch_give_the_same_tokens_as_each_alone() {
     );
 }
 
-/// Concatenates the text of SSE chunks; returns (text, finish_reason, usage of the last chunk).
+/// Concatenates the text of SSE chunks; returns (text, finish_reason, usage). The stream must
+/// have been asked for usage: it comes in a final chunk of its own, with no choices.
 fn read_stream(reply: &Reply, chat: bool) -> (String, Value, Value) {
     let data = reply.sse_data();
     assert_eq!(
@@ -148,18 +149,22 @@ fn read_stream(reply: &Reply, chat: bool) -> (String, Value, Value) {
     );
     let mut text = String::new();
     let mut finish = Value::Null;
-    let mut usage = Value::Null;
-    for d in &data[..data.len() - 1] {
-        let v: Value = serde_json::from_str(d).expect("chunk is JSON");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk is JSON"))
+        .collect();
+    let (last, choice_chunks) = chunks.split_last().expect("chunks before [DONE]");
+    assert_eq!(last["choices"], json!([]), "usage chunk: {last}");
+    for v in choice_chunks {
         let c = &v["choices"][0];
+        assert!(v["usage"].is_null(), "usage only in the final chunk: {v}");
         let piece = if chat { &c["delta"]["content"] } else { &c["text"] };
         text.push_str(piece.as_str().unwrap_or_default());
         if !c["finish_reason"].is_null() {
             finish = c["finish_reason"].clone();
-            usage = v["usage"].clone();
         }
     }
-    (text, finish, usage)
+    (text, finish, last["usage"].clone())
 }
 
 #[tokio::test]
@@ -192,6 +197,7 @@ async fn streaming_and_non_streaming_agree() {
         let whole = whole.json();
         let mut streamed_body = body.clone();
         streamed_body["stream"] = json!(true);
+        streamed_body["stream_options"] = json!({"include_usage": true});
         let streamed = post(&s.app, path, streamed_body).await;
         assert_eq!(streamed.status, 200);
         assert!(streamed.headers["content-type"]
@@ -219,7 +225,7 @@ async fn merged_mode_serves_the_adapter_with_the_same_greedy_tokens() {
     let got = completion(&merged.app, "a", NEW_TOKENS).await;
     assert_eq!(text(&got), text(&want));
     let base = post(&merged.app, "/v1/completions", json!({"model": BASE, "prompt": "hi"})).await;
-    assert_eq!(base.status, 400);
+    assert_eq!(base.status, 404);
     assert_eq!(base.json()["error"]["param"], "model");
     let models = send(&merged.app, "GET", "/v1/models", None).await.json();
     assert_eq!(models["data"].as_array().map(Vec::len), Some(1));

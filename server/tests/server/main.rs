@@ -2,6 +2,7 @@
 
 mod admin;
 mod common;
+mod compat;
 mod engine;
 mod generation;
 mod validation;

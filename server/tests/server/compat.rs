@@ -1,0 +1,228 @@
+//! What the official `openai` Python client relies on beyond generating text: status codes
+//! and error shapes, the model objects, request ids, and where streamed usage comes.
+
+use crate::common::*;
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// Asserts OpenAI's error object: `{"error": {message, type, param, code}}`.
+fn assert_error(reply: &Reply, status: u16, code: &str) -> Value {
+    assert_eq!(reply.status, status, "{}", reply.text);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("application/json"),
+        "{:?}",
+        reply.headers
+    );
+    let err = reply.json()["error"].clone();
+    assert_eq!(err["code"], code, "{err}");
+    assert!(err["type"].is_string() && err.get("param").is_some(), "{err}");
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{err}");
+    err
+}
+
+#[tokio::test]
+async fn unknown_models_and_routes_get_404_in_openai_error_shape() {
+    let f = fixture();
+    let s = server(&["--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    for (path, body) in [
+        ("/v1/completions", json!({"model": "no-such-model", "prompt": "hi"})),
+        ("/v1/completions", json!({"model": "a@7", "prompt": "hi"})),
+        ("/v1/chat/completions", chat("no-such-model")),
+    ] {
+        let err = assert_error(&post(&s.app, path, body.clone()).await, 404, "model_not_found");
+        assert_eq!(err["param"], "model", "{body}");
+        assert_eq!(err["type"], "invalid_request_error");
+        let message = err["message"].as_str().expect("message");
+        assert!(
+            !message.contains(&f.adapter_a.display().to_string()),
+            "no storage location in client errors: {message}"
+        );
+    }
+    let err = assert_error(&send(&s.app, "GET", "/v1/no/such/route", None).await, 404, "not_found");
+    assert!(err["message"].as_str().expect("message").contains("/v1/no/such/route"));
+    assert_error(
+        &send(&s.app, "GET", "/v1/completions", None).await,
+        405,
+        "method_not_allowed",
+    );
+    // Counted under a fixed label, not under whatever the client sent as `model`.
+    let metrics = send(&s.app, "GET", "/metrics", None).await.text;
+    assert!(
+        metrics.contains(r#"kubetune_server_requests_total{model="unknown",status="404"} 3"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("no-such-model"));
+}
+
+#[tokio::test]
+async fn an_oversized_body_gets_413_in_openai_error_shape() {
+    let s = server(&[]).await;
+    let limit = kubetune_server::api::fields::MAX_BODY_BYTES;
+    let huge = json!({"model": BASE, "prompt": "x".repeat(limit)}).to_string();
+    for path in ["/v1/completions", "/v1/chat/completions", "/v1/adapters"] {
+        let reply = send(&s.app, "POST", path, Some(huge.clone())).await;
+        assert_error(&reply, 413, "request_too_large");
+    }
+    let metrics = send(&s.app, "GET", "/metrics", None).await.text;
+    assert!(
+        metrics.contains(r#"kubetune_server_requests_total{model="unknown",status="413"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn models_list_and_retrieve_in_openai_shape_without_storage_locations() {
+    let f = fixture();
+    let s = server(&["--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let location = f.adapter_a.display().to_string();
+    let list = send(&s.app, "GET", "/v1/models", None).await;
+    assert_eq!(list.status, 200);
+    assert!(!list.text.contains(&location), "{}", list.text);
+    let list = list.json();
+    assert_eq!(list["object"], "list");
+    let data = list["data"].as_array().expect("data");
+    assert_eq!(
+        data.iter().map(|m| m["id"].clone()).collect::<Vec<_>>(),
+        vec![json!(BASE), json!("a")]
+    );
+    for m in data {
+        assert_eq!(m["object"], "model", "{m}");
+        assert!(m["created"].as_u64().is_some_and(|c| c > 1_600_000_000), "{m}");
+        assert_eq!(m["owned_by"], "kubetune", "{m}");
+        let id = m["id"].as_str().expect("id");
+        let one = send(&s.app, "GET", &format!("/v1/models/{id}"), None).await;
+        assert_eq!(one.status, 200, "{}", one.text);
+        assert_eq!(one.json(), *m, "retrieve returns the listed entry");
+    }
+    assert_eq!(data[1]["version"], Value::Null);
+    let err = assert_error(
+        &send(&s.app, "GET", "/v1/models/no-such-model", None).await,
+        404,
+        "model_not_found",
+    );
+    assert_eq!(err["param"], "model");
+    // The admin listing still says where each adapter came from.
+    let admin = send(&s.app, "GET", "/v1/adapters", None).await.json();
+    assert_eq!(admin["data"][1]["source"], json!(location));
+}
+
+/// A request with optional `X-Request-Id`; returns the answer and its `X-Request-Id`.
+async fn with_request_id(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Value,
+    id: Option<&[u8]>,
+) -> (Reply, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(id) = id {
+        req = req.header("x-request-id", id);
+    }
+    let req = req.body(Body::from(body.to_string())).expect("request");
+    let response = app.clone().oneshot(req).await.expect("router never fails");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let id = headers
+        .get("x-request-id")
+        .unwrap_or_else(|| panic!("{method} {path} ({status}) has no X-Request-Id"))
+        .to_str()
+        .expect("visible ASCII")
+        .to_string();
+    let reply = Reply {
+        status,
+        headers,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    (reply, id)
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_the_callers_when_it_is_sane() {
+    let s = server(&[]).await;
+    let gen = json!({"model": BASE, "prompt": "hi", "max_tokens": 2});
+    let stream = json!({"model": BASE, "prompt": "hi", "max_tokens": 2, "stream": true});
+    let cases = [
+        ("POST", "/v1/completions", gen.clone(), 200),
+        ("POST", "/v1/completions", stream, 200),
+        ("POST", "/v1/completions", json!({"model": BASE}), 400),
+        ("POST", "/v1/completions", json!({"model": "nope", "prompt": "hi"}), 404),
+        ("GET", "/v1/nowhere", Value::Null, 404),
+        ("GET", "/v1/models", Value::Null, 200),
+        ("GET", "/health", Value::Null, 200),
+        ("GET", "/metrics", Value::Null, 200),
+    ];
+    for (method, path, body, status) in cases {
+        let (reply, id) = with_request_id(&s.app, method, path, body.clone(), Some(b"trace-7f3a:01")).await;
+        assert_eq!(reply.status, status, "{method} {path} {body}: {}", reply.text);
+        assert_eq!(id, "trace-7f3a:01", "{method} {path}: the caller's id is echoed");
+    }
+    let (_, first) = with_request_id(&s.app, "POST", "/v1/completions", gen.clone(), None).await;
+    let (_, second) = with_request_id(&s.app, "POST", "/v1/completions", gen.clone(), None).await;
+    assert_ne!(first, second, "generated ids are unique");
+    let too_long = [b'a'; 129];
+    for bad in [&too_long[..], b"has space", b"tab\tin", b"\xff\xfe"] {
+        let (reply, id) = with_request_id(&s.app, "POST", "/v1/completions", gen.clone(), Some(bad)).await;
+        assert_eq!(reply.status, 200, "a bad id does not fail the request");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{bad:?} replaced by a generated id, got {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn include_usage_sends_usage_in_a_final_chunk_without_choices() {
+    let s = server(&[]).await;
+    let bodies = [
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "hi", "max_tokens": 6, "temperature": 0}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}),
+        ),
+    ];
+    for (path, body) in bodies {
+        let whole = post(&s.app, path, body.clone()).await.json();
+        for include in [true, false] {
+            let mut streamed = body.clone();
+            streamed["stream"] = json!(true);
+            streamed["stream_options"] = json!({"include_usage": include});
+            let reply = post(&s.app, path, streamed).await;
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            let data = reply.sse_data();
+            assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+            let chunks: Vec<Value> = data[..data.len() - 1]
+                .iter()
+                .map(|d| serde_json::from_str(d).expect("JSON chunk"))
+                .collect();
+            let (last, rest) = chunks.split_last().expect("chunks");
+            if include {
+                assert_eq!(last["choices"], json!([]), "{path}: {last}");
+                assert_eq!(last["usage"], whole["usage"], "{path}");
+                assert_eq!(last["id"], rest[0]["id"], "{path}: same completion id");
+                for c in rest {
+                    assert!(c.get("usage").is_some_and(Value::is_null), "{path}: {c}");
+                    assert_eq!(c["choices"].as_array().map(Vec::len), Some(1), "{path}: {c}");
+                }
+            } else {
+                for c in &chunks {
+                    assert!(c.get("usage").is_none(), "{path}: no usage unless asked: {c}");
+                    assert_eq!(c["choices"].as_array().map(Vec::len), Some(1), "{path}: {c}");
+                }
+            }
+        }
+    }
+}
