@@ -362,9 +362,14 @@ pub struct TrainingProgress {
     /// Training throughput, in tokens per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
-    /// Estimated time left, as a duration such as 3m20s.
+    /// Estimated time left as of the last step, as a duration such as 3m20s; absent once the
+    /// job no longer runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<String>,
+    /// When the operator first saw the current step. The ETA is computed from it and the start
+    /// time, never from the clock, so a status only changes when training moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
     /// "step/totalSteps (percent)", for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,

@@ -1,6 +1,7 @@
 //! The FineTuneJob and ModelDeployment reconcile sequences against a mocked API server
 //! (tower-test): which calls they make, in which order, and what they send.
 
+use futures::future::{BoxFuture, FutureExt};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::controller::Action;
@@ -9,7 +10,7 @@ use kube::Client;
 use kubetune_crds::{FineTuneJob, ModelDeployment};
 use kubetune_operator::config::OperatorConfig;
 use kubetune_operator::context::{Backoff, Context};
-use kubetune_operator::finetunejob::{progress::MetricsReader, reconcile};
+use kubetune_operator::finetunejob::{progress::MetricsReader, reconcile, RESYNC_INTERVAL};
 use kubetune_operator::metrics::Metrics;
 use kubetune_operator::modeldeployment;
 use serde_json::{json, Value};
@@ -41,11 +42,15 @@ fn finetunejob(extra_spec: Value) -> FineTuneJob {
 }
 
 fn context() -> (Arc<Context>, ApiHandle) {
+    context_with(OperatorConfig::for_tests())
+}
+
+fn context_with(config: OperatorConfig) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Context {
         client: client.clone(),
-        config: OperatorConfig::for_tests(),
+        config,
         metrics: Arc::new(Metrics::new()),
         recorder: Recorder::new(
             client,
@@ -65,6 +70,24 @@ fn context() -> (Arc<Context>, ApiHandle) {
 /// Answers the next request, checking its method and path, and returns its JSON body. A null
 /// reply echoes the request body back, as the API server does for a create or apply.
 async fn expect(handle: &mut ApiHandle, method: Method, path_prefix: &str, status: u16, reply: Value) -> Value {
+    expect_reply(handle, method, path_prefix, status, |body| {
+        if reply.is_null() {
+            body.clone()
+        } else {
+            reply
+        }
+    })
+    .await
+}
+
+/// Like [`expect`], replying with what `reply` makes of the request body.
+async fn expect_reply(
+    handle: &mut ApiHandle,
+    method: Method,
+    path_prefix: &str,
+    status: u16,
+    reply: impl FnOnce(&Value) -> Value,
+) -> Value {
     let (request, send) = handle
         .next_request()
         .await
@@ -76,22 +99,18 @@ async fn expect(handle: &mut ApiHandle, method: Method, path_prefix: &str, statu
         "expected {method} {path_prefix}..., got {uri}"
     );
     let body = request.into_body().collect_bytes().await.expect("request body");
-    let reply = if reply.is_null() {
-        serde_json::from_slice(&body).expect("JSON body")
+    let body = if body.is_empty() {
+        Value::Null
     } else {
-        reply
+        serde_json::from_slice(&body).expect("JSON body")
     };
     send.send_response(
         Response::builder()
             .status(status)
-            .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+            .body(Body::from(serde_json::to_vec(&reply(&body)).expect("json")))
             .expect("response"),
     );
-    if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body).expect("JSON body")
-    }
+    body
 }
 
 /// The FineTuneJob as the API server returns it after a status patch.
@@ -125,9 +144,9 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         .await;
         let job = expect(
             &mut api,
-            Method::PATCH,
-            "/apis/batch/v1/namespaces/team-a/jobs/tiny?&force=true&fieldManager=kubetune-operator",
-            200,
+            Method::POST,
+            "/apis/batch/v1/namespaces/team-a/jobs?&fieldManager=kubetune-operator",
+            201,
             Value::Null,
         )
         .await;
@@ -187,74 +206,6 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         "unexpected extra request: {:?}",
         extra.ok().flatten().map(|(r, _)| r.uri().clone())
     );
-}
-
-#[tokio::test]
-async fn missing_storage_secret_fails_without_creating_anything_and_waits_for_a_change() {
-    let (ctx, mut api) = context();
-    let ftj = Arc::new(finetunejob(json!({"storageSecretRef": {"name": "s3-creds"}})));
-    let server = tokio::spawn(async move {
-        expect(
-            &mut api,
-            Method::GET,
-            "/api/v1/namespaces/team-a/secrets/s3-creds",
-            404,
-            not_found(),
-        )
-        .await;
-        expect(
-            &mut api,
-            Method::GET,
-            "/apis/batch/v1/namespaces/team-a/jobs/tiny",
-            404,
-            not_found(),
-        )
-        .await;
-        expect(
-            &mut api,
-            Method::GET,
-            "/api/v1/namespaces/team-a/pods",
-            200,
-            empty_list("PodList"),
-        )
-        .await;
-        let status = expect(
-            &mut api,
-            Method::PATCH,
-            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
-            200,
-            stored(),
-        )
-        .await;
-        assert_eq!(status["status"]["phase"], "Failed");
-        let ready = status["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned());
-        let ready = ready.expect("Ready condition");
-        assert_eq!(ready["reason"], "SecretNotFound");
-        assert!(ready["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("spec.storageSecretRef.name")));
-        let event = expect(
-            &mut api,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            200,
-            Value::Null,
-        )
-        .await;
-        assert_eq!(event["type"], "Warning");
-    });
-    let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
-    assert_eq!(
-        action,
-        Action::await_change(),
-        "an invalid spec waits for a change: no hot loop"
-    );
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("mock finished")
-        .expect("mock passed");
 }
 
 /// The Ready condition a status patch sends.
@@ -321,7 +272,11 @@ async fn a_job_asking_for_two_gpus_fails_naming_the_field_and_creates_no_job() {
         .await;
     });
     let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
-    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        action,
+        Action::requeue(RESYNC_INTERVAL),
+        "an invalid spec waits for a change, looking again only now and then: no hot loop"
+    );
     tokio::time::timeout(Duration::from_secs(5), server)
         .await
         .expect("mock finished")
@@ -387,4 +342,521 @@ async fn a_model_deployment_asking_for_two_gpus_is_refused_in_its_status_and_app
         "unexpected extra request: {:?}",
         extra.ok().flatten().map(|(r, _)| r.uri().clone())
     );
+}
+
+/// Runs one FineTuneJob reconcile while `script` answers its requests in order, and returns
+/// the reconcile's action with what the script returned. Fails on any request after the script
+/// (rather than hanging on it), and when the reconcile ended before the script did.
+async fn reconcile_scripted<T, S>(ftj: &FineTuneJob, ctx: &Arc<Context>, api: &mut ApiHandle, script: S) -> (Action, T)
+where
+    S: for<'a> FnOnce(&'a mut ApiHandle) -> BoxFuture<'a, T>,
+{
+    let played = std::cell::Cell::new(None);
+    let server = async {
+        played.set(Some(script(&mut *api).await));
+        if let Some((request, _)) = api.next_request().await {
+            panic!("unexpected request: {} {}", request.method(), request.uri());
+        }
+        // The client lives on in the context: the reconcile ending is what ends this.
+        std::future::pending::<()>().await;
+    };
+    // The script first: it has played its part when it waits for a request and none came.
+    let action = tokio::select! {
+        biased;
+        () = server => unreachable!("the script waits for the reconcile"),
+        action = reconcile(Arc::new(ftj.clone()), ctx.clone()) => action.expect("reconcile succeeds"),
+    };
+    let returned = played
+        .take()
+        .expect("the reconcile made every request the script expected");
+    (action, returned)
+}
+
+/// The FineTuneJob with a status, as the informer hands it to the next reconcile.
+fn with_status(mut ftj: FineTuneJob, status: Value) -> FineTuneJob {
+    ftj.status = Some(serde_json::from_value(status).expect("valid status"));
+    ftj
+}
+
+fn finished_status(phase: &str, reason: &str) -> Value {
+    json!({
+        "phase": phase,
+        "observedGeneration": 1,
+        "startTime": "2026-01-01T00:00:00Z",
+        "completionTime": "2026-01-01T01:00:00Z",
+        "progress": {"step": 120, "totalSteps": 120, "display": "120/120 (100%)"},
+        "conditions": [
+            {"type": "Ready", "status": if phase == "Succeeded" { "True" } else { "False" }, "reason": reason, "message": "", "lastTransitionTime": "2026-01-01T01:00:00Z", "observedGeneration": 1},
+        ],
+    })
+}
+
+#[tokio::test]
+async fn a_succeeded_job_whose_job_is_gone_asks_for_no_job_and_stays_succeeded() {
+    let (ctx, mut api) = context();
+    // The Job went with its TTL, or the operator restarted: the status is all that is left.
+    let ftj = with_status(finetunejob(json!({})), finished_status("Succeeded", "AdapterPublished"));
+    let (action, ()) = reconcile_scripted(&ftj, &ctx, &mut api, |_| async {}.boxed()).await;
+    assert_eq!(
+        action,
+        Action::requeue(RESYNC_INTERVAL),
+        "finished: looked at again only now and then"
+    );
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"kubetune_finetunejobs{phase="Succeeded"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_job_edited_afterwards_only_records_the_generation_and_runs_no_job() {
+    let (ctx, mut api) = context();
+    let mut ftj = with_status(
+        finetunejob(json!({})),
+        finished_status("Failed", "BackoffLimitExceeded"),
+    );
+    ftj.metadata.generation = Some(2);
+    let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::PATCH,
+                "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+                200,
+                stored(),
+            )
+            .await
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(status["status"]["phase"], "Failed");
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    assert_eq!(ready_condition(&status)["reason"], "BackoffLimitExceeded");
+    assert_eq!(action, Action::requeue(RESYNC_INTERVAL));
+}
+
+fn secret_ref() -> Value {
+    json!({"storageSecretRef": {"name": "s3-creds"}})
+}
+
+/// The requests of a reconcile that finds no Secret and no Job: the status patch, if
+/// `status_changes`, and the event of the phase change, if `first`.
+async fn script_secret_missing(api: &mut ApiHandle, status_changes: bool, first: bool) -> Option<Value> {
+    expect(
+        api,
+        Method::GET,
+        "/api/v1/namespaces/team-a/secrets/s3-creds",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        api,
+        Method::GET,
+        "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        api,
+        Method::GET,
+        "/api/v1/namespaces/team-a/pods",
+        200,
+        empty_list("PodList"),
+    )
+    .await;
+    let status = if status_changes {
+        let status = expect(
+            api,
+            Method::PATCH,
+            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+            200,
+            stored(),
+        )
+        .await;
+        Some(status)
+    } else {
+        None
+    };
+    if first {
+        let event = expect(
+            api,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team-a/events",
+            200,
+            Value::Null,
+        )
+        .await;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Warning"), Some("SecretNotFound"))
+        );
+    }
+    status
+}
+
+#[tokio::test]
+async fn a_missing_secret_leaves_the_job_pending_and_looks_again_backing_off() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(secret_ref());
+    let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        script_secret_missing(api, true, true).boxed()
+    })
+    .await;
+    let status = status.expect("status written");
+    assert_eq!(
+        status["status"]["phase"], "Pending",
+        "waiting for a Secret is not final"
+    );
+    let ready = ready_condition(&status);
+    assert_eq!(ready["reason"], "SecretNotFound");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.storageSecretRef.name") && m.contains("team-a/s3-creds")),
+        "{ready}"
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+
+    // Still missing: the same status (no write), and a longer wait.
+    let ftj = with_status(ftj, status["status"].clone());
+    let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        script_secret_missing(api, false, false).boxed()
+    })
+    .await;
+    assert_eq!(status, None);
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn a_job_waiting_for_its_secret_starts_once_the_secret_exists() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(secret_ref());
+    let (_, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        script_secret_missing(api, true, true).boxed()
+    })
+    .await;
+    let ftj = with_status(ftj, status.expect("status written")["status"].clone());
+
+    let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                "/api/v1/namespaces/team-a/secrets/s3-creds",
+                200,
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": "team-a"}, "data": {}}),
+            )
+            .await;
+            expect(api, Method::GET, "/api/v1/nodes", 200, json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": []})).await;
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                404,
+                not_found(),
+            )
+            .await;
+            let job = expect(api, Method::POST, "/apis/batch/v1/namespaces/team-a/jobs?", 201, Value::Null).await;
+            assert_eq!(
+                job["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"],
+                "s3-creds"
+            );
+            expect(
+                api,
+                Method::GET,
+                "/api/v1/namespaces/team-a/pods",
+                200,
+                empty_list("PodList"),
+            )
+            .await;
+            // Pending before and after: a status patch, and no event.
+            expect(
+                api,
+                Method::PATCH,
+                "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+                200,
+                stored(),
+            )
+            .await
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(status["status"]["phase"], "Pending");
+    assert_eq!(
+        ready_condition(&status)["reason"],
+        "Pending",
+        "no longer waiting for the Secret"
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+}
+
+/// The trainer Job as the API server holds it: built for `ftj`'s spec earlier, with the
+/// server's defaults and a template that differs from what the operator builds today.
+fn existing_job(suspend: bool) -> Value {
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "tiny", "namespace": "team-a", "uid": "5555", "labels": {"kubetune.dev/finetunejob": "tiny"}},
+        "spec": {
+            "suspend": suspend,
+            "backoffLimit": 3,
+            "completions": 1,
+            "parallelism": 1,
+            "selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "5555"}},
+            "template": {
+                "metadata": {"labels": {"batch.kubernetes.io/controller-uid": "5555", "kubetune.dev/finetunejob": "tiny"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "kubetune/trainer:an-older-operator"}]},
+            },
+        },
+        "status": {},
+    })
+}
+
+/// The requests of a reconcile of a suspended job after its Job was brought up to date.
+async fn script_suspended_status(api: &mut ApiHandle) {
+    expect(
+        api,
+        Method::GET,
+        "/api/v1/namespaces/team-a/pods",
+        200,
+        empty_list("PodList"),
+    )
+    .await;
+    let status = expect(
+        api,
+        Method::PATCH,
+        "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+        200,
+        stored(),
+    )
+    .await;
+    assert_eq!(status["status"]["phase"], "Suspended");
+    expect(
+        api,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/team-a/events",
+        200,
+        Value::Null,
+    )
+    .await;
+}
+
+fn no_nodes() -> Value {
+    json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": []})
+}
+
+#[tokio::test]
+async fn an_existing_job_is_sent_only_its_changed_mutable_fields_never_its_template() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(json!({"suspend": true}));
+    let (_, patch) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(api, Method::GET, "/api/v1/nodes", 200, no_nodes()).await;
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                200,
+                existing_job(false),
+            )
+            .await;
+            let patch = expect(
+                api,
+                Method::PATCH,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny?&fieldManager=kubetune-operator",
+                200,
+                existing_job(true),
+            )
+            .await;
+            script_suspended_status(api).await;
+            patch
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(
+        patch,
+        json!({"spec": {"suspend": true}}),
+        "a merge patch of suspend alone"
+    );
+}
+
+#[tokio::test]
+async fn an_existing_job_that_is_up_to_date_is_left_alone() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(json!({"suspend": true}));
+    reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(api, Method::GET, "/api/v1/nodes", 200, no_nodes()).await;
+            // Its template is not what the operator builds today; no matter, it cannot change.
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                200,
+                existing_job(true),
+            )
+            .await;
+            script_suspended_status(api).await;
+        }
+        .boxed()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_created_since_the_reconcile_looked_is_updated_not_created_again() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(json!({"suspend": true}));
+    let (_, patch) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(api, Method::GET, "/api/v1/nodes", 200, no_nodes()).await;
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                404,
+                not_found(),
+            )
+            .await;
+            let exists = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "jobs.batch \"tiny\" already exists"});
+            expect(api, Method::POST, "/apis/batch/v1/namespaces/team-a/jobs?", 409, exists).await;
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                200,
+                existing_job(false),
+            )
+            .await;
+            let patch = expect(
+                api,
+                Method::PATCH,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny?",
+                200,
+                existing_job(true),
+            )
+            .await;
+            script_suspended_status(api).await;
+            patch
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(patch, json!({"spec": {"suspend": true}}));
+}
+
+/// Serves fixed trainer metrics on 127.0.0.1, as a trainer pod would on its pod IP; returns the
+/// port.
+async fn trainer_metrics(text: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+        }
+    });
+    port
+}
+
+fn running_pods() -> Value {
+    json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": [{
+        "metadata": {"name": "tiny-x1", "namespace": "team-a", "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {"kubetune.dev/finetunejob": "tiny"}},
+        "status": {"phase": "Running", "podIP": "127.0.0.1"},
+    }]})
+}
+
+#[tokio::test]
+async fn a_running_job_whose_progress_did_not_move_gets_no_status_write() {
+    let port =
+        trainer_metrics("kubetune_train_step 30\nkubetune_train_total_steps 120\nkubetune_train_loss 1.25\n").await;
+    let (ctx, mut api) = context_with(OperatorConfig {
+        trainer_metrics_port: port,
+        ..OperatorConfig::for_tests()
+    });
+    let ftj = finetunejob(json!({}));
+    let (action, (job, status)) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(api, Method::GET, "/api/v1/nodes", 200, no_nodes()).await;
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                404,
+                not_found(),
+            )
+            .await;
+            // The created Job, started (as the next GET will return it too).
+            let mut job = Value::Null;
+            expect_reply(
+                api,
+                Method::POST,
+                "/apis/batch/v1/namespaces/team-a/jobs?",
+                201,
+                |body| {
+                    job = body.clone();
+                    job["status"] = json!({"startTime": "2026-01-01T00:00:00Z", "active": 1});
+                    job.clone()
+                },
+            )
+            .await;
+            expect(api, Method::GET, "/api/v1/namespaces/team-a/pods", 200, running_pods()).await;
+            let status = expect(
+                api,
+                Method::PATCH,
+                "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+                200,
+                stored(),
+            )
+            .await;
+            expect(
+                api,
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/team-a/events",
+                200,
+                Value::Null,
+            )
+            .await;
+            (job, status)
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    let progress = &status["status"]["progress"];
+    assert_eq!(
+        (progress["step"].as_u64(), progress["totalSteps"].as_u64()),
+        (Some(30), Some(120))
+    );
+    assert!(progress["lastProgressTime"].is_string(), "{progress}");
+
+    // The trainer is still at step 30: the status derived again is the same, so nothing is written.
+    let ftj = with_status(ftj, status["status"].clone());
+    let (action, ()) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(api, Method::GET, "/api/v1/nodes", 200, no_nodes()).await;
+            expect(api, Method::GET, "/apis/batch/v1/namespaces/team-a/jobs/tiny", 200, job).await;
+            expect(api, Method::GET, "/api/v1/namespaces/team-a/pods", 200, running_pods()).await;
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }

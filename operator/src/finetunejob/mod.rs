@@ -12,15 +12,15 @@ use build::{build_job, FINETUNEJOB_LABEL};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use kubetune_crds::{FineTuneJob, FineTuneJobPhase};
-use status::{derive_status, Observed};
+use status::{derive_status, is_finished, Observed};
 use std::sync::Arc;
 use std::time::Duration;
-use validate::{validate, Facts, Invalid};
+use validate::{validate, Facts, Waiting};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "finetunejob";
@@ -29,6 +29,15 @@ pub const CONTROLLER: &str = "finetunejob";
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a pending job is looked at again even without a change event.
 const PENDING_INTERVAL: Duration = Duration::from_secs(30);
+/// How often every other job (finished, invalid, suspended) is looked at again: a missed watch
+/// event must not leave an object unreconciled for good. Long, so it is no hot loop.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(600);
+
+/// What dereferencing found: the facts to validate with, or something to wait for.
+enum Dereferenced {
+    Facts(Facts),
+    Waiting(Waiting),
+}
 
 /// Reconciles one FineTuneJob. Idempotent: every step recomputes from what the API server holds.
 pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action> {
@@ -45,17 +54,13 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change());
     }
 
-    let facts = dereference(&ftj, &ctx).await?;
-    let outcome = match facts {
-        Err(invalid) => Err(invalid),
-        Ok(facts) => validate(&ftj.spec, &ctx.config, &facts),
+    let (JobState { job, invalid, waiting }, pod) = if is_finished(ftj.status.as_ref()) {
+        // Its status says all there is; its Job may be gone (TTL) and is never created again.
+        (JobState::default(), None)
+    } else {
+        let state = ensure_job(&ftj, &ctx, &ns).await?;
+        (state, newest_pod(&ctx, &ns, &ftj).await?)
     };
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let job = match &outcome {
-        Ok(valid) => Some(apply_job(&jobs, &ftj, valid, &ctx).await?),
-        Err(_) => jobs.get_opt(&build::job_name(&ftj)).await?,
-    };
-    let pod = newest_pod(&ctx, &ns, &ftj).await?;
     let progress = match pod
         .as_ref()
         .and_then(|p| p.status.as_ref())
@@ -69,7 +74,8 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
 
     let observed = Observed {
         ftj: &ftj,
-        invalid: outcome.as_ref().err(),
+        invalid: invalid.as_ref(),
+        waiting: waiting.as_ref(),
         job: job.as_ref(),
         pod: pod.as_ref(),
         progress,
@@ -106,28 +112,65 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
             tracing::warn!(%key, error = %e, "could not publish event");
         }
     }
-    ctx.backoff.succeeded(&key);
     let phase = status.phase.unwrap_or(FineTuneJobPhase::Pending);
     ctx.metrics.set_finetunejob_phase(&key, Some(&format!("{phase:?}")));
+    if waiting.is_some() {
+        // Nothing announces the Secret (it is not watched): look again, backing off.
+        return Ok(Action::requeue(ctx.backoff.failed(&key)));
+    }
+    ctx.backoff.succeeded(&key);
     Ok(match phase {
         FineTuneJobPhase::Running => Action::requeue(PROGRESS_INTERVAL),
         FineTuneJobPhase::Pending => Action::requeue(PENDING_INTERVAL),
-        // Invalid specs, finished and suspended jobs wait for a change: no hot loop.
-        _ => Action::await_change(),
+        // Invalid specs, finished and suspended jobs change with their spec or their Job, both
+        // watched; the resync is a safety net.
+        _ => Action::requeue(RESYNC_INTERVAL),
     })
+}
+
+/// The trainer Job after a reconcile looked after it, and why it was left as it is, if so.
+#[derive(Default)]
+struct JobState {
+    job: Option<Job>,
+    invalid: Option<validate::Invalid>,
+    waiting: Option<Waiting>,
+}
+
+/// Creates or updates the trainer Job of a valid FineTuneJob. Of one that is invalid or waits
+/// for something, the Job (if any, from before) is only read.
+async fn ensure_job(ftj: &FineTuneJob, ctx: &Context, ns: &str) -> Result<JobState> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let (invalid, waiting) = match dereference(ftj, ctx).await? {
+        Dereferenced::Facts(facts) => match validate(&ftj.spec, &ctx.config, &facts) {
+            Ok(valid) => {
+                let job = apply_job(&jobs, ftj, &valid, ctx).await?;
+                return Ok(JobState {
+                    job: Some(job),
+                    ..Default::default()
+                });
+            }
+            Err(invalid) => (Some(invalid), None),
+        },
+        Dereferenced::Waiting(waiting) => (None, Some(waiting)),
+    };
+    let job = jobs.get_opt(&build::job_name(ftj)).await?;
+    Ok(JobState { job, invalid, waiting })
 }
 
 /// Gathers what validation needs: that the storage Secret exists, the GPU memory of the nodes
 /// the job may land on, and the base model's shape (its config.json, read with the Secret).
-async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Result<Facts, Invalid>> {
+async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Dereferenced> {
     let ns = ftj.namespace().unwrap_or_default();
     let mut secret_data = std::collections::BTreeMap::new();
     if let Some(secret) = &ftj.spec.storage_secret_ref {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let Some(found) = secrets.get_opt(&secret.name).await? else {
-            return Ok(Err(Invalid {
+            return Ok(Dereferenced::Waiting(Waiting {
                 reason: "SecretNotFound",
-                message: format!("spec.storageSecretRef.name: Secret {ns}/{} does not exist", secret.name),
+                message: format!(
+                    "spec.storageSecretRef.name: waiting for Secret {ns}/{} to exist",
+                    secret.name
+                ),
             }));
         };
         for (k, v) in found.data.unwrap_or_default() {
@@ -142,7 +185,7 @@ async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Result<Facts, I
         Some(_) => ctx.model_shapes.get(&ftj.spec.base_model.uri, secret_data).await,
         None => None,
     };
-    Ok(Ok(Facts { gpu_memory_mib, model }))
+    Ok(Dereferenced::Facts(Facts { gpu_memory_mib, model }))
 }
 
 /// The largest per-GPU memory among the nodes matching the job's nodeSelector, from the node
@@ -173,43 +216,68 @@ async fn gpu_memory_mib(ftj: &FineTuneJob, ctx: &Context) -> Result<Option<u64>>
         .max())
 }
 
-/// Creates the trainer Job, or re-applies it with the pod template it already has: a Job's
-/// template is immutable, while suspend and the deadlines may change.
+/// Creates the trainer Job if it is absent, else updates only its mutable fields.
+///
+/// A Job's pod template is immutable, so an existing Job is never sent one: re-applying the
+/// whole Job failed with "spec.template: field is immutable" whenever the template we build
+/// differed from the stored one (defaults, a create racing a re-apply), and kept failing.
 async fn apply_job(
     jobs: &Api<Job>,
     ftj: &FineTuneJob,
     valid: &validate::ValidFineTuneJob,
     ctx: &Context,
 ) -> Result<Job> {
-    let mut desired = build_job(ftj, valid, &ctx.config)?;
+    let desired = build_job(ftj, valid, &ctx.config)?;
     let name = build::job_name(ftj);
-    if let Some(existing) = jobs.get_opt(&name).await? {
-        if let (Some(d), Some(e)) = (desired.spec.as_mut(), existing.spec.as_ref()) {
-            d.template = e.template.clone();
-            d.selector = e.selector.clone();
+    let existing = match jobs.get_opt(&name).await? {
+        Some(existing) => existing,
+        None => {
+            let params = PostParams {
+                field_manager: Some(crate::FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            match jobs.create(&params, &desired).await {
+                Ok(created) => return Ok(created),
+                // Created since we looked (a retried create that went through, or another
+                // replica during a leader handover): update that one.
+                Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+                Err(e) => return Err(e.into()),
+            }
         }
-        if !job_needs_update(&existing, &desired) {
-            return Ok(existing);
-        }
-    }
-    Ok(jobs
-        .patch(
-            &name,
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
-        .await?)
+    };
+    let Some(patch) = mutable_changes(&existing, &desired) else {
+        return Ok(existing);
+    };
+    let params = PatchParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    // A merge patch of the changed fields alone: an apply that left the template out would
+    // release our ownership of it, and the API server would try to remove it.
+    Ok(jobs.patch(&name, &params, &Patch::Merge(&patch)).await?)
 }
 
-/// Whether the mutable fields we own differ.
-fn job_needs_update(existing: &Job, desired: &Job) -> bool {
-    let (Some(e), Some(d)) = (existing.spec.as_ref(), desired.spec.as_ref()) else {
-        return true;
-    };
-    e.suspend != d.suspend
-        || e.active_deadline_seconds != d.active_deadline_seconds
-        || e.ttl_seconds_after_finished != d.ttl_seconds_after_finished
-        || e.backoff_limit != d.backoff_limit
+/// A merge patch of the mutable Job fields we set (suspend, deadlines, TTL, backoff limit) that
+/// differ between the existing and the desired Job; None when none does.
+pub fn mutable_changes(existing: &Job, desired: &Job) -> Option<serde_json::Value> {
+    let (e, d) = (
+        existing.spec.clone().unwrap_or_default(),
+        desired.spec.clone().unwrap_or_default(),
+    );
+    let mut spec = serde_json::Map::new();
+    if e.suspend != d.suspend {
+        spec.insert("suspend".into(), d.suspend.into());
+    }
+    if e.active_deadline_seconds != d.active_deadline_seconds {
+        spec.insert("activeDeadlineSeconds".into(), d.active_deadline_seconds.into());
+    }
+    if e.ttl_seconds_after_finished != d.ttl_seconds_after_finished {
+        spec.insert("ttlSecondsAfterFinished".into(), d.ttl_seconds_after_finished.into());
+    }
+    if e.backoff_limit != d.backoff_limit {
+        spec.insert("backoffLimit".into(), d.backoff_limit.into());
+    }
+    (!spec.is_empty()).then(|| serde_json::json!({ "spec": spec }))
 }
 
 async fn newest_pod(ctx: &Context, ns: &str, ftj: &FineTuneJob) -> Result<Option<Pod>> {

@@ -58,6 +58,7 @@ pub fn parse_progress(text: &str) -> Option<TrainingProgress> {
         eval_loss: value("kubetune_eval_loss").filter(|l| l.is_finite()),
         tokens_per_second,
         eta: None,
+        last_progress_time: None,
         display: None,
         resumed_from_step: value("kubetune_train_resumed_from_step")
             .filter(|s| *s > 0.0)

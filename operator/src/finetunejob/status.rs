@@ -1,6 +1,6 @@
 //! Pure derivation of a FineTuneJob's status from what its children say.
 
-use super::validate::Invalid;
+use super::validate::{Invalid, Waiting};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -17,6 +17,8 @@ pub struct Observed<'a> {
     pub ftj: &'a FineTuneJob,
     /// Why the spec cannot run, when validation said so.
     pub invalid: Option<&'a Invalid>,
+    /// What the job waits for before its Job can be created, such as a missing Secret.
+    pub waiting: Option<&'a Waiting>,
     pub job: Option<&'a Job>,
     /// The newest trainer pod.
     pub pod: Option<&'a Pod>,
@@ -33,15 +35,33 @@ pub struct Transition {
     pub message: String,
 }
 
+/// Whether the job succeeded or failed for good. A finished job never runs again: its Job may
+/// be gone (TTL, an operator restart), and must not be created a second time.
+pub fn is_finished(status: Option<&FineTuneJobStatus>) -> bool {
+    matches!(
+        status.and_then(|s| s.phase),
+        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
+    )
+}
+
 /// The new status, and the transition from the old one if the phase changed.
 pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
     let old = o.ftj.status.clone().unwrap_or_default();
     let generation = o.ftj.metadata.generation;
+    // A finished job stays as it finished, also after its Job is garbage-collected by the TTL:
+    // nothing observed later changes it, not even timestamps.
+    if is_finished(Some(&old)) {
+        let status = FineTuneJobStatus {
+            observed_generation: generation,
+            ..old
+        };
+        return (status, None);
+    }
     let mut status = FineTuneJobStatus {
         observed_generation: generation,
         ..old.clone()
     };
-    let (phase, reason, message) = phase_of(o, &old, &mut status);
+    let (phase, reason, message) = never_backwards(&old, phase_of(o, &mut status));
     status.phase = Some(phase);
 
     if matches!(phase, FineTuneJobPhase::Running) && status.start_time.is_none() {
@@ -55,7 +75,13 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
         status.completion_time = Some(o.now.clone());
     }
     if let Some(p) = o.progress.clone() {
-        status.progress = Some(with_display(with_eta(p, status.start_time.as_ref(), &o.now)));
+        status.progress = Some(advance(old.progress.as_ref(), p, status.start_time.as_ref(), &o.now));
+    }
+    if phase != FineTuneJobPhase::Running {
+        // An estimate of the time left only means something while the trainer runs.
+        if let Some(p) = status.progress.as_mut() {
+            p.eta = None;
+        }
     }
     status.retries = o
         .job
@@ -88,7 +114,7 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
     }
 
     let transition = (old.phase != Some(phase)).then(|| Transition {
-        warning: phase == FineTuneJobPhase::Failed,
+        warning: phase == FineTuneJobPhase::Failed || o.waiting.is_some(),
         reason: reason.clone(),
         message: if message.is_empty() {
             format!("FineTuneJob is {phase:?}")
@@ -99,23 +125,26 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
     (status, transition)
 }
 
-fn phase_of(
-    o: &Observed,
+/// A phase never goes back from Running to Pending. Between the trainer pod ending and the Job
+/// reporting Complete or Failed, and while a retried pod starts, no pod runs, but the job has
+/// started: it stays Running, saying what it said, until the Job tells how it ended.
+fn never_backwards(
     old: &FineTuneJobStatus,
-    status: &mut FineTuneJobStatus,
+    (phase, reason, message): (FineTuneJobPhase, String, String),
 ) -> (FineTuneJobPhase, String, String) {
-    use FineTuneJobPhase::*;
-    // A finished job stays finished, also after its Job is garbage-collected by the TTL.
-    if let Some(done @ (Succeeded | Failed)) = old.phase {
-        if o.job.is_none() || o.invalid.is_some() {
-            let c = old.conditions.iter().find(|c| c.type_ == READY);
-            return (
-                done,
-                c.map(|c| c.reason.clone()).unwrap_or_default(),
-                c.map(|c| c.message.clone()).unwrap_or_default(),
-            );
-        }
+    if old.phase == Some(FineTuneJobPhase::Running) && phase == FineTuneJobPhase::Pending {
+        let c = old.conditions.iter().find(|c| c.type_ == READY);
+        return (
+            FineTuneJobPhase::Running,
+            c.map_or_else(|| "Training".into(), |c| c.reason.clone()),
+            c.map(|c| c.message.clone()).unwrap_or_default(),
+        );
     }
+    (phase, reason, message)
+}
+
+fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, String, String) {
+    use FineTuneJobPhase::*;
     if let Some(invalid) = o.invalid {
         return (Failed, invalid.reason.to_string(), invalid.message.clone());
     }
@@ -168,6 +197,9 @@ fn phase_of(
         if o.pod.is_some_and(pod_running) {
             return (Running, "Training".into(), String::new());
         }
+    }
+    if let Some(waiting) = o.waiting {
+        return (Pending, waiting.reason.to_string(), waiting.message.clone());
     }
     (Pending, "Pending".into(), "waiting for the trainer pod to start".into())
 }
@@ -230,10 +262,33 @@ pub fn trainer_outcome(pod: &Pod) -> Option<TrainerOutcome> {
         .find_map(|m| serde_json::from_str(m.trim()).ok())
 }
 
-/// Estimates the time left from the average step time since the trainer started.
-pub fn with_eta(mut p: TrainingProgress, started: Option<&Time>, now: &Time) -> TrainingProgress {
-    if let Some(started) = started {
-        let elapsed = now.0.as_second() - started.0.as_second();
+/// The progress just read, stamped with the time its step was first seen: the old stamp while
+/// the step stays, so that re-reading an unchanged trainer gives an identical status (and no
+/// status write, which would only trigger the next reconcile).
+fn advance(
+    old: Option<&TrainingProgress>,
+    new: TrainingProgress,
+    started: Option<&Time>,
+    now: &Time,
+) -> TrainingProgress {
+    let last_progress_time = match old {
+        Some(o) if o.step == new.step && o.last_progress_time.is_some() => o.last_progress_time.clone(),
+        _ => Some(now.clone()),
+    };
+    with_display(with_eta(
+        TrainingProgress {
+            last_progress_time,
+            ..new
+        },
+        started,
+    ))
+}
+
+/// Estimates the time left from the average step time between the start and the last step
+/// seen; from stored timestamps only, never the clock, so it changes when the step does.
+pub fn with_eta(mut p: TrainingProgress, started: Option<&Time>) -> TrainingProgress {
+    if let (Some(started), Some(last)) = (started, p.last_progress_time.as_ref()) {
+        let elapsed = last.0.as_second() - started.0.as_second();
         if p.step > 0 && p.total_steps > p.step && elapsed > 0 {
             let left = elapsed as u64 * (p.total_steps - p.step) / p.step;
             p.eta = Some(super::progress::format_duration(left));
@@ -295,6 +350,7 @@ mod tests {
         let (s, t) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: None,
             pod: None,
             progress: None,
@@ -320,6 +376,7 @@ mod tests {
         let (s, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: Some(progress),
@@ -341,9 +398,10 @@ mod tests {
         let p = TrainingProgress {
             step: 10,
             total_steps: 40,
+            last_progress_time: Some(at(20)),
             ..Default::default()
         };
-        assert_eq!(with_eta(p, Some(&at(0)), &at(20)).eta.as_deref(), Some("1m0s"));
+        assert_eq!(with_eta(p, Some(&at(0))).eta.as_deref(), Some("1m0s"));
     }
 
     #[test]
@@ -373,6 +431,7 @@ mod tests {
         let (s, t) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: None,
@@ -399,6 +458,7 @@ mod tests {
         let (s, t) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: None,
@@ -428,6 +488,7 @@ mod tests {
         let (s, t) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: None,
@@ -457,6 +518,7 @@ mod tests {
         let (s, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: None,
@@ -479,6 +541,7 @@ mod tests {
         let (s, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: None,
             progress: None,
@@ -491,6 +554,7 @@ mod tests {
         let (s, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: None,
@@ -509,6 +573,7 @@ mod tests {
         let (s, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: Some(&invalid),
+            waiting: None,
             job: None,
             pod: None,
             progress: None,
@@ -526,6 +591,7 @@ mod tests {
         let (s, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: None,
             progress: None,
@@ -544,6 +610,7 @@ mod tests {
         let (done, _) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: Some(&j),
             pod: Some(&p),
             progress: None,
@@ -553,12 +620,158 @@ mod tests {
         let (later, t) = derive_status(&Observed {
             ftj: &ftj,
             invalid: None,
+            waiting: None,
             job: None,
             pod: None,
             progress: None,
             now: at(500),
         });
         assert_eq!(later, done, "nothing changes once finished, not even timestamps");
+        assert!(t.is_none());
+    }
+
+    fn started_job(conditions: serde_json::Value) -> Job {
+        let mut j = job(conditions);
+        j.status.get_or_insert_with(Default::default).start_time = Some(at(0));
+        j
+    }
+
+    fn at_step(step: u64) -> TrainingProgress {
+        TrainingProgress {
+            step,
+            total_steps: 100,
+            train_loss: Some(1.5),
+            ..Default::default()
+        }
+    }
+
+    fn observed<'a>(
+        ftj: &'a FineTuneJob,
+        job: &'a Job,
+        pod: Option<&'a Pod>,
+        progress: Option<TrainingProgress>,
+        now: i64,
+    ) -> Observed<'a> {
+        Observed {
+            ftj,
+            invalid: None,
+            waiting: None,
+            job: Some(job),
+            pod,
+            progress,
+            now: at(now),
+        }
+    }
+
+    /// Derives the status as a reconcile does, and stores it on the FineTuneJob as the next
+    /// reconcile will see it.
+    fn reconcile_status(
+        ftj: &mut FineTuneJob,
+        job: &Job,
+        pod: Option<&Pod>,
+        progress: Option<TrainingProgress>,
+        now: i64,
+    ) -> (FineTuneJobStatus, Option<Transition>) {
+        let snapshot = ftj.clone();
+        let (s, t) = derive_status(&observed(&snapshot, job, pod, progress, now));
+        ftj.status = Some(s.clone());
+        (s, t)
+    }
+
+    #[test]
+    fn an_unchanged_progress_gives_an_identical_status_however_late_it_is_read() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let (j, p) = (started_job(json!([])), pod("Running", None));
+        let (first, _) = reconcile_status(&mut ftj, &j, Some(&p), Some(at_step(25)), 10);
+        let (again, t) = reconcile_status(&mut ftj, &j, Some(&p), Some(at_step(25)), 70);
+        assert_eq!(again, first, "no status write while the trainer does not move");
+        assert!(t.is_none());
+        let progress = first.progress.expect("progress");
+        assert_eq!(progress.last_progress_time, Some(at(10)));
+        assert_eq!(progress.eta.as_deref(), Some("30s"), "25 steps in 10s, 75 to go");
+    }
+
+    #[test]
+    fn a_new_step_moves_the_progress_time_and_the_eta() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let (j, p) = (started_job(json!([])), pod("Running", None));
+        reconcile_status(&mut ftj, &j, Some(&p), Some(at_step(25)), 10);
+        let (later, _) = reconcile_status(&mut ftj, &j, Some(&p), Some(at_step(50)), 40);
+        let progress = later.progress.expect("progress");
+        assert_eq!(progress.last_progress_time, Some(at(40)));
+        assert_eq!(progress.eta.as_deref(), Some("40s"), "50 steps in 40s, 50 to go");
+    }
+
+    #[test]
+    fn running_does_not_go_back_to_pending_between_the_pod_ending_and_the_job_completing() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let running = started_job(json!([]));
+        let p = pod("Running", None);
+        let (first, _) = reconcile_status(&mut ftj, &running, Some(&p), Some(at_step(90)), 90);
+        assert_eq!(first.phase, Some(FineTuneJobPhase::Running));
+
+        // The trainer exited, and the Job controller has not yet marked the Job Complete.
+        let message = json!({"result": "succeeded", "adapter": {"name": "m", "version": 1, "uri": "u", "digest": "d"}})
+            .to_string();
+        let ended = pod(
+            "Succeeded",
+            Some(json!({"exitCode": 0, "reason": "Completed", "message": message})),
+        );
+        let (between, t) = reconcile_status(&mut ftj, &running, Some(&ended), None, 95);
+        assert_eq!(between.phase, Some(FineTuneJobPhase::Running));
+        assert_eq!(cond(&between, RUNNING).status, "True");
+        assert!(t.is_none(), "no Pending event in between");
+
+        let complete = started_job(json!([{"type": "Complete", "status": "True"}]));
+        let (done, t) = reconcile_status(&mut ftj, &complete, Some(&ended), None, 96);
+        assert_eq!(done.phase, Some(FineTuneJobPhase::Succeeded));
+        assert_eq!(t.map(|t| t.reason), Some("AdapterPublished".into()));
+        let progress = done.progress.expect("progress");
+        assert_eq!(progress.eta, None, "a finished job has no time left");
+        assert_eq!(progress.display.as_deref(), Some("100/100 (100%)"));
+    }
+
+    #[test]
+    fn a_retried_pod_starting_keeps_the_job_running() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let j = started_job(json!([]));
+        reconcile_status(&mut ftj, &j, Some(&pod("Running", None)), None, 10);
+        let (s, t) = reconcile_status(&mut ftj, &j, Some(&pod("Pending", None)), None, 20);
+        assert_eq!(s.phase, Some(FineTuneJobPhase::Running));
+        assert!(t.is_none());
+    }
+
+    #[test]
+    fn a_job_waiting_for_its_secret_is_pending_saying_so_not_failed() {
+        let ftj = finetunejob("minimal.yaml");
+        let waiting = Waiting {
+            reason: "SecretNotFound",
+            message: "spec.storageSecretRef.name: waiting for Secret team-a/s3 to exist".into(),
+        };
+        let (s, t) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            waiting: Some(&waiting),
+            job: None,
+            pod: None,
+            progress: None,
+            now: at(0),
+        });
+        assert_eq!(s.phase, Some(FineTuneJobPhase::Pending));
+        assert_eq!(cond(&s, READY).reason, "SecretNotFound");
+        assert!(t.is_some_and(|t| t.warning && t.reason == "SecretNotFound"));
+    }
+
+    #[test]
+    fn a_finished_job_stays_finished_whatever_its_job_says_later() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let failed = job(json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]));
+        let (done, _) = reconcile_status(&mut ftj, &failed, None, None, 5);
+        assert_eq!(done.phase, Some(FineTuneJobPhase::Failed));
+        // A Job of the same name, not finished (made by someone else): the FineTuneJob is done.
+        let other = job(json!([]));
+        let (later, t) = reconcile_status(&mut ftj, &other, Some(&pod("Running", None)), Some(at_step(3)), 50);
+        assert_eq!(later, done);
         assert!(t.is_none());
     }
 }

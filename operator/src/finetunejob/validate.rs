@@ -13,6 +13,15 @@ pub struct Invalid {
     pub message: String,
 }
 
+/// Something the job needs that does not exist yet, such as its storage Secret. Unlike
+/// [`Invalid`] this is not final: GitOps tools and people often create the Secret after the
+/// job, so the job waits, and runs once it appears. `reason` becomes the condition reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// What the cluster and the model say, gathered before validation (by `dereference`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Facts {
