@@ -21,6 +21,9 @@ pub struct TextCodec {
     /// Every id that ends a generation: EOS ids and, in the default chat format, `<|end|>`.
     pub stop_ids: Vec<u32>,
     template: Option<ChatTemplate>,
+    /// The decoder is byte-level BPE (GPT-2's byte-to-character mapping), so a token's exact
+    /// bytes can be read off its piece.
+    byte_level: bool,
 }
 
 /// Why a chat could not become prompt tokens.
@@ -90,6 +93,7 @@ impl TextCodec {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let eos_text = eos.map(|(_, t)| t).unwrap_or_default();
+        let byte_level = matches!(tokenizer.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
         Ok(Self {
             tokenizer,
             path,
@@ -97,6 +101,7 @@ impl TextCodec {
             eos_text,
             stop_ids,
             template,
+            byte_level,
         })
     }
 
@@ -159,9 +164,44 @@ impl TextCodec {
         self.decode(&[id]).unwrap_or_default()
     }
 
+    /// The bytes of one token, as OpenAI's chat logprobs list them: exact for byte-level BPE
+    /// and `<0xHH>` byte-fallback pieces, where a token can be part of a UTF-8 character that
+    /// its text (U+FFFD) cannot show; otherwise the bytes of its text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(piece) = self.tokenizer.id_to_token(id) {
+            if let Some(b) = byte_fallback(&piece) {
+                return vec![b];
+            }
+            if self.byte_level {
+                if let Some(bytes) = piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+                    return bytes;
+                }
+            }
+        }
+        self.token_text(id).into_bytes()
+    }
+
     pub fn eos_text(&self) -> &str {
         &self.eos_text
     }
+}
+
+/// SentencePiece's byte-fallback piece `<0xHH>`.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's `bytes_to_unicode`, inverted):
+/// printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let itself = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let c = c as u32;
+    if itself(c) {
+        return Some(c as u8);
+    }
+    let n = c.checked_sub(256)? as usize;
+    (0u32..=255).filter(|&b| !itself(b)).nth(n).map(|b| b as u8)
 }
 
 /// Turns a growing list of token ids into text deltas. Decoding one token at a time garbles
@@ -269,6 +309,21 @@ mod tests {
             matches!(&err, ChatEncodeError::Rejected(m) if m.contains("system messages are not supported")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn token_bytes_spell_the_text_even_where_one_token_is_part_of_a_character() {
+        let (_d, codec) = tiny(None);
+        let text = "naïve café 漢字 and more words";
+        let ids = codec.encode(text, false).expect("encode");
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| codec.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8(bytes).expect("utf-8"), text);
+        assert!(
+            ids.iter().any(|&id| codec.token_text(id).contains('\u{FFFD}')),
+            "some token must split a character, or this test proves nothing"
+        );
+        assert_eq!(byte_fallback("<0x0A>"), Some(b'\n'));
+        assert_eq!(byte_fallback("<0x0>"), None);
     }
 
     #[test]

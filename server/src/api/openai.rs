@@ -124,6 +124,25 @@ fn logprobs_json(codec: &TextCodec, tokens: &[TokenInfo], mut offset: usize) -> 
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
+/// OpenAI's chat logprobs object for `tokens`: per token its text, log-probability, bytes and
+/// the most likely alternatives.
+fn chat_logprobs_json(codec: &TextCodec, tokens: &[TokenInfo]) -> Value {
+    let entry = |id: u32, logprob: Option<f32>| json!({"token": codec.token_text(id), "logprob": logprob, "bytes": codec.token_bytes(id)});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let lp = t.logprob.as_ref();
+            let mut e = entry(t.id, lp.map(|l| l.logprob));
+            let top: Vec<Value> = lp
+                .map(|l| l.top.iter().map(|&(id, p)| entry(id, Some(p))).collect())
+                .unwrap_or_default();
+            e["top_logprobs"] = Value::Array(top);
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
 async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: Instant) -> Response {
     let mut text = String::new();
     let mut tokens = Vec::new();
@@ -157,7 +176,12 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
             json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
         }
         Endpoint::Chat => {
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            let lp = if meta.logprobs {
+                chat_logprobs_json(&state.codec, &tokens)
+            } else {
+                Value::Null
+            };
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish})
         }
     };
     let object = if meta.endpoint == Endpoint::Chat {
@@ -289,9 +313,14 @@ fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState,
             if !chunk.text.is_empty() || chunk.finish.is_none() {
                 delta["content"] = json!(chunk.text);
             }
+            let lp = if meta.logprobs {
+                chat_logprobs_json(&state.codec, &chunk.tokens)
+            } else {
+                Value::Null
+            };
             (
                 "chat.completion.chunk",
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}),
             )
         }
     };

@@ -207,22 +207,56 @@ pub fn resolve_model(ctx: &ValidationContext, model: &str) -> Result<(String, Op
     Ok((name.to_string(), adapter))
 }
 
+/// Fields this server does not implement are refused, naming the field, unless they ask for
+/// the default: a client that asked for JSON output or a tool call and silently got free text
+/// would find out much later, and in a worse place.
 fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
     let one = |v: &Value| v.as_i64() == Some(1);
-    f.unsupported("n", one)?;
+    let never = |_: &Value| false;
+    let is_false = |v: &Value| v == &Value::Bool(false);
+    let zero = |v: &Value| v.as_f64() == Some(0.0);
+    let empty_list = |v: &Value| v.as_array().is_some_and(|a| a.is_empty());
+    if f.get("n").is_some_and(|v| !one(v)) {
+        // One sequence per request: n choices would need n sequences sharing a prompt in the
+        // engine, which it does not schedule yet.
+        return Err(ApiError::invalid_code(
+            "n",
+            "unsupported_parameter",
+            "`n` must be 1: this server generates one choice per request; send separate requests (with different seeds) for more",
+        ));
+    }
     f.unsupported("best_of", one)?;
-    f.unsupported("echo", |v| v == &Value::Bool(false))?;
+    f.unsupported("echo", is_false)?;
     f.unsupported("suffix", |v| v.as_str() == Some(""))?;
     f.unsupported("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty()))?;
-    f.unsupported("tools", |v| v.as_array().is_some_and(|a| a.is_empty()))?;
-    f.unsupported("functions", |v| v.as_array().is_some_and(|a| a.is_empty()))?;
-    f.unsupported("tool_choice", |v| v.as_str() == Some("none"))?;
+    // Tool calling and structured output (OpenAI's and vLLM's names): no grammar decoding.
+    f.unsupported("tools", empty_list)?;
+    f.unsupported("functions", empty_list)?;
+    f.unsupported("tool_choice", |v| matches!(v.as_str(), Some("none" | "auto")))?;
+    f.unsupported("function_call", |v| matches!(v.as_str(), Some("none" | "auto")))?;
     f.unsupported("response_format", |v| {
         v.get("type").and_then(Value::as_str) == Some("text")
     })?;
+    for guided in [
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
+    ] {
+        f.unsupported(guided, never)?;
+    }
+    // vLLM's sampling extensions that would change the output.
+    f.unsupported("min_p", zero)?;
+    f.unsupported("repetition_penalty", |v| v.as_f64() == Some(1.0))?;
+    f.unsupported("min_tokens", zero)?;
+    f.unsupported("use_beam_search", is_false)?;
+    f.unsupported("prompt_logprobs", never)?;
+    f.unsupported("include_stop_str_in_output", is_false)?;
     if endpoint == Endpoint::Chat {
-        f.unsupported("logprobs", |v| v == &Value::Bool(false))?;
-        f.unsupported("top_logprobs", |v| v.as_i64() == Some(0))?;
+        f.unsupported("modalities", |v| v == &serde_json::json!(["text"]))?;
+        f.unsupported("audio", never)?;
+        f.unsupported("prediction", never)?;
     }
     Ok(())
 }
@@ -252,7 +286,19 @@ fn sampling(f: &Fields, endpoint: Endpoint, vocab: usize) -> Result<SamplingPara
     let d = SamplingParams::default();
     let logprobs = match endpoint {
         Endpoint::Completions => f.integer("logprobs", 0, 20)?.map(|n| n as usize),
-        Endpoint::Chat => None,
+        // Chat: `logprobs: true` asks for them, `top_logprobs` for how many alternatives.
+        Endpoint::Chat => {
+            let wanted = f.bool("logprobs")?.unwrap_or(false);
+            match f.integer("top_logprobs", 0, 20)? {
+                Some(n) if n > 0 && !wanted => {
+                    return Err(ApiError::invalid(
+                        "top_logprobs",
+                        "`top_logprobs` needs `logprobs: true`",
+                    ))
+                }
+                top => wanted.then_some(top.unwrap_or(0) as usize),
+            }
+        }
     };
     let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(1.0);
     if top_p == 0.0 {
@@ -389,10 +435,13 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
         let at = |field: &str| format!("messages[{i}].{field}");
         let role = match m.get("role").and_then(Value::as_str) {
             Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+            // OpenAI's newer name for system instructions; chat templates know only `system`,
+            // so it renders as one (as vLLM does).
+            Some("developer") => "system".to_string(),
             Some(r) => {
                 return Err(ApiError::invalid(
                     at("role"),
-                    format!("role `{r}` is not one of system, user, assistant"),
+                    format!("role `{r}` is not one of system, developer, user, assistant"),
                 ))
             }
             None => return Err(ApiError::invalid(at("role"), "each message needs a string `role`")),

@@ -226,3 +226,162 @@ async fn include_usage_sends_usage_in_a_final_chunk_without_choices() {
         }
     }
 }
+
+#[tokio::test]
+async fn developer_messages_render_as_system_messages() {
+    let s = server(&[]).await;
+    let chat = |role: &str| {
+        json!({"model": BASE, "temperature": 0, "max_tokens": 8, "messages": [
+            {"role": role, "content": "Answer in one word."},
+            {"role": "user", "content": "Hello there"},
+        ]})
+    };
+    let developer = post(&s.app, "/v1/chat/completions", chat("developer")).await;
+    assert_eq!(developer.status, 200, "{}", developer.text);
+    let system = post(&s.app, "/v1/chat/completions", chat("system")).await.json();
+    let user = post(&s.app, "/v1/chat/completions", chat("user")).await.json();
+    let developer = developer.json();
+    assert_eq!(developer["usage"], system["usage"]);
+    assert_eq!(developer["choices"][0]["message"], system["choices"][0]["message"]);
+    assert_ne!(
+        developer["choices"][0]["message"], user["choices"][0]["message"],
+        "the role must change the output, or this test proves nothing"
+    );
+}
+
+#[tokio::test]
+async fn chat_logprobs_list_each_token_with_bytes_and_alternatives_streamed_or_not() {
+    let s = server(&[]).await;
+    let body = json!({
+        "model": BASE, "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 3,
+        "messages": [{"role": "user", "content": "Tell me about cafés"}],
+    });
+    let whole = post(&s.app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(whole.status, 200, "{}", whole.text);
+    let whole = whole.json();
+    let choice = &whole["choices"][0];
+    let content = choice["logprobs"]["content"].as_array().expect("logprobs.content");
+    assert_eq!(
+        content.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().expect("usage")
+    );
+    let mut bytes = Vec::new();
+    for t in content {
+        assert!(t["token"].is_string(), "{t}");
+        let chosen = t["logprob"].as_f64().expect("logprob");
+        assert!(chosen <= 0.0, "{t}");
+        bytes.extend(
+            t["bytes"]
+                .as_array()
+                .expect("bytes")
+                .iter()
+                .map(|b| b.as_u64().expect("byte") as u8),
+        );
+        let top = t["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 3, "{t}");
+        let lps: Vec<f64> = top.iter().map(|a| a["logprob"].as_f64().expect("logprob")).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "most likely first: {t}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], t["token"], "{t}");
+        assert!((lps[0] - chosen).abs() < 1e-5, "{t}");
+        assert!(top.iter().all(|a| a["bytes"].is_array()), "{t}");
+    }
+    // Lossy: the tiny model's random tokens need not form whole characters, and the text
+    // shows a broken one as U+FFFD, as decoding the bytes lossily does.
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        choice["message"]["content"].as_str().expect("content"),
+        "the tokens' bytes spell the message"
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let reply = post(&s.app, "/v1/chat/completions", streamed).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let data = reply.sse_data();
+    let streamed_content: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).expect("JSON chunk"))
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .expect("every chunk carries logprobs")
+        })
+        .collect();
+    assert_eq!(streamed_content, *content, "streamed logprobs are the same tokens");
+
+    // No alternatives asked: the chosen tokens only; no logprobs asked: null.
+    let mut bare = body.clone();
+    bare["top_logprobs"] = json!(0);
+    let bare = post(&s.app, "/v1/chat/completions", bare).await.json();
+    let first = &bare["choices"][0]["logprobs"]["content"][0];
+    assert_eq!(first["top_logprobs"], json!([]), "{first}");
+    assert_eq!(first["token"], content[0]["token"]);
+    let mut none = body;
+    none.as_object_mut().expect("object").remove("top_logprobs");
+    none["logprobs"] = json!(false);
+    let none = post(&s.app, "/v1/chat/completions", none).await.json();
+    assert!(none["choices"][0]["logprobs"].is_null(), "{none}");
+}
+
+#[tokio::test]
+async fn unimplemented_output_controls_get_a_400_naming_them_instead_of_being_ignored() {
+    let s = server(&[]).await;
+    let chat = |field: &str, value: Value| {
+        let mut v = json!({"model": BASE, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+        v[field] = value;
+        v
+    };
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let refused = [
+        ("guided_json", json!({"type": "object"})),
+        ("guided_regex", json!("[a-z]+")),
+        ("guided_choice", json!(["yes", "no"])),
+        ("guided_grammar", json!("root ::= \"a\"")),
+        ("structured_outputs", json!({"json": {"type": "object"}})),
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ),
+        ("tools", tool.clone()),
+        ("tool_choice", json!("required")),
+        ("functions", json!([{"name": "f"}])),
+        ("function_call", json!({"name": "f"})),
+        ("repetition_penalty", json!(1.2)),
+        ("min_p", json!(0.1)),
+        ("n", json!(2)),
+    ];
+    for (field, value) in refused {
+        for path in ["/v1/chat/completions", "/v1/completions"] {
+            let mut body = chat(field, value.clone());
+            if path == "/v1/completions" {
+                let o = body.as_object_mut().expect("object");
+                o.remove("messages");
+                o.insert("prompt".into(), json!("hi"));
+            }
+            let err = assert_error(&post(&s.app, path, body).await, 400, "unsupported_parameter");
+            assert_eq!(err["param"], field, "{path} {field}: {err}");
+            assert!(
+                err["message"]
+                    .as_str()
+                    .expect("message")
+                    .contains(&format!("`{field}`")),
+                "{err}"
+            );
+        }
+    }
+    // What asks for the default is accepted.
+    for (field, value) in [
+        ("response_format", json!({"type": "text"})),
+        ("tools", json!([])),
+        ("tool_choice", json!("none")),
+        ("tool_choice", json!("auto")),
+        ("n", json!(1)),
+        ("guided_json", Value::Null),
+    ] {
+        let reply = post(&s.app, "/v1/chat/completions", chat(field, value.clone())).await;
+        assert_eq!(reply.status, 200, "{field}={value}: {}", reply.text);
+    }
+}

@@ -202,9 +202,22 @@ async fn each_bad_request_gets_a_400_naming_the_field() {
         ),
         (
             "chat/completions",
-            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": true}).to_string(),
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).to_string(),
+            json!("top_logprobs"),
+            "invalid_value",
+        ),
+        (
+            "chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21})
+                .to_string(),
+            json!("top_logprobs"),
+            "invalid_value",
+        ),
+        (
+            "chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}).to_string(),
             json!("logprobs"),
-            "unsupported_parameter",
+            "invalid_value",
         ),
         (
             "chat/completions",
