@@ -92,43 +92,110 @@ impl Sampler {
 
     fn draw(&mut self, scores: &mut [f32]) -> u32 {
         let p = &self.params;
-        let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
-        if p.top_k > 0 {
-            order.truncate(p.top_k);
-        }
-        let max = scores[order[0] as usize];
-        let mut probs: Vec<f32> = order
-            .iter()
-            .map(|&i| ((scores[i as usize] - max) / p.temperature).exp())
-            .collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        if p.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (at least one token).
-            let mut mass = 0.0;
-            let mut keep = 0;
-            for &x in &probs {
-                mass += x;
+        let mut ranked = Ranked::new(scores, p.top_k);
+        let Some(first) = ranked.get(0) else {
+            return 0;
+        };
+        let max = scores[first as usize];
+        let weight = |i: u32| ((scores[i as usize] - max) / p.temperature).exp();
+        // The candidates' total mass, summed in an order that does not need them ranked: all
+        // of the vocabulary in id order, or the top-k in rank order (ranked anyway, and few).
+        let total: f32 = if p.top_k > 0 {
+            (0..ranked.len()).filter_map(|r| ranked.get(r)).map(weight).sum()
+        } else {
+            (0..scores.len() as u32).map(weight).sum()
+        };
+        // top-p: the smallest prefix whose mass reaches top_p (at least one token). Ranking
+        // stops at the cut, which for a peaked distribution is a few dozen tokens.
+        let (keep, kept_mass) = if p.top_p < 1.0 {
+            let target = p.top_p * total;
+            let (mut mass, mut keep) = (0.0f32, 0);
+            while let Some(i) = ranked.get(keep) {
+                mass += weight(i);
                 keep += 1;
-                if mass >= p.top_p {
+                if mass >= target {
                     break;
                 }
             }
-            order.truncate(keep);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, &x) in probs.iter().enumerate() {
+            (keep, mass)
+        } else {
+            (ranked.len(), total)
+        };
+        let mut r = self.rng.random::<f32>() * kept_mass;
+        let mut last = first;
+        for rank in 0..keep {
+            let Some(i) = ranked.get(rank) else { break };
+            let x = weight(i);
             if r < x {
-                return order[i];
+                return i;
             }
             r -= x;
+            last = i;
         }
         // Rounding left r just above the last bucket.
-        order[probs.len() - 1]
+        last
     }
+}
+
+/// Token ids by descending score (ties: lower id first), ranked lazily: only as far as a
+/// caller reads, by partial selection of the unranked rest in growing blocks. Sampling reads
+/// the top few dozen of a vocabulary of 32k-150k, so sorting all of it for every token was
+/// most of the cost. The order is a total order, so the ranks are exactly a full sort's.
+pub struct Ranked<'a> {
+    scores: &'a [f32],
+    order: Vec<u32>,
+    /// `order[..ranked]` is in final order.
+    ranked: usize,
+}
+
+impl<'a> Ranked<'a> {
+    /// The top `limit` ids (all when `limit` is 0).
+    pub fn new(scores: &'a [f32], limit: usize) -> Self {
+        let mut r = Self {
+            scores,
+            order: (0..scores.len() as u32).collect(),
+            ranked: 0,
+        };
+        if limit > 0 && limit < r.order.len() {
+            let scores = r.scores;
+            r.order
+                .select_nth_unstable_by(limit - 1, |&a, &b| by_score(scores, a, b));
+            r.order.truncate(limit);
+        }
+        r
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The id at `rank` (0 is the highest score).
+    pub fn get(&mut self, rank: usize) -> Option<u32> {
+        if rank >= self.order.len() {
+            return None;
+        }
+        if rank >= self.ranked {
+            // Blocks grow 4x, so reading all of it costs O(n log n) like one sort.
+            let end = (rank + 1).max(self.ranked * 4).max(64).min(self.order.len());
+            let scores = self.scores;
+            let rest = &mut self.order[self.ranked..];
+            let take = end - self.ranked;
+            if take < rest.len() {
+                rest.select_nth_unstable_by(take - 1, |&a, &b| by_score(scores, a, b));
+            }
+            rest[..take].sort_unstable_by(|&a, &b| by_score(scores, a, b));
+            self.ranked = end;
+        }
+        Some(self.order[rank])
+    }
+}
+
+fn by_score(scores: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
+    scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b))
 }
 
 /// First index of the largest value (the model crate's greedy decoding picks the same).
@@ -145,16 +212,11 @@ pub fn argmax(xs: &[f32]) -> u32 {
 fn logprobs_of(logits: &[f32], chosen: u32, n: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_z = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-    let mut top: Vec<(u32, f32)> = Vec::new();
-    if n > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-        top = idx
-            .into_iter()
-            .take(n)
-            .map(|i| (i, logits[i as usize] - log_z))
-            .collect();
-    }
+    let mut ranked = Ranked::new(logits, n);
+    let top: Vec<(u32, f32)> = (0..n.min(ranked.len()))
+        .filter_map(|r| ranked.get(r))
+        .map(|i| (i, logits[i as usize] - log_z))
+        .collect();
     TokenLogprob {
         logprob: logits[chosen as usize] - log_z,
         top,
@@ -216,6 +278,95 @@ mod tests {
         assert_eq!(s.sample(&logits).0, 0);
         // Token 0 now carries a penalty of 1.0: 1.0 < 1.5.
         assert_eq!(s.sample(&logits).0, 1);
+    }
+
+    /// The sampler as it was before ranking became lazy: the whole vocabulary sorted, then the
+    /// same arithmetic.
+    fn draw_by_full_sort(p: &SamplingParams, rng: &mut ChaCha8Rng, scores: &[f32]) -> u32 {
+        let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let max = scores[order[0] as usize];
+        let weight = |i: u32| ((scores[i as usize] - max) / p.temperature).exp();
+        let total: f32 = if p.top_k > 0 {
+            order.iter().map(|&i| weight(i)).sum()
+        } else {
+            (0..scores.len() as u32).map(weight).sum()
+        };
+        let mut keep = order.len();
+        let mut kept_mass = total;
+        if p.top_p < 1.0 {
+            let (mut mass, mut k) = (0.0f32, 0);
+            for &i in &order {
+                mass += weight(i);
+                k += 1;
+                if mass >= p.top_p * total {
+                    break;
+                }
+            }
+            keep = k;
+            kept_mass = mass;
+        }
+        let mut r = rng.random::<f32>() * kept_mass;
+        for &i in &order[..keep] {
+            if r < weight(i) {
+                return i;
+            }
+            r -= weight(i);
+        }
+        order[keep - 1]
+    }
+
+    #[test]
+    fn lazy_ranking_samples_exactly_what_a_full_sort_samples() {
+        let mut gen = ChaCha8Rng::seed_from_u64(11);
+        let mut checked = 0;
+        for case in 0..60 {
+            let vocab = [5, 64, 65, 300, 5000][case % 5];
+            // Peaked, flat and tied logits: ties exercise the id tie-break.
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| match case % 3 {
+                    0 => gen.random_range(-10.0f32..10.0),
+                    1 => gen.random_range(0.0f32..0.01),
+                    _ => gen.random_range(0..4) as f32,
+                })
+                .collect();
+            for (top_k, top_p, temperature) in [
+                (0, 1.0, 1.0),
+                (0, 0.9, 0.7),
+                (0, 0.999, 1.5),
+                (40, 1.0, 1.0),
+                (40, 0.5, 1.0),
+                (1, 1.0, 1.0),
+                (vocab, 0.95, 0.3),
+            ] {
+                let p = params(|p| {
+                    p.top_k = top_k;
+                    p.top_p = top_p;
+                    p.temperature = temperature;
+                    p.seed = Some(case as u64);
+                });
+                let mut lazy = Sampler::new(p.clone());
+                let mut rng = ChaCha8Rng::seed_from_u64(case as u64);
+                for _ in 0..10 {
+                    assert_eq!(
+                        lazy.sample(&logits).0,
+                        draw_by_full_sort(&p, &mut rng, &logits),
+                        "vocab {vocab} top_k {top_k} top_p {top_p} t {temperature}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 60 * 7 * 10);
+        // Top-n logprobs rank the same way too.
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1009) as f32 / 100.0).collect();
+        let mut full: Vec<u32> = (0..1000).collect();
+        full.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        let top = logprobs_of(&logits, 0, 20).top;
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), full[..20].to_vec());
     }
 
     #[test]
