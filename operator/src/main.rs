@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
 use kubetune_crds::{FineTuneJob, ModelDeployment};
 use kubetune_operator::config::OperatorConfig;
@@ -115,9 +115,16 @@ async fn main() -> anyhow::Result<()> {
     });
     let ftjs: Api<FineTuneJob> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
-    let finetunejobs = Controller::new(ftjs, watcher::Config::default());
-    let ftj_cache = finetunejobs.store();
-    let finetunejobs = finetunejobs
+    let (ftj_cache, ftj_writer) = reflector::store();
+    // Every change reaches the cache, but only a new generation (a spec change) triggers a
+    // reconcile: the operator's own status writes must not trigger the next one. Changes of
+    // the owned Jobs and the requeues still do.
+    let ftj_triggers = watcher(ftjs, watcher::Config::default())
+        .default_backoff()
+        .reflect(ftj_writer)
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let finetunejobs = Controller::for_stream(ftj_triggers, ftj_cache.clone())
         .owns(
             jobs,
             watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL),
