@@ -57,7 +57,12 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
     let logprobs = request.params.logprobs.is_some();
     let events = match state.engine.submit(request) {
         Ok(rx) => rx,
-        Err(e) => return refuse(&state, &body, e),
+        Err(e) => {
+            if e.status().is_server_error() {
+                log_failure(request_id.as_ref(), &model, &e);
+            }
+            return refuse(&state, &body, e);
+        }
     };
     let generation = Generation::new(events, state.codec.clone(), stop, prompt_tokens);
     let meta = Meta {
@@ -159,7 +164,7 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
                 finish = f.or(finish);
             }
             Err(e) => {
-                log_failure(&meta, &e);
+                log_failure(meta.request_id.as_ref(), &meta.model, &e);
                 state.metrics.request(&meta.model, e.status().as_u16());
                 return e.into_response();
             }
@@ -253,7 +258,7 @@ fn sse(
                 return Some((SseEvent::default().data("[DONE]"), s));
             }
             Some(Err(e)) => {
-                log_failure(&s.meta, &e);
+                log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
                 SseEvent::default().data(e.body().to_string())
             }
             Some(Ok(chunk)) => {
@@ -284,9 +289,9 @@ fn chunk_object(endpoint: Endpoint) -> &'static str {
 
 /// Engine failures are the server's fault: logged with what an operator needs to find the
 /// request the client reports.
-fn log_failure(meta: &Meta, e: &ApiError) {
-    let request_id = meta.request_id.as_ref().map(|r| r.0.as_str()).unwrap_or("-");
-    tracing::error!(request_id, model = %meta.model, error = %e, "generation failed");
+fn log_failure(request_id: Option<&RequestId>, model: &str, e: &ApiError) {
+    let request_id = request_id.map(|r| r.0.as_str()).unwrap_or("-");
+    tracing::error!(request_id, model, error = %e, "generation failed");
 }
 
 fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState, meta: &Meta, chunk: Chunk) -> Value {

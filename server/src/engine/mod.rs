@@ -10,6 +10,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::sampling::{SamplingParams, TokenLogprob};
 use backend::Backend;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -90,6 +91,22 @@ pub struct Engine {
     permits: Arc<Semaphore>,
     config: EngineConfig,
     kv_bytes_per_token: usize,
+    /// False once the actor thread has ended: it panicked, since it otherwise runs as long as
+    /// any handle exists.
+    alive: Arc<AtomicBool>,
+}
+
+/// Clears the engine's liveness when the actor thread ends, by return or by panic (drop runs
+/// during unwinding).
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; /health now fails so the pod is restarted");
+        }
+    }
 }
 
 impl Engine {
@@ -100,16 +117,28 @@ impl Engine {
         let kv_bytes_per_token = backend.kv_bytes_per_token();
         let permits = Arc::new(Semaphore::new(config.max_batch + config.max_queue));
         let actor_config = config.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name("kubetune-engine".into())
-            .spawn(move || actor::run(backend, rx, actor_config, metrics))
+            .spawn(move || {
+                let _guard = guard;
+                actor::run(backend, rx, actor_config, metrics)
+            })
             .expect("spawning the engine thread");
         Self {
             tx,
             permits,
             config,
             kv_bytes_per_token,
+            alive,
         }
+    }
+
+    /// Whether the actor thread still runs. Once it has died nothing can be generated, and
+    /// the probes say so instead of answering 200 while every request fails.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -124,6 +153,9 @@ impl Engine {
     /// Queues a request, or refuses it at once when the server is at capacity. Dropping the
     /// returned receiver cancels the generation at the next step.
     pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        if !self.is_alive() {
+            return Err(ApiError::EngineDown);
+        }
         let permit = self.permits.clone().try_acquire_owned().map_err(|e| match e {
             tokio::sync::TryAcquireError::Closed => ApiError::ShuttingDown,
             tokio::sync::TryAcquireError::NoPermits => ApiError::Overloaded {
@@ -138,7 +170,8 @@ impl Engine {
             enqueued: Instant::now(),
             _permit: permit,
         };
-        self.tx.send(admitted).map_err(|_| ApiError::ShuttingDown)?;
+        // The receiver is gone only when the actor thread has ended.
+        self.tx.send(admitted).map_err(|_| ApiError::EngineDown)?;
         Ok(rx)
     }
 

@@ -192,6 +192,10 @@ pub struct TestBackend {
 pub struct Probe {
     prefill_gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     step_gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// The next forward call returns an error (a failed step, the engine lives on).
+    pub fail_next: std::sync::atomic::AtomicBool,
+    /// The next forward call panics, which ends the engine thread.
+    pub panic_next: std::sync::atomic::AtomicBool,
     pub max_adapters_in_step: std::sync::atomic::AtomicUsize,
     pub max_batch_in_step: std::sync::atomic::AtomicUsize,
 }
@@ -246,9 +250,16 @@ impl Backend for TestBackend {
         cache: &mut Self::Cache,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<f32>, String> {
+        use std::sync::atomic::Ordering;
         let gate = self.probe.prefill_gate.lock().expect("lock").take();
         if let Some(rx) = gate {
             let _ = rx.recv();
+        }
+        if self.probe.fail_next.swap(false, Ordering::SeqCst) {
+            return Err("scripted backend failure".into());
+        }
+        if self.probe.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("scripted engine panic");
         }
         self.inner.forward(tokens, cache, adapter)
     }

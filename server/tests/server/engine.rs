@@ -166,3 +166,32 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
         .expect("task")
         .expect("serve ok");
 }
+
+#[tokio::test]
+async fn a_failed_engine_step_fails_only_its_request_and_health_stays_up() {
+    let (s, probe) = gated_server(&[]).await;
+    probe.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = post(&s.app, "/v1/completions", body(3, false)).await;
+    assert_eq!(failed.status, 500, "{}", failed.text);
+    assert_eq!(failed.json()["error"]["code"], "internal_error");
+    assert!(failed.headers.contains_key("x-request-id"));
+    assert_eq!(post(&s.app, "/v1/completions", body(3, false)).await.status, 200);
+    assert_eq!(send(&s.app, "GET", "/health", None).await.status, 200);
+    assert_eq!(send(&s.app, "GET", "/ready", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_dead_engine_thread_fails_health_and_readiness() {
+    let (s, probe) = gated_server(&[]).await;
+    assert_eq!(send(&s.app, "GET", "/health", None).await.status, 200);
+    probe.panic_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = post(&s.app, "/v1/completions", body(3, false)).await;
+    assert_eq!(lost.status, 500, "{}", lost.text);
+    wait_until("the engine thread has ended", || !s.state.engine.is_alive()).await;
+    for path in ["/health", "/ready"] {
+        assert_eq!(send(&s.app, "GET", path, None).await.status, 503, "{path}");
+    }
+    let refused = post(&s.app, "/v1/completions", body(3, false)).await;
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.json()["error"]["code"], "engine_stopped");
+}
