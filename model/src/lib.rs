@@ -15,6 +15,7 @@
 //! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
 //! - [`malloc`] keeps glibc from mapping and unmapping every tensor-sized block.
 //! - [`threads`] settles the CPU thread count once per process (binaries call it first).
+//! - [`gguf`] turns a GGUF file (llama.cpp, Ollama) into the HF layout the loader reads.
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
 
 mod attention;
@@ -29,6 +30,7 @@ pub mod device;
 pub mod error;
 mod fused;
 pub mod generate;
+pub mod gguf;
 pub mod int8;
 mod layer_grad;
 pub mod linear;
