@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Every flag also reads `KUBETUNE_<FLAG>` (`--max-batch`: `KUBETUNE_MAX_BATCH`), as the
+/// operator's flags do; a flag on the command line wins. Repeatable flags take one value from
+/// the environment.
 #[derive(Parser, Debug, Clone)]
 #[command(
     version,
@@ -24,45 +27,45 @@ use std::time::Duration;
 )]
 pub struct Args {
     /// Base model: a local directory, file://, s3://, gs://, az:// or hf:// URI (HF layout).
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_MODEL")]
     pub model: String,
     /// The id clients use for the base model; defaults to --model.
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Other names of the base model that adapters may record as base_model_name_or_path.
-    #[arg(long = "base-model-alias")]
+    #[arg(long = "base-model-alias", env = "KUBETUNE_BASE_MODEL_ALIAS")]
     pub base_model_aliases: Vec<String>,
     /// An adapter to load at start, `name=SOURCE` (registry reference `reg-name@N`, URI or
     /// directory). Repeatable.
-    #[arg(long = "adapter", value_parser = parse_adapter_flag)]
+    #[arg(long = "adapter", env = "KUBETUNE_ADAPTER", value_parser = parse_adapter_flag)]
     pub adapters: Vec<AdapterSpec>,
     /// The operator's adapters file (JSON `{"adapters": [{name, source, version, digest}]}`).
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_ADAPTERS_FILE")]
     pub adapters_file: Option<PathBuf>,
     /// Adapter registry root that registry references resolve in.
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_REGISTRY")]
     pub registry: Option<String>,
-    #[arg(long, default_value = "0.0.0.0:8000")]
+    #[arg(long, env = "KUBETUNE_LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: String,
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, env = "KUBETUNE_MAX_BATCH", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_batch: u32,
     /// Longest prompt + completion in tokens; defaults to the model's max_position_embeddings.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(2..))]
+    #[arg(long, env = "KUBETUNE_MAX_CONTEXT", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_context: Option<u32>,
     /// Requests that may wait for a batch slot before the server answers 429.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "KUBETUNE_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: u32,
     /// KV cache memory for all running sequences together, MiB.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KUBETUNE_KV_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub kv_cache_mb: u64,
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KUBETUNE_MAX_ADAPTERS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_adapters: u32,
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KUBETUNE_MAX_ADAPTER_RANK", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_adapter_rank: u32,
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KUBETUNE_MAX_ADAPTER_MEMORY_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_adapter_memory_mb: u64,
     /// Fold the one listed adapter into the base weights (fastest; no other adapters served).
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_MERGE")]
     pub merge: bool,
     /// How the base weights are held. `none`: as the checkpoint has them (f32). `int8`: the
     /// projections and the head rounded to int8 with one scale per output row, for CPU
@@ -71,7 +74,7 @@ pub struct Args {
     /// quantization), so prefill and batched decoding multiply in int8 too. Benchmark model:
     /// about 3x f32's single-stream speed. Adapters stay f32; with --merge the adapter is
     /// folded in before rounding.
-    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    #[arg(long, env = "KUBETUNE_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
     /// auto, cpu, cuda or cuda:N. auto: CUDA when this binary was built with it and a GPU
     /// opens, else the CPU. An explicit cuda never falls back to the CPU. On a GPU the base is
@@ -81,24 +84,24 @@ pub struct Args {
     /// File with one API key per line; when set, completions and chat require
     /// `Authorization: Bearer <key>`, and so does GET /v1/models (which also takes an admin key).
     /// Without it they are open.
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// File with one admin key per line; when set, the adapter admin API (POST/GET
     /// /v1/adapters, DELETE /v1/adapters/NAME) requires `Authorization: Bearer <admin key>`.
     /// Without it the admin API is open to anyone who can reach the port (restrict it with a
     /// NetworkPolicy); API keys never grant admin access.
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_ADMIN_API_KEY_FILE")]
     pub admin_api_key_file: Option<PathBuf>,
     /// Download cache for models and adapters from object storage and the registry.
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Directory of a mounted Secret with storage credentials (AWS_*, ...), on top of the env.
-    #[arg(long)]
+    #[arg(long, env = "KUBETUNE_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
     /// How long in-flight requests may run after SIGTERM before the server exits anyway.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "KUBETUNE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "KUBETUNE_RETRY_AFTER_S", default_value_t = 1)]
     pub retry_after_s: u64,
 }
 
@@ -169,16 +172,26 @@ fn startup_adapters(args: &Args) -> Result<Vec<AdapterSpec>, StartupError> {
     Ok(specs)
 }
 
+/// The model's directory in HF layout: `--model` itself, its download, or, for a GGUF file,
+/// the import beside it.
 async fn model_dir(args: &Args, cache: Option<&Cache>, credentials: &Credentials) -> Result<PathBuf, StartupError> {
+    let path = model_path(args, cache, credentials).await?;
+    tokio::task::spawn_blocking(move || kubetune_model::gguf::model_dir(&path))
+        .await
+        .map_err(|e| StartupError::Warmup(e.to_string()))?
+        .map_err(StartupError::from)
+}
+
+async fn model_path(args: &Args, cache: Option<&Cache>, credentials: &Credentials) -> Result<PathBuf, StartupError> {
     let local = Path::new(&args.model);
-    if local.is_dir() {
+    if local.is_dir() || kubetune_model::gguf::is_gguf(local) {
         return Ok(local.to_path_buf());
     }
     let cache = cache.ok_or_else(|| {
         flag(
             "--model",
             format!(
-                "`{}` is not a local directory, and without --cache-dir it cannot be downloaded",
+                "`{}` is not a local directory or .gguf file, and without --cache-dir it cannot be downloaded",
                 args.model
             ),
         )
@@ -312,7 +325,7 @@ pub async fn build_with<B: Backend>(
         kv_budget_bytes: (args.kv_cache_mb as usize).saturating_mul(1 << 20),
         retry_after_s: args.retry_after_s,
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(&base_name));
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };
@@ -405,5 +418,55 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_also_reads_its_kubetune_environment_variable() {
+        let command = Args::command();
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long().filter(|l| !matches!(*l, "help" | "version")) else {
+                continue;
+            };
+            let want = format!("KUBETUNE_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(want.as_str()), "--{long}");
+            checked += 1;
+        }
+        assert!(checked >= 20, "{checked} flags");
+    }
+
+    #[test]
+    fn flags_from_the_environment_parse_like_flags_and_the_command_line_wins() {
+        // The only test in this binary that sets these variables, so parallel tests cannot
+        // see them.
+        let vars = [
+            ("KUBETUNE_MODEL", "/models/m"),
+            ("KUBETUNE_MAX_BATCH", "3"),
+            ("KUBETUNE_MAX_QUEUE", "9"),
+            ("KUBETUNE_MERGE", "true"),
+            ("KUBETUNE_ADAPTER", "a=/adapters/a"),
+            ("KUBETUNE_QUANTIZE", "int8"),
+        ];
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let parsed = Args::try_parse_from(["kubetune-server", "--max-batch", "5"]);
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        let args = parsed.expect("the environment supplies --model");
+        assert_eq!(args.model, "/models/m");
+        assert_eq!(args.max_batch, 5, "the command line wins");
+        assert_eq!(args.max_queue, 9);
+        assert!(args.merge);
+        assert_eq!(args.quantize, Quantize::Int8);
+        assert_eq!(args.adapters.len(), 1);
+        assert_eq!(args.adapters[0].source, "/adapters/a");
     }
 }

@@ -213,11 +213,17 @@ impl Cache {
     }
 
     /// Makes a model available locally: `hf://` from the Hugging Face hub (honouring
-    /// HF_HUB_OFFLINE), anything else as a directory prefix of a store.
+    /// HF_HUB_OFFLINE), a `.gguf` object as that one file (the model crate imports it), anything
+    /// else as a directory prefix of a store.
     pub async fn download_model(&self, uri: &str, credentials: &Credentials) -> Result<PathBuf> {
         match StorageUri::parse(uri)? {
             StorageUri::HuggingFace(repo) => {
                 hf::download(self, &repo, &self.hf, &self.retry, self.progress.as_ref()).await
+            }
+            _ if names_gguf_file(uri) => {
+                let (parent, name) = uri.rsplit_once('/').expect("a parsed store URI has a path");
+                let storage = Storage::from_uri(parent, credentials)?;
+                self.download_object(&storage, name, None).await
             }
             _ => {
                 let storage = Storage::from_uri(uri, credentials)?;
@@ -241,6 +247,12 @@ impl Cache {
         }
         Ok(entry)
     }
+}
+
+/// True for a store URI whose last segment is a GGUF file name (llama.cpp's single-file format).
+fn names_gguf_file(uri: &str) -> bool {
+    let last = uri.rsplit('/').next().unwrap_or_default();
+    last.len() > ".gguf".len() && last.to_ascii_lowercase().ends_with(".gguf")
 }
 
 /// A held exclusive lock; released when dropped (or when the process dies).

@@ -14,6 +14,7 @@ both_backends!(
     changed_object_gets_new_entry,
     expected_digest_is_verified,
     model_prefix_downloads_as_directory,
+    gguf_model_downloads_as_its_one_file,
     concurrent_adapter_fetches,
 );
 
@@ -150,6 +151,31 @@ async fn model_prefix_downloads_as_directory(env: &Env) {
         matches!(&err, StorageError::NotFound { uri } if uri == &missing),
         "{err}"
     );
+}
+
+async fn gguf_model_downloads_as_its_one_file(env: &Env) {
+    env.storage
+        .put_bytes("models/smol/model.Q4_1.gguf", "GGUF".into())
+        .await
+        .unwrap();
+    env.storage
+        .put_bytes("models/smol/other.gguf", "not this one".into())
+        .await
+        .unwrap();
+    let cache = Cache::new(env.scratch.path().join("cache")).unwrap();
+    let uri = env.storage.object_uri("models/smol/model.Q4_1.gguf");
+    let path = cache.download_model(&uri, &env.creds).await.unwrap();
+    assert!(path.is_file(), "{} is the file itself", path.display());
+    assert_eq!(path.file_name().unwrap(), "model.Q4_1.gguf");
+    assert_eq!(std::fs::read(&path).unwrap(), b"GGUF");
+    assert_eq!(
+        std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+        1,
+        "no other object of the prefix is fetched"
+    );
+    let missing = env.storage.object_uri("models/smol/none.gguf");
+    let err = cache.download_model(&missing, &env.creds).await.unwrap_err();
+    assert!(matches!(&err, StorageError::NotFound { .. }), "{err}");
 }
 
 async fn concurrent_adapter_fetches(env: &Env) {

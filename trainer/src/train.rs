@@ -118,7 +118,8 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
 fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics> {
     let started = Instant::now();
     let t = &config.training;
-    let model_dir = local_path(&config.model, "model")?;
+    // A GGUF file is trained on through its HF-layout import (made once, beside the file).
+    let model_dir = kubetune_model::gguf::model_dir(&local_path(&config.model, "model")?)?;
     let output = local_path(&config.output, "output")?;
     let base = match config.method {
         Method::Lora => BaseFormat::Dense,
