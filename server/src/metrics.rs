@@ -1,8 +1,15 @@
 //! Prometheus metrics. Labels hold only values the server chose (served model names, HTTP
 //! status codes): a client sending random `model` strings cannot grow the series count.
+//!
+//! Besides its own `kubetune_server_*` series the server exports vLLM's names for the same
+//! quantities (`vllm:num_requests_running`, ...; labelled `model_name` with the base model's
+//! served name, as vLLM labels them), so dashboards and autoscalers written for vLLM read it
+//! unchanged. Colons are legal in Prometheus metric names (reserved for recording rules by
+//! convention, which vLLM ignores too) and the prometheus crate accepts them.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -15,13 +22,28 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub batch_size: Histogram,
     pub loaded_adapters: IntGauge,
+    pub vllm: VllmMetrics,
+}
+
+/// vLLM's names for the engine's state and request outcomes.
+pub struct VllmMetrics {
+    pub num_requests_running: IntGauge,
+    pub num_requests_waiting: IntGauge,
+    /// Share (0 to 1, despite the name, as in vLLM) of the KV cache budget reserved.
+    pub kv_cache_usage_perc: Gauge,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub e2e_request_latency: Histogram,
+    pub request_success: IntCounterVec,
 }
 
 /// Label for requests whose `model` matched nothing served.
 pub const UNKNOWN_MODEL: &str = "unknown";
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `model_name`: the base model's served name, the `model_name` label of vLLM's series.
+    pub fn new(model_name: &str) -> Self {
         let registry = Registry::new();
         let latency = || {
             vec![
@@ -75,8 +97,59 @@ impl Metrics {
         .expect("static metric definition");
         let loaded_adapters =
             IntGauge::new("kubetune_server_loaded_adapters", "LoRA adapters loaded").expect("static metric definition");
+        let vllm_opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
+        let vllm_histogram = |name: &str, help: &str| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .const_label("model_name", model_name)
+                    .buckets(latency()),
+            )
+            .expect("static metric definition")
+        };
+        let vllm = VllmMetrics {
+            num_requests_running: IntGauge::with_opts(vllm_opts(
+                "vllm:num_requests_running",
+                "Sequences in the running batch",
+            ))
+            .expect("static metric definition"),
+            num_requests_waiting: IntGauge::with_opts(vllm_opts(
+                "vllm:num_requests_waiting",
+                "Requests waiting for a batch slot",
+            ))
+            .expect("static metric definition"),
+            kv_cache_usage_perc: Gauge::with_opts(vllm_opts(
+                "vllm:kv_cache_usage_perc",
+                "Share of the KV cache budget reserved by running sequences (1 = full)",
+            ))
+            .expect("static metric definition"),
+            prompt_tokens: IntCounter::with_opts(vllm_opts("vllm:prompt_tokens_total", "Prompt tokens prefilled"))
+                .expect("static metric definition"),
+            generation_tokens: IntCounter::with_opts(vllm_opts("vllm:generation_tokens_total", "Tokens generated"))
+                .expect("static metric definition"),
+            time_to_first_token: vllm_histogram(
+                "vllm:time_to_first_token_seconds",
+                "From admission to the first generated token",
+            ),
+            e2e_request_latency: vllm_histogram(
+                "vllm:e2e_request_latency_seconds",
+                "End-to-end duration of generation requests",
+            ),
+            request_success: IntCounterVec::new(
+                vllm_opts("vllm:request_success_total", "Requests that finished, by why"),
+                &["finished_reason"],
+            )
+            .expect("static metric definition"),
+        };
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vllm.num_requests_running.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vllm.num_requests_waiting.clone()),
+            Box::new(vllm.kv_cache_usage_perc.clone()),
+            Box::new(vllm.prompt_tokens.clone()),
+            Box::new(vllm.generation_tokens.clone()),
+            Box::new(vllm.time_to_first_token.clone()),
+            Box::new(vllm.e2e_request_latency.clone()),
+            Box::new(vllm.request_success.clone()),
+            Box::new(requests.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(inter_token_latency.clone()),
             Box::new(request_duration.clone()),
@@ -97,7 +170,38 @@ impl Metrics {
             queue_depth,
             batch_size,
             loaded_adapters,
+            vllm,
         }
+    }
+
+    /// The engine's state after each step: waiting and running sequences, and the reserved
+    /// share of the KV budget.
+    pub fn engine_state(&self, waiting: usize, running: usize, kv_share: f64) {
+        self.queue_depth.set(waiting as i64);
+        self.vllm.num_requests_waiting.set(waiting as i64);
+        self.vllm.num_requests_running.set(running as i64);
+        self.vllm.kv_cache_usage_perc.set(kv_share);
+    }
+
+    pub fn prefilled(&self, prompt_tokens: usize) {
+        self.vllm.prompt_tokens.inc_by(prompt_tokens as u64);
+    }
+
+    pub fn first_token(&self, seconds: f64) {
+        self.time_to_first_token.observe(seconds);
+        self.vllm.time_to_first_token.observe(seconds);
+    }
+
+    pub fn generated_token(&self) {
+        self.generated_tokens.inc();
+        self.vllm.generation_tokens.inc();
+    }
+
+    /// A request ran to its end (`reason`: stop or length) after `seconds`.
+    pub fn finished(&self, model: &str, reason: &str, seconds: f64) {
+        self.request_duration.with_label_values(&[model]).observe(seconds);
+        self.vllm.e2e_request_latency.observe(seconds);
+        self.vllm.request_success.with_label_values(&[reason]).inc();
     }
 
     pub fn request(&self, model: &str, status: u16) {
@@ -115,6 +219,6 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new("")
     }
 }

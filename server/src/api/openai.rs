@@ -195,11 +195,11 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
         "text_completion"
     };
     state.metrics.request(&meta.model, 200);
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[&meta.model])
-        .observe(started.elapsed().as_secs_f64());
+    if let Some(reason) = finish {
+        state
+            .metrics
+            .finished(&meta.model, reason, started.elapsed().as_secs_f64());
+    }
     Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
         "choices": [choice], "usage": usage(&g),
@@ -262,13 +262,9 @@ fn sse(
                 SseEvent::default().data(e.body().to_string())
             }
             Some(Ok(chunk)) => {
-                if chunk.finish.is_some() {
-                    let model = s.meta.model.as_str();
-                    s.state
-                        .metrics
-                        .request_duration
-                        .with_label_values(&[model])
-                        .observe(s.started.elapsed().as_secs_f64());
+                if let Some(reason) = chunk.finish {
+                    let seconds = s.started.elapsed().as_secs_f64();
+                    s.state.metrics.finished(&s.meta.model, reason.as_str(), seconds);
                     s.usage_due = s.meta.include_usage;
                 }
                 SseEvent::default()

@@ -43,7 +43,7 @@ pub(super) fn run<B: Backend>(
     let mut kv_used = 0usize;
     loop {
         if waiting.is_empty() && running.is_empty() {
-            metrics.queue_depth.set(0);
+            metrics.engine_state(0, 0, 0.0);
             match rx.blocking_recv() {
                 Some(r) => waiting.push_back(r),
                 // Every handle is gone and nothing is left to finish.
@@ -68,7 +68,11 @@ pub(super) fn run<B: Backend>(
             kv_used += need;
             admitted.push((request, need));
         }
-        metrics.queue_depth.set(waiting.len() as i64);
+        metrics.engine_state(
+            waiting.len(),
+            running.len() + admitted.len(),
+            kv_share(kv_used, &config),
+        );
         let new = prefill(&backend, admitted, &metrics);
         let prefilled = new.len();
         running.extend(new);
@@ -88,7 +92,12 @@ pub(super) fn run<B: Backend>(
         // Finished sequences were dropped above; cancelled ones go here.
         running.retain(|s| !s.request.events.is_closed());
         kv_used = running.iter().map(|s| s.kv_reserved).sum();
+        metrics.engine_state(waiting.len(), running.len(), kv_share(kv_used, &config));
     }
+}
+
+fn kv_share(used: usize, config: &EngineConfig) -> f64 {
+    used as f64 / config.kv_budget_bytes.max(1) as f64
 }
 
 fn kv_need<B: Backend>(backend: &B, r: &Admitted) -> usize {
@@ -136,9 +145,8 @@ fn prefill<B: Backend>(backend: &B, admitted: Vec<(Admitted, usize)>, metrics: &
             last_emit: Instant::now(),
             kv_reserved,
         };
-        metrics
-            .time_to_first_token
-            .observe(seq.request.enqueued.elapsed().as_secs_f64());
+        metrics.prefilled(seq.request.req.prompt.len());
+        metrics.first_token(seq.request.enqueued.elapsed().as_secs_f64());
         if let Outcome::Continue = emit(&mut seq, &logits, metrics) {
             sequences.push(seq);
         }
@@ -185,7 +193,7 @@ fn emit<C>(seq: &mut Sequence<C>, logits: &[f32], metrics: &Metrics) -> Outcome 
     seq.generated += 1;
     seq.last_token = id;
     seq.last_emit = Instant::now();
-    metrics.generated_tokens.inc();
+    metrics.generated_token();
     if events.send(Event::Token { id, logprob }).is_err() {
         // The client went away.
         return Outcome::Done;

@@ -424,3 +424,66 @@ async fn startup_fails_with_the_flag_or_adapter_named() {
     .await;
     assert!(twice.contains("listed twice"), "{twice}");
 }
+
+/// The value of the series written exactly as `series` (name and labels) in `text`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+#[tokio::test]
+async fn vllm_named_series_count_what_requests_did() {
+    let (s, probe) = gated_server(&[]).await;
+    let before = send(&s.app, "GET", "/metrics", None).await.text;
+    let label = r#"{model_name="tiny"}"#;
+    let series = |name: &str| format!("{name}{label}");
+
+    // A request held at its first decode step shows as running, with KV cache reserved.
+    let step = probe.gate_steps();
+    let running = tokio::spawn({
+        let app = s.app.clone();
+        async move {
+            let body = json!({"model": BASE, "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": true});
+            post(&app, "/v1/completions", body).await
+        }
+    });
+    wait_until("the request is counted as running", || {
+        s.state.metrics.vllm.num_requests_running.get() == 1
+    })
+    .await;
+    let during = send(&s.app, "GET", "/metrics", None).await.text;
+    assert!(sample(&during, &series("vllm:kv_cache_usage_perc")) > 0.0, "{during}");
+    drop(step);
+    let done = running.await.expect("task").json();
+    wait_until("the engine is idle", || {
+        s.state.metrics.vllm.num_requests_running.get() == 0
+    })
+    .await;
+
+    let after = send(&s.app, "GET", "/metrics", None).await.text;
+    let delta = |name: &str| sample(&after, name) - sample(&before, name);
+    assert_eq!(
+        delta(&series("vllm:prompt_tokens_total")),
+        done["usage"]["prompt_tokens"].as_f64().expect("usage")
+    );
+    assert_eq!(delta(&series("vllm:generation_tokens_total")), 4.0);
+    assert_eq!(delta(&series("vllm:time_to_first_token_seconds_count")), 1.0);
+    assert_eq!(sample(&after, &series("vllm:e2e_request_latency_seconds_count")), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            r#"vllm:request_success_total{finished_reason="length",model_name="tiny"}"#
+        ),
+        1.0
+    );
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+    ] {
+        assert_eq!(sample(&after, &series(name)), 0.0, "{name}");
+    }
+}
