@@ -17,9 +17,15 @@ pub struct Metrics {
     modeldeployment_rollout: IntGaugeVec,
     /// ModelDeployments with series, (namespace, name), so deleted ones can be dropped.
     modeldeployments: Mutex<BTreeSet<(String, String)>>,
-    /// Phase of each FineTuneJob last reconciled, so the per-phase gauge counts each job once.
+    /// Phase of each FineTuneJob last reconciled ("namespace/name"), so the per-phase gauge
+    /// counts each job once.
     phases: Mutex<BTreeMap<String, String>>,
+    /// Namespaces with FineTuneJob series, so a namespace's go with its last job.
+    finetunejob_namespaces: Mutex<BTreeSet<String>>,
 }
+
+/// Every FineTuneJob phase: each namespace with a job reports all of them, zeros included.
+const FINETUNEJOB_PHASES: [&str; 5] = ["Pending", "Running", "Succeeded", "Failed", "Suspended"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -52,8 +58,12 @@ impl Metrics {
             &["controller"],
         )
         .expect("valid metric");
-        let finetunejobs = IntGaugeVec::new(Opts::new("kubetune_finetunejobs", "FineTuneJobs by phase"), &["phase"])
-            .expect("valid metric");
+        // By namespace too: on a shared cluster an alert on failed jobs goes to their team.
+        let finetunejobs = IntGaugeVec::new(
+            Opts::new("kubetune_finetunejobs", "FineTuneJobs by namespace and phase"),
+            &["namespace", "phase"],
+        )
+        .expect("valid metric");
         let modeldeployment_ready = IntGaugeVec::new(
             Opts::new(
                 "kubetune_modeldeployment_ready",
@@ -90,6 +100,7 @@ impl Metrics {
             modeldeployment_rollout,
             modeldeployments: Mutex::new(BTreeSet::new()),
             phases: Mutex::new(BTreeMap::new()),
+            finetunejob_namespaces: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -107,23 +118,35 @@ impl Metrics {
         self.failures.with_label_values(&[controller, error]).inc();
     }
 
-    /// Records a FineTuneJob's phase (None when it is gone) and refreshes the per-phase gauge.
+    /// Records the phase of the FineTuneJob `key` ("namespace/name"; phase None when it is
+    /// gone) and refreshes the per-namespace, per-phase gauge.
     pub fn set_finetunejob_phase(&self, key: &str, phase: Option<&str>) {
         let Ok(mut phases) = self.phases.lock() else { return };
         match phase {
             Some(p) => phases.insert(key.to_string(), p.to_string()),
             None => phases.remove(key),
         };
-        let mut counts: BTreeMap<&str, i64> = ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
-            .into_iter()
-            .map(|p| (p, 0))
-            .collect();
-        for p in phases.values() {
-            *counts.entry(p.as_str()).or_default() += 1;
+        let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for (key, phase) in phases.iter() {
+            let namespace = key.split_once('/').map_or("", |(ns, _)| ns);
+            for p in FINETUNEJOB_PHASES {
+                counts.entry((namespace, p)).or_default();
+            }
+            *counts.entry((namespace, phase.as_str())).or_default() += 1;
         }
-        for (phase, n) in counts {
-            self.finetunejobs.with_label_values(&[phase]).set(n);
+        let Ok(mut reported) = self.finetunejob_namespaces.lock() else {
+            return;
+        };
+        let now: BTreeSet<String> = counts.keys().map(|(ns, _)| ns.to_string()).collect();
+        for gone in reported.difference(&now) {
+            for p in FINETUNEJOB_PHASES {
+                let _ = self.finetunejobs.remove_label_values(&[gone, p]);
+            }
         }
+        for ((namespace, phase), n) in counts {
+            self.finetunejobs.with_label_values(&[namespace, phase]).set(n);
+        }
+        *reported = now;
     }
 
     /// Records a ModelDeployment's readiness and the state of its last rollout (None: no
@@ -239,10 +262,35 @@ mod tests {
             "{text}"
         );
 
-        m.set_finetunejob_phase("ns/job", Some("Running"));
         m.retain(|_, _| false, |_, _| false);
         let text = m.render();
         assert!(!text.contains("modeldeployment=\"support\""), "{text}");
-        assert!(text.contains(r#"kubetune_finetunejobs{phase="Running"} 0"#), "{text}");
+    }
+
+    #[test]
+    fn finetunejobs_are_counted_by_namespace_and_a_namespace_goes_with_its_last_job() {
+        let m = Metrics::new();
+        m.set_finetunejob_phase("team-a/one", Some("Running"));
+        m.set_finetunejob_phase("team-a/two", Some("Failed"));
+        m.set_finetunejob_phase("team-b/three", Some("Running"));
+        m.set_finetunejob_phase("team-a/two", Some("Failed"));
+        let text = m.render();
+        for series in [
+            r#"kubetune_finetunejobs{namespace="team-a",phase="Running"} 1"#,
+            r#"kubetune_finetunejobs{namespace="team-a",phase="Failed"} 1"#,
+            r#"kubetune_finetunejobs{namespace="team-a",phase="Pending"} 0"#,
+            r#"kubetune_finetunejobs{namespace="team-b",phase="Running"} 1"#,
+            r#"kubetune_finetunejobs{namespace="team-b",phase="Failed"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
+
+        m.retain(|ns, _| ns == "team-a", |_, _| true);
+        let text = m.render();
+        assert!(!text.contains(r#"namespace="team-b""#), "{text}");
+        assert!(
+            text.contains(r#"kubetune_finetunejobs{namespace="team-a",phase="Failed"} 1"#),
+            "{text}"
+        );
     }
 }

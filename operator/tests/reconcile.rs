@@ -404,7 +404,7 @@ async fn a_succeeded_job_whose_job_is_gone_asks_for_no_job_and_stays_succeeded()
     );
     let metrics = ctx.metrics.render();
     assert!(
-        metrics.contains(r#"kubetune_finetunejobs{phase="Succeeded"} 1"#),
+        metrics.contains(r#"kubetune_finetunejobs{namespace="team-a",phase="Succeeded"} 1"#),
         "{metrics}"
     );
 }
