@@ -129,13 +129,14 @@ fn empty_list(kind: &str) -> Value {
 #[tokio::test]
 async fn new_job_creates_the_trainer_job_and_reports_pending() {
     let (ctx, mut api) = context();
-    let ftj = Arc::new(finetunejob(json!({})));
-    let server = tokio::spawn(async move {
-        expect(&mut api, Method::GET, "/api/v1/nodes", 200, json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": [
+    let ftj = finetunejob(json!({}));
+    let (action, ()) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+        expect(api, Method::GET, "/api/v1/nodes", 200, json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": [
             {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "n1", "labels": {"nvidia.com/gpu.memory": "81920"}}}
         ]})).await;
         expect(
-            &mut api,
+            api,
             Method::GET,
             "/apis/batch/v1/namespaces/team-a/jobs/tiny",
             404,
@@ -143,7 +144,7 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         )
         .await;
         let job = expect(
-            &mut api,
+            api,
             Method::POST,
             "/apis/batch/v1/namespaces/team-a/jobs?&fieldManager=kubetune-operator",
             201,
@@ -165,7 +166,7 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
             "no resources: one GPU, and the trainer is told to use it: {env:?}"
         );
         expect(
-            &mut api,
+            api,
             Method::GET,
             "/api/v1/namespaces/team-a/pods?&labelSelector=kubetune.dev%2Ffinetunejob%3Dtiny",
             200,
@@ -173,7 +174,7 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         )
         .await;
         let status = expect(
-            &mut api,
+            api,
             Method::PATCH,
             "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
             200,
@@ -183,7 +184,7 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         assert_eq!(status["status"]["phase"], "Pending");
         assert_eq!(status["status"]["observedGeneration"], 1);
         let event = expect(
-            &mut api,
+            api,
             Method::POST,
             "/apis/events.k8s.io/v1/namespaces/team-a/events",
             200,
@@ -191,21 +192,11 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         )
         .await;
         assert_eq!(event["reason"], "Pending");
-        api
-    });
-    let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
+        }
+        .boxed()
+    })
+    .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
-    let mut api = tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("mock finished")
-        .expect("mock passed");
-    // Nothing else was asked of the API server (the client is gone, or at least silent).
-    let extra = tokio::time::timeout(Duration::from_millis(50), api.next_request()).await;
-    assert!(
-        matches!(extra, Err(_) | Ok(None)),
-        "unexpected extra request: {:?}",
-        extra.ok().flatten().map(|(r, _)| r.uri().clone())
-    );
 }
 
 /// The Ready condition a status patch sends.
@@ -219,68 +210,67 @@ fn ready_condition(status_patch: &Value) -> Value {
 #[tokio::test]
 async fn a_job_asking_for_two_gpus_fails_naming_the_field_and_creates_no_job() {
     let (ctx, mut api) = context();
-    let ftj = Arc::new(finetunejob(json!({"resources": {"limits": {"nvidia.com/gpu": "2"}}})));
-    let server = tokio::spawn(async move {
-        expect(
-            &mut api,
+    let ftj = finetunejob(json!({"resources": {"limits": {"nvidia.com/gpu": "2"}}}));
+    let (action, ()) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(
+            api,
             Method::GET,
             "/api/v1/nodes",
             200,
             json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": []}),
         )
         .await;
-        expect(
-            &mut api,
-            Method::GET,
-            "/apis/batch/v1/namespaces/team-a/jobs/tiny",
-            404,
-            not_found(),
-        )
-        .await;
-        expect(
-            &mut api,
-            Method::GET,
-            "/api/v1/namespaces/team-a/pods",
-            200,
-            empty_list("PodList"),
-        )
-        .await;
-        let status = expect(
-            &mut api,
-            Method::PATCH,
-            "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
-            200,
-            stored(),
-        )
-        .await;
-        assert_eq!(status["status"]["phase"], "Failed");
-        let ready = ready_condition(&status);
-        assert_eq!(ready["reason"], "InvalidSpec");
-        let message = ready["message"].as_str().unwrap_or_default();
-        assert!(
-            message.starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs"#),
-            "{message}"
-        );
-        assert!(message.contains("one GPU per pod is supported"), "{message}");
-        expect(
-            &mut api,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            200,
-            Value::Null,
-        )
-        .await;
-    });
-    let action = reconcile(ftj, ctx).await.expect("reconcile succeeds");
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                404,
+                not_found(),
+            )
+            .await;
+            expect(
+                api,
+                Method::GET,
+                "/api/v1/namespaces/team-a/pods",
+                200,
+                empty_list("PodList"),
+            )
+            .await;
+            let status = expect(
+                api,
+                Method::PATCH,
+                "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+                200,
+                stored(),
+            )
+            .await;
+            assert_eq!(status["status"]["phase"], "Failed");
+            let ready = ready_condition(&status);
+            assert_eq!(ready["reason"], "InvalidSpec");
+            let message = ready["message"].as_str().unwrap_or_default();
+            assert!(
+                message.starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs"#),
+                "{message}"
+            );
+            assert!(message.contains("one GPU per pod is supported"), "{message}");
+            expect(
+                api,
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/team-a/events",
+                200,
+                Value::Null,
+            )
+            .await;
+        }
+        .boxed()
+    })
+    .await;
     assert_eq!(
         action,
         Action::requeue(RESYNC_INTERVAL),
         "an invalid spec waits for a change, looking again only now and then: no hot loop"
     );
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("mock finished")
-        .expect("mock passed");
 }
 
 #[tokio::test]

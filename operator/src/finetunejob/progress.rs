@@ -106,6 +106,14 @@ kubetune_train_resumed_from_step{job=\"ns/ftj\"} 20
     }
 
     #[test]
+    fn a_trainer_with_no_loss_yet_exports_no_loss_series_and_the_progress_has_none() {
+        let p =
+            parse_progress("kubetune_train_step{job=\"ns/ftj\"} 0\nkubetune_train_total_steps{job=\"ns/ftj\"} 120\n")
+                .expect("progress");
+        assert_eq!((p.step, p.train_loss, p.eval_loss), (0, None, None));
+    }
+
+    #[test]
     fn no_step_metric_means_no_progress() {
         assert_eq!(parse_progress("kubetune_train_loss 1.0\n"), None);
         assert_eq!(parse_progress("garbage without spaces"), None);
