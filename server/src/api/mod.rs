@@ -101,6 +101,7 @@ impl AppState {
             kv_bytes_per_token: self.engine.kv_bytes(1),
             kv_budget_bytes: config.kv_budget_bytes,
             stop_ids: &self.stop_ids,
+            max_sequences: config.max_batch + config.max_queue,
         }
     }
 }

@@ -5,6 +5,7 @@ use super::generation::{Chunk, Generation, TokenInfo};
 use super::request_id::RequestId;
 use super::validate::{model_label, validate, Endpoint, ValidGeneration};
 use super::{unix_now, AppState};
+use crate::engine::FinishReason;
 use crate::error::ApiError;
 use crate::text::TextCodec;
 use axum::body::Bytes;
@@ -52,19 +53,32 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         stop,
         stream,
         include_usage,
+        n,
     } = valid;
     let prompt_tokens = request.prompt.len();
     let logprobs = request.params.logprobs.is_some();
-    let events = match state.engine.submit(request) {
-        Ok(rx) => rx,
-        Err(e) => {
-            if e.status().is_server_error() {
-                log_failure(request_id.as_ref(), &model, &e);
+    // One sequence per choice. All or none are admitted: a partly admitted request would
+    // hold slots for choices that could never be answered.
+    let mut generations = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut choice = request.clone();
+        // Seeded requests stay reproducible; the choices still differ from each other.
+        choice.params.seed = request.params.seed.map(|s| s.wrapping_add(i as u64));
+        match state.engine.submit(choice) {
+            Ok(events) => generations.push(Generation::new(
+                events,
+                state.codec.clone(),
+                stop.clone(),
+                prompt_tokens,
+            )),
+            Err(e) => {
+                if e.status().is_server_error() {
+                    log_failure(request_id.as_ref(), &model, &e);
+                }
+                return refuse(&state, &body, e);
             }
-            return refuse(&state, &body, e);
         }
-    };
-    let generation = Generation::new(events, state.codec.clone(), stop, prompt_tokens);
+    }
     let meta = Meta {
         id: new_id(endpoint),
         model,
@@ -73,12 +87,13 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         logprobs,
         include_usage,
         request_id,
+        prompt_tokens,
     };
     if stream {
         state.metrics.request(&meta.model, 200);
-        Sse::new(sse(state, meta, generation, started)).into_response()
+        Sse::new(sse(state, meta, generations, started)).into_response()
     } else {
-        collect(state, meta, generation, started).await
+        collect(state, meta, generations, started).await
     }
 }
 
@@ -98,6 +113,8 @@ struct Meta {
     /// Streaming: send usage in a chunk of its own after the last choice chunk.
     include_usage: bool,
     request_id: Option<RequestId>,
+    /// Counted once however many choices share the prompt, as OpenAI counts it.
+    prompt_tokens: usize,
 }
 
 fn new_id(endpoint: Endpoint) -> String {
@@ -105,8 +122,8 @@ fn new_id(endpoint: Endpoint) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-fn usage(g: &Generation) -> Value {
-    json!({"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens, "total_tokens": g.prompt_tokens + g.completion_tokens})
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
 }
 
 /// OpenAI's completions logprobs object for `tokens`, whose text starts at `offset`.
@@ -148,21 +165,37 @@ fn chat_logprobs_json(codec: &TextCodec, tokens: &[TokenInfo]) -> Value {
     json!({"content": content, "refusal": null})
 }
 
-async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: Instant) -> Response {
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    let mut finish = None;
+/// One choice, generated to its end.
+struct Collected {
+    text: String,
+    tokens: Vec<TokenInfo>,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+}
+
+async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
+    let mut c = Collected {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish: None,
+        completion_tokens: 0,
+    };
     while let Some(chunk) = g.next().await {
-        match chunk {
-            Ok(Chunk {
-                text: t,
-                tokens: ts,
-                finish: f,
-            }) => {
-                text.push_str(&t);
-                tokens.extend(ts);
-                finish = f.or(finish);
-            }
+        let chunk = chunk?;
+        c.text.push_str(&chunk.text);
+        c.tokens.extend(chunk.tokens);
+        c.finish = chunk.finish.or(c.finish);
+    }
+    c.completion_tokens = g.completion_tokens;
+    Ok(c)
+}
+
+async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>, started: Instant) -> Response {
+    let results = futures::future::join_all(generations.into_iter().map(collect_one)).await;
+    let mut collected = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(c) => collected.push(c),
             Err(e) => {
                 log_failure(meta.request_id.as_ref(), &meta.model, &e);
                 state.metrics.request(&meta.model, e.status().as_u16());
@@ -170,108 +203,164 @@ async fn collect(state: Arc<AppState>, meta: Meta, mut g: Generation, started: I
             }
         }
     }
-    let finish = finish.map(|f| f.as_str());
-    let choice = match meta.endpoint {
-        Endpoint::Completions => {
-            let lp = if meta.logprobs {
-                logprobs_json(&state.codec, &tokens, 0)
-            } else {
-                Value::Null
-            };
-            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
-        }
-        Endpoint::Chat => {
-            let lp = if meta.logprobs {
-                chat_logprobs_json(&state.codec, &tokens)
-            } else {
-                Value::Null
-            };
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish})
-        }
-    };
+    let choices: Vec<Value> = collected
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let finish = c.finish.map(|f| f.as_str());
+            match meta.endpoint {
+                Endpoint::Completions => {
+                    let lp = if meta.logprobs {
+                        logprobs_json(&state.codec, &c.tokens, 0)
+                    } else {
+                        Value::Null
+                    };
+                    json!({"index": index, "text": c.text, "logprobs": lp, "finish_reason": finish})
+                }
+                Endpoint::Chat => {
+                    let lp = if meta.logprobs {
+                        chat_logprobs_json(&state.codec, &c.tokens)
+                    } else {
+                        Value::Null
+                    };
+                    json!({"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": finish})
+                }
+            }
+        })
+        .collect();
     let object = if meta.endpoint == Endpoint::Chat {
         "chat.completion"
     } else {
         "text_completion"
     };
     state.metrics.request(&meta.model, 200);
-    if let Some(reason) = finish {
-        state
-            .metrics
-            .finished(&meta.model, reason, started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    for c in &collected {
+        if let Some(reason) = c.finish {
+            state.metrics.finished(&meta.model, reason.as_str(), seconds);
+        }
     }
+    let completion_tokens = collected.iter().map(|c| c.completion_tokens).sum();
     Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-        "choices": [choice], "usage": usage(&g),
+        "choices": choices, "usage": usage(meta.prompt_tokens, completion_tokens),
     }))
     .into_response()
 }
 
-/// Server-sent events: one per chunk, the last one carrying finish_reason; with
-/// `stream_options.include_usage`, then a chunk with `choices: []` and the usage (OpenAI's
-/// shape); then `data: [DONE]`. A failure mid-stream is sent as an OpenAI error object before
-/// `[DONE]`. When the client disconnects, hyper drops this stream and with it the engine
-/// receiver, which cancels the sequence.
+/// What one choice's stream yields: its chunks, then how many tokens it generated.
+enum Piece {
+    Chunk(Result<Chunk, ApiError>),
+    Done { completion_tokens: usize },
+}
+
+type ChoiceStream = futures::stream::BoxStream<'static, (usize, Piece)>;
+
+fn choice_stream(index: usize, g: Generation) -> ChoiceStream {
+    stream::unfold(Some(g), move |g| async move {
+        let mut g = g?;
+        match g.next().await {
+            Some(chunk) => Some(((index, Piece::Chunk(chunk)), Some(g))),
+            None => Some((
+                (
+                    index,
+                    Piece::Done {
+                        completion_tokens: g.completion_tokens,
+                    },
+                ),
+                None,
+            )),
+        }
+    })
+    .boxed()
+}
+
+/// Server-sent events: one per chunk of any choice (each names its `index`), the last of a
+/// choice carrying its finish_reason; with `stream_options.include_usage`, then a chunk with
+/// `choices: []` and the usage (OpenAI's shape); then `data: [DONE]`. A failure mid-stream is
+/// sent as an OpenAI error object before `[DONE]`, and ends the other choices. When the client
+/// disconnects, hyper drops this stream and with it the engine receivers, which cancels the
+/// sequences.
 fn sse(
     state: Arc<AppState>,
     meta: Meta,
-    g: Generation,
+    generations: Vec<Generation>,
     started: Instant,
 ) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     struct S {
         state: Arc<AppState>,
         meta: Meta,
-        g: Generation,
+        choices: stream::SelectAll<ChoiceStream>,
         started: Instant,
-        sent_role: bool,
-        text_offset: usize,
-        /// The usage chunk is still to be sent (set once the generation finished well).
-        usage_due: bool,
+        sent_role: Vec<bool>,
+        text_offset: Vec<usize>,
+        completion_tokens: usize,
+        failed: bool,
+        usage_sent: bool,
         done: bool,
     }
+    let n = generations.len();
     let init = S {
         state,
         meta,
-        g,
+        choices: stream::select_all(generations.into_iter().enumerate().map(|(i, g)| choice_stream(i, g))),
         started,
-        sent_role: false,
-        text_offset: 0,
-        usage_due: false,
+        sent_role: vec![false; n],
+        text_offset: vec![0; n],
+        completion_tokens: 0,
+        failed: false,
+        usage_sent: false,
         done: false,
     };
     let events = stream::unfold(init, |mut s| async move {
-        if s.done {
-            return None;
-        }
-        let event = match s.g.next().await {
-            None if s.usage_due => {
-                s.usage_due = false;
-                let object = chunk_object(s.meta.endpoint);
-                let m = &s.meta;
-                SseEvent::default().data(
-                    json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [], "usage": usage(&s.g)})
-                        .to_string(),
-                )
+        loop {
+            if s.done {
+                return None;
             }
-            None => {
-                s.done = true;
-                return Some((SseEvent::default().data("[DONE]"), s));
-            }
-            Some(Err(e)) => {
-                log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
-                SseEvent::default().data(e.body().to_string())
-            }
-            Some(Ok(chunk)) => {
-                if let Some(reason) = chunk.finish {
-                    let seconds = s.started.elapsed().as_secs_f64();
-                    s.state.metrics.finished(&s.meta.model, reason.as_str(), seconds);
-                    s.usage_due = s.meta.include_usage;
+            let event = match s.choices.next().await {
+                Some((_, Piece::Done { completion_tokens })) => {
+                    s.completion_tokens += completion_tokens;
+                    continue;
                 }
-                SseEvent::default()
-                    .data(stream_chunk(&mut s.sent_role, &mut s.text_offset, &s.state, &s.meta, chunk).to_string())
-            }
-        };
-        Some((event, s))
+                None if s.meta.include_usage && !s.failed && !s.usage_sent => {
+                    s.usage_sent = true;
+                    let object = chunk_object(s.meta.endpoint);
+                    let m = &s.meta;
+                    let usage = usage(m.prompt_tokens, s.completion_tokens);
+                    SseEvent::default().data(
+                        json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [], "usage": usage})
+                            .to_string(),
+                    )
+                }
+                None => {
+                    s.done = true;
+                    SseEvent::default().data("[DONE]")
+                }
+                Some((_, Piece::Chunk(Err(e)))) => {
+                    log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
+                    s.failed = true;
+                    // Dropping the other choices' receivers cancels their sequences.
+                    s.choices = stream::select_all(Vec::new());
+                    SseEvent::default().data(e.body().to_string())
+                }
+                Some((index, Piece::Chunk(Ok(chunk)))) => {
+                    if let Some(reason) = chunk.finish {
+                        let seconds = s.started.elapsed().as_secs_f64();
+                        s.state.metrics.finished(&s.meta.model, reason.as_str(), seconds);
+                    }
+                    let value = stream_chunk(
+                        &mut s.sent_role[index],
+                        &mut s.text_offset[index],
+                        &s.state,
+                        &s.meta,
+                        index,
+                        chunk,
+                    );
+                    SseEvent::default().data(value.to_string())
+                }
+            };
+            return Some((event, s));
+        }
     });
     events.map(Ok)
 }
@@ -290,7 +379,14 @@ fn log_failure(request_id: Option<&RequestId>, model: &str, e: &ApiError) {
     tracing::error!(request_id, model, error = %e, "generation failed");
 }
 
-fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState, meta: &Meta, chunk: Chunk) -> Value {
+fn stream_chunk(
+    sent_role: &mut bool,
+    text_offset: &mut usize,
+    state: &AppState,
+    meta: &Meta,
+    index: usize,
+    chunk: Chunk,
+) -> Value {
     let finish = chunk.finish.map(|f| f.as_str());
     let (object, choice) = match meta.endpoint {
         Endpoint::Completions => {
@@ -302,7 +398,7 @@ fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState,
             *text_offset += chunk.text.len();
             (
                 "text_completion",
-                json!({"index": 0, "text": chunk.text, "logprobs": lp, "finish_reason": finish}),
+                json!({"index": index, "text": chunk.text, "logprobs": lp, "finish_reason": finish}),
             )
         }
         Endpoint::Chat => {
@@ -321,7 +417,7 @@ fn stream_chunk(sent_role: &mut bool, text_offset: &mut usize, state: &AppState,
             };
             (
                 "chat.completion.chunk",
-                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}),
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}),
             )
         }
     };

@@ -23,6 +23,9 @@ pub struct ValidationContext<'a> {
     pub kv_bytes_per_token: usize,
     pub kv_budget_bytes: usize,
     pub stop_ids: &'a Arc<Vec<u32>>,
+    /// Sequences the engine holds at once, running and queued: more choices than this could
+    /// never be admitted together.
+    pub max_sequences: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +42,12 @@ pub struct ValidGeneration {
     pub stream: bool,
     /// `stream_options.include_usage`: a final chunk with the usage.
     pub include_usage: bool,
+    /// Choices to generate, each its own sequence.
+    pub n: usize,
 }
+
+/// Most choices one request may ask for: each is a sequence of its own in the batch.
+pub const MAX_CHOICES: i64 = 16;
 
 /// The label a request is counted under: a served model, or "unknown".
 pub fn model_label(ctx: &ValidationContext, body: &[u8]) -> String {
@@ -158,6 +166,8 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
         stop: stop_strings(&f)?,
         stream,
         include_usage,
+        n: f.integer("n", 1, MAX_CHOICES.min(ctx.max_sequences as i64))?
+            .unwrap_or(1) as usize,
     })
 }
 
@@ -216,15 +226,6 @@ fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
     let is_false = |v: &Value| v == &Value::Bool(false);
     let zero = |v: &Value| v.as_f64() == Some(0.0);
     let empty_list = |v: &Value| v.as_array().is_some_and(|a| a.is_empty());
-    if f.get("n").is_some_and(|v| !one(v)) {
-        // One sequence per request: n choices would need n sequences sharing a prompt in the
-        // engine, which it does not schedule yet.
-        return Err(ApiError::invalid_code(
-            "n",
-            "unsupported_parameter",
-            "`n` must be 1: this server generates one choice per request; send separate requests (with different seeds) for more",
-        ));
-    }
     f.unsupported("best_of", one)?;
     f.unsupported("echo", is_false)?;
     f.unsupported("suffix", |v| v.as_str() == Some(""))?;

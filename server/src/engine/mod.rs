@@ -67,6 +67,7 @@ pub enum Event {
 }
 
 /// A validated generation, ready for the engine.
+#[derive(Clone)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub adapter: Option<Arc<LoadedAdapter>>,

@@ -351,7 +351,6 @@ async fn unimplemented_output_controls_get_a_400_naming_them_instead_of_being_ig
         ("function_call", json!({"name": "f"})),
         ("repetition_penalty", json!(1.2)),
         ("min_p", json!(0.1)),
-        ("n", json!(2)),
     ];
     for (field, value) in refused {
         for path in ["/v1/chat/completions", "/v1/completions"] {
@@ -384,4 +383,86 @@ async fn unimplemented_output_controls_get_a_400_naming_them_instead_of_being_ig
         let reply = post(&s.app, "/v1/chat/completions", chat(field, value.clone())).await;
         assert_eq!(reply.status, 200, "{field}={value}: {}", reply.text);
     }
+}
+
+#[tokio::test]
+async fn n_choices_are_generated_each_with_its_index_streamed_or_not() {
+    let s = server(&["--max-batch", "2"]).await;
+    let requests = [
+        (
+            "/v1/completions",
+            json!({"model": BASE, "prompt": "Once upon", "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 3}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 3, "logprobs": true}),
+        ),
+    ];
+    for (path, body) in requests {
+        let chat = path.contains("chat");
+        let whole = post(&s.app, path, body.clone()).await;
+        assert_eq!(whole.status, 200, "{}", whole.text);
+        let whole = whole.json();
+        let choices = whole["choices"].as_array().expect("choices");
+        assert_eq!(choices.len(), 3, "{whole}");
+        let texts: Vec<String> = choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i, "{c}");
+                let t = if chat { &c["message"]["content"] } else { &c["text"] };
+                t.as_str().expect("text").to_string()
+            })
+            .collect();
+        assert!(
+            texts[0] != texts[1] || texts[1] != texts[2],
+            "sampled choices differ: {texts:?}"
+        );
+        // One prompt, counted once; every choice's tokens counted.
+        let usage = &whole["usage"];
+        assert_eq!(
+            usage["prompt_tokens"],
+            post(&s.app, path, {
+                let mut one = body.clone();
+                one["n"] = json!(1);
+                one
+            })
+            .await
+            .json()["usage"]["prompt_tokens"]
+        );
+        if chat {
+            let logprob_tokens: usize = choices
+                .iter()
+                .map(|c| c["logprobs"]["content"].as_array().expect("logprobs").len())
+                .sum();
+            assert_eq!(usage["completion_tokens"], logprob_tokens, "{whole}");
+        }
+
+        // Streamed, with the same seed: the same text per index, and usage for all.
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let reply = post(&s.app, path, streamed).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let data = reply.sse_data();
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        let mut got = vec![String::new(); 3];
+        let mut finished = [false; 3];
+        let mut final_usage = Value::Null;
+        for d in &data[..data.len() - 1] {
+            let v: Value = serde_json::from_str(d).expect("JSON chunk");
+            let Some(c) = v["choices"].as_array().and_then(|c| c.first()) else {
+                final_usage = v["usage"].clone();
+                continue;
+            };
+            let i = c["index"].as_u64().expect("index") as usize;
+            let piece = if chat { &c["delta"]["content"] } else { &c["text"] };
+            got[i].push_str(piece.as_str().unwrap_or_default());
+            finished[i] |= !c["finish_reason"].is_null();
+        }
+        assert_eq!(got, texts, "{path}");
+        assert_eq!(finished, [true; 3], "{path}");
+        assert_eq!(final_usage, *usage, "{path}");
+    }
+    wait_until("every sequence released", || s.state.engine.in_flight() == 0).await;
 }

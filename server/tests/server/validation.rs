@@ -156,7 +156,8 @@ async fn each_bad_request_gets_a_400_naming_the_field() {
             "invalid_value",
         ),
         ("completions", ok(json!({"stop": 3})), json!("stop"), "invalid_value"),
-        ("completions", ok(json!({"n": 2})), json!("n"), "unsupported_parameter"),
+        ("completions", ok(json!({"n": 17})), json!("n"), "invalid_value"),
+        ("completions", ok(json!({"n": 0})), json!("n"), "invalid_value"),
         (
             "completions",
             ok(json!({"stream": "yes"})),
