@@ -135,7 +135,10 @@ impl Metrics {
                 "End-to-end duration of generation requests",
             ),
             request_success: IntCounterVec::new(
-                vllm_opts("vllm:request_success_total", "Requests that finished, by why"),
+                vllm_opts(
+                    "vllm:request_success_total",
+                    "Sequences (one per choice) that finished, by why",
+                ),
                 &["finished_reason"],
             )
             .expect("static metric definition"),
@@ -197,11 +200,15 @@ impl Metrics {
         self.vllm.generation_tokens.inc();
     }
 
-    /// A request ran to its end (`reason`: stop or length) after `seconds`.
-    pub fn finished(&self, model: &str, reason: &str, seconds: f64) {
+    /// One choice (sequence) of a request ran to its end: `reason` is stop or length.
+    pub fn choice_finished(&self, reason: &str) {
+        self.vllm.request_success.with_label_values(&[reason]).inc();
+    }
+
+    /// A request's every choice ran to its end, after `seconds`.
+    pub fn finished(&self, model: &str, seconds: f64) {
         self.request_duration.with_label_values(&[model]).observe(seconds);
         self.vllm.e2e_request_latency.observe(seconds);
-        self.vllm.request_success.with_label_values(&[reason]).inc();
     }
 
     pub fn request(&self, model: &str, status: u16) {

@@ -234,10 +234,10 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
         "text_completion"
     };
     state.metrics.request(&meta.model, 200);
-    let seconds = started.elapsed().as_secs_f64();
+    state.metrics.finished(&meta.model, started.elapsed().as_secs_f64());
     for c in &collected {
         if let Some(reason) = c.finish {
-            state.metrics.finished(&meta.model, reason.as_str(), seconds);
+            state.metrics.choice_finished(reason.as_str());
         }
     }
     let completion_tokens = collected.iter().map(|c| c.completion_tokens).sum();
@@ -295,6 +295,8 @@ fn sse(
         sent_role: Vec<bool>,
         text_offset: Vec<usize>,
         completion_tokens: usize,
+        /// Choices without a finish_reason yet; the request's duration is taken at 0.
+        unfinished: usize,
         failed: bool,
         usage_sent: bool,
         done: bool,
@@ -308,6 +310,7 @@ fn sse(
         sent_role: vec![false; n],
         text_offset: vec![0; n],
         completion_tokens: 0,
+        unfinished: n,
         failed: false,
         usage_sent: false,
         done: false,
@@ -345,8 +348,13 @@ fn sse(
                 }
                 Some((index, Piece::Chunk(Ok(chunk)))) => {
                     if let Some(reason) = chunk.finish {
-                        let seconds = s.started.elapsed().as_secs_f64();
-                        s.state.metrics.finished(&s.meta.model, reason.as_str(), seconds);
+                        s.state.metrics.choice_finished(reason.as_str());
+                        s.unfinished -= 1;
+                        if s.unfinished == 0 {
+                            s.state
+                                .metrics
+                                .finished(&s.meta.model, s.started.elapsed().as_secs_f64());
+                        }
                     }
                     let value = stream_chunk(
                         &mut s.sent_role[index],

@@ -465,4 +465,23 @@ async fn n_choices_are_generated_each_with_its_index_streamed_or_not() {
         assert_eq!(final_usage, *usage, "{path}");
     }
     wait_until("every sequence released", || s.state.engine.in_flight() == 0).await;
+
+    // Metrics: one request, three finished sequences.
+    let count = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = send(&s.app, "GET", "/metrics", None).await.text;
+    let body = json!({"model": BASE, "prompt": "hi", "max_tokens": 3, "n": 3});
+    assert_eq!(post(&s.app, "/v1/completions", body).await.status, 200);
+    let after = send(&s.app, "GET", "/metrics", None).await.text;
+    let delta = |series: &str| count(&after, series) - count(&before, series);
+    assert_eq!(
+        delta(r#"kubetune_server_request_duration_seconds_count{model="tiny"}"#),
+        1.0
+    );
+    assert_eq!(delta("vllm:e2e_request_latency_seconds_count"), 1.0);
+    assert_eq!(delta("vllm:request_success_total"), 3.0);
 }
