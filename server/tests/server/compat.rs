@@ -108,6 +108,20 @@ async fn models_list_and_retrieve_in_openai_shape_without_storage_locations() {
         "model_not_found",
     );
     assert_eq!(err["param"], "model");
+    // A Hugging Face style id holds a slash; the openai client puts it in the path as is.
+    let model = f.model.display().to_string();
+    let args = <kubetune_server::server::Args as clap::Parser>::try_parse_from([
+        "kubetune-server",
+        "--model",
+        &model,
+        "--served-model-name",
+        "org/tiny-chat",
+    ])
+    .expect("flags");
+    let slashed = kubetune_server::api::router(kubetune_server::server::build(&args).await.expect("server builds"));
+    let one = send(&slashed, "GET", "/v1/models/org/tiny-chat", None).await;
+    assert_eq!(one.status, 200, "{}", one.text);
+    assert_eq!(one.json()["id"], "org/tiny-chat");
     // The admin listing still says where each adapter came from.
     let admin = send(&s.app, "GET", "/v1/adapters", None).await.json();
     assert_eq!(admin["data"][1]["source"], json!(location));
