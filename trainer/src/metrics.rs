@@ -1,14 +1,14 @@
 //! Prometheus gauges for the run, served on `/metrics` so the operator can read progress.
 
 use crate::error::{Result, TrainError};
-use prometheus::{Encoder, Gauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, GaugeVec, Opts, Registry, TextEncoder};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub struct Metrics {
     registry: Registry,
-    pub train_loss: Gauge,
-    pub eval_loss: Gauge,
+    pub train_loss: AbsentUntilSet,
+    pub eval_loss: AbsentUntilSet,
     pub step: Gauge,
     pub total_steps: Gauge,
     pub epoch: Gauge,
@@ -30,11 +30,22 @@ impl Metrics {
                 .map_err(|e| TrainError::Metrics(e.to_string()))?;
             Ok(g)
         };
-        let m = Self {
-            train_loss: gauge("kubetune_train_loss", "Latest training loss.")?,
-            eval_loss: gauge(
+        let absent = |name: &str, help: &str| -> Result<AbsentUntilSet> {
+            let v = GaugeVec::new(Opts::new(name, help).const_label("job", job), &[])
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            registry
+                .register(Box::new(v.clone()))
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            Ok(AbsentUntilSet(v))
+        };
+        Ok(Self {
+            train_loss: absent(
+                "kubetune_train_loss",
+                "Latest training loss (absent before the first step).",
+            )?,
+            eval_loss: absent(
                 "kubetune_eval_loss",
-                "Latest evaluation loss (NaN before the first evaluation).",
+                "Latest evaluation loss (absent before the first evaluation).",
             )?,
             step: gauge("kubetune_train_step", "Optimizer steps completed.")?,
             total_steps: gauge("kubetune_train_total_steps", "Optimizer steps the run will take.")?,
@@ -50,10 +61,7 @@ impl Metrics {
                 "Checkpoint step this run resumed from (0: started from zero).",
             )?,
             registry,
-        };
-        m.eval_loss.set(f64::NAN);
-        m.train_loss.set(f64::NAN);
-        Ok(m)
+        })
     }
 
     /// The Prometheus text exposition of all gauges.
@@ -62,6 +70,19 @@ impl Metrics {
         // Encoding gauges into a Vec cannot fail; an empty page would show the problem anyway.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// A gauge that exports no series until its first value. The losses are these: a placeholder
+/// (NaN, or 0) before the first step would fire the "loss not finite" alert, or draw a false
+/// point, all through a long model download.
+#[derive(Clone)]
+pub struct AbsentUntilSet(GaugeVec);
+
+impl AbsentUntilSet {
+    pub fn set(&self, value: f64) {
+        // A vector without variable labels has one child, created by this first use.
+        self.0.with_label_values(&[] as &[&str]).set(value);
     }
 }
 

@@ -22,7 +22,6 @@ fn metrics_endpoint_serves_labelled_gauges() {
         "kubetune_train_loss{job=\"ns/job-a\"} 1.5",
         "kubetune_train_step{job=\"ns/job-a\"} 30",
         "kubetune_train_total_steps{job=\"ns/job-a\"} 120",
-        "kubetune_eval_loss{job=\"ns/job-a\"} NaN",
         "# TYPE kubetune_learning_rate gauge",
         "# TYPE kubetune_grad_norm gauge",
         "# TYPE kubetune_train_tokens_per_second gauge",
@@ -30,4 +29,24 @@ fn metrics_endpoint_serves_labelled_gauges() {
     ] {
         assert!(body.contains(line), "missing {line:?} in\n{body}");
     }
+}
+
+#[test]
+fn loss_series_are_absent_until_the_first_value_and_then_carry_it() {
+    let metrics = Metrics::new("ns/job-b").expect("metrics");
+    metrics.step.set(0.0);
+    let before = metrics.render();
+    assert!(
+        !before.contains("kubetune_train_loss") && !before.contains("kubetune_eval_loss"),
+        "a loss series before the first step (the not-finite alert would fire on it):\n{before}"
+    );
+    assert!(before.contains("kubetune_train_step{job=\"ns/job-b\"} 0"), "{before}");
+
+    metrics.train_loss.set(2.25);
+    let after = metrics.render();
+    assert!(after.contains("kubetune_train_loss{job=\"ns/job-b\"} 2.25"), "{after}");
+    assert!(!after.contains("kubetune_eval_loss"), "no evaluation yet:\n{after}");
+
+    metrics.eval_loss.set(2.5);
+    assert!(metrics.render().contains("kubetune_eval_loss{job=\"ns/job-b\"} 2.5"));
 }
