@@ -1,7 +1,7 @@
 //! ModelDeployment: base model + adapters → OpenAI-compatible inference pods, with safe rollouts of
 //! new adapter versions.
 
-use crate::common::{BaseModelSpec, PodPlacement, SecretRef};
+use crate::common::{PodPlacement, SecretRef};
 use crate::conditions::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "ModelDeploymentStatus",
     derive = "PartialEq",
-    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas"}"#,
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.servedModelName","description":"The model name clients send for the base model"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pending, Progressing, Ready, Degraded or Failed"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.readyDisplay","description":"Ready replicas of the desired"}"#,
     printcolumn = r#"{"name":"Serving","type":"string","jsonPath":".status.servingDisplay","description":"Adapter versions every replica serves"}"#,
@@ -30,16 +31,21 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
-    /// The base model every replica loads.
-    pub base_model: BaseModelSpec,
+    /// The base model every replica loads, and the name clients ask for it by.
+    pub base_model: ServedBaseModel,
     /// LoRA adapters to serve, each under its own model name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub adapters: Vec<AdapterSource>,
-    /// Number of inference pods. Defaults to 1; 0 scales the deployment down.
+    /// Number of inference pods. Defaults to 1; 0 scales the deployment down. Ignored while
+    /// spec.autoscaling is set: the HorizontalPodAutoscaler owns the Deployment's replicas then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
+    /// Scales the inference pods on their load with an autoscaling/v2 HorizontalPodAutoscaler
+    /// owned by this ModelDeployment (removed with this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// Where the inference pods run and with what resources.
     #[serde(flatten)]
     pub placement: PodPlacement,
@@ -59,6 +65,78 @@ pub struct ModelDeploymentSpec {
     /// Creates a PodDisruptionBudget keeping all but one replica up during voluntary disruptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_disruption_budget: Option<bool>,
+}
+
+/// The base model a ModelDeployment serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedBaseModel {
+    /// Where the model lives: a directory in Hugging Face layout (config.json, *.safetensors,
+    /// tokenizer.json) or a .gguf file. Schemes: s3://bucket/prefix, gs://, az://, file:///path,
+    /// pvc://claim/path, hf://org/name[@revision].
+    #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
+    pub uri: String,
+    /// The model name clients send for the base model (OpenAI's `model`), e.g.
+    /// `meta-llama/Llama-3.2-1B-Instruct`. When unset: for hf://org/name[@revision] the repository
+    /// `org/name`; for any other URI its last path segment as it is (`s3://b/models/smollm2` →
+    /// `smollm2`, `s3://b/m/SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct.Q4_1.gguf`).
+    /// status.servedModelName reports the name in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^\S+$"))]
+    pub served_name: Option<String>,
+}
+
+/// Load-based scaling of the inference pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+        "message": "spec.autoscaling.minReplicas: must not exceed maxReplicas",
+        "fieldPath": ".minReplicas"
+    }
+]))]
+pub struct AutoscalingSpec {
+    /// Fewest inference pods. Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: Option<i32>,
+    /// Most inference pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// What is averaged over the pods: `runningRequests` (sequences being decoded, the server's
+    /// `vllm:num_requests_running`, the default) or `queuedRequests` (requests waiting for a batch
+    /// slot, `vllm:num_requests_waiting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<AutoscalingMetric>,
+    /// The per-pod average the autoscaler keeps the metric at. Defaults to 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub target_per_pod: Option<u32>,
+    /// The Pods metric's name in the custom metrics API (as your metrics adapter, e.g.
+    /// prometheus-adapter, exposes it); defaults to the server's series name for `metric`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub metric_name: Option<String>,
+}
+
+/// The load signal the autoscaler follows.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AutoscalingMetric {
+    #[default]
+    RunningRequests,
+    QueuedRequests,
+}
+
+impl AutoscalingMetric {
+    /// The server's Prometheus series for this signal (server/src/metrics.rs).
+    pub fn series(self) -> &'static str {
+        match self {
+            AutoscalingMetric::RunningRequests => "vllm:num_requests_running",
+            AutoscalingMetric::QueuedRequests => "vllm:num_requests_waiting",
+        }
+    }
 }
 
 /// One adapter to serve: a registry version, or whatever a FineTuneJob published.
@@ -208,13 +286,20 @@ pub struct ModelDeploymentStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Desired replicas.
+    /// Server pods observed (not terminating), ready or not: the scale subresource's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+    /// Label selector of the server pods, for the scale subresource (kubectl scale, autoscalers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The model name clients send for the base model (spec.baseModel.servedName or its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model_name: Option<String>,
     /// Replicas that are ready and serve every desired adapter version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
-    /// "ready/desired", for the printer column.
+    /// "ready/desired", for the printer column; desired is the autoscaler's choice under
+    /// spec.autoscaling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_display: Option<String>,
     /// Per adapter: the version wanted and the version every replica serves.

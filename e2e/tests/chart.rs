@@ -544,6 +544,8 @@ const MODELDEPLOYMENT_NEEDS: &[Check] = &[
     ("patch", "apps/deployments", "team-a", Some("chat")),
     ("watch", "/services", "", None),
     ("delete", "policy/poddisruptionbudgets", "team-a", Some("chat")),
+    ("patch", "autoscaling/horizontalpodautoscalers", "team-a", Some("chat")),
+    ("delete", "autoscaling/horizontalpodautoscalers", "team-a", Some("chat")),
     ("create", "/configmaps", "team-a", None),
     ("patch", "/configmaps", "team-a", Some("chat-adapters")),
     ("watch", "/pods", "", None),

@@ -1,5 +1,6 @@
 //! Pure construction of a ModelDeployment's children: the adapters ConfigMap, the Deployment of
-//! inference pods, their Service and an optional PodDisruptionBudget.
+//! inference pods, their Service, an optional PodDisruptionBudget and an optional
+//! HorizontalPodAutoscaler.
 //!
 //! Adapter versions are deliberately not in the pod template: a new version is hot-swapped into
 //! running pods through their admin API, so it must not roll the Deployment. The ConfigMap holds
@@ -12,11 +13,17 @@ use crate::workload::{
     apply_placement, device_env, resources_or_one_gpu, restricted_container_security, restricted_pod_security,
 };
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use kubetune_crds::server_contract::{AdaptersFile, ADAPTERS_FILE, SERVER_PORT};
-use kubetune_crds::ModelDeployment;
+use kubetune_crds::{AutoscalingSpec, ModelDeployment};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -24,6 +31,8 @@ use std::collections::BTreeMap;
 pub const MODELDEPLOYMENT_LABEL: &str = "kubetune.dev/modeldeployment";
 pub const SERVER_CONTAINER: &str = "server";
 const CACHE_PATH: &str = "/var/cache/kubetune";
+/// Per-pod average an autoscaler keeps its metric at when spec.autoscaling.targetPerPod is unset.
+const DEFAULT_TARGET_PER_POD: u32 = 8;
 
 /// Everything one reconcile applies.
 pub struct Children {
@@ -31,6 +40,34 @@ pub struct Children {
     pub deployment: Deployment,
     pub service: Service,
     pub pdb: Option<PodDisruptionBudget>,
+    pub hpa: Option<HorizontalPodAutoscaler>,
+}
+
+/// The model name clients send for the base model: spec.baseModel.servedName, else derived from
+/// the URI. Clients know a model by its name (`meta-llama/Llama-3.2-1B-Instruct`), not by where
+/// the operator's storage keeps it. hf://org/name[@revision] gives the repository `org/name`; any
+/// other URI its last path segment unchanged, extension and quantization suffix included (a
+/// .gguf file's name is how such files are known).
+pub fn served_model_name(md: &ModelDeployment) -> String {
+    let base = &md.spec.base_model;
+    if let Some(name) = &base.served_name {
+        return name.clone();
+    }
+    let uri = base.uri.trim_end_matches('/');
+    let path = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    if uri.starts_with("hf://") {
+        return path.split_once('@').map_or(path, |(repo, _)| repo).to_string();
+    }
+    path.rsplit('/').next().unwrap_or(path).to_string()
+}
+
+/// The pod selector as a label-selector string, for status.selector (the scale subresource).
+pub fn selector_string(md: &ModelDeployment) -> String {
+    selector_labels(md)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn adapters_config_map_name(md: &ModelDeployment) -> String {
@@ -86,8 +123,14 @@ pub fn build_children(
     .map_err(ser("config map"))?;
 
     let server = spec.server.clone().unwrap_or_default();
+    // The storage URI stays a base-model name too, so that adapters recording it as their base
+    // still load (and clients that sent it keep working where the server accepts aliases).
     let mut args: Vec<String> = vec![
         "--model".into(),
+        spec.base_model.uri.clone(),
+        "--served-model-name".into(),
+        served_model_name(md),
+        "--base-model-alias".into(),
         spec.base_model.uri.clone(),
         "--listen".into(),
         format!("$(POD_IP):{SERVER_PORT}"),
@@ -151,16 +194,21 @@ pub fn build_children(
         "securityContext": restricted_pod_security(),
     });
     apply_placement(&mut pod_spec, &spec.placement)?;
+    let mut deployment_spec = json!({
+        "selector": {"matchLabels": selector_labels(md)},
+        // A new pod must be ready (model and adapters loaded) before an old one goes.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {"metadata": {"labels": labels(md)}, "spec": pod_spec},
+    });
+    // Under an autoscaler the replicas are its to set: applying ours would undo each of its
+    // decisions on every reconcile.
+    if spec.autoscaling.is_none() {
+        deployment_spec["replicas"] = json!(spec.replicas.unwrap_or(1));
+    }
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta(md.name_any()),
-        "spec": {
-            "replicas": spec.replicas.unwrap_or(1),
-            "selector": {"matchLabels": selector_labels(md)},
-            // A new pod must be ready (model and adapters loaded) before an old one goes.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": labels(md)}, "spec": pod_spec},
-        },
+        "spec": deployment_spec,
     }))
     .map_err(ser("deployment"))?;
 
@@ -185,12 +233,59 @@ pub fn build_children(
         ),
         _ => None,
     };
+    let hpa = spec.autoscaling.as_ref().map(|a| {
+        let meta = ObjectMeta {
+            name: Some(md.name_any()),
+            namespace: md.namespace(),
+            labels: Some(labels(md)),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        };
+        autoscaler(md, meta, a)
+    });
     Ok(Children {
         config_map,
         deployment,
         service,
         pdb,
+        hpa,
     })
+}
+
+/// An autoscaling/v2 HPA of the server Deployment on a per-pod average of the server's load
+/// (a Pods metric, which a custom metrics adapter serves from the pods' /metrics).
+fn autoscaler(md: &ModelDeployment, meta: ObjectMeta, a: &AutoscalingSpec) -> HorizontalPodAutoscaler {
+    let metric = a.metric.unwrap_or_default();
+    let target = a.target_per_pod.unwrap_or(DEFAULT_TARGET_PER_POD);
+    HorizontalPodAutoscaler {
+        metadata: meta,
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: md.name_any(),
+            },
+            min_replicas: Some(a.min_replicas.unwrap_or(1)),
+            max_replicas: a.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Pods".into(),
+                pods: Some(PodsMetricSource {
+                    metric: MetricIdentifier {
+                        name: a.metric_name.clone().unwrap_or_else(|| metric.series().into()),
+                        selector: None,
+                    },
+                    target: MetricTarget {
+                        type_: "AverageValue".into(),
+                        average_value: Some(Quantity(target.to_string())),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -343,5 +438,125 @@ mod tests {
         md.spec.pod_disruption_budget = Some(true);
         let c = children(&md, &serving());
         assert!(c.pdb.is_some());
+    }
+
+    /// The server container's arguments.
+    fn args(c: &Children) -> Vec<String> {
+        let pod = c
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod");
+        pod.containers[0].args.clone().unwrap_or_default()
+    }
+
+    fn flag(args: &[String], name: &str) -> Vec<String> {
+        args.windows(2).filter(|w| w[0] == name).map(|w| w[1].clone()).collect()
+    }
+
+    #[test]
+    fn the_base_model_is_served_under_its_name_and_its_uri_stays_a_base_model_alias() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let args = args(&children(&md, &serving()));
+        assert_eq!(flag(&args, "--served-model-name"), ["tiny-llama"]);
+        assert_eq!(flag(&args, "--base-model-alias"), ["s3://kubetune/models/tiny-llama"]);
+        assert_eq!(flag(&args, "--model"), ["s3://kubetune/models/tiny-llama"]);
+    }
+
+    #[test]
+    fn the_served_name_is_the_specs_else_the_hf_repository_else_the_last_path_segment() {
+        let name = |uri: &str, served: Option<&str>| {
+            let mut md = modeldeployment("modeldeployment.yaml");
+            md.spec.base_model.uri = uri.into();
+            md.spec.base_model.served_name = served.map(Into::into);
+            served_model_name(&md)
+        };
+        assert_eq!(name("s3://kubetune/models/smollm2", None), "smollm2");
+        assert_eq!(name("s3://kubetune/models/smollm2/", None), "smollm2");
+        assert_eq!(
+            name("s3://b/m/SmolLM2-135M-Instruct.Q4_1.gguf", None),
+            "SmolLM2-135M-Instruct.Q4_1.gguf"
+        );
+        assert_eq!(
+            name("hf://meta-llama/Llama-3.2-1B-Instruct@main", None),
+            "meta-llama/Llama-3.2-1B-Instruct"
+        );
+        assert_eq!(name("pvc://models/tiny", None), "tiny");
+        assert_eq!(
+            name(
+                "s3://kubetune/models/smollm2",
+                Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+            ),
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        );
+    }
+
+    fn autoscaled() -> ModelDeployment {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.autoscaling = Some(
+            serde_json::from_value(
+                json!({"minReplicas": 2, "maxReplicas": 6, "metric": "queuedRequests", "targetPerPod": 4}),
+            )
+            .expect("autoscaling"),
+        );
+        md
+    }
+
+    #[test]
+    fn without_autoscaling_the_deployment_has_the_specs_replicas_and_there_is_no_hpa() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let c = children(&md, &serving());
+        assert!(c.hpa.is_none());
+        assert_eq!(c.deployment.spec.and_then(|s| s.replicas), Some(1));
+    }
+
+    #[test]
+    fn under_autoscaling_the_deployment_replicas_are_left_to_an_hpa_owned_by_the_model_deployment() {
+        let md = autoscaled();
+        let c = children(&md, &serving());
+        let applied = serde_json::to_value(&c.deployment).expect("json");
+        assert!(
+            applied["spec"].get("replicas").is_none(),
+            "the applied Deployment must not claim replicas: {}",
+            applied["spec"]
+        );
+        let hpa = serde_json::to_value(c.hpa.as_ref().expect("hpa")).expect("json");
+        assert_eq!(
+            (hpa["apiVersion"].as_str(), hpa["kind"].as_str()),
+            (Some("autoscaling/v2"), Some("HorizontalPodAutoscaler"))
+        );
+        assert_eq!(
+            hpa["metadata"]["ownerReferences"][0]["uid"],
+            md.metadata.uid.clone().expect("uid")
+        );
+        assert_eq!(
+            hpa["spec"]["scaleTargetRef"],
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "support"})
+        );
+        assert_eq!(
+            (hpa["spec"]["minReplicas"].as_i64(), hpa["spec"]["maxReplicas"].as_i64()),
+            (Some(2), Some(6))
+        );
+        assert_eq!(
+            hpa["spec"]["metrics"],
+            json!([{"type": "Pods", "pods": {
+                "metric": {"name": "vllm:num_requests_waiting"},
+                "target": {"type": "AverageValue", "averageValue": "4"},
+            }}])
+        );
+    }
+
+    #[test]
+    fn an_autoscaler_defaults_to_eight_running_requests_per_pod() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.autoscaling = Some(serde_json::from_value(json!({"maxReplicas": 3})).expect("autoscaling"));
+        let hpa = serde_json::to_value(children(&md, &serving()).hpa.expect("hpa")).expect("json");
+        assert_eq!(hpa["spec"]["minReplicas"], 1);
+        assert_eq!(
+            hpa["spec"]["metrics"][0]["pods"]["metric"]["name"],
+            "vllm:num_requests_running"
+        );
+        assert_eq!(hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"], "8");
     }
 }

@@ -10,11 +10,12 @@ pub mod validate;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use build::{adapters_config_map_name, build_children, endpoint, selector_labels};
+use build::{adapters_config_map_name, build_children, endpoint, selector_labels, Children};
 use hyper::Method;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -49,7 +50,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
 
     // Resolve every adapter; an unresolvable one keeps its promoted version serving.
     let registry_uri = md.spec.registry.clone().or_else(|| ctx.config.default_registry.clone());
-    let promoted = current_promoted(&ctx, &ns, &md).await?;
+    let existing_config_map = get_child::<ConfigMap>(&ctx, &ns, &adapters_config_map_name(&md)).await?;
+    let promoted = current_promoted(&md, existing_config_map.as_ref());
     let mut desired = Vec::new();
     let mut unresolved = Vec::new();
     match &registry_uri {
@@ -100,12 +102,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     let registry_arg = registry_uri.clone().unwrap_or_default();
     let children = build_children(&md, &valid, &ctx.config, &registry_arg, &the_plan.promoted)?;
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
-    apply(&ctx, &ns, &children.config_map, &params).await?;
-    apply(&ctx, &ns, &children.deployment, &params).await?;
-    apply(&ctx, &ns, &children.service, &params).await?;
-    if let Some(pdb) = &children.pdb {
-        apply(&ctx, &ns, pdb, &params).await?;
-    }
+    let applied = apply_children(&ctx, &ns, &md, &children, existing_config_map, &params).await?;
 
     let observed = status::ObservedDeployment {
         md: &md,
@@ -114,6 +111,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         pods: &pods.views,
         plan: &the_plan,
         endpoint: endpoint(&md),
+        desired_replicas: status::desired_replicas(&md, applied.deployment.as_ref()),
+        not_owned: &applied.not_owned,
         now,
     };
     let new_status = status::derive_status(&observed);
@@ -205,12 +204,170 @@ async fn refuse(md: &ModelDeployment, ctx: &Context, ns: &str, key: &str, refuse
     Ok(Action::await_change())
 }
 
-/// The versions pods load at start, from the adapters ConfigMap (none before the first apply).
-async fn current_promoted(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<AdaptersFile> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    let cm = api.get_opt(&adapters_config_map_name(md)).await?;
-    let text = cm.and_then(|c| c.data).and_then(|d| d.get("adapters.json").cloned());
-    Ok(text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default())
+/// The versions pods load at start, from the adapters ConfigMap (none before the first apply, and
+/// none from a ConfigMap of that name that someone else owns).
+fn current_promoted(md: &ModelDeployment, cm: Option<&ConfigMap>) -> AdaptersFile {
+    let text = cm
+        .filter(|c| owned_by(md, *c))
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get("adapters.json"));
+    text.and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default()
+}
+
+/// What applying the children found.
+struct Applied {
+    /// The Deployment as the API server returned it (its replicas are the autoscaler's choice).
+    deployment: Option<Deployment>,
+    /// One line per wanted child that exists and belongs to someone else.
+    not_owned: Vec<String>,
+}
+
+/// Applies the children the spec wants and deletes the ones it no longer wants (a PDB or HPA
+/// switched off). Every child has a fixed name, so the object under that name is the only one
+/// that can be ours. An object we do not own (no ownerReference to this ModelDeployment) is never
+/// overwritten or deleted: it may be someone's hand-made Service, and the conflict is reported.
+async fn apply_children(
+    ctx: &Context,
+    ns: &str,
+    md: &ModelDeployment,
+    children: &Children,
+    config_map: Option<ConfigMap>,
+    params: &PatchParams,
+) -> Result<Applied> {
+    let mut not_owned = Vec::new();
+    let name = md.name_any();
+    let cm_name = adapters_config_map_name(md);
+    sync_child(
+        ctx,
+        ns,
+        md,
+        &cm_name,
+        config_map,
+        Some(&children.config_map),
+        params,
+        &mut not_owned,
+    )
+    .await?;
+    let existing = get_child(ctx, ns, &name).await?;
+    let deployment = sync_child(
+        ctx,
+        ns,
+        md,
+        &name,
+        existing,
+        Some(&children.deployment),
+        params,
+        &mut not_owned,
+    )
+    .await?;
+    let existing = get_child(ctx, ns, &name).await?;
+    sync_child(
+        ctx,
+        ns,
+        md,
+        &name,
+        existing,
+        Some(&children.service),
+        params,
+        &mut not_owned,
+    )
+    .await?;
+    let existing = get_child(ctx, ns, &name).await?;
+    sync_child(
+        ctx,
+        ns,
+        md,
+        &name,
+        existing,
+        children.pdb.as_ref(),
+        params,
+        &mut not_owned,
+    )
+    .await?;
+    let existing = get_child(ctx, ns, &name).await?;
+    sync_child(
+        ctx,
+        ns,
+        md,
+        &name,
+        existing,
+        children.hpa.as_ref(),
+        params,
+        &mut not_owned,
+    )
+    .await?;
+    Ok(Applied { deployment, not_owned })
+}
+
+/// Whether `obj` has an ownerReference to this ModelDeployment (by uid: a namesake created after
+/// a delete is not the owner).
+fn owned_by<K: Resource>(md: &ModelDeployment, obj: &K) -> bool {
+    let uid = md.meta().uid.as_deref();
+    uid.is_some()
+        && obj
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(o.uid.as_str()) == uid)
+}
+
+async fn get_child<K>(ctx: &Context, ns: &str, name: &str) -> Result<Option<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    <K as Resource>::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api.get_opt(name).await?)
+}
+
+/// Brings one child to what is wanted: applied when wanted, deleted when not and ours, and left
+/// alone (with a line in `not_owned` when wanted) when someone else's. Returns the applied object.
+#[allow(clippy::too_many_arguments)]
+async fn sync_child<K>(
+    ctx: &Context,
+    ns: &str,
+    md: &ModelDeployment,
+    name: &str,
+    existing: Option<K>,
+    wanted: Option<&K>,
+    params: &PatchParams,
+    not_owned: &mut Vec<String>,
+) -> Result<Option<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + Serialize
+        + serde::de::DeserializeOwned,
+    <K as Resource>::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let kind = K::kind(&Default::default()).to_string();
+    match (existing, wanted) {
+        (Some(found), Some(_)) if !owned_by(md, &found) => {
+            not_owned.push(format!(
+                "{kind} {ns}/{name} exists and is not owned by this ModelDeployment; delete it or rename the ModelDeployment"
+            ));
+            Ok(None)
+        }
+        (_, Some(obj)) => Ok(Some(api.patch(name, params, &Patch::Apply(obj)).await?)),
+        (Some(found), None) if owned_by(md, &found) => {
+            // The uid precondition: never a namesake created since the read.
+            let uid = found.meta().uid.clone();
+            let delete = DeleteParams::default().preconditions(Preconditions {
+                uid,
+                resource_version: None,
+            });
+            match api.delete(name, &delete).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
 }
 
 async fn open_registry(
@@ -352,24 +509,6 @@ async fn load(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter:
             String::from_utf8_lossy(&reply.body)
         ))
     }
-}
-
-async fn apply<K>(ctx: &Context, ns: &str, obj: &K, params: &PatchParams) -> Result<()>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + Serialize
-        + serde::de::DeserializeOwned,
-    <K as Resource>::DynamicType: Default,
-{
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let name = obj.meta().name.clone().ok_or_else(|| Error::MissingField {
-        object: "child".into(),
-        field: "metadata.name",
-    })?;
-    api.patch(&name, params, &Patch::Apply(obj)).await?;
-    Ok(())
 }
 
 /// A failed reconcile is retried with exponential backoff per object.

@@ -1,7 +1,9 @@
 //! Pure derivation of a ModelDeployment's status.
 
+use super::build::{selector_string, served_model_name};
 use super::resolve::Unresolved;
 use super::rollout::{Plan, PodView};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kubetune_crds::conditions::{condition, set_condition, READY};
 use kubetune_crds::server_contract::ServedAdapter;
@@ -17,7 +19,23 @@ pub struct ObservedDeployment<'a> {
     pub pods: &'a [PodView],
     pub plan: &'a Plan,
     pub endpoint: String,
+    /// Replicas wanted now: spec.replicas, or the autoscaler's choice (see [`desired_replicas`]).
+    pub desired_replicas: i32,
+    /// Wanted children that exist and belong to someone else, one line each.
+    pub not_owned: &'a [String],
     pub now: Time,
+}
+
+/// The replicas wanted now. Under spec.autoscaling the HPA sets the Deployment's replicas, so
+/// they are read from the Deployment (minReplicas until it has any); otherwise spec.replicas.
+pub fn desired_replicas(md: &ModelDeployment, deployment: Option<&Deployment>) -> i32 {
+    match &md.spec.autoscaling {
+        Some(a) => deployment
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.replicas)
+            .unwrap_or(a.min_replicas.unwrap_or(1)),
+        None => md.spec.replicas.unwrap_or(1),
+    }
 }
 
 /// The new status. Ready is true only when every desired replica is ready and serves every
@@ -25,7 +43,7 @@ pub struct ObservedDeployment<'a> {
 pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
     let old = o.md.status.clone().unwrap_or_default();
     let generation = o.md.metadata.generation;
-    let replicas = o.md.spec.replicas.unwrap_or(1);
+    let replicas = o.desired_replicas;
     let serves = |p: &PodView, a: &ServedAdapter| {
         p.served
             .as_ref()
@@ -79,8 +97,20 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         .rollouts
         .iter()
         .any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
-    let all_ready = current_replicas == replicas && o.unresolved.is_empty() && failed.is_none() && !progressing;
-    let (phase, reason, message) = if let Some(u) = o.unresolved.first() {
+    let all_ready = current_replicas == replicas
+        && o.unresolved.is_empty()
+        && o.not_owned.is_empty()
+        && failed.is_none()
+        && !progressing;
+    let (phase, reason, message) = if !o.not_owned.is_empty() {
+        // Nothing of ours can be brought up to date until the other object goes.
+        let phase = if ready_pods.is_empty() {
+            ModelDeploymentPhase::Failed
+        } else {
+            ModelDeploymentPhase::Degraded
+        };
+        (phase, "ChildNotOwned".to_string(), o.not_owned.join("; "))
+    } else if let Some(u) = o.unresolved.first() {
         let phase = if ready_pods.is_empty() {
             ModelDeploymentPhase::Pending
         } else {
@@ -138,7 +168,9 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         phase: Some(phase),
         conditions: old.conditions.clone(),
         observed_generation: generation,
-        replicas: Some(replicas),
+        replicas: Some(o.pods.len() as i32),
+        selector: Some(selector_string(o.md)),
+        served_model_name: Some(served_model_name(o.md)),
         ready_replicas: Some(ready_replicas),
         ready_display: Some(format!("{ready_replicas}/{replicas}")),
         serving_display: Some(
@@ -272,6 +304,8 @@ mod tests {
             pods,
             plan: &p,
             endpoint: "http://e".into(),
+            desired_replicas: desired_replicas(md, None),
+            not_owned: &[],
             now: now(),
         })
     }
@@ -368,5 +402,95 @@ mod tests {
         let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "AdapterNotFound"));
         assert_eq!(s.endpoint.as_deref(), Some("http://e"));
+    }
+
+    fn derive_with(
+        md: &ModelDeployment,
+        pods: &[PodView],
+        desired_replicas: i32,
+        not_owned: &[String],
+    ) -> ModelDeploymentStatus {
+        let policy = crate::modeldeployment::rollout::Policy {
+            max_attempts: 3,
+            canary: None,
+            paused: false,
+            abort: false,
+        };
+        let p = plan(
+            &[adapter(1)],
+            &AdaptersFile {
+                adapters: vec![adapter(1)],
+            },
+            pods,
+            &[],
+            &policy,
+            &now(),
+        );
+        derive_status(&ObservedDeployment {
+            md,
+            desired: &[adapter(1)],
+            unresolved: &[],
+            pods,
+            plan: &p,
+            endpoint: "http://e".into(),
+            desired_replicas,
+            not_owned,
+            now: now(),
+        })
+    }
+
+    #[test]
+    fn status_reports_the_pods_observed_their_selector_and_the_served_model_name() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.replicas = Some(3);
+        let mut starting = pod("c", None);
+        starting.ready = false;
+        starting.served = None;
+        let s = derive_with(&md, &[pod("a", Some(1)), pod("b", Some(1)), starting], 3, &[]);
+        assert_eq!(s.replicas, Some(3), "observed pods, the ready and the starting");
+        assert_eq!(s.ready_replicas, Some(2));
+        assert_eq!(
+            s.selector.as_deref(),
+            Some("app.kubernetes.io/name=kubetune-server,kubetune.dev/modeldeployment=support")
+        );
+        assert_eq!(s.served_model_name.as_deref(), Some("tiny-llama"));
+    }
+
+    #[test]
+    fn under_autoscaling_ready_compares_with_the_replicas_the_autoscaler_chose() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.replicas = Some(5);
+        md.spec.autoscaling =
+            Some(serde_json::from_value(serde_json::json!({"minReplicas": 2, "maxReplicas": 4})).expect("autoscaling"));
+        let deployment: Deployment =
+            serde_json::from_value(serde_json::json!({"spec": {"replicas": 2, "selector": {}, "template": {}}}))
+                .expect("deployment");
+        assert_eq!(
+            desired_replicas(&md, Some(&deployment)),
+            2,
+            "the HPA's choice, not spec.replicas"
+        );
+        assert_eq!(
+            desired_replicas(&md, None),
+            2,
+            "minReplicas before the Deployment exists"
+        );
+        let s = derive_with(&md, &[pod("a", Some(1)), pod("b", Some(1))], 2, &[]);
+        assert!(ready(&s));
+        assert_eq!(s.ready_display.as_deref(), Some("2/2"));
+    }
+
+    #[test]
+    fn a_child_someone_else_owns_makes_ready_false_with_reason_child_not_owned() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let line = "Service team-a/support exists and is not owned by this ModelDeployment".to_string();
+        let s = derive_with(&md, &[pod("a", Some(1))], 1, std::slice::from_ref(&line));
+        assert!(!ready(&s));
+        let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        assert_eq!(
+            (c.reason.as_str(), c.message.as_str()),
+            ("ChildNotOwned", line.as_str())
+        );
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Degraded), "its pods still serve");
     }
 }

@@ -1,0 +1,396 @@
+//! The ModelDeployment reconcile against a mocked API server (tower-test): its children as a set
+//! (applied when wanted, deleted when ours and no longer wanted, left alone when someone else's),
+//! the autoscaler, and the served model name. Each test scripts every request the reconcile
+//! makes and fails on one more.
+
+use futures::future::{BoxFuture, FutureExt};
+use http::{Method, Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use kubetune_crds::ModelDeployment;
+use kubetune_operator::config::OperatorConfig;
+use kubetune_operator::context::{Backoff, Context};
+use kubetune_operator::finetunejob::progress::MetricsReader;
+use kubetune_operator::metrics::Metrics;
+use kubetune_operator::modeldeployment;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+const UID: &str = "3333-4444";
+const NS: &str = "/api/v1/namespaces/team-a";
+const APPS: &str = "/apis/apps/v1/namespaces/team-a";
+const PDBS: &str = "/apis/policy/v1/namespaces/team-a/poddisruptionbudgets/support";
+const HPAS: &str = "/apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/support";
+const STATUS: &str = "/apis/kubetune.dev/v1alpha1/namespaces/team-a/modeldeployments/support/status";
+
+fn context() -> (Arc<Context>, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Context {
+        client: client.clone(),
+        config: OperatorConfig::for_tests(),
+        metrics: Arc::new(Metrics::new()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "kubetune-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics_reader: MetricsReader::default(),
+        backoff: Backoff::default(),
+        model_shapes: Default::default(),
+        pod_http: kubetune_operator::podhttp::PodHttp::new(std::time::Duration::from_secs(5)),
+    };
+    (Arc::new(ctx), handle)
+}
+
+/// A ModelDeployment with no adapters (so no registry traffic), plus `extra_spec`.
+fn model_deployment(extra_spec: Value) -> ModelDeployment {
+    let mut spec = json!({"baseModel": {"uri": "s3://kubetune/models/smollm2"}});
+    if let (Some(s), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        s.extend(extra.clone());
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "support", "namespace": "team-a", "uid": UID, "generation": 1},
+        "spec": spec,
+    }))
+    .expect("valid ModelDeployment")
+}
+
+/// Answers the next request, checking its method and path prefix, and returns its JSON body. A
+/// null reply echoes the request body back, as the API server does for an apply.
+async fn expect(handle: &mut ApiHandle, method: Method, path_prefix: &str, status: u16, reply: Value) -> Value {
+    let (request, send) = handle
+        .next_request()
+        .await
+        .expect("the reconciler made another request");
+    let uri = request.uri().to_string();
+    assert_eq!(request.method(), method, "request to {uri}");
+    assert!(
+        uri.starts_with(path_prefix),
+        "expected {method} {path_prefix}..., got {uri}"
+    );
+    let body = request.into_body().collect_bytes().await.expect("request body");
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).expect("JSON body")
+    };
+    let reply = if reply.is_null() { body.clone() } else { reply };
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+            .expect("response"),
+    );
+    body
+}
+
+/// Runs one reconcile while `script` answers its requests in order; fails on any request after
+/// the script, and when the reconcile ended before the script did.
+async fn reconcile_scripted<T, S>(
+    md: &ModelDeployment,
+    ctx: &Arc<Context>,
+    api: &mut ApiHandle,
+    script: S,
+) -> (Action, T)
+where
+    S: for<'a> FnOnce(&'a mut ApiHandle) -> BoxFuture<'a, T>,
+{
+    let played = std::cell::Cell::new(None);
+    let server = async {
+        played.set(Some(script(&mut *api).await));
+        if let Some((request, _)) = api.next_request().await {
+            panic!("unexpected request: {} {}", request.method(), request.uri());
+        }
+        std::future::pending::<()>().await;
+    };
+    let action = tokio::select! {
+        biased;
+        () = server => unreachable!("the script waits for the reconcile"),
+        action = modeldeployment::reconcile(Arc::new(md.clone()), ctx.clone()) => action.expect("reconcile succeeds"),
+    };
+    let returned = played
+        .take()
+        .expect("the reconcile made every request the script expected");
+    (action, returned)
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+fn deleted() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})
+}
+
+/// An object of `kind` named support, owned by this ModelDeployment or (`owner` None) by no one.
+fn existing(api_version: &str, kind: &str, owner: Option<&str>) -> Value {
+    let refs: Vec<Value> = owner
+        .map(|uid| json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "name": "support", "uid": uid, "controller": true}))
+        .into_iter()
+        .collect();
+    json!({
+        "apiVersion": api_version, "kind": kind,
+        "metadata": {"name": "support", "namespace": "team-a", "uid": format!("{kind}-uid"), "ownerReferences": refs},
+        "spec": {},
+    })
+}
+
+/// The requests before the Deployment: the adapters ConfigMap read, the pods listed (none yet),
+/// the ConfigMap applied.
+async fn script_until_deployment(api: &mut ApiHandle) {
+    expect(
+        api,
+        Method::GET,
+        &format!("{NS}/configmaps/support-adapters"),
+        404,
+        not_found(),
+    )
+    .await;
+    expect(
+        api,
+        Method::GET,
+        &format!("{NS}/pods?"),
+        200,
+        json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []}),
+    )
+    .await;
+    expect(
+        api,
+        Method::PATCH,
+        &format!("{NS}/configmaps/support-adapters?"),
+        200,
+        Value::Null,
+    )
+    .await;
+}
+
+/// Deployment and Service absent, then applied; returns the applied Deployment.
+async fn script_deployment_and_service(api: &mut ApiHandle, deployment_reply: Value) -> Value {
+    expect(
+        api,
+        Method::GET,
+        &format!("{APPS}/deployments/support"),
+        404,
+        not_found(),
+    )
+    .await;
+    let deployment = expect(
+        api,
+        Method::PATCH,
+        &format!("{APPS}/deployments/support?"),
+        200,
+        deployment_reply,
+    )
+    .await;
+    expect(api, Method::GET, &format!("{NS}/services/support"), 404, not_found()).await;
+    expect(api, Method::PATCH, &format!("{NS}/services/support?"), 200, Value::Null).await;
+    deployment
+}
+
+fn ready_condition(status_patch: &Value) -> Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
+        .expect("Ready condition")
+}
+
+#[tokio::test]
+async fn a_pod_disruption_budget_switched_off_is_deleted_and_the_base_model_is_served_by_name() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({"podDisruptionBudget": false}));
+    let (_, (deployment, delete, status)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            script_until_deployment(api).await;
+            let deployment = script_deployment_and_service(api, Value::Null).await;
+            expect(
+                api,
+                Method::GET,
+                PDBS,
+                200,
+                existing("policy/v1", "PodDisruptionBudget", Some(UID)),
+            )
+            .await;
+            let delete = expect(api, Method::DELETE, PDBS, 200, deleted()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            let status = expect(
+                api,
+                Method::PATCH,
+                STATUS,
+                200,
+                serde_json::to_value(model_deployment(json!({}))).expect("json"),
+            )
+            .await;
+            (deployment, delete, status)
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(
+        delete["preconditions"]["uid"], "PodDisruptionBudget-uid",
+        "only the object that was read is deleted: {delete}"
+    );
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    let args: Vec<String> = serde_json::from_value(args).expect("args");
+    assert!(
+        args.windows(2).any(|w| w == ["--served-model-name", "smollm2"]),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--base-model-alias", "s3://kubetune/models/smollm2"]),
+        "{args:?}"
+    );
+    assert_eq!(status["status"]["servedModelName"], "smollm2");
+    assert_eq!(
+        status["status"]["selector"],
+        "app.kubernetes.io/name=kubetune-server,kubetune.dev/modeldeployment=support"
+    );
+}
+
+#[tokio::test]
+async fn a_service_someone_else_owns_is_not_overwritten_and_ready_says_child_not_owned() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({}));
+    let (_, status) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            script_until_deployment(api).await;
+            expect(
+                api,
+                Method::GET,
+                &format!("{APPS}/deployments/support"),
+                404,
+                not_found(),
+            )
+            .await;
+            expect(
+                api,
+                Method::PATCH,
+                &format!("{APPS}/deployments/support?"),
+                200,
+                Value::Null,
+            )
+            .await;
+            // A hand-made Service of the same name: no apply follows its read.
+            expect(
+                api,
+                Method::GET,
+                &format!("{NS}/services/support"),
+                200,
+                existing("v1", "Service", None),
+            )
+            .await;
+            // Nor is a PDB someone else made deleted, though this spec wants none.
+            expect(
+                api,
+                Method::GET,
+                PDBS,
+                200,
+                existing("policy/v1", "PodDisruptionBudget", Some("someone-else")),
+            )
+            .await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            expect(
+                api,
+                Method::PATCH,
+                STATUS,
+                200,
+                serde_json::to_value(model_deployment(json!({}))).expect("json"),
+            )
+            .await
+        }
+        .boxed()
+    })
+    .await;
+    let ready = ready_condition(&status);
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("ChildNotOwned"))
+    );
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("Service team-a/support exists and is not owned"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn autoscaling_applies_an_owned_hpa_and_no_replicas_and_turning_it_off_deletes_the_hpa() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({"replicas": 5, "autoscaling": {"minReplicas": 2, "maxReplicas": 4}}));
+    let (_, (deployment, hpa, status)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            script_until_deployment(api).await;
+            // The API server answers with the replicas the autoscaler set.
+            let mut scaled = existing("apps/v1", "Deployment", Some(UID));
+            scaled["spec"] = json!({"replicas": 3, "selector": {}, "template": {}});
+            let deployment = script_deployment_and_service(api, scaled).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            let hpa = expect(api, Method::PATCH, &format!("{HPAS}?"), 200, Value::Null).await;
+            let status = expect(
+                api,
+                Method::PATCH,
+                STATUS,
+                200,
+                serde_json::to_value(model_deployment(json!({}))).expect("json"),
+            )
+            .await;
+            (deployment, hpa, status)
+        }
+        .boxed()
+    })
+    .await;
+    assert!(
+        deployment["spec"].get("replicas").is_none(),
+        "the autoscaler's replicas are not applied over: {}",
+        deployment["spec"]
+    );
+    assert_eq!(hpa["metadata"]["ownerReferences"][0]["uid"], UID);
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "support");
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["pods"]["metric"]["name"],
+        "vllm:num_requests_running"
+    );
+    assert_eq!(
+        status["status"]["readyDisplay"], "0/3",
+        "desired is the autoscaler's choice"
+    );
+
+    let md = model_deployment(json!({"replicas": 5}));
+    let (_, (deployment, delete)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            script_until_deployment(api).await;
+            let deployment = script_deployment_and_service(api, Value::Null).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            let mut hpa = existing("autoscaling/v2", "HorizontalPodAutoscaler", Some(UID));
+            hpa["spec"] = json!({"scaleTargetRef": {"kind": "Deployment", "name": "support"}, "maxReplicas": 4});
+            expect(api, Method::GET, HPAS, 200, hpa).await;
+            let delete = expect(api, Method::DELETE, HPAS, 200, deleted()).await;
+            expect(
+                api,
+                Method::PATCH,
+                STATUS,
+                200,
+                serde_json::to_value(model_deployment(json!({}))).expect("json"),
+            )
+            .await;
+            (deployment, delete)
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(
+        deployment["spec"]["replicas"], 5,
+        "spec.replicas again once nothing autoscales"
+    );
+    assert_eq!(delete["preconditions"]["uid"], "HorizontalPodAutoscaler-uid");
+}
