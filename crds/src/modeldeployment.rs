@@ -312,9 +312,15 @@ pub struct ModelDeploymentStatus {
     /// Base URL of the OpenAI-compatible API (the Service), e.g. http://name.ns.svc:8000/v1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// The rollout in progress, or the last one.
+    /// One rollout, for a quick look: one in progress if any, else the one that ended last.
+    /// status.rollouts has every adapter's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// Per adapter, its rollout in progress or its last one. Adapters roll out independently:
+    /// each keeps its own failed attempts, canary pods and analysis window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["adapter"]))]
+    pub rollouts: Vec<RolloutStatus>,
     /// The most recent rollouts, newest first (at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10), extend("x-kubernetes-list-type" = "atomic"))]

@@ -79,7 +79,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
 
     let policy = rollout_policy(&md);
-    let previous: Vec<_> = md.status.iter().flat_map(|s| s.rollout.clone()).collect();
+    // Every adapter's own record: one slot would reset the others' attempts and canaries.
+    let previous = status::recorded_rollouts(md.status.as_ref());
     // Request counters matter only to a canary under way (or about to start).
     let canary_in_flight = policy.canary.is_some() && desired.iter().any(|a| !promoted.adapters.contains(a));
     let pods = pod_views(&ctx, &ns, &md, canary_in_flight).await?;
@@ -116,43 +117,14 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         now,
     };
     let new_status = status::derive_status(&observed);
-    let old_state = md
-        .status
-        .as_ref()
-        .and_then(|s| s.rollout.as_ref())
-        .map(|r| (r.state, r.to_version));
     if md.status.as_ref() != Some(&new_status) {
         let patch =
             serde_json::json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "status": new_status});
         let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(&md.name_any(), &params, &Patch::Apply(&patch)).await?;
     }
-    if let Some(r) = new_status
-        .rollout
-        .as_ref()
-        .filter(|r| old_state != Some((r.state, r.to_version)))
-    {
-        let event = Event {
-            type_: if r.state == RolloutState::Failed {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: format!("Rollout{:?}", r.state),
-            note: Some(format!(
-                "{} v{} -> v{}: {:?}{}",
-                r.adapter,
-                r.from_version.unwrap_or(0),
-                r.to_version,
-                r.state,
-                r.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
-            )),
-            action: "Rollout".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
-            tracing::warn!(modeldeployment = %key, error = %e, "could not publish event");
-        }
+    for r in rollouts_changed(&previous, &new_status.rollouts) {
+        publish_rollout_event(&ctx, &md, &key, r).await;
     }
     let ready = new_status
         .conditions
@@ -174,6 +146,44 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             (false, true) => 30,
         },
     )))
+}
+
+/// The rollouts whose state or target version differ from the adapter's record before.
+fn rollouts_changed<'a>(
+    before: &[kubetune_crds::RolloutStatus],
+    now: &'a [kubetune_crds::RolloutStatus],
+) -> Vec<&'a kubetune_crds::RolloutStatus> {
+    now.iter()
+        .filter(|r| {
+            !before
+                .iter()
+                .any(|b| b.adapter == r.adapter && b.state == r.state && b.to_version == r.to_version)
+        })
+        .collect()
+}
+
+async fn publish_rollout_event(ctx: &Context, md: &ModelDeployment, key: &str, r: &kubetune_crds::RolloutStatus) {
+    let event = Event {
+        type_: if r.state == RolloutState::Failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: format!("Rollout{:?}", r.state),
+        note: Some(format!(
+            "{} v{} -> v{}: {:?}{}",
+            r.adapter,
+            r.from_version.unwrap_or(0),
+            r.to_version,
+            r.state,
+            r.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+        )),
+        action: "Rollout".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+        tracing::warn!(modeldeployment = %key, error = %e, "could not publish event");
+    }
 }
 
 /// A spec the operator refuses changes nothing in the cluster: no adapter is loaded and no child

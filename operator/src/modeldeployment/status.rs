@@ -7,7 +7,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kubetune_crds::conditions::{condition, set_condition, READY};
 use kubetune_crds::server_contract::ServedAdapter;
-use kubetune_crds::{AdapterStatus, ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus, RolloutState};
+use kubetune_crds::{
+    AdapterStatus, ModelDeployment, ModelDeploymentPhase, ModelDeploymentStatus, RolloutState, RolloutStatus,
+};
 
 /// Most rollouts kept in status.rolloutHistory.
 const HISTORY: usize = 10;
@@ -188,19 +190,50 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         ),
         adapters,
         endpoint: Some(o.endpoint.clone()),
-        rollout: old.rollout.clone(),
+        rollout: None,
+        rollouts: vec![],
         rollout_history: old.rollout_history.clone(),
     };
     set_condition(
         &mut status.conditions,
         condition(READY, all_ready, &reason, message, generation, o.now.clone()),
     );
+    status.rollouts = rollouts(o, &old, &mut status.rollout_history);
+    status.rollout = headline(&status.rollouts).or(old.rollout);
+    status
+}
+
+/// The rollouts a status recorded, per adapter: status.rollouts, or the single status.rollout an
+/// operator before per-adapter rollouts wrote.
+pub fn recorded_rollouts(status: Option<&ModelDeploymentStatus>) -> Vec<RolloutStatus> {
+    match status {
+        Some(s) if !s.rollouts.is_empty() => s.rollouts.clone(),
+        Some(s) => s.rollout.iter().cloned().collect(),
+        None => vec![],
+    }
+}
+
+/// Each desired adapter's rollout: the plan's (with its start and end times carried over from
+/// the record of the same version), else the one recorded before. Newly ended rollouts go to the
+/// front of `history`.
+fn rollouts(
+    o: &ObservedDeployment,
+    old: &ModelDeploymentStatus,
+    history: &mut Vec<RolloutStatus>,
+) -> Vec<RolloutStatus> {
+    let recorded = recorded_rollouts(Some(old));
+    let planned = |adapter: &str| o.plan.rollouts.iter().any(|r| r.adapter == adapter);
+    let desired = |adapter: &str| o.desired.iter().any(|a| a.name == adapter);
+    let mut out: Vec<RolloutStatus> = recorded
+        .iter()
+        .filter(|r| desired(&r.adapter) && !planned(&r.adapter))
+        .cloned()
+        .collect();
     for r in &o.plan.rollouts {
         let mut r = r.clone();
-        let same = old
-            .rollout
-            .as_ref()
-            .filter(|p| p.adapter == r.adapter && p.to_digest == r.to_digest);
+        let same = recorded
+            .iter()
+            .find(|p| p.adapter == r.adapter && p.to_digest == r.to_digest);
         r.started_at = same.and_then(|p| p.started_at.clone()).or_else(|| Some(o.now.clone()));
         let finished = matches!(
             r.state,
@@ -212,12 +245,23 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
             None
         };
         if finished && same.is_none_or(|p| p.state != r.state) {
-            status.rollout_history.insert(0, r.clone());
-            status.rollout_history.truncate(HISTORY);
+            history.insert(0, r.clone());
+            history.truncate(HISTORY);
         }
-        status.rollout = Some(r);
+        out.push(r);
     }
-    status
+    out.sort_by(|a, b| a.adapter.cmp(&b.adapter));
+    out
+}
+
+/// The rollout status.rollout shows: one under way, else the one that ended last.
+fn headline(rollouts: &[RolloutStatus]) -> Option<RolloutStatus> {
+    let in_flight = |r: &&RolloutStatus| matches!(r.state, RolloutState::Progressing | RolloutState::Canary);
+    rollouts
+        .iter()
+        .find(in_flight)
+        .or_else(|| rollouts.iter().max_by_key(|r| r.finished_at.as_ref().map(|t| t.0)))
+        .cloned()
 }
 
 /// The status of a spec the operator refuses. Nothing was applied for it, so the pods of an
@@ -492,5 +536,114 @@ mod tests {
             ("ChildNotOwned", line.as_str())
         );
         assert_eq!(s.phase, Some(ModelDeploymentPhase::Degraded), "its pods still serve");
+    }
+
+    fn named(name: &str, version: u32) -> ServedAdapter {
+        ServedAdapter {
+            name: name.into(),
+            source: format!("{name}@{version}"),
+            version,
+            digest: format!("sha256:{name}{version}"),
+        }
+    }
+
+    /// A ready pod serving bot-a and bot-b at these versions.
+    fn pod_serving(name: &str, a: u32, b: u32) -> PodView {
+        let served = [named("bot-a", a), named("bot-b", b)]
+            .into_iter()
+            .map(|x| (x.name, (x.version, x.digest)))
+            .collect();
+        PodView {
+            name: name.into(),
+            ready: true,
+            served: Some(served),
+            ..Default::default()
+        }
+    }
+
+    /// One reconcile as mod.rs runs it: plan from the recorded rollouts, count `failing`'s loads
+    /// as failed (the pod answered 500), derive the status.
+    fn reconcile_once(md: &mut ModelDeployment, pods: &[PodView], failing: &str, second: i64) {
+        let desired = [named("bot-a", 2), named("bot-b", 2)];
+        let promoted = AdaptersFile {
+            adapters: vec![named("bot-a", 1), named("bot-b", 1)],
+        };
+        let policy = crate::modeldeployment::rollout::Policy {
+            max_attempts: 3,
+            canary: None,
+            paused: false,
+            abort: false,
+        };
+        let now = Time(Timestamp::from_second(1_800_000_000 + second).expect("valid"));
+        let previous = recorded_rollouts(md.status.as_ref());
+        let mut p = plan(&desired, &promoted, pods, &previous, &policy, &now);
+        for step in p.steps.clone() {
+            let crate::modeldeployment::rollout::Step::Load { adapter, .. } = step;
+            if adapter.name == failing && adapter.version == 2 {
+                let r = p.rollouts.iter_mut().find(|r| r.adapter == failing).expect("rollout");
+                r.failed_attempts = Some(r.failed_attempts.unwrap_or(0) + 1);
+                r.message = Some("pod answered HTTP 500".into());
+            }
+        }
+        md.status = Some(derive_status(&ObservedDeployment {
+            md,
+            desired: &desired,
+            unresolved: &[],
+            pods,
+            plan: &p,
+            endpoint: "http://e".into(),
+            desired_replicas: 2,
+            not_owned: &[],
+            now,
+        }));
+    }
+
+    #[test]
+    fn two_adapters_rolling_out_together_keep_their_own_records_one_fails_and_one_is_promoted() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.replicas = Some(2);
+        // bot-a's loads fail on both pods every time; bot-b's succeed.
+        reconcile_once(&mut md, &[pod_serving("p1", 1, 1), pod_serving("p2", 1, 1)], "bot-a", 0);
+        let after_b = [pod_serving("p1", 1, 2), pod_serving("p2", 1, 2)];
+        reconcile_once(&mut md, &after_b, "bot-a", 3);
+        reconcile_once(&mut md, &after_b, "bot-a", 6);
+
+        let s = md.status.clone().expect("status");
+        let state = |name: &str| {
+            let r = s.rollouts.iter().find(|r| r.adapter == name).expect("rollout");
+            (r.state, r.failed_attempts)
+        };
+        assert_eq!(
+            state("bot-a"),
+            (RolloutState::Failed, Some(4)),
+            "bot-a's failed attempts add up over reconciles although bot-b rolls out too"
+        );
+        assert_eq!(state("bot-b").0, RolloutState::Promoted);
+        let a = s.rollouts.iter().find(|r| r.adapter == "bot-a").expect("bot-a");
+        assert_eq!(
+            a.started_at,
+            Some(Time(Timestamp::from_second(1_800_000_000).expect("valid")))
+        );
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Degraded));
+        assert_eq!(
+            s.rollout_history
+                .iter()
+                .map(|r| (r.adapter.as_str(), r.state))
+                .collect::<Vec<_>>(),
+            [("bot-a", RolloutState::Failed), ("bot-b", RolloutState::Promoted)]
+        );
+    }
+
+    #[test]
+    fn a_status_from_before_per_adapter_rollouts_is_read_through_its_single_rollout() {
+        let mut old = ModelDeploymentStatus::default();
+        let r = kubetune_crds::RolloutStatus {
+            adapter: "bot-a".into(),
+            to_version: 2,
+            failed_attempts: Some(2),
+            ..Default::default()
+        };
+        old.rollout = Some(r.clone());
+        assert_eq!(recorded_rollouts(Some(&old)), [r]);
     }
 }
