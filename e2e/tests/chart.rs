@@ -102,6 +102,10 @@ fn default_values_render_the_operator_with_leader_election_and_a_locked_down_pod
         env(c, "KUBETUNE_TRAINER_IMAGE")["value"],
         "ghcr.io/kubetune/trainer:0.1.0-cuda"
     );
+    assert_eq!(
+        env(c, "KUBETUNE_SERVER_IMAGE")["value"],
+        "ghcr.io/kubetune/server:0.1.0-cuda"
+    );
     assert_eq!(env(c, "KUBETUNE_GPU_RESOURCE")["value"], "nvidia.com/gpu");
     assert_eq!(
         env(c, "KUBETUNE_REGISTRY"),
@@ -137,6 +141,48 @@ fn default_values_render_the_operator_with_leader_election_and_a_locked_down_pod
     let lease_role = find(&objects, "Role", None);
     assert_eq!(lease_role["metadata"]["namespace"], "kubetune-system");
     assert!(find(&objects, "ConfigMap", None)["data"]["kubetune.json"].is_string());
+    Ok(())
+}
+
+/// Every image the operator runs or starts: its own, and the trainer and server defaults.
+fn images(objects: &[Value]) -> Vec<String> {
+    let deployment = find(objects, "Deployment", Some("kubetune"));
+    let c = container(deployment);
+    let mut out = vec![c["image"].as_str().unwrap_or_default().to_string()];
+    for name in ["KUBETUNE_TRAINER_IMAGE", "KUBETUNE_SERVER_IMAGE"] {
+        out.push(env(c, name)["value"].as_str().unwrap_or_default().to_string());
+    }
+    out
+}
+
+#[test]
+fn images_default_to_the_charts_app_version_also_when_only_the_repository_is_overridden() -> Result<()> {
+    // A GitOps install pins what it runs: a moving `latest` would change pods with no commit.
+    let objects = render("kubetune", "kubetune-system", &[])?;
+    for image in images(&objects) {
+        assert!(image.contains(":0.1.0"), "{image} is not the chart's appVersion");
+    }
+    // e2e/demo.sh overrides repositories only; the node agent maps kubetune/* whatever the tag.
+    let objects = render(
+        "kubetune",
+        "kubetune-system",
+        &[
+            "--set",
+            "operator.image.repository=kubetune/operator",
+            "--set",
+            "trainer.image.repository=kubetune/trainer",
+            "--set",
+            "server.image.repository=kubetune/server",
+        ],
+    )?;
+    assert_eq!(
+        images(&objects),
+        [
+            "kubetune/operator:0.1.0",
+            "kubetune/trainer:0.1.0-cuda",
+            "kubetune/server:0.1.0-cuda"
+        ]
+    );
     Ok(())
 }
 
