@@ -198,6 +198,50 @@ impl Config {
         Self::from_json(&text, path)
     }
 
+    /// Reads a model directory's config.json, with the stop tokens of its generation_config.json
+    /// (when there is one) added to `eos_token_id`: instruct models list their end-of-turn tokens
+    /// there (Llama 3: `[128001, 128008, 128009]` where config.json names only 128001), and
+    /// generation that ignored them would run past the end of every answer.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let mut config = Self::from_file(&dir.join("config.json"))?;
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(config);
+        }
+        let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        let extra = match value.get("eos_token_id") {
+            None | Some(serde_json::Value::Null) => return Ok(config),
+            Some(ids) => serde_json::from_value::<TokenIds>(ids.clone()).map_err(|_| ModelError::InvalidConfig {
+                path: path.clone(),
+                field: "eos_token_id".into(),
+                reason: format!("{ids} is neither a token id nor a list of them"),
+            })?,
+        };
+        let mut ids = config.eos_token_ids();
+        for id in extra.to_vec() {
+            if id as usize >= config.vocab_size {
+                return Err(ModelError::InvalidConfig {
+                    path,
+                    field: "eos_token_id".into(),
+                    reason: format!("{id} is not below vocab_size {}", config.vocab_size),
+                });
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        config.eos_token_id = Some(if ids.len() == 1 {
+            TokenIds::One(ids[0])
+        } else {
+            TokenIds::Many(ids)
+        });
+        Ok(config)
+    }
+
     /// Parses and validates the text of a config.json; `path` only labels errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let json = |source| ModelError::Json {
@@ -335,6 +379,46 @@ mod tests {
 
     fn parse(json: &str) -> Result<Config> {
         Config::from_json(json, Path::new("config.json"))
+    }
+
+    fn model_dir(config: &str, generation: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        if let Some(generation) = generation {
+            std::fs::write(dir.path().join("generation_config.json"), generation).unwrap();
+        }
+        dir
+    }
+
+    const SMALL: &str = r#""model_type":"llama","vocab_size":200,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+
+    #[test]
+    fn stop_tokens_of_generation_config_join_those_of_config_json() {
+        let dir = model_dir(
+            &format!(r#"{{{SMALL},"eos_token_id":128}}"#),
+            Some(r#"{"eos_token_id":[128,130,131]}"#),
+        );
+        assert_eq!(
+            Config::from_model_dir(dir.path()).unwrap().eos_token_ids(),
+            vec![128, 130, 131]
+        );
+        let without = model_dir(&format!(r#"{{{SMALL},"eos_token_id":128}}"#), None);
+        assert_eq!(
+            Config::from_model_dir(without.path()).unwrap().eos_token_ids(),
+            vec![128]
+        );
+    }
+
+    #[test]
+    fn a_bad_stop_token_in_generation_config_is_an_error_naming_the_file_and_field() {
+        for bad in [r#"{"eos_token_id":"two"}"#, r#"{"eos_token_id":[900]}"#] {
+            let dir = model_dir(&format!("{{{SMALL}}}"), Some(bad));
+            let err = Config::from_model_dir(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("generation_config.json") && err.contains("eos_token_id"),
+                "{err}"
+            );
+        }
     }
 
     /// SmolLM2's config as transformers 5 writes it: theta 1e5 inside rope_parameters.

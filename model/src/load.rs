@@ -81,9 +81,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().collect())
 }
 
-/// Reads config.json and the weights of `dir`.
+/// Reads config.json (with generation_config.json's stop tokens) and the weights of `dir`.
 pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm)> {
-    let config = Config::from_file(&dir.join("config.json"))?;
+    let config = Config::from_model_dir(dir)?;
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
     // nobody rewriting a model file while it is loaded.
