@@ -1,0 +1,109 @@
+"""Tiny random checkpoints of each model family kubetune runs, saved the way transformers 5 saves
+them, with reference logits and greedy tokens: `tests/families.rs` checks the model crate against
+them (logits within 1e-4 in f32).
+
+Run once, by hand, when a family is added (CI never runs it; it needs PyTorch):
+
+    python model/tests/reference/families.py model/tests/reference/families
+
+with any Python that has torch and transformers >= 5. Each family gets a directory with
+config.json (rope settings in `rope_parameters`, as transformers 5 writes them),
+generation_config.json, model.safetensors (f32, about 100 KB) and reference.json.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+VOCAB = 128
+SEQ = 24
+NEW_TOKENS = 8
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    # Llama 3.1/3.2's frequency-dependent RoPE scaling, with a context short enough that the
+    # scaled and unscaled bands both occur.
+    "llama3": (
+        transformers.LlamaConfig,
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Biases on q, k, v, o and the MLP, and an explicit head_dim wider than hidden/heads.
+    "llama-bias": (
+        transformers.LlamaConfig,
+        dict(attention_bias=True, mlp_bias=True, head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    ),
+    # A sliding window shorter than the prompt, so that it changes the logits.
+    "mistral": (
+        transformers.MistralConfig,
+        dict(sliding_window=8, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    ),
+    # q/k/v biases, tied embeddings, no sliding window.
+    "qwen2": (
+        transformers.Qwen2Config,
+        dict(use_sliding_window=False, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    ),
+}
+
+
+def make(name, cls, extra, out):
+    torch.manual_seed(sum(map(ord, name)))
+    config = cls(**COMMON, **extra)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Random init leaves norms at 1 and biases at 0, which would hide a wrong norm or bias:
+    # perturb every parameter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    directory = os.path.join(out, name)
+    model.save_pretrained(directory)
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 3]).save_pretrained(directory)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(4, VOCAB, (SEQ,), generator=generator).tolist() for _ in range(2)]
+    cases = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = model(torch.tensor([ids])).logits[0]
+            sequence = list(ids)
+            greedy = []
+            for _ in range(NEW_TOKENS):
+                token = int(model(torch.tensor([sequence])).logits[0, -1].argmax())
+                greedy.append(token)
+                sequence.append(token)
+            cases.append({"ids": ids, "logits": [[round(v, 7) for v in row] for row in logits.tolist()], "greedy": greedy})
+    with open(os.path.join(directory, "reference.json"), "w") as f:
+        json.dump({"source": "transformers %s, torch %s" % (transformers.__version__, torch.__version__), "cases": cases}, f)
+
+
+def main(out):
+    for name, (cls, extra) in FAMILIES.items():
+        make(name, cls, extra, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
