@@ -1,5 +1,5 @@
 """Tiny random checkpoints of each model family kubetune runs, saved the way transformers 5 saves
-them, with reference logits and greedy tokens: `tests/families.rs` checks the model crate against
+them, with reference logits and greedy tokens: `tests/model/families.rs` checks the model crate against
 them (logits within 1e-4 in f32).
 
 Run once, by hand, when a family is added (CI never runs it; it needs PyTorch):

@@ -1,6 +1,6 @@
 //! Each model family against transformers: tiny random checkpoints saved by transformers 5
 //! (`rope_parameters`, generation_config.json with an eos list) and their reference logits,
-//! made once by `reference/families.py` (its doc names the command).
+//! made once by `tests/reference/families.py` (its doc names the command).
 //!
 //! - llama3: Llama 3's frequency-dependent RoPE scaling;
 //! - llama-bias: attention and MLP biases, and a head_dim that is not hidden / heads;

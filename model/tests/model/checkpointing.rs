@@ -4,10 +4,8 @@
 //! base, with dropout on, the head split into uneven row chunks, and the layers recomputed for
 //! the whole batch or one sequence at a time.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, Tensor, D};
-use common::*;
 use kubetune_model::checkpointing::{CheckpointedStep, LossBatch};
 use kubetune_model::{load_model, ActiveAdapter, BaseFormat, CausalLm, LoadOptions};
 use std::collections::BTreeMap;

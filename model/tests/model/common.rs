@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! Shared helpers: a tiny model written into a temp dir, and an adapter with non-zero B.
 
 use candle_core::{Device, Tensor, Var};

@@ -1,9 +1,7 @@
 //! PEFT layout round trips, loading PEFT-written adapters, the tiny generator, and the NF4 base.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use kubetune_model::lora::peft_name;
 use kubetune_model::tiny::{write_tiny_model, TinySpec};
 use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, LoadOptions, TargetModule};

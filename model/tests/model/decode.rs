@@ -1,10 +1,8 @@
 //! Batched decoding against the one-sequence forward: a batch mixing adapters, the base and
 //! different cache lengths gives each row the logits and greedy tokens it gets alone.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Tensor, D};
-use common::*;
 use kubetune_model::{ActiveAdapter, CausalLm, DecodeRow, KvCache, LoraAdapter};
 
 const PROMPTS: [&[u32]; 4] = [
