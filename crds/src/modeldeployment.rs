@@ -62,6 +62,14 @@ pub struct ModelDeploymentSpec {
     /// Secret with the object-storage credentials the server uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_secret_ref: Option<SecretRef>,
+    /// Seconds a rollout of the server pods (a new pod template, or scaling up) may go without
+    /// progress before Ready turns False with reason ProgressDeadlineExceeded (phase Failed, or
+    /// Degraded while earlier replicas still serve). The Deployment's progressDeadlineSeconds;
+    /// defaults to its 600. Before the deadline, pods that cannot be scheduled or whose image
+    /// cannot be pulled show as reason Unschedulable or ImagePullBackOff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub progress_deadline_seconds: Option<i32>,
     /// Creates a PodDisruptionBudget keeping all but one replica up during voluntary disruptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_disruption_budget: Option<bool>,

@@ -205,6 +205,9 @@ pub fn build_children(
     if spec.autoscaling.is_none() {
         deployment_spec["replicas"] = json!(spec.replicas.unwrap_or(1));
     }
+    if let Some(seconds) = spec.progress_deadline_seconds {
+        deployment_spec["progressDeadlineSeconds"] = json!(seconds);
+    }
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta(md.name_any()),
@@ -558,5 +561,19 @@ mod tests {
             "vllm:num_requests_running"
         );
         assert_eq!(hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"], "8");
+    }
+
+    #[test]
+    fn the_progress_deadline_is_the_deployments_and_unset_leaves_its_default() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        let deadline = |md: &ModelDeployment| {
+            children(md, &serving())
+                .deployment
+                .spec
+                .and_then(|s| s.progress_deadline_seconds)
+        };
+        assert_eq!(deadline(&md), None);
+        md.spec.progress_deadline_seconds = Some(300);
+        assert_eq!(deadline(&md), Some(300));
     }
 }

@@ -114,6 +114,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         endpoint: endpoint(&md),
         desired_replicas: status::desired_replicas(&md, applied.deployment.as_ref()),
         not_owned: &applied.not_owned,
+        deadline_exceeded: status::deadline_exceeded(applied.deployment.as_ref()),
         now,
     };
     let new_status = status::derive_status(&observed);
@@ -450,6 +451,7 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters:
             name,
             ready,
             served,
+            problem: status::pod_problem(&status),
             counters,
         });
     }

@@ -15,8 +15,18 @@ pub struct PodView {
     pub ready: bool,
     /// Served adapters by name: (version, digest). None when the pod did not answer.
     pub served: Option<BTreeMap<String, (u32, String)>>,
+    /// Why the pod cannot start, when Kubernetes says so (unschedulable, image not pulled).
+    pub problem: Option<PodProblem>,
     /// Request counters by adapter name; read only while a canary is analysed.
     pub counters: BTreeMap<String, ServingCounters>,
+}
+
+/// Why a pod is stuck before it can serve: a condition reason (e.g. Unschedulable, or
+/// ImagePullBackOff standing for ErrImagePull too) and Kubernetes' message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodProblem {
+    pub reason: String,
+    pub message: String,
 }
 
 /// One step for the reconciler to carry out.

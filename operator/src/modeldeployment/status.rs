@@ -2,8 +2,9 @@
 
 use super::build::{selector_string, served_model_name};
 use super::resolve::Unresolved;
-use super::rollout::{Plan, PodView};
+use super::rollout::{Plan, PodProblem, PodView};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::PodStatus;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kubetune_crds::conditions::{condition, set_condition, READY};
 use kubetune_crds::server_contract::ServedAdapter;
@@ -25,7 +26,69 @@ pub struct ObservedDeployment<'a> {
     pub desired_replicas: i32,
     /// Wanted children that exist and belong to someone else, one line each.
     pub not_owned: &'a [String],
+    /// The Deployment's message when it ran past its progress deadline (see [`deadline_exceeded`]).
+    pub deadline_exceeded: Option<String>,
     pub now: Time,
+}
+
+/// Container waiting reasons that mean the image will not come without a change.
+const IMAGE_PULL_REASONS: &[&str] = &[
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+];
+
+/// Why a pod cannot start, from its conditions and container states: the scheduler's
+/// Unschedulable, or an image that cannot be pulled (every pull failure reads ImagePullBackOff,
+/// the reason kubectl shows once the kubelet backs off), or a container crash-looping.
+pub fn pod_problem(status: &PodStatus) -> Option<PodProblem> {
+    let unschedulable = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
+    if let Some(c) = unschedulable {
+        return Some(PodProblem {
+            reason: "Unschedulable".into(),
+            message: c.message.clone().unwrap_or_default(),
+        });
+    }
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    containers.into_iter().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        let reason = if IMAGE_PULL_REASONS.contains(&reason) {
+            "ImagePullBackOff"
+        } else if reason == "CrashLoopBackOff" {
+            reason
+        } else {
+            return None;
+        };
+        Some(PodProblem {
+            reason: reason.into(),
+            message: format!("container {}: {}", c.name, waiting.message.clone().unwrap_or_default()),
+        })
+    })
+}
+
+/// The Deployment controller's verdict that the server pods made no progress for
+/// progressDeadlineSeconds (condition Progressing=False, reason ProgressDeadlineExceeded).
+pub fn deadline_exceeded(deployment: Option<&Deployment>) -> Option<String> {
+    deployment?
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| {
+            c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
+        .map(|c| c.message.clone().unwrap_or_else(|| "progress deadline exceeded".into()))
 }
 
 /// The replicas wanted now. Under spec.autoscaling the HPA sets the Deployment's replicas, so
@@ -102,8 +165,15 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
     let all_ready = current_replicas == replicas
         && o.unresolved.is_empty()
         && o.not_owned.is_empty()
+        && o.deadline_exceeded.is_none()
         && failed.is_none()
         && !progressing;
+    // The first pod that says why it cannot start.
+    let stuck = o
+        .pods
+        .iter()
+        .find_map(|p| p.problem.as_ref().map(|problem| (p.name.as_str(), problem)));
+    let describe = |(pod, problem): (&str, &PodProblem)| format!("pod {pod}: {}: {}", problem.reason, problem.message);
     let (phase, reason, message) = if !o.not_owned.is_empty() {
         // Nothing of ours can be brought up to date until the other object goes.
         let phase = if ready_pods.is_empty() {
@@ -142,6 +212,18 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
             "RolloutFailed"
         };
         (phase, reason.into(), message)
+    } else if let Some(deadline) = &o.deadline_exceeded {
+        // Waiting stops here: health checks (Argo CD's) report this as degraded, not progressing.
+        let phase = if ready_pods.is_empty() {
+            ModelDeploymentPhase::Failed
+        } else {
+            ModelDeploymentPhase::Degraded
+        };
+        let message = match stuck {
+            Some(s) => format!("{deadline}; {}", describe(s)),
+            None => deadline.clone(),
+        };
+        (phase, "ProgressDeadlineExceeded".into(), message)
     } else if progressing {
         let message = o
             .plan
@@ -152,6 +234,13 @@ pub fn derive_status(o: &ObservedDeployment) -> ModelDeploymentStatus {
         (ModelDeploymentPhase::Progressing, "RolloutInProgress".into(), message)
     } else if all_ready {
         (ModelDeploymentPhase::Ready, "AllReplicasServing".into(), String::new())
+    } else if let Some((pod, problem)) = stuck {
+        let phase = if ready_pods.is_empty() {
+            ModelDeploymentPhase::Pending
+        } else {
+            ModelDeploymentPhase::Progressing
+        };
+        (phase, problem.reason.clone(), describe((pod, problem)))
     } else if ready_pods.is_empty() {
         (
             ModelDeploymentPhase::Pending,
@@ -350,6 +439,7 @@ mod tests {
             endpoint: "http://e".into(),
             desired_replicas: desired_replicas(md, None),
             not_owned: &[],
+            deadline_exceeded: None,
             now: now(),
         })
     }
@@ -479,6 +569,7 @@ mod tests {
             endpoint: "http://e".into(),
             desired_replicas,
             not_owned,
+            deadline_exceeded: None,
             now: now(),
         })
     }
@@ -594,6 +685,7 @@ mod tests {
             endpoint: "http://e".into(),
             desired_replicas: 2,
             not_owned: &[],
+            deadline_exceeded: None,
             now,
         }));
     }
@@ -645,5 +737,140 @@ mod tests {
         };
         old.rollout = Some(r.clone());
         assert_eq!(recorded_rollouts(Some(&old)), [r]);
+    }
+
+    fn pod_status(value: serde_json::Value) -> PodStatus {
+        serde_json::from_value(value).expect("pod status")
+    }
+
+    /// A pod that is not ready and says why.
+    fn stuck_pod(name: &str, status: serde_json::Value) -> PodView {
+        PodView {
+            name: name.into(),
+            problem: pod_problem(&pod_status(status)),
+            ..Default::default()
+        }
+    }
+
+    fn unschedulable() -> serde_json::Value {
+        serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
+    }
+
+    fn observe(md: &ModelDeployment, pods: &[PodView], deadline_exceeded: Option<String>) -> ModelDeploymentStatus {
+        let policy = crate::modeldeployment::rollout::Policy {
+            max_attempts: 3,
+            canary: None,
+            paused: false,
+            abort: false,
+        };
+        let desired = [adapter(1)];
+        let promoted = AdaptersFile {
+            adapters: vec![adapter(1)],
+        };
+        let p = plan(&desired, &promoted, pods, &[], &policy, &now());
+        derive_status(&ObservedDeployment {
+            md,
+            desired: &desired,
+            unresolved: &[],
+            pods,
+            plan: &p,
+            endpoint: "http://e".into(),
+            desired_replicas: desired_replicas(md, None),
+            not_owned: &[],
+            deadline_exceeded,
+            now: now(),
+        })
+    }
+
+    fn ready_reason(s: &ModelDeploymentStatus) -> (String, String, String) {
+        let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn an_unschedulable_pod_shows_as_ready_false_reason_unschedulable_with_the_schedulers_message() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let s = observe(&md, &[stuck_pod("support-x", unschedulable())], None);
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Pending));
+        assert_eq!(
+            ready_reason(&s),
+            (
+                "False".into(),
+                "Unschedulable".into(),
+                "pod support-x: Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()
+            )
+        );
+    }
+
+    #[test]
+    fn an_image_that_cannot_be_pulled_shows_as_image_pull_back_off_whichever_pull_error_the_kubelet_reports() {
+        let md = modeldeployment("modeldeployment.yaml");
+        for reason in ["ErrImagePull", "ImagePullBackOff"] {
+            let status = serde_json::json!({"phase": "Pending", "containerStatuses": [{
+                "name": "server", "image": "kubetune/server:nope", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": "manifest unknown"}},
+            }]});
+            let s = observe(&md, &[stuck_pod("support-x", status)], None);
+            let (ready, got, message) = ready_reason(&s);
+            assert_eq!(
+                (ready.as_str(), got.as_str()),
+                ("False", "ImagePullBackOff"),
+                "{reason}"
+            );
+            assert_eq!(
+                message,
+                "pod support-x: ImagePullBackOff: container server: manifest unknown"
+            );
+        }
+    }
+
+    #[test]
+    fn past_the_deployments_progress_deadline_the_reason_is_progress_deadline_exceeded_and_waiting_ends() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let deployment: Deployment = serde_json::from_value(serde_json::json!({
+            "spec": {"selector": {}, "template": {}},
+            "status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet \"support-5d4\" has timed out progressing."}]},
+        }))
+        .expect("deployment");
+        let exceeded = deadline_exceeded(Some(&deployment));
+        assert!(exceeded.is_some());
+        let s = observe(&md, &[stuck_pod("support-x", unschedulable())], exceeded);
+        assert_eq!(
+            s.phase,
+            Some(ModelDeploymentPhase::Failed),
+            "nothing serves, and nothing will by waiting"
+        );
+        let (ready, reason, message) = ready_reason(&s);
+        assert_eq!((ready.as_str(), reason.as_str()), ("False", "ProgressDeadlineExceeded"));
+        assert!(
+            message.starts_with(
+                "ReplicaSet \"support-5d4\" has timed out progressing.; pod support-x: Unschedulable: 0/3"
+            ),
+            "{message}"
+        );
+
+        // Replicas of the previous template still serve: degraded, not failed.
+        let s = observe(
+            &md,
+            &[pod("a", Some(1)), stuck_pod("support-x", unschedulable())],
+            deadline_exceeded(Some(&deployment)),
+        );
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Degraded));
+        assert_eq!(ready_reason(&s).1, "ProgressDeadlineExceeded");
+    }
+
+    #[test]
+    fn a_deployment_still_progressing_or_done_is_not_past_its_deadline() {
+        for reason in ["ReplicaSetUpdated", "NewReplicaSetAvailable"] {
+            let deployment: Deployment = serde_json::from_value(serde_json::json!({
+                "spec": {"selector": {}, "template": {}},
+                "status": {"conditions": [{"type": "Progressing", "status": "True", "reason": reason}]},
+            }))
+            .expect("deployment");
+            assert_eq!(deadline_exceeded(Some(&deployment)), None);
+        }
+        assert_eq!(deadline_exceeded(None), None);
     }
 }

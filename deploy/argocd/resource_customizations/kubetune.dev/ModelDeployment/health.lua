@@ -3,6 +3,8 @@
 --   Pending, Progressing, no status yet        -> Progressing (with the rollout in progress)
 --   status older than the spec                 -> Progressing (the operator has not seen the change yet)
 --   a rollout paused through spec.rollout      -> Suspended
+--   Ready reason ProgressDeadlineExceeded      -> Degraded (pods stuck, e.g. Unschedulable or
+--                                                 ImagePullBackOff, past spec.progressDeadlineSeconds)
 --   Degraded (a rollout failed; the previous version serves), Failed (nothing serves) -> Degraded
 -- Missing is Argo CD's own verdict for an object that does not exist; a live object is never Missing.
 local hs = {}
@@ -52,7 +54,11 @@ local in_flight = rollout ~= nil and (rollout.state == "Progressing" or rollout.
 local paused = obj.spec ~= nil and obj.spec.rollout ~= nil and obj.spec.rollout.paused == true
 local ready = condition(status, "Ready")
 
-if paused and in_flight then
+if ready ~= nil and ready.status == "False" and ready.reason == "ProgressDeadlineExceeded" then
+  -- Waiting longer changes nothing: someone has to act (capacity, image, spec).
+  hs.status = "Degraded"
+  hs.message = (ready.message ~= nil and ready.message ~= "" and ready.message) or "ProgressDeadlineExceeded"
+elseif paused and in_flight then
   hs.status = "Suspended"
   hs.message = "Paused: " .. describe_rollout(rollout)
 elseif phase == "Ready" and ready ~= nil and ready.status == "True" then
