@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.display","description":"Optimizer steps done of the total"}"#,
     printcolumn = r#"{"name":"Loss","type":"number","jsonPath":".status.progress.trainLoss","description":"Latest training loss"}"#,
     printcolumn = r#"{"name":"Adapter","type":"string","jsonPath":".status.adapter.reference","description":"The adapter version this job published"}"#,
+    printcolumn = r#"{"name":"Evaluation","type":"string","jsonPath":".status.evaluation.display","description":"The adapter's held-out score (or loss) against the base model's"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -33,6 +34,17 @@ use serde::{Deserialize, Serialize};
         "message": "spec.quantization: method qlora needs 4-bit quantization (quantization.bits: 4)",
         "fieldPath": ".quantization",
         "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.evaluation) || has(self.dataset.validationUri) || (has(self.dataset.validationSplit) && self.dataset.validationSplit > 0.0)",
+        "message": "spec.evaluation: needs held-out data: set dataset.validationUri or dataset.validationSplit",
+        "fieldPath": ".evaluation",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.evaluation) || !has(self.evaluation.metric) || self.dataset.format != 'text'",
+        "message": "spec.evaluation.metric: scores answers to prompts, so it needs instruction or chat data, not text",
+        "fieldPath": ".evaluation.metric"
     }
 ]))]
 pub struct FineTuneJobSpec {
@@ -53,6 +65,11 @@ pub struct FineTuneJobSpec {
     pub training: TrainingSpec,
     /// Where the adapter goes.
     pub output: OutputSpec,
+    /// How the adapter is judged against its base model on the held-out data, after training
+    /// and before publishing. Unset: no judgement beyond the evaluation loss in progress. Read
+    /// when the trainer Job is created: later changes do not reach a job already started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationSpec>,
     /// Trainer container image; the operator's configured default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -282,6 +299,52 @@ pub enum LrScheduler {
     Cosine,
 }
 
+/// How the adapter is judged. Both the base model (no adapter) and the adapter are evaluated on
+/// the same held-out examples (dataset.validationUri, or the validationSplit), after training
+/// and before anything is published.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationSpec {
+    /// Scores greedy answers to the held-out prompts against the reference answer (the
+    /// response of an instruction line, the final assistant message of a chat line), besides
+    /// the held-out loss, which is always computed. Instruction or chat data only.
+    /// `exactMatch`: the answer equals the reference once surrounding whitespace is trimmed.
+    /// `contains`: the answer contains the (trimmed) reference. `labelAccuracy`: for answers
+    /// that are class labels; scored as exactMatch. A score is the fraction of examples right,
+    /// from 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<EvaluationMetric>,
+    /// Held-out examples evaluated (the first ones of the held-out data), to bound the cost.
+    /// Defaults to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_examples: Option<u32>,
+    /// Longest greedy answer, in tokens; answers stop earlier at the end of the turn.
+    /// Defaults to 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_new_tokens: Option<u32>,
+    /// How much the adapter must beat the base model by: with a metric, in score (adapter minus
+    /// base, e.g. 0.05 for five points); without one, in held-out loss (base minus adapter). A job
+    /// whose adapter falls short fails with reason EvaluationBelowThreshold and publishes
+    /// nothing, so ModelDeployments following the latest version never roll out a worse
+    /// adapter. Negative values allow the adapter to be at most that much worse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_improvement: Option<f64>,
+}
+
+/// How greedy answers are scored against the reference answers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EvaluationMetric {
+    /// The trimmed answer equals the trimmed reference.
+    ExactMatch,
+    /// The answer contains the trimmed reference.
+    Contains,
+    /// Answers are class labels: the trimmed answer equals the trimmed label.
+    LabelAccuracy,
+}
+
 /// Where the trained adapter is published.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -325,6 +388,40 @@ pub struct FineTuneJobStatus {
     /// Retries of the trainer pod so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<i32>,
+    /// The base model and the adapter judged on the held-out data (spec.evaluation), once the
+    /// trainer has done so; also on a job that failed with EvaluationBelowThreshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationResult>,
+}
+
+/// The base model and the adapter on the same held-out examples.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationResult {
+    /// The metric the scores are in; absent when only the loss was evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<EvaluationMetric>,
+    /// The base model without the adapter.
+    pub base: ModelEvaluation,
+    /// The base model with the trained adapter.
+    pub adapter: ModelEvaluation,
+    /// Held-out examples evaluated.
+    pub examples: u32,
+    /// "score (base score)" or "loss (base loss)", for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}
+
+/// One model's results on the held-out examples.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelEvaluation {
+    /// Mean loss per answer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Fraction of examples answered right under the metric, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
 }
 
 /// Coarse state of a FineTuneJob.

@@ -2,7 +2,7 @@
 //! in the environment variable [`TRAINER_JOB_ENV`]. One type on both sides keeps them in step,
 //! and the trainer never re-derives a default the operator already chose.
 
-use crate::{DatasetFormat, FineTuneMethod, LrScheduler, QuantType, TargetModule};
+use crate::{DatasetFormat, EvaluationMetric, EvaluationResult, FineTuneMethod, LrScheduler, QuantType, TargetModule};
 use serde::{Deserialize, Serialize};
 
 /// Environment variable holding the JSON [`TrainerJob`].
@@ -27,6 +27,23 @@ pub struct TrainerJob {
     pub registry: String,
     /// Where checkpoints go so that a retried pod resumes instead of starting over.
     pub checkpoint_uri: String,
+    /// Judge the adapter against the base model before publishing; absent: no judgement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<TrainerEvaluation>,
+}
+
+/// spec.evaluation with its defaults resolved.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerEvaluation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<EvaluationMetric>,
+    pub max_examples: u32,
+    pub max_new_tokens: u32,
+    /// Score points (or, without a metric, loss) the adapter must gain over the base; nothing
+    /// is published when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_improvement: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -102,9 +119,18 @@ pub enum TrainerOutcome {
         /// The checkpoint step this pod resumed from, when it was a retry.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resumed_from_step: Option<u64>,
+        /// The base model and the adapter on the held-out data, when the job asked for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        evaluation: Option<EvaluationResult>,
     },
     /// The run failed; `reason` is a condition reason such as DatasetInvalid or LossDiverged.
-    Failed { reason: String, message: String },
+    Failed {
+        reason: String,
+        message: String,
+        /// The evaluation that failed the job (reason EvaluationBelowThreshold).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        evaluation: Option<EvaluationResult>,
+    },
 }
 
 /// Trainer exit code for bad input (dataset, model, config): retrying cannot help, so the Job's
@@ -112,3 +138,8 @@ pub enum TrainerOutcome {
 pub const EXIT_INVALID_INPUT: i32 = 2;
 /// Trainer exit code for a NaN or infinite loss: retrying from the checkpoint would diverge again.
 pub const EXIT_LOSS_DIVERGED: i32 = 3;
+/// Trainer exit code for an adapter that did not beat the base model by
+/// `evaluation.minImprovement`: final, a retry would train and judge the same adapter again.
+pub const EXIT_EVALUATION_BELOW_THRESHOLD: i32 = 4;
+/// Condition reason of a job whose adapter did not beat the base model by enough.
+pub const EVALUATION_BELOW_THRESHOLD: &str = "EvaluationBelowThreshold";

@@ -3,6 +3,7 @@
 //! Unknown keys are errors: a misspelt `learningRate` must not silently train with the default.
 
 use crate::error::{Result, TrainError};
+use kubetune_crds::EvaluationMetric;
 use kubetune_model::{LoraConfig, TargetModule};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -24,6 +25,31 @@ pub struct TrainConfig {
     pub training: TrainingSettings,
     /// Output directory: adapter files, training_metrics.json and checkpoints/.
     pub output: String,
+    /// Judge the adapter against the base model on the held-out data once training is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationSettings>,
+}
+
+/// As the FineTuneJob's spec.evaluation (without minImprovement, which only job mode acts on,
+/// since only it publishes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EvaluationSettings {
+    /// exactMatch, contains or labelAccuracy of greedy answers; None: the loss only.
+    #[serde(default)]
+    pub metric: Option<EvaluationMetric>,
+    #[serde(default = "default_max_examples")]
+    pub max_examples: usize,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_max_examples() -> usize {
+    100
+}
+
+fn default_max_new_tokens() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +235,24 @@ impl TrainConfig {
             }
         }
         self.lora.to_lora().validate().map_err(|e| bad("lora", e.to_string()))?;
+        if let Some(e) = &self.evaluation {
+            let held_out = self.dataset.validation_path.is_some() || self.dataset.validation_split.is_some();
+            if !held_out {
+                return Err(bad(
+                    "evaluation",
+                    "needs held-out data: set dataset.validationPath or dataset.validationSplit".into(),
+                ));
+            }
+            if e.metric.is_some() && self.dataset.format == DataFormat::Text {
+                return Err(bad(
+                    "evaluation.metric",
+                    "text lines have no reference answers; use instruction or chat data".into(),
+                ));
+            }
+            if e.max_examples == 0 || e.max_new_tokens == 0 {
+                return Err(bad("evaluation.maxExamples/maxNewTokens", "must be positive".into()));
+            }
+        }
         Ok(())
     }
 }
@@ -244,5 +288,29 @@ mod tests {
             c.lora.to_lora().target_modules,
             vec![TargetModule::QProj, TargetModule::VProj]
         );
+    }
+
+    #[test]
+    fn evaluation_needs_held_out_data_and_a_metric_needs_prompts() {
+        let config = |dataset: &str| -> TrainConfig {
+            serde_yaml::from_str(&format!(
+                "model: m\noutput: o\ndataset: {dataset}\nevaluation: {{metric: exactMatch}}\n"
+            ))
+            .expect("config")
+        };
+        let err = config("{path: d, format: chat}")
+            .validate("t")
+            .expect_err("no held-out data")
+            .to_string();
+        assert!(err.contains("evaluation:") && err.contains("validationPath"), "{err}");
+        let err = config("{path: d, format: text, validationSplit: 0.1}")
+            .validate("t")
+            .expect_err("text has no answers")
+            .to_string();
+        assert!(err.contains("evaluation.metric:"), "{err}");
+        let ok = config("{path: d, format: instruction, validationSplit: 0.1}");
+        ok.validate("t").expect("valid");
+        let e = ok.evaluation.expect("evaluation");
+        assert_eq!((e.max_examples, e.max_new_tokens), (100, 32), "defaults");
     }
 }

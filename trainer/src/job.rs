@@ -7,7 +7,9 @@
 //! 3. Restore the newest checkpoint under `checkpointUri`, if a previous pod left one.
 //! 4. Train; every `checkpointSteps` steps the checkpoint is uploaded, files first and the
 //!    `latest.json` pointer last, so a half-uploaded checkpoint is never resumed from.
-//! 5. Publish the adapter as the registry's next version (atomic, see kubetune-storage), then
+//! 5. With `evaluation`, judge the adapter against the base model on the held-out data; one
+//!    that falls short of `minImprovement` fails the job and nothing is published.
+//! 6. Publish the adapter as the registry's next version (atomic, see kubetune-storage), then
 //!    remove the checkpoints.
 
 use crate::config::TrainConfig;
@@ -15,9 +17,10 @@ use crate::error::TrainError;
 use crate::metrics::Metrics;
 use crate::train::{run, CheckpointHook, RunOptions, TrainingMetrics};
 use kubetune_crds::trainer_contract::{
-    TrainerJob, TrainerOutcome, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
+    TrainerEvaluation, TrainerJob, TrainerOutcome, EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD,
+    EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
 };
-use kubetune_crds::PublishedAdapter;
+use kubetune_crds::{EvaluationResult, PublishedAdapter};
 use kubetune_storage::{
     Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, Sha256Digest, SourceRef, Storage,
     StorageError,
@@ -49,6 +52,12 @@ pub enum JobError {
     Storage(#[from] StorageError),
     #[error("stopped at step {step} (SIGTERM); the retry resumes from the checkpoint in object storage")]
     Stopped { step: u64 },
+    /// The adapter did not beat the base model by `evaluation.minImprovement`.
+    #[error("{message}; nothing was published")]
+    EvaluationBelowThreshold {
+        message: String,
+        evaluation: Box<EvaluationResult>,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -90,6 +99,7 @@ impl JobError {
             } => "ModelInvalid",
             JobError::Storage(_) => "StorageError",
             JobError::Stopped { .. } => "Stopped",
+            JobError::EvaluationBelowThreshold { .. } => EVALUATION_BELOW_THRESHOLD,
             JobError::Internal(_) => "TrainerFailed",
         }
     }
@@ -106,6 +116,8 @@ impl JobError {
             }
             JobError::Train(e) => e.exit_code(),
             JobError::Stopped { .. } => EXIT_STOPPED,
+            // Final: a retry would train and judge the same adapter again.
+            JobError::EvaluationBelowThreshold { .. } => EXIT_EVALUATION_BELOW_THRESHOLD,
             JobError::Storage(_) | JobError::Internal(_) => 1,
         }
     }
@@ -114,10 +126,18 @@ impl JobError {
     pub fn is_final(&self) -> bool {
         !matches!(self, JobError::Stopped { .. })
     }
+
+    /// The evaluation that failed the job, for its outcome.
+    pub fn evaluation(&self) -> Option<&EvaluationResult> {
+        match self {
+            JobError::EvaluationBelowThreshold { evaluation, .. } => Some(evaluation),
+            _ => None,
+        }
+    }
 }
 
 /// Compile-time check that the contract's exit codes are the ones TrainError uses.
-const _: () = assert!(EXIT_INVALID_INPUT == 2 && EXIT_LOSS_DIVERGED == 3);
+const _: () = assert!(EXIT_INVALID_INPUT == 2 && EXIT_LOSS_DIVERGED == 3 && EXIT_EVALUATION_BELOW_THRESHOLD == 4);
 
 /// Everything a job run needs from its process.
 pub struct JobRun {
@@ -145,7 +165,14 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     if let Some(done) = published_by_this_job(&registry, job).await? {
         tracing::info!(adapter = %done.name, version = done.version, "this job already published; reporting that version");
         let metrics = &done.manifest.metrics;
-        return Ok(succeeded(&done, metrics.train_loss, metrics.eval_loss, None));
+        let evaluation = published_evaluation(&done, &r.credentials).await;
+        return Ok(succeeded(
+            &done,
+            metrics.train_loss,
+            metrics.eval_loss,
+            None,
+            evaluation,
+        ));
     }
     let inputs = download_inputs(job, &r.work_dir, &r.credentials).await?;
     let output = r.work_dir.join("output");
@@ -162,6 +189,13 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     if !result.completed {
         return Err(JobError::Stopped { step: result.steps });
     }
+    if let Err(e) = check_improvement(job.evaluation.as_ref(), result.evaluation.as_ref()) {
+        // The job is over for good: its checkpoints will never be resumed from.
+        if let Err(e) = remove_checkpoints(&checkpoints).await {
+            tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
+        }
+        return Err(e);
+    }
     let published = publish(&registry, job, &inputs, &output, &result, &r.work_dir).await?;
     tracing::info!(adapter = %published.name, version = published.version, uri = %published.uri, "published");
     if let Err(e) = remove_checkpoints(&checkpoints).await {
@@ -172,7 +206,62 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
         result.final_train_loss,
         result.final_eval_loss,
         result.resumed_from_step,
+        result.evaluation,
     ))
+}
+
+/// Err when the job sets `minImprovement` and the adapter fell short of it: in score points
+/// with a metric, else in held-out loss. Runs before publishing, so that ModelDeployments
+/// following the latest version never roll out an adapter worse than asked.
+pub fn check_improvement(asked: Option<&TrainerEvaluation>, judged: Option<&EvaluationResult>) -> Result<(), JobError> {
+    let Some(min) = asked.and_then(|a| a.min_improvement) else {
+        return Ok(());
+    };
+    let judged = judged
+        .ok_or_else(|| JobError::Internal("evaluation.minImprovement is set but nothing was evaluated".into()))?;
+    let gained = crate::evaluate::improvement(judged)
+        .ok_or_else(|| JobError::Internal("the evaluation has no numbers to compare".into()))?;
+    if gained >= min {
+        return Ok(());
+    }
+    let (what, adapter, base) = match judged.metric {
+        Some(metric) => (
+            format!("{metric:?} score"),
+            judged.adapter.score.unwrap_or_default(),
+            judged.base.score.unwrap_or_default(),
+        ),
+        None => (
+            "held-out loss".to_string(),
+            judged.adapter.loss.unwrap_or_default(),
+            judged.base.loss.unwrap_or_default(),
+        ),
+    };
+    Err(JobError::EvaluationBelowThreshold {
+        message: format!(
+            "spec.evaluation.minImprovement: the adapter's {what} is {adapter:.4} against the base model's {base:.4} on {} held-out examples, an improvement of {gained:.4}, short of {min}",
+            judged.examples
+        ),
+        evaluation: Box::new(judged.clone()),
+    })
+}
+
+/// The evaluation a version's publisher recorded in its training_metrics.json, for the outcome
+/// of a pod that finds its job already published. Missing or unreadable: none, with a warning;
+/// the adapter is published either way.
+async fn published_evaluation(done: &ResolvedAdapter, credentials: &Credentials) -> Option<EvaluationResult> {
+    let read = async {
+        let bytes = Storage::from_uri(&done.uri, credentials)?
+            .get_bytes(crate::train::METRICS_FILE)
+            .await?;
+        Ok::<_, StorageError>(serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+    };
+    match read.await {
+        Ok(metrics) => metrics.and_then(|m| serde_json::from_value(m.get("evaluation")?.clone()).ok()),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the published version's training metrics");
+            None
+        }
+    }
 }
 
 /// Local copies of the job's inputs.
@@ -277,6 +366,7 @@ fn succeeded(
     train_loss: Option<f64>,
     eval_loss: Option<f64>,
     resumed_from_step: Option<u64>,
+    evaluation: Option<EvaluationResult>,
 ) -> TrainerOutcome {
     TrainerOutcome::Succeeded {
         adapter: PublishedAdapter {
@@ -289,6 +379,7 @@ fn succeeded(
         train_loss,
         eval_loss,
         resumed_from_step,
+        evaluation,
     }
 }
 
@@ -476,6 +567,11 @@ fn train_config(job: &TrainerJob, inputs: &Inputs, output: &Path) -> Result<Trai
             "gradientCheckpointing": t.gradient_checkpointing,
         },
         "output": output,
+        "evaluation": job.evaluation.as_ref().map(|e| json!({
+            "metric": e.metric,
+            "maxExamples": e.max_examples,
+            "maxNewTokens": e.max_new_tokens,
+        })),
     });
     let config: TrainConfig = serde_json::from_value(value).map_err(|e| JobError::InvalidJob(e.to_string()))?;
     config.validate(TRAINER_JOB_ENV).map_err(JobError::Train)?;

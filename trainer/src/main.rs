@@ -157,6 +157,7 @@ fn job_main(args: Args, text: &str) -> std::process::ExitCode {
                 let failed = TrainerOutcome::Failed {
                     reason: e.reason().to_string(),
                     message: e.to_string(),
+                    evaluation: e.evaluation().cloned(),
                 };
                 write_outcome(args.termination_log.as_deref(), &failed);
             }
@@ -266,6 +267,7 @@ fn build_config(a: &Args) -> Result<TrainConfig, TrainError> {
                 lora: LoraSettings::default(),
                 training: TrainingSettings::default(),
                 output: need(&a.output, "--output")?,
+                evaluation: None,
             }
         }
     };

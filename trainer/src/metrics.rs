@@ -16,6 +16,10 @@ pub struct Metrics {
     pub learning_rate: Gauge,
     pub grad_norm: Gauge,
     pub resumed_from_step: Gauge,
+    /// Held-out loss of the base model and of the adapter (`model="base|adapter"`), once judged.
+    evaluation_loss: GaugeVec,
+    /// Held-out score of each, under spec.evaluation.metric.
+    evaluation_score: GaugeVec,
 }
 
 impl Metrics {
@@ -37,6 +41,16 @@ impl Metrics {
                 .register(Box::new(v.clone()))
                 .map_err(|e| TrainError::Metrics(e.to_string()))?;
             Ok(AbsentUntilSet(v))
+        };
+        // Named apart from kubetune_eval_loss, the live series the operator and the alerts read:
+        // a labelled second series under that name would be mistaken for it.
+        let by_model = |name: &str, help: &str| -> Result<GaugeVec> {
+            let v = GaugeVec::new(Opts::new(name, help).const_label("job", job), &["model"])
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            registry
+                .register(Box::new(v.clone()))
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            Ok(v)
         };
         Ok(Self {
             train_loss: absent(
@@ -60,8 +74,28 @@ impl Metrics {
                 "kubetune_train_resumed_from_step",
                 "Checkpoint step this run resumed from (0: started from zero).",
             )?,
+            evaluation_loss: by_model(
+                "kubetune_evaluation_loss",
+                "Held-out loss per answer token after training, of the base model and of the adapter.",
+            )?,
+            evaluation_score: by_model(
+                "kubetune_evaluation_score",
+                "Held-out score (fraction right, 0 to 1) after training, of the base model and of the adapter.",
+            )?,
             registry,
         })
+    }
+
+    /// Exports the final evaluation, base and adapter side by side.
+    pub fn set_evaluation(&self, e: &kubetune_crds::EvaluationResult) {
+        for (model, result) in [("base", &e.base), ("adapter", &e.adapter)] {
+            if let Some(loss) = result.loss {
+                self.evaluation_loss.with_label_values(&[model]).set(loss);
+            }
+            if let Some(score) = result.score {
+                self.evaluation_score.with_label_values(&[model]).set(score);
+            }
+        }
     }
 
     /// The Prometheus text exposition of all gauges.

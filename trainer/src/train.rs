@@ -6,6 +6,7 @@ use crate::config::{Method, TrainConfig};
 use crate::data::batch::{batches, epoch_order, PrepareStats};
 use crate::data::tokenize::{Example, TextTokenizer};
 use crate::error::{Result, TrainError};
+use crate::evaluate::Judge;
 use crate::io::local_path;
 use crate::metrics::Metrics;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
@@ -103,6 +104,9 @@ pub struct TrainingMetrics {
     pub resumed_from_step: Option<u64>,
     pub train_history: Vec<LossPoint>,
     pub eval_history: Vec<LossPoint>,
+    /// The base model and the adapter on the held-out data, when the config asks for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<kubetune_crds::EvaluationResult>,
 }
 
 pub const METRICS_FILE: &str = "training_metrics.json";
@@ -354,6 +358,11 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         }
         peft::save(&output, &adapter, &base_name)?;
     }
+    let evaluation = if stopped_early {
+        None
+    } else {
+        judge_if_asked(config, options, &model, &model_config, &adapter, &data, &tokenizer)?
+    };
     let segment_secs = segment_start.elapsed().as_secs_f64();
     let duration = elapsed_before + segment_secs.max(started.elapsed().as_secs_f64().min(segment_secs));
     let metrics = TrainingMetrics {
@@ -380,9 +389,38 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
         resumed_from_step: resumed_from,
         train_history: state.train_history.clone(),
         eval_history: state.eval_history.clone(),
+        evaluation,
     };
     write_metrics(&output, &metrics)?;
     Ok(metrics)
+}
+
+/// The adapter judged against the base model, when the config asks for it (see
+/// [`crate::evaluate`]); after the adapter is saved, so a failure here loses no training.
+fn judge_if_asked(
+    config: &TrainConfig,
+    options: &RunOptions,
+    model: &CausalLm,
+    model_config: &kubetune_model::Config,
+    adapter: &LoraAdapter,
+    data: &crate::prepare::Prepared,
+    tokenizer: &TextTokenizer,
+) -> Result<Option<kubetune_crds::EvaluationResult>> {
+    let Some(settings) = &config.evaluation else {
+        return Ok(None);
+    };
+    let stop_tokens = [model_config.eos_token_ids(), vec![tokenizer.eos]].concat();
+    let judge = Judge {
+        model,
+        adapter,
+        held_out: &data.validation,
+        tokenizer,
+        stop_tokens: &stop_tokens,
+        batch_size: config.training.batch_size,
+        device: &options.device,
+        metrics: options.metrics.as_deref(),
+    };
+    crate::evaluate::judge(&judge, settings).map(Some)
 }
 
 /// The sequences of global micro-batch `g`: epoch `g / per_epoch` in that epoch's seeded order.

@@ -8,9 +8,10 @@ mod common;
 
 use common::*;
 use kubetune_crds::trainer_contract::{
-    JobIdentity, TrainerDataset, TrainerJob, TrainerLora, TrainerOutcome, TrainerTraining, TRAINER_JOB_ENV,
+    JobIdentity, TrainerDataset, TrainerEvaluation, TrainerJob, TrainerLora, TrainerOutcome, TrainerTraining,
+    EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD, TRAINER_JOB_ENV,
 };
-use kubetune_crds::{DatasetFormat, FineTuneMethod, LrScheduler, TargetModule};
+use kubetune_crds::{DatasetFormat, EvaluationMetric, EvaluationResult, FineTuneMethod, LrScheduler, TargetModule};
 use kubetune_storage::{Credentials, Storage};
 use kubetune_trainer::job::{run_job, JobError, JobRun};
 use kubetune_trainer::metrics::Metrics;
@@ -68,6 +69,7 @@ fn setup(root: &Path) -> TrainerJob {
         adapter_name: "facts".into(),
         registry: uri(&root.join("store/registry")),
         checkpoint_uri: String::new(),
+        evaluation: None,
     };
     set_uid(&mut job, root, "uid-1");
     job
@@ -95,6 +97,29 @@ fn published(outcome: &TrainerOutcome) -> (u32, String) {
     match outcome {
         TrainerOutcome::Succeeded { adapter, .. } => (adapter.version, adapter.digest.clone()),
         other => panic!("expected success, got {other:?}"),
+    }
+}
+
+/// The job, judged on the first 20 facts held out (the training file again: the tiny model's
+/// adapter only gets better on what it saw within 6 steps).
+fn with_evaluation(job: &TrainerJob, metric: Option<EvaluationMetric>, min_improvement: Option<f64>) -> TrainerJob {
+    let mut job = job.clone();
+    job.dataset.validation_uri = Some(job.dataset.uri.clone());
+    job.evaluation = Some(TrainerEvaluation {
+        metric,
+        max_examples: 20,
+        max_new_tokens: 4,
+        min_improvement,
+    });
+    job
+}
+
+fn evaluation_of(outcome: &TrainerOutcome) -> &EvaluationResult {
+    match outcome {
+        TrainerOutcome::Succeeded {
+            evaluation: Some(e), ..
+        } => e,
+        other => panic!("expected a published, judged adapter, got {other:?}"),
     }
 }
 
@@ -422,7 +447,7 @@ fn the_binary_reports_its_outcome_and_exit_code() {
     std::fs::create_dir_all(&work).expect("mkdir");
     let (status, _) = finish(trainer("{\"owner\": ", &work));
     assert_eq!(status.code(), Some(2));
-    let TrainerOutcome::Failed { reason, message } = outcome(&work) else {
+    let TrainerOutcome::Failed { reason, message, .. } = outcome(&work) else {
         panic!("not failed")
     };
     assert_eq!(reason, "InvalidSpec");
@@ -443,7 +468,7 @@ fn the_binary_reports_its_outcome_and_exit_code() {
     let work = dir.path().join("work-bad");
     let (status, _) = finish(trainer(&serde_json::to_string(&bad).expect("json"), &work));
     assert_eq!(status.code(), Some(2));
-    let TrainerOutcome::Failed { reason, message } = outcome(&work) else {
+    let TrainerOutcome::Failed { reason, message, .. } = outcome(&work) else {
         panic!("not failed")
     };
     assert_eq!(reason, "DatasetInvalid");
@@ -533,4 +558,100 @@ fn without_a_terminal_the_log_is_json_lines_and_no_progress_bar() {
             .any(|l| l["message"] == "training finished" && l["steps"] == 2),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_base_model_and_the_adapter_are_judged_and_the_outcome_registry_and_metrics_carry_both() {
+    let dir = tempfile::tempdir().expect("dir");
+    let job = with_evaluation(&setup(dir.path()), Some(EvaluationMetric::ExactMatch), None);
+    let metrics = Arc::new(Metrics::new("ns/facts").expect("metrics"));
+    let mut run = job_run(&job, &dir.path().join("work"));
+    run.metrics = Some(metrics.clone());
+    let outcome = run_job(run).await.expect("judged run");
+    let e = evaluation_of(&outcome);
+    eprintln!("{e:?}");
+
+    assert_eq!((e.metric, e.examples), (Some(EvaluationMetric::ExactMatch), 20));
+    let (base_loss, adapter_loss) = (e.base.loss.expect("base loss"), e.adapter.loss.expect("adapter loss"));
+    assert!(base_loss.is_finite() && adapter_loss.is_finite());
+    assert!(
+        adapter_loss < base_loss,
+        "6 steps on these facts lower their loss: {adapter_loss} vs {base_loss}"
+    );
+    for score in [e.base.score, e.adapter.score] {
+        assert!(score.is_some_and(|s| (0.0..=1.0).contains(&s)), "{score:?}");
+    }
+
+    let published = read_json(
+        &dir.path()
+            .join("store/registry/adapters/facts/v1/training_metrics.json"),
+    );
+    assert_eq!(
+        published["evaluation"],
+        serde_json::to_value(e).expect("json"),
+        "{published}"
+    );
+
+    let text = metrics.render();
+    for (name, model, value) in [
+        ("kubetune_evaluation_loss", "base", e.base.loss),
+        ("kubetune_evaluation_loss", "adapter", e.adapter.loss),
+        ("kubetune_evaluation_score", "base", e.base.score),
+        ("kubetune_evaluation_score", "adapter", e.adapter.score),
+    ] {
+        let series = format!("{name}{{job=\"ns/facts\",model=\"{model}\"}} {}", value.expect("value"));
+        assert!(text.contains(&series), "missing {series} in\n{text}");
+    }
+
+    // A pod that finds the version already published reports the evaluation it recorded.
+    let again = run_job(job_run(&job, &dir.path().join("work2"))).await.expect("re-run");
+    assert_eq!(evaluation_of(&again), e);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adapter_short_of_min_improvement_fails_the_job_and_publishes_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    // A score is a fraction: no adapter gains 1.5 over any base.
+    let job = with_evaluation(&setup(dir.path()), Some(EvaluationMetric::ExactMatch), Some(1.5));
+    let err = run_job(job_run(&job, &dir.path().join("work")))
+        .await
+        .expect_err("below the threshold");
+
+    assert_eq!(err.reason(), EVALUATION_BELOW_THRESHOLD);
+    assert_eq!(err.exit_code(), EXIT_EVALUATION_BELOW_THRESHOLD);
+    assert!(err.is_final());
+    let message = err.to_string();
+    assert!(
+        message.contains("spec.evaluation.minImprovement") && message.contains("nothing was published"),
+        "{message}"
+    );
+    let e = err.evaluation().expect("the evaluation that failed the job");
+    assert!(e.base.score.is_some() && e.adapter.score.is_some(), "{e:?}");
+    assert!(
+        !dir.path().join("store/registry/adapters/facts").exists(),
+        "no version may be published"
+    );
+    assert!(
+        !dir.path().join("store/checkpoints/ns/facts-uid-1/latest.json").exists(),
+        "a finished job's checkpoints are removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adapter_that_meets_min_improvement_is_published() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Without a metric the improvement is the held-out loss decrease; 6 steps make some.
+    let job = with_evaluation(&setup(dir.path()), None, Some(0.01));
+    let outcome = run_job(job_run(&job, &dir.path().join("work")))
+        .await
+        .expect("published");
+    assert_eq!(published(&outcome).0, 1);
+    let e = evaluation_of(&outcome);
+    assert_eq!((e.metric, e.base.score, e.adapter.score), (None, None, None));
+    let gained = e.base.loss.expect("base") - e.adapter.loss.expect("adapter");
+    assert!(gained >= 0.01, "{e:?}");
+    assert!(dir
+        .path()
+        .join("store/registry/adapters/facts/v1/manifest.json")
+        .exists());
 }

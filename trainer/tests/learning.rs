@@ -4,9 +4,10 @@
 mod common;
 
 use common::*;
+use kubetune_crds::EvaluationMetric;
 use kubetune_model::generate::{greedy, GreedyOptions};
 use kubetune_model::{load_model, peft, BaseFormat, LoadOptions};
-use kubetune_trainer::config::Method;
+use kubetune_trainer::config::{EvaluationSettings, Method};
 use kubetune_trainer::data::render::instruction_prompt;
 use kubetune_trainer::{run, RunOptions};
 
@@ -21,6 +22,11 @@ fn learns_the_facts(method: Method) {
     write_facts(&data);
     let mut config = facts_config(&model_dir, &data, &out);
     config.method = method;
+    config.evaluation = Some(EvaluationSettings {
+        metric: Some(EvaluationMetric::ExactMatch),
+        max_examples: 50,
+        max_new_tokens: 8,
+    });
     let m = run(&config, &RunOptions::default()).expect("training");
 
     let initial = m.initial_eval_loss.expect("initial eval");
@@ -103,6 +109,23 @@ fn learns_the_facts(method: Method) {
         wrong.len(),
         wrong.join("\n")
     );
+
+    // The trainer's own judgement agrees: every fact right with the adapter, none without.
+    let e = m.evaluation.expect("evaluation");
+    assert_eq!(
+        (e.examples, e.base.score, e.adapter.score),
+        (50, Some(0.0), Some(1.0)),
+        "{e:?}"
+    );
+    assert!(
+        (e.adapter.loss.expect("adapter loss") - last).abs() < 1e-6,
+        "the final eval loss, on the same 50"
+    );
+    assert!(
+        (e.base.loss.expect("base loss") - initial).abs() < 1e-6,
+        "the untrained adapter is the base"
+    );
+    assert_eq!(written["evaluation"], serde_json::to_value(&e).expect("json"));
 }
 
 #[test]

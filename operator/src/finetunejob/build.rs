@@ -9,7 +9,7 @@ use crate::workload::{
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
 use kubetune_crds::trainer_contract::{
-    JobIdentity, TrainerJob, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
+    JobIdentity, TrainerJob, EXIT_EVALUATION_BELOW_THRESHOLD, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
 };
 use kubetune_crds::FineTuneJob;
 use serde_json::json;
@@ -61,6 +61,7 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
         adapter_name: ftj.spec.output.adapter_name.clone(),
         registry: valid.registry.clone(),
         checkpoint_uri,
+        evaluation: valid.evaluation.clone(),
     })
 }
 
@@ -146,7 +147,7 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
             // Bad input and divergence cannot be fixed by a retry: fail the Job at once. Evictions
             // and preemptions do not count against the backoff limit; the retry resumes anyway.
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED]}},
+                {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, EXIT_EVALUATION_BELOW_THRESHOLD]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]},
             "template": {
@@ -297,12 +298,21 @@ mod tests {
         );
         assert_eq!(request.training.seed, 7);
         assert!(request.dataset.skip_invalid);
+        assert_eq!(
+            request.evaluation,
+            Some(kubetune_crds::trainer_contract::TrainerEvaluation {
+                metric: Some(kubetune_crds::EvaluationMetric::Contains),
+                max_examples: 50,
+                max_new_tokens: crate::finetunejob::validate::DEFAULT_EVAL_MAX_NEW_TOKENS,
+                min_improvement: Some(0.02),
+            })
+        );
         assert_eq!(request.lora.target_modules.len(), 4);
         assert_eq!(request.quantization, None);
     }
 
     #[test]
-    fn bad_input_and_divergence_fail_the_job_without_retries() {
+    fn bad_input_divergence_and_a_failed_evaluation_fail_the_job_without_retries() {
         let (_, job) = built("minimal.yaml");
         let policy = job
             .spec
@@ -311,7 +321,10 @@ mod tests {
             .expect("pod failure policy");
         let fail_codes = policy.rules[0].on_exit_codes.as_ref().expect("exit codes");
         assert_eq!(policy.rules[0].action, "FailJob");
-        assert_eq!(fail_codes.values, vec![EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED]);
+        assert_eq!(
+            fail_codes.values,
+            vec![EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, EXIT_EVALUATION_BELOW_THRESHOLD]
+        );
     }
 
     #[test]

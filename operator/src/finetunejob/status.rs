@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kubetune_crds::conditions::{condition, set_condition, READY};
 use kubetune_crds::trainer_contract::TrainerOutcome;
-use kubetune_crds::{FineTuneJob, FineTuneJobPhase, FineTuneJobStatus, TrainingProgress};
+use kubetune_crds::{EvaluationResult, FineTuneJob, FineTuneJobPhase, FineTuneJobStatus, TrainingProgress};
 
 pub const RUNNING: &str = "Running";
 pub const SUCCEEDED: &str = "Succeeded";
@@ -157,7 +157,9 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
                     train_loss,
                     eval_loss,
                     resumed_from_step,
+                    evaluation,
                 }) => {
+                    status.evaluation = evaluation.map(with_evaluation_display).or(status.evaluation.take());
                     let message = format!(
                         "published {}",
                         adapter.reference.clone().unwrap_or_else(|| adapter.uri.clone())
@@ -182,7 +184,15 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
         }
         if let Some(failed) = job_failure(job) {
             return match outcome {
-                Some(TrainerOutcome::Failed { reason, message }) => (Failed, reason, message),
+                Some(TrainerOutcome::Failed {
+                    reason,
+                    message,
+                    evaluation,
+                }) => {
+                    // A job failed by its evaluation shows the numbers that failed it.
+                    status.evaluation = evaluation.map(with_evaluation_display).or(status.evaluation.take());
+                    (Failed, reason, message)
+                }
                 _ if o.pod.is_some_and(oom_killed) => (
                     Failed,
                     "OutOfMemory".into(),
@@ -307,6 +317,21 @@ pub fn with_display(mut p: TrainingProgress) -> TrainingProgress {
     p.eval_loss = p.eval_loss.map(|l| round(l, 4));
     p.tokens_per_second = p.tokens_per_second.map(|t| round(t, 1));
     p
+}
+
+/// Adds the printer-column text: the adapter's score against the base's, or, without a
+/// metric, its held-out loss against the base's.
+pub fn with_evaluation_display(mut e: EvaluationResult) -> EvaluationResult {
+    let pair = match (e.metric, e.adapter.score, e.base.score) {
+        (Some(_), Some(adapter), Some(base)) => Some(("score", adapter, base)),
+        _ => e
+            .adapter
+            .loss
+            .zip(e.base.loss)
+            .map(|(adapter, base)| ("loss", adapter, base)),
+    };
+    e.display = pair.map(|(what, adapter, base)| format!("{what} {adapter:.4} (base {base:.4})"));
+    e
 }
 
 #[cfg(test)]
@@ -773,5 +798,82 @@ mod tests {
         let (later, t) = reconcile_status(&mut ftj, &other, Some(&pod("Running", None)), Some(at_step(3)), 50);
         assert_eq!(later, done);
         assert!(t.is_none());
+    }
+
+    fn finished_by(job_conditions: serde_json::Value, exit_code: i32, outcome: serde_json::Value) -> FineTuneJobStatus {
+        let ftj = finetunejob("minimal.yaml");
+        let j = job(job_conditions);
+        let p = pod(
+            if exit_code == 0 { "Succeeded" } else { "Failed" },
+            Some(json!({"exitCode": exit_code, "reason": "Completed", "message": outcome.to_string()})),
+        );
+        derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            waiting: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(60),
+        })
+        .0
+    }
+
+    fn evaluation_json() -> serde_json::Value {
+        json!({"metric": "exactMatch", "base": {"loss": 2.5, "score": 0.25}, "adapter": {"loss": 1.25, "score": 0.5}, "examples": 40})
+    }
+
+    #[test]
+    fn a_published_adapter_brings_its_evaluation_against_the_base_into_the_status() {
+        let s = finished_by(
+            json!([{"type": "Complete", "status": "True"}]),
+            0,
+            json!({"result": "succeeded", "adapter": {"name": "minimal", "version": 3, "uri": "s3://r/adapters/minimal/v3", "digest": "sha256:ab"}, "evaluation": evaluation_json()}),
+        );
+        assert_eq!(s.phase, Some(FineTuneJobPhase::Succeeded));
+        let e = s.evaluation.expect("status.evaluation");
+        assert_eq!(e.metric, Some(kubetune_crds::EvaluationMetric::ExactMatch));
+        assert_eq!((e.base.loss, e.base.score), (Some(2.5), Some(0.25)));
+        assert_eq!((e.adapter.loss, e.adapter.score), (Some(1.25), Some(0.5)));
+        assert_eq!(e.examples, 40);
+        assert_eq!(e.display.as_deref(), Some("score 0.5000 (base 0.2500)"));
+    }
+
+    #[test]
+    fn an_adapter_that_did_not_beat_the_base_fails_the_job_with_the_evaluation_that_failed_it() {
+        let s = finished_by(
+            json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]),
+            4,
+            json!({"result": "failed", "reason": "EvaluationBelowThreshold", "message": "spec.evaluation.minImprovement: the adapter scored 0.5, the base 0.25: +0.25, short of +0.5; nothing was published", "evaluation": evaluation_json()}),
+        );
+        assert_eq!(s.phase, Some(FineTuneJobPhase::Failed));
+        let failed = cond(&s, FAILED);
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str()),
+            ("True", kubetune_crds::trainer_contract::EVALUATION_BELOW_THRESHOLD)
+        );
+        assert!(failed.message.contains("minImprovement"), "{}", failed.message);
+        assert_eq!(cond(&s, READY).status, "False");
+        assert_eq!(s.adapter, None, "nothing was published");
+        assert!(is_finished(Some(&s)), "final: its Job is never created again");
+        assert_eq!(s.evaluation.map(|e| e.adapter.score), Some(Some(0.5)));
+    }
+
+    #[test]
+    fn without_a_metric_the_evaluation_column_compares_losses() {
+        let e = with_evaluation_display(EvaluationResult {
+            metric: None,
+            base: kubetune_crds::ModelEvaluation {
+                loss: Some(2.0),
+                score: None,
+            },
+            adapter: kubetune_crds::ModelEvaluation {
+                loss: Some(1.23456),
+                score: None,
+            },
+            examples: 7,
+            display: None,
+        });
+        assert_eq!(e.display.as_deref(), Some("loss 1.2346 (base 2.0000)"));
     }
 }

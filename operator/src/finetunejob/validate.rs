@@ -3,8 +3,12 @@
 
 use crate::config::OperatorConfig;
 use crate::workload::requested_gpus;
-use kubetune_crds::trainer_contract::{TrainerDataset, TrainerLora, TrainerQuantization, TrainerTraining};
-use kubetune_crds::{FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule};
+use kubetune_crds::trainer_contract::{
+    TrainerDataset, TrainerEvaluation, TrainerLora, TrainerQuantization, TrainerTraining,
+};
+use kubetune_crds::{
+    DatasetFormat, DatasetSpec, EvaluationSpec, FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule,
+};
 
 /// Why a FineTuneJob cannot run as written. `reason` becomes the condition reason.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +56,8 @@ pub struct ValidFineTuneJob {
     pub quantization: Option<TrainerQuantization>,
     pub dataset: TrainerDataset,
     pub training: TrainerTraining,
+    /// spec.evaluation with its defaults; None when the job asks for no judgement.
+    pub evaluation: Option<TrainerEvaluation>,
     pub registry: String,
     pub image: String,
     pub backoff_limit: i32,
@@ -63,6 +69,12 @@ pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
 
 /// Checkpoints often enough that a retry loses little, rarely enough that uploads stay cheap.
 const DEFAULT_CHECKPOINT_STEPS: u64 = 50;
+
+/// Enough held-out examples for a score to mean something, few enough that greedy decoding
+/// them twice (base and adapter) stays small next to training.
+pub const DEFAULT_EVAL_MAX_EXAMPLES: u32 = 100;
+/// Room for a label or a short answer; longer answers are cut, which exactMatch then misses.
+pub const DEFAULT_EVAL_MAX_NEW_TOKENS: u32 = 32;
 
 /// Checks a spec against the operator's settings and the gathered facts.
 pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) -> Result<ValidFineTuneJob, Invalid> {
@@ -86,6 +98,11 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         reason: "InvalidSpec",
         message,
     })?;
+    let evaluation = spec
+        .evaluation
+        .as_ref()
+        .map(|e| evaluation(e, &spec.dataset))
+        .transpose()?;
     let training = &spec.training;
     let valid = ValidFineTuneJob {
         method: spec.method,
@@ -126,6 +143,7 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             checkpoint_steps: Some(training.checkpoint_steps.unwrap_or(DEFAULT_CHECKPOINT_STEPS)),
             gradient_checkpointing: training.gradient_checkpointing.unwrap_or(false),
         },
+        evaluation,
         registry,
         image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),
         backoff_limit: spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
@@ -133,6 +151,45 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
     };
     check_gpu_memory(&valid, facts)?;
     Ok(valid)
+}
+
+/// spec.evaluation with defaults, checked against the data it is to run on. The schema's CEL
+/// rules say the same at apply time; this holds for objects stored before those rules.
+fn evaluation(e: &EvaluationSpec, dataset: &DatasetSpec) -> Result<TrainerEvaluation, Invalid> {
+    let invalid = |message: String| Invalid {
+        reason: "InvalidSpec",
+        message,
+    };
+    let held_out = dataset.validation_uri.is_some() || dataset.validation_split.is_some_and(|f| f > 0.0);
+    if !held_out {
+        let field = if e.min_improvement.is_some() {
+            "spec.evaluation.minImprovement"
+        } else {
+            "spec.evaluation"
+        };
+        return Err(invalid(format!(
+            "{field}: there is no held-out data to evaluate on; set spec.dataset.validationUri or spec.dataset.validationSplit"
+        )));
+    }
+    if e.metric.is_some() && dataset.format == DatasetFormat::Text {
+        return Err(invalid(
+            "spec.evaluation.metric: text lines have no reference answers to score; use instruction or chat data, or leave metric out to compare losses".into(),
+        ));
+    }
+    if let Some(m) = e.min_improvement.filter(|m| !m.is_finite()) {
+        return Err(invalid(format!("spec.evaluation.minImprovement: {m} is not a number")));
+    }
+    for (field, value) in [("maxExamples", e.max_examples), ("maxNewTokens", e.max_new_tokens)] {
+        if value == Some(0) {
+            return Err(invalid(format!("spec.evaluation.{field}: must be at least 1")));
+        }
+    }
+    Ok(TrainerEvaluation {
+        metric: e.metric,
+        max_examples: e.max_examples.unwrap_or(DEFAULT_EVAL_MAX_EXAMPLES),
+        max_new_tokens: e.max_new_tokens.unwrap_or(DEFAULT_EVAL_MAX_NEW_TOKENS),
+        min_improvement: e.min_improvement,
+    })
 }
 
 /// Fails fast when the estimated training memory cannot fit the job's GPU, rather than letting
@@ -399,5 +456,79 @@ mod tests {
             without - with > 16 * 1024,
             "{with} MiB with checkpointing vs {without} MiB without"
         );
+    }
+
+    /// minimal.yaml with spec.evaluation and dataset fields set from YAML.
+    fn with_evaluation(evaluation: &str, dataset: &str) -> FineTuneJobSpec {
+        let mut spec = finetunejob("minimal.yaml").spec;
+        spec.evaluation = Some(serde_yaml::from_str(evaluation).expect("evaluation"));
+        spec.dataset = serde_yaml::from_str(dataset).expect("dataset");
+        spec
+    }
+
+    fn checked(spec: &FineTuneJobSpec) -> Result<ValidFineTuneJob, Invalid> {
+        validate(spec, &OperatorConfig::for_tests(), &Facts::default())
+    }
+
+    #[test]
+    fn evaluation_reaches_the_trainer_with_its_defaults() {
+        let spec = with_evaluation(
+            "{metric: exactMatch, minImprovement: 0.05}",
+            "{uri: s3://d/t.jsonl, format: chat, validationSplit: 0.1}",
+        );
+        let valid = checked(&spec).expect("valid");
+        assert_eq!(
+            valid.evaluation,
+            Some(TrainerEvaluation {
+                metric: Some(kubetune_crds::EvaluationMetric::ExactMatch),
+                max_examples: DEFAULT_EVAL_MAX_EXAMPLES,
+                max_new_tokens: DEFAULT_EVAL_MAX_NEW_TOKENS,
+                min_improvement: Some(0.05),
+            })
+        );
+        assert_eq!(
+            checked(&finetunejob("minimal.yaml").spec).expect("valid").evaluation,
+            None
+        );
+    }
+
+    #[test]
+    fn a_min_improvement_without_held_out_data_is_refused_naming_the_field() {
+        let spec = with_evaluation("{minImprovement: 0.1}", "{uri: s3://d/t.jsonl, format: instruction}");
+        let err = checked(&spec).expect_err("no held-out data");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(
+            err.message.starts_with("spec.evaluation.minImprovement:") && err.message.contains("validationUri"),
+            "{}",
+            err.message
+        );
+        let zero_split = with_evaluation("{}", "{uri: s3://d/t.jsonl, format: instruction, validationSplit: 0.0}");
+        assert!(checked(&zero_split)
+            .expect_err("a split of 0 holds nothing out")
+            .message
+            .starts_with("spec.evaluation:"));
+    }
+
+    #[test]
+    fn a_metric_on_text_data_is_refused_naming_the_field() {
+        let spec = with_evaluation(
+            "{metric: contains}",
+            "{uri: s3://d/t.jsonl, format: text, validationUri: s3://d/v.jsonl}",
+        );
+        let err = checked(&spec).expect_err("text has no reference answers");
+        assert!(err.message.starts_with("spec.evaluation.metric:"), "{}", err.message);
+        let loss_only = with_evaluation(
+            "{minImprovement: 0.0}",
+            "{uri: s3://d/t.jsonl, format: text, validationUri: s3://d/v.jsonl}",
+        );
+        assert!(checked(&loss_only).is_ok(), "text data is judged by its loss");
+    }
+
+    #[test]
+    fn an_unknown_metric_name_is_not_a_metric() {
+        let err = serde_yaml::from_str::<kubetune_crds::EvaluationSpec>("{metric: bleu}")
+            .expect_err("unknown metric")
+            .to_string();
+        assert!(err.contains("bleu") && err.contains("exactMatch"), "{err}");
     }
 }

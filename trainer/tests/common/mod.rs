@@ -72,5 +72,6 @@ pub fn facts_config(model: &Path, data: &Path, output: &Path) -> TrainConfig {
             ..TrainingSettings::default()
         },
         output: output.display().to_string(),
+        evaluation: None,
     }
 }
