@@ -1,11 +1,9 @@
 //! Download cache behaviour against the filesystem backend and a real S3 server.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::Env;
+use crate::common::Env;
 use kubetune_storage::{Cache, CreateOutcome, Registry, Sha256Digest, StorageError};
 
 both_backends!(

@@ -1,8 +1,6 @@
 //! Test backends: a temporary directory (`file://`) and the real S3 server (MinIO) that
 //! `e2e/cluster/s3-up.sh` starts. The S3 tests fail, never skip, when that server is missing.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -134,12 +132,12 @@ macro_rules! both_backends {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn fs() {
-                let env = super::common::fs_env();
+                let env = $crate::common::fs_env();
                 super::$name(&env).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn s3() {
-                let env = super::common::s3_env();
+                let env = $crate::common::s3_env();
                 super::$name(&env).await;
                 env.cleanup().await;
             }

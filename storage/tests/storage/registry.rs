@@ -1,10 +1,8 @@
 //! Adapter registry behaviour against the filesystem backend and a real S3 server.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::Env;
+use crate::common::Env;
 use kubetune_storage::{AdapterRef, Registry, RegistryConfig, StorageError, MANIFEST_FILE};
 
 both_backends!(
