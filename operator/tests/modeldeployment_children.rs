@@ -394,3 +394,67 @@ async fn autoscaling_applies_an_owned_hpa_and_no_replicas_and_turning_it_off_del
     );
     assert_eq!(delete["preconditions"]["uid"], "HorizontalPodAutoscaler-uid");
 }
+
+#[tokio::test]
+async fn turning_autoscaling_on_hands_the_current_replicas_to_another_field_manager_before_dropping_them() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({"replicas": 4, "autoscaling": {"minReplicas": 2, "maxReplicas": 8}}));
+    // The Deployment as our earlier applies left it: 4 replicas, set by our field manager.
+    let mut ours = existing("apps/v1", "Deployment", Some(UID));
+    ours["spec"] = json!({"replicas": 4, "selector": {}, "template": {}});
+    ours["metadata"]["managedFields"] = json!([{
+        "manager": "kubetune-operator", "operation": "Apply", "apiVersion": "apps/v1", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:replicas": {}, "f:selector": {}}},
+    }]);
+    let (_, (claim, deployment)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            script_until_deployment(api).await;
+            expect(
+                api,
+                Method::GET,
+                &format!("{APPS}/deployments/support"),
+                200,
+                ours.clone(),
+            )
+            .await;
+            let claim = expect(
+                api,
+                Method::PATCH,
+                &format!("{APPS}/deployments/support?&fieldManager=kubetune-operator-replicas-handover"),
+                200,
+                ours.clone(),
+            )
+            .await;
+            let deployment = expect(
+                api,
+                Method::PATCH,
+                &format!("{APPS}/deployments/support?&force=true&fieldManager=kubetune-operator"),
+                200,
+                ours,
+            )
+            .await;
+            expect(api, Method::GET, &format!("{NS}/services/support"), 404, not_found()).await;
+            expect(api, Method::PATCH, &format!("{NS}/services/support?"), 200, Value::Null).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            expect(api, Method::PATCH, &format!("{HPAS}?"), 200, Value::Null).await;
+            expect(
+                api,
+                Method::PATCH,
+                STATUS,
+                200,
+                serde_json::to_value(model_deployment(json!({}))).expect("json"),
+            )
+            .await;
+            (claim, deployment)
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(
+        claim,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "support"}, "spec": {"replicas": 4}}),
+        "the handover claims the replicas alone, at their current value"
+    );
+    assert!(deployment["spec"].get("replicas").is_none(), "{}", deployment["spec"]);
+}

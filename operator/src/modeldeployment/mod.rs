@@ -259,7 +259,12 @@ async fn apply_children(
         &mut not_owned,
     )
     .await?;
-    let existing = get_child(ctx, ns, &name).await?;
+    let existing: Option<Deployment> = get_child(ctx, ns, &name).await?;
+    if md.spec.autoscaling.is_some() {
+        if let Some(d) = existing.as_ref().filter(|d| owned_by(md, *d) && applies_replicas(d)) {
+            hand_over_replicas(ctx, ns, d).await?;
+        }
+    }
     let deployment = sync_child(
         ctx,
         ns,
@@ -308,6 +313,42 @@ async fn apply_children(
     )
     .await?;
     Ok(Applied { deployment, not_owned })
+}
+
+/// Field manager that keeps a Deployment's replicas while an autoscaler takes them over.
+const REPLICAS_HANDOVER_MANAGER: &str = "kubetune-operator-replicas-handover";
+
+/// Whether our own applies still set the Deployment's replicas (its managedFields say so).
+fn applies_replicas(d: &Deployment) -> bool {
+    d.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(crate::FIELD_MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0["f:spec"].get("f:replicas").is_some())
+    })
+}
+
+/// When spec.autoscaling is turned on, our apply stops naming replicas; a field its only owner
+/// stops applying is removed, and the Deployment would drop to 1 replica until the HPA acts.
+/// A second field manager first claims the current value, as the server-side apply docs'
+/// handover to an autoscaler does, so the count stays until the HPA changes it.
+async fn hand_over_replicas(ctx: &Context, ns: &str, d: &Deployment) -> Result<()> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let name = d.name_any();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let claim = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(REPLICAS_HANDOVER_MANAGER),
+        &Patch::Apply(&claim),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Whether `obj` has an ownerReference to this ModelDeployment (by uid: a namesake created after
