@@ -232,3 +232,6 @@ impl<'a> Metadata<'a> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;
