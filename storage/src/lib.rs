@@ -29,7 +29,9 @@ pub use credentials::Credentials;
 pub use digest::Sha256Digest;
 pub use error::{Result, StorageError};
 pub use hf::{HfConfig, HfRepo};
-pub use manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE};
+pub use manifest::{
+    Evaluation, FileEntry, JobRef, Manifest, Metrics, ModelScores, SourceRef, CARD_FILE, MANIFEST_FILE,
+};
 pub use names::{validate_adapter_name, validate_file_path};
 pub use progress::{ProgressEvent, ProgressFn};
 pub use registry::{PublishRequest, Registry, RegistryConfig, ResolvedAdapter};

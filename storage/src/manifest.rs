@@ -12,6 +12,8 @@ use crate::names::{validate_adapter_name, validate_file_path};
 
 /// File name of the manifest inside `adapters/<name>/v<N>/`.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The version's model card (Hugging Face's name for it), listed and hashed like any other file.
+pub const CARD_FILE: &str = "README.md";
 /// Current manifest schema; bumped on incompatible changes.
 pub const MANIFEST_SCHEMA: u32 = 1;
 
@@ -38,6 +40,34 @@ pub struct Metrics {
     pub train_loss: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// The base model and the adapter judged on held-out data, when the job asked for it; here
+    /// so readers of the registry need not parse the trainer's training_metrics.json. Absent
+    /// in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<Evaluation>,
+}
+
+/// Base model against adapter on the same held-out examples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// How answers were scored (`exactMatch`, `contains`, `labelAccuracy`); absent when only
+    /// the loss was evaluated. A string, so a newer trainer's metric still parses here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    pub examples: u32,
+    pub base: ModelScores,
+    pub adapter: ModelScores,
+}
+
+/// One model's results on the held-out examples.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelScores {
+    /// Mean loss per answer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Fraction answered right under the metric, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
 }
 
 /// The FineTuneJob that produced the adapter.

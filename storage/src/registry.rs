@@ -23,7 +23,7 @@ use chrono::Utc;
 
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
-use crate::manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, MANIFEST_FILE, MANIFEST_SCHEMA};
+use crate::manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, CARD_FILE, MANIFEST_FILE, MANIFEST_SCHEMA};
 use crate::names::{validate_adapter_name, validate_file_path};
 use crate::progress::ProgressFn;
 use crate::store::{temp_sibling, CreateOutcome, ObjectInfo, Storage};
@@ -322,6 +322,26 @@ impl Registry {
                 .find(|r| &r.digest == d)
                 .ok_or_else(|| self.not_found(reference, "no version has this manifest digest")),
         }
+    }
+
+    /// The version's model card (README.md), checked against the manifest's digest; None for a
+    /// version published without one (before cards existed, or pushed by hand).
+    pub async fn card(&self, adapter: &ResolvedAdapter) -> Result<Option<String>> {
+        let Some(entry) = adapter.manifest.files.get(CARD_FILE) else {
+            return Ok(None);
+        };
+        let rel = format!("{}/{CARD_FILE}", version_dir(&adapter.name, adapter.version));
+        let bytes = self.storage.get_bytes(&rel).await?;
+        let uri = self.storage.object_uri(&rel);
+        // The manifest is what a digest reference pins; a card that differs from it is not
+        // this version's card.
+        entry.sha256.verify(&uri, &Sha256Digest::of(&bytes))?;
+        String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| StorageError::InvalidManifest {
+                uri,
+                reason: "the model card is not UTF-8".into(),
+            })
     }
 
     /// Downloads a resolved version into `dest` (which must not exist), verifying every file

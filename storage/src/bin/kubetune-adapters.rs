@@ -28,8 +28,13 @@ struct Cli {
 enum Command {
     /// List adapters, or the published versions of one adapter.
     List { name: Option<String> },
-    /// Print the manifest of a version (name, name@latest, name@3, name@sha256:...).
-    Show { reference: String },
+    /// Print the model card (README.md) of a version (name, name@latest, name@3,
+    /// name@sha256:...); its manifest instead with --manifest or when it has no card.
+    Show {
+        reference: String,
+        #[arg(long)]
+        manifest: bool,
+    },
     /// Download a version into a new directory, verifying every file.
     Pull { reference: String, dest: PathBuf },
     /// Publish a directory with PEFT output as the next version of NAME.
@@ -87,10 +92,25 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Show { reference } => {
+        Command::Show { reference, manifest } => {
             let resolved = registry.resolve(&reference.parse::<AdapterRef>()?).await?;
-            println!("# {}@{} {}", resolved.name, resolved.version, resolved.digest);
-            println!("{}", String::from_utf8_lossy(&resolved.manifest_bytes));
+            let card = if manifest {
+                None
+            } else {
+                registry.card(&resolved).await?
+            };
+            match card {
+                // Verbatim on stdout, so `show NAME > README.md` gives back the published card;
+                // which version it is goes to stderr.
+                Some(card) => {
+                    eprintln!("# {}@{} {}", resolved.name, resolved.version, resolved.digest);
+                    print!("{card}");
+                }
+                None => {
+                    println!("# {}@{} {}", resolved.name, resolved.version, resolved.digest);
+                    println!("{}", String::from_utf8_lossy(&resolved.manifest_bytes));
+                }
+            }
         }
         Command::Pull { reference, dest } => {
             let resolved = registry.resolve(&reference.parse::<AdapterRef>()?).await?;
@@ -137,7 +157,11 @@ async fn main() -> anyhow::Result<()> {
                     digest: digest("--dataset-digest", dataset_digest)?,
                 },
                 hyperparameters,
-                metrics: Metrics { train_loss, eval_loss },
+                metrics: Metrics {
+                    train_loss,
+                    eval_loss,
+                    evaluation: None,
+                },
                 job: None,
             };
             let published = registry.publish(&req, None).await?;

@@ -57,3 +57,44 @@ fn push_list_show_pull() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("adapter name"));
 }
+
+#[test]
+fn show_prints_the_model_card_of_a_version_and_the_manifest_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = format!("file://{}", tmp.path().join("reg").display());
+    let push = |card: &str| {
+        let src = tempfile::tempdir_in(tmp.path()).unwrap();
+        std::fs::write(src.path().join("adapter_config.json"), "{}").unwrap();
+        std::fs::write(src.path().join("README.md"), card).unwrap();
+        let dir = src.path().to_str().unwrap();
+        let out = cli(
+            &registry,
+            &["push", "bot", dir, "--base-model", "hf://o/m", "--dataset", "s3://d/x"],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    push("---\nlibrary_name: peft\n---\n# first card\n");
+    push("---\nlibrary_name: peft\n---\n# second card\n");
+
+    let out = cli(&registry, &["show", "bot@1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "---\nlibrary_name: peft\n---\n# first card\n",
+        "the card, verbatim"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("# bot@1 sha256:"));
+
+    let out = cli(&registry, &["show", "bot"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("# second card"),
+        "the latest version's card"
+    );
+
+    let out = cli(&registry, &["show", "bot@1", "--manifest"]);
+    let manifest = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        manifest.starts_with("# bot@1 sha256:") && manifest.contains("\"README.md\""),
+        "{manifest}"
+    );
+}

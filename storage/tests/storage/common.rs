@@ -119,6 +119,7 @@ impl Env {
             metrics: Metrics {
                 train_loss: Some(0.5),
                 eval_loss: Some(0.75),
+                evaluation: None,
             },
             job: None,
         }

@@ -3,7 +3,10 @@
 use std::collections::BTreeSet;
 
 use crate::common::Env;
-use kubetune_storage::{AdapterRef, Registry, RegistryConfig, StorageError, MANIFEST_FILE};
+use kubetune_storage::{
+    AdapterRef, Evaluation, Manifest, ModelScores, Registry, RegistryConfig, Sha256Digest, StorageError, CARD_FILE,
+    MANIFEST_FILE,
+};
 
 both_backends!(
     round_trip,
@@ -12,6 +15,7 @@ both_backends!(
     digest_mismatch_is_detected,
     hostile_names_are_rejected,
     delete_and_retention_never_reuse_numbers,
+    the_model_card_is_part_of_the_version_and_read_back_verified,
 );
 
 fn r(s: &str) -> AdapterRef {
@@ -253,4 +257,63 @@ async fn delete_and_retention_never_reuse_numbers(env: &Env) {
         StorageError::AdapterNotFound { .. }
     ));
     assert!(reg.retain("kept", 0).await.is_err(), "keeping zero versions is refused");
+}
+
+async fn the_model_card_is_part_of_the_version_and_read_back_verified(env: &Env) {
+    let reg = Registry::open(env.storage.clone());
+    let without = reg.publish(&env.adapter_source("bot", b"w1"), None).await.unwrap();
+    assert_eq!(
+        reg.card(&without).await.unwrap(),
+        None,
+        "a version without a card has none"
+    );
+
+    let req = env.adapter_source("bot", b"w2");
+    let card = "---\nlibrary_name: peft\n---\n# bot\n";
+    std::fs::write(req.source_dir.join(CARD_FILE), card).unwrap();
+    let with = reg.publish(&req, None).await.unwrap();
+    let entry = &with.manifest.files[CARD_FILE];
+    assert_eq!(
+        (&entry.sha256, entry.size),
+        (&Sha256Digest::of(card.as_bytes()), card.len() as u64),
+        "the manifest, and so the version's digest, covers the card"
+    );
+    assert_eq!(reg.card(&with).await.unwrap().as_deref(), Some(card));
+    let fetched = env.scratch.path().join("fetched-with-card");
+    reg.fetch(&with, &fetched, None).await.unwrap();
+    assert_eq!(std::fs::read_to_string(fetched.join(CARD_FILE)).unwrap(), card);
+
+    // A card replaced after publishing is not the one the digest pins.
+    let rel = format!("adapters/bot/v{}/{CARD_FILE}", with.version);
+    env.storage.put_bytes(&rel, "# forged\n".into()).await.unwrap();
+    let err = reg.card(&with).await.unwrap_err();
+    assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err}");
+}
+
+#[test]
+fn manifests_without_an_evaluation_still_parse_and_one_with_it_round_trips() {
+    let old = br#"{"schema": 1, "name": "bot", "version": 1, "files": {},
+        "base_model": {"uri": "hf://o/m"}, "dataset": {"uri": "s3://d/x"},
+        "hyperparameters": {}, "metrics": {"train_loss": 0.5}, "created_at": "2026-01-01T00:00:00Z"}"#;
+    let mut m = Manifest::parse("test", old, "bot", 1).unwrap();
+    assert_eq!((m.metrics.train_loss, &m.metrics.evaluation), (Some(0.5), &None));
+    assert!(
+        !String::from_utf8(m.to_bytes().unwrap()).unwrap().contains("evaluation"),
+        "an absent evaluation is not written, so older readers see the same manifest"
+    );
+
+    m.metrics.evaluation = Some(Evaluation {
+        metric: Some("exactMatch".into()),
+        examples: 20,
+        base: ModelScores {
+            loss: Some(2.5),
+            score: Some(0.1),
+        },
+        adapter: ModelScores {
+            loss: Some(0.5),
+            score: Some(0.9),
+        },
+    });
+    let again = Manifest::parse("test", &m.to_bytes().unwrap(), "bot", 1).unwrap();
+    assert_eq!(again, m);
 }
