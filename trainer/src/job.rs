@@ -9,9 +9,10 @@
 //!    `latest.json` pointer last, so a half-uploaded checkpoint is never resumed from.
 //! 5. With `evaluation`, judge the adapter against the base model on the held-out data; one
 //!    that falls short of `minImprovement` fails the job and nothing is published.
-//! 6. Publish the adapter as the registry's next version (atomic, see kubetune-storage), then
-//!    remove the checkpoints.
+//! 6. Publish the adapter, with its model card (README.md, see [`crate::card`]), as the
+//!    registry's next version (atomic, see kubetune-storage), then remove the checkpoints.
 
+use crate::card::{CardInput, DataFile};
 use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::metrics::Metrics;
@@ -22,8 +23,7 @@ use kubetune_crds::trainer_contract::{
 };
 use kubetune_crds::{EvaluationResult, PublishedAdapter};
 use kubetune_storage::{
-    Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, Sha256Digest, SourceRef, Storage,
-    StorageError,
+    Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage, StorageError, CARD_FILE,
 };
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -615,6 +615,31 @@ async fn publish(
             })
         })?;
     }
+    // What was trained on, hashed from the local copies, in case the objects at the URIs are
+    // replaced later.
+    let dataset = DataFile::read(&job.dataset.uri, &inputs.dataset).await?;
+    let validation = match inputs.validation.as_ref().zip(job.dataset.validation_uri.as_ref()) {
+        Some((local, uri)) => Some(DataFile::read(uri, local).await?),
+        None => None,
+    };
+    // The base model is not hashed (many large files); the card and manifest say so by
+    // leaving its digest out.
+    let card = crate::card::render(&CardInput {
+        job,
+        base_model_digest: None,
+        dataset: &dataset,
+        validation: validation.as_ref(),
+        metrics: result,
+    });
+    // In the directory the registry publishes, so the manifest lists and hashes it and it
+    // appears with the version, atomically, like the adapter's other files.
+    let card_path = dir.join(CARD_FILE);
+    std::fs::write(&card_path, card).map_err(|e| {
+        JobError::Train(TrainError::Io {
+            path: card_path.clone(),
+            source: e,
+        })
+    })?;
     let hyperparameters =
         json!({"method": job.method, "lora": job.lora, "quantization": job.quantization, "training": job.training});
     let request = PublishRequest {
@@ -624,15 +649,15 @@ async fn publish(
             uri: job.base_model_uri.clone(),
             digest: None,
         },
-        // What was trained on, in case the object at the URI is replaced later.
         dataset: SourceRef {
             uri: job.dataset.uri.clone(),
-            digest: Some(Sha256Digest::of_file(&inputs.dataset).await?),
+            digest: Some(dataset.sha256),
         },
         hyperparameters,
         metrics: kubetune_storage::Metrics {
             train_loss: result.final_train_loss,
             eval_loss: result.final_eval_loss,
+            evaluation: result.evaluation.as_ref().map(manifest_evaluation),
         },
         job: Some(JobRef {
             namespace: job.owner.namespace.clone(),
@@ -641,4 +666,22 @@ async fn publish(
         }),
     };
     Ok(registry.publish(&request, None).await?)
+}
+
+/// The evaluation as the manifest records it, for readers of the registry that do not know the
+/// trainer's types.
+fn manifest_evaluation(e: &EvaluationResult) -> kubetune_storage::Evaluation {
+    let scores = |m: &kubetune_crds::ModelEvaluation| kubetune_storage::ModelScores {
+        loss: m.loss,
+        score: m.score,
+    };
+    kubetune_storage::Evaluation {
+        metric: e
+            .metric
+            .and_then(|m| serde_json::to_value(m).ok())
+            .and_then(|v| v.as_str().map(str::to_string)),
+        examples: e.examples,
+        base: scores(&e.base),
+        adapter: scores(&e.adapter),
+    }
 }

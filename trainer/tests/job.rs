@@ -655,3 +655,55 @@ async fn an_adapter_that_meets_min_improvement_is_published() {
         .join("store/registry/adapters/facts/v1/manifest.json")
         .exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_published_version_carries_a_model_card_that_its_manifest_covers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let job = with_evaluation(&setup(dir.path()), Some(EvaluationMetric::ExactMatch), None);
+    let outcome = run_job(job_run(&job, &dir.path().join("work")))
+        .await
+        .expect("published");
+    let e = evaluation_of(&outcome).clone();
+    let v1 = dir.path().join("store/registry/adapters/facts/v1");
+    let card = std::fs::read(v1.join("README.md")).expect("the version has a README.md");
+    let manifest = read_json(&v1.join("manifest.json"));
+
+    let listed = &manifest["files"]["README.md"];
+    assert_eq!(
+        listed["sha256"],
+        kubetune_storage::Sha256Digest::of(&card).to_string(),
+        "{manifest}"
+    );
+    assert_eq!(listed["size"], card.len() as u64);
+    let card = String::from_utf8(card).expect("UTF-8");
+    assert!(
+        card.starts_with("---\n") && card.contains("library_name: peft\n"),
+        "{card}"
+    );
+    let dataset_digest = manifest["dataset"]["digest"].as_str().expect("dataset digest");
+    for needle in [
+        format!(
+            "| train | {} | `{dataset_digest}` | 50 |",
+            job.dataset.uri.replace('_', "\\_")
+        ),
+        format!(
+            "| validation | {} | `{dataset_digest}` | 50 |",
+            job.dataset.uri.replace('_', "\\_")
+        ),
+        "| LoRA r | 4 |".to_string(),
+        "| Model | Held-out loss | exactMatch |".to_string(),
+        format!("| adapter | {:.4} |", e.adapter.loss.expect("loss")),
+    ] {
+        assert!(card.contains(&needle), "missing {needle:?} in\n{card}");
+    }
+    let polyline = card.split("points=\"").nth(1).expect("a loss curve");
+    let points = polyline[..polyline.find('"').expect("end")].split(' ').count();
+    assert_eq!(points, 6, "a point per step of the 6");
+
+    // The manifest carries the evaluation too, for readers that do not parse the metrics file.
+    let judged = &manifest["metrics"]["evaluation"];
+    assert_eq!(judged["metric"], "exactMatch");
+    assert_eq!(judged["examples"], 20);
+    assert_eq!(judged["adapter"]["loss"], serde_json::json!(e.adapter.loss));
+    assert_eq!(judged["base"]["score"], serde_json::json!(e.base.score));
+}
