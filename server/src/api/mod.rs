@@ -93,6 +93,7 @@ impl AppState {
         let config = self.engine.config();
         ValidationContext {
             base_name: &self.base_name,
+            base_aliases: self.loader.as_deref().map_or(&[], |l| l.base_names.as_slice()),
             merged: self.merged.as_deref(),
             adapters: &self.adapters,
             codec: &self.codec,

@@ -14,6 +14,9 @@ use std::sync::Arc;
 /// What validation needs to know about the server.
 pub struct ValidationContext<'a> {
     pub base_name: &'a str,
+    /// Other names the base answers to: `--model` (its storage URI) and `--base-model-alias`,
+    /// so that clients written before a served name was set keep working.
+    pub base_aliases: &'a [String],
     /// In merged mode, the adapter folded into the base; the base itself is not served.
     pub merged: Option<&'a LoadedAdapter>,
     pub adapters: &'a AdapterSet,
@@ -175,14 +178,14 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
 /// which must match the loaded version.
 pub fn resolve_model(ctx: &ValidationContext, model: &str) -> Result<(String, Option<Arc<LoadedAdapter>>), ApiError> {
     let unknown = |message: String| ApiError::UnknownModel { message };
-    if model == ctx.base_name {
+    if model == ctx.base_name || ctx.base_aliases.iter().any(|a| a == model) {
         if let Some(m) = ctx.merged {
             return Err(unknown(format!(
                 "this server runs merged: `{}` is folded into the base, which is not served on its own; use model `{}`",
                 m.name, m.name
             )));
         }
-        return Ok((model.to_string(), None));
+        return Ok((ctx.base_name.to_string(), None));
     }
     let (name, selector) = match model.split_once('@') {
         Some((n, s)) => (n, Some(s)),

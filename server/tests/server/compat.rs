@@ -499,3 +499,27 @@ async fn n_choices_are_generated_each_with_its_index_streamed_or_not() {
     assert_eq!(delta("vllm:e2e_request_latency_seconds_count"), 1.0);
     assert_eq!(delta("vllm:request_success_total"), 3.0);
 }
+
+#[tokio::test]
+async fn the_base_answers_to_its_storage_uri_and_aliases_under_its_served_name() {
+    let f = fixture();
+    let s = server(&["--base-model-alias", "s3://models/tiny"]).await;
+    let model = f.model.display().to_string();
+    for name in [BASE, model.as_str(), "s3://models/tiny"] {
+        let reply = post(
+            &s.app,
+            "/v1/completions",
+            json!({"model": name, "prompt": "hello", "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "model {name}: {}", reply.text);
+        assert_eq!(reply.json()["model"], BASE, "answers name the served model");
+    }
+    let unknown = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": "s3://models/other", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text);
+}
