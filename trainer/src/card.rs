@@ -324,7 +324,7 @@ fn number(v: Option<f64>) -> String {
 }
 
 /// An enum's name as the FineTuneJob spells it (its serde name: `lora`, `q_proj`, `exactMatch`).
-fn enum_name<T: Serialize>(value: &T) -> String {
+pub(crate) fn enum_name<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,
         _ => String::new(),

@@ -52,7 +52,7 @@ pub fn judge(j: &Judge, settings: &EvaluationSettings) -> Result<EvaluationResul
     };
     tracing::info!(
         examples = result.examples,
-        metric = ?result.metric,
+        metric = result.metric.as_ref().map(crate::card::enum_name).unwrap_or_default(),
         base_loss = result.base.loss,
         adapter_loss = result.adapter.loss,
         base_score = result.base.score,
