@@ -3,23 +3,15 @@
 //! the autoscaler, and the served model name. Each test scripts every request the reconcile
 //! makes and fails on one more.
 
+use crate::common::*;
 use futures::future::{BoxFuture, FutureExt};
-use http::{Method, Request, Response};
-use kube::client::Body;
+use http::Method;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::Client;
 use kubetune_crds::ModelDeployment;
-use kubetune_operator::config::OperatorConfig;
-use kubetune_operator::context::{Backoff, Context};
-use kubetune_operator::finetunejob::progress::MetricsReader;
-use kubetune_operator::metrics::Metrics;
+use kubetune_operator::context::Context;
 use kubetune_operator::modeldeployment;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tower_test::mock::{self, Handle};
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 const UID: &str = "3333-4444";
 const NS: &str = "/api/v1/namespaces/team-a";
@@ -27,28 +19,6 @@ const APPS: &str = "/apis/apps/v1/namespaces/team-a";
 const PDBS: &str = "/apis/policy/v1/namespaces/team-a/poddisruptionbudgets/support";
 const HPAS: &str = "/apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/support";
 const STATUS: &str = "/apis/kubetune.dev/v1alpha1/namespaces/team-a/modeldeployments/support/status";
-
-fn context() -> (Arc<Context>, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let ctx = Context {
-        client: client.clone(),
-        config: OperatorConfig::for_tests(),
-        metrics: Arc::new(Metrics::new()),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "kubetune-operator".into(),
-                instance: None,
-            },
-        ),
-        metrics_reader: MetricsReader::default(),
-        backoff: Backoff::default(),
-        model_shapes: Default::default(),
-        pod_http: kubetune_operator::podhttp::PodHttp::new(std::time::Duration::from_secs(5)),
-    };
-    (Arc::new(ctx), handle)
-}
 
 /// A ModelDeployment with no adapters (so no registry traffic), plus `extra_spec`.
 fn model_deployment(extra_spec: Value) -> ModelDeployment {
@@ -64,37 +34,7 @@ fn model_deployment(extra_spec: Value) -> ModelDeployment {
     .expect("valid ModelDeployment")
 }
 
-/// Answers the next request, checking its method and path prefix, and returns its JSON body. A
-/// null reply echoes the request body back, as the API server does for an apply.
-async fn expect(handle: &mut ApiHandle, method: Method, path_prefix: &str, status: u16, reply: Value) -> Value {
-    let (request, send) = handle
-        .next_request()
-        .await
-        .expect("the reconciler made another request");
-    let uri = request.uri().to_string();
-    assert_eq!(request.method(), method, "request to {uri}");
-    assert!(
-        uri.starts_with(path_prefix),
-        "expected {method} {path_prefix}..., got {uri}"
-    );
-    let body = request.into_body().collect_bytes().await.expect("request body");
-    let body: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body).expect("JSON body")
-    };
-    let reply = if reply.is_null() { body.clone() } else { reply };
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&reply).expect("json")))
-            .expect("response"),
-    );
-    body
-}
-
-/// Runs one reconcile while `script` answers its requests in order; fails on any request after
-/// the script, and when the reconcile ended before the script did.
+/// Runs one ModelDeployment reconcile while `script` answers its requests (see [`run_scripted`]).
 async fn reconcile_scripted<T, S>(
     md: &ModelDeployment,
     ctx: &Arc<Context>,
@@ -104,27 +44,12 @@ async fn reconcile_scripted<T, S>(
 where
     S: for<'a> FnOnce(&'a mut ApiHandle) -> BoxFuture<'a, T>,
 {
-    let played = std::cell::Cell::new(None);
-    let server = async {
-        played.set(Some(script(&mut *api).await));
-        if let Some((request, _)) = api.next_request().await {
-            panic!("unexpected request: {} {}", request.method(), request.uri());
-        }
-        std::future::pending::<()>().await;
-    };
-    let action = tokio::select! {
-        biased;
-        () = server => unreachable!("the script waits for the reconcile"),
-        action = modeldeployment::reconcile(Arc::new(md.clone()), ctx.clone()) => action.expect("reconcile succeeds"),
-    };
-    let returned = played
-        .take()
-        .expect("the reconcile made every request the script expected");
-    (action, returned)
-}
-
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+    run_scripted(
+        modeldeployment::reconcile(Arc::new(md.clone()), ctx.clone()),
+        api,
+        script,
+    )
+    .await
 }
 
 fn deleted() -> Value {
@@ -194,13 +119,6 @@ async fn script_deployment_and_service(api: &mut ApiHandle, deployment_reply: Va
     expect(api, Method::GET, &format!("{NS}/services/support"), 404, not_found()).await;
     expect(api, Method::PATCH, &format!("{NS}/services/support?"), 200, Value::Null).await;
     deployment
-}
-
-fn ready_condition(status_patch: &Value) -> Value {
-    status_patch["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
-        .expect("Ready condition")
 }
 
 #[tokio::test]
