@@ -3,8 +3,8 @@
 //! Why: decoding one sequence reads every weight once per token, so its speed is the memory
 //! bandwidth divided by the weights' bytes; int8 reads a quarter of f32's. On CPUs with
 //! AVX-512 VNNI the products quantize their inputs per row too and multiply in int8
-//! (`vnni.rs`); elsewhere inputs stay f32, the weight is expanded in registers
-//! (`small_rows`) for decode-sized inputs and to f32 for one gemm for prefill-sized ones.
+//! (`kernels::vnni`); elsewhere inputs stay f32, the weight is expanded in registers
+//! (`kernels::small_rows`) for decode-sized inputs and to f32 for one gemm for prefill-sized ones.
 //!
 //! Layout: one f32 scale per output row (absmax / 127) and the row's values rounded to the
 //! nearest of -127..=127; the round-trip error is at most half a step, absmax / 254, per
@@ -12,7 +12,7 @@
 //! multiply-adds (the scale is applied once per output).
 
 use crate::error::{ModelError, Result};
-use crate::small_rows::{self, Weight};
+use crate::kernels::small_rows::{self, Weight};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ pub struct Int8Tensor {
     values: Arc<[i8]>,
     /// One per output row.
     scales: Arc<[f32]>,
-    /// `128 * sum` of each row, for the int8-input kernel ([`crate::vnni`]).
+    /// `128 * sum` of each row, for the int8-input kernel ([`crate::kernels::vnni`]).
     compensation: Arc<[i32]>,
     out: usize,
     k: usize,
@@ -59,7 +59,7 @@ impl Int8Tensor {
                         .for_each(|(q, v)| *q = (v / *scale).round().clamp(-127.0, 127.0) as i8);
                 });
         }
-        let compensation = crate::vnni::compensation(&values, k);
+        let compensation = crate::kernels::vnni::compensation(&values, k);
         Ok(Self {
             values: values.into(),
             scales: scales.into(),
@@ -92,11 +92,11 @@ impl Int8Tensor {
     /// `x @ w^T` for `x` (rows, k) of f32 on the CPU, reading the int8 values directly; None
     /// for other inputs, which the caller multiplies with [`Int8Tensor::dequantize`].
     ///
-    /// With AVX-512 VNNI every row count takes [`crate::vnni`], which quantizes the input rows
+    /// With AVX-512 VNNI every row count takes [`crate::kernels::vnni`], which quantizes the input rows
     /// too; without it, decode-sized inputs (up to `small_rows_limit` rows) take
-    /// [`crate::small_rows`] with f32 inputs.
+    /// [`crate::kernels::small_rows`] with f32 inputs.
     pub(crate) fn matmul_t(&self, x: &Tensor, small_rows_limit: usize) -> Result<Option<Tensor>> {
-        if !crate::fused::fusable(x) || !self.device.is_cpu() {
+        if !crate::kernels::fused::fusable(x) || !self.device.is_cpu() {
             return Ok(None);
         }
         let (rows, k) = x.dims2()?;
@@ -106,15 +106,15 @@ impl Int8Tensor {
                 self.k
             )));
         }
-        if crate::vnni::available() {
+        if crate::kernels::vnni::available() {
             // Read in place: a copy of a prefill's input cost as much as quantizing it.
-            let w = crate::vnni::Int8Weight {
+            let w = crate::kernels::vnni::Int8Weight {
                 values: &self.values,
                 scales: &self.scales,
                 compensation: &self.compensation,
             };
-            let y = crate::fused::with_f32(x, "int8 product input", |xs| {
-                crate::vnni::matmul_t(xs, rows, &w, self.out, self.k)
+            let y = crate::kernels::fused::with_f32(x, "int8 product input", |xs| {
+                crate::kernels::vnni::matmul_t(xs, rows, &w, self.out, self.k)
             })?;
             return Ok(Some(Tensor::from_vec(y, (rows, self.out), x.device())?));
         }
@@ -128,7 +128,7 @@ impl Int8Tensor {
         Ok(Some(small_rows::product(x, &w, self.out, self.k)?))
     }
 
-    /// [`crate::small_rows`] with f32 inputs, whatever the CPU: the kernel the int8-input one
+    /// [`crate::kernels::small_rows`] with f32 inputs, whatever the CPU: the kernel the int8-input one
     /// replaces, for comparisons.
     #[cfg(test)]
     pub(crate) fn matmul_t_f32_inputs(&self, x: &Tensor) -> Result<Tensor> {

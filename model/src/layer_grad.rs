@@ -8,9 +8,9 @@
 //! allocate their output, threads handing work to each other between small ops. Here:
 //! - the forward keeps exactly what the backward needs (a [`LayerTape`]);
 //! - products go to gemm with strides instead of transposed copies, and sums of products and
-//!   residuals accumulate in their destination ([`crate::matrix`]);
+//!   residuals accumulate in their destination ([`crate::kernels::matrix`]);
 //! - element-wise steps are single passes over rows, on buffers reused from step to step
-//!   ([`crate::scratch`]);
+//!   ([`crate::kernels::scratch`]);
 //! - causal attention multiplies, per block of query rows, only the keys up to the block's
 //!   last row, and keeps only those probabilities;
 //! - each thread takes its own whole sequences of the batch through a layer, so no work is
@@ -23,11 +23,11 @@
 
 use crate::checkpointing::{CheckpointedStep, LossBatch};
 use crate::error::{ModelError, Result};
+use crate::kernels::matrix::{matmul, Dst, Threads, View, ViewMut};
+use crate::kernels::scratch::Buf;
 use crate::linear::{BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, TargetModule};
-use crate::matrix::{matmul, Dst, Threads, View, ViewMut};
 use crate::model::{CausalLm, Layer};
-use crate::scratch::Buf;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -116,7 +116,7 @@ struct ModuleGrad {
 
 /// Runs `f` on the values of an f32 CPU tensor, read in place.
 fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    crate::fused::with_f32(t, "hand-written training step", f)
+    crate::kernels::fused::with_f32(t, "hand-written training step", f)
 }
 
 /// Calls `f(first_row, rows, values)` on a frozen (out, in) weight: once on all of it when
@@ -157,8 +157,8 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, min_len: usize) -> (Buf, Buf) {
         .zip(x.par_chunks(h))
         .with_min_len(min_len)
         .for_each(|((o, r), xr)| {
-            *r = crate::fused::inv_rms(xr, eps);
-            crate::fused::normalize_row(xr, w, *r, o);
+            *r = crate::kernels::fused::inv_rms(xr, eps);
+            crate::kernels::fused::normalize_row(xr, w, *r, o);
         });
     (out, inv)
 }
@@ -173,7 +173,7 @@ fn rms_norm_back_add(dx: &mut [f32], x: &[f32], inv: &[f32], w: &[f32], g: &[f32
         .zip(g.par_chunks(h))
         .zip(inv.par_iter());
     rows.with_min_len(min_len)
-        .for_each(|(((d, xr), gr), &r)| crate::fused::rms_norm_grad_row_add(xr, gr, w, r, d));
+        .for_each(|(((d, xr), gr), &r)| crate::kernels::fused::rms_norm_grad_row_add(xr, gr, w, r, d));
 }
 
 /// Elements per task of [`swiglu`] and its backward; also their sigmoid buffer's length.
@@ -185,7 +185,7 @@ fn swiglu(gate: &[f32], up: &[f32], min_len: usize) -> (Buf, Buf) {
     sig.par_chunks_mut(SWIGLU_CHUNK)
         .zip(gate.par_chunks(SWIGLU_CHUNK))
         .with_min_len(min_len)
-        .for_each(|(s, g)| crate::softmax::sigmoid(g, s));
+        .for_each(|(s, g)| crate::kernels::softmax::sigmoid(g, s));
     (swiglu_from(gate, up, &sig, min_len), sig)
 }
 
@@ -206,7 +206,7 @@ fn swiglu_from(gate: &[f32], up: &[f32], sig: &[f32], min_len: usize) -> Buf {
 }
 
 /// Turns `gate` and `up` into their gradients for the gradient `d` of `silu(gate) * up`
-/// ([`crate::fused::swiglu_grads`]), with `sig` holding sigmoid(gate).
+/// ([`crate::kernels::fused::swiglu_grads`]), with `sig` holding sigmoid(gate).
 fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], sig: &[f32], d: &[f32], min_len: usize) {
     let tasks = gate
         .par_chunks_mut(SWIGLU_CHUNK)
@@ -215,7 +215,7 @@ fn swiglu_back_in_place(gate: &mut [f32], up: &mut [f32], sig: &[f32], d: &[f32]
         .zip(sig.par_chunks(SWIGLU_CHUNK));
     tasks.with_min_len(min_len).for_each(|(((g, u), d), sig)| {
         for (((gv, uv), dv), &s) in g.iter_mut().zip(u.iter_mut()).zip(d).zip(sig) {
-            (*gv, *uv) = crate::fused::swiglu_grads(*gv, *uv, s, *dv);
+            (*gv, *uv) = crate::kernels::fused::swiglu_grads(*gv, *uv, s, *dv);
         }
     });
 }
@@ -366,7 +366,7 @@ impl<'a> Step<'a> {
             Dst::Overwrite,
             self.threads,
         )?;
-        let d_b = crate::small_rows::transpose(&d_b_t, r, fan_out, false);
+        let d_b = crate::kernels::small_rows::transpose(&d_b_t, r, fan_out, false);
         let masked = lora.mask.as_deref().map(|m| masked(x, m));
         let input = masked.as_deref().unwrap_or(x);
         let mut d_a = Buf::for_overwrite(r * fan_in);
@@ -435,7 +435,7 @@ impl<'a> Step<'a> {
                     &self.sin[pos * half..(pos + 1) * half],
                 );
                 for head in xr.chunks_exact_mut(d) {
-                    crate::fused::rotate_half(head, c, s, inverse);
+                    crate::kernels::fused::rotate_half(head, c, s, inverse);
                 }
             });
     }
@@ -481,7 +481,7 @@ impl<'a> Step<'a> {
                         Threads::Caller,
                     )?;
                     for (i, row) in block.chunks_exact_mut(keys).enumerate() {
-                        crate::fused::causal_softmax(row, first + i, self.window);
+                        crate::kernels::fused::causal_softmax(row, first + i, self.window);
                     }
                     let probs = View::new(block, n, keys);
                     let dst = ViewMut::columns(o, t, qd, head * d, d).rows(first, n);
@@ -552,7 +552,7 @@ impl<'a> Step<'a> {
                             Threads::Caller,
                         )?;
                         for (row, pr) in ds.chunks_exact_mut(keys).zip(block.chunks_exact(keys)) {
-                            crate::fused::softmax_grad_row(pr, row, scale);
+                            crate::kernels::fused::softmax_grad_row(pr, row, scale);
                         }
                         let d_s = View::new(&ds, n, keys);
                         matmul(
@@ -601,7 +601,7 @@ impl<'a> Step<'a> {
             let mut out = Buf::for_overwrite(x.len());
             let rows = out.par_chunks_mut(h).zip(x.par_chunks(h)).zip(inv.par_iter());
             rows.with_min_len(self.min_len(ROWS_PER_TASK))
-                .for_each(|((o, xr), &r)| crate::fused::normalize_row(xr, w, r, o));
+                .for_each(|((o, xr), &r)| crate::kernels::fused::normalize_row(xr, w, r, o));
             Ok(out)
         })
     }
@@ -649,7 +649,7 @@ impl<'a> Step<'a> {
                 .zip(rows.par_iter())
                 .with_min_len(self.min_len(1));
             loss += tasks
-                .map(|(row, &r)| crate::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale))
+                .map(|(row, &r)| crate::kernels::softmax::nll_grad_row(row, targets[r] as usize, weights[r], scale))
                 .sum::<f64>();
             let mut d_normed = Buf::for_overwrite(n * h);
             for_weight_slices(&head, |first, count, w| {
@@ -858,7 +858,7 @@ impl CausalLm {
     /// Whether a step for `adapter` can run by hand: the base and the adapter in f32 on the
     /// CPU, with dense or NF4 projections.
     pub(crate) fn trains_by_hand(&self, adapter: &ActiveAdapter) -> bool {
-        let f32_cpu = |t: &Tensor| crate::fused::fusable(t);
+        let f32_cpu = |t: &Tensor| crate::kernels::fused::fusable(t);
         let weights_ok = self.layers.iter().all(|l| {
             crate::lora::TargetModule::ALL
                 .iter()
@@ -931,7 +931,7 @@ impl CausalLm {
             )));
         }
         let embedded = self.embed_tokens(batch.input_ids)?.flatten_all()?.to_vec1::<f32>()?;
-        crate::scratch::set_pooling(!checkpointed);
+        crate::kernels::scratch::set_pooling(!checkpointed);
         // One part per thread when the batch has a sequence for each; with fewer sequences
         // than threads (a batch of 4 on 16 cores), each part's products and passes share the
         // pool instead, so no thread idles.
@@ -1008,7 +1008,7 @@ impl CausalLm {
         }
         let loss = parts.iter().map(|p| p.loss).sum();
         let stores = self.sum_parts(parts, step.adapter.adapter, checkpointed)?;
-        crate::scratch::end_step();
+        crate::kernels::scratch::end_step();
         Ok((loss, stores))
     }
 

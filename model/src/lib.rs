@@ -8,8 +8,8 @@
 //!   own cache and adapter, reading the weights once (the server's decode step).
 //! - [`CausalLm::loss_backward`] and [`CausalLm::loss_backward_checkpointed`] (gradient
 //!   checkpointing) give a training step's loss and adapter gradients; in f32 on the CPU their
-//!   layers run forward and backward by hand (`layer_grad`, `matrix`), elsewhere through
-//!   candle's graph.
+//!   layers run forward and backward by hand (`layer_grad`), elsewhere through candle's
+//!   graph.
 //! - [`lora`] holds adapters; [`peft`] reads and writes them in HF PEFT layout.
 //! - [`nf4`] quantizes the frozen base to 4 bits for QLoRA.
 //! - [`chat`] renders a model's chat template (server prompts and trainer data alike).
@@ -17,6 +17,11 @@
 //! - [`threads`] settles the CPU thread count once per process (binaries call it first).
 //! - [`gguf`] turns a GGUF file (llama.cpp, Ollama) into the HF layout the loader reads.
 //! - [`tiny`] writes a small random model with a real BPE tokenizer for tests.
+//!
+//! The hand-written CPU kernels (products for few rows and for int8, fused norm, SwiGLU, RoPE
+//! and softmax, the strided matrices and buffer pool of the training step, decode attention)
+//! live apart in `kernels`, so the files above read as the model and the kernels can be
+//! tested on their own against candle.
 
 mod attention;
 pub mod cache;
@@ -28,10 +33,10 @@ mod custom_grad;
 pub mod decode;
 pub mod device;
 pub mod error;
-mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod int8;
+mod kernels;
 mod layer_grad;
 pub mod linear;
 pub mod load;
@@ -39,19 +44,14 @@ pub mod lora;
 mod lora_linear;
 pub mod malloc;
 mod mapped;
-mod matrix;
 pub mod model;
 pub mod nf4;
 pub mod peft;
 pub mod prefill;
 pub mod rope;
-mod scratch;
-mod small_rows;
-mod softmax;
 pub mod tensors;
 pub mod threads;
 pub mod tiny;
-mod vnni;
 
 pub use cache::KvCache;
 pub use config::Config;

@@ -154,12 +154,12 @@ impl Projection {
 /// `x @ w^T` for `x` (rows, in) and a weight `w` (out, in).
 ///
 /// Up to [`SMALL_ROWS`] rows of f32 on the CPU (decoding: one row per sequence) go to
-/// [`crate::small_rows`], which reads each weight once for all rows; gemm would pack the
+/// [`crate::kernels::small_rows`], which reads each weight once for all rows; gemm would pack the
 /// weight first, or take a single-threaded matrix-vector path for one row. Prefill-sized
 /// inputs go to gemm, which threads them itself.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
-    let cpu_f32 = crate::fused::fusable(x) && crate::fused::fusable(w);
+    let cpu_f32 = crate::kernels::fused::fusable(x) && crate::kernels::fused::fusable(w);
     if rows <= SMALL_ROWS && cpu_f32 {
         return small_rows_matmul(&x.contiguous()?, &w.contiguous()?);
     }
@@ -179,16 +179,16 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 const WEIGHT_LEFT_ROWS: usize = 512;
 
 /// A contiguous 2-D f32 CPU tensor transposed into a new contiguous one
-/// ([`crate::small_rows::transpose`]). candle's strided copy took 11 ms for a (1408, 1024)
+/// ([`crate::kernels::small_rows::transpose`]). candle's strided copy took 11 ms for a (1408, 1024)
 /// transpose.
 fn transpose(t: &Tensor) -> Result<Tensor> {
     let (rows, cols) = t.dims2()?;
     let (guard, layout) = t.storage_and_layout();
-    let src = crate::fused::cpu_f32(&guard, layout)
+    let src = crate::kernels::fused::cpu_f32(&guard, layout)
         .filter(|_| layout.is_contiguous())
         .and_then(|d| d.get(..rows * cols))
         .ok_or_else(|| crate::error::ModelError::Decode("transpose: not a contiguous f32 CPU tensor".into()))?;
-    let dst = crate::small_rows::transpose(src, rows, cols, true);
+    let dst = crate::kernels::small_rows::transpose(src, rows, cols, true);
     drop(guard);
     Ok(Tensor::from_vec(dst, (cols, rows), t.device())?)
 }
@@ -213,10 +213,10 @@ const SMALL_ROWS: usize = 32;
 
 fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out, k_w) = w.dims2()?;
-    crate::fused::with_f32(w, "matmul weight", |ws| {
-        crate::small_rows::product(
+    crate::kernels::fused::with_f32(w, "matmul weight", |ws| {
+        crate::kernels::small_rows::product(
             x,
-            &crate::small_rows::Weight {
+            &crate::kernels::small_rows::Weight {
                 values: ws,
                 scales: None,
             },
@@ -335,8 +335,8 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if crate::fused::fusable(x) {
-            return crate::fused::rms_norm(x, &self.weight, self.eps);
+        if crate::kernels::fused::fusable(x) {
+            return crate::kernels::fused::rms_norm(x, &self.weight, self.eps);
         }
         let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &self.weight, self.eps as f32)?;
         crate::custom_grad::with_backward(

@@ -273,7 +273,7 @@ impl CausalLm {
     /// sliding window when the config has one. None as well where attention runs through the
     /// fused causal softmax (f32 on the CPU), which derives the same mask from the shapes.
     pub(crate) fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
-        if crate::fused::fusable(&self.norm.weight) {
+        if crate::kernels::fused::fusable(&self.norm.weight) {
             return Ok(None);
         }
         if seq == 1 && self.config.attention_window().is_none_or(|w| offset < w) {
@@ -439,11 +439,11 @@ impl Attention {
             None => (k, v),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let heads = if crate::fused::fusable(&q) {
+        let heads = if crate::kernels::fused::fusable(&q) {
             // The query heads of each KV head stacked as rows of one matrix; the fused op
             // derives the causal (and window) mask from the shapes.
             let grouped = q.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, self.head_dim))?;
-            let probs = crate::fused::causal_probs(&grouped, &k, scale, self.window, t)?;
+            let probs = crate::kernels::fused::causal_probs(&grouped, &k, scale, self.window, t)?;
             probs
                 .matmul(&v.contiguous()?)?
                 .reshape((b, self.heads, t, self.head_dim))?
@@ -471,8 +471,8 @@ impl Mlp {
     fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
         let gate = self.gate.forward(x, adapter)?;
         let up = self.up.forward(x, adapter)?;
-        let h = if crate::fused::fusable(&gate) {
-            crate::fused::swiglu(&gate, &up)?
+        let h = if crate::kernels::fused::fusable(&gate) {
+            crate::kernels::fused::swiglu(&gate, &up)?
         } else {
             (gate.silu()? * up)?
         };

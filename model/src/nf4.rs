@@ -301,7 +301,7 @@ impl Nf4Tensor {
             return crate::linear::matmul_t(x, &self.dequantize()?);
         }
         let (out, _) = self.dims2()?;
-        if crate::fused::fusable(x) {
+        if crate::kernels::fused::fusable(x) {
             let values = self.product_cpu(&x.contiguous()?)?;
             return Ok(Tensor::from_vec(values, (x.dim(0)?, out), x.device())?);
         }
@@ -321,7 +321,7 @@ impl Nf4Tensor {
         let mut out = vec![0f32; m * n];
         for (start, len) in self.row_slices()? {
             let y = crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?)?;
-            crate::fused::with_f32(&y, "NF4 product", |part| {
+            crate::kernels::fused::with_f32(&y, "NF4 product", |part| {
                 for (row, values) in out.chunks_mut(n).zip(part.chunks(len)) {
                     row[start..start + len].copy_from_slice(values);
                 }

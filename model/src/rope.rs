@@ -93,8 +93,8 @@ fn llama3_scale(base: &[f64], factor: f64, low: f64, high: f64, original: f64) -
 /// with `cos` and `sin` of shape (seq, head_dim / 2). Differentiable: f32 on the CPU takes our
 /// fused kernel; anything else candle's fused kernel, with [`RopeBackward`] in a graph.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::fused::fusable(x) {
-        return Ok(crate::fused::rope(x, cos, sin)?);
+    if crate::kernels::fused::fusable(x) {
+        return Ok(crate::kernels::fused::rope(x, cos, sin)?);
     }
     let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
     Ok(crate::custom_grad::with_backward(

@@ -402,7 +402,7 @@ impl CausalProbs {
 pub(crate) fn causal_softmax(row: &mut [f32], pos: usize, window: Option<usize>) {
     let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
     let n = pos + 1 - first;
-    crate::softmax::softmax_rows(&mut row[first..=pos], n);
+    crate::kernels::softmax::softmax_rows(&mut row[first..=pos], n);
     row[..first].fill(0.0);
     row[pos + 1..].fill(0.0);
 }
