@@ -8,7 +8,6 @@
 //! several processes start at the same moment; the lock dies with its process, so a crash
 //! leaves no stuck lock, only a stray temp directory.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
@@ -16,12 +15,13 @@ use sha2::{Digest as _, Sha256};
 use crate::credentials::Credentials;
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
+use crate::fs::{fill_once, lock_exclusive};
 use crate::hf::{self, HfConfig};
 use crate::names::validate_relative_path;
 use crate::progress::ProgressFn;
 use crate::registry::{Registry, ResolvedAdapter};
 use crate::retry::RetryPolicy;
-use crate::store::{temp_sibling, Storage};
+use crate::store::Storage;
 use crate::uri::StorageUri;
 
 /// A local cache directory.
@@ -92,45 +92,6 @@ impl Cache {
         &self.root
     }
 
-    /// Returns `final_path`, building it with `fill` first if it does not exist. `fill` gets
-    /// an empty temporary directory; on success it is renamed to `final_path`.
-    pub(crate) async fn fill_once<F, Fut>(&self, lock_name: &str, final_path: &Path, fill: F) -> Result<PathBuf>
-    where
-        F: FnOnce(PathBuf) -> Fut,
-        Fut: Future<Output = Result<()>>,
-    {
-        if final_path.exists() {
-            return Ok(final_path.to_path_buf());
-        }
-        let lock_path = self.root.join("locks").join(format!("{lock_name}.lock"));
-        let _lock = lock_exclusive(lock_path).await?;
-        // Whoever held the lock before us may have filled it.
-        if final_path.exists() {
-            return Ok(final_path.to_path_buf());
-        }
-        let tmp = temp_sibling(&self.root.join("tmp").join(lock_name));
-        tokio::fs::create_dir_all(&tmp)
-            .await
-            .map_err(|e| StorageError::io("creating", &tmp, e))?;
-        let result = match fill(tmp.clone()).await {
-            Ok(()) => {
-                if let Some(parent) = final_path.parent() {
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(|e| StorageError::io("creating", parent, e))?;
-                }
-                tokio::fs::rename(&tmp, final_path)
-                    .await
-                    .map_err(|e| StorageError::io("renaming cache entry into place at", final_path, e))
-            }
-            Err(e) => Err(e),
-        };
-        if result.is_err() {
-            let _ = tokio::fs::remove_dir_all(&tmp).await;
-        }
-        result.map(|()| final_path.to_path_buf())
-    }
-
     /// Downloads one object into the cache and returns the local file path. The entry is keyed
     /// by the object URI and its ETag (or `expected` digest), and verified against `expected`.
     pub async fn download_object(
@@ -154,14 +115,13 @@ impl Cache {
         let file_name = rel.rsplit('/').next().unwrap_or(rel).to_string();
         let entry = self.root.join("entries").join(&key);
         let progress = self.progress.clone();
-        let dir = self
-            .fill_once(&key, &entry, |tmp| async move {
-                storage
-                    .download_to(rel, &tmp.join(&file_name), expected, progress.as_ref())
-                    .await
-                    .map(|_| ())
-            })
-            .await?;
+        let dir = fill_once(&self.root, &key, &entry, |tmp| async move {
+            storage
+                .download_to(rel, &tmp.join(&file_name), expected, progress.as_ref())
+                .await
+                .map(|_| ())
+        })
+        .await?;
         Ok(dir.join(rel.rsplit('/').next().unwrap_or(rel)))
     }
 
@@ -197,7 +157,7 @@ impl Cache {
         let key = key_of(&["prefix", &uri, &listing.join("\n")]);
         let entry = self.root.join("entries").join(&key);
         let progress = self.progress.clone();
-        self.fill_once(&key, &entry, |tmp| async move {
+        fill_once(&self.root, &key, &entry, |tmp| async move {
             for (rel, obj) in &objects {
                 let local = tmp.join(rel);
                 if let Some(parent) = local.parent() {
@@ -218,7 +178,7 @@ impl Cache {
     pub async fn download_model(&self, uri: &str, credentials: &Credentials) -> Result<PathBuf> {
         match StorageUri::parse(uri)? {
             StorageUri::HuggingFace(repo) => {
-                hf::download(self, &repo, &self.hf, &self.retry, self.progress.as_ref()).await
+                hf::download(&self.root, &repo, &self.hf, &self.retry, self.progress.as_ref()).await
             }
             _ if names_gguf_file(uri) => {
                 let (parent, name) = uri.rsplit_once('/').expect("a parsed store URI has a path");
@@ -253,23 +213,4 @@ impl Cache {
 fn names_gguf_file(uri: &str) -> bool {
     let last = uri.rsplit('/').next().unwrap_or_default();
     last.len() > ".gguf".len() && last.to_ascii_lowercase().ends_with(".gguf")
-}
-
-/// A held exclusive lock; released when dropped (or when the process dies).
-pub(crate) struct LockGuard(#[allow(dead_code)] std::fs::File);
-
-/// Takes an exclusive flock on `path`, waiting on a blocking thread so the runtime is not stalled.
-pub(crate) async fn lock_exclusive(path: PathBuf) -> Result<LockGuard> {
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StorageError::io("opening lock file", &path, e))?;
-        file.lock().map_err(|e| StorageError::io("locking", &path, e))?;
-        Ok(LockGuard(file))
-    })
-    .await
-    .map_err(|e| StorageError::io("locking", PathBuf::from("cache"), std::io::Error::other(e)))?
 }

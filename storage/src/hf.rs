@@ -13,82 +13,16 @@ use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::cache::Cache;
 use crate::credentials::Credentials;
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
-use crate::names::{validate_relative_path, validate_segment};
+use crate::fs::{fill_once, temp_sibling};
+use crate::names::validate_relative_path;
 use crate::progress::{ProgressFn, Tracker};
 use crate::retry::{with_retry, Attempt, RetryPolicy};
-use crate::store::temp_sibling;
+use crate::uri::HfRepo;
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-const DEFAULT_REVISION: &str = "main";
-
-/// A model repository on the hub, at a revision (branch, tag or commit).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HfRepo {
-    pub org: Option<String>,
-    pub name: String,
-    pub revision: String,
-}
-
-impl HfRepo {
-    /// Parses the part of `hf://…` after the scheme.
-    pub(crate) fn parse(uri: &str, rest: &str) -> Result<Self> {
-        let invalid = |reason: String| StorageError::InvalidUri {
-            uri: uri.to_string(),
-            reason,
-        };
-        let (repo, revision) = match rest.split_once('@') {
-            Some((r, rev)) => (r, rev),
-            None => (rest, DEFAULT_REVISION),
-        };
-        let parts: Vec<&str> = repo.split('/').collect();
-        let (org, name) = match parts.as_slice() {
-            [name] => (None, *name),
-            [org, name] => (Some(*org), *name),
-            _ => return Err(invalid("expected hf://org/name[@revision]".into())),
-        };
-        for segment in org.iter().chain(std::iter::once(&name)) {
-            validate_segment("Hugging Face repository name", segment).map_err(|e| invalid(e.to_string()))?;
-        }
-        // Branch names may contain '/', e.g. refs/pr/1; each segment must still be safe because
-        // the revision becomes a path under refs/ in the cache.
-        validate_relative_path("Hugging Face revision", revision).map_err(|e| invalid(e.to_string()))?;
-        Ok(Self {
-            org: org.map(str::to_string),
-            name: name.to_string(),
-            revision: revision.to_string(),
-        })
-    }
-
-    /// `org/name` as the hub spells it.
-    pub fn repo_id(&self) -> String {
-        match &self.org {
-            Some(org) => format!("{org}/{}", self.name),
-            None => self.name.clone(),
-        }
-    }
-
-    fn cache_dir(&self, cache: &Cache) -> PathBuf {
-        let dir = match &self.org {
-            Some(org) => format!("models--{org}--{}", self.name),
-            None => format!("models--{}", self.name),
-        };
-        cache.root().join("hf").join(dir)
-    }
-
-    fn is_commit(&self) -> bool {
-        self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit())
-    }
-}
-
-impl fmt::Display for HfRepo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "hf://{}@{}", self.repo_id(), self.revision)
-    }
-}
 
 /// Hub settings.
 #[derive(Clone)]
@@ -169,15 +103,26 @@ struct LfsInfo {
     sha256: String,
 }
 
-/// Returns a local snapshot directory of `repo`, downloading it unless offline.
+/// `<cache_root>/hf/models--<org>--<name>`: the hub's own cache layout, so the directory is
+/// recognisable to anyone who knows `huggingface_hub`.
+fn repo_dir(cache_root: &Path, repo: &HfRepo) -> PathBuf {
+    let dir = match &repo.org {
+        Some(org) => format!("models--{org}--{}", repo.name),
+        None => format!("models--{}", repo.name),
+    };
+    cache_root.join("hf").join(dir)
+}
+
+/// Returns a local snapshot directory of `repo` under `cache_root`, downloading it unless
+/// offline.
 pub(crate) async fn download(
-    cache: &Cache,
+    cache_root: &Path,
     repo: &HfRepo,
     cfg: &HfConfig,
     retry: &RetryPolicy,
     progress: Option<&ProgressFn>,
 ) -> Result<PathBuf> {
-    let base = repo.cache_dir(cache);
+    let base = repo_dir(cache_root, repo);
     let ref_path = base.join("refs").join(&repo.revision);
     let cached_commit = if repo.is_commit() {
         Some(repo.revision.clone())
@@ -236,37 +181,36 @@ pub(crate) async fn download(
     let snapshot = base.join("snapshots").join(&info.sha);
     let info = &info;
     let client = &client;
-    let dir = cache
-        .fill_once(&format!("hf-{}", info.sha), &snapshot, |tmp| async move {
-            for sibling in &info.siblings {
-                let file = &sibling.rfilename;
-                if file.split('/').any(|s| s.starts_with('.')) {
-                    continue; // .gitattributes and friends: repository metadata, not model files.
-                }
-                validate_relative_path("Hugging Face file name", file)?;
-                let expected = match &sibling.lfs {
-                    Some(lfs) => Some(Sha256Digest::parse(
-                        "Hugging Face LFS sha256",
-                        &format!("sha256:{}", lfs.sha256),
-                    )?),
-                    None => None,
-                };
-                let url = format!("{}/{}/resolve/{}/{file}", cfg.endpoint, repo.repo_id(), info.sha);
-                let file_uri = format!("{}/{file}", repo);
-                let dest = tmp.join(file);
-                if let Some(parent) = dest.parent() {
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(|e| StorageError::io("creating", parent, e))?;
-                }
-                with_retry(retry, "downloading", &file_uri, || {
-                    download_file(client, &url, cfg, &file_uri, &dest, expected.as_ref(), progress)
-                })
-                .await?;
+    let dir = fill_once(cache_root, &format!("hf-{}", info.sha), &snapshot, |tmp| async move {
+        for sibling in &info.siblings {
+            let file = &sibling.rfilename;
+            if file.split('/').any(|s| s.starts_with('.')) {
+                continue; // .gitattributes and friends: repository metadata, not model files.
             }
-            Ok(())
-        })
-        .await?;
+            validate_relative_path("Hugging Face file name", file)?;
+            let expected = match &sibling.lfs {
+                Some(lfs) => Some(Sha256Digest::parse(
+                    "Hugging Face LFS sha256",
+                    &format!("sha256:{}", lfs.sha256),
+                )?),
+                None => None,
+            };
+            let url = format!("{}/{}/resolve/{}/{file}", cfg.endpoint, repo.repo_id(), info.sha);
+            let file_uri = format!("{}/{file}", repo);
+            let dest = tmp.join(file);
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| StorageError::io("creating", parent, e))?;
+            }
+            with_retry(retry, "downloading", &file_uri, || {
+                download_file(client, &url, cfg, &file_uri, &dest, expected.as_ref(), progress)
+            })
+            .await?;
+        }
+        Ok(())
+    })
+    .await?;
     write_ref(&ref_path, &info.sha).await?;
     Ok(dir)
 }

@@ -14,6 +14,7 @@ mod cache;
 mod credentials;
 mod digest;
 mod error;
+mod fs;
 mod hf;
 mod manifest;
 mod names;
@@ -28,13 +29,14 @@ pub use cache::Cache;
 pub use credentials::Credentials;
 pub use digest::Sha256Digest;
 pub use error::{Result, StorageError};
-pub use hf::{HfConfig, HfRepo};
+pub use hf::HfConfig;
+pub use manifest::validate_file_path;
 pub use manifest::{
     Evaluation, FileEntry, JobRef, Manifest, Metrics, ModelScores, SourceRef, CARD_FILE, MANIFEST_FILE,
 };
-pub use names::{validate_adapter_name, validate_file_path};
+pub use names::validate_adapter_name;
 pub use progress::{ProgressEvent, ProgressFn};
 pub use registry::{PublishRequest, Registry, RegistryConfig, ResolvedAdapter};
 pub use retry::RetryPolicy;
 pub use store::{CreateOutcome, ObjectInfo, Storage};
-pub use uri::StorageUri;
+pub use uri::{HfRepo, StorageUri};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
-use crate::names::{validate_adapter_name, validate_file_path};
+use crate::names::{validate_adapter_name, validate_relative_path};
 
 /// File name of the manifest inside `adapters/<name>/v<N>/`.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -136,5 +136,57 @@ impl Manifest {
     /// resolves.
     pub fn digest_of(bytes: &[u8]) -> Sha256Digest {
         Sha256Digest::of(bytes)
+    }
+}
+
+/// Checks a relative file path inside an adapter version (e.g. `adapter_model.safetensors` or
+/// `tokenizer/vocab.json`). Rejects absolute paths, backslashes and any hostile segment.
+pub fn validate_file_path(path: &str) -> Result<()> {
+    const FIELD: &str = "adapter file path";
+    validate_relative_path(FIELD, path)?;
+    if path == MANIFEST_FILE {
+        return Err(StorageError::invalid_name(
+            FIELD,
+            path,
+            "manifest.json is written by the registry itself and cannot be an adapter file",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_paths_cannot_escape() {
+        for ok in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tok/vocab.json",
+            "README.md",
+        ] {
+            assert!(validate_file_path(ok).is_ok(), "{ok} should be accepted");
+        }
+        let hostile = [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "./x",
+            "a//b",
+            "a/",
+            "%2e%2e/x",
+            "..%2fx",
+            "a\\..\\x",
+            ".claim",
+            ".hidden/x",
+            "manifest.json",
+            "a/b/c/d/e/f/g/h/i",
+        ];
+        for bad in hostile {
+            let err = validate_file_path(bad).expect_err(bad);
+            assert!(err.to_string().contains("adapter file path"), "{bad}: {err}");
+        }
     }
 }

@@ -84,21 +84,6 @@ pub fn validate_segment(field: &'static str, segment: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a relative file path inside an adapter version (e.g. `adapter_model.safetensors` or
-/// `tokenizer/vocab.json`). Rejects absolute paths, backslashes and any hostile segment.
-pub fn validate_file_path(path: &str) -> Result<()> {
-    const FIELD: &str = "adapter file path";
-    validate_relative_path(FIELD, path)?;
-    if path == crate::manifest::MANIFEST_FILE {
-        return Err(StorageError::invalid_name(
-            FIELD,
-            path,
-            "manifest.json is written by the registry itself and cannot be an adapter file",
-        ));
-    }
-    Ok(())
-}
-
 /// Checks a relative '/'-separated path whose segments each pass [`validate_segment`].
 pub fn validate_relative_path(field: &'static str, path: &str) -> Result<()> {
     if path.starts_with('/') {
@@ -154,38 +139,6 @@ mod tests {
         for bad in hostile {
             let err = validate_adapter_name(bad).expect_err(bad);
             assert!(err.to_string().contains("adapter name"), "{err}");
-        }
-    }
-
-    #[test]
-    fn file_paths_cannot_escape() {
-        for ok in [
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "tok/vocab.json",
-            "README.md",
-        ] {
-            assert!(validate_file_path(ok).is_ok(), "{ok} should be accepted");
-        }
-        let hostile = [
-            "",
-            "/etc/passwd",
-            "../x",
-            "a/../../x",
-            "./x",
-            "a//b",
-            "a/",
-            "%2e%2e/x",
-            "..%2fx",
-            "a\\..\\x",
-            ".claim",
-            ".hidden/x",
-            "manifest.json",
-            "a/b/c/d/e/f/g/h/i",
-        ];
-        for bad in hostile {
-            let err = validate_file_path(bad).expect_err(bad);
-            assert!(err.to_string().contains("adapter file path"), "{bad}: {err}");
         }
     }
 }

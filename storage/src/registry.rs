@@ -23,10 +23,12 @@ use chrono::Utc;
 
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
+use crate::fs::temp_sibling;
+use crate::manifest::validate_file_path;
 use crate::manifest::{FileEntry, JobRef, Manifest, Metrics, SourceRef, CARD_FILE, MANIFEST_FILE, MANIFEST_SCHEMA};
-use crate::names::{validate_adapter_name, validate_file_path};
+use crate::names::validate_adapter_name;
 use crate::progress::ProgressFn;
-use crate::store::{temp_sibling, CreateOutcome, ObjectInfo, Storage};
+use crate::store::{CreateOutcome, ObjectInfo, Storage};
 use crate::{AdapterRef, VersionSelector};
 
 const CLAIM_FILE: &str = ".claim";

@@ -1,8 +1,7 @@
 //! `Storage`: one bucket/prefix (or local directory) behind `object_store`, with the few
 //! operations the cache and registry need, each retried and each error naming the object URI.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use crate::credentials::Credentials;
 use crate::digest::Sha256Digest;
 use crate::error::{Result, StorageError};
+use crate::fs::temp_sibling;
 use crate::progress::{ProgressFn, Tracker};
 use crate::retry::{classify, with_retry, Attempt, RetryPolicy};
 use crate::uri::StorageUri;
@@ -54,15 +54,6 @@ impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Storage").field("root", &self.root.to_string()).finish()
     }
-}
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A name for a temporary sibling of `dest`, unique across processes (pid) and threads (counter).
-pub(crate) fn temp_sibling(dest: &Path) -> PathBuf {
-    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    dest.with_file_name(format!(".{name}.part-{}-{n}", std::process::id()))
 }
 
 impl Storage {

@@ -8,8 +8,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::error::{Result, StorageError};
-use crate::hf::HfRepo;
-use crate::names::validate_segment;
+use crate::names::{validate_relative_path, validate_segment};
 
 /// A parsed storage location.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +23,67 @@ pub enum StorageUri {
     File { path: PathBuf },
     /// `hf://org/name[@revision]`: a model on the Hugging Face hub (read-only).
     HuggingFace(HfRepo),
+}
+
+/// The revision of an `hf://` URI that names none, as on the hub.
+const DEFAULT_HF_REVISION: &str = "main";
+
+/// A model repository on the hub, at a revision (branch, tag or commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HfRepo {
+    pub org: Option<String>,
+    pub name: String,
+    pub revision: String,
+}
+
+impl HfRepo {
+    /// Parses the part of `hf://…` after the scheme.
+    pub(crate) fn parse(uri: &str, rest: &str) -> Result<Self> {
+        let invalid = |reason: String| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason,
+        };
+        let (repo, revision) = match rest.split_once('@') {
+            Some((r, rev)) => (r, rev),
+            None => (rest, DEFAULT_HF_REVISION),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let (org, name) = match parts.as_slice() {
+            [name] => (None, *name),
+            [org, name] => (Some(*org), *name),
+            _ => return Err(invalid("expected hf://org/name[@revision]".into())),
+        };
+        for segment in org.iter().chain(std::iter::once(&name)) {
+            validate_segment("Hugging Face repository name", segment).map_err(|e| invalid(e.to_string()))?;
+        }
+        // Branch names may contain '/', e.g. refs/pr/1; each segment must still be safe because
+        // the revision becomes a path under refs/ in the cache.
+        validate_relative_path("Hugging Face revision", revision).map_err(|e| invalid(e.to_string()))?;
+        Ok(Self {
+            org: org.map(str::to_string),
+            name: name.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// `org/name` as the hub spells it.
+    pub fn repo_id(&self) -> String {
+        match &self.org {
+            Some(org) => format!("{org}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// True when the revision is a full commit sha, which never moves.
+    pub(crate) fn is_commit(&self) -> bool {
+        self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit())
+    }
+}
+
+impl fmt::Display for HfRepo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "hf://{}@{}", self.repo_id(), self.revision)
+    }
 }
 
 const ALLOWED: &str =
