@@ -140,16 +140,6 @@ impl Int8Tensor {
     }
 }
 
-/// Quantizes projection weights to int8 as they load, so the f32 model is never whole in
-/// memory.
-pub struct Int8Store;
-
-impl crate::linear::WeightStore for Int8Store {
-    fn store(&self, dense: Tensor) -> Result<crate::linear::BaseWeight> {
-        Ok(crate::linear::BaseWeight::Int8(Int8Tensor::quantize(&dense)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1071,7 +1071,7 @@ struct Part<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::linear::DenseStore;
+    use crate::linear::BaseFormat;
     use crate::lora::{LoraAdapter, LoraConfig};
     use candle_core::D;
     use candle_nn::VarBuilder;
@@ -1107,7 +1107,7 @@ mod tests {
             }
         }
         let vb = VarBuilder::from_tensors(weights.into_iter().collect(), candle_core::DType::F32, &Device::Cpu);
-        CausalLm::load(vb, &config, &DenseStore).expect("model")
+        CausalLm::load(vb, &config, BaseFormat::Dense).expect("model")
     }
 
     #[test]
@@ -1130,7 +1130,7 @@ mod tests {
         config.num_key_value_heads = Some(4);
         let weights = crate::tiny::random_weights(&config, 4)?;
         let vb = VarBuilder::from_tensors(weights.into_iter().collect(), candle_core::DType::F32, &Device::Cpu);
-        let model = CausalLm::load(vb, &config, &crate::nf4::Nf4Store)?;
+        let model = CausalLm::load(vb, &config, crate::linear::BaseFormat::Nf4)?;
         let sliced = |m: TargetModule| match &model.layers[0].projection(m).weight {
             BaseWeight::Nf4(q) => q.row_slices().map(|s| s.len()).unwrap_or(0),
             _ => 0,

@@ -1,7 +1,13 @@
 //! A frozen base projection plus, at forward time, an optional LoRA delta.
+//!
+//! The base weight's format (dense, NF4, int8) is one enum matched here; the quantized
+//! formats own their products, built on [`crate::kernels`], and know nothing of projections.
 
 use crate::error::Result;
+use crate::int8::Int8Tensor;
+use crate::kernels::matmul::{matmul_t, SMALL_ROWS};
 use crate::lora::{ActiveAdapter, TargetModule};
+use crate::nf4::Nf4Tensor;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
@@ -11,9 +17,9 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
     Dense(Tensor),
-    Nf4(crate::nf4::Nf4Tensor),
+    Nf4(Nf4Tensor),
     /// int8 with one scale per output row, for serving (see [`crate::int8`]).
-    Int8(crate::int8::Int8Tensor),
+    Int8(Int8Tensor),
 }
 
 impl BaseWeight {
@@ -46,37 +52,53 @@ pub struct Projection {
     pub module: TargetModule,
 }
 
-/// How the loader turns a dense weight into the form kept in memory.
-pub trait WeightStore {
-    fn store(&self, dense: Tensor) -> Result<BaseWeight>;
-
-    /// The form of the embedding table and of an untied head; dense unless a store says
-    /// otherwise.
-    fn store_table(&self, dense: Tensor) -> Result<BaseWeight> {
-        Ok(BaseWeight::Dense(dense))
-    }
+/// How the frozen base is held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseFormat {
+    /// f32 weights (plain LoRA).
+    #[default]
+    Dense,
+    /// NF4 with double quantization (QLoRA).
+    Nf4,
+    /// int8 with per-row scales, projections and head, for serving (see [`crate::int8`]).
+    Int8,
 }
 
-/// Keeps weights dense (plain LoRA).
-pub struct DenseStore;
+impl BaseFormat {
+    /// A projection's weight in this format, quantized as it loads so the f32 model is never
+    /// whole in memory.
+    pub(crate) fn store(self, dense: Tensor) -> Result<BaseWeight> {
+        Ok(match self {
+            BaseFormat::Dense => BaseWeight::Dense(dense),
+            BaseFormat::Nf4 => BaseWeight::Nf4(Nf4Tensor::quantize(&dense)?),
+            BaseFormat::Int8 => BaseWeight::Int8(Int8Tensor::quantize(&dense)?),
+        })
+    }
 
-impl WeightStore for DenseStore {
-    fn store(&self, dense: Tensor) -> Result<BaseWeight> {
-        Ok(BaseWeight::Dense(dense))
+    /// The embedding table and an untied head in this format. NF4 quantizes them too (QLoRA
+    /// as bitsandbytes does it keeps those two in 16 bits; at a small model's shapes they are
+    /// most of what is left, 32 of 44 MiB in the benchmark's). int8 keeps the embedding
+    /// lookup in f32 and quantizes the head after loading
+    /// ([`crate::CausalLm::quantize_head_int8`]).
+    pub(crate) fn store_table(self, dense: Tensor) -> Result<BaseWeight> {
+        match self {
+            BaseFormat::Nf4 => self.store(dense),
+            BaseFormat::Dense | BaseFormat::Int8 => Ok(BaseWeight::Dense(dense)),
+        }
     }
 }
 
 impl Projection {
     pub(crate) fn load(
         vb: &VarBuilder,
-        store: &dyn WeightStore,
+        format: BaseFormat,
         (fan_in, out): (usize, usize),
         bias: bool,
         layer: usize,
         module: TargetModule,
     ) -> Result<Self> {
         let vb = vb.pp(module.name());
-        let weight = store.store(vb.get((out, fan_in), "weight")?)?;
+        let weight = format.store(vb.get((out, fan_in), "weight")?)?;
         let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
         Ok(Self {
             weight,
@@ -151,48 +173,6 @@ impl Projection {
     }
 }
 
-/// `x @ w^T` for `x` (rows, in) and a weight `w` (out, in).
-///
-/// Up to [`SMALL_ROWS`] rows of f32 on the CPU (decoding: one row per sequence) go to
-/// [`crate::kernels::small_rows`], which reads each weight once for all rows; gemm would pack the
-/// weight first, or take a single-threaded matrix-vector path for one row. Prefill-sized
-/// inputs go to gemm, which threads them itself.
-pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    let cpu_f32 = crate::kernels::fused::fusable(x) && crate::kernels::fused::fusable(w);
-    if rows <= SMALL_ROWS && cpu_f32 {
-        return small_rows_matmul(&x.contiguous()?, &w.contiguous()?);
-    }
-    if rows <= WEIGHT_LEFT_ROWS && cpu_f32 && w.is_contiguous() {
-        // gemm vectorises over its left operand's rows and packs the right one on every call:
-        // with the weight on the right that is a copy of the whole weight for a few hundred
-        // rows of work. `w @ x^T` packs x instead (128 rows, out 1408: 0.72 against 1.01 ms),
-        // and the (out, rows) result is transposed back.
-        let yt = w.matmul(&x.t()?)?;
-        return transpose(&yt);
-    }
-    Ok(x.matmul(&w.t()?)?)
-}
-
-/// Row count up to which [`matmul_t`] puts the weight on gemm's left. At 1024 rows both
-/// orders took the same time.
-const WEIGHT_LEFT_ROWS: usize = 512;
-
-/// A contiguous 2-D f32 CPU tensor transposed into a new contiguous one
-/// ([`crate::kernels::small_rows::transpose`]). candle's strided copy took 11 ms for a (1408, 1024)
-/// transpose.
-fn transpose(t: &Tensor) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let (guard, layout) = t.storage_and_layout();
-    let src = crate::kernels::fused::cpu_f32(&guard, layout)
-        .filter(|_| layout.is_contiguous())
-        .and_then(|d| d.get(..rows * cols))
-        .ok_or_else(|| crate::error::ModelError::Decode("transpose: not a contiguous f32 CPU tensor".into()))?;
-    let dst = crate::kernels::small_rows::transpose(src, rows, cols, true);
-    drop(guard);
-    Ok(Tensor::from_vec(dst, (cols, rows), t.device())?)
-}
-
 /// [`matmul_t`] for any base weight: an NF4 weight is expanded (a large one a slice of rows
 /// at a time, [`crate::nf4::Nf4Tensor::matmul_t`]); an int8 weight multiplies in its own form
 /// where [`crate::int8::Int8Tensor::matmul_t`] can, else it is expanded; a dense one as is.
@@ -206,24 +186,6 @@ pub(crate) fn matmul_weight(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
         }
     }
     matmul_t(x, &w.dense()?)
-}
-
-/// Row count up to which [`matmul_t`] uses its own kernel.
-const SMALL_ROWS: usize = 32;
-
-fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (out, k_w) = w.dims2()?;
-    crate::kernels::fused::with_f32(w, "matmul weight", |ws| {
-        crate::kernels::small_rows::product(
-            x,
-            &crate::kernels::small_rows::Weight {
-                values: ws,
-                scales: None,
-            },
-            out,
-            k_w,
-        )
-    })
 }
 
 /// `x @ w^T` for `x` (rows, in) and a frozen weight (out, in), in a graph that trains adapters.
@@ -391,22 +353,6 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         diff < 1e-4
-    }
-
-    /// Each of matmul_t's paths (the decode kernel, the weight on gemm's left with the
-    /// transpose back, plain gemm) equals gemm, on shapes that are not multiples of the
-    /// kernel's 16-wide sums, 64-column tasks or the transpose's 32-wide tiles.
-    #[test]
-    fn small_row_matmul_matches_gemm() -> Result<()> {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (203, 37), &dev)?;
-        for rows in [1, 3, 32, 33, 100, 513] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 37), &dev)?;
-            assert!(close(&matmul_t(&x, &w)?, &x.matmul(&w.t()?)?), "{rows} rows");
-        }
-        let bad = Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?;
-        assert!(matmul_t(&bad, &w).is_err(), "mismatched features are an error");
-        Ok(())
     }
 
     /// The op's forward and input gradient equal a plain matmul's, for a dense and an NF4 weight.

@@ -3,25 +3,13 @@
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::linear::DenseStore;
 use crate::model::CausalLm;
-use crate::nf4::Nf4Store;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// How the frozen base is held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BaseFormat {
-    /// f32 weights (plain LoRA).
-    #[default]
-    Dense,
-    /// NF4 with double quantization (QLoRA).
-    Nf4,
-    /// int8 with per-row scales, projections and head, for serving (see [`crate::int8`]).
-    Int8,
-}
+pub use crate::linear::BaseFormat;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -99,13 +87,13 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
     };
     let vb = VarBuilder::from_backend(backend, read_as, options.device.clone());
     let model = match options.base {
-        BaseFormat::Dense => CausalLm::load(vb, &config, &DenseStore),
-        BaseFormat::Nf4 => CausalLm::load(vb, &config, &Nf4Store).and_then(|m| m.with_dtype(options.dtype)),
+        BaseFormat::Dense => CausalLm::load(vb, &config, BaseFormat::Dense),
+        BaseFormat::Nf4 => CausalLm::load(vb, &config, BaseFormat::Nf4).and_then(|m| m.with_dtype(options.dtype)),
         BaseFormat::Int8 if options.dtype != DType::F32 => Err(ModelError::Quantize(format!(
             "an int8 base is held in f32 (CPU serving), not {:?}",
             options.dtype
         ))),
-        BaseFormat::Int8 => CausalLm::load(vb, &config, &crate::int8::Int8Store).and_then(|mut m| {
+        BaseFormat::Int8 => CausalLm::load(vb, &config, BaseFormat::Int8).and_then(|mut m| {
             m.quantize_head_int8()?;
             Ok(m)
         }),

@@ -6,7 +6,7 @@
 use crate::cache::KvCache;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::linear::{BaseWeight, DenseStore, Projection, RmsNorm, WeightStore};
+use crate::linear::{BaseFormat, BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
 use crate::rope::{self, Rope};
 use candle_core::{DType, Device, Module, Tensor};
@@ -44,7 +44,7 @@ pub(crate) struct Layer {
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     pub(crate) config: Config,
-    /// The embedding table; NF4 in a QLoRA base (see [`crate::nf4::Nf4Store`]).
+    /// The embedding table; NF4 in a QLoRA base (see [`BaseFormat::store_table`]).
     pub(crate) embed: BaseWeight,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: RmsNorm,
@@ -56,23 +56,23 @@ pub struct CausalLm {
 
 impl CausalLm {
     /// Builds the model from a VarBuilder rooted at the checkpoint (keys `model.*`, `lm_head.*`).
-    /// Projection weights go through `store`, which may quantize them.
-    pub fn load(vb: VarBuilder, config: &Config, store: &dyn WeightStore) -> Result<Self> {
+    /// Weights are held in `format`, quantized as they load.
+    pub fn load(vb: VarBuilder, config: &Config, format: BaseFormat) -> Result<Self> {
         let m = vb.pp("model");
-        let embed = store.store_table(
+        let embed = format.store_table(
             m.pp("embed_tokens")
                 .get((config.vocab_size, config.hidden_size), "weight")?,
         )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            layers.push(Layer::load(m.pp("layers").pp(i), config, store, i)?);
+            layers.push(Layer::load(m.pp("layers").pp(i), config, format, i)?);
         }
         let norm = RmsNorm::load(m.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
             Some(
-                store.store_table(
+                format.store_table(
                     vb.pp("lm_head")
                         .get((config.vocab_size, config.hidden_size), "weight")?,
                 )?,
@@ -119,7 +119,7 @@ impl CausalLm {
 
     /// Loads dense (full-precision) weights.
     pub fn load_dense(vb: VarBuilder, config: &Config) -> Result<Self> {
-        Self::load(vb, config, &DenseStore)
+        Self::load(vb, config, BaseFormat::Dense)
     }
 
     pub fn config(&self) -> &Config {
@@ -182,7 +182,7 @@ impl CausalLm {
 
     /// Quantizes the head to int8 for serving; a head tied to the embeddings gets
     /// its own int8 copy, since the embedding lookup stays f32. The projections are quantized
-    /// as they load ([`crate::int8::Int8Store`]) or by [`CausalLm::quantize_int8`].
+    /// as they load ([`BaseFormat::store`]) or by [`CausalLm::quantize_int8`].
     pub(crate) fn quantize_head_int8(&mut self) -> Result<()> {
         let dense = self.head().dense()?;
         self.lm_head = Some(BaseWeight::Int8(crate::int8::Int8Tensor::quantize(&dense)?));
@@ -346,9 +346,9 @@ fn storage_of<'a>(weights: impl Iterator<Item = &'a BaseWeight>) -> (usize, usiz
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, c: &Config, store: &dyn WeightStore, i: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, format: BaseFormat, i: usize) -> Result<Self> {
         let a = vb.pp("self_attn");
-        let proj = |vb: &VarBuilder, m: TargetModule, bias: bool| Projection::load(vb, store, m.shape(c), bias, i, m);
+        let proj = |vb: &VarBuilder, m: TargetModule, bias: bool| Projection::load(vb, format, m.shape(c), bias, i, m);
         let attn = Attention {
             q: proj(&a, TargetModule::QProj, c.qkv_bias())?,
             k: proj(&a, TargetModule::KProj, c.qkv_bias())?,

@@ -298,7 +298,7 @@ impl Nf4Tensor {
     /// `x @ w^T` for `x` (rows, in): (rows, out).
     pub(crate) fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         if !self.is_sliced() {
-            return crate::linear::matmul_t(x, &self.dequantize()?);
+            return crate::kernels::matmul::matmul_t(x, &self.dequantize()?);
         }
         let (out, _) = self.dims2()?;
         if crate::kernels::fused::fusable(x) {
@@ -308,7 +308,7 @@ impl Nf4Tensor {
         let parts = self
             .row_slices()?
             .into_iter()
-            .map(|(start, len)| crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?))
+            .map(|(start, len)| crate::kernels::matmul::matmul_t(x, &self.dequantize_rows(start, len)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 1)?)
     }
@@ -320,7 +320,7 @@ impl Nf4Tensor {
         let m = x.dim(0)?;
         let mut out = vec![0f32; m * n];
         for (start, len) in self.row_slices()? {
-            let y = crate::linear::matmul_t(x, &self.dequantize_rows(start, len)?)?;
+            let y = crate::kernels::matmul::matmul_t(x, &self.dequantize_rows(start, len)?)?;
             crate::kernels::fused::with_f32(&y, "NF4 product", |part| {
                 for (row, values) in out.chunks_mut(n).zip(part.chunks(len)) {
                     row[start..start + len].copy_from_slice(values);
@@ -358,21 +358,6 @@ fn nearest_level(x: f32) -> u8 {
         }
     }
     best as u8
-}
-
-/// Loader hook that quantizes every frozen weight as it is read: the projections, and the
-/// embedding table and head too (QLoRA as bitsandbytes does it keeps those two in 16 bits; at
-/// a small model's shapes they are most of what is left, 32 of 44 MiB in the benchmark's).
-pub struct Nf4Store;
-
-impl crate::linear::WeightStore for Nf4Store {
-    fn store(&self, dense: Tensor) -> Result<crate::linear::BaseWeight> {
-        Ok(crate::linear::BaseWeight::Nf4(Nf4Tensor::quantize(&dense)?))
-    }
-
-    fn store_table(&self, dense: Tensor) -> Result<crate::linear::BaseWeight> {
-        self.store(dense)
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! elsewhere (other devices and dtypes). Each kernel's tests take candle's result, or a
 //! portable version of the same kernel, as the reference.
 //!
+//! - `matmul`: `x @ w^T` for a (out, in) weight, choosing among the products below and gemm.
 //! - `small_rows`: `x @ w^T` for the few rows of a decode step (f32 or int8 weights).
 //! - `vnni`: `x @ w^T` with both sides int8, on AVX-512 VNNI.
 //! - `softmax`: softmax, sigmoid and the loss gradient over f32 rows, vectorised.
@@ -16,6 +17,7 @@
 
 pub(crate) mod decode_attention;
 pub(crate) mod fused;
+pub(crate) mod matmul;
 pub(crate) mod matrix;
 pub(crate) mod scratch;
 pub(crate) mod small_rows;
