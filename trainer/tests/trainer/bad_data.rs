@@ -1,9 +1,7 @@
 //! Malformed datasets are rejected before training with file, line and reason; skipInvalid
 //! skips and counts; an empty dataset is always an error.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kubetune_trainer::config::DataFormat;
 use kubetune_trainer::data::load_jsonl;
 use kubetune_trainer::{run, RunOptions, TrainError};

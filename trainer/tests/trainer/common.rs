@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! Shared test helpers: a tiny model, a synthetic fact dataset and a config for them.
 
 use kubetune_model::tiny::{write_tiny_model, TinySpec};

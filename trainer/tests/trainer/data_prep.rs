@@ -1,8 +1,6 @@
 //! From records to training sequences: which tokens count in the loss, truncation, packing.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kubetune_model::chat::ChatMessage;
 use kubetune_trainer::config::{DataFormat, TrainConfig};
 use kubetune_trainer::data::batch::{pack, truncate, PrepareStats};

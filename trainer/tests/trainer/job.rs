@@ -4,9 +4,7 @@
 //! uninterrupted run makes, and the binary's termination message, exit codes, SIGTERM and
 //! its log without a terminal.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kubetune_crds::trainer_contract::{
     JobIdentity, TrainerDataset, TrainerEvaluation, TrainerJob, TrainerLora, TrainerOutcome, TrainerTraining,
     EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD, TRAINER_JOB_ENV,

@@ -1,9 +1,7 @@
 //! The tiny model learns 50 facts with LoRA (and with QLoRA): eval loss on the facts at least
 //! halves and greedy decoding then gives every trained answer.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kubetune_crds::EvaluationMetric;
 use kubetune_model::generate::{greedy, GreedyOptions};
 use kubetune_model::{load_model, peft, BaseFormat, LoadOptions};

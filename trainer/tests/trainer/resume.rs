@@ -2,10 +2,8 @@
 //! ends with the same adapter, with or without gradient checkpointing; a progress observer
 //! follows both runs step by step.
 
-mod common;
-
+use crate::common::*;
 use candle_core::Device;
-use common::*;
 use kubetune_trainer::{run, ProgressObserver, RunOptions, StepProgress};
 use std::sync::{Arc, Mutex};
 
