@@ -2,7 +2,7 @@
 //! AdamW, evaluation, checkpoints and resume.
 
 use crate::checkpoint::{self, LossPoint, TrainerState};
-use crate::config::{Method, TrainConfig};
+use crate::config::{Method, TrainConfig, TrainingSettings};
 use crate::data::batch::{batches, epoch_order, PrepareStats};
 use crate::data::tokenize::{Example, TextTokenizer};
 use crate::error::{Result, TrainError};
@@ -10,14 +10,15 @@ use crate::evaluate::Judge;
 use crate::io::local_path;
 use crate::metrics::Metrics;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
-use crate::prepare::prepare;
+use crate::prepare::{prepare, Prepared};
+use crate::timing::StepTimer;
 use candle_core::{DType, Device, Tensor};
 use kubetune_model::checkpointing::{CheckpointedStep, LossBatch};
 use kubetune_model::lora::{mix, NamedVar};
 use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, CausalLm, LoadOptions, LoraAdapter};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -119,280 +120,551 @@ pub fn run(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics
     kubetune_model::threads::in_pool(|| run_in_pool(config, options))
 }
 
+// The loop is split into its phases (resume, step, evaluate, checkpoint, finish) so that each
+// can be tested on its own; `run_in_pool` only orders them.
 fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMetrics> {
     let started = Instant::now();
-    let t = &config.training;
-    // A GGUF file is trained on through its HF-layout import (made once, beside the file).
-    let model_dir = kubetune_model::gguf::model_dir(&local_path(&config.model, "model")?)?;
-    let output = local_path(&config.output, "output")?;
-    let base = match config.method {
-        Method::Lora => BaseFormat::Dense,
-        Method::Qlora => BaseFormat::Nf4,
+    let session = Session::open(config, options)?;
+    let mut optimizer = AdamW::new(&session.vars, config.training.weight_decay)?;
+    let (mut state, resumed_from) = resume(&session, &mut optimizer, fingerprint(config)?)?;
+    let initial_eval = initial_eval(&session, &mut state)?;
+    announce_start(&session, &state);
+    let segment = Segment::start(&state);
+    let stopped_early = train_loop(&session, &mut optimizer, &mut state, &segment)?;
+    let run = RunSummary {
+        started,
+        segment: &segment,
+        initial_eval,
+        resumed_from,
+        stopped_early,
     };
-    let (model_config, model) = load_model(&model_dir, &LoadOptions::on(options.device.clone(), base))?;
-    let tokenizer = TextTokenizer::load(&model_dir, model_config.eos_token_ids().first().copied())?;
-    let data = prepare(config, &tokenizer)?;
-    tracing::info!(
-        train_sequences = data.train.len(),
-        validation_sequences = data.validation.len(),
-        truncated = data.stats.truncated,
-        dropped_no_target = data.stats.dropped_no_target,
-        skipped_invalid = data.skipped_invalid,
-        "dataset ready"
-    );
+    finish(&session, state, &run)
+}
 
-    let (adapter, vars) = LoraAdapter::init_trainable(&model_config, config.lora.to_lora(), t.seed, &options.device)?;
-    let mut optimizer = AdamW::new(&vars, t.weight_decay)?;
-    let batches_per_epoch = data.train.len().div_ceil(t.batch_size) as u64;
-    let accum = t.gradient_accumulation_steps as u64;
-    let total_steps = match t.max_steps {
-        Some(s) if s > 0 => s,
-        _ => u64::from(t.epochs.unwrap_or(1)) * batches_per_epoch.div_ceil(accum),
-    };
-    let base_name = config.base_model_name.clone().unwrap_or_else(|| config.model.clone());
-    let fingerprint = fingerprint(config)?;
+/// What a run holds fixed once it starts: the loaded model, data and adapter, and what the
+/// settings derive from them.
+struct Session<'a> {
+    config: &'a TrainConfig,
+    options: &'a RunOptions,
+    output: PathBuf,
+    /// The name adapters and checkpoints record as their base model.
+    base_name: String,
+    model_config: kubetune_model::Config,
+    model: CausalLm,
+    tokenizer: TextTokenizer,
+    data: Prepared,
+    adapter: LoraAdapter,
+    vars: Vec<NamedVar>,
+    plan: Plan,
+}
 
-    let mut state = TrainerState {
+impl<'a> Session<'a> {
+    /// Loads the model (a GGUF file through its HF-layout import, made once beside the file),
+    /// prepares the data and initialises the adapter.
+    fn open(config: &'a TrainConfig, options: &'a RunOptions) -> Result<Self> {
+        let t = &config.training;
+        let model_dir = kubetune_model::gguf::model_dir(&local_path(&config.model, "model")?)?;
+        let output = local_path(&config.output, "output")?;
+        let base = match config.method {
+            Method::Lora => BaseFormat::Dense,
+            Method::Qlora => BaseFormat::Nf4,
+        };
+        let (model_config, model) = load_model(&model_dir, &LoadOptions::on(options.device.clone(), base))?;
+        let tokenizer = TextTokenizer::load(&model_dir, model_config.eos_token_ids().first().copied())?;
+        let data = prepare(config, &tokenizer)?;
+        tracing::info!(
+            train_sequences = data.train.len(),
+            validation_sequences = data.validation.len(),
+            truncated = data.stats.truncated,
+            dropped_no_target = data.stats.dropped_no_target,
+            skipped_invalid = data.skipped_invalid,
+            "dataset ready"
+        );
+        let (adapter, vars) =
+            LoraAdapter::init_trainable(&model_config, config.lora.to_lora(), t.seed, &options.device)?;
+        let plan = Plan::of(t, data.train.len());
+        Ok(Self {
+            config,
+            options,
+            output,
+            base_name: config.base_model_name.clone().unwrap_or_else(|| config.model.clone()),
+            model_config,
+            model,
+            tokenizer,
+            data,
+            adapter,
+            vars,
+            plan,
+        })
+    }
+
+    fn metrics(&self) -> Option<&Metrics> {
+        self.options.metrics.as_deref()
+    }
+}
+
+/// The step arithmetic the settings and the training set fix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Plan {
+    batches_per_epoch: u64,
+    /// Micro-batches per optimizer step.
+    accum: u64,
+    total_steps: u64,
+}
+
+impl Plan {
+    /// `max_steps` when set, else whole epochs, each rounded up to a full step.
+    fn of(t: &TrainingSettings, train_sequences: usize) -> Self {
+        let batches_per_epoch = train_sequences.div_ceil(t.batch_size) as u64;
+        let accum = t.gradient_accumulation_steps as u64;
+        let total_steps = match t.max_steps {
+            Some(s) if s > 0 => s,
+            _ => u64::from(t.epochs.unwrap_or(1)) * batches_per_epoch.div_ceil(accum),
+        };
+        Self {
+            batches_per_epoch,
+            accum,
+            total_steps,
+        }
+    }
+
+    /// Epochs done after `micro_batches` micro-batches, fractional within an epoch.
+    fn epoch(&self, micro_batches: u64) -> f64 {
+        micro_batches as f64 / self.batches_per_epoch as f64
+    }
+}
+
+/// The state of a run that has done nothing yet.
+fn fresh_state(fingerprint: String) -> TrainerState {
+    TrainerState {
         step: 0,
         micro_batches: 0,
         tokens: 0,
         elapsed_secs: 0.0,
         train_history: Vec::new(),
         eval_history: Vec::new(),
-        fingerprint: fingerprint.clone(),
-    };
-    let mut resumed_from = None;
-    if options.resume {
-        if let Some((_, dir)) = checkpoint::list(&output)?.pop() {
-            state = restore(&dir, &model_config, config, &vars, &mut optimizer, &options.device)?;
-            if state.fingerprint != fingerprint {
-                return Err(TrainError::Checkpoint {
-                    path: dir,
-                    message: "the training settings differ from those the checkpoint was made with".into(),
-                });
-            }
-            resumed_from = Some(state.step);
-            if let Some(m) = &options.metrics {
-                m.resumed_from_step.set(state.step as f64);
-            }
-            tracing::info!(step = state.step, checkpoint = %dir.display(), "resuming");
-        } else {
-            tracing::info!(output = %output.display(), "no checkpoint to resume from; starting at step 0");
-        }
+        fingerprint,
     }
+}
 
-    let eval = |step: u64| -> Result<Option<f64>> {
-        if data.validation.is_empty() {
-            return Ok(None);
-        }
-        let loss = evaluate(
-            &model,
-            &adapter,
-            &data.validation,
-            t.batch_size,
-            tokenizer.eos,
-            &options.device,
-        )?;
-        tracing::info!(step, eval_loss = loss, "eval");
-        if let Some(m) = &options.metrics {
-            m.eval_loss.set(loss);
-        }
-        Ok(Some(loss))
-    };
-    let initial_eval = if state.step == 0 {
-        eval(0)?
-    } else {
-        state.eval_history.first().map(|p| p.loss)
-    };
-    if state.step == 0 {
-        if let Some(loss) = initial_eval {
-            state.eval_history.push(LossPoint { step: 0, loss });
-        }
+/// Where the loop starts: step 0, or, when asked to resume, the newest checkpoint in the
+/// output directory (adapter, optimizer and state restored). A checkpoint made with settings
+/// that change the loss curve is refused rather than continued into a different run. Returns
+/// the state and the step resumed from.
+fn resume(session: &Session, optimizer: &mut AdamW, fingerprint: String) -> Result<(TrainerState, Option<u64>)> {
+    if !session.options.resume {
+        return Ok((fresh_state(fingerprint), None));
     }
-    if let Some(m) = &options.metrics {
-        m.total_steps.set(total_steps as f64);
+    let Some((_, dir)) = checkpoint::list(&session.output)?.pop() else {
+        tracing::info!(output = %session.output.display(), "no checkpoint to resume from; starting at step 0");
+        return Ok((fresh_state(fingerprint), None));
+    };
+    let state = restore(
+        &dir,
+        &session.model_config,
+        session.config,
+        &session.vars,
+        optimizer,
+        &session.options.device,
+    )?;
+    if state.fingerprint != fingerprint {
+        return Err(TrainError::Checkpoint {
+            path: dir,
+            message: "the training settings differ from those the checkpoint was made with".into(),
+        });
+    }
+    if let Some(m) = session.metrics() {
+        m.resumed_from_step.set(state.step as f64);
+    }
+    tracing::info!(step = state.step, checkpoint = %dir.display(), "resuming");
+    let step = state.step;
+    Ok((state, Some(step)))
+}
+
+/// The eval loss before training: measured (and recorded at step 0) on a fresh run, taken from
+/// the history on a resumed one, whose adapter has moved on since.
+fn initial_eval(session: &Session, state: &mut TrainerState) -> Result<Option<f64>> {
+    if state.step > 0 {
+        return Ok(state.eval_history.first().map(|p| p.loss));
+    }
+    let loss = evaluate_at(session, 0)?;
+    if let Some(loss) = loss {
+        state.eval_history.push(LossPoint { step: 0, loss });
+    }
+    Ok(loss)
+}
+
+/// Tells the gauges and the progress observer where the loop starts and ends.
+fn announce_start(session: &Session, state: &TrainerState) {
+    if let Some(m) = session.metrics() {
+        m.total_steps.set(session.plan.total_steps as f64);
         m.step.set(state.step as f64);
     }
-
-    if let Some(p) = &options.progress {
-        p.start(state.step, total_steps);
+    if let Some(p) = &session.options.progress {
+        p.start(state.step, session.plan.total_steps);
     }
-    let segment_start = Instant::now();
-    let tokens_at_start = state.tokens;
-    let elapsed_before = state.elapsed_secs;
-    let mut stopped_early = false;
-    let mut timer = crate::timing::StepTimer::from_env(&options.device);
+}
+
+/// This process's part of the run (a resumed job has several): its wall time and tokens, on
+/// top of what earlier parts recorded in the checkpoint.
+struct Segment {
+    started: Instant,
+    tokens_at_start: u64,
+    elapsed_before: f64,
+}
+
+impl Segment {
+    fn start(state: &TrainerState) -> Self {
+        Self {
+            started: Instant::now(),
+            tokens_at_start: state.tokens,
+            elapsed_before: state.elapsed_secs,
+        }
+    }
+
+    fn secs(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Tokens per second of this segment, with `tokens` the run's total so far.
+    fn tokens_per_second(&self, tokens: u64, secs: f64) -> f64 {
+        (tokens - self.tokens_at_start) as f64 / secs.max(1e-9)
+    }
+}
+
+/// Steps until done or asked to stop; true when it stopped early (after a checkpoint).
+fn train_loop(session: &Session, optimizer: &mut AdamW, state: &mut TrainerState, segment: &Segment) -> Result<bool> {
+    let t = &session.config.training;
+    let total_steps = session.plan.total_steps;
+    let mut timer = StepTimer::from_env(&session.options.device);
     let mut steps_timed = 0;
     while state.step < total_steps {
-        let step = state.step;
-        let micro: Vec<Vec<&Example>> = (0..accum)
-            .map(|k| {
-                micro_batch(
-                    &data.train,
-                    state.micro_batches + k,
-                    batches_per_epoch,
-                    t.batch_size,
-                    t.seed,
-                )
-            })
-            .collect();
-        let step_targets: usize = micro.iter().flatten().map(|e| e.trained_tokens()).sum();
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut loss_sum = 0.0;
-        for (k, batch) in micro.iter().enumerate() {
-            let g = state.micro_batches + k as u64;
-            let active = ActiveAdapter {
-                adapter: &adapter,
-                dropout_seed: Some(mix(t.seed, g)),
-                first_row: 0,
-            };
-            // Dividing by the step's target count makes accumulation equal to one big batch.
-            let scale = 1.0 / step_targets.max(1) as f64;
-            let targets = LossTargets::of(batch, tokenizer.eos, &options.device)?;
-            timer.mark("batch");
-            if t.gradient_checkpointing {
-                let step = CheckpointedStep {
-                    adapter: active,
-                    loss_scale: scale,
-                    head_rows: HEAD_ROWS,
-                    recompute_sequences: targets.recompute_sequences()?,
-                };
-                let out = model.loss_backward_checkpointed(&targets.as_batch(), &step)?;
-                for store in &out.stores {
-                    accumulate(&mut grads, store, &vars)?;
-                }
-                loss_sum += out.loss_sum;
-            } else {
-                let (sum, store) = model.loss_backward(&targets.as_batch(), &active, scale, HEAD_ROWS)?;
-                accumulate(&mut grads, &store, &vars)?;
-                loss_sum += sum;
-            }
-            state.tokens += batch.iter().map(|e| e.ids.len() as u64).sum::<u64>();
-            timer.mark("forward_backward");
-        }
-        let loss = loss_sum / step_targets.max(1) as f64;
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged { step: step + 1, loss });
-        }
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-        timer.mark("clip");
-        if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged {
-                step: step + 1,
-                loss: grad_norm,
-            });
-        }
-        let lr = learning_rate(t.learning_rate, t.scheduler, t.warmup_steps, step, total_steps);
-        optimizer.step(&grads, lr)?;
-        timer.mark("optimizer");
+        let done = train_step(session, optimizer, state, &mut timer)?;
         steps_timed += 1;
-        state.step += 1;
-        state.micro_batches += accum;
-        state.train_history.push(LossPoint { step: state.step, loss });
-
-        let secs = segment_start.elapsed().as_secs_f64();
-        let tps = (state.tokens - tokens_at_start) as f64 / secs.max(1e-9);
-        let epoch = state.micro_batches as f64 / batches_per_epoch as f64;
-        if let Some(m) = &options.metrics {
-            m.train_loss.set(loss);
-            m.step.set(state.step as f64);
-            m.epoch.set(epoch);
-            m.tokens_per_second.set(tps);
-            m.learning_rate.set(lr);
-            m.grad_norm.set(grad_norm);
-        }
-        if let Some(p) = &options.progress {
-            p.step(&StepProgress {
-                step: state.step,
-                total_steps,
-                loss,
-                tokens_per_second: tps,
-                epoch,
-                learning_rate: lr,
-            });
-        }
-        if t.logging_steps > 0 && (state.step.is_multiple_of(t.logging_steps) || state.step == 1) {
-            tracing::info!(
-                step = state.step,
-                total_steps,
-                loss,
-                lr,
-                grad_norm,
-                epoch,
-                tokens_per_second = tps,
-                "train"
-            );
+        report_step(session, state, &done, segment);
+        if log_due(t, state.step) {
             timer.report(state.step, std::mem::take(&mut steps_timed));
         }
         let last = state.step == total_steps;
-        if t.eval_steps > 0 && state.step.is_multiple_of(t.eval_steps) && !last {
-            if let Some(l) = eval(state.step)? {
-                state.eval_history.push(LossPoint {
-                    step: state.step,
-                    loss: l,
-                });
+        if eval_due(t, state.step, last) {
+            if let Some(loss) = evaluate_at(session, state.step)? {
+                state.eval_history.push(LossPoint { step: state.step, loss });
             }
         }
-        let stop_requested = options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        let stop_now = (options.stop_after_steps.is_some_and(|s| state.step >= s) || stop_requested) && !last;
-        if (t.save_steps > 0 && state.step.is_multiple_of(t.save_steps) && !last) || stop_now {
-            state.elapsed_secs = elapsed_before + segment_start.elapsed().as_secs_f64();
-            let dir = checkpoint::save(&output, &adapter, &base_name, &optimizer.state(), &state)?;
-            tracing::info!(step = state.step, checkpoint = %dir.display(), "checkpoint saved");
-            if let Some(hook) = &options.on_checkpoint {
-                hook(&dir, state.step)?;
-            }
+        let stop_now = stop_due(session.options, state.step, last);
+        if save_due(t, state.step, last) || stop_now {
+            state.elapsed_secs = segment.elapsed_before + segment.secs();
+            save_checkpoint(session, optimizer, state)?;
         }
         if stop_now {
-            stopped_early = true;
-            break;
+            return Ok(true);
         }
     }
+    Ok(false)
+}
 
-    if !stopped_early {
-        if let Some(l) = eval(state.step)? {
-            state.eval_history.push(LossPoint {
-                step: state.step,
-                loss: l,
-            });
-        }
-        peft::save(&output, &adapter, &base_name)?;
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct StepDone {
+    /// Mean loss per trained token of the step.
+    loss: f64,
+    /// Before clipping.
+    grad_norm: f64,
+    learning_rate: f64,
+}
+
+/// One optimizer step: the step's micro-batches forward and backward, their gradients summed,
+/// clipped, and applied by AdamW; `state` advances by one step. A non-finite loss or gradient
+/// norm fails the run instead of corrupting the adapter.
+fn train_step(
+    session: &Session,
+    optimizer: &mut AdamW,
+    state: &mut TrainerState,
+    timer: &mut StepTimer,
+) -> Result<StepDone> {
+    let t = &session.config.training;
+    let step = state.step;
+    let (mut grads, loss) = step_gradients(session, state, timer)?;
+    if !loss.is_finite() {
+        return Err(TrainError::Diverged { step: step + 1, loss });
     }
-    let evaluation = if stopped_early {
+    let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+    timer.mark("clip");
+    if !grad_norm.is_finite() {
+        return Err(TrainError::Diverged {
+            step: step + 1,
+            loss: grad_norm,
+        });
+    }
+    let lr = learning_rate(
+        t.learning_rate,
+        t.scheduler,
+        t.warmup_steps,
+        step,
+        session.plan.total_steps,
+    );
+    optimizer.step(&grads, lr)?;
+    timer.mark("optimizer");
+    state.step += 1;
+    state.micro_batches += session.plan.accum;
+    state.train_history.push(LossPoint { step: state.step, loss });
+    Ok(StepDone {
+        loss,
+        grad_norm,
+        learning_rate: lr,
+    })
+}
+
+/// The summed gradients and the mean token loss of the step's micro-batches, counting their
+/// tokens into `state`.
+fn step_gradients(
+    session: &Session,
+    state: &mut TrainerState,
+    timer: &mut StepTimer,
+) -> Result<(BTreeMap<String, Tensor>, f64)> {
+    let t = &session.config.training;
+    let plan = &session.plan;
+    let micro: Vec<Vec<&Example>> = (0..plan.accum)
+        .map(|k| {
+            micro_batch(
+                &session.data.train,
+                state.micro_batches + k,
+                plan.batches_per_epoch,
+                t.batch_size,
+                t.seed,
+            )
+        })
+        .collect();
+    let step_targets: usize = micro.iter().flatten().map(|e| e.trained_tokens()).sum();
+    // Dividing by the step's target count makes accumulation equal to one big batch.
+    let scale = 1.0 / step_targets.max(1) as f64;
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut loss_sum = 0.0;
+    for (k, batch) in micro.iter().enumerate() {
+        let active = ActiveAdapter {
+            adapter: &session.adapter,
+            dropout_seed: Some(mix(t.seed, state.micro_batches + k as u64)),
+            first_row: 0,
+        };
+        let targets = LossTargets::of(batch, session.tokenizer.eos, &session.options.device)?;
+        timer.mark("batch");
+        loss_sum += backward(session, &targets, active, scale, &mut grads)?;
+        state.tokens += batch.iter().map(|e| e.ids.len() as u64).sum::<u64>();
+        timer.mark("forward_backward");
+    }
+    Ok((grads, loss_sum / step_targets.max(1) as f64))
+}
+
+/// Forward and backward over one micro-batch, with or without recomputing activations; adds
+/// its gradients to `grads` and returns its loss sum.
+fn backward(
+    session: &Session,
+    targets: &LossTargets,
+    active: ActiveAdapter,
+    scale: f64,
+    grads: &mut BTreeMap<String, Tensor>,
+) -> Result<f64> {
+    let model = &session.model;
+    if session.config.training.gradient_checkpointing {
+        let step = CheckpointedStep {
+            adapter: active,
+            loss_scale: scale,
+            head_rows: HEAD_ROWS,
+            recompute_sequences: targets.recompute_sequences()?,
+        };
+        let out = model.loss_backward_checkpointed(&targets.as_batch(), &step)?;
+        for store in &out.stores {
+            accumulate(grads, store, &session.vars)?;
+        }
+        Ok(out.loss_sum)
+    } else {
+        let (sum, store) = model.loss_backward(&targets.as_batch(), &active, scale, HEAD_ROWS)?;
+        accumulate(grads, &store, &session.vars)?;
+        Ok(sum)
+    }
+}
+
+/// Hands a finished step to the gauges, the progress observer and, at the logging cadence,
+/// the log.
+fn report_step(session: &Session, state: &TrainerState, done: &StepDone, segment: &Segment) {
+    let total_steps = session.plan.total_steps;
+    let tps = segment.tokens_per_second(state.tokens, segment.secs());
+    let epoch = session.plan.epoch(state.micro_batches);
+    if let Some(m) = session.metrics() {
+        m.train_loss.set(done.loss);
+        m.step.set(state.step as f64);
+        m.epoch.set(epoch);
+        m.tokens_per_second.set(tps);
+        m.learning_rate.set(done.learning_rate);
+        m.grad_norm.set(done.grad_norm);
+    }
+    if let Some(p) = &session.options.progress {
+        p.step(&StepProgress {
+            step: state.step,
+            total_steps,
+            loss: done.loss,
+            tokens_per_second: tps,
+            epoch,
+            learning_rate: done.learning_rate,
+        });
+    }
+    if log_due(&session.config.training, state.step) {
+        tracing::info!(
+            step = state.step,
+            total_steps,
+            loss = done.loss,
+            lr = done.learning_rate,
+            grad_norm = done.grad_norm,
+            epoch,
+            tokens_per_second = tps,
+            "train"
+        );
+    }
+}
+
+/// Log after `step`? The first step too, so a slow run shows signs of life early.
+fn log_due(t: &TrainingSettings, step: u64) -> bool {
+    t.logging_steps > 0 && (step.is_multiple_of(t.logging_steps) || step == 1)
+}
+
+/// Evaluate after `step`? Never after the last: the finish evaluates then anyway.
+fn eval_due(t: &TrainingSettings, step: u64, last: bool) -> bool {
+    t.eval_steps > 0 && step.is_multiple_of(t.eval_steps) && !last
+}
+
+/// Checkpoint after `step` by cadence? Never after the last: the adapter itself is saved then.
+fn save_due(t: &TrainingSettings, step: u64, last: bool) -> bool {
+    t.save_steps > 0 && step.is_multiple_of(t.save_steps) && !last
+}
+
+/// Stop (after a checkpoint) after `step`, as preemption or `stop_after_steps` ask? A stop
+/// asked for during the last step is moot: the run finishes instead.
+fn stop_due(options: &RunOptions, step: u64, last: bool) -> bool {
+    let stop_requested = options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    (options.stop_after_steps.is_some_and(|s| step >= s) || stop_requested) && !last
+}
+
+/// Mean eval loss on the validation data with the adapter as it is now, reported to the log
+/// and the gauge; None without validation data.
+fn evaluate_at(session: &Session, step: u64) -> Result<Option<f64>> {
+    if session.data.validation.is_empty() {
+        return Ok(None);
+    }
+    let loss = evaluate(
+        &session.model,
+        &session.adapter,
+        &session.data.validation,
+        session.config.training.batch_size,
+        session.tokenizer.eos,
+        &session.options.device,
+    )?;
+    tracing::info!(step, eval_loss = loss, "eval");
+    if let Some(m) = session.metrics() {
+        m.eval_loss.set(loss);
+    }
+    Ok(Some(loss))
+}
+
+/// Writes a checkpoint of the adapter, optimizer and `state`, then hands it to the
+/// checkpoint hook (job mode uploads it).
+fn save_checkpoint(session: &Session, optimizer: &AdamW, state: &TrainerState) -> Result<()> {
+    let dir = checkpoint::save(
+        &session.output,
+        &session.adapter,
+        &session.base_name,
+        &optimizer.state(),
+        state,
+    )?;
+    tracing::info!(step = state.step, checkpoint = %dir.display(), "checkpoint saved");
+    if let Some(hook) = &session.options.on_checkpoint {
+        hook(&dir, state.step)?;
+    }
+    Ok(())
+}
+
+/// How the loop went, for the finish.
+struct RunSummary<'a> {
+    started: Instant,
+    segment: &'a Segment,
+    initial_eval: Option<f64>,
+    resumed_from: Option<u64>,
+    stopped_early: bool,
+}
+
+/// After the loop: a completed run evaluates once more, saves the adapter and has it judged
+/// (if asked); every run writes training_metrics.json.
+fn finish(session: &Session, mut state: TrainerState, run: &RunSummary) -> Result<TrainingMetrics> {
+    let evaluation = if run.stopped_early {
         None
     } else {
-        judge_if_asked(config, options, &model, &model_config, &adapter, &data, &tokenizer)?
+        if let Some(loss) = evaluate_at(session, state.step)? {
+            state.eval_history.push(LossPoint { step: state.step, loss });
+        }
+        peft::save(&session.output, &session.adapter, &session.base_name)?;
+        let s = session;
+        judge_if_asked(
+            s.config,
+            s.options,
+            &s.model,
+            &s.model_config,
+            &s.adapter,
+            &s.data,
+            &s.tokenizer,
+        )?
     };
-    let segment_secs = segment_start.elapsed().as_secs_f64();
-    let duration = elapsed_before + segment_secs.max(started.elapsed().as_secs_f64().min(segment_secs));
-    let metrics = TrainingMetrics {
+    let segment_secs = run.segment.secs();
+    let timing = Timing {
+        duration_secs: run.segment.elapsed_before
+            + segment_secs.max(run.started.elapsed().as_secs_f64().min(segment_secs)),
+        tokens_per_second: run.segment.tokens_per_second(state.tokens, segment_secs),
+    };
+    let metrics = summarize(&state, &session.plan, &session.data, run, timing, evaluation);
+    write_metrics(&session.output, &metrics)?;
+    Ok(metrics)
+}
+
+/// The run's times, measured once at the finish.
+struct Timing {
+    duration_secs: f64,
+    tokens_per_second: f64,
+}
+
+/// training_metrics.json from the final state. A run stopped early reports no final eval loss:
+/// the adapter it would describe was not saved.
+fn summarize(
+    state: &TrainerState,
+    plan: &Plan,
+    data: &Prepared,
+    run: &RunSummary,
+    timing: Timing,
+    evaluation: Option<kubetune_crds::EvaluationResult>,
+) -> TrainingMetrics {
+    TrainingMetrics {
         steps: state.step,
-        total_steps,
-        completed: !stopped_early,
-        epochs: state.micro_batches as f64 / batches_per_epoch as f64,
+        total_steps: plan.total_steps,
+        completed: !run.stopped_early,
+        epochs: plan.epoch(state.micro_batches),
         final_train_loss: state.train_history.last().map(|p| p.loss),
         best_train_loss: state.train_history.iter().map(|p| p.loss).reduce(f64::min),
-        initial_eval_loss: initial_eval,
-        final_eval_loss: if stopped_early {
+        initial_eval_loss: run.initial_eval,
+        final_eval_loss: if run.stopped_early {
             None
         } else {
             state.eval_history.last().map(|p| p.loss)
         },
         best_eval_loss: state.eval_history.iter().map(|p| p.loss).reduce(f64::min),
         train_tokens: state.tokens,
-        duration_secs: duration,
-        tokens_per_second: (state.tokens - tokens_at_start) as f64 / segment_secs.max(1e-9),
+        duration_secs: timing.duration_secs,
+        tokens_per_second: timing.tokens_per_second,
         train_sequences: data.train.len(),
         validation_sequences: data.validation.len(),
         skipped_invalid: data.skipped_invalid,
         preparation: data.stats.clone(),
-        resumed_from_step: resumed_from,
+        resumed_from_step: run.resumed_from,
         train_history: state.train_history.clone(),
         eval_history: state.eval_history.clone(),
         evaluation,
-    };
-    write_metrics(&output, &metrics)?;
-    Ok(metrics)
+    }
 }
 
 /// The adapter judged against the base model, when the config asks for it (see
@@ -403,7 +675,7 @@ fn judge_if_asked(
     model: &CausalLm,
     model_config: &kubetune_model::Config,
     adapter: &LoraAdapter,
-    data: &crate::prepare::Prepared,
+    data: &Prepared,
     tokenizer: &TextTokenizer,
 ) -> Result<Option<kubetune_crds::EvaluationResult>> {
     let Some(settings) = &config.evaluation else {
@@ -620,4 +892,266 @@ fn write_metrics(output: &Path, metrics: &TrainingMetrics) -> Result<()> {
 /// Loads a model and its tokenizer for decoding with a trained adapter (tests, smoke checks).
 pub fn tokenizer_for(model_dir: &Path, config: &kubetune_model::Config) -> Result<TextTokenizer> {
     TextTokenizer::load(model_dir, config.eos_token_ids().first().copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DataFormat, DatasetConfig, LoraSettings, Scheduler};
+    use kubetune_model::tiny::{write_tiny_model, TinySpec};
+    use kubetune_model::TargetModule;
+
+    fn settings(f: impl FnOnce(&mut TrainingSettings)) -> TrainingSettings {
+        let mut t = TrainingSettings {
+            batch_size: 4,
+            ..TrainingSettings::default()
+        };
+        f(&mut t);
+        t
+    }
+
+    #[test]
+    fn whole_epochs_round_up_to_full_steps_unless_max_steps_is_set() {
+        let t = settings(|t| {
+            t.epochs = Some(3);
+            t.gradient_accumulation_steps = 2;
+        });
+        // 10 sequences in batches of 4: 3 micro-batches an epoch, 2 steps an epoch.
+        let plan = Plan::of(&t, 10);
+        assert_eq!(
+            plan,
+            Plan {
+                batches_per_epoch: 3,
+                accum: 2,
+                total_steps: 6
+            }
+        );
+        assert_eq!(plan.epoch(6), 2.0);
+        let limited = settings(|t| {
+            t.epochs = Some(3);
+            t.max_steps = Some(5);
+        });
+        assert_eq!(Plan::of(&limited, 10).total_steps, 5);
+    }
+
+    #[test]
+    fn the_first_step_and_every_logging_interval_are_logged_and_nothing_when_it_is_zero() {
+        let t = settings(|t| t.logging_steps = 5);
+        let logged: Vec<u64> = (1..=12).filter(|&s| log_due(&t, s)).collect();
+        assert_eq!(logged, [1, 5, 10]);
+        let quiet = settings(|t| t.logging_steps = 0);
+        assert!(!(1..=12).any(|s| log_due(&quiet, s)));
+    }
+
+    #[test]
+    fn evaluation_and_checkpoints_follow_their_cadence_but_not_after_the_last_step() {
+        let t = settings(|t| {
+            t.eval_steps = 2;
+            t.save_steps = 3;
+        });
+        assert!(eval_due(&t, 4, false) && !eval_due(&t, 5, false) && !eval_due(&t, 4, true));
+        assert!(save_due(&t, 6, false) && !save_due(&t, 4, false) && !save_due(&t, 6, true));
+        let never = settings(|t| {
+            t.eval_steps = 0;
+            t.save_steps = 0;
+        });
+        assert!(!(1..=12).any(|s| eval_due(&never, s, false) || save_due(&never, s, false)));
+    }
+
+    #[test]
+    fn a_stop_request_or_the_step_limit_stops_the_run_unless_it_is_the_last_step() {
+        let limited = RunOptions {
+            stop_after_steps: Some(3),
+            ..RunOptions::default()
+        };
+        assert!(!stop_due(&limited, 2, false));
+        assert!(stop_due(&limited, 3, false));
+        assert!(!stop_due(&limited, 3, true));
+        let flag = Arc::new(AtomicBool::new(false));
+        let signalled = RunOptions {
+            stop: Some(flag.clone()),
+            ..RunOptions::default()
+        };
+        assert!(!stop_due(&signalled, 1, false));
+        flag.store(true, Ordering::SeqCst);
+        assert!(stop_due(&signalled, 1, false));
+        assert!(!stop_due(&signalled, 1, true));
+    }
+
+    fn state_with(train: &[f64], eval: &[f64]) -> TrainerState {
+        let points = |losses: &[f64]| {
+            losses
+                .iter()
+                .enumerate()
+                .map(|(i, &loss)| LossPoint { step: i as u64, loss })
+                .collect()
+        };
+        TrainerState {
+            step: train.len() as u64,
+            micro_batches: 2 * train.len() as u64,
+            train_history: points(train),
+            eval_history: points(eval),
+            ..fresh_state(String::new())
+        }
+    }
+
+    #[test]
+    fn a_run_stopped_early_reports_no_final_eval_loss_but_keeps_its_bests() {
+        let state = state_with(&[3.0, 1.0, 2.0], &[4.0, 2.5]);
+        let plan = Plan {
+            batches_per_epoch: 4,
+            accum: 2,
+            total_steps: 8,
+        };
+        let data = Prepared {
+            train: Vec::new(),
+            validation: Vec::new(),
+            stats: PrepareStats::default(),
+            skipped_invalid: 0,
+        };
+        let segment = Segment::start(&state);
+        let run = |stopped_early| RunSummary {
+            started: Instant::now(),
+            segment: &segment,
+            initial_eval: Some(4.0),
+            resumed_from: None,
+            stopped_early,
+        };
+        let timing = || Timing {
+            duration_secs: 1.0,
+            tokens_per_second: 1.0,
+        };
+        let stopped = summarize(&state, &plan, &data, &run(true), timing(), None);
+        assert!(!stopped.completed);
+        assert_eq!(stopped.final_eval_loss, None);
+        assert_eq!(
+            (stopped.final_train_loss, stopped.best_train_loss),
+            (Some(2.0), Some(1.0))
+        );
+        assert_eq!(stopped.best_eval_loss, Some(2.5));
+        assert_eq!((stopped.steps, stopped.total_steps, stopped.epochs), (3, 8, 1.5));
+        let completed = summarize(&state, &plan, &data, &run(false), timing(), None);
+        assert!(completed.completed);
+        assert_eq!(completed.final_eval_loss, Some(2.5));
+    }
+
+    /// The tiny model and six facts in `dir`, trained 2 micro-batches of 2 per step.
+    fn tiny_config(dir: &Path) -> TrainConfig {
+        let model = dir.join("model");
+        write_tiny_model(&model, &TinySpec::default()).expect("tiny model");
+        let data = dir.join("data.jsonl");
+        let lines: Vec<String> = ["Ann", "Ben", "Carl", "Dora", "Emil", "Fay"]
+            .iter()
+            .map(|n| serde_json::json!({"instruction": format!("What does {n} like?"), "response": "tea"}).to_string())
+            .collect();
+        std::fs::write(&data, lines.join("\n")).expect("data");
+        TrainConfig {
+            model: model.display().to_string(),
+            base_model_name: Some("kubetune/tiny-llama".into()),
+            dataset: DatasetConfig {
+                path: data.display().to_string(),
+                format: DataFormat::Instruction,
+                validation_split: None,
+                validation_path: Some(data.display().to_string()),
+                skip_invalid: false,
+            },
+            method: Method::Lora,
+            lora: LoraSettings {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: TargetModule::ALL.to_vec(),
+            },
+            training: TrainingSettings {
+                max_steps: Some(4),
+                batch_size: 2,
+                gradient_accumulation_steps: 2,
+                max_seq_length: 64,
+                learning_rate: 1e-2,
+                scheduler: Scheduler::Constant,
+                logging_steps: 0,
+                ..TrainingSettings::default()
+            },
+            output: dir.join("out").display().to_string(),
+            evaluation: None,
+        }
+    }
+
+    #[test]
+    fn a_step_advances_the_state_by_its_micro_batches_and_tokens() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = tiny_config(dir.path());
+        let options = RunOptions::default();
+        let session = Session::open(&config, &options).expect("session");
+        let mut optimizer = AdamW::new(&session.vars, 0.0).expect("optimizer");
+        let mut state = fresh_state(String::new());
+        let mut timer = StepTimer::from_env(&Device::Cpu);
+        let done = train_step(&session, &mut optimizer, &mut state, &mut timer).expect("step");
+        assert!(done.loss.is_finite() && done.loss > 0.0, "{done:?}");
+        assert_eq!((state.step, state.micro_batches), (1, 2));
+        assert!(state.tokens > 0);
+        assert_eq!(
+            state.train_history,
+            [LossPoint {
+                step: 1,
+                loss: done.loss
+            }]
+        );
+    }
+
+    #[test]
+    fn a_fresh_run_measures_its_initial_eval_loss_and_records_it_at_step_zero() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = tiny_config(dir.path());
+        let options = RunOptions::default();
+        let session = Session::open(&config, &options).expect("session");
+        let mut state = fresh_state(String::new());
+        let loss = initial_eval(&session, &mut state)
+            .expect("eval")
+            .expect("validation data");
+        assert_eq!(state.eval_history, [LossPoint { step: 0, loss }]);
+    }
+
+    #[test]
+    fn resume_continues_from_the_saved_checkpoint_and_refuses_other_settings() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = tiny_config(dir.path());
+        let plain = RunOptions::default();
+        let session = Session::open(&config, &plain).expect("session");
+        let mut optimizer = AdamW::new(&session.vars, 0.0).expect("optimizer");
+        let (mut state, resumed) = resume(&session, &mut optimizer, "fp".into()).expect("no resume asked");
+        assert_eq!((state.step, resumed), (0, None));
+        let mut timer = StepTimer::from_env(&Device::Cpu);
+        train_step(&session, &mut optimizer, &mut state, &mut timer).expect("step");
+        save_checkpoint(&session, &optimizer, &state).expect("checkpoint");
+
+        let resuming = RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        };
+        let again = Session::open(&config, &resuming).expect("session");
+        let mut optimizer = AdamW::new(&again.vars, 0.0).expect("optimizer");
+        let (restored, resumed) = resume(&again, &mut optimizer, "fp".into()).expect("resume");
+        assert_eq!(resumed, Some(1));
+        assert_eq!(
+            (restored.micro_batches, restored.tokens, &restored.train_history),
+            (state.micro_batches, state.tokens, &state.train_history)
+        );
+        let err = resume(&again, &mut optimizer, "other".into()).expect_err("other settings");
+        assert!(err.to_string().contains("training settings differ"), "{err}");
+    }
+
+    #[test]
+    fn resume_without_a_checkpoint_starts_at_step_zero() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = tiny_config(dir.path());
+        let options = RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        };
+        let session = Session::open(&config, &options).expect("session");
+        let mut optimizer = AdamW::new(&session.vars, 0.0).expect("optimizer");
+        let (state, resumed) = resume(&session, &mut optimizer, "fp".into()).expect("resume");
+        assert_eq!((state.step, resumed), (0, None));
+    }
 }
