@@ -115,7 +115,7 @@ impl BlockedAttention {
             dq.push(ds.matmul(k)?);
             dk = add(dk, ds.t()?.matmul(&q_blk)?)?;
         }
-        let missing = || crate::error::ModelError::Decode("attention backward of an empty sequence".into());
+        let missing = || crate::error::ModelError::EmptyInput("attention backward of an empty sequence".into());
         let (dk, dv) = (dk.ok_or_else(missing)?, dv.ok_or_else(missing)?);
         Ok((Tensor::cat(&dq, 2)?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
     }

@@ -62,7 +62,7 @@ impl KvCache {
         let slot = self
             .layers
             .get_mut(layer)
-            .ok_or_else(|| ModelError::Decode(format!("KV cache has no layer {layer}")))?;
+            .ok_or_else(|| ModelError::CacheMismatch(format!("KV cache has no layer {layer}")))?;
         let seq = k.dim(2)?;
         let entry = match slot.take() {
             None => LayerKv {
@@ -96,7 +96,7 @@ impl KvCache {
             .layers
             .get(layer)
             .and_then(|l| l.as_ref())
-            .ok_or_else(|| ModelError::Decode(format!("KV cache has nothing in layer {layer}")))?;
+            .ok_or_else(|| ModelError::CacheMismatch(format!("KV cache has nothing in layer {layer}")))?;
         Ok((entry.k.narrow(2, 0, entry.len)?, entry.v.narrow(2, 0, entry.len)?))
     }
 }

@@ -39,7 +39,7 @@ impl LossBatch<'_> {
         let (b, t) = self.input_ids.dims2()?;
         let rows = b * t;
         if self.targets.dims() != [rows] || self.weights.dims() != [rows] {
-            return Err(ModelError::Decode(format!(
+            return Err(ModelError::ShapeMismatch(format!(
                 "loss targets {:?} and weights {:?} must both have {rows} entries",
                 self.targets.dims(),
                 self.weights.dims()
@@ -111,7 +111,7 @@ impl CausalLm {
                 0 => self.embed_tokens(batch.input_ids)?,
                 _ => inputs
                     .pop()
-                    .ok_or_else(|| ModelError::Decode("layer inputs ran out".into()))?,
+                    .ok_or_else(|| ModelError::Backward("layer inputs ran out".into()))?,
             };
             let mut layer_store = GradStore::default();
             let mut input_grads = Vec::with_capacity(b.div_ceil(part));
@@ -135,7 +135,7 @@ impl CausalLm {
                 if i > 0 {
                     let g = store
                         .get(&x)
-                        .ok_or_else(|| ModelError::Decode(format!("no gradient reached the input of layer {i}")))?;
+                        .ok_or_else(|| ModelError::Backward(format!("no gradient reached the input of layer {i}")))?;
                     input_grads.push(g.detach());
                 }
                 add_adapter_grads(&mut layer_store, &store, step.adapter.adapter, i)?;
@@ -191,7 +191,7 @@ impl CausalLm {
         let store = (sum * scale)?.backward()?;
         let grad = store
             .get(rows.as_tensor())
-            .ok_or_else(|| ModelError::Decode("no gradient reached the head input".into()))?;
+            .ok_or_else(|| ModelError::Backward("no gradient reached the head input".into()))?;
         Ok((loss, grad.detach()))
     }
 }
@@ -254,7 +254,7 @@ impl CausalLm {
                 None => sum,
             });
         }
-        total.ok_or_else(|| ModelError::Decode("loss of an empty batch".into()))
+        total.ok_or_else(|| ModelError::EmptyInput("loss of an empty batch".into()))
     }
 }
 

@@ -37,7 +37,7 @@ impl CausalLm {
 
     fn decode_in_pool(&self, rows: &mut [DecodeRow<'_>]) -> Result<Tensor> {
         if rows.is_empty() {
-            return Err(ModelError::Decode("decode called with no rows".into()));
+            return Err(ModelError::EmptyInput("decode called with no rows".into()));
         }
         let positions = self.check_caches(rows)?;
         let groups = group_rows(rows, &self.device)?;
@@ -62,19 +62,19 @@ impl CausalLm {
             .enumerate()
             .map(|(i, r)| {
                 if r.cache.num_layers() != self.layers.len() {
-                    return Err(ModelError::Decode(format!(
+                    return Err(ModelError::CacheMismatch(format!(
                         "row {i}: KV cache has {} layers, the model {}",
                         r.cache.num_layers(),
                         self.layers.len()
                     )));
                 }
                 if r.cache.is_empty() {
-                    return Err(ModelError::Decode(format!(
+                    return Err(ModelError::CacheMismatch(format!(
                         "row {i}: empty KV cache; prefill the prompt first"
                     )));
                 }
                 if r.cache.len() >= max {
-                    return Err(ModelError::Decode(format!(
+                    return Err(ModelError::ContextTooLong(format!(
                         "row {i}: position {} is past max_position_embeddings {max}",
                         r.cache.len()
                     )));

@@ -34,11 +34,36 @@ pub enum ModelError {
     NoWeights { dir: PathBuf },
     #[error("adapter: {0}")]
     Adapter(String),
-    /// A KV cache or decode batch that does not fit the model or the call.
+    /// A weight that cannot be quantized, or a quantized base used where it cannot be (an
+    /// int8 base in training, or in another dtype than f32).
     #[error("quantize: {0}")]
     Quantize(String),
-    #[error("decode: {0}")]
-    Decode(String),
+    /// A KV cache that does not fit the model or the call: another layer count, positions
+    /// that do not match the offset, empty where decoding needs a prompt, or a layer not
+    /// filled yet.
+    #[error("KV cache: {0}")]
+    CacheMismatch(String),
+    /// A sequence longer than the model's positions (max_position_embeddings).
+    #[error("context too long: {0}")]
+    ContextTooLong(String),
+    /// A call with nothing to do: no rows, an empty prompt, an empty training batch.
+    #[error("empty input: {0}")]
+    EmptyInput(String),
+    /// A token id, input or target, that the vocabulary (or embedding table) has no row for.
+    #[error("token past the vocabulary: {0}")]
+    TokenOutOfVocab(String),
+    /// Tensors or slices whose shapes do not fit each other: a product's inner dimensions,
+    /// a bias or norm weight of the wrong length, loss targets of another row count.
+    #[error("shape mismatch: {0}")]
+    ShapeMismatch(String),
+    /// A CPU kernel handed what it cannot take (not f32 on the CPU, not contiguous, or a CPU
+    /// without the instructions); callers check first, so this is a bug if it is seen.
+    #[error("CPU kernel: {0}")]
+    Kernel(String),
+    /// A backward pass that lost track of a layer's input, tape or gradient: a bug, or an
+    /// adapter whose pairs do not match the layers being trained.
+    #[error("backward pass: {0}")]
+    Backward(String),
     /// A `--device` that does not parse or cannot be opened.
     #[error("{0}")]
     Device(String),

@@ -101,7 +101,7 @@ impl Int8Tensor {
         }
         let (rows, k) = x.dims2()?;
         if k != self.k {
-            return Err(ModelError::Decode(format!(
+            return Err(ModelError::ShapeMismatch(format!(
                 "matmul: input has {k} features, the weight {}",
                 self.k
             )));

@@ -134,7 +134,7 @@ fn for_weight_slices(w: &BaseWeight, mut f: impl FnMut(usize, usize, &[f32]) -> 
             }
             Ok(())
         }
-        BaseWeight::Int8(_) => Err(ModelError::Decode(
+        BaseWeight::Int8(_) => Err(ModelError::Quantize(
             "an int8 base is for serving; training needs a dense or NF4 base".into(),
         )),
     }
@@ -246,7 +246,7 @@ impl<'a> Step<'a> {
         if let Some(bias) = &p.bias {
             with_values(bias, |b| {
                 if b.len() != fan_out {
-                    return Err(ModelError::Decode(format!(
+                    return Err(ModelError::ShapeMismatch(format!(
                         "{} bias has {} values for {fan_out} outputs",
                         p.module.name(),
                         b.len()
@@ -583,7 +583,7 @@ impl<'a> Step<'a> {
     fn norm(&self, n: &RmsNorm, x: &[f32]) -> Result<(Buf, Buf)> {
         with_values(&n.weight, |w| {
             if w.is_empty() || !x.len().is_multiple_of(w.len()) {
-                return Err(ModelError::Decode(format!(
+                return Err(ModelError::ShapeMismatch(format!(
                     "rms norm of {} values with a weight of {}",
                     x.len(),
                     w.len()
@@ -916,7 +916,7 @@ impl CausalLm {
     ) -> Result<(f64, Vec<GradStore>)> {
         let (b, t) = batch.input_ids.dims2()?;
         if b == 0 || t == 0 {
-            return Err(ModelError::Decode(format!(
+            return Err(ModelError::EmptyInput(format!(
                 "a training step of an empty batch ({b} x {t} tokens)"
             )));
         }
@@ -925,7 +925,7 @@ impl CausalLm {
         let weights = batch.weights.to_vec1::<f32>()?;
         let vocab = self.config.vocab_size;
         if let Some(row) = targets.iter().position(|&t| t as usize >= vocab) {
-            return Err(ModelError::Decode(format!(
+            return Err(ModelError::TokenOutOfVocab(format!(
                 "loss row {row} targets token {} of a {vocab}-token vocabulary",
                 targets[row]
             )));
@@ -996,7 +996,7 @@ impl CausalLm {
                 let tape = match (part.tapes.pop(), part.inputs.pop()) {
                     (Some(tape), _) => tape,
                     (None, Some(input)) => part.step.forward(layer, input)?.1,
-                    (None, None) => return Err(ModelError::Decode(format!("no tape or input left for layer {i}"))),
+                    (None, None) => return Err(ModelError::Backward(format!("no tape or input left for layer {i}"))),
                 };
                 let mut grads = Vec::new();
                 if let Some(d) = part.step.backward(layer, tape, &part.x, i > 0, &mut grads)? {
@@ -1040,7 +1040,7 @@ impl CausalLm {
             .collect();
         for ((layer, module), (a, b)) in sums {
             let pair = adapter.get(layer, module).ok_or_else(|| {
-                ModelError::Decode(format!(
+                ModelError::Backward(format!(
                     "a gradient for layer {layer} {} without an adapter pair",
                     module.name()
                 ))

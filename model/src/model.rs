@@ -229,14 +229,14 @@ impl CausalLm {
         let seq = input_ids.dim(1)?;
         if let Some(c) = cache.as_deref() {
             if c.num_layers() != self.layers.len() {
-                return Err(ModelError::Decode(format!(
+                return Err(ModelError::CacheMismatch(format!(
                     "KV cache has {} layers, the model {}",
                     c.num_layers(),
                     self.layers.len()
                 )));
             }
             if c.len() != offset {
-                return Err(ModelError::Decode(format!(
+                return Err(ModelError::CacheMismatch(format!(
                     "forward at offset {offset} but the KV cache holds {} positions",
                     c.len()
                 )));

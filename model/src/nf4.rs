@@ -177,7 +177,7 @@ impl Nf4Tensor {
     pub fn dequantize_rows(&self, start: usize, len: usize) -> Result<Tensor> {
         let (rows, cols) = self.dims2()?;
         if start + len > rows {
-            return Err(ModelError::Decode(format!(
+            return Err(ModelError::ShapeMismatch(format!(
                 "NF4 rows {start}..{} of a weight with {rows} rows",
                 start + len
             )));
@@ -199,7 +199,7 @@ impl Nf4Tensor {
     pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
         let (rows, cols) = self.dims2()?;
         if let Some(id) = ids.iter().find(|&&id| id as usize >= rows) {
-            return Err(ModelError::Decode(format!(
+            return Err(ModelError::TokenOutOfVocab(format!(
                 "token id {id} is outside the embedding table of {rows} rows"
             )));
         }
@@ -231,7 +231,7 @@ impl Nf4Tensor {
     pub(crate) fn dims2(&self) -> Result<(usize, usize)> {
         match self.dims.as_slice() {
             &[rows, cols] => Ok((rows, cols)),
-            dims => Err(ModelError::Decode(format!(
+            dims => Err(ModelError::ShapeMismatch(format!(
                 "expected a 2-D NF4 weight, got shape {dims:?}"
             ))),
         }
@@ -346,7 +346,7 @@ impl Nf4Tensor {
                 None => part,
             });
         }
-        sum.ok_or_else(|| ModelError::Decode("NF4 product with an empty weight".into()))
+        sum.ok_or_else(|| ModelError::ShapeMismatch("NF4 product with an empty weight".into()))
     }
 }
 

@@ -68,21 +68,21 @@ impl CausalLm {
     /// returns the longest prompt's length.
     fn check_prefill_rows(&self, rows: &[PrefillRow<'_>]) -> Result<usize> {
         if rows.is_empty() {
-            return Err(ModelError::Decode("prefill called with no rows".into()));
+            return Err(ModelError::EmptyInput("prefill called with no rows".into()));
         }
         let max = self.config.max_position_embeddings;
         for (i, r) in rows.iter().enumerate() {
             if r.tokens.is_empty() {
-                return Err(ModelError::Decode(format!("row {i}: empty prompt")));
+                return Err(ModelError::EmptyInput(format!("row {i}: empty prompt")));
             }
             if r.tokens.len() > max {
-                return Err(ModelError::Decode(format!(
+                return Err(ModelError::ContextTooLong(format!(
                     "row {i}: {} tokens exceed max_position_embeddings {max}",
                     r.tokens.len()
                 )));
             }
             if !r.cache.is_empty() || r.cache.num_layers() != self.layers.len() {
-                return Err(ModelError::Decode(format!(
+                return Err(ModelError::CacheMismatch(format!(
                     "row {i}: prefill needs an empty KV cache of {} layers (it has {} positions in {} layers)",
                     self.layers.len(),
                     r.cache.len(),

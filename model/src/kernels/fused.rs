@@ -47,7 +47,7 @@ pub(crate) fn with_f32<R>(
     let data = cpu_f32(&guard, layout)
         .and_then(|d| d.get(..t.elem_count()))
         .ok_or_else(|| {
-            crate::error::ModelError::Decode(format!("{what}: a {:?} tensor is not f32 on the CPU", t.dims()))
+            crate::error::ModelError::Kernel(format!("{what}: a {:?} tensor is not f32 on the CPU", t.dims()))
         })?;
     f(data)
 }

@@ -46,7 +46,7 @@ fn transpose(t: &Tensor) -> Result<Tensor> {
     let src = fused::cpu_f32(&guard, layout)
         .filter(|_| layout.is_contiguous())
         .and_then(|d| d.get(..rows * cols))
-        .ok_or_else(|| ModelError::Decode("transpose: not a contiguous f32 CPU tensor".into()))?;
+        .ok_or_else(|| ModelError::Kernel("transpose: not a contiguous f32 CPU tensor".into()))?;
     let dst = small_rows::transpose(src, rows, cols, true);
     drop(guard);
     Ok(Tensor::from_vec(dst, (cols, rows), t.device())?)

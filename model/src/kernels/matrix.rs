@@ -138,7 +138,7 @@ pub(crate) enum Threads {
 pub(crate) fn matmul(dst: ViewMut, a: View, b: View, scale: f32, mode: Dst, threads: Threads) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k || dst.rows != m || dst.cols != n || !a.fits() || !b.fits() || !dst.fits() {
-        return Err(ModelError::Decode(format!(
+        return Err(ModelError::ShapeMismatch(format!(
             "matmul: ({m} x {k}) times ({} x {n}) into ({} x {}), or a view past its data",
             b.rows, dst.rows, dst.cols
         )));

@@ -71,7 +71,7 @@ pub(crate) struct Weight<'a, E> {
 pub(crate) fn product<E: Element>(x: &Tensor, w: &Weight<E>, out: usize, k_w: usize) -> crate::error::Result<Tensor> {
     let (rows, k) = x.dims2()?;
     if k != k_w {
-        return Err(crate::error::ModelError::Decode(format!(
+        return Err(crate::error::ModelError::ShapeMismatch(format!(
             "matmul: input has {k} features, the weight {k_w}"
         )));
     }

@@ -89,10 +89,10 @@ fn shifted_level(v: f32) -> u8 {
 /// [`available`] is false, or where a slice is shorter than its shape.
 pub(crate) fn matmul_t(xs: &[f32], rows: usize, w: &Int8Weight, out: usize, k: usize) -> Result<Vec<f32>> {
     if !available() {
-        return Err(ModelError::Decode("int8 product: this CPU lacks AVX-512 VNNI".into()));
+        return Err(ModelError::Kernel("int8 product: this CPU lacks AVX-512 VNNI".into()));
     }
     if xs.len() < rows * k || w.values.len() < out * k || w.scales.len() < out || w.compensation.len() < out {
-        return Err(ModelError::Decode(format!(
+        return Err(ModelError::ShapeMismatch(format!(
             "int8 product: input of {} values for {rows} x {k}, weight of {} for {out} x {k}, {} scales, {} sums",
             xs.len(),
             w.values.len(),
