@@ -339,12 +339,12 @@ async fn kubectl_get_shows_the_printer_columns() -> Result<()> {
         (
             "finetunejob.yaml",
             "ftj",
-            ["NAME", "PHASE", "PROGRESS", "LOSS", "ADAPTER", "AGE"],
+            vec!["NAME", "PHASE", "PROGRESS", "LOSS", "ADAPTER", "EVALUATION", "AGE"],
         ),
         (
             "modeldeployment.yaml",
             "mdep",
-            ["NAME", "PHASE", "READY", "SERVING", "URL", "AGE"],
+            vec!["NAME", "MODEL", "PHASE", "READY", "SERVING", "URL", "AGE"],
         ),
     ] {
         apply_object(&client, &discovery, &ns.name, &example(file), ApplyMode::Apply).await?;
