@@ -27,10 +27,6 @@ fn example_finetunejob() -> Result<Value> {
     Ok(yaml_documents(&text)?.remove(0))
 }
 
-fn phase_is(phase: FineTuneJobPhase) -> impl Fn(Option<&FineTuneJob>) -> bool {
-    move |f| f.and_then(|f| f.status.as_ref()).and_then(|s| s.phase) == Some(phase)
-}
-
 fn condition_reason(ftj: &FineTuneJob, type_: &str) -> Option<String> {
     ftj.status
         .as_ref()?
@@ -72,24 +68,37 @@ async fn operator_from_the_chart_reconciles_finetunejobs_under_its_own_rbac() ->
         ftj.status
     );
 
-    // A job it cannot run: Failed with the field named, and no trainer Job created.
-    let mut broken = example_finetunejob()?;
-    broken["metadata"]["name"] = json!("no-secret");
-    broken["spec"]["storageSecretRef"]["name"] = json!("missing");
-    apply_object(&client, &discovery, &ns.name, &broken, ApplyMode::Apply).await?;
-    let failed = wait_for(
+    // A job whose Secret is missing waits for it (Argo CD often creates it a moment later):
+    // Pending with reason SecretNotFound, no trainer Job, and it starts once the Secret exists.
+    let mut waiting = example_finetunejob()?;
+    waiting["metadata"]["name"] = json!("no-secret");
+    waiting["spec"]["storageSecretRef"]["name"] = json!("late-secret");
+    apply_object(&client, &discovery, &ns.name, &waiting, ApplyMode::Apply).await?;
+    let pending = wait_for(
         &ftjs,
         "no-secret",
-        "Failed",
+        "waiting for its Secret",
         TIMEOUT,
-        phase_is(FineTuneJobPhase::Failed),
+        |f: Option<&FineTuneJob>| f.is_some_and(|f| condition_reason(f, "Ready").as_deref() == Some("SecretNotFound")),
     )
     .await?;
-    assert_eq!(condition_reason(&failed, "Failed").as_deref(), Some("SecretNotFound"));
+    assert_eq!(
+        pending.status.as_ref().and_then(|s| s.phase),
+        Some(FineTuneJobPhase::Pending)
+    );
     assert!(
         jobs.get_opt("no-secret").await?.is_none(),
-        "no trainer Job for a spec that cannot run"
+        "no trainer Job while the Secret is missing"
     );
+    create_storage_secret(&client, &ns.name, "late-secret").await?;
+    wait_for(
+        &jobs,
+        "no-secret",
+        "created once the Secret exists",
+        TIMEOUT,
+        |j: Option<&Job>| j.is_some(),
+    )
+    .await?;
 
     // Deleting the FineTuneJob takes its Job with it (owner references; no finalizer).
     ftjs.delete("support-bot", &DeleteParams::foreground()).await?;
