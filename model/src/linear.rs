@@ -341,19 +341,8 @@ impl crate::custom_grad::Backward for RmsNormBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::matmul::close;
     use candle_core::{Device, Var};
-
-    fn close(a: &Tensor, b: &Tensor) -> bool {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff < 1e-4
-    }
 
     /// The op's forward and input gradient equal a plain matmul's, for a dense and an NF4 weight.
     #[test]

@@ -70,22 +70,24 @@ fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Whether two f32 tensors agree within 1e-4 everywhere (the matmul tests' tolerance).
+#[cfg(test)]
+pub(crate) fn close(a: &Tensor, b: &Tensor) -> bool {
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff < 1e-4
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    fn close(a: &Tensor, b: &Tensor) -> bool {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff < 1e-4
-    }
 
     /// Each of matmul_t's paths (the decode kernel, the weight on gemm's left with the
     /// transpose back, plain gemm) equals gemm, on shapes that are not multiples of the
