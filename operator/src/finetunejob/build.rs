@@ -127,6 +127,9 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
         "securityContext": restricted_pod_security(),
+        // On SIGTERM (deletion, preemption, a node drain) the trainer checkpoints and uploads
+        // before it exits; Kubernetes' default of 30 s would kill it mid-upload.
+        "terminationGracePeriodSeconds": config.trainer_termination_grace_seconds,
     });
     apply_placement(&mut pod_spec, &spec.placement)?;
 
@@ -235,6 +238,23 @@ mod tests {
             Some("1"),
             "one GPU by default"
         );
+    }
+
+    #[test]
+    fn trainer_pods_have_the_configured_grace_period_to_upload_a_checkpoint_on_sigterm() {
+        let (_, job) = built("minimal.yaml");
+        assert_eq!(
+            pod_spec(&job).termination_grace_period_seconds,
+            Some(crate::config::DEFAULT_TRAINER_TERMINATION_GRACE_SECONDS)
+        );
+        let ftj = finetunejob("minimal.yaml");
+        let config = OperatorConfig {
+            trainer_termination_grace_seconds: 1200,
+            ..OperatorConfig::for_tests()
+        };
+        let valid = validate(&ftj.spec, &config, &Facts::default()).expect("fixture is valid");
+        let job = build_job(&ftj, &valid, &config).expect("job builds");
+        assert_eq!(pod_spec(&job).termination_grace_period_seconds, Some(1200));
     }
 
     #[test]
