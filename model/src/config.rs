@@ -1,4 +1,5 @@
-//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral and Qwen2 share.
+//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral, Qwen2 and Qwen3
+//! share.
 //! Unknown fields are ignored (HF configs carry many that do not affect the forward pass), but
 //! every field that changes the maths is either honoured or rejected, never silently dropped:
 //! transformers 5's `rope_parameters` is read, and [`UNSUPPORTED_KEYS`] are refused by name.
@@ -40,6 +41,10 @@ pub struct Config {
     pub sliding_window: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_sliding_window: Option<bool>,
+    /// transformers 5 names each layer's attention (`full_attention` or `sliding_attention`);
+    /// it decides where the window applies, whatever `use_sliding_window` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_act: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,8 +163,9 @@ fn rope_parameters_to_fields(value: &mut serde_json::Value, path: &Path) -> Resu
 }
 
 /// Keys that change the maths of families or variants this crate does not implement (Gemma's
-/// soft-capping and query scaling, partial rotary embeddings, q/k norms): refused by name when
-/// set, rather than ignored.
+/// soft-capping and query scaling, partial rotary embeddings, the q/k norm switches of other
+/// families; Qwen3's q/k norm comes with its `model_type`): refused by name when set, rather
+/// than ignored.
 const UNSUPPORTED_KEYS: &[&str] = &[
     "final_logit_softcapping",
     "attn_logit_softcapping",
@@ -189,7 +195,7 @@ fn refuse_unsupported_keys(value: &serde_json::Value, path: &Path) -> Result<()>
 }
 
 /// The architectures whose weight layout and maths this crate implements.
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 impl Config {
     /// Reads and validates config.json.
@@ -302,6 +308,7 @@ impl Config {
                 format!("{} is odd; RoPE needs an even head size", self.head_dim()),
             ));
         }
+        self.validate_layer_types(path)?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return Err(bad("hidden_act", format!("`{act}` is not supported (only silu)")));
@@ -339,6 +346,46 @@ impl Config {
         Ok(())
     }
 
+    /// `layer_types`, when given, has one known entry per layer, and a sliding one needs a
+    /// window. Layers of both kinds in one model (Gemma's, Qwen2's `max_window_layers`) would
+    /// need a mask per layer kind, which this crate does not build: refused by name.
+    fn validate_layer_types(&self, path: &Path) -> Result<()> {
+        let Some(types) = &self.layer_types else {
+            return Ok(());
+        };
+        let bad = |reason: String| ModelError::InvalidConfig {
+            path: path.into(),
+            field: "layer_types".into(),
+            reason,
+        };
+        if types.len() != self.num_hidden_layers {
+            return Err(bad(format!(
+                "has {} entries for {} layers",
+                types.len(),
+                self.num_hidden_layers
+            )));
+        }
+        if let Some(other) = types
+            .iter()
+            .find(|t| !["full_attention", "sliding_attention"].contains(&t.as_str()))
+        {
+            return Err(bad(format!(
+                "`{other}` is not supported (full_attention, sliding_attention)"
+            )));
+        }
+        if types.iter().any(|t| t != &types[0]) {
+            return Err(bad(
+                "mixes full and sliding attention layers, which is not supported".into()
+            ));
+        }
+        if types[0] == "sliding_attention" && self.sliding_window.is_none() {
+            return Err(bad(
+                "names sliding_attention layers but sliding_window is not set".into()
+            ));
+        }
+        Ok(())
+    }
+
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -347,9 +394,15 @@ impl Config {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// Whether q/k/v carry a bias: always for Qwen2, by `attention_bias` for Llama.
+    /// Whether q/k/v carry a bias: always for Qwen2, by `attention_bias` for Llama and Qwen3.
     pub fn qkv_bias(&self) -> bool {
         self.model_type == "qwen2" || self.attention_bias
+    }
+
+    /// Whether each query and key head is RMS-normed (over head_dim, before RoPE): Qwen3's
+    /// `q_norm` and `k_norm`.
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
     }
 
     /// Whether o_proj carries a bias (Qwen2's does not).
@@ -357,10 +410,17 @@ impl Config {
         self.model_type != "qwen2" && self.attention_bias
     }
 
-    /// The attention window, if the model uses one. Qwen2 configs list a window but switch it
-    /// off with `use_sliding_window: false`; Mistral's has no switch and means it.
+    /// The attention window, if the model uses one. `layer_types` decides when given (all
+    /// layers alike, see `validate`). Otherwise: Qwen configs list a window but switch it off
+    /// with `use_sliding_window: false`; Mistral's has no switch and means it.
     pub fn attention_window(&self) -> Option<usize> {
-        let default_on = self.model_type != "qwen2";
+        if let Some(types) = &self.layer_types {
+            return types
+                .first()
+                .filter(|t| *t == "sliding_attention")
+                .and(self.sliding_window);
+        }
+        let default_on = !self.model_type.starts_with("qwen");
         if self.use_sliding_window.unwrap_or(default_on) {
             self.sliding_window
         } else {
@@ -507,6 +567,44 @@ mod tests {
         .expect("valid config");
         assert!(c.qkv_bias() && !c.o_bias() && c.tie_word_embeddings);
         assert_eq!(c.attention_window(), None);
+    }
+
+    #[test]
+    fn qwen3_norms_queries_and_keys_and_takes_its_biases_from_attention_bias() {
+        let c = parse(
+            r#"{"model_type":"qwen3","vocab_size":151936,"hidden_size":1024,"intermediate_size":3072,
+            "num_hidden_layers":2,"num_attention_heads":16,"num_key_value_heads":8,"head_dim":128,
+            "attention_bias":false,"sliding_window":null,"use_sliding_window":false,
+            "layer_types":["full_attention","full_attention"],"tie_word_embeddings":true}"#,
+        )
+        .expect("valid config");
+        assert!(c.qk_norm() && !c.qkv_bias() && !c.o_bias());
+        assert_eq!(c.head_dim(), 128);
+        assert_eq!(c.attention_window(), None);
+    }
+
+    #[test]
+    fn layer_types_decide_the_window_and_mixed_or_unknown_ones_are_refused_by_name() {
+        let base = r#""model_type":"qwen2","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"sliding_window":4"#;
+        let sliding = parse(&format!(
+            r#"{{{base},"layer_types":["sliding_attention","sliding_attention"]}}"#
+        ))
+        .expect("all sliding");
+        assert_eq!(sliding.attention_window(), Some(4));
+        let full = parse(&format!(
+            r#"{{{base},"use_sliding_window":true,"layer_types":["full_attention","full_attention"]}}"#
+        ))
+        .expect("all full");
+        assert_eq!(full.attention_window(), None);
+        for extra in [
+            r#""layer_types":["full_attention","sliding_attention"]"#,
+            r#""layer_types":["full_attention"]"#,
+            r#""layer_types":["chunked_attention","chunked_attention"]"#,
+        ] {
+            let json = format!("{{{base},{extra}}}");
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(err.contains("field `layer_types`"), "{json}: {err}");
+        }
     }
 
     #[test]

@@ -150,8 +150,12 @@ impl Attention {
         let rows = x.dim(0)?;
         // (rows, heads * d) is already (rows, heads, 1, d) in memory: a free reshape.
         let heads = |y: Tensor, n: usize| y.reshape((rows, n, 1, self.head_dim));
-        let q = heads(self.q.forward_rows(x, groups)?, self.heads)?;
-        let k = heads(self.k.forward_rows(x, groups)?, self.kv_heads)?;
+        let normed = |y: Tensor, norm: &Option<crate::linear::RmsNorm>| match norm {
+            Some(norm) => norm.forward_inference(&y),
+            None => Ok(y),
+        };
+        let q = normed(heads(self.q.forward_rows(x, groups)?, self.heads)?, &self.q_norm)?;
+        let k = normed(heads(self.k.forward_rows(x, groups)?, self.kv_heads)?, &self.k_norm)?;
         let v = heads(self.v.forward_rows(x, groups)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;

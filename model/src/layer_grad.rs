@@ -856,8 +856,12 @@ impl<'a> Step<'a> {
 
 impl CausalLm {
     /// Whether a step for `adapter` can run by hand: the base and the adapter in f32 on the
-    /// CPU, with dense or NF4 projections.
+    /// CPU, with dense or NF4 projections, and a layer this file writes out (Qwen3's per-head
+    /// q/k norms are not: such a model trains through candle's graph).
     pub(crate) fn trains_by_hand(&self, adapter: &ActiveAdapter) -> bool {
+        if self.config.qk_norm() {
+            return false;
+        }
         let f32_cpu = |t: &Tensor| crate::kernels::fused::fusable(t);
         let weights_ok = self.layers.iter().all(|l| {
             crate::lora::TargetModule::ALL

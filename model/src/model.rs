@@ -23,6 +23,9 @@ pub(crate) struct Attention {
     pub(crate) head_dim: usize,
     /// Sliding attention window, when the config has one.
     pub(crate) window: Option<usize>,
+    /// Qwen3's RMS norms of each query and key head, over head_dim, before RoPE.
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,7 +108,8 @@ impl CausalLm {
         self.lm_head = self.lm_head.map(cast).transpose()?;
         self.norm.weight = self.norm.weight.to_dtype(dtype)?;
         for l in &mut self.layers {
-            for norm in [&mut l.input_norm, &mut l.post_attn_norm] {
+            let head_norms = l.attn.q_norm.iter_mut().chain(l.attn.k_norm.iter_mut());
+            for norm in [&mut l.input_norm, &mut l.post_attn_norm].into_iter().chain(head_norms) {
                 norm.weight = norm.weight.to_dtype(dtype)?;
             }
             for m in TargetModule::ALL {
@@ -358,6 +362,8 @@ impl Layer {
             kv_heads: c.num_kv_heads(),
             head_dim: c.head_dim(),
             window: c.attention_window(),
+            q_norm: head_norm(&a, "q_norm", c)?,
+            k_norm: head_norm(&a, "k_norm", c)?,
         };
         let m = vb.pp("mlp");
         let mlp = Mlp {
@@ -429,8 +435,8 @@ impl Attention {
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(self.q.forward(x, adapter)?, self.heads)?;
-        let k = split(self.k.forward(x, adapter)?, self.kv_heads)?;
+        let q = norm_heads(&self.q_norm, split(self.q.forward(x, adapter)?, self.heads)?)?;
+        let k = norm_heads(&self.k_norm, split(self.k.forward(x, adapter)?, self.kv_heads)?)?;
         let v = split(self.v.forward(x, adapter)?, self.kv_heads)?;
         let q = rope::apply(&q, cos, sin)?;
         let k = rope::apply(&k, cos, sin)?;
@@ -455,6 +461,22 @@ impl Attention {
         };
         let out = heads.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, adapter)
+    }
+}
+
+/// A per-head norm's weights (head_dim of them) when the family has one.
+fn head_norm(attention: &VarBuilder, name: &str, c: &Config) -> Result<Option<RmsNorm>> {
+    if !c.qk_norm() {
+        return Ok(None);
+    }
+    Ok(Some(RmsNorm::load(attention.pp(name), c.head_dim(), c.rms_norm_eps)?))
+}
+
+/// `heads` (.., head_dim) normed over head_dim, in a training graph too.
+fn norm_heads(norm: &Option<RmsNorm>, heads: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(norm) => Ok(norm.forward(&heads)?),
+        None => Ok(heads),
     }
 }
 

@@ -78,6 +78,7 @@ impl TinySpec {
             mlp_bias: false,
             sliding_window: None,
             use_sliding_window: None,
+            layer_types: None,
             hidden_act: Some("silu".into()),
             bos_token_id: Some(BOS_ID),
             eos_token_id: Some(TokenIds::One(EOS_ID)),

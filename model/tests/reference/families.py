@@ -1,14 +1,21 @@
 """Tiny random checkpoints of each model family kubetune runs, saved the way transformers 5 saves
 them, with reference logits and greedy tokens: `tests/model/families.rs` checks the model crate against
-them (logits within 1e-4 in f32).
+them (logits within 1e-4 in f32), and holds the adapter kubetune writes for each family to the logits
+PEFT computes with it.
 
-Run once, by hand, when a family is added (CI never runs it; it needs PyTorch):
+Run once, by hand, when a family is added (CI never runs it; it needs PyTorch and PEFT), from the
+repository root, with any Python that has torch, transformers >= 5 and peft:
 
-    python model/tests/reference/families.py model/tests/reference/families
+    python model/tests/reference/families.py model/tests/reference/families [FAMILY...]
+    cargo run -p kubetune-model --example family_adapter -- model/tests/reference/families/FAMILY...
+    python model/tests/reference/families.py peft model/tests/reference/families [FAMILY...]
 
-with any Python that has torch and transformers >= 5. Each family gets a directory with
-config.json (rope settings in `rope_parameters`, as transformers 5 writes them),
-generation_config.json, model.safetensors (f32, about 100 KB) and reference.json.
+The first step gives each family a directory with config.json (rope settings in
+`rope_parameters`, as transformers 5 writes them), generation_config.json, model.safetensors (f32,
+about 100 KB) and reference.json. The second writes `adapter/` with kubetune's PEFT writer (the
+trainer's). The third loads that adapter into the transformers model with
+`PeftModel.from_pretrained`, which fails on any name, shape or config key PEFT does not accept, and
+writes PEFT's logits to `adapter/reference.json`. Naming families limits a step to them.
 """
 
 import json
@@ -68,6 +75,18 @@ FAMILIES = {
         transformers.Qwen2Config,
         dict(use_sliding_window=False, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
     ),
+    # RMS norms of each query and key head before RoPE, an explicit head_dim wider than
+    # hidden/heads, biases on q, k, v and o (attention_bias), tied embeddings.
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(
+            head_dim=16,
+            attention_bias=True,
+            use_sliding_window=False,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
 }
 
 
@@ -100,10 +119,41 @@ def make(name, cls, extra, out):
         json.dump({"source": "transformers %s, torch %s" % (transformers.__version__, torch.__version__), "cases": cases}, f)
 
 
-def main(out):
-    for name, (cls, extra) in FAMILIES.items():
-        make(name, cls, extra, out)
+def check_peft(name, out):
+    import peft
+    from peft import PeftModel
+
+    directory = os.path.join(out, name)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(model, os.path.join(directory, "adapter")).eval()
+    with open(os.path.join(directory, "reference.json")) as f:
+        prompts = [case["ids"] for case in json.load(f)["cases"]]
+    cases = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = adapted(torch.tensor([ids])).logits[0]
+            cases.append({"ids": ids, "logits": [[round(v, 7) for v in row] for row in logits.tolist()]})
+    source = "PeftModel.from_pretrained, peft %s, transformers %s, torch %s" % (
+        peft.__version__,
+        transformers.__version__,
+        torch.__version__,
+    )
+    with open(os.path.join(directory, "adapter", "reference.json"), "w") as f:
+        json.dump({"source": source, "cases": cases}, f)
+
+
+def main(args):
+    check = args[0] == "peft"
+    if check:
+        args = args[1:]
+    out, names = args[0], args[1:] or list(FAMILIES)
+    for name in names:
+        if check:
+            check_peft(name, out)
+        else:
+            cls, extra = FAMILIES[name]
+            make(name, cls, extra, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
