@@ -2,8 +2,7 @@
 //! values, the rendered manifests applied to the test cluster, and the operator's RBAC checked
 //! verb by verb as its ServiceAccount (SubjectAccessReview, what `kubectl auth can-i --as` asks).
 
-mod tools;
-
+use crate::tools::{chart_dir, find, helm_template_cmd, kinds, output, render, run, scratch_dir, tool};
 use anyhow::{anyhow, Result};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::api::{Api, PostParams};
@@ -12,7 +11,6 @@ use kube::Client;
 use kubetune_e2e::{apply_object, client, kubeconfig_path, kubectl_path, repo_root, ApplyMode, TestNamespace};
 use serde_json::Value;
 use std::process::Command;
-use tools::{chart_dir, find, helm_template_cmd, kinds, output, render, run, scratch_dir, tool};
 
 fn nondefault() -> String {
     repo_root()
@@ -421,6 +419,10 @@ impl Drop for ClusterScoped {
 /// Renders the chart as release `ns.name` into that namespace and server-side applies every
 /// object (the CRDs as a dry run); the Prometheus Operator kinds only where the cluster serves
 /// them, which the local cluster does not. Returns the objects.
+///
+/// Needs no lock against the operator tests: it creates no kubetune object, its release has
+/// cluster-scoped objects of its own name, and its operator never starts (the default images
+/// map to no binary on the node agent), so `install_operator` does not count it as a rival.
 async fn install(client: &Client, ns: &TestNamespace, args: &[&str]) -> Result<Vec<Value>> {
     let objects = render(&ns.name, &ns.name, args)?;
     let discovery = Discovery::new(client.clone()).run().await?;

@@ -1,6 +1,7 @@
 //! The kubetune API on a real API server: the CRDs install, every example applies, invalid specs
 //! are rejected with the field named, and `kubectl get` shows the printer columns.
 
+use crate::tools::no_operator;
 use anyhow::Result;
 use kube::discovery::Discovery;
 use kubetune_e2e::{apply_object, client, install_crds, repo_root, yaml_documents, ApplyMode, TestNamespace};
@@ -14,6 +15,8 @@ fn example(name: &str) -> Value {
 
 #[tokio::test]
 async fn crds_and_every_example_apply() -> Result<()> {
+    // Creates FineTuneJobs and ModelDeployments that an operator would reconcile.
+    let _no_operator = no_operator().await;
     let client = client().await?;
     install_crds(&client).await?;
     let ns = TestNamespace::new(&client, "examples").await?;
@@ -274,6 +277,7 @@ fn mutate(doc: &mut Value, pointer: &str, value: Value) {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_naming_the_field() -> Result<()> {
+    // No lock against an operator: dry runs store nothing for one to reconcile.
     let client = client().await?;
     install_crds(&client).await?;
     let ns = TestNamespace::new(&client, "invalid").await?;
@@ -306,6 +310,8 @@ async fn invalid_specs_are_rejected_naming_the_field() -> Result<()> {
 
 #[tokio::test]
 async fn training_spec_is_immutable_but_suspend_is_not() -> Result<()> {
+    // Creates a FineTuneJob that an operator would reconcile.
+    let _no_operator = no_operator().await;
     let client = client().await?;
     install_crds(&client).await?;
     let ns = TestNamespace::new(&client, "immutable").await?;
@@ -331,6 +337,8 @@ async fn training_spec_is_immutable_but_suspend_is_not() -> Result<()> {
 
 #[tokio::test]
 async fn kubectl_get_shows_the_printer_columns() -> Result<()> {
+    // Creates FineTuneJobs and ModelDeployments that an operator would reconcile.
+    let _no_operator = no_operator().await;
     let client = client().await?;
     install_crds(&client).await?;
     let ns = TestNamespace::new(&client, "columns").await?;

@@ -3,10 +3,10 @@
 //! spec it cannot run, and deletion.
 //!
 //! One test function on purpose: the operator watches every namespace, so two installs at once
-//! would both reconcile the same objects.
+//! would both reconcile the same objects; an install holds `tools::OPERATOR_LOCK` against every
+//! other install and every test that creates kubetune objects, for as long as it runs.
 
-mod tools;
-
+use crate::tools::{install_operator, tool};
 use anyhow::Result;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams};
@@ -18,7 +18,6 @@ use kubetune_e2e::{
 };
 use serde_json::{json, Value};
 use std::time::Duration;
-use tools::{install_operator, tool};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 

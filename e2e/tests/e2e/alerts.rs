@@ -1,13 +1,11 @@
 //! The chart's PrometheusRule under `promtool test rules`: the rules file tested is the one
 //! `helm template` renders, run against the synthetic series in e2e/alerts/*_test.yaml.
 
-mod tools;
-
+use crate::tools::{find, render, run, scratch_dir, tool};
 use anyhow::Result;
 use kubetune_e2e::repo_root;
 use serde_json::Value;
 use std::process::Command;
-use tools::{find, render, run, scratch_dir, tool};
 
 /// Renders the chart's PrometheusRule with `args` and writes its spec (the rule groups) as a
 /// Prometheus rules file, next to a copy of the promtool test file `test_file`; returns the test file.

@@ -2,8 +2,7 @@
 //! status fixtures, the argocd-cm snippet that ships them, the Application example, and no
 //! perpetual diff: what is applied reads back unchanged outside status.
 
-mod tools;
-
+use crate::tools::{no_operator, tool};
 use anyhow::{anyhow, Result};
 use kube::discovery::Discovery;
 use kubetune_e2e::{apply_object, client, install_crds, repo_root, yaml_documents, ApplyMode, TestNamespace};
@@ -11,7 +10,6 @@ use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use tools::tool;
 
 fn argocd_dir() -> PathBuf {
     repo_root().join("deploy/argocd")
@@ -238,6 +236,8 @@ fn assert_reads_back(manifest: &Value, live: &Value, path: &str) {
 
 #[tokio::test]
 async fn applied_examples_read_back_without_a_diff() -> Result<()> {
+    // Creates FineTuneJobs and ModelDeployments that an operator would reconcile.
+    let _no_operator = no_operator().await;
     let client = client().await?;
     install_crds(&client).await?;
     let ns = TestNamespace::new(&client, "argocd").await?;

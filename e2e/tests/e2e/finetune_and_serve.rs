@@ -5,11 +5,11 @@
 //! mid-run that resumes from its checkpoint.
 //!
 //! One test function on purpose: the operator watches every namespace, so two installs at once
-//! would both reconcile the same objects; and each step builds on the adapter versions the
-//! steps before it published.
+//! would both reconcile the same objects (an install holds `tools::OPERATOR_LOCK` against every
+//! other install and every test that creates kubetune objects, for as long as it runs); and each
+//! step builds on the adapter versions the steps before it published.
 
-mod tools;
-
+use crate::tools::{install_operator, scratch_dir, tool, OperatorInstall};
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -28,7 +28,6 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tools::{install_operator, scratch_dir, tool, OperatorInstall};
 
 /// Long enough for a trainer or server pod to start, download, train or load on 2 busy cores.
 const TIMEOUT: Duration = Duration::from_secs(300);

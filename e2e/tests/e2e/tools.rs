@@ -1,7 +1,6 @@
-//! Shared by the chart, alert and Argo CD tests: the external tools (through e2e/tools.sh, which
-//! builds or unpacks what is missing) and rendering the chart with helm.
-
-#![allow(dead_code)]
+//! Shared by the tests: the external tools (through e2e/tools.sh, which builds or unpacks what
+//! is missing), rendering the chart with helm, and installing the operator from it, with the
+//! lock that keeps an installed operator away from the other tests' objects.
 
 use anyhow::{bail, Context, Result};
 use kubetune_e2e::{repo_root, yaml_documents};
@@ -9,6 +8,31 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Who may use the cluster while an operator runs. An operator installed from the chart watches
+/// every namespace: two at once would both reconcile the same objects (and `install_operator`
+/// refuses to start next to a running one), and one would also reconcile the FineTuneJobs and
+/// ModelDeployments other tests create only to see how the API server stores them, giving them
+/// trainer Jobs and status they do not expect. Cargo used to keep them apart by running one test
+/// binary after another; in this one binary all tests run on parallel threads, so:
+/// - a test that installs an operator holds the write side for as long as the operator exists
+///   (`install_operator` takes it; [`OperatorInstall`] keeps it until the operator is deleted);
+/// - a test that creates kubetune objects holds the read side ([`no_operator`]) while it
+///   creates and looks at them;
+/// - a test that creates none takes nothing.
+///
+/// A test holding the read side must not install an operator: it would wait for itself.
+/// tokio's lock is fair, so a waiting install is not starved by a stream of readers, and it does
+/// not poison: a test that fails holding it lets the others run.
+pub static OPERATOR_LOCK: RwLock<()> = RwLock::const_new(());
+
+/// The read side of [`OPERATOR_LOCK`]: no operator runs until the guard drops. Declare it
+/// before the test's namespace: locals drop in reverse order, so the namespace's deletion has
+/// started when an operator may come (as it had when cargo started the next binary).
+pub async fn no_operator() -> RwLockReadGuard<'static, ()> {
+    OPERATOR_LOCK.read().await
+}
 
 /// Path of a tool that e2e/tools.sh provides: helm, promtool, lua or actionlint.
 pub fn tool(name: &str) -> PathBuf {
@@ -108,14 +132,20 @@ pub fn scratch_dir(prefix: &str) -> Result<PathBuf> {
 /// The operator installed from the chart into `namespace`, with the images the local cluster's
 /// node agent maps to this workspace's binaries; available when this returns. Its
 /// cluster-scoped objects go when the value drops, the namespace takes the rest.
+/// Holds the write side of [`OPERATOR_LOCK`] until the operator is deleted.
 pub struct OperatorInstall {
     pub deployment: String,
     release: String,
+    // Dropped after `Drop::drop` has deleted the operator: the lock goes last.
+    _exclusive: RwLockWriteGuard<'static, ()>,
 }
 
 pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<OperatorInstall> {
     use k8s_openapi::api::apps::v1::Deployment;
     use kubetune_e2e::{apply_object, wait_for, ApplyMode};
+    // Before looking for other operators: the other test that installs one deletes it before
+    // it lets go of the lock.
+    let exclusive = OPERATOR_LOCK.write().await;
     // Two operators would both reconcile every namespace; `make demo` leaves one running.
     let operators: kube::Api<Deployment> = kube::Api::all(client.clone());
     let others = operators
@@ -152,6 +182,7 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
             .context("chart has a Deployment")?
             .to_string(),
         release: namespace.to_string(),
+        _exclusive: exclusive,
     };
     for obj in objects.iter().filter(|o| {
         !o["apiVersion"]
@@ -185,8 +216,8 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
 
 impl Drop for OperatorInstall {
     fn drop(&mut self) {
-        // Gone before the next test binary installs its own operator: two live operators
-        // would both reconcile every namespace.
+        // Gone before the lock lets the next test install its own operator or create objects
+        // of its own: a live operator would reconcile them.
         let _ = Command::new(kubetune_e2e::kubectl_path())
             .arg("--kubeconfig")
             .arg(kubetune_e2e::kubeconfig_path())

@@ -2,8 +2,7 @@
 //! actionlint passes the GitHub Actions workflow, which parses and hangs together, and the Dockerfiles are multi-stage,
 //! end as non-root, and have the targets the workflow builds.
 
-mod tools;
-
+use crate::tools;
 use anyhow::{anyhow, Result};
 use kubetune_e2e::repo_root;
 use serde_json::Value;
