@@ -11,6 +11,10 @@ pub const URI_SCHEMES: &[&str] = &["s3", "gs", "az", "file", "pvc", "hf"];
 /// The OpenAPI pattern every URI field carries, built from [`URI_SCHEMES`].
 pub const URI_PATTERN: &str = r"^(s3|gs|az|file|pvc|hf)://.+$";
 
+/// The pattern of registry fields: [`URI_PATTERN`] without `pvc`. The operator resolves adapter
+/// versions by reading the registry itself, and it mounts no PersistentVolumeClaims.
+pub const REGISTRY_URI_PATTERN: &str = r"^(s3|gs|az|file|hf)://.+$";
+
 /// A DNS-1123 label: what Kubernetes allows as a name segment, and what adapter names must be.
 pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
@@ -19,7 +23,9 @@ pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 #[serde(rename_all = "camelCase")]
 pub struct BaseModelSpec {
     /// Where the model lives, in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
-    /// Schemes: s3://bucket/prefix, gs://, az://, file:///path, pvc://claim/path, hf://org/name[@revision].
+    /// Schemes: s3://bucket/prefix, gs://, az://, file:///path, pvc://claim/path (a
+    /// PersistentVolumeClaim of the namespace, mounted read-only into the pods that read it),
+    /// hf://org/name[@revision].
     #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
     pub uri: String,
 }

@@ -194,7 +194,8 @@ pub enum QuantType {
     }
 ]))]
 pub struct DatasetSpec {
-    /// JSON Lines file (or prefix of files) with one example per line.
+    /// JSON Lines file (or prefix of files) with one example per line. pvc://claim/path reads
+    /// from a PersistentVolumeClaim of the namespace, mounted read-only into the trainer pod.
     #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
     pub uri: String,
     /// Line format: `instruction` (instruction, context, response), `chat` (messages with role
@@ -354,8 +355,9 @@ pub struct OutputSpec {
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
     pub adapter_name: String,
     /// Adapter registry root, e.g. s3://bucket/kubetune; the operator's configured default when unset.
+    /// Not on a PersistentVolumeClaim: the operator reads registries itself, and mounts no claims.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
+    #[schemars(regex(pattern = r"^(s3|gs|az|file|hf)://.+$"), length(max = 2048))]
     pub registry: Option<String>,
 }
 

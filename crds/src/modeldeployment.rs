@@ -55,9 +55,10 @@ pub struct ModelDeploymentSpec {
     /// How adapter version changes reach the serving pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
-    /// Adapter registry root; the operator's configured default when unset.
+    /// Adapter registry root; the operator's configured default when unset. Not on a
+    /// PersistentVolumeClaim: the operator reads registries itself, and mounts no claims.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
+    #[schemars(regex(pattern = r"^(s3|gs|az|file|hf)://.+$"), length(max = 2048))]
     pub registry: Option<String>,
     /// Secret with the object-storage credentials the server uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,7 +82,8 @@ pub struct ModelDeploymentSpec {
 pub struct ServedBaseModel {
     /// Where the model lives: a directory in Hugging Face layout (config.json, *.safetensors,
     /// tokenizer.json) or a .gguf file. Schemes: s3://bucket/prefix, gs://, az://, file:///path,
-    /// pvc://claim/path, hf://org/name[@revision].
+    /// pvc://claim/path (a PersistentVolumeClaim of the namespace, mounted read-only into the
+    /// server pods), hf://org/name[@revision].
     #[schemars(regex(pattern = r"^(s3|gs|az|file|pvc|hf)://.+$"), length(max = 2048))]
     pub uri: String,
     /// The model name clients send for the base model (OpenAI's `model`), e.g.

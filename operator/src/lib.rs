@@ -10,6 +10,7 @@ pub mod leader;
 pub mod metrics;
 pub mod modeldeployment;
 pub mod podhttp;
+pub mod pvc;
 pub mod workload;
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
     );
     Ok(TrainerJob {
         owner,
-        base_model_uri: ftj.spec.base_model.uri.clone(),
+        base_model_uri: valid.base_model_uri.clone(),
         dataset: valid.dataset.clone(),
         method: valid.method,
         lora: valid.lora.clone(),
@@ -99,6 +99,22 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
         .map(|s| vec![json!({"secretRef": {"name": s.name}})])
         .unwrap_or_default();
     let resources = resources_or_one_gpu(&spec.placement, &config.gpu_resource)?;
+    let mounts = [
+        vec![
+            json!({"name": "scratch", "mountPath": SCRATCH_PATH}),
+            json!({"name": "tmp", "mountPath": "/tmp"}),
+        ],
+        valid.claims.volume_mounts(),
+    ]
+    .concat();
+    let volumes = [
+        vec![
+            json!({"name": "scratch", "emptyDir": {"sizeLimit": config.scratch_size}}),
+            json!({"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}),
+        ],
+        valid.claims.volumes(),
+    ]
+    .concat();
     let container = json!({
         "name": TRAINER_CONTAINER,
         "image": valid.image,
@@ -111,10 +127,7 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
         "envFrom": env_from,
         "resources": resources,
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": config.trainer_metrics_port, "protocol": "TCP"}],
-        "volumeMounts": [
-            {"name": "scratch", "mountPath": SCRATCH_PATH},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": restricted_container_security(),
@@ -122,10 +135,7 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
     let mut pod_spec = json!({
         "restartPolicy": "Never",
         "containers": [container],
-        "volumes": [
-            {"name": "scratch", "emptyDir": {"sizeLimit": config.scratch_size}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        ],
+        "volumes": volumes,
         "securityContext": restricted_pod_security(),
         // On SIGTERM (deletion, preemption, a node drain) the trainer checkpoints and uploads
         // before it exits; Kubernetes' default of 30 s would kill it mid-upload.
@@ -329,6 +339,47 @@ mod tests {
         );
         assert_eq!(request.lora.target_modules.len(), 4);
         assert_eq!(request.quantization, None);
+    }
+
+    #[test]
+    fn the_trainer_reads_a_model_on_a_claim_from_its_read_only_mount() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.spec.base_model.uri = "pvc://models/smollm2".into();
+        let config = OperatorConfig::for_tests();
+        let valid = validate(&ftj.spec, &config, &Facts::default()).expect("valid");
+        let job = build_job(&ftj, &valid, &config).expect("job builds");
+        let pod = pod_spec(&job);
+        let claim = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| Some((v.name.as_str(), v.persistent_volume_claim.as_ref()?)))
+            .expect("a claim volume");
+        assert_eq!((claim.1.claim_name.as_str(), claim.1.read_only), ("models", Some(true)));
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == claim.0)
+            .expect("the claim is mounted");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/mnt/kubetune/pvc/models", Some(true))
+        );
+        let raw = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == TRAINER_JOB_ENV)
+            .and_then(|e| e.value.clone())
+            .expect("job env");
+        let request: TrainerJob = serde_json::from_str(&raw).expect("trainer job JSON");
+        assert_eq!(request.base_model_uri, "file:///mnt/kubetune/pvc/models/smollm2");
+        assert_eq!(
+            request.dataset.uri, ftj.spec.dataset.uri,
+            "an object-store dataset as it is"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! registry known, and the model fitting the GPUs it asks for.
 
 use crate::config::OperatorConfig;
+use crate::pvc::{self, ClaimMounts};
 use crate::workload::requested_gpus;
 use kubetune_crds::trainer_contract::{
     TrainerDataset, TrainerEvaluation, TrainerLora, TrainerQuantization, TrainerTraining,
@@ -59,6 +60,10 @@ pub struct ValidFineTuneJob {
     /// spec.evaluation with its defaults; None when the job asks for no judgement.
     pub evaluation: Option<TrainerEvaluation>,
     pub registry: String,
+    /// spec.baseModel.uri as the trainer reads it (a claim's `file://` mount for `pvc://`).
+    pub base_model_uri: String,
+    /// The claims `pvc://` URIs name, mounted read-only into the trainer pod.
+    pub claims: ClaimMounts,
     pub image: String,
     pub backoff_limit: i32,
     /// GPUs the trainer pod asks for: 0 (CPU training) or 1, as validation refuses more.
@@ -91,9 +96,31 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
     if registry.starts_with("hf://") {
         return Err(Invalid {
             reason: "InvalidSpec",
-            message: format!("spec.output.registry: {registry} is on the Hugging Face hub, which kubetune only reads; use s3, gs, az, file or pvc"),
+            message: format!("spec.output.registry: {registry} is on the Hugging Face hub, which kubetune only reads; use s3, gs, az or file"),
         });
     }
+    // The schema no longer allows it; objects stored before it did are refused here.
+    if spec.output.registry.as_deref().is_some_and(pvc::is_pvc) {
+        return Err(Invalid {
+            reason: "InvalidSpec",
+            message: pvc::registry_refused("spec.output.registry", &registry),
+        });
+    }
+    let mut claims = ClaimMounts::default();
+    let mut local = |field: &str, uri: &str| {
+        claims.local_uri(field, uri).map_err(|message| Invalid {
+            reason: "InvalidSpec",
+            message,
+        })
+    };
+    let base_model_uri = local("spec.baseModel.uri", &spec.base_model.uri)?;
+    let dataset_uri = local("spec.dataset.uri", &spec.dataset.uri)?;
+    let validation_uri = spec
+        .dataset
+        .validation_uri
+        .as_deref()
+        .map(|uri| local("spec.dataset.validationUri", uri))
+        .transpose()?;
     let gpus = requested_gpus(&spec.placement, &config.gpu_resource).map_err(|message| Invalid {
         reason: "InvalidSpec",
         message,
@@ -124,10 +151,10 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             double_quant: q.double_quant.unwrap_or(true),
         }),
         dataset: TrainerDataset {
-            uri: spec.dataset.uri.clone(),
+            uri: dataset_uri,
             format: spec.dataset.format,
             validation_split: spec.dataset.validation_split,
-            validation_uri: spec.dataset.validation_uri.clone(),
+            validation_uri,
             skip_invalid: spec.dataset.skip_invalid.unwrap_or(false),
         },
         training: TrainerTraining {
@@ -145,6 +172,8 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         },
         evaluation,
         registry,
+        base_model_uri,
+        claims,
         image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),
         backoff_limit: spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
         gpus,
@@ -325,6 +354,54 @@ mod tests {
         ftj.spec.output.registry = Some("hf://org/adapters".into());
         let err = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect_err("read-only");
         assert!(err.message.contains("only reads"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_registry_on_a_claim_is_refused_naming_the_field() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.spec.output.registry = Some("pvc://adapters/registry".into());
+        let err = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect_err("claim registry");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(
+            err.message
+                .starts_with("spec.output.registry: pvc://adapters/registry is on a PersistentVolumeClaim"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn model_and_data_on_claims_are_read_from_their_mounts() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.spec.base_model.uri = "pvc://models/smollm2".into();
+        ftj.spec.dataset.uri = "pvc://datasets/triage/train.jsonl".into();
+        ftj.spec.dataset.validation_split = None;
+        ftj.spec.dataset.validation_uri = Some("pvc://datasets/triage/heldout.jsonl".into());
+        let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
+        assert_eq!(valid.base_model_uri, "file:///mnt/kubetune/pvc/models/smollm2");
+        assert_eq!(
+            valid.dataset.uri,
+            "file:///mnt/kubetune/pvc/datasets/triage/train.jsonl"
+        );
+        assert_eq!(
+            valid.dataset.validation_uri.as_deref(),
+            Some("file:///mnt/kubetune/pvc/datasets/triage/heldout.jsonl")
+        );
+        assert_eq!(valid.claims.claims().collect::<Vec<_>>(), ["datasets", "models"]);
+    }
+
+    #[test]
+    fn a_malformed_claim_uri_is_refused_naming_the_field() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.spec.dataset.validation_split = None;
+        ftj.spec.dataset.validation_uri = Some("pvc://datasets/../secrets".into());
+        let err = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect_err("'..'");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(
+            err.message.starts_with("spec.dataset.validationUri: "),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

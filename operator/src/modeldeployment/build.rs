@@ -127,7 +127,7 @@ pub fn build_children(
     // still load (and clients that sent it keep working where the server accepts aliases).
     let mut args: Vec<String> = vec![
         "--model".into(),
-        spec.base_model.uri.clone(),
+        valid.model_uri.clone(),
         "--served-model-name".into(),
         served_model_name(md),
         "--base-model-alias".into(),
@@ -163,6 +163,24 @@ pub fn build_children(
         .map(|s| json!({"secretRef": {"name": s.name}}))
         .collect();
     let resources = resources_or_one_gpu(&spec.placement, &config.gpu_resource)?;
+    let mounts = [
+        vec![
+            json!({"name": "adapters", "mountPath": "/etc/kubetune/adapters", "readOnly": true}),
+            json!({"name": "cache", "mountPath": CACHE_PATH}),
+            json!({"name": "tmp", "mountPath": "/tmp"}),
+        ],
+        valid.claims.volume_mounts(),
+    ]
+    .concat();
+    let volumes = [
+        vec![
+            json!({"name": "adapters", "configMap": {"name": adapters_config_map_name(md)}}),
+            json!({"name": "cache", "emptyDir": {}}),
+            json!({"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}),
+        ],
+        valid.claims.volumes(),
+    ]
+    .concat();
     let container = json!({
         "name": SERVER_CONTAINER,
         "image": server.image.clone().unwrap_or_else(|| config.server_image.clone()),
@@ -177,20 +195,12 @@ pub fn build_children(
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
         "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2, "failureThreshold": 300},
-        "volumeMounts": [
-            {"name": "adapters", "mountPath": "/etc/kubetune/adapters", "readOnly": true},
-            {"name": "cache", "mountPath": CACHE_PATH},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
         "securityContext": restricted_container_security(),
     });
     let mut pod_spec = json!({
         "containers": [container],
-        "volumes": [
-            {"name": "adapters", "configMap": {"name": adapters_config_map_name(md)}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        ],
+        "volumes": volumes,
         "securityContext": restricted_pod_security(),
     });
     apply_placement(&mut pod_spec, &spec.placement)?;
@@ -493,6 +503,51 @@ mod tests {
             ),
             "HuggingFaceTB/SmolLM2-135M-Instruct"
         );
+    }
+
+    #[test]
+    fn a_base_model_on_a_claim_is_mounted_read_only_and_served_under_its_name_and_uri() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        md.spec.base_model.uri = "pvc://models/smollm2".into();
+        let c = children(&md, &serving());
+        let pod = c.deployment.spec.and_then(|s| s.template.spec).expect("pod");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        assert_eq!(flag(&args, "--model"), ["file:///mnt/kubetune/pvc/models/smollm2"]);
+        assert_eq!(flag(&args, "--served-model-name"), ["smollm2"]);
+        assert_eq!(flag(&args, "--base-model-alias"), ["pvc://models/smollm2"]);
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.persistent_volume_claim.is_some())
+            .expect("a claim volume");
+        let claim = volume.persistent_volume_claim.as_ref().expect("claim");
+        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("models", Some(true)));
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume.name)
+            .expect("the claim is mounted");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/mnt/kubetune/pvc/models", Some(true))
+        );
+    }
+
+    #[test]
+    fn an_object_store_base_model_mounts_no_claim() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let pod = children(&md, &serving())
+            .deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("pod");
+        assert!(pod
+            .volumes
+            .iter()
+            .flatten()
+            .all(|v| v.persistent_volume_claim.is_none()));
     }
 
     fn autoscaled() -> ModelDeployment {

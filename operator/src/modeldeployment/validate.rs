@@ -3,6 +3,7 @@
 
 use super::resolve::Unresolved;
 use crate::config::OperatorConfig;
+use crate::pvc::{self, ClaimMounts};
 use crate::workload::requested_gpus;
 use kubetune_crds::ModelDeploymentSpec;
 
@@ -11,15 +12,32 @@ use kubetune_crds::ModelDeploymentSpec;
 pub struct ValidModelDeployment {
     /// GPUs each inference pod asks for: 0 (CPU serving) or 1, as validation refuses more.
     pub gpus: u64,
+    /// spec.baseModel.uri as the server reads it (a claim's `file://` mount for `pvc://`).
+    pub model_uri: String,
+    /// The claims `pvc://` URIs name, mounted read-only into the server pods.
+    pub claims: ClaimMounts,
 }
 
 /// Checks a spec against the operator's settings. Err is the Ready condition's reason and message.
 pub fn validate(spec: &ModelDeploymentSpec, config: &OperatorConfig) -> Result<ValidModelDeployment, Unresolved> {
-    let gpus = requested_gpus(&spec.placement, &config.gpu_resource).map_err(|message| Unresolved {
+    let invalid = |message| Unresolved {
         reason: "InvalidSpec",
         message,
-    })?;
-    Ok(ValidModelDeployment { gpus })
+    };
+    let gpus = requested_gpus(&spec.placement, &config.gpu_resource).map_err(invalid)?;
+    // The schema no longer allows it; objects stored before it did are refused here.
+    if let Some(uri) = spec.registry.as_ref().filter(|uri| pvc::is_pvc(uri)) {
+        return Err(invalid(pvc::registry_refused("spec.registry", uri)));
+    }
+    let mut claims = ClaimMounts::default();
+    let model_uri = claims
+        .local_uri("spec.baseModel.uri", &spec.base_model.uri)
+        .map_err(invalid)?;
+    Ok(ValidModelDeployment {
+        gpus,
+        model_uri,
+        claims,
+    })
 }
 
 #[cfg(test)]
@@ -55,6 +73,29 @@ mod tests {
     fn resources_without_a_gpu_serve_on_the_cpu() {
         let valid = validate(&with_limits(&[("cpu", "4")]), &OperatorConfig::for_tests()).expect("valid");
         assert_eq!(valid.gpus, 0);
+    }
+
+    #[test]
+    fn a_base_model_on_a_claim_is_read_from_its_mount() {
+        let mut spec = modeldeployment("modeldeployment.yaml").spec;
+        spec.base_model.uri = "pvc://models/smollm2".into();
+        let valid = validate(&spec, &OperatorConfig::for_tests()).expect("valid");
+        assert_eq!(valid.model_uri, "file:///mnt/kubetune/pvc/models/smollm2");
+        assert_eq!(valid.claims.claims().collect::<Vec<_>>(), ["models"]);
+    }
+
+    #[test]
+    fn a_registry_on_a_claim_is_refused_naming_the_field() {
+        let mut spec = modeldeployment("modeldeployment.yaml").spec;
+        spec.registry = Some("pvc://registry/kubetune".into());
+        let err = validate(&spec, &OperatorConfig::for_tests()).expect_err("a claim holds no registry");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(
+            err.message
+                .starts_with("spec.registry: pvc://registry/kubetune is on a PersistentVolumeClaim"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

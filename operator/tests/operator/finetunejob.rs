@@ -16,7 +16,8 @@ use std::time::Duration;
 
 fn finetunejob(extra_spec: Value) -> FineTuneJob {
     let mut spec = json!({
-        // pvc:// models are not read by the operator, so the mock sees no storage traffic.
+        // pvc:// models are not read by the operator (the trainer pod mounts the claim), so the
+        // mock sees no storage traffic.
         "baseModel": {"uri": "pvc://models/tiny"},
         "method": "lora",
         "lora": {"r": 4, "alpha": 8},
@@ -83,6 +84,27 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
             env.contains(&json!({"name": "KUBETUNE_DEVICE", "value": "cuda"})),
             "no resources: one GPU, and the trainer is told to use it: {env:?}"
         );
+        // The pvc:// base model: its claim mounted read-only, the trainer told the mount.
+        let pod = &job["spec"]["template"]["spec"];
+        assert!(
+            pod["volumes"].as_array().into_iter().flatten().any(|v| v
+                == &json!({"name": "pvc-0", "persistentVolumeClaim": {"claimName": "models", "readOnly": true}})),
+            "{}",
+            pod["volumes"]
+        );
+        assert!(
+            pod["containers"][0]["volumeMounts"].as_array().into_iter().flatten().any(|m| m
+                == &json!({"name": "pvc-0", "mountPath": "/mnt/kubetune/pvc/models", "readOnly": true})),
+            "{}",
+            pod["containers"][0]["volumeMounts"]
+        );
+        let request = env
+            .iter()
+            .find(|e| e["name"] == "KUBETUNE_TRAINER_JOB")
+            .and_then(|e| e["value"].as_str())
+            .expect("the trainer job");
+        let request: Value = serde_json::from_str(request).expect("trainer job JSON");
+        assert_eq!(request["baseModelUri"], "file:///mnt/kubetune/pvc/models/tiny");
         expect(
             api,
             Method::GET,
