@@ -15,7 +15,7 @@ use kubetune_operator::config::OperatorConfig;
 use kubetune_operator::context::{Backoff, Context};
 use kubetune_operator::finetunejob::{self, progress::MetricsReader};
 use kubetune_operator::http::{router, Readiness};
-use kubetune_operator::leader::{LeaderElector, LeaseConfig};
+use kubetune_operator::leader::{LeaderElector, LeaseConfig, LeaseTiming};
 use kubetune_operator::metrics::Metrics;
 use kubetune_operator::modeldeployment;
 use std::net::SocketAddr;
@@ -81,16 +81,16 @@ async fn main() -> anyhow::Result<()> {
             .identity
             .clone()
             .unwrap_or_else(|| format!("kubetune-operator-{}", std::process::id()));
-        let elector = LeaderElector::new(
+        let mut elector = LeaderElector::new(
             client.clone(),
             LeaseConfig {
                 namespace: args.lease_namespace.clone(),
                 name: "kubetune-operator".into(),
                 identity,
-                duration: Duration::from_secs(15),
-                retry: Duration::from_secs(4),
+                timing: LeaseTiming::DEFAULT,
             },
-        );
+        )
+        .map_err(anyhow::Error::msg)?;
         elector.acquire().await;
         Some(elector)
     } else {
@@ -150,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
     let controller = futures::future::join(finetunejobs, modeldeployments);
     tracing::info!("kubetune-operator running");
     match elector {
-        Some(elector) => {
+        Some(mut elector) => {
             tokio::select! {
                 _ = controller => {}
                 _ = elector.keep_renewing() => anyhow::bail!("lost leadership; exiting so a restart stands for election again"),

@@ -3,4 +3,5 @@
 
 mod common;
 mod finetunejob;
+mod leader;
 mod modeldeployment;
