@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes argocd-cm.yaml: kubetune's health checks (resource_customizations/*/*/health.lua) as
-# argocd-cm resource.customizations keys. e2e/tests/argocd.rs fails when the file is stale.
+# argocd-cm resource.customizations keys. e2e/tests/e2e/argocd.rs fails when the file is stale.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 {
