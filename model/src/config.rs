@@ -1,5 +1,5 @@
-//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral, Qwen2 and Qwen3
-//! share.
+//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral, Qwen2, Qwen3
+//! and Gemma 3 share.
 //! Unknown fields are ignored (HF configs carry many that do not affect the forward pass), but
 //! every field that changes the maths is either honoured or rejected, never silently dropped:
 //! transformers 5's `rope_parameters` is read, and [`UNSUPPORTED_KEYS`] are refused by name.
@@ -45,14 +45,39 @@ pub struct Config {
     /// it decides where the window applies, whatever `use_sliding_window` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_types: Option<Vec<String>>,
+    /// Qwen2/3 configs name how many leading layers keep full attention when the window is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_act: Option<String>,
+    /// Gemma's name for `hidden_act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores are scaled by its inverse square root instead of head_dim's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding-window layers (the full layers take `rope_theta`
+    /// and `rope_scaling`). transformers 5 writes it as `rope_parameters.sliding_attention`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// EmbeddingGemma's bidirectional attention: refused when true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Mistral, Qwen).
+    Silu,
+    /// GeGLU with GELU's tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 /// `eos_token_id` is a single id in Llama 2 and a list in Llama 3 instruct models.
@@ -106,7 +131,8 @@ fn one() -> f64 {
 /// factor, ...}`, where older versions wrote a top-level `rope_theta` and a `rope_scaling`
 /// object. Reading only the old names silently ran such a model at theta 10000, and it answered
 /// garbage. The object's fields move to the old names here; one that both spell differently is
-/// an error, and so is an object per layer type (Gemma 3's), which this crate does not run.
+/// an error. Gemma 3 writes one object per layer type: the full layers' moves as above, the
+/// sliding layers' (unscaled) theta to `rope_local_base_freq`, its name before transformers 5.
 fn rope_parameters_to_fields(value: &mut serde_json::Value, path: &Path) -> Result<()> {
     let bad = |field: &str, reason: String| ModelError::InvalidConfig {
         path: path.into(),
@@ -123,10 +149,18 @@ fn rope_parameters_to_fields(value: &mut serde_json::Value, path: &Path) -> Resu
         return Err(bad("rope_parameters", "must be an object".into()));
     };
     if params.values().any(|v| v.is_object()) {
-        return Err(bad(
-            "rope_parameters",
-            "settings per layer type (e.g. full_attention / sliding_attention) are not supported".into(),
-        ));
+        if let Some(theta) = sliding_rope_theta(&mut params, path)? {
+            obj.insert("rope_local_base_freq".into(), theta);
+        }
+        params = match params.remove("full_attention") {
+            Some(serde_json::Value::Object(full)) if params.is_empty() => full,
+            _ => {
+                return Err(bad(
+                    "rope_parameters",
+                    "settings per layer type must be exactly full_attention and sliding_attention".into(),
+                ))
+            }
+        };
     }
     let theta = params
         .remove("rope_theta")
@@ -162,14 +196,51 @@ fn rope_parameters_to_fields(value: &mut serde_json::Value, path: &Path) -> Resu
     Ok(())
 }
 
-/// Keys that change the maths of families or variants this crate does not implement (Gemma's
-/// soft-capping and query scaling, partial rotary embeddings, the q/k norm switches of other
-/// families; Qwen3's q/k norm comes with its `model_type`): refused by name when set, rather
+/// The theta of `rope_parameters.sliding_attention`, which must be unscaled RoPE; the entry is
+/// taken out of `params`.
+fn sliding_rope_theta(
+    params: &mut serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+) -> Result<Option<serde_json::Value>> {
+    let bad = |field: &str, reason: String| ModelError::InvalidConfig {
+        path: path.into(),
+        field: field.into(),
+        reason,
+    };
+    let Some(sliding) = params.remove("sliding_attention") else {
+        return Ok(None);
+    };
+    let serde_json::Value::Object(mut sliding) = sliding else {
+        return Err(bad("rope_parameters.sliding_attention", "must be an object".into()));
+    };
+    let theta = sliding.remove("rope_theta").filter(|t| t.is_number()).ok_or_else(|| {
+        bad(
+            "rope_parameters.sliding_attention.rope_theta",
+            "missing or not a number".into(),
+        )
+    })?;
+    if let Some(kind) = sliding.remove("rope_type").filter(|k| k != "default") {
+        return Err(bad(
+            "rope_parameters.sliding_attention.rope_type",
+            format!("{kind} is not supported on sliding layers (default only)"),
+        ));
+    }
+    if let Some(key) = sliding.keys().next() {
+        return Err(bad(
+            &format!("rope_parameters.sliding_attention.{key}"),
+            "is not a setting of default RoPE".into(),
+        ));
+    }
+    Ok(Some(theta))
+}
+
+/// Keys that change the maths of families or variants this crate does not implement (Gemma 2's
+/// soft-capping, partial rotary embeddings, the q/k norm switches of other families; Qwen3's
+/// and Gemma 3's q/k norms come with their `model_type`): refused by name when set, rather
 /// than ignored.
 const UNSUPPORTED_KEYS: &[&str] = &[
     "final_logit_softcapping",
     "attn_logit_softcapping",
-    "query_pre_attn_scalar",
     "partial_rotary_factor",
     "use_qk_norm",
     "qk_layernorm",
@@ -195,7 +266,41 @@ fn refuse_unsupported_keys(value: &serde_json::Value, path: &Path) -> Result<()>
 }
 
 /// The architectures whose weight layout and maths this crate implements.
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", GEMMA3];
+
+/// Gemma 3's text model (`Gemma3ForCausalLM`).
+const GEMMA3: &str = "gemma3_text";
+
+/// Fills in what transformers assumes for a Gemma 3 config that leaves it out, so the model
+/// runs as transformers runs it: a full layer after every five sliding ones
+/// (`sliding_window_pattern`, 6), global RoPE base 1e6, local base 1e4, query scalar 256.
+fn gemma3_defaults(value: &mut serde_json::Value) {
+    let Some(obj) = value.as_object_mut() else {
+        return;
+    };
+    if obj.get("model_type").and_then(|t| t.as_str()) != Some(GEMMA3) {
+        return;
+    }
+    obj.entry("rope_theta").or_insert(1_000_000.0.into());
+    obj.entry("rope_local_base_freq").or_insert(10_000.0.into());
+    obj.entry("query_pre_attn_scalar").or_insert(256.into());
+    if obj.get("layer_types").is_none_or(|t| t.is_null()) {
+        let pattern = ["sliding_window_pattern", "_sliding_window_pattern"]
+            .iter()
+            .find_map(|k| obj.get(*k).and_then(|v| v.as_u64()))
+            .unwrap_or(6);
+        let layers = obj.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0);
+        let kind = |i: u64| {
+            if pattern != 0 && !i.is_multiple_of(pattern) {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        };
+        let types: Vec<serde_json::Value> = (1..=layers).map(|i| kind(i).into()).collect();
+        obj.insert("layer_types".into(), types.into());
+    }
+}
 
 impl Config {
     /// Reads and validates config.json.
@@ -256,6 +361,7 @@ impl Config {
         };
         let mut value: serde_json::Value = serde_json::from_str(text).map_err(json)?;
         rope_parameters_to_fields(&mut value, path)?;
+        gemma3_defaults(&mut value);
         refuse_unsupported_keys(&value, path)?;
         let config: Config = serde_json::from_value(value).map_err(json)?;
         config.validate(path)?;
@@ -309,10 +415,28 @@ impl Config {
             ));
         }
         self.validate_layer_types(path)?;
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
-                return Err(bad("hidden_act", format!("`{act}` is not supported (only silu)")));
+        self.activation(path)?;
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(bad(
+                "use_bidirectional_attention",
+                "bidirectional attention (an embedding model) is not supported".into(),
+            ));
+        }
+        if self.model_type != GEMMA3 {
+            for (field, set) in [
+                ("query_pre_attn_scalar", self.query_pre_attn_scalar.is_some()),
+                ("rope_local_base_freq", self.rope_local_base_freq.is_some()),
+            ] {
+                if set {
+                    return Err(bad(
+                        field,
+                        format!("is a Gemma setting, not one of `{}`", self.model_type),
+                    ));
+                }
             }
+        }
+        if let Some(scalar) = self.query_pre_attn_scalar.filter(|s| s.is_nan() || *s <= 0.0) {
+            return Err(bad("query_pre_attn_scalar", format!("{scalar} must be positive")));
         }
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
@@ -347,8 +471,7 @@ impl Config {
     }
 
     /// `layer_types`, when given, has one known entry per layer, and a sliding one needs a
-    /// window. Layers of both kinds in one model (Gemma's, Qwen2's `max_window_layers`) would
-    /// need a mask per layer kind, which this crate does not build: refused by name.
+    /// window.
     fn validate_layer_types(&self, path: &Path) -> Result<()> {
         let Some(types) = &self.layer_types else {
             return Ok(());
@@ -373,12 +496,7 @@ impl Config {
                 "`{other}` is not supported (full_attention, sliding_attention)"
             )));
         }
-        if types.iter().any(|t| t != &types[0]) {
-            return Err(bad(
-                "mixes full and sliding attention layers, which is not supported".into()
-            ));
-        }
-        if types[0] == "sliding_attention" && self.sliding_window.is_none() {
+        if types.iter().any(|t| t == "sliding_attention") && self.sliding_window.is_none() {
             return Err(bad(
                 "names sliding_attention layers but sliding_window is not set".into()
             ));
@@ -400,9 +518,73 @@ impl Config {
     }
 
     /// Whether each query and key head is RMS-normed (over head_dim, before RoPE): Qwen3's
-    /// `q_norm` and `k_norm`.
+    /// and Gemma 3's `q_norm` and `k_norm`.
     pub fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
+        self.model_type == "qwen3" || self.model_type == GEMMA3
+    }
+
+    /// Gemma's norms multiply by (1 + w), and each layer norms the outputs of attention and
+    /// of the MLP as well as their inputs (four norms a layer).
+    pub fn gemma_norms(&self) -> bool {
+        self.model_type == GEMMA3
+    }
+
+    /// Gemma scales the embeddings by sqrt(hidden_size), rounded to the weights' dtype.
+    pub fn embedding_scale(&self) -> Option<f64> {
+        (self.model_type == GEMMA3).then(|| (self.hidden_size as f64).sqrt())
+    }
+
+    /// The factor on attention scores: 1 / sqrt(query_pre_attn_scalar) (Gemma), else
+    /// 1 / sqrt(head_dim).
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt()
+    }
+
+    /// The MLP's gate activation, from `hidden_act` or Gemma's `hidden_activation`; another
+    /// function than these two is an error naming the key.
+    pub fn activation(&self, path: &Path) -> Result<Activation> {
+        let (field, name) = match (&self.hidden_activation, &self.hidden_act) {
+            (Some(name), _) => ("hidden_activation", name.as_str()),
+            (None, Some(name)) => ("hidden_act", name.as_str()),
+            (None, None) if self.model_type == GEMMA3 => return Ok(Activation::GeluTanh),
+            (None, None) => return Ok(Activation::Silu),
+        };
+        match name {
+            "silu" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            other => Err(ModelError::InvalidConfig {
+                path: path.into(),
+                field: field.into(),
+                reason: format!("`{other}` is not supported (silu, gelu_pytorch_tanh)"),
+            }),
+        }
+    }
+
+    /// The attention window of layer `layer`: by `layer_types` when given; else Qwen's
+    /// `max_window_layers` leading layers keep full attention when the window is on; else
+    /// [`Config::attention_window`].
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        if let Some(types) = &self.layer_types {
+            return (types.get(layer)? == "sliding_attention").then_some(self.sliding_window?);
+        }
+        if self.model_type.starts_with("qwen") {
+            let leading_full = self.max_window_layers.unwrap_or(28); // transformers' default
+            return self.attention_window().filter(|_| layer >= leading_full);
+        }
+        self.attention_window()
+    }
+
+    /// Whether layer `layer` rotates with the local RoPE base (Gemma 3's sliding layers).
+    pub fn local_rope(&self, layer: usize) -> bool {
+        self.rope_local_base_freq.is_some() && self.layer_window(layer).is_some()
+    }
+
+    /// Whether the CPU training path written out by hand (`layer_grad`) computes this family:
+    /// the Llama layer (Llama, Mistral, Qwen2) with one window for all layers. The others
+    /// train through candle's graph.
+    pub fn llama_layers(&self) -> bool {
+        let one_window = (0..self.num_hidden_layers).all(|l| self.layer_window(l) == self.attention_window());
+        !self.qk_norm() && !self.gemma_norms() && one_window
     }
 
     /// Whether o_proj carries a bias (Qwen2's does not).
@@ -410,15 +592,13 @@ impl Config {
         self.model_type != "qwen2" && self.attention_bias
     }
 
-    /// The attention window, if the model uses one. `layer_types` decides when given (all
-    /// layers alike, see `validate`). Otherwise: Qwen configs list a window but switch it off
-    /// with `use_sliding_window: false`; Mistral's has no switch and means it.
+    /// The window of a model whose layers all have the same: Qwen configs list a window but
+    /// switch it off with `use_sliding_window: false`; Mistral's has no switch and means it.
+    /// With `layer_types`, the first sliding layer's. See [`Config::layer_window`] for a given
+    /// layer's.
     pub fn attention_window(&self) -> Option<usize> {
-        if let Some(types) = &self.layer_types {
-            return types
-                .first()
-                .filter(|t| *t == "sliding_attention")
-                .and(self.sliding_window);
+        if self.layer_types.is_some() {
+            return (0..self.num_hidden_layers).find_map(|l| self.layer_window(l));
         }
         let default_on = !self.model_type.starts_with("qwen");
         if self.use_sliding_window.unwrap_or(default_on) {
@@ -525,7 +705,7 @@ mod tests {
             ),
             (
                 r#""rope_parameters":{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
-                "field `rope_parameters`",
+                "field `rope_local_base_freq`",
             ),
             (r#""final_logit_softcapping":30.0"#, "field `final_logit_softcapping`"),
             (r#""partial_rotary_factor":0.5"#, "field `partial_rotary_factor`"),
@@ -584,26 +764,106 @@ mod tests {
     }
 
     #[test]
-    fn layer_types_decide_the_window_and_mixed_or_unknown_ones_are_refused_by_name() {
+    fn layer_types_decide_each_layers_window_and_unknown_ones_are_refused_by_name() {
         let base = r#""model_type":"qwen2","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"sliding_window":4"#;
-        let sliding = parse(&format!(
-            r#"{{{base},"layer_types":["sliding_attention","sliding_attention"]}}"#
+        let mixed = parse(&format!(
+            r#"{{{base},"layer_types":["full_attention","sliding_attention"]}}"#
         ))
-        .expect("all sliding");
-        assert_eq!(sliding.attention_window(), Some(4));
+        .expect("mixed");
+        assert_eq!((mixed.layer_window(0), mixed.layer_window(1)), (None, Some(4)));
         let full = parse(&format!(
             r#"{{{base},"use_sliding_window":true,"layer_types":["full_attention","full_attention"]}}"#
         ))
         .expect("all full");
         assert_eq!(full.attention_window(), None);
+        let by_leading_layers = parse(&format!(
+            r#"{{{base},"use_sliding_window":true,"max_window_layers":1}}"#
+        ))
+        .expect("max_window_layers");
+        assert_eq!(
+            (by_leading_layers.layer_window(0), by_leading_layers.layer_window(1)),
+            (None, Some(4))
+        );
         for extra in [
-            r#""layer_types":["full_attention","sliding_attention"]"#,
             r#""layer_types":["full_attention"]"#,
             r#""layer_types":["chunked_attention","chunked_attention"]"#,
+            r#""sliding_window":null,"layer_types":["sliding_attention","sliding_attention"]"#,
         ] {
             let json = format!("{{{base},{extra}}}");
             let err = parse(&json).expect_err(&json).to_string();
             assert!(err.contains("field `layer_types`"), "{json}: {err}");
+        }
+    }
+
+    const GEMMA3: &str = r#""model_type":"gemma3_text","vocab_size":10,"hidden_size":16,"intermediate_size":16,"num_hidden_layers":7,"num_attention_heads":2,"head_dim":8,"sliding_window":4"#;
+
+    /// Gemma 3 as transformers 5 writes it and as older hub configs have it (a pattern, a
+    /// local base and a top-level theta) read the same.
+    #[test]
+    fn gemma3_configs_old_and_new_give_the_same_layers() {
+        let new = parse(&format!(
+            r#"{{{GEMMA3},"query_pre_attn_scalar":256,"hidden_activation":"gelu_pytorch_tanh",
+            "layer_types":["sliding_attention","sliding_attention","sliding_attention","sliding_attention","sliding_attention","full_attention","sliding_attention"],
+            "rope_parameters":{{"full_attention":{{"rope_type":"linear","factor":8.0,"rope_theta":1000000.0}},
+            "sliding_attention":{{"rope_type":"default","rope_theta":10000.0}}}}}}"#
+        ))
+        .expect("transformers 5 config");
+        let old = parse(&format!(
+            r#"{{{GEMMA3},"sliding_window_pattern":6,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
+            "rope_scaling":{{"rope_type":"linear","factor":8.0}}}}"#
+        ))
+        .expect("older config");
+        for c in [&new, &old] {
+            let windows: Vec<Option<usize>> = (0..7).map(|l| c.layer_window(l)).collect();
+            assert_eq!(windows, [Some(4), Some(4), Some(4), Some(4), Some(4), None, Some(4)]);
+            assert!(c.local_rope(0) && !c.local_rope(5));
+            assert_eq!((c.rope_theta, c.rope_local_base_freq), (1e6, Some(1e4)));
+            assert_eq!(c.rope_scaling.as_ref().map(|s| s.factor), Some(8.0));
+            assert_eq!(c.attention_scale(), 1.0 / 16.0);
+            assert_eq!(c.activation(Path::new("c")).unwrap(), Activation::GeluTanh);
+            assert!(c.qk_norm() && c.gemma_norms() && !c.llama_layers());
+            assert_eq!(c.embedding_scale(), Some(4.0));
+        }
+    }
+
+    #[test]
+    fn what_gemma_runs_elsewhere_or_cannot_be_run_is_refused_by_name() {
+        let llama = r#""model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+        let cases = [
+            (
+                format!(r#"{{{GEMMA3},"use_bidirectional_attention":true}}"#),
+                "field `use_bidirectional_attention`",
+            ),
+            (
+                format!(r#"{{{GEMMA3},"final_logit_softcapping":30.0}}"#),
+                "field `final_logit_softcapping`",
+            ),
+            (
+                format!(r#"{{{GEMMA3},"hidden_activation":"gelu"}}"#),
+                "field `hidden_activation`",
+            ),
+            (
+                format!(
+                    r#"{{{GEMMA3},"rope_parameters":{{"full_attention":{{"rope_theta":1e6}},"sliding_attention":{{"rope_theta":1e4,"rope_type":"linear","factor":2.0}}}}}}"#
+                ),
+                "field `rope_parameters.sliding_attention.rope_type`",
+            ),
+            (
+                format!(r#"{{{GEMMA3},"rope_parameters":{{"chunked_attention":{{"rope_theta":1e6}}}}}}"#),
+                "field `rope_parameters`",
+            ),
+            (
+                format!(r#"{{{llama},"query_pre_attn_scalar":256}}"#),
+                "field `query_pre_attn_scalar`",
+            ),
+            (
+                format!(r#"{{{llama},"rope_local_base_freq":10000.0}}"#),
+                "field `rope_local_base_freq`",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(err.contains(expected), "{json}: {err}");
         }
     }
 

@@ -44,11 +44,16 @@ impl CausalLm {
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self.embed_rows(&ids)?;
-        let (cos, sin) = self.rope.tables_at(&positions, &self.device)?;
-        let (cos, sin) = (cos.to_dtype(self.dtype())?, sin.to_dtype(self.dtype())?);
+        // Each layer kind's RoPE tables at the rows' positions.
+        let mut tables = Vec::with_capacity(self.kinds.len());
+        for kind in &self.kinds {
+            let (cos, sin) = kind.rope.tables_at(&positions, &self.device)?;
+            tables.push((cos.to_dtype(self.dtype())?, sin.to_dtype(self.dtype())?));
+        }
         let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|r| &mut *r.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.decode(&x, &cos, &sin, &mut caches, i, &groups)?;
+            let (cos, sin) = &tables[layer.kind];
+            x = layer.decode(&x, cos, sin, &mut caches, i, &groups)?;
         }
         let x = self.norm.forward_inference(&x)?;
         crate::linear::matmul_weight(&x, &self.head())
@@ -128,11 +133,15 @@ impl Layer {
         index: usize,
         groups: &RowGroups,
     ) -> Result<Tensor> {
+        let normed = |norm: &Option<crate::linear::RmsNorm>, h: Tensor| match norm {
+            Some(norm) => norm.forward_inference(&h),
+            None => Ok(h),
+        };
         let h = self.input_norm.forward_inference(x)?;
         let h = self.attn.decode(&h, cos, sin, caches, index, groups)?;
-        let x = (x + h)?;
-        let h = self.mlp.decode(&self.post_attn_norm.forward_inference(&x)?, groups)?;
-        Ok((x + h)?)
+        let x = (x + normed(&self.attn_out_norm, h)?)?;
+        let h = self.mlp.decode(&self.pre_mlp_norm.forward_inference(&x)?, groups)?;
+        Ok((&x + normed(&self.mlp_out_norm, h)?)?)
     }
 }
 
@@ -226,7 +235,7 @@ impl Attention {
                 v,
                 kv,
                 start: self.window.map_or(0, |w| k.len.saturating_sub(w)),
-                scale: 1.0 / (d as f32).sqrt(),
+                scale: self.scale as f32,
             };
             attend(&group_attention, o);
         });
@@ -244,7 +253,7 @@ impl Attention {
         let k = k.squeeze(0)?.narrow(1, start, len - start)?;
         let v = v.squeeze(0)?.narrow(1, start, len - start)?;
         let q = q.reshape((self.kv_heads, group, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.reshape((1, self.heads * self.head_dim))?)
     }
@@ -252,7 +261,11 @@ impl Attention {
 
 impl Mlp {
     fn decode(&self, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
-        let gate = self.gate.forward_rows(x, groups)?.silu()?;
+        let gate = self.gate.forward_rows(x, groups)?;
+        let gate = match self.activation {
+            crate::config::Activation::Silu => gate.silu()?,
+            crate::config::Activation::GeluTanh => gate.gelu()?,
+        };
         let up = self.up.forward_rows(x, groups)?;
         self.down.forward_rows(&(gate * up)?, groups)
     }

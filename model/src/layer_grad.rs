@@ -698,7 +698,7 @@ impl<'a> Step<'a> {
         let (probs, attn) = self.attention(&q, &k, &v)?;
         let mut mid = Buf::copy_of(&input);
         lora[TargetModule::OProj as usize] = self.project(&a.o, &attn, &mut mid, Dst::Add)?;
-        let (mid_normed, mid_inv_rms) = self.norm(&layer.post_attn_norm, &mid)?;
+        let (mid_normed, mid_inv_rms) = self.norm(&layer.pre_mlp_norm, &mid)?;
         let (mut gate, mut up) = (
             Buf::for_overwrite(rows * self.intermediate),
             Buf::for_overwrite(rows * self.intermediate),
@@ -770,7 +770,7 @@ impl<'a> Step<'a> {
         drop(act);
         swiglu_back_in_place(&mut gate, &mut up, &gate_sigmoid, &d_act, self.min_len(1));
         drop((d_act, gate_sigmoid));
-        let mid_normed = self.renorm(&layer.post_attn_norm, &mid, &mid_inv_rms)?;
+        let mid_normed = self.renorm(&layer.pre_mlp_norm, &mid, &mid_inv_rms)?;
         let mut d_mid_normed = Buf::for_overwrite(rows * self.hidden);
         self.project_back(
             &m.gate,
@@ -792,7 +792,7 @@ impl<'a> Step<'a> {
         )?;
         drop((gate, up, mid_normed));
         let mut d_mid = Buf::copy_of(d_out);
-        with_values(&layer.post_attn_norm.weight, |w| {
+        with_values(&layer.pre_mlp_norm.weight, |w| {
             rms_norm_back_add(
                 &mut d_mid,
                 &mid,
@@ -856,10 +856,10 @@ impl<'a> Step<'a> {
 
 impl CausalLm {
     /// Whether a step for `adapter` can run by hand: the base and the adapter in f32 on the
-    /// CPU, with dense or NF4 projections, and a layer this file writes out (Qwen3's per-head
-    /// q/k norms are not: such a model trains through candle's graph).
+    /// CPU, with dense or NF4 projections, and a layer this file writes out (the Llama layer,
+    /// one window for all: Qwen3's and Gemma 3's train through candle's graph).
     pub(crate) fn trains_by_hand(&self, adapter: &ActiveAdapter) -> bool {
-        if self.config.qk_norm() {
+        if !self.config.llama_layers() {
             return false;
         }
         let f32_cpu = |t: &Tensor| crate::kernels::fused::fusable(t);
@@ -883,7 +883,8 @@ impl CausalLm {
         threads: Threads,
     ) -> Result<Step<'a>> {
         let c = &self.config;
-        let (cos, sin) = self.rope.tables(0, seq, &Device::Cpu)?;
+        // One kind of layer: `trains_by_hand` takes only the Llama layer with one window.
+        let (cos, sin) = self.kinds[0].rope.tables(0, seq, &Device::Cpu)?;
         Ok(Step {
             batch,
             seq,

@@ -1,10 +1,13 @@
-//! The decoder: embeddings, N pre-norm layers (GQA attention + SwiGLU MLP), final norm, head.
+//! The decoder: embeddings, N pre-norm layers (GQA attention + gated MLP), final norm, head.
+//! The families differ in small, named ways, each read from the config: q/k norms (Qwen3,
+//! Gemma 3); Gemma 3's scaled embeddings, (1 + w) norms, norms after attention and MLP, GeGLU
+//! and sliding layers with their own RoPE beside full ones.
 //!
 //! Weight names follow the HF safetensors keys (`model.layers.0.self_attn.q_proj.weight`, ...)
 //! because every tensor is fetched with `vb.pp(...)` paths that spell them out.
 
 use crate::cache::KvCache;
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use crate::error::{ModelError, Result};
 use crate::linear::{BaseFormat, BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
@@ -21,8 +24,10 @@ pub(crate) struct Attention {
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
-    /// Sliding attention window, when the config has one.
+    /// Sliding attention window, when the config gives this layer one.
     pub(crate) window: Option<usize>,
+    /// The factor on the scores (see [`Config::attention_scale`]).
+    pub(crate) scale: f64,
     /// Qwen3's RMS norms of each query and key head, over head_dim, before RoPE.
     pub(crate) q_norm: Option<RmsNorm>,
     pub(crate) k_norm: Option<RmsNorm>,
@@ -33,6 +38,7 @@ pub(crate) struct Mlp {
     pub(crate) gate: Projection,
     pub(crate) up: Projection,
     pub(crate) down: Projection,
+    pub(crate) activation: Activation,
 }
 
 #[derive(Debug, Clone)]
@@ -40,7 +46,28 @@ pub(crate) struct Layer {
     pub(crate) attn: Attention,
     pub(crate) mlp: Mlp,
     pub(crate) input_norm: RmsNorm,
-    pub(crate) post_attn_norm: RmsNorm,
+    pub(crate) pre_mlp_norm: RmsNorm,
+    /// Gemma's norms of the attention's and the MLP's outputs, before the residual sums.
+    pub(crate) attn_out_norm: Option<RmsNorm>,
+    pub(crate) mlp_out_norm: Option<RmsNorm>,
+    /// Index of this layer's [`LayerKind`] in [`CausalLm::kinds`].
+    pub(crate) kind: usize,
+}
+
+/// What the layers of one kind share: their RoPE and their attention window. Most models
+/// have one kind; Gemma 3 has sliding layers with a local RoPE base beside full ones.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerKind {
+    pub(crate) rope: Rope,
+    pub(crate) window: Option<usize>,
+}
+
+/// One forward's inputs to the layers of one kind: RoPE's tables for its positions and the
+/// additive mask, when one is built (see [`CausalLm::mask`]).
+pub(crate) struct KindInputs {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) mask: Option<Tensor>,
 }
 
 /// A Llama-family causal LM with a frozen base. Adapters are passed to `forward`, not stored.
@@ -53,7 +80,8 @@ pub struct CausalLm {
     pub(crate) norm: RmsNorm,
     /// None when tied to the embeddings (and not quantized apart from them).
     pub(crate) lm_head: Option<BaseWeight>,
-    pub(crate) rope: Rope,
+    /// The kinds of layer this model has, in order of first appearance.
+    pub(crate) kinds: Vec<LayerKind>,
     pub(crate) device: Device,
 }
 
@@ -66,11 +94,14 @@ impl CausalLm {
             m.pp("embed_tokens")
                 .get((config.vocab_size, config.hidden_size), "weight")?,
         )?;
+        let kinds = layer_kinds(config);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            layers.push(Layer::load(m.pp("layers").pp(i), config, format, i)?);
+            let mut layer = Layer::load(m.pp("layers").pp(i), config, format, i)?;
+            layer.kind = kinds.iter().position(|k| k.0 == kind_of(config, i)).unwrap_or(0);
+            layers.push(layer);
         }
-        let norm = RmsNorm::load(m.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let norm = load_norm(m.pp("norm"), config.hidden_size, config)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
@@ -87,7 +118,7 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
-            rope: Rope::new(config),
+            kinds: kinds.into_iter().map(|(_, kind)| kind).collect(),
             device: vb.device().clone(),
         })
     }
@@ -108,8 +139,14 @@ impl CausalLm {
         self.lm_head = self.lm_head.map(cast).transpose()?;
         self.norm.weight = self.norm.weight.to_dtype(dtype)?;
         for l in &mut self.layers {
-            let head_norms = l.attn.q_norm.iter_mut().chain(l.attn.k_norm.iter_mut());
-            for norm in [&mut l.input_norm, &mut l.post_attn_norm].into_iter().chain(head_norms) {
+            let optional = [
+                &mut l.attn.q_norm,
+                &mut l.attn.k_norm,
+                &mut l.attn_out_norm,
+                &mut l.mlp_out_norm,
+            ];
+            let optional = optional.into_iter().filter_map(|n| n.as_mut());
+            for norm in [&mut l.input_norm, &mut l.pre_mlp_norm].into_iter().chain(optional) {
                 norm.weight = norm.weight.to_dtype(dtype)?;
             }
             for m in TargetModule::ALL {
@@ -139,10 +176,20 @@ impl CausalLm {
         self.norm.weight.dtype()
     }
 
-    /// RoPE's (cos, sin) for positions offset..offset+len, in the activations' dtype.
-    pub(crate) fn rope_tables(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let (cos, sin) = self.rope.tables(offset, len, &self.device)?;
-        Ok((cos.to_dtype(self.dtype())?, sin.to_dtype(self.dtype())?))
+    /// Each layer kind's RoPE tables for positions offset..offset+len, in the activations'
+    /// dtype, and its mask.
+    pub(crate) fn layer_inputs(&self, offset: usize, len: usize) -> Result<Vec<KindInputs>> {
+        self.kinds
+            .iter()
+            .map(|kind| {
+                let (cos, sin) = kind.rope.tables(offset, len, &self.device)?;
+                Ok(KindInputs {
+                    cos: cos.to_dtype(self.dtype())?,
+                    sin: sin.to_dtype(self.dtype())?,
+                    mask: self.mask(kind.window, len, offset)?,
+                })
+            })
+            .collect()
     }
 
     /// Logits of shape (batch, seq, vocab) for `input_ids` (batch, seq) at positions
@@ -246,12 +293,11 @@ impl CausalLm {
                 )));
             }
         }
-        let (cos, sin) = self.rope_tables(offset, seq)?;
-        let mask = self.mask(seq, offset)?;
+        let inputs = self.layer_inputs(offset, seq)?;
         let mut x = self.embed_tokens(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, adapter)?;
+            x = layer.forward(&x, &inputs, kv, adapter)?;
         }
         Ok(x)
     }
@@ -264,27 +310,31 @@ impl CausalLm {
             .reshape((batch, seq, self.config.hidden_size))?)
     }
 
-    /// The embeddings of a flat list of token ids: (ids, hidden).
+    /// The embeddings of a flat list of token ids: (ids, hidden), scaled when the family
+    /// scales them (Gemma).
     pub(crate) fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        match &self.embed {
-            BaseWeight::Dense(table) => Ok(table.index_select(ids, 0)?),
-            BaseWeight::Nf4(table) => table.gather_rows(&ids.to_vec1::<u32>()?),
-            BaseWeight::Int8(table) => Ok(table.dequantize()?.index_select(ids, 0)?),
+        let rows = match &self.embed {
+            BaseWeight::Dense(table) => table.index_select(ids, 0)?,
+            BaseWeight::Nf4(table) => table.gather_rows(&ids.to_vec1::<u32>()?)?,
+            BaseWeight::Int8(table) => table.dequantize()?.index_select(ids, 0)?,
+        };
+        match self.config.embedding_scale() {
+            Some(scale) => Ok((rows * scale)?),
+            None => Ok(rows),
         }
     }
 
-    /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies the
-    /// sliding window when the config has one. None as well where attention runs through the
-    /// fused causal softmax (f32 on the CPU), which derives the same mask from the shapes.
-    pub(crate) fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
+    /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies a
+    /// sliding `window`. None as well where attention runs through the fused causal softmax
+    /// (f32 on the CPU), which derives the same mask from the shapes.
+    pub(crate) fn mask(&self, window: Option<usize>, seq: usize, offset: usize) -> Result<Option<Tensor>> {
         if crate::kernels::fused::fusable(&self.norm.weight) {
             return Ok(None);
         }
-        if seq == 1 && self.config.attention_window().is_none_or(|w| offset < w) {
+        if seq == 1 && window.is_none_or(|w| offset < w) {
             return Ok(None);
         }
         let total = offset + seq;
-        let window = self.config.attention_window();
         let mut m = Vec::with_capacity(seq * total);
         for i in 0..seq {
             let pos = offset + i;
@@ -349,6 +399,37 @@ fn storage_of<'a>(weights: impl Iterator<Item = &'a BaseWeight>) -> (usize, usiz
     (bytes, quantized)
 }
 
+/// A layer's kind: its window, and whether it rotates with the local RoPE base.
+type KindKey = (Option<usize>, bool);
+
+fn kind_of(config: &Config, layer: usize) -> KindKey {
+    (config.layer_window(layer), config.local_rope(layer))
+}
+
+/// The distinct kinds of the config's layers, in order of first appearance.
+fn layer_kinds(config: &Config) -> Vec<(KindKey, LayerKind)> {
+    let mut kinds: Vec<(KindKey, LayerKind)> = Vec::new();
+    for layer in 0..config.num_hidden_layers.max(1) {
+        let key = kind_of(config, layer);
+        if kinds.iter().all(|(k, _)| *k != key) {
+            let rope = if key.1 { Rope::local(config) } else { Rope::new(config) };
+            kinds.push((key, LayerKind { rope, window: key.0 }));
+        }
+    }
+    kinds
+}
+
+/// An RMS norm of `size` weights; Gemma's multiply by (1 + w), stored here as 1 + w so every
+/// path (graph, fused kernels, decode) computes x * r * w as for the other families. In f32
+/// that is transformers' arithmetic; in bf16 the sum is rounded once, as the output is anyway.
+fn load_norm(vb: VarBuilder, size: usize, c: &Config) -> Result<RmsNorm> {
+    let mut norm = RmsNorm::load(vb, size, c.rms_norm_eps)?;
+    if c.gemma_norms() {
+        norm.weight = (norm.weight + 1.0)?;
+    }
+    Ok(norm)
+}
+
 impl Layer {
     fn load(vb: VarBuilder, c: &Config, format: BaseFormat, i: usize) -> Result<Self> {
         let a = vb.pp("self_attn");
@@ -361,7 +442,8 @@ impl Layer {
             heads: c.num_attention_heads,
             kv_heads: c.num_kv_heads(),
             head_dim: c.head_dim(),
-            window: c.attention_window(),
+            window: c.layer_window(i),
+            scale: c.attention_scale(),
             q_norm: head_norm(&a, "q_norm", c)?,
             k_norm: head_norm(&a, "k_norm", c)?,
         };
@@ -370,12 +452,30 @@ impl Layer {
             gate: proj(&m, TargetModule::GateProj, c.mlp_bias)?,
             up: proj(&m, TargetModule::UpProj, c.mlp_bias)?,
             down: proj(&m, TargetModule::DownProj, c.mlp_bias)?,
+            activation: c.activation(std::path::Path::new("config.json"))?,
+        };
+        let norm = |name: &str| load_norm(vb.pp(name), c.hidden_size, c);
+        // Gemma's post_attention_layernorm norms the attention's output; its MLP input has
+        // pre_feedforward_layernorm. Llama's post_attention_layernorm is the MLP's input norm.
+        let (pre_mlp_norm, attn_out_norm, mlp_out_norm) = if c.gemma_norms() {
+            let after_attention = norm("post_attention_layernorm")?;
+            let after_mlp = norm("post_feedforward_layernorm")?;
+            (
+                norm("pre_feedforward_layernorm")?,
+                Some(after_attention),
+                Some(after_mlp),
+            )
+        } else {
+            (norm("post_attention_layernorm")?, None, None)
         };
         Ok(Self {
             attn,
             mlp,
-            input_norm: RmsNorm::load(vb.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-            post_attn_norm: RmsNorm::load(vb.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            input_norm: norm("input_layernorm")?,
+            pre_mlp_norm,
+            attn_out_norm,
+            mlp_out_norm,
+            kind: 0,
         })
     }
 
@@ -403,21 +503,21 @@ impl Layer {
         }
     }
 
+    /// `inputs` holds every kind's; the layer takes its own.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        inputs: &[KindInputs],
         kv: Option<(&mut KvCache, usize)>,
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
+        let KindInputs { cos, sin, mask } = &inputs[self.kind];
         let h = self
             .attn
-            .forward(&self.input_norm.forward(x)?, cos, sin, mask, kv, adapter)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?, adapter)?;
-        Ok((x + h)?)
+            .forward(&self.input_norm.forward(x)?, cos, sin, mask.as_ref(), kv, adapter)?;
+        let x = (x + norm_output(&self.attn_out_norm, h)?)?;
+        let h = self.mlp.forward(&self.pre_mlp_norm.forward(&x)?, adapter)?;
+        Ok((&x + norm_output(&self.mlp_out_norm, h)?)?)
     }
 }
 
@@ -444,7 +544,7 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scale;
         let heads = if crate::kernels::fused::fusable(&q) {
             // The query heads of each KV head stacked as rows of one matrix; the fused op
             // derives the causal (and window) mask from the shapes.
@@ -469,7 +569,15 @@ fn head_norm(attention: &VarBuilder, name: &str, c: &Config) -> Result<Option<Rm
     if !c.qk_norm() {
         return Ok(None);
     }
-    Ok(Some(RmsNorm::load(attention.pp(name), c.head_dim(), c.rms_norm_eps)?))
+    Ok(Some(load_norm(attention.pp(name), c.head_dim(), c)?))
+}
+
+/// A sublayer's output, normed when the family norms it (Gemma).
+fn norm_output(norm: &Option<RmsNorm>, h: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(norm) => Ok(norm.forward(&h)?),
+        None => Ok(h),
+    }
 }
 
 /// `heads` (.., head_dim) normed over head_dim, in a training graph too.
@@ -493,10 +601,10 @@ impl Mlp {
     fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
         let gate = self.gate.forward(x, adapter)?;
         let up = self.up.forward(x, adapter)?;
-        let h = if crate::kernels::fused::fusable(&gate) {
-            crate::kernels::fused::swiglu(&gate, &up)?
-        } else {
-            (gate.silu()? * up)?
+        let h = match self.activation {
+            Activation::Silu if crate::kernels::fused::fusable(&gate) => crate::kernels::fused::swiglu(&gate, &up)?,
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
         self.down.forward(&h, adapter)
     }

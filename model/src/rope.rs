@@ -11,11 +11,9 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The RoPE of the config's full-attention layers: `rope_theta`, scaled by `rope_scaling`.
     pub fn new(config: &Config) -> Self {
-        let dim = config.head_dim();
-        let base: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / dim as f64))
-            .collect();
+        let base = base_frequencies(config.head_dim(), config.rope_theta);
         let inv_freq = match &config.rope_scaling {
             None => base,
             Some(s) => match s.rope_type.as_str() {
@@ -33,6 +31,18 @@ impl Rope {
         };
         Self {
             inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+        }
+    }
+
+    /// The RoPE of Gemma 3's sliding layers: `rope_local_base_freq`, never scaled (the
+    /// config falls back to `rope_theta` when it has no local base).
+    pub fn local(config: &Config) -> Self {
+        let theta = config.rope_local_base_freq.unwrap_or(config.rope_theta);
+        Self {
+            inv_freq: base_frequencies(config.head_dim(), theta)
+                .into_iter()
+                .map(|f| f as f32)
+                .collect(),
         }
     }
 
@@ -67,6 +77,13 @@ impl Rope {
             Tensor::from_vec(sin, shape, device)?,
         ))
     }
+}
+
+/// theta^(-2i/dim) for each pair of features.
+fn base_frequencies(dim: usize, theta: f64) -> Vec<f64> {
+    (0..dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / dim as f64))
+        .collect()
 }
 
 /// Llama 3.1's scaling: long wavelengths are slowed by `factor`, short ones kept, and the band

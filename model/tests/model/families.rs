@@ -6,7 +6,10 @@
 //! - llama-bias: attention and MLP biases, and a head_dim that is not hidden / heads;
 //! - mistral: a sliding window shorter than the prompt;
 //! - qwen2: q/k/v biases and tied embeddings;
-//! - qwen3: RMS norms of each query and key head, and biases by `attention_bias`.
+//! - qwen3: RMS norms of each query and key head, and biases by `attention_bias`;
+//! - gemma3: Gemma 3's text model: scaled embeddings, (1 + w) norms around attention and MLP,
+//!   q/k norms, GeGLU, query_pre_attn_scalar, and sliding layers with a local RoPE base beside
+//!   full layers with linear RoPE scaling.
 //!
 //! Each family also has the adapter kubetune's PEFT writer (the trainer's) made for it, in
 //! `adapter/`, loaded by `PeftModel.from_pretrained` with PEFT's logits beside it
@@ -36,7 +39,10 @@ struct Case {
 
 const TOLERANCE: f32 = 1e-4;
 
-const FAMILIES: &[&str] = &["llama3", "llama-bias", "mistral", "qwen2", "qwen3"];
+/// bf16 keeps 8 bits of mantissa: logits of these tiny models move by a few hundredths.
+const BF16_TOLERANCE: f32 = 0.1;
+
+const FAMILIES: &[&str] = &["llama3", "llama-bias", "mistral", "qwen2", "qwen3", "gemma3"];
 
 fn read_reference(path: &Path) -> Reference {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -91,6 +97,30 @@ fn check_family(name: &str) {
         );
     }
     check_batched_decode(name, &model, &reference);
+    check_unfused_path(name, &dir, &reference);
+}
+
+/// The same logits in bf16, where attention takes the path with mask tensors per layer kind
+/// (as on a GPU) instead of the fused f32 kernels; within bf16's rounding.
+fn check_unfused_path(name: &str, dir: &Path, reference: &Reference) {
+    let options = LoadOptions {
+        dtype: candle_core::DType::BF16,
+        ..LoadOptions::on(Device::Cpu, BaseFormat::Dense)
+    };
+    let (_, model) = load_model(dir, &options).expect("load in bf16");
+    for (n, case) in reference.cases.iter().enumerate() {
+        let ids = Tensor::new(case.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&ids, 0, None, None).expect("forward in bf16");
+        let logits = logits.squeeze(0).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+        let worst = worst_difference(&logits.to_vec2().unwrap(), &case.logits);
+        assert!(
+            worst < BF16_TOLERANCE,
+            "{name} case {n}: bf16 logits differ from transformers by up to {worst}"
+        );
+    }
 }
 
 /// The server's batched decode step, all cases in one batch: each prompt's last token, after
@@ -147,6 +177,11 @@ fn qwen2_biases_and_tied_embeddings_match_transformers() {
 #[test]
 fn qwen3_query_and_key_norms_match_transformers() {
     check_family("qwen3");
+}
+
+#[test]
+fn gemma3_sliding_and_full_layers_with_their_own_rope_match_transformers() {
+    check_family("gemma3");
 }
 
 /// The adapter written for each family, loaded by PEFT, gives PEFT's logits here too; the
@@ -207,13 +242,20 @@ fn the_adapter_written_for_each_family_loads_in_peft_with_the_same_logits() {
     }
 }
 
-/// Qwen3 trains through candle's graph (the hand-written layers have no q/k norms): the
-/// gradient it reports for an A entry of q_proj, whose path runs through q_norm, agrees with
-/// the loss's finite difference.
+/// Qwen3 and Gemma 3 train through candle's graph (the hand-written layers are Llama's): the
+/// gradient reported for A entries of q_proj, whose path runs through the q norm (and, in
+/// Gemma, the norms after attention and the MLP's GeGLU), agrees with the loss's finite
+/// difference.
 #[test]
-fn qwen3_adapter_gradients_through_the_query_norm_match_finite_differences() {
+fn adapter_gradients_of_families_trained_through_the_graph_match_finite_differences() {
+    for name in ["qwen3", "gemma3"] {
+        check_gradient_by_finite_differences(name);
+    }
+}
+
+fn check_gradient_by_finite_differences(name: &str) {
     let (config, model) =
-        load_model(&family_dir("qwen3"), &LoadOptions::on(Device::Cpu, BaseFormat::Dense)).expect("load");
+        load_model(&family_dir(name), &LoadOptions::on(Device::Cpu, BaseFormat::Dense)).expect("load");
     let (adapter, vars) = random_adapter(&config, 2, 4.0, 0.0);
     let input: Vec<u32> = (0..12).map(|i| 4 + (i * 37) % 120).collect();
     let targets: Vec<u32> = input.iter().skip(1).chain([&5]).copied().collect();
@@ -234,34 +276,34 @@ fn qwen3_adapter_gradients_through_the_query_norm_match_finite_differences() {
         first_row: 0,
     };
     let (_, grads) = model.loss_backward(&batch, &active, 1.0, 12).expect("backward");
-    let var = &vars
-        .iter()
-        .find(|v| v.name.contains("layers.0.self_attn.q_proj.lora_A"))
-        .expect("q_proj A")
-        .var;
-    let grad: Vec<f32> = grads
-        .get(var.as_tensor())
-        .expect("gradient")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let original: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    let loss_with = |entry: usize, delta: f32| -> f64 {
-        let mut values = original.clone();
-        values[entry] += delta;
-        var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
+    for module in ["layers.0.self_attn.q_proj.lora_A", "layers.1.mlp.gate_proj.lora_A"] {
+        let var = &vars.iter().find(|v| v.name.contains(module)).expect("pair").var;
+        let grad: Vec<f32> = grads
+            .get(var.as_tensor())
+            .expect("gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
             .unwrap();
-        let (loss, _) = model.loss_backward(&batch, &active, 1.0, 12).expect("loss");
-        loss
-    };
-    let eps = 1e-2;
-    for entry in [0, 7, 40] {
-        let numeric = (loss_with(entry, eps) - loss_with(entry, -eps)) / (2.0 * eps as f64);
-        let reported = grad[entry] as f64;
-        assert!(
-            (numeric - reported).abs() <= 2e-2 * reported.abs().max(1e-2),
-            "entry {entry}: finite difference {numeric}, gradient {reported}"
-        );
+        let original = var.as_tensor().copy().unwrap();
+        let values: Vec<f32> = original.flatten_all().unwrap().to_vec1().unwrap();
+        let loss_with = |entry: usize, delta: f32| -> f64 {
+            let mut changed = values.clone();
+            changed[entry] += delta;
+            var.set(&Tensor::from_vec(changed, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let (loss, _) = model.loss_backward(&batch, &active, 1.0, 12).expect("loss");
+            loss
+        };
+        let eps = 1e-2;
+        for entry in [0, 7, 40] {
+            let numeric = (loss_with(entry, eps) - loss_with(entry, -eps)) / (2.0 * eps as f64);
+            let reported = grad[entry] as f64;
+            assert!(
+                (numeric - reported).abs() <= 2e-2 * reported.abs().max(1e-2),
+                "{name} {module} entry {entry}: finite difference {numeric}, gradient {reported}"
+            );
+        }
+        var.set(&original).unwrap();
     }
 }

@@ -87,12 +87,33 @@ FAMILIES = {
             rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
         ),
     ),
+    # Gemma 3 (text): embeddings scaled by sqrt(hidden), (1 + w) norms before and after both
+    # attention and MLP, q/k norms, GeGLU (tanh GELU), attention scaled by
+    # query_pre_attn_scalar, sliding-window layers beside full ones, each kind with its own
+    # RoPE (linear scaling on the full layers, as the 4B and larger models have).
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            num_hidden_layers=3,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters=dict(
+                full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+                sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+            ),
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        ),
+    ),
 }
 
 
 def make(name, cls, extra, out):
     torch.manual_seed(sum(map(ord, name)))
-    config = cls(**COMMON, **extra)
+    config = cls(**{**COMMON, **extra})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Random init leaves norms at 1 and biases at 0, which would hide a wrong norm or bias:
     # perturb every parameter.
