@@ -7,8 +7,41 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Spec fields that reach the trainer pod: its template, or the job description in its
+/// environment. A Job's pod template cannot change, so these cannot take effect once the trainer
+/// Job exists; the schema makes them immutable (one CEL rule each, naming the field, added by
+/// [`crate::all_crds`]) rather than let an edit be silently ignored.
+pub const FINETUNEJOB_IMMUTABLE_FIELDS: &[&str] = &[
+    "baseModel",
+    "method",
+    "lora",
+    "quantization",
+    "dataset",
+    "training",
+    "output",
+    "evaluation",
+    "image",
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "priorityClassName",
+    "serviceAccountName",
+    "imagePullSecrets",
+    "storageSecretRef",
+];
+
+/// Spec fields the operator copies onto the existing trainer Job, so they may change at any time.
+pub const FINETUNEJOB_MUTABLE_FIELDS: &[&str] = &[
+    "suspend",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+];
+
 /// A LoRA or QLoRA fine-tuning run of a base model on a dataset, producing a new version of a
-/// named adapter in the adapter registry.
+/// named adapter in the adapter registry. Only suspend, backoffLimit, activeDeadlineSeconds and
+/// ttlSecondsAfterFinished may change once it exists; the rest is fixed in the trainer pod.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kubetune.dev",
@@ -61,13 +94,12 @@ pub struct FineTuneJobSpec {
     pub quantization: Option<QuantizationSpec>,
     /// The training data.
     pub dataset: DatasetSpec,
-    /// Optimisation settings. Immutable once the job exists.
+    /// Optimisation settings.
     pub training: TrainingSpec,
     /// Where the adapter goes.
     pub output: OutputSpec,
     /// How the adapter is judged against its base model on the held-out data, after training
-    /// and before publishing. Unset: no judgement beyond the evaluation loss in progress. Read
-    /// when the trainer Job is created: later changes do not reach a job already started.
+    /// and before publishing. Unset: no judgement beyond the evaluation loss in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<EvaluationSpec>,
     /// Trainer container image; the operator's configured default when unset.
@@ -234,10 +266,6 @@ pub enum DatasetFormat {
         "rule": "has(self.epochs) || has(self.maxSteps)",
         "message": "spec.training: set epochs (>= 1) or maxSteps (>= 1)",
         "reason": "FieldValueRequired"
-    },
-    {
-        "rule": "self == oldSelf",
-        "message": "spec.training is immutable once the FineTuneJob is created; create a new job instead"
     }
 ]))]
 pub struct TrainingSpec {

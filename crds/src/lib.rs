@@ -1,7 +1,8 @@
 //! kubetune's Kubernetes API (group `kubetune.dev`, version `v1alpha1`).
 //!
 //! The doc comments on these types become the field descriptions of the generated CRDs, and the
-//! `schemars` attributes their OpenAPI bounds and CEL rules: validation lives in the schema, so
+//! `schemars` attributes their OpenAPI bounds and CEL rules (the FineTuneJob's immutability
+//! rules come from a list, [`FINETUNEJOB_IMMUTABLE_FIELDS`]): validation lives in the schema, so
 //! the API server rejects a bad spec at `kubectl apply` time with the field's name.
 
 pub mod common;
@@ -23,10 +24,47 @@ pub const GROUP: &str = "kubetune.dev";
 
 /// Every CRD kubetune defines, in the order they are installed.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![FineTuneJob::crd(), ModelDeployment::crd()]
-        .into_iter()
-        .map(with_kubernetes_formats)
-        .collect()
+    vec![
+        with_immutable_fields(FineTuneJob::crd(), "FineTuneJob", FINETUNEJOB_IMMUTABLE_FIELDS),
+        ModelDeployment::crd(),
+    ]
+    .into_iter()
+    .map(with_kubernetes_formats)
+    .collect()
+}
+
+/// The CEL transition rule that keeps spec field `field` as it was: set with the same value, or
+/// unset as before. It is evaluated on updates only (it reads `oldSelf`).
+pub fn immutable_rule(kind: &str, field: &str) -> serde_json::Value {
+    serde_json::json!({
+        "rule": format!("has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"),
+        "message": format!("spec.{field} is immutable once the {kind} is created; create a new {kind} instead"),
+        "fieldPath": format!(".{field}"),
+    })
+}
+
+/// Adds an [`immutable_rule`] for each of `fields` to the spec's x-kubernetes-validations. At the
+/// spec rather than on each field: a rule on an optional field runs only when the old and new
+/// objects both have it, so it could not refuse setting or removing the field.
+fn with_immutable_fields(crd: CustomResourceDefinition, kind: &str, fields: &[&str]) -> CustomResourceDefinition {
+    let mut value = serde_json::to_value(&crd).expect("CRD serialises to JSON");
+    for version in value["spec"]["versions"].as_array_mut().into_iter().flatten() {
+        let spec = &mut version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let properties = spec["properties"].as_object().cloned().unwrap_or_default();
+        let rules = spec
+            .as_object_mut()
+            .expect("the spec schema is an object")
+            .entry("x-kubernetes-validations")
+            .or_insert_with(|| serde_json::json!([]));
+        for field in fields {
+            assert!(properties.contains_key(*field), "{kind} has no spec.{field}");
+            rules
+                .as_array_mut()
+                .expect("x-kubernetes-validations is a list")
+                .push(immutable_rule(kind, field));
+        }
+    }
+    serde_json::from_value(value).expect("CRD with rules deserialises")
 }
 
 /// schemars marks unsigned integers with the formats `uint32` / `uint64`, which the API server
@@ -85,6 +123,60 @@ mod tests {
     /// The schema at a dotted path of spec properties, e.g. `output.registry`.
     fn field<'a>(spec: &'a Value, path: &str) -> &'a Value {
         path.split('.').fold(spec, |s, name| &s["properties"][name])
+    }
+
+    /// The spec's CEL rules, as (rule, message, fieldPath).
+    fn rules(spec: &Value) -> Vec<(String, String, String)> {
+        spec["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+                (text("rule"), text("message"), text("fieldPath"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_finetunejob_field_that_reaches_the_trainer_pod_is_immutable_naming_the_field() {
+        let spec = spec_schema("FineTuneJob");
+        let rules = rules(&spec);
+        for field in FINETUNEJOB_IMMUTABLE_FIELDS {
+            let rule = format!(
+                "has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+            );
+            let found = rules.iter().find(|(r, _, _)| *r == rule);
+            let (_, message, path) = found.unwrap_or_else(|| panic!("no immutability rule for spec.{field}"));
+            assert_eq!(
+                message,
+                &format!("spec.{field} is immutable once the FineTuneJob is created; create a new FineTuneJob instead")
+            );
+            assert_eq!(path, &format!(".{field}"));
+        }
+        for field in FINETUNEJOB_MUTABLE_FIELDS {
+            assert!(
+                !rules.iter().any(|(r, _, _)| r.contains(&format!("oldSelf.{field}"))),
+                "spec.{field} is copied onto the Job and must stay mutable"
+            );
+        }
+    }
+
+    #[test]
+    fn every_finetunejob_spec_field_is_either_immutable_or_copied_onto_the_job() {
+        // A new field must be classified: either the operator makes it take effect on the
+        // existing Job (and lists it as mutable), or it is immutable.
+        let spec = spec_schema("FineTuneJob");
+        let mut fields: Vec<&str> = spec["properties"]
+            .as_object()
+            .expect("spec properties")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort();
+        let mut classified: Vec<&str> = [FINETUNEJOB_IMMUTABLE_FIELDS, FINETUNEJOB_MUTABLE_FIELDS].concat();
+        classified.sort();
+        assert_eq!(fields, classified);
     }
 
     #[test]

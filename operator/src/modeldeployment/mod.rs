@@ -25,7 +25,7 @@ use kubetune_storage::{Credentials, Registry, Storage};
 use resolve::Unresolved;
 use rollout::{plan, CanaryPolicy, PodView, Policy, Step};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +96,19 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             {
                 r.failed_attempts = Some(r.failed_attempts.unwrap_or(0) + 1);
                 r.message = Some(message);
+            }
+        }
+    }
+
+    // An adapter removed from the spec leaves the running pods too, not only the adapters file.
+    let named: BTreeSet<&str> = md.spec.adapters.iter().map(|a| a.name.as_str()).collect();
+    for rollout::Unload { pod, adapter } in rollout::unloads(&named, &pods.views) {
+        match unload(&ctx, &pods.ips, &pod, &adapter).await {
+            Ok(()) => {
+                tracing::info!(modeldeployment = %key, %pod, %adapter, "unloaded an adapter no longer in the spec")
+            }
+            Err(message) => {
+                tracing::warn!(modeldeployment = %key, %pod, %adapter, %message, "adapter unload failed")
             }
         }
     }
@@ -553,6 +566,22 @@ async fn load(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter:
         .pod_http
         .send(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body))
         .await?;
+    if (200..300).contains(&reply.status) {
+        Ok(())
+    } else {
+        Err(format!(
+            "pod {pod} answered HTTP {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        ))
+    }
+}
+
+/// Asks one pod to stop serving an adapter; Err carries the server's own explanation.
+async fn unload(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter: &str) -> Result<(), String> {
+    let ip = ips.get(pod).ok_or_else(|| format!("pod {pod} has no IP"))?;
+    let path = format!("/v1/adapters/{adapter}");
+    let reply = ctx.pod_http.send(Method::DELETE, ip, SERVER_PORT, &path, None).await?;
     if (200..300).contains(&reply.status) {
         Ok(())
     } else {

@@ -5,7 +5,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kubetune_crds::server_contract::{AdaptersFile, ServedAdapter};
 use kubetune_crds::{CanaryStatus, RolloutState, RolloutStatus, ServingCounters};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What one server pod reports through `GET /v1/models` (and `/metrics` during a canary).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -81,6 +81,34 @@ fn load_where_missing(pods: &[&PodView], adapter: &ServedAdapter) -> Vec<Step> {
         .map(|p| Step::Load {
             pod: p.name.clone(),
             adapter: adapter.clone(),
+        })
+        .collect()
+}
+
+/// An adapter a pod serves under a name that spec.adapters no longer has.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unload {
+    pub pod: String,
+    pub adapter: String,
+}
+
+/// The adapters to unload from running pods: those served under a name `named` no longer holds
+/// (removed from spec.adapters). Pods that start later do not load them anyway (the promoted
+/// adapters file follows the spec), but running pods keep what they hot-loaded until told.
+/// By name, not by version: a version change is a rollout, and an adapter that cannot be
+/// resolved keeps serving its promoted version.
+pub fn unloads(named: &BTreeSet<&str>, pods: &[PodView]) -> Vec<Unload> {
+    pods.iter()
+        .filter(|p| p.ready)
+        .flat_map(|p| {
+            p.served
+                .iter()
+                .flat_map(|served| served.keys())
+                .filter(|name| !named.contains(name.as_str()))
+                .map(|name| Unload {
+                    pod: p.name.clone(),
+                    adapter: name.clone(),
+                })
         })
         .collect()
 }
@@ -424,6 +452,38 @@ mod tests {
             served: Some(served.unwrap_or_default()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_adapter_removed_from_the_spec_is_unloaded_from_every_ready_pod_and_the_others_stay() {
+        let mut both = pod("p1", Some(2));
+        both.served
+            .get_or_insert_with(Default::default)
+            .insert("old".into(), (1, "sha256:1".into()));
+        let starting = PodView {
+            ready: false,
+            ..both.clone()
+        };
+        let silent = PodView {
+            served: None,
+            ..pod("p3", None)
+        };
+        let pods = [both, pod("p2", Some(1)), starting, silent];
+        assert_eq!(
+            unloads(&BTreeSet::from(["bot"]), &pods),
+            [Unload {
+                pod: "p1".into(),
+                adapter: "old".into()
+            }],
+            "only `old` is gone from the spec; a pod not ready or not answering is left alone"
+        );
+        assert_eq!(
+            unloads(&BTreeSet::new(), &pods)
+                .iter()
+                .map(|u| (u.pod.as_str(), u.adapter.as_str()))
+                .collect::<Vec<_>>(),
+            [("p1", "bot"), ("p1", "old"), ("p2", "bot")]
+        );
     }
 
     fn hot(max_attempts: u32) -> Policy {
