@@ -1,8 +1,9 @@
 //! The product end to end on a cluster, with the operator installed from the chart: fine-tune
 //! the tiny model into an adapter, serve it, roll out a new version under load, survive a broken
 //! one, scale out, promote a version through a canary and clean up. Along the way: a bad
-//! dataset, suspend/resume, an operator restart in the middle of a run, and a trainer pod killed
-//! mid-run that resumes from its checkpoint.
+//! dataset, suspend/resume, an operator restart in the middle of a run, a trainer pod killed
+//! mid-run that resumes from its checkpoint, and an evaluation gate (`spec.evaluation`) that one
+//! version passes and an undertrained one fails without publishing.
 //!
 //! One test function on purpose: the operator watches every namespace, so two installs at once
 //! would both reconcile the same objects (an install holds `tools::OPERATOR_LOCK` against every
@@ -17,7 +18,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::discovery::Discovery;
 use kube::Client;
-use kubetune_crds::{FineTuneJob, FineTuneJobPhase, ModelDeployment, RolloutState};
+use kubetune_crds::{EvaluationMetric, FineTuneJob, FineTuneJobPhase, ModelDeployment, RolloutState};
 use kubetune_e2e::pods::{chat, http, ready_pod_ips, served_models};
 use kubetune_e2e::store::{create_storage_secret, registry, storage, upload, BUCKET};
 use kubetune_e2e::{
@@ -180,6 +181,7 @@ async fn finetune_serve_roll_out_and_roll_back() -> Result<()> {
     killed_trainer_resumes_from_its_checkpoint(&env).await?;
     serves_the_fine_tuned_answers(&env).await?;
     new_version_rolls_out_under_load(&env).await?;
+    adapter_short_of_its_evaluation_gate_fails_and_publishes_nothing(&env).await?;
     broken_version_is_rolled_back(&env).await?;
     scale_out_serves_the_same_version(&env).await?;
     canary_promotes_a_healthy_version(&env).await?;
@@ -516,10 +518,41 @@ impl Load {
     }
 }
 
+/// `spec.evaluation` as both gated jobs ask it: the adapter must answer at least half of the
+/// held-out questions (the training file itself) exactly right more than the base model does.
+/// The tiny random base model answers none; an adapter trained to the end answers nearly all.
+fn evaluation_gate() -> Value {
+    json!({"metric": "exactMatch", "minImprovement": MIN_IMPROVEMENT})
+}
+
+const MIN_IMPROVEMENT: f64 = 0.5;
+
+/// The base model's and the adapter's exact-match scores in a job's status.evaluation, after
+/// checking that they were measured on every held-out question under the gate's metric.
+fn evaluated_scores(ftj: &FineTuneJob) -> Result<(f64, f64)> {
+    let evaluation = ftj
+        .status
+        .as_ref()
+        .and_then(|s| s.evaluation.clone())
+        .context("status.evaluation")?;
+    assert_eq!(evaluation.metric, Some(EvaluationMetric::ExactMatch), "{evaluation:#?}");
+    assert_eq!(evaluation.examples as usize, facts()?.len(), "{evaluation:#?}");
+    assert!(
+        evaluation.base.loss.is_some() && evaluation.adapter.loss.is_some(),
+        "the held-out loss is always evaluated: {evaluation:#?}"
+    );
+    let base = evaluation.base.score.context("status.evaluation.base.score")?;
+    let adapter = evaluation.adapter.score.context("status.evaluation.adapter.score")?;
+    Ok((base, adapter))
+}
+
+/// A new version, published only after it passed its evaluation gate, rolls out under load.
 async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
     let ips = env.server_ips().await?;
     let load = Load::start(ips.clone())?;
-    env.apply(&env.finetunejob("support-v2", "v2.jsonl")?).await?;
+    let mut ftj = env.finetunejob("support-v2", "v2.jsonl")?;
+    ftj["spec"]["evaluation"] = evaluation_gate();
+    env.apply(&ftj).await?;
     let done = env
         .wait_ftj(
             "support-v2",
@@ -532,6 +565,25 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
         Some(2),
         "{:#?}",
         done.status
+    );
+    // It passed the gate: judged against the base model, it beat it by at least minImprovement,
+    // and the version it published records the same judgement.
+    let (base, adapter) = evaluated_scores(&done)?;
+    assert!(
+        adapter - base >= MIN_IMPROVEMENT,
+        "published although the adapter scored {adapter} against the base model's {base}"
+    );
+    let v2 = registry(&env.uri("registry"))?
+        .resolve(&format!("{ADAPTER}@2").parse::<AdapterRef>()?)
+        .await?;
+    let recorded = v2
+        .manifest
+        .metrics
+        .evaluation
+        .context("v2's manifest records its evaluation")?;
+    assert_eq!(
+        (recorded.base.score, recorded.adapter.score),
+        (Some(base), Some(adapter))
     );
 
     let mds: Api<ModelDeployment> = env.ns.api();
@@ -551,6 +603,58 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
     no_failed_request(load, "rollout").await?;
     every_pod_serves(&ips, 2).await?;
     right_answers(&http()?, &ips[0], &v2_facts(&facts()?)).await
+}
+
+/// A job whose adapter falls short of `evaluation.minImprovement` fails for good with reason
+/// EvaluationBelowThreshold, shows the scores that failed it, and publishes nothing: the
+/// registry keeps v2 as its newest version and the deployment following `latest` stays on it.
+/// One training step cannot teach the tiny model answers to the letter: the adapter is no better
+/// than the base model at them.
+async fn adapter_short_of_its_evaluation_gate_fails_and_publishes_nothing(env: &Env) -> Result<()> {
+    let registry = registry(&env.uri("registry"))?;
+    let versions = || async {
+        anyhow::Ok(
+            registry
+                .list(ADAPTER)
+                .await?
+                .iter()
+                .map(|a| a.version)
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(versions().await?, [1, 2]);
+    let mut ftj = env.finetunejob("support-gate", "v2.jsonl")?;
+    ftj["spec"]["training"]["epochs"] = Value::Null;
+    ftj["spec"]["training"]["maxSteps"] = json!(1);
+    ftj["spec"]["evaluation"] = evaluation_gate();
+    env.apply(&ftj).await?;
+    let done = env
+        .wait_ftj(
+            "support-gate",
+            "Failed",
+            &[FineTuneJobPhase::Failed, FineTuneJobPhase::Succeeded],
+        )
+        .await?;
+    let status = done.status.clone().context("status")?;
+    assert_eq!(status.phase, Some(FineTuneJobPhase::Failed), "{status:#?}");
+    let (reason, message) = ftj_condition(&done, "Failed").context("a Failed condition")?;
+    assert_eq!(reason, "EvaluationBelowThreshold", "{message}");
+    assert!(
+        message.contains("minImprovement"),
+        "the message names the field: {message}"
+    );
+    let (base, adapter) = evaluated_scores(&done)?;
+    assert!(
+        adapter - base < MIN_IMPROVEMENT,
+        "failed although the adapter scored {adapter} against the base model's {base}"
+    );
+    // Final: the trainer's exit code fails the Job at once instead of training it again.
+    assert_eq!(status.retries.unwrap_or(0), 0, "{status:#?}");
+    assert_eq!(status.adapter, None, "{status:#?}");
+    assert_eq!(versions().await?, [1, 2], "nothing was published");
+    let md = env.ns.api::<ModelDeployment>().get("support").await?;
+    assert_eq!(serving_version(&md), Some(2), "{:#?}", md.status);
+    Ok(())
 }
 
 /// Publishes the files of version `from` again, as the next version.
