@@ -106,6 +106,11 @@ fn default_values_render_the_operator_with_leader_election_and_a_locked_down_pod
     );
     assert_eq!(env(c, "KUBETUNE_GPU_RESOURCE")["value"], "nvidia.com/gpu");
     assert_eq!(
+        env(c, "KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS")["value"],
+        "300",
+        "trainer pods get time to upload a checkpoint on SIGTERM"
+    );
+    assert_eq!(
         env(c, "KUBETUNE_REGISTRY"),
         Value::Null,
         "no default registry unless set"
@@ -222,6 +227,7 @@ fn nondefault_values_reach_the_manifests() -> Result<()> {
         ("KUBETUNE_GPU_MEMORY_LABEL", "amd.com/gpu.vram"),
         ("KUBETUNE_SCRATCH_SIZE", "200Gi"),
         ("KUBETUNE_TRAINER_METRICS_PORT", "9191"),
+        ("KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS", "900"),
         ("RUST_LOG", "debug"),
         ("KUBETUNE_EXTRA", "1"),
     ] {
