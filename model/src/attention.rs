@@ -20,6 +20,28 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor
     in_blocks(q, k, v, mask, scale, block_rows(q, k.dim(2)?)?)
 }
 
+/// Gemma 2's attention: softmax(cap * tanh(scale q kᵀ / cap) + mask) v, in candle's graph.
+/// It holds the whole (b, h, t, T) scores, unlike [`attention`]; the blocked kernels have no
+/// cap, and no other family needs one.
+pub(crate) fn softcapped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+    let mut scores = ((scores / cap)?.tanh()? * cap)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    }
+    // candle's fused softmax has no backward; this one is made of differentiable ops.
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    Ok(probs.matmul(v)?)
+}
+
 /// [`attention`] with `per` query rows per block.
 fn in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, per: usize) -> Result<Tensor> {
     let (out, lse) = forward(q, k, v, mask, scale, per)?;

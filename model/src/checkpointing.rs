@@ -184,7 +184,7 @@ impl CausalLm {
         head: &BaseWeight,
     ) -> Result<(f64, Tensor)> {
         let rows = Var::from_tensor(rows)?;
-        let logits = frozen_matmul(&self.norm.forward(rows.as_tensor())?, head)?;
+        let logits = self.cap_logits(frozen_matmul(&self.norm.forward(rows.as_tensor())?, head)?)?;
         let sum = weighted_nll(&logits, targets, weights)?;
         let loss = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let store = (sum * scale)?.backward()?;
@@ -242,7 +242,7 @@ impl CausalLm {
         let mut total: Option<Tensor> = None;
         for start in (0..rows).step_by(chunk) {
             let len = chunk.min(rows - start);
-            let logits = frozen_matmul(&flat.narrow(0, start, len)?, &head)?;
+            let logits = self.cap_logits(frozen_matmul(&flat.narrow(0, start, len)?, &head)?)?;
             let sum = weighted_nll(
                 &logits,
                 &batch.targets.narrow(0, start, len)?,

@@ -1,5 +1,5 @@
-//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral, Qwen2, Qwen3
-//! and Gemma 3 share.
+//! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral, Qwen2, Qwen3,
+//! Gemma 2 and Gemma 3 share.
 //! Unknown fields are ignored (HF configs carry many that do not affect the forward pass), but
 //! every field that changes the maths is either honoured or rejected, never silently dropped:
 //! transformers 5's `rope_parameters` is read, and [`UNSUPPORTED_KEYS`] are refused by name.
@@ -60,6 +60,12 @@ pub struct Config {
     /// and `rope_scaling`). transformers 5 writes it as `rope_parameters.sliding_attention`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
+    /// Gemma 2: scores become cap * tanh(scores / cap) before the mask and softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: the logits become cap * tanh(logits / cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
     /// EmbeddingGemma's bidirectional attention: refused when true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bidirectional_attention: Option<bool>,
@@ -234,17 +240,11 @@ fn sliding_rope_theta(
     Ok(Some(theta))
 }
 
-/// Keys that change the maths of families or variants this crate does not implement (Gemma 2's
-/// soft-capping, partial rotary embeddings, the q/k norm switches of other families; Qwen3's
-/// and Gemma 3's q/k norms come with their `model_type`): refused by name when set, rather
-/// than ignored.
-const UNSUPPORTED_KEYS: &[&str] = &[
-    "final_logit_softcapping",
-    "attn_logit_softcapping",
-    "partial_rotary_factor",
-    "use_qk_norm",
-    "qk_layernorm",
-];
+/// Keys that change the maths of families or variants this crate does not implement (partial
+/// rotary embeddings, the q/k norm switches of other families; Qwen3's and Gemma 3's q/k norms
+/// come with their `model_type`): refused by name when set, rather than ignored. Soft-capping
+/// is Gemma's only ([`Config::validate`]).
+const UNSUPPORTED_KEYS: &[&str] = &["partial_rotary_factor", "use_qk_norm", "qk_layernorm"];
 
 fn refuse_unsupported_keys(value: &serde_json::Value, path: &Path) -> Result<()> {
     for key in UNSUPPORTED_KEYS {
@@ -266,29 +266,42 @@ fn refuse_unsupported_keys(value: &serde_json::Value, path: &Path) -> Result<()>
 }
 
 /// The architectures whose weight layout and maths this crate implements.
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", GEMMA3];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", GEMMA2, GEMMA3];
 
+/// Gemma 2 (`Gemma2ForCausalLM`).
+const GEMMA2: &str = "gemma2";
 /// Gemma 3's text model (`Gemma3ForCausalLM`).
 const GEMMA3: &str = "gemma3_text";
 
-/// Fills in what transformers assumes for a Gemma 3 config that leaves it out, so the model
-/// runs as transformers runs it: a full layer after every five sliding ones
-/// (`sliding_window_pattern`, 6), global RoPE base 1e6, local base 1e4, query scalar 256.
-fn gemma3_defaults(value: &mut serde_json::Value) {
+/// Fills in what transformers assumes for a Gemma config that leaves it out, so the model
+/// runs as transformers runs it. Gemma 2: sliding and full layers alternate, RoPE base 1e4,
+/// soft-capping at 50 (scores) and 30 (logits) unless set to null. Gemma 3: a full layer after
+/// every five sliding ones (`sliding_window_pattern`, 6), global RoPE base 1e6, local base 1e4.
+/// Both: query scalar 256.
+fn gemma_defaults(value: &mut serde_json::Value) {
     let Some(obj) = value.as_object_mut() else {
         return;
     };
-    if obj.get("model_type").and_then(|t| t.as_str()) != Some(GEMMA3) {
-        return;
-    }
-    obj.entry("rope_theta").or_insert(1_000_000.0.into());
-    obj.entry("rope_local_base_freq").or_insert(10_000.0.into());
+    let default_pattern = match obj.get("model_type").and_then(|t| t.as_str()) {
+        Some(GEMMA2) => {
+            obj.entry("rope_theta").or_insert(10_000.0.into());
+            obj.entry("attn_logit_softcapping").or_insert(50.0.into());
+            obj.entry("final_logit_softcapping").or_insert(30.0.into());
+            2
+        }
+        Some(GEMMA3) => {
+            obj.entry("rope_theta").or_insert(1_000_000.0.into());
+            obj.entry("rope_local_base_freq").or_insert(10_000.0.into());
+            6
+        }
+        _ => return,
+    };
     obj.entry("query_pre_attn_scalar").or_insert(256.into());
     if obj.get("layer_types").is_none_or(|t| t.is_null()) {
         let pattern = ["sliding_window_pattern", "_sliding_window_pattern"]
             .iter()
             .find_map(|k| obj.get(*k).and_then(|v| v.as_u64()))
-            .unwrap_or(6);
+            .unwrap_or(default_pattern);
         let layers = obj.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0);
         let kind = |i: u64| {
             if pattern != 0 && !i.is_multiple_of(pattern) {
@@ -361,7 +374,7 @@ impl Config {
         };
         let mut value: serde_json::Value = serde_json::from_str(text).map_err(json)?;
         rope_parameters_to_fields(&mut value, path)?;
-        gemma3_defaults(&mut value);
+        gemma_defaults(&mut value);
         refuse_unsupported_keys(&value, path)?;
         let config: Config = serde_json::from_value(value).map_err(json)?;
         config.validate(path)?;
@@ -422,10 +435,12 @@ impl Config {
                 "bidirectional attention (an embedding model) is not supported".into(),
             ));
         }
-        if self.model_type != GEMMA3 {
+        if !self.gemma_norms() {
             for (field, set) in [
                 ("query_pre_attn_scalar", self.query_pre_attn_scalar.is_some()),
                 ("rope_local_base_freq", self.rope_local_base_freq.is_some()),
+                ("attn_logit_softcapping", self.attn_logit_softcapping.is_some()),
+                ("final_logit_softcapping", self.final_logit_softcapping.is_some()),
             ] {
                 if set {
                     return Err(bad(
@@ -435,8 +450,14 @@ impl Config {
                 }
             }
         }
-        if let Some(scalar) = self.query_pre_attn_scalar.filter(|s| s.is_nan() || *s <= 0.0) {
-            return Err(bad("query_pre_attn_scalar", format!("{scalar} must be positive")));
+        for (field, value) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(v) = value.filter(|v| v.is_nan() || *v <= 0.0) {
+                return Err(bad(field, format!("{v} must be positive")));
+            }
         }
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
@@ -526,12 +547,12 @@ impl Config {
     /// Gemma's norms multiply by (1 + w), and each layer norms the outputs of attention and
     /// of the MLP as well as their inputs (four norms a layer).
     pub fn gemma_norms(&self) -> bool {
-        self.model_type == GEMMA3
+        self.model_type == GEMMA2 || self.model_type == GEMMA3
     }
 
     /// Gemma scales the embeddings by sqrt(hidden_size), rounded to the weights' dtype.
     pub fn embedding_scale(&self) -> Option<f64> {
-        (self.model_type == GEMMA3).then(|| (self.hidden_size as f64).sqrt())
+        self.gemma_norms().then(|| (self.hidden_size as f64).sqrt())
     }
 
     /// The factor on attention scores: 1 / sqrt(query_pre_attn_scalar) (Gemma), else
@@ -546,7 +567,7 @@ impl Config {
         let (field, name) = match (&self.hidden_activation, &self.hidden_act) {
             (Some(name), _) => ("hidden_activation", name.as_str()),
             (None, Some(name)) => ("hidden_act", name.as_str()),
-            (None, None) if self.model_type == GEMMA3 => return Ok(Activation::GeluTanh),
+            (None, None) if self.gemma_norms() => return Ok(Activation::GeluTanh),
             (None, None) => return Ok(Activation::Silu),
         };
         match name {
@@ -826,6 +847,34 @@ mod tests {
         }
     }
 
+    /// Gemma 2 configs that leave the caps out are capped as transformers caps them; null
+    /// switches a cap off.
+    #[test]
+    fn gemma2_takes_transformers_defaults_for_what_its_config_leaves_out() {
+        let base = r#""model_type":"gemma2","vocab_size":10,"hidden_size":16,"intermediate_size":16,"num_hidden_layers":4,"num_attention_heads":2,"head_dim":8,"sliding_window":4"#;
+        let c = parse(&format!("{{{base}}}")).expect("gemma2");
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (Some(50.0), Some(30.0))
+        );
+        let windows: Vec<Option<usize>> = (0..4).map(|l| c.layer_window(l)).collect();
+        assert_eq!(windows, [Some(4), None, Some(4), None]);
+        assert_eq!((c.rope_theta, c.attention_scale()), (10_000.0, 1.0 / 16.0));
+        assert!(c.gemma_norms() && !c.qk_norm() && !c.local_rope(0));
+        let uncapped = parse(&format!(
+            r#"{{{base},"attn_logit_softcapping":null,"final_logit_softcapping":null}}"#
+        ))
+        .expect("gemma2 without caps");
+        assert_eq!(
+            (uncapped.attn_logit_softcapping, uncapped.final_logit_softcapping),
+            (None, None)
+        );
+        let err = parse(&format!(r#"{{{base},"final_logit_softcapping":0.0}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("field `final_logit_softcapping`"), "{err}");
+    }
+
     #[test]
     fn what_gemma_runs_elsewhere_or_cannot_be_run_is_refused_by_name() {
         let llama = r#""model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
@@ -835,7 +884,7 @@ mod tests {
                 "field `use_bidirectional_attention`",
             ),
             (
-                format!(r#"{{{GEMMA3},"final_logit_softcapping":30.0}}"#),
+                format!(r#"{{{llama},"final_logit_softcapping":30.0}}"#),
                 "field `final_logit_softcapping`",
             ),
             (

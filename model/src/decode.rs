@@ -56,7 +56,7 @@ impl CausalLm {
             x = layer.decode(&x, cos, sin, &mut caches, i, &groups)?;
         }
         let x = self.norm.forward_inference(&x)?;
-        crate::linear::matmul_weight(&x, &self.head())
+        self.cap_logits(crate::linear::matmul_weight(&x, &self.head())?)
     }
 
     /// Every cache must belong to this model and fit one more position; returns the position
@@ -190,7 +190,8 @@ impl Attention {
     /// each allocating and some dispatching to gemm's threads: at 16 sequences that is over a
     /// thousand tiny ops per decode step. Here each row reads its cache views in place.
     fn attend_rows_cpu(&self, q: &Tensor, views: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
-        if !crate::kernels::fused::fusable(q)
+        if self.softcap.is_some()
+            || !crate::kernels::fused::fusable(q)
             || views
                 .iter()
                 .any(|(k, v)| !crate::kernels::fused::fusable(k) || !crate::kernels::fused::fusable(v))
@@ -253,7 +254,10 @@ impl Attention {
         let k = k.squeeze(0)?.narrow(1, start, len - start)?;
         let v = v.squeeze(0)?.narrow(1, start, len - start)?;
         let q = q.reshape((self.kv_heads, group, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if let Some(cap) = self.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&v)?.reshape((1, self.heads * self.head_dim))?)
     }

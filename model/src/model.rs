@@ -1,7 +1,8 @@
 //! The decoder: embeddings, N pre-norm layers (GQA attention + gated MLP), final norm, head.
 //! The families differ in small, named ways, each read from the config: q/k norms (Qwen3,
-//! Gemma 3); Gemma 3's scaled embeddings, (1 + w) norms, norms after attention and MLP, GeGLU
-//! and sliding layers with their own RoPE beside full ones.
+//! Gemma 3); Gemma's scaled embeddings, (1 + w) norms, norms after attention and MLP, GeGLU
+//! and sliding layers beside full ones (in Gemma 3 with their own RoPE); Gemma 2's soft-capped
+//! attention scores and logits.
 //!
 //! Weight names follow the HF safetensors keys (`model.layers.0.self_attn.q_proj.weight`, ...)
 //! because every tensor is fetched with `vb.pp(...)` paths that spell them out.
@@ -28,6 +29,8 @@ pub(crate) struct Attention {
     pub(crate) window: Option<usize>,
     /// The factor on the scores (see [`Config::attention_scale`]).
     pub(crate) scale: f64,
+    /// Gemma 2's cap on the scaled scores (cap * tanh(s / cap)).
+    pub(crate) softcap: Option<f64>,
     /// Qwen3's RMS norms of each query and key head, over head_dim, before RoPE.
     pub(crate) q_norm: Option<RmsNorm>,
     pub(crate) k_norm: Option<RmsNorm>,
@@ -186,7 +189,7 @@ impl CausalLm {
                 Ok(KindInputs {
                     cos: cos.to_dtype(self.dtype())?,
                     sin: sin.to_dtype(self.dtype())?,
-                    mask: self.mask(kind.window, len, offset)?,
+                    mask: self.mask(kind.window, len, offset, self.config.attn_logit_softcapping.is_some())?,
                 })
             })
             .collect()
@@ -205,7 +208,7 @@ impl CausalLm {
         let x = self.hidden(input_ids, offset, cache, adapter)?;
         let (b, t, h) = x.dims3()?;
         let logits = crate::linear::frozen_matmul(&x.reshape((b * t, h))?, &self.head())?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(self.cap_logits(logits)?.reshape((b, t, self.config.vocab_size))?)
     }
 
     /// As [`CausalLm::forward`], but only the last position's logits, (batch, vocab): a prompt's
@@ -220,8 +223,17 @@ impl CausalLm {
         crate::threads::in_pool(|| {
             let x = self.hidden(input_ids, offset, cache, adapter)?;
             let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
-            crate::linear::matmul_weight(&last, &self.head())
+            self.cap_logits(crate::linear::matmul_weight(&last, &self.head())?)
         })
+    }
+
+    /// The logits soft-capped when the family caps them (Gemma 2: cap * tanh(logits / cap)),
+    /// in a training graph too.
+    pub(crate) fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        match self.config.final_logit_softcapping {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
+        }
     }
 
     pub(crate) fn head(&self) -> std::borrow::Cow<'_, BaseWeight> {
@@ -326,9 +338,16 @@ impl CausalLm {
 
     /// Additive causal mask (seq, offset + seq), None for a single new token. Also applies a
     /// sliding `window`. None as well where attention runs through the fused causal softmax
-    /// (f32 on the CPU), which derives the same mask from the shapes.
-    pub(crate) fn mask(&self, window: Option<usize>, seq: usize, offset: usize) -> Result<Option<Tensor>> {
-        if crate::kernels::fused::fusable(&self.norm.weight) {
+    /// (f32 on the CPU), which derives the same mask from the shapes, unless `softcapped`
+    /// attention (which that kernel does not compute) needs it.
+    pub(crate) fn mask(
+        &self,
+        window: Option<usize>,
+        seq: usize,
+        offset: usize,
+        softcapped: bool,
+    ) -> Result<Option<Tensor>> {
+        if crate::kernels::fused::fusable(&self.norm.weight) && !softcapped {
             return Ok(None);
         }
         if seq == 1 && window.is_none_or(|w| offset < w) {
@@ -444,6 +463,7 @@ impl Layer {
             head_dim: c.head_dim(),
             window: c.layer_window(i),
             scale: c.attention_scale(),
+            softcap: c.attn_logit_softcapping,
             q_norm: head_norm(&a, "q_norm", c)?,
             k_norm: head_norm(&a, "k_norm", c)?,
         };
@@ -545,7 +565,11 @@ impl Attention {
             None => (k, v),
         };
         let scale = self.scale;
-        let heads = if crate::kernels::fused::fusable(&q) {
+        let heads = if let Some(cap) = self.softcap {
+            let k = repeat_kv(&k, self.heads / self.kv_heads)?.contiguous()?;
+            let v = repeat_kv(&v, self.heads / self.kv_heads)?.contiguous()?;
+            crate::attention::softcapped(&q, &k, &v, mask, scale, cap)?
+        } else if crate::kernels::fused::fusable(&q) {
             // The query heads of each KV head stacked as rows of one matrix; the fused op
             // derives the causal (and window) mask from the shapes.
             let grouped = q.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, self.head_dim))?;

@@ -49,7 +49,7 @@ impl CausalLm {
         let last = hidden
             .reshape((n * t, h))?
             .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        let logits = crate::linear::matmul_weight(&last, &self.head())?;
+        let logits = self.cap_logits(crate::linear::matmul_weight(&last, &self.head())?)?;
         for layer in 0..self.layers.len() {
             let (k, v) = batch.views(layer)?;
             for (i, r) in rows.iter_mut().enumerate() {

@@ -84,6 +84,8 @@ impl TinySpec {
             hidden_activation: None,
             query_pre_attn_scalar: None,
             rope_local_base_freq: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
             use_bidirectional_attention: None,
             bos_token_id: Some(BOS_ID),
             eos_token_id: Some(TokenIds::One(EOS_ID)),

@@ -7,6 +7,8 @@
 //! - mistral: a sliding window shorter than the prompt;
 //! - qwen2: q/k/v biases and tied embeddings;
 //! - qwen3: RMS norms of each query and key head, and biases by `attention_bias`;
+//! - gemma2: soft-capped attention scores and logits, alternating sliding and full layers,
+//!   and Gemma's embeddings, norms and GeGLU;
 //! - gemma3: Gemma 3's text model: scaled embeddings, (1 + w) norms around attention and MLP,
 //!   q/k norms, GeGLU, query_pre_attn_scalar, and sliding layers with a local RoPE base beside
 //!   full layers with linear RoPE scaling.
@@ -42,7 +44,7 @@ const TOLERANCE: f32 = 1e-4;
 /// bf16 keeps 8 bits of mantissa: logits of these tiny models move by a few hundredths.
 const BF16_TOLERANCE: f32 = 0.1;
 
-const FAMILIES: &[&str] = &["llama3", "llama-bias", "mistral", "qwen2", "qwen3", "gemma3"];
+const FAMILIES: &[&str] = &["llama3", "llama-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 fn read_reference(path: &Path) -> Reference {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -180,6 +182,11 @@ fn qwen3_query_and_key_norms_match_transformers() {
 }
 
 #[test]
+fn gemma2_soft_capped_scores_and_logits_match_transformers() {
+    check_family("gemma2");
+}
+
+#[test]
 fn gemma3_sliding_and_full_layers_with_their_own_rope_match_transformers() {
     check_family("gemma3");
 }
@@ -242,13 +249,13 @@ fn the_adapter_written_for_each_family_loads_in_peft_with_the_same_logits() {
     }
 }
 
-/// Qwen3 and Gemma 3 train through candle's graph (the hand-written layers are Llama's): the
-/// gradient reported for A entries of q_proj, whose path runs through the q norm (and, in
-/// Gemma, the norms after attention and the MLP's GeGLU), agrees with the loss's finite
-/// difference.
+/// Qwen3 and Gemma train through candle's graph (the hand-written layers are Llama's): the
+/// gradient reported for A entries of q_proj and gate_proj, whose paths run through the q norm
+/// (Qwen3, Gemma 3), the soft-caps (Gemma 2), the norms after attention and MLP and the GeGLU
+/// (Gemma), agrees with the loss's finite difference.
 #[test]
 fn adapter_gradients_of_families_trained_through_the_graph_match_finite_differences() {
-    for name in ["qwen3", "gemma3"] {
+    for name in ["qwen3", "gemma2", "gemma3"] {
         check_gradient_by_finite_differences(name);
     }
 }

@@ -87,6 +87,24 @@ FAMILIES = {
             rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
         ),
     ),
+    # Gemma 2: soft-capped attention scores and logits (caps low enough to bite at these
+    # scales), alternating sliding and full layers with one RoPE, (1 + w) norms around
+    # attention and MLP, GeGLU, query_pre_attn_scalar.
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            num_hidden_layers=3,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        ),
+    ),
     # Gemma 3 (text): embeddings scaled by sqrt(hidden), (1 + w) norms before and after both
     # attention and MLP, q/k norms, GeGLU (tanh GELU), attention scaled by
     # query_pre_attn_scalar, sliding-window layers beside full ones, each kind with its own
