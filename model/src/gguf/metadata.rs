@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::Value;
 use serde_json::json;
 
 /// The GGUF architectures this crate runs, with the HF `model_type` each becomes.
-const ARCHITECTURES: &[(&str, &str)] = &[("llama", "llama"), ("qwen2", "qwen2")];
+const ARCHITECTURES: &[(&str, &str)] = &[("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")];
 
 /// The `<arch>.` keys read here (the suffix after the architecture's name).
 const KNOWN_KEYS: &[&str] = &[
@@ -73,8 +73,11 @@ impl Layout {
             "hidden_act": "silu",
             "torch_dtype": "float32",
         });
-        if self.model_type == "llama" {
+        // Qwen2's q/k/v always carry a bias; Llama's and Qwen3's by this flag.
+        if self.model_type != "qwen2" {
             config["attention_bias"] = json!(self.attention_bias);
+        }
+        if self.model_type == "llama" {
             config["mlp_bias"] = json!(false);
         }
         if let Some(bos) = vocab.bos_id {
@@ -90,6 +93,7 @@ impl Layout {
 fn architecture_class(model_type: &str) -> &'static str {
     match model_type {
         "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
         _ => "LlamaForCausalLM",
     }
 }

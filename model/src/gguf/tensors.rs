@@ -46,6 +46,9 @@ pub(crate) fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        // Qwen3's per-head RMS norms of queries and keys.
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -79,10 +82,16 @@ pub(crate) fn write_safetensors<R: Read + Seek>(
 ) -> Result<Written> {
     let mut names: Vec<(&str, String)> = Vec::new();
     for gguf in content.tensor_infos.keys() {
-        let hf = hf_name(gguf).ok_or_else(|| ModelError::InvalidConfig {
+        // A q/k norm in an architecture without them would be dropped at load: refused too.
+        let head_norm = |hf: &String| hf.ends_with(".q_norm.weight") || hf.ends_with(".k_norm.weight");
+        let placed = hf_name(gguf).filter(|hf| layout.model_type == "qwen3" || !head_norm(hf));
+        let hf = placed.ok_or_else(|| ModelError::InvalidConfig {
             path: path.into(),
             field: gguf.clone(),
-            reason: "is a tensor kubetune does not know how to place".into(),
+            reason: format!(
+                "is a tensor kubetune does not know how to place in a `{}` model",
+                layout.architecture
+            ),
         })?;
         names.push((gguf, hf));
     }
@@ -182,7 +191,11 @@ mod tests {
             hf_name("blk.0.ffn_down.weight").as_deref(),
             Some("model.layers.0.mlp.down_proj.weight")
         );
-        assert_eq!(hf_name("blk.0.attn_q_norm.weight"), None);
+        assert_eq!(
+            hf_name("blk.0.attn_q_norm.weight").as_deref(),
+            Some("model.layers.0.self_attn.q_norm.weight")
+        );
+        assert_eq!(hf_name("blk.0.post_ffw_norm.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 

@@ -192,3 +192,111 @@ fn a_tokenizer_kubetune_cannot_build_exactly_is_an_error_naming_the_key() {
     let err = import_error(|m| set(m, "tokenizer.ggml.eos_token_id", Value::U32(99)));
     assert!(err.contains("tokenizer.ggml.eos_token_id"), "{err}");
 }
+
+/// The GGUF name llama.cpp's converter gives an HF tensor of the Llama-like layout.
+fn gguf_name(hf: &str) -> String {
+    let global = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, gguf)) = global.iter().find(|(name, _)| *name == hf) {
+        return gguf.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").expect("a layer tensor");
+    let (layer, rest) = rest.split_once('.').expect("layer index");
+    let modules = [
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ];
+    let (module, param) = rest.rsplit_once('.').expect("param");
+    let gguf = modules.iter().find(|(h, _)| *h == module).expect("known module").1;
+    format!("blk.{layer}.{gguf}.{param}")
+}
+
+/// Qwen3 from GGUF: the tiny Qwen3 checkpoint of the family tests, written as llama.cpp names
+/// and keys it (q/k norms, biases, head_dim as key_length), imports to transformers' logits.
+#[test]
+fn a_qwen3_gguf_imports_with_its_query_and_key_norms_to_transformers_logits() {
+    let family = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/families/qwen3");
+    let weights = candle_core::safetensors::load(family.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors: Vec<(String, QTensor)> = weights
+        .iter()
+        .map(|(name, t)| (gguf_name(name), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
+    let vocab: Vec<String> = (0..128).map(|i| format!("t{i}")).collect();
+    let vocab: Vec<&str> = vocab.iter().map(String::as_str).collect();
+    let mut metadata: Vec<(String, Value)> = metadata()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("llama.") && !k.starts_with("tokenizer.ggml.token"))
+        .collect();
+    let strings = |items: &[&str]| Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect());
+    for (key, value) in [
+        ("general.architecture", Value::String("qwen3".into())),
+        ("qwen3.block_count", Value::U32(2)),
+        ("qwen3.context_length", Value::U32(256)),
+        ("qwen3.embedding_length", Value::U32(32)),
+        ("qwen3.feed_forward_length", Value::U32(64)),
+        ("qwen3.attention.head_count", Value::U32(4)),
+        ("qwen3.attention.head_count_kv", Value::U32(2)),
+        ("qwen3.attention.key_length", Value::U32(16)),
+        ("qwen3.attention.value_length", Value::U32(16)),
+        ("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("qwen3.rope.freq_base", Value::F32(1e6)),
+        ("tokenizer.ggml.tokens", strings(&vocab)),
+        ("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1); 128])),
+        ("tokenizer.ggml.merges", strings(&[])),
+    ] {
+        set(&mut metadata, key, value);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir(&write_gguf(tmp.path(), &metadata, &tensors)).expect("import");
+    let (config, model) = crate::load_model(&dir, &crate::LoadOptions::default()).expect("load the import");
+    assert!(config.qk_norm() && config.qkv_bias() && config.o_bias() && config.tie_word_embeddings);
+
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(family.join("reference.json")).unwrap()).unwrap();
+    let case = &reference["cases"][0];
+    let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+    let expected: Vec<Vec<f32>> = serde_json::from_value(case["logits"].clone()).unwrap();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .forward(&ids, 0, None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let worst = logits
+        .iter()
+        .flatten()
+        .zip(expected.iter().flatten())
+        .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+    assert!(worst < 1e-4, "logits differ from transformers by up to {worst}");
+}
+
+#[test]
+fn a_query_norm_in_an_architecture_without_them_is_an_error_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tensors = tensors();
+    let ones = Tensor::ones(HIDDEN / HEADS, candle_core::DType::F32, &Device::Cpu).unwrap();
+    tensors.push((
+        "blk.0.attn_q_norm.weight".into(),
+        QTensor::quantize(&ones, GgmlDType::F32).unwrap(),
+    ));
+    let gguf = write_gguf(tmp.path(), &metadata(), &tensors);
+    let err = import(&gguf, &tmp.path().join("out")).expect_err("refused").to_string();
+    assert!(
+        err.contains("blk.0.attn_q_norm.weight") && err.contains("llama"),
+        "{err}"
+    );
+}
