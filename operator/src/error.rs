@@ -8,6 +8,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{object} has no {field}")]
     MissingField { object: String, field: &'static str },
+    /// An object the operator would create exists and belongs to someone else.
+    #[error("{0} exists and is not owned by this object; delete it or rename the object")]
+    NotOwned(String),
+    /// The operator could not make a secret (the kernel's random source failed).
+    #[error("generating {what}: {source}")]
+    Generate { what: &'static str, source: std::io::Error },
     #[error("serialising {what}: {source}")]
     Serialize {
         what: &'static str,
@@ -24,6 +30,8 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::MissingField { .. } => "missing_field",
             Error::Serialize { .. } => "serialize",
+            Error::NotOwned(_) => "not_owned",
+            Error::Generate { .. } => "generate",
         }
     }
 }

@@ -17,10 +17,11 @@ use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
     MetricTarget, PodsMetricSource,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 use kubetune_crds::server_contract::{AdaptersFile, ADAPTERS_FILE, SERVER_PORT};
 use kubetune_crds::{AutoscalingSpec, ModelDeployment};
@@ -33,6 +34,10 @@ pub const SERVER_CONTAINER: &str = "server";
 const CACHE_PATH: &str = "/var/cache/kubetune";
 /// Per-pod average an autoscaler keeps its metric at when spec.autoscaling.targetPerPod is unset.
 const DEFAULT_TARGET_PER_POD: u32 = 8;
+
+/// Where server pods read their admin key (the Secret's one item), for `--admin-api-key-file`.
+const ADMIN_KEY_DIR: &str = "/etc/kubetune/admin";
+const ADMIN_KEY_ITEM: &str = "key";
 
 /// Everything one reconcile applies.
 pub struct Children {
@@ -72,6 +77,50 @@ pub fn selector_string(md: &ModelDeployment) -> String {
 
 pub fn adapters_config_map_name(md: &ModelDeployment) -> String {
     format!("{}-adapters", md.name_any())
+}
+
+/// The Secret holding the key the operator sends to the server pods' admin API.
+pub fn admin_key_secret_name(md: &ModelDeployment) -> String {
+    format!("{}-admin-key", md.name_any())
+}
+
+/// A fresh admin key: 32 bytes from the kernel's CSPRNG, hex-encoded. Never logged.
+pub fn new_admin_key() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The admin key Secret, owned by the ModelDeployment so that it goes with it. It is created
+/// once and never applied again: a new key would lock the operator out of pods started with the
+/// old one until they restart.
+pub fn admin_key_secret(md: &ModelDeployment, key: &str) -> Result<Secret> {
+    let owner = md.controller_owner_ref(&()).ok_or_else(|| Error::MissingField {
+        object: format!("ModelDeployment {}", md.name_any()),
+        field: "metadata.uid",
+    })?;
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(admin_key_secret_name(md)),
+            namespace: md.namespace(),
+            labels: Some(labels(md)),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            ADMIN_KEY_ITEM.to_string(),
+            ByteString(key.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    })
+}
+
+/// The key an admin key Secret holds, if it holds one.
+pub fn admin_key_of(secret: &Secret) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(ADMIN_KEY_ITEM)?;
+    String::from_utf8(bytes.0.clone()).ok().filter(|k| !k.trim().is_empty())
 }
 
 /// Labels that select the inference pods.
@@ -140,6 +189,9 @@ pub fn build_children(
         ADAPTERS_FILE.into(),
         "--cache-dir".into(),
         CACHE_PATH.into(),
+        // Without it the server refuses its admin API, which the operator loads adapters through.
+        "--admin-api-key-file".into(),
+        format!("{ADMIN_KEY_DIR}/{ADMIN_KEY_ITEM}"),
     ];
     let numeric = [
         ("--max-batch", server.max_batch_size),
@@ -168,6 +220,7 @@ pub fn build_children(
             json!({"name": "adapters", "mountPath": "/etc/kubetune/adapters", "readOnly": true}),
             json!({"name": "cache", "mountPath": CACHE_PATH}),
             json!({"name": "tmp", "mountPath": "/tmp"}),
+            json!({"name": "admin-key", "mountPath": ADMIN_KEY_DIR, "readOnly": true}),
         ],
         valid.claims.volume_mounts(),
     ]
@@ -177,6 +230,12 @@ pub fn build_children(
             json!({"name": "adapters", "configMap": {"name": adapters_config_map_name(md)}}),
             json!({"name": "cache", "emptyDir": {}}),
             json!({"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}),
+            // Group-readable only: the pod's fsGroup lets the non-root server read it.
+            json!({"name": "admin-key", "secret": {
+                "secretName": admin_key_secret_name(md),
+                "items": [{"key": ADMIN_KEY_ITEM, "path": ADMIN_KEY_ITEM}],
+                "defaultMode": 0o440,
+            }}),
         ],
         valid.claims.volumes(),
     ]
@@ -443,6 +502,62 @@ mod tests {
         md.spec.placement.resources =
             Some(serde_json::from_value(json!({"requests": {"cpu": "4", "memory": "8Gi"}})).expect("resources"));
         assert_eq!(device(&md).as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn server_pods_read_the_admin_key_from_the_model_deployments_secret_mounted_read_only() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let c = children(&md, &serving());
+        let pod = c.deployment.spec.and_then(|s| s.template.spec).expect("pod");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        assert_eq!(flag(&args, "--admin-api-key-file"), ["/etc/kubetune/admin/key"]);
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "admin-key")
+            .expect("admin key volume");
+        let secret = volume.secret.as_ref().expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some(admin_key_secret_name(&md).as_str()));
+        assert_eq!(secret.default_mode, Some(0o440));
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "admin-key")
+            .expect("admin key mount");
+        assert_eq!(mount.mount_path, "/etc/kubetune/admin");
+        assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn the_admin_key_secret_is_owned_by_the_model_deployment_and_holds_the_key_it_was_built_with() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let secret = admin_key_secret(&md, "k3y").expect("builds");
+        assert_eq!(secret.metadata.name, Some(admin_key_secret_name(&md)));
+        assert_eq!(secret.metadata.namespace, md.namespace());
+        let owners = secret.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(Some(&owners[0].uid), md.metadata.uid.as_ref());
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(admin_key_of(&secret).as_deref(), Some("k3y"));
+    }
+
+    #[test]
+    fn admin_keys_are_64_hex_digits_and_differ_each_time() {
+        let (a, b) = (new_admin_key().expect("random"), new_admin_key().expect("random"));
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_secret_without_a_key_item_or_with_an_empty_one_holds_no_admin_key() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let mut secret = admin_key_secret(&md, "  ").expect("builds");
+        assert_eq!(admin_key_of(&secret), None);
+        secret.data = None;
+        assert_eq!(admin_key_of(&secret), None);
     }
 
     #[test]

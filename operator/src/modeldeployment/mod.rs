@@ -10,12 +10,15 @@ pub mod validate;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use build::{adapters_config_map_name, build_children, endpoint, selector_labels, Children};
+use build::{
+    adapters_config_map_name, admin_key_of, admin_key_secret, admin_key_secret_name, build_children, endpoint,
+    new_admin_key, selector_labels, Children,
+};
 use hyper::Method;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -83,11 +86,13 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     let previous = status::recorded_rollouts(md.status.as_ref());
     // Request counters matter only to a canary under way (or about to start).
     let canary_in_flight = policy.canary.is_some() && desired.iter().any(|a| !promoted.adapters.contains(a));
-    let pods = pod_views(&ctx, &ns, &md, canary_in_flight).await?;
+    // Before the pods are asked anything: the admin API takes only this key.
+    let admin = admin_key(&ctx, &ns, &md).await?;
+    let pods = pod_views(&ctx, &ns, &md, canary_in_flight, &admin).await?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut the_plan = plan(&desired, &promoted, &pods.views, &previous, &policy, &now);
     for Step::Load { pod, adapter } in the_plan.steps.clone() {
-        if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter).await {
+        if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter, &admin).await {
             tracing::warn!(modeldeployment = %key, %pod, adapter = %adapter.source, %message, "adapter load failed");
             if let Some(r) = the_plan
                 .rollouts
@@ -103,7 +108,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     // An adapter removed from the spec leaves the running pods too, not only the adapters file.
     let named: BTreeSet<&str> = md.spec.adapters.iter().map(|a| a.name.as_str()).collect();
     for rollout::Unload { pod, adapter } in rollout::unloads(&named, &pods.views) {
-        match unload(&ctx, &pods.ips, &pod, &adapter).await {
+        match unload(&ctx, &pods.ips, &pod, &adapter, &admin).await {
             Ok(()) => {
                 tracing::info!(modeldeployment = %key, %pod, %adapter, "unloaded an adapter no longer in the spec")
             }
@@ -435,6 +440,34 @@ where
     }
 }
 
+/// The ModelDeployment's admin key: read from its Secret, or generated into a new Secret when
+/// there is none. Never rewritten, so pods started with a key keep accepting the operator's.
+/// A Secret of that name that someone else owns is not used: its key is not ours to trust.
+async fn admin_key(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = admin_key_secret_name(md);
+    let existing = match api.get_opt(&name).await? {
+        Some(found) => Some(found),
+        None => {
+            let key = new_admin_key().map_err(|source| Error::Generate {
+                what: "an admin key",
+                source,
+            })?;
+            match api.create(&PostParams::default(), &admin_key_secret(md, &key)?).await {
+                Ok(_) => return Ok(key),
+                // Another reconcile created it since the read: use that one.
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get_opt(&name).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    existing
+        .filter(|s| owned_by(md, s))
+        .as_ref()
+        .and_then(admin_key_of)
+        .ok_or_else(|| Error::NotOwned(format!("Secret {ns}/{name}")))
+}
+
 async fn open_registry(
     ctx: &Context,
     ns: &str,
@@ -470,7 +503,7 @@ struct Pods {
 }
 
 /// What each server pod serves, asked of the pod itself.
-async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters: bool) -> Result<Pods> {
+async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters: bool, key: &str) -> Result<Pods> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let selector = selector_labels(md)
         .iter()
@@ -493,7 +526,7 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters:
         let served = match (&status.pod_ip, ready) {
             (Some(ip), true) => {
                 ips.insert(name.clone(), ip.clone());
-                served_by(ctx, ip).await
+                served_by(ctx, ip, key).await
             }
             _ => None,
         };
@@ -512,10 +545,11 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters:
     Ok(Pods { views, ips })
 }
 
-async fn served_by(ctx: &Context, ip: &str) -> Option<BTreeMap<String, (u32, String)>> {
+/// The listing takes the admin key too, so it is readable however the pods guard inference.
+async fn served_by(ctx: &Context, ip: &str, key: &str) -> Option<BTreeMap<String, (u32, String)>> {
     let reply = ctx
         .pod_http
-        .send(Method::GET, ip, SERVER_PORT, "/v1/models", None)
+        .send_with_key(Method::GET, ip, SERVER_PORT, "/v1/models", None, Some(key))
         .await
         .ok()?;
     let list: ModelList = serde_json::from_slice(&reply.body)
@@ -559,12 +593,18 @@ fn rollout_policy(md: &ModelDeployment) -> Policy {
 }
 
 /// Asks one pod to load an adapter version; Err carries the server's own explanation.
-async fn load(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter: &ServedAdapter) -> Result<(), String> {
+async fn load(
+    ctx: &Context,
+    ips: &BTreeMap<String, String>,
+    pod: &str,
+    adapter: &ServedAdapter,
+    key: &str,
+) -> Result<(), String> {
     let ip = ips.get(pod).ok_or_else(|| format!("pod {pod} has no IP"))?;
     let body = serde_json::to_vec(adapter).map_err(|e| e.to_string())?;
     let reply = ctx
         .pod_http
-        .send(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body))
+        .send_with_key(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body), Some(key))
         .await?;
     if (200..300).contains(&reply.status) {
         Ok(())
@@ -578,10 +618,19 @@ async fn load(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter:
 }
 
 /// Asks one pod to stop serving an adapter; Err carries the server's own explanation.
-async fn unload(ctx: &Context, ips: &BTreeMap<String, String>, pod: &str, adapter: &str) -> Result<(), String> {
+async fn unload(
+    ctx: &Context,
+    ips: &BTreeMap<String, String>,
+    pod: &str,
+    adapter: &str,
+    key: &str,
+) -> Result<(), String> {
     let ip = ips.get(pod).ok_or_else(|| format!("pod {pod} has no IP"))?;
     let path = format!("/v1/adapters/{adapter}");
-    let reply = ctx.pod_http.send(Method::DELETE, ip, SERVER_PORT, &path, None).await?;
+    let reply = ctx
+        .pod_http
+        .send_with_key(Method::DELETE, ip, SERVER_PORT, &path, None, Some(key))
+        .await?;
     if (200..300).contains(&reply.status) {
         Ok(())
     } else {

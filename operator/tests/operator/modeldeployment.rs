@@ -69,9 +69,12 @@ fn existing(api_version: &str, kind: &str, owner: Option<&str>) -> Value {
     })
 }
 
-/// The requests before the Deployment: the adapters ConfigMap read, the pods listed (none yet),
-/// the ConfigMap applied.
-async fn script_until_deployment(api: &mut ApiHandle) {
+const ADMIN_KEY_SECRET: &str = "/api/v1/namespaces/team-a/secrets/support-admin-key";
+
+/// The requests before the Deployment: the adapters ConfigMap read, the admin key Secret read
+/// (absent) and created, the pods listed (none yet), the ConfigMap applied. Returns the Secret
+/// created.
+async fn script_until_deployment(api: &mut ApiHandle) -> Value {
     expect(
         api,
         Method::GET,
@@ -80,6 +83,14 @@ async fn script_until_deployment(api: &mut ApiHandle) {
         not_found(),
     )
     .await;
+    expect(api, Method::GET, ADMIN_KEY_SECRET, 404, not_found()).await;
+    let secret = expect(api, Method::POST, &format!("{NS}/secrets?"), 201, Value::Null).await;
+    script_pods_and_config_map(api).await;
+    secret
+}
+
+/// The pods listed (none yet) and the adapters ConfigMap applied.
+async fn script_pods_and_config_map(api: &mut ApiHandle) {
     expect(
         api,
         Method::GET,
@@ -172,6 +183,110 @@ async fn a_pod_disruption_budget_switched_off_is_deleted_and_the_base_model_is_s
         status["status"]["selector"],
         "app.kubernetes.io/name=kubetune-server,kubetune.dev/modeldeployment=support"
     );
+}
+
+#[tokio::test]
+async fn a_new_model_deployment_gets_an_admin_key_secret_it_owns_and_its_pods_are_told_to_read_it() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({}));
+    let (_, (secret, deployment)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            let secret = script_until_deployment(api).await;
+            let deployment = script_deployment_and_service(api, Value::Null).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            let md = serde_json::to_value(model_deployment(json!({}))).expect("json");
+            expect(api, Method::PATCH, STATUS, 200, md).await;
+            (secret, deployment)
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(secret["metadata"]["name"], "support-admin-key");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], UID);
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+    let encoded = secret["data"]["key"].as_str().expect("data.key");
+    // 32 random bytes, hex: 64 characters, 88 in base64.
+    assert_eq!(encoded.len(), 88, "{encoded}");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args: Vec<String> = serde_json::from_value(pod["containers"][0]["args"].clone()).expect("args");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--admin-api-key-file", "/etc/kubetune/admin/key"]),
+        "{args:?}"
+    );
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    assert!(
+        volumes.iter().any(|v| v["secret"]["secretName"] == "support-admin-key"),
+        "{volumes:?}"
+    );
+}
+
+/// The admin key Secret as this ModelDeployment (or, `owner` None, no one) left it.
+fn admin_key_secret(owner: Option<&str>) -> Value {
+    let refs: Vec<Value> = owner
+        .map(|uid| json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "name": "support", "uid": uid, "controller": true}))
+        .into_iter()
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "support-admin-key", "namespace": "team-a", "uid": "secret-uid", "ownerReferences": refs},
+        // base64 of "existing-key"
+        "data": {"key": "ZXhpc3Rpbmcta2V5"},
+    })
+}
+
+#[tokio::test]
+async fn an_existing_admin_key_secret_is_kept_as_it_is_never_recreated_or_rewritten() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({}));
+    reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                &format!("{NS}/configmaps/support-adapters"),
+                404,
+                not_found(),
+            )
+            .await;
+            // Read, and then straight on to the pods: a create or patch would be a request more.
+            expect(api, Method::GET, ADMIN_KEY_SECRET, 200, admin_key_secret(Some(UID))).await;
+            script_pods_and_config_map(api).await;
+            script_deployment_and_service(api, Value::Null).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            let md = serde_json::to_value(model_deployment(json!({}))).expect("json");
+            expect(api, Method::PATCH, STATUS, 200, md).await;
+        }
+        .boxed()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_admin_key_secret_someone_else_owns_is_not_used_and_nothing_is_applied() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({}));
+    let reconcile = modeldeployment::reconcile(Arc::new(md), ctx.clone());
+    let script = async {
+        expect(
+            &mut api,
+            Method::GET,
+            &format!("{NS}/configmaps/support-adapters"),
+            404,
+            not_found(),
+        )
+        .await;
+        expect(&mut api, Method::GET, ADMIN_KEY_SECRET, 200, admin_key_secret(None)).await;
+    };
+    let (result, ()) = tokio::join!(reconcile, script);
+    match result {
+        Err(kubetune_operator::error::Error::NotOwned(what)) => {
+            assert_eq!(what, "Secret team-a/support-admin-key")
+        }
+        other => panic!("expected NotOwned, got {other:?}"),
+    }
 }
 
 #[tokio::test]
