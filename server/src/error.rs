@@ -28,6 +28,9 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("missing or invalid API key; send `Authorization: Bearer <key>`")]
     Unauthorized,
+    /// The admin API was asked for, and no admin key is configured: it is off, never open.
+    #[error("admin API disabled: start the server with --admin-api-key-file to enable it")]
+    AdminDisabled,
     /// The bounded queue is full; the client should retry after `retry_after_s`.
     #[error("the server is at capacity ({capacity} requests running or queued); retry later")]
     Overloaded { capacity: usize, retry_after_s: u64 },
@@ -80,6 +83,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AdapterLimit(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::AdapterNotFound(_) => StatusCode::NOT_FOUND,
@@ -102,6 +106,7 @@ impl ApiError {
             | ApiError::AdapterNotFound(_)
             | ApiError::Conflict(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
+            ApiError::AdminDisabled => "permission_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Storage(_) | ApiError::ShuttingDown | ApiError::EngineDown | ApiError::Internal(_) => {
                 "server_error"
@@ -117,6 +122,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::BodyTooLarge { .. } => "request_too_large",
             ApiError::Unauthorized => "invalid_api_key",
+            ApiError::AdminDisabled => "admin_api_disabled",
             ApiError::Overloaded { .. } => "queue_full",
             ApiError::AdapterRejected { .. } => "adapter_rejected",
             ApiError::AdapterLimit(_) => "adapter_limit",

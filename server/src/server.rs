@@ -88,8 +88,8 @@ pub struct Args {
     pub api_keys_file: Option<PathBuf>,
     /// File with one admin key per line; when set, the adapter admin API (POST/GET
     /// /v1/adapters, DELETE /v1/adapters/NAME) requires `Authorization: Bearer <admin key>`.
-    /// Without it the admin API is open to anyone who can reach the port (restrict it with a
-    /// NetworkPolicy); API keys never grant admin access.
+    /// Without it the admin API is off (403 "admin API disabled"); API keys never grant admin
+    /// access.
     #[arg(long, env = "KUBETUNE_ADMIN_API_KEY_FILE")]
     pub admin_api_key_file: Option<PathBuf>,
     /// Download cache for models and adapters from object storage and the registry.

@@ -43,17 +43,15 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
         }
     });
     wait_until("traffic is flowing", || rounds.load(Ordering::SeqCst) >= 1).await;
-    let loaded = post(
+    let loaded = load(
         &s.app,
-        "/v1/adapters",
         json!({"name": "b", "source": f.adapter_b.display().to_string(), "version": 3}),
     )
     .await;
     assert_eq!(loaded.status, 200, "{}", loaded.text);
     // Replace `a` with other weights while requests for `a` are running.
-    let replaced = post(
+    let replaced = load(
         &s.app,
-        "/v1/adapters",
         json!({"name": "a", "source": f.adapter_b.display().to_string(), "version": 2}),
     )
     .await;
@@ -65,7 +63,7 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
     )
     .await;
     assert_eq!(b.status, 200, "{}", b.text);
-    let deleted = send(&s.app, "DELETE", "/v1/adapters/b", None).await;
+    let deleted = admin_send(&s.app, "DELETE", "/v1/adapters/b", None).await;
     assert_eq!(deleted.status, 200, "{}", deleted.text);
     admin_done.store(true, Ordering::SeqCst);
     let replies = traffic.await.expect("traffic task");
@@ -81,7 +79,7 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
     let gone = post(&s.app, "/v1/completions", json!({"model": "b", "prompt": "hi"})).await;
     assert_eq!(gone.status, 404);
     assert_eq!(gone.json()["error"]["code"], "model_not_found");
-    assert_eq!(send(&s.app, "DELETE", "/v1/adapters/b", None).await.status, 404);
+    assert_eq!(admin_send(&s.app, "DELETE", "/v1/adapters/b", None).await.status, 404);
 }
 
 #[tokio::test]
@@ -106,7 +104,7 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
     .config();
     let wrong_shape = dir.path().join("wrong-shape");
     write_adapter(&wrong_shape, &other, 4, 3, &f.model.display().to_string());
-    let r = post(&s.app, "/v1/adapters", load_body("x", &wrong_shape)).await;
+    let r = load(&s.app, load_body("x", &wrong_shape)).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(
         r.json()["error"]["message"]
@@ -120,7 +118,7 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
     let config = kubetune_model::tiny::TinySpec::default().config();
     let other_base = dir.path().join("other-base");
     write_adapter(&other_base, &config, 4, 3, "meta-llama/Llama-3.1-8B");
-    let r = post(&s.app, "/v1/adapters", load_body("x", &other_base)).await;
+    let r = load(&s.app, load_body("x", &other_base)).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(r.json()["error"]["message"]
         .as_str()
@@ -128,7 +126,7 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
         .contains("meta-llama/Llama-3.1-8B"));
 
     // Rank 8 over a cap of 6 (adapter_b has r = 8).
-    let r = post(&s.app, "/v1/adapters", load_body("x", &f.adapter_b)).await;
+    let r = load(&s.app, load_body("x", &f.adapter_b)).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(r.json()["error"]["message"]
         .as_str()
@@ -136,17 +134,11 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
         .contains("--max-adapter-rank"));
 
     // Count cap: a + c fit, d does not; replacing a loaded name does not count twice.
-    assert_eq!(
-        post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status,
-        200
-    );
-    let r = post(&s.app, "/v1/adapters", load_body("d", &f.adapter_a)).await;
+    assert_eq!(load(&s.app, load_body("c", &f.adapter_a)).await.status, 200);
+    let r = load(&s.app, load_body("d", &f.adapter_a)).await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "adapter_limit");
-    assert_eq!(
-        post(&s.app, "/v1/adapters", load_body("c", &f.adapter_a)).await.status,
-        200
-    );
+    assert_eq!(load(&s.app, load_body("c", &f.adapter_a)).await.status, 200);
 
     for (body, param) in [
         (json!({"source": "/x"}), "name"),
@@ -156,7 +148,7 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
         (json!({"name": "Bad Name!", "source": "/x"}), "name"),
         (json!({"name": "c", "source": "no-registry@1"}), "source"),
     ] {
-        let r = post(&s.app, "/v1/adapters", body.clone()).await;
+        let r = load(&s.app, body.clone()).await;
         assert_eq!(r.status, 400, "{body}: {}", r.text);
         assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text);
     }
@@ -214,7 +206,7 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
 
     // The operator's hot swap: the next version, pinned by digest.
     let swap = json!({"name": "bot", "source": "support-bot@2", "version": 2, "digest": v2.digest.to_string()});
-    let r = post(&s.app, "/v1/adapters", swap).await;
+    let r = load(&s.app, swap).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let r = post(
         &s.app,
@@ -225,15 +217,10 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
     assert_eq!(r.status, 200, "{}", r.text);
     // A digest that is not the version's is refused and the loaded version stays.
     let wrong = json!({"name": "bot", "source": "support-bot@1", "version": 1, "digest": v2.digest.to_string()});
-    let r = post(&s.app, "/v1/adapters", wrong).await;
+    let r = load(&s.app, wrong).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.json()["error"]["param"], "digest");
-    let missing = post(
-        &s.app,
-        "/v1/adapters",
-        json!({"name": "bot", "source": "support-bot@9"}),
-    )
-    .await;
+    let missing = load(&s.app, json!({"name": "bot", "source": "support-bot@9"})).await;
     assert_eq!(missing.status, 400, "{}", missing.text);
     assert_eq!(
         send(&s.app, "GET", "/v1/models", None).await.json()["data"][1]["version"],
@@ -330,20 +317,56 @@ async fn the_admin_api_takes_only_admin_keys_and_model_listing_takes_either() {
 }
 
 #[tokio::test]
+async fn without_an_admin_key_file_every_admin_route_is_refused_as_disabled() {
+    let f = fixture();
+    let s = server_without_admin_key(&["--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let requests = [
+        ("POST", "/v1/adapters", Some(load_body("b", &f.adapter_b).to_string())),
+        ("GET", "/v1/adapters", None),
+        ("DELETE", "/v1/adapters/a", None),
+    ];
+    for (method, path, body) in requests {
+        let r = send(&s.app, method, path, body).await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text);
+        assert_eq!(r.json()["error"]["code"], "admin_api_disabled", "{method} {path}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("--admin-api-key-file"),
+            "{}",
+            r.text
+        );
+    }
+    // Nothing changed: `a` still serves, `b` was never loaded.
+    let ids: Vec<Value> = send(&s.app, "GET", "/v1/models", None).await.json()["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(BASE), json!("a")]);
+}
+
+#[tokio::test]
 async fn each_key_file_guards_only_its_own_routes() {
     let f = fixture();
     let dir = tempfile::tempdir().expect("temp dir");
-    // API keys only: the operator, which sends no key, can still load adapters.
-    let s = server(&["--api-keys-file", &keys_file(&dir, "api", "client-key\n")]).await;
-    let r = post(&s.app, "/v1/adapters", load_body("a", &f.adapter_a)).await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    // API keys only: inference is guarded, and the admin API is off whatever key is sent.
+    let s = server_without_admin_key(&["--api-keys-file", &keys_file(&dir, "api", "client-key\n")]).await;
+    let load = Some(load_body("a", &f.adapter_a).to_string());
+    for key in [None, Some("client-key"), Some(ADMIN_KEY)] {
+        let r = send_with(&s.app, "POST", "/v1/adapters", load.clone(), key).await;
+        assert_eq!(r.status, 403, "{key:?}: {}", r.text);
+        assert_eq!(r.json()["error"]["code"], "admin_api_disabled");
+        assert_eq!(r.json()["error"]["type"], "permission_error");
+    }
     assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 401);
     // Admin key only: inference and the listing stay open, the admin API does not.
     let s = server(&["--admin-api-key-file", &keys_file(&dir, "admin", "operator-key\n")]).await;
-    assert_eq!(
-        post(&s.app, "/v1/adapters", load_body("a", &f.adapter_a)).await.status,
-        401
-    );
+    let r = send(&s.app, "POST", "/v1/adapters", load).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
     assert_eq!(send(&s.app, "GET", "/v1/models", None).await.status, 200);
     let r = post(
         &s.app,

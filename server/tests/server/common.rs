@@ -98,8 +98,29 @@ pub async fn server(extra: &[&str]) -> TestServer {
     server_with(extra, |b| b).await
 }
 
+/// The admin key test servers take unless a test names its own `--admin-api-key-file`.
+pub const ADMIN_KEY: &str = "test-admin-key";
+
 pub async fn server_with<B: Backend>(extra: &[&str], wrap: impl FnOnce(CandleBackend) -> B) -> TestServer {
-    let state = build_with(&args(extra), wrap).await.expect("server builds");
+    // Without a key file the admin API is off, and most tests load adapters through it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("admin-keys");
+    std::fs::write(&key_file, ADMIN_KEY).expect("write admin key");
+    let key_file = key_file.display().to_string();
+    let mut extra = extra.to_vec();
+    if !extra.contains(&"--admin-api-key-file") {
+        extra.extend(["--admin-api-key-file", &key_file]);
+    }
+    start(&args(&extra), wrap).await
+}
+
+/// A test server with no admin key: its admin API is off.
+pub async fn server_without_admin_key(extra: &[&str]) -> TestServer {
+    start(&args(extra), |b| b).await
+}
+
+async fn start<B: Backend>(args: &Args, wrap: impl FnOnce(CandleBackend) -> B) -> TestServer {
+    let state = build_with(args, wrap).await.expect("server builds");
     warm_up(&state).await.expect("warm-up");
     state.set_ready(true);
     let app = router(state.clone());
@@ -159,6 +180,16 @@ pub async fn send_with(app: &Router, method: &str, path: &str, body: Option<Stri
 
 pub async fn post(app: &Router, path: &str, body: Value) -> Reply {
     send(app, "POST", path, Some(body.to_string())).await
+}
+
+/// A request to the admin API with the test servers' admin key.
+pub async fn admin_send(app: &Router, method: &str, path: &str, body: Option<String>) -> Reply {
+    send_with(app, method, path, body, Some(ADMIN_KEY)).await
+}
+
+/// POST /v1/adapters with the test servers' admin key.
+pub async fn load(app: &Router, body: Value) -> Reply {
+    admin_send(app, "POST", "/v1/adapters", Some(body.to_string())).await
 }
 
 /// Waits (yielding, not sleeping a fixed time) until `cond` holds; fails after a generous

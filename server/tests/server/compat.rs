@@ -67,7 +67,7 @@ async fn an_oversized_body_gets_413_in_openai_error_shape() {
     let limit = kubetune_server::api::fields::MAX_BODY_BYTES;
     let huge = json!({"model": BASE, "prompt": "x".repeat(limit)}).to_string();
     for path in ["/v1/completions", "/v1/chat/completions", "/v1/adapters"] {
-        let reply = send(&s.app, "POST", path, Some(huge.clone())).await;
+        let reply = send_with(&s.app, "POST", path, Some(huge.clone()), Some(ADMIN_KEY)).await;
         assert_error(&reply, 413, "request_too_large");
     }
     let metrics = send(&s.app, "GET", "/metrics", None).await.text;
@@ -123,7 +123,7 @@ async fn models_list_and_retrieve_in_openai_shape_without_storage_locations() {
     assert_eq!(one.status, 200, "{}", one.text);
     assert_eq!(one.json()["id"], "org/tiny-chat");
     // The admin listing still says where each adapter came from.
-    let admin = send(&s.app, "GET", "/v1/adapters", None).await.json();
+    let admin = admin_send(&s.app, "GET", "/v1/adapters", None).await.json();
     assert_eq!(admin["data"][1]["source"], json!(location));
 }
 
