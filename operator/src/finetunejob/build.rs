@@ -17,6 +17,15 @@ use std::collections::BTreeMap;
 
 /// Label on every child object, naming the FineTuneJob it belongs to.
 pub const FINETUNEJOB_LABEL: &str = "kubetune.dev/finetunejob";
+
+/// The label that hands a Job to a Kueue LocalQueue. Kueue then owns the Job's `suspend`: it
+/// admits the Job by unsuspending it when quota is free.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+
+/// The Kueue queue the FineTuneJob names in its labels, if any.
+pub fn kueue_queue(ftj: &FineTuneJob) -> Option<&str> {
+    ftj.metadata.labels.as_ref()?.get(KUEUE_QUEUE_LABEL).map(String::as_str)
+}
 /// Name of the trainer container.
 pub const TRAINER_CONTAINER: &str = "trainer";
 /// Name of the trainer's metrics port.
@@ -65,13 +74,33 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
     })
 }
 
-/// Labels of the Job and its pod.
+/// Labels of the trainer pod, and the Job's own (see [`job_labels`]).
 pub fn labels(ftj: &FineTuneJob) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".into(), "kubetune-trainer".into()),
         ("app.kubernetes.io/managed-by".into(), "kubetune-operator".into()),
         (FINETUNEJOB_LABEL.into(), ftj.name_any()),
     ])
+}
+
+/// Labels of the Job: the FineTuneJob's own labels (Kueue's `queue-name` and
+/// `priority-class`, a team's cost labels), then ours, which win a clash.
+pub fn job_labels(ftj: &FineTuneJob) -> BTreeMap<String, String> {
+    let mut all = ftj.metadata.labels.clone().unwrap_or_default();
+    all.extend(labels(ftj));
+    all
+}
+
+/// The Job as it is first created: suspended when Kueue will admit it (Kueue's webhook would
+/// suspend it anyway; where that webhook is missing, a Job created running would start past
+/// the queue). Afterwards `suspend` is Kueue's, except that the user's stop wins.
+pub fn job_to_create(ftj: &FineTuneJob, mut desired: Job) -> Job {
+    if kueue_queue(ftj).is_some() {
+        if let Some(spec) = desired.spec.as_mut() {
+            spec.suspend = Some(true);
+        }
+    }
+    desired
 }
 
 /// Builds the batch/v1 Job that runs one trainer pod for the FineTuneJob.
@@ -149,7 +178,7 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
         "metadata": {
             "name": job_name(ftj),
             "namespace": ftj.namespace(),
-            "labels": labels,
+            "labels": job_labels(ftj),
             "ownerReferences": [owner],
         },
         "spec": {
@@ -193,6 +222,59 @@ mod tests {
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
             .expect("pod spec")
+    }
+
+    /// Kueue finds its queue on the Job, the Job starts suspended for Kueue to admit, and
+    /// afterwards the operator never resumes it (Kueue does) but still suspends it when asked.
+    #[test]
+    fn a_job_for_a_kueue_queue_carries_the_label_starts_suspended_and_is_resumed_only_by_kueue() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.metadata.labels = Some(
+            [
+                (KUEUE_QUEUE_LABEL.to_string(), "team-a".to_string()),
+                (FINETUNEJOB_LABEL.to_string(), "spoofed".to_string()),
+            ]
+            .into(),
+        );
+        let config = OperatorConfig::for_tests();
+        let valid = validate(&ftj.spec, &config, &Facts::default()).expect("fixture is valid");
+        let desired = build_job(&ftj, &valid, &config).expect("job builds");
+        let labels = desired.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get(KUEUE_QUEUE_LABEL).map(String::as_str), Some("team-a"));
+        assert_eq!(
+            labels.get(FINETUNEJOB_LABEL).map(String::as_str),
+            Some("minimal"),
+            "ours win a clash"
+        );
+        let created = job_to_create(&ftj, desired.clone());
+        assert_eq!(created.spec.as_ref().and_then(|s| s.suspend), Some(true));
+
+        let mut admitted = created.clone();
+        admitted.spec.as_mut().expect("spec").suspend = Some(false);
+        use crate::finetunejob::mutable_changes;
+        assert_eq!(mutable_changes(&created, &desired, true), None, "queued: left to Kueue");
+        assert_eq!(
+            mutable_changes(&admitted, &desired, true),
+            None,
+            "admitted: not touched"
+        );
+        let mut stop = desired.clone();
+        stop.spec.as_mut().expect("spec").suspend = Some(true);
+        assert_eq!(
+            mutable_changes(&admitted, &stop, true),
+            Some(serde_json::json!({"spec": {"suspend": true}})),
+            "the user's stop wins"
+        );
+        assert_eq!(
+            mutable_changes(&created, &desired, false),
+            Some(serde_json::json!({"spec": {"suspend": false}})),
+            "without Kueue the operator owns suspend"
+        );
+        let (plain, plain_job) = built("minimal.yaml");
+        assert_eq!(
+            job_to_create(&plain, plain_job).spec.and_then(|s| s.suspend),
+            Some(false)
+        );
     }
 
     #[test]

@@ -236,7 +236,7 @@ async fn apply_job(
                 field_manager: Some(crate::FIELD_MANAGER.into()),
                 ..Default::default()
             };
-            match jobs.create(&params, &desired).await {
+            match jobs.create(&params, &build::job_to_create(ftj, desired.clone())).await {
                 Ok(created) => return Ok(created),
                 // Created since we looked (a retried create that went through, or another
                 // replica during a leader handover): update that one.
@@ -245,7 +245,7 @@ async fn apply_job(
             }
         }
     };
-    let Some(patch) = mutable_changes(&existing, &desired) else {
+    let Some(patch) = mutable_changes(&existing, &desired, build::kueue_queue(ftj).is_some()) else {
         return Ok(existing);
     };
     let params = PatchParams {
@@ -258,14 +258,17 @@ async fn apply_job(
 }
 
 /// A merge patch of the mutable Job fields we set (suspend, deadlines, TTL, backoff limit) that
-/// differ between the existing and the desired Job; None when none does.
-pub fn mutable_changes(existing: &Job, desired: &Job) -> Option<serde_json::Value> {
+/// differ between the existing and the desired Job; None when none does. A Job in a Kueue
+/// queue is admitted by Kueue unsuspending it: we only ever suspend it (the user's stop wins),
+/// never resume it, or we would start it past the queue.
+pub fn mutable_changes(existing: &Job, desired: &Job, queued_by_kueue: bool) -> Option<serde_json::Value> {
     let (e, d) = (
         existing.spec.clone().unwrap_or_default(),
         desired.spec.clone().unwrap_or_default(),
     );
     let mut spec = serde_json::Map::new();
-    if e.suspend != d.suspend {
+    let resumes = d.suspend != Some(true);
+    if e.suspend != d.suspend && !(queued_by_kueue && resumes) {
         spec.insert("suspend".into(), d.suspend.into());
     }
     if e.active_deadline_seconds != d.active_deadline_seconds {

@@ -202,7 +202,15 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
             };
         }
         if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
-            return (Suspended, "Suspended".into(), "spec.suspend is true".into());
+            // Suspended by us at the user's word, or held by Kueue until it admits the Job.
+            return match crate::finetunejob::build::kueue_queue(o.ftj) {
+                Some(queue) if o.ftj.spec.suspend != Some(true) => (
+                    Pending,
+                    "Queued".into(),
+                    format!("waiting for Kueue to admit the Job from queue {queue}"),
+                ),
+                _ => (Suspended, "Suspended".into(), "spec.suspend is true".into()),
+            };
         }
         if o.pod.is_some_and(pod_running) {
             return (Running, "Training".into(), String::new());
@@ -623,6 +631,39 @@ mod tests {
             now: at(0),
         });
         assert_eq!(s.phase, Some(FineTuneJobPhase::Suspended));
+    }
+
+    /// A Job that Kueue holds is queued, not suspended: the user did not ask for a pause.
+    #[test]
+    fn a_job_held_by_kueue_is_pending_queued_and_one_the_user_suspended_is_suspended() {
+        let mut ftj = finetunejob("minimal.yaml");
+        ftj.metadata.labels = Some(
+            [(
+                crate::finetunejob::build::KUEUE_QUEUE_LABEL.to_string(),
+                "team-a".to_string(),
+            )]
+            .into(),
+        );
+        let mut j = job(json!([]));
+        j.spec.as_mut().expect("spec").suspend = Some(true);
+        let observe = |ftj: &FineTuneJob| {
+            derive_status(&Observed {
+                ftj,
+                invalid: None,
+                waiting: None,
+                job: Some(&j),
+                pod: None,
+                progress: None,
+                now: at(0),
+            })
+            .0
+        };
+        let queued = observe(&ftj);
+        assert_eq!(queued.phase, Some(FineTuneJobPhase::Pending));
+        assert_eq!(cond(&queued, READY).reason, "Queued");
+        assert!(cond(&queued, READY).message.contains("team-a"));
+        ftj.spec.suspend = Some(true);
+        assert_eq!(observe(&ftj).phase, Some(FineTuneJobPhase::Suspended));
     }
 
     #[test]
