@@ -1,8 +1,14 @@
 //! `Config` mirrors the fields of a Hugging Face config.json that Llama, Mistral, Qwen2, Qwen3,
-//! Gemma 2 and Gemma 3 share.
+//! Gemma 2, Gemma 3 and Phi-3 share.
 //! Unknown fields are ignored (HF configs carry many that do not affect the forward pass), but
 //! every field that changes the maths is either honoured or rejected, never silently dropped:
 //! transformers 5's `rope_parameters` is read, and [`UNSUPPORTED_KEYS`] are refused by name.
+//!
+//! Keys read nowhere because they change nothing here: the dropout rates (`attention_dropout`,
+//! and Phi-3's `resid_pdrop` and `embd_pdrop`) act only while the whole model trains, and the
+//! forward pass here is inference's, the trainer's too (it trains adapters, with their own
+//! `lora_dropout`); Phi-3's top-level `original_max_position_embeddings` sizes only longrope's
+//! scaling, which is refused.
 
 use crate::error::{ModelError, Result};
 use serde::{Deserialize, Serialize};
@@ -181,6 +187,7 @@ fn rope_parameters_to_fields(value: &mut serde_json::Value, path: &Path) -> Resu
         ));
     }
     obj.insert("rope_theta".into(), theta);
+    partial_rotary_factor_to_top_level(obj, &mut params, path)?;
     let kind = params.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
     if kind == "default" {
         params.remove("rope_type");
@@ -240,6 +247,31 @@ fn sliding_rope_theta(
     Ok(Some(theta))
 }
 
+/// transformers 5 writes Phi-3's `partial_rotary_factor` (1.0 by default) inside
+/// `rope_parameters`; it moves to the top-level key, where [`refuse_unsupported_keys`] accepts
+/// only 1. Two values that disagree are an error.
+fn partial_rotary_factor_to_top_level(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    params: &mut serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+) -> Result<()> {
+    let Some(factor) = params.remove("partial_rotary_factor") else {
+        return Ok(());
+    };
+    if let Some(top) = obj
+        .get("partial_rotary_factor")
+        .filter(|t| t.as_f64() != factor.as_f64())
+    {
+        return Err(ModelError::InvalidConfig {
+            path: path.into(),
+            field: "partial_rotary_factor".into(),
+            reason: format!("{top} disagrees with rope_parameters.partial_rotary_factor {factor}"),
+        });
+    }
+    obj.insert("partial_rotary_factor".into(), factor);
+    Ok(())
+}
+
 /// Keys that change the maths of families or variants this crate does not implement (partial
 /// rotary embeddings, the q/k norm switches of other families; Qwen3's and Gemma 3's q/k norms
 /// come with their `model_type`): refused by name when set, rather than ignored. Soft-capping
@@ -266,7 +298,7 @@ fn refuse_unsupported_keys(value: &serde_json::Value, path: &Path) -> Result<()>
 }
 
 /// The architectures whose weight layout and maths this crate implements.
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", GEMMA2, GEMMA3];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", GEMMA2, GEMMA3, "phi3"];
 
 /// Gemma 2 (`Gemma2ForCausalLM`).
 const GEMMA2: &str = "gemma2";
@@ -428,6 +460,7 @@ impl Config {
             ));
         }
         self.validate_layer_types(path)?;
+        self.validate_phi3(path)?;
         self.activation(path)?;
         if self.use_bidirectional_attention == Some(true) {
             return Err(bad(
@@ -472,6 +505,13 @@ impl Config {
                             "llama3 scaling needs low_freq_factor, high_freq_factor and original_max_position_embeddings".into(),
                         ));
                     }
+                }
+                // Phi-3's long-context RoPE (128k models, Phi-3.5), which older configs call su.
+                kind @ ("longrope" | "su") => {
+                    return Err(bad(
+                        "rope_scaling.rope_type",
+                        format!("`{kind}` (longrope: short and long factors per frequency) is not supported (default, linear, llama3)"),
+                    ))
                 }
                 other => {
                     return Err(bad(
@@ -521,6 +561,24 @@ impl Config {
             return Err(bad(
                 "names sliding_attention layers but sliding_window is not set".into()
             ));
+        }
+        Ok(())
+    }
+
+    /// Phi-3's projections have no biases: transformers' Phi3 reads neither switch, so a config
+    /// that sets one describes weights it would drop. Refused by name rather than guessed at.
+    fn validate_phi3(&self, path: &Path) -> Result<()> {
+        if self.model_type != "phi3" {
+            return Ok(());
+        }
+        for (field, set) in [("attention_bias", self.attention_bias), ("mlp_bias", self.mlp_bias)] {
+            if set {
+                return Err(ModelError::InvalidConfig {
+                    path: path.into(),
+                    field: field.into(),
+                    reason: "is true, but Phi-3's projections have no biases".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -581,10 +639,13 @@ impl Config {
         }
     }
 
-    /// The attention window of layer `layer`: by `layer_types` when given; else Qwen's
-    /// `max_window_layers` leading layers keep full attention when the window is on; else
-    /// [`Config::attention_window`].
+    /// The attention window of layer `layer`: Phi-3's on every layer (it reads no
+    /// `layer_types`); by `layer_types` when given; else Qwen's `max_window_layers` leading
+    /// layers keep full attention when the window is on; else [`Config::attention_window`].
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        if self.model_type == "phi3" {
+            return self.sliding_window;
+        }
         if let Some(types) = &self.layer_types {
             return (types.get(layer)? == "sliding_attention").then_some(self.sliding_window?);
         }
@@ -613,11 +674,15 @@ impl Config {
         self.model_type != "qwen2" && self.attention_bias
     }
 
-    /// The window of a model whose layers all have the same: Qwen configs list a window but
-    /// switch it off with `use_sliding_window: false`; Mistral's has no switch and means it.
-    /// With `layer_types`, the first sliding layer's. See [`Config::layer_window`] for a given
-    /// layer's.
+    /// The window of a model whose layers all have the same: Phi-3 applies `sliding_window`
+    /// whenever it is set (Phi3Model picks its mask on that key alone; Phi-3-mini-4k sets 2047).
+    /// Qwen configs list a window but switch it off with `use_sliding_window: false`; Mistral's
+    /// has no switch and means it. With `layer_types`, the first sliding layer's. See
+    /// [`Config::layer_window`] for a given layer's.
     pub fn attention_window(&self) -> Option<usize> {
+        if self.model_type == "phi3" {
+            return self.sliding_window;
+        }
         if self.layer_types.is_some() {
             return (0..self.num_hidden_layers).find_map(|l| self.layer_window(l));
         }
@@ -782,6 +847,69 @@ mod tests {
         assert!(c.qk_norm() && !c.qkv_bias() && !c.o_bias());
         assert_eq!(c.head_dim(), 128);
         assert_eq!(c.attention_window(), None);
+    }
+
+    /// Phi-3-mini-4k-instruct's config.json as published (transformers 4 wrote it): its window
+    /// of 2047 applies with no switch, and the dropout rates and original context are accepted.
+    #[test]
+    fn phi3_mini_config_reads_with_its_window_and_no_biases() {
+        let c = parse(
+            r#"{"architectures":["Phi3ForCausalLM"],"attention_dropout":0.0,"bos_token_id":1,"embd_pdrop":0.0,
+            "eos_token_id":32000,"hidden_act":"silu","hidden_size":3072,"initializer_range":0.02,
+            "intermediate_size":8192,"max_position_embeddings":4096,"model_type":"phi3","num_attention_heads":32,
+            "num_hidden_layers":32,"num_key_value_heads":32,"original_max_position_embeddings":4096,
+            "pad_token_id":32000,"resid_pdrop":0.0,"rms_norm_eps":1e-05,"rope_scaling":null,"rope_theta":10000.0,
+            "sliding_window":2047,"tie_word_embeddings":false,"torch_dtype":"bfloat16","use_cache":true,
+            "vocab_size":32064}"#,
+        )
+        .expect("valid config");
+        assert_eq!(c.attention_window(), Some(2047));
+        assert!(!c.qkv_bias() && !c.o_bias() && !c.mlp_bias && !c.qk_norm());
+        assert_eq!((c.num_kv_heads(), c.head_dim()), (32, 96));
+    }
+
+    /// transformers 5 writes Phi-3's rotary factor inside rope_parameters: 1 is the plain
+    /// rotation; Phi-4-mini's 0.75, longrope (Phi-3-mini-128k, Phi-3.5) and biases are refused
+    /// by name.
+    #[test]
+    fn phi3_rotary_factor_longrope_and_biases_are_read_or_refused_by_name() {
+        let base = r#""model_type":"phi3","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"sliding_window":4"#;
+        let c = parse(&format!(
+            r#"{{{base},"rope_parameters":{{"partial_rotary_factor":1.0,"rope_theta":10000.0,"rope_type":"default"}}}}"#
+        ))
+        .expect("a factor of 1 inside rope_parameters");
+        assert_eq!((c.rope_theta, c.attention_window()), (10000.0, Some(4)));
+        let factors = r#""short_factor":[1.0,1.0],"long_factor":[2.0,3.0]"#;
+        let cases = [
+            (
+                r#""rope_parameters":{"partial_rotary_factor":0.75,"rope_theta":10000.0}"#.to_string(),
+                "field `partial_rotary_factor`",
+            ),
+            (
+                r#""partial_rotary_factor":1.0,"rope_parameters":{"partial_rotary_factor":0.5,"rope_theta":1e4}"#
+                    .into(),
+                "field `partial_rotary_factor`",
+            ),
+            (
+                format!(r#""rope_scaling":{{"type":"longrope",{factors}}}"#),
+                "`longrope`",
+            ),
+            (format!(r#""rope_scaling":{{"type":"su",{factors}}}"#), "`su`"),
+            (
+                format!(r#""rope_parameters":{{"rope_type":"longrope","rope_theta":1e4,{factors}}}"#),
+                "`longrope`",
+            ),
+            (r#""attention_bias":true"#.into(), "field `attention_bias`"),
+            (r#""mlp_bias":true"#.into(), "field `mlp_bias`"),
+        ];
+        for (extra, expected) in cases {
+            let json = format!("{{{base},{extra}}}");
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(err.contains("config.json") && err.contains(expected), "{json}: {err}");
+            if expected.starts_with('`') {
+                assert!(err.contains("field `rope_scaling.rope_type`"), "{json}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Llama-family causal language models (Llama 2/3, Mistral, Qwen2) in candle, with LoRA
-//! adapters kept outside the frozen base, shared by the trainer and the inference server.
+//! Llama-family causal language models (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3) in
+//! candle, with LoRA adapters kept outside the frozen base, shared by the trainer and the
+//! inference server.
 //!
 //! - [`Config`] mirrors HF config.json; [`load::load_model`] reads an HF model directory.
 //! - [`CausalLm::forward`] takes token ids, the position offset, an optional KV cache and an
@@ -33,6 +34,7 @@ mod custom_grad;
 pub mod decode;
 pub mod device;
 pub mod error;
+mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod int8;

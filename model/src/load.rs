@@ -79,7 +79,8 @@ pub fn load_model(dir: &Path, options: &LoadOptions) -> Result<(Config, CausalLm
         path: dir.into(),
         source,
     })?;
-    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(mapped);
+    // Phi-3's fused projections are served to the model as the parts it holds.
+    let backend = crate::fused::split_fused(Box::new(mapped), &config);
     // NF4 quantizes the checkpoint's own values (read in f32), then expands to the wanted dtype.
     let read_as = match options.base {
         BaseFormat::Dense => options.dtype,
