@@ -1,7 +1,7 @@
 //! Writes, for each family checkpoint named on the command line, the adapter the trainer would
 //! save for it (`peft::save`, the trainer's own writer) into `<family>/adapter/`: rank 2 on all
-//! seven projections, with B drawn at random rather than PEFT's zeros so the adapter changes
-//! the logits. `tests/reference/families.py peft` then loads each one in PEFT and records PEFT's
+//! seven projections (on Phi-3 written as its fused modules, of rank 6), with B drawn at random
+//! rather than PEFT's zeros so the adapter changes the logits. `tests/reference/families.py peft` then loads each one in PEFT and records PEFT's
 //! logits beside it; `tests/model/families.rs` holds ours to them. Run once, by hand, when a
 //! family is added (the command is in families.py's doc); not a test.
 
@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .set(&candle_core::Tensor::from_vec(values, v.var.shape(), &Device::Cpu)?)?;
         }
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("family");
-        peft::save(&dir.join("adapter"), &adapter, name)?;
+        peft::save(&dir.join("adapter"), &adapter, &config, name)?;
         println!("{}: adapter written", dir.display());
     }
     Ok(())

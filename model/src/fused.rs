@@ -6,7 +6,8 @@
 //! hand-written training step all work per projection, and splitting once at load keeps every
 //! one of them unaware of the family. [`split_fused`] wraps the weights' backend so that
 //! `q_proj.weight` and the other parts are served as rows of their fused tensor (each part reads
-//! the fused tensor once more, a cost paid at load only).
+//! the fused tensor once more, a cost paid at load only). PEFT's layout of Phi-3 adapters
+//! (fused modules too) is in [`crate::fused_adapter`].
 
 use crate::config::Config;
 use crate::lora::TargetModule;
@@ -42,6 +43,11 @@ pub(crate) fn fused_modules(config: &Config) -> &'static [FusedModule] {
     } else {
         &[]
     }
+}
+
+/// The fused module `part` belongs to in `config`'s family, if any.
+pub(crate) fn fused_module_of(config: &Config, part: TargetModule) -> Option<&'static FusedModule> {
+    fused_modules(config).iter().find(|f| f.parts.contains(&part))
 }
 
 impl FusedModule {

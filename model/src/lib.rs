@@ -35,6 +35,7 @@ pub mod decode;
 pub mod device;
 pub mod error;
 mod fused;
+mod fused_adapter;
 pub mod generate;
 pub mod gguf;
 pub mod int8;

@@ -132,11 +132,13 @@ pub struct NamedVar {
 
 /// PEFT's tensor name for A (`which == "A"`) or B of a projection.
 pub fn peft_name(layer: usize, module: TargetModule, which: &str) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.{}.lora_{which}.weight",
-        module.parent(),
-        module.name()
-    )
+    peft_key(layer, module.parent(), module.name(), which)
+}
+
+/// PEFT's tensor name for A or B of the module `parent.module` of a layer, a projection or a
+/// fused module ([`crate::fused`]).
+pub(crate) fn peft_key(layer: usize, parent: &str, module: &str, which: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{parent}.{module}.lora_{which}.weight")
 }
 
 impl LoraAdapter {
@@ -217,7 +219,9 @@ impl LoraAdapter {
         self.pairs.iter()
     }
 
-    /// The tensors under PEFT's names, ready for adapter_model.safetensors.
+    /// The tensors under their projections' PEFT names: PEFT's own layout for every family but
+    /// Phi-3, whose fused modules [`crate::peft::save`] writes instead. The trainer's variables
+    /// and checkpoints go by these names.
     pub fn to_peft_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (&(layer, module), pair) in &self.pairs {
@@ -227,8 +231,9 @@ impl LoraAdapter {
         out
     }
 
-    /// Rebuilds an adapter from PEFT-named tensors, checking every shape against the model and
-    /// rejecting names it does not understand rather than ignoring them.
+    /// Rebuilds an adapter from tensors named as [`LoraAdapter::to_peft_tensors`] names them,
+    /// checking every shape against the model and rejecting names it does not understand
+    /// rather than ignoring them.
     pub fn from_peft_tensors(
         model: &Config,
         config: LoraConfig,

@@ -1,10 +1,14 @@
 //! HF PEFT adapter directories: adapter_config.json + adapter_model.safetensors.
+//!
+//! The layout is PEFT's for the base model's family: a pair per projection, except on Phi-3,
+//! whose checkpoints (and so PEFT) have fused modules (see `fused_adapter.rs`).
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::fused::fused_modules;
 use crate::lora::{LoraAdapter, LoraConfig, TargetModule};
 use crate::tensors;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -142,21 +146,40 @@ impl PeftConfig {
     }
 }
 
-/// Writes the adapter in PEFT layout into `dir` (created if needed).
-pub fn save(dir: &Path, adapter: &LoraAdapter, base_model: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
-    let config_path = dir.join(ADAPTER_CONFIG);
-    let json = serde_json::to_string_pretty(&PeftConfig::from_lora(&adapter.config, base_model)).map_err(|source| {
-        ModelError::Json {
-            path: config_path.clone(),
-            source,
-        }
-    })?;
-    std::fs::write(&config_path, json).map_err(ModelError::io(&config_path))?;
-    tensors::save(&dir.join(ADAPTER_WEIGHTS), &adapter.to_peft_tensors())
+/// Writes the adapter in PEFT's layout for `model` into `dir` (created if needed): a pair per
+/// projection, except on Phi-3, whose fused modules PEFT targets (see `fused_adapter.rs`).
+pub fn save(dir: &Path, adapter: &LoraAdapter, model: &Config, base_model: &str) -> Result<()> {
+    if fused_modules(model).is_empty() {
+        return save_per_projection(dir, adapter, base_model);
+    }
+    let (config, tensors) = crate::fused_adapter::fuse(adapter, model, base_model)?;
+    write(dir, &config, &tensors)
 }
 
-/// Reads a PEFT adapter directory (ours or one PEFT wrote) for `model`.
+/// Writes the adapter with a pair per projection whatever the family: PEFT's layout for every
+/// family but Phi-3, and the one [`LoraAdapter::from_peft_tensors`] reads back as it was
+/// written. The trainer's checkpoints use it: their optimizer moments are per projection.
+pub fn save_per_projection(dir: &Path, adapter: &LoraAdapter, base_model: &str) -> Result<()> {
+    write(
+        dir,
+        &PeftConfig::from_lora(&adapter.config, base_model),
+        &adapter.to_peft_tensors(),
+    )
+}
+
+fn write(dir: &Path, config: &PeftConfig, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
+    let config_path = dir.join(ADAPTER_CONFIG);
+    let json = serde_json::to_string_pretty(config).map_err(|source| ModelError::Json {
+        path: config_path.clone(),
+        source,
+    })?;
+    std::fs::write(&config_path, json).map_err(ModelError::io(&config_path))?;
+    tensors::save(&dir.join(ADAPTER_WEIGHTS), weights)
+}
+
+/// Reads a PEFT adapter directory (ours or one PEFT wrote) for `model`; the adapter holds a
+/// pair per projection whatever the layout. The config is returned as the file has it.
 pub fn load(dir: &Path, model: &Config, device: &Device) -> Result<(PeftConfig, LoraAdapter)> {
     let config_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(ModelError::io(&config_path))?;
@@ -164,10 +187,15 @@ pub fn load(dir: &Path, model: &Config, device: &Device) -> Result<(PeftConfig, 
         path: config_path.clone(),
         source,
     })?;
-    let lora = peft.to_lora(&config_path)?;
+    let lora = if fused_modules(model).is_empty() {
+        peft.to_lora(&config_path)?
+    } else {
+        crate::fused_adapter::split_targets(&peft, model, &config_path)?.to_lora(&config_path)?
+    };
     let weights = dir.join(ADAPTER_WEIGHTS);
     let tensors = tensors::load(&weights, device)?;
-    let adapter = LoraAdapter::from_peft_tensors(model, lora, tensors)
+    let adapter = crate::fused_adapter::split_tensors(tensors, &lora, model)
+        .and_then(|tensors| LoraAdapter::from_peft_tensors(model, lora, tensors))
         .map_err(|e| ModelError::Adapter(format!("{}: {e}", weights.display())))?;
     Ok((peft, adapter))
 }

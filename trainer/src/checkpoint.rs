@@ -1,4 +1,5 @@
-//! Checkpoints: `<output>/checkpoints/step-N/` with the adapter (PEFT layout), the optimizer
+//! Checkpoints: `<output>/checkpoints/step-N/` with the adapter (a pair per projection, which is
+//! PEFT's layout for every family but Phi-3: see `peft::save_per_projection`), the optimizer
 //! moments and trainer_state.json. Written to a temporary directory and renamed, so a pod
 //! killed mid-write never leaves a half checkpoint that a retry would resume from.
 
@@ -50,7 +51,8 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     }
-    peft::save(&tmp, adapter, base_model)?;
+    // A pair per projection, as the optimizer state: what a resumed run reads back.
+    peft::save_per_projection(&tmp, adapter, base_model)?;
     tensors::save(&tmp.join(OPTIMIZER), optimizer)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
         path: tmp.clone(),

@@ -600,7 +600,12 @@ fn finish(session: &Session, mut state: TrainerState, run: &RunSummary) -> Resul
         if let Some(loss) = evaluate_at(session, state.step)? {
             state.eval_history.push(LossPoint { step: state.step, loss });
         }
-        peft::save(&session.output, &session.adapter, &session.base_name)?;
+        peft::save(
+            &session.output,
+            &session.adapter,
+            &session.model_config,
+            &session.base_name,
+        )?;
         let s = session;
         judge_if_asked(
             s.config,

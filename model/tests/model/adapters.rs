@@ -11,7 +11,7 @@ fn peft_layout_round_trips_with_peft_names() {
     let t = tiny();
     let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.05);
     let out = tempfile::tempdir().expect("dir");
-    peft::save(out.path(), &adapter, "tiny-llama").expect("save");
+    peft::save(out.path(), &adapter, &t.config, "tiny-llama").expect("save");
 
     let names: Vec<String> = kubetune_model::tensors::load(&out.path().join(peft::ADAPTER_WEIGHTS), &Device::Cpu)
         .expect("weights")
@@ -92,7 +92,7 @@ fn adapter_with_wrong_shapes_or_extra_tensors_is_rejected() {
     let t = tiny();
     let (adapter, _vars) = random_adapter(&t.config, 4, 8.0, 0.0);
     let dir = tempfile::tempdir().expect("dir");
-    peft::save(dir.path(), &adapter, "tiny").expect("save");
+    peft::save(dir.path(), &adapter, &t.config, "tiny").expect("save");
     let path = dir.path().join(peft::ADAPTER_WEIGHTS);
     let mut tensors = kubetune_model::tensors::load(&path, &Device::Cpu).expect("load");
     tensors.insert(

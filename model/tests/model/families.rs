@@ -229,7 +229,7 @@ fn the_adapter_written_for_each_family_loads_in_peft_with_the_same_logits() {
         }
 
         let rewritten = tempfile::tempdir().expect("dir");
-        peft::save(rewritten.path(), &adapter, name).expect("save");
+        peft::save(rewritten.path(), &adapter, &config, name).expect("save");
         let json = |dir: &Path| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(dir.join(peft::ADAPTER_CONFIG)).expect("config"))
                 .expect("json")

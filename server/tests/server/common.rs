@@ -78,7 +78,7 @@ pub fn write_adapter(dir: &Path, config: &kubetune_model::Config, r: usize, seed
         dropout: 0.0,
         target_modules: TargetModule::ALL.to_vec(),
     };
-    peft::save(dir, &LoraAdapter::from_pairs(lora, pairs), base).expect("save adapter");
+    peft::save(dir, &LoraAdapter::from_pairs(lora, pairs), config, base).expect("save adapter");
 }
 
 pub fn args(extra: &[&str]) -> Args {
