@@ -11,18 +11,20 @@
 //!   and Gemma's embeddings, norms and GeGLU;
 //! - gemma3: Gemma 3's text model: scaled embeddings, (1 + w) norms around attention and MLP,
 //!   q/k norms, GeGLU, query_pre_attn_scalar, and sliding layers with a local RoPE base beside
-//!   full layers with linear RoPE scaling.
+//!   full layers with linear RoPE scaling;
+//! - phi3: q/k/v and gate/up fused in the checkpoint (split as they load), and a sliding
+//!   window shorter than the prompt.
 //!
 //! Each family also has the adapter kubetune's PEFT writer (the trainer's) made for it, in
 //! `adapter/`, loaded by `PeftModel.from_pretrained` with PEFT's logits beside it
 //! (`families.py peft`): ours must match them, and what the writer makes today must still be
-//! what PEFT loaded.
+//! what PEFT loaded. Phi-3's adapter is written on its fused modules, as PEFT targets them.
 
-use crate::common::random_adapter;
+use crate::common::{max_abs_diff, random_adapter};
 use candle_core::{Device, Tensor};
 use kubetune_model::checkpointing::LossBatch;
 use kubetune_model::generate::{greedy, GreedyOptions};
-use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, DecodeRow, KvCache, LoadOptions};
+use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, DecodeRow, KvCache, LoadOptions, TargetModule};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +46,16 @@ const TOLERANCE: f32 = 1e-4;
 /// bf16 keeps 8 bits of mantissa: logits of these tiny models move by a few hundredths.
 const BF16_TOLERANCE: f32 = 0.1;
 
-const FAMILIES: &[&str] = &["llama3", "llama-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
+const FAMILIES: &[&str] = &[
+    "llama3",
+    "llama-bias",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+];
 
 fn read_reference(path: &Path) -> Reference {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -191,6 +202,11 @@ fn gemma3_sliding_and_full_layers_with_their_own_rope_match_transformers() {
     check_family("gemma3");
 }
 
+#[test]
+fn phi3_fused_projections_match_transformers() {
+    check_family("phi3");
+}
+
 /// The adapter written for each family, loaded by PEFT, gives PEFT's logits here too; the
 /// adapter really moves them (so a PEFT that skipped its tensors could not pass); and the
 /// writer still writes the same tensor names and config, so PEFT's check stands for today's
@@ -260,6 +276,15 @@ fn adapter_gradients_of_families_trained_through_the_graph_match_finite_differen
     }
 }
 
+/// Phi-3 trains by hand (its projections are split from the fused ones as they load, so the
+/// hand-written layers apply): the gradients reported for A entries of q_proj and gate_proj,
+/// through the sliding window, agree with the loss's finite difference.
+#[test]
+fn phi3_adapter_gradients_on_the_split_projections_match_finite_differences() {
+    check_gradient_by_finite_differences("phi3");
+}
+
+/// Also checks that the loss is finite and that every pair gets a finite, non-zero gradient.
 fn check_gradient_by_finite_differences(name: &str) {
     let (config, model) =
         load_model(&family_dir(name), &LoadOptions::on(Device::Cpu, BaseFormat::Dense)).expect("load");
@@ -282,7 +307,19 @@ fn check_gradient_by_finite_differences(name: &str) {
         dropout_seed: None,
         first_row: 0,
     };
-    let (_, grads) = model.loss_backward(&batch, &active, 1.0, 12).expect("backward");
+    let (loss, grads) = model.loss_backward(&batch, &active, 1.0, 12).expect("backward");
+    assert!(loss.is_finite(), "{name}: loss {loss}");
+    for v in &vars {
+        let g = grads
+            .get(v.var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {}", v.name));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: {} has gradient norm {norm}",
+            v.name
+        );
+    }
     for module in ["layers.0.self_attn.q_proj.lora_A", "layers.1.mlp.gate_proj.lora_A"] {
         let var = &vars.iter().find(|v| v.name.contains(module)).expect("pair").var;
         let grad: Vec<f32> = grads
@@ -312,5 +349,74 @@ fn check_gradient_by_finite_differences(name: &str) {
             );
         }
         var.set(&original).unwrap();
+    }
+}
+
+/// An adapter as PEFT 0.21.2 writes one for Phi-3 with `target_modules=["qkv_proj"]` (its
+/// adapter_config.json as PEFT saved it; the tensors drawn here): q, k and v each get the whole
+/// A and their own rows of B, so each one's delta is its rows of PEFT's B A, scaled by
+/// lora_alpha / r; no other projection gets a pair.
+#[test]
+fn a_phi3_adapter_peft_wrote_for_qkv_proj_only_loads_with_each_projections_delta() {
+    let (config, _) = load_model(&family_dir("phi3"), &LoadOptions::on(Device::Cpu, BaseFormat::Dense)).expect("load");
+    let dir = tempfile::tempdir().expect("dir");
+    let peft_config = r#"{"alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
+        "auto_mapping": {"base_model_class": "Phi3ForCausalLM", "parent_library": "transformers.models.phi3.modeling_phi3"},
+        "base_model_name_or_path": "phi3", "bias": "none", "corda_config": null, "ensure_weight_tying": false,
+        "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": true,
+        "init_lora_weights": true, "kasa_config": null, "layer_replication": null, "layers_pattern": null,
+        "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false, "lora_dropout": 0.0,
+        "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": null,
+        "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": 2,
+        "rank_pattern": {}, "revision": null, "target_modules": ["qkv_proj"], "target_parameters": null,
+        "task_type": null, "trainable_token_indices": null, "use_bdlora": null, "use_dora": false,
+        "use_qalora": false, "use_rslora": false, "velora_config": null}"#;
+    std::fs::write(dir.path().join(peft::ADAPTER_CONFIG), peft_config).expect("config");
+    let values = |rows: usize, cols: usize, phase: f32| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.37 + phase).sin() * 0.2)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let key = |layer: usize, which: &str| {
+        format!("base_model.model.model.layers.{layer}.self_attn.qkv_proj.lora_{which}.weight")
+    };
+    let mut fused = std::collections::BTreeMap::new();
+    for layer in 0..config.num_hidden_layers {
+        fused.insert(key(layer, "A"), values(2, 32, layer as f32));
+        fused.insert(key(layer, "B"), values(64, 2, 1.0 + layer as f32));
+    }
+    kubetune_model::tensors::save(&dir.path().join(peft::ADAPTER_WEIGHTS), &fused).expect("weights");
+
+    let (_, adapter) = peft::load(dir.path(), &config, &Device::Cpu).expect("load the adapter");
+    assert_eq!(
+        adapter.config.target_modules,
+        [TargetModule::QProj, TargetModule::KProj, TargetModule::VProj]
+    );
+    assert_eq!((adapter.config.r, adapter.config.scale()), (2, 4.0));
+    // 4 query heads and 2 key/value heads of 8: q's rows, then k's, then v's.
+    let parts = [
+        (TargetModule::QProj, 0, 32),
+        (TargetModule::KProj, 32, 16),
+        (TargetModule::VProj, 48, 16),
+    ];
+    for layer in 0..config.num_hidden_layers {
+        let whole = fused[&key(layer, "B")].matmul(&fused[&key(layer, "A")]).unwrap();
+        for (part, start, rows) in parts {
+            let pair = adapter.get(layer, part).expect("pair");
+            let diff = max_abs_diff(&pair.b.matmul(&pair.a).unwrap(), &whole.narrow(0, start, rows).unwrap());
+            assert!(diff < 1e-6, "layer {layer} {part:?}: delta differs by {diff}");
+        }
+        for other in [
+            TargetModule::OProj,
+            TargetModule::GateProj,
+            TargetModule::UpProj,
+            TargetModule::DownProj,
+        ] {
+            assert!(
+                adapter.get(layer, other).is_none(),
+                "layer {layer}: {other:?} has a pair"
+            );
+        }
     }
 }

@@ -126,6 +126,19 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    # q, k and v fused in one qkv_proj and gate and up in one gate_up_proj (kubetune splits them
+    # as they load and writes adapters on the fused modules), a sliding window shorter than the
+    # prompt (Phi-3 applies it with no switch), GQA, an untied head. Phi3Config's default pad id
+    # (32000) is outside the tiny vocabulary.
+    "phi3": (
+        transformers.Phi3Config,
+        dict(
+            sliding_window=8,
+            tie_word_embeddings=False,
+            pad_token_id=None,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
 }
 
 
