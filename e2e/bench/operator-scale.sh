@@ -55,6 +55,7 @@ done >"$manifests"
 
 log "creating $n FineTuneJobs in $ns"
 t0=$(date +%s.%N)
+goal=$((SECONDS + 30))
 kubectl create -f "$manifests" >/dev/null
 t_created=$(date +%s.%N)
 current() {
@@ -65,9 +66,27 @@ current() {
   echo "$jobs $statuses"
   [ "$jobs" -ge "$n" ] && [ "$statuses" -ge "$n" ]
 }
+# The FineTuneJobs not reconciled yet, by name: without a Job (the Job has the FineTuneJob's
+# name) or with a status older than their spec. A lost event shows up here as the same names
+# staying behind.
+stragglers() {
+  local no_job stale
+  no_job=$(comm -23 \
+    <(kubectl get ftj -n "$ns" -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}' | sort) \
+    <(kubectl get jobs -n "$ns" -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}' | sort))
+  stale=$(kubectl get ftj -n "$ns" \
+    -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.generation} {.status.observedGeneration}{"\n"}{end}' \
+    | awk '$2 != $3 {print $1}')
+  printf '%s\n%s\n' "$no_job" "$stale" | sed '/^$/d' | sort -u | tr '\n' ' '
+}
 deadline=$((SECONDS + 600))
+late=""
 until state=$(current); do
-  [ $SECONDS -lt $deadline ] || die "not all reconciled after 600 s (jobs, current statuses: $state)"
+  if [ $SECONDS -ge "$goal" ] && [ -z "$late" ]; then
+    late=$(stragglers)
+    log "not reconciled within the 30 s goal: ${late:-none}"
+  fi
+  [ $SECONDS -lt $deadline ] || die "not all reconciled after 600 s (jobs, current statuses: $state); stragglers: $(stragglers)"
   sleep 1
 done
 t_done=$(date +%s.%N)
@@ -79,3 +98,4 @@ awk -v n="$n" -v c="$t_created" -v d="$t_done" -v t0="$t0" -v r="$rss_kib" 'BEGI
   printf "all Jobs exist, statuses current:  %.1f s after the first create (goal 30 s; ratio %.2f)\n", d, d / 30
   printf "operator peak RSS:                 %.1f MiB (goal 100 MiB; ratio %.2f)\n", r / 1024, r / 1024 / 100
 }'
+echo "late past the 30 s goal:           ${late:-none}"
