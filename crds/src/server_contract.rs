@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// Port the server listens on in its pod.
 pub const SERVER_PORT: u16 = 8000;
+/// Port of the server's admin API in its pod: apart from SERVER_PORT so that the Service, which
+/// exposes only SERVER_PORT, never reaches it.
+pub const ADMIN_PORT: u16 = 8001;
 /// Where the adapters file is mounted in the server pod.
 pub const ADAPTERS_FILE: &str = "/etc/kubetune/adapters/adapters.json";
 

@@ -39,11 +39,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
+    let admin_listener = match &args.admin_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("--admin-listen {address}: {e}"))?,
+        ),
+        None => None,
+    };
     state.set_ready(true);
-    tracing::info!(listen = %args.listen, model = %state.base_name, adapters = state.adapters.len(), "ready");
+    tracing::info!(listen = %args.listen, admin_listen = ?args.admin_listen, model = %state.base_name, adapters = state.adapters.len(), "ready");
     serve(
         state,
         listener,
+        admin_listener,
         Duration::from_secs(args.shutdown_timeout_s),
         shutdown_signal(),
     )

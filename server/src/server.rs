@@ -47,6 +47,10 @@ pub struct Args {
     pub registry: Option<String>,
     #[arg(long, env = "KUBETUNE_LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: String,
+    /// Serve the adapter admin API on this address only, and not on --listen: a port apart that
+    /// the Service clients use does not expose. Unset, it is served on --listen.
+    #[arg(long, env = "KUBETUNE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     #[arg(long, env = "KUBETUNE_MAX_BATCH", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_batch: u32,
     /// Longest prompt + completion in tokens; defaults to the model's max_position_embeddings.
@@ -367,13 +371,24 @@ pub async fn warm_up(state: &AppState) -> Result<(), StartupError> {
 /// Serves until `shutdown` completes (SIGTERM or Ctrl-C in the binary: [`shutdown_signal`]),
 /// then stops accepting, lets in-flight requests finish and returns when they are done or
 /// `deadline` has passed, whichever comes first.
+///
+/// With `admin_listener`, the admin API is served there and not on `listener`; it stops with the
+/// main server (a load in flight at shutdown has no pod left to serve it).
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
+    admin_listener: Option<tokio::net::TcpListener>,
     deadline: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = api::router(state.clone());
+    let (app, _admin) = match admin_listener {
+        None => (api::router(state.clone()), None),
+        Some(admin_listener) => {
+            let admin_app = api::admin_router(state.clone());
+            let admin = tokio::spawn(async move { axum::serve(admin_listener, admin_app).await });
+            (api::public_router(state.clone()), Some(AbortOnDrop(admin)))
+        }
+    };
     let stopping = Arc::new(tokio::sync::Notify::new());
     let notify = stopping.clone();
     let signal_state = state.clone();
@@ -397,6 +412,15 @@ pub async fn serve(
             tracing::warn!(in_flight = state.engine.in_flight(), "shutdown deadline passed; abandoning requests still running");
             Ok(())
         }
+    }
+}
+
+/// Stops the admin server whichever way `serve` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
-use kubetune_crds::server_contract::{AdaptersFile, ADAPTERS_FILE, SERVER_PORT};
+use kubetune_crds::server_contract::{AdaptersFile, ADAPTERS_FILE, ADMIN_PORT, SERVER_PORT};
 use kubetune_crds::{AutoscalingSpec, ModelDeployment};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -183,6 +183,9 @@ pub fn build_children(
         spec.base_model.uri.clone(),
         "--listen".into(),
         format!("$(POD_IP):{SERVER_PORT}"),
+        // The admin API on a port of its own, which the Service does not expose.
+        "--admin-listen".into(),
+        format!("$(POD_IP):{ADMIN_PORT}"),
         "--registry".into(),
         registry.to_string(),
         "--adapters-file".into(),
@@ -250,7 +253,10 @@ pub fn build_children(
         ],
         "envFrom": env_from,
         "resources": resources,
-        "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"},
+            {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
         "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2, "failureThreshold": 300},
@@ -528,6 +534,32 @@ mod tests {
             .expect("admin key mount");
         assert_eq!(mount.mount_path, "/etc/kubetune/admin");
         assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn the_admin_api_listens_on_its_own_port_which_the_service_does_not_expose() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let c = children(&md, &serving());
+        let pod = c.deployment.spec.and_then(|s| s.template.spec).expect("pod");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        assert_eq!(flag(&args, "--admin-listen"), ["$(POD_IP):8001"]);
+        assert_eq!(flag(&args, "--listen"), ["$(POD_IP):8000"]);
+        let ports: Vec<(Option<String>, i32)> = pod.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.container_port))
+            .collect();
+        assert_eq!(ports, [(Some("http".into()), 8000), (Some("admin".into()), 8001)]);
+        let service_ports: Vec<i32> = c
+            .service
+            .spec
+            .and_then(|s| s.ports)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(service_ports, [8000]);
     }
 
     #[test]

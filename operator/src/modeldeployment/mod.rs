@@ -22,7 +22,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, P
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use kubetune_crds::server_contract::{AdaptersFile, ModelList, ServedAdapter, SERVER_PORT};
+use kubetune_crds::server_contract::{AdaptersFile, ModelList, ServedAdapter, ADMIN_PORT, SERVER_PORT};
 use kubetune_crds::{ModelDeployment, RolloutState, RolloutStrategy, ServingCounters};
 use kubetune_storage::{Credentials, Registry, Storage};
 use resolve::Unresolved;
@@ -604,7 +604,7 @@ async fn load(
     let body = serde_json::to_vec(adapter).map_err(|e| e.to_string())?;
     let reply = ctx
         .pod_http
-        .send_with_key(Method::POST, ip, SERVER_PORT, "/v1/adapters", Some(body), Some(key))
+        .send_with_key(Method::POST, ip, ADMIN_PORT, "/v1/adapters", Some(body), Some(key))
         .await?;
     if (200..300).contains(&reply.status) {
         Ok(())
@@ -629,7 +629,7 @@ async fn unload(
     let path = format!("/v1/adapters/{adapter}");
     let reply = ctx
         .pod_http
-        .send_with_key(Method::DELETE, ip, SERVER_PORT, &path, None, Some(key))
+        .send_with_key(Method::DELETE, ip, ADMIN_PORT, &path, None, Some(key))
         .await?;
     if (200..300).contains(&reply.status) {
         Ok(())

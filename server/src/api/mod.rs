@@ -120,7 +120,26 @@ fn quoted_path(uri: &Uri) -> String {
     uri.path().chars().take(200).collect()
 }
 
+/// Every route on one port: what a server without `--admin-listen` serves.
 pub fn router(state: Arc<AppState>) -> Router {
+    let routes = public_routes(&state).merge(admin_routes(&state));
+    finish(routes, state)
+}
+
+/// The routes for the port clients reach, without the admin API: with `--admin-listen` that is
+/// served by [`admin_router`] on a port the Service does not expose.
+pub fn public_router(state: Arc<AppState>) -> Router {
+    let routes = public_routes(&state);
+    finish(routes, state)
+}
+
+/// The admin API alone, for the `--admin-listen` port.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    let routes = admin_routes(&state);
+    finish(routes, state)
+}
+
+fn public_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     let inference = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -130,17 +149,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Wildcard: a base model id such as `org/model` holds slashes.
         .route("/v1/models/{*id}", get(admin::model))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::listing));
-    let admin = Router::new()
-        .route("/v1/adapters", post(admin::load_adapter).get(admin::adapters))
-        .route("/v1/adapters/{name}", delete(admin::unload_adapter))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
     Router::new()
         .merge(inference)
         .merge(listing)
-        .merge(admin)
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
+}
+
+fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/adapters", post(admin::load_adapter).get(admin::adapters))
+        .route("/v1/adapters/{name}", delete(admin::unload_adapter))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin))
+}
+
+/// The answers every port shares: OpenAI-shaped 404 and 405, the body limit, request ids.
+fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::RouteNotFound {
                 method: method.to_string(),

@@ -510,3 +510,47 @@ async fn vllm_named_series_count_what_requests_did() {
         assert_eq!(sample(&after, &series(name)), 0.0, "{name}");
     }
 }
+
+#[tokio::test]
+async fn with_a_separate_admin_port_the_client_port_has_no_admin_api_and_the_admin_port_only_it() {
+    let f = fixture();
+    let s = server(&[]).await;
+    let public = kubetune_server::api::public_router(s.state.clone());
+    let admin = kubetune_server::api::admin_router(s.state.clone());
+    let r = send_with(
+        &public,
+        "POST",
+        "/v1/adapters",
+        Some(load_body("a", &f.adapter_a).to_string()),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+
+    let r = send(
+        &admin,
+        "POST",
+        "/v1/adapters",
+        Some(load_body("a", &f.adapter_a).to_string()),
+    )
+    .await;
+    assert_eq!(
+        r.status, 401,
+        "the admin port still takes only the admin key: {}",
+        r.text
+    );
+    let r = send_with(
+        &admin,
+        "POST",
+        "/v1/adapters",
+        Some(load_body("a", &f.adapter_a).to_string()),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Clients reach the adapter through the client port; the admin port serves no inference.
+    let body = json!({"model": "a", "prompt": "hi", "max_tokens": 2});
+    assert_eq!(post(&public, "/v1/completions", body.clone()).await.status, 200);
+    assert_eq!(post(&admin, "/v1/completions", body).await.status, 404);
+}

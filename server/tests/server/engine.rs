@@ -141,6 +141,7 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let serving = tokio::spawn(kubetune_server::server::serve(
         s.state.clone(),
         listener,
+        None,
         deadline,
         async move {
             let _ = stopped.await;
@@ -194,4 +195,36 @@ async fn a_dead_engine_thread_fails_health_and_readiness() {
     let refused = post(&s.app, "/v1/completions", body(3, false)).await;
     assert_eq!(refused.status, 503, "{}", refused.text);
     assert_eq!(refused.json()["error"]["code"], "engine_stopped");
+}
+
+#[tokio::test]
+async fn with_an_admin_listener_the_admin_api_answers_there_and_not_on_the_client_port() {
+    let s = server(&[]).await;
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (listener, admin) = (bind().await.expect("bind"), bind().await.expect("bind"));
+    let (addr, admin_addr) = (listener.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(kubetune_server::server::serve(
+        s.state.clone(),
+        listener,
+        Some(admin),
+        std::time::Duration::from_secs(5),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let load = json!({"name": "a", "source": "/nowhere"}).to_string();
+    let reply = raw_post(addr, "/v1/adapters", load.clone()).await;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    // No key sent: the admin port has the route, and it still wants the admin key.
+    let reply = raw_post(admin_addr, "/v1/adapters", load).await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    let reply = raw_post(admin_addr, "/v1/completions", body(2, false).to_string()).await;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    stop.send(()).expect("server listens for the signal");
+    tokio::time::timeout(std::time::Duration::from_secs(60), serving)
+        .await
+        .expect("serve returned")
+        .expect("task")
+        .expect("serve ok");
 }
