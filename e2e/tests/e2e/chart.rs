@@ -556,7 +556,6 @@ const OPERATOR_MUST_NOT: &[Check] = &[
     ("list", "/secrets", "team-a", None),
     ("list", "/secrets", "", None),
     ("watch", "/secrets", "team-a", None),
-    ("create", "/secrets", "team-a", None),
     ("delete", "kubetune.dev/finetunejobs", "team-a", Some("support-bot")),
     ("create", "kubetune.dev/finetunejobs", "team-a", None),
     ("update", "kubetune.dev/finetunejobs", "team-a", Some("support-bot")),
@@ -603,6 +602,9 @@ const MODELDEPLOYMENT_NEEDS: &[Check] = &[
     ("create", "/configmaps", "team-a", None),
     ("patch", "/configmaps", "team-a", Some("chat-adapters")),
     ("watch", "/pods", "", None),
+    // Each ModelDeployment's admin key: read by name, created once when absent.
+    ("get", "/secrets", "team-a", Some("chat-admin-key")),
+    ("create", "/secrets", "team-a", None),
 ];
 
 const MODELDEPLOYMENT_MUST_NOT: &[Check] = &[
@@ -610,6 +612,10 @@ const MODELDEPLOYMENT_MUST_NOT: &[Check] = &[
     ("delete", "kubetune.dev/modeldeployments", "team-a", Some("chat")),
     ("update", "apps/deployments", "team-a", Some("chat")),
     ("delete", "/configmaps", "team-a", Some("chat-adapters")),
+    // A new admin key would lock the operator out of the running pods: never rewritten.
+    ("update", "/secrets", "team-a", Some("chat-admin-key")),
+    ("patch", "/secrets", "team-a", Some("chat-admin-key")),
+    ("delete", "/secrets", "team-a", Some("chat-admin-key")),
 ];
 
 #[tokio::test]
@@ -639,5 +645,7 @@ async fn nondefault_install_applies_without_the_modeldeployment_role() -> Result
     check_all(&client, &sa, &ns.name, OPERATOR_NEEDS, true).await?;
     check_all(&client, &sa, &ns.name, OPERATOR_MUST_NOT, false).await?;
     check_all(&client, &sa, &ns.name, &MODELDEPLOYMENT_NEEDS[..2], false).await?;
+    // Without the ModelDeployment role there is no admin key to create: no Secret is created.
+    check_all(&client, &sa, &ns.name, &[("create", "/secrets", "team-a", None)], false).await?;
     Ok(())
 }
