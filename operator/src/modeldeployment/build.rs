@@ -146,14 +146,19 @@ pub fn endpoint(md: &ModelDeployment) -> String {
     )
 }
 
+/// Annotation on the pod template naming the admin key Secret's uid: pods read the key at start,
+/// so a recreated Secret (a new key) must roll them.
+pub const ADMIN_KEY_SECRET_ANNOTATION: &str = "kubetune.dev/admin-key-secret-uid";
+
 /// Builds every child of a validated spec. `registry` is the resolved registry root; `serving`
-/// the adapters pods load at start.
+/// the adapters pods load at start; `admin_key_secret_uid` the uid of the admin key Secret.
 pub fn build_children(
     md: &ModelDeployment,
     valid: &ValidModelDeployment,
     config: &OperatorConfig,
     registry: &str,
     serving: &AdaptersFile,
+    admin_key_secret_uid: Option<&str>,
 ) -> Result<Children> {
     let ser = |what: &'static str| move |source| Error::Serialize { what, source };
     let owner = md.controller_owner_ref(&()).ok_or_else(|| Error::MissingField {
@@ -275,6 +280,9 @@ pub fn build_children(
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
         "template": {"metadata": {"labels": labels(md)}, "spec": pod_spec},
     });
+    if let Some(uid) = admin_key_secret_uid {
+        deployment_spec["template"]["metadata"]["annotations"] = json!({ADMIN_KEY_SECRET_ANNOTATION: uid});
+    }
     // Under an autoscaler the replicas are its to set: applying ours would undo each of its
     // decisions on every reconcile.
     if spec.autoscaling.is_none() {
@@ -384,6 +392,7 @@ mod tests {
             &OperatorConfig::for_tests(),
             "s3://kubetune/registry",
             adapters,
+            Some("secret-uid-1"),
         )
         .expect("builds")
     }
@@ -560,6 +569,34 @@ mod tests {
             .map(|p| p.port)
             .collect();
         assert_eq!(service_ports, [8000]);
+    }
+
+    #[test]
+    fn a_new_admin_key_secret_changes_the_pod_template_so_pods_restart_with_its_key() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let template = |uid: &str| {
+            let c = build_children(
+                &md,
+                &valid(&md),
+                &OperatorConfig::for_tests(),
+                "s3://kubetune/registry",
+                &serving(),
+                Some(uid),
+            )
+            .expect("builds");
+            c.deployment.spec.expect("spec").template
+        };
+        let (first, second) = (template("uid-1"), template("uid-2"));
+        let annotation = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+            t.metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(ADMIN_KEY_SECRET_ANNOTATION).cloned())
+        };
+        assert_eq!(annotation(&first).as_deref(), Some("uid-1"));
+        assert_eq!(annotation(&second).as_deref(), Some("uid-2"));
+        assert_ne!(first, second);
+        assert_eq!(first, template("uid-1"), "the same Secret leaves the template as it is");
     }
 
     #[test]

@@ -88,11 +88,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     let canary_in_flight = policy.canary.is_some() && desired.iter().any(|a| !promoted.adapters.contains(a));
     // Before the pods are asked anything: the admin API takes only this key.
     let admin = admin_key(&ctx, &ns, &md).await?;
-    let pods = pod_views(&ctx, &ns, &md, canary_in_flight, &admin).await?;
+    let pods = pod_views(&ctx, &ns, &md, canary_in_flight, &admin.key).await?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut the_plan = plan(&desired, &promoted, &pods.views, &previous, &policy, &now);
     for Step::Load { pod, adapter } in the_plan.steps.clone() {
-        if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter, &admin).await {
+        if let Err(message) = load(&ctx, &pods.ips, &pod, &adapter, &admin.key).await {
             tracing::warn!(modeldeployment = %key, %pod, adapter = %adapter.source, %message, "adapter load failed");
             if let Some(r) = the_plan
                 .rollouts
@@ -108,7 +108,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     // An adapter removed from the spec leaves the running pods too, not only the adapters file.
     let named: BTreeSet<&str> = md.spec.adapters.iter().map(|a| a.name.as_str()).collect();
     for rollout::Unload { pod, adapter } in rollout::unloads(&named, &pods.views) {
-        match unload(&ctx, &pods.ips, &pod, &adapter, &admin).await {
+        match unload(&ctx, &pods.ips, &pod, &adapter, &admin.key).await {
             Ok(()) => {
                 tracing::info!(modeldeployment = %key, %pod, %adapter, "unloaded an adapter no longer in the spec")
             }
@@ -119,7 +119,14 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
 
     let registry_arg = registry_uri.clone().unwrap_or_default();
-    let children = build_children(&md, &valid, &ctx.config, &registry_arg, &the_plan.promoted)?;
+    let children = build_children(
+        &md,
+        &valid,
+        &ctx.config,
+        &registry_arg,
+        &the_plan.promoted,
+        admin.secret_uid.as_deref(),
+    )?;
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     let applied = apply_children(&ctx, &ns, &md, &children, existing_config_map, &params).await?;
 
@@ -440,10 +447,16 @@ where
     }
 }
 
+/// An admin key and the uid of the Secret that holds it.
+struct AdminKey {
+    key: String,
+    secret_uid: Option<String>,
+}
+
 /// The ModelDeployment's admin key: read from its Secret, or generated into a new Secret when
 /// there is none. Never rewritten, so pods started with a key keep accepting the operator's.
 /// A Secret of that name that someone else owns is not used: its key is not ours to trust.
-async fn admin_key(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<String> {
+async fn admin_key(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<AdminKey> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let name = admin_key_secret_name(md);
     let existing = match api.get_opt(&name).await? {
@@ -454,18 +467,31 @@ async fn admin_key(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<Stri
                 source,
             })?;
             match api.create(&PostParams::default(), &admin_key_secret(md, &key)?).await {
-                Ok(_) => return Ok(key),
+                Ok(created) => {
+                    return Ok(AdminKey {
+                        key,
+                        secret_uid: created.metadata.uid,
+                    })
+                }
                 // Another reconcile created it since the read: use that one.
                 Err(kube::Error::Api(e)) if e.code == 409 => api.get_opt(&name).await?,
                 Err(e) => return Err(e.into()),
             }
         }
     };
-    existing
+    let secret = existing
         .filter(|s| owned_by(md, s))
-        .as_ref()
-        .and_then(admin_key_of)
-        .ok_or_else(|| Error::NotOwned(format!("Secret {ns}/{name}")))
+        .ok_or_else(|| Error::NotOwned(format!("Secret {ns}/{name}")))?;
+    // Emptied by hand: not replaced here; deleting the Secret makes a new one, and its new uid
+    // in the pod template rolls the pods onto the new key.
+    let key = admin_key_of(&secret).ok_or_else(|| Error::MissingField {
+        object: format!("Secret {ns}/{name}"),
+        field: "data.key",
+    })?;
+    Ok(AdminKey {
+        key,
+        secret_uid: secret.metadata.uid,
+    })
 }
 
 async fn open_registry(

@@ -240,7 +240,7 @@ fn admin_key_secret(owner: Option<&str>) -> Value {
 async fn an_existing_admin_key_secret_is_kept_as_it_is_never_recreated_or_rewritten() {
     let (ctx, mut api) = context();
     let md = model_deployment(json!({}));
-    reconcile_scripted(&md, &ctx, &mut api, |api| {
+    let (_, deployment) = reconcile_scripted(&md, &ctx, &mut api, |api| {
         async move {
             expect(
                 api,
@@ -253,15 +253,21 @@ async fn an_existing_admin_key_secret_is_kept_as_it_is_never_recreated_or_rewrit
             // Read, and then straight on to the pods: a create or patch would be a request more.
             expect(api, Method::GET, ADMIN_KEY_SECRET, 200, admin_key_secret(Some(UID))).await;
             script_pods_and_config_map(api).await;
-            script_deployment_and_service(api, Value::Null).await;
+            let deployment = script_deployment_and_service(api, Value::Null).await;
             expect(api, Method::GET, PDBS, 404, not_found()).await;
             expect(api, Method::GET, HPAS, 404, not_found()).await;
             let md = serde_json::to_value(model_deployment(json!({}))).expect("json");
             expect(api, Method::PATCH, STATUS, 200, md).await;
+            deployment
         }
         .boxed()
     })
     .await;
+    // The pods are tied to this Secret: a recreated one (a new key) would roll them.
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["annotations"]["kubetune.dev/admin-key-secret-uid"],
+        "secret-uid"
+    );
 }
 
 #[tokio::test]
