@@ -53,6 +53,39 @@ pub struct OperatorConfig {
         value_parser = clap::value_parser!(i64).range(1..)
     )]
     pub trainer_termination_grace_seconds: i64,
+    /// The only pods that may reach the inference servers' admin port, as
+    /// `NAMESPACE/LABEL=VALUE,...` (the operator's own pods; the chart sets it unless
+    /// networkPolicy.admin is false). Set, each ModelDeployment gets a NetworkPolicy admitting
+    /// only them to that port, and anyone to the inference port.
+    #[arg(long, env = "KUBETUNE_ADMIN_POLICY_FROM", value_parser = parse_admin_policy_from)]
+    pub admin_policy_from: Option<AdminPolicyFrom>,
+}
+
+/// The pods `--admin-policy-from` names: their namespace and labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminPolicyFrom {
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+fn parse_admin_policy_from(text: &str) -> Result<AdminPolicyFrom, String> {
+    let usage = || format!("{text:?}: expected NAMESPACE/LABEL=VALUE[,LABEL=VALUE...]");
+    let (namespace, labels) = text.split_once('/').ok_or_else(usage)?;
+    let labels = labels
+        .split(',')
+        .map(|pair| {
+            let (k, v) = pair.trim().split_once('=').ok_or_else(usage)?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect::<Result<std::collections::BTreeMap<_, _>, String>>()?;
+    // An empty selector would admit every pod of the namespace: not what the flag promises.
+    if namespace.is_empty() || labels.keys().any(String::is_empty) || labels.is_empty() {
+        return Err(usage());
+    }
+    Ok(AdminPolicyFrom {
+        namespace: namespace.to_string(),
+        labels,
+    })
 }
 
 impl OperatorConfig {
@@ -67,6 +100,7 @@ impl OperatorConfig {
             scratch_size: "10Gi".into(),
             trainer_metrics_port: 9090,
             trainer_termination_grace_seconds: DEFAULT_TRAINER_TERMINATION_GRACE_SECONDS,
+            admin_policy_from: None,
         }
     }
 }
@@ -74,6 +108,26 @@ impl OperatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_policy_from_names_a_namespace_and_at_least_one_label() {
+        let parsed = parse_admin_policy_from("kubetune-system/app=op, release=r1").expect("valid");
+        assert_eq!(parsed.namespace, "kubetune-system");
+        assert_eq!(
+            parsed.labels.into_iter().collect::<Vec<_>>(),
+            [("app".into(), "op".into()), ("release".into(), "r1".into())]
+        );
+        for bad in [
+            "kubetune-system",
+            "/app=op",
+            "kubetune-system/",
+            "kubetune-system/app",
+            "ns/=op",
+        ] {
+            let err = parse_admin_policy_from(bad).expect_err(bad);
+            assert!(err.contains("NAMESPACE/LABEL=VALUE"), "{bad}: {err}");
+        }
+    }
     use clap::{Command, FromArgMatches as _};
 
     /// The default clap gives `id` when neither the flag nor its environment variable is set.

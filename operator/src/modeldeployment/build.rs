@@ -18,9 +18,14 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, PodsMetricSource,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 use kubetune_crds::server_contract::{AdaptersFile, ADAPTERS_FILE, ADMIN_PORT, SERVER_PORT};
@@ -46,6 +51,8 @@ pub struct Children {
     pub service: Service,
     pub pdb: Option<PodDisruptionBudget>,
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// Only the operator may reach the admin port (with `--admin-policy-from`).
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// The model name clients send for the base model: spec.baseModel.servedName, else derived from
@@ -329,13 +336,73 @@ pub fn build_children(
         };
         autoscaler(md, meta, a)
     });
+    let network_policy = config.admin_policy_from.as_ref().map(|from| {
+        let meta = ObjectMeta {
+            name: Some(md.name_any()),
+            namespace: md.namespace(),
+            labels: Some(labels(md)),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        };
+        admin_network_policy(md, meta, from)
+    });
     Ok(Children {
         config_map,
         deployment,
         service,
         pdb,
         hpa,
+        network_policy,
     })
+}
+
+/// Ingress to the server pods: the inference port from anywhere (clients, Prometheus, probes),
+/// the admin port from the operator's pods only. Any other port is closed by the policy.
+fn admin_network_policy(
+    md: &ModelDeployment,
+    meta: ObjectMeta,
+    from: &crate::config::AdminPolicyFrom,
+) -> NetworkPolicy {
+    let port = |p: u16| NetworkPolicyPort {
+        port: Some(IntOrString::Int(p.into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let operator = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                from.namespace.clone(),
+            )])),
+            ..Default::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(from.labels.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: meta,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(md)),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![port(SERVER_PORT)]),
+                    from: None,
+                },
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![port(ADMIN_PORT)]),
+                    from: Some(vec![operator]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
 }
 
 /// An autoscaling/v2 HPA of the server Deployment on a per-pod average of the server's load
@@ -597,6 +664,41 @@ mod tests {
         assert_eq!(annotation(&second).as_deref(), Some("uid-2"));
         assert_ne!(first, second);
         assert_eq!(first, template("uid-1"), "the same Secret leaves the template as it is");
+    }
+
+    #[test]
+    fn with_admin_policy_from_only_the_operators_pods_may_reach_the_admin_port() {
+        let md = modeldeployment("modeldeployment.yaml");
+        assert!(
+            children(&md, &serving()).network_policy.is_none(),
+            "off without the setting"
+        );
+        let config = OperatorConfig {
+            admin_policy_from: Some(crate::config::AdminPolicyFrom {
+                namespace: "kubetune-system".into(),
+                labels: BTreeMap::from([("app.kubernetes.io/name".into(), "kubetune-operator".into())]),
+            }),
+            ..OperatorConfig::for_tests()
+        };
+        let c = build_children(&md, &valid(&md), &config, "s3://kubetune/registry", &serving(), None).expect("builds");
+        let policy = serde_json::to_value(c.network_policy.expect("a policy")).expect("json");
+        assert_eq!(policy["metadata"]["ownerReferences"][0]["uid"], json!(md.metadata.uid));
+        assert_eq!(
+            policy["spec"]["podSelector"]["matchLabels"],
+            json!(selector_labels(&md)),
+            "it selects the server pods"
+        );
+        assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+        assert_eq!(
+            policy["spec"]["ingress"],
+            json!([
+                {"ports": [{"port": 8000, "protocol": "TCP"}]},
+                {"ports": [{"port": 8001, "protocol": "TCP"}], "from": [{
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubetune-system"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune-operator"}},
+                }]},
+            ])
+        );
     }
 
     #[test]

@@ -337,6 +337,12 @@ async fn apply_children(
         &mut not_owned,
     )
     .await?;
+    // Only when the operator is configured for it: without --admin-policy-from nothing is read,
+    // so a policy made while it was set stays until the ModelDeployment goes.
+    if let Some(policy) = &children.network_policy {
+        let existing = get_child(ctx, ns, &name).await?;
+        sync_child(ctx, ns, md, &name, existing, Some(policy), params, &mut not_owned).await?;
+    }
     Ok(Applied { deployment, not_owned })
 }
 

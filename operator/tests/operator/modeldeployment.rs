@@ -222,6 +222,46 @@ async fn a_new_model_deployment_gets_an_admin_key_secret_it_owns_and_its_pods_ar
     );
 }
 
+#[tokio::test]
+async fn with_admin_policy_from_set_a_network_policy_admits_only_the_operator_to_the_admin_port() {
+    let (ctx, mut api) = context_with(kubetune_operator::config::OperatorConfig {
+        admin_policy_from: Some(kubetune_operator::config::AdminPolicyFrom {
+            namespace: "kubetune-system".into(),
+            labels: [("app.kubernetes.io/name".to_string(), "kubetune-operator".to_string())].into(),
+        }),
+        ..kubetune_operator::config::OperatorConfig::for_tests()
+    });
+    let md = model_deployment(json!({}));
+    let policies = "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/support";
+    let (_, policy) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            script_until_deployment(api).await;
+            script_deployment_and_service(api, Value::Null).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            expect(api, Method::GET, policies, 404, not_found()).await;
+            let policy = expect(api, Method::PATCH, &format!("{policies}?"), 200, Value::Null).await;
+            let md = serde_json::to_value(model_deployment(json!({}))).expect("json");
+            expect(api, Method::PATCH, STATUS, 200, md).await;
+            policy
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(policy["metadata"]["ownerReferences"][0]["uid"], UID);
+    let admin_rule = &policy["spec"]["ingress"][1];
+    assert_eq!(admin_rule["ports"][0]["port"], 8001);
+    assert_eq!(
+        admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "kubetune-system"
+    );
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], 8000);
+    assert!(
+        policy["spec"]["ingress"][0].get("from").is_none(),
+        "clients keep the inference port"
+    );
+}
+
 /// The admin key Secret as this ModelDeployment (or, `owner` None, no one) left it.
 fn admin_key_secret(owner: Option<&str>) -> Value {
     let refs: Vec<Value> = owner
