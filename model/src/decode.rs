@@ -13,7 +13,7 @@ use crate::cache::KvCache;
 use crate::error::{ModelError, Result};
 use crate::kernels::decode_attention::{group_attention_kernel, CacheView, GroupAttention};
 use crate::kernels::fused::cpu_f32;
-use crate::linear::{RowGroup, RowGroups};
+use crate::linear::{norm_if_any_inference, RowGroup, RowGroups};
 use crate::lora::{ActiveAdapter, LoraAdapter};
 use crate::model::{Attention, CausalLm, Layer, Mlp};
 use candle_core::Tensor;
@@ -133,15 +133,11 @@ impl Layer {
         index: usize,
         groups: &RowGroups,
     ) -> Result<Tensor> {
-        let normed = |norm: &Option<crate::linear::RmsNorm>, h: Tensor| match norm {
-            Some(norm) => norm.forward_inference(&h),
-            None => Ok(h),
-        };
         let h = self.input_norm.forward_inference(x)?;
         let h = self.attn.decode(&h, cos, sin, caches, index, groups)?;
-        let x = (x + normed(&self.attn_out_norm, h)?)?;
+        let x = (x + norm_if_any_inference(&self.attn_out_norm, h)?)?;
         let h = self.mlp.decode(&self.pre_mlp_norm.forward_inference(&x)?, groups)?;
-        Ok((&x + normed(&self.mlp_out_norm, h)?)?)
+        Ok((&x + norm_if_any_inference(&self.mlp_out_norm, h)?)?)
     }
 }
 
@@ -159,12 +155,8 @@ impl Attention {
         let rows = x.dim(0)?;
         // (rows, heads * d) is already (rows, heads, 1, d) in memory: a free reshape.
         let heads = |y: Tensor, n: usize| y.reshape((rows, n, 1, self.head_dim));
-        let normed = |y: Tensor, norm: &Option<crate::linear::RmsNorm>| match norm {
-            Some(norm) => norm.forward_inference(&y),
-            None => Ok(y),
-        };
-        let q = normed(heads(self.q.forward_rows(x, groups)?, self.heads)?, &self.q_norm)?;
-        let k = normed(heads(self.k.forward_rows(x, groups)?, self.kv_heads)?, &self.k_norm)?;
+        let q = norm_if_any_inference(&self.q_norm, heads(self.q.forward_rows(x, groups)?, self.heads)?)?;
+        let k = norm_if_any_inference(&self.k_norm, heads(self.k.forward_rows(x, groups)?, self.kv_heads)?)?;
         let v = heads(self.v.forward_rows(x, groups)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;

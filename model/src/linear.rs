@@ -287,6 +287,23 @@ impl RmsNorm {
     }
 }
 
+/// `x` normed by `norm` when the family has that norm (q/k norms, Gemma's output norms), in
+/// a training graph too; `x` itself otherwise.
+pub(crate) fn norm_if_any(norm: &Option<RmsNorm>, x: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(norm) => Ok(norm.forward(&x)?),
+        None => Ok(x),
+    }
+}
+
+/// As [`norm_if_any`], with the inference kernel (no backward).
+pub(crate) fn norm_if_any_inference(norm: &Option<RmsNorm>, x: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward_inference(&x),
+        None => Ok(x),
+    }
+}
+
 impl RmsNorm {
     /// candle's fused kernel: one pass instead of five ops, for inference where no gradient
     /// is taken.

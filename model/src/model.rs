@@ -10,7 +10,7 @@
 use crate::cache::KvCache;
 use crate::config::{Activation, Config};
 use crate::error::{ModelError, Result};
-use crate::linear::{BaseFormat, BaseWeight, Projection, RmsNorm};
+use crate::linear::{norm_if_any, BaseFormat, BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
 use crate::rope::{self, Rope};
 use candle_core::{DType, Device, Module, Tensor};
@@ -97,11 +97,11 @@ impl CausalLm {
             m.pp("embed_tokens")
                 .get((config.vocab_size, config.hidden_size), "weight")?,
         )?;
-        let kinds = layer_kinds(config);
+        let (kinds, kind_of_layer) = layer_kinds(config);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
+        for (i, &kind) in kind_of_layer.iter().enumerate().take(config.num_hidden_layers) {
             let mut layer = Layer::load(m.pp("layers").pp(i), config, format, i)?;
-            layer.kind = kinds.iter().position(|k| k.0 == kind_of(config, i)).unwrap_or(0);
+            layer.kind = kind;
             layers.push(layer);
         }
         let norm = load_norm(m.pp("norm"), config.hidden_size, config)?;
@@ -121,7 +121,7 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
-            kinds: kinds.into_iter().map(|(_, kind)| kind).collect(),
+            kinds,
             device: vb.device().clone(),
         })
     }
@@ -421,21 +421,23 @@ fn storage_of<'a>(weights: impl Iterator<Item = &'a BaseWeight>) -> (usize, usiz
 /// A layer's kind: its window, and whether it rotates with the local RoPE base.
 type KindKey = (Option<usize>, bool);
 
-fn kind_of(config: &Config, layer: usize) -> KindKey {
-    (config.layer_window(layer), config.local_rope(layer))
-}
-
-/// The distinct kinds of the config's layers, in order of first appearance.
-fn layer_kinds(config: &Config) -> Vec<(KindKey, LayerKind)> {
-    let mut kinds: Vec<(KindKey, LayerKind)> = Vec::new();
+/// The distinct kinds of the config's layers, in order of first appearance (at least one),
+/// and each layer's index among them.
+fn layer_kinds(config: &Config) -> (Vec<LayerKind>, Vec<usize>) {
+    let mut keys: Vec<KindKey> = Vec::new();
+    let mut kinds = Vec::new();
+    let mut of_layer = Vec::with_capacity(config.num_hidden_layers);
     for layer in 0..config.num_hidden_layers.max(1) {
-        let key = kind_of(config, layer);
-        if kinds.iter().all(|(k, _)| *k != key) {
+        let key = (config.layer_window(layer), config.local_rope(layer));
+        let index = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
             let rope = if key.1 { Rope::local(config) } else { Rope::new(config) };
-            kinds.push((key, LayerKind { rope, window: key.0 }));
-        }
+            kinds.push(LayerKind { rope, window: key.0 });
+            keys.push(key);
+            keys.len() - 1
+        });
+        of_layer.push(index);
     }
-    kinds
+    (kinds, of_layer)
 }
 
 /// An RMS norm of `size` weights; Gemma's multiply by (1 + w), stored here as 1 + w so every
@@ -535,9 +537,9 @@ impl Layer {
         let h = self
             .attn
             .forward(&self.input_norm.forward(x)?, cos, sin, mask.as_ref(), kv, adapter)?;
-        let x = (x + norm_output(&self.attn_out_norm, h)?)?;
+        let x = (x + norm_if_any(&self.attn_out_norm, h)?)?;
         let h = self.mlp.forward(&self.pre_mlp_norm.forward(&x)?, adapter)?;
-        Ok((&x + norm_output(&self.mlp_out_norm, h)?)?)
+        Ok((&x + norm_if_any(&self.mlp_out_norm, h)?)?)
     }
 }
 
@@ -555,8 +557,9 @@ impl Attention {
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = norm_heads(&self.q_norm, split(self.q.forward(x, adapter)?, self.heads)?)?;
-        let k = norm_heads(&self.k_norm, split(self.k.forward(x, adapter)?, self.kv_heads)?)?;
+        // Per-head norms act over head_dim, the last axis of (b, heads, t, head_dim).
+        let q = norm_if_any(&self.q_norm, split(self.q.forward(x, adapter)?, self.heads)?)?;
+        let k = norm_if_any(&self.k_norm, split(self.k.forward(x, adapter)?, self.kv_heads)?)?;
         let v = split(self.v.forward(x, adapter)?, self.kv_heads)?;
         let q = rope::apply(&q, cos, sin)?;
         let k = rope::apply(&k, cos, sin)?;
@@ -594,22 +597,6 @@ fn head_norm(attention: &VarBuilder, name: &str, c: &Config) -> Result<Option<Rm
         return Ok(None);
     }
     Ok(Some(load_norm(attention.pp(name), c.head_dim(), c)?))
-}
-
-/// A sublayer's output, normed when the family norms it (Gemma).
-fn norm_output(norm: &Option<RmsNorm>, h: Tensor) -> Result<Tensor> {
-    match norm {
-        Some(norm) => Ok(norm.forward(&h)?),
-        None => Ok(h),
-    }
-}
-
-/// `heads` (.., head_dim) normed over head_dim, in a training graph too.
-fn norm_heads(norm: &Option<RmsNorm>, heads: Tensor) -> Result<Tensor> {
-    match norm {
-        Some(norm) => Ok(norm.forward(&heads)?),
-        None => Ok(heads),
-    }
 }
 
 /// Expands (b, kv_heads, s, d) to (b, kv_heads * n, s, d) so each query head has its KV head.

@@ -20,7 +20,7 @@
 //! (`families.py peft`): ours must match them, and what the writer makes today must still be
 //! what PEFT loaded. Phi-3's adapter is written on its fused modules, as PEFT targets them.
 
-use crate::common::{max_abs_diff, random_adapter};
+use crate::common::{ids, max_abs_diff, random_adapter};
 use candle_core::{Device, Tensor};
 use kubetune_model::checkpointing::LossBatch;
 use kubetune_model::generate::{greedy, GreedyOptions};
@@ -87,10 +87,7 @@ fn check_family(name: &str) {
         "{name}: stop tokens of generation_config.json"
     );
     for (n, case) in reference.cases.iter().enumerate() {
-        let ids = Tensor::new(case.ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let ids = ids(&case.ids);
         let logits = model.forward(&ids, 0, None, None).expect("forward");
         let logits: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
         let worst = worst_difference(&logits, &case.logits);
@@ -122,10 +119,7 @@ fn check_unfused_path(name: &str, dir: &Path, reference: &Reference) {
     };
     let (_, model) = load_model(dir, &options).expect("load in bf16");
     for (n, case) in reference.cases.iter().enumerate() {
-        let ids = Tensor::new(case.ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let ids = ids(&case.ids);
         let logits = model.forward(&ids, 0, None, None).expect("forward in bf16");
         let logits = logits.squeeze(0).unwrap().to_dtype(candle_core::DType::F32).unwrap();
         let worst = worst_difference(&logits.to_vec2().unwrap(), &case.logits);
@@ -143,7 +137,7 @@ fn check_batched_decode(name: &str, model: &kubetune_model::CausalLm, reference:
     let mut caches: Vec<KvCache> = reference.cases.iter().map(|_| KvCache::new(layers)).collect();
     for (case, cache) in reference.cases.iter().zip(&mut caches) {
         let prefix = &case.ids[..case.ids.len() - 1];
-        let ids = Tensor::new(prefix, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ids = ids(prefix);
         model.forward(&ids, 0, Some(cache), None).expect("prefill");
     }
     let mut rows: Vec<DecodeRow> = reference
@@ -226,10 +220,7 @@ fn the_adapter_written_for_each_family_loads_in_peft_with_the_same_logits() {
         let base = read_reference(&dir.join("reference.json"));
         let with_peft = read_reference(&adapter_dir.join("reference.json"));
         for (n, (case, base_case)) in with_peft.cases.iter().zip(&base.cases).enumerate() {
-            let ids = Tensor::new(case.ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            let ids = ids(&case.ids);
             let logits = model.forward(&ids, 0, None, Some(&active)).expect("forward");
             let logits: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
             let worst = worst_difference(&logits, &case.logits);
@@ -291,10 +282,7 @@ fn check_gradient_by_finite_differences(name: &str) {
     let (adapter, vars) = random_adapter(&config, 2, 4.0, 0.0);
     let input: Vec<u32> = (0..12).map(|i| 4 + (i * 37) % 120).collect();
     let targets: Vec<u32> = input.iter().skip(1).chain([&5]).copied().collect();
-    let input = Tensor::new(input.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let input = ids(&input);
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
     let weights = Tensor::ones(12, candle_core::DType::F32, &Device::Cpu).unwrap();
     let batch = LossBatch {
