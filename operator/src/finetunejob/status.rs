@@ -83,11 +83,7 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
             p.eta = None;
         }
     }
-    status.retries = o
-        .job
-        .and_then(|j| j.status.as_ref())
-        .and_then(|s| s.failed)
-        .filter(|n| *n > 0);
+    status.retries = retries(o.job, phase);
 
     let now = &o.now;
     let is = |p: FineTuneJobPhase| phase == p;
@@ -123,6 +119,19 @@ pub fn derive_status(o: &Observed) -> (FineTuneJobStatus, Option<Transition>) {
         },
     });
     (status, transition)
+}
+
+/// How many times the trainer pod was started again. Every failed pod of a Job that still runs,
+/// or went on to succeed, was followed by another; the last failed pod of a job that failed for
+/// good was not, whether the Job already counts it or not yet.
+fn retries(job: Option<&Job>, phase: FineTuneJobPhase) -> Option<i32> {
+    let failed = job.and_then(|j| j.status.as_ref()).and_then(|s| s.failed).unwrap_or(0);
+    let retried = if phase == FineTuneJobPhase::Failed {
+        failed - 1
+    } else {
+        failed
+    };
+    (retried > 0).then_some(retried)
 }
 
 /// A phase never goes back from Running to Pending. Between the trainer pod ending and the Job
@@ -898,6 +907,32 @@ mod tests {
         assert_eq!(s.adapter, None, "nothing was published");
         assert!(is_finished(Some(&s)), "final: its Job is never created again");
         assert_eq!(s.evaluation.map(|e| e.adapter.score), Some(Some(0.5)));
+    }
+
+    fn with_failed_pods(mut j: Job, failed: i32) -> Job {
+        j.status.get_or_insert_with(Default::default).failed = Some(failed);
+        j
+    }
+
+    #[test]
+    fn the_pod_that_failed_a_job_for_good_is_not_counted_as_a_retry() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let failed = job(json!([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]));
+        let (s, _) = reconcile_status(&mut ftj, &with_failed_pods(failed, 1), None, None, 5);
+        assert_eq!((s.phase, s.retries), (Some(FineTuneJobPhase::Failed), None));
+
+        let mut ftj = finetunejob("minimal.yaml");
+        let exhausted = job(json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]));
+        let (s, _) = reconcile_status(&mut ftj, &with_failed_pods(exhausted, 4), None, None, 5);
+        assert_eq!(s.retries, Some(3), "four pods failed: the first three were retried");
+    }
+
+    #[test]
+    fn every_failed_pod_of_a_running_or_succeeded_job_was_retried() {
+        let mut ftj = finetunejob("minimal.yaml");
+        let running = with_failed_pods(started_job(json!([])), 2);
+        let (s, _) = reconcile_status(&mut ftj, &running, Some(&pod("Running", None)), None, 5);
+        assert_eq!((s.phase, s.retries), (Some(FineTuneJobPhase::Running), Some(2)));
     }
 
     #[test]
