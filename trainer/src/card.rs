@@ -450,6 +450,7 @@ mod tests {
                 examples: 60,
                 display: None,
             }),
+            dpo: None,
         }
     }
 

@@ -28,6 +28,52 @@ pub struct TrainConfig {
     /// Judge the adapter against the base model on the held-out data once training is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<EvaluationSettings>,
+    /// Preference optimisation settings; used by (and only allowed with) `method: dpo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSettings>,
+    /// How the frozen base is held under `method: dpo` (lora and qlora imply it): `bits: 4` is
+    /// NF4 as in QLoRA, absent is full precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationSettings>,
+}
+
+/// As the FineTuneJob's spec.dpo (TRL's DPOConfig names: beta, loss_type, label_smoothing).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DpoSettings {
+    /// How far the policy may move from the reference: the rewards are beta times the log-prob
+    /// ratios.
+    pub beta: f64,
+    pub loss: DpoLoss,
+    /// The assumed share of pairs whose labels are flipped (conservative DPO); sigmoid only.
+    pub label_smoothing: f64,
+}
+
+impl Default for DpoSettings {
+    /// TRL's defaults.
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// The DPO paper's loss, -log sigmoid(beta * margin).
+    #[default]
+    Sigmoid,
+    /// Identity preference optimisation: (margin - 1 / (2 beta))^2 on per-token mean log-probs.
+    Ipo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuantizationSettings {
+    pub bits: u32,
 }
 
 /// As the FineTuneJob's spec.evaluation (without minImprovement, which only job mode acts on,
@@ -74,6 +120,8 @@ pub enum DataFormat {
     Instruction,
     Chat,
     Text,
+    /// `{"prompt", "chosen", "rejected"}` pairs, for `method: dpo`.
+    Preference,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -82,6 +130,19 @@ pub enum Method {
     #[default]
     Lora,
     Qlora,
+    /// Direct preference optimisation of a LoRA adapter on preference pairs.
+    Dpo,
+}
+
+impl TrainConfig {
+    /// Whether the frozen base is held in NF4: always under qlora, under dpo when asked.
+    pub fn quantized_base(&self) -> bool {
+        match self.method {
+            Method::Lora => false,
+            Method::Qlora => true,
+            Method::Dpo => self.quantization.is_some_and(|q| q.bits == 4),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +296,7 @@ impl TrainConfig {
             }
         }
         self.lora.to_lora().validate().map_err(|e| bad("lora", e.to_string()))?;
+        self.validate_dpo().map_err(|(field, why)| bad(field, why))?;
         if let Some(e) = &self.evaluation {
             let held_out = self.dataset.validation_path.is_some() || self.dataset.validation_split.is_some();
             if !held_out {
@@ -252,6 +314,69 @@ impl TrainConfig {
             if e.max_examples == 0 || e.max_new_tokens == 0 {
                 return Err(bad("evaluation.maxExamples/maxNewTokens", "must be positive".into()));
             }
+        }
+        Ok(())
+    }
+
+    /// Preference data and `method: dpo` go together, and the DPO settings are in range.
+    fn validate_dpo(&self) -> std::result::Result<(), (&'static str, String)> {
+        let preference = self.dataset.format == DataFormat::Preference;
+        match (self.method == Method::Dpo, preference) {
+            (true, false) => {
+                return Err((
+                    "dataset.format",
+                    "method dpo trains on preference pairs: set format preference".into(),
+                ))
+            }
+            (false, true) => {
+                return Err((
+                    "method",
+                    "preference data trains only with method dpo (it has no single answer to learn)".into(),
+                ))
+            }
+            (false, false) if self.dpo.is_some() => {
+                return Err(("dpo", "is only used with method dpo".into()));
+            }
+            (false, false) if self.quantization.is_some() => {
+                return Err((
+                    "quantization",
+                    "is only read under method dpo (qlora implies 4 bits, lora full precision)".into(),
+                ));
+            }
+            (false, false) => return Ok(()),
+            (true, true) => {}
+        }
+        let d = self.dpo.unwrap_or_default();
+        if !(d.beta > 0.0 && d.beta.is_finite()) {
+            return Err(("dpo.beta", format!("{} must be positive", d.beta)));
+        }
+        if !(0.0..0.5).contains(&d.label_smoothing) {
+            return Err((
+                "dpo.labelSmoothing",
+                format!("{} is not in [0, 0.5)", d.label_smoothing),
+            ));
+        }
+        if d.label_smoothing > 0.0 && d.loss == DpoLoss::Ipo {
+            return Err(("dpo.labelSmoothing", "applies to the sigmoid loss only, not ipo".into()));
+        }
+        if self.quantization.is_some_and(|q| q.bits != 4) {
+            return Err((
+                "quantization.bits",
+                "the trainer quantizes a base only to 4 bits (NF4)".into(),
+            ));
+        }
+        if self.training.packing {
+            return Err((
+                "training.packing",
+                "cannot pack preference pairs: each is scored whole".into(),
+            ));
+        }
+        if self.evaluation.is_some() {
+            return Err((
+                "evaluation",
+                "is not available with method dpo; the held-out rewards and reward accuracy are reported instead"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -312,5 +437,26 @@ mod tests {
         ok.validate("t").expect("valid");
         let e = ok.evaluation.expect("evaluation");
         assert_eq!((e.max_examples, e.max_new_tokens), (100, 32), "defaults");
+    }
+
+    #[test]
+    fn preference_data_and_method_dpo_require_each_other_and_dpo_settings_are_checked() {
+        let config = |rest: &str| -> TrainConfig {
+            serde_yaml::from_str(&format!("model: m\noutput: o\n{rest}\n")).expect("config")
+        };
+        let error = |rest: &str| config(rest).validate("t").expect_err(rest).to_string();
+        assert!(error("dataset: {path: d, format: chat}\nmethod: dpo").contains("dataset.format:"));
+        assert!(error("dataset: {path: d, format: preference}").contains("method:"));
+        assert!(error("dataset: {path: d, format: chat}\ndpo: {beta: 0.1}").contains("dpo:"));
+        let dpo = "dataset: {path: d, format: preference}\nmethod: dpo";
+        assert!(error(&format!("{dpo}\ndpo: {{beta: 0}}")).contains("dpo.beta:"));
+        assert!(error(&format!("{dpo}\ndpo: {{labelSmoothing: 0.5}}")).contains("dpo.labelSmoothing:"));
+        assert!(error(&format!("{dpo}\ndpo: {{loss: ipo, labelSmoothing: 0.1}}")).contains("dpo.labelSmoothing:"));
+        assert!(error(&format!("{dpo}\nquantization: {{bits: 8}}")).contains("quantization.bits:"));
+        assert!(error(&format!("{dpo}\ntraining: {{packing: true}}")).contains("training.packing:"));
+        let ok = config(&format!("{dpo}\nquantization: {{bits: 4}}"));
+        ok.validate("t").expect("valid");
+        assert!(ok.quantized_base());
+        assert_eq!(ok.dpo.unwrap_or_default().beta, 0.1, "TRL's default beta");
     }
 }

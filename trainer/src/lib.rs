@@ -7,6 +7,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod evaluate;
 pub mod io;

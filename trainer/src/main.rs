@@ -29,12 +29,12 @@ struct Args {
     /// Training data (JSONL).
     #[arg(long)]
     data: Option<String>,
-    #[arg(long, value_parser = ["instruction", "chat", "text"])]
+    #[arg(long, value_parser = ["instruction", "chat", "text", "preference"])]
     format: Option<String>,
     /// Output directory for the adapter, training_metrics.json and checkpoints.
     #[arg(long)]
     output: Option<String>,
-    #[arg(long, value_parser = ["lora", "qlora"])]
+    #[arg(long, value_parser = ["lora", "qlora", "dpo"])]
     method: Option<String>,
     #[arg(long)]
     epochs: Option<u32>,
@@ -268,6 +268,8 @@ fn build_config(a: &Args) -> Result<TrainConfig, TrainError> {
                 training: TrainingSettings::default(),
                 output: need(&a.output, "--output")?,
                 evaluation: None,
+                dpo: None,
+                quantization: None,
             }
         }
     };
@@ -284,7 +286,11 @@ fn build_config(a: &Args) -> Result<TrainConfig, TrainError> {
         config.output = v.clone();
     }
     if let Some(v) = &a.method {
-        config.method = if v == "qlora" { Method::Qlora } else { Method::Lora };
+        config.method = match v.as_str() {
+            "qlora" => Method::Qlora,
+            "dpo" => Method::Dpo,
+            _ => Method::Lora,
+        };
     }
     if let Some(v) = a.epochs {
         config.training.epochs = Some(v);
@@ -307,9 +313,10 @@ fn parse_format(s: &str) -> Result<DataFormat, TrainError> {
         "instruction" => Ok(DataFormat::Instruction),
         "chat" => Ok(DataFormat::Chat),
         "text" => Ok(DataFormat::Text),
+        "preference" => Ok(DataFormat::Preference),
         other => Err(config_error(
             "--format",
-            format!("`{other}` is not instruction, chat or text"),
+            format!("`{other}` is not instruction, chat, text or preference"),
         )),
     }
 }

@@ -1,5 +1,6 @@
 //! Prometheus gauges for the run, served on `/metrics` so the operator can read progress.
 
+use crate::dpo::DpoStats;
 use crate::error::{Result, TrainError};
 use prometheus::{Encoder, Gauge, GaugeVec, Opts, Registry, TextEncoder};
 use std::net::SocketAddr;
@@ -20,6 +21,9 @@ pub struct Metrics {
     evaluation_loss: GaugeVec,
     /// Held-out score of each, under spec.evaluation.metric.
     evaluation_score: GaugeVec,
+    /// Under `method: dpo`, `kubetune_train_dpo_*` by `split="train|eval"`: the last step's
+    /// pairs and the held-out pairs at the latest evaluation.
+    dpo: Vec<(GaugeVec, DpoValue)>,
 }
 
 impl Metrics {
@@ -82,8 +86,16 @@ impl Metrics {
                 "kubetune_evaluation_score",
                 "Held-out score (fraction right, 0 to 1) after training, of the base model and of the adapter.",
             )?,
+            dpo: dpo_gauges(&registry, job)?,
             registry,
         })
+    }
+
+    /// Exports one split's (`train` or `eval`) DPO statistics.
+    pub fn set_dpo(&self, split: &str, stats: &DpoStats) {
+        for (gauge, value) in &self.dpo {
+            gauge.with_label_values(&[split]).set(value(stats));
+        }
     }
 
     /// Exports the final evaluation, base and adapter side by side.
@@ -105,6 +117,43 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
     }
+}
+
+/// Reads one quantity of the DPO statistics.
+type DpoValue = fn(&DpoStats) -> f64;
+
+/// The DPO gauges, absent until a DPO run sets them, so SFT runs export none.
+fn dpo_gauges(registry: &Registry, job: &str) -> Result<Vec<(GaugeVec, DpoValue)>> {
+    let quantities: [(&str, &str, DpoValue); 5] = [
+        ("loss", "DPO loss, mean over the pairs.", |s| s.loss),
+        (
+            "rewards_chosen",
+            "Mean reward of the chosen answers, beta * (policy - reference) log-prob.",
+            |s| s.rewards_chosen,
+        ),
+        ("rewards_rejected", "Mean reward of the rejected answers.", |s| {
+            s.rewards_rejected
+        }),
+        ("rewards_margins", "Mean of chosen minus rejected reward.", |s| {
+            s.rewards_margins
+        }),
+        (
+            "rewards_accuracies",
+            "Share of pairs whose chosen reward is above the rejected one.",
+            |s| s.rewards_accuracies,
+        ),
+    ];
+    quantities
+        .into_iter()
+        .map(|(name, help, value)| {
+            let opts = Opts::new(format!("kubetune_train_dpo_{name}"), help).const_label("job", job);
+            let v = GaugeVec::new(opts, &["split"]).map_err(|e| TrainError::Metrics(e.to_string()))?;
+            registry
+                .register(Box::new(v.clone()))
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            Ok((v, value))
+        })
+        .collect()
 }
 
 /// A gauge that exports no series until its first value. The losses are these: a placeholder

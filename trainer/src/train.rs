@@ -3,8 +3,10 @@
 
 use crate::checkpoint::{self, LossPoint, TrainerState};
 use crate::config::{Method, TrainConfig, TrainingSettings};
+use crate::data::batch::Pair;
 use crate::data::batch::{batches, epoch_order, PrepareStats};
 use crate::data::tokenize::{Example, TextTokenizer};
+use crate::dpo::{self, DpoStats};
 use crate::error::{Result, TrainError};
 use crate::evaluate::Judge;
 use crate::io::local_path;
@@ -108,6 +110,20 @@ pub struct TrainingMetrics {
     /// The base model and the adapter on the held-out data, when the config asks for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<kubetune_crds::EvaluationResult>,
+    /// Under `method: dpo`: the last step's and the held-out pairs' rewards (the losses above
+    /// are then DPO losses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoMetrics>,
+}
+
+/// The DPO numbers of a finished run, as TRL names them (rewards/chosen, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DpoMetrics {
+    /// The last optimizer step's pairs.
+    pub train: Option<DpoStats>,
+    /// The held-out pairs after the last step (absent for a run stopped early).
+    pub eval: Option<DpoStats>,
 }
 
 pub const METRICS_FILE: &str = "training_metrics.json";
@@ -130,13 +146,14 @@ fn run_in_pool(config: &TrainConfig, options: &RunOptions) -> Result<TrainingMet
     let initial_eval = initial_eval(&session, &mut state)?;
     announce_start(&session, &state);
     let segment = Segment::start(&state);
-    let stopped_early = train_loop(&session, &mut optimizer, &mut state, &segment)?;
+    let (stopped_early, last_dpo) = train_loop(&session, &mut optimizer, &mut state, &segment)?;
     let run = RunSummary {
         started,
         segment: &segment,
         initial_eval,
         resumed_from,
         stopped_early,
+        last_dpo,
     };
     finish(&session, state, &run)
 }
@@ -165,9 +182,10 @@ impl<'a> Session<'a> {
         let t = &config.training;
         let model_dir = kubetune_model::gguf::model_dir(&local_path(&config.model, "model")?)?;
         let output = local_path(&config.output, "output")?;
-        let base = match config.method {
-            Method::Lora => BaseFormat::Dense,
-            Method::Qlora => BaseFormat::Nf4,
+        let base = if config.quantized_base() {
+            BaseFormat::Nf4
+        } else {
+            BaseFormat::Dense
         };
         let (model_config, model) = load_model(&model_dir, &LoadOptions::on(options.device.clone(), base))?;
         let tokenizer = TextTokenizer::load(&model_dir, model_config.eos_token_ids().first().copied())?;
@@ -182,7 +200,7 @@ impl<'a> Session<'a> {
         );
         let (adapter, vars) =
             LoraAdapter::init_trainable(&model_config, config.lora.to_lora(), t.seed, &options.device)?;
-        let plan = Plan::of(t, data.train.len());
+        let plan = Plan::of(t, data.train_units());
         Ok(Self {
             config,
             options,
@@ -332,14 +350,22 @@ impl Segment {
     }
 }
 
-/// Steps until done or asked to stop; true when it stopped early (after a checkpoint).
-fn train_loop(session: &Session, optimizer: &mut AdamW, state: &mut TrainerState, segment: &Segment) -> Result<bool> {
+/// Steps until done or asked to stop; true when it stopped early (after a checkpoint), and the
+/// last step's DPO statistics under `method: dpo`.
+fn train_loop(
+    session: &Session,
+    optimizer: &mut AdamW,
+    state: &mut TrainerState,
+    segment: &Segment,
+) -> Result<(bool, Option<DpoStats>)> {
     let t = &session.config.training;
     let total_steps = session.plan.total_steps;
     let mut timer = StepTimer::from_env(&session.options.device);
     let mut steps_timed = 0;
+    let mut last_dpo = None;
     while state.step < total_steps {
         let done = train_step(session, optimizer, state, &mut timer)?;
+        last_dpo = done.dpo.or(last_dpo);
         steps_timed += 1;
         report_step(session, state, &done, segment);
         if log_due(t, state.step) {
@@ -357,10 +383,10 @@ fn train_loop(session: &Session, optimizer: &mut AdamW, state: &mut TrainerState
             save_checkpoint(session, optimizer, state)?;
         }
         if stop_now {
-            return Ok(true);
+            return Ok((true, last_dpo));
         }
     }
-    Ok(false)
+    Ok((false, last_dpo))
 }
 
 /// What one optimizer step measured.
@@ -371,6 +397,8 @@ struct StepDone {
     /// Before clipping.
     grad_norm: f64,
     learning_rate: f64,
+    /// The step's pairs under `method: dpo`; `loss` is then their DPO loss.
+    dpo: Option<DpoStats>,
 }
 
 /// One optimizer step: the step's micro-batches forward and backward, their gradients summed,
@@ -384,7 +412,13 @@ fn train_step(
 ) -> Result<StepDone> {
     let t = &session.config.training;
     let step = state.step;
-    let (mut grads, loss) = step_gradients(session, state, timer)?;
+    let (mut grads, loss, dpo) = if session.config.method == Method::Dpo {
+        let (grads, stats) = dpo_step_gradients(session, state, timer)?;
+        (grads, stats.loss, Some(stats))
+    } else {
+        let (grads, loss) = step_gradients(session, state, timer)?;
+        (grads, loss, None)
+    };
     if !loss.is_finite() {
         return Err(TrainError::Diverged { step: step + 1, loss });
     }
@@ -412,6 +446,7 @@ fn train_step(
         loss,
         grad_norm,
         learning_rate: lr,
+        dpo,
     })
 }
 
@@ -453,6 +488,90 @@ fn step_gradients(
         timer.mark("forward_backward");
     }
     Ok((grads, loss_sum / step_targets.max(1) as f64))
+}
+
+/// The summed gradients of the mean DPO loss over the step's pairs, and their statistics,
+/// counting their tokens into `state` (see [`crate::dpo`] for how the gradient is taken).
+fn dpo_step_gradients(
+    session: &Session,
+    state: &mut TrainerState,
+    timer: &mut StepTimer,
+) -> Result<(BTreeMap<String, Tensor>, DpoStats)> {
+    let t = &session.config.training;
+    let plan = &session.plan;
+    let settings = session.config.dpo.unwrap_or_default();
+    let micro: Vec<Vec<&Pair>> = (0..plan.accum)
+        .map(|k| {
+            let g = state.micro_batches + k;
+            micro_batch(
+                &session.data.train_pairs,
+                g,
+                plan.batches_per_epoch,
+                t.batch_size,
+                t.seed,
+            )
+        })
+        .collect();
+    // The mean over the step's pairs makes accumulation equal to one big batch.
+    let scale = 1.0 / micro.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut terms = Vec::new();
+    for (k, pairs) in micro.iter().enumerate() {
+        let active = ActiveAdapter {
+            adapter: &session.adapter,
+            dropout_seed: Some(mix(t.seed, state.micro_batches + k as u64)),
+            first_row: 0,
+        };
+        let seqs = dpo::sequences(pairs);
+        let batch_terms = score_pairs(session, &seqs, Some(active))?;
+        timer.mark("dpo_score");
+        let weights = dpo::sequence_weights(&settings, &batch_terms, &seqs);
+        let targets = LossTargets::weighted(&seqs, &weights, session.tokenizer.eos, &session.options.device)?;
+        backward(session, &targets, active, scale, &mut grads)?;
+        terms.extend(batch_terms);
+        state.tokens += seqs.iter().map(|e| e.ids.len() as u64).sum::<u64>();
+        timer.mark("forward_backward");
+    }
+    Ok((grads, DpoStats::of(&terms)))
+}
+
+/// The DPO terms of the pairs laid out as `seqs` ([`dpo::sequences`]): the reference is the
+/// base alone, the policy the adapter as `active` applies it (with its dropout masks; None:
+/// the adapter as it is, without dropout), both without a graph.
+fn score_pairs(session: &Session, seqs: &[&Example], active: Option<ActiveAdapter>) -> Result<Vec<dpo::PairTerms>> {
+    let settings = session.config.dpo.unwrap_or_default();
+    let targets = LossTargets::of(seqs, session.tokenizer.eos, &session.options.device)?;
+    let switched_off = LoraAdapter::from_pairs(session.adapter.config.clone(), BTreeMap::new());
+    let reference = ActiveAdapter {
+        adapter: &switched_off,
+        dropout_seed: None,
+        first_row: 0,
+    };
+    let detached = session.adapter.detached();
+    let policy = ActiveAdapter {
+        adapter: &detached,
+        dropout_seed: active.and_then(|a| a.dropout_seed),
+        first_row: 0,
+    };
+    let logps = |adapter: ActiveAdapter| -> Result<Vec<f64>> {
+        let sums = targets.sequence_logps(&session.model, adapter)?;
+        Ok(sums
+            .iter()
+            .zip(seqs)
+            .map(|(&s, e)| dpo::as_used(&settings, s, e))
+            .collect())
+    };
+    Ok(dpo::score(&settings, &logps(policy)?, &logps(reference)?))
+}
+
+/// The DPO statistics of the held-out pairs with the adapter as it is now.
+fn dpo_evaluate(session: &Session) -> Result<DpoStats> {
+    let mut terms = Vec::new();
+    let pairs: Vec<&Pair> = session.data.validation_pairs.iter().collect();
+    for chunk in pairs.chunks(session.config.training.batch_size) {
+        terms.extend(score_pairs(session, &dpo::sequences(chunk), None)?);
+    }
+    Ok(DpoStats::of(&terms))
 }
 
 /// Forward and backward over one micro-batch, with or without recomputing activations; adds
@@ -497,6 +616,9 @@ fn report_step(session: &Session, state: &TrainerState, done: &StepDone, segment
         m.tokens_per_second.set(tps);
         m.learning_rate.set(done.learning_rate);
         m.grad_norm.set(done.grad_norm);
+        if let Some(stats) = &done.dpo {
+            m.set_dpo("train", stats);
+        }
     }
     if let Some(p) = &session.options.progress {
         p.step(&StepProgress {
@@ -519,6 +641,17 @@ fn report_step(session: &Session, state: &TrainerState, done: &StepDone, segment
             tokens_per_second = tps,
             "train"
         );
+        if let Some(d) = &done.dpo {
+            tracing::info!(
+                step = state.step,
+                loss = d.loss,
+                rewards_chosen = d.rewards_chosen,
+                rewards_rejected = d.rewards_rejected,
+                rewards_margins = d.rewards_margins,
+                rewards_accuracies = d.rewards_accuracies,
+                "dpo"
+            );
+        }
     }
 }
 
@@ -547,6 +680,9 @@ fn stop_due(options: &RunOptions, step: u64, last: bool) -> bool {
 /// Mean eval loss on the validation data with the adapter as it is now, reported to the log
 /// and the gauge; None without validation data.
 fn evaluate_at(session: &Session, step: u64) -> Result<Option<f64>> {
+    if session.config.method == Method::Dpo {
+        return Ok(dpo_evaluate_at(session, step)?.map(|s| s.loss));
+    }
     if session.data.validation.is_empty() {
         return Ok(None);
     }
@@ -563,6 +699,29 @@ fn evaluate_at(session: &Session, step: u64) -> Result<Option<f64>> {
         m.eval_loss.set(loss);
     }
     Ok(Some(loss))
+}
+
+/// The held-out pairs' DPO statistics, reported to the log and the gauges (`eval_loss` is their
+/// DPO loss); None without held-out pairs.
+fn dpo_evaluate_at(session: &Session, step: u64) -> Result<Option<DpoStats>> {
+    if session.data.validation_pairs.is_empty() {
+        return Ok(None);
+    }
+    let d = dpo_evaluate(session)?;
+    tracing::info!(
+        step,
+        eval_loss = d.loss,
+        rewards_chosen = d.rewards_chosen,
+        rewards_rejected = d.rewards_rejected,
+        rewards_margins = d.rewards_margins,
+        rewards_accuracies = d.rewards_accuracies,
+        "dpo eval"
+    );
+    if let Some(m) = session.metrics() {
+        m.eval_loss.set(d.loss);
+        m.set_dpo("eval", &d);
+    }
+    Ok(Some(d))
 }
 
 /// Writes a checkpoint of the adapter, optimizer and `state`, then hands it to the
@@ -589,15 +748,24 @@ struct RunSummary<'a> {
     initial_eval: Option<f64>,
     resumed_from: Option<u64>,
     stopped_early: bool,
+    last_dpo: Option<DpoStats>,
 }
 
 /// After the loop: a completed run evaluates once more, saves the adapter and has it judged
 /// (if asked); every run writes training_metrics.json.
 fn finish(session: &Session, mut state: TrainerState, run: &RunSummary) -> Result<TrainingMetrics> {
+    let dpo_run = session.config.method == Method::Dpo;
+    let mut dpo_eval = None;
     let evaluation = if run.stopped_early {
         None
     } else {
-        if let Some(loss) = evaluate_at(session, state.step)? {
+        let loss = if dpo_run {
+            dpo_eval = dpo_evaluate_at(session, state.step)?;
+            dpo_eval.map(|d| d.loss)
+        } else {
+            evaluate_at(session, state.step)?
+        };
+        if let Some(loss) = loss {
             state.eval_history.push(LossPoint { step: state.step, loss });
         }
         peft::save(
@@ -623,7 +791,11 @@ fn finish(session: &Session, mut state: TrainerState, run: &RunSummary) -> Resul
             + segment_secs.max(run.started.elapsed().as_secs_f64().min(segment_secs)),
         tokens_per_second: run.segment.tokens_per_second(state.tokens, segment_secs),
     };
-    let metrics = summarize(&state, &session.plan, &session.data, run, timing, evaluation);
+    let mut metrics = summarize(&state, &session.plan, &session.data, run, timing, evaluation);
+    metrics.dpo = dpo_run.then_some(DpoMetrics {
+        train: run.last_dpo,
+        eval: dpo_eval,
+    });
     write_metrics(&session.output, &metrics)?;
     Ok(metrics)
 }
@@ -661,14 +833,15 @@ fn summarize(
         train_tokens: state.tokens,
         duration_secs: timing.duration_secs,
         tokens_per_second: timing.tokens_per_second,
-        train_sequences: data.train.len(),
-        validation_sequences: data.validation.len(),
+        train_sequences: data.train_units(),
+        validation_sequences: data.validation.len().max(data.validation_pairs.len()),
         skipped_invalid: data.skipped_invalid,
         preparation: data.stats.clone(),
         resumed_from_step: run.resumed_from,
         train_history: state.train_history.clone(),
         eval_history: state.eval_history.clone(),
         evaluation,
+        dpo: None,
     }
 }
 
@@ -701,7 +874,7 @@ fn judge_if_asked(
 }
 
 /// The sequences of global micro-batch `g`: epoch `g / per_epoch` in that epoch's seeded order.
-fn micro_batch(train: &[Example], g: u64, per_epoch: u64, batch_size: usize, seed: u64) -> Vec<&Example> {
+fn micro_batch<T>(train: &[T], g: u64, per_epoch: u64, batch_size: usize, seed: u64) -> Vec<&T> {
     let epoch = g / per_epoch;
     let index = (g % per_epoch) as usize;
     let order = epoch_order(train.len(), seed, epoch);
@@ -744,6 +917,12 @@ impl LossTargets {
     }
 
     fn of(batch: &[&Example], pad: u32, device: &Device) -> Result<Self> {
+        Self::weighted(batch, &vec![1.0; batch.len()], pad, device)
+    }
+
+    /// As [`LossTargets::of`], each sequence's trained tokens weighted by its entry of
+    /// `sequence_weights` instead of 1 (DPO's gradient, see [`crate::dpo`]).
+    fn weighted(batch: &[&Example], sequence_weights: &[f32], pad: u32, device: &Device) -> Result<Self> {
         let len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let rows = batch.len() * len;
         let (mut ids, mut targets, mut weights) = (
@@ -752,12 +931,12 @@ impl LossTargets {
             Vec::with_capacity(rows),
         );
         let mut count = 0;
-        for e in batch {
+        for (e, &w) in batch.iter().zip(sequence_weights) {
             for i in 0..len {
                 ids.push(e.ids.get(i).copied().unwrap_or(pad));
                 let trained = e.trained.get(i + 1).copied().unwrap_or(false);
                 targets.push(e.ids.get(i + 1).copied().unwrap_or(pad));
-                weights.push(if trained { 1f32 } else { 0f32 });
+                weights.push(if trained { w } else { 0f32 });
                 count += trained as usize;
             }
         }
@@ -775,6 +954,30 @@ impl LossTargets {
             targets: &self.targets,
             weights: &self.weights,
         }
+    }
+
+    /// Each sequence's summed log-probability of its trained targets, one forward per
+    /// sequence (the loss is a sum over the whole batch). Each forward is the sequence's padded
+    /// row with `first_row` where the row starts in the batch, so its dropout masks are those
+    /// the whole batch's forward draws for it.
+    fn sequence_logps(&self, model: &CausalLm, adapter: ActiveAdapter) -> Result<Vec<f64>> {
+        let (b, len) = self.input.dims2()?;
+        (0..b)
+            .map(|j| {
+                let input = self.input.narrow(0, j, 1)?;
+                let batch = LossBatch {
+                    input_ids: &input,
+                    targets: &self.targets.narrow(0, j * len, len)?,
+                    weights: &self.weights.narrow(0, j * len, len)?,
+                };
+                let row = ActiveAdapter {
+                    first_row: adapter.first_row + j * len,
+                    ..adapter
+                };
+                let nll = model.loss_sum(&batch, &row, HEAD_ROWS)?.to_scalar::<f32>()?;
+                Ok(-f64::from(nll))
+            })
+            .collect()
     }
 
     /// Sum of the token losses of the trained targets, through one recorded forward.
@@ -870,7 +1073,7 @@ fn fingerprint(config: &TrainConfig) -> Result<String> {
         Ok(kubetune_storage::Sha256Digest::of(&bytes).to_string())
     };
     let d = &config.dataset;
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "model": config.base_model_name.as_ref().unwrap_or(&config.model), "method": config.method, "lora": config.lora, "training": t,
         "dataset": {
             "data": content(&d.path)?,
@@ -878,6 +1081,13 @@ fn fingerprint(config: &TrainConfig) -> Result<String> {
             "format": d.format, "validationSplit": d.validation_split, "skipInvalid": d.skip_invalid,
         },
     });
+    // Only when set, so the fingerprints of checkpoints made before DPO existed still match.
+    if let Some(dpo) = &config.dpo {
+        value["dpo"] = serde_json::json!(dpo);
+    }
+    if let Some(q) = &config.quantization {
+        value["quantization"] = serde_json::json!(q);
+    }
     serde_json::to_string(&value).map_err(|e| TrainError::Config {
         path: "fingerprint".into(),
         message: e.to_string(),
@@ -1011,6 +1221,8 @@ mod tests {
         let data = Prepared {
             train: Vec::new(),
             validation: Vec::new(),
+            train_pairs: Vec::new(),
+            validation_pairs: Vec::new(),
             stats: PrepareStats::default(),
             skipped_invalid: 0,
         };
@@ -1021,6 +1233,7 @@ mod tests {
             initial_eval: Some(4.0),
             resumed_from: None,
             stopped_early,
+            last_dpo: None,
         };
         let timing = || Timing {
             duration_secs: 1.0,
@@ -1079,6 +1292,8 @@ mod tests {
             },
             output: dir.join("out").display().to_string(),
             evaluation: None,
+            dpo: None,
+            quantization: None,
         }
     }
 

@@ -19,11 +19,7 @@ pub struct PrepareStats {
 pub fn truncate(examples: Vec<Example>, max_len: usize, stats: &mut PrepareStats) -> Vec<Example> {
     let mut out = Vec::with_capacity(examples.len());
     for mut ex in examples {
-        if ex.ids.len() > max_len {
-            ex.ids.truncate(max_len);
-            ex.trained.truncate(max_len);
-            stats.truncated += 1;
-        }
+        cut(&mut ex, max_len, stats);
         if ex.trained_tokens() == 0 {
             stats.dropped_no_target += 1;
             continue;
@@ -31,6 +27,40 @@ pub fn truncate(examples: Vec<Example>, max_len: usize, stats: &mut PrepareStats
         out.push(ex);
     }
     out
+}
+
+/// A preference pair: the same prompt with the chosen and with the rejected answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub chosen: Example,
+    pub rejected: Example,
+}
+
+/// Cuts both sequences of each pair to `max_len` tokens (the answers' ends go, as in TRL) and
+/// drops pairs where either answer has no token left: the pair then compares nothing.
+pub fn truncate_pairs(pairs: Vec<Pair>, max_len: usize, stats: &mut PrepareStats) -> Vec<Pair> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for mut pair in pairs {
+        let before = stats.truncated;
+        cut(&mut pair.chosen, max_len, stats);
+        cut(&mut pair.rejected, max_len, stats);
+        // A pair counts once, however many of its sequences were cut.
+        stats.truncated = before + usize::from(stats.truncated > before);
+        if pair.chosen.trained_tokens() == 0 || pair.rejected.trained_tokens() == 0 {
+            stats.dropped_no_target += 1;
+            continue;
+        }
+        out.push(pair);
+    }
+    out
+}
+
+fn cut(ex: &mut Example, max_len: usize, stats: &mut PrepareStats) {
+    if ex.ids.len() > max_len {
+        ex.ids.truncate(max_len);
+        ex.trained.truncate(max_len);
+        stats.truncated += 1;
+    }
 }
 
 /// Greedy packing in order: whole examples are appended while they fit. Packed examples can
@@ -70,10 +100,10 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 /// Splits off a validation set of `fraction` of the examples (at least one), chosen by seed.
-pub fn split_validation(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+pub fn split_validation<T>(examples: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let order = epoch_order(examples.len(), mix(seed, 0x5eed), 0);
     let n_val = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len().saturating_sub(1));
-    let mut slots: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<T>> = examples.into_iter().map(Some).collect();
     let mut val = Vec::new();
     let mut train = Vec::new();
     for (k, i) in order.into_iter().enumerate() {

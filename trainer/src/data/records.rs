@@ -16,6 +16,13 @@ pub enum Record {
     Text {
         text: String,
     },
+    /// One prompt and two answers to it, the chosen one preferred; each answer is one or more
+    /// assistant messages that follow the prompt.
+    Preference {
+        prompt: Vec<Message>,
+        chosen: Vec<Message>,
+        rejected: Vec<Message>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,42 +65,100 @@ pub fn parse_line(line: &str, format: DataFormat) -> Result<Record, String> {
         }),
         DataFormat::Chat => {
             let list = obj.get("messages").ok_or("missing field `messages`")?;
-            let list = list
-                .as_array()
-                .ok_or_else(|| format!("field `messages` must be a list, got {}", kind(list)))?;
-            if list.is_empty() {
-                return Err("field `messages` is empty".into());
-            }
-            let mut messages = Vec::with_capacity(list.len());
-            for (i, m) in list.iter().enumerate() {
-                let m = m
-                    .as_object()
-                    .ok_or_else(|| format!("`messages[{i}]` must be an object, got {}", kind(m)))?;
-                let role = match m.get("role").and_then(Value::as_str) {
-                    Some("system") => Role::System,
-                    Some("user") => Role::User,
-                    Some("assistant") => Role::Assistant,
-                    Some(other) => {
-                        return Err(format!(
-                            "`messages[{i}].role` is `{other}`, expected system, user or assistant"
-                        ))
-                    }
-                    None => return Err(format!("`messages[{i}].role` is missing or not a string")),
-                };
-                let content = m
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| format!("`messages[{i}].content` is missing or not a string"))?;
-                messages.push(Message {
-                    role,
-                    content: content.to_string(),
-                });
-            }
+            let messages = parse_messages(list, "messages")?;
             if !messages.iter().any(|m| m.role == Role::Assistant) {
                 return Err("no assistant message: nothing to learn from".into());
             }
             Ok(Record::Chat { messages })
         }
+        DataFormat::Preference => Ok(Record::Preference {
+            prompt: prompt(obj)?,
+            chosen: answer(obj, "chosen")?,
+            rejected: answer(obj, "rejected")?,
+        }),
+    }
+}
+
+/// A list of chat messages under `field`, each with a known role and string content.
+fn parse_messages(list: &Value, field: &str) -> Result<Vec<Message>, String> {
+    let list = list
+        .as_array()
+        .ok_or_else(|| format!("field `{field}` must be a list, got {}", kind(list)))?;
+    if list.is_empty() {
+        return Err(format!("field `{field}` is empty"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(m, &format!("{field}[{i}]")))
+        .collect()
+}
+
+fn parse_message(m: &Value, at: &str) -> Result<Message, String> {
+    let m = m
+        .as_object()
+        .ok_or_else(|| format!("`{at}` must be an object, got {}", kind(m)))?;
+    let role = match m.get("role").and_then(Value::as_str) {
+        Some("system") => Role::System,
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some(other) => return Err(format!("`{at}.role` is `{other}`, expected system, user or assistant")),
+        None => return Err(format!("`{at}.role` is missing or not a string")),
+    };
+    let content = m
+        .get("content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("`{at}.content` is missing or not a string"))?;
+    Ok(Message {
+        role,
+        content: content.to_string(),
+    })
+}
+
+/// A preference line's prompt: a string (one user message) or chat messages that end before
+/// the answer, i.e. not with an assistant message.
+fn prompt(obj: &serde_json::Map<String, Value>) -> Result<Vec<Message>, String> {
+    match obj.get("prompt") {
+        Some(Value::String(_)) => Ok(vec![Message {
+            role: Role::User,
+            content: required_text(obj, "prompt")?,
+        }]),
+        Some(list @ Value::Array(_)) => {
+            let messages = parse_messages(list, "prompt")?;
+            if messages.last().is_some_and(|m| m.role == Role::Assistant) {
+                return Err("field `prompt` ends with an assistant message; the answers follow the prompt".into());
+            }
+            Ok(messages)
+        }
+        None => Err("missing field `prompt`".into()),
+        Some(v) => Err(format!(
+            "field `prompt` must be a string or a list of messages, got {}",
+            kind(v)
+        )),
+    }
+}
+
+/// A preference line's answer under `field`: a string or assistant messages.
+fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> Result<Vec<Message>, String> {
+    match obj.get(field) {
+        Some(Value::String(_)) => Ok(vec![Message {
+            role: Role::Assistant,
+            content: required_text(obj, field)?,
+        }]),
+        Some(list @ Value::Array(_)) => {
+            let messages = parse_messages(list, field)?;
+            if let Some(i) = messages.iter().position(|m| m.role != Role::Assistant) {
+                return Err(format!(
+                    "`{field}[{i}].role` is `{}`; an answer holds assistant messages only",
+                    messages[i].role.as_str()
+                ));
+            }
+            Ok(messages)
+        }
+        None => Err(format!("missing field `{field}`")),
+        Some(v) => Err(format!(
+            "field `{field}` must be a string or a list of assistant messages, got {}",
+            kind(v)
+        )),
     }
 }
 

@@ -10,9 +10,12 @@
 //! - chat, when it has one: the model's own template (see [`super::template`]), trained on the
 //!   same parts: each assistant turn's content and what the template closes it with, then EOS
 //!   after the last message unless the template already ends with it;
-//! - text: `{text}` + EOS, all trained on.
+//! - text: `{text}` + EOS, all trained on;
+//! - preference: each answer appended to the prompt's messages and rendered as chat (by the
+//!   template or the default format), trained on the answer's turns only: earlier assistant
+//!   turns of the prompt are context, as the prompt is in DPO.
 
-use super::records::{Record, Role};
+use super::records::{Message, Record, Role};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Segment {
@@ -50,15 +53,21 @@ pub fn render(record: &Record) -> Vec<Segment> {
             ]
         }
         Record::Text { text } => vec![seg(text.clone(), true)],
-        Record::Chat { messages } => {
-            let mut out = Vec::new();
-            for m in messages {
-                out.push(seg(format!("<|{}|>\n", m.role.as_str()), false));
-                let trained = m.role == Role::Assistant;
-                out.push(seg(m.content.clone(), trained));
-                out.push(seg("<|end|>\n", trained));
-            }
-            out
-        }
+        Record::Chat { messages } => render_conversation(messages, 0),
+        // One record is two sequences; this is the chosen one (prepare renders both).
+        Record::Preference { prompt, chosen, .. } => render_conversation(&[&prompt[..], chosen].concat(), prompt.len()),
     }
+}
+
+/// A conversation in the default chat format, trained on assistant messages from index
+/// `first_trained` on.
+pub fn render_conversation(messages: &[Message], first_trained: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        out.push(seg(format!("<|{}|>\n", m.role.as_str()), false));
+        let trained = m.role == Role::Assistant && i >= first_trained;
+        out.push(seg(m.content.clone(), trained));
+        out.push(seg("<|end|>\n", trained));
+    }
+    out
 }

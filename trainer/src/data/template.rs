@@ -35,6 +35,18 @@ pub fn render_with_template(
     template: &ChatTemplate,
     eos: Option<&str>,
 ) -> Result<Rendered, String> {
+    render_answers_with_template(messages, template, eos, 0)
+}
+
+/// As [`render_with_template`], trained only on assistant messages from index `first_trained`
+/// on (a preference pair's answer after its prompt); EOS is trained on when the last message is
+/// one of those.
+pub fn render_answers_with_template(
+    messages: &[Message],
+    template: &ChatTemplate,
+    eos: Option<&str>,
+    first_trained: usize,
+) -> Result<Rendered, String> {
     let chat: Vec<ChatMessage> = messages
         .iter()
         .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
@@ -45,7 +57,8 @@ pub fn render_with_template(
     let mut segments = Vec::new();
     // Bytes of `full` already in segments.
     let mut done = 0;
-    for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
+    let trained_turns = messages.iter().enumerate().skip(first_trained);
+    for (i, _) in trained_turns.filter(|(_, m)| m.role == Role::Assistant) {
         let (start, end) = assistant_turn(&full, &chat, template, i)?;
         if start < done {
             return Err(unmaskable(

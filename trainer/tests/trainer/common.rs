@@ -72,5 +72,7 @@ pub fn facts_config(model: &Path, data: &Path, output: &Path) -> TrainConfig {
         },
         output: output.display().to_string(),
         evaluation: None,
+        dpo: None,
+        quantization: None,
     }
 }

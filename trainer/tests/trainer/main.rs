@@ -9,6 +9,7 @@ mod common;
 
 mod bad_data;
 mod data_prep;
+mod dpo;
 mod job;
 mod learning;
 mod metrics;
