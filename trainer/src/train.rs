@@ -2,7 +2,7 @@
 //! AdamW, evaluation, checkpoints and resume.
 
 use crate::checkpoint::{self, LossPoint, TrainerState};
-use crate::config::{Method, TrainConfig, TrainingSettings};
+use crate::config::{DpoSettings, Method, TrainConfig, TrainingSettings};
 use crate::data::batch::Pair;
 use crate::data::batch::{batches, epoch_order, PrepareStats};
 use crate::data::tokenize::{Example, TextTokenizer};
@@ -218,6 +218,18 @@ impl<'a> Session<'a> {
 
     fn metrics(&self) -> Option<&Metrics> {
         self.options.metrics.as_deref()
+    }
+
+    fn dpo_model(&self) -> DpoModel<'_> {
+        DpoModel {
+            model: &self.model,
+            adapter: &self.adapter,
+            vars: &self.vars,
+            settings: self.config.dpo.unwrap_or_default(),
+            pad: self.tokenizer.eos,
+            device: &self.options.device,
+            gradient_checkpointing: self.config.training.gradient_checkpointing,
+        }
     }
 }
 
@@ -499,7 +511,6 @@ fn dpo_step_gradients(
 ) -> Result<(BTreeMap<String, Tensor>, DpoStats)> {
     let t = &session.config.training;
     let plan = &session.plan;
-    let settings = session.config.dpo.unwrap_or_default();
     let micro: Vec<Vec<&Pair>> = (0..plan.accum)
         .map(|k| {
             let g = state.micro_batches + k;
@@ -516,62 +527,96 @@ fn dpo_step_gradients(
     let scale = 1.0 / micro.iter().map(Vec::len).sum::<usize>().max(1) as f64;
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut terms = Vec::new();
+    let dpo = session.dpo_model();
     for (k, pairs) in micro.iter().enumerate() {
-        let active = ActiveAdapter {
-            adapter: &session.adapter,
-            dropout_seed: Some(mix(t.seed, state.micro_batches + k as u64)),
-            first_row: 0,
-        };
-        let seqs = dpo::sequences(pairs);
-        let batch_terms = score_pairs(session, &seqs, Some(active))?;
-        timer.mark("dpo_score");
-        let weights = dpo::sequence_weights(&settings, &batch_terms, &seqs);
-        let targets = LossTargets::weighted(&seqs, &weights, session.tokenizer.eos, &session.options.device)?;
-        backward(session, &targets, active, scale, &mut grads)?;
-        terms.extend(batch_terms);
-        state.tokens += seqs.iter().map(|e| e.ids.len() as u64).sum::<u64>();
+        let seed = mix(t.seed, state.micro_batches + k as u64);
+        terms.extend(dpo.accumulate(pairs, Some(seed), scale, &mut grads)?);
+        state.tokens += dpo::sequences(pairs).iter().map(|e| e.ids.len() as u64).sum::<u64>();
         timer.mark("forward_backward");
     }
     Ok((grads, DpoStats::of(&terms)))
-}
-
-/// The DPO terms of the pairs laid out as `seqs` ([`dpo::sequences`]): the reference is the
-/// base alone, the policy the adapter as `active` applies it (with its dropout masks; None:
-/// the adapter as it is, without dropout), both without a graph.
-fn score_pairs(session: &Session, seqs: &[&Example], active: Option<ActiveAdapter>) -> Result<Vec<dpo::PairTerms>> {
-    let settings = session.config.dpo.unwrap_or_default();
-    let targets = LossTargets::of(seqs, session.tokenizer.eos, &session.options.device)?;
-    let switched_off = LoraAdapter::from_pairs(session.adapter.config.clone(), BTreeMap::new());
-    let reference = ActiveAdapter {
-        adapter: &switched_off,
-        dropout_seed: None,
-        first_row: 0,
-    };
-    let detached = session.adapter.detached();
-    let policy = ActiveAdapter {
-        adapter: &detached,
-        dropout_seed: active.and_then(|a| a.dropout_seed),
-        first_row: 0,
-    };
-    let logps = |adapter: ActiveAdapter| -> Result<Vec<f64>> {
-        let sums = targets.sequence_logps(&session.model, adapter)?;
-        Ok(sums
-            .iter()
-            .zip(seqs)
-            .map(|(&s, e)| dpo::as_used(&settings, s, e))
-            .collect())
-    };
-    Ok(dpo::score(&settings, &logps(policy)?, &logps(reference)?))
 }
 
 /// The DPO statistics of the held-out pairs with the adapter as it is now.
 fn dpo_evaluate(session: &Session) -> Result<DpoStats> {
     let mut terms = Vec::new();
     let pairs: Vec<&Pair> = session.data.validation_pairs.iter().collect();
+    let dpo = session.dpo_model();
     for chunk in pairs.chunks(session.config.training.batch_size) {
-        terms.extend(score_pairs(session, &dpo::sequences(chunk), None)?);
+        terms.extend(dpo.score(chunk, None)?);
     }
     Ok(DpoStats::of(&terms))
+}
+
+/// What a DPO micro-batch needs of a run; public so that a test can hold one batch's loss and
+/// gradient to a reference computed outside.
+pub struct DpoModel<'a> {
+    pub model: &'a CausalLm,
+    pub adapter: &'a LoraAdapter,
+    pub vars: &'a [NamedVar],
+    pub settings: DpoSettings,
+    /// Pads the shorter sequences of a batch (EOS, as for SFT).
+    pub pad: u32,
+    pub device: &'a Device,
+    pub gradient_checkpointing: bool,
+}
+
+impl DpoModel<'_> {
+    /// The terms of `pairs`, with the gradients of `scale` times their summed loss added to
+    /// `grads`; dropout from `dropout_seed` as in an SFT micro-batch.
+    pub fn accumulate(
+        &self,
+        pairs: &[&Pair],
+        dropout_seed: Option<u64>,
+        scale: f64,
+        grads: &mut BTreeMap<String, Tensor>,
+    ) -> Result<Vec<dpo::PairTerms>> {
+        let seqs = dpo::sequences(pairs);
+        let terms = self.score(pairs, dropout_seed)?;
+        let weights = dpo::sequence_weights(&self.settings, &terms, &seqs);
+        let targets = LossTargets::weighted(&seqs, &weights, self.pad, self.device)?;
+        let active = ActiveAdapter {
+            adapter: self.adapter,
+            dropout_seed,
+            first_row: 0,
+        };
+        backward_with(
+            self.model,
+            self.vars,
+            self.gradient_checkpointing,
+            &targets,
+            active,
+            scale,
+            grads,
+        )?;
+        Ok(terms)
+    }
+
+    /// The terms of `pairs` from forwards without a graph: the reference is the base alone,
+    /// the policy the adapter with the dropout masks of `dropout_seed` (those the backward's
+    /// forward draws).
+    pub fn score(&self, pairs: &[&Pair], dropout_seed: Option<u64>) -> Result<Vec<dpo::PairTerms>> {
+        let seqs = dpo::sequences(pairs);
+        let targets = LossTargets::of(&seqs, self.pad, self.device)?;
+        let switched_off = LoraAdapter::from_pairs(self.adapter.config.clone(), BTreeMap::new());
+        let detached = self.adapter.detached();
+        let logps = |adapter: &LoraAdapter, dropout_seed| -> Result<Vec<f64>> {
+            let active = ActiveAdapter {
+                adapter,
+                dropout_seed,
+                first_row: 0,
+            };
+            let sums = targets.sequence_logps(self.model, active)?;
+            Ok(sums
+                .iter()
+                .zip(&seqs)
+                .map(|(&s, e)| dpo::as_used(&self.settings, s, e))
+                .collect())
+        };
+        let policy = logps(&detached, dropout_seed)?;
+        let reference = logps(&switched_off, None)?;
+        Ok(dpo::score(&self.settings, &policy, &reference))
+    }
 }
 
 /// Forward and backward over one micro-batch, with or without recomputing activations; adds
@@ -583,8 +628,29 @@ fn backward(
     scale: f64,
     grads: &mut BTreeMap<String, Tensor>,
 ) -> Result<f64> {
-    let model = &session.model;
-    if session.config.training.gradient_checkpointing {
+    let checkpointing = session.config.training.gradient_checkpointing;
+    backward_with(
+        &session.model,
+        &session.vars,
+        checkpointing,
+        targets,
+        active,
+        scale,
+        grads,
+    )
+}
+
+/// [`backward`] from its parts.
+fn backward_with(
+    model: &CausalLm,
+    vars: &[NamedVar],
+    gradient_checkpointing: bool,
+    targets: &LossTargets,
+    active: ActiveAdapter,
+    scale: f64,
+    grads: &mut BTreeMap<String, Tensor>,
+) -> Result<f64> {
+    if gradient_checkpointing {
         let step = CheckpointedStep {
             adapter: active,
             loss_scale: scale,
@@ -593,12 +659,12 @@ fn backward(
         };
         let out = model.loss_backward_checkpointed(&targets.as_batch(), &step)?;
         for store in &out.stores {
-            accumulate(grads, store, &session.vars)?;
+            accumulate(grads, store, vars)?;
         }
         Ok(out.loss_sum)
     } else {
         let (sum, store) = model.loss_backward(&targets.as_batch(), &active, scale, HEAD_ROWS)?;
-        accumulate(grads, &store, &session.vars)?;
+        accumulate(grads, &store, vars)?;
         Ok(sum)
     }
 }

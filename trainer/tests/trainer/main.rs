@@ -10,6 +10,7 @@ mod common;
 mod bad_data;
 mod data_prep;
 mod dpo;
+mod dpo_reference;
 mod job;
 mod learning;
 mod metrics;
