@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local cluster's Go binaries from their Go modules through the module proxy:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and MinIO (the default
-# targets), and on request helm and actionlint (`build-binaries.sh helm actionlint`, for the chart
-# and CI workflow tests).
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy,
+# crictl and MinIO (the default targets), and on request helm and actionlint
+# (`build-binaries.sh helm actionlint`, for the chart and CI workflow tests).
 # Each lands in $KUBETUNE_CACHE/bin/<name>-<version>/ and is skipped when already there,
 # so only the first run on a machine pays for the compile.
 set -euo pipefail
@@ -35,9 +35,14 @@ new_module() {
   printf 'module kubetune.dev/localcluster/build\n\ngo 1.26\n' >"$dir/go.mod"
 }
 
+# The control plane, kubectl, and the node's kubelet and kube-proxy. Each binary is built only
+# when missing, so a cache from before the node had its own binaries gains just those.
+kubernetes_commands=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
+
 build_kubernetes() {
-  local out="$cache/bin/kubernetes-$KUBERNETES_VERSION"
-  [ -x "$out/kubectl" ] && [ -x "$out/kube-apiserver" ] && { log "kubernetes $KUBERNETES_VERSION cached"; return; }
+  local out="$cache/bin/kubernetes-$KUBERNETES_VERSION" c missing=()
+  for c in "${kubernetes_commands[@]}"; do [ -x "$out/$c" ] || missing+=("k8s.io/kubernetes/cmd/$c"); done
+  [ ${#missing[@]} -gt 0 ] || { log "kubernetes $KUBERNETES_VERSION cached"; return; }
   local work="$cache/build/kubernetes-$KUBERNETES_VERSION"
   new_module "$work"
   local minor="${KUBERNETES_VERSION#v}"; minor="${minor#*.}"; minor="${minor%%.*}"
@@ -55,13 +60,11 @@ build_kubernetes() {
     ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
-  log "building kubernetes $KUBERNETES_VERSION (cold: several minutes)"
+  log "building ${missing[*]##*/} $KUBERNETES_VERSION (cold: several minutes each)"
   (cd "$work" && go get k8s.io/kubernetes@"$KUBERNETES_VERSION" \
     && mkdir -p "$work/out" \
-    && go build -trimpath -ldflags "-s -w $ld" -o "$work/out/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
-  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+    && go build -trimpath -ldflags "-s -w $ld" -o "$work/out/" "${missing[@]}")
+  mkdir -p "$out" && mv "$work/out/"* "$out/"
 }
 
 build_etcd() {
@@ -90,6 +93,18 @@ build_minio() {
   (cd "$work" && go get github.com/minio/minio@"$MINIO_VERSION" \
     && go build -trimpath -ldflags "-s -w -X $m.Version=$tag -X $m.ReleaseTag=$tag -X $m.CommitID=$commit -X $m.ShortCommitID=$commit" \
       -o "$work/out/minio" github.com/minio/minio)
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
+build_crictl() {
+  local out="$cache/bin/cri-tools-$CRI_TOOLS_VERSION"
+  [ -x "$out/crictl" ] && { log "crictl $CRI_TOOLS_VERSION cached"; return; }
+  local work="$cache/build/cri-tools-$CRI_TOOLS_VERSION"
+  new_module "$work"
+  log "building crictl $CRI_TOOLS_VERSION"
+  (cd "$work" && go get sigs.k8s.io/cri-tools@"$CRI_TOOLS_VERSION" \
+    && go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
+      -o "$work/out/crictl" sigs.k8s.io/cri-tools/cmd/crictl)
   rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
 }
 
@@ -122,5 +137,5 @@ build_actionlint() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(etcd kubernetes minio)
+[ ${#targets[@]} -gt 0 ] || targets=(etcd kubernetes crictl minio)
 for t in "${targets[@]}"; do "build_$t"; done
