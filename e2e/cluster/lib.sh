@@ -17,6 +17,22 @@ kube_bin="$cache/bin/kubernetes-$KUBERNETES_VERSION"
 etcd_bin="$cache/bin/etcd-$ETCD_VERSION/etcd"
 minio_bin="$cache/bin/minio-$MINIO_VERSION/minio"
 kubeconfig="$cluster_dir/admin.kubeconfig"
+crictl_bin="$cache/bin/cri-tools-$CRI_TOOLS_VERSION/crictl"
+
+# The real node (node-up.sh): containerd, kubelet and kube-proxy on this machine. Its pods live on
+# a bridge of their own; the bridge's address is the node's IP, which the API server also
+# advertises, so that pods reach it through the `kubernetes` Service.
+NODE_NAME="${KUBETUNE_NODE_NAME:-kubetune-node-0}"
+node_dir="$cluster_dir/node"
+containerd_sock="$node_dir/containerd/containerd.sock"
+BRIDGE="${KUBETUNE_BRIDGE:-kubetune0}"
+BRIDGE_IP=10.244.0.1
+POD_NETWORK=10.244.0.0/16
+# The real node's pods take their addresses from here (the node agent's pods use loopback ones).
+NODE_POD_CIDR=10.244.1.0/24
+SERVICE_CIDR=10.0.0.0/24
+PAUSE_IMAGE=kubetune.local/pause:1
+TOOLS_IMAGE=kubetune.local/tools:1
 
 ETCD_PORT="${KUBETUNE_ETCD_PORT:-23790}"
 APISERVER_PORT="${KUBETUNE_APISERVER_PORT:-26443}"
@@ -27,6 +43,8 @@ log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 kubectl() { "$kube_bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+node_images() { ctr --address "$containerd_sock" --namespace k8s.io images "$@"; }
+crictl() { "$crictl_bin" --runtime-endpoint "unix://$containerd_sock" --timeout 30s "$@"; }
 
 # Polls a command until it succeeds, up to a deadline; this is how every start waits for readiness.
 wait_for() {

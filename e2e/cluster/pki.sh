@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates the local cluster's PKI once, as envtest does: a CA, the API server's serving certificate,
 # a system:masters client certificate for the admin kubeconfig, a controller-manager and a scheduler
-# client certificate, and the service-account signing key pair.
+# client certificate, the real node's kubelet and kube-proxy client certificates, the API server's
+# client certificate towards kubelets (logs, exec, port-forward), and the service-account signing
+# key pair.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -21,11 +23,16 @@ client_cert() {
   rm -f "$name.csr" "$name.ext"
 }
 
+# The serving certificate names the bridge address too, where pods reach the API server; one made
+# before the real node existed lacks it and is made again.
+if [ -f apiserver.crt ] && ! openssl x509 -in apiserver.crt -noout -text | grep -q "IP Address:$BRIDGE_IP"; then
+  rm -f apiserver.crt apiserver.key
+fi
 if [ ! -f apiserver.crt ]; then
   openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
   cat >apiserver.ext <<EXT
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:$BRIDGE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EXT
   openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 3650 \
     -extfile apiserver.ext 2>/dev/null
@@ -34,5 +41,9 @@ fi
 client_cert admin kubetune-admin system:masters
 client_cert controller-manager system:kube-controller-manager system:kube-controller-manager
 client_cert scheduler system:kube-scheduler system:kube-scheduler
+# The Node authorizer knows a kubelet by this name and group, and lets it reach only its own pods' objects.
+client_cert "kubelet-$NODE_NAME" "system:node:$NODE_NAME" system:nodes
+client_cert kube-proxy system:kube-proxy system:node-proxier
+client_cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
 [ -f sa.key ] || { openssl genrsa -out sa.key 2048 2>/dev/null && openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null; }
 chmod 600 ./*.key

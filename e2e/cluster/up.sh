@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up the local Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler (all built from their Go modules and cached per version), MinIO as the S3 store,
-# and kubetune's node agent, which registers the Nodes and runs their pods as local processes.
+# kubetune's node agent, which registers two Nodes and runs their pods as local processes, and a
+# real node (node-up.sh: containerd, kubelet, kube-proxy) for the pods that tolerate its taint.
 # Idempotent: whatever already runs is kept. Writes the admin kubeconfig to
 # $KUBETUNE_STATE/cluster/admin.kubeconfig (default .kubetune/ in the repo).
 set -euo pipefail
@@ -58,7 +59,11 @@ if ! daemon_running kube-apiserver; then
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
-    --authorization-mode RBAC --allow-privileged=true --profiling=false \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --kubelet-preferred-address-types InternalIP \
+    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
+    --allow-privileged=true --profiling=false \
     --cert-dir "$cluster_dir/apiserver-certs" --v 1
 fi
 wait_for kube-apiserver 120 kubectl get --raw /readyz
@@ -84,6 +89,7 @@ fi
 
 "$cluster_scripts/s3-up.sh"
 "$cluster_scripts/node-agent-up.sh"
+"$cluster_scripts/node-up.sh"
 
 # The object-store credentials, as the Secret FineTuneJobs and ModelDeployments reference.
 wait_for "default namespace" 60 kubectl get namespace default

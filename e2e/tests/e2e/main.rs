@@ -19,3 +19,4 @@ mod ci;
 mod finetune_and_serve;
 mod node_agent;
 mod operator;
+mod real_node;

@@ -61,7 +61,10 @@ async fn terminated_state(ns: &TestNamespace, job: &str) -> Result<ContainerStat
 #[tokio::test]
 async fn nodes_are_registered_with_gpu_capacity() -> Result<()> {
     let client = client().await?;
-    let nodes = Api::<Node>::all(client).list(&ListParams::default()).await?;
+    // The node agent's Nodes; the real node (kubetune.dev/pool=real) has no GPUs.
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default().labels("kubetune.dev/pool=local"))
+        .await?;
     assert!(
         !nodes.items.is_empty(),
         "no Node registered: is the node agent running?"

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Starts the local cluster's real node, as kind's node has it: containerd (with runc and the CNI
+# bridge plugin, from Debian's packages), kubelet and kube-proxy (built from their Go modules
+# like the control plane). Its pods run in containers from images this machine builds
+# (e2e/images/build.sh), on a bridge of their own, with Services through kube-proxy's iptables
+# rules, and `kubectl logs`, `exec` and `port-forward` reach them through kubelet.
+#
+# The node registers tainted kubetune.dev/real-node=true:NoSchedule, so only pods that tolerate
+# it run here; the node agent's Nodes take the rest.
+#
+# Needs root (containers, iptables, mounts). Idempotent: whatever already runs is kept.
+# Run after up.sh has started the API server; node-down.sh undoes all of it.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+[ "$(id -u)" = 0 ] || die "the real node needs root: containers, iptables rules and mounts"
+
+# Writes stdin to FILE only when it differs: kube-proxy exits as soon as its configuration file
+# changes, so a second node-up.sh beside a running node must leave the file alone.
+write_file() {
+  local file="$1" new
+  new="$(cat)"
+  [ -f "$file" ] && [ "$(cat "$file")" = "$new" ] && return 0
+  printf '%s\n' "$new" >"$file.new" && mv "$file.new" "$file"
+}
+
+install_runtime() {
+  local missing=() p
+  for p in containerd runc containernetworking-plugins iptables conntrack busybox-static; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing ${missing[*]} (Debian packages)"
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } >/dev/null
+}
+
+# The bridge exists before kubelet starts (kubelet takes its address as the node IP) and before
+# the API server advertises it. The CNI bridge plugin attaches each pod's veth to it.
+make_bridge() {
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  ip addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_IP/" || ip addr add "$BRIDGE_IP/${POD_NETWORK#*/}" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  sysctl -qw net.ipv4.ip_forward=1
+  # Pod-to-Service traffic that stays on the bridge only meets kube-proxy's rules through
+  # br_netfilter; a kernel without the module still serves host-to-Service and pod-to-pod.
+  modprobe br_netfilter 2>/dev/null || true
+  [ -f /proc/sys/net/bridge/bridge-nf-call-iptables ] && sysctl -qw net.bridge.bridge-nf-call-iptables=1
+  return 0
+}
+
+write_containerd_config() {
+  mkdir -p "$node_dir/containerd" "$node_dir/cni/conf" "$node_dir/cni/ipam"
+  write_file "$node_dir/cni/conf/10-kubetune.conflist" <<JSON
+{
+  "cniVersion": "0.4.0",
+  "name": "kubetune",
+  "plugins": [
+    {
+      "type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": true, "hairpinMode": true,
+      "ipam": {
+        "type": "host-local", "dataDir": "$node_dir/cni/ipam",
+        "ranges": [[{"subnet": "$POD_NETWORK", "gateway": "$BRIDGE_IP",
+                     "rangeStart": "${NODE_POD_CIDR%.*}.2", "rangeEnd": "${NODE_POD_CIDR%.*}.254"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+JSON
+  # restrict_oom_score_adj: root here lacks CAP_SYS_RESOURCE, and without it every sandbox fails
+  # ("can't get final child's PID from pipe"). The sandbox image is ours: nothing is pulled.
+  write_file "$node_dir/containerd/config.toml" <<TOML
+version = 2
+root = "$node_dir/containerd/root"
+state = "$node_dir/containerd/state"
+[grpc]
+  address = "$containerd_sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$node_dir/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      SystemdCgroup = false
+TOML
+}
+
+node_kubeconfig() {
+  local file="$1" cert="$2"
+  write_file "$file" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: kubetune-local
+  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$pki/ca.crt"}
+users:
+- name: $cert
+  user: {client-certificate: "$pki/$cert.crt", client-key: "$pki/$cert.key"}
+contexts:
+- name: kubetune-local
+  context: {cluster: kubetune-local, user: $cert}
+current-context: kubetune-local
+KC
+}
+
+# cgroup v1 on this VM: kubelet 1.36 runs on it only when told so in its configuration file (the
+# flag alone is not enough). Imported images are never garbage-collected (nothing could pull them
+# back), and eviction waits for a nearly full disk: a test machine's disk is not the node's.
+write_kubelet_config() {
+  node_kubeconfig "$node_dir/kubelet.kubeconfig" "kubelet-$NODE_NAME"
+  write_file "$node_dir/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: /kubetune
+address: $BRIDGE_IP
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: "$pki/ca.crt"}
+authorization: {mode: Webhook}
+containerRuntimeEndpoint: "unix://$containerd_sock"
+podCIDR: $NODE_POD_CIDR
+maxPods: 40
+failSwapOn: false
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
+resolvConf: /etc/resolv.conf
+clusterDomain: cluster.local
+registerWithTaints:
+- {key: kubetune.dev/real-node, value: "true", effect: NoSchedule}
+serializeImagePulls: false
+YAML
+}
+
+write_kube_proxy_config() {
+  node_kubeconfig "$node_dir/kube-proxy.kubeconfig" kube-proxy
+  write_file "$node_dir/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: "$node_dir/kube-proxy.kubeconfig"}
+hostnameOverride: $NODE_NAME
+mode: iptables
+clusterCIDR: $POD_NETWORK
+bindAddress: 127.0.0.1
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+# Leave the kernel's conntrack limits as they are: a VM may not let them be raised.
+conntrack: {maxPerCore: 0}
+YAML
+}
+
+node_ready() {
+  [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
+}
+
+install_runtime
+if [ ! -x "$kube_bin/kubelet" ] || [ ! -x "$crictl_bin" ]; then
+  "$cluster_scripts/build-binaries.sh" kubernetes crictl
+fi
+make_bridge
+write_containerd_config
+if ! daemon_running containerd; then
+  start_daemon containerd containerd --config "$node_dir/containerd/config.toml"
+fi
+wait_for containerd 60 ctr --address "$containerd_sock" version
+"$repo_root/e2e/images/build.sh" --import pause tools >/dev/null
+
+write_kubelet_config
+# kubelet nests its pods' cgroups under cgroupRoot, which must exist in every v1 hierarchy.
+for hierarchy in /sys/fs/cgroup/*/; do
+  [ -d "$hierarchy" ] && mkdir -p "${hierarchy}kubetune"
+done
+if ! daemon_running kubelet; then
+  start_daemon kubelet "$kube_bin/kubelet" --config "$node_dir/kubelet.yaml" \
+    --kubeconfig "$node_dir/kubelet.kubeconfig" --root-dir "$node_dir/kubelet" \
+    --hostname-override "$NODE_NAME" --node-ip "$BRIDGE_IP" \
+    --node-labels kubetune.dev/pool=real --v 1
+fi
+write_kube_proxy_config
+if ! daemon_running kube-proxy; then
+  start_daemon kube-proxy "$kube_bin/kube-proxy" --config "$node_dir/kube-proxy.yaml" --v 1
+fi
+wait_for "node $NODE_NAME" 120 node_ready
+log "real node $NODE_NAME ready (pods on $BRIDGE, $NODE_POD_CIDR)"
