@@ -20,6 +20,7 @@ pub const FINETUNEJOB_IMMUTABLE_FIELDS: &[&str] = &[
     "training",
     "output",
     "evaluation",
+    "dpo",
     "image",
     "resources",
     "nodeSelector",
@@ -75,6 +76,26 @@ pub const FINETUNEJOB_MUTABLE_FIELDS: &[&str] = &[
         "reason": "FieldValueRequired"
     },
     {
+        "rule": "(self.method == 'dpo') == (self.dataset.format == 'preference')",
+        "message": "spec.dataset.format: method dpo trains on preference pairs (format preference), and preference data only with method dpo",
+        "fieldPath": ".dataset.format"
+    },
+    {
+        "rule": "!has(self.dpo) || self.method == 'dpo'",
+        "message": "spec.dpo: only used with method dpo",
+        "fieldPath": ".dpo"
+    },
+    {
+        "rule": "self.method != 'dpo' || !has(self.quantization) || self.quantization.bits == 4",
+        "message": "spec.quantization: method dpo trains on a full-precision base, or on a 4-bit one (quantization.bits: 4) as QLoRA does",
+        "fieldPath": ".quantization"
+    },
+    {
+        "rule": "self.method != 'dpo' || !has(self.evaluation)",
+        "message": "spec.evaluation: not available with method dpo; the held-out rewards and reward accuracy are reported in status instead",
+        "fieldPath": ".evaluation"
+    },
+    {
         "rule": "!has(self.evaluation) || !has(self.evaluation.metric) || self.dataset.format != 'text'",
         "message": "spec.evaluation.metric: scores answers to prompts, so it needs instruction or chat data, not text",
         "fieldPath": ".evaluation.metric"
@@ -84,7 +105,9 @@ pub struct FineTuneJobSpec {
     /// The model to fine-tune.
     pub base_model: BaseModelSpec,
     /// Fine-tuning method: `lora` trains low-rank adapters on a full-precision frozen base;
-    /// `qlora` does the same on a 4-bit quantized base (needs `quantization.bits: 4`).
+    /// `qlora` does the same on a 4-bit quantized base (needs `quantization.bits: 4`); `dpo`
+    /// trains a low-rank adapter by direct preference optimisation on `preference` data, on a
+    /// full-precision base or, with `quantization.bits: 4`, a 4-bit one.
     pub method: FineTuneMethod,
     /// Low-rank adapter settings, as in HF PEFT's LoraConfig.
     pub lora: LoraSpec,
@@ -98,6 +121,9 @@ pub struct FineTuneJobSpec {
     pub training: TrainingSpec,
     /// Where the adapter goes.
     pub output: OutputSpec,
+    /// Direct preference optimisation settings, for `method: dpo` (all optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSpec>,
     /// How the adapter is judged against its base model on the held-out data, after training
     /// and before publishing. Unset: no judgement beyond the evaluation loss in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,6 +165,46 @@ pub enum FineTuneMethod {
     Lora,
     /// Low-rank adapters on a 4-bit quantized frozen base.
     Qlora,
+    /// A low-rank adapter trained by direct preference optimisation on preference pairs; the
+    /// reference model is the base with the adapter switched off.
+    Dpo,
+}
+
+/// DPO settings (TRL's DPOConfig: beta, loss_type, label_smoothing).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.loss) || self.loss == 'sigmoid'",
+        "message": "spec.dpo.labelSmoothing: applies to the sigmoid loss only",
+        "fieldPath": ".labelSmoothing"
+    }
+]))]
+pub struct DpoSpec {
+    /// How far the adapter may move from the reference: rewards are beta times the log-prob
+    /// ratio to the reference. Greater than 0; defaults to 0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
+    pub beta: Option<f64>,
+    /// `sigmoid` (the DPO paper's loss, the default) or `ipo` (on log-probs averaged over the
+    /// answer's tokens, as TRL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<DpoLossType>,
+    /// The assumed share of pairs with swapped labels (conservative DPO), in [0, 0.5);
+    /// sigmoid only. Defaults to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "maximum" = 0.5, "exclusiveMaximum" = true))]
+    pub label_smoothing: Option<f64>,
+}
+
+/// The DPO loss.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLossType {
+    /// -log sigmoid(beta * margin).
+    Sigmoid,
+    /// (margin - 1 / (2 beta))^2.
+    Ipo,
 }
 
 /// A projection of a Llama-family decoder layer that can carry an adapter (HF PEFT names).
@@ -256,6 +322,9 @@ pub enum DatasetFormat {
     Chat,
     /// `{"text": ...}`; loss on every token.
     Text,
+    /// `{"prompt": ..., "chosen": ..., "rejected": ...}`: the prompt a string or chat messages,
+    /// the answers strings or assistant messages; for `method: dpo`, loss on the answers only.
+    Preference,
 }
 
 /// Optimisation settings (names as in HF TrainingArguments, camelCased).
@@ -504,6 +573,32 @@ pub struct TrainingProgress {
     /// started from zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<u64>,
+    /// Under `method: dpo`: the latest step's rewards (trainLoss is then the DPO loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoRewards>,
+    /// Under `method: dpo`: the held-out pairs' rewards at the latest evaluation (evalLoss is
+    /// then their DPO loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_dpo: Option<DpoRewards>,
+}
+
+/// DPO rewards over a set of pairs (TRL's rewards/chosen, rewards/rejected, rewards/margins,
+/// rewards/accuracies).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DpoRewards {
+    /// Mean reward of the chosen answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<f64>,
+    /// Mean reward of the rejected answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<f64>,
+    /// Mean of chosen minus rejected reward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margins: Option<f64>,
+    /// Share of pairs whose chosen answer's reward is higher, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracies: Option<f64>,
 }
 
 /// An adapter version in the registry.

@@ -2,7 +2,10 @@
 //! in the environment variable [`TRAINER_JOB_ENV`]. One type on both sides keeps them in step,
 //! and the trainer never re-derives a default the operator already chose.
 
-use crate::{DatasetFormat, EvaluationMetric, EvaluationResult, FineTuneMethod, LrScheduler, QuantType, TargetModule};
+use crate::{
+    DatasetFormat, DpoLossType, EvaluationMetric, EvaluationResult, FineTuneMethod, LrScheduler, QuantType,
+    TargetModule,
+};
 use serde::{Deserialize, Serialize};
 
 /// Environment variable holding the JSON [`TrainerJob`].
@@ -30,6 +33,17 @@ pub struct TrainerJob {
     /// Judge the adapter against the base model before publishing; absent: no judgement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<TrainerEvaluation>,
+    /// spec.dpo with its defaults resolved; present exactly when the method is dpo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<TrainerDpo>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerDpo {
+    pub beta: f64,
+    pub loss: DpoLossType,
+    pub label_smoothing: f64,
 }
 
 /// spec.evaluation with its defaults resolved.

@@ -68,6 +68,7 @@ pub fn render(c: &CardInput) -> String {
         match job.method {
             FineTuneMethod::Lora => "LoRA",
             FineTuneMethod::Qlora => "QLoRA",
+            FineTuneMethod::Dpo => "DPO (LoRA)",
         },
         md(&job.base_model_uri),
         md(&job.owner.namespace),
@@ -408,6 +409,7 @@ mod tests {
             registry: "s3://registry".into(),
             checkpoint_uri: "s3://checkpoints".into(),
             evaluation: None,
+            dpo: None,
         }
     }
 

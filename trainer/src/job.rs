@@ -21,7 +21,7 @@ use kubetune_crds::trainer_contract::{
     TrainerEvaluation, TrainerJob, TrainerOutcome, EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD,
     EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
 };
-use kubetune_crds::{EvaluationResult, PublishedAdapter};
+use kubetune_crds::{EvaluationResult, FineTuneMethod, PublishedAdapter};
 use kubetune_storage::{
     Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage, StorageError, CARD_FILE,
 };
@@ -572,6 +572,16 @@ fn train_config(job: &TrainerJob, inputs: &Inputs, output: &Path) -> Result<Trai
             "maxExamples": e.max_examples,
             "maxNewTokens": e.max_new_tokens,
         })),
+        "dpo": job.dpo.as_ref().map(|d| json!({
+            "beta": d.beta,
+            "loss": d.loss,
+            "labelSmoothing": d.label_smoothing,
+        })),
+        // Only dpo reads it: qlora implies 4 bits, and lora trains on a full-precision base.
+        "quantization": (job.method == FineTuneMethod::Dpo)
+            .then_some(job.quantization.as_ref())
+            .flatten()
+            .map(|q| json!({"bits": q.bits})),
     });
     let config: TrainConfig = serde_json::from_value(value).map_err(|e| JobError::InvalidJob(e.to_string()))?;
     config.validate(TRAINER_JOB_ENV).map_err(JobError::Train)?;
@@ -640,8 +650,11 @@ async fn publish(
             source: e,
         })
     })?;
-    let hyperparameters =
+    let mut hyperparameters =
         json!({"method": job.method, "lora": job.lora, "quantization": job.quantization, "training": job.training});
+    if let Some(dpo) = &job.dpo {
+        hyperparameters["dpo"] = json!(dpo);
+    }
     let request = PublishRequest {
         name: job.adapter_name.clone(),
         source_dir: dir,

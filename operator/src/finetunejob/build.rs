@@ -71,6 +71,7 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
         registry: valid.registry.clone(),
         checkpoint_uri,
         evaluation: valid.evaluation.clone(),
+        dpo: valid.dpo.clone(),
     })
 }
 

@@ -6,7 +6,7 @@
 
 use crate::podhttp::PodHttp;
 use hyper::Method;
-use kubetune_crds::TrainingProgress;
+use kubetune_crds::{DpoRewards, TrainingProgress};
 use std::time::Duration;
 
 /// Reads trainer metrics, shared by all reconciles.
@@ -63,7 +63,34 @@ pub fn parse_progress(text: &str) -> Option<TrainingProgress> {
         resumed_from_step: value("kubetune_train_resumed_from_step")
             .filter(|s| *s > 0.0)
             .map(|s| s as u64),
+        dpo: dpo_rewards(text, "train"),
+        eval_dpo: dpo_rewards(text, "eval"),
     })
+}
+
+/// The trainer's `kubetune_train_dpo_rewards_*{split="..."}` gauges; None when it exports
+/// none for the split (not a DPO run, or no step or evaluation yet).
+fn dpo_rewards(text: &str, split: &str) -> Option<DpoRewards> {
+    let label = format!("split=\"{split}\"");
+    let value = |name: &str| -> Option<f64> {
+        let metric = format!("kubetune_train_dpo_rewards_{name}");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (found, labels) = series.split_once('{')?;
+                (found == metric && labels.split(',').any(|kv| kv.trim_end_matches('}') == label))
+                    .then(|| value.trim().parse::<f64>().ok())?
+            })
+            .filter(|v| v.is_finite())
+    };
+    let rewards = DpoRewards {
+        chosen: value("chosen"),
+        rejected: value("rejected"),
+        margins: value("margins"),
+        accuracies: value("accuracies"),
+    };
+    (rewards != DpoRewards::default()).then_some(rewards)
 }
 
 /// Formats seconds as a Go-style duration (1h2m3s), the form kubectl users read.
@@ -111,6 +138,24 @@ kubetune_train_resumed_from_step{job=\"ns/ftj\"} 20
             parse_progress("kubetune_train_step{job=\"ns/ftj\"} 0\nkubetune_train_total_steps{job=\"ns/ftj\"} 120\n")
                 .expect("progress");
         assert_eq!((p.step, p.train_loss, p.eval_loss), (0, None, None));
+    }
+
+    #[test]
+    fn dpo_rewards_are_read_per_split_and_absent_for_other_runs() {
+        let text = format!(
+            "{SAMPLE}kubetune_train_dpo_rewards_chosen{{job=\"ns/ftj\",split=\"train\"}} 0.5\n\
+             kubetune_train_dpo_rewards_accuracies{{job=\"ns/ftj\",split=\"train\"}} 0.75\n\
+             kubetune_train_dpo_rewards_accuracies{{job=\"ns/ftj\",split=\"eval\"}} 0.9\n"
+        );
+        let p = parse_progress(&text).expect("progress");
+        let train = p.dpo.expect("train rewards");
+        assert_eq!(
+            (train.chosen, train.accuracies, train.margins),
+            (Some(0.5), Some(0.75), None)
+        );
+        assert_eq!(p.eval_dpo.expect("eval rewards").accuracies, Some(0.9));
+        let sft = parse_progress(SAMPLE).expect("progress");
+        assert_eq!((sft.dpo, sft.eval_dpo), (None, None));
     }
 
     #[test]

@@ -5,10 +5,11 @@ use crate::config::OperatorConfig;
 use crate::pvc::{self, ClaimMounts};
 use crate::workload::requested_gpus;
 use kubetune_crds::trainer_contract::{
-    TrainerDataset, TrainerEvaluation, TrainerLora, TrainerQuantization, TrainerTraining,
+    TrainerDataset, TrainerDpo, TrainerEvaluation, TrainerLora, TrainerQuantization, TrainerTraining,
 };
 use kubetune_crds::{
-    DatasetFormat, DatasetSpec, EvaluationSpec, FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType, TargetModule,
+    DatasetFormat, DatasetSpec, DpoLossType, EvaluationSpec, FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType,
+    TargetModule,
 };
 
 /// Why a FineTuneJob cannot run as written. `reason` becomes the condition reason.
@@ -59,6 +60,8 @@ pub struct ValidFineTuneJob {
     pub training: TrainerTraining,
     /// spec.evaluation with its defaults; None when the job asks for no judgement.
     pub evaluation: Option<TrainerEvaluation>,
+    /// spec.dpo with its defaults; present exactly under method dpo.
+    pub dpo: Option<TrainerDpo>,
     pub registry: String,
     /// spec.baseModel.uri as the trainer reads it (a claim's `file://` mount for `pvc://`).
     pub base_model_uri: String,
@@ -130,6 +133,7 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         .as_ref()
         .map(|e| evaluation(e, &spec.dataset))
         .transpose()?;
+    let dpo = dpo(spec)?;
     let training = &spec.training;
     let valid = ValidFineTuneJob {
         method: spec.method,
@@ -171,6 +175,7 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             gradient_checkpointing: training.gradient_checkpointing.unwrap_or(false),
         },
         evaluation,
+        dpo,
         registry,
         base_model_uri,
         claims,
@@ -180,6 +185,66 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
     };
     check_gpu_memory(&valid, facts)?;
     Ok(valid)
+}
+
+/// TRL's defaults: beta 0.1, the sigmoid loss, no label smoothing.
+const DEFAULT_DPO_BETA: f64 = 0.1;
+
+/// spec.dpo with defaults under method dpo, which needs preference data and the reverse; None
+/// for the other methods. The schema's CEL rules say the same at apply time; this holds for
+/// objects stored before those rules.
+fn dpo(spec: &FineTuneJobSpec) -> Result<Option<TrainerDpo>, Invalid> {
+    let invalid = |message: String| Invalid {
+        reason: "InvalidSpec",
+        message,
+    };
+    let is_dpo = spec.method == FineTuneMethod::Dpo;
+    let preference = spec.dataset.format == DatasetFormat::Preference;
+    if is_dpo != preference {
+        return Err(invalid(if is_dpo {
+            "spec.dataset.format: method dpo trains on preference pairs; set format: preference".into()
+        } else {
+            "spec.dataset.format: preference data trains only with method: dpo".into()
+        }));
+    }
+    if !is_dpo {
+        return match spec.dpo {
+            Some(_) => Err(invalid("spec.dpo: only used with method: dpo".into())),
+            None => Ok(None),
+        };
+    }
+    if spec.quantization.as_ref().is_some_and(|q| q.bits != 4) {
+        return Err(invalid(
+            "spec.quantization.bits: method dpo trains on a full-precision base or a 4-bit (NF4) one".into(),
+        ));
+    }
+    if spec.evaluation.is_some() {
+        return Err(invalid(
+            "spec.evaluation: not available with method dpo; the held-out rewards and reward accuracy are reported in status instead".into(),
+        ));
+    }
+    let d = spec.dpo.clone().unwrap_or_default();
+    let beta = d.beta.unwrap_or(DEFAULT_DPO_BETA);
+    if !(beta > 0.0 && beta.is_finite()) {
+        return Err(invalid(format!("spec.dpo.beta: {beta} must be greater than 0")));
+    }
+    let loss = d.loss.unwrap_or(DpoLossType::Sigmoid);
+    let label_smoothing = d.label_smoothing.unwrap_or(0.0);
+    if !(0.0..0.5).contains(&label_smoothing) {
+        return Err(invalid(format!(
+            "spec.dpo.labelSmoothing: {label_smoothing} is not in [0, 0.5)"
+        )));
+    }
+    if label_smoothing > 0.0 && loss != DpoLossType::Sigmoid {
+        return Err(invalid(
+            "spec.dpo.labelSmoothing: applies to the sigmoid loss only".into(),
+        ));
+    }
+    Ok(Some(TrainerDpo {
+        beta,
+        loss,
+        label_smoothing,
+    }))
 }
 
 /// spec.evaluation with defaults, checked against the data it is to run on. The schema's CEL
@@ -260,10 +325,16 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
     let per_layer = h * h * 2 + h * kv_dim * 2 + 3 * h * i;
     let embeddings = m.vocab_size * h * if m.tie_word_embeddings { 1 } else { 2 };
     let params = per_layer * m.num_hidden_layers + embeddings;
-    let base_bytes = match job.method {
-        FineTuneMethod::Lora => params * 2,
+    let nf4 = match job.method {
+        FineTuneMethod::Lora => false,
+        FineTuneMethod::Qlora => true,
+        FineTuneMethod::Dpo => job.quantization.as_ref().is_some_and(|q| q.bits == 4),
+    };
+    let base_bytes = if nf4 {
         // Packed codes, an f32 absmax per 64 weights, and the largest projection expanded.
-        FineTuneMethod::Qlora => params / 2 + params * 4 / 64 + h * i.max(h) * 2,
+        params / 2 + params * 4 / 64 + h * i.max(h) * 2
+    } else {
+        params * 2
     };
     let adapter_params: u64 = job
         .lora
@@ -282,7 +353,9 @@ pub fn estimate_training_memory_mib(job: &ValidFineTuneJob, m: &ModelShape) -> u
         * m.num_hidden_layers;
     // Weight, gradient and two moments, each f32.
     let adapter_bytes = adapter_params * 4 * 4;
-    let tokens = u64::from(job.training.batch_size) * u64::from(job.training.max_seq_length);
+    // A DPO batch of pairs is twice as many sequences: each pair's chosen and rejected answer.
+    let sequences_per_example = if job.method == FineTuneMethod::Dpo { 2 } else { 1 };
+    let tokens = u64::from(job.training.batch_size) * u64::from(job.training.max_seq_length) * sequences_per_example;
     // About 34 bf16 values per token per hidden unit per layer survive to the backward pass
     // without gradient checkpointing, plus the f32 logits. With it, each layer keeps only its
     // input, one layer at a time is rebuilt, and the logits go in chunks of 256 rows.
@@ -401,6 +474,79 @@ mod tests {
             err.message.starts_with("spec.dataset.validationUri: "),
             "{}",
             err.message
+        );
+    }
+
+    fn with_yaml(patch: &str) -> FineTuneJobSpec {
+        let mut value = serde_json::to_value(&finetunejob("minimal.yaml").spec).expect("json");
+        let patch: serde_json::Value = serde_yaml::from_str(patch).expect("patch");
+        for (k, v) in patch.as_object().expect("object") {
+            value[k] = v.clone();
+        }
+        serde_json::from_value(value).expect("spec")
+    }
+
+    #[test]
+    fn method_dpo_resolves_trls_defaults_and_needs_preference_data_and_the_reverse() {
+        let config = OperatorConfig::for_tests();
+        let pairs = "dataset: {uri: s3://data/pairs.jsonl, format: preference}";
+        let valid = validate(&with_yaml(&format!("method: dpo\n{pairs}")), &config, &Facts::default()).expect("valid");
+        assert_eq!(
+            valid.dpo,
+            Some(TrainerDpo {
+                beta: 0.1,
+                loss: DpoLossType::Sigmoid,
+                label_smoothing: 0.0
+            })
+        );
+        let refused = |patch: &str| {
+            validate(&with_yaml(patch), &config, &Facts::default())
+                .expect_err(patch)
+                .message
+        };
+        assert!(refused("method: dpo").starts_with("spec.dataset.format: method dpo"));
+        assert!(refused(pairs).starts_with("spec.dataset.format: preference data"));
+        assert!(refused("dpo: {beta: 0.2}").starts_with("spec.dpo: "));
+        assert!(refused(&format!("method: dpo\n{pairs}\ndpo: {{beta: 0}}")).starts_with("spec.dpo.beta: "));
+        let ipo_smoothed = format!("method: dpo\n{pairs}\ndpo: {{loss: ipo, labelSmoothing: 0.1}}");
+        assert!(refused(&ipo_smoothed).starts_with("spec.dpo.labelSmoothing: "));
+        let judged = format!("method: dpo\n{pairs}\nevaluation: {{}}");
+        assert!(refused(&judged).starts_with("spec.evaluation: "));
+        let int8 = format!("method: dpo\n{pairs}\nquantization: {{bits: 8}}");
+        assert!(refused(&int8).starts_with("spec.quantization.bits: "));
+    }
+
+    #[test]
+    fn a_dpo_batch_holds_twice_the_activations_and_a_4_bit_dpo_base_is_nf4() {
+        let config = OperatorConfig::for_tests();
+        let pairs = "method: dpo\ndataset: {uri: s3://data/pairs.jsonl, format: preference}";
+        let lora = validate(&finetunejob("minimal.yaml").spec, &config, &Facts::default()).expect("lora");
+        let dpo = validate(&with_yaml(pairs), &config, &Facts::default()).expect("dpo");
+        let dpo_4bit = validate(
+            &with_yaml(&format!("{pairs}\nquantization: {{bits: 4}}")),
+            &config,
+            &Facts::default(),
+        )
+        .expect("4-bit dpo");
+        let m = llama_8b();
+        let doubled = ValidFineTuneJob {
+            training: TrainerTraining {
+                batch_size: lora.training.batch_size * 2,
+                ..lora.training.clone()
+            },
+            ..lora.clone()
+        };
+        assert_eq!(
+            estimate_training_memory_mib(&dpo, &m),
+            estimate_training_memory_mib(&doubled, &m)
+        );
+        let qlora = ValidFineTuneJob {
+            method: FineTuneMethod::Qlora,
+            ..doubled
+        };
+        assert_eq!(
+            estimate_training_memory_mib(&dpo_4bit, &m),
+            estimate_training_memory_mib(&qlora, &m)
         );
     }
 

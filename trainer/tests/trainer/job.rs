@@ -6,10 +6,12 @@
 
 use crate::common::*;
 use kubetune_crds::trainer_contract::{
-    JobIdentity, TrainerDataset, TrainerEvaluation, TrainerJob, TrainerLora, TrainerOutcome, TrainerTraining,
-    EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD, TRAINER_JOB_ENV,
+    JobIdentity, TrainerDataset, TrainerDpo, TrainerEvaluation, TrainerJob, TrainerLora, TrainerOutcome,
+    TrainerTraining, EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD, TRAINER_JOB_ENV,
 };
-use kubetune_crds::{DatasetFormat, EvaluationMetric, EvaluationResult, FineTuneMethod, LrScheduler, TargetModule};
+use kubetune_crds::{
+    DatasetFormat, DpoLossType, EvaluationMetric, EvaluationResult, FineTuneMethod, LrScheduler, TargetModule,
+};
 use kubetune_storage::{Credentials, Storage};
 use kubetune_trainer::job::{run_job, JobError, JobRun};
 use kubetune_trainer::metrics::Metrics;
@@ -68,6 +70,7 @@ fn setup(root: &Path) -> TrainerJob {
         registry: uri(&root.join("store/registry")),
         checkpoint_uri: String::new(),
         evaluation: None,
+        dpo: None,
     };
     set_uid(&mut job, root, "uid-1");
     job
@@ -704,4 +707,41 @@ async fn the_published_version_carries_a_model_card_that_its_manifest_covers() {
     assert_eq!(judged["examples"], 20);
     assert_eq!(judged["adapter"]["loss"], serde_json::json!(e.adapter.loss));
     assert_eq!(judged["base"]["score"], serde_json::json!(e.base.score));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dpo_job_publishes_an_adapter_whose_manifest_and_metrics_carry_the_dpo_settings_and_rewards() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut job = setup(dir.path());
+    let pairs = dir.path().join("store/data/pairs.jsonl");
+    let lines: Vec<String> = facts()
+        .into_iter()
+        .map(|(q, a)| serde_json::json!({"prompt": q, "chosen": a, "rejected": "no idea"}).to_string())
+        .collect();
+    std::fs::write(&pairs, lines.join("\n")).expect("pairs");
+    job.method = FineTuneMethod::Dpo;
+    job.dataset.uri = uri(&pairs);
+    job.dataset.format = DatasetFormat::Preference;
+    job.dataset.validation_split = Some(0.2);
+    job.dpo = Some(TrainerDpo {
+        beta: 0.2,
+        loss: DpoLossType::Ipo,
+        label_smoothing: 0.0,
+    });
+    let outcome = run_job(job_run(&job, &dir.path().join("work"))).await.expect("dpo run");
+    let TrainerOutcome::Succeeded { eval_loss, .. } = &outcome else {
+        panic!("expected a published adapter, got {outcome:?}");
+    };
+    assert!(eval_loss.is_some_and(f64::is_finite), "{outcome:?}");
+    let v1 = dir.path().join("store/registry/adapters/facts/v1");
+    let manifest = read_json(&v1.join("manifest.json"));
+    assert_eq!(
+        manifest["hyperparameters"]["dpo"],
+        serde_json::json!({"beta": 0.2, "loss": "ipo", "labelSmoothing": 0.0}),
+        "{manifest}"
+    );
+    let metrics = read_json(&v1.join("training_metrics.json"));
+    let eval = &metrics["dpo"]["eval"];
+    assert_eq!(eval["pairs"], 10, "{metrics}");
+    assert!(eval["rewardsAccuracies"].as_f64().is_some(), "{metrics}");
 }
