@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{LogParams, PostParams};
 use kube::Api;
-use kubetune_e2e::{client, kubectl_path, kubeconfig_path, wait_for, TestNamespace};
+use kubetune_e2e::{client, kubeconfig_path, kubectl_path, wait_for, TestNamespace};
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -223,7 +223,16 @@ async fn the_server_answers_through_its_service_and_kubectl_reaches_its_pod() ->
 
     let logs = run(kubectl(&ns).args(["logs", "server", "-c", "server"]))?;
     assert!(!logs.trim().is_empty(), "kubectl logs printed nothing");
-    let exec = run(kubectl(&ns).args(["exec", "server", "-c", "tools", "--", "sh", "-c", "echo from $(hostname)"]))?;
+    let exec = run(kubectl(&ns).args([
+        "exec",
+        "server",
+        "-c",
+        "tools",
+        "--",
+        "sh",
+        "-c",
+        "echo from $(hostname)",
+    ]))?;
     assert_eq!(exec.trim(), "from server");
 
     let forwarded = port_forward(&ns, "server", 8000).await?;
