@@ -517,6 +517,17 @@ mod tests {
     }
 
     #[test]
+    fn the_dpo_example_manifest_is_valid_and_keeps_its_settings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/dpo-finetunejob.yaml");
+        let ftj: kubetune_crds::FineTuneJob =
+            serde_yaml::from_str(&std::fs::read_to_string(path).expect("example")).expect("a FineTuneJob");
+        let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
+        assert_eq!(valid.method, FineTuneMethod::Dpo);
+        assert_eq!(valid.dataset.format, DatasetFormat::Preference);
+        assert_eq!(valid.dpo.map(|d| (d.beta, d.loss)), Some((0.1, DpoLossType::Sigmoid)));
+    }
+
+    #[test]
     fn a_dpo_batch_holds_twice_the_activations_and_a_4_bit_dpo_base_is_nf4() {
         let config = OperatorConfig::for_tests();
         let pairs = "method: dpo\ndataset: {uri: s3://data/pairs.jsonl, format: preference}";

@@ -203,6 +203,28 @@ mod tests {
     }
 
     #[test]
+    fn a_preference_answer_is_trained_on_but_assistant_turns_of_its_prompt_are_not() {
+        let messages = [
+            msg(Role::User, "Hi"),
+            msg(Role::Assistant, "Hello"),
+            msg(Role::User, "Bye"),
+            msg(Role::Assistant, "Ciao"),
+        ];
+        let r = render_answers_with_template(&messages, &template(CHATML), Some("</s>"), 3).expect("renders");
+        assert_eq!(
+            texts(&r),
+            [
+                (
+                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+                    false
+                ),
+                ("Ciao<|im_end|>\n", true),
+            ]
+        );
+        assert_eq!(r.framing.eos, Some(true));
+    }
+
+    #[test]
     fn eos_is_not_appended_when_the_template_ends_with_it() {
         let messages = [msg(Role::User, "Hi"), msg(Role::Assistant, "Hello")];
         let r = render_with_template(&messages, &template(CHATML), Some("<|im_end|>")).expect("renders");

@@ -141,3 +141,29 @@ fn chat_prompts_and_assistant_message_answers_are_accepted() {
     let loaded = load_jsonl(&path, DataFormat::Preference, false).expect("valid");
     assert_eq!(loaded.records.len(), 2);
 }
+
+#[test]
+fn the_example_preference_data_teaches_the_tiny_model_its_tone() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (model_dir, out) = (dir.path().join("model"), dir.path().join("out"));
+    tiny_model(&model_dir);
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/support-tone-pairs.jsonl");
+    // The settings of examples/dpo-finetunejob.yaml.
+    let mut config = facts_config(&model_dir, &data, &out);
+    config.method = Method::Dpo;
+    config.dataset.format = DataFormat::Preference;
+    config.dataset.validation_path = None;
+    config.dataset.validation_split = Some(0.25);
+    config.dpo = Some(DpoSettings::default());
+    config.training.epochs = Some(10);
+    config.training.batch_size = 4;
+    config.training.max_seq_length = 96;
+    config.training.scheduler = Scheduler::Constant;
+    config.training.warmup_steps = 0;
+    config.training.seed = 42;
+    let m = run(&config, &RunOptions::default()).expect("training");
+    let eval = m.dpo.and_then(|d| d.eval).expect("held-out pairs");
+    eprintln!("example: {} steps, held-out {eval:?}", m.steps);
+    assert_eq!(eval.pairs, 4);
+    assert!(eval.rewards_accuracies >= 0.75, "{eval:?}");
+}
