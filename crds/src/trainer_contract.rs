@@ -136,6 +136,9 @@ pub enum TrainerOutcome {
         /// The base model and the adapter on the held-out data, when the job asked for it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         evaluation: Option<EvaluationResult>,
+        /// Under method dpo, the held-out pairs' rewards after the last step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo: Option<crate::DpoRewards>,
     },
     /// The run failed; `reason` is a condition reason such as DatasetInvalid or LossDiverged.
     Failed {

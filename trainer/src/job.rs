@@ -21,7 +21,7 @@ use kubetune_crds::trainer_contract::{
     TrainerEvaluation, TrainerJob, TrainerOutcome, EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD,
     EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
 };
-use kubetune_crds::{EvaluationResult, FineTuneMethod, PublishedAdapter};
+use kubetune_crds::{DpoRewards, EvaluationResult, FineTuneMethod, PublishedAdapter};
 use kubetune_storage::{
     Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage, StorageError, CARD_FILE,
 };
@@ -166,12 +166,14 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
         tracing::info!(adapter = %done.name, version = done.version, "this job already published; reporting that version");
         let metrics = &done.manifest.metrics;
         let evaluation = published_evaluation(&done, &r.credentials).await;
+        // The held-out rewards stay in status from the trainer's gauges of the first run.
         return Ok(succeeded(
             &done,
             metrics.train_loss,
             metrics.eval_loss,
             None,
             evaluation,
+            None,
         ));
     }
     let inputs = download_inputs(job, &r.work_dir, &r.credentials).await?;
@@ -201,12 +203,19 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     if let Err(e) = remove_checkpoints(&checkpoints).await {
         tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
     }
+    let dpo = result.dpo.and_then(|d| d.eval).map(|e| DpoRewards {
+        chosen: Some(e.rewards_chosen),
+        rejected: Some(e.rewards_rejected),
+        margins: Some(e.rewards_margins),
+        accuracies: Some(e.rewards_accuracies),
+    });
     Ok(succeeded(
         &published,
         result.final_train_loss,
         result.final_eval_loss,
         result.resumed_from_step,
         result.evaluation,
+        dpo,
     ))
 }
 
@@ -367,6 +376,7 @@ fn succeeded(
     eval_loss: Option<f64>,
     resumed_from_step: Option<u64>,
     evaluation: Option<EvaluationResult>,
+    dpo: Option<DpoRewards>,
 ) -> TrainerOutcome {
     TrainerOutcome::Succeeded {
         adapter: PublishedAdapter {
@@ -380,6 +390,7 @@ fn succeeded(
         eval_loss,
         resumed_from_step,
         evaluation,
+        dpo,
     }
 }
 

@@ -167,6 +167,7 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
                     eval_loss,
                     resumed_from_step,
                     evaluation,
+                    dpo,
                 }) => {
                     status.evaluation = evaluation.map(with_evaluation_display).or(status.evaluation.take());
                     let message = format!(
@@ -177,6 +178,8 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
                     let progress = status.progress.get_or_insert_with(Default::default);
                     progress.train_loss = train_loss.or(progress.train_loss);
                     progress.eval_loss = eval_loss.or(progress.eval_loss);
+                    // The trainer's last held-out evaluation, which a poll may have missed.
+                    progress.eval_dpo = dpo.or(progress.eval_dpo.take());
                     progress.resumed_from_step = resumed_from_step.or(progress.resumed_from_step);
                     // The last poll may predate the last steps; a published adapter means all ran.
                     progress.step = progress.step.max(progress.total_steps);
@@ -465,7 +468,7 @@ mod tests {
     fn success_records_the_published_adapter() {
         let ftj = finetunejob("minimal.yaml");
         let j = job(json!([{"type": "Complete", "status": "True"}]));
-        let message = json!({"result": "succeeded", "adapter": {"name": "minimal", "version": 2, "uri": "s3://r/adapters/minimal/v2", "digest": "sha256:ab", "reference": "minimal@v2"}, "trainLoss": 0.5, "resumedFromStep": 40}).to_string();
+        let message = json!({"result": "succeeded", "adapter": {"name": "minimal", "version": 2, "uri": "s3://r/adapters/minimal/v2", "digest": "sha256:ab", "reference": "minimal@v2"}, "trainLoss": 0.5, "resumedFromStep": 40, "dpo": {"accuracies": 0.9}}).to_string();
         let p = pod(
             "Succeeded",
             Some(json!({"exitCode": 0, "reason": "Completed", "message": message})),
@@ -484,6 +487,12 @@ mod tests {
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(s.completion_time, Some(at(99)));
         assert_eq!(s.progress.as_ref().and_then(|p| p.train_loss), Some(0.5));
+        let held_out = s.progress.as_ref().and_then(|p| p.eval_dpo.as_ref());
+        assert_eq!(
+            held_out.and_then(|d| d.accuracies),
+            Some(0.9),
+            "a DPO job's held-out rewards"
+        );
         assert_eq!(s.progress.and_then(|p| p.resumed_from_step), Some(40));
         assert_eq!(t.map(|t| t.reason), Some("AdapterPublished".into()));
     }

@@ -729,10 +729,11 @@ async fn a_dpo_job_publishes_an_adapter_whose_manifest_and_metrics_carry_the_dpo
         label_smoothing: 0.0,
     });
     let outcome = run_job(job_run(&job, &dir.path().join("work"))).await.expect("dpo run");
-    let TrainerOutcome::Succeeded { eval_loss, .. } = &outcome else {
+    let TrainerOutcome::Succeeded { eval_loss, dpo, .. } = &outcome else {
         panic!("expected a published adapter, got {outcome:?}");
     };
     assert!(eval_loss.is_some_and(f64::is_finite), "{outcome:?}");
+    assert!(dpo.as_ref().is_some_and(|d| d.accuracies.is_some()), "{outcome:?}");
     let v1 = dir.path().join("store/registry/adapters/facts/v1");
     let manifest = read_json(&v1.join("manifest.json"));
     assert_eq!(
