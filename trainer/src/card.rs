@@ -79,6 +79,9 @@ pub fn render(c: &CardInput) -> String {
     dataset_section(&mut out, c);
     hyperparameters_section(&mut out, job, c.metrics);
     evaluation_section(&mut out, c.metrics.evaluation.as_ref());
+    if let Some(dpo) = &c.metrics.dpo {
+        preference_section(&mut out, dpo);
+    }
     losses_section(&mut out, c.metrics);
     out
 }
@@ -165,6 +168,13 @@ fn hyperparameters_section(out: &mut String, job: &TrainerJob, m: &TrainingMetri
         ("LoRA dropout", lora.dropout.to_string()),
         ("target modules", targets.join(", ")),
     ];
+    if let Some(d) = &job.dpo {
+        rows.extend([
+            ("DPO beta", d.beta.to_string()),
+            ("DPO loss", enum_name(&d.loss)),
+            ("DPO label smoothing", d.label_smoothing.to_string()),
+        ]);
+    }
     if let Some(q) = &job.quantization {
         let double = if q.double_quant { ", double quantization" } else { "" };
         rows.push((
@@ -218,6 +228,28 @@ fn evaluation_section(out: &mut String, e: Option<&EvaluationResult>) {
         out.push('\n');
     }
     let _ = writeln!(out, "\nOn {} held-out examples.\n", e.examples);
+}
+
+/// A DPO run's rewards (beta times the log-prob ratio to the base model), as TRL logs them.
+fn preference_section(out: &mut String, d: &crate::train::DpoMetrics) {
+    out.push_str(
+        "## Preference optimisation\n\n| Pairs | Chosen reward | Rejected reward | Margin | Accuracy |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    for (which, stats) in [("last step", &d.train), ("held out", &d.eval)] {
+        if let Some(s) = stats {
+            let _ = writeln!(
+                out,
+                "| {which} ({}) | {} | {} | {} | {} |",
+                s.pairs,
+                number(Some(s.rewards_chosen)),
+                number(Some(s.rewards_rejected)),
+                number(Some(s.rewards_margins)),
+                number(Some(s.rewards_accuracies)),
+            );
+        }
+    }
+    out.push_str("\nAccuracy: the share of pairs whose chosen answer gains more over the base model than the rejected one. The losses below are DPO losses.\n\n");
 }
 
 fn losses_section(out: &mut String, m: &TrainingMetrics) {
@@ -586,6 +618,40 @@ mod tests {
         );
         assert!(text.contains("No steps were logged."), "{text}");
         assert!(!text.contains("<svg") && !text.contains("| eval |"), "{text}");
+    }
+
+    #[test]
+    fn a_dpo_card_has_its_settings_and_the_rewards_of_the_last_step_and_the_held_out_pairs() {
+        let mut j = job("tone", "s3://models/base");
+        j.method = FineTuneMethod::Dpo;
+        j.dpo = Some(kubetune_crds::trainer_contract::TrainerDpo {
+            beta: 0.1,
+            loss: kubetune_crds::DpoLossType::Ipo,
+            label_smoothing: 0.0,
+        });
+        let stats = |accuracy| crate::dpo::DpoStats {
+            loss: 0.5,
+            rewards_chosen: 1.0,
+            rewards_rejected: -0.5,
+            rewards_margins: 1.5,
+            rewards_accuracies: accuracy,
+            pairs: 4,
+        };
+        let mut m = metrics();
+        m.dpo = Some(crate::train::DpoMetrics {
+            train: Some(stats(1.0)),
+            eval: Some(stats(0.75)),
+        });
+        let text = card(&j, &m);
+        assert!(
+            text.contains("| DPO loss | ipo |") && text.contains("| DPO beta | 0.1 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| held out (4) | 1.0000 | -0.5000 | 1.5000 | 0.7500 |"),
+            "{text}"
+        );
+        assert!(!card(&job("sft", "s3://m"), &metrics()).contains("## Preference optimisation"));
     }
 
     #[tokio::test]
