@@ -1428,6 +1428,58 @@ mod tests {
     }
 
     #[test]
+    fn per_sequence_log_probs_draw_the_dropout_masks_of_the_whole_batchs_backward() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = tiny_config(dir.path());
+        config.lora.dropout = 0.3;
+        let options = RunOptions::default();
+        let session = Session::open(&config, &options).expect("session");
+        // A non-zero B, so dropout changes the output.
+        for v in &session.vars {
+            let noise = Tensor::randn(0f32, 0.2, v.var.dims(), &Device::Cpu).expect("noise");
+            v.var.set(&noise).expect("set");
+        }
+        let batch: Vec<&Example> = session.data.train.iter().take(3).collect();
+        let weights = [0.5f32, -1.0, 2.0];
+        let active = ActiveAdapter {
+            adapter: &session.adapter,
+            dropout_seed: Some(7),
+            first_row: 0,
+        };
+        let detached = session.adapter.detached();
+        let scored = LossTargets::of(&batch, session.tokenizer.eos, &Device::Cpu).expect("targets");
+        let logps = scored
+            .sequence_logps(
+                &session.model,
+                ActiveAdapter {
+                    adapter: &detached,
+                    ..active
+                },
+            )
+            .expect("log-probs");
+        let expected: f64 = logps.iter().zip(weights).map(|(l, w)| -l * f64::from(w)).sum();
+        let weighted = LossTargets::weighted(&batch, &weights, session.tokenizer.eos, &Device::Cpu).expect("targets");
+        let (sum, _) = session
+            .model
+            .loss_backward(&weighted.as_batch(), &active, 1.0, HEAD_ROWS)
+            .expect("backward");
+        assert!(
+            (sum - expected).abs() < 1e-3 * expected.abs().max(1.0),
+            "{sum} vs {expected}"
+        );
+        // Other masks give another loss: the comparison above is not blind to them.
+        let other = ActiveAdapter {
+            dropout_seed: Some(8),
+            ..active
+        };
+        let (moved, _) = session
+            .model
+            .loss_backward(&weighted.as_batch(), &other, 1.0, HEAD_ROWS)
+            .expect("backward");
+        assert!((moved - expected).abs() > 1e-2, "{moved} vs {expected}");
+    }
+
+    #[test]
     fn resume_without_a_checkpoint_starts_at_step_zero() {
         let dir = tempfile::tempdir().expect("dir");
         let config = tiny_config(dir.path());

@@ -167,3 +167,52 @@ fn the_example_preference_data_teaches_the_tiny_model_its_tone() {
     assert_eq!(eval.pairs, 4);
     assert!(eval.rewards_accuracies >= 0.75, "{eval:?}");
 }
+
+#[test]
+fn a_dpo_run_stopped_at_a_checkpoint_and_resumed_follows_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (model_dir, data) = (dir.path().join("model"), dir.path().join("pairs.jsonl"));
+    tiny_model(&model_dir);
+    write_pairs(&data);
+    let config_for = |out: &str| {
+        let mut c = facts_config(&model_dir, &data, &dir.path().join(out));
+        c.method = Method::Dpo;
+        c.dataset.format = DataFormat::Preference;
+        c.dpo = Some(DpoSettings::default());
+        // Dropout and accumulation have state a resume must restore.
+        c.lora.dropout = 0.1;
+        c.training.epochs = None;
+        c.training.max_steps = Some(6);
+        c.training.batch_size = 4;
+        c.training.gradient_accumulation_steps = 2;
+        c
+    };
+    let full = run(&config_for("full"), &RunOptions::default()).expect("uninterrupted run");
+    let resumed_config = config_for("resumed");
+    let stopped = RunOptions {
+        stop_after_steps: Some(3),
+        ..RunOptions::default()
+    };
+    assert!(!run(&resumed_config, &stopped).expect("interrupted run").completed);
+    let resuming = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let resumed = run(&resumed_config, &resuming).expect("resumed run");
+    assert_eq!(resumed.resumed_from_step, Some(3));
+    assert_eq!(full.train_history.len(), resumed.train_history.len());
+    for (a, b) in full.train_history.iter().zip(&resumed.train_history) {
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    let (a, b) = (
+        full.dpo.and_then(|d| d.eval).expect("eval"),
+        resumed.dpo.and_then(|d| d.eval).expect("eval"),
+    );
+    assert!((a.rewards_margins - b.rewards_margins).abs() < 1e-4, "{a:?} vs {b:?}");
+}
