@@ -138,9 +138,15 @@ fn dataset_section(out: &mut String, c: &CardInput) {
         }
     }
     let m = c.metrics;
+    // Preference data is counted, truncated and dropped by the pair.
+    let unit = if c.job.method == FineTuneMethod::Dpo {
+        "pairs"
+    } else {
+        "sequences"
+    };
     let _ = write!(
         out,
-        "\nFormat {}. After preparation: {} training and {} validation sequences",
+        "\nFormat {}. After preparation: {} training and {} validation {unit}",
         enum_name(&c.job.dataset.format),
         m.train_sequences,
         m.validation_sequences,
@@ -152,7 +158,7 @@ fn dataset_section(out: &mut String, c: &CardInput) {
     }
     let _ = writeln!(
         out,
-        "; {} invalid lines skipped, {} sequences truncated, {} dropped with no trained token.\n",
+        "; {} invalid lines skipped, {} {unit} truncated, {} dropped with no trained token.\n",
         m.skipped_invalid, m.preparation.truncated, m.preparation.dropped_no_target
     );
 }
@@ -651,6 +657,7 @@ mod tests {
             text.contains("| held out (4) | 1.0000 | -0.5000 | 1.5000 | 0.7500 |"),
             "{text}"
         );
+        assert!(text.contains("validation pairs"), "{text}");
         assert!(!card(&job("sft", "s3://m"), &metrics()).contains("## Preference optimisation"));
     }
 
