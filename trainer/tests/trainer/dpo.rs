@@ -2,7 +2,7 @@
 //! malformed preference lines are rejected naming the line and the field.
 
 use crate::common::*;
-use kubetune_trainer::config::{DataFormat, DpoLoss, DpoSettings, Method, Scheduler};
+use kubetune_trainer::config::{DataFormat, DpoLoss, DpoSettings, Method, QuantizationSettings, Scheduler};
 use kubetune_trainer::data::load_jsonl;
 use kubetune_trainer::metrics::Metrics;
 use kubetune_trainer::{run, RunOptions, TrainError};
@@ -38,6 +38,15 @@ fn write_pairs(path: &std::path::Path) {
 
 #[test]
 fn dpo_raises_the_held_out_reward_accuracy_on_a_learnable_preference() {
+    learns_the_preference(None);
+}
+
+#[test]
+fn dpo_on_a_4_bit_base_learns_the_preference_too() {
+    learns_the_preference(Some(QuantizationSettings { bits: 4 }));
+}
+
+fn learns_the_preference(quantization: Option<QuantizationSettings>) {
     let dir = tempfile::tempdir().expect("dir");
     let (model_dir, data, out) = (
         dir.path().join("model"),
@@ -48,6 +57,7 @@ fn dpo_raises_the_held_out_reward_accuracy_on_a_learnable_preference() {
     write_pairs(&data);
     let mut config = facts_config(&model_dir, &data, &out);
     config.method = Method::Dpo;
+    config.quantization = quantization;
     config.dataset.format = DataFormat::Preference;
     config.dataset.validation_path = None;
     config.dataset.validation_split = Some(0.2);
@@ -69,7 +79,7 @@ fn dpo_raises_the_held_out_reward_accuracy_on_a_learnable_preference() {
     let dpo = m.dpo.expect("dpo metrics");
     let eval = dpo.eval.expect("held-out pairs");
     eprintln!(
-        "dpo: {} steps, eval loss {:?} -> {:?}, held-out {eval:?}, last step {:?}",
+        "dpo ({quantization:?}): {} steps, eval loss {:?} -> {:?}, held-out {eval:?}, last step {:?}",
         m.steps, m.initial_eval_loss, m.final_eval_loss, dpo.train
     );
     assert_eq!(eval.pairs, 10);
