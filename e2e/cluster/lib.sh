@@ -31,6 +31,10 @@ POD_NETWORK=10.244.0.0/16
 # The real node's pods take their addresses from here (the node agent's pods use loopback ones).
 NODE_POD_CIDR=10.244.1.0/24
 SERVICE_CIDR=10.0.0.0/24
+# kubelet looks for device plugins here whatever its --root-dir: one kubelet per machine.
+device_plugins=/var/lib/kubelet/device-plugins
+# Fake GPUs the device plugin offers on the real node.
+NODE_GPUS=2
 PAUSE_IMAGE=kubetune.local/pause:1
 TOOLS_IMAGE=kubetune.local/tools:1
 

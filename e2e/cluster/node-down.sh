@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [ -d "$node_dir" ] || exit 0
+stop_daemon device-plugin
 stop_daemon kubelet
 stop_daemon kube-proxy
 # kube-proxy undoes its own rules; kubelet leaves its canary chains, removed below.
@@ -61,4 +62,7 @@ for hierarchy in /sys/fs/cgroup/*/kubetune; do
 done
 ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE"
 rm -rf "$node_dir/cni/ipam" "$node_dir/kubelet"
+# What kubelet and the plugin left in the one directory kubelet does not take from --root-dir.
+rm -f "$device_plugins"/{kubelet.sock,kubelet_internal_checkpoint,kubetune-gpu.sock}
+rmdir "$device_plugins" "$(dirname "$device_plugins")" 2>/dev/null || true
 log "real node stopped"

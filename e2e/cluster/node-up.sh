@@ -5,7 +5,8 @@
 # (e2e/images/build.sh), on a bridge of their own, with Services through kube-proxy's iptables
 # rules, and `kubectl logs`, `exec` and `port-forward` reach them through kubelet.
 #
-# The node registers tainted kubetune.dev/real-node=true:NoSchedule, so only pods that tolerate
+# kubetune-device-plugin (device-plugin/) offers $NODE_GPUS fake nvidia.com/gpu devices through
+# kubelet's device manager. The node registers tainted kubetune.dev/real-node=true:NoSchedule, so only pods that tolerate
 # it run here; the node agent's Nodes take the rest.
 #
 # Needs root (containers, iptables, mounts). Idempotent: whatever already runs is kept.
@@ -187,9 +188,17 @@ if ! daemon_running kubelet; then
     --hostname-override "$NODE_NAME" --node-ip "$BRIDGE_IP" \
     --node-labels kubetune.dev/pool=real --v 1
 fi
+# Fake GPUs through kubelet's device manager, as NVIDIA's device plugin would offer real ones.
+(cd "$repo_root" && cargo build -q -p kubetune-device-plugin)
+if ! daemon_running device-plugin; then
+  start_daemon device-plugin "${CARGO_TARGET_DIR:-$repo_root/target}/debug/kubetune-device-plugin" \
+    --socket-dir "$device_plugins" --devices "$NODE_GPUS"
+fi
 write_kube_proxy_config
 if ! daemon_running kube-proxy; then
   start_daemon kube-proxy "$kube_bin/kube-proxy" --config "$node_dir/kube-proxy.yaml" --v 1
 fi
 wait_for "node $NODE_NAME" 120 node_ready
+node_gpus() { [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.allocatable.nvidia\.com/gpu}')" = "$NODE_GPUS" ]; }
+wait_for "the device plugin's $NODE_GPUS GPUs on $NODE_NAME" 60 node_gpus
 log "real node $NODE_NAME ready (pods on $BRIDGE, $NODE_POD_CIDR)"

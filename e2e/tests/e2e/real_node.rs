@@ -175,8 +175,9 @@ async fn the_charts_pod_security_is_enforced_a_pod_breaking_it_does_not_start() 
 }
 
 /// The server image, locked down as the operator runs it, answers through its Service's
-/// ClusterIP (kube-proxy's rules) and through `kubectl port-forward`, writes its log where
-/// `kubectl logs` reads it, and `kubectl exec` runs a command beside it.
+/// ClusterIP (kube-proxy's rules), from this machine and from a pod, and through
+/// `kubectl port-forward`; it writes its log where `kubectl logs` reads it, and `kubectl exec`
+/// runs a command beside it.
 #[tokio::test]
 async fn the_server_answers_through_its_service_and_kubectl_reaches_its_pod() -> Result<()> {
     let client = client().await?;
@@ -234,6 +235,13 @@ async fn the_server_answers_through_its_service_and_kubectl_reaches_its_pod() ->
         "echo from $(hostname)",
     ]))?;
     assert_eq!(exec.trim(), "from server");
+    // From inside a pod too: the Service leads back to this very pod (hairpin on the bridge).
+    let url = format!("http://{cluster_ip}:8000/v1/models");
+    let from_pod = run(kubectl(&ns).args([
+        "exec", "server", "-c", "tools", "--", "busybox", "wget", "-q", "-O", "-", &url,
+    ]))?;
+    let from_pod: Value = serde_json::from_str(&from_pod).with_context(|| format!("from the pod: {from_pod}"))?;
+    assert_eq!(from_pod["data"][0]["id"], "tiny");
 
     let forwarded = port_forward(&ns, "server", 8000).await?;
     let models = get_models(&format!("http://127.0.0.1:{}", forwarded.port)).await?;
@@ -323,4 +331,80 @@ async fn port_forward(ns: &TestNamespace, pod: &str, port: u16) -> Result<PortFo
         None => bail!("kubectl port-forward printed {line:?}"),
     };
     Ok(forward)
+}
+
+fn gpu_pod(name: &str, gpus: u32) -> Result<Pod> {
+    pod_on_real_node(
+        name,
+        json!({
+            "containers": [{"name": "main", "image": TOOLS_IMAGE, "imagePullPolicy": "IfNotPresent",
+                            "command": ["sh", "-c", "echo \"gpus=$NVIDIA_VISIBLE_DEVICES\"; trap 'exit 0' TERM; while :; do sleep 1; done"],
+                            "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}],
+            "terminationGracePeriodSeconds": 1,
+        }),
+    )
+}
+
+fn unschedulable(pod: Option<&Pod>) -> Option<String> {
+    let conditions = pod?.status.as_ref()?.conditions.as_ref()?;
+    let scheduled = conditions.iter().find(|c| c.type_ == "PodScheduled")?;
+    (scheduled.status == "False").then(|| scheduled.message.clone().unwrap_or_default())
+}
+
+/// GPUs come from kubelet's device manager (our device plugin's two fake devices): a pod is
+/// told which it got, and a pod that asks for a GPU while none is free waits, unscheduled,
+/// until one is.
+#[tokio::test]
+async fn gpus_are_handed_out_by_kubelets_device_manager_and_a_pod_waits_for_a_free_one() -> Result<()> {
+    let _alone = GPU_LOCK.lock().await;
+    let client = client().await?;
+    let ns = TestNamespace::new(&client, "gpus").await?;
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &gpu_pod("both", 2)?).await?;
+    wait_for(&pods, "both", "Running", TIMEOUT, |p: Option<&Pod>| {
+        phase(p) == Some("Running")
+    })
+    .await?;
+    let said = wait_for_log(&pods, "both", "gpus=").await?;
+    let mut ids: Vec<&str> = said.trim().trim_start_matches("gpus=").split(',').collect();
+    ids.sort();
+    assert_eq!(ids, ["0", "1"], "both devices, named in NVIDIA_VISIBLE_DEVICES: {said}");
+
+    pods.create(&PostParams::default(), &gpu_pod("waiting", 1)?).await?;
+    let pending = wait_for(&pods, "waiting", "unschedulable", TIMEOUT, |p: Option<&Pod>| {
+        unschedulable(p).is_some_and(|m| !m.is_empty())
+    })
+    .await?;
+    let message = unschedulable(Some(&pending)).unwrap_or_default();
+    assert!(message.contains("Insufficient nvidia.com/gpu"), "{message}");
+
+    pods.delete("both", &Default::default()).await?;
+    wait_for(&pods, "waiting", "Running", TIMEOUT, |p: Option<&Pod>| {
+        phase(p) == Some("Running")
+    })
+    .await?;
+    let said = wait_for_log(&pods, "waiting", "gpus=").await?;
+    assert!(
+        matches!(said.trim(), "gpus=0" | "gpus=1"),
+        "one device once one was free: {said}"
+    );
+    Ok(())
+}
+
+/// The real node has two GPUs: tests that take them must not overlap.
+static GPU_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The first line of the pod's log that starts with `prefix`, once the container has written it.
+async fn wait_for_log(pods: &Api<Pod>, name: &str, prefix: &str) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let log = pods.logs(name, &LogParams::default()).await.unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.starts_with(prefix)) {
+            return Ok(line.to_string());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{name} logged no line starting {prefix:?} in {TIMEOUT:?}: {log:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
