@@ -12,10 +12,12 @@
 //! backward: the DPO loss depends on the policy only through the margin, so its gradient is
 //! `dL/dm * (d pi_c - d pi_r)`, which is the gradient of `-sum(w * log p)` with each answer
 //! token weighted `w = -dL/dm` in the chosen and `+dL/dm` in the rejected sequence (divided
-//! by the answer's length for IPO). `dL/dm` is computed from a forward without a graph first,
-//! with the same dropout masks as the backward's forward. That costs one forward more than
-//! TRL's step (reference, policy, then the backward's own forward), and keeps gradient
-//! checkpointing and the CPU's hand-written backward working for DPO unchanged.
+//! by the answer's length for IPO). `dL/dm` is computed from a forward of the policy without a
+//! graph first, with the same dropout masks as the backward's forward. That keeps gradient
+//! checkpointing and the CPU's hand-written backward working for DPO unchanged. The reference's
+//! log-probs are computed once when the run starts (the base is frozen), so a step holds as many
+//! forwards as TRL's (reference, then policy with its backward): the policy's scoring forward,
+//! then the backward's forward and backward.
 
 use crate::config::{DpoLoss, DpoSettings};
 use crate::data::batch::Pair;

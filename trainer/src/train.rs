@@ -173,6 +173,17 @@ struct Session<'a> {
     adapter: LoraAdapter,
     vars: Vec<NamedVar>,
     plan: Plan,
+    /// Under `method: dpo`, the reference's (chosen, rejected) log-probs of each training and
+    /// held-out pair, in the data's order. The base is frozen, so they are computed once here
+    /// rather than by a forward in every step (TRL's `precompute_ref_log_probs`): each step
+    /// then costs the policy's scoring forward and the backward's forward and backward only.
+    reference: ReferenceLogps,
+}
+
+#[derive(Default)]
+struct ReferenceLogps {
+    train: Vec<(f64, f64)>,
+    validation: Vec<(f64, f64)>,
 }
 
 impl<'a> Session<'a> {
@@ -201,7 +212,7 @@ impl<'a> Session<'a> {
         let (adapter, vars) =
             LoraAdapter::init_trainable(&model_config, config.lora.to_lora(), t.seed, &options.device)?;
         let plan = Plan::of(t, data.train_units());
-        Ok(Self {
+        let mut session = Self {
             config,
             options,
             output,
@@ -213,7 +224,34 @@ impl<'a> Session<'a> {
             adapter,
             vars,
             plan,
-        })
+            reference: ReferenceLogps::default(),
+        };
+        if config.method == Method::Dpo {
+            session.reference = session.reference_logps()?;
+        }
+        Ok(session)
+    }
+
+    /// The reference's log-probs of every pair (see [`Session::reference`]).
+    fn reference_logps(&self) -> Result<ReferenceLogps> {
+        let dpo = self.dpo_model();
+        let of = |pairs: &[Pair]| -> Result<Vec<(f64, f64)>> {
+            let pairs: Vec<&Pair> = pairs.iter().collect();
+            let mut out = Vec::with_capacity(pairs.len());
+            for chunk in pairs.chunks(self.config.training.batch_size) {
+                out.extend(dpo.reference_logps(chunk)?);
+            }
+            Ok(out)
+        };
+        let reference = ReferenceLogps {
+            train: of(&self.data.train_pairs)?,
+            validation: of(&self.data.validation_pairs)?,
+        };
+        tracing::info!(
+            pairs = reference.train.len() + reference.validation.len(),
+            "reference log-probs ready"
+        );
+        Ok(reference)
     }
 
     fn metrics(&self) -> Option<&Metrics> {
@@ -511,16 +549,11 @@ fn dpo_step_gradients(
 ) -> Result<(BTreeMap<String, Tensor>, DpoStats)> {
     let t = &session.config.training;
     let plan = &session.plan;
-    let micro: Vec<Vec<&Pair>> = (0..plan.accum)
+    let micro: Vec<Vec<usize>> = (0..plan.accum)
         .map(|k| {
             let g = state.micro_batches + k;
-            micro_batch(
-                &session.data.train_pairs,
-                g,
-                plan.batches_per_epoch,
-                t.batch_size,
-                t.seed,
-            )
+            let len = session.data.train_pairs.len();
+            micro_batch_indices(len, g, plan.batches_per_epoch, t.batch_size, t.seed)
         })
         .collect();
     // The mean over the step's pairs makes accumulation equal to one big batch.
@@ -528,10 +561,12 @@ fn dpo_step_gradients(
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut terms = Vec::new();
     let dpo = session.dpo_model();
-    for (k, pairs) in micro.iter().enumerate() {
+    for (k, indices) in micro.iter().enumerate() {
         let seed = mix(t.seed, state.micro_batches + k as u64);
-        terms.extend(dpo.accumulate(pairs, Some(seed), scale, &mut grads)?);
-        state.tokens += dpo::sequences(pairs).iter().map(|e| e.ids.len() as u64).sum::<u64>();
+        let pairs: Vec<&Pair> = indices.iter().map(|&i| &session.data.train_pairs[i]).collect();
+        let reference: Vec<(f64, f64)> = indices.iter().map(|&i| session.reference.train[i]).collect();
+        terms.extend(dpo.accumulate(&pairs, &reference, Some(seed), scale, &mut grads)?);
+        state.tokens += dpo::sequences(&pairs).iter().map(|e| e.ids.len() as u64).sum::<u64>();
         timer.mark("forward_backward");
     }
     Ok((grads, DpoStats::of(&terms)))
@@ -542,8 +577,9 @@ fn dpo_evaluate(session: &Session) -> Result<DpoStats> {
     let mut terms = Vec::new();
     let pairs: Vec<&Pair> = session.data.validation_pairs.iter().collect();
     let dpo = session.dpo_model();
-    for chunk in pairs.chunks(session.config.training.batch_size) {
-        terms.extend(dpo.score(chunk, None)?);
+    let size = session.config.training.batch_size;
+    for (chunk, reference) in pairs.chunks(size).zip(session.reference.validation.chunks(size)) {
+        terms.extend(dpo.score(chunk, reference, None)?);
     }
     Ok(DpoStats::of(&terms))
 }
@@ -563,16 +599,18 @@ pub struct DpoModel<'a> {
 
 impl DpoModel<'_> {
     /// The terms of `pairs`, with the gradients of `scale` times their summed loss added to
-    /// `grads`; dropout from `dropout_seed` as in an SFT micro-batch.
+    /// `grads`; dropout from `dropout_seed` as in an SFT micro-batch. `reference` holds each
+    /// pair's [`DpoModel::reference_logps`].
     pub fn accumulate(
         &self,
         pairs: &[&Pair],
+        reference: &[(f64, f64)],
         dropout_seed: Option<u64>,
         scale: f64,
         grads: &mut BTreeMap<String, Tensor>,
     ) -> Result<Vec<dpo::PairTerms>> {
         let seqs = dpo::sequences(pairs);
-        let terms = self.score(pairs, dropout_seed)?;
+        let terms = self.score(pairs, reference, dropout_seed)?;
         let weights = dpo::sequence_weights(&self.settings, &terms, &seqs);
         let targets = LossTargets::weighted(&seqs, &weights, self.pad, self.device)?;
         let active = ActiveAdapter {
@@ -592,30 +630,51 @@ impl DpoModel<'_> {
         Ok(terms)
     }
 
-    /// The terms of `pairs` from forwards without a graph: the reference is the base alone,
-    /// the policy the adapter with the dropout masks of `dropout_seed` (those the backward's
-    /// forward draws).
-    pub fn score(&self, pairs: &[&Pair], dropout_seed: Option<u64>) -> Result<Vec<dpo::PairTerms>> {
+    /// The terms of `pairs` against their `reference` log-probs, from a forward of the policy
+    /// without a graph, with the dropout masks of `dropout_seed` (those the backward's forward
+    /// draws).
+    pub fn score(
+        &self,
+        pairs: &[&Pair],
+        reference: &[(f64, f64)],
+        dropout_seed: Option<u64>,
+    ) -> Result<Vec<dpo::PairTerms>> {
+        let detached = self.adapter.detached();
+        let policy = self.logps(pairs, &detached, dropout_seed)?;
+        // In the layout of [`dpo::sequences`]: every chosen answer, then every rejected one.
+        let reference: Vec<f64> = reference
+            .iter()
+            .map(|r| r.0)
+            .chain(reference.iter().map(|r| r.1))
+            .collect();
+        Ok(dpo::score(&self.settings, &policy, &reference))
+    }
+
+    /// The reference's (chosen, rejected) log-probs of each pair: the base with the adapter
+    /// switched off, so no second copy of the weights is needed.
+    pub fn reference_logps(&self, pairs: &[&Pair]) -> Result<Vec<(f64, f64)>> {
+        let switched_off = LoraAdapter::from_pairs(self.adapter.config.clone(), BTreeMap::new());
+        let logps = self.logps(pairs, &switched_off, None)?;
+        let n = pairs.len();
+        Ok((0..n).map(|i| (logps[i], logps[n + i])).collect())
+    }
+
+    /// Each sequence's answer log-prob under `adapter`, as the loss uses it, in the layout of
+    /// [`dpo::sequences`].
+    fn logps(&self, pairs: &[&Pair], adapter: &LoraAdapter, dropout_seed: Option<u64>) -> Result<Vec<f64>> {
         let seqs = dpo::sequences(pairs);
         let targets = LossTargets::of(&seqs, self.pad, self.device)?;
-        let switched_off = LoraAdapter::from_pairs(self.adapter.config.clone(), BTreeMap::new());
-        let detached = self.adapter.detached();
-        let logps = |adapter: &LoraAdapter, dropout_seed| -> Result<Vec<f64>> {
-            let active = ActiveAdapter {
-                adapter,
-                dropout_seed,
-                first_row: 0,
-            };
-            let sums = targets.sequence_logps(self.model, active)?;
-            Ok(sums
-                .iter()
-                .zip(&seqs)
-                .map(|(&s, e)| dpo::as_used(&self.settings, s, e))
-                .collect())
+        let active = ActiveAdapter {
+            adapter,
+            dropout_seed,
+            first_row: 0,
         };
-        let policy = logps(&detached, dropout_seed)?;
-        let reference = logps(&switched_off, None)?;
-        Ok(dpo::score(&self.settings, &policy, &reference))
+        let sums = targets.sequence_logps(self.model, active)?;
+        Ok(sums
+            .iter()
+            .zip(&seqs)
+            .map(|(&s, e)| dpo::as_used(&self.settings, s, e))
+            .collect())
     }
 }
 
@@ -941,13 +1000,18 @@ fn judge_if_asked(
 
 /// The sequences of global micro-batch `g`: epoch `g / per_epoch` in that epoch's seeded order.
 fn micro_batch<T>(train: &[T], g: u64, per_epoch: u64, batch_size: usize, seed: u64) -> Vec<&T> {
+    micro_batch_indices(train.len(), g, per_epoch, batch_size, seed)
+        .into_iter()
+        .map(|i| &train[i])
+        .collect()
+}
+
+/// The indices into the training data of [`micro_batch`].
+fn micro_batch_indices(len: usize, g: u64, per_epoch: u64, batch_size: usize, seed: u64) -> Vec<usize> {
     let epoch = g / per_epoch;
     let index = (g % per_epoch) as usize;
-    let order = epoch_order(train.len(), seed, epoch);
-    batches(&order, batch_size)
-        .get(index)
-        .map(|b| b.iter().map(|&i| &train[i]).collect())
-        .unwrap_or_default()
+    let order = epoch_order(len, seed, epoch);
+    batches(&order, batch_size).get(index).cloned().unwrap_or_default()
 }
 
 /// Rows of logits computed at once (with the CPU's hand-written step, by all threads

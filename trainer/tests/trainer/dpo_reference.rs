@@ -78,8 +78,9 @@ fn one_dpo_batch_matches_the_pytorch_reference_in_loss_rewards_and_gradients() {
                 gradient_checkpointing,
             };
             let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+            let reference = dpo.reference_logps(&pairs).expect("reference");
             let terms = dpo
-                .accumulate(&pairs, None, 1.0 / pairs.len() as f64, &mut grads)
+                .accumulate(&pairs, &reference, None, 1.0 / pairs.len() as f64, &mut grads)
                 .expect("batch");
             let stats = DpoStats::of(&terms);
             let number = |key: &str| expected[key].as_f64().expect(key);
