@@ -193,7 +193,10 @@ pub struct DpoSpec {
     /// The assumed share of pairs with swapped labels (conservative DPO), in [0, 0.5);
     /// sigmoid only. Defaults to 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("minimum" = 0, "maximum" = 0.5, "exclusiveMaximum" = true))]
+    // Not `exclusiveMaximum`: the API server checks a whole-number value such as 0 against the
+    // maximum cut to an integer (0.5 -> 0), so 0 would fail "less than 0". The operator refuses
+    // 0.5 itself.
+    #[schemars(extend("minimum" = 0, "maximum" = 0.5))]
     pub label_smoothing: Option<f64>,
 }
 

@@ -185,6 +185,7 @@ done
 if ! daemon_running kubelet; then
   start_daemon kubelet "$kube_bin/kubelet" --config "$node_dir/kubelet.yaml" \
     --kubeconfig "$node_dir/kubelet.kubeconfig" --root-dir "$node_dir/kubelet" \
+    --cert-dir "$node_dir/kubelet-pki" \
     --hostname-override "$NODE_NAME" --node-ip "$BRIDGE_IP" \
     --node-labels kubetune.dev/pool=real --v 1
 fi
