@@ -50,6 +50,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The request ran past the server's per-request deadline (`--request-timeout-s`); what
+    /// was generated is dropped and the sequences are cancelled.
+    #[error("the request ran past the server's deadline of {seconds} s and was cancelled")]
+    DeadlineExceeded { seconds: u64 },
     /// The engine thread has stopped (it panicked); nothing can be generated until the pod
     /// restarts, which the failing /health makes the kubelet do.
     #[error("the generation engine has stopped; the server must be restarted")]
@@ -89,6 +93,7 @@ impl ApiError {
             ApiError::AdapterNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Storage(_) => StatusCode::BAD_GATEWAY,
             ApiError::ShuttingDown | ApiError::EngineDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,9 +113,11 @@ impl ApiError {
             ApiError::Unauthorized => "authentication_error",
             ApiError::AdminDisabled => "permission_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
-            ApiError::Storage(_) | ApiError::ShuttingDown | ApiError::EngineDown | ApiError::Internal(_) => {
-                "server_error"
-            }
+            ApiError::Storage(_)
+            | ApiError::ShuttingDown
+            | ApiError::EngineDown
+            | ApiError::DeadlineExceeded { .. }
+            | ApiError::Internal(_) => "server_error",
         }
     }
 
@@ -130,6 +137,7 @@ impl ApiError {
             ApiError::Storage(_) => "storage_error",
             ApiError::Conflict(_) => "conflict",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::DeadlineExceeded { .. } => "request_timeout",
             ApiError::EngineDown => "engine_stopped",
             ApiError::Internal(_) => "internal_error",
         }

@@ -107,6 +107,15 @@ pub struct Args {
     pub shutdown_timeout_s: u64,
     #[arg(long, env = "KUBETUNE_RETRY_AFTER_S", default_value_t = 1)]
     pub retry_after_s: u64,
+    /// A deadline for each generation request, from its arrival to its last token: past it the
+    /// sequences are cancelled and the client gets 504 (or, streaming, an error event). Unset:
+    /// no deadline.
+    #[arg(long, alias = "request-timeout", env = "KUBETUNE_REQUEST_TIMEOUT_S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_s: Option<u64>,
+    /// Seconds between SSE comments on a stream with nothing to send (a long prefill, a wait in
+    /// the queue), so that proxies with idle timeouts keep the connection.
+    #[arg(long, env = "KUBETUNE_SSE_KEEP_ALIVE_S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_keep_alive_s: u64,
 }
 
 fn parse_adapter_flag(s: &str) -> Result<AdapterSpec, String> {
@@ -333,9 +342,10 @@ pub async fn build_with<B: Backend>(
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };
-    Ok(Arc::new(AppState::new(
-        engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys,
-    )))
+    let state = AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys);
+    Ok(Arc::new(
+        state.with_timeouts(args.request_timeout_s, args.sse_keep_alive_s),
+    ))
 }
 
 /// Runs one short generation for the base and for every adapter, so the first real request

@@ -45,6 +45,10 @@ pub struct AppState {
     pub started_at: u64,
     /// Serialises admin loads so two concurrent loads cannot both pass the caps.
     pub admin_lock: tokio::sync::Mutex<()>,
+    /// Seconds a generation request may take in all (`--request-timeout-s`); None: no limit.
+    pub request_timeout_s: Option<u64>,
+    /// Seconds between SSE keep-alive comments (`--sse-keep-alive-s`).
+    pub sse_keep_alive_s: u64,
 }
 
 impl AppState {
@@ -78,6 +82,16 @@ impl AppState {
             ready: AtomicBool::new(false),
             started_at: unix_now(),
             admin_lock: tokio::sync::Mutex::new(()),
+            request_timeout_s: None,
+            sse_keep_alive_s: 15,
+        }
+    }
+
+    pub fn with_timeouts(self, request_timeout_s: Option<u64>, sse_keep_alive_s: u64) -> Self {
+        Self {
+            request_timeout_s,
+            sse_keep_alive_s,
+            ..self
         }
     }
 

@@ -11,13 +11,13 @@ use crate::text::TextCodec;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type Body = Result<Bytes, BytesRejection>;
 
@@ -89,11 +89,53 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         request_id,
         prompt_tokens,
     };
+    let deadline = Deadline::of(&state, started);
     if stream {
         state.metrics.request(&meta.model, 200);
-        Sse::new(sse(state, meta, generations, started)).into_response()
+        // A stream with nothing to send (a long prefill, a wait in the queue) sends an SSE
+        // comment now and then, so that proxies with idle timeouts keep the connection; SSE
+        // clients, the official `openai` one among them, skip comments.
+        let keep_alive = KeepAlive::new().interval(Duration::from_secs(state.sse_keep_alive_s));
+        Sse::new(sse(state, meta, generations, started, deadline))
+            .keep_alive(keep_alive)
+            .into_response()
     } else {
-        collect(state, meta, generations, started).await
+        let Some(deadline) = deadline else {
+            return collect(state, meta, generations, started).await;
+        };
+        // Past the deadline the collecting future is dropped, and with it the engine's
+        // receivers: the sequences are cancelled at the engine's next step.
+        let (request_id, model) = (meta.request_id.clone(), meta.model.clone());
+        match tokio::time::timeout_at(deadline.at, collect(state.clone(), meta, generations, started)).await {
+            Ok(response) => response,
+            Err(_) => {
+                let e = deadline.exceeded();
+                log_failure(request_id.as_ref(), &model, &e);
+                state.metrics.request(&model, e.status().as_u16());
+                e.into_response()
+            }
+        }
+    }
+}
+
+/// When a request must be done by (`--request-timeout-s`), counted from its arrival.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    seconds: u64,
+}
+
+impl Deadline {
+    fn of(state: &AppState, started: Instant) -> Option<Self> {
+        let seconds = state.request_timeout_s?;
+        Some(Self {
+            at: tokio::time::Instant::from_std(started + Duration::from_secs(seconds)),
+            seconds,
+        })
+    }
+
+    fn exceeded(&self) -> ApiError {
+        ApiError::DeadlineExceeded { seconds: self.seconds }
     }
 }
 
@@ -286,11 +328,14 @@ fn sse(
     meta: Meta,
     generations: Vec<Generation>,
     started: Instant,
+    deadline: Option<Deadline>,
 ) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     struct S {
         state: Arc<AppState>,
         meta: Meta,
         choices: stream::SelectAll<ChoiceStream>,
+        /// Taken when it passes: the error event is sent once.
+        deadline: Option<Deadline>,
         started: Instant,
         sent_role: Vec<bool>,
         text_offset: Vec<usize>,
@@ -306,6 +351,7 @@ fn sse(
         state,
         meta,
         choices: stream::select_all(generations.into_iter().enumerate().map(|(i, g)| choice_stream(i, g))),
+        deadline,
         started,
         sent_role: vec![false; n],
         text_offset: vec![0; n],
@@ -320,52 +366,69 @@ fn sse(
             if s.done {
                 return None;
             }
-            let event = match s.choices.next().await {
-                Some((_, Piece::Done { completion_tokens })) => {
-                    s.completion_tokens += completion_tokens;
-                    continue;
-                }
-                None if s.meta.include_usage && !s.failed && !s.usage_sent => {
-                    s.usage_sent = true;
-                    let object = chunk_object(s.meta.endpoint);
-                    let m = &s.meta;
-                    let usage = usage(m.prompt_tokens, s.completion_tokens);
-                    SseEvent::default().data(
-                        json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [], "usage": usage})
-                            .to_string(),
-                    )
-                }
-                None => {
-                    s.done = true;
-                    SseEvent::default().data("[DONE]")
-                }
-                Some((_, Piece::Chunk(Err(e)))) => {
+            let next = match s.deadline {
+                None => Ok(s.choices.next().await),
+                Some(d) => tokio::select! {
+                    next = s.choices.next() => Ok(next),
+                    _ = tokio::time::sleep_until(d.at) => Err(d.exceeded()),
+                },
+            };
+            let event = match next {
+                Err(e) => {
+                    // As a failure mid-stream: the error object, then [DONE].
                     log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
+                    s.deadline = None;
                     s.failed = true;
-                    // Dropping the other choices' receivers cancels their sequences.
                     s.choices = stream::select_all(Vec::new());
                     SseEvent::default().data(e.body().to_string())
                 }
-                Some((index, Piece::Chunk(Ok(chunk)))) => {
-                    if let Some(reason) = chunk.finish {
-                        s.state.metrics.choice_finished(reason.as_str());
-                        s.unfinished -= 1;
-                        if s.unfinished == 0 {
-                            s.state
-                                .metrics
-                                .finished(&s.meta.model, s.started.elapsed().as_secs_f64());
-                        }
+                Ok(next) => match next {
+                    Some((_, Piece::Done { completion_tokens })) => {
+                        s.completion_tokens += completion_tokens;
+                        continue;
                     }
-                    let value = stream_chunk(
-                        &mut s.sent_role[index],
-                        &mut s.text_offset[index],
-                        &s.state,
-                        &s.meta,
-                        index,
-                        chunk,
-                    );
-                    SseEvent::default().data(value.to_string())
-                }
+                    None if s.meta.include_usage && !s.failed && !s.usage_sent => {
+                        s.usage_sent = true;
+                        let object = chunk_object(s.meta.endpoint);
+                        let m = &s.meta;
+                        let usage = usage(m.prompt_tokens, s.completion_tokens);
+                        SseEvent::default().data(
+                        json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [], "usage": usage})
+                            .to_string(),
+                    )
+                    }
+                    None => {
+                        s.done = true;
+                        SseEvent::default().data("[DONE]")
+                    }
+                    Some((_, Piece::Chunk(Err(e)))) => {
+                        log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
+                        s.failed = true;
+                        // Dropping the other choices' receivers cancels their sequences.
+                        s.choices = stream::select_all(Vec::new());
+                        SseEvent::default().data(e.body().to_string())
+                    }
+                    Some((index, Piece::Chunk(Ok(chunk)))) => {
+                        if let Some(reason) = chunk.finish {
+                            s.state.metrics.choice_finished(reason.as_str());
+                            s.unfinished -= 1;
+                            if s.unfinished == 0 {
+                                s.state
+                                    .metrics
+                                    .finished(&s.meta.model, s.started.elapsed().as_secs_f64());
+                            }
+                        }
+                        let value = stream_chunk(
+                            &mut s.sent_role[index],
+                            &mut s.text_offset[index],
+                            &s.state,
+                            &s.meta,
+                            index,
+                            chunk,
+                        );
+                        SseEvent::default().data(value.to_string())
+                    }
+                },
             };
             return Some((event, s));
         }

@@ -1,10 +1,11 @@
-//! The engine under load: a full queue answers 429, a disconnect cancels generation.
+//! The engine under load: a full queue answers 429, a disconnect cancels generation, a request
+//! past its deadline is cancelled, and a quiet stream sends keep-alive comments.
 
 use crate::common::*;
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
-use serde_json::json;
+use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn body(max_tokens: usize, stream: bool) -> serde_json::Value {
@@ -227,4 +228,70 @@ async fn with_an_admin_listener_the_admin_api_answers_there_and_not_on_the_clien
         .expect("serve returned")
         .expect("task")
         .expect("serve ok");
+}
+
+#[tokio::test]
+async fn a_request_past_the_deadline_is_cancelled_and_answered_504_while_one_within_it_is_served() {
+    let (s, probe) = gated_server(&["--request-timeout-s", "1"]).await;
+    assert_eq!(post(&s.app, "/v1/completions", body(4, false)).await.status, 200);
+
+    let step = probe.gate_steps();
+    let late = post(&s.app, "/v1/completions", body(400, false)).await;
+    assert_eq!(late.status, 504, "{}", late.text);
+    let error = &late.json()["error"];
+    assert_eq!(
+        (&error["code"], &error["type"]),
+        (&json!("request_timeout"), &json!("server_error"))
+    );
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("1 s")), "{error}");
+    // The engine, released, finds the sequence cancelled instead of decoding 400 tokens.
+    drop(step);
+    wait_until("the late sequence left the engine", || s.state.engine.in_flight() == 0).await;
+    let metrics = send(&s.app, "GET", "/metrics", None).await.text;
+    assert!(
+        metrics.contains(r#"kubetune_server_requests_total{model="tiny",status="504"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_past_the_deadline_ends_with_an_error_event_then_done() {
+    let (s, probe) = gated_server(&["--request-timeout-s", "1"]).await;
+    let step = probe.gate_steps();
+    let late = post(&s.app, "/v1/completions", body(400, true)).await;
+    assert_eq!(late.status, 200, "the stream had started");
+    let data: Vec<&str> = late.text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{}", late.text);
+    let error: Value = serde_json::from_str(data[data.len() - 2]).expect("the error event is JSON");
+    assert_eq!(error["error"]["code"], "request_timeout", "{}", late.text);
+    drop(step);
+    wait_until("the late sequence left the engine", || s.state.engine.in_flight() == 0).await;
+}
+
+#[tokio::test]
+async fn a_stream_waiting_for_its_prefill_sends_keep_alive_comments() {
+    let (s, probe) = gated_server(&["--sse-keep-alive-s", "1"]).await;
+    let release = probe.arm_prefill();
+    let request = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body(4, true).to_string()))
+        .expect("request");
+    let response = s.app.clone().oneshot(request).await.expect("router");
+    let mut stream = response.into_body();
+    wait_until("the request in prefill", || probe.prefill_reached()).await;
+    let first = tokio::time::timeout(std::time::Duration::from_secs(60), stream.frame())
+        .await
+        .expect("a frame while the prefill waits")
+        .expect("a frame")
+        .expect("no error");
+    let bytes = first.data_ref().expect("data").clone();
+    assert!(bytes.starts_with(b":"), "an SSE comment, not data: {bytes:?}");
+    release.send(()).expect("engine waits");
+    let mut rest = Vec::new();
+    while let Some(frame) = stream.frame().await {
+        if let Some(d) = frame.expect("no error").data_ref() {
+            rest.extend_from_slice(d);
+        }
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("data: [DONE]"));
 }
