@@ -59,6 +59,42 @@ pub struct OperatorConfig {
     /// only them to that port, and anyone to the inference port.
     #[arg(long, env = "KUBETUNE_ADMIN_POLICY_FROM", value_parser = parse_admin_policy_from)]
     pub admin_policy_from: Option<AdminPolicyFrom>,
+    /// Images a FineTuneJob's or ModelDeployment's `spec.image` may name, comma-separated: a
+    /// repository (`ghcr.io/kubetune/trainer`, any tag or digest of it) or a prefix ending in
+    /// `/` (`registry.example.com/ml/`, every repository under it). Whoever may create these
+    /// objects would otherwise run any code on the GPU nodes. The operator's own
+    /// `--trainer-image` and `--server-image` need not be listed: a spec never names them.
+    #[arg(
+        long,
+        env = "KUBETUNE_ALLOWED_IMAGES",
+        value_delimiter = ',',
+        default_value = DEFAULT_ALLOWED_IMAGES,
+        value_parser = parse_allowed_image
+    )]
+    pub allowed_images: Vec<String>,
+    /// ServiceAccount of trainer and server pods whose spec names none. Set explicitly, so that
+    /// the operator, not whatever the namespace's admission adds, decides it; such pods get no
+    /// API token (neither binary calls the Kubernetes API).
+    #[arg(long, env = "KUBETUNE_DEFAULT_SERVICE_ACCOUNT", default_value = "default")]
+    pub default_service_account: String,
+}
+
+/// The repositories of the default trainer and server images: what a spec may name unless the
+/// chart allows more.
+pub const DEFAULT_ALLOWED_IMAGES: &str = "ghcr.io/kubetune/trainer,ghcr.io/kubetune/server";
+
+/// One `--allowed-images` entry: a repository, or a prefix ending in `/`. A tag or digest would
+/// pin what is allowed to a mutable name or make the list unusable, and an empty entry would
+/// allow everything: both are refused.
+fn parse_allowed_image(text: &str) -> Result<String, String> {
+    let entry = text.trim();
+    let last = entry.rsplit('/').next().unwrap_or(entry);
+    if entry.is_empty() || entry.contains('@') || last.contains(':') || entry.contains(char::is_whitespace) {
+        return Err(format!(
+            "{text:?}: expected a repository (registry.example.com/team/trainer) or a prefix ending in '/', without tag or digest"
+        ));
+    }
+    Ok(entry.to_string())
 }
 
 /// The pods `--admin-policy-from` names: their namespace and labels.
@@ -101,6 +137,12 @@ impl OperatorConfig {
             trainer_metrics_port: 9090,
             trainer_termination_grace_seconds: DEFAULT_TRAINER_TERMINATION_GRACE_SECONDS,
             admin_policy_from: None,
+            allowed_images: vec![
+                "kubetune/trainer".into(),
+                "kubetune/server".into(),
+                "registry.example.com/kubetune/".into(),
+            ],
+            default_service_account: "default".into(),
         }
     }
 }
@@ -129,6 +171,42 @@ mod tests {
         }
     }
     use clap::{Command, FromArgMatches as _};
+
+    #[test]
+    fn allowed_images_default_to_the_repositories_of_the_default_images() {
+        let command = OperatorConfig::augment_args(Command::new("kubetune-operator"));
+        let parsed = command.try_get_matches_from(["kubetune-operator"]).expect("defaults");
+        let config = OperatorConfig::from_arg_matches(&parsed).expect("config");
+        assert_eq!(
+            config.allowed_images,
+            ["ghcr.io/kubetune/trainer", "ghcr.io/kubetune/server"]
+        );
+        for image in [&config.trainer_image, &config.server_image] {
+            assert!(crate::workload::image_allowed(image, &config.allowed_images), "{image}");
+        }
+        assert_eq!(config.default_service_account, "default");
+    }
+
+    #[test]
+    fn an_allowed_image_with_a_tag_a_digest_or_nothing_is_refused() {
+        let command = OperatorConfig::augment_args(Command::new("kubetune-operator"));
+        for bad in ["ghcr.io/x/y:v1", "ghcr.io/x/y@sha256:ab", "ghcr.io/x,", " "] {
+            let err = command
+                .clone()
+                .try_get_matches_from(["kubetune-operator", "--allowed-images", bad])
+                .expect_err(bad);
+            assert!(err.to_string().contains("--allowed-images"), "{bad}: {err}");
+        }
+        let parsed = command
+            .try_get_matches_from([
+                "kubetune-operator",
+                "--allowed-images",
+                "localhost:5000/kt/trainer,reg.example/ml/",
+            ])
+            .expect("a registry port is not a tag");
+        let config = OperatorConfig::from_arg_matches(&parsed).expect("config");
+        assert_eq!(config.allowed_images, ["localhost:5000/kt/trainer", "reg.example/ml/"]);
+    }
 
     /// The default clap gives `id` when neither the flag nor its environment variable is set.
     fn default_of(id: &str) -> String {

@@ -12,7 +12,6 @@ pub fn apply_placement(pod_spec: &mut Value, p: &PodPlacement) -> Result<()> {
         ("tolerations", serde_json::to_value(&p.tolerations)),
         ("affinity", serde_json::to_value(&p.affinity)),
         ("priorityClassName", serde_json::to_value(&p.priority_class_name)),
-        ("serviceAccountName", serde_json::to_value(&p.service_account_name)),
         ("imagePullSecrets", serde_json::to_value(&p.image_pull_secrets)),
     ] {
         let value = value.map_err(|source| Error::Serialize {
@@ -24,6 +23,53 @@ pub fn apply_placement(pod_spec: &mut Value, p: &PodPlacement) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `image` is one of `allowed`: an entry that is a repository matches that repository
+/// with any tag or digest (never a longer name: `ghcr.io/kubetune/trainer-evil` is not
+/// `ghcr.io/kubetune/trainer`); an entry ending in `/` matches every image under it.
+pub fn image_allowed(image: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|entry| {
+        if entry.ends_with('/') {
+            return image.starts_with(entry.as_str());
+        }
+        image
+            .strip_prefix(entry.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(':') || rest.starts_with('@'))
+    })
+}
+
+/// Err names `field` when the spec's image is not one the operator allows. No image at all is
+/// the operator's own default, which is not the user's choice and not checked.
+pub fn check_image(field: &str, image: Option<&str>, allowed: &[String]) -> std::result::Result<(), String> {
+    match image {
+        Some(image) if !image_allowed(image, allowed) => Err(format!(
+            "{field}: {image} is not in the operator's allowed images ({}); ask the platform team to add it (chart value allowedImages)",
+            allowed.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The identity fields of a pod: the ServiceAccount the spec names, else the operator's default,
+/// never left to the namespace. A pod of the default gets no API token: neither the trainer nor
+/// the server calls the Kubernetes API, so a token would only be something to steal. A pod of a
+/// ServiceAccount the user named keeps what that ServiceAccount's own
+/// `automountServiceAccountToken` says: naming one is how a user asks for its identity.
+pub fn apply_identity(pod_spec: &mut Value, p: &PodPlacement, default_service_account: &str) {
+    match &p.service_account_name {
+        Some(named) => pod_spec["serviceAccountName"] = json!(named),
+        None => {
+            pod_spec["serviceAccountName"] = json!(default_service_account);
+            pod_spec["automountServiceAccountToken"] = json!(false);
+        }
+    }
+}
+
+/// The message of a pod that waits for the ServiceAccount its spec names: not final, as
+/// GitOps tools often create the ServiceAccount after the object that uses it.
+pub fn service_account_missing(namespace: &str, name: &str) -> String {
+    format!("spec.serviceAccountName: waiting for ServiceAccount {namespace}/{name} to exist")
 }
 
 /// The spec's resources, or one GPU when it sets none at all.
@@ -102,6 +148,75 @@ mod tests {
     use std::collections::BTreeMap;
 
     const GPU: &str = "nvidia.com/gpu";
+
+    fn allowed(entries: &[&str]) -> Vec<String> {
+        entries.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn a_repository_entry_allows_its_tags_and_digests_and_no_longer_name() {
+        let list = allowed(&["ghcr.io/kubetune/trainer"]);
+        for ok in [
+            "ghcr.io/kubetune/trainer",
+            "ghcr.io/kubetune/trainer:0.1.0-cuda",
+            "ghcr.io/kubetune/trainer@sha256:0123",
+        ] {
+            assert!(image_allowed(ok, &list), "{ok}");
+        }
+        for refused in [
+            "ghcr.io/kubetune/trainer-evil:1",
+            "ghcr.io/kubetune/trainer/sub:1",
+            "ghcr.io/kubetune/server:1",
+            "docker.io/ghcr.io/kubetune/trainer:1",
+        ] {
+            assert!(!image_allowed(refused, &list), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_entry_ending_in_a_slash_allows_every_repository_under_it() {
+        let list = allowed(&["registry.example.com/ml/"]);
+        assert!(image_allowed("registry.example.com/ml/trainer:v2", &list));
+        assert!(image_allowed("registry.example.com/ml/team-a/server@sha256:ab", &list));
+        assert!(!image_allowed("registry.example.com/mlx/trainer:v2", &list));
+    }
+
+    #[test]
+    fn an_image_outside_the_list_is_refused_naming_the_field_and_the_list() {
+        let list = allowed(&["ghcr.io/kubetune/trainer", "registry.example.com/ml/"]);
+        let err = check_image("spec.image", Some("ghcr.io/x/y:1"), &list).expect_err("not allowed");
+        assert_eq!(
+            err,
+            "spec.image: ghcr.io/x/y:1 is not in the operator's allowed images (ghcr.io/kubetune/trainer, registry.example.com/ml/); ask the platform team to add it (chart value allowedImages)"
+        );
+        assert_eq!(
+            check_image("spec.image", None, &list),
+            Ok(()),
+            "the operator's default is not the user's choice"
+        );
+        assert_eq!(
+            check_image("spec.image", Some("ghcr.io/kubetune/trainer:2"), &list),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn pods_run_as_the_named_service_account_or_the_operators_default_without_a_token() {
+        let mut pod = json!({});
+        apply_identity(&mut pod, &PodPlacement::default(), "kubetune-workload");
+        assert_eq!(
+            pod,
+            json!({"serviceAccountName": "kubetune-workload", "automountServiceAccountToken": false})
+        );
+        let named = PodPlacement {
+            service_account_name: Some("trainer".into()),
+            ..Default::default()
+        };
+        let mut pod = json!({});
+        apply_identity(&mut pod, &named, "kubetune-workload");
+        // The named ServiceAccount's own automountServiceAccountToken decides.
+        assert_eq!(pod, json!({"serviceAccountName": "trainer"}));
+    }
 
     fn placement(limits: &[(&str, &str)], requests: &[(&str, &str)]) -> PodPlacement {
         let map = |pairs: &[(&str, &str)]| {

@@ -4,7 +4,8 @@ use super::validate::ValidFineTuneJob;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
 use crate::workload::{
-    apply_placement, device_env, resources_or_one_gpu, restricted_container_security, restricted_pod_security,
+    apply_identity, apply_placement, device_env, resources_or_one_gpu, restricted_container_security,
+    restricted_pod_security,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
@@ -172,6 +173,7 @@ pub fn build_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob, config: &OperatorC
         "terminationGracePeriodSeconds": config.trainer_termination_grace_seconds,
     });
     apply_placement(&mut pod_spec, &spec.placement)?;
+    apply_identity(&mut pod_spec, &spec.placement, &config.default_service_account);
 
     let job = json!({
         "apiVersion": "batch/v1",

@@ -10,7 +10,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use build::{build_job, FINETUNEJOB_LABEL};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -115,7 +115,8 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
     let phase = status.phase.unwrap_or(FineTuneJobPhase::Pending);
     ctx.metrics.set_finetunejob_phase(&key, Some(&format!("{phase:?}")));
     if waiting.is_some() {
-        // Nothing announces the Secret (it is not watched): look again, backing off.
+        // Nothing announces the Secret or ServiceAccount (neither is watched): look again,
+        // backing off.
         return Ok(Action::requeue(ctx.backoff.failed(&key)));
     }
     ctx.backoff.succeeded(&key);
@@ -177,6 +178,17 @@ async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Dereferenced> {
             if let Ok(v) = String::from_utf8(v.0) {
                 secret_data.insert(k, v);
             }
+        }
+    }
+    // Pods run only as a ServiceAccount the spec names and that exists: a Job of a missing
+    // one would fail to create pods, over and over, with the reason buried in its events.
+    if let Some(name) = &ftj.spec.placement.service_account_name {
+        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
+        if accounts.get_metadata_opt(name).await?.is_none() {
+            return Ok(Dereferenced::Waiting(Waiting {
+                reason: "ServiceAccountNotFound",
+                message: crate::workload::service_account_missing(&ns, name),
+            }));
         }
     }
     let gpu_memory_mib = gpu_memory_mib(ftj, ctx).await?;

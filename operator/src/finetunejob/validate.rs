@@ -3,7 +3,7 @@
 
 use crate::config::OperatorConfig;
 use crate::pvc::{self, ClaimMounts};
-use crate::workload::requested_gpus;
+use crate::workload::{check_image, requested_gpus};
 use kubetune_crds::trainer_contract::{
     TrainerDataset, TrainerDpo, TrainerEvaluation, TrainerLora, TrainerQuantization, TrainerTraining,
 };
@@ -109,6 +109,10 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
             message: pvc::registry_refused("spec.output.registry", &registry),
         });
     }
+    check_image("spec.image", spec.image.as_deref(), &config.allowed_images).map_err(|message| Invalid {
+        reason: "ImageNotAllowed",
+        message,
+    })?;
     let mut claims = ClaimMounts::default();
     let mut local = |field: &str, uri: &str| {
         claims.local_uri(field, uri).map_err(|message| Invalid {
@@ -440,6 +444,30 @@ mod tests {
                 .starts_with("spec.output.registry: pvc://adapters/registry is on a PersistentVolumeClaim"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn an_image_outside_the_allowed_images_is_refused_naming_the_field() {
+        let mut spec = finetunejob("minimal.yaml").spec;
+        spec.image = Some("ghcr.io/x/y:1".into());
+        let err = checked(&spec).expect_err("not an allowed image");
+        assert_eq!(err.reason, "ImageNotAllowed");
+        assert!(
+            err.message
+                .starts_with("spec.image: ghcr.io/x/y:1 is not in the operator's allowed images (kubetune/trainer, "),
+            "{}",
+            err.message
+        );
+        spec.image = Some("kubetune/trainer:v2".into());
+        assert_eq!(
+            checked(&spec).expect("an allowed repository").image,
+            "kubetune/trainer:v2"
+        );
+        spec.image = None;
+        assert_eq!(
+            checked(&spec).expect("the operator's default").image,
+            "kubetune/trainer:test"
         );
     }
 

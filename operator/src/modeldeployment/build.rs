@@ -10,7 +10,8 @@ use super::validate::ValidModelDeployment;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
 use crate::workload::{
-    apply_placement, device_env, resources_or_one_gpu, restricted_container_security, restricted_pod_security,
+    apply_identity, apply_placement, device_env, resources_or_one_gpu, restricted_container_security,
+    restricted_pod_security,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::{
@@ -281,6 +282,7 @@ pub fn build_children(
         "securityContext": restricted_pod_security(),
     });
     apply_placement(&mut pod_spec, &spec.placement)?;
+    apply_identity(&mut pod_spec, &spec.placement, &config.default_service_account);
     let mut deployment_spec = json!({
         "selector": {"matchLabels": selector_labels(md)},
         // A new pod must be ready (model and adapters loaded) before an old one goes.

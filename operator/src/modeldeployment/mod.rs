@@ -16,7 +16,7 @@ use build::{
 };
 use hyper::Method;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -48,8 +48,25 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     let key = format!("modeldeployment/{ns}/{}", md.name_any());
     let valid = match validate::validate(&md.spec, &ctx.config) {
         Ok(valid) => valid,
-        Err(refused) => return refuse(&md, &ctx, &ns, &key, &refused).await,
+        Err(refused) => {
+            let new_status = status::refused_status(&md, &refused, Time(k8s_openapi::jiff::Timestamp::now()));
+            return refuse(&md, &ctx, &ns, &key, &refused, new_status).await;
+        }
     };
+    if let Some(name) = &md.spec.placement.service_account_name {
+        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
+        if accounts.get_metadata_opt(name).await?.is_none() {
+            let waiting = Unresolved {
+                reason: "ServiceAccountNotFound",
+                message: crate::workload::service_account_missing(&ns, name),
+            };
+            let new_status = status::waiting_status(&md, &waiting, Time(k8s_openapi::jiff::Timestamp::now()));
+            refuse(&md, &ctx, &ns, &key, &waiting, new_status).await?;
+            // Not final, and the ServiceAccount is not watched: look again, as for an adapter
+            // that is not there yet.
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+    }
 
     // Resolve every adapter; an unresolvable one keeps its promoted version serving.
     let registry_uri = md.spec.registry.clone().or_else(|| ctx.config.default_registry.clone());
@@ -213,10 +230,16 @@ async fn publish_rollout_event(ctx: &Context, md: &ModelDeployment, key: &str, r
 }
 
 /// A spec the operator refuses changes nothing in the cluster: no adapter is loaded and no child
-/// is applied, so the pods of an earlier spec keep serving. Only the status (and an Event) says
-/// why, and nothing is retried until the spec changes.
-async fn refuse(md: &ModelDeployment, ctx: &Context, ns: &str, key: &str, refused: &Unresolved) -> Result<Action> {
-    let new_status = status::refused_status(md, refused, Time(k8s_openapi::jiff::Timestamp::now()));
+/// is applied, so the pods of an earlier spec keep serving. Only `new_status` (and an Event) says
+/// why, and nothing is retried until the spec changes unless the caller requeues.
+async fn refuse(
+    md: &ModelDeployment,
+    ctx: &Context,
+    ns: &str,
+    key: &str,
+    refused: &Unresolved,
+    new_status: kubetune_crds::ModelDeploymentStatus,
+) -> Result<Action> {
     if md.status.as_ref() != Some(&new_status) {
         let patch =
             serde_json::json!({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "status": new_status});

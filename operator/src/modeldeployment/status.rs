@@ -372,6 +372,17 @@ pub fn refused_status(md: &ModelDeployment, refused: &Unresolved, now: Time) -> 
     status
 }
 
+/// The status of a ModelDeployment that waits for something it names to exist (its
+/// ServiceAccount): not ready, saying why, but Pending rather than Failed while nothing serves,
+/// as it runs by itself once the object appears.
+pub fn waiting_status(md: &ModelDeployment, waiting: &Unresolved, now: Time) -> ModelDeploymentStatus {
+    let mut status = refused_status(md, waiting, now);
+    if status.phase == Some(ModelDeploymentPhase::Failed) {
+        status.phase = Some(ModelDeploymentPhase::Pending);
+    }
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +533,26 @@ mod tests {
         assert_eq!(s.observed_generation, Some(2));
         assert_eq!(s.serving_display.as_deref(), Some("support-bot@v1"), "as last observed");
         assert!(!ready(&s));
+    }
+
+    #[test]
+    fn a_deployment_waiting_for_its_service_account_is_pending_not_failed() {
+        let md = modeldeployment("modeldeployment.yaml");
+        let waiting = Unresolved {
+            reason: "ServiceAccountNotFound",
+            message: crate::workload::service_account_missing("team-a", "server"),
+        };
+        let s = waiting_status(&md, &waiting, now());
+        assert_eq!(s.phase, Some(ModelDeploymentPhase::Pending));
+        let c = s.conditions.iter().find(|c| c.type_ == READY).expect("Ready");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ServiceAccountNotFound")
+        );
+        assert_eq!(
+            c.message,
+            "spec.serviceAccountName: waiting for ServiceAccount team-a/server to exist"
+        );
     }
 
     #[test]

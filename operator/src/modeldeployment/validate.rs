@@ -4,7 +4,7 @@
 use super::resolve::Unresolved;
 use crate::config::OperatorConfig;
 use crate::pvc::{self, ClaimMounts};
-use crate::workload::requested_gpus;
+use crate::workload::{check_image, requested_gpus};
 use kubetune_crds::ModelDeploymentSpec;
 
 /// What the pods are built from, once the spec is known to be runnable.
@@ -25,6 +25,11 @@ pub fn validate(spec: &ModelDeploymentSpec, config: &OperatorConfig) -> Result<V
         message,
     };
     let gpus = requested_gpus(&spec.placement, &config.gpu_resource).map_err(invalid)?;
+    let image = spec.server.as_ref().and_then(|s| s.image.as_deref());
+    check_image("spec.server.image", image, &config.allowed_images).map_err(|message| Unresolved {
+        reason: "ImageNotAllowed",
+        message,
+    })?;
     // The schema no longer allows it; objects stored before it did are refused here.
     if let Some(uri) = spec.registry.as_ref().filter(|uri| pvc::is_pvc(uri)) {
         return Err(invalid(pvc::registry_refused("spec.registry", uri)));
@@ -60,6 +65,22 @@ mod tests {
             ..Default::default()
         });
         spec
+    }
+
+    #[test]
+    fn a_server_image_outside_the_allowed_images_is_refused_naming_the_field() {
+        let mut spec = modeldeployment("modeldeployment.yaml").spec;
+        spec.server.get_or_insert_with(Default::default).image = Some("docker.io/evil/server:1".into());
+        let err = validate(&spec, &OperatorConfig::for_tests()).expect_err("not an allowed image");
+        assert_eq!(err.reason, "ImageNotAllowed");
+        assert!(
+            err.message
+                .starts_with("spec.server.image: docker.io/evil/server:1 is not in the operator's allowed images ("),
+            "{}",
+            err.message
+        );
+        spec.server.get_or_insert_with(Default::default).image = Some("kubetune/server@sha256:00".into());
+        validate(&spec, &OperatorConfig::for_tests()).expect("an allowed repository");
     }
 
     #[test]

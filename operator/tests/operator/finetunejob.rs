@@ -86,6 +86,9 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         );
         // The pvc:// base model: its claim mounted read-only, the trainer told the mount.
         let pod = &job["spec"]["template"]["spec"];
+        // No ServiceAccount named: the operator's default, and no API token in the pod.
+        assert_eq!(pod["serviceAccountName"], "default");
+        assert_eq!(pod["automountServiceAccountToken"], false);
         assert!(
             pod["volumes"].as_array().into_iter().flatten().any(|v| v
                 == &json!({"name": "pvc-0", "persistentVolumeClaim": {"claimName": "models", "readOnly": true}})),
@@ -337,6 +340,113 @@ async fn a_failed_job_edited_afterwards_only_records_the_generation_and_runs_no_
     assert_eq!(status["status"]["observedGeneration"], 2);
     assert_eq!(ready_condition(&status)["reason"], "BackoffLimitExceeded");
     assert_eq!(action, Action::requeue(RESYNC_INTERVAL));
+}
+
+#[tokio::test]
+async fn a_missing_service_account_leaves_the_job_pending_naming_the_field_and_creates_no_job() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(json!({"serviceAccountName": "trainer"}));
+    let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                "/api/v1/namespaces/team-a/serviceaccounts/trainer",
+                404,
+                not_found(),
+            )
+            .await;
+            // Only read: no Job is created for a ServiceAccount that does not exist.
+            expect(
+                api,
+                Method::GET,
+                "/apis/batch/v1/namespaces/team-a/jobs/tiny",
+                404,
+                not_found(),
+            )
+            .await;
+            expect(
+                api,
+                Method::GET,
+                "/api/v1/namespaces/team-a/pods",
+                200,
+                empty_list("PodList"),
+            )
+            .await;
+            let status = expect(
+                api,
+                Method::PATCH,
+                "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+                200,
+                stored(),
+            )
+            .await;
+            let event = expect(
+                api,
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/team-a/events",
+                200,
+                Value::Null,
+            )
+            .await;
+            assert_eq!(event["reason"], "ServiceAccountNotFound");
+            status
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(
+        status["status"]["phase"], "Pending",
+        "waiting for a ServiceAccount is not final"
+    );
+    let ready = ready_condition(&status);
+    assert_eq!(ready["reason"], "ServiceAccountNotFound");
+    assert_eq!(
+        ready["message"],
+        "spec.serviceAccountName: waiting for ServiceAccount team-a/trainer to exist"
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn a_job_naming_an_existing_service_account_runs_its_pods_as_that_one() {
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(json!({"serviceAccountName": "trainer"}));
+    let (_, job) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                "/api/v1/namespaces/team-a/serviceaccounts/trainer",
+                200,
+                json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "trainer", "namespace": "team-a"}}),
+            )
+            .await;
+            expect(api, Method::GET, "/api/v1/nodes", 200, json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "items": []})).await;
+            expect(api, Method::GET, "/apis/batch/v1/namespaces/team-a/jobs/tiny", 404, not_found()).await;
+            let job = expect(api, Method::POST, "/apis/batch/v1/namespaces/team-a/jobs?", 201, Value::Null).await;
+            expect(api, Method::GET, "/api/v1/namespaces/team-a/pods", 200, empty_list("PodList")).await;
+            expect(
+                api,
+                Method::PATCH,
+                "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status",
+                200,
+                stored(),
+            )
+            .await;
+            expect(api, Method::POST, "/apis/events.k8s.io/v1/namespaces/team-a/events", 200, Value::Null).await;
+            job
+        }
+        .boxed()
+    })
+    .await;
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "trainer");
+    assert_eq!(
+        pod.get("automountServiceAccountToken"),
+        None,
+        "a named ServiceAccount's own setting decides about its token"
+    );
 }
 
 fn secret_ref() -> Value {

@@ -220,6 +220,9 @@ async fn a_new_model_deployment_gets_an_admin_key_secret_it_owns_and_its_pods_ar
         volumes.iter().any(|v| v["secret"]["secretName"] == "support-admin-key"),
         "{volumes:?}"
     );
+    // No ServiceAccount named: the operator's default, and no API token in the server pods.
+    assert_eq!(pod["serviceAccountName"], "default");
+    assert_eq!(pod["automountServiceAccountToken"], false);
 }
 
 #[tokio::test]
@@ -536,4 +539,47 @@ async fn turning_autoscaling_on_hands_the_current_replicas_to_another_field_mana
         "the handover claims the replicas alone, at their current value"
     );
     assert!(deployment["spec"].get("replicas").is_none(), "{}", deployment["spec"]);
+}
+
+#[tokio::test]
+async fn a_missing_service_account_leaves_the_deployment_pending_and_applies_nothing() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({"serviceAccountName": "server"}));
+    let (action, status) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                &format!("{NS}/serviceaccounts/server"),
+                404,
+                not_found(),
+            )
+            .await;
+            let stored = serde_json::to_value(model_deployment(json!({}))).expect("json");
+            let status = expect(api, Method::PATCH, STATUS, 200, stored).await;
+            let event = expect(
+                api,
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/team-a/events",
+                200,
+                Value::Null,
+            )
+            .await;
+            assert_eq!(event["reason"], "ServiceAccountNotFound");
+            status
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(
+        status["status"]["phase"], "Pending",
+        "waiting for a ServiceAccount is not final"
+    );
+    let ready = ready_condition(&status);
+    assert_eq!(ready["reason"], "ServiceAccountNotFound");
+    assert_eq!(
+        ready["message"],
+        "spec.serviceAccountName: waiting for ServiceAccount team-a/server to exist"
+    );
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(15)));
 }
