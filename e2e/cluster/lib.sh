@@ -20,8 +20,8 @@ kubeconfig="$cluster_dir/admin.kubeconfig"
 crictl_bin="$cache/bin/cri-tools-$CRI_TOOLS_VERSION/crictl"
 
 # The real node (node-up.sh): containerd, kubelet and kube-proxy on this machine. Its pods live on
-# a bridge of their own; the bridge's address is the node's IP, which the API server also
-# advertises, so that pods reach it through the `kubernetes` Service.
+# a bridge of their own, whose address is the node's IP (and in the API server's certificate, for
+# when pods reach it there).
 NODE_NAME="${KUBETUNE_NODE_NAME:-kubetune-node-0}"
 node_dir="$cluster_dir/node"
 containerd_sock="$node_dir/containerd/containerd.sock"

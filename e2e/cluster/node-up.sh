@@ -6,8 +6,8 @@
 # rules, and `kubectl logs`, `exec` and `port-forward` reach them through kubelet.
 #
 # kubetune-device-plugin (device-plugin/) offers $NODE_GPUS fake nvidia.com/gpu devices through
-# kubelet's device manager. The node registers tainted kubetune.dev/real-node=true:NoSchedule, so only pods that tolerate
-# it run here; the node agent's Nodes take the rest.
+# kubelet's device manager. The node registers tainted kubetune.dev/real-node=true:NoSchedule,
+# so only pods that tolerate it run here; the node agent's Nodes take the rest.
 #
 # Needs root (containers, iptables, mounts). Idempotent: whatever already runs is kept.
 # Run after up.sh has started the API server; node-down.sh undoes all of it.
@@ -27,7 +27,7 @@ write_file() {
 
 install_runtime() {
   local missing=() p
-  for p in containerd runc containernetworking-plugins iptables conntrack busybox-static; do
+  for p in containerd runc containernetworking-plugins iptables conntrack iproute2 busybox-static; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return
@@ -35,8 +35,8 @@ install_runtime() {
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } >/dev/null
 }
 
-# The bridge exists before kubelet starts (kubelet takes its address as the node IP) and before
-# the API server advertises it. The CNI bridge plugin attaches each pod's veth to it.
+# The bridge exists before kubelet starts: kubelet takes its address as the node IP. The CNI
+# bridge plugin attaches each pod's veth to it.
 make_bridge() {
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
   ip addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_IP/" || ip addr add "$BRIDGE_IP/${POD_NETWORK#*/}" dev "$BRIDGE"
