@@ -122,7 +122,7 @@ def main():
     files["/etc/group"] = (None, GROUP.encode(), 0o644)
     if os.path.isfile(CA_BUNDLE):
         files[CA_BUNDLE] = (os.path.realpath(CA_BUNDLE), None, 0o644)
-    dirs = {"/tmp": 0o1777, f"/home/nonroot": 0o755}
+    dirs = {"/tmp": 0o1777, "/home/nonroot": 0o755}
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".layer") as layer:
