@@ -7,6 +7,7 @@
 //!   is safe under concurrent fillers and readers.
 //! - [`Registry`] publishes, lists, resolves, fetches, deletes and retains adapter versions
 //!   (`adapters/<name>/v<N>/`), with race-free version numbers.
+//! - [`scoped_registry_uri`] gives each namespace its own registry below a shared root.
 //! - [`AdapterRef`] parses `name`, `name@latest`, `name@3`, `name@sha256:…`.
 
 mod adapter_ref;
@@ -21,6 +22,7 @@ mod names;
 mod progress;
 mod registry;
 mod retry;
+mod scope;
 mod store;
 mod uri;
 
@@ -38,5 +40,6 @@ pub use names::validate_adapter_name;
 pub use progress::{ProgressEvent, ProgressFn};
 pub use registry::{PublishRequest, Registry, RegistryConfig, ResolvedAdapter};
 pub use retry::RetryPolicy;
+pub use scope::{scoped_registry_uri, RegistryScope};
 pub use store::{CreateOutcome, ObjectInfo, Storage};
 pub use uri::{HfRepo, StorageUri};

@@ -16,13 +16,17 @@ const MAX_FILE_DEPTH: usize = 8;
 /// Checks that `name` is a DNS-1123 label (what Kubernetes allows for most object names), which
 /// adapter names must be so they can be used as resource names and object-key segments alike.
 pub fn validate_adapter_name(name: &str) -> Result<()> {
-    const FIELD: &str = "adapter name";
+    validate_label("adapter name", name)
+}
+
+/// Checks that `name`, the value of `field`, is a DNS-1123 label.
+pub(crate) fn validate_label(field: &'static str, name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(StorageError::invalid_name(FIELD, name, "must not be empty"));
+        return Err(StorageError::invalid_name(field, name, "must not be empty"));
     }
     if name.len() > MAX_LABEL {
         return Err(StorageError::invalid_name(
-            FIELD,
+            field,
             name,
             format!("must be at most {MAX_LABEL} characters (DNS-1123 label)"),
         ));
@@ -32,14 +36,14 @@ pub fn validate_adapter_name(name: &str) -> Result<()> {
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
         return Err(StorageError::invalid_name(
-            FIELD,
+            field,
             name,
             format!("character {bad:?} not allowed; use lowercase letters, digits and '-' (DNS-1123 label)"),
         ));
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(StorageError::invalid_name(
-            FIELD,
+            field,
             name,
             "must start and end with a lowercase letter or digit (DNS-1123 label)",
         ));

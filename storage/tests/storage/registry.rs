@@ -317,3 +317,57 @@ fn manifests_without_an_evaluation_still_parse_and_one_with_it_round_trips() {
     let again = Manifest::parse("test", &m.to_bytes().unwrap(), "bot", 1).unwrap();
     assert_eq!(again, m);
 }
+
+/// Two namespaces publish an adapter of the same name into one shared root: each resolves its
+/// own, a name only the other published is not found, and the shared scope still reads what
+/// was published at the root itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_namespace_resolves_only_its_own_adapters_in_a_shared_root() {
+    use kubetune_storage::{scoped_registry_uri, Credentials, RegistryScope, Storage};
+    let env = crate::common::fs_env();
+    let root = env.storage.uri();
+    let open = |ns: &str, scope| {
+        let uri = scoped_registry_uri(&root, ns, scope).unwrap();
+        Registry::open(Storage::from_uri(&uri, &Credentials::none()).unwrap())
+    };
+    let (team_a, team_b) = (
+        open("team-a", RegistryScope::Namespace),
+        open("team-b", RegistryScope::Namespace),
+    );
+    let a = team_a
+        .publish(&env.adapter_source("support-bot", b"a-weights"), None)
+        .await
+        .unwrap();
+    let b = team_b
+        .publish(&env.adapter_source("support-bot", b"b-weights"), None)
+        .await
+        .unwrap();
+    assert_eq!((a.version, b.version), (1, 1), "each namespace counts its own versions");
+    assert_ne!(a.digest, b.digest);
+    assert_eq!(team_a.resolve(&r("support-bot@latest")).await.unwrap().digest, a.digest);
+    assert_eq!(team_b.resolve(&r("support-bot@latest")).await.unwrap().digest, b.digest);
+    // B's digest is not a version of A's adapter.
+    let err = team_a
+        .resolve(&r(&format!("support-bot@{}", b.digest)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::AdapterNotFound { .. }), "{err}");
+
+    team_b
+        .publish(&env.adapter_source("only-b", b"b-only"), None)
+        .await
+        .unwrap();
+    let err = team_a.resolve(&r("only-b")).await.unwrap_err();
+    assert!(matches!(err, StorageError::AdapterNotFound { .. }), "{err}");
+    assert_eq!(team_a.adapters().await.unwrap(), ["support-bot"]);
+
+    // What was published at the root before scoping stays readable with the shared scope, and
+    // is no namespace's.
+    let shared = open("team-a", RegistryScope::Shared);
+    let old = shared
+        .publish(&env.adapter_source("legacy", b"old"), None)
+        .await
+        .unwrap();
+    assert_eq!(shared.resolve(&r("legacy@1")).await.unwrap().digest, old.digest);
+    assert!(team_a.resolve(&r("legacy")).await.is_err());
+}
