@@ -190,6 +190,50 @@ fn images_default_to_the_charts_app_version_also_when_only_the_repository_is_ove
 }
 
 #[test]
+fn specs_may_name_only_the_charts_own_images_unless_allowed_images_lists_more() -> Result<()> {
+    let objects = render("kubetune", "kubetune-system", &[])?;
+    let c = container(find(&objects, "Deployment", Some("kubetune")));
+    assert_eq!(
+        env(c, "KUBETUNE_ALLOWED_IMAGES")["value"],
+        "ghcr.io/kubetune/trainer,ghcr.io/kubetune/server"
+    );
+    assert_eq!(env(c, "KUBETUNE_DEFAULT_SERVICE_ACCOUNT")["value"], "default");
+    // The repositories follow an override of the trainer and server images.
+    let objects = render(
+        "kubetune",
+        "kubetune-system",
+        &[
+            "--set",
+            "trainer.image.repository=kubetune/trainer",
+            "--set",
+            "server.image.repository=kubetune/server",
+        ],
+    )?;
+    let c = container(find(&objects, "Deployment", Some("kubetune")));
+    assert_eq!(
+        env(c, "KUBETUNE_ALLOWED_IMAGES")["value"],
+        "kubetune/trainer,kubetune/server"
+    );
+    let objects = render(
+        "kubetune",
+        "kubetune-system",
+        &[
+            "--set",
+            "workloads.allowedImages={registry.example.com/ml/,ghcr.io/kubetune/trainer}",
+            "--set",
+            "workloads.defaultServiceAccount=kubetune-workload",
+        ],
+    )?;
+    let c = container(find(&objects, "Deployment", Some("kubetune")));
+    assert_eq!(
+        env(c, "KUBETUNE_ALLOWED_IMAGES")["value"],
+        "registry.example.com/ml/,ghcr.io/kubetune/trainer"
+    );
+    assert_eq!(env(c, "KUBETUNE_DEFAULT_SERVICE_ACCOUNT")["value"], "kubetune-workload");
+    Ok(())
+}
+
+#[test]
 fn nondefault_values_reach_the_manifests() -> Result<()> {
     let objects = render("prod", "ml", &["-f", &nondefault()])?;
     let deployment = find(&objects, "Deployment", Some("prod-kubetune"));
@@ -533,6 +577,8 @@ const OPERATOR_NEEDS: &[Check] = &[
     ("patch", "batch/jobs", "team-a", Some("support-bot-train")),
     ("list", "/pods", "team-a", None),
     ("get", "/secrets", "team-a", Some("kubetune-storage")),
+    // The ServiceAccount a spec names, checked to exist before pods run as it.
+    ("get", "/serviceaccounts", "team-a", Some("trainer")),
     ("list", "/nodes", "", None),
     ("create", "events.k8s.io/events", "team-a", None),
     ("patch", "events.k8s.io/events", "team-a", Some("support-bot.1")),
@@ -556,6 +602,8 @@ const OPERATOR_MUST_NOT: &[Check] = &[
     ("list", "/secrets", "team-a", None),
     ("list", "/secrets", "", None),
     ("watch", "/secrets", "team-a", None),
+    ("list", "/serviceaccounts", "", None),
+    ("create", "/serviceaccounts:token", "team-a", Some("trainer")),
     ("delete", "kubetune.dev/finetunejobs", "team-a", Some("support-bot")),
     ("create", "kubetune.dev/finetunejobs", "team-a", None),
     ("update", "kubetune.dev/finetunejobs", "team-a", Some("support-bot")),
