@@ -1,6 +1,7 @@
 //! Operator settings: the defaults every FineTuneJob and ModelDeployment falls back to.
 
 use clap::Args;
+use kubetune_storage::RegistryScope;
 
 /// Trainer image used when neither the FineTuneJob nor the operator's settings name one: this
 /// release's CUDA build, as the chart installs it (`<appVersion>-cuda`). Pinned to the crate's
@@ -32,6 +33,12 @@ pub struct OperatorConfig {
     /// Adapter registry used when a FineTuneJob or ModelDeployment names none (e.g. s3://bucket/kubetune).
     #[arg(long, env = "KUBETUNE_REGISTRY")]
     pub default_registry: Option<String>,
+    /// How the registry root is shared between namespaces: `namespace` (each namespace's
+    /// adapters under `<registry>/namespaces/<namespace>`, so one team's `support-bot` is never
+    /// another's) or `shared` (every namespace uses the root itself and shares its adapter
+    /// names, as before scoping existed).
+    #[arg(long, env = "KUBETUNE_REGISTRY_SCOPE", default_value_t = RegistryScope::Namespace)]
+    pub registry_scope: RegistryScope,
     /// Extended resource that GPUs are requested as.
     #[arg(long, env = "KUBETUNE_GPU_RESOURCE", default_value = "nvidia.com/gpu")]
     pub gpu_resource: String,
@@ -131,6 +138,7 @@ impl OperatorConfig {
             trainer_image: "kubetune/trainer:test".into(),
             server_image: "kubetune/server:test".into(),
             default_registry: Some("s3://kubetune/registry".into()),
+            registry_scope: RegistryScope::Namespace,
             gpu_resource: "nvidia.com/gpu".into(),
             gpu_memory_label: "nvidia.com/gpu.memory".into(),
             scratch_size: "10Gi".into(),
@@ -185,6 +193,22 @@ mod tests {
             assert!(crate::workload::image_allowed(image, &config.allowed_images), "{image}");
         }
         assert_eq!(config.default_service_account, "default");
+    }
+
+    #[test]
+    fn registries_are_scoped_by_namespace_unless_the_shared_scope_is_asked_for() {
+        assert_eq!(default_of("registry_scope"), "namespace");
+        let command = OperatorConfig::augment_args(Command::new("kubetune-operator"));
+        let parsed = command
+            .clone()
+            .try_get_matches_from(["kubetune-operator", "--registry-scope", "shared"])
+            .expect("shared");
+        let config = OperatorConfig::from_arg_matches(&parsed).expect("config");
+        assert_eq!(config.registry_scope, RegistryScope::Shared);
+        let err = command
+            .try_get_matches_from(["kubetune-operator", "--registry-scope", "tenant"])
+            .expect_err("no such scope");
+        assert!(err.to_string().contains("expected namespace or shared"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub enum Error {
     /// The operator could not make a secret (the kernel's random source failed).
     #[error("generating {what}: {source}")]
     Generate { what: &'static str, source: std::io::Error },
+    /// A registry root that cannot be scoped to the object's namespace.
+    #[error("adapter registry: {0}")]
+    Registry(#[from] kubetune_storage::StorageError),
     #[error("serialising {what}: {source}")]
     Serialize {
         what: &'static str,
@@ -32,6 +35,7 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::NotOwned(_) => "not_owned",
             Error::Generate { .. } => "generate",
+            Error::Registry(_) => "registry",
         }
     }
 }

@@ -234,6 +234,17 @@ fn specs_may_name_only_the_charts_own_images_unless_allowed_images_lists_more() 
 }
 
 #[test]
+fn registries_are_scoped_by_namespace_unless_the_chart_shares_them() -> Result<()> {
+    let objects = render("kubetune", "kubetune-system", &[])?;
+    let c = container(find(&objects, "Deployment", Some("kubetune")));
+    assert_eq!(env(c, "KUBETUNE_REGISTRY_SCOPE")["value"], "namespace");
+    let objects = render("kubetune", "kubetune-system", &["--set", "registry.scope=shared"])?;
+    let c = container(find(&objects, "Deployment", Some("kubetune")));
+    assert_eq!(env(c, "KUBETUNE_REGISTRY_SCOPE")["value"], "shared");
+    Ok(())
+}
+
+#[test]
 fn nondefault_values_reach_the_manifests() -> Result<()> {
     let objects = render("prod", "ml", &["-f", &nondefault()])?;
     let deployment = find(&objects, "Deployment", Some("prod-kubetune"));

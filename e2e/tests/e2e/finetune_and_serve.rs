@@ -89,6 +89,12 @@ impl Env {
         format!("{}/{rel}", self.root)
     }
 
+    /// The test namespace's own registry below the root its specs name, where the operator
+    /// (scoping registries by namespace, the chart's default) has its jobs publish.
+    fn registry_uri(&self) -> String {
+        format!("{}/namespaces/{}", self.uri("registry"), self.ns.name)
+    }
+
     fn example(&self, file: &str) -> Result<Value> {
         let text = std::fs::read_to_string(repo_root().join("examples").join(file))?;
         let mut obj = yaml_documents(&text)?.remove(0);
@@ -291,7 +297,7 @@ async fn suspended_job_runs_when_resumed_through_an_operator_restart(
         Some("True")
     );
 
-    let published = registry(&env.uri("registry"))?
+    let published = registry(&env.registry_uri())?
         .resolve(&format!("{ADAPTER}@latest").parse::<AdapterRef>()?)
         .await?;
     assert_eq!(published.version, 1);
@@ -573,7 +579,7 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
         adapter - base >= MIN_IMPROVEMENT,
         "published although the adapter scored {adapter} against the base model's {base}"
     );
-    let v2 = registry(&env.uri("registry"))?
+    let v2 = registry(&env.registry_uri())?
         .resolve(&format!("{ADAPTER}@2").parse::<AdapterRef>()?)
         .await?;
     let recorded = v2
@@ -611,7 +617,7 @@ async fn new_version_rolls_out_under_load(env: &Env) -> Result<()> {
 /// One training step cannot teach the tiny model answers to the letter: the adapter is no better
 /// than the base model at them.
 async fn adapter_short_of_its_evaluation_gate_fails_and_publishes_nothing(env: &Env) -> Result<()> {
-    let registry = registry(&env.uri("registry"))?;
+    let registry = registry(&env.registry_uri())?;
     let versions = || async {
         anyhow::Ok(
             registry
@@ -659,7 +665,7 @@ async fn adapter_short_of_its_evaluation_gate_fails_and_publishes_nothing(env: &
 
 /// Publishes the files of version `from` again, as the next version.
 async fn republish(env: &Env, from: u32) -> Result<u32> {
-    let registry = registry(&env.uri("registry"))?;
+    let registry = registry(&env.registry_uri())?;
     let source = registry
         .resolve(&format!("{ADAPTER}@{from}").parse::<AdapterRef>()?)
         .await?;
@@ -696,7 +702,7 @@ async fn republish(env: &Env, from: u32) -> Result<u32> {
 async fn publish_corrupt_v3(env: &Env) -> Result<()> {
     let v3 = republish(env, 2).await?;
     ensure!(v3 == 3, "published v{v3} instead of v3");
-    storage(&env.uri("registry"))?
+    storage(&env.registry_uri())?
         .put_bytes(
             &format!("adapters/{ADAPTER}/v3/adapter_model.safetensors"),
             bytes_of("not a safetensors file"),

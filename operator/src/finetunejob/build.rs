@@ -60,6 +60,7 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
         owner.name,
         owner.uid
     );
+    let namespace = owner.namespace.clone();
     Ok(TrainerJob {
         owner,
         base_model_uri: valid.base_model_uri.clone(),
@@ -69,7 +70,9 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
         quantization: valid.quantization.clone(),
         training: valid.training.clone(),
         adapter_name: ftj.spec.output.adapter_name.clone(),
-        registry: valid.registry.clone(),
+        // Where the trainer publishes: the same namespace's registry that ModelDeployments of
+        // this namespace resolve in.
+        registry: kubetune_storage::scoped_registry_uri(&valid.registry, &namespace, valid.registry_scope)?,
         checkpoint_uri,
         evaluation: valid.evaluation.clone(),
         dpo: valid.dpo.clone(),
@@ -387,6 +390,22 @@ mod tests {
     }
 
     #[test]
+    fn the_trainer_publishes_into_its_namespaces_registry_unless_the_registry_is_shared() {
+        let ftj = finetunejob("full.yaml");
+        let config = OperatorConfig::for_tests();
+        let mut valid = validate(&ftj.spec, &config, &Facts::default()).expect("valid");
+        let scoped = trainer_job(&ftj, &valid).expect("builds");
+        assert_eq!(scoped.registry, "s3://registry/kubetune/namespaces/team-a");
+        valid.registry_scope = kubetune_storage::RegistryScope::Shared;
+        let shared = trainer_job(&ftj, &valid).expect("builds");
+        assert_eq!(shared.registry, "s3://registry/kubetune");
+        assert_eq!(
+            scoped.checkpoint_uri, shared.checkpoint_uri,
+            "checkpoints stay where they were, already per namespace and job"
+        );
+    }
+
+    #[test]
     fn trainer_receives_every_resolved_setting() {
         let (_, job) = built("full.yaml");
         let c = &pod_spec(&job).containers[0];
@@ -399,7 +418,7 @@ mod tests {
             .expect("job env");
         let request: TrainerJob = serde_json::from_str(&raw).expect("trainer job JSON");
         assert_eq!(request.owner.namespace, "team-a");
-        assert_eq!(request.registry, "s3://registry/kubetune");
+        assert_eq!(request.registry, "s3://registry/kubetune/namespaces/team-a");
         assert_eq!(
             request.checkpoint_uri,
             "s3://registry/kubetune/checkpoints/team-a/full-0b5e7c1e-0000-4000-8000-000000000001"

@@ -62,7 +62,10 @@ pub struct ValidFineTuneJob {
     pub evaluation: Option<TrainerEvaluation>,
     /// spec.dpo with its defaults; present exactly under method dpo.
     pub dpo: Option<TrainerDpo>,
+    /// The registry root (spec.output.registry or the operator's default); trainer checkpoints
+    /// go below it, adapters below its part for the job's namespace (`registry_scope`).
     pub registry: String,
+    pub registry_scope: kubetune_storage::RegistryScope,
     /// spec.baseModel.uri as the trainer reads it (a claim's `file://` mount for `pvc://`).
     pub base_model_uri: String,
     /// The claims `pvc://` URIs name, mounted read-only into the trainer pod.
@@ -181,6 +184,7 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         evaluation,
         dpo,
         registry,
+        registry_scope: config.registry_scope,
         base_model_uri,
         claims,
         image: spec.image.clone().unwrap_or_else(|| config.trainer_image.clone()),

@@ -69,7 +69,13 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // Resolve every adapter; an unresolvable one keeps its promoted version serving.
-    let registry_uri = md.spec.registry.clone().or_else(|| ctx.config.default_registry.clone());
+    let registry_uri = match validate::registry_for(&md.spec, &ctx.config, &ns) {
+        Ok(uri) => uri,
+        Err(refused) => {
+            let new_status = status::refused_status(&md, &refused, Time(k8s_openapi::jiff::Timestamp::now()));
+            return refuse(&md, &ctx, &ns, &key, &refused, new_status).await;
+        }
+    };
     let existing_config_map = get_child::<ConfigMap>(&ctx, &ns, &adapters_config_map_name(&md)).await?;
     let promoted = current_promoted(&md, existing_config_map.as_ref());
     let mut desired = Vec::new();

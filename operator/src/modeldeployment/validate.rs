@@ -6,6 +6,7 @@ use crate::config::OperatorConfig;
 use crate::pvc::{self, ClaimMounts};
 use crate::workload::{check_image, requested_gpus};
 use kubetune_crds::ModelDeploymentSpec;
+use kubetune_storage::scoped_registry_uri;
 
 /// What the pods are built from, once the spec is known to be runnable.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +46,25 @@ pub fn validate(spec: &ModelDeploymentSpec, config: &OperatorConfig) -> Result<V
     })
 }
 
+/// The registry a ModelDeployment's adapters resolve in, for the operator and its server pods
+/// alike: spec.registry or the operator's default, scoped to the object's namespace (unless the
+/// operator shares the root), exactly as its FineTuneJobs publish. None when neither names one.
+pub fn registry_for(
+    spec: &ModelDeploymentSpec,
+    config: &OperatorConfig,
+    namespace: &str,
+) -> Result<Option<String>, Unresolved> {
+    let Some(root) = spec.registry.as_ref().or(config.default_registry.as_ref()) else {
+        return Ok(None);
+    };
+    scoped_registry_uri(root, namespace, config.registry_scope)
+        .map(Some)
+        .map_err(|e| Unresolved {
+            reason: "InvalidSpec",
+            message: format!("metadata.namespace: {e}"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +101,36 @@ mod tests {
         );
         spec.server.get_or_insert_with(Default::default).image = Some("kubetune/server@sha256:00".into());
         validate(&spec, &OperatorConfig::for_tests()).expect("an allowed repository");
+    }
+
+    #[test]
+    fn adapters_resolve_in_the_namespaces_registry_unless_the_registry_is_shared() {
+        let mut spec = modeldeployment("modeldeployment.yaml").spec;
+        spec.registry = None;
+        let mut config = OperatorConfig::for_tests();
+        assert_eq!(
+            registry_for(&spec, &config, "team-a"),
+            Ok(Some("s3://kubetune/registry/namespaces/team-a".into()))
+        );
+        assert_eq!(
+            registry_for(&spec, &config, "team-b"),
+            Ok(Some("s3://kubetune/registry/namespaces/team-b".into())),
+            "team-b's support-bot is not team-a's"
+        );
+        spec.registry = Some("s3://team-bucket/reg/".into());
+        assert_eq!(
+            registry_for(&spec, &config, "team-a"),
+            Ok(Some("s3://team-bucket/reg/namespaces/team-a".into())),
+            "a registry the spec names is scoped too: its FineTuneJobs publish there"
+        );
+        config.registry_scope = kubetune_storage::RegistryScope::Shared;
+        assert_eq!(
+            registry_for(&spec, &config, "team-a"),
+            Ok(Some("s3://team-bucket/reg/".into()))
+        );
+        spec.registry = None;
+        config.default_registry = None;
+        assert_eq!(registry_for(&spec, &config, "team-a"), Ok(None));
     }
 
     #[test]

@@ -215,6 +215,12 @@ async fn a_new_model_deployment_gets_an_admin_key_secret_it_owns_and_its_pods_ar
             .any(|w| w == ["--admin-api-key-file", "/etc/kubetune/admin/key"]),
         "{args:?}"
     );
+    // The server resolves references in the namespace's own registry, as the operator does.
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--registry", "s3://kubetune/registry/namespaces/team-a"]),
+        "{args:?}"
+    );
     let volumes = pod["volumes"].as_array().expect("volumes");
     assert!(
         volumes.iter().any(|v| v["secret"]["secretName"] == "support-admin-key"),
