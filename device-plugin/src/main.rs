@@ -41,40 +41,49 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let args = Args::parse();
     let socket = args.socket_dir.join(SOCKET);
+    let kubelet = args.socket_dir.join(KUBELET_SOCKET);
     let devices = plugin::FakeGpus::new(args.devices);
+    let mut retry = Backoff::default();
     loop {
+        // Served anew each round: kubelet deletes every socket in its directory when it starts,
+        // also one bound a moment before it did, and then cannot dial the plugin it was told of.
         let server = plugin::serve(devices.clone(), &socket)
             .await
             .with_context(|| format!("serving on {}", socket.display()))?;
-        let kubelet = args.socket_dir.join(KUBELET_SOCKET);
-        if let Err(e) = register_when_kubelet_listens(&kubelet, &args.resource).await {
-            server.abort();
-            return Err(e);
+        match plugin::register(&kubelet, SOCKET, &args.resource).await {
+            Ok(()) => {
+                retry = Backoff::default();
+                tracing::info!(resource = %args.resource, devices = args.devices, "registered with kubelet");
+                // kubelet restarting deletes our socket: then serve and register anew.
+                while tokio::fs::try_exists(&socket).await.unwrap_or(false) && !server.is_finished() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                tracing::info!("the socket is gone (kubelet restarted?); serving and registering again");
+            }
+            Err(e) => {
+                // kubelet not started yet, or it could not dial us back: try again, for as long
+                // as it takes, as NVIDIA's plugin does.
+                tracing::warn!(error = %format!("{e:#}"), kubelet = %kubelet.display(), "registration failed; retrying");
+                tokio::time::sleep(retry.next()).await;
+            }
         }
-        tracing::info!(resource = %args.resource, devices = args.devices, "registered with kubelet");
-        // kubelet restarting deletes our socket: then serve and register anew.
-        while tokio::fs::try_exists(&socket).await.unwrap_or(false) && !server.is_finished() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        tracing::info!("the socket is gone (kubelet restarted?); serving and registering again");
         server.abort();
     }
 }
 
-/// Registers, retrying while kubelet's socket is absent or refuses (kubelet starting).
-async fn register_when_kubelet_listens(kubelet: &std::path::Path, resource: &str) -> Result<()> {
-    let mut wait = Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        match plugin::register(kubelet, SOCKET, resource).await {
-            Ok(()) => return Ok(()),
-            Err(e) if tries < 120 => {
-                tracing::debug!(error = %e, "kubelet not ready for registration");
-                tries += 1;
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e).context(format!("registering with kubelet at {}", kubelet.display())),
-        }
+/// Waits between registration attempts: 100 ms, doubling up to 5 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        wait
     }
 }
