@@ -58,6 +58,18 @@ pub async fn expect(handle: &mut ApiHandle, method: Method, path_prefix: &str, s
     .await
 }
 
+/// The Event the reconciler posts next in namespace team-a, as it posted it.
+pub async fn expect_event(handle: &mut ApiHandle) -> Value {
+    expect(
+        handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/team-a/events",
+        200,
+        Value::Null,
+    )
+    .await
+}
+
 /// Like [`expect`], replying with what `reply` makes of the request body.
 pub async fn expect_reply(
     handle: &mut ApiHandle,

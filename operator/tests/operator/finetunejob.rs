@@ -126,14 +126,7 @@ async fn new_job_creates_the_trainer_job_and_reports_pending() {
         .await;
         assert_eq!(status["status"]["phase"], "Pending");
         assert_eq!(status["status"]["observedGeneration"], 1);
-        let event = expect(
-            api,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            200,
-            Value::Null,
-        )
-        .await;
+        let event = expect_event(api).await;
         assert_eq!(event["reason"], "Pending");
         }
         .boxed()
@@ -189,14 +182,7 @@ async fn a_job_asking_for_two_gpus_fails_naming_the_field_and_creates_no_job() {
                 "{message}"
             );
             assert!(message.contains("one GPU per pod is supported"), "{message}");
-            expect(
-                api,
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/team-a/events",
-                200,
-                Value::Null,
-            )
-            .await;
+            expect_event(api).await;
         }
         .boxed()
     })
@@ -242,14 +228,7 @@ async fn a_model_deployment_asking_for_two_gpus_is_refused_in_its_status_and_app
             message.starts_with(r#"spec.resources.limits["nvidia.com/gpu"]: 2 GPUs"#),
             "{message}"
         );
-        let event = expect(
-            &mut api,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            200,
-            Value::Null,
-        )
-        .await;
+        let event = expect_event(&mut api).await;
         assert_eq!(event["type"], "Warning");
         api
     });
@@ -381,14 +360,7 @@ async fn a_missing_service_account_leaves_the_job_pending_naming_the_field_and_c
                 stored(),
             )
             .await;
-            let event = expect(
-                api,
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/team-a/events",
-                200,
-                Value::Null,
-            )
-            .await;
+            let event = expect_event(api).await;
             assert_eq!(event["reason"], "ServiceAccountNotFound");
             status
         }
@@ -434,7 +406,7 @@ async fn a_job_naming_an_existing_service_account_runs_its_pods_as_that_one() {
                 stored(),
             )
             .await;
-            expect(api, Method::POST, "/apis/events.k8s.io/v1/namespaces/team-a/events", 200, Value::Null).await;
+            expect_event(api).await;
             job
         }
         .boxed()
@@ -494,14 +466,7 @@ async fn script_secret_missing(api: &mut ApiHandle, status_changes: bool, first:
         None
     };
     if first {
-        let event = expect(
-            api,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            200,
-            Value::Null,
-        )
-        .await;
+        let event = expect_event(api).await;
         assert_eq!(
             (event["type"].as_str(), event["reason"].as_str()),
             (Some("Warning"), Some("SecretNotFound"))
@@ -647,14 +612,7 @@ async fn script_suspended_status(api: &mut ApiHandle) {
     )
     .await;
     assert_eq!(status["status"]["phase"], "Suspended");
-    expect(
-        api,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/team-a/events",
-        200,
-        Value::Null,
-    )
-    .await;
+    expect_event(api).await;
 }
 
 fn no_nodes() -> Value {
@@ -838,14 +796,7 @@ async fn a_running_job_whose_progress_did_not_move_gets_no_status_write() {
                 stored(),
             )
             .await;
-            expect(
-                api,
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/team-a/events",
-                200,
-                Value::Null,
-            )
-            .await;
+            expect_event(api).await;
             (job, status)
         }
         .boxed()

@@ -563,14 +563,7 @@ async fn a_missing_service_account_leaves_the_deployment_pending_and_applies_not
             .await;
             let stored = serde_json::to_value(model_deployment(json!({}))).expect("json");
             let status = expect(api, Method::PATCH, STATUS, 200, stored).await;
-            let event = expect(
-                api,
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/team-a/events",
-                200,
-                Value::Null,
-            )
-            .await;
+            let event = expect_event(api).await;
             assert_eq!(event["reason"], "ServiceAccountNotFound");
             status
         }
