@@ -8,6 +8,7 @@
 //! - [`Registry`] publishes, lists, resolves, fetches, deletes and retains adapter versions
 //!   (`adapters/<name>/v<N>/`), with race-free version numbers.
 //! - [`scoped_registry_uri`] gives each namespace its own registry below a shared root.
+//! - [`verify_version_dir`] checks a version directory named directly against its manifest.
 //! - [`AdapterRef`] parses `name`, `name@latest`, `name@3`, `name@sha256:…`.
 
 mod adapter_ref;
@@ -25,6 +26,7 @@ mod retry;
 mod scope;
 mod store;
 mod uri;
+mod verify;
 
 pub use adapter_ref::{AdapterRef, VersionSelector};
 pub use cache::Cache;
@@ -43,3 +45,4 @@ pub use retry::RetryPolicy;
 pub use scope::{scoped_registry_uri, RegistryScope};
 pub use store::{CreateOutcome, ObjectInfo, Storage};
 pub use uri::{HfRepo, StorageUri};
+pub use verify::{verify_version_dir, VerifiedVersion};

@@ -108,6 +108,20 @@ impl Manifest {
     /// Parses manifest bytes read from `uri` and checks they belong at `name`/`version` and
     /// that every file name is safe to create locally (a registry is outside input too).
     pub fn parse(uri: &str, bytes: &[u8], name: &str, version: u32) -> Result<Self> {
+        let m = Self::parse_unplaced(uri, bytes)?;
+        if m.name != name || m.version != version {
+            return Err(StorageError::InvalidManifest {
+                uri: uri.to_string(),
+                reason: format!("describes {}@{} but is stored at {name}@{version}", m.name, m.version),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Parses manifest bytes found outside a registry layout (a version directory named by
+    /// URI, or one `kubetune-adapters pull` wrote): the same checks as [`parse`](Self::parse)
+    /// except where it is stored, which such a location does not say.
+    pub fn parse_unplaced(uri: &str, bytes: &[u8]) -> Result<Self> {
         let invalid = |reason: String| StorageError::InvalidManifest {
             uri: uri.to_string(),
             reason,
@@ -117,12 +131,6 @@ impl Manifest {
             return Err(invalid(format!(
                 "schema {} is not supported by this version of kubetune (supports {MANIFEST_SCHEMA})",
                 m.schema
-            )));
-        }
-        if m.name != name || m.version != version {
-            return Err(invalid(format!(
-                "describes {}@{} but is stored at {name}@{version}",
-                m.name, m.version
             )));
         }
         validate_adapter_name(&m.name).map_err(|e| invalid(e.to_string()))?;

@@ -8,3 +8,4 @@ mod cache;
 mod cli;
 mod hf;
 mod registry;
+mod verify;
