@@ -21,6 +21,7 @@ pub const FINETUNEJOB_IMMUTABLE_FIELDS: &[&str] = &[
     "output",
     "evaluation",
     "dpo",
+    "initFrom",
     "image",
     "resources",
     "nodeSelector",
@@ -96,6 +97,17 @@ pub const FINETUNEJOB_MUTABLE_FIELDS: &[&str] = &[
         "fieldPath": ".evaluation"
     },
     {
+        "rule": "has(self.lora) || has(self.initFrom)",
+        "message": "spec.lora: required unless spec.initFrom names the adapter to start from (whose settings are then used)",
+        "fieldPath": ".lora",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.output.merge) || !self.output.merge || !(self.method == 'qlora' || (self.method == 'dpo' && has(self.quantization)))",
+        "message": "spec.output.merge: the adapter was trained on a 4-bit base; merging it into the full-precision weights would not give the model it was trained as, so merge is only for a full-precision base",
+        "fieldPath": ".output.merge"
+    },
+    {
         "rule": "!has(self.evaluation) || !has(self.evaluation.metric) || self.dataset.format != 'text'",
         "message": "spec.evaluation.metric: scores answers to prompts, so it needs instruction or chat data, not text",
         "fieldPath": ".evaluation.metric"
@@ -109,8 +121,18 @@ pub struct FineTuneJobSpec {
     /// trains a low-rank adapter by direct preference optimisation on `preference` data, on a
     /// full-precision base or, with `quantization.bits: 4`, a 4-bit one.
     pub method: FineTuneMethod,
-    /// Low-rank adapter settings, as in HF PEFT's LoraConfig.
-    pub lora: LoraSpec,
+    /// Low-rank adapter settings, as in HF PEFT's LoraConfig. Required unless `initFrom` is set;
+    /// with it, rank, alpha and target modules come from the starting adapter, and any given
+    /// here must equal its own (the job fails naming the field otherwise); dropout may differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+    /// Continue training an adapter version already in the registry (the namespace's, where
+    /// this job publishes) instead of a fresh adapter: e.g. a DPO job starting from the SFT
+    /// adapter. Its files are checked against its manifest before training, and the new
+    /// version records it (name, version, manifest digest) as its lineage. Under `method: dpo`
+    /// the reference policy is this starting adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFromSpec>,
     /// How the frozen base is quantized in memory. Required for `qlora`, not allowed to be
     /// anything but 4-bit there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +177,19 @@ pub struct FineTuneJobSpec {
     /// Secret with the object-storage credentials the trainer uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_secret_ref: Option<SecretRef>,
+}
+
+/// An adapter version to start training from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InitFromSpec {
+    /// Adapter name in the registry (a DNS-1123 label).
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    pub adapter_name: String,
+    /// The version to start from, from 1. A number rather than `latest`, so that a retried
+    /// trainer pod and the lineage the new version records always mean the same adapter.
+    #[schemars(range(min = 1))]
+    pub version: u32,
 }
 
 /// The fine-tuning method.
@@ -459,6 +494,13 @@ pub struct OutputSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(s3|gs|az|file|hf)://.+$"), length(max = 2048))]
     pub registry: Option<String>,
+    /// Also publish the base model with the adapter folded into its weights (W + alpha/r·B·A,
+    /// PEFT's merge_and_unload), in Hugging Face layout, for serving stacks that cannot load
+    /// adapters: at `<registry>/merged/<adapterName>/v<N>/` beside the adapter version N, with
+    /// its own manifest. Full-precision bases only (not qlora, nor dpo on 4 bits). Defaults
+    /// to false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<bool>,
 }
 
 /// Observed state of a FineTuneJob.
@@ -619,4 +661,7 @@ pub struct PublishedAdapter {
     /// "name@vN", for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// URI of the merged model published beside it (spec.output.merge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_uri: Option<String>,
 }

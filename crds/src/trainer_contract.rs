@@ -36,6 +36,25 @@ pub struct TrainerJob {
     /// spec.dpo with its defaults resolved; present exactly when the method is dpo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<TrainerDpo>,
+    /// spec.initFrom: the adapter version in `registry` to start from. The trainer then takes
+    /// rank, alpha and target modules from its adapter_config.json, not from `lora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<TrainerInitFrom>,
+    /// spec.output.merge: also publish the base model with the adapter folded in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merge: bool,
+}
+
+/// spec.initFrom, with spec.lora as the user wrote it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerInitFrom {
+    pub adapter_name: String,
+    pub version: u32,
+    /// spec.lora without defaults, so that the trainer checks only what the user set against
+    /// the starting adapter (the job's `lora` has defaults filled in that the user never chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::LoraSpec>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

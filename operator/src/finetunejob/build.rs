@@ -76,6 +76,8 @@ pub fn trainer_job(ftj: &FineTuneJob, valid: &ValidFineTuneJob) -> Result<Traine
         checkpoint_uri,
         evaluation: valid.evaluation.clone(),
         dpo: valid.dpo.clone(),
+        init_from: valid.init_from.clone(),
+        merge: valid.merge,
     })
 }
 
@@ -403,6 +405,25 @@ mod tests {
             scoped.checkpoint_uri, shared.checkpoint_uri,
             "checkpoints stay where they were, already per namespace and job"
         );
+    }
+
+    #[test]
+    fn init_from_and_merge_reach_the_trainer_and_init_from_is_read_in_the_namespaces_registry() {
+        let mut ftj = finetunejob("full.yaml");
+        ftj.spec.init_from = Some(kubetune_crds::InitFromSpec {
+            adapter_name: "support-bot".into(),
+            version: 2,
+        });
+        ftj.spec.output.merge = Some(true);
+        let config = OperatorConfig::for_tests();
+        let valid = validate(&ftj.spec, &config, &Facts::default()).expect("valid");
+        let request = trainer_job(&ftj, &valid).expect("builds");
+        let from = request.init_from.expect("initFrom");
+        assert_eq!((from.adapter_name.as_str(), from.version), ("support-bot", 2));
+        assert_eq!(from.lora, ftj.spec.lora, "spec.lora as written");
+        assert!(request.merge);
+        // The trainer resolves initFrom in `registry`, which is the namespace's own.
+        assert_eq!(request.registry, "s3://registry/kubetune/namespaces/team-a");
     }
 
     #[test]

@@ -5,11 +5,11 @@ use crate::config::OperatorConfig;
 use crate::pvc::{self, ClaimMounts};
 use crate::workload::{check_image, requested_gpus};
 use kubetune_crds::trainer_contract::{
-    TrainerDataset, TrainerDpo, TrainerEvaluation, TrainerLora, TrainerQuantization, TrainerTraining,
+    TrainerDataset, TrainerDpo, TrainerEvaluation, TrainerInitFrom, TrainerLora, TrainerQuantization, TrainerTraining,
 };
 use kubetune_crds::{
-    DatasetFormat, DatasetSpec, DpoLossType, EvaluationSpec, FineTuneJobSpec, FineTuneMethod, LrScheduler, QuantType,
-    TargetModule,
+    DatasetFormat, DatasetSpec, DpoLossType, EvaluationSpec, FineTuneJobSpec, FineTuneMethod, LoraSpec, LrScheduler,
+    QuantType, TargetModule,
 };
 
 /// Why a FineTuneJob cannot run as written. `reason` becomes the condition reason.
@@ -54,7 +54,14 @@ pub struct ModelShape {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidFineTuneJob {
     pub method: FineTuneMethod,
+    /// spec.lora with defaults. Under initFrom the trainer takes the starting adapter's own
+    /// settings instead; without spec.lora these are then the defaults, which only the
+    /// GPU-memory estimate reads.
     pub lora: TrainerLora,
+    /// spec.initFrom, with spec.lora as written for the trainer to check against the adapter.
+    pub init_from: Option<TrainerInitFrom>,
+    /// spec.output.merge.
+    pub merge: bool,
     pub quantization: Option<TrainerQuantization>,
     pub dataset: TrainerDataset,
     pub training: TrainerTraining,
@@ -141,19 +148,26 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
         .map(|e| evaluation(e, &spec.dataset))
         .transpose()?;
     let dpo = dpo(spec)?;
+    let (init_from, merge) = (init_from(spec)?, merge(spec)?);
     let training = &spec.training;
+    let lora = spec.lora.clone().unwrap_or(LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: None,
+        target_modules: None,
+    });
     let valid = ValidFineTuneJob {
         method: spec.method,
         lora: TrainerLora {
-            r: spec.lora.r,
-            alpha: spec.lora.alpha,
-            dropout: spec.lora.dropout.unwrap_or(0.0),
-            target_modules: spec
-                .lora
+            r: lora.r,
+            alpha: lora.alpha,
+            dropout: lora.dropout.unwrap_or(0.0),
+            target_modules: lora
                 .target_modules
-                .clone()
                 .unwrap_or_else(|| vec![TargetModule::QProj, TargetModule::VProj]),
         },
+        init_from,
+        merge,
         quantization: spec.quantization.as_ref().map(|q| TrainerQuantization {
             bits: q.bits,
             quant_type: q
@@ -193,6 +207,53 @@ pub fn validate(spec: &FineTuneJobSpec, config: &OperatorConfig, facts: &Facts) 
     };
     check_gpu_memory(&valid, facts)?;
     Ok(valid)
+}
+
+/// spec.initFrom for the trainer; spec.lora is required without it. The schema's CEL rule says
+/// the same at apply time; this holds for objects stored before that rule.
+fn init_from(spec: &FineTuneJobSpec) -> Result<Option<TrainerInitFrom>, Invalid> {
+    let Some(from) = &spec.init_from else {
+        return match spec.lora {
+            Some(_) => Ok(None),
+            None => Err(Invalid {
+                reason: "InvalidSpec",
+                message: "spec.lora: required unless spec.initFrom names the adapter to start from".into(),
+            }),
+        };
+    };
+    kubetune_storage::validate_adapter_name(&from.adapter_name).map_err(|e| Invalid {
+        reason: "InvalidSpec",
+        message: format!("spec.initFrom.adapterName: {e}"),
+    })?;
+    if from.version == 0 {
+        return Err(Invalid {
+            reason: "InvalidSpec",
+            message: "spec.initFrom.version: versions count from 1".into(),
+        });
+    }
+    Ok(Some(TrainerInitFrom {
+        adapter_name: from.adapter_name.clone(),
+        version: from.version,
+        lora: spec.lora.clone(),
+    }))
+}
+
+/// spec.output.merge, refused on a 4-bit base: the adapter learned to correct the quantized
+/// weights, so folding it into the full-precision ones would publish a model nobody trained.
+fn merge(spec: &FineTuneJobSpec) -> Result<bool, Invalid> {
+    let merge = spec.output.merge.unwrap_or(false);
+    let four_bit = match spec.method {
+        FineTuneMethod::Lora => false,
+        FineTuneMethod::Qlora => true,
+        FineTuneMethod::Dpo => spec.quantization.as_ref().is_some_and(|q| q.bits == 4),
+    };
+    if merge && four_bit {
+        return Err(Invalid {
+            reason: "InvalidSpec",
+            message: "spec.output.merge: only for a full-precision base; this job trains on a 4-bit one".into(),
+        });
+    }
+    Ok(merge)
 }
 
 /// TRL's defaults: beta 0.1, the sigmoid loss, no label smoothing.
@@ -557,6 +618,71 @@ mod tests {
         assert_eq!(valid.method, FineTuneMethod::Dpo);
         assert_eq!(valid.dataset.format, DatasetFormat::Preference);
         assert_eq!(valid.dpo.map(|d| (d.beta, d.loss)), Some((0.1, DpoLossType::Sigmoid)));
+    }
+
+    #[test]
+    fn the_sft_to_dpo_example_starts_from_the_sft_adapter_with_no_lora_of_its_own_and_merges() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/dpo-from-sft-finetunejob.yaml");
+        let ftj: kubetune_crds::FineTuneJob =
+            serde_yaml::from_str(&std::fs::read_to_string(path).expect("example")).expect("a FineTuneJob");
+        let valid = validate(&ftj.spec, &OperatorConfig::for_tests(), &Facts::default()).expect("valid");
+        assert_eq!(valid.method, FineTuneMethod::Dpo);
+        let from = valid.init_from.expect("initFrom reaches the trainer");
+        assert_eq!(
+            (from.adapter_name.as_str(), from.version, from.lora),
+            ("support-bot", 1, None)
+        );
+        assert!(valid.merge);
+    }
+
+    #[test]
+    fn init_from_hands_the_trainer_spec_lora_as_written_so_it_checks_only_what_the_user_set() {
+        let config = OperatorConfig::for_tests();
+        let valid = validate(
+            &with_yaml("initFrom: {adapterName: sft, version: 3}\nlora: {r: 16, alpha: 32}"),
+            &config,
+            &Facts::default(),
+        )
+        .expect("valid");
+        let from = valid.init_from.expect("initFrom");
+        let lora = from.lora.expect("spec.lora as written");
+        assert_eq!(
+            (lora.r, lora.target_modules),
+            (16, None),
+            "no default target modules added"
+        );
+    }
+
+    #[test]
+    fn a_job_without_lora_or_init_from_and_a_bad_init_from_are_refused_naming_the_field() {
+        let config = OperatorConfig::for_tests();
+        let refused = |spec: FineTuneJobSpec| {
+            validate(&spec, &config, &Facts::default())
+                .expect_err("refused")
+                .message
+        };
+        let mut no_lora = finetunejob("minimal.yaml").spec;
+        no_lora.lora = None;
+        assert!(refused(no_lora).starts_with("spec.lora: required unless spec.initFrom"));
+        let version_0 = with_yaml("initFrom: {adapterName: sft, version: 0}");
+        assert!(refused(version_0).starts_with("spec.initFrom.version: "));
+        let bad_name = with_yaml("initFrom: {adapterName: Not_A_Label, version: 1}");
+        assert!(refused(bad_name).starts_with("spec.initFrom.adapterName: "));
+    }
+
+    #[test]
+    fn merge_is_refused_naming_the_field_on_a_4_bit_base_and_reaches_the_trainer_otherwise() {
+        let config = OperatorConfig::for_tests();
+        let merged = "output: {adapterName: minimal, merge: true}";
+        let valid = validate(&with_yaml(merged), &config, &Facts::default()).expect("lora merges");
+        assert!(valid.merge);
+        let qlora = with_yaml(&format!("{merged}\nmethod: qlora\nquantization: {{bits: 4}}"));
+        let err = validate(&qlora, &config, &Facts::default()).expect_err("qlora cannot merge");
+        assert!(err.message.starts_with("spec.output.merge: "), "{}", err.message);
+        let pairs = "method: dpo\ndataset: {uri: s3://data/pairs.jsonl, format: preference}\nquantization: {bits: 4}";
+        let dpo_4bit = with_yaml(&format!("{merged}\n{pairs}"));
+        let err = validate(&dpo_4bit, &config, &Facts::default()).expect_err("4-bit dpo cannot merge");
+        assert!(err.message.starts_with("spec.output.merge: "), "{}", err.message);
     }
 
     #[test]
