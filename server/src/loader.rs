@@ -1,7 +1,9 @@
 //! Finding adapter files and reading them against the base model. A source is either a
 //! registry reference (`name@N`, `name@latest`, `name@sha256:…`, resolved in `--registry`) or a
 //! location: `s3://`, `gs://`, `az://`, `file://` (through kubetune-storage's cache) or a local
-//! directory path.
+//! directory path. A location must hold an adapter version with its registry manifest (as the
+//! registry stores it, or as `kubetune-adapters pull` writes it): its files are verified
+//! against that manifest, and raw PEFT output with no manifest is refused.
 
 use crate::adapters::{AdapterSet, LoadedAdapter};
 use crate::error::ApiError;
@@ -51,6 +53,25 @@ fn rejected(message: String) -> ApiError {
     }
 }
 
+/// Refuses a request whose version or digest is not the manifest's, naming the field: the
+/// operator verifies rollouts by what pods report, so a pod must never report a claim.
+fn check_claims(spec: &AdapterSpec, version: u32, digest: &str) -> Result<(), ApiError> {
+    let source = &spec.source;
+    if let Some(v) = spec.version.filter(|v| *v != version) {
+        return Err(ApiError::AdapterRejected {
+            message: format!("`{source}` resolves to version {version}, but version {v} was asked for"),
+            param: Some("version".into()),
+        });
+    }
+    if let Some(d) = spec.digest.as_ref().filter(|d| *d != digest) {
+        return Err(ApiError::AdapterRejected {
+            message: format!("`{source}` (version {version}) has manifest digest {digest}, but {d} was asked for"),
+            param: Some("digest".into()),
+        });
+    }
+    Ok(())
+}
+
 /// Comparable form of a model name or URI: `hf://org/m`, `org/m` and `file:///x/` all say the
 /// same thing as `org/m` and `/x`.
 fn normalize(name: &str) -> &str {
@@ -73,19 +94,23 @@ impl AdapterLoader {
         self.read(spec, &dir, version, digest, caps).await
     }
 
+    /// Where the files are, with the version and digest of the manifest they were verified
+    /// against. Every source is verified: a registry reference as the cache fetches it, a
+    /// directory named directly against the manifest.json in it, so the version and digest a
+    /// request claims are checked against what is actually loaded.
     async fn locate(&self, spec: &AdapterSpec) -> Result<(PathBuf, Option<u32>, Option<String>), ApiError> {
         let source = spec.source.as_str();
         if source.starts_with('/') {
-            return Ok((PathBuf::from(source), spec.version, spec.digest.clone()));
+            return self.verified(spec, PathBuf::from(source)).await;
         }
         if source.contains("://") {
-            let cache = self
-                .cache
-                .as_ref()
-                .ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))?;
             let storage = Storage::from_uri(source, &self.credentials).map_err(storage_err)?;
-            let dir = cache.download_prefix(&storage, "").await.map_err(storage_err)?;
-            return Ok((dir, spec.version, spec.digest.clone()));
+            let dir = self
+                .cache(source)?
+                .download_prefix(&storage, "")
+                .await
+                .map_err(storage_err)?;
+            return self.verified(spec, dir).await;
         }
         let reference: AdapterRef = source.parse().map_err(|e: StorageError| rejected(e.to_string()))?;
         let registry = self.registry.as_ref().ok_or_else(|| {
@@ -93,32 +118,33 @@ impl AdapterLoader {
                 "source `{source}` is a registry reference but no --registry is configured"
             ))
         })?;
-        let cache = self
-            .cache
-            .as_ref()
-            .ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))?;
+        let cache = self.cache(source)?;
         let resolved = registry.resolve(&reference).await.map_err(storage_err)?;
         let digest = resolved.digest.to_string();
-        if let Some(v) = spec.version.filter(|v| *v != resolved.version) {
-            return Err(ApiError::AdapterRejected {
-                message: format!(
-                    "`{source}` resolves to version {}, but version {v} was asked for",
-                    resolved.version
-                ),
-                param: Some("version".into()),
-            });
-        }
-        if let Some(d) = spec.digest.as_ref().filter(|d| **d != digest) {
-            return Err(ApiError::AdapterRejected {
-                message: format!(
-                    "`{source}` (version {}) has manifest digest {digest}, but {d} was asked for",
-                    resolved.version
-                ),
-                param: Some("digest".into()),
-            });
-        }
+        check_claims(spec, resolved.version, &digest)?;
         let dir = cache.fetch_adapter(registry, &resolved).await.map_err(storage_err)?;
         Ok((dir, Some(resolved.version), Some(digest)))
+    }
+
+    fn cache(&self, source: &str) -> Result<&Cache, ApiError> {
+        self.cache
+            .as_ref()
+            .ok_or_else(|| rejected(format!("source `{source}` needs a download cache (--cache-dir)")))
+    }
+
+    /// Checks a directory named directly against its manifest, then the request's claims
+    /// against that manifest.
+    async fn verified(
+        &self,
+        spec: &AdapterSpec,
+        dir: PathBuf,
+    ) -> Result<(PathBuf, Option<u32>, Option<String>), ApiError> {
+        let verified = kubetune_storage::verify_version_dir(&dir)
+            .await
+            .map_err(|e| rejected(format!("source `{}` cannot be verified: {e}", spec.source)))?;
+        let digest = verified.digest.to_string();
+        check_claims(spec, verified.manifest.version, &digest)?;
+        Ok((dir, Some(verified.manifest.version), Some(digest)))
     }
 
     async fn read(

@@ -35,8 +35,8 @@ pub struct Args {
     /// Other names of the base model that adapters may record as base_model_name_or_path.
     #[arg(long = "base-model-alias", env = "KUBETUNE_BASE_MODEL_ALIAS")]
     pub base_model_aliases: Vec<String>,
-    /// An adapter to load at start, `name=SOURCE` (registry reference `reg-name@N`, URI or
-    /// directory). Repeatable.
+    /// An adapter to load at start, `name=SOURCE` (registry reference `reg-name@N`, or the URI
+    /// or directory of a version with its manifest.json, verified against it). Repeatable.
     #[arg(long = "adapter", env = "KUBETUNE_ADAPTER", value_parser = parse_adapter_flag)]
     pub adapters: Vec<AdapterSpec>,
     /// The operator's adapters file (JSON `{"adapters": [{name, source, version, digest}]}`).

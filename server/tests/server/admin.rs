@@ -45,7 +45,7 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
     wait_until("traffic is flowing", || rounds.load(Ordering::SeqCst) >= 1).await;
     let loaded = load(
         &s.app,
-        json!({"name": "b", "source": f.adapter_b.display().to_string(), "version": 3}),
+        json!({"name": "b", "source": f.adapter_b.display().to_string(), "version": 2}),
     )
     .await;
     assert_eq!(loaded.status, 200, "{}", loaded.text);
@@ -59,7 +59,7 @@ async fn hot_loading_and_unloading_adapters_under_traffic_drops_no_request() {
     let b = post(
         &s.app,
         "/v1/completions",
-        json!({"model": "b@3", "prompt": "hello", "max_tokens": 3}),
+        json!({"model": "b@2", "prompt": "hello", "max_tokens": 3}),
     )
     .await;
     assert_eq!(b.status, 200, "{}", b.text);
@@ -104,6 +104,7 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
     .config();
     let wrong_shape = dir.path().join("wrong-shape");
     write_adapter(&wrong_shape, &other, 4, 3, &f.model.display().to_string());
+    seal(&wrong_shape, "x", 1);
     let r = load(&s.app, load_body("x", &wrong_shape)).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(
@@ -118,6 +119,7 @@ async fn adapters_that_do_not_fit_are_refused_with_the_reason() {
     let config = kubetune_model::tiny::TinySpec::default().config();
     let other_base = dir.path().join("other-base");
     write_adapter(&other_base, &config, 4, 3, "meta-llama/Llama-3.1-8B");
+    seal(&other_base, "x", 1);
     let r = load(&s.app, load_body("x", &other_base)).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(r.json()["error"]["message"]
@@ -178,14 +180,8 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
         metrics: Metrics::default(),
         job: None,
     };
-    let v1 = registry
-        .publish(&publish(&f.adapter_a), None)
-        .await
-        .expect("publish v1");
-    let v2 = registry
-        .publish(&publish(&f.adapter_b), None)
-        .await
-        .expect("publish v2");
+    let v1 = registry.publish(&publish(&f.raw_a), None).await.expect("publish v1");
+    let v2 = registry.publish(&publish(&f.raw_b), None).await.expect("publish v2");
     let adapters_file = root.path().join("adapters.json");
     let file = json!({"adapters": [{"name": "bot", "source": "support-bot@1", "version": 1, "digest": v1.digest.to_string()}]});
     std::fs::write(&adapters_file, file.to_string()).expect("write adapters file");
@@ -226,6 +222,104 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
         send(&s.app, "GET", "/v1/models", None).await.json()["data"][1]["version"],
         2
     );
+}
+
+/// What GET /v1/adapters reports for `name`: (version, digest), or None when not loaded.
+async fn loaded(app: &axum::Router, name: &str) -> Option<(Value, Value)> {
+    let list = admin_send(app, "GET", "/v1/adapters", None).await.json();
+    let data = list["data"].as_array().cloned().unwrap_or_default();
+    data.into_iter()
+        .find(|e| e["id"] == name)
+        .map(|e| (e["version"].clone(), e["digest"].clone()))
+}
+
+#[tokio::test]
+async fn a_location_loads_only_as_the_version_and_digest_its_manifest_verifies() {
+    let f = fixture();
+    let s = server(&[]).await;
+    // Without claims, the version and digest are the manifest's, not absent or made up.
+    let r = load(&s.app, load_body("a", &f.adapter_a)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(loaded(&s.app, "a").await, Some((json!(1), json!(f.digest_a))));
+
+    let a = f.adapter_a.display().to_string();
+    for (body, param, says) in [
+        (
+            json!({"name": "c", "source": a, "version": 2}),
+            "version",
+            "version 2 was asked for",
+        ),
+        (
+            json!({"name": "c", "source": a, "digest": f.digest_b}),
+            "digest",
+            "was asked for",
+        ),
+        (
+            json!({"name": "c", "source": a, "version": 1, "digest": f.digest_b}),
+            "digest",
+            "was asked for",
+        ),
+    ] {
+        let r = load(&s.app, body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text);
+        assert!(
+            r.json()["error"]["message"].as_str().unwrap_or_default().contains(says),
+            "{}",
+            r.text
+        );
+        assert_eq!(loaded(&s.app, "c").await, None, "{body}: nothing is loaded");
+    }
+    // A refused replacement leaves the loaded version serving.
+    let r = load(&s.app, json!({"name": "a", "source": a, "version": 7})).await;
+    assert_eq!(r.json()["error"]["param"], "version", "{}", r.text);
+    assert_eq!(loaded(&s.app, "a").await, Some((json!(1), json!(f.digest_a))));
+}
+
+#[tokio::test]
+async fn files_no_manifest_vouches_for_are_refused_at_the_source() {
+    let f = fixture();
+    let root = tempfile::tempdir().expect("temp dir");
+    let cache = root.path().join("cache");
+    let s = server(&["--cache-dir", cache.to_str().expect("utf-8")]).await;
+    let refused = |what: &'static str, body: Value, says: &'static str| {
+        let app = s.app.clone();
+        async move {
+            let r = load(&app, body).await;
+            assert_eq!(r.status, 400, "{what}: {}", r.text);
+            assert_eq!(r.json()["error"]["param"], "source", "{what}: {}", r.text);
+            let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+            assert!(message.contains(says), "{what}: {message}");
+        }
+    };
+    // Raw PEFT output, named as a path or through the cache, has no manifest: nothing says what
+    // its version is, so it is refused rather than loaded unverified.
+    refused("raw path", load_body("x", &f.raw_a), "manifest.json").await;
+    let raw_uri = format!("file://{}", f.raw_a.display());
+    refused("raw URI", json!({"name": "x", "source": raw_uri}), "manifest.json").await;
+    // Weights changed after the manifest was written (same size, other bytes).
+    let tampered = root.path().join("tampered");
+    std::fs::create_dir(&tampered).expect("mkdir");
+    for entry in std::fs::read_dir(&f.adapter_a).expect("read adapter") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, tampered.join(path.file_name().expect("name"))).expect("copy");
+    }
+    let weights = tampered.join(kubetune_model::peft::ADAPTER_WEIGHTS);
+    let mut bytes = std::fs::read(&weights).expect("weights");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, bytes).expect("write weights");
+    refused("tampered weights", load_body("x", &tampered), "digest mismatch").await;
+    assert_eq!(loaded(&s.app, "x").await, None);
+    // A version directory named by URI is verified like a path, and reports its manifest.
+    let uri = format!("file://{}", f.adapter_b.display());
+    let r = load(
+        &s.app,
+        json!({"name": "b", "source": uri, "version": 2, "digest": f.digest_b}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(loaded(&s.app, "b").await, Some((json!(2), json!(f.digest_b))));
 }
 
 #[tokio::test]
@@ -446,6 +540,15 @@ async fn startup_fails_with_the_flag_or_adapter_named() {
     ])
     .await;
     assert!(twice.contains("listed twice"), "{twice}");
+    // Start-up loads are verified as hot loads are.
+    let raw = err(&["--adapter", &adapter_flag("x", &f.raw_a)]).await;
+    assert!(raw.contains("adapter `x`") && raw.contains("manifest.json"), "{raw}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("adapters.json");
+    let claims = json!({"adapters": [{"name": "a", "source": f.adapter_a, "version": 2, "digest": f.digest_a}]});
+    std::fs::write(&file, claims.to_string()).expect("write adapters file");
+    let wrong = err(&["--adapters-file", file.to_str().expect("utf-8")]).await;
+    assert!(wrong.contains("version 2 was asked for"), "{wrong}");
 }
 
 /// The value of the series written exactly as `series` (name and labels) in `text`.

@@ -13,6 +13,7 @@ use kubetune_model::{peft, LoraAdapter, LoraConfig};
 use kubetune_server::api::{router, AppState};
 use kubetune_server::engine::backend::{Backend, CandleBackend};
 use kubetune_server::server::{build_with, warm_up, Args};
+use kubetune_storage::{Sha256Digest, MANIFEST_FILE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -27,8 +28,15 @@ pub const BASE: &str = "tiny";
 pub struct Fixture {
     _dir: tempfile::TempDir,
     pub model: PathBuf,
+    /// Adapter versions with their manifest, as the server loads them: `a@1` (r = 4) and `b@2`
+    /// (r = 8), with their manifest digests.
     pub adapter_a: PathBuf,
     pub adapter_b: PathBuf,
+    pub digest_a: String,
+    pub digest_b: String,
+    /// The same adapters as the trainer writes them, without a manifest: what gets published.
+    pub raw_a: PathBuf,
+    pub raw_b: PathBuf,
 }
 
 pub fn fixture() -> &'static Fixture {
@@ -38,17 +46,47 @@ pub fn fixture() -> &'static Fixture {
         let model = dir.path().join("model");
         write_tiny_model(&model, &TinySpec::default()).expect("tiny model");
         let config = TinySpec::default().config();
-        let adapter_a = dir.path().join("adapter-a");
-        let adapter_b = dir.path().join("adapter-b");
-        write_adapter(&adapter_a, &config, 4, 1, &model.display().to_string());
-        write_adapter(&adapter_b, &config, 8, 2, &model.display().to_string());
+        let base = model.display().to_string();
+        let [adapter_a, adapter_b, raw_a, raw_b] =
+            ["adapter-a", "adapter-b", "raw-a", "raw-b"].map(|name| dir.path().join(name));
+        for (path, r, seed) in [(&adapter_a, 4, 1), (&raw_a, 4, 1), (&adapter_b, 8, 2), (&raw_b, 8, 2)] {
+            write_adapter(path, &config, r, seed, &base);
+        }
+        let digest_a = seal(&adapter_a, "a", 1);
+        let digest_b = seal(&adapter_b, "b", 2);
         Fixture {
             _dir: dir,
             model,
             adapter_a,
             adapter_b,
+            digest_a,
+            digest_b,
+            raw_a,
+            raw_b,
         }
     })
+}
+
+/// Writes the `manifest.json` the registry would write for the files in `dir` as
+/// `name@version`, so the server (which loads only verified versions) takes the directory;
+/// returns the manifest digest.
+pub fn seal(dir: &Path, name: &str, version: u32) -> String {
+    let mut files = serde_json::Map::new();
+    for entry in std::fs::read_dir(dir).expect("adapter directory") {
+        let path = entry.expect("directory entry").path();
+        let bytes = std::fs::read(&path).expect("a flat adapter directory of files");
+        let file = path.file_name().expect("file name").to_string_lossy().into_owned();
+        let sha256 = Sha256Digest::of(&bytes).to_string();
+        files.insert(file, serde_json::json!({"sha256": sha256, "size": bytes.len()}));
+    }
+    let manifest = serde_json::json!({
+        "schema": 1, "name": name, "version": version, "files": files,
+        "base_model": {"uri": BASE}, "dataset": {"uri": "file:///data/train.jsonl"},
+        "hyperparameters": {}, "metrics": {}, "created_at": "2025-01-01T00:00:00Z",
+    });
+    let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest JSON");
+    std::fs::write(dir.join(MANIFEST_FILE), &bytes).expect("write manifest");
+    Sha256Digest::of(&bytes).to_string()
 }
 
 /// A PEFT adapter on every projection with seeded random A and B (B non-zero, so it changes

@@ -101,7 +101,7 @@ async fn models_list_and_retrieve_in_openai_shape_without_storage_locations() {
         assert_eq!(one.status, 200, "{}", one.text);
         assert_eq!(one.json(), *m, "retrieve returns the listed entry");
     }
-    assert_eq!(data[1]["version"], Value::Null);
+    assert_eq!(data[1]["version"], 1, "the version its manifest verified");
     let err = assert_error(
         &send(&s.app, "GET", "/v1/models/no-such-model", None).await,
         404,
