@@ -7,6 +7,8 @@
 //!   is safe under concurrent fillers and readers.
 //! - [`Registry`] publishes, lists, resolves, fetches, deletes and retains adapter versions
 //!   (`adapters/<name>/v<N>/`), with race-free version numbers.
+//! - [`publish_merged`] keeps a base model with an adapter version folded in beside it
+//!   (`merged/<name>/v<N>/`), manifest last, as the registry keeps adapters.
 //! - [`scoped_registry_uri`] gives each namespace its own registry below a shared root.
 //! - [`verify_version_dir`] checks a version directory named directly against its manifest.
 //! - [`AdapterRef`] parses `name`, `name@latest`, `name@3`, `name@sha256:…`.
@@ -19,6 +21,7 @@ mod error;
 mod fs;
 mod hf;
 mod manifest;
+mod merged;
 mod names;
 mod progress;
 mod registry;
@@ -38,6 +41,7 @@ pub use manifest::validate_file_path;
 pub use manifest::{
     Evaluation, FileEntry, JobRef, Manifest, Metrics, ModelScores, SourceRef, CARD_FILE, MANIFEST_FILE,
 };
+pub use merged::{fetch_merged, publish_merged, resolve_merged, MergedManifest, PublishedMerged};
 pub use names::validate_adapter_name;
 pub use progress::{ProgressEvent, ProgressFn};
 pub use registry::{PublishRequest, Registry, RegistryConfig, ResolvedAdapter};

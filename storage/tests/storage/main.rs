@@ -7,5 +7,6 @@ mod common;
 mod cache;
 mod cli;
 mod hf;
+mod merged;
 mod registry;
 mod verify;
