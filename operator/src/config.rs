@@ -84,6 +84,13 @@ pub struct OperatorConfig {
     /// API token (neither binary calls the Kubernetes API).
     #[arg(long, env = "KUBETUNE_DEFAULT_SERVICE_ACCOUNT", default_value = "default")]
     pub default_service_account: String,
+    /// Storage endpoints (`http://minio.storage:9000`, comma-separated) that a tenant's storage
+    /// Secret may point the operator's own reads at (a ModelDeployment's registry, a
+    /// FineTuneJob's config.json); `file://` allows local paths. Unlisted, only the providers'
+    /// own endpoints are used: a Secret is the tenant's word, and the operator's requests must
+    /// not go wherever a tenant likes.
+    #[arg(long, env = "KUBETUNE_ALLOWED_STORAGE_ENDPOINTS", value_delimiter = ',')]
+    pub allowed_storage_endpoints: Vec<String>,
 }
 
 /// The repositories of the default trainer and server images: what a spec may name unless the
@@ -151,6 +158,7 @@ impl OperatorConfig {
                 "registry.example.com/kubetune/".into(),
             ],
             default_service_account: "default".into(),
+            allowed_storage_endpoints: Vec::new(),
         }
     }
 }

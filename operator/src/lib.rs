@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod modeldeployment;
 pub mod podhttp;
 pub mod pvc;
+pub mod tenant_storage;
 pub mod workload;
 
 #[cfg(test)]

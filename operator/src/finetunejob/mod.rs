@@ -194,7 +194,12 @@ async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Dereferenced> {
     let gpu_memory_mib = gpu_memory_mib(ftj, ctx).await?;
     // The model is only read when there is something to compare it with.
     let model = match gpu_memory_mib {
-        Some(_) => ctx.model_shapes.get(&ftj.spec.base_model.uri, secret_data).await,
+        Some(_) => {
+            let secret = ftj.spec.storage_secret_ref.as_ref().map(|s| format!("{ns}/{}", s.name));
+            let allowed = &ctx.config.allowed_storage_endpoints;
+            let uri = &ftj.spec.base_model.uri;
+            ctx.model_shapes.get(uri, secret.as_deref(), secret_data, allowed).await
+        }
         None => None,
     };
     Ok(Dereferenced::Facts(Facts { gpu_memory_mib, model }))

@@ -1,7 +1,8 @@
 //! Reads the base model's config.json from object storage, for the GPU-memory check.
 
 use super::validate::ModelShape;
-use kubetune_storage::{Credentials, Storage};
+use crate::tenant_storage::tenant_credentials;
+use kubetune_storage::Storage;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -40,17 +41,30 @@ pub fn parse_model_shape(json: &[u8]) -> Result<ModelShape, serde_json::Error> {
 pub struct ModelShapes(Mutex<HashMap<String, ModelShape>>);
 
 impl ModelShapes {
-    /// The shape of the model at `uri`, reading `<uri>/config.json` with the given credentials
-    /// (the job's storage Secret). None when it cannot be read: the check then cannot run, and
-    /// the trainer reports the model problem itself with the file and cause.
-    pub async fn get(&self, uri: &str, secret_data: BTreeMap<String, String>) -> Option<ModelShape> {
+    /// The shape of the model at `uri`, reading `<uri>/config.json` with what the operator may
+    /// use of the job's storage Secret (see [`tenant_credentials`]). None when it cannot or may
+    /// not be read: the check then cannot run, and the trainer, in the tenant's own pod, reports
+    /// the model problem itself with the file and cause.
+    pub async fn get(
+        &self,
+        uri: &str,
+        secret: Option<&str>,
+        secret_data: BTreeMap<String, String>,
+        allowed_endpoints: &[String],
+    ) -> Option<ModelShape> {
         if let Some(shape) = self.0.lock().ok()?.get(uri) {
             return Some(shape.clone());
         }
         if uri.starts_with("hf://") || uri.starts_with("pvc://") {
             return None;
         }
-        let credentials = Credentials::from_vars(secret_data);
+        let credentials = match tenant_credentials(uri, "spec.baseModel.uri", secret, secret_data, allowed_endpoints) {
+            Ok(c) => c,
+            Err(refused) => {
+                tracing::info!(%uri, %refused, "not reading config.json for a tenant; skipping the GPU-memory check");
+                return None;
+            }
+        };
         let storage = match Storage::from_uri(uri, &credentials) {
             Ok(s) => s,
             Err(e) => {
@@ -108,18 +122,40 @@ mod tests {
         std::fs::write(dir.join("config.json"), config).expect("write");
         let uri = format!("file://{}", dir.display());
         let shapes = ModelShapes::default();
-        let shape = shapes.get(&uri, BTreeMap::new()).await.expect("read");
+        let files = ["file://".to_string()];
+        let shape = shapes.get(&uri, None, BTreeMap::new(), &files).await.expect("read");
         assert_eq!(shape.hidden_size, 64);
         std::fs::remove_file(dir.join("config.json")).expect("remove");
         assert_eq!(
-            shapes.get(&uri, BTreeMap::new()).await,
+            shapes.get(&uri, None, BTreeMap::new(), &files).await,
             Some(shape),
             "served from memory"
         );
+        let missing = "file:///nonexistent/kubetune-model";
+        assert_eq!(shapes.get(missing, None, BTreeMap::new(), &files).await, None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn config_json_is_not_read_where_the_platform_did_not_allow_the_operator_to_go() {
+        let dir = std::env::temp_dir().join(format!("kubetune-model-facts-denied-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = br#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512}"#;
+        std::fs::write(dir.join("config.json"), config).expect("write");
+        let shapes = ModelShapes::default();
+        // The operator's own file system, not listed: not read for a tenant.
+        let uri = format!("file://{}", dir.display());
+        assert_eq!(shapes.get(&uri, None, BTreeMap::new(), &[]).await, None);
+        // An endpoint from the tenant's Secret that is not listed: no request is sent (a
+        // listening socket would have answered; nothing listens on port 9, so a sent request
+        // would only time out, but the refusal comes back at once).
+        let secret = BTreeMap::from([("AWS_ENDPOINT_URL".to_string(), "http://127.0.0.1:9".to_string())]);
+        let started = std::time::Instant::now();
         assert_eq!(
-            shapes.get("file:///nonexistent/kubetune-model", BTreeMap::new()).await,
+            shapes.get("s3://models/tiny", Some("team-a/s3"), secret, &[]).await,
             None
         );
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

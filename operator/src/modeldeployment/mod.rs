@@ -10,6 +10,7 @@ pub mod validate;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::tenant_storage::tenant_credentials;
 use build::{
     adapters_config_map_name, admin_key_of, admin_key_secret, admin_key_secret_name, build_children, endpoint,
     new_admin_key, selector_labels, Children,
@@ -24,7 +25,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use kubetune_crds::server_contract::{AdaptersFile, ModelList, ServedAdapter, ADMIN_PORT, SERVER_PORT};
 use kubetune_crds::{ModelDeployment, RolloutState, RolloutStrategy, ServingCounters};
-use kubetune_storage::{Credentials, Registry, Storage};
+use kubetune_storage::{Registry, Storage};
 use resolve::Unresolved;
 use rollout::{plan, CanaryPolicy, PodView, Policy, Step};
 use serde::Serialize;
@@ -550,7 +551,18 @@ async fn open_registry(
             }
         }
     }
-    Ok(Storage::from_uri(uri, &Credentials::from_vars(vars))
+    let secret = md.spec.storage_secret_ref.as_ref().map(|s| format!("{ns}/{}", s.name));
+    let allowed = &ctx.config.allowed_storage_endpoints;
+    let credentials = match tenant_credentials(uri, "spec.registry", secret.as_deref(), vars, allowed) {
+        Ok(c) => c,
+        Err(message) => {
+            return Ok(Err(Unresolved {
+                reason: "StorageEndpointNotAllowed",
+                message,
+            }))
+        }
+    };
+    Ok(Storage::from_uri(uri, &credentials)
         .map(Registry::open)
         .map_err(|e| Unresolved {
             reason: "InvalidSpec",

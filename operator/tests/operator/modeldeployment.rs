@@ -582,3 +582,53 @@ async fn a_missing_service_account_leaves_the_deployment_pending_and_applies_not
     );
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(15)));
 }
+
+#[tokio::test]
+async fn a_registry_endpoint_the_platform_did_not_allow_is_refused_naming_the_secret_and_key() {
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({
+        "adapters": [{"name": "bot", "version": 1}],
+        "storageSecretRef": {"name": "s3"},
+    }));
+    // base64 of http://169.254.169.254: the Secret points the operator's registry reads elsewhere.
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "s3", "namespace": "team-a"},
+        "data": {"AWS_ENDPOINT_URL": "aHR0cDovLzE2OS4yNTQuMTY5LjI1NA=="},
+    });
+    let (_, status) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                &format!("{NS}/configmaps/support-adapters"),
+                404,
+                not_found(),
+            )
+            .await;
+            expect(api, Method::GET, &format!("{NS}/secrets/s3"), 200, secret).await;
+            // No storage request follows: the next requests are the reconcile's own.
+            expect(api, Method::GET, ADMIN_KEY_SECRET, 404, not_found()).await;
+            expect(api, Method::POST, &format!("{NS}/secrets?"), 201, Value::Null).await;
+            script_pods_and_config_map(api).await;
+            script_deployment_and_service(api, Value::Null).await;
+            expect(api, Method::GET, PDBS, 404, not_found()).await;
+            expect(api, Method::GET, HPAS, 404, not_found()).await;
+            let md = serde_json::to_value(model_deployment(json!({}))).expect("json");
+            expect(api, Method::PATCH, STATUS, 200, md).await
+        }
+        .boxed()
+    })
+    .await;
+    let conditions = status["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let refused = conditions
+        .iter()
+        .find(|c| c["reason"] == "StorageEndpointNotAllowed")
+        .unwrap_or_else(|| panic!("no StorageEndpointNotAllowed condition in {status}"));
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message
+            .contains("spec.storageSecretRef.name: Secret team-a/s3 sets AWS_ENDPOINT_URL to http://169.254.169.254"),
+        "{message}"
+    );
+}
