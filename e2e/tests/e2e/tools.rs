@@ -165,6 +165,11 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
         );
     }
     let discovery = kube::discovery::Discovery::new(client.clone()).run().await?;
+    // The namespaces' storage Secrets name the local S3 server, and the operator reads the
+    // registry through it only when the chart allows that endpoint.
+    let s3 = kubetune_e2e::store::s3_env()?;
+    let endpoint = s3.iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").map_or("", |(_, v)| v.as_str());
+    let allowed = format!("registry.allowedEndpoints={{{endpoint}}}");
     let values = [
         "--set",
         "operator.image.repository=kubetune/operator",
@@ -172,6 +177,8 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
         "trainer.image.repository=kubetune/trainer",
         "--set",
         "server.image.repository=kubetune/server",
+        "--set",
+        &allowed,
     ];
     let objects = render(namespace, namespace, &values)?;
     let install = OperatorInstall {
