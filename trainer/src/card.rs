@@ -55,6 +55,8 @@ pub struct CardInput<'a> {
     /// The file at `dataset.validationUri`, when the job names one.
     pub validation: Option<&'a DataFile>,
     pub metrics: &'a TrainingMetrics,
+    /// The adapter version training started from (spec.initFrom), as its lineage.
+    pub started_from: Option<&'a kubetune_storage::ResolvedAdapter>,
 }
 
 /// The model card's text.
@@ -76,6 +78,20 @@ pub fn render(c: &CardInput) -> String {
         md(&job.owner.uid),
     );
     base_model_section(&mut out, c);
+    if let Some(start) = c.started_from {
+        let _ = writeln!(
+            out,
+            "## Started from
+
+- Adapter: {}@{} (manifest digest `{}`)
+- URI: {}
+",
+            md(&start.name),
+            start.version,
+            start.digest,
+            md(&start.uri)
+        );
+    }
     dataset_section(&mut out, c);
     hyperparameters_section(&mut out, job, c.metrics);
     evaluation_section(&mut out, c.metrics.evaluation.as_ref());
@@ -448,6 +464,8 @@ mod tests {
             checkpoint_uri: "s3://checkpoints".into(),
             evaluation: None,
             dpo: None,
+            init_from: None,
+            merge: false,
         }
     }
 
@@ -506,6 +524,7 @@ mod tests {
         render(&CardInput {
             job,
             base_model_digest: None,
+            started_from: None,
             dataset: &data_file("s3://data/train.jsonl", 'a', 300),
             validation: Some(&data_file("s3://data/held_out.jsonl", 'b', 60)),
             metrics,

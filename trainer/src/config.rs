@@ -35,6 +35,35 @@ pub struct TrainConfig {
     /// NF4 as in QLoRA, absent is full precision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantizationSettings>,
+    /// Start from this adapter instead of a fresh one. `lora` must then hold its rank, alpha
+    /// and target modules (the run is refused naming the field otherwise); dropout may differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
+}
+
+/// An adapter to continue training: a PEFT directory, and what the new adapter records of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InitFrom {
+    /// Directory with adapter_config.json and adapter_model.safetensors (path or file:// URI).
+    pub path: String,
+    /// Its registry name, `name@N`, for the lineage (job mode sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Its manifest digest, `sha256:…` (job mode sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+impl InitFrom {
+    /// What identifies the starting adapter across pods: its digest, else its name, else its
+    /// path. A retried pod downloads it to another place and must still resume.
+    pub fn identity(&self) -> &str {
+        self.digest
+            .as_deref()
+            .or(self.reference.as_deref())
+            .unwrap_or(&self.path)
+    }
 }
 
 /// As the FineTuneJob's spec.dpo (TRL's DPOConfig names: beta, loss_type, label_smoothing).

@@ -18,12 +18,13 @@ use crate::error::TrainError;
 use crate::metrics::Metrics;
 use crate::train::{run, CheckpointHook, RunOptions, TrainingMetrics};
 use kubetune_crds::trainer_contract::{
-    TrainerEvaluation, TrainerJob, TrainerOutcome, EVALUATION_BELOW_THRESHOLD, EXIT_EVALUATION_BELOW_THRESHOLD,
-    EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
+    TrainerEvaluation, TrainerInitFrom, TrainerJob, TrainerLora, TrainerOutcome, EVALUATION_BELOW_THRESHOLD,
+    EXIT_EVALUATION_BELOW_THRESHOLD, EXIT_INVALID_INPUT, EXIT_LOSS_DIVERGED, TRAINER_JOB_ENV,
 };
 use kubetune_crds::{DpoRewards, EvaluationResult, FineTuneMethod, PublishedAdapter};
 use kubetune_storage::{
-    Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage, StorageError, CARD_FILE,
+    AdapterRef, Cache, Credentials, JobRef, PublishRequest, Registry, ResolvedAdapter, SourceRef, Storage,
+    StorageError, VersionSelector, CARD_FILE,
 };
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,8 @@ pub enum Input {
     BaseModel,
     Dataset,
     ValidationDataset,
+    /// The adapter version spec.initFrom names.
+    StartAdapter,
 }
 
 impl std::fmt::Display for Input {
@@ -76,6 +79,7 @@ impl std::fmt::Display for Input {
             Input::BaseModel => "base model",
             Input::Dataset => "dataset",
             Input::ValidationDataset => "validation dataset",
+            Input::StartAdapter => "spec.initFrom",
         })
     }
 }
@@ -97,6 +101,10 @@ impl JobError {
             JobError::MissingInput {
                 what: Input::BaseModel, ..
             } => "ModelInvalid",
+            JobError::MissingInput {
+                what: Input::StartAdapter,
+                ..
+            } => "AdapterNotFound",
             JobError::Storage(_) => "StorageError",
             JobError::Stopped { .. } => "Stopped",
             JobError::EvaluationBelowThreshold { .. } => EVALUATION_BELOW_THRESHOLD,
@@ -177,6 +185,13 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
         ));
     }
     let inputs = download_inputs(job, &r.work_dir, &r.credentials).await?;
+    let start = match &job.init_from {
+        Some(from) => Some(fetch_start(&registry, job, from, &inputs, &r.work_dir).await?),
+        None => None,
+    };
+    // From here on, `lora` is what the run trains: the starting adapter's own settings.
+    let continued = start.as_ref().map(|s| continued_job(job, s));
+    let job = continued.as_ref().unwrap_or(job);
     let output = r.work_dir.join("output");
     let checkpoints = Storage::from_uri(&job.checkpoint_uri, &r.credentials)?;
     let resume_step = restore_checkpoint(&checkpoints, &output).await?;
@@ -186,7 +201,12 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
             step: resume_step.unwrap_or(0),
         });
     }
-    let config = train_config(job, &inputs, &output)?;
+    let mut config = train_config(job, &inputs, &output)?;
+    config.init_from = start.as_ref().map(|s| crate::config::InitFrom {
+        path: s.dir.display().to_string(),
+        reference: Some(format!("{}@{}", s.adapter.name, s.adapter.version)),
+        digest: Some(s.adapter.digest.to_string()),
+    });
     let result = train(&r, config, &inputs, checkpoints.clone(), resume_step.is_some()).await?;
     if !result.completed {
         return Err(JobError::Stopped { step: result.steps });
@@ -198,8 +218,13 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
         }
         return Err(e);
     }
-    let published = publish(&registry, job, &inputs, &output, &result, &r.work_dir).await?;
+    let published = publish(&registry, job, &inputs, &output, &result, &r.work_dir, start.as_ref()).await?;
     tracing::info!(adapter = %published.name, version = published.version, uri = %published.uri, "published");
+    let merged_uri = if job.merge {
+        Some(merge_and_publish(&registry, job, &inputs.model, &output, &published, &r.work_dir).await?)
+    } else {
+        None
+    };
     if let Err(e) = remove_checkpoints(&checkpoints).await {
         tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
     }
@@ -209,14 +234,163 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
         margins: Some(e.rewards_margins),
         accuracies: Some(e.rewards_accuracies),
     });
-    Ok(succeeded(
+    let mut outcome = succeeded(
         &published,
         result.final_train_loss,
         result.final_eval_loss,
         result.resumed_from_step,
         result.evaluation,
         dpo,
-    ))
+    );
+    if let TrainerOutcome::Succeeded { adapter, .. } = &mut outcome {
+        adapter.merged_uri = merged_uri;
+    }
+    Ok(outcome)
+}
+
+/// The adapter version a job continues from, downloaded and checked.
+pub struct StartAdapter {
+    pub adapter: ResolvedAdapter,
+    /// Its files, each checked against its manifest.
+    pub dir: PathBuf,
+    /// Its LoRA settings, as the model reads its adapter_config.json.
+    pub lora: kubetune_model::LoraConfig,
+}
+
+/// Resolves `initFrom` in the job's registry, refuses an adapter of another base model or with
+/// settings that contradict spec.lora, and downloads its files, each verified against the
+/// version's manifest as the registry's fetch does.
+async fn fetch_start(
+    registry: &Registry,
+    job: &TrainerJob,
+    from: &TrainerInitFrom,
+    inputs: &Inputs,
+    work_dir: &Path,
+) -> Result<StartAdapter, JobError> {
+    let reference = AdapterRef {
+        name: from.adapter_name.clone(),
+        version: VersionSelector::Number(from.version),
+    };
+    let adapter = registry.resolve(&reference).await.map_err(|e| match e {
+        StorageError::AdapterNotFound { .. } | StorageError::NotFound { .. } => JobError::MissingInput {
+            what: Input::StartAdapter,
+            source: e,
+        },
+        other => other.into(),
+    })?;
+    let spec_error = |message: String| {
+        JobError::Train(TrainError::Config {
+            path: TRAINER_JOB_ENV.into(),
+            message,
+        })
+    };
+    if adapter.manifest.base_model.uri != job.base_model_uri {
+        return Err(spec_error(format!(
+            "spec.initFrom: {}@{} was trained on {}, not on spec.baseModel.uri {}",
+            adapter.name, adapter.version, adapter.manifest.base_model.uri, job.base_model_uri
+        )));
+    }
+    let dir = work_dir
+        .join("init-from")
+        .join(format!("{}-v{}", adapter.name, adapter.version));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| {
+            JobError::Train(TrainError::Io {
+                path: dir.clone(),
+                source: e,
+            })
+        })?;
+    }
+    let parent = dir.parent().unwrap_or(work_dir);
+    std::fs::create_dir_all(parent).map_err(|e| {
+        JobError::Train(TrainError::Io {
+            path: parent.into(),
+            source: e,
+        })
+    })?;
+    tracing::info!(adapter = %adapter.name, version = adapter.version, digest = %adapter.digest, "downloading the adapter to start from");
+    registry.fetch(&adapter, &dir, None).await?;
+    let model_dir = kubetune_model::gguf::model_dir(&inputs.model).map_err(|e| JobError::Train(e.into()))?;
+    let config = kubetune_model::Config::from_model_dir(&model_dir).map_err(|e| JobError::Train(e.into()))?;
+    let (_, loaded) = kubetune_model::peft::load(&dir, &config, &candle_core::Device::Cpu)
+        .map_err(|e| spec_error(format!("spec.initFrom: {}@{}: {e}", adapter.name, adapter.version)))?;
+    if let Some(given) = &from.lora {
+        let mut wanted = loaded.config.clone();
+        wanted.r = given.r as usize;
+        wanted.alpha = given.alpha;
+        if let Some(targets) = &given.target_modules {
+            wanted.target_modules = targets.iter().map(|&t| model_target(t)).collect();
+        }
+        crate::train::check_start_settings(&wanted, &loaded.config)
+            .map_err(|message| spec_error(format!("spec.{message} ({}@{})", adapter.name, adapter.version)))?;
+    }
+    Ok(StartAdapter {
+        adapter,
+        dir,
+        lora: loaded.config,
+    })
+}
+
+/// The job with `lora` the starting adapter's settings (dropout as spec.lora asks, else the
+/// adapter's), so that the trainer config, the manifest and the model card say what was trained.
+fn continued_job(job: &TrainerJob, start: &StartAdapter) -> TrainerJob {
+    let dropout = job
+        .init_from
+        .as_ref()
+        .and_then(|f| f.lora.as_ref())
+        .and_then(|l| l.dropout)
+        .unwrap_or(start.lora.dropout);
+    let mut job = job.clone();
+    job.lora = TrainerLora {
+        r: start.lora.r as u32,
+        alpha: start.lora.alpha,
+        dropout,
+        target_modules: start.lora.target_modules.iter().map(|&t| crd_target(t)).collect(),
+    };
+    job
+}
+
+/// The model's name for a projection (the two crates share PEFT's names).
+fn model_target(t: kubetune_crds::TargetModule) -> kubetune_model::TargetModule {
+    serde_json::from_value(json!(t)).expect("the CRD's target modules are the model's")
+}
+
+fn crd_target(t: kubetune_model::TargetModule) -> kubetune_crds::TargetModule {
+    serde_json::from_value(json!(t)).expect("the model's target modules are the CRD's")
+}
+
+/// Folds the published adapter (the files in `output`) into the base model and publishes the
+/// result beside the version (see [`kubetune_storage::publish_merged`]); its URI.
+async fn merge_and_publish(
+    registry: &Registry,
+    job: &TrainerJob,
+    model: &Path,
+    output: &Path,
+    published: &ResolvedAdapter,
+    work_dir: &Path,
+) -> Result<String, JobError> {
+    let dir = work_dir.join("merged");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JobError::Train(TrainError::Io { path, source })
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    let model_dir = kubetune_model::gguf::model_dir(model).map_err(|e| JobError::Train(e.into()))?;
+    let (from, to) = (output.to_path_buf(), dir.clone());
+    let merged = tokio::task::spawn_blocking(move || crate::merge::merge_into_base(&model_dir, &from, &to))
+        .await
+        .map_err(|e| JobError::Internal(format!("merge thread: {e}")))?
+        .map_err(JobError::Train)?;
+    tracing::info!(projections = merged, "adapter folded into the base model");
+    let base = SourceRef {
+        uri: job.base_model_uri.clone(),
+        digest: None,
+    };
+    let done = kubetune_storage::publish_merged(registry.storage(), published, &base, &dir).await?;
+    tracing::info!(uri = %done.uri, digest = %done.digest, "merged model published");
+    Ok(done.uri)
 }
 
 /// Err when the job sets `minImprovement` and the adapter fell short of it: in score points
@@ -385,6 +559,7 @@ fn succeeded(
             uri: a.uri.clone(),
             digest: a.digest.to_string(),
             reference: Some(format!("{}@{}", a.name, a.version)),
+            merged_uri: None,
         },
         train_loss,
         eval_loss,
@@ -607,6 +782,7 @@ async fn publish(
     output: &Path,
     result: &TrainingMetrics,
     work_dir: &Path,
+    start: Option<&StartAdapter>,
 ) -> Result<ResolvedAdapter, JobError> {
     let dir = work_dir.join("publish");
     if dir.exists() {
@@ -651,6 +827,7 @@ async fn publish(
         dataset: &dataset,
         validation: validation.as_ref(),
         metrics: result,
+        started_from: start.map(|s| &s.adapter),
     });
     // In the directory the registry publishes, so the manifest lists and hashes it and it
     // appears with the version, atomically, like the adapter's other files.
@@ -665,6 +842,14 @@ async fn publish(
         json!({"method": job.method, "lora": job.lora, "quantization": job.quantization, "training": job.training});
     if let Some(dpo) = &job.dpo {
         hyperparameters["dpo"] = json!(dpo);
+    }
+    // The lineage: the version training continued from, pinned by its manifest digest.
+    if let Some(s) = start {
+        hyperparameters["initFrom"] = json!({
+            "adapter": format!("{}@{}", s.adapter.name, s.adapter.version),
+            "digest": s.adapter.digest.to_string(),
+            "uri": s.adapter.uri,
+        });
     }
     let request = PublishRequest {
         name: job.adapter_name.clone(),

@@ -12,6 +12,7 @@ pub mod error;
 pub mod evaluate;
 pub mod io;
 pub mod job;
+pub mod merge;
 pub mod metrics;
 pub mod optim;
 pub mod prepare;

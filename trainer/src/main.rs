@@ -270,6 +270,7 @@ fn build_config(a: &Args) -> Result<TrainConfig, TrainError> {
                 evaluation: None,
                 dpo: None,
                 quantization: None,
+                init_from: None,
             }
         }
     };

@@ -2,7 +2,7 @@
 //! AdamW, evaluation, checkpoints and resume.
 
 use crate::checkpoint::{self, LossPoint, TrainerState};
-use crate::config::{DpoSettings, Method, TrainConfig, TrainingSettings};
+use crate::config::{DpoSettings, InitFrom, Method, TrainConfig, TrainingSettings};
 use crate::data::batch::Pair;
 use crate::data::batch::{batches, epoch_order, PrepareStats};
 use crate::data::tokenize::{Example, TextTokenizer};
@@ -177,6 +177,8 @@ struct Session<'a> {
     /// held-out pair, in the data's order. The base is frozen, so they are computed once here
     /// rather than by a forward in every step (TRL's `precompute_ref_log_probs`): each step
     /// then costs the policy's scoring forward and the backward's forward and backward only.
+    /// With `initFrom` the reference is the starting adapter's policy, computed the same way
+    /// before any update (see [`Session::reference_logps`]).
     reference: ReferenceLogps,
 }
 
@@ -211,6 +213,9 @@ impl<'a> Session<'a> {
         );
         let (adapter, vars) =
             LoraAdapter::init_trainable(&model_config, config.lora.to_lora(), t.seed, &options.device)?;
+        if let Some(from) = &config.init_from {
+            start_from(from, &config.lora.to_lora(), &model_config, &vars, &options.device)?;
+        }
         let plan = Plan::of(t, data.train_units());
         let mut session = Self {
             config,
@@ -232,14 +237,25 @@ impl<'a> Session<'a> {
         Ok(session)
     }
 
-    /// The reference's log-probs of every pair (see [`Session::reference`]).
+    /// The reference's log-probs of every pair (see [`Session::reference`]). Continuing from
+    /// an adapter, the reference is that adapter (as TRL with a PEFT model whose adapter is
+    /// loaded trainable: its reference is the model before training). Its log-probs are taken
+    /// here, with the starting weights loaded and before any update, and stored per pair rather
+    /// than kept as a frozen second copy of the adapter: the starting adapter never changes, so
+    /// values computed once are exact, and no extra weights or forward per step are needed.
+    /// A resumed pod computes them here too, before its checkpoint's weights are restored.
     fn reference_logps(&self) -> Result<ReferenceLogps> {
         let dpo = self.dpo_model();
+        let from_adapter = self.config.init_from.is_some();
         let of = |pairs: &[Pair]| -> Result<Vec<(f64, f64)>> {
             let pairs: Vec<&Pair> = pairs.iter().collect();
             let mut out = Vec::with_capacity(pairs.len());
             for chunk in pairs.chunks(self.config.training.batch_size) {
-                out.extend(dpo.reference_logps(chunk)?);
+                out.extend(if from_adapter {
+                    dpo.adapter_logps(chunk)?
+                } else {
+                    dpo.reference_logps(chunk)?
+                });
             }
             Ok(out)
         };
@@ -269,6 +285,67 @@ impl<'a> Session<'a> {
             gradient_checkpointing: self.config.training.gradient_checkpointing,
         }
     }
+}
+
+/// Loads the starting adapter's weights into the trainable `vars`, after checking that the
+/// run's LoRA settings are the adapter's own (dropout aside, which only acts in training).
+fn start_from(
+    from: &InitFrom,
+    lora: &kubetune_model::LoraConfig,
+    model_config: &kubetune_model::Config,
+    vars: &[NamedVar],
+    device: &Device,
+) -> Result<()> {
+    let dir = local_path(&from.path, "initFrom.path")?;
+    let (_, start) = peft::load(&dir, model_config, device)?;
+    check_start_settings(lora, &start.config).map_err(|message| TrainError::Config {
+        path: "initFrom".into(),
+        message: format!("{message} ({})", from.reference.as_deref().unwrap_or(&from.path)),
+    })?;
+    let tensors = start.to_peft_tensors();
+    for v in vars {
+        let t = tensors.get(&v.name).ok_or_else(|| TrainError::Config {
+            path: "initFrom".into(),
+            message: format!("the starting adapter lacks {}", v.name),
+        })?;
+        v.var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    tracing::info!(
+        adapter = from.reference.as_deref().unwrap_or(&from.path),
+        "starting from an existing adapter"
+    );
+    Ok(())
+}
+
+/// Err naming the first LoRA setting of the run that differs from the starting adapter's.
+pub fn check_start_settings(
+    run: &kubetune_model::LoraConfig,
+    start: &kubetune_model::LoraConfig,
+) -> std::result::Result<(), String> {
+    let names = |m: &[kubetune_model::TargetModule]| m.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+    if run.r != start.r {
+        return Err(format!(
+            "lora.r: {} differs from the starting adapter's rank {}",
+            run.r, start.r
+        ));
+    }
+    if run.alpha != start.alpha {
+        return Err(format!(
+            "lora.alpha: {} differs from the starting adapter's {}",
+            run.alpha, start.alpha
+        ));
+    }
+    let (mut a, mut b) = (run.target_modules.clone(), start.target_modules.clone());
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(format!(
+            "lora.targetModules: [{}] differ from the starting adapter's [{}]",
+            names(&a),
+            names(&b)
+        ));
+    }
+    Ok(())
 }
 
 /// The step arithmetic the settings and the training set fix.
@@ -655,6 +732,14 @@ impl DpoModel<'_> {
     pub fn reference_logps(&self, pairs: &[&Pair]) -> Result<Vec<(f64, f64)>> {
         let switched_off = LoraAdapter::from_pairs(self.adapter.config.clone(), BTreeMap::new());
         let logps = self.logps(pairs, &switched_off, None)?;
+        let n = pairs.len();
+        Ok((0..n).map(|i| (logps[i], logps[n + i])).collect())
+    }
+
+    /// The (chosen, rejected) log-probs of each pair under the adapter as it is now, without
+    /// dropout: the reference of a run that starts from an existing adapter.
+    pub fn adapter_logps(&self, pairs: &[&Pair]) -> Result<Vec<(f64, f64)>> {
+        let logps = self.logps(pairs, &self.adapter.detached(), None)?;
         let n = pairs.len();
         Ok((0..n).map(|i| (logps[i], logps[n + i])).collect())
     }
@@ -1218,6 +1303,9 @@ fn fingerprint(config: &TrainConfig) -> Result<String> {
     if let Some(q) = &config.quantization {
         value["quantization"] = serde_json::json!(q);
     }
+    if let Some(from) = &config.init_from {
+        value["initFrom"] = serde_json::json!(from.identity());
+    }
     serde_json::to_string(&value).map_err(|e| TrainError::Config {
         path: "fingerprint".into(),
         message: e.to_string(),
@@ -1424,6 +1512,7 @@ mod tests {
             evaluation: None,
             dpo: None,
             quantization: None,
+            init_from: None,
         }
     }
 

@@ -74,5 +74,6 @@ pub fn facts_config(model: &Path, data: &Path, output: &Path) -> TrainConfig {
         evaluation: None,
         dpo: None,
         quantization: None,
+        init_from: None,
     }
 }

@@ -71,6 +71,8 @@ fn setup(root: &Path) -> TrainerJob {
         checkpoint_uri: String::new(),
         evaluation: None,
         dpo: None,
+        init_from: None,
+        merge: false,
     };
     set_uid(&mut job, root, "uid-1");
     job
@@ -745,4 +747,75 @@ async fn a_dpo_job_publishes_an_adapter_whose_manifest_and_metrics_carry_the_dpo
     let eval = &metrics["dpo"]["eval"];
     assert_eq!(eval["pairs"], 10, "{metrics}");
     assert!(eval["rewardsAccuracies"].as_f64().is_some(), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_continued_from_a_published_version_records_it_as_lineage_and_publishes_the_merged_model() {
+    let dir = tempfile::tempdir().expect("dir");
+    let sft = setup(dir.path());
+    let first = run_job(job_run(&sft, &dir.path().join("work1")))
+        .await
+        .expect("sft job");
+    let (_, sft_digest) = published(&first);
+    let mut next = sft.clone();
+    set_uid(&mut next, dir.path(), "uid-2");
+    next.lora.r = 99; // The operator's defaults: under initFrom the adapter's settings win.
+    next.init_from = Some(kubetune_crds::trainer_contract::TrainerInitFrom {
+        adapter_name: "facts".into(),
+        version: 1,
+        lora: None,
+    });
+    next.merge = true;
+    let outcome = run_job(job_run(&next, &dir.path().join("work2")))
+        .await
+        .expect("continued job");
+    let TrainerOutcome::Succeeded { adapter, .. } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(adapter.version, 2);
+    let v2 = dir.path().join("store/registry/adapters/facts/v2");
+    let manifest = read_json(&v2.join("manifest.json"));
+    let lineage = &manifest["hyperparameters"]["initFrom"];
+    assert_eq!(
+        (lineage["adapter"].as_str(), lineage["digest"].as_str()),
+        (Some("facts@1"), Some(sft_digest.as_str()))
+    );
+    assert_eq!(
+        manifest["hyperparameters"]["lora"]["r"], 4,
+        "the starting adapter's rank, not spec.lora's"
+    );
+    let card = std::fs::read_to_string(v2.join("README.md")).expect("card");
+    assert!(
+        card.contains(&format!("- Adapter: facts@1 (manifest digest `{sft_digest}`)")),
+        "{card}"
+    );
+    let merged_uri = adapter.merged_uri.clone().expect("merged model published");
+    assert!(merged_uri.ends_with("store/registry/merged/facts/v2"), "{merged_uri}");
+    let merged = read_json(&dir.path().join("store/registry/merged/facts/v2/manifest.json"));
+    assert_eq!(merged["adapter_digest"].as_str(), Some(adapter.digest.as_str()));
+
+    let mut contradicting = next.clone();
+    set_uid(&mut contradicting, dir.path(), "uid-3");
+    contradicting.init_from.as_mut().expect("initFrom").lora = Some(kubetune_crds::LoraSpec {
+        r: 8,
+        alpha: 8.0,
+        dropout: None,
+        target_modules: None,
+    });
+    let err = run_job(job_run(&contradicting, &dir.path().join("work3")))
+        .await
+        .expect_err("r 8 against r 4");
+    assert!(
+        err.to_string()
+            .contains("spec.lora.r: 8 differs from the starting adapter's rank 4"),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "InvalidSpec");
+    let mut missing = next.clone();
+    set_uid(&mut missing, dir.path(), "uid-4");
+    missing.init_from.as_mut().expect("initFrom").version = 9;
+    let err = run_job(job_run(&missing, &dir.path().join("work4")))
+        .await
+        .expect_err("no v9");
+    assert_eq!(err.reason(), "AdapterNotFound", "{err}");
 }

@@ -11,6 +11,7 @@ mod bad_data;
 mod data_prep;
 mod dpo;
 mod dpo_reference;
+mod init_from;
 mod job;
 mod learning;
 mod metrics;
