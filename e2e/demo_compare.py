@@ -1,7 +1,7 @@
 """Asks a kubetune server the held-out questions of a chat dataset twice, once of the base model
 and once of the adapter, and prints their answers side by side with an exact-match score for each.
 
-    python3 e2e/demo_compare.py --url http://POD:8000 --adapter complaint-triage \
+    python3 e2e/demo_compare.py --url http://CLUSTER_IP:8000 --adapter complaint-triage \
         --data examples/data/bank-complaints/heldout.jsonl
 
 The reference answer of each line is its last (assistant) message; the question is every message

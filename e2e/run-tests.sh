@@ -11,8 +11,8 @@ if [ "${KUBETUNE_KEEP_CLUSTER:-0}" != 1 ]; then
   trap 'e2e/cluster/down.sh >/dev/null 2>&1 || true' EXIT
 fi
 e2e/cluster/up.sh
-# The binaries the node agent runs for kubetune/* images (operator, trainer, server pods), and
-# the same binaries as images on the real node.
+# The workspace's binaries, and the kubetune/* images the operator, trainer and server pods run
+# on the local node, made from them.
 cargo build --locked --workspace --bins -q
 e2e/images/build.sh --import operator trainer server
 # helm, promtool, lua and actionlint for the chart, alert, Argo CD and CI workflow tests (built or unpacked once, then cached).

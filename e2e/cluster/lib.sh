@@ -19,16 +19,17 @@ minio_bin="$cache/bin/minio-$MINIO_VERSION/minio"
 kubeconfig="$cluster_dir/admin.kubeconfig"
 crictl_bin="$cache/bin/cri-tools-$CRI_TOOLS_VERSION/crictl"
 
-# The real node (node-up.sh): containerd, kubelet and kube-proxy on this machine. Its pods live on
-# a bridge of their own, whose address is the node's IP (and in the API server's certificate, for
-# when pods reach it there).
+# The node (node-up.sh): containerd, kubelet and kube-proxy on this machine. Its pods live on a
+# bridge of their own, whose address is the node's IP. The API server and MinIO listen on that
+# address too (it is in the API server's certificate): pods reach them there, and nothing of the
+# cluster listens on the machine's other interfaces.
 NODE_NAME="${KUBETUNE_NODE_NAME:-kubetune-node-0}"
 node_dir="$cluster_dir/node"
 containerd_sock="$node_dir/containerd/containerd.sock"
 BRIDGE="${KUBETUNE_BRIDGE:-kubetune0}"
 BRIDGE_IP=10.244.0.1
 POD_NETWORK=10.244.0.0/16
-# The real node's pods take their addresses from here (the node agent's pods use loopback ones).
+# The node's pods take their addresses from here.
 NODE_POD_CIDR=10.244.1.0/24
 SERVICE_CIDR=10.0.0.0/24
 # kubelet looks for device plugins here whatever its --root-dir: one kubelet per machine.
@@ -60,7 +61,38 @@ wait_for() {
   done
 }
 
-port_free() { ! (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# port_free HOST PORT: nothing listens there yet.
+port_free() { ! (echo >"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# The Debian packages the node needs (and `ip`, for the bridge).
+install_node_packages() {
+  local missing=() p
+  for p in containerd runc containernetworking-plugins iptables conntrack iproute2 busybox-static; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing ${missing[*]} (Debian packages)"
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } >/dev/null
+}
+
+# The bridge exists before anything listens on its address, and before kubelet starts: kubelet
+# takes it as the node IP. The CNI bridge plugin attaches each pod's veth to it.
+bridge_up() {
+  [ "$(id -u)" = 0 ] || die "the local cluster needs root: its node runs containers, iptables rules and mounts"
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  # Read whole before matching: grep -q would stop reading early, and pipefail would count
+  # ip's broken pipe as "no address".
+  local addresses
+  addresses="$(ip -4 addr show dev "$BRIDGE")"
+  grep -q "inet $BRIDGE_IP/" <<<"$addresses" || ip addr add "$BRIDGE_IP/${POD_NETWORK#*/}" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  sysctl -qw net.ipv4.ip_forward=1
+  # Pod-to-Service traffic that stays on the bridge only meets kube-proxy's rules through
+  # br_netfilter; a kernel without the module still serves host-to-Service and pod-to-pod.
+  modprobe br_netfilter 2>/dev/null || true
+  [ -f /proc/sys/net/bridge/bridge-nf-call-iptables ] && sysctl -qw net.bridge.bridge-nf-call-iptables=1
+  return 0
+}
 
 # Starts a daemon in its own session with its pid recorded, so stop_daemon can end it and its children.
 start_daemon() {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stops the real node and leaves nothing of it behind: no processes (containers and their shims
+# Stops the node and leaves nothing of it behind: no processes (containers and their shims
 # included), mounts, network namespaces, veths, iptables chains or cgroups. Keeps the imported
-# images and containerd's content, so that the next node-up.sh is warm.
+# images and containerd's content, so that the next node-up.sh is warm, and the bridge, whose
+# address the API server and MinIO listen on (down.sh removes it last).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -60,9 +61,8 @@ command -v iptables >/dev/null && remove_chains
 for hierarchy in /sys/fs/cgroup/*/kubetune; do
   if [ -d "$hierarchy" ]; then find "$hierarchy" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
 done
-ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE"
 rm -rf "$node_dir/cni/ipam" "$node_dir/kubelet"
 # What kubelet and the plugin left in the one directory kubelet does not take from --root-dir.
 rm -f "$device_plugins"/{kubelet.sock,kubelet_internal_checkpoint,kubetune-gpu.sock}
 rmdir "$device_plugins" "$(dirname "$device_plugins")" 2>/dev/null || true
-log "real node stopped"
+log "node stopped"

@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
-# Starts the local cluster's real node, as kind's node has it: containerd (with runc and the CNI
+# Starts the local cluster's node, as kind's node has it: containerd (with runc and the CNI
 # bridge plugin, from Debian's packages), kubelet and kube-proxy (built from their Go modules
 # like the control plane). Its pods run in containers from images this machine builds
 # (e2e/images/build.sh), on a bridge of their own, with Services through kube-proxy's iptables
 # rules, and `kubectl logs`, `exec` and `port-forward` reach them through kubelet.
 #
 # kubetune-device-plugin (device-plugin/) offers $NODE_GPUS fake nvidia.com/gpu devices through
-# kubelet's device manager. The node registers tainted kubetune.dev/real-node=true:NoSchedule,
-# so only pods that tolerate it run here; the node agent's Nodes take the rest.
+# kubelet's device manager. The GPUs are fake and the binaries CPU builds, so the images that
+# stand in for the chart's CUDA tags run on the CPU (e2e/images/build.sh).
 #
 # Needs root (containers, iptables, mounts). Idempotent: whatever already runs is kept.
 # Run after up.sh has started the API server; node-down.sh undoes all of it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-[ "$(id -u)" = 0 ] || die "the real node needs root: containers, iptables rules and mounts"
 
 # Writes stdin to FILE only when it differs: kube-proxy exits as soon as its configuration file
 # changes, so a second node-up.sh beside a running node must leave the file alone.
@@ -23,30 +21,6 @@ write_file() {
   new="$(cat)"
   [ -f "$file" ] && [ "$(cat "$file")" = "$new" ] && return 0
   printf '%s\n' "$new" >"$file.new" && mv "$file.new" "$file"
-}
-
-install_runtime() {
-  local missing=() p
-  for p in containerd runc containernetworking-plugins iptables conntrack iproute2 busybox-static; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return
-  log "installing ${missing[*]} (Debian packages)"
-  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } >/dev/null
-}
-
-# The bridge exists before kubelet starts: kubelet takes its address as the node IP. The CNI
-# bridge plugin attaches each pod's veth to it.
-make_bridge() {
-  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  ip addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_IP/" || ip addr add "$BRIDGE_IP/${POD_NETWORK#*/}" dev "$BRIDGE"
-  ip link set "$BRIDGE" up
-  sysctl -qw net.ipv4.ip_forward=1
-  # Pod-to-Service traffic that stays on the bridge only meets kube-proxy's rules through
-  # br_netfilter; a kernel without the module still serves host-to-Service and pod-to-pod.
-  modprobe br_netfilter 2>/dev/null || true
-  [ -f /proc/sys/net/bridge/bridge-nf-call-iptables ] && sysctl -qw net.bridge.bridge-nf-call-iptables=1
-  return 0
 }
 
 write_containerd_config() {
@@ -97,7 +71,7 @@ apiVersion: v1
 kind: Config
 clusters:
 - name: kubetune-local
-  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$pki/ca.crt"}
+  cluster: {server: "https://$BRIDGE_IP:$APISERVER_PORT", certificate-authority: "$pki/ca.crt"}
 users:
 - name: $cert
   user: {client-certificate: "$pki/$cert.crt", client-key: "$pki/$cert.key"}
@@ -138,8 +112,6 @@ imageGCLowThresholdPercent: 99
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
 resolvConf: /etc/resolv.conf
 clusterDomain: cluster.local
-registerWithTaints:
-- {key: kubetune.dev/real-node, value: "true", effect: NoSchedule}
 serializeImagePulls: false
 YAML
 }
@@ -165,11 +137,11 @@ node_ready() {
   [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
 
-install_runtime
+install_node_packages
 if [ ! -x "$kube_bin/kubelet" ] || [ ! -x "$crictl_bin" ]; then
   "$cluster_scripts/build-binaries.sh" kubernetes crictl
 fi
-make_bridge
+bridge_up
 write_containerd_config
 if ! daemon_running containerd; then
   start_daemon containerd containerd --config "$node_dir/containerd/config.toml"
@@ -183,11 +155,15 @@ for hierarchy in /sys/fs/cgroup/*/; do
   [ -d "$hierarchy" ] && mkdir -p "${hierarchy}kubetune"
 done
 if ! daemon_running kubelet; then
+  # A Node left from an earlier start (etcd keeps it) still says Ready with its old status, taints
+  # and labels; kubelet registers it afresh. The Nodes an older local cluster's node agent
+  # registered go too (label kubetune.dev/pool=local).
+  kubectl delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null
+  kubectl delete nodes -l kubetune.dev/pool=local --ignore-not-found --wait=false >/dev/null
   start_daemon kubelet "$kube_bin/kubelet" --config "$node_dir/kubelet.yaml" \
     --kubeconfig "$node_dir/kubelet.kubeconfig" --root-dir "$node_dir/kubelet" \
     --cert-dir "$node_dir/kubelet-pki" \
-    --hostname-override "$NODE_NAME" --node-ip "$BRIDGE_IP" \
-    --node-labels kubetune.dev/pool=real --v 1
+    --hostname-override "$NODE_NAME" --node-ip "$BRIDGE_IP" --v 1
 fi
 # Fake GPUs through kubelet's device manager, as NVIDIA's device plugin would offer real ones.
 (cd "$repo_root" && cargo build -q -p kubetune-device-plugin)
@@ -202,4 +178,4 @@ fi
 wait_for "node $NODE_NAME" 120 node_ready
 node_gpus() { [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.allocatable.nvidia\.com/gpu}')" = "$NODE_GPUS" ]; }
 wait_for "the device plugin's $NODE_GPUS GPUs on $NODE_NAME" 60 node_gpus
-log "real node $NODE_NAME ready (pods on $BRIDGE, $NODE_POD_CIDR)"
+log "node $NODE_NAME ready (pods on $BRIDGE, $NODE_POD_CIDR)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Brings up the local Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler (all built from their Go modules and cached per version), MinIO as the S3 store,
-# kubetune's node agent, which registers two Nodes and runs their pods as local processes, and a
-# real node (node-up.sh: containerd, kubelet, kube-proxy) for the pods that tolerate its taint.
+# and a node (node-up.sh: containerd, kubelet, kube-proxy, fake GPUs through a device plugin).
+# Everything listens on the node's bridge address, where pods reach it. Needs root.
 # Idempotent: whatever already runs is kept. Writes the admin kubeconfig to
 # $KUBETUNE_STATE/cluster/admin.kubeconfig (default .kubetune/ in the repo).
 set -euo pipefail
@@ -11,6 +11,8 @@ start=$SECONDS
 
 "$cluster_scripts/build-binaries.sh"
 "$cluster_scripts/pki.sh"
+install_node_packages
+bridge_up
 mkdir -p "$cluster_dir/etcd" "$logs"
 
 write_kubeconfig() {
@@ -21,7 +23,7 @@ kind: Config
 clusters:
 - name: kubetune-local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$BRIDGE_IP:$APISERVER_PORT
     certificate-authority: $pki/ca.crt
 users:
 - name: $cert
@@ -39,7 +41,7 @@ write_kubeconfig "$cluster_dir/controller-manager.kubeconfig" controller-manager
 write_kubeconfig "$cluster_dir/scheduler.kubeconfig" scheduler
 
 if ! daemon_running etcd; then
-  port_free "$ETCD_PORT" || die "port $ETCD_PORT is taken; set KUBETUNE_ETCD_PORT"
+  port_free 127.0.0.1 "$ETCD_PORT" || die "port $ETCD_PORT is taken; set KUBETUNE_ETCD_PORT"
   start_daemon etcd "$etcd_bin" --data-dir "$cluster_dir/etcd" --name kubetune-local \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
@@ -50,10 +52,10 @@ fi
 wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
 if ! daemon_running kube-apiserver; then
-  port_free "$APISERVER_PORT" || die "port $APISERVER_PORT is taken; set KUBETUNE_APISERVER_PORT"
+  port_free "$BRIDGE_IP" "$APISERVER_PORT" || die "port $APISERVER_PORT is taken; set KUBETUNE_APISERVER_PORT"
   start_daemon kube-apiserver "$kube_bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --bind-address "$BRIDGE_IP" --advertise-address "$BRIDGE_IP" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
@@ -88,7 +90,6 @@ if ! daemon_running kube-scheduler; then
 fi
 
 "$cluster_scripts/s3-up.sh"
-"$cluster_scripts/node-agent-up.sh"
 "$cluster_scripts/node-up.sh"
 
 # The object-store credentials, as the Secret FineTuneJobs and ModelDeployments reference.

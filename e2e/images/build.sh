@@ -7,7 +7,9 @@
 # With no IMAGE, builds them all. kubetune/{operator,trainer,server} hold the workspace's debug
 # binaries (`cargo build --bins` first) with their shared libraries, CA certificates and the user
 # 65532, tagged as the chart's CPU variant (<appVersion>); the Dockerfiles in docker/ build the
-# same images where Docker runs. kubetune.local/pause is the pods' sandbox and kubetune.local/tools
+# same images where Docker runs. The trainer and server also get the tag the chart gives pods
+# that hold a GPU (<appVersion>-cuda), standing in for the CUDA build on the local node, whose
+# GPUs are fake: the same CPU binary, started by a shell line that tells it to use the CPU. kubetune.local/pause is the pods' sandbox and kubetune.local/tools
 # (a static busybox) is what tests exec into. Tars land in $KUBETUNE_STATE/images/.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../cluster/lib.sh"
@@ -45,15 +47,34 @@ build_kubetune() {
     --user 65532:65532
 }
 
+# The operator tells a pod holding a GPU to open CUDA (KUBETUNE_DEVICE=cuda), which a CPU build
+# refuses; the stand-in overrides it for the binary alone, whatever the pod's environment says.
+build_cuda_stand_in() {
+  local name="$1" bin="$target/debug/kubetune-$1"
+  oci --name "docker.io/kubetune/$name:$version-cuda" --out "$images_dir/$name-cuda.tar" \
+    --file "$bin:/usr/local/bin/kubetune-$name" --file /bin/busybox:/bin/sh \
+    --entrypoint /bin/sh --entrypoint=-c \
+    --entrypoint "KUBETUNE_DEVICE=cpu exec /usr/local/bin/kubetune-$name \"\$@\"" \
+    --entrypoint "kubetune-$name" --user 65532:65532
+}
+
 for image in "${wanted[@]}"; do
+  tars=("$image")
   case "$image" in
     pause) build_pause ;;
     tools) build_tools ;;
-    operator|trainer|server) build_kubetune "$image" ;;
+    operator) build_kubetune "$image" ;;
+    trainer|server)
+      build_kubetune "$image"
+      build_cuda_stand_in "$image"
+      tars+=("$image-cuda")
+      ;;
     *) die "unknown image $image (pause, tools, operator, trainer, server)" ;;
   esac
-  if [ "$import" = 1 ]; then
-    node_images import "$images_dir/$image.tar" >/dev/null
-  fi
-  log "image $image: $images_dir/$image.tar"
+  for tar in "${tars[@]}"; do
+    if [ "$import" = 1 ]; then
+      node_images import "$images_dir/$tar.tar" >/dev/null
+    fi
+    log "image $tar: $images_dir/$tar.tar"
+  done
 done

@@ -165,7 +165,8 @@ fn images_default_to_the_charts_app_version_also_when_only_the_repository_is_ove
     for image in images(&objects) {
         assert!(image.contains(":0.1.0"), "{image} is not the chart's appVersion");
     }
-    // e2e/demo.sh overrides repositories only; the node agent maps kubetune/* whatever the tag.
+    // e2e/demo.sh and the tests override repositories only: the local node has kubetune/* images
+    // under the chart's own tags (e2e/images/build.sh).
     let objects = render(
         "kubetune",
         "kubetune-system",
@@ -483,7 +484,8 @@ impl Drop for ClusterScoped {
 ///
 /// Needs no lock against the operator tests: it creates no kubetune object, its release has
 /// cluster-scoped objects of its own name, and its operator never starts (the default images
-/// map to no binary on the node agent), so `install_operator` does not count it as a rival.
+/// are not on the local node, which cannot pull), so `install_operator` does not count it as a
+/// rival.
 async fn install(client: &Client, ns: &TestNamespace, args: &[&str]) -> Result<Vec<Value>> {
     let objects = render(&ns.name, &ns.name, args)?;
     let discovery = Discovery::new(client.clone()).run().await?;

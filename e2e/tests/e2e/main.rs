@@ -6,7 +6,7 @@
 //! process. The tests that install an operator (operator, finetune_and_serve) must never
 //! overlap each other nor the tests that create kubetune objects, which an operator would
 //! reconcile: [`tools::OPERATOR_LOCK`] keeps them apart. Tests that create no kubetune object
-//! in the cluster (helm and promtool on rendered files, the node agent's own Jobs, the chart's
+//! in the cluster (helm and promtool on rendered files, the chart's
 //! RBAC) run alongside anything.
 
 mod tools;
@@ -17,6 +17,5 @@ mod argocd;
 mod chart;
 mod ci;
 mod finetune_and_serve;
-mod node_agent;
 mod operator;
 mod real_node;

@@ -129,8 +129,8 @@ pub fn scratch_dir(prefix: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The operator installed from the chart into `namespace`, with the images the local cluster's
-/// node agent maps to this workspace's binaries; available when this returns. Its
+/// The operator installed from the chart into `namespace`, with the images e2e/images/build.sh
+/// makes from this workspace's binaries (kubetune/*); available when this returns. Its
 /// cluster-scoped objects go when the value drops, the namespace takes the rest.
 /// Holds the write side of [`OPERATOR_LOCK`] until the operator is deleted.
 pub struct OperatorInstall {
