@@ -1,34 +1,78 @@
 #!/usr/bin/env bash
 # Scale benchmark of the FineTuneJob controller: creates N FineTuneJobs (default 1000) whose
-# pods are faked by a second node agent in --fake mode, and reports how long until every trainer
-# Job exists and every status is current (observedGeneration == generation), and the operator's
-# peak RSS. Goal (issue 6): 1,000 reconciled within 30 s, operator RSS under 100 MiB.
+# pods land on fake nodes that KWOK (sigs.k8s.io/kwok, built by `build-binaries.sh kwok`) keeps:
+# it marks the nodes Ready and their pods Running, with no kubelet and no containers. Reports how
+# long until every trainer Job exists and every status is current (observedGeneration ==
+# generation), and the operator's peak RSS. Goal (issue 6): 1,000 reconciled within 30 s,
+# operator RSS under 100 MiB.
 #
 #   e2e/bench/operator-scale.sh [N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source e2e/cluster/lib.sh
 n="${1:-1000}"
+fake_nodes=10
+fake_selector=type=kwok,kubetune.dev/pool=fake
 
 e2e/cluster/up.sh
+"$cluster_scripts/build-binaries.sh" kwok
+kwok_dir="$cache/bin/kwok-$KWOK_VERSION"
 cargo build -q --release -p kubetune-operator -p kubetune-crds
 target="${CARGO_TARGET_DIR:-$repo_root/target}"
 "$target/release/kubetune-crdgen" --stdout | kubectl apply --server-side --field-manager kubetune -f - >/dev/null
 kubectl wait --for condition=Established crd/finetunejobs.kubetune.dev --timeout 60s >/dev/null
 
-# Fake nodes with room for every pod, on their own pod-IP range.
-start_daemon node-agent-fake "$target/debug/kubetune-node-agent" --kubeconfig "$kubeconfig" --fake \
-  --nodes 10 --name-prefix kubetune-fake- --gpus 200 --max-pods 250 --cpu 1000 --memory 4Ti \
-  --label kubetune.dev/pool=fake --pod-ip-range 127.64.0.0/12 --state-dir "$cluster_dir/node-agent-fake"
+# Fake nodes with room for every pod. KWOK manages only the nodes with its annotation (never the
+# real node) and the pods bound to them. They are tainted so that nothing but the benchmark's
+# trainer pods, which tolerate it, lands there while it runs.
+fake_node_yaml() {
+  local i
+  for i in $(seq 0 $((fake_nodes - 1))); do
+    cat <<YAML
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: kubetune-fake-$i
+  annotations: {kwok.x-k8s.io/node: fake}
+  labels: {type: kwok, kubetune.dev/pool: fake, kubernetes.io/hostname: kubetune-fake-$i, kubernetes.io/os: linux, kubernetes.io/arch: amd64}
+spec:
+  taints: [{key: kwok.x-k8s.io/node, value: fake, effect: NoSchedule}]
+status:
+  capacity: {cpu: "1000", memory: 4Ti, pods: "250", nvidia.com/gpu: "200"}
+  allocatable: {cpu: "1000", memory: 4Ti, pods: "250", nvidia.com/gpu: "200"}
+YAML
+  done
+}
+# kwok itself runs no stage (no lifecycle for nodes or pods) unless given some. These are kwok's
+# own, the ones kwokctl applies by default: a node becomes Ready (keeping the capacity above) and
+# renews its lease; a pod becomes Running with an IP from --cidr (loopback, where the operator's
+# progress scrape is refused at once); a deleted pod goes. Not pod-complete: the trainer pods stay
+# Running, as in a training.
+kwok_config="$cluster_dir/kwok-bench.yaml"
+for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+  pod/fast/pod-ready pod/fast/pod-delete; do
+  echo ---
+  cat "$kwok_dir/stages/$stage.yaml"
+done >"$kwok_config"
+
 ns="bench-$(date +%s)"
-kubectl create namespace "$ns" >/dev/null
 cleanup() {
   stop_daemon operator-bench
   kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
-  stop_daemon node-agent-fake
-  kubectl delete nodes -l kubetune.dev/pool=fake --wait=false >/dev/null 2>&1 || true
+  kubectl delete nodes -l "$fake_selector" --wait=false >/dev/null 2>&1 || true
+  stop_daemon kwok-bench
 }
 trap cleanup EXIT
+
+# Fake nodes that an interrupted run left behind go first.
+kubectl delete nodes -l "$fake_selector" --ignore-not-found >/dev/null
+start_daemon kwok-bench "$kwok_dir/kwok" --kubeconfig "$kubeconfig" --config "$kwok_config" \
+  --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+  --node-lease-duration-seconds 40 --cidr 127.64.0.0/16
+fake_node_yaml | kubectl create -f - >/dev/null
+wait_for "fake nodes (kwok)" 60 kubectl wait --for condition=Ready node -l "$fake_selector" --timeout 5s
+kubectl create namespace "$ns" >/dev/null
 
 KUBECONFIG="$kubeconfig" RUST_LOG=warn start_daemon operator-bench "$target/release/kubetune-operator" \
   --trainer-image kubetune/trainer:bench --http-addr 127.0.0.1:18181 --concurrency 16
@@ -50,6 +94,7 @@ spec:
   training: {maxSteps: 10, learningRate: 0.001}
   output: {adapterName: bench-$i, registry: s3://kubetune/registry}
   nodeSelector: {kubetune.dev/pool: fake}
+  tolerations: [{key: kwok.x-k8s.io/node, operator: Exists, effect: NoSchedule}]
 YAML
 done >"$manifests"
 

@@ -2,7 +2,8 @@
 # Builds the local cluster's Go binaries from their Go modules through the module proxy:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy,
 # crictl and MinIO (the default targets), and on request helm and actionlint
-# (`build-binaries.sh helm actionlint`, for the chart and CI workflow tests).
+# (`build-binaries.sh helm actionlint`, for the chart and CI workflow tests) and kwok
+# (`build-binaries.sh kwok`, for the operator scale benchmark).
 # Each lands in $KUBETUNE_CACHE/bin/<name>-<version>/ and is skipped when already there,
 # so only the first run on a machine pays for the compile.
 set -euo pipefail
@@ -134,6 +135,28 @@ build_actionlint() {
     && go build -trimpath -ldflags "-s -w" \
       -o "$work/out/actionlint" github.com/rhysd/actionlint/cmd/actionlint)
   rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
+# kwok runs no stage (the configurations that move fake nodes and pods through their lifecycle)
+# unless given some, and its defaults live in kwokctl: the module's own stage files go beside
+# the binary, in stages/ (as in the module's kustomize/stage/), for the scripts to pick from.
+# Each part is made only when missing.
+build_kwok() {
+  local out="$cache/bin/kwok-$KWOK_VERSION"
+  [ -x "$out/kwok" ] && [ -d "$out/stages" ] && { log "kwok $KWOK_VERSION cached"; return; }
+  local work="$cache/build/kwok-$KWOK_VERSION" m=sigs.k8s.io/kwok src
+  new_module "$work"
+  mkdir -p "$work/out"
+  (cd "$work" && go get "$m@$KWOK_VERSION")
+  if [ ! -x "$out/kwok" ]; then
+    log "building kwok $KWOK_VERSION"
+    (cd "$work" && go build -trimpath -ldflags "-s -w -X $m/pkg/consts.Version=${KWOK_VERSION#v}" \
+      -o "$work/out/kwok" "$m/cmd/kwok")
+  fi
+  src="$(cd "$work" && go mod download -json "$m@$KWOK_VERSION" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
+  [ -d "$src/kustomize/stage" ] || { log "kwok's stages not found in the module ($src)"; return 1; }
+  cp -r "$src/kustomize/stage" "$work/out/stages" && chmod -R u+w "$work/out/stages"
+  mkdir -p "$out" && rm -rf "$out/stages" && mv "$work/out/"* "$out/"
 }
 
 targets=("$@")
