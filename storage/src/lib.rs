@@ -39,7 +39,8 @@ pub use error::{Result, StorageError};
 pub use hf::HfConfig;
 pub use manifest::validate_file_path;
 pub use manifest::{
-    Evaluation, FileEntry, JobRef, Manifest, Metrics, ModelScores, SourceRef, CARD_FILE, MANIFEST_FILE,
+    DpoMetrics, DpoScores, Evaluation, FileEntry, JobRef, Manifest, Metrics, ModelScores, SourceRef, CARD_FILE,
+    MANIFEST_FILE,
 };
 pub use merged::{fetch_merged, publish_merged, resolve_merged, MergedManifest, PublishedMerged};
 pub use names::validate_adapter_name;

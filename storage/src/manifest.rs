@@ -45,6 +45,39 @@ pub struct Metrics {
     /// in manifests written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<Evaluation>,
+    /// Under DPO (`method: dpo`): the rewards of the last step's pairs and of the held-out
+    /// pairs, as TRL logs them (`train_loss` and `eval_loss` are then DPO losses). The same
+    /// numbers as the trainer's training_metrics.json (`dpo`), here for readers of the registry.
+    /// Absent for other methods and in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoMetrics>,
+}
+
+/// A DPO run's rewards, on the training and on the held-out pairs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DpoMetrics {
+    /// The last optimizer step's pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<DpoScores>,
+    /// The held-out pairs after the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<DpoScores>,
+}
+
+/// Means over a set of preference pairs, TRL's `rewards/*` (a reward is `beta * (log pi -
+/// log ref)` of an answer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpoScores {
+    /// The DPO (or IPO) loss.
+    pub loss: f64,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    /// Chosen minus rejected reward.
+    pub rewards_margins: f64,
+    /// The share of pairs whose chosen answer's reward is higher, 0 to 1.
+    pub rewards_accuracies: f64,
+    /// How many pairs the means are over.
+    pub pairs: u64,
 }
 
 /// Base model against adapter on the same held-out examples.
@@ -165,6 +198,60 @@ pub fn validate_file_path(path: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest as the registry wrote it before `metrics.dpo` existed.
+    const OLD_MANIFEST: &str = r#"{
+  "schema": 1,
+  "name": "support-bot",
+  "version": 3,
+  "files": {"adapter_model.safetensors": {"sha256": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "size": 4}},
+  "base_model": {"uri": "hf://org/base"},
+  "dataset": {"uri": "s3://data/pairs.jsonl"},
+  "hyperparameters": {"method": "dpo"},
+  "metrics": {"train_loss": 0.6, "eval_loss": 0.65},
+  "created_at": "2025-01-01T00:00:00Z"
+}"#;
+
+    #[test]
+    fn a_manifest_written_before_dpo_metrics_existed_still_parses_without_them() {
+        let m = Manifest::parse("mem://v3/manifest.json", OLD_MANIFEST.as_bytes(), "support-bot", 3).expect("parses");
+        assert_eq!(m.metrics.train_loss, Some(0.6));
+        assert_eq!(m.metrics.dpo, None);
+        // Nor does a manifest without them grow a `dpo` key when written again.
+        let json: serde_json::Value = serde_json::from_slice(&m.to_bytes().expect("bytes")).expect("json");
+        assert_eq!(
+            json["metrics"],
+            serde_json::json!({"train_loss": 0.6, "eval_loss": 0.65})
+        );
+    }
+
+    #[test]
+    fn dpo_rewards_are_written_under_metrics_and_read_back_unchanged() {
+        let mut m =
+            Manifest::parse("mem://v3/manifest.json", OLD_MANIFEST.as_bytes(), "support-bot", 3).expect("parses");
+        let scores = |loss: f64, accuracies: f64, pairs: u64| DpoScores {
+            loss,
+            rewards_chosen: 0.25,
+            rewards_rejected: -0.5,
+            rewards_margins: 0.75,
+            rewards_accuracies: accuracies,
+            pairs,
+        };
+        m.metrics.dpo = Some(DpoMetrics {
+            train: Some(scores(0.4, 0.9, 8)),
+            eval: Some(scores(0.45, 0.8, 10)),
+        });
+        let bytes = m.to_bytes().expect("bytes");
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(
+            json["metrics"]["dpo"]["eval"],
+            serde_json::json!({"loss": 0.45, "rewards_chosen": 0.25, "rewards_rejected": -0.5,
+                "rewards_margins": 0.75, "rewards_accuracies": 0.8, "pairs": 10}),
+            "{json}"
+        );
+        let back = Manifest::parse("mem://v3/manifest.json", &bytes, "support-bot", 3).expect("reads back");
+        assert_eq!(back, m);
+    }
 
     #[test]
     fn file_paths_cannot_escape() {

@@ -172,17 +172,28 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     let registry = Registry::open(Storage::from_uri(&job.registry, &r.credentials)?);
     if let Some(done) = published_by_this_job(&registry, job).await? {
         tracing::info!(adapter = %done.name, version = done.version, "this job already published; reporting that version");
+        // The pod that published may have died before the merged model was whole.
+        let merged_uri = if job.merge {
+            Some(merged_of_published(&registry, job, &done, &r).await?)
+        } else {
+            None
+        };
+        // Nor may it have removed the checkpoints, which no run of this job resumes from now.
+        let removed = match Storage::from_uri(&job.checkpoint_uri, &r.credentials) {
+            Ok(checkpoints) => remove_checkpoints(&checkpoints).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
+        }
         let metrics = &done.manifest.metrics;
         let evaluation = published_evaluation(&done, &r.credentials).await;
-        // The held-out rewards stay in status from the trainer's gauges of the first run.
-        return Ok(succeeded(
-            &done,
-            metrics.train_loss,
-            metrics.eval_loss,
-            None,
-            evaluation,
-            None,
-        ));
+        let dpo = metrics.dpo.as_ref().and_then(|d| d.eval.as_ref()).map(outcome_dpo);
+        let mut outcome = succeeded(&done, metrics.train_loss, metrics.eval_loss, None, evaluation, dpo);
+        if let TrainerOutcome::Succeeded { adapter, .. } = &mut outcome {
+            adapter.merged_uri = merged_uri;
+        }
+        return Ok(outcome);
     }
     let inputs = download_inputs(job, &r.work_dir, &r.credentials).await?;
     let start = match &job.init_from {
@@ -359,13 +370,13 @@ fn crd_target(t: kubetune_model::TargetModule) -> kubetune_crds::TargetModule {
     serde_json::from_value(json!(t)).expect("the model's target modules are the CRD's")
 }
 
-/// Folds the published adapter (the files in `output`) into the base model and publishes the
-/// result beside the version (see [`kubetune_storage::publish_merged`]); its URI.
+/// Folds the published adapter (its files in `adapter_dir`) into the base model and publishes
+/// the result beside the version (see [`kubetune_storage::publish_merged`]); its URI.
 async fn merge_and_publish(
     registry: &Registry,
     job: &TrainerJob,
     model: &Path,
-    output: &Path,
+    adapter_dir: &Path,
     published: &ResolvedAdapter,
     work_dir: &Path,
 ) -> Result<String, JobError> {
@@ -378,7 +389,7 @@ async fn merge_and_publish(
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     let model_dir = kubetune_model::gguf::model_dir(model).map_err(|e| JobError::Train(e.into()))?;
-    let (from, to) = (output.to_path_buf(), dir.clone());
+    let (from, to) = (adapter_dir.to_path_buf(), dir.clone());
     let merged = tokio::task::spawn_blocking(move || crate::merge::merge_into_base(&model_dir, &from, &to))
         .await
         .map_err(|e| JobError::Internal(format!("merge thread: {e}")))?
@@ -391,6 +402,47 @@ async fn merge_and_publish(
     let done = kubetune_storage::publish_merged(registry.storage(), published, &base, &dir).await?;
     tracing::info!(uri = %done.uri, digest = %done.digest, "merged model published");
     Ok(done.uri)
+}
+
+/// The merged model of a version this job published before (`output.merge`): the one in the
+/// registry, or, when the pod that published the version died before the merged model's
+/// manifest was written, a merge of the published adapter made now. The adapter's files are
+/// fetched from the registry and checked against its manifest, so what is folded in is the
+/// version's bytes, whatever this pod's local output holds. Its URI.
+async fn merged_of_published(
+    registry: &Registry,
+    job: &TrainerJob,
+    done: &ResolvedAdapter,
+    r: &JobRun,
+) -> Result<String, JobError> {
+    match kubetune_storage::resolve_merged(registry.storage(), &done.name, done.version).await {
+        Ok(merged) if merged.manifest.adapter_digest == done.digest => {
+            tracing::info!(uri = %merged.uri, "the merged model of this version is published");
+            return Ok(merged.uri);
+        }
+        // A number is one adapter's, ever: another digest there is not this job's to replace.
+        Ok(merged) => return Err(StorageError::AlreadyExists { uri: merged.uri }.into()),
+        Err(StorageError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(adapter = %done.name, version = done.version, "the merged model of this version was never published; merging it now");
+    let cache = Cache::new(r.work_dir.join("cache"))?;
+    let model = download_base_model(&cache, job, &r.credentials).await?;
+    let adapter_dir = r
+        .work_dir
+        .join("published")
+        .join(format!("{}-v{}", done.name, done.version));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JobError::Train(TrainError::Io { path, source })
+    };
+    if adapter_dir.exists() {
+        std::fs::remove_dir_all(&adapter_dir).map_err(io(&adapter_dir))?;
+    }
+    let parent = adapter_dir.parent().unwrap_or(&r.work_dir);
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    registry.fetch(done, &adapter_dir, None).await?;
+    merge_and_publish(registry, job, &model, &adapter_dir, done, &r.work_dir).await
 }
 
 /// Err when the job sets `minImprovement` and the adapter fell short of it: in score points
@@ -462,12 +514,7 @@ async fn download_inputs(job: &TrainerJob, work_dir: &Path, credentials: &Creden
         }
     };
     let cache = Cache::new(work_dir.join("cache"))?;
-    tracing::info!(uri = %job.base_model_uri, "downloading the base model");
-    let model = cache
-        .download_model(&job.base_model_uri, credentials)
-        .await
-        .map_err(JobError::from)
-        .map_err(missing(Input::BaseModel))?;
+    let model = download_base_model(&cache, job, credentials).await?;
     let dataset = download_file(&cache, &job.dataset.uri, "dataset.uri", credentials)
         .await
         .map_err(missing(Input::Dataset))?;
@@ -602,6 +649,21 @@ async fn published_by_this_job(registry: &Registry, job: &TrainerJob) -> Result<
         .into_iter()
         .rev()
         .find(|v| v.manifest.job.as_ref().is_some_and(|j| j.uid == job.owner.uid)))
+}
+
+/// The base model into the cache; its local path (a file for GGUF, else a directory).
+async fn download_base_model(cache: &Cache, job: &TrainerJob, credentials: &Credentials) -> Result<PathBuf, JobError> {
+    tracing::info!(uri = %job.base_model_uri, "downloading the base model");
+    cache
+        .download_model(&job.base_model_uri, credentials)
+        .await
+        .map_err(|e| match e {
+            source @ StorageError::NotFound { .. } => JobError::MissingInput {
+                what: Input::BaseModel,
+                source,
+            },
+            other => other.into(),
+        })
 }
 
 /// One object into the cache; its local path. `field` names the spec field in errors.
@@ -867,6 +929,10 @@ async fn publish(
             train_loss: result.final_train_loss,
             eval_loss: result.final_eval_loss,
             evaluation: result.evaluation.as_ref().map(manifest_evaluation),
+            dpo: result.dpo.as_ref().map(|d| kubetune_storage::DpoMetrics {
+                train: d.train.as_ref().map(manifest_dpo),
+                eval: d.eval.as_ref().map(manifest_dpo),
+            }),
         },
         job: Some(JobRef {
             namespace: job.owner.namespace.clone(),
@@ -875,6 +941,28 @@ async fn publish(
         }),
     };
     Ok(registry.publish(&request, None).await?)
+}
+
+/// One set of pairs' DPO numbers as the manifest records them.
+fn manifest_dpo(s: &crate::dpo::DpoStats) -> kubetune_storage::DpoScores {
+    kubetune_storage::DpoScores {
+        loss: s.loss,
+        rewards_chosen: s.rewards_chosen,
+        rewards_rejected: s.rewards_rejected,
+        rewards_margins: s.rewards_margins,
+        rewards_accuracies: s.rewards_accuracies,
+        pairs: s.pairs as u64,
+    }
+}
+
+/// The held-out rewards as the outcome (and so `status.progress.evalDpo`) reports them.
+fn outcome_dpo(s: &kubetune_storage::DpoScores) -> DpoRewards {
+    DpoRewards {
+        chosen: Some(s.rewards_chosen),
+        rejected: Some(s.rewards_rejected),
+        margins: Some(s.rewards_margins),
+        accuracies: Some(s.rewards_accuracies),
+    }
 }
 
 /// The evaluation as the manifest records it, for readers of the registry that do not know the

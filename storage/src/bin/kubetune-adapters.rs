@@ -161,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
                     train_loss,
                     eval_loss,
                     evaluation: None,
+                    dpo: None,
                 },
                 job: None,
             };

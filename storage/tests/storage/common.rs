@@ -120,6 +120,7 @@ impl Env {
                 train_loss: Some(0.5),
                 eval_loss: Some(0.75),
                 evaluation: None,
+                dpo: None,
             },
             job: None,
         }

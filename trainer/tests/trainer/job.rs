@@ -747,6 +747,30 @@ async fn a_dpo_job_publishes_an_adapter_whose_manifest_and_metrics_carry_the_dpo
     let eval = &metrics["dpo"]["eval"];
     assert_eq!(eval["pairs"], 10, "{metrics}");
     assert!(eval["rewardsAccuracies"].as_f64().is_some(), "{metrics}");
+
+    // The manifest's own metrics carry the same rewards, for readers of the registry.
+    for split in ["train", "eval"] {
+        let (file, listed) = (&metrics["dpo"][split], &manifest["metrics"]["dpo"][split]);
+        for (ours, theirs) in [
+            ("loss", "loss"),
+            ("rewards_chosen", "rewardsChosen"),
+            ("rewards_rejected", "rewardsRejected"),
+            ("rewards_margins", "rewardsMargins"),
+            ("rewards_accuracies", "rewardsAccuracies"),
+            ("pairs", "pairs"),
+        ] {
+            assert!(listed[ours].is_number(), "metrics.dpo.{split}.{ours} in {manifest}");
+            assert_eq!(listed[ours], file[theirs], "metrics.dpo.{split}.{ours}");
+        }
+    }
+    assert_eq!(manifest["metrics"]["eval_loss"], eval["loss"], "{manifest}");
+
+    // A retried pod that finds the version published reports its held-out rewards from there.
+    let again = run_job(job_run(&job, &dir.path().join("work2"))).await.expect("re-run");
+    let TrainerOutcome::Succeeded { dpo: reported, .. } = &again else {
+        panic!("{again:?}")
+    };
+    assert_eq!(reported, dpo, "the rewards the first pod reported");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -818,4 +842,94 @@ async fn a_job_continued_from_a_published_version_records_it_as_lineage_and_publ
         .await
         .expect_err("no v9");
     assert_eq!(err.reason(), "AdapterNotFound", "{err}");
+}
+
+/// Every safetensors file of a model directory, by name, as bytes.
+fn weight_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .expect("model dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            (name, std::fs::read(&p).expect("weights"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_the_adapter_was_published_but_not_its_merged_model_merges_the_published_version() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut job = setup(dir.path());
+    job.merge = true;
+    let first = run_job(job_run(&job, &dir.path().join("work1")))
+        .await
+        .expect("first run");
+    let (version, digest) = published(&first);
+    let TrainerOutcome::Succeeded { adapter, .. } = &first else {
+        unreachable!()
+    };
+    let merged_uri = adapter.merged_uri.clone().expect("merged model published");
+    let merged_dir = dir.path().join("store/registry/merged/facts/v1");
+    let merged_then = weight_files(&merged_dir);
+    assert!(!merged_then.is_empty(), "the merged model has weights");
+
+    // What a pod leaves that dies after publishing the version and while uploading the merged
+    // model: some of its files, no manifest, and the checkpoints not yet removed.
+    std::fs::remove_file(merged_dir.join("manifest.json")).expect("no merged manifest");
+    for name in merged_then.keys() {
+        std::fs::remove_file(merged_dir.join(name)).expect("weights not uploaded");
+    }
+    let latest = dir.path().join("store/checkpoints/ns/facts-uid-1/latest.json");
+    std::fs::create_dir_all(latest.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&latest, r#"{"step": 6}"#).expect("leftover checkpoint pointer");
+
+    // The retry, in a fresh pod (an empty work directory): the same version, now merged.
+    let retry = run_job(job_run(&job, &dir.path().join("work2"))).await.expect("retry");
+    assert_eq!(
+        published(&retry),
+        (version, digest.clone()),
+        "the version already published"
+    );
+    assert!(
+        !dir.path().join("store/registry/adapters/facts/v2").exists(),
+        "no second version"
+    );
+    let TrainerOutcome::Succeeded { adapter, .. } = &retry else {
+        unreachable!()
+    };
+    assert_eq!(adapter.merged_uri.as_deref(), Some(merged_uri.as_str()), "{retry:?}");
+    let manifest = read_json(&merged_dir.join("manifest.json"));
+    assert_eq!(manifest["adapter_digest"].as_str(), Some(digest.as_str()), "{manifest}");
+    assert_eq!(
+        weight_files(&merged_dir),
+        merged_then,
+        "the published adapter folded into the base gives the weights the first pod merged"
+    );
+    assert!(!latest.exists(), "the finished job's checkpoints are removed");
+
+    // A later retry finds the merged model whole: it reports it and writes nothing.
+    let manifest_bytes = std::fs::read(merged_dir.join("manifest.json")).expect("manifest");
+    let again = run_job(job_run(&job, &dir.path().join("work3")))
+        .await
+        .expect("third run");
+    let TrainerOutcome::Succeeded { adapter, .. } = &again else {
+        panic!("{again:?}")
+    };
+    assert_eq!(adapter.merged_uri.as_deref(), Some(merged_uri.as_str()));
+    assert_eq!(
+        std::fs::read(merged_dir.join("manifest.json")).expect("manifest"),
+        manifest_bytes,
+        "not merged again"
+    );
+
+    // A merged model under that number for another adapter digest is not this job's to replace.
+    let mut foreign = manifest.clone();
+    foreign["adapter_digest"] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+    std::fs::write(merged_dir.join("manifest.json"), foreign.to_string()).expect("foreign manifest");
+    let err = run_job(job_run(&job, &dir.path().join("work4")))
+        .await
+        .expect_err("another adapter's merged model");
+    assert!(err.to_string().contains("merged/facts/v1"), "{err}");
+    assert_eq!(err.reason(), "StorageError");
 }
