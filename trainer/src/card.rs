@@ -49,7 +49,7 @@ impl DataFile {
 /// Everything the card says.
 pub struct CardInput<'a> {
     pub job: &'a TrainerJob,
-    /// The base model's digest, when the trainer knows one.
+    /// The base model's digest as [`crate::base_digest`] defines it (a job always has one).
     pub base_model_digest: Option<&'a Sha256Digest>,
     pub dataset: &'a DataFile,
     /// The file at `dataset.validationUri`, when the job names one.
@@ -133,8 +133,8 @@ fn hub_id(uri: &str) -> String {
 
 fn base_model_section(out: &mut String, c: &CardInput) {
     let digest = match c.base_model_digest {
-        Some(d) => format!("`{d}`"),
-        // The trainer downloads the model but does not hash its (many, large) files.
+        Some(d) => format!("`{d}` (how to recompute it: kubetune's README, Models)"),
+        // Not hashed (a card rendered outside a job).
         None => "none recorded: the base model is identified by its URI alone; a revision pinned in it \
                  (`hf://org/model@<commit>`) makes that exact"
             .to_string(),

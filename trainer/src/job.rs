@@ -502,6 +502,8 @@ async fn published_evaluation(done: &ResolvedAdapter, credentials: &Credentials)
 /// Local copies of the job's inputs.
 struct Inputs {
     model: PathBuf,
+    /// The base model's digest (see [`crate::base_digest`]), taken once after the download.
+    base_digest: kubetune_storage::Sha256Digest,
     dataset: PathBuf,
     validation: Option<PathBuf>,
 }
@@ -515,6 +517,9 @@ async fn download_inputs(job: &TrainerJob, work_dir: &Path, credentials: &Creden
     };
     let cache = Cache::new(work_dir.join("cache"))?;
     let model = download_base_model(&cache, job, credentials).await?;
+    let hashing = std::time::Instant::now();
+    let base_digest = crate::base_digest::of_model(&model).await.map_err(JobError::Train)?;
+    tracing::info!(digest = %base_digest, seconds = hashing.elapsed().as_secs_f64(), "base model hashed");
     let dataset = download_file(&cache, &job.dataset.uri, "dataset.uri", credentials)
         .await
         .map_err(missing(Input::Dataset))?;
@@ -528,6 +533,7 @@ async fn download_inputs(job: &TrainerJob, work_dir: &Path, credentials: &Creden
     };
     Ok(Inputs {
         model,
+        base_digest,
         dataset,
         validation,
     })
@@ -881,11 +887,9 @@ async fn publish(
         Some((local, uri)) => Some(DataFile::read(uri, local).await?),
         None => None,
     };
-    // The base model is not hashed (many large files); the card and manifest say so by
-    // leaving its digest out.
     let card = crate::card::render(&CardInput {
         job,
-        base_model_digest: None,
+        base_model_digest: Some(&inputs.base_digest),
         dataset: &dataset,
         validation: validation.as_ref(),
         metrics: result,
@@ -918,7 +922,7 @@ async fn publish(
         source_dir: dir,
         base_model: SourceRef {
             uri: job.base_model_uri.clone(),
-            digest: None,
+            digest: Some(inputs.base_digest.clone()),
         },
         dataset: SourceRef {
             uri: job.dataset.uri.clone(),

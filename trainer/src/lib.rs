@@ -3,6 +3,7 @@
 //! The binary is a thin wrapper around [`train::run`]; the operator's tests and the trainer's
 //! own tests call the library directly.
 
+pub mod base_digest;
 pub mod card;
 pub mod checkpoint;
 pub mod config;

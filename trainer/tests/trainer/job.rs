@@ -684,7 +684,13 @@ async fn the_published_version_carries_a_model_card_that_its_manifest_covers() {
         "{card}"
     );
     let dataset_digest = manifest["dataset"]["digest"].as_str().expect("dataset digest");
+    // The base model the trainer loaded, hashed as kubetune_trainer::base_digest defines it.
+    let base_digest = kubetune_trainer::base_digest::of_model(&dir.path().join("store/models/tiny"))
+        .await
+        .expect("base model digest");
+    assert_eq!(manifest["base_model"]["digest"], base_digest.to_string(), "{manifest}");
     for needle in [
+        format!("- Digest: `{base_digest}`"),
         format!(
             "| train | {} | `{dataset_digest}` | 50 |",
             job.dataset.uri.replace('_', "\\_")
