@@ -168,7 +168,10 @@ pub async fn install_operator(client: &kube::Client, namespace: &str) -> Result<
     // The namespaces' storage Secrets name the local S3 server, and the operator reads the
     // registry through it only when the chart allows that endpoint.
     let s3 = kubetune_e2e::store::s3_env()?;
-    let endpoint = s3.iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").map_or("", |(_, v)| v.as_str());
+    let endpoint = s3
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .map_or("", |(_, v)| v.as_str());
     let allowed = format!("registry.allowedEndpoints={{{endpoint}}}");
     let values = [
         "--set",
