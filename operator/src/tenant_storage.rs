@@ -49,7 +49,7 @@ pub fn tenant_credentials(
 ) -> Result<Credentials, String> {
     let entries: Vec<&str> = allowed.iter().map(|e| e.trim()).filter(|e| !e.is_empty()).collect();
     let listed = if entries.is_empty() {
-        "none; the chart value storage.allowedEndpoints lists them".to_string()
+        "none; the chart value registry.allowedEndpoints lists them".to_string()
     } else {
         entries.join(", ")
     };
@@ -70,6 +70,12 @@ pub fn tenant_credentials(
                 return Err(format!(
                     "{field} sets {key} to {value}, which is not one of the operator's allowed storage endpoints ({listed})"
                 ));
+            }
+            // Plain HTTP is the listed endpoint's scheme, the platform's choice and not the
+            // tenant's: the store client refuses http:// unless told it may.
+            if normalize(&value).starts_with("http://") {
+                let prefix = key.split('_').next().unwrap_or("AWS");
+                kept.insert(format!("{prefix}_ALLOW_HTTP"), "true".to_string());
             }
             kept.insert(key, value);
         } else if CREDENTIAL_KEYS.contains(&key.as_str()) {
@@ -103,6 +109,11 @@ mod tests {
         let creds = tenant_credentials("s3://b/r", "spec.registry", Some("team-a/s3"), ok, &minio()).expect("allowed");
         assert_eq!(creds.get("AWS_ENDPOINT_URL"), Some("HTTP://minio.storage.svc:9000"));
         assert_eq!(creds.get("AWS_ACCESS_KEY_ID"), Some("k"));
+        assert_eq!(
+            creds.get("AWS_ALLOW_HTTP"),
+            Some("true"),
+            "the listed endpoint is plain HTTP"
+        );
         let evil = vars(&[("AWS_ENDPOINT_URL", "http://10.0.0.1:80")]);
         let err = tenant_credentials("s3://b/r", "spec.registry", Some("team-a/s3"), evil, &minio()).unwrap_err();
         assert!(
@@ -119,7 +130,7 @@ mod tests {
         let custom = vars(&[("AZURE_STORAGE_ENDPOINT", "https://x.example.com")]);
         let err = tenant_credentials("az://c/r", "spec.registry", Some("a/s"), custom, &[]).unwrap_err();
         assert!(
-            err.contains("AZURE_STORAGE_ENDPOINT") && err.contains("storage.allowedEndpoints"),
+            err.contains("AZURE_STORAGE_ENDPOINT") && err.contains("registry.allowedEndpoints"),
             "{err}"
         );
     }
@@ -139,6 +150,7 @@ mod tests {
             ),
             ("AZURE_AUTHORITY_HOST", "http://10.0.0.1"),
             ("GOOGLE_APPLICATION_CREDENTIALS", "/etc/passwd"),
+            ("AWS_ALLOW_HTTP", "true"),
         ]);
         let creds = tenant_credentials("s3://b/r", "spec.registry", None, sneaky, &[]).expect("dropped, not refused");
         assert_eq!(creds.get("AWS_ACCESS_KEY_ID"), Some("k"));
@@ -148,6 +160,7 @@ mod tests {
             "AZURE_FEDERATED_TOKEN_FILE",
             "AZURE_AUTHORITY_HOST",
             "GOOGLE_APPLICATION_CREDENTIALS",
+            "AWS_ALLOW_HTTP",
         ] {
             assert_eq!(creds.get(key), None, "{key}");
         }
