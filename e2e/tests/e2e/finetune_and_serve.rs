@@ -2,8 +2,9 @@
 //! the tiny model into an adapter, serve it, roll out a new version under load, survive a broken
 //! one, scale out, promote a version through a canary and clean up. Along the way: a bad
 //! dataset, suspend/resume, an operator restart in the middle of a run, a trainer pod killed
-//! mid-run that resumes from its checkpoint, and an evaluation gate (`spec.evaluation`) that one
-//! version passes and an undertrained one fails without publishing.
+//! mid-run that resumes from its checkpoint, an evaluation gate (`spec.evaluation`) that one
+//! version passes and an undertrained one fails without publishing, and DPO continued from the
+//! SFT adapter, rolled out as its next version.
 //!
 //! One test function on purpose: the operator watches every namespace, so two installs at once
 //! would both reconcile the same objects (an install holds `tools::OPERATOR_LOCK` against every
@@ -191,6 +192,7 @@ async fn finetune_serve_roll_out_and_roll_back() -> Result<()> {
     broken_version_is_rolled_back(&env).await?;
     scale_out_serves_the_same_version(&env).await?;
     canary_promotes_a_healthy_version(&env).await?;
+    dpo_from_the_sft_adapter_rolls_out_as_its_next_version(&env).await?;
     deletion_cleans_up(&env).await?;
     Ok(())
 }
@@ -202,8 +204,10 @@ async fn seed_store(env: &Env) -> Result<()> {
     kubetune_model::tiny::write_tiny_model(&model, &kubetune_model::tiny::TinySpec::default())?;
     upload(&model, &env.uri("models/tiny-llama")).await?;
     let facts = facts()?;
+    let pairs = std::fs::read_to_string(repo_root().join("examples/data/support-tone-pairs.jsonl"))?;
     for (name, text) in [
         ("v1.jsonl", dataset(&facts)),
+        ("tone-pairs.jsonl", pairs),
         ("v2.jsonl", dataset(&v2_facts(&facts))),
         // Line 3 is cut short: not JSON.
         (
@@ -804,6 +808,64 @@ async fn canary_promotes_a_healthy_version(env: &Env) -> Result<()> {
     assert_eq!(md.status.as_ref().and_then(|s| s.ready_replicas), Some(2));
     no_failed_request(load, "canary").await?;
     every_pod_serves(&ips, 4).await
+}
+
+/// The alignment pipeline as examples/dpo-from-sft-finetunejob.yaml runs it: DPO that starts
+/// from the SFT adapter v2 (its rank and targets, and its policy as the reference) publishes the
+/// adapter's next version, which names v2 as where it started, also as a merged model; the
+/// deployment following `latest` rolls it out like any other version.
+async fn dpo_from_the_sft_adapter_rolls_out_as_its_next_version(env: &Env) -> Result<()> {
+    let mut ftj = env.example("dpo-from-sft-finetunejob.yaml")?;
+    ftj["spec"]["initFrom"]["version"] = json!(2);
+    ftj["spec"]["dataset"]["uri"] = json!(env.uri("datasets/tone-pairs.jsonl"));
+    ftj["spec"]["output"]["registry"] = json!(env.uri("registry"));
+    ftj["spec"]["training"]["epochs"] = json!(2);
+    env.apply(&ftj).await?;
+    let name = ftj["metadata"]["name"].as_str().context("example's name")?;
+    let done = env
+        .wait_ftj(
+            name,
+            "Succeeded",
+            &[FineTuneJobPhase::Succeeded, FineTuneJobPhase::Failed],
+        )
+        .await?;
+    let status = done.status.clone().context("status")?;
+    let adapter = status
+        .adapter
+        .clone()
+        .with_context(|| format!("no adapter published: {status:#?}"))?;
+    assert_eq!((adapter.name.as_str(), adapter.version), (ADAPTER, 5), "{status:#?}");
+    // The held-out pairs' rewards come with the trainer's outcome; the training ones only from
+    // scraping a running pod, which a job this short may finish before.
+    let rewards = status.progress.as_ref().and_then(|p| p.eval_dpo.clone());
+    assert!(
+        rewards.is_some_and(|r| r.accuracies.is_some() && r.margins.is_some()),
+        "held-out DPO rewards in status: {status:#?}"
+    );
+
+    let registry = registry(&env.registry_uri())?;
+    let v5 = registry.resolve(&format!("{ADAPTER}@5").parse::<AdapterRef>()?).await?;
+    let v2 = registry.resolve(&format!("{ADAPTER}@2").parse::<AdapterRef>()?).await?;
+    let lineage = &v5.manifest.hyperparameters["initFrom"];
+    assert_eq!(lineage["adapter"], json!(format!("{ADAPTER}@2")), "{lineage}");
+    assert_eq!(lineage["digest"], json!(v2.digest.to_string()), "{lineage}");
+    let merged = kubetune_storage::resolve_merged(&storage(&env.registry_uri())?, ADAPTER, 5).await?;
+    assert_eq!(
+        merged.manifest.adapter_digest, v5.digest,
+        "the merge folds in v5 itself"
+    );
+    assert_eq!(adapter.merged_uri.as_deref(), Some(merged.uri.as_str()));
+
+    let mds: Api<ModelDeployment> = env.ns.api();
+    wait_for(
+        &mds,
+        "support",
+        "Ready on v5",
+        TIMEOUT,
+        |m: Option<&ModelDeployment>| m.is_some_and(|m| md_ready(m) && serving_version(m) == Some(5)),
+    )
+    .await?;
+    every_pod_serves(&env.server_ips().await?, 5).await
 }
 
 async fn deletion_cleans_up(env: &Env) -> Result<()> {
