@@ -34,8 +34,9 @@ NODE_POD_CIDR=10.244.1.0/24
 SERVICE_CIDR=10.0.0.0/24
 # kubelet looks for device plugins here whatever its --root-dir: one kubelet per machine.
 device_plugins=/var/lib/kubelet/device-plugins
-# Fake GPUs the device plugin offers on the real node.
-NODE_GPUS=2
+# Fake GPUs the device plugin offers on the node: as many as the end-to-end flow holds at once
+# (two server replicas and a trainer, each with one, as GPU pods are by default).
+NODE_GPUS=4
 PAUSE_IMAGE=kubetune.local/pause:1
 TOOLS_IMAGE=kubetune.local/tools:1
 

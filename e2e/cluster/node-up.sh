@@ -158,7 +158,7 @@ if ! daemon_running kubelet; then
   # A Node left from an earlier start (etcd keeps it) still says Ready with its old status, taints
   # and labels; kubelet registers it afresh. The Nodes an older local cluster's node agent
   # registered go too (label kubetune.dev/pool=local).
-  kubectl delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null
+  kubectl delete node "$NODE_NAME" --ignore-not-found --wait=true --timeout=60s >/dev/null
   kubectl delete nodes -l kubetune.dev/pool=local --ignore-not-found --wait=false >/dev/null
   start_daemon kubelet "$kube_bin/kubelet" --config "$node_dir/kubelet.yaml" \
     --kubeconfig "$node_dir/kubelet.kubeconfig" --root-dir "$node_dir/kubelet" \

@@ -345,25 +345,37 @@ fn unschedulable(pod: Option<&Pod>) -> Option<String> {
     (scheduled.status == "False").then(|| scheduled.message.clone().unwrap_or_default())
 }
 
-/// GPUs come from kubelet's device manager (our device plugin's two fake devices): a pod is
-/// told which it got, and a pod that asks for a GPU while none is free waits, unscheduled,
-/// until one is.
+/// GPUs come from kubelet's device manager (our device plugin's fake devices): a pod is told
+/// which it got, and a pod that asks for a GPU while none is free waits, unscheduled, until one
+/// is.
 #[tokio::test]
 async fn gpus_are_handed_out_by_kubelets_device_manager_and_a_pod_waits_for_a_free_one() -> Result<()> {
-    // No operator, so no trainer pod holds a GPU meanwhile (trainer pods ask for one).
+    // No operator, so no trainer or server pod holds a GPU meanwhile (they ask for one).
     let _no_trainers = crate::tools::no_operator().await;
     let client = client().await?;
+    let gpus = node_gpus(&client).await?;
+    assert!(gpus >= 2, "the node offers {gpus} GPUs");
     let ns = TestNamespace::new(&client, "gpus").await?;
     let pods: Api<Pod> = ns.api();
-    pods.create(&PostParams::default(), &gpu_pod("both", 2)?).await?;
-    wait_for(&pods, "both", "Running", TIMEOUT, |p: Option<&Pod>| {
+    pods.create(&PostParams::default(), &gpu_pod("all", gpus)?).await?;
+    wait_for(&pods, "all", "Running", TIMEOUT, |p: Option<&Pod>| {
         phase(p) == Some("Running")
     })
     .await?;
-    let said = wait_for_log(&pods, "both", "gpus=").await?;
-    let mut ids: Vec<&str> = said.trim().trim_start_matches("gpus=").split(',').collect();
+    let said = wait_for_log(&pods, "all", "gpus=").await?;
+    let mut ids: Vec<u32> = said
+        .trim()
+        .trim_start_matches("gpus=")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("NVIDIA_VISIBLE_DEVICES: {said}"))?;
     ids.sort();
-    assert_eq!(ids, ["0", "1"], "both devices, named in NVIDIA_VISIBLE_DEVICES: {said}");
+    assert_eq!(
+        ids,
+        (0..gpus).collect::<Vec<_>>(),
+        "every device, named in NVIDIA_VISIBLE_DEVICES: {said}"
+    );
 
     pods.create(&PostParams::default(), &gpu_pod("waiting", 1)?).await?;
     let pending = wait_for(&pods, "waiting", "unschedulable", TIMEOUT, |p: Option<&Pod>| {
@@ -373,17 +385,32 @@ async fn gpus_are_handed_out_by_kubelets_device_manager_and_a_pod_waits_for_a_fr
     let message = unschedulable(Some(&pending)).unwrap_or_default();
     assert!(message.contains("Insufficient nvidia.com/gpu"), "{message}");
 
-    pods.delete("both", &Default::default()).await?;
+    pods.delete("all", &Default::default()).await?;
     wait_for(&pods, "waiting", "Running", TIMEOUT, |p: Option<&Pod>| {
         phase(p) == Some("Running")
     })
     .await?;
     let said = wait_for_log(&pods, "waiting", "gpus=").await?;
-    assert!(
-        matches!(said.trim(), "gpus=0" | "gpus=1"),
-        "one device once one was free: {said}"
-    );
+    let id: Option<u32> = said.trim().strip_prefix("gpus=").and_then(|id| id.parse().ok());
+    assert!(id.is_some_and(|id| id < gpus), "one device once one was free: {said}");
     Ok(())
+}
+
+/// The GPUs the node offers (kubelet's allocatable, from the device plugin).
+async fn node_gpus(client: &kube::Client) -> Result<u32> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("no Node")?;
+    let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
+    let gpus = allocatable
+        .get("nvidia.com/gpu")
+        .context("the node offers no nvidia.com/gpu")?;
+    Ok(gpus.0.parse()?)
 }
 
 /// The first line of the pod's log that starts with `prefix`, once the container has written it.
