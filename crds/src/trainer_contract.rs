@@ -141,6 +141,8 @@ pub struct TrainerTraining {
 /// report the outcome without reading logs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "result")]
+// One value per trainer pod, written once and read once: the size of a Failed is of no account.
+#[allow(clippy::large_enum_variant)]
 pub enum TrainerOutcome {
     /// The adapter version was published.
     Succeeded {
@@ -158,6 +160,15 @@ pub enum TrainerOutcome {
         /// Under method dpo, the held-out pairs' rewards after the last step.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dpo: Option<crate::DpoRewards>,
+        /// Under method dpo, the last optimizer step's rewards on its training pairs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        train_dpo: Option<crate::DpoRewards>,
+        /// The optimizer step the run ended at; absent from trainers that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+        /// The optimizer steps the run planned; absent from trainers that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total_steps: Option<u64>,
     },
     /// The run failed; `reason` is a condition reason such as DatasetInvalid or LossDiverged.
     Failed {

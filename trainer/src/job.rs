@@ -187,13 +187,20 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
             tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
         }
         let metrics = &done.manifest.metrics;
-        let evaluation = published_evaluation(&done, &r.credentials).await;
-        let dpo = metrics.dpo.as_ref().and_then(|d| d.eval.as_ref()).map(outcome_dpo);
-        let mut outcome = succeeded(&done, metrics.train_loss, metrics.eval_loss, None, evaluation, dpo);
-        if let TrainerOutcome::Succeeded { adapter, .. } = &mut outcome {
-            adapter.merged_uri = merged_uri;
-        }
-        return Ok(outcome);
+        let recorded = published_training_metrics(&done, &r.credentials).await;
+        let field = |name: &str| recorded.as_ref().and_then(|m| m.get(name)).cloned();
+        let dpo = metrics.dpo.as_ref();
+        return Ok(TrainerOutcome::Succeeded {
+            adapter: published_adapter(&done, merged_uri),
+            train_loss: metrics.train_loss,
+            eval_loss: metrics.eval_loss,
+            resumed_from_step: None,
+            evaluation: field("evaluation").and_then(|e| serde_json::from_value(e).ok()),
+            dpo: dpo.and_then(|d| d.eval.as_ref()).map(outcome_dpo),
+            train_dpo: dpo.and_then(|d| d.train.as_ref()).map(outcome_dpo),
+            step: field("steps").and_then(|v| v.as_u64()),
+            total_steps: field("totalSteps").and_then(|v| v.as_u64()),
+        });
     }
     let inputs = download_inputs(job, &r.work_dir, &r.credentials).await?;
     let start = match &job.init_from {
@@ -232,31 +239,29 @@ pub async fn run_job(r: JobRun) -> Result<TrainerOutcome, JobError> {
     let published = publish(&registry, job, &inputs, &output, &result, &r.work_dir, start.as_ref()).await?;
     tracing::info!(adapter = %published.name, version = published.version, uri = %published.uri, "published");
     let merged_uri = if job.merge {
-        Some(merge_and_publish(&registry, job, &inputs.model, &output, &published, &r.work_dir).await?)
+        let base = SourceRef {
+            uri: job.base_model_uri.clone(),
+            digest: Some(inputs.base_digest.clone()),
+        };
+        Some(merge_and_publish(&registry, &base, &inputs.model, &output, &published, &r.work_dir).await?)
     } else {
         None
     };
     if let Err(e) = remove_checkpoints(&checkpoints).await {
         tracing::warn!(error = %e, "could not remove the checkpoints; they are no longer needed");
     }
-    let dpo = result.dpo.and_then(|d| d.eval).map(|e| DpoRewards {
-        chosen: Some(e.rewards_chosen),
-        rejected: Some(e.rewards_rejected),
-        margins: Some(e.rewards_margins),
-        accuracies: Some(e.rewards_accuracies),
-    });
-    let mut outcome = succeeded(
-        &published,
-        result.final_train_loss,
-        result.final_eval_loss,
-        result.resumed_from_step,
-        result.evaluation,
-        dpo,
-    );
-    if let TrainerOutcome::Succeeded { adapter, .. } = &mut outcome {
-        adapter.merged_uri = merged_uri;
-    }
-    Ok(outcome)
+    let dpo = result.dpo.as_ref();
+    Ok(TrainerOutcome::Succeeded {
+        adapter: published_adapter(&published, merged_uri),
+        train_loss: result.final_train_loss,
+        eval_loss: result.final_eval_loss,
+        resumed_from_step: result.resumed_from_step,
+        evaluation: result.evaluation,
+        dpo: dpo.and_then(|d| d.eval.as_ref()).map(run_dpo),
+        train_dpo: dpo.and_then(|d| d.train.as_ref()).map(run_dpo),
+        step: Some(result.steps),
+        total_steps: Some(result.total_steps),
+    })
 }
 
 /// The adapter version a job continues from, downloaded and checked.
@@ -374,7 +379,7 @@ fn crd_target(t: kubetune_model::TargetModule) -> kubetune_crds::TargetModule {
 /// the result beside the version (see [`kubetune_storage::publish_merged`]); its URI.
 async fn merge_and_publish(
     registry: &Registry,
-    job: &TrainerJob,
+    base: &SourceRef,
     model: &Path,
     adapter_dir: &Path,
     published: &ResolvedAdapter,
@@ -395,11 +400,7 @@ async fn merge_and_publish(
         .map_err(|e| JobError::Internal(format!("merge thread: {e}")))?
         .map_err(JobError::Train)?;
     tracing::info!(projections = merged, "adapter folded into the base model");
-    let base = SourceRef {
-        uri: job.base_model_uri.clone(),
-        digest: None,
-    };
-    let done = kubetune_storage::publish_merged(registry.storage(), published, &base, &dir).await?;
+    let done = kubetune_storage::publish_merged(registry.storage(), published, base, &dir).await?;
     tracing::info!(uri = %done.uri, digest = %done.digest, "merged model published");
     Ok(done.uri)
 }
@@ -428,6 +429,25 @@ async fn merged_of_published(
     tracing::info!(adapter = %done.name, version = done.version, "the merged model of this version was never published; merging it now");
     let cache = Cache::new(r.work_dir.join("cache"))?;
     let model = download_base_model(&cache, job, &r.credentials).await?;
+    // The merged manifest names the base that was folded into, as hashed now.
+    let base_digest = crate::base_digest::of_model(&model).await.map_err(JobError::Train)?;
+    if done
+        .manifest
+        .base_model
+        .digest
+        .as_ref()
+        .is_some_and(|d| *d != base_digest)
+    {
+        tracing::warn!(
+            trained_on = ?done.manifest.base_model.digest,
+            merged_into = %base_digest,
+            "the base model at the URI is not the one the adapter was trained on"
+        );
+    }
+    let base = SourceRef {
+        uri: job.base_model_uri.clone(),
+        digest: Some(base_digest),
+    };
     let adapter_dir = r
         .work_dir
         .join("published")
@@ -442,7 +462,7 @@ async fn merged_of_published(
     let parent = adapter_dir.parent().unwrap_or(&r.work_dir);
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     registry.fetch(done, &adapter_dir, None).await?;
-    merge_and_publish(registry, job, &model, &adapter_dir, done, &r.work_dir).await
+    merge_and_publish(registry, &base, &model, &adapter_dir, done, &r.work_dir).await
 }
 
 /// Err when the job sets `minImprovement` and the adapter fell short of it: in score points
@@ -480,10 +500,10 @@ pub fn check_improvement(asked: Option<&TrainerEvaluation>, judged: Option<&Eval
     })
 }
 
-/// The evaluation a version's publisher recorded in its training_metrics.json, for the outcome
-/// of a pod that finds its job already published. Missing or unreadable: none, with a warning;
-/// the adapter is published either way.
-async fn published_evaluation(done: &ResolvedAdapter, credentials: &Credentials) -> Option<EvaluationResult> {
+/// The training_metrics.json a version's publisher recorded (its evaluation and step counts),
+/// for the outcome of a pod that finds its job already published. Missing or unreadable: none,
+/// with a warning; the adapter is published either way.
+async fn published_training_metrics(done: &ResolvedAdapter, credentials: &Credentials) -> Option<serde_json::Value> {
     let read = async {
         let bytes = Storage::from_uri(&done.uri, credentials)?
             .get_bytes(crate::train::METRICS_FILE)
@@ -491,7 +511,7 @@ async fn published_evaluation(done: &ResolvedAdapter, credentials: &Credentials)
         Ok::<_, StorageError>(serde_json::from_slice::<serde_json::Value>(&bytes).ok())
     };
     match read.await {
-        Ok(metrics) => metrics.and_then(|m| serde_json::from_value(m.get("evaluation")?.clone()).ok()),
+        Ok(metrics) => metrics,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the published version's training metrics");
             None
@@ -597,28 +617,15 @@ async fn run_blocking(config: &TrainConfig, options: &RunOptions) -> Result<crat
         .map_err(|e| JobError::Internal(format!("training thread: {e}")))
 }
 
-fn succeeded(
-    a: &ResolvedAdapter,
-    train_loss: Option<f64>,
-    eval_loss: Option<f64>,
-    resumed_from_step: Option<u64>,
-    evaluation: Option<EvaluationResult>,
-    dpo: Option<DpoRewards>,
-) -> TrainerOutcome {
-    TrainerOutcome::Succeeded {
-        adapter: PublishedAdapter {
-            name: a.name.clone(),
-            version: a.version,
-            uri: a.uri.clone(),
-            digest: a.digest.to_string(),
-            reference: Some(format!("{}@{}", a.name, a.version)),
-            merged_uri: None,
-        },
-        train_loss,
-        eval_loss,
-        resumed_from_step,
-        evaluation,
-        dpo,
+/// The published version as the outcome reports it.
+fn published_adapter(a: &ResolvedAdapter, merged_uri: Option<String>) -> PublishedAdapter {
+    PublishedAdapter {
+        name: a.name.clone(),
+        version: a.version,
+        uri: a.uri.clone(),
+        digest: a.digest.to_string(),
+        reference: Some(format!("{}@{}", a.name, a.version)),
+        merged_uri,
     }
 }
 
@@ -959,7 +966,17 @@ fn manifest_dpo(s: &crate::dpo::DpoStats) -> kubetune_storage::DpoScores {
     }
 }
 
-/// The held-out rewards as the outcome (and so `status.progress.evalDpo`) reports them.
+/// A run's rewards as the outcome (and so `status.progress.dpo` and `evalDpo`) reports them.
+fn run_dpo(s: &crate::dpo::DpoStats) -> DpoRewards {
+    DpoRewards {
+        chosen: Some(s.rewards_chosen),
+        rejected: Some(s.rewards_rejected),
+        margins: Some(s.rewards_margins),
+        accuracies: Some(s.rewards_accuracies),
+    }
+}
+
+/// A published version's rewards as the outcome reports them.
 fn outcome_dpo(s: &kubetune_storage::DpoScores) -> DpoRewards {
     DpoRewards {
         chosen: Some(s.rewards_chosen),

@@ -168,6 +168,9 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
                     resumed_from_step,
                     evaluation,
                     dpo,
+                    train_dpo,
+                    step,
+                    total_steps,
                 }) => {
                     status.evaluation = evaluation.map(with_evaluation_display).or(status.evaluation.take());
                     let message = format!(
@@ -180,7 +183,12 @@ fn phase_of(o: &Observed, status: &mut FineTuneJobStatus) -> (FineTuneJobPhase, 
                     progress.eval_loss = eval_loss.or(progress.eval_loss);
                     // The trainer's last held-out evaluation, which a poll may have missed.
                     progress.eval_dpo = dpo.or(progress.eval_dpo.take());
+                    progress.dpo = train_dpo.or(progress.dpo.take());
                     progress.resumed_from_step = resumed_from_step.or(progress.resumed_from_step);
+                    // The trainer's own count, which a poll may have missed entirely (a short
+                    // job that finished between two scrapes) or seen only part of.
+                    progress.total_steps = total_steps.unwrap_or(progress.total_steps);
+                    progress.step = step.unwrap_or(progress.step);
                     // The last poll may predate the last steps; a published adapter means all ran.
                     progress.step = progress.step.max(progress.total_steps);
                     *progress = with_display(progress.clone());
@@ -495,6 +503,40 @@ mod tests {
         );
         assert_eq!(s.progress.and_then(|p| p.resumed_from_step), Some(40));
         assert_eq!(t.map(|t| t.reason), Some("AdapterPublished".into()));
+    }
+
+    #[test]
+    fn a_job_that_succeeded_before_any_scrape_shows_the_trainers_step_count_as_done() {
+        let ftj = finetunejob("minimal.yaml");
+        let j = job(json!([{"type": "Complete", "status": "True"}]));
+        let message = json!({"result": "succeeded", "adapter": {"name": "m", "version": 1, "uri": "u", "digest": "d"}, "step": 6, "totalSteps": 6, "trainDpo": {"accuracies": 0.75}, "dpo": {"accuracies": 1.0}}).to_string();
+        let p = pod(
+            "Succeeded",
+            Some(json!({"exitCode": 0, "reason": "Completed", "message": message})),
+        );
+        let (s, _) = derive_status(&Observed {
+            ftj: &ftj,
+            invalid: None,
+            waiting: None,
+            job: Some(&j),
+            pod: Some(&p),
+            progress: None,
+            now: at(99),
+        });
+        assert_eq!(s.phase, Some(FineTuneJobPhase::Succeeded));
+        let progress = s.progress.expect("progress");
+        assert_eq!((progress.step, progress.total_steps), (6, 6));
+        assert_eq!(progress.display.as_deref(), Some("6/6 (100%)"));
+        assert_eq!(
+            progress.dpo.and_then(|d| d.accuracies),
+            Some(0.75),
+            "the last step's rewards"
+        );
+        assert_eq!(
+            progress.eval_dpo.and_then(|d| d.accuracies),
+            Some(1.0),
+            "the held-out rewards"
+        );
     }
 
     #[test]

@@ -144,6 +144,8 @@ async fn publishes_versions_once_per_job() {
         adapter,
         train_loss,
         resumed_from_step,
+        step,
+        total_steps,
         ..
     } = &first
     else {
@@ -152,6 +154,11 @@ async fn publishes_versions_once_per_job() {
     assert_eq!(adapter.reference.as_deref(), Some("facts@1"));
     assert!(train_loss.is_some_and(f64::is_finite));
     assert_eq!(*resumed_from_step, None);
+    assert_eq!(
+        (*step, *total_steps),
+        (Some(6), Some(6)),
+        "the steps run, for a status that never saw them"
+    );
     let v1 = dir.path().join("store/registry/adapters/facts/v1");
     let config = std::fs::read_to_string(v1.join("adapter_config.json")).expect("published config");
     assert!(
@@ -737,11 +744,21 @@ async fn a_dpo_job_publishes_an_adapter_whose_manifest_and_metrics_carry_the_dpo
         label_smoothing: 0.0,
     });
     let outcome = run_job(job_run(&job, &dir.path().join("work"))).await.expect("dpo run");
-    let TrainerOutcome::Succeeded { eval_loss, dpo, .. } = &outcome else {
+    let TrainerOutcome::Succeeded {
+        eval_loss,
+        dpo,
+        train_dpo,
+        step,
+        total_steps,
+        ..
+    } = &outcome
+    else {
         panic!("expected a published adapter, got {outcome:?}");
     };
     assert!(eval_loss.is_some_and(f64::is_finite), "{outcome:?}");
     assert!(dpo.as_ref().is_some_and(|d| d.accuracies.is_some()), "{outcome:?}");
+    assert!(train_dpo.as_ref().is_some_and(|d| d.margins.is_some()), "{outcome:?}");
+    assert_eq!((*step, *total_steps), (Some(6), Some(6)), "{outcome:?}");
     let v1 = dir.path().join("store/registry/adapters/facts/v1");
     let manifest = read_json(&v1.join("manifest.json"));
     assert_eq!(
@@ -773,10 +790,26 @@ async fn a_dpo_job_publishes_an_adapter_whose_manifest_and_metrics_carry_the_dpo
 
     // A retried pod that finds the version published reports its held-out rewards from there.
     let again = run_job(job_run(&job, &dir.path().join("work2"))).await.expect("re-run");
-    let TrainerOutcome::Succeeded { dpo: reported, .. } = &again else {
+    let TrainerOutcome::Succeeded {
+        dpo: reported,
+        train_dpo: reported_train,
+        step: reported_step,
+        total_steps: reported_total,
+        ..
+    } = &again
+    else {
         panic!("{again:?}")
     };
     assert_eq!(reported, dpo, "the rewards the first pod reported");
+    assert_eq!(
+        reported_train, train_dpo,
+        "the last step's rewards the first pod reported"
+    );
+    assert_eq!(
+        (*reported_step, *reported_total),
+        (Some(6), Some(6)),
+        "the steps, from the version's training_metrics.json"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -823,6 +856,12 @@ async fn a_job_continued_from_a_published_version_records_it_as_lineage_and_publ
     assert!(merged_uri.ends_with("store/registry/merged/facts/v2"), "{merged_uri}");
     let merged = read_json(&dir.path().join("store/registry/merged/facts/v2/manifest.json"));
     assert_eq!(merged["adapter_digest"].as_str(), Some(adapter.digest.as_str()));
+    let base_digest = tiny_base_digest(dir.path()).await;
+    assert_eq!(
+        merged["base_model"]["digest"].as_str(),
+        Some(base_digest.as_str()),
+        "the base folded into: {merged}"
+    );
 
     let mut contradicting = next.clone();
     set_uid(&mut contradicting, dir.path(), "uid-3");
@@ -848,6 +887,14 @@ async fn a_job_continued_from_a_published_version_records_it_as_lineage_and_publ
         .await
         .expect_err("no v9");
     assert_eq!(err.reason(), "AdapterNotFound", "{err}");
+}
+
+/// The test base model's digest, as kubetune_trainer::base_digest defines it.
+async fn tiny_base_digest(root: &Path) -> String {
+    kubetune_trainer::base_digest::of_model(&root.join("store/models/tiny"))
+        .await
+        .expect("base model digest")
+        .to_string()
 }
 
 /// Every safetensors file of a model directory, by name, as bytes.
@@ -907,6 +954,11 @@ async fn a_retry_after_the_adapter_was_published_but_not_its_merged_model_merges
     assert_eq!(adapter.merged_uri.as_deref(), Some(merged_uri.as_str()), "{retry:?}");
     let manifest = read_json(&merged_dir.join("manifest.json"));
     assert_eq!(manifest["adapter_digest"].as_str(), Some(digest.as_str()), "{manifest}");
+    assert_eq!(
+        manifest["base_model"]["digest"].as_str(),
+        Some(tiny_base_digest(dir.path()).await.as_str()),
+        "the base the retry hashed and folded into: {manifest}"
+    );
     assert_eq!(
         weight_files(&merged_dir),
         merged_then,
