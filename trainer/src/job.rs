@@ -309,21 +309,8 @@ async fn fetch_start(
     let dir = work_dir
         .join("init-from")
         .join(format!("{}-v{}", adapter.name, adapter.version));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| {
-            JobError::Train(TrainError::Io {
-                path: dir.clone(),
-                source: e,
-            })
-        })?;
-    }
-    let parent = dir.parent().unwrap_or(work_dir);
-    std::fs::create_dir_all(parent).map_err(|e| {
-        JobError::Train(TrainError::Io {
-            path: parent.into(),
-            source: e,
-        })
-    })?;
+    remove_stale(&dir)?;
+    create_dir(dir.parent().unwrap_or(work_dir))?;
     tracing::info!(adapter = %adapter.name, version = adapter.version, digest = %adapter.digest, "downloading the adapter to start from");
     registry.fetch(&adapter, &dir, None).await?;
     let model_dir = kubetune_model::gguf::model_dir(&inputs.model).map_err(|e| JobError::Train(e.into()))?;
@@ -629,6 +616,28 @@ fn published_adapter(a: &ResolvedAdapter, merged_uri: Option<String>) -> Publish
     }
 }
 
+/// Removes what an earlier attempt of this pod may have left at `dir`.
+fn remove_stale(dir: &Path) -> Result<(), JobError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(dir).map_err(|source| {
+        JobError::Train(TrainError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+    })
+}
+
+fn create_dir(dir: &Path) -> Result<(), JobError> {
+    std::fs::create_dir_all(dir).map_err(|source| {
+        JobError::Train(TrainError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+    })
+}
+
 /// A dataset line error names the dataset's URI, which is what the user wrote.
 fn named_by_uri(e: TrainError, sources: &[(PathBuf, String)]) -> JobError {
     match e {
@@ -860,20 +869,8 @@ async fn publish(
     start: Option<&StartAdapter>,
 ) -> Result<ResolvedAdapter, JobError> {
     let dir = work_dir.join("publish");
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| {
-            JobError::Train(TrainError::Io {
-                path: dir.clone(),
-                source: e,
-            })
-        })?;
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        JobError::Train(TrainError::Io {
-            path: dir.clone(),
-            source: e,
-        })
-    })?;
+    remove_stale(&dir)?;
+    create_dir(&dir)?;
     for name in [
         "adapter_config.json",
         "adapter_model.safetensors",
