@@ -19,9 +19,16 @@
 //! `adapter/`, loaded by `PeftModel.from_pretrained` with PEFT's logits beside it
 //! (`families.py peft`): ours must match them, and what the writer makes today must still be
 //! what PEFT loaded. Phi-3's adapter is written on its fused modules, as PEFT targets them.
+//!
+//! Each family also has a tokenizer and a chat template modelled on the family's own, saved by
+//! transformers 5 (tokenizer.json, tokenizer_config.json, and the template in
+//! `chat_template.jinja`), with the prompts `apply_chat_template` rendered from them and their
+//! token ids in reference.json's `chat` (`families.py chat`): the model crate must render and
+//! tokenize the same.
 
 use crate::common::{ids, max_abs_diff, random_adapter};
 use candle_core::{Device, Tensor};
+use kubetune_model::chat::{ChatMessage, ChatTemplate};
 use kubetune_model::checkpointing::LossBatch;
 use kubetune_model::generate::{greedy, GreedyOptions};
 use kubetune_model::{load_model, peft, ActiveAdapter, BaseFormat, DecodeRow, KvCache, LoadOptions, TargetModule};
@@ -31,6 +38,26 @@ use std::path::{Path, PathBuf};
 #[derive(Deserialize)]
 struct Reference {
     cases: Vec<Case>,
+    chat: Option<ChatReference>,
+}
+
+#[derive(Deserialize)]
+struct ChatReference {
+    cases: Vec<ChatCase>,
+}
+
+#[derive(Deserialize)]
+struct ChatCase {
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    prompt: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +280,47 @@ fn the_adapter_written_for_each_family_loads_in_peft_with_the_same_logits() {
                 .collect()
         };
         assert_eq!(names(rewritten.path()), names(&adapter_dir), "{name}: tensor names");
+    }
+}
+
+/// Each family's chat_template.jinja, as transformers 5 saves it beside a tokenizer_config.json
+/// that no longer holds the template, renders each conversation to the prompt
+/// `apply_chat_template` rendered (with the generation prompt and without), and the family's
+/// tokenizer.json gives that prompt the same token ids: Llama 3's and Gemma 2's `| trim` in
+/// concatenations, Llama 2's system block and `.strip()`, Qwen2's default system turn, Qwen3's
+/// namespace, reversed loop and think blocks, Gemma 3's whitespace control and system prefix,
+/// Phi-3's EOS at the end of a finished conversation. Made once with
+/// `.kubetune/bench/venv/bin/python model/tests/reference/families.py chat model/tests/reference/families`
+/// (transformers 5.25, tokenizers 0.23), which leaves the weights and logits as they were.
+#[test]
+fn each_familys_chat_template_file_renders_and_tokenizes_prompts_as_transformers_apply_chat_template_does() {
+    for name in FAMILIES {
+        let dir = family_dir(name);
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).expect("tokenizer_config.json")).expect("json");
+        assert!(
+            config.get("chat_template").is_none() && dir.join("chat_template.jinja").exists(),
+            "{name}: the template is in chat_template.jinja only, as transformers 5 saves it"
+        );
+        let template = ChatTemplate::for_model(&config, &config_path)
+            .expect("the template compiles")
+            .expect("a template");
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer.json");
+        let chat = read_reference(&dir.join("reference.json"))
+            .chat
+            .expect("chat references");
+        for (n, case) in chat.cases.iter().enumerate() {
+            let messages: Vec<ChatMessage> = case
+                .messages
+                .iter()
+                .map(|m| ChatMessage::new(&m.role, &m.content))
+                .collect();
+            let prompt = template.render(&messages, case.add_generation_prompt).expect("render");
+            assert_eq!(prompt, case.prompt, "{name} chat {n}: the rendered prompt");
+            let ids = tokenizer.encode(prompt.as_str(), false).expect("encode");
+            assert_eq!(ids.get_ids(), case.ids, "{name} chat {n}: the prompt's token ids");
+        }
     }
 }
 
