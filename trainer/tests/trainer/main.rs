@@ -11,6 +11,8 @@ mod bad_data;
 mod data_prep;
 mod dpo;
 mod dpo_reference;
+mod gguf_peft;
+mod gguf_peft_train;
 mod init_from;
 mod job;
 mod learning;
