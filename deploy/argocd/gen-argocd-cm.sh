@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 # Argo CD health checks for kubetune's custom resources. Merge into your argocd-cm, e.g.
 #   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file deploy/argocd/argocd-cm.yaml
 # No resource.customizations.ignoreDifferences are needed: the CRD schemas default nothing, so
-# what Argo CD applies is what it reads back (see README, Argo CD).
+# what Argo CD applies is what it reads back (see docs/argocd.md).
 apiVersion: v1
 kind: ConfigMap
 metadata:

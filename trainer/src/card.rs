@@ -133,7 +133,7 @@ fn hub_id(uri: &str) -> String {
 
 fn base_model_section(out: &mut String, c: &CardInput) {
     let digest = match c.base_model_digest {
-        Some(d) => format!("`{d}` (how to recompute it: kubetune's README, Models)"),
+        Some(d) => format!("`{d}` (how to recompute it: kubetune's docs/models.md)"),
         // Not hashed (a card rendered outside a job).
         None => "none recorded: the base model is identified by its URI alone; a revision pinned in it \
                  (`hf://org/model@<commit>`) makes that exact"
