@@ -306,6 +306,17 @@ async fn fetch_start(
             adapter.name, adapter.version, adapter.manifest.base_model.uri, job.base_model_uri
         )));
     }
+    // The same URI may hold other weights by now (a re-uploaded model): the adapter's deltas
+    // only mean something on the weights they were trained against.
+    if let Some(trained_on) = adapter.manifest.base_model.digest.as_ref() {
+        if *trained_on != inputs.base_digest {
+            return Err(spec_error(format!(
+                "spec.initFrom: {}@{} was trained on {} with digest {trained_on}, but spec.baseModel.uri now holds \
+                 digest {}: the base model changed since",
+                adapter.name, adapter.version, job.base_model_uri, inputs.base_digest
+            )));
+        }
+    }
     let dir = work_dir
         .join("init-from")
         .join(format!("{}-v{}", adapter.name, adapter.version));

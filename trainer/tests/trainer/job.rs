@@ -887,6 +887,22 @@ async fn a_job_continued_from_a_published_version_records_it_as_lineage_and_publ
         .await
         .expect_err("no v9");
     assert_eq!(err.reason(), "AdapterNotFound", "{err}");
+
+    // The base model's URI now holds other files than v1 was trained on: continuing is refused.
+    let config = dir.path().join("store/models/tiny/config.json");
+    let mut text = std::fs::read_to_string(&config).expect("config.json");
+    text.push('\n');
+    std::fs::write(&config, text).expect("config.json rewritten");
+    let mut changed = next.clone();
+    set_uid(&mut changed, dir.path(), "uid-5");
+    let err = run_job(job_run(&changed, &dir.path().join("work5")))
+        .await
+        .expect_err("the base changed since v1");
+    assert!(
+        err.to_string().contains("the base model changed since") && err.to_string().contains("spec.initFrom"),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "InvalidSpec");
 }
 
 /// The test base model's digest, as kubetune_trainer::base_digest defines it.
