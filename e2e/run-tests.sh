@@ -15,6 +15,9 @@ e2e/cluster/up.sh
 # on the local node, made from them.
 cargo build --locked --workspace --bins -q
 e2e/images/build.sh --import operator trainer server
+# The official `openai` Python client against the server on the tiny model (no cluster needed;
+# openai from PyPI, cached).
+KUBETUNE_SKIP_BUILD=1 e2e/openai-client.sh
 # helm, promtool, lua and actionlint for the chart, alert, Argo CD and CI workflow tests (built or unpacked once, then cached).
 e2e/tools.sh >/dev/null
 # The end-to-end tests install their own operator and need the cluster to themselves; `make demo`
