@@ -54,6 +54,29 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Positions the buffers hold without reallocating (or will allocate on the first write).
+    pub fn capacity(&self) -> usize {
+        match self.layers.first().and_then(|l| l.as_ref()) {
+            Some(l) => l.k.dims().get(2).copied().unwrap_or(0),
+            None => self.capacity,
+        }
+    }
+
+    /// Makes room for `positions` in every layer now, so the caller decides when memory is
+    /// allocated and how much: the server grows a sequence's cache block by block as it
+    /// generates, and accounts exactly what is held. Never shrinks.
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.capacity = self.capacity.max(positions);
+        for e in self.layers.iter_mut().flatten() {
+            if e.k.dim(2)? < positions {
+                let (k, v) = grown(e, positions)?;
+                e.k = k;
+                e.v = v;
+            }
+        }
+        Ok(())
+    }
+
     /// Appends `k` and `v`, (batch, kv_heads, seq, head_dim), to layer `layer` and returns views
     /// of everything cached there, (batch, kv_heads, len, head_dim). The views share the
     /// buffer; later appends only write past their end, so they stay valid.
@@ -108,9 +131,53 @@ fn buffer(x: &Tensor, capacity: usize) -> Result<Tensor> {
 }
 
 fn grow(e: LayerKv, capacity: usize) -> Result<LayerKv> {
+    let (k, v) = grown(&e, capacity)?;
+    Ok(LayerKv { k, v, len: e.len })
+}
+
+/// Copies of `e`'s buffers with room for `capacity` positions; `e` is untouched, so a failed
+/// allocation loses nothing.
+fn grown(e: &LayerKv, capacity: usize) -> Result<(Tensor, Tensor)> {
     let k = buffer(&e.k, capacity)?;
     let v = buffer(&e.v, capacity)?;
     k.slice_set(&e.k.narrow(2, 0, e.len)?.contiguous()?, 2, 0)?;
     v.slice_set(&e.v.narrow(2, 0, e.len)?.contiguous()?, 2, 0)?;
-    Ok(LayerKv { k, v, len: e.len })
+    Ok((k, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvCache;
+    use candle_core::{Device, Tensor};
+
+    fn positions(start: u32, n: usize) -> Tensor {
+        let data: Vec<f32> = (0..n).map(|i| (start as usize + i) as f32).collect();
+        Tensor::from_vec(data, (1, 1, n, 1), &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn reserve_grows_the_buffers_to_exactly_the_positions_asked_and_keeps_what_was_cached() {
+        let mut cache = KvCache::with_capacity(2, 3);
+        assert_eq!(cache.capacity(), 3, "nothing allocated yet: the first write's size");
+        for layer in 0..2 {
+            cache
+                .append(layer, &positions(0, 3), &positions(10, 3))
+                .expect("append");
+        }
+        assert_eq!(cache.capacity(), 3);
+        cache.reserve(7).expect("reserve");
+        assert_eq!(cache.capacity(), 7, "exactly what was asked, not a doubling");
+        cache.reserve(5).expect("reserve");
+        assert_eq!(cache.capacity(), 7, "never shrinks");
+        for layer in 0..2 {
+            let (k, v) = cache
+                .append(layer, &positions(3, 4), &positions(13, 4))
+                .expect("append");
+            let k: Vec<f32> = k.flatten_all().and_then(|t| t.to_vec1()).expect("k");
+            let v: Vec<f32> = v.flatten_all().and_then(|t| t.to_vec1()).expect("v");
+            assert_eq!(k, (0..7).map(|i| i as f32).collect::<Vec<_>>());
+            assert_eq!(v, (10..17).map(|i| i as f32).collect::<Vec<_>>());
+        }
+        assert_eq!(cache.capacity(), 7, "four more positions fitted without reallocating");
+    }
 }

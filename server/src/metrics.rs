@@ -22,6 +22,7 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub batch_size: Histogram,
     pub loaded_adapters: IntGauge,
+    pub preemptions: IntCounter,
     pub vllm: VllmMetrics,
 }
 
@@ -36,6 +37,7 @@ pub struct VllmMetrics {
     pub time_to_first_token: Histogram,
     pub e2e_request_latency: Histogram,
     pub request_success: IntCounterVec,
+    pub num_preemptions: IntCounter,
 }
 
 /// Label for requests whose `model` matched nothing served.
@@ -97,6 +99,11 @@ impl Metrics {
         .expect("static metric definition");
         let loaded_adapters =
             IntGauge::new("kubetune_server_loaded_adapters", "LoRA adapters loaded").expect("static metric definition");
+        let preemptions = IntCounter::new(
+            "kubetune_server_preemptions_total",
+            "Sequences preempted when the KV budget ran out; each recomputes its cache later",
+        )
+        .expect("static metric definition");
         let vllm_opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
         let vllm_histogram = |name: &str, help: &str| {
             Histogram::with_opts(
@@ -119,7 +126,7 @@ impl Metrics {
             .expect("static metric definition"),
             kv_cache_usage_perc: Gauge::with_opts(vllm_opts(
                 "vllm:kv_cache_usage_perc",
-                "Share of the KV cache budget reserved by running sequences (1 = full)",
+                "Share of the KV cache budget held by running sequences' blocks (1 = full)",
             ))
             .expect("static metric definition"),
             prompt_tokens: IntCounter::with_opts(vllm_opts("vllm:prompt_tokens_total", "Prompt tokens prefilled"))
@@ -142,6 +149,11 @@ impl Metrics {
                 &["finished_reason"],
             )
             .expect("static metric definition"),
+            num_preemptions: IntCounter::with_opts(vllm_opts(
+                "vllm:num_preemptions_total",
+                "Sequences preempted when the KV budget ran out",
+            ))
+            .expect("static metric definition"),
         };
         for c in [
             Box::new(vllm.num_requests_running.clone()) as Box<dyn prometheus::core::Collector>,
@@ -152,6 +164,8 @@ impl Metrics {
             Box::new(vllm.time_to_first_token.clone()),
             Box::new(vllm.e2e_request_latency.clone()),
             Box::new(vllm.request_success.clone()),
+            Box::new(vllm.num_preemptions.clone()),
+            Box::new(preemptions.clone()),
             Box::new(requests.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(inter_token_latency.clone()),
@@ -173,6 +187,7 @@ impl Metrics {
             queue_depth,
             batch_size,
             loaded_adapters,
+            preemptions,
             vllm,
         }
     }
@@ -184,6 +199,11 @@ impl Metrics {
         self.vllm.num_requests_waiting.set(waiting as i64);
         self.vllm.num_requests_running.set(running as i64);
         self.vllm.kv_cache_usage_perc.set(kv_share);
+    }
+
+    pub fn preempted(&self) {
+        self.preemptions.inc();
+        self.vllm.num_preemptions.inc();
     }
 
     pub fn prefilled(&self, prompt_tokens: usize) {

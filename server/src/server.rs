@@ -62,6 +62,15 @@ pub struct Args {
     /// KV cache memory for all running sequences together, MiB.
     #[arg(long, env = "KUBETUNE_KV_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub kv_cache_mb: u64,
+    /// Positions per KV cache block: a sequence's cache grows, and counts against
+    /// --kv-cache-mb, one block at a time as it generates.
+    #[arg(long, env = "KUBETUNE_KV_BLOCK_TOKENS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub kv_block_tokens: u32,
+    /// Prompt tokens prefilled per engine step, between two decode steps: a long prompt is
+    /// prefilled in chunks of this size, so running streams keep their inter-token latency and
+    /// its attention scores stay within chunk x context per layer.
+    #[arg(long, env = "KUBETUNE_PREFILL_CHUNK_TOKENS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefill_chunk_tokens: u32,
     #[arg(long, env = "KUBETUNE_MAX_ADAPTERS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_adapters: u32,
     #[arg(long, env = "KUBETUNE_MAX_ADAPTER_RANK", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
@@ -336,6 +345,8 @@ pub async fn build_with<B: Backend>(
         max_queue: args.max_queue as usize,
         max_context,
         kv_budget_bytes: (args.kv_cache_mb as usize).saturating_mul(1 << 20),
+        kv_block_tokens: args.kv_block_tokens as usize,
+        prefill_chunk_tokens: args.prefill_chunk_tokens as usize,
         retry_after_s: args.retry_after_s,
     };
     let metrics = Arc::new(Metrics::new(&base_name));

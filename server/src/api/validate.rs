@@ -115,13 +115,16 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
         None if endpoint == Endpoint::Completions => room.min(16),
         None => room,
     };
-    let kv = (prompt.len() + max_tokens).saturating_mul(ctx.kv_bytes_per_token);
+    // KV blocks are allocated as tokens are produced, so only the prompt (and the first token)
+    // must fit now; a completion that alone outgrows the budget ends with `length`.
+    let kv = (prompt.len() + 1).saturating_mul(ctx.kv_bytes_per_token);
     if kv > ctx.kv_budget_bytes {
         return Err(ApiError::invalid_code(
-            "max_tokens",
+            prompt_param,
             "context_length_exceeded",
             format!(
-                "prompt + max_tokens need {kv} bytes of KV cache, more than the server's budget of {} bytes",
+                "the prompt is {} tokens and needs {kv} bytes of KV cache, more than the server's budget of {} bytes",
+                prompt.len(),
                 ctx.kv_budget_bytes
             ),
         ));

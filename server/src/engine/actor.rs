@@ -1,12 +1,20 @@
 //! The engine loop (continuous batching). Each iteration:
 //! 1. takes newly submitted requests into the waiting queue and drops cancelled ones;
-//! 2. admits waiting requests in arrival order while a batch slot and KV budget are free, and
-//!    prefills them together (each one's first token comes out right away);
-//! 3. runs one decode step for every sequence that was already running.
+//! 2. admits waiting requests in arrival order while a batch slot and the KV blocks for their
+//!    prompt are free;
+//! 3. prefills at most `prefill_chunk_tokens` prompt tokens: short prompts whole and batched,
+//!    a long prompt one chunk per iteration, so that it never stalls the running streams for
+//!    longer than one chunk and its attention scores stay within chunk x context;
+//! 4. gives every sequence that was already decoding one more KV block when it needs one,
+//!    preempting the youngest sequence when the budget is spent, and runs one decode step.
 //!
-//! New requests therefore join between decode steps without waiting for the batch to drain.
-//! KV memory is reserved for prompt + max_tokens at admission, so a running sequence can
-//! never run out of cache and nothing needs to be preempted.
+//! KV memory is allocated in blocks of `kv_block_tokens` positions as tokens are produced, and
+//! the budget counts exactly the blocks held (vLLM's design). Reserving prompt + max_tokens up
+//! front instead made a request without `max_tokens` hold the whole context, so a long-context
+//! model served one such request at a time. A preempted sequence keeps its request, sampler
+//! and generated tokens, goes back to the head of the queue, and on readmission recomputes its
+//! cache from prompt + generated tokens (vLLM's recompute preemption); the client only sees a
+//! pause. A sequence that alone outgrows the whole budget ends with `length`.
 
 use super::backend::{Backend, DecodeItem, PrefillItem};
 use super::{Admitted, EngineConfig, Event, FinishReason};
@@ -17,19 +25,60 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+/// A request that is not running: new, or preempted with what it had generated.
+struct Waiting {
+    request: Admitted,
+    sampler: Sampler,
+    generated: Vec<u32>,
+}
+
+impl Waiting {
+    fn new(request: Admitted) -> Self {
+        let sampler = Sampler::new(request.req.params.clone());
+        Self {
+            request,
+            sampler,
+            generated: Vec::new(),
+        }
+    }
+
+    /// Tokens the cache must hold before the next token can be sampled.
+    fn context_len(&self) -> usize {
+        self.request.req.prompt.len() + self.generated.len()
+    }
+}
+
 struct Sequence<C> {
     request: Admitted,
     cache: C,
     sampler: Sampler,
-    generated: usize,
-    last_token: u32,
+    /// What the cache must hold before decoding: the prompt, or after a preemption the prompt
+    /// followed by every token generated so far.
+    context: Vec<u32>,
+    /// Positions the cache holds.
+    cached: usize,
+    /// Positions allocated for the cache, a whole number of blocks: what the budget counts.
+    kv_positions: usize,
+    generated: Vec<u32>,
     last_emit: Instant,
-    kv_reserved: usize,
+    /// Admission order: the youngest sequence is preempted first.
+    admitted: u64,
+    /// Whether it takes part in this iteration's decode step: its context was complete when
+    /// the iteration began. One whose prompt completes during the iteration has just sampled
+    /// its first token and decodes from the next one.
+    decoding: bool,
+    done: bool,
 }
 
-enum Outcome {
-    Continue,
-    Done,
+impl<C> Sequence<C> {
+    fn prefilled(&self) -> bool {
+        self.cached >= self.context.len()
+    }
+
+    fn fail(&mut self, error: String) {
+        let _ = self.request.events.send(Event::Failed(error));
+        self.done = true;
+    }
 }
 
 pub(super) fn run<B: Backend>(
@@ -38,169 +87,290 @@ pub(super) fn run<B: Backend>(
     config: EngineConfig,
     metrics: Arc<Metrics>,
 ) {
-    let mut waiting: VecDeque<Admitted> = VecDeque::new();
-    let mut running: Vec<Sequence<B::Cache>> = Vec::new();
-    let mut kv_used = 0usize;
+    let mut engine = Loop {
+        kv_bytes_per_token: backend.kv_bytes_per_token().max(1),
+        backend,
+        config,
+        metrics,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        admissions: 0,
+    };
     loop {
-        if waiting.is_empty() && running.is_empty() {
-            metrics.engine_state(0, 0, 0.0);
+        if engine.waiting.is_empty() && engine.running.is_empty() {
+            engine.metrics.engine_state(0, 0, 0.0);
             match rx.blocking_recv() {
-                Some(r) => waiting.push_back(r),
+                Some(r) => engine.waiting.push_back(Waiting::new(r)),
                 // Every handle is gone and nothing is left to finish.
                 None => return,
             }
         }
         while let Ok(r) = rx.try_recv() {
-            waiting.push_back(r);
+            engine.waiting.push_back(Waiting::new(r));
         }
-        waiting.retain(|r| !r.events.is_closed());
+        engine.step();
+    }
+}
 
-        let mut admitted = Vec::new();
-        while running.len() + admitted.len() < config.max_batch {
-            let Some(front) = waiting.front() else { break };
-            let need = kv_need(&backend, front);
-            // An empty batch always admits, so one oversized request cannot wedge the queue
-            // (validation keeps requests within the budget; this is the backstop).
-            if kv_used + need > config.kv_budget_bytes && !(running.is_empty() && admitted.is_empty()) {
+struct Loop<B: Backend> {
+    backend: B,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    kv_bytes_per_token: usize,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Sequence<B::Cache>>,
+    admissions: u64,
+}
+
+impl<B: Backend> Loop<B> {
+    fn step(&mut self) {
+        self.waiting.retain(|w| !w.request.events.is_closed());
+        self.admit();
+        self.report();
+        for s in self.running.iter_mut() {
+            s.decoding = s.prefilled();
+        }
+        self.prefill_chunk();
+        self.make_room();
+        self.decode_step();
+        self.running.retain(|s| !s.done && !s.request.events.is_closed());
+        self.report();
+    }
+
+    fn report(&self) {
+        let share = self.kv_used() as f64 / self.config.kv_budget_bytes.max(1) as f64;
+        self.metrics.engine_state(self.waiting.len(), self.running.len(), share);
+    }
+
+    fn block(&self) -> usize {
+        self.config.kv_block_tokens.max(1)
+    }
+
+    /// Positions, rounded up to whole blocks, for `tokens`.
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block()) * self.block()
+    }
+
+    fn kv_used(&self) -> usize {
+        let positions: usize = self.running.iter().map(|s| s.kv_positions).sum();
+        positions.saturating_mul(self.kv_bytes_per_token)
+    }
+
+    /// Admits waiting requests in order while a batch slot and the blocks for their context
+    /// (and the first generated token) are free. An empty batch always admits, so one
+    /// oversized request cannot wedge the queue (validation keeps prompts within the budget;
+    /// this is the backstop).
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch {
+            let Some(front) = self.waiting.front() else { break };
+            let positions = self.blocks_for(front.context_len() + 1);
+            let need = positions.saturating_mul(self.kv_bytes_per_token);
+            if self.kv_used() + need > self.config.kv_budget_bytes && !self.running.is_empty() {
                 break;
             }
-            let Some(request) = waiting.pop_front() else { break };
-            kv_used += need;
-            admitted.push((request, need));
-        }
-        metrics.engine_state(
-            waiting.len(),
-            running.len() + admitted.len(),
-            kv_share(kv_used, &config),
-        );
-        let new = prefill(&backend, admitted, &metrics);
-        let prefilled = new.len();
-        running.extend(new);
-
-        // Sequences prefilled above sit at the end of `running`; the rest take a decode step.
-        let decoding = running.len() - prefilled;
-        if decoding > 0 {
-            metrics.batch_size.observe(decoding as f64);
-            let outcomes = decode_step(&backend, &mut running[..decoding], &metrics);
-            let mut i = 0;
-            running.retain(|_| {
-                let keep = i >= decoding || matches!(outcomes[i], Outcome::Continue);
-                i += 1;
-                keep
+            let Some(w) = self.waiting.pop_front() else { break };
+            let mut context = w.request.req.prompt.clone();
+            context.extend_from_slice(&w.generated);
+            self.admissions += 1;
+            self.running.push(Sequence {
+                cache: self.backend.new_cache(positions),
+                request: w.request,
+                sampler: w.sampler,
+                context,
+                cached: 0,
+                kv_positions: positions,
+                generated: w.generated,
+                last_emit: Instant::now(),
+                admitted: self.admissions,
+                decoding: false,
+                done: false,
             });
         }
-        // Finished sequences were dropped above; cancelled ones go here.
-        running.retain(|s| !s.request.events.is_closed());
-        kv_used = running.iter().map(|s| s.kv_reserved).sum();
-        metrics.engine_state(waiting.len(), running.len(), kv_share(kv_used, &config));
     }
-}
 
-fn kv_share(used: usize, config: &EngineConfig) -> f64 {
-    used as f64 / config.kv_budget_bytes.max(1) as f64
-}
-
-fn kv_need<B: Backend>(backend: &B, r: &Admitted) -> usize {
-    (r.req.prompt.len() + r.req.max_tokens).saturating_mul(backend.kv_bytes_per_token())
-}
-
-/// Prefills the admitted requests together (the backend batches what it can); each one's
-/// first token comes out right away. Returns the sequences that go on decoding.
-fn prefill<B: Backend>(backend: &B, admitted: Vec<(Admitted, usize)>, metrics: &Metrics) -> Vec<Sequence<B::Cache>> {
-    if admitted.is_empty() {
-        return Vec::new();
-    }
-    let mut caches: Vec<B::Cache> = admitted
-        .iter()
-        .map(|(r, _)| backend.new_cache(r.req.prompt.len() + r.req.max_tokens))
-        .collect();
-    let results = {
-        let mut items: Vec<PrefillItem<'_, B::Cache>> = admitted
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|((r, _), cache)| PrefillItem {
-                tokens: &r.req.prompt,
-                cache,
-                adapter: r.req.adapter.as_ref().map(|a| &a.weights),
-            })
-            .collect();
-        backend.prefill(&mut items)
-    };
-    let mut sequences = Vec::with_capacity(admitted.len());
-    for (((request, kv_reserved), cache), result) in admitted.into_iter().zip(caches).zip(results) {
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = request.events.send(Event::Failed(e));
+    /// Runs at most `prefill_chunk_tokens` context tokens, oldest sequences first: contexts
+    /// that fit whole and start empty go through one batched prefill; the rest (a long
+    /// prompt, or the tail of one) run one chunk each after what their cache holds. A
+    /// sequence whose context is complete samples its next token.
+    fn prefill_chunk(&mut self) {
+        let mut budget = self.config.prefill_chunk_tokens.max(1);
+        let mut whole = Vec::new();
+        let mut partial = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            if s.prefilled() {
                 continue;
             }
-        };
-        let sampler = Sampler::new(request.req.params.clone());
-        let mut seq = Sequence {
-            request,
-            cache,
-            sampler,
-            generated: 0,
-            last_token: 0,
-            last_emit: Instant::now(),
-            kv_reserved,
-        };
-        metrics.prefilled(seq.request.req.prompt.len());
-        metrics.first_token(seq.request.enqueued.elapsed().as_secs_f64());
-        if let Outcome::Continue = emit(&mut seq, &logits, metrics) {
-            sequences.push(seq);
+            if budget == 0 {
+                break;
+            }
+            let remaining = s.context.len() - s.cached;
+            let take = remaining.min(budget);
+            budget -= take;
+            if s.cached == 0 && take == remaining {
+                whole.push(i);
+            } else {
+                partial.push((i, take));
+            }
+        }
+        let whole_results = self.prefill_whole(&whole);
+        for (i, result) in whole.into_iter().zip(whole_results) {
+            let len = self.running[i].context.len();
+            self.record_prefill(i, len, result);
+        }
+        for (i, take) in partial {
+            let s = &mut self.running[i];
+            let chunk = &s.context[s.cached..s.cached + take];
+            let adapter = s.request.req.adapter.as_ref().map(|a| &a.weights);
+            let result = self.backend.forward(chunk, &mut s.cache, adapter);
+            self.record_prefill(i, take, result);
         }
     }
-    sequences
+
+    fn prefill_whole(&mut self, indices: &[usize]) -> Vec<Result<Vec<f32>, String>> {
+        if indices.is_empty() {
+            return Vec::new();
+        }
+        let mut items: Vec<PrefillItem<'_, B::Cache>> = self
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| indices.contains(i))
+            .map(|(_, s)| PrefillItem {
+                tokens: &s.context,
+                cache: &mut s.cache,
+                adapter: s.request.req.adapter.as_ref().map(|a| &a.weights),
+            })
+            .collect();
+        self.backend.prefill(&mut items)
+    }
+
+    /// Records `tokens` more context positions of sequence `i` as cached and, once its whole
+    /// context is, samples from the logits.
+    fn record_prefill(&mut self, i: usize, tokens: usize, result: Result<Vec<f32>, String>) {
+        let metrics = self.metrics.clone();
+        let s = &mut self.running[i];
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => return s.fail(e),
+        };
+        s.cached += tokens;
+        if !s.prefilled() {
+            return;
+        }
+        if s.generated.is_empty() {
+            metrics.prefilled(s.request.req.prompt.len());
+            metrics.first_token(s.request.enqueued.elapsed().as_secs_f64());
+        }
+        emit(s, &logits, &metrics);
+    }
+
+    /// Gives each decoding sequence whose cache is full one more block. When the budget
+    /// cannot hold them, the youngest sequence is preempted and the count redone; a sequence
+    /// alone that still does not fit has outgrown the whole budget and ends with `length`.
+    fn make_room(&mut self) {
+        let block = self.block();
+        let needs_block = |s: &Sequence<B::Cache>| s.decoding && !s.done && s.cached + 1 > s.kv_positions;
+        loop {
+            let growing = self.running.iter().filter(|s| needs_block(s)).count();
+            let growth = (growing * block).saturating_mul(self.kv_bytes_per_token);
+            if growing == 0 || self.kv_used() + growth <= self.config.kv_budget_bytes {
+                break;
+            }
+            let live = self.running.iter().filter(|s| !s.done).count();
+            if live > 1 {
+                self.preempt_youngest();
+                continue;
+            }
+            for s in self.running.iter_mut().filter(|s| !s.done) {
+                let _ = s.request.events.send(Event::Finished(FinishReason::Length));
+                s.done = true;
+            }
+            return;
+        }
+        for s in self.running.iter_mut() {
+            if needs_block(s) {
+                let positions = s.kv_positions + block;
+                match self.backend.reserve(&mut s.cache, positions) {
+                    Ok(()) => s.kv_positions = positions,
+                    Err(e) => s.fail(e),
+                }
+            }
+        }
+    }
+
+    /// Frees the youngest live sequence's cache and puts it back at the head of the queue
+    /// with its sampler and generated tokens, so it resumes where it stopped.
+    fn preempt_youngest(&mut self) {
+        let youngest = (self.running.iter().enumerate())
+            .filter(|(_, s)| !s.done)
+            .max_by_key(|(_, s)| s.admitted)
+            .map(|(i, _)| i);
+        let Some(i) = youngest else { return };
+        let s = self.running.remove(i);
+        self.waiting.push_front(Waiting {
+            request: s.request,
+            sampler: s.sampler,
+            generated: s.generated,
+        });
+        self.metrics.preempted();
+    }
+
+    fn decode_step(&mut self) {
+        let mut indices = Vec::new();
+        let mut items: Vec<DecodeItem<'_, B::Cache>> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if !s.decoding || s.done {
+                continue;
+            }
+            let Some(&token) = s.generated.last() else { continue };
+            indices.push(i);
+            items.push(DecodeItem {
+                token,
+                cache: &mut s.cache,
+                adapter: s.request.req.adapter.as_ref().map(|a| &a.weights),
+            });
+        }
+        if items.is_empty() {
+            return;
+        }
+        self.metrics.batch_size.observe(items.len() as f64);
+        let results = self.backend.decode(&mut items);
+        drop(items);
+        for (i, result) in indices.into_iter().zip(results) {
+            let s = &mut self.running[i];
+            match result {
+                Ok(logits) => {
+                    s.cached += 1;
+                    self.metrics
+                        .inter_token_latency
+                        .observe(s.last_emit.elapsed().as_secs_f64());
+                    emit(s, &logits, &self.metrics);
+                }
+                Err(e) => s.fail(e),
+            }
+        }
+    }
 }
 
-fn decode_step<B: Backend>(backend: &B, seqs: &mut [Sequence<B::Cache>], metrics: &Metrics) -> Vec<Outcome> {
-    let mut items: Vec<DecodeItem<'_, B::Cache>> = seqs
-        .iter_mut()
-        .map(|s| DecodeItem {
-            token: s.last_token,
-            cache: &mut s.cache,
-            adapter: s.request.req.adapter.as_ref().map(|a| &a.weights),
-        })
-        .collect();
-    let results = backend.decode(&mut items);
-    drop(items);
-    seqs.iter_mut()
-        .zip(results)
-        .map(|(seq, result)| match result {
-            Ok(logits) => {
-                metrics
-                    .inter_token_latency
-                    .observe(seq.last_emit.elapsed().as_secs_f64());
-                emit(seq, &logits, metrics)
-            }
-            Err(e) => {
-                let _ = seq.request.events.send(Event::Failed(e));
-                Outcome::Done
-            }
-        })
-        .collect()
-}
-
-/// Samples from `logits` and tells the handler; says whether the sequence goes on.
-fn emit<C>(seq: &mut Sequence<C>, logits: &[f32], metrics: &Metrics) -> Outcome {
+/// Samples from `logits` and tells the handler; marks the sequence done when it ends.
+fn emit<C>(seq: &mut Sequence<C>, logits: &[f32], metrics: &Metrics) {
     let (id, logprob) = seq.sampler.sample(logits);
     let events = &seq.request.events;
     if seq.request.req.stop_ids.contains(&id) {
         let _ = events.send(Event::Finished(FinishReason::Stop));
-        return Outcome::Done;
+        seq.done = true;
+        return;
     }
-    seq.generated += 1;
-    seq.last_token = id;
+    seq.generated.push(id);
     seq.last_emit = Instant::now();
     metrics.generated_token();
     if events.send(Event::Token { id, logprob }).is_err() {
         // The client went away.
-        return Outcome::Done;
+        seq.done = true;
+        return;
     }
-    if seq.generated >= seq.request.req.max_tokens {
+    if seq.generated.len() >= seq.request.req.max_tokens {
         let _ = events.send(Event::Finished(FinishReason::Length));
-        return Outcome::Done;
+        seq.done = true;
     }
-    Outcome::Continue
 }

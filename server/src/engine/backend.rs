@@ -22,8 +22,15 @@ pub trait Backend: Send + 'static {
     /// Per-sequence state (the KV cache).
     type Cache: Send;
 
-    /// A cache for a sequence that will hold at most `positions` tokens (prompt + max_tokens).
+    /// A cache with room for `positions` tokens; the engine grows it with [`Backend::reserve`].
     fn new_cache(&self, positions: usize) -> Self::Cache;
+
+    /// Makes room for `positions` tokens in `cache` now, so that memory is held exactly as the
+    /// engine counts it. The default does nothing, for caches that grow on their own.
+    fn reserve(&self, cache: &mut Self::Cache, positions: usize) -> Result<(), String> {
+        let _ = (cache, positions);
+        Ok(())
+    }
 
     /// Bytes of KV cache one position of one sequence takes; the engine budgets with it.
     fn kv_bytes_per_token(&self) -> usize;
@@ -169,6 +176,10 @@ impl Backend for CandleBackend {
         CandleCache {
             kv: KvCache::with_capacity(self.model.config().num_hidden_layers, positions),
         }
+    }
+
+    fn reserve(&self, cache: &mut CandleCache, positions: usize) -> Result<(), String> {
+        cache.kv.reserve(positions).map_err(|e| e.to_string())
     }
 
     fn kv_bytes_per_token(&self) -> usize {

@@ -4,6 +4,8 @@
 
 mod actor;
 pub mod backend;
+#[cfg(test)]
+mod tests;
 
 use crate::adapters::LoadedAdapter;
 use crate::error::ApiError;
@@ -25,6 +27,11 @@ pub struct EngineConfig {
     pub max_context: usize,
     /// KV cache memory all running sequences may hold together.
     pub kv_budget_bytes: usize,
+    /// Positions per KV block: caches are allocated, grown and counted in whole blocks.
+    pub kv_block_tokens: usize,
+    /// Prompt tokens prefilled per engine iteration, between two decode steps: bounds both
+    /// the stall running streams see and a long prompt's attention scores (chunk x context).
+    pub prefill_chunk_tokens: usize,
     /// Seconds clients are told to wait in Retry-After when the queue is full.
     pub retry_after_s: u64,
 }
@@ -36,6 +43,8 @@ impl Default for EngineConfig {
             max_queue: 64,
             max_context: 2048,
             kv_budget_bytes: 1 << 30,
+            kv_block_tokens: 32,
+            prefill_chunk_tokens: 512,
             retry_after_s: 1,
         }
     }

@@ -309,6 +309,10 @@ impl Backend for TestBackend {
         self.inner.new_cache(positions)
     }
 
+    fn reserve(&self, cache: &mut Self::Cache, positions: usize) -> Result<(), String> {
+        self.inner.reserve(cache, positions)
+    }
+
     fn kv_bytes_per_token(&self) -> usize {
         self.inner.kv_bytes_per_token()
     }

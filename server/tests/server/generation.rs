@@ -27,8 +27,21 @@ fn text(v: &Value) -> &str {
 
 #[tokio::test]
 async fn greedy_output_equals_a_reference_decode_with_the_model_crate() {
+    assert_reference_decode(&[]).await;
+}
+
+#[tokio::test]
+async fn a_prompt_prefilled_in_chunks_into_a_cache_grown_block_by_block_gives_the_reference_decode() {
+    // 7 prompt tokens in chunks of 3, and a new 2-position block every other token.
+    assert_reference_decode(&["--prefill-chunk-tokens", "3", "--kv-block-tokens", "2"]).await;
+}
+
+async fn assert_reference_decode(flags: &[&str]) {
     let f = fixture();
-    let s = server(&["--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let adapter_flag = adapter_flag("a", &f.adapter_a);
+    let mut args = vec!["--adapter", &adapter_flag];
+    args.extend_from_slice(flags);
+    let s = server(&args).await;
     let (config, model) = load_model(&f.model, &LoadOptions::default()).expect("reference model");
     let (_, adapter) = peft::load(&f.adapter_a, &config, &candle_core::Device::Cpu).expect("reference adapter");
     let stops = s.state.stop_ids.as_slice();
