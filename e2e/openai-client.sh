@@ -49,10 +49,15 @@ trap cleanup EXIT
 "$target/debug/kubetune-tiny-model" --out "$work/model" >/dev/null
 "$python" "$suite/write_adapter.py" --model "$work/model" --out "$work/adapter" --name ada --version 1 --base tiny
 
+# Inference behind an API key, as a deployment with clients outside the cluster runs it: the
+# client sends it as `Authorization: Bearer`.
+api_key="sk-kubetune-client-suite"
+echo "$api_key" >"$work/api-keys"
+
 # A port the kernel hands out as free now; the server binds it a moment later.
 port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 "$target/debug/kubetune-server" --model "$work/model" --served-model-name tiny \
-  --adapter "ada=$work/adapter" --listen "127.0.0.1:$port" --kv-cache-mb 64 \
+  --adapter "ada=$work/adapter" --listen "127.0.0.1:$port" --kv-cache-mb 64 --api-keys-file "$work/api-keys" \
   >"$work/server.log" 2>&1 &
 server_pid=$!
 
@@ -74,6 +79,7 @@ done
 
 cd "$suite"
 if ! KUBETUNE_OPENAI_BASE_URL="$url/v1" KUBETUNE_OPENAI_MODEL=tiny KUBETUNE_OPENAI_ADAPTER=ada \
+  KUBETUNE_OPENAI_API_KEY="$api_key" \
   "$python" -m unittest "$@" test_client; then
   log "failed; the server's log:"
   tail -n 50 "$work/server.log" >&2

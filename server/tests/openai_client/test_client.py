@@ -9,10 +9,10 @@ an unknown `finish_reason` fails the test, where the default client would let it
 e2e/openai-client.sh starts the server and runs this; alone:
 
     KUBETUNE_OPENAI_BASE_URL=http://127.0.0.1:8000/v1 KUBETUNE_OPENAI_MODEL=tiny \
-    KUBETUNE_OPENAI_ADAPTER=ada python -m unittest -v test_client
+    KUBETUNE_OPENAI_ADAPTER=ada KUBETUNE_OPENAI_API_KEY=KEY python -m unittest -v test_client
 
 with the server serving the adapter (`--adapter ada=DIR`, written by write_adapter.py) at
-version 1.
+version 1, and requiring KEY (`--api-keys-file`).
 """
 
 import asyncio
@@ -26,13 +26,15 @@ from openai import AsyncOpenAI, OpenAI
 BASE_URL = os.environ["KUBETUNE_OPENAI_BASE_URL"]
 BASE = os.environ["KUBETUNE_OPENAI_MODEL"]
 ADAPTER = os.environ["KUBETUNE_OPENAI_ADAPTER"]
+API_KEY = os.environ["KUBETUNE_OPENAI_API_KEY"]
 # The server's request body limit (server/src/api/fields.rs MAX_BODY_BYTES).
 MAX_BODY_BYTES = 2 << 20
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def client(**kw):
-    return OpenAI(**{"base_url": BASE_URL, "api_key": "unused", "max_retries": 0, "timeout": 120, "_strict_response_validation": True, **kw})
+    options = {"base_url": BASE_URL, "api_key": API_KEY, "max_retries": 0, "timeout": 120}
+    return OpenAI(**{**options, "_strict_response_validation": True, **kw})
 
 
 def chat_body(content="Hello there", **kw):
@@ -44,6 +46,16 @@ class OpenAIClient(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.client = client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+
+    def other_client(self, **kw):
+        """A client with other options, closed when the test ends."""
+        c = client(**kw)
+        self.addCleanup(c.close)
+        return c
 
     def assert_usage(self, usage, completion_tokens_at_most):
         self.assertGreater(usage.prompt_tokens, 0)
@@ -113,7 +125,9 @@ class OpenAIClient(unittest.TestCase):
         # The newer name of the limit, and the client's typed content parts.
         parts = self.client.chat.completions.create(
             model=BASE,
-            messages=[{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}],
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}
+            ],
             max_completion_tokens=8,
             temperature=0,
         )
@@ -191,7 +205,9 @@ class OpenAIClient(unittest.TestCase):
         self.assertEqual(usage, r.usage)
 
     def test_chat_logprobs(self):
-        r = self.client.chat.completions.create(**chat_body("Tell me about cafés", max_tokens=10), logprobs=True, top_logprobs=2)
+        r = self.client.chat.completions.create(
+            **chat_body("Tell me about cafés", max_tokens=10), logprobs=True, top_logprobs=2
+        )
         c = r.choices[0]
         content = c.logprobs.content
         self.assertEqual(len(content), r.usage.completion_tokens)
@@ -230,7 +246,7 @@ class OpenAIClient(unittest.TestCase):
         # Streamed: the same text; usage last, alone. Not validated strictly: the client types
         # a completions chunk as a whole `Completion`, whose finish_reason may not be null,
         # yet OpenAI's own streams send null until the last chunk, as this server does.
-        *pieces, last = client(_strict_response_validation=False).completions.create(
+        *pieces, last = self.other_client(_strict_response_validation=False).completions.create(
             model=BASE, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True,
             stream_options={"include_usage": True},
         )
@@ -244,11 +260,14 @@ class OpenAIClient(unittest.TestCase):
         self.assertEqual(ids.usage.prompt_tokens, 3)
 
     def test_completion_logprobs(self):
-        r = self.client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+        r = self.client.completions.create(
+            model=BASE, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2
+        )
         (c,) = r.choices
         lp = c.logprobs
         n = r.usage.completion_tokens
-        self.assertEqual((len(lp.tokens), len(lp.token_logprobs), len(lp.top_logprobs), len(lp.text_offset)), (n, n, n, n))
+        for field in (lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset):
+            self.assertEqual(len(field), n)
         self.assertEqual(lp.text_offset[0], 0)
         for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
             self.assertLessEqual(chosen, 0.0)
@@ -276,7 +295,9 @@ class OpenAIClient(unittest.TestCase):
             base.choices[0].message.content,
             "the adapter changes the output",
         )
-        streamed = list(self.client.chat.completions.create(**{**chat_body(max_tokens=12), "model": ADAPTER}, stream=True))
+        streamed = list(
+            self.client.chat.completions.create(**{**chat_body(max_tokens=12), "model": ADAPTER}, stream=True)
+        )
         self.assertEqual({c.model for c in streamed}, {ADAPTER})
         self.assertEqual(
             "".join(c.choices[0].delta.content or "" for c in streamed), answers[0].choices[0].message.content
@@ -299,7 +320,7 @@ class OpenAIClient(unittest.TestCase):
         self.assertRegex(first._request_id, GENERATED_ID)
         self.assertNotEqual(first._request_id, second._request_id)
         # A client-wide default header, and on a stream.
-        traced = client(default_headers={"X-Request-Id": "tenant-a:7"})
+        traced = self.other_client(default_headers={"X-Request-Id": "tenant-a:7"})
         with traced.chat.completions.with_streaming_response.create(**chat_body(max_tokens=2), stream=True) as s:
             self.assertEqual(s.headers["x-request-id"], "tenant-a:7")
             self.assertGreaterEqual(len(list(s.parse())), 1)
@@ -343,7 +364,12 @@ class OpenAIClient(unittest.TestCase):
             "json_schema": {
                 "name": "answer",
                 "strict": True,
-                "schema": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False},
+                "schema": {
+                    "type": "object",
+                    "properties": {"a": {"type": "string"}},
+                    "required": ["a"],
+                    "additionalProperties": False,
+                },
             },
         }
         for response_format in [{"type": "json_object"}, schema]:
@@ -360,7 +386,11 @@ class OpenAIClient(unittest.TestCase):
             (dict(chat_body(), top_logprobs=2), "invalid_value", "top_logprobs"),
             (dict(chat_body(), temperature=3.0), "invalid_value", "temperature"),
             (dict(chat_body(), messages=[]), "empty_prompt", "messages"),
-            (dict(chat_body(), messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "invalid_value", "messages[0].role"),
+            (
+                dict(chat_body(), messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]),
+                "invalid_value",
+                "messages[0].role",
+            ),
             (dict(chat_body(), stop=["a", "b", "c", "d", "e"]), "invalid_value", "stop"),
             (dict(chat_body(), n=17), "invalid_value", "n"),
         ]
@@ -382,6 +412,23 @@ class OpenAIClient(unittest.TestCase):
         self.assertEqual(err.type, "invalid_request_error", err.body)
         self.assertIn(str(MAX_BODY_BYTES), err.message)
 
+    def test_a_wrong_api_key_is_an_authentication_error(self):
+        for key in ["sk-wrong", API_KEY + "x"]:
+            wrong = self.other_client(api_key=key)
+            for call in [
+                lambda: wrong.chat.completions.create(**chat_body(max_tokens=2)),
+                lambda: wrong.completions.create(model=BASE, prompt="hi", max_tokens=2),
+                lambda: wrong.models.list(),
+            ]:
+                with self.assertRaises(openai.AuthenticationError) as e:
+                    call()
+                err = e.exception
+                self.assertEqual(err.status_code, 401, err.body)
+                self.assertEqual(err.code, "invalid_api_key", err.body)
+                self.assertEqual(err.type, "authentication_error", err.body)
+                self.assertIsNone(err.param, err.body)
+                self.assertNotIn(key, err.message, "the key presented is not echoed")
+
     def test_an_unknown_route_is_not_found(self):
         with self.assertRaises(openai.NotFoundError) as e:
             self.client.get("/no/such/route", cast_to=object)
@@ -392,7 +439,8 @@ class OpenAIClient(unittest.TestCase):
 
     def test_concurrent_requests_through_the_async_client(self):
         async def run():
-            async with AsyncOpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120, _strict_response_validation=True) as c:
+            options = {"base_url": BASE_URL, "api_key": API_KEY, "max_retries": 0, "timeout": 120}
+            async with AsyncOpenAI(**options, _strict_response_validation=True) as c:
                 prompts = [f"Question number {i}" for i in range(6)]
                 whole = await asyncio.gather(
                     *[c.chat.completions.create(**chat_body(p, max_tokens=6)) for p in prompts]
