@@ -1,10 +1,19 @@
 //! The set of loaded adapters. Requests take an `Arc` of the adapter when they are validated, so
 //! replacing or unloading one never disturbs a request already admitted: it finishes on the
 //! version it started with, and the weights are freed when the last such request ends.
+//!
+//! Adapters are pinned (loaded at start, by `--adapter` or the adapters file, or through the
+//! admin API) or loaded on demand by a request that named a registry adapter
+//! (`--adapter-on-demand`). When a cap is reached, a new adapter takes the place of the least
+//! recently used on-demand adapter that no request holds; pinned adapters are never evicted.
+//! Eviction only drops the set's `Arc`: a request that took the adapter a moment before keeps
+//! it alive until it ends, so eviction never disturbs a running request. Adapters some request
+//! holds are not chosen, so that the memory cap stays a cap.
 
 use crate::error::ApiError;
 use kubetune_model::LoraAdapter;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 #[derive(Debug)]
@@ -47,10 +56,20 @@ impl Default for AdapterLimits {
     }
 }
 
+struct Slot {
+    adapter: Arc<LoadedAdapter>,
+    /// Loaded at start or by the admin API: never evicted.
+    pinned: bool,
+    /// The set's clock at the last request that named it.
+    last_used: AtomicU64,
+}
+
 #[derive(Default)]
 pub struct AdapterSet {
     limits: AdapterLimits,
-    loaded: RwLock<BTreeMap<String, Arc<LoadedAdapter>>>,
+    loaded: RwLock<BTreeMap<String, Slot>>,
+    /// Ticks on every use, so "least recently used" is exact even within one millisecond.
+    clock: AtomicU64,
 }
 
 impl AdapterSet {
@@ -58,6 +77,7 @@ impl AdapterSet {
         Self {
             limits,
             loaded: RwLock::default(),
+            clock: AtomicU64::new(0),
         }
     }
 
@@ -65,12 +85,26 @@ impl AdapterSet {
         &self.limits
     }
 
+    /// The adapter served as `name`, recording the use: every request resolves its model
+    /// through here, which is what the eviction order follows.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedAdapter>> {
-        self.read().get(name).cloned()
+        let map = self.read();
+        let slot = map.get(name)?;
+        slot.last_used.store(self.tick(), Ordering::Relaxed);
+        Some(slot.adapter.clone())
     }
 
     pub fn list(&self) -> Vec<Arc<LoadedAdapter>> {
-        self.read().values().cloned().collect()
+        self.read().values().map(|s| s.adapter.clone()).collect()
+    }
+
+    /// Whether `name` is loaded and pinned (never evicted); None when it is not loaded.
+    pub fn is_pinned(&self, name: &str) -> Option<bool> {
+        self.read().get(name).map(|s| s.pinned)
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub fn len(&self) -> usize {
@@ -96,37 +130,87 @@ impl AdapterSet {
         Ok(())
     }
 
-    /// Adds or replaces `adapter` under its name, atomically, if the caps allow it. A
-    /// replacement is counted without the version it replaces.
+    /// Adds or replaces `adapter` under its name as a pinned adapter, atomically, if the caps
+    /// allow it (evicting on-demand adapters to make room). A replacement is counted without
+    /// the version it replaces.
     pub fn insert(&self, adapter: LoadedAdapter) -> Result<Arc<LoadedAdapter>, ApiError> {
+        self.insert_with(adapter, true).map(|(a, _)| a)
+    }
+
+    /// As [`insert`](Self::insert), pinned or not; also returns the adapters evicted to make
+    /// room: the least recently used unpinned ones that no request holds.
+    pub fn insert_with(
+        &self,
+        adapter: LoadedAdapter,
+        pinned: bool,
+    ) -> Result<(Arc<LoadedAdapter>, Vec<Arc<LoadedAdapter>>), ApiError> {
         self.check_rank(adapter.rank())?;
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        let others = map.iter().filter(|(n, _)| **n != adapter.name);
-        let (count, bytes) = others.fold((0, 0), |(c, b), (_, a)| (c + 1, b + a.bytes));
-        if count + 1 > self.limits.max_adapters {
-            return Err(ApiError::AdapterLimit(format!(
+        let totals = |map: &BTreeMap<String, Slot>| {
+            map.iter()
+                .filter(|(n, _)| **n != adapter.name)
+                .fold((0, 0), |(c, b), (_, s)| (c + 1, b + s.adapter.bytes))
+        };
+        let fits = |(count, bytes): (usize, usize)| {
+            count < self.limits.max_adapters && bytes + adapter.bytes <= self.limits.max_bytes
+        };
+        // Only the set holds an idle adapter's `Arc`; a request holding one is using it.
+        let mut victims: Vec<(u64, String)> = map
+            .iter()
+            .filter(|(n, s)| !s.pinned && **n != adapter.name && Arc::strong_count(&s.adapter) == 1)
+            .map(|(n, s)| (s.last_used.load(Ordering::Relaxed), n.clone()))
+            .collect();
+        victims.sort();
+        let mut evicted = Vec::new();
+        let mut victims = victims.into_iter();
+        while !fits(totals(&map)) {
+            let Some((_, name)) = victims.next() else { break };
+            if let Some(slot) = map.remove(&name) {
+                evicted.push((name, slot));
+            }
+        }
+        let (count, bytes) = totals(&map);
+        let refusal = if count + 1 > self.limits.max_adapters {
+            Some(format!(
                 "{count} adapters are loaded and the limit is {} (--max-adapters); unload one first",
                 self.limits.max_adapters
-            )));
-        }
-        if bytes + adapter.bytes > self.limits.max_bytes {
-            return Err(ApiError::AdapterLimit(format!(
+            ))
+        } else if bytes + adapter.bytes > self.limits.max_bytes {
+            Some(format!(
                 "adapter `{}` needs {} bytes; {bytes} of the {} byte adapter memory budget are in use (--max-adapter-memory-mb)",
                 adapter.name, adapter.bytes, self.limits.max_bytes
-            )));
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            // Nothing changes when the adapter cannot go in: put the evicted ones back.
+            map.extend(evicted);
+            let busy = if pinned {
+                ""
+            } else {
+                " (pinned adapters and adapters in use by running requests are not evicted)"
+            };
+            return Err(ApiError::AdapterLimit(format!("{message}{busy}")));
         }
         let adapter = Arc::new(adapter);
-        map.insert(adapter.name.clone(), adapter.clone());
-        Ok(adapter)
+        let slot = Slot {
+            adapter: adapter.clone(),
+            pinned,
+            last_used: AtomicU64::new(self.tick()),
+        };
+        map.insert(adapter.name.clone(), slot);
+        Ok((adapter, evicted.into_iter().map(|(_, s)| s.adapter).collect()))
     }
 
     pub fn remove(&self, name: &str) -> Result<Arc<LoadedAdapter>, ApiError> {
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
         map.remove(name)
+            .map(|s| s.adapter)
             .ok_or_else(|| ApiError::AdapterNotFound(name.to_string()))
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<LoadedAdapter>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Slot>> {
         // A panic while holding the lock cannot leave the map half-written (inserts are single
         // map operations), so a poisoned lock is still consistent.
         self.loaded.read().unwrap_or_else(|p| p.into_inner())

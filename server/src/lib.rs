@@ -5,6 +5,7 @@
 //! - [`engine`]: the actor that owns the batch, the KV caches and the model (continuous
 //!   batching, bounded queue, cancellation), behind the [`engine::backend::Backend`] trait.
 //! - [`adapters`] / [`loader`]: the loaded adapter set and how adapters are fetched and checked.
+//! - [`ondemand`]: loading a registry adapter a request names (LRU, single-flight).
 //! - [`server`]: start-up from the command line, warm-up, graceful shutdown.
 
 pub mod adapters;
@@ -13,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod loader;
 pub mod metrics;
+pub mod ondemand;
 pub mod sampling;
 pub mod server;
 pub mod text;

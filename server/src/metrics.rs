@@ -22,6 +22,10 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub batch_size: Histogram,
     pub loaded_adapters: IntGauge,
+    /// On-demand adapter loads by outcome: loaded, failed, timeout.
+    pub adapter_loads: IntCounterVec,
+    /// On-demand adapters evicted to make room for another.
+    pub adapter_evictions: IntCounter,
     pub preemptions: IntCounter,
     pub vllm: VllmMetrics,
 }
@@ -104,6 +108,19 @@ impl Metrics {
             "Sequences preempted when the KV budget ran out; each recomputes its cache later",
         )
         .expect("static metric definition");
+        let adapter_loads = IntCounterVec::new(
+            Opts::new(
+                "kubetune_server_adapter_loads_total",
+                "On-demand adapter loads (--adapter-on-demand) by outcome: loaded, failed, timeout",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        let adapter_evictions = IntCounter::new(
+            "kubetune_server_adapter_evictions_total",
+            "On-demand adapters evicted, least recently used first, to make room for another",
+        )
+        .expect("static metric definition");
         let vllm_opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
         let vllm_histogram = |name: &str, help: &str| {
             Histogram::with_opts(
@@ -174,6 +191,8 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(batch_size.clone()),
             Box::new(loaded_adapters.clone()),
+            Box::new(adapter_loads.clone()),
+            Box::new(adapter_evictions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -187,6 +206,8 @@ impl Metrics {
             queue_depth,
             batch_size,
             loaded_adapters,
+            adapter_loads,
+            adapter_evictions,
             preemptions,
             vllm,
         }

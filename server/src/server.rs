@@ -77,6 +77,29 @@ pub struct Args {
     pub max_adapter_rank: u32,
     #[arg(long, env = "KUBETUNE_MAX_ADAPTER_MEMORY_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_adapter_memory_mb: u64,
+    /// Load a `--registry` adapter that a request names and that is not loaded, instead of
+    /// answering 404: it is verified like any load, served under its registry name, and
+    /// evicted (least recently used, when --max-adapters or --max-adapter-memory-mb is
+    /// reached, and only while no request uses it) to make room for another. Adapters loaded
+    /// at start or through the admin API are pinned: never evicted. Off by default: the
+    /// operator unloads adapters its ModelDeployment does not list.
+    #[arg(long, env = "KUBETUNE_ADAPTER_ON_DEMAND")]
+    pub adapter_on_demand: bool,
+    /// On-demand adapter loads that may run at once; requests for one adapter share one load.
+    #[arg(long, env = "KUBETUNE_ADAPTER_LOAD_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub adapter_load_concurrency: u32,
+    /// The longest one adapter load (download and read) may take, on demand, at start or
+    /// through the admin API.
+    #[arg(long, env = "KUBETUNE_ADAPTER_LOAD_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub adapter_load_timeout_s: u64,
+    /// Largest registry adapter version to download, MiB, as its manifest lists its files: a
+    /// larger one is refused before any weights are downloaded.
+    #[arg(long, env = "KUBETUNE_MAX_ADAPTER_DOWNLOAD_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_adapter_download_mb: u64,
+    /// Space for adapters in --cache-dir, MiB: after each load the least recently used adapter
+    /// entries are deleted until the rest fit. Unset: no cap.
+    #[arg(long, env = "KUBETUNE_ADAPTER_CACHE_MAX_MB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub adapter_cache_max_mb: Option<u64>,
     /// Fold the one listed adapter into the base weights (fastest; no other adapters served).
     #[arg(long, env = "KUBETUNE_MERGE")]
     pub merge: bool,
@@ -298,6 +321,12 @@ pub async fn build_with<B: Backend>(
         cache,
         credentials,
         device,
+        limits: crate::loader::LoadLimits {
+            timeout: Duration::from_secs(args.adapter_load_timeout_s),
+            max_download_bytes: args.max_adapter_download_mb.saturating_mul(1 << 20),
+            cache_max_bytes: args.adapter_cache_max_mb.map(|m| m.saturating_mul(1 << 20)),
+        },
+        cache_guard: Default::default(),
     });
     let limits = AdapterLimits {
         max_adapters: args.max_adapters as usize,
@@ -353,9 +382,19 @@ pub async fn build_with<B: Backend>(
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };
+    if args.adapter_on_demand && (args.merge || args.registry.is_none() || args.cache_dir.is_none()) {
+        return Err(flag(
+            "--adapter-on-demand",
+            "loads from --registry into --cache-dir, so it needs both, and does not go with --merge",
+        ));
+    }
+    let on_demand = (args.adapter_on_demand && loader.is_some())
+        .then(|| crate::ondemand::OnDemand::new(args.adapter_load_concurrency as usize));
     let state = AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys);
     Ok(Arc::new(
-        state.with_timeouts(args.request_timeout_s, args.sse_keep_alive_s),
+        state
+            .with_timeouts(args.request_timeout_s, args.sse_keep_alive_s)
+            .with_on_demand(on_demand),
     ))
 }
 

@@ -117,7 +117,12 @@ async fn load(state: &AppState, body: &[u8]) -> Result<Arc<LoadedAdapter>, ApiEr
     // would also double the transient memory.
     let _guard = state.admin_lock.lock().await;
     let loaded = loader.load(&spec, &state.adapters).await?;
-    let adapter = state.adapters.insert(loaded)?;
+    // Pinned: the operator's and admins' adapters are never evicted; on-demand ones make room.
+    let (adapter, evicted) = state.adapters.insert_with(loaded, true)?;
+    state.metrics.adapter_evictions.inc_by(evicted.len() as u64);
+    for e in &evicted {
+        tracing::info!(name = %e.name, version = ?e.version, "on-demand adapter evicted for a pinned one");
+    }
     state.metrics.loaded_adapters.set(state.adapters.len() as i64);
     tracing::info!(name = %adapter.name, version = ?adapter.version, source = %adapter.source, "adapter loaded");
     Ok(adapter)

@@ -49,6 +49,8 @@ pub struct AppState {
     pub request_timeout_s: Option<u64>,
     /// Seconds between SSE keep-alive comments (`--sse-keep-alive-s`).
     pub sse_keep_alive_s: u64,
+    /// Set with `--adapter-on-demand`: loads registry adapters that requests name.
+    pub on_demand: Option<crate::ondemand::OnDemand>,
 }
 
 impl AppState {
@@ -84,7 +86,36 @@ impl AppState {
             admin_lock: tokio::sync::Mutex::new(()),
             request_timeout_s: None,
             sse_keep_alive_s: 15,
+            on_demand: None,
         }
+    }
+
+    /// Turns on-demand adapter loading on (it also needs a loader with a registry).
+    pub fn with_on_demand(self, on_demand: Option<crate::ondemand::OnDemand>) -> Self {
+        Self { on_demand, ..self }
+    }
+
+    /// Before validation: loads the registry adapter the body's `model` names if it is not
+    /// loaded and on-demand loading is on. Anything it cannot read is left to validation.
+    pub async fn ensure_adapter(&self, body: &[u8]) -> Result<(), ApiError> {
+        let (Some(on_demand), Some(loader)) = (&self.on_demand, &self.loader) else {
+            return Ok(());
+        };
+        #[derive(serde::Deserialize)]
+        struct Model {
+            model: Option<serde_json::Value>,
+        }
+        let Ok(Model {
+            model: Some(serde_json::Value::String(model)),
+        }) = serde_json::from_slice::<Model>(body)
+        else {
+            return Ok(());
+        };
+        let mut base_names = vec![self.base_name.as_str()];
+        base_names.extend(loader.base_names.iter().map(String::as_str));
+        on_demand
+            .ensure(loader, &self.adapters, &self.metrics, &base_names, &model)
+            .await
     }
 
     pub fn with_timeouts(self, request_timeout_s: Option<u64>, sse_keep_alive_s: u64) -> Self {

@@ -43,6 +43,9 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         Ok(b) => b,
         Err(e) => return refuse(&state, &[], e),
     };
+    if let Err(e) = state.ensure_adapter(&body).await {
+        return refuse(&state, &body, e);
+    }
     let valid = match validate(&state.validation(), endpoint, &body) {
         Ok(v) => v,
         Err(e) => return refuse(&state, &body, e),

@@ -5,4 +5,5 @@ mod common;
 mod compat;
 mod engine;
 mod generation;
+mod ondemand;
 mod validation;

@@ -1,0 +1,128 @@
+//! On-demand adapter loading (`--adapter-on-demand`): a request whose `model` names an adapter
+//! of the server's `--registry` that is not loaded loads it first, as LoRAX does, instead of
+//! getting a 404. Only the configured registry is read, only for names published there, and
+//! every version is verified against its manifest as any other load; a name the registry does
+//! not have stays 404 `model_not_found`.
+//!
+//! `model` is `name`, `name@latest`, `name@N` or `name@sha256:…` (the forms validation
+//! accepts); the adapter is served as `name`. A name already loaded is left to validation,
+//! which answers a version mismatch as before: on-demand loading never replaces a loaded
+//! adapter.
+//!
+//! Loads are bounded (`--adapter-load-concurrency` at a time, each within
+//! `--adapter-load-timeout-s`) and single-flight: concurrent requests for one adapter wait on
+//! one per-name lock, and the ones after the first find it loaded. On-demand adapters are not
+//! pinned: when `--max-adapters` or `--max-adapter-memory-mb` is reached the least recently
+//! used of them that no request holds is evicted (see [`crate::adapters`]).
+
+use crate::adapters::AdapterSet;
+use crate::error::ApiError;
+use crate::loader::AdapterLoader;
+use crate::metrics::Metrics;
+use kubetune_storage::{AdapterRef, StorageError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+pub struct OnDemand {
+    semaphore: Semaphore,
+    /// One lock per adapter name being loaded: the single flight.
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl OnDemand {
+    pub fn new(concurrency: usize) -> Self {
+        Self {
+            semaphore: Semaphore::new(concurrency.max(1)),
+            flights: Mutex::default(),
+        }
+    }
+
+    /// Makes sure the adapter `model` names is loaded, if it names a registry adapter that is
+    /// not. Returns Ok when there is nothing to do (the base, a loaded adapter, a malformed
+    /// body: validation answers those), and the load's error when loading fails.
+    pub async fn ensure(
+        &self,
+        loader: &AdapterLoader,
+        adapters: &AdapterSet,
+        metrics: &Metrics,
+        base_names: &[&str],
+        model: &str,
+    ) -> Result<(), ApiError> {
+        let name = model.split_once('@').map_or(model, |(n, _)| n);
+        if base_names.contains(&model) || base_names.contains(&name) || adapters.get(name).is_some() {
+            return Ok(());
+        }
+        let Some(registry) = loader.registry.as_ref() else {
+            return Ok(());
+        };
+        // Not a well-formed reference: not an adapter name, so validation's 404 stands.
+        let Ok(reference) = model.parse::<AdapterRef>() else {
+            return Ok(());
+        };
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            flights.entry(name.to_string()).or_default().clone()
+        };
+        let result = async {
+            let _flight = flight.lock().await;
+            if adapters.get(name).is_some() {
+                return Ok(());
+            }
+            let resolved = match registry.resolve(&reference).await {
+                Ok(r) => r,
+                Err(StorageError::AdapterNotFound { .. } | StorageError::InvalidName { .. }) => {
+                    return Err(ApiError::UnknownModel {
+                        message: format!(
+                            "model `{model}` is not served here and the adapter registry has no such version; GET /v1/models lists what is loaded"
+                        ),
+                    })
+                }
+                Err(e) => return Err(ApiError::Storage(e.to_string())),
+            };
+            let _permit = self
+                .semaphore
+                .acquire()
+                .await
+                .map_err(|_| ApiError::ShuttingDown)?;
+            let started = std::time::Instant::now();
+            let outcome = match loader.load_resolved(name, &resolved, adapters).await {
+                Ok(loaded) => adapters.insert_with(loaded, false),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok((adapter, evicted)) => {
+                    metrics.adapter_loads.with_label_values(&["loaded"]).inc();
+                    metrics.adapter_evictions.inc_by(evicted.len() as u64);
+                    metrics.loaded_adapters.set(adapters.len() as i64);
+                    for e in &evicted {
+                        tracing::info!(name = %e.name, version = ?e.version, "adapter evicted (least recently used)");
+                    }
+                    tracing::info!(
+                        name = %adapter.name, version = ?adapter.version, seconds = started.elapsed().as_secs_f64(),
+                        "adapter loaded on demand"
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    let outcome = if e.to_string().contains("--adapter-load-timeout-s") {
+                        "timeout"
+                    } else {
+                        "failed"
+                    };
+                    metrics.adapter_loads.with_label_values(&[outcome]).inc();
+                    tracing::warn!(%name, error = %e, "on-demand adapter load failed");
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        // The last one out removes the flight's lock (the map holds one reference).
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        drop(flight);
+        if flights.get(name).is_some_and(|f| Arc::strong_count(f) == 1) {
+            flights.remove(name);
+        }
+        result
+    }
+}
