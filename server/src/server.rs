@@ -268,6 +268,12 @@ pub async fn build_with<B: Backend>(
             .map(|p| api::auth::read_keys(p, "--admin-api-key-file"))
             .transpose()?,
     };
+    if args.adapter_on_demand && (args.merge || args.registry.is_none() || args.cache_dir.is_none()) {
+        return Err(flag(
+            "--adapter-on-demand",
+            "loads from --registry into --cache-dir, so it needs both, and does not go with --merge",
+        ));
+    }
     let mut credentials = Credentials::from_env();
     if let Some(dir) = &args.credentials_dir {
         credentials = credentials.merged(Credentials::from_secret_dir(dir)?);
@@ -382,12 +388,6 @@ pub async fn build_with<B: Backend>(
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };
-    if args.adapter_on_demand && (args.merge || args.registry.is_none() || args.cache_dir.is_none()) {
-        return Err(flag(
-            "--adapter-on-demand",
-            "loads from --registry into --cache-dir, so it needs both, and does not go with --merge",
-        ));
-    }
     let on_demand = (args.adapter_on_demand && loader.is_some())
         .then(|| crate::ondemand::OnDemand::new(args.adapter_load_concurrency as usize));
     let state = AppState::new(engine, codec, adapters, metrics, base_name, merged, vocab, loader, keys);

@@ -59,9 +59,16 @@ pub async fn model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
     }
 }
 
-/// GET /v1/adapters: the listing with each adapter's source, for the operator and admins.
+/// GET /v1/adapters: the listing with each adapter's source, and whether it is pinned (loaded
+/// at start or by this API: never evicted) or was loaded on demand, for the operator and admins.
 pub async fn adapters(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": listing(&state, admin_entry)}))
+    let mut data = listing(&state, admin_entry);
+    for e in &mut data {
+        if let Some(pinned) = e["id"].as_str().and_then(|id| state.adapters.is_pinned(id)) {
+            e["pinned"] = json!(pinned);
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub fn parse_spec(body: &[u8]) -> Result<AdapterSpec, ApiError> {

@@ -125,6 +125,9 @@ async fn a_registry_adapter_that_is_not_loaded_is_loaded_when_a_request_names_it
     let r = complete(&s, "alpha").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["model"], "alpha");
+    let listed = admin_send(&s.app, "GET", "/v1/adapters", None).await.json();
+    assert_eq!(listed["data"][1]["id"], "alpha");
+    assert_eq!(listed["data"][1]["pinned"], false);
     let models = send(&s.app, "GET", "/v1/models", None).await.json();
     assert_eq!(models["data"][1]["id"], "alpha");
     assert_eq!(models["data"][1]["version"], 1);
@@ -136,6 +139,9 @@ async fn a_registry_adapter_that_is_not_loaded_is_loaded_when_a_request_names_it
     // The same weights as the same version loaded through the admin API.
     let pinned = load(&s.app, json!({"name": "alpha-pinned", "source": "alpha@1"})).await;
     assert_eq!(pinned.status, 200, "{}", pinned.text);
+    let listed = admin_send(&s.app, "GET", "/v1/adapters", None).await.json();
+    assert_eq!(listed["data"][2]["id"], "alpha-pinned");
+    assert_eq!(listed["data"][2]["pinned"], true);
     let body = |m: &str| json!({"model": m, "prompt": "hello", "max_tokens": 6, "temperature": 0});
     let a = post(&s.app, "/v1/completions", body("alpha")).await.json();
     let b = post(&s.app, "/v1/completions", body("alpha-pinned")).await.json();
@@ -313,4 +319,21 @@ async fn pinned_adapters_and_adapters_in_use_are_never_evicted() {
         .as_str()
         .expect("message")
         .contains("--max-adapters"));
+}
+
+#[tokio::test]
+async fn on_demand_loading_without_a_registry_and_a_cache_fails_at_start_naming_the_flag() {
+    let reg = registry().await;
+    let cache = reg.cache_flag();
+    for flags in [
+        vec!["--adapter-on-demand"],
+        vec!["--adapter-on-demand", "--registry", &reg.uri],
+        vec!["--adapter-on-demand", "--cache-dir", &cache],
+    ] {
+        let error = match kubetune_server::server::build(&args(&flags)).await {
+            Ok(_) => panic!("{flags:?} started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains("--adapter-on-demand"), "{flags:?}: {error}");
+    }
 }
