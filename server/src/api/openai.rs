@@ -177,7 +177,8 @@ fn logprobs_json(codec: &TextCodec, tokens: &[TokenInfo], mut offset: usize) -> 
     for t in tokens {
         let text = codec.token_text(t.id);
         offsets.push(offset);
-        offset += text.len();
+        // Characters, as OpenAI and vLLM count them (Python's len), not UTF-8 bytes.
+        offset += text.chars().count();
         texts.push(text);
         let lp = t.logprob.as_ref();
         lps.push(lp.map(|l| l.logprob));
@@ -469,7 +470,11 @@ fn stream_chunk(
             } else {
                 Value::Null
             };
-            *text_offset += chunk.text.len();
+            // Offsets index the listed tokens' texts joined, as the whole response's do: a
+            // token that is part of a UTF-8 character lists as U+FFFD, one character.
+            *text_offset += (chunk.tokens.iter())
+                .map(|t| state.codec.token_text(t.id).chars().count())
+                .sum::<usize>();
             (
                 "text_completion",
                 json!({"index": index, "text": chunk.text, "logprobs": lp, "finish_reason": finish}),

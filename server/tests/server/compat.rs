@@ -242,6 +242,48 @@ async fn include_usage_sends_usage_in_a_final_chunk_without_choices() {
 }
 
 #[tokio::test]
+async fn completion_text_offsets_count_characters_not_bytes_streamed_or_not() {
+    let s = server(&[]).await;
+    // Seeded sampling from the tiny model's byte-level vocabulary: non-ASCII tokens come up.
+    // Offsets index the tokens' texts joined; one that is part of a character lists as U+FFFD.
+    let body = json!({"model": BASE, "prompt": "hi", "max_tokens": 32, "temperature": 1.0, "seed": 11, "logprobs": 1});
+    let whole = post(&s.app, "/v1/completions", body.clone()).await.json();
+    let logprobs = &whole["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = (logprobs["tokens"].as_array().expect("tokens").iter())
+        .map(|t| t.as_str().expect("token text"))
+        .collect();
+    assert!(
+        tokens.iter().any(|t| !t.is_ascii()),
+        "a non-ASCII token is needed for this test to prove anything: {tokens:?}"
+    );
+    let mut want = Vec::new();
+    let mut offset = 0;
+    for t in &tokens {
+        want.push(json!(offset));
+        offset += t.chars().count();
+    }
+    assert_eq!(logprobs["text_offset"], json!(want));
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let reply = post(&s.app, "/v1/completions", streamed).await;
+    let offsets: Vec<Value> = (reply.sse_data().iter())
+        .filter(|d| d.as_str() != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).expect("JSON chunk"))
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["text_offset"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        json!(offsets),
+        logprobs["text_offset"],
+        "streamed offsets are the whole response's"
+    );
+}
+
+#[tokio::test]
 async fn developer_messages_render_as_system_messages() {
     let s = server(&[]).await;
     let chat = |role: &str| {
