@@ -337,3 +337,35 @@ async fn on_demand_loading_without_a_registry_and_a_cache_fails_at_start_naming_
         assert!(error.contains("--adapter-on-demand"), "{flags:?}: {error}");
     }
 }
+
+#[tokio::test]
+async fn a_load_past_its_timeout_is_abandoned_with_an_error_naming_the_flag_and_a_later_request_loads() {
+    let reg = registry().await;
+    let s = on_demand_server(&reg, &["--adapter-load-timeout-s", "1"]).await;
+    // Hold the cache's fill lock of alpha@1 as another process filling the same entry would
+    // (kubetune-storage's key: sha256 over "adapter", the manifest digest's hex, each ended by
+    // NUL), so the download cannot start.
+    let manifest = std::fs::read(reg.version_dir("alpha").join("manifest.json")).expect("manifest");
+    let digest = kubetune_storage::Sha256Digest::of(&manifest);
+    let key = kubetune_storage::Sha256Digest::of(format!("adapter\0{}\0", digest.hex()).as_bytes());
+    let locks = reg.cache().join("locks");
+    std::fs::create_dir_all(&locks).expect("locks dir");
+    let lock = std::fs::File::create(locks.join(format!("{}.lock", key.hex()))).expect("lock file");
+    lock.lock().expect("lock");
+
+    let r = complete(&s, "alpha").await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "storage_error");
+    let message = r.json()["error"]["message"].as_str().expect("message").to_string();
+    assert!(message.contains("--adapter-load-timeout-s"), "{message}");
+    assert_eq!(
+        metric(&s, "kubetune_server_adapter_loads_total{outcome=\"timeout\"}").await,
+        1.0
+    );
+    assert!(served(&s).await.is_empty());
+
+    drop(lock);
+    let r = complete(&s, "alpha").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(served(&s).await, ["alpha"]);
+}
