@@ -419,7 +419,7 @@ pub async fn warm_up(state: &AppState) -> Result<(), StartupError> {
         loop {
             match rx.recv().await {
                 Some(Event::Finished(_)) => break,
-                Some(Event::Token { .. }) => {}
+                Some(Event::Admitted { .. } | Event::Token { .. }) => {}
                 Some(Event::Failed(e)) => return Err(StartupError::Warmup(e)),
                 None => return Err(StartupError::Warmup("the engine stopped".into())),
             }

@@ -33,6 +33,8 @@ pub struct Generation {
     tokens: Vec<TokenInfo>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Seconds it waited in the engine's queue for a batch slot, once admitted.
+    pub queued_s: Option<f64>,
 }
 
 impl Generation {
@@ -51,6 +53,7 @@ impl Generation {
             tokens: Vec::new(),
             prompt_tokens,
             completion_tokens: 0,
+            queued_s: None,
         }
     }
 
@@ -60,6 +63,7 @@ impl Generation {
             let events = self.events.as_mut()?;
             let event = events.recv().await;
             match event {
+                Some(Event::Admitted { queued_s }) => self.queued_s = Some(queued_s),
                 Some(Event::Token { id, logprob }) => {
                     self.completion_tokens += 1;
                     self.tokens.push(TokenInfo { id, logprob });

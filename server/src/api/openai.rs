@@ -39,6 +39,15 @@ pub async fn chat_completions(
 
 async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<RequestId>, body: Body) -> Response {
     let started = Instant::now();
+    // Everything logged about this request carries its id, model and prompt size; the last
+    // line says how long it queued and took.
+    let span = tracing::info_span!(
+        "request",
+        id = %request_id.as_ref().map_or("-", |r| r.0.as_str()),
+        endpoint = %endpoint_name(endpoint),
+        model = tracing::field::Empty,
+        prompt_tokens = tracing::field::Empty,
+    );
     let body = match read_body(body) {
         Ok(b) => b,
         Err(e) => return refuse(&state, &[], e),
@@ -59,6 +68,8 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         n,
     } = valid;
     let prompt_tokens = request.prompt.len();
+    span.record("model", tracing::field::display(&model));
+    span.record("prompt_tokens", prompt_tokens);
     let logprobs = request.params.logprobs.is_some();
     // One sequence per choice. All or none are admitted: a partly admitted request would
     // hold slots for choices that could never be answered.
@@ -76,7 +87,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
             )),
             Err(e) => {
                 if e.status().is_server_error() {
-                    log_failure(request_id.as_ref(), &model, &e);
+                    span.in_scope(|| log_failure(request_id.as_ref(), &model, &e));
                 }
                 return refuse(&state, &body, e);
             }
@@ -91,6 +102,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         include_usage,
         request_id,
         prompt_tokens,
+        span,
     };
     let deadline = Deadline::of(&state, started);
     if stream {
@@ -108,12 +120,12 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         };
         // Past the deadline the collecting future is dropped, and with it the engine's
         // receivers: the sequences are cancelled at the engine's next step.
-        let (request_id, model) = (meta.request_id.clone(), meta.model.clone());
+        let (request_id, model, span) = (meta.request_id.clone(), meta.model.clone(), meta.span.clone());
         match tokio::time::timeout_at(deadline.at, collect(state.clone(), meta, generations, started)).await {
             Ok(response) => response,
             Err(_) => {
                 let e = deadline.exceeded();
-                log_failure(request_id.as_ref(), &model, &e);
+                span.in_scope(|| log_failure(request_id.as_ref(), &model, &e));
                 state.metrics.request(&model, e.status().as_u16());
                 e.into_response()
             }
@@ -160,6 +172,26 @@ struct Meta {
     request_id: Option<RequestId>,
     /// Counted once however many choices share the prompt, as OpenAI counts it.
     prompt_tokens: usize,
+    span: tracing::Span,
+}
+
+fn endpoint_name(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Completions => "completions",
+        Endpoint::Chat => "chat",
+    }
+}
+
+/// The request's last log line: its queue time (the longest of its choices'), completion
+/// tokens and total time, in its span.
+fn log_finished(meta: &Meta, started: Instant, queued_s: Option<f64>, completion_tokens: usize) {
+    tracing::info!(
+        parent: &meta.span,
+        queue_s = queued_s.unwrap_or(0.0),
+        completion_tokens,
+        total_s = started.elapsed().as_secs_f64(),
+        "request finished"
+    );
 }
 
 fn new_id(endpoint: Endpoint) -> String {
@@ -217,6 +249,7 @@ struct Collected {
     tokens: Vec<TokenInfo>,
     finish: Option<FinishReason>,
     completion_tokens: usize,
+    queued_s: Option<f64>,
 }
 
 async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
@@ -225,6 +258,7 @@ async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
         tokens: Vec::new(),
         finish: None,
         completion_tokens: 0,
+        queued_s: None,
     };
     while let Some(chunk) = g.next().await {
         let chunk = chunk?;
@@ -233,6 +267,7 @@ async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
         c.finish = chunk.finish.or(c.finish);
     }
     c.completion_tokens = g.completion_tokens;
+    c.queued_s = g.queued_s;
     Ok(c)
 }
 
@@ -243,7 +278,8 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
         match result {
             Ok(c) => collected.push(c),
             Err(e) => {
-                log_failure(meta.request_id.as_ref(), &meta.model, &e);
+                meta.span
+                    .in_scope(|| log_failure(meta.request_id.as_ref(), &meta.model, &e));
                 state.metrics.request(&meta.model, e.status().as_u16());
                 return e.into_response();
             }
@@ -287,6 +323,8 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
         }
     }
     let completion_tokens = collected.iter().map(|c| c.completion_tokens).sum();
+    let queued_s = collected.iter().filter_map(|c| c.queued_s).reduce(f64::max);
+    log_finished(&meta, started, queued_s, completion_tokens);
     Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
         "choices": choices, "usage": usage(meta.prompt_tokens, completion_tokens),
@@ -297,7 +335,10 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
 /// What one choice's stream yields: its chunks, then how many tokens it generated.
 enum Piece {
     Chunk(Result<Chunk, ApiError>),
-    Done { completion_tokens: usize },
+    Done {
+        completion_tokens: usize,
+        queued_s: Option<f64>,
+    },
 }
 
 type ChoiceStream = futures::stream::BoxStream<'static, (usize, Piece)>;
@@ -312,6 +353,7 @@ fn choice_stream(index: usize, g: Generation) -> ChoiceStream {
                     index,
                     Piece::Done {
                         completion_tokens: g.completion_tokens,
+                        queued_s: g.queued_s,
                     },
                 ),
                 None,
@@ -344,6 +386,7 @@ fn sse(
         sent_role: Vec<bool>,
         text_offset: Vec<usize>,
         completion_tokens: usize,
+        queued_s: Option<f64>,
         /// Choices without a finish_reason yet; the request's duration is taken at 0.
         unfinished: usize,
         failed: bool,
@@ -360,6 +403,7 @@ fn sse(
         sent_role: vec![false; n],
         text_offset: vec![0; n],
         completion_tokens: 0,
+        queued_s: None,
         unfinished: n,
         failed: false,
         usage_sent: false,
@@ -380,15 +424,24 @@ fn sse(
             let event = match next {
                 Err(e) => {
                     // As a failure mid-stream: the error object, then [DONE].
-                    log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
+                    s.meta
+                        .span
+                        .in_scope(|| log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e));
                     s.deadline = None;
                     s.failed = true;
                     s.choices = stream::select_all(Vec::new());
                     SseEvent::default().data(e.body().to_string())
                 }
                 Ok(next) => match next {
-                    Some((_, Piece::Done { completion_tokens })) => {
+                    Some((
+                        _,
+                        Piece::Done {
+                            completion_tokens,
+                            queued_s,
+                        },
+                    )) => {
                         s.completion_tokens += completion_tokens;
+                        s.queued_s = s.queued_s.into_iter().chain(queued_s).reduce(f64::max);
                         continue;
                     }
                     None if s.meta.include_usage && !s.failed && !s.usage_sent => {
@@ -403,10 +456,15 @@ fn sse(
                     }
                     None => {
                         s.done = true;
+                        if !s.failed {
+                            log_finished(&s.meta, s.started, s.queued_s, s.completion_tokens);
+                        }
                         SseEvent::default().data("[DONE]")
                     }
                     Some((_, Piece::Chunk(Err(e)))) => {
-                        log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e);
+                        s.meta
+                            .span
+                            .in_scope(|| log_failure(s.meta.request_id.as_ref(), &s.meta.model, &e));
                         s.failed = true;
                         // Dropping the other choices' receivers cancels their sequences.
                         s.choices = stream::select_all(Vec::new());

@@ -30,6 +30,8 @@ struct Waiting {
     request: Admitted,
     sampler: Sampler,
     generated: Vec<u32>,
+    /// Whether the handler was told of its admission (it is told once).
+    announced: bool,
 }
 
 impl Waiting {
@@ -39,6 +41,7 @@ impl Waiting {
             request,
             sampler,
             generated: Vec::new(),
+            announced: false,
         }
     }
 
@@ -169,6 +172,10 @@ impl<B: Backend> Loop<B> {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else { break };
+            if !w.announced {
+                let queued_s = w.request.enqueued.elapsed().as_secs_f64();
+                let _ = w.request.events.send(Event::Admitted { queued_s });
+            }
             let mut context = w.request.req.prompt.clone();
             context.extend_from_slice(&w.generated);
             self.admissions += 1;
@@ -311,6 +318,7 @@ impl<B: Backend> Loop<B> {
             request: s.request,
             sampler: s.sampler,
             generated: s.generated,
+            announced: true,
         });
         self.metrics.preempted();
     }

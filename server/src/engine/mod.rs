@@ -70,7 +70,15 @@ impl FinishReason {
 /// What the engine tells a request's handler.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token { id: u32, logprob: Option<TokenLogprob> },
+    /// The request left the queue for a batch slot after `queued_s` seconds (sent once, also
+    /// if it is later preempted and readmitted).
+    Admitted {
+        queued_s: f64,
+    },
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
     Finished(FinishReason),
     Failed(String),
 }

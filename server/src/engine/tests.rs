@@ -193,6 +193,7 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Fi
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("the engine ends every request with an event") {
+            Event::Admitted { .. } => {}
             Event::Token { id, .. } => tokens.push(id),
             Event::Finished(reason) => return (tokens, reason),
             Event::Failed(e) => panic!("request failed: {e}"),
@@ -281,6 +282,7 @@ fn a_long_prompt_is_prefilled_in_chunks_between_the_decode_steps_of_a_running_st
     // A stream that runs until the test drops it.
     let mut running = h.engine.submit(request(4, 1 << 30, 9)).expect("admitted");
     // The stream is running once its first token is out.
+    assert!(matches!(running.blocking_recv(), Some(Event::Admitted { .. })));
     assert!(matches!(running.blocking_recv(), Some(Event::Token { .. })));
     let rx_long = h.engine.submit(long).expect("admitted");
     let (got_long, _) = collect(rx_long);

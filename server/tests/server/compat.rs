@@ -161,6 +161,70 @@ async fn with_request_id(
     (reply, id)
 }
 
+/// Log lines written while the guard lives (this thread's subscriber: the handlers run on
+/// the test's single-threaded runtime).
+struct CapturedLogs {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    fn start() -> Self {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || SharedWriter(sink.clone()))
+            .finish();
+        Self {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.lock().expect("logs")).into_owned()
+    }
+}
+
+struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn each_request_logs_its_end_in_a_span_with_its_id_model_prompt_size_queue_and_total_time() {
+    let s = server(&[]).await;
+    let logs = CapturedLogs::start();
+    for (id, stream) in [("whole-1", false), ("streamed-2", true)] {
+        let body = json!({"model": BASE, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": true, "stream": stream});
+        let (reply, _) = with_request_id(&s.app, "POST", "/v1/completions", body, Some(id.as_bytes())).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let text = logs.text();
+        let line = (text.lines())
+            .find(|l| l.contains(&format!("id={id}")) && l.contains("request finished"))
+            .unwrap_or_else(|| panic!("no end line for {id} in:\n{text}"));
+        for field in [
+            "endpoint=completions",
+            &format!("model={BASE}"),
+            "prompt_tokens=3",
+            "completion_tokens=4",
+            "queue_s=",
+            "total_s=",
+        ] {
+            assert!(line.contains(field), "{field} missing from {line}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_response_carries_a_request_id_the_callers_when_it_is_sane() {
     let s = server(&[]).await;
