@@ -195,6 +195,16 @@ pub struct ServerSpec {
     /// Merge the single adapter into the base weights for top speed (allows exactly one adapter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<bool>,
+    /// Also serve, on first request, any other adapter of the deployment's registry that a
+    /// request names (`name`, `name@N`), evicting the least recently used of those when
+    /// `maxLoadedAdapters` is reached: one deployment carries hundreds of adapters. Those in
+    /// spec.adapters stay loaded and roll out as usual. Not with `merge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_adapters: Option<bool>,
+    /// Adapters a pod holds in memory at once, spec.adapters included. Defaults to 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_loaded_adapters: Option<u32>,
     /// Requests waiting beyond this many get HTTP 429. Defaults to 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]

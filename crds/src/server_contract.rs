@@ -35,7 +35,8 @@ pub struct AdaptersFile {
 /// see the old version until the new one is fully loaded, and a failed load leaves the old one.
 pub type LoadAdapterRequest = ServedAdapter;
 
-/// One entry of `GET /v1/models`, as OpenAI lists models, plus the adapter's version and digest.
+/// One entry of `GET /v1/models`, as OpenAI lists models, plus the adapter's version and digest;
+/// `GET /v1/adapters` (admin) adds whether it is pinned.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ModelEntry {
     pub id: String,
@@ -43,9 +44,13 @@ pub struct ModelEntry {
     pub version: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// False for an adapter the server loaded on demand (and may evict): not the operator's to
+    /// roll out or unload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<bool>,
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`, and `GET /v1/adapters` on the admin port.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelList {
     pub data: Vec<ModelEntry>,

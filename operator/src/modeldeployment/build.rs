@@ -213,6 +213,7 @@ pub fn build_children(
         ("--max-batch", server.max_batch_size),
         ("--max-context", server.max_context_length),
         ("--max-queue", server.max_queue),
+        ("--max-adapters", server.max_loaded_adapters),
     ];
     for (flag, value) in numeric {
         if let Some(v) = value {
@@ -221,6 +222,9 @@ pub fn build_children(
     }
     if server.merge == Some(true) {
         args.push("--merge".into());
+    }
+    if server.on_demand_adapters == Some(true) {
+        args.push("--adapter-on-demand".into());
     }
     if let Some(q) = server.quantize {
         args.extend(["--quantize".to_string(), q.as_flag().to_string()]);
@@ -754,6 +758,22 @@ mod tests {
 
     fn flag(args: &[String], name: &str) -> Vec<String> {
         args.windows(2).filter(|w| w[0] == name).map(|w| w[1].clone()).collect()
+    }
+
+    #[test]
+    fn on_demand_adapters_and_the_loaded_adapter_cap_reach_the_server_only_when_asked() {
+        let mut md = modeldeployment("modeldeployment.yaml");
+        let plain = args(&children(&md, &serving()));
+        assert!(!plain.contains(&"--adapter-on-demand".to_string()));
+        assert!(flag(&plain, "--max-adapters").is_empty());
+        let server = md.spec.server.get_or_insert_with(Default::default);
+        server.on_demand_adapters = Some(true);
+        server.max_loaded_adapters = Some(40);
+        let args = args(&children(&md, &serving()));
+        assert!(args.contains(&"--adapter-on-demand".to_string()), "{args:?}");
+        assert_eq!(flag(&args, "--max-adapters"), ["40"]);
+        assert_eq!(flag(&args, "--cache-dir").len(), 1, "on-demand loads need the cache");
+        assert_eq!(flag(&args, "--registry").len(), 1, "and the registry");
     }
 
     #[test]

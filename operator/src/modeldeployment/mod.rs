@@ -618,22 +618,27 @@ async fn pod_views(ctx: &Context, ns: &str, md: &ModelDeployment, with_counters:
     Ok(Pods { views, ips })
 }
 
-/// The listing takes the admin key too, so it is readable however the pods guard inference.
+/// The adapters a pod serves that are the operator's: the admin listing, less those the
+/// server loaded on demand (spec.server.onDemandAdapters), which it evicts by itself and which
+/// no rollout or unload concerns.
 async fn served_by(ctx: &Context, ip: &str, key: &str) -> Option<BTreeMap<String, (u32, String)>> {
     let reply = ctx
         .pod_http
-        .send_with_key(Method::GET, ip, SERVER_PORT, "/v1/models", None, Some(key))
+        .send_with_key(Method::GET, ip, ADMIN_PORT, "/v1/adapters", None, Some(key))
         .await
         .ok()?;
     let list: ModelList = serde_json::from_slice(&reply.body)
         .ok()
         .filter(|_| reply.status == 200)?;
-    Some(
-        list.data
-            .into_iter()
-            .filter_map(|m| Some((m.id, (m.version?, m.digest?))))
-            .collect(),
-    )
+    Some(operator_adapters(list))
+}
+
+fn operator_adapters(list: ModelList) -> BTreeMap<String, (u32, String)> {
+    list.data
+        .into_iter()
+        .filter(|m| m.pinned != Some(false))
+        .filter_map(|m| Some((m.id, (m.version?, m.digest?))))
+        .collect()
 }
 
 /// A pod's request counters per adapter, from its /metrics; empty when it does not answer
@@ -723,4 +728,35 @@ pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) 
         md.name_any()
     );
     crate::context::retry_with_backoff(&ctx, CONTROLLER, &key, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operator_adapters;
+    use kubetune_crds::server_contract::{ModelEntry, ModelList};
+
+    fn entry(id: &str, version: Option<u32>, pinned: Option<bool>) -> ModelEntry {
+        ModelEntry {
+            id: id.into(),
+            version,
+            digest: version.map(|v| format!("sha256:{v}")),
+            pinned,
+        }
+    }
+
+    #[test]
+    fn adapters_the_server_loaded_on_demand_are_not_the_operators_to_roll_out_or_unload() {
+        let list = ModelList {
+            data: vec![
+                entry("base", None, None),
+                entry("bot", Some(3), Some(true)),
+                entry("visitor", Some(1), Some(false)),
+                entry("older-server", Some(2), None),
+            ],
+        };
+        let got = operator_adapters(list);
+        let names: Vec<&str> = got.keys().map(String::as_str).collect();
+        assert_eq!(names, ["bot", "older-server"]);
+        assert_eq!(got["bot"], (3, "sha256:3".to_string()));
+    }
 }

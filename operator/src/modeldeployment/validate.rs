@@ -31,6 +31,12 @@ pub fn validate(spec: &ModelDeploymentSpec, config: &OperatorConfig) -> Result<V
         reason: "ImageNotAllowed",
         message,
     })?;
+    let server = spec.server.clone().unwrap_or_default();
+    if server.on_demand_adapters == Some(true) && server.merge == Some(true) {
+        return Err(invalid(
+            "spec.server.onDemandAdapters: a merged server serves its one adapter only; drop spec.server.merge to load others on demand".into(),
+        ));
+    }
     // The schema no longer allows it; objects stored before it did are refused here.
     if let Some(uri) = spec.registry.as_ref().filter(|uri| pvc::is_pvc(uri)) {
         return Err(invalid(pvc::registry_refused("spec.registry", uri)));
@@ -101,6 +107,22 @@ mod tests {
         );
         spec.server.get_or_insert_with(Default::default).image = Some("kubetune/server@sha256:00".into());
         validate(&spec, &OperatorConfig::for_tests()).expect("an allowed repository");
+    }
+
+    #[test]
+    fn on_demand_adapters_with_a_merged_server_are_refused_naming_the_field() {
+        let mut spec = modeldeployment("modeldeployment.yaml").spec;
+        let server = spec.server.get_or_insert_with(Default::default);
+        server.on_demand_adapters = Some(true);
+        validate(&spec, &OperatorConfig::for_tests()).expect("on demand alone is fine");
+        spec.server.get_or_insert_with(Default::default).merge = Some(true);
+        let err = validate(&spec, &OperatorConfig::for_tests()).expect_err("merged");
+        assert_eq!(err.reason, "InvalidSpec");
+        assert!(
+            err.message.starts_with("spec.server.onDemandAdapters: "),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
