@@ -11,6 +11,7 @@
 pub mod adapters;
 pub mod api;
 pub mod engine;
+pub mod grammar;
 pub mod error;
 pub mod loader;
 pub mod metrics;

@@ -411,6 +411,7 @@ pub async fn warm_up(state: &AppState) -> Result<(), StartupError> {
             params: SamplingParams::greedy(),
             max_tokens: 1,
             stop_ids: Arc::new(Vec::new()),
+            constraint: None,
         };
         let mut rx = state
             .engine

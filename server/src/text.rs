@@ -181,6 +181,19 @@ impl TextCodec {
         self.token_text(id).into_bytes()
     }
 
+    /// The content of `id` when it is a special token (one the tokenizer adds as `special`),
+    /// or any id past the tokenizer's vocabulary (a model may pad its embeddings): text no
+    /// grammar may produce.
+    pub fn special_token(&self, id: u32) -> Option<String> {
+        if let Some(added) = self.tokenizer.get_added_tokens_decoder().get(&id) {
+            return added.special.then(|| added.content.clone());
+        }
+        match self.tokenizer.id_to_token(id) {
+            Some(_) => None,
+            None => Some(format!("<unused_{id}>")),
+        }
+    }
+
     pub fn eos_text(&self) -> &str {
         &self.eos_text
     }

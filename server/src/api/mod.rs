@@ -51,6 +51,8 @@ pub struct AppState {
     pub sse_keep_alive_s: u64,
     /// Set with `--adapter-on-demand`: loads registry adapters that requests name.
     pub on_demand: Option<crate::ondemand::OnDemand>,
+    /// Output grammars for this model's tokenizer, or why there are none.
+    pub grammars: Result<Arc<crate::grammar::Grammars>, String>,
 }
 
 impl AppState {
@@ -67,6 +69,7 @@ impl AppState {
         keys: auth::Keys,
     ) -> Self {
         let stop_ids = Arc::new(codec.stop_ids.clone());
+        let grammars = grammars(&codec, vocab_size);
         metrics
             .loaded_adapters
             .set((adapters.len() + merged.is_some() as usize) as i64);
@@ -87,6 +90,7 @@ impl AppState {
             request_timeout_s: None,
             sse_keep_alive_s: 15,
             on_demand: None,
+            grammars,
         }
     }
 
@@ -147,9 +151,24 @@ impl AppState {
             kv_bytes_per_token: self.engine.kv_bytes(1),
             kv_budget_bytes: config.kv_budget_bytes,
             stop_ids: &self.stop_ids,
+            grammars: match &self.grammars {
+                Ok(g) => Ok(g),
+                Err(why) => Err(why),
+            },
             max_sequences: config.max_batch + config.max_queue,
         }
     }
+}
+
+/// The token trie output grammars need, built once; a tokenizer it cannot be built from makes
+/// structured-output requests a 400 that says why, and everything else works as before.
+fn grammars(codec: &TextCodec, vocab_size: usize) -> Result<Arc<crate::grammar::Grammars>, String> {
+    let eos = codec.stop_ids.first().copied().unwrap_or(0);
+    let built = crate::grammar::Grammars::new(codec, vocab_size, eos).map(Arc::new);
+    if let Err(e) = &built {
+        tracing::warn!(error = %e, "structured output (response_format, guided_*) is unavailable");
+    }
+    built
 }
 
 /// Seconds since the Unix epoch, as OpenAI's `created` fields count.

@@ -5,6 +5,7 @@ use super::fields::{kind, parse_body, Fields};
 use crate::adapters::{AdapterSet, LoadedAdapter};
 use crate::engine::GenerateRequest;
 use crate::error::ApiError;
+use crate::grammar::{Constraint, GrammarSpec, Grammars};
 use crate::metrics::UNKNOWN_MODEL;
 use crate::sampling::SamplingParams;
 use crate::text::{ChatEncodeError, ChatMessage, TextCodec};
@@ -26,6 +27,8 @@ pub struct ValidationContext<'a> {
     pub kv_bytes_per_token: usize,
     pub kv_budget_bytes: usize,
     pub stop_ids: &'a Arc<Vec<u32>>,
+    /// Output grammars; Err says why this model's tokenizer cannot have them.
+    pub grammars: Result<&'a Grammars, &'a str>,
     /// Sequences the engine holds at once, running and queued: more choices than this could
     /// never be admitted together.
     pub max_sequences: usize,
@@ -168,6 +171,7 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
             params,
             max_tokens,
             stop_ids,
+            constraint: grammar(&f, ctx)?,
         },
         stop: stop_strings(&f)?,
         stream,
@@ -226,6 +230,99 @@ pub fn resolve_model(ctx: &ValidationContext, model: &str) -> Result<(String, Op
 /// Fields this server does not implement are refused, naming the field, unless they ask for
 /// the default: a client that asked for JSON output or a tool call and silently got free text
 /// would find out much later, and in a worse place.
+/// The output grammar a request asks for (OpenAI's `response_format`, or one of vLLM's
+/// `guided_json`, `guided_regex`, `guided_choice`), compiled; None for free text.
+fn grammar(f: &Fields, ctx: &ValidationContext) -> Result<Option<Constraint>, ApiError> {
+    let mut asked: Vec<(&'static str, GrammarSpec)> = Vec::new();
+    if let Some(v) = f.get("response_format") {
+        if let Some(spec) = response_format(v)? {
+            asked.push(("response_format", spec));
+        }
+    }
+    if let Some(v) = f.get("guided_json") {
+        let schema = match v {
+            Value::Object(_) => v.clone(),
+            Value::String(s) => serde_json::from_str(s)
+                .map_err(|e| ApiError::invalid("guided_json", format!("not a JSON schema: {e}")))?,
+            other => {
+                return Err(ApiError::invalid(
+                    "guided_json",
+                    format!(
+                        "must be a JSON schema (an object, or a string holding one), got {}",
+                        kind(other)
+                    ),
+                ))
+            }
+        };
+        asked.push(("guided_json", GrammarSpec::JsonSchema(schema)));
+    }
+    if let Some(v) = f.get("guided_regex") {
+        let rx = v
+            .as_str()
+            .ok_or_else(|| ApiError::invalid("guided_regex", format!("must be a string, got {}", kind(v))))?;
+        asked.push(("guided_regex", GrammarSpec::Regex(rx.to_string())));
+    }
+    if let Some(v) = f.get("guided_choice") {
+        let options: Option<Vec<String>> = v
+            .as_array()
+            .map(|a| a.iter().map(|o| o.as_str().map(str::to_string)).collect())
+            .unwrap_or(None);
+        match options {
+            Some(o) if !o.is_empty() => asked.push(("guided_choice", GrammarSpec::Choice(o))),
+            _ => {
+                return Err(ApiError::invalid(
+                    "guided_choice",
+                    "must be a non-empty list of strings",
+                ))
+            }
+        }
+    }
+    let (param, spec) = match asked.as_slice() {
+        [] => return Ok(None),
+        [one] => one,
+        [first, second, ..] => {
+            return Err(ApiError::invalid(
+                second.0,
+                format!("`{}` and `{}` both constrain the output; send one", first.0, second.0),
+            ))
+        }
+    };
+    let grammars = ctx.grammars.map_err(|why| {
+        ApiError::invalid_code(
+            *param,
+            "unsupported_parameter",
+            format!("structured output is not available for this model: {why}"),
+        )
+    })?;
+    grammars
+        .compile(spec)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(*param, format!("the output grammar does not compile: {e}")))
+}
+
+/// OpenAI's `response_format`: `{type: text}`, `{type: json_object}`, or
+/// `{type: json_schema, json_schema: {name, schema, strict}}`.
+fn response_format(v: &Value) -> Result<Option<GrammarSpec>, ApiError> {
+    let kind_of = v.get("type").and_then(Value::as_str);
+    match kind_of {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(GrammarSpec::JsonObject)),
+        Some("json_schema") => match v.get("json_schema").and_then(|s| s.get("schema")) {
+            Some(schema @ Value::Object(_)) => Ok(Some(GrammarSpec::JsonSchema(schema.clone()))),
+            // OpenAI allows a json_schema without a schema: any JSON object then.
+            None if v.get("json_schema").is_some_and(Value::is_object) => Ok(Some(GrammarSpec::JsonObject)),
+            _ => Err(ApiError::invalid(
+                "response_format.json_schema.schema",
+                "must be a JSON schema object",
+            )),
+        },
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "must be `text`, `json_object` or `json_schema`",
+        )),
+    }
+}
+
 fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
     let one = |v: &Value| v.as_i64() == Some(1);
     let never = |_: &Value| false;
@@ -241,16 +338,8 @@ fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
     f.unsupported("functions", empty_list)?;
     f.unsupported("tool_choice", |v| matches!(v.as_str(), Some("none" | "auto")))?;
     f.unsupported("function_call", |v| matches!(v.as_str(), Some("none" | "auto")))?;
-    f.unsupported("response_format", |v| {
-        v.get("type").and_then(Value::as_str) == Some("text")
-    })?;
-    for guided in [
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "structured_outputs",
-    ] {
+    // response_format and guided_json/_regex/_choice are read by `grammar`.
+    for guided in ["guided_grammar", "structured_outputs"] {
         f.unsupported(guided, never)?;
     }
     // vLLM's sampling extensions that would change the output.

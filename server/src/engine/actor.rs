@@ -18,6 +18,7 @@
 
 use super::backend::{Backend, DecodeItem, PrefillItem};
 use super::{Admitted, EngineConfig, Event, FinishReason};
+use crate::grammar::Constraint;
 use crate::metrics::Metrics;
 use crate::sampling::Sampler;
 use std::collections::VecDeque;
@@ -29,17 +30,20 @@ use tokio::sync::mpsc;
 struct Waiting {
     request: Admitted,
     sampler: Sampler,
+    constraint: Option<Constraint>,
     generated: Vec<u32>,
     /// Whether the handler was told of its admission (it is told once).
     announced: bool,
 }
 
 impl Waiting {
-    fn new(request: Admitted) -> Self {
+    fn new(mut request: Admitted) -> Self {
         let sampler = Sampler::new(request.req.params.clone());
+        let constraint = request.req.constraint.take();
         Self {
             request,
             sampler,
+            constraint,
             generated: Vec::new(),
             announced: false,
         }
@@ -55,6 +59,8 @@ struct Sequence<C> {
     request: Admitted,
     cache: C,
     sampler: Sampler,
+    /// Where the output stands in its grammar, when it has one.
+    constraint: Option<Constraint>,
     /// What the cache must hold before decoding: the prompt, or after a preemption the prompt
     /// followed by every token generated so far.
     context: Vec<u32>,
@@ -183,6 +189,7 @@ impl<B: Backend> Loop<B> {
                 cache: self.backend.new_cache(positions),
                 request: w.request,
                 sampler: w.sampler,
+                constraint: w.constraint,
                 context,
                 cached: 0,
                 kv_positions: positions,
@@ -317,6 +324,7 @@ impl<B: Backend> Loop<B> {
         self.waiting.push_front(Waiting {
             request: s.request,
             sampler: s.sampler,
+            constraint: s.constraint,
             generated: s.generated,
             announced: true,
         });
@@ -360,8 +368,21 @@ impl<B: Backend> Loop<B> {
     }
 }
 
-/// Samples from `logits` and tells the handler; marks the sequence done when it ends.
+/// Samples from `logits` (within the sequence's grammar, if it has one) and tells the handler;
+/// marks the sequence done when it ends.
 fn emit<C>(seq: &mut Sequence<C>, logits: &[f32], metrics: &Metrics) {
+    let masked;
+    let logits = match seq.constraint.as_mut() {
+        Some(constraint) => {
+            let mut m = logits.to_vec();
+            if let Err(e) = constraint.mask(&mut m, &seq.request.req.stop_ids) {
+                return seq.fail(e);
+            }
+            masked = m;
+            &masked[..]
+        }
+        None => logits,
+    };
     let (id, logprob) = seq.sampler.sample(logits);
     let events = &seq.request.events;
     if seq.request.req.stop_ids.contains(&id) {
@@ -376,6 +397,18 @@ fn emit<C>(seq: &mut Sequence<C>, logits: &[f32], metrics: &Metrics) {
         // The client went away.
         seq.done = true;
         return;
+    }
+    if let Some(constraint) = seq.constraint.as_mut() {
+        match constraint.advance(id) {
+            // The grammar is complete: nothing may follow.
+            Ok(true) => {
+                let _ = seq.request.events.send(Event::Finished(FinishReason::Stop));
+                seq.done = true;
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => return seq.fail(e),
+        }
     }
     if seq.generated.len() >= seq.request.req.max_tokens {
         let _ = events.send(Event::Finished(FinishReason::Length));

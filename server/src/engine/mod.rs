@@ -91,6 +91,9 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop_ids: Arc<Vec<u32>>,
+    /// The grammar the output must follow (`response_format`, `guided_*`); cloning gives each
+    /// choice its own position in it.
+    pub constraint: Option<crate::grammar::Constraint>,
 }
 
 /// A request inside the engine: the permit is released when the request is dropped, which is

@@ -185,6 +185,7 @@ fn request(prompt_len: usize, max_tokens: usize, first: u32) -> GenerateRequest 
         params: SamplingParams::greedy(),
         max_tokens,
         stop_ids: Arc::new(Vec::new()),
+        constraint: None,
     }
 }
 

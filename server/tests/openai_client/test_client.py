@@ -18,9 +18,11 @@ version 1, and requiring KEY (`--api-keys-file`).
 import asyncio
 import os
 import re
+import typing
 import unittest
 
 import openai
+import pydantic
 from openai import AsyncOpenAI, OpenAI
 
 BASE_URL = os.environ["KUBETUNE_OPENAI_BASE_URL"]
@@ -355,28 +357,27 @@ class OpenAIClient(unittest.TestCase):
         ok = self.client.chat.completions.create(**chat_body(max_tokens=2), tools=[], tool_choice="none")
         self.assertEqual(ok.choices[0].message.tool_calls, None)
 
-    def test_json_output_is_refused_naming_the_field(self):
-        # Structured output is not implemented yet (no grammar decoding): today a 400 naming
-        # `response_format`, not free text where JSON was asked for. When it is implemented,
-        # this test changes to parsing the JSON answer.
-        schema = {
-            "type": "json_schema",
-            "json_schema": {
-                "name": "answer",
-                "strict": True,
-                "schema": {
-                    "type": "object",
-                    "properties": {"a": {"type": "string"}},
-                    "required": ["a"],
-                    "additionalProperties": False,
-                },
-            },
-        }
-        for response_format in [{"type": "json_object"}, schema]:
-            with self.assertRaises(openai.BadRequestError) as e:
-                self.client.chat.completions.create(**chat_body(), response_format=response_format)
-            self.assert_refused(e.exception, 400, "unsupported_parameter", "response_format")
-            self.assertIn("`response_format`", e.exception.message)
+    def test_json_output_follows_the_schema_the_client_derives_from_a_pydantic_model(self):
+        # The client's own structured-output path: a pydantic model becomes a strict
+        # json_schema response_format, and the answer is parsed back into the model. The
+        # server decodes under that grammar, so even the tiny random model's answer parses.
+        class Verdict(pydantic.BaseModel):
+            answer: typing.Literal["yes", "no"]
+            colour: typing.Literal["red", "green", "blue"]
+
+        done = self.client.chat.completions.parse(**chat_body(max_tokens=64), response_format=Verdict)
+        choice = done.choices[0]
+        self.assertEqual(choice.finish_reason, "stop")
+        self.assertIsInstance(choice.message.parsed, Verdict)
+        self.assertIn(choice.message.parsed.answer, ("yes", "no"))
+        # json_object: an object, as far as the answer goes.
+        obj = self.client.chat.completions.create(**chat_body(max_tokens=32), response_format={"type": "json_object"})
+        self.assertTrue(obj.choices[0].message.content.startswith("{"), obj.choices[0].message.content)
+        # A schema that is not one is refused, naming the field.
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(**chat_body(), response_format=bad)
+        self.assert_refused(e.exception, 400, "invalid_value", "response_format.json_schema.schema")
         ok = self.client.chat.completions.create(**chat_body(max_tokens=2), response_format={"type": "text"})
         self.assertEqual(ok.object, "chat.completion")
 
