@@ -11,8 +11,8 @@
 pub mod adapters;
 pub mod api;
 pub mod engine;
-pub mod grammar;
 pub mod error;
+pub mod grammar;
 pub mod loader;
 pub mod metrics;
 pub mod ondemand;

@@ -4,7 +4,7 @@ mod admin;
 mod common;
 mod compat;
 mod engine;
-mod structured;
 mod generation;
 mod ondemand;
+mod structured;
 mod validation;
