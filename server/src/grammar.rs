@@ -37,9 +37,12 @@ impl Grammars {
     /// `vocab_size` is the model's (its logits' width), which may exceed the tokenizer's;
     /// `eos` the token that ends a constrained answer.
     pub fn new(codec: &TextCodec, vocab_size: usize, eos: u32) -> Result<Self, String> {
+        let special = codec.special_tokens();
+        let marked = |name: &str| [&[TokTrie::SPECIAL_TOKEN_MARKER], name.as_bytes()].concat();
         let words: Vec<Vec<u8>> = (0..vocab_size as u32)
-            .map(|id| match codec.special_token(id) {
-                Some(name) => [&[TokTrie::SPECIAL_TOKEN_MARKER], name.as_bytes()].concat(),
+            .map(|id| match special.get(&id) {
+                Some(name) => marked(name),
+                None if !codec.has_token(id) => marked(&format!("<unused_{id}>")),
                 None => codec.token_bytes(id),
             })
             .collect();

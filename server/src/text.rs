@@ -181,17 +181,18 @@ impl TextCodec {
         self.token_text(id).into_bytes()
     }
 
-    /// The content of `id` when it is a special token (one the tokenizer adds as `special`),
-    /// or any id past the tokenizer's vocabulary (a model may pad its embeddings): text no
-    /// grammar may produce.
-    pub fn special_token(&self, id: u32) -> Option<String> {
-        if let Some(added) = self.tokenizer.get_added_tokens_decoder().get(&id) {
-            return added.special.then(|| added.content.clone());
-        }
-        match self.tokenizer.id_to_token(id) {
-            Some(_) => None,
-            None => Some(format!("<unused_{id}>")),
-        }
+    /// The special tokens (those the tokenizer adds as `special`) by id, with their content:
+    /// text no grammar may produce.
+    pub fn special_tokens(&self) -> std::collections::HashMap<u32, String> {
+        (self.tokenizer.get_added_tokens_decoder().into_iter())
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect()
+    }
+
+    /// Whether the tokenizer has `id` at all (a model may pad its embeddings past it).
+    pub fn has_token(&self, id: u32) -> bool {
+        self.tokenizer.id_to_token(id).is_some()
     }
 
     pub fn eos_text(&self) -> &str {
