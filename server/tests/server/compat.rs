@@ -161,30 +161,22 @@ async fn with_request_id(
     (reply, id)
 }
 
-/// Log lines written while the guard lives (this thread's subscriber: the handlers run on
-/// the test's single-threaded runtime).
-struct CapturedLogs {
-    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-impl CapturedLogs {
-    fn start() -> Self {
+/// Every log line of this test binary, through a global subscriber installed once. A
+/// thread-local one (`set_default`) missed lines when other tests' threads registered the same
+/// callsites first: tracing caches a callsite's interest process-wide.
+fn captured_logs() -> String {
+    static LINES: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    let lines = LINES.get_or_init(|| {
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(move || SharedWriter(sink.clone()))
             .finish();
-        Self {
-            lines,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.lines.lock().expect("logs")).into_owned()
-    }
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber of these tests");
+        lines
+    });
+    String::from_utf8_lossy(&lines.lock().expect("logs")).into_owned()
 }
 
 struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -203,12 +195,12 @@ impl std::io::Write for SharedWriter {
 #[tokio::test]
 async fn each_request_logs_its_end_in_a_span_with_its_id_model_prompt_size_queue_and_total_time() {
     let s = server(&[]).await;
-    let logs = CapturedLogs::start();
-    for (id, stream) in [("whole-1", false), ("streamed-2", true)] {
+    captured_logs();
+    for (id, stream) in [("span-test-whole", false), ("span-test-streamed", true)] {
         let body = json!({"model": BASE, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": true, "stream": stream});
         let (reply, _) = with_request_id(&s.app, "POST", "/v1/completions", body, Some(id.as_bytes())).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
-        let text = logs.text();
+        let text = captured_logs();
         let line = (text.lines())
             .find(|l| l.contains(&format!("id={id}")) && l.contains("request finished"))
             .unwrap_or_else(|| panic!("no end line for {id} in:\n{text}"));
