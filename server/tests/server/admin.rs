@@ -1,7 +1,7 @@
 //! The admin API, adapter caps and checks, the registry path, auth and operational endpoints.
 
 use crate::common::*;
-use kubetune_storage::{Metrics, PublishRequest, Registry, SourceRef, Storage};
+use kubetune_storage::{Registry, Storage};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -165,21 +165,7 @@ async fn adapters_load_from_the_registry_and_the_operators_adapters_file() {
     let registry_uri = format!("file://{}", root.path().join("registry").display());
     let registry =
         Registry::open(Storage::from_uri(&registry_uri, &kubetune_storage::Credentials::none()).expect("storage"));
-    let publish = |dir: &std::path::Path| PublishRequest {
-        name: "support-bot".into(),
-        source_dir: dir.to_path_buf(),
-        base_model: SourceRef {
-            uri: f.model.display().to_string(),
-            digest: None,
-        },
-        dataset: SourceRef {
-            uri: "file:///data/train.jsonl".into(),
-            digest: None,
-        },
-        hyperparameters: json!({}),
-        metrics: Metrics::default(),
-        job: None,
-    };
+    let publish = |dir: &std::path::Path| publish_request("support-bot", dir, &f.model);
     let v1 = registry.publish(&publish(&f.raw_a), None).await.expect("publish v1");
     let v2 = registry.publish(&publish(&f.raw_b), None).await.expect("publish v2");
     let adapters_file = root.path().join("adapters.json");

@@ -367,3 +367,23 @@ pub async fn gated_server(extra: &[&str]) -> (TestServer, Arc<Probe>) {
     .await;
     (s, probe.expect("backend built"))
 }
+
+/// A registry publish of the PEFT output in `dir` as `name`, trained on the base at `model`.
+pub fn publish_request(name: &str, dir: &Path, model: &Path) -> kubetune_storage::PublishRequest {
+    use kubetune_storage::{Metrics, PublishRequest, SourceRef};
+    PublishRequest {
+        name: name.into(),
+        source_dir: dir.to_path_buf(),
+        base_model: SourceRef {
+            uri: model.display().to_string(),
+            digest: None,
+        },
+        dataset: SourceRef {
+            uri: "file:///data/train.jsonl".into(),
+            digest: None,
+        },
+        hyperparameters: serde_json::json!({}),
+        metrics: Metrics::default(),
+        job: None,
+    }
+}

@@ -3,7 +3,7 @@
 //! before their weights are downloaded.
 
 use crate::common::*;
-use kubetune_storage::{Metrics, PublishRequest, Registry, SourceRef, Storage};
+use kubetune_storage::{Registry, Storage};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,21 +36,7 @@ async fn registry() -> Registered {
     let uri = format!("file://{}", root.path().join("registry").display());
     let registry = Registry::open(Storage::from_uri(&uri, &kubetune_storage::Credentials::none()).expect("storage"));
     for (name, dir) in [("alpha", &f.raw_a), ("beta", &f.raw_b), ("gamma", &f.raw_a)] {
-        let request = PublishRequest {
-            name: name.into(),
-            source_dir: dir.clone(),
-            base_model: SourceRef {
-                uri: f.model.display().to_string(),
-                digest: None,
-            },
-            dataset: SourceRef {
-                uri: "file:///data/train.jsonl".into(),
-                digest: None,
-            },
-            hyperparameters: json!({}),
-            metrics: Metrics::default(),
-            job: None,
-        };
+        let request = publish_request(name, dir, &f.model);
         registry.publish(&request, None).await.expect("publish");
     }
     Registered { root, uri }
