@@ -47,6 +47,8 @@ cleanup() {
 trap cleanup EXIT
 
 "$target/debug/kubetune-tiny-model" --out "$work/model" >/dev/null
+# A chat template that shows tools and writes calls as Hermes does, for the tool-call tests.
+cp "$repo_root/server/tests/fixtures/chat_template_hermes.jinja" "$work/model/chat_template.jinja"
 "$python" "$suite/write_adapter.py" --model "$work/model" --out "$work/adapter" --name ada --version 1 --base tiny
 
 # Inference behind an API key, as a deployment with clients outside the cluster runs it: the

@@ -7,6 +7,7 @@
 //! - [`adapters`] / [`loader`]: the loaded adapter set and how adapters are fetched and checked.
 //! - [`ondemand`]: loading a registry adapter a request names (LRU, single-flight).
 //! - [`server`]: start-up from the command line, warm-up, graceful shutdown.
+//! - [`grammar`] / [`tools`]: constrained output, and tool calls read from (or held to) it.
 
 pub mod adapters;
 pub mod api;
@@ -19,3 +20,4 @@ pub mod ondemand;
 pub mod sampling;
 pub mod server;
 pub mod text;
+pub mod tools;

@@ -144,6 +144,11 @@ pub struct Args {
     /// no deadline.
     #[arg(long, alias = "request-timeout", env = "KUBETUNE_REQUEST_TIMEOUT_S", value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_s: Option<u64>,
+    /// How `tool_choice: auto` answers are read for calls: `auto` takes the format the chat
+    /// template writes (`<tool_call>` blocks: hermes; Llama 3's JSON: llama3_json); `none`
+    /// refuses `auto` (`required` and named functions need no format: a grammar holds them).
+    #[arg(long, env = "KUBETUNE_TOOL_CALL_PARSER", value_enum, default_value_t = crate::tools::ToolParserFlag::Auto)]
+    pub tool_call_parser: crate::tools::ToolParserFlag,
     /// Seconds between SSE comments on a stream with nothing to send (a long prefill, a wait in
     /// the queue), so that proxies with idle timeouts keep the connection.
     #[arg(long, env = "KUBETUNE_SSE_KEEP_ALIVE_S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
@@ -394,7 +399,8 @@ pub async fn build_with<B: Backend>(
     Ok(Arc::new(
         state
             .with_timeouts(args.request_timeout_s, args.sse_keep_alive_s)
-            .with_on_demand(on_demand),
+            .with_on_demand(on_demand)
+            .with_tool_parser(args.tool_call_parser),
     ))
 }
 

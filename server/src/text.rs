@@ -7,8 +7,8 @@
 //! `<|{role}|>\n{content}<|end|>\n` per message, then `<|assistant|>\n`.
 
 use crate::error::StartupError;
-pub use kubetune_model::chat::ChatMessage;
 use kubetune_model::chat::{special_token_text, ChatTemplate};
+pub use kubetune_model::chat::{ChatExtras, ChatMessage, ToolCall};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -131,13 +131,13 @@ impl TextCodec {
 
     /// Renders and tokenizes a chat. A Jinja template writes BOS itself, so its output is
     /// tokenized without adding special tokens (else BOS would appear twice).
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ChatEncodeError> {
+    pub fn encode_chat(&self, messages: &[ChatMessage], extras: ChatExtras) -> Result<Vec<u32>, ChatEncodeError> {
         match &self.template {
             Some(template) => {
                 // A template fails on a conversation it does not accept (its raise_exception
                 // on roles that do not alternate, say): that is the request's fault.
                 let text = template
-                    .render(messages, true)
+                    .render_with(messages, true, extras)
                     .map_err(|e| ChatEncodeError::Rejected(e.to_string()))?;
                 self.encode(&text, false).map_err(ChatEncodeError::Tokenizer)
             }
@@ -150,6 +150,16 @@ impl TextCodec {
                 self.encode_prompt(&text).map_err(ChatEncodeError::Tokenizer)
             }
         }
+    }
+
+    /// The chat template's text, when the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.source())
+    }
+
+    /// Whether the chat template shows `tools` to the model.
+    pub fn chat_template_renders_tools(&self) -> bool {
+        self.template.as_ref().is_some_and(|t| t.uses_tools())
     }
 
     /// Text of `ids`, special tokens skipped.
@@ -277,21 +287,15 @@ mod tests {
 
     fn msgs() -> Vec<ChatMessage> {
         vec![
-            ChatMessage {
-                role: "system".into(),
-                content: "  Be brief.  ".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            },
+            ChatMessage::new("system", "  Be brief.  "),
+            ChatMessage::new("user", "Hi"),
         ]
     }
 
     #[test]
     fn without_a_template_chats_use_the_trainers_format_and_stop_at_end() {
         let (_d, codec) = tiny(None);
-        let ids = codec.encode_chat(&msgs()).expect("encode");
+        let ids = codec.encode_chat(&msgs(), ChatExtras::default()).expect("encode");
         let expected = codec
             .encode_prompt("<|system|>\n  Be brief.  <|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n")
             .expect("encode");
@@ -305,7 +309,7 @@ mod tests {
     fn a_jinja_template_renders_with_python_string_methods() {
         let template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}]{{ m['content'].strip() }}\n{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}";
         let (_d, codec) = tiny(Some(template));
-        let ids = codec.encode_chat(&msgs()).expect("encode");
+        let ids = codec.encode_chat(&msgs(), ChatExtras::default()).expect("encode");
         let text = codec.tokenizer.decode(&ids, false).expect("decode");
         assert_eq!(text, "<s>[SYSTEM]Be brief.\n[USER]Hi\n[ASSISTANT]");
         assert_eq!(
@@ -318,7 +322,7 @@ mod tests {
     #[test]
     fn a_template_that_raises_is_an_error_not_a_panic() {
         let (_d, codec) = tiny(Some("{{ raise_exception('system messages are not supported') }}"));
-        let err = codec.encode_chat(&msgs()).expect_err("raises");
+        let err = codec.encode_chat(&msgs(), ChatExtras::default()).expect_err("raises");
         assert!(
             matches!(&err, ChatEncodeError::Rejected(m) if m.contains("system messages are not supported")),
             "{err:?}"

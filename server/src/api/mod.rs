@@ -53,6 +53,8 @@ pub struct AppState {
     pub on_demand: Option<crate::ondemand::OnDemand>,
     /// Output grammars for this model's tokenizer, or why there are none.
     pub grammars: Result<Arc<crate::grammar::Grammars>, String>,
+    /// Whether the chat template shows tools, and how calls are read (`--tool-call-parser`).
+    pub tools: crate::tools::ToolSupport,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
     ) -> Self {
         let stop_ids = Arc::new(codec.stop_ids.clone());
         let grammars = grammars(&codec, vocab_size);
+        let tools = tool_support(&codec, crate::tools::ToolParserFlag::Auto);
         metrics
             .loaded_adapters
             .set((adapters.len() + merged.is_some() as usize) as i64);
@@ -91,7 +94,14 @@ impl AppState {
             sse_keep_alive_s: 15,
             on_demand: None,
             grammars,
+            tools,
         }
+    }
+
+    /// Reads tool calls in the format `flag` names (`--tool-call-parser`).
+    pub fn with_tool_parser(self, flag: crate::tools::ToolParserFlag) -> Self {
+        let tools = tool_support(&self.codec, flag);
+        Self { tools, ..self }
     }
 
     /// Turns on-demand adapter loading on (it also needs a loader with a registry).
@@ -156,7 +166,15 @@ impl AppState {
                 Err(why) => Err(why),
             },
             max_sequences: config.max_batch + config.max_queue,
+            tools: &self.tools,
         }
+    }
+}
+
+fn tool_support(codec: &TextCodec, flag: crate::tools::ToolParserFlag) -> crate::tools::ToolSupport {
+    crate::tools::ToolSupport {
+        template_renders_tools: codec.chat_template_renders_tools(),
+        format: flag.resolve(codec.chat_template_source()),
     }
 }
 

@@ -8,6 +8,7 @@ use super::{unix_now, AppState};
 use crate::engine::FinishReason;
 use crate::error::ApiError;
 use crate::text::TextCodec;
+use crate::tools::{ParsedCall, ToolCallReader, ValidTools};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -66,6 +67,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         stream,
         include_usage,
         n,
+        tools,
     } = valid;
     let prompt_tokens = request.prompt.len();
     span.record("model", tracing::field::display(&model));
@@ -103,6 +105,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         request_id,
         prompt_tokens,
         span,
+        tools,
     };
     let deadline = Deadline::of(&state, started);
     if stream {
@@ -173,6 +176,16 @@ struct Meta {
     /// Counted once however many choices share the prompt, as OpenAI counts it.
     prompt_tokens: usize,
     span: tracing::Span,
+    /// The request's tools: each choice's text is read for calls.
+    tools: Option<ValidTools>,
+}
+
+impl Meta {
+    /// A fresh reader for one choice's text, when the request's tools ask for calls.
+    fn tool_reader(&self) -> Option<ToolCallReader> {
+        let tools = self.tools.as_ref()?;
+        Some(ToolCallReader::new(tools.choice.clone()?, tools.parallel))
+    }
 }
 
 fn endpoint_name(endpoint: Endpoint) -> &'static str {
@@ -305,7 +318,8 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
                     } else {
                         Value::Null
                     };
-                    json!({"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": finish})
+                    let (message, finish) = chat_message(&meta, &c.text, c.finish);
+                    json!({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
                 }
             }
         })
@@ -330,6 +344,49 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
         "choices": choices, "usage": usage(meta.prompt_tokens, completion_tokens),
     }))
     .into_response()
+}
+
+/// A whole chat choice's message: its text, or with tools its content and calls; and its
+/// finish reason.
+fn chat_message(meta: &Meta, text: &str, finish: Option<FinishReason>) -> (Value, Option<&'static str>) {
+    let Some(mut reader) = meta.tool_reader() else {
+        return (
+            json!({"role": "assistant", "content": text}),
+            finish.map(|f| f.as_str()),
+        );
+    };
+    let mut content = reader.push(text);
+    let (finish, rest, calls) = finish_reading(reader, finish);
+    content.push_str(&rest);
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        if content.trim().is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = calls.iter().map(tool_call_json).collect();
+    }
+    (message, finish)
+}
+
+/// The end of a choice read for calls: its finish reason (`tool_calls` when it made calls,
+/// except for a function the client named, as OpenAI reports them), the content still held,
+/// and the calls.
+fn finish_reading(
+    reader: ToolCallReader,
+    finish: Option<FinishReason>,
+) -> (Option<&'static str>, String, Vec<ParsedCall>) {
+    let reports = reader.reports_tool_calls();
+    let (rest, calls) = reader.finish();
+    let reason = match finish {
+        Some(FinishReason::Stop) if reports && !calls.is_empty() => Some("tool_calls"),
+        other => other.map(|f| f.as_str()),
+    };
+    (reason, rest, calls)
+}
+
+fn tool_call_json(call: &ParsedCall) -> Value {
+    let id = format!("call_{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>());
+    json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
 }
 
 /// What one choice's stream yields: its chunks, then how many tokens it generated.
@@ -385,6 +442,8 @@ fn sse(
         started: Instant,
         sent_role: Vec<bool>,
         text_offset: Vec<usize>,
+        /// Per choice, its tool-call reader while it runs (requests with tools).
+        readers: Vec<Option<ToolCallReader>>,
         completion_tokens: usize,
         queued_s: Option<f64>,
         /// Choices without a finish_reason yet; the request's duration is taken at 0.
@@ -394,6 +453,7 @@ fn sse(
         done: bool,
     }
     let n = generations.len();
+    let readers = (0..n).map(|_| meta.tool_reader()).collect();
     let init = S {
         state,
         meta,
@@ -402,6 +462,7 @@ fn sse(
         started,
         sent_role: vec![false; n],
         text_offset: vec![0; n],
+        readers,
         completion_tokens: 0,
         queued_s: None,
         unfinished: n,
@@ -483,6 +544,7 @@ fn sse(
                         let value = stream_chunk(
                             &mut s.sent_role[index],
                             &mut s.text_offset[index],
+                            &mut s.readers[index],
                             &s.state,
                             &s.meta,
                             index,
@@ -515,6 +577,7 @@ fn log_failure(request_id: Option<&RequestId>, model: &str, e: &ApiError) {
 fn stream_chunk(
     sent_role: &mut bool,
     text_offset: &mut usize,
+    reader: &mut Option<ToolCallReader>,
     state: &AppState,
     meta: &Meta,
     index: usize,
@@ -544,8 +607,30 @@ fn stream_chunk(
                 delta["role"] = json!("assistant");
                 *sent_role = true;
             }
-            if !chunk.text.is_empty() || chunk.finish.is_none() {
-                delta["content"] = json!(chunk.text);
+            // With tools, text that may be calls is held until the choice ends; the calls
+            // then go out whole, one entry per call.
+            let mut text = match reader.as_mut() {
+                Some(r) => r.push(&chunk.text),
+                None => chunk.text,
+            };
+            let mut finish = finish;
+            let mut calls = Vec::new();
+            if let Some(r) = chunk.finish.and_then(|_| reader.take()) {
+                let (reason, rest, parsed) = finish_reading(r, chunk.finish);
+                text.push_str(&rest);
+                finish = reason;
+                calls = parsed;
+            }
+            if !text.is_empty() || chunk.finish.is_none() {
+                delta["content"] = json!(text);
+            }
+            if !calls.is_empty() {
+                let entries = calls.iter().enumerate().map(|(i, c)| {
+                    let mut entry = tool_call_json(c);
+                    entry["index"] = json!(i);
+                    entry
+                });
+                delta["tool_calls"] = entries.collect();
             }
             let lp = if meta.logprobs {
                 chat_logprobs_json(&state.codec, &chunk.tokens)

@@ -8,7 +8,9 @@ use crate::error::ApiError;
 use crate::grammar::{Constraint, GrammarSpec, Grammars};
 use crate::metrics::UNKNOWN_MODEL;
 use crate::sampling::SamplingParams;
-use crate::text::{ChatEncodeError, ChatMessage, TextCodec};
+use crate::text::{ChatEncodeError, ChatExtras, ChatMessage, TextCodec, ToolCall};
+use crate::tools::{ToolSupport, ValidTools};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -32,6 +34,8 @@ pub struct ValidationContext<'a> {
     /// Sequences the engine holds at once, running and queued: more choices than this could
     /// never be admitted together.
     pub max_sequences: usize,
+    /// Whether the chat template shows tools, and the format calls are read in.
+    pub tools: &'a ToolSupport,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +54,8 @@ pub struct ValidGeneration {
     pub include_usage: bool,
     /// Choices to generate, each its own sequence.
     pub n: usize,
+    /// The request's tools (chat only): how each choice's text is read for calls.
+    pub tools: Option<ValidTools>,
 }
 
 /// Most choices one request may ask for: each is a sequence of its own in the batch.
@@ -71,10 +77,25 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
     let f = Fields::new(&value);
     let (model, adapter) = resolve_model(ctx, f.required_string("model")?)?;
     reject_unsupported(&f, endpoint)?;
+    let raw = RawFields::of(body)?;
+    let tools = match endpoint {
+        Endpoint::Chat => crate::tools::validate(
+            f.get("tools"),
+            raw.tools.map(RawValue::get),
+            f.get("tool_choice"),
+            f.bool("parallel_tool_calls")?,
+            ctx.tools,
+        )?,
+        Endpoint::Completions => None,
+    };
+    let extras = ChatExtras {
+        tools_json: tools.as_ref().map(|t| t.json.as_str()),
+        kwargs_json: chat_template_kwargs(&f, &raw)?,
+    };
 
     let prompt = match endpoint {
         Endpoint::Completions => completion_prompt(ctx, &f)?,
-        Endpoint::Chat => ctx.codec.encode_chat(&messages(&f)?).map_err(|e| match e {
+        Endpoint::Chat => ctx.codec.encode_chat(&messages(&f)?, extras).map_err(|e| match e {
             ChatEncodeError::Rejected(m) => ApiError::invalid(
                 "messages",
                 format!("the model's chat template rejects this conversation: {m}"),
@@ -171,14 +192,52 @@ pub fn validate(ctx: &ValidationContext, endpoint: Endpoint, body: &[u8]) -> Res
             params,
             max_tokens,
             stop_ids,
-            constraint: grammar(&f, ctx)?,
+            constraint: grammar(&f, ctx, tools.as_ref())?,
         },
         stop: stop_strings(&f)?,
         stream,
         include_usage,
         n: f.integer("n", 1, MAX_CHOICES.min(ctx.max_sequences as i64))?
             .unwrap_or(1) as usize,
+        tools,
     })
+}
+
+/// Fields whose JSON text is kept as the client wrote it: templates show a tool schema's keys
+/// in the client's order, which a parsed `Value` does not keep.
+#[derive(serde::Deserialize)]
+struct RawFields<'a> {
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    chat_template_kwargs: Option<&'a RawValue>,
+}
+
+impl<'a> RawFields<'a> {
+    fn of(body: &'a [u8]) -> Result<Self, ApiError> {
+        // The body already parsed as a JSON object, so this cannot fail on a valid request.
+        serde_json::from_slice(body).map_err(|e| ApiError::Internal(format!("request body re-read: {e}")))
+    }
+}
+
+/// Variables that would replace what the server gives the template.
+const RESERVED_TEMPLATE_VARIABLES: [&str; 3] = ["messages", "tools", "add_generation_prompt"];
+
+/// vLLM's `chat_template_kwargs`: more variables for the chat template (`enable_thinking`).
+fn chat_template_kwargs<'a>(f: &Fields, raw: &RawFields<'a>) -> Result<Option<&'a str>, ApiError> {
+    let Some(v) = f.get("chat_template_kwargs") else {
+        return Ok(None);
+    };
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("chat_template_kwargs", format!("must be an object, got {}", kind(v))))?;
+    if let Some(k) = RESERVED_TEMPLATE_VARIABLES.iter().find(|k| o.contains_key(**k)) {
+        return Err(ApiError::invalid(
+            format!("chat_template_kwargs.{k}"),
+            "is set by the server from the request; send it as its own field",
+        ));
+    }
+    Ok(raw.chat_template_kwargs.map(RawValue::get))
 }
 
 /// `model` is the base name, an adapter name, or `name@N` / `name@latest` / `name@sha256:…`,
@@ -232,8 +291,11 @@ pub fn resolve_model(ctx: &ValidationContext, model: &str) -> Result<(String, Op
 /// would find out much later, and in a worse place.
 /// The output grammar a request asks for (OpenAI's `response_format`, or one of vLLM's
 /// `guided_json`, `guided_regex`, `guided_choice`), compiled; None for free text.
-fn grammar(f: &Fields, ctx: &ValidationContext) -> Result<Option<Constraint>, ApiError> {
+fn grammar(f: &Fields, ctx: &ValidationContext, tools: Option<&ValidTools>) -> Result<Option<Constraint>, ApiError> {
     let mut asked: Vec<(&'static str, GrammarSpec)> = Vec::new();
+    if let Some(spec) = tools.and_then(|t| t.grammar.clone()) {
+        asked.push(("tool_choice", spec));
+    }
     if let Some(v) = f.get("response_format") {
         if let Some(spec) = response_format(v)? {
             asked.push(("response_format", spec));
@@ -333,11 +395,15 @@ fn reject_unsupported(f: &Fields, endpoint: Endpoint) -> Result<(), ApiError> {
     f.unsupported("echo", is_false)?;
     f.unsupported("suffix", |v| v.as_str() == Some(""))?;
     f.unsupported("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty()))?;
-    // Tool calling and structured output (OpenAI's and vLLM's names): no grammar decoding.
-    f.unsupported("tools", empty_list)?;
+    // The deprecated form of tools; `tools` is read by crate::tools (chat only).
     f.unsupported("functions", empty_list)?;
-    f.unsupported("tool_choice", |v| matches!(v.as_str(), Some("none" | "auto")))?;
     f.unsupported("function_call", |v| matches!(v.as_str(), Some("none" | "auto")))?;
+    if endpoint == Endpoint::Completions {
+        f.unsupported("tools", empty_list)?;
+        f.unsupported("tool_choice", |v| matches!(v.as_str(), Some("none" | "auto")))?;
+        f.unsupported("parallel_tool_calls", never)?;
+        f.unsupported("chat_template_kwargs", never)?;
+    }
     // response_format and guided_json/_regex/_choice are read by `grammar`.
     for guided in ["guided_grammar", "structured_outputs"] {
         f.unsupported(guided, never)?;
@@ -528,52 +594,9 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     };
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let at = |field: &str| format!("messages[{i}].{field}");
-        let role = match m.get("role").and_then(Value::as_str) {
-            Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
-            // OpenAI's newer name for system instructions; chat templates know only `system`,
-            // so it renders as one (as vLLM does).
-            Some("developer") => "system".to_string(),
-            Some(r) => {
-                return Err(ApiError::invalid(
-                    at("role"),
-                    format!("role `{r}` is not one of system, developer, user, assistant"),
-                ))
-            }
-            None => return Err(ApiError::invalid(at("role"), "each message needs a string `role`")),
-        };
-        let content = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.iter().enumerate() {
-                    match (
-                        p.get("type").and_then(Value::as_str),
-                        p.get("text").and_then(Value::as_str),
-                    ) {
-                        (Some("text"), Some(t)) => text.push_str(t),
-                        _ => {
-                            return Err(ApiError::invalid_code(
-                                format!("messages[{i}].content[{j}]"),
-                                "unsupported_parameter",
-                                "only {\"type\": \"text\", \"text\": ...} parts are supported",
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    at("content"),
-                    format!("must be a string or text parts, got {}", kind(other)),
-                ))
-            }
-            None => return Err(ApiError::invalid(at("content"), "each message needs `content`")),
-        };
-        out.push(ChatMessage { role, content });
+        out.push(message(i, m)?);
     }
-    if out.iter().all(|m| m.content.is_empty()) {
+    if out.iter().all(|m| m.content.is_empty() && m.tool_calls.is_empty()) {
         return Err(ApiError::invalid_code(
             "messages",
             "empty_prompt",
@@ -581,4 +604,123 @@ fn messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
         ));
     }
     Ok(out)
+}
+
+fn message(i: usize, m: &Value) -> Result<ChatMessage, ApiError> {
+    let at = |field: &str| format!("messages[{i}].{field}");
+    let role = match m.get("role").and_then(Value::as_str) {
+        Some(r @ ("system" | "user" | "assistant" | "tool")) => r.to_string(),
+        // OpenAI's newer name for system instructions; chat templates know only `system`,
+        // so it renders as one (as vLLM does).
+        Some("developer") => "system".to_string(),
+        Some(r) => {
+            return Err(ApiError::invalid(
+                at("role"),
+                format!("role `{r}` is not one of system, developer, user, assistant, tool"),
+            ))
+        }
+        None => return Err(ApiError::invalid(at("role"), "each message needs a string `role`")),
+    };
+    let tool_calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) if role == "assistant" => tool_calls(i, v)?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                at("tool_calls"),
+                "only assistant messages make tool calls",
+            ))
+        }
+    };
+    let content = match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => text_parts(i, parts)?,
+        // An assistant turn that only calls tools has no content.
+        None | Some(Value::Null) if !tool_calls.is_empty() => String::new(),
+        Some(other @ (Value::Bool(_) | Value::Number(_) | Value::Object(_))) => {
+            return Err(ApiError::invalid(
+                at("content"),
+                format!("must be a string or text parts, got {}", kind(other)),
+            ))
+        }
+        _ => return Err(ApiError::invalid(at("content"), "each message needs `content`")),
+    };
+    let (tool_call_id, name) = if role == "tool" {
+        let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::invalid(at("tool_call_id"), "a tool message needs the id of the call it answers")
+        })?;
+        let name = match m.get("name") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    at("name"),
+                    format!("must be a string, got {}", kind(other)),
+                ))
+            }
+        };
+        (Some(id.to_string()), name)
+    } else {
+        (None, None)
+    };
+    Ok(ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+        name,
+    })
+}
+
+fn text_parts(i: usize, parts: &[Value]) -> Result<String, ApiError> {
+    let mut text = String::new();
+    for (j, p) in parts.iter().enumerate() {
+        match (
+            p.get("type").and_then(Value::as_str),
+            p.get("text").and_then(Value::as_str),
+        ) {
+            (Some("text"), Some(t)) => text.push_str(t),
+            _ => {
+                return Err(ApiError::invalid_code(
+                    format!("messages[{i}].content[{j}]"),
+                    "unsupported_parameter",
+                    "only {\"type\": \"text\", \"text\": ...} parts are supported",
+                ))
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// An assistant turn's `tool_calls`: `[{id, type: function, function: {name, arguments}}]`,
+/// `arguments` being JSON text of an object, as the API returned it.
+fn tool_calls(i: usize, v: &Value) -> Result<Vec<ToolCall>, ApiError> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| ApiError::invalid(format!("messages[{i}].tool_calls"), "must be a list"))?;
+    let mut calls = Vec::with_capacity(list.len());
+    for (j, c) in list.iter().enumerate() {
+        let at = |field: &str| format!("messages[{i}].tool_calls[{j}].{field}");
+        let string = |field: &str, v: Option<&Value>| -> Result<String, ApiError> {
+            v.and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| ApiError::invalid(at(field), "must be a string"))
+        };
+        if c.get("type").and_then(Value::as_str).is_some_and(|t| t != "function") {
+            return Err(ApiError::invalid(at("type"), "must be `function`"));
+        }
+        let function = c.get("function");
+        let arguments = string("function.arguments", function.and_then(|f| f.get("arguments")))?;
+        if !serde_json::from_str::<Value>(&arguments).is_ok_and(|a| a.is_object()) {
+            return Err(ApiError::invalid(
+                at("function.arguments"),
+                "must be JSON text of an object",
+            ));
+        }
+        calls.push(ToolCall {
+            id: string("id", c.get("id"))?,
+            name: string("function.name", function.and_then(|f| f.get("name")))?,
+            arguments,
+        });
+    }
+    Ok(calls)
 }

@@ -152,6 +152,25 @@ pub async fn server_with<B: Backend>(extra: &[&str], wrap: impl FnOnce(CandleBac
     start(&args(&extra), wrap).await
 }
 
+/// A copy of the tiny model whose chat template is `template` (as chat_template.jinja).
+pub fn model_with_template(template: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(&fixture().model).expect("model dir") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    std::fs::write(dir.path().join("chat_template.jinja"), template).expect("write template");
+    dir
+}
+
+/// A test server for the model in `model`, not the fixture's.
+pub async fn server_for_model(model: &Path, extra: &[&str]) -> TestServer {
+    let model = model.display().to_string();
+    let mut argv = vec!["kubetune-server", "--model", &model, "--served-model-name", BASE];
+    argv.extend_from_slice(extra);
+    start(&Args::try_parse_from(argv).expect("valid test flags"), |b| b).await
+}
+
 /// A test server with no admin key: its admin API is off.
 pub async fn server_without_admin_key(extra: &[&str]) -> TestServer {
     start(&args(extra), |b| b).await

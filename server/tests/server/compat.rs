@@ -445,13 +445,11 @@ async fn unimplemented_output_controls_get_a_400_naming_them_instead_of_being_ig
         v[field] = value;
         v
     };
-    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
-    // response_format and guided_json/_regex/_choice work: see structured.rs.
+    // response_format and guided_json/_regex/_choice work: see structured.rs; tools and
+    // tool_choice work on chat: see tools.rs.
     let refused = [
         ("guided_grammar", json!("root ::= \"a\"")),
         ("structured_outputs", json!({"json": {"type": "object"}})),
-        ("tools", tool.clone()),
-        ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f"}])),
         ("function_call", json!({"name": "f"})),
         ("repetition_penalty", json!(1.2)),

@@ -7,4 +7,5 @@ mod engine;
 mod generation;
 mod ondemand;
 mod structured;
+mod tools;
 mod validation;

@@ -9,11 +9,25 @@ use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// One turn of a conversation as templates see it (`message.role`, `message['content']`).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+mod tojson;
+
+/// One turn of a conversation as templates see it (`message.role`, `message['content']`; in
+/// tool use also `message.tool_calls`, and on a `tool` turn `message.tool_call_id` and
+/// `message.name`). Fields a turn does not have are left undefined, as transformers leaves
+/// them, since templates test them with `is defined`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's function calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` turn: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function that answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -21,13 +35,79 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            ..Self::default()
         }
     }
+
+    /// The turn as the template sees it: a tool call's arguments parsed from their JSON text,
+    /// keys in order, as vLLM passes them (templates write `arguments | tojson`).
+    fn template_value(&self) -> Result<minijinja::Value> {
+        let mut fields: Vec<(&str, minijinja::Value)> = vec![
+            ("role", self.role.as_str().into()),
+            ("content", self.content.as_str().into()),
+        ];
+        if !self.tool_calls.is_empty() {
+            let calls = (self.tool_calls.iter())
+                .map(ToolCall::template_value)
+                .collect::<Result<Vec<_>>>()?;
+            fields.push(("tool_calls", calls.into()));
+        }
+        if let Some(id) = &self.tool_call_id {
+            fields.push(("tool_call_id", id.as_str().into()));
+        }
+        if let Some(name) = &self.name {
+            fields.push(("name", name.as_str().into()));
+        }
+        Ok(fields.into_iter().collect())
+    }
+}
+
+/// One function call in an assistant turn, as OpenAI's API writes it: `arguments` is JSON
+/// text holding an object.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCall {
+    fn template_value(&self) -> Result<minijinja::Value> {
+        let arguments = parse_json(&self.arguments, "tool_calls[].function.arguments")?;
+        let function: minijinja::Value = [("name", self.name.as_str().into()), ("arguments", arguments)]
+            .into_iter()
+            .collect();
+        Ok([
+            ("id", self.id.as_str().into()),
+            ("type", "function".into()),
+            ("function", function),
+        ]
+        .into_iter()
+        .collect())
+    }
+}
+
+/// What a template may be given beside the conversation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChatExtras<'a> {
+    /// The functions the model may call: JSON text of OpenAI's `tools` list, given to the
+    /// template as `tools` (keys in the client's order). None gives `tools = none`, as
+    /// transformers does.
+    pub tools_json: Option<&'a str>,
+    /// More template variables (vLLM's `chat_template_kwargs`, such as `enable_thinking`):
+    /// JSON text of an object.
+    pub kwargs_json: Option<&'a str>,
+}
+
+/// JSON text as a template value, object keys in order.
+fn parse_json(text: &str, what: &str) -> Result<minijinja::Value> {
+    serde_json::from_str(text).map_err(|e| ModelError::ChatRender(format!("{what} is not JSON: {e}")))
 }
 
 /// A compiled chat template with the special tokens it may refer to.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    source: String,
 }
 
 /// Also the file name in minijinja's errors: "(in chat_template:3)" is line 3 of the template.
@@ -85,19 +165,80 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
+        // Python's json.dumps, as transformers defines the filter (see tojson.rs).
+        env.add_filter("tojson", tojson::filter);
+        // Templates that date their system prompt (Llama 3.1's "Today Date").
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, source.to_string())?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            source: source.to_string(),
+        })
     }
 
     /// The conversation as text. `add_generation_prompt` appends what opens the assistant's
     /// next turn (a prompt for generation); without it the text ends after the last message.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, ChatExtras::default())
+    }
+
+    /// [`render`](Self::render) with tools and extra variables.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extras: ChatExtras,
+    ) -> Result<String> {
         let render_error = |e: minijinja::Error| ModelError::ChatRender(e.to_string());
         let template = self.env.get_template(NAME).map_err(render_error)?;
+        let messages = (messages.iter())
+            .map(ChatMessage::template_value)
+            .collect::<Result<Vec<_>>>()?;
+        let tools = match extras.tools_json {
+            Some(text) => parse_json(text, "tools")?,
+            None => minijinja::Value::from(()),
+        };
+        let kwargs = match extras.kwargs_json {
+            Some(text) => parse_json(text, "chat_template_kwargs")?,
+            None => minijinja::Value::from_iter(std::iter::empty::<(String, minijinja::Value)>()),
+        };
+        if kwargs.kind() != minijinja::value::ValueKind::Map {
+            return Err(ModelError::ChatRender("chat_template_kwargs must be an object".into()));
+        }
         template
-            .render(minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt })
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                tools => tools,
+                ..kwargs
+            })
             .map_err(render_error)
     }
+
+    /// Whether the template reads `tools`: one that does not would drop them from the prompt,
+    /// and the model would call functions it was never shown.
+    pub fn uses_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// The template's text, from which a server reads the tool-call format it teaches.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// Python's `datetime.now().strftime(format)`; a format chrono cannot write is an error, not a
+/// panic.
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("strftime_now: `{format}` is not a date format"),
+        )
+    })?;
+    Ok(out)
 }
 
 /// `chat_template` is a string, or a list of `{name, template}` in which "default" is the one.
@@ -260,5 +401,81 @@ mod tests {
             .to_string();
         assert!(err.contains("System role not supported"), "{err}");
         assert!(t.render(&[ChatMessage::new("user", "u")], true).is_ok());
+    }
+
+    /// A Hermes-style tool template (Qwen2.5's shape): tools as JSON lines in the system turn,
+    /// calls as `<tool_call>` blocks, results as `tool` turns.
+    const TOOLS: &str = "{% if tools %}<tools>{% for t in tools %}{{ '\\n' }}{{ t | tojson }}{% endfor %}{{ '\\n' }}</tools>{{ '\\n' }}{% endif %}\
+        {% for m in messages %}[{{ m.role }}]{% if m.tool_calls is defined %}{% for c in m.tool_calls %}\
+        <tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>\
+        {% endfor %}{% elif m.tool_call_id is defined %}({{ m.tool_call_id }} {{ m.name }}) {{ m.content }}\
+        {% else %}{{ m.content }}{% endif %}{{ '\\n' }}{% endfor %}{% if enable_thinking is defined %}think={{ enable_thinking }}{% endif %}";
+
+    #[test]
+    fn tools_tool_calls_and_tool_turns_render_with_their_keys_in_the_clients_order() {
+        let t = ChatTemplate::compile(TOOLS, "", "").expect("compiles");
+        assert!(t.uses_tools());
+        let tools = r#"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]"#;
+        let call = ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris","unit":"C"}"#.into(),
+        };
+        let msgs = [
+            ChatMessage::new("user", "Weather in Paris?"),
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![call],
+                ..ChatMessage::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "18".into(),
+                tool_call_id: Some("call_1".into()),
+                name: Some("get_weather".into()),
+                ..ChatMessage::default()
+            },
+        ];
+        let extras = ChatExtras {
+            tools_json: Some(tools),
+            kwargs_json: Some(r#"{"enable_thinking": false}"#),
+        };
+        let text = t.render_with(&msgs, false, extras).expect("render");
+        assert_eq!(
+            text,
+            "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}}\n</tools>\n\
+             [user]Weather in Paris?\n\
+             [assistant]<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"C\"}}</tool_call>\n\
+             [tool](call_1 get_weather) 18\n\
+             think=False"
+        );
+        // Without tools the template sees `tools = none`, and plain turns have no tool fields.
+        let plain = t.render(&msgs[..1], false).expect("render");
+        assert_eq!(plain, "[user]Weather in Paris?\n");
+        // Booleans print as Python prints them, as in transformers' Jinja.
+        assert!(!ChatTemplate::compile(CHATML, "", "").expect("compiles").uses_tools());
+    }
+
+    #[test]
+    fn bad_arguments_json_and_bad_date_formats_are_errors_not_panics() {
+        let t = ChatTemplate::compile(TOOLS, "", "").expect("compiles");
+        let msgs = [ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![ToolCall {
+                id: "c".into(),
+                name: "f".into(),
+                arguments: "{not json".into(),
+            }],
+            ..ChatMessage::default()
+        }];
+        let err = t.render(&msgs, false).expect_err("bad JSON").to_string();
+        assert!(err.contains("arguments is not JSON"), "{err}");
+        let dated =
+            ChatTemplate::compile("{{ strftime_now('%Y') }}|{{ strftime_now('%Q') }}", "", "").expect("compiles");
+        let err = dated.render(&[], false).expect_err("%Q is no format").to_string();
+        assert!(err.contains("strftime_now"), "{err}");
+        let year = ChatTemplate::compile("{{ strftime_now('%Y') }}", "", "").expect("compiles");
+        let y: i32 = year.render(&[], false).expect("render").parse().expect("a year");
+        assert!(y >= 2024, "{y}");
     }
 }
