@@ -232,3 +232,28 @@ async fn a_model_whose_template_does_not_show_tools_refuses_them() {
     assert_eq!(reply.status, 400, "{}", reply.text);
     assert_eq!(reply.json()["error"]["param"], "tools");
 }
+
+/// Llama 3.1's way, in short: tools as JSON in the user turn, calls as a bare JSON object.
+const LLAMA3_TEMPLATE: &str = "{% for m in messages %}<|start|>{{ m.role }}\n\
+    {% if tools and m.role == 'user' %}{% for t in tools %}{{ t | tojson(indent=4) }}\n{% endfor %}\
+    Respond with {\"name\": function name, \"parameters\": dictionary of argument name and its value}.\n{% endif %}\
+    {{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}";
+
+#[tokio::test]
+async fn a_llama3_template_makes_auto_read_a_bare_json_call() {
+    let model = model_with_template(LLAMA3_TEMPLATE);
+    let s = server_for_model(model.path(), &[]).await;
+    let regex = r#"\{"name": "get_time", "parameters": \{\}\}"#;
+    let body = chat(json!({"tools": [time_tool()], "guided_regex": regex}));
+    let reply = post(&s.app, "/v1/chat/completions", body).await;
+    let calls = calls(&reply, 0);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "get_time");
+    assert_eq!(calls[0]["function"]["arguments"], "{}");
+    assert_eq!(reply.json()["choices"][0]["finish_reason"], "tool_calls");
+    // An answer that is not JSON is content, whatever the format.
+    let plain = chat(json!({"tools": [time_tool()], "guided_regex": "It is noon\\."}));
+    let v = post(&s.app, "/v1/chat/completions", plain).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "It is noon.", "{v}");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+}
