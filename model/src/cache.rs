@@ -124,6 +124,60 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// An independent copy of positions `start..start + len`, in a cache of its own whose
+    /// buffers hold exactly those positions: the server keeps blocks of a prompt's keys and
+    /// values after its sequence ends, for later prompts that start the same way. A view would
+    /// keep the whole sequence's buffer alive, so the memory counted would not be the memory held.
+    pub fn copy_range(&self, start: usize, len: usize) -> Result<KvCache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let e = layer.as_ref().filter(|e| start + len <= e.len).ok_or_else(|| {
+                ModelError::CacheMismatch(format!("KV cache layer {i} does not hold {start}..{}", start + len))
+            })?;
+            let copy = |x: &Tensor| -> Result<Tensor> {
+                let out = buffer(x, len)?;
+                out.slice_set(&x.narrow(2, start, len)?.contiguous()?, 2, 0)?;
+                Ok(out)
+            };
+            layers.push(Some(LayerKv {
+                k: copy(&e.k)?,
+                v: copy(&e.v)?,
+                len,
+            }));
+        }
+        Ok(KvCache { layers, capacity: len })
+    }
+
+    /// Appends, layer by layer, every position each of `others` holds, in order, after what
+    /// this cache holds: a sequence starts from cached blocks of its prompt.
+    pub fn extend_from(&mut self, others: &[&KvCache]) -> Result<()> {
+        if others.is_empty() {
+            return Ok(());
+        }
+        for layer in 0..self.layers.len() {
+            let mut ks = Vec::with_capacity(others.len());
+            let mut vs = Vec::with_capacity(others.len());
+            for other in others {
+                if other.num_layers() != self.num_layers() {
+                    return Err(ModelError::CacheMismatch(format!(
+                        "a {}-layer KV cache extended from a {}-layer one",
+                        self.num_layers(),
+                        other.num_layers()
+                    )));
+                }
+                let (k, v) = other.views(layer)?;
+                ks.push(k);
+                vs.push(v);
+            }
+            let k = Tensor::cat(&ks, 2)?;
+            let v = Tensor::cat(&vs, 2)?;
+            self.append(layer, &k, &v)?;
+        }
+        Ok(())
+    }
+}
+
 /// An empty buffer shaped like `x` but with room for `capacity` positions.
 fn buffer(x: &Tensor, capacity: usize) -> Result<Tensor> {
     let (b, h, _, d) = x.dims4()?;
@@ -179,5 +233,32 @@ mod tests {
             assert_eq!(v, (10..17).map(|i| i as f32).collect::<Vec<_>>());
         }
         assert_eq!(cache.capacity(), 7, "four more positions fitted without reallocating");
+    }
+
+    #[test]
+    fn a_copied_range_extends_another_cache_with_the_same_keys_and_values_and_shares_no_buffer() {
+        let mut source = KvCache::with_capacity(2, 8);
+        for layer in 0..2 {
+            source
+                .append(layer, &positions(0, 6), &positions(100, 6))
+                .expect("append");
+        }
+        let first = source.copy_range(0, 2).expect("copy");
+        let second = source.copy_range(2, 2).expect("copy");
+        assert_eq!((first.len(), first.capacity()), (2, 2), "exactly the positions copied");
+        assert!(source.copy_range(4, 4).is_err(), "past what the source holds");
+        drop(source);
+        let mut target = KvCache::with_capacity(2, 6);
+        target.extend_from(&[&first, &second]).expect("extend");
+        for layer in 0..2 {
+            let (k, v) = target
+                .append(layer, &positions(40, 1), &positions(140, 1))
+                .expect("append after the copied positions");
+            let k: Vec<f32> = k.flatten_all().and_then(|t| t.to_vec1()).expect("k");
+            let v: Vec<f32> = v.flatten_all().and_then(|t| t.to_vec1()).expect("v");
+            assert_eq!(k, vec![0.0, 1.0, 2.0, 3.0, 40.0]);
+            assert_eq!(v, vec![100.0, 101.0, 102.0, 103.0, 140.0]);
+        }
+        assert_eq!(target.capacity(), 6, "the target's own capacity, not the blocks'");
     }
 }

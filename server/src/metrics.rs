@@ -27,6 +27,8 @@ pub struct Metrics {
     /// On-demand adapters evicted to make room for another.
     pub adapter_evictions: IntCounter,
     pub preemptions: IntCounter,
+    /// KV blocks the prefix cache holds (they count against --kv-cache-mb).
+    pub prefix_cache_blocks: IntGauge,
     pub vllm: VllmMetrics,
 }
 
@@ -42,6 +44,9 @@ pub struct VllmMetrics {
     pub e2e_request_latency: Histogram,
     pub request_success: IntCounterVec,
     pub num_preemptions: IntCounter,
+    /// Prompt tokens looked up in the prefix cache, and those found (vLLM V1's counters).
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
 }
 
 /// Label for requests whose `model` matched nothing served.
@@ -116,6 +121,11 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric definition");
+        let prefix_cache_blocks = IntGauge::new(
+            "kubetune_server_prefix_cache_blocks",
+            "KV blocks of prompt prefixes kept for later requests; counted in --kv-cache-mb and evicted before any sequence is preempted",
+        )
+        .expect("static metric definition");
         let adapter_evictions = IntCounter::new(
             "kubetune_server_adapter_evictions_total",
             "On-demand adapters evicted, least recently used first, to make room for another",
@@ -171,6 +181,16 @@ impl Metrics {
                 "Sequences preempted when the KV budget ran out",
             ))
             .expect("static metric definition"),
+            prefix_cache_queries: IntCounter::with_opts(vllm_opts(
+                "vllm:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache",
+            ))
+            .expect("static metric definition"),
+            prefix_cache_hits: IntCounter::with_opts(vllm_opts(
+                "vllm:prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache, not prefilled",
+            ))
+            .expect("static metric definition"),
         };
         for c in [
             Box::new(vllm.num_requests_running.clone()) as Box<dyn prometheus::core::Collector>,
@@ -182,6 +202,9 @@ impl Metrics {
             Box::new(vllm.e2e_request_latency.clone()),
             Box::new(vllm.request_success.clone()),
             Box::new(vllm.num_preemptions.clone()),
+            Box::new(vllm.prefix_cache_queries.clone()),
+            Box::new(vllm.prefix_cache_hits.clone()),
+            Box::new(prefix_cache_blocks.clone()),
             Box::new(preemptions.clone()),
             Box::new(requests.clone()),
             Box::new(time_to_first_token.clone()),
@@ -209,6 +232,7 @@ impl Metrics {
             adapter_loads,
             adapter_evictions,
             preemptions,
+            prefix_cache_blocks,
             vllm,
         }
     }
@@ -225,6 +249,12 @@ impl Metrics {
     pub fn preempted(&self) {
         self.preemptions.inc();
         self.vllm.num_preemptions.inc();
+    }
+
+    /// A prefix cache lookup of `queried` prompt tokens found the first `hit` of them.
+    pub fn prefix_lookup(&self, queried: usize, hit: usize) {
+        self.vllm.prefix_cache_queries.inc_by(queried as u64);
+        self.vllm.prefix_cache_hits.inc_by(hit as u64);
     }
 
     pub fn prefilled(&self, prompt_tokens: usize) {

@@ -71,6 +71,21 @@ pub struct Args {
     /// its attention scores stay within chunk x context per layer.
     #[arg(long, env = "KUBETUNE_PREFILL_CHUNK_TOKENS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub prefill_chunk_tokens: u32,
+    /// Keep the KV of full prompt blocks after their request (vLLM's flag), so a later prompt
+    /// of the same adapter that starts the same way (a system prompt, few-shot examples)
+    /// prefills only the rest. The blocks use only --kv-cache-mb that running sequences leave
+    /// free and are evicted, least recently used first, before any request waits or is
+    /// preempted. On by default; `--enable-prefix-caching=false` or
+    /// `--no-enable-prefix-caching` turns it off.
+    #[arg(long, env = "KUBETUNE_ENABLE_PREFIX_CACHING", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// vLLM's spelling of --enable-prefix-caching=false.
+    #[arg(
+        long,
+        env = "KUBETUNE_NO_ENABLE_PREFIX_CACHING",
+        overrides_with = "enable_prefix_caching"
+    )]
+    pub no_enable_prefix_caching: bool,
     #[arg(long, env = "KUBETUNE_MAX_ADAPTERS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_adapters: u32,
     #[arg(long, env = "KUBETUNE_MAX_ADAPTER_RANK", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
@@ -153,6 +168,13 @@ pub struct Args {
     /// the queue), so that proxies with idle timeouts keep the connection.
     #[arg(long, env = "KUBETUNE_SSE_KEEP_ALIVE_S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub sse_keep_alive_s: u64,
+}
+
+impl Args {
+    /// Whether prefix caching is on: --enable-prefix-caching, unless vLLM's negation came last.
+    pub fn prefix_caching(&self) -> bool {
+        self.enable_prefix_caching && !self.no_enable_prefix_caching
+    }
 }
 
 fn parse_adapter_flag(s: &str) -> Result<AdapterSpec, String> {
@@ -388,6 +410,7 @@ pub async fn build_with<B: Backend>(
         kv_block_tokens: args.kv_block_tokens as usize,
         prefill_chunk_tokens: args.prefill_chunk_tokens as usize,
         retry_after_s: args.retry_after_s,
+        prefix_caching: args.prefix_caching(),
     };
     let metrics = Arc::new(Metrics::new(&base_name));
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
@@ -530,6 +553,22 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 20, "{checked} flags");
+    }
+
+    #[test]
+    fn prefix_caching_is_on_by_default_and_off_with_either_spelling_of_vllms_flag() {
+        let parse = |flags: &[&str]| {
+            let argv = [&["kubetune-server", "--model", "m"], flags].concat();
+            Args::try_parse_from(argv).expect("valid flags").prefix_caching()
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--enable-prefix-caching"]));
+        assert!(!parse(&["--enable-prefix-caching=false"]));
+        assert!(!parse(&["--no-enable-prefix-caching"]));
+        assert!(
+            parse(&["--no-enable-prefix-caching", "--enable-prefix-caching"]),
+            "the last one wins"
+        );
     }
 
     #[test]

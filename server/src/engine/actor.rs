@@ -15,8 +15,15 @@
 //! and generated tokens, goes back to the head of the queue, and on readmission recomputes its
 //! cache from prompt + generated tokens (vLLM's recompute preemption); the client only sees a
 //! pause. A sequence that alone outgrows the whole budget ends with `length`.
+//!
+//! With prefix caching, full prompt blocks are copied into the prefix cache once their prompt
+//! is prefilled, and a new sequence starts from the longest chain of them that begins its
+//! context. Cached blocks count against the budget, but only in what running sequences leave
+//! free: they are evicted before a sequence is admitted short of room or preempted, so they
+//! never refuse or stall a request.
 
 use super::backend::{Backend, DecodeItem, PrefillItem};
+use super::prefix::{PrefixCache, Scope};
 use super::{Admitted, EngineConfig, Event, FinishReason};
 use crate::grammar::Constraint;
 use crate::metrics::Metrics;
@@ -99,8 +106,9 @@ pub(super) fn run<B: Backend>(
     let mut engine = Loop {
         kv_bytes_per_token: backend.kv_bytes_per_token().max(1),
         backend,
-        config,
         metrics,
+        prefix: config.prefix_caching.then(|| PrefixCache::new(config.kv_block_tokens)),
+        config,
         waiting: VecDeque::new(),
         running: Vec::new(),
         admissions: 0,
@@ -128,6 +136,8 @@ struct Loop<B: Backend> {
     kv_bytes_per_token: usize,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence<B::Cache>>,
+    /// Full prompt blocks kept for later prompts; None when prefix caching is off.
+    prefix: Option<PrefixCache<B::Cache>>,
     admissions: u64,
 }
 
@@ -146,9 +156,13 @@ impl<B: Backend> Loop<B> {
         self.report();
     }
 
+    /// The KV share reported is the running sequences' (as vLLM's, where cached blocks that
+    /// no sequence uses count as free): cached blocks give way to any request.
     fn report(&self) {
-        let share = self.kv_used() as f64 / self.config.kv_budget_bytes.max(1) as f64;
+        let share = self.running_used() as f64 / self.config.kv_budget_bytes.max(1) as f64;
         self.metrics.engine_state(self.waiting.len(), self.running.len(), share);
+        let cached = self.prefix.as_ref().map_or(0, |p| p.len());
+        self.metrics.prefix_cache_blocks.set(cached as i64);
     }
 
     fn block(&self) -> usize {
@@ -160,21 +174,39 @@ impl<B: Backend> Loop<B> {
         tokens.div_ceil(self.block()) * self.block()
     }
 
-    fn kv_used(&self) -> usize {
+    /// KV bytes the running sequences hold.
+    fn running_used(&self) -> usize {
         let positions: usize = self.running.iter().map(|s| s.kv_positions).sum();
         positions.saturating_mul(self.kv_bytes_per_token)
     }
 
+    /// KV bytes held in all: running sequences and cached prefix blocks.
+    fn kv_used(&self) -> usize {
+        let cached = self.prefix.as_ref().map_or(0, |p| p.len()) * self.block();
+        self.running_used() + cached.saturating_mul(self.kv_bytes_per_token)
+    }
+
+    /// Evicts cached prefix blocks, least recently used first, until `extra` more bytes fit
+    /// in the budget; false when none is left and they still do not.
+    fn evict_cached_for(&mut self, extra: usize) -> bool {
+        while self.kv_used() + extra > self.config.kv_budget_bytes {
+            if !self.prefix.as_mut().is_some_and(|p| p.evict_one()) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Admits waiting requests in order while a batch slot and the blocks for their context
-    /// (and the first generated token) are free. An empty batch always admits, so one
-    /// oversized request cannot wedge the queue (validation keeps prompts within the budget;
-    /// this is the backstop).
+    /// (and the first generated token) are free once cached prefix blocks are evicted. An
+    /// empty batch always admits, so one oversized request cannot wedge the queue (validation
+    /// keeps prompts within the budget; this is the backstop).
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
             let Some(front) = self.waiting.front() else { break };
             let positions = self.blocks_for(front.context_len() + 1);
             let need = positions.saturating_mul(self.kv_bytes_per_token);
-            if self.kv_used() + need > self.config.kv_budget_bytes && !self.running.is_empty() {
+            if self.running_used() + need > self.config.kv_budget_bytes && !self.running.is_empty() {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else { break };
@@ -184,14 +216,21 @@ impl<B: Backend> Loop<B> {
             }
             let mut context = w.request.req.prompt.clone();
             context.extend_from_slice(&w.generated);
+            let scope = Scope::of(w.request.req.adapter.as_ref());
+            let hit = self.lookup_prefix(&scope, &context);
+            self.evict_cached_for(need);
+            let (cache, cached) = self.start_cache(positions, &hit);
+            if self.prefix.is_some() {
+                self.metrics.prefix_lookup(context.len(), cached);
+            }
             self.admissions += 1;
             self.running.push(Sequence {
-                cache: self.backend.new_cache(positions),
+                cache,
                 request: w.request,
                 sampler: w.sampler,
                 constraint: w.constraint,
                 context,
-                cached: 0,
+                cached,
                 kv_positions: positions,
                 generated: w.generated,
                 last_emit: Instant::now(),
@@ -199,6 +238,34 @@ impl<B: Backend> Loop<B> {
                 decoding: false,
                 done: false,
             });
+        }
+    }
+
+    /// The keys of the cached blocks that begin `context`, leaving at least its last token to
+    /// prefill: its logits give the next token.
+    fn lookup_prefix(&mut self, scope: &Scope, context: &[u32]) -> Vec<u64> {
+        let max_blocks = context.len().saturating_sub(1) / self.block();
+        match self.prefix.as_mut() {
+            Some(prefix) => prefix.lookup(scope, context, max_blocks),
+            None => Vec::new(),
+        }
+    }
+
+    /// A new sequence's cache of `positions`, holding the cached blocks under `hit` that are
+    /// still held, and how many positions those are. If copying fails the sequence starts
+    /// empty and prefills everything.
+    fn start_cache(&self, positions: usize, hit: &[u64]) -> (B::Cache, usize) {
+        let mut cache = self.backend.new_cache(positions);
+        let blocks = self.prefix.as_ref().map(|p| p.blocks(hit)).unwrap_or_default();
+        if blocks.is_empty() {
+            return (cache, 0);
+        }
+        match self.backend.extend_from(&mut cache, &blocks) {
+            Ok(()) => (cache, blocks.len() * self.block()),
+            Err(e) => {
+                tracing::warn!(error = %e, "copying cached prefix blocks failed; prefilling the whole prompt");
+                (self.backend.new_cache(positions), 0)
+            }
         }
     }
 
@@ -261,16 +328,17 @@ impl<B: Backend> Loop<B> {
     /// Records `tokens` more context positions of sequence `i` as cached and, once its whole
     /// context is, samples from the logits.
     fn record_prefill(&mut self, i: usize, tokens: usize, result: Result<Vec<f32>, String>) {
-        let metrics = self.metrics.clone();
-        let s = &mut self.running[i];
         let logits = match result {
             Ok(l) => l,
-            Err(e) => return s.fail(e),
+            Err(e) => return self.running[i].fail(e),
         };
-        s.cached += tokens;
-        if !s.prefilled() {
+        self.running[i].cached += tokens;
+        if !self.running[i].prefilled() {
             return;
         }
+        self.keep_prompt(i);
+        let metrics = self.metrics.clone();
+        let s = &mut self.running[i];
         if s.generated.is_empty() {
             metrics.prefilled(s.request.req.prompt.len());
             metrics.first_token(s.request.enqueued.elapsed().as_secs_f64());
@@ -278,8 +346,26 @@ impl<B: Backend> Loop<B> {
         emit(s, &logits, &metrics);
     }
 
+    /// Copies the full blocks of sequence `i`'s prompt that are not cached yet into the prefix
+    /// cache, within what the budget leaves after the running sequences.
+    fn keep_prompt(&mut self, i: usize) {
+        let block_bytes = (self.block() * self.kv_bytes_per_token).max(1);
+        let room = self.config.kv_budget_bytes.saturating_sub(self.running_used()) / block_bytes;
+        let Some(prefix) = self.prefix.as_mut() else { return };
+        let s = &self.running[i];
+        let backend = &self.backend;
+        let scope = Scope::of(s.request.req.adapter.as_ref());
+        prefix.insert(&scope, &s.request.req.prompt, room, |start, len| {
+            backend
+                .copy_positions(&s.cache, start, len)
+                .map_err(|e| tracing::debug!(error = %e, "prompt blocks not cached"))
+                .ok()
+        });
+    }
+
     /// Gives each decoding sequence whose cache is full one more block. When the budget
-    /// cannot hold them, the youngest sequence is preempted and the count redone; a sequence
+    /// cannot hold them, cached prefix blocks are evicted, then the youngest sequence is
+    /// preempted and the count redone; a sequence
     /// alone that still does not fit has outgrown the whole budget and ends with `length`.
     fn make_room(&mut self) {
         let block = self.block();
@@ -289,6 +375,9 @@ impl<B: Backend> Loop<B> {
             let growth = (growing * block).saturating_mul(self.kv_bytes_per_token);
             if growing == 0 || self.kv_used() + growth <= self.config.kv_budget_bytes {
                 break;
+            }
+            if self.prefix.as_mut().is_some_and(|p| p.evict_one()) {
+                continue;
             }
             let live = self.running.iter().filter(|s| !s.done).count();
             if live > 1 {

@@ -35,6 +35,21 @@ pub trait Backend: Send + 'static {
     /// Bytes of KV cache one position of one sequence takes; the engine budgets with it.
     fn kv_bytes_per_token(&self) -> usize;
 
+    /// An independent copy of positions `start..start + len` of `cache`, as a cache of its own
+    /// that the prefix cache keeps after the sequence ends. The default cannot copy: prompts
+    /// are then never cached.
+    fn copy_positions(&self, cache: &Self::Cache, start: usize, len: usize) -> Result<Self::Cache, String> {
+        let _ = (cache, start, len);
+        Err("this backend cannot copy KV positions".into())
+    }
+
+    /// Appends every position of each of `blocks`, in order, after what `cache` holds: a new
+    /// sequence starts from the cached blocks of its prompt.
+    fn extend_from(&self, cache: &mut Self::Cache, blocks: &[&Self::Cache]) -> Result<(), String> {
+        let _ = (cache, blocks);
+        Err("this backend cannot copy KV positions".into())
+    }
+
     /// Runs `tokens` after whatever `cache` holds and returns the logits of the last position.
     fn forward(
         &self,
@@ -180,6 +195,16 @@ impl Backend for CandleBackend {
 
     fn reserve(&self, cache: &mut CandleCache, positions: usize) -> Result<(), String> {
         cache.kv.reserve(positions).map_err(|e| e.to_string())
+    }
+
+    fn copy_positions(&self, cache: &CandleCache, start: usize, len: usize) -> Result<CandleCache, String> {
+        let kv = cache.kv.copy_range(start, len).map_err(|e| e.to_string())?;
+        Ok(CandleCache { kv })
+    }
+
+    fn extend_from(&self, cache: &mut CandleCache, blocks: &[&CandleCache]) -> Result<(), String> {
+        let blocks: Vec<&KvCache> = blocks.iter().map(|b| &b.kv).collect();
+        cache.kv.extend_from(&blocks).map_err(|e| e.to_string())
     }
 
     fn kv_bytes_per_token(&self) -> usize {

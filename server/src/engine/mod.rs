@@ -4,6 +4,7 @@
 
 mod actor;
 pub mod backend;
+mod prefix;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +35,9 @@ pub struct EngineConfig {
     pub prefill_chunk_tokens: usize,
     /// Seconds clients are told to wait in Retry-After when the queue is full.
     pub retry_after_s: u64,
+    /// Keep full prompt blocks' KV after their sequence, for later prompts of the same
+    /// adapter that start the same way (see `prefix`).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +50,7 @@ impl Default for EngineConfig {
             kv_block_tokens: 32,
             prefill_chunk_tokens: 512,
             retry_after_s: 1,
+            prefix_caching: true,
         }
     }
 }

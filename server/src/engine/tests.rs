@@ -2,11 +2,14 @@
 //! recompute, and chunked prefill between decode steps. The script's next token depends only
 //! on what its cache holds, so a recomputed or chunk-prefilled sequence must produce exactly
 //! the tokens it produces alone, and a write past what the engine reserved is an error.
+//! Caches and cached prefix blocks count the positions they hold, so a test sees exactly
+//! what the engine holds against its budget.
 
 use super::backend::{Backend, DecodeItem};
 use super::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
 use crate::metrics::Metrics;
 use crate::sampling::SamplingParams;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 const VOCAB: usize = 50;
@@ -19,13 +22,30 @@ enum Call {
     Forward { tokens: usize, after: usize },
     /// A batched decode step of this many sequences.
     Decode { batch: usize },
+    /// Cached prefix blocks of this many positions copied into a new sequence's cache.
+    Extend { tokens: usize },
+}
+
+/// Positions every live cache and cached block holds together, and the most they ever held.
+#[derive(Default)]
+struct Held {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Held {
+    fn add(&self, positions: usize) {
+        let now = self.now.fetch_add(positions, Ordering::SeqCst) + positions;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
 }
 
 struct Script {
     log: Arc<Mutex<Vec<Call>>>,
+    held: Arc<Held>,
     stop_at: usize,
     /// Taken by the first forward, which waits for it: requests submitted meanwhile queue.
-    gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
 }
 
 impl Script {
@@ -41,6 +61,24 @@ impl Script {
 struct ScriptCache {
     tokens: Vec<u32>,
     capacity: usize,
+    held: Arc<Held>,
+}
+
+impl ScriptCache {
+    fn new(capacity: usize, held: &Arc<Held>) -> Self {
+        held.add(capacity);
+        Self {
+            tokens: Vec::new(),
+            capacity,
+            held: held.clone(),
+        }
+    }
+}
+
+impl Drop for ScriptCache {
+    fn drop(&mut self) {
+        self.held.now.fetch_sub(self.capacity, Ordering::SeqCst);
+    }
 }
 
 /// The next token: a hash of the cache's length and last tokens (cheap however long it
@@ -64,14 +102,34 @@ impl Backend for Script {
     type Cache = ScriptCache;
 
     fn new_cache(&self, positions: usize) -> ScriptCache {
-        ScriptCache {
-            tokens: Vec::new(),
-            capacity: positions,
-        }
+        ScriptCache::new(positions, &self.held)
     }
 
     fn reserve(&self, cache: &mut ScriptCache, positions: usize) -> Result<(), String> {
+        self.held.add(positions.saturating_sub(cache.capacity));
         cache.capacity = cache.capacity.max(positions);
+        Ok(())
+    }
+
+    fn copy_positions(&self, cache: &ScriptCache, start: usize, len: usize) -> Result<ScriptCache, String> {
+        let tokens = cache
+            .tokens
+            .get(start..start + len)
+            .ok_or("copy past what the cache holds")?;
+        let mut block = ScriptCache::new(len, &self.held);
+        block.tokens = tokens.to_vec();
+        Ok(block)
+    }
+
+    fn extend_from(&self, cache: &mut ScriptCache, blocks: &[&ScriptCache]) -> Result<(), String> {
+        let tokens: usize = blocks.iter().map(|b| b.tokens.len()).sum();
+        self.log.lock().expect("log").push(Call::Extend { tokens });
+        if cache.tokens.len() + tokens > cache.capacity {
+            return Err("cached blocks past the reserved cache".into());
+        }
+        for block in blocks {
+            cache.tokens.extend_from_slice(&block.tokens);
+        }
         Ok(())
     }
 
@@ -123,9 +181,12 @@ impl Backend for Script {
 struct Harness {
     engine: Engine,
     log: Arc<Mutex<Vec<Call>>>,
+    held: Arc<Held>,
     metrics: Arc<Metrics>,
     /// Releases the first forward call.
     gate: std::sync::mpsc::Sender<()>,
+    /// The script's gate, to hold a later forward call.
+    gate_slot: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
 }
 
 fn start(config: EngineConfig) -> Harness {
@@ -134,25 +195,37 @@ fn start(config: EngineConfig) -> Harness {
 
 fn start_with_stop(config: EngineConfig, stop_at: usize) -> Harness {
     let log = Arc::new(Mutex::new(Vec::new()));
+    let held = Arc::new(Held::default());
     let metrics = Arc::new(Metrics::new("script"));
-    let (gate, held) = std::sync::mpsc::channel();
+    let (gate, gate_held) = std::sync::mpsc::channel();
+    let gate_slot = Arc::new(Mutex::new(Some(gate_held)));
     let script = Script {
         log: log.clone(),
+        held: held.clone(),
         stop_at,
-        gate: Mutex::new(Some(held)),
+        gate: gate_slot.clone(),
     };
     let engine = Engine::start(script, config, metrics.clone());
     Harness {
         engine,
         log,
+        held,
         metrics,
         gate,
+        gate_slot,
     }
 }
 
 impl Harness {
     fn release(&self) {
         let _ = self.gate.send(());
+    }
+
+    /// Makes the next forward call wait; returns the sender that releases it.
+    fn hold_next_forward(&self) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.gate_slot.lock().expect("gate") = Some(rx);
+        tx
     }
 
     fn decode_batches(&self) -> Vec<usize> {
@@ -175,6 +248,7 @@ fn config(budget_tokens: usize, block: usize, chunk: usize) -> EngineConfig {
         kv_block_tokens: block,
         prefill_chunk_tokens: chunk,
         retry_after_s: 1,
+        prefix_caching: false,
     }
 }
 
@@ -305,4 +379,183 @@ fn a_long_prompt_is_prefilled_in_chunks_between_the_decode_steps_of_a_running_st
         );
     }
     drop(running);
+}
+
+/// Blocks until `cond` holds (yielding, never sleeping a fixed time); fails after a generous
+/// bound so a broken condition shows as a failure instead of a hang.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "condition never held: {what}");
+        std::thread::yield_now();
+    }
+}
+
+fn cached_config(budget_tokens: usize, block: usize) -> EngineConfig {
+    EngineConfig {
+        prefix_caching: true,
+        ..config(budget_tokens, block, 512)
+    }
+}
+
+fn with_prompt(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        ..request(0, max_tokens, 0)
+    }
+}
+
+fn adapter(name: &str, digest: Option<&str>) -> Arc<crate::adapters::LoadedAdapter> {
+    let config = kubetune_model::LoraConfig {
+        r: 1,
+        alpha: 1.0,
+        dropout: 0.0,
+        target_modules: Vec::new(),
+    };
+    Arc::new(crate::adapters::LoadedAdapter {
+        name: name.into(),
+        version: Some(1),
+        digest: digest.map(str::to_string),
+        source: "test".into(),
+        loaded_at: 0,
+        weights: kubetune_model::LoraAdapter::from_pairs(config, Default::default()),
+        bytes: 0,
+    })
+}
+
+impl Harness {
+    /// Runs `req` to its end alone and returns its tokens and the model calls it caused.
+    fn run(&self, req: GenerateRequest) -> (Vec<u32>, Vec<Call>) {
+        let before = self.log.lock().expect("log").len();
+        let (tokens, _) = collect(self.engine.submit(req).expect("admitted"));
+        let calls = self.log.lock().expect("log")[before..].to_vec();
+        (tokens, calls)
+    }
+
+    /// Waits until no request is in flight and the engine has reported its cached blocks.
+    fn settle(&self) {
+        wait_until("the engine is idle", || self.engine.in_flight() == 0);
+        wait_until("the cached blocks are reported", || {
+            self.held.now.load(Ordering::SeqCst) == self.metrics.prefix_cache_blocks.get() as usize * 4
+        });
+    }
+}
+
+/// The prompt's prefill calls: forwards, and the cached positions copied in.
+fn prefill_calls(calls: &[Call]) -> Vec<Call> {
+    calls
+        .iter()
+        .filter(|c| !matches!(c, Call::Decode { .. }))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_request_sharing_a_three_block_prefix_prefills_only_its_suffix_and_answers_as_without_the_cache() {
+    let shared: Vec<u32> = (0..12).collect();
+    let first = with_prompt([shared.clone(), vec![30, 31, 32]].concat(), 5);
+    let second = with_prompt([shared, vec![20, 21, 22, 23, 24]].concat(), 5);
+    let h = start(cached_config(1 << 20, 4));
+    h.release();
+    let (_, calls) = h.run(first);
+    assert_eq!(prefill_calls(&calls), [Call::Forward { tokens: 15, after: 0 }]);
+    let (tokens, calls) = h.run(second.clone());
+    assert_eq!(
+        prefill_calls(&calls),
+        [Call::Extend { tokens: 12 }, Call::Forward { tokens: 5, after: 12 }],
+        "three cached blocks copied, the five suffix tokens prefilled"
+    );
+    assert_eq!(tokens, alone(&second), "the same tokens as a run without the cache");
+    assert_eq!(h.metrics.vllm.prefix_cache_queries.get(), 15 + 17);
+    assert_eq!(h.metrics.vllm.prefix_cache_hits.get(), 12);
+}
+
+#[test]
+fn a_prompt_of_whole_blocks_still_prefills_its_last_token_from_the_cache_of_the_same_prompt() {
+    let prompt: Vec<u32> = (0..12).collect();
+    let h = start(cached_config(1 << 20, 4));
+    h.release();
+    let (want, _) = h.run(with_prompt(prompt.clone(), 4));
+    let (got, calls) = h.run(with_prompt(prompt, 4));
+    assert_eq!(
+        prefill_calls(&calls),
+        [Call::Extend { tokens: 8 }, Call::Forward { tokens: 4, after: 8 }],
+        "the last block is prefilled, so its last token gives the logits"
+    );
+    assert_eq!(got, want);
+}
+
+#[test]
+fn the_same_prompt_under_another_adapter_or_the_base_model_does_not_hit_the_prefix_cache() {
+    let prompt: Vec<u32> = (0..13).collect();
+    let (a, b) = (adapter("a", Some("sha256:aa")), adapter("b", Some("sha256:bb")));
+    let under = |adapter: Option<&Arc<crate::adapters::LoadedAdapter>>| GenerateRequest {
+        adapter: adapter.cloned(),
+        ..with_prompt(prompt.clone(), 2)
+    };
+    let h = start(cached_config(1 << 20, 4));
+    h.release();
+    let whole = [Call::Forward { tokens: 13, after: 0 }];
+    let hit = [Call::Extend { tokens: 12 }, Call::Forward { tokens: 1, after: 12 }];
+    assert_eq!(prefill_calls(&h.run(under(Some(&a))).1), whole, "nothing cached yet");
+    assert_eq!(
+        prefill_calls(&h.run(under(None)).1),
+        whole,
+        "adapter a's blocks are not the base's"
+    );
+    assert_eq!(prefill_calls(&h.run(under(Some(&b))).1), whole, "nor adapter b's");
+    assert_eq!(
+        prefill_calls(&h.run(under(Some(&a))).1),
+        hit,
+        "adapter a's own blocks hit"
+    );
+    let reloaded = adapter("a", Some("sha256:aa"));
+    assert_eq!(
+        prefill_calls(&h.run(under(Some(&reloaded))).1),
+        hit,
+        "a reload of the same registry version (same digest) hits too"
+    );
+    let (local, swapped) = (adapter("local", None), adapter("local", None));
+    assert_eq!(prefill_calls(&h.run(under(Some(&local))).1), whole);
+    assert_eq!(
+        prefill_calls(&h.run(under(Some(&swapped))).1),
+        whole,
+        "an adapter without a digest is scoped by its loaded instance: a hot swap under its name misses"
+    );
+    assert_eq!(h.metrics.vllm.prefix_cache_hits.get(), 24);
+}
+
+#[test]
+fn cached_blocks_are_evicted_before_a_running_sequence_is_preempted_and_the_budget_holds_exactly() {
+    // A 32-position budget. The first request leaves its three prompt blocks (12 positions)
+    // cached; then two sequences of 11 + 5 positions (16 each, four blocks) must run together,
+    // which they can only if every cached block gives way.
+    let h = start(cached_config(32, 4));
+    h.release();
+    h.run(with_prompt((0..12).collect(), 1));
+    h.settle();
+    assert_eq!(
+        h.metrics.prefix_cache_blocks.get(),
+        3,
+        "the first prompt's three full blocks"
+    );
+    assert_eq!(h.held.now.load(Ordering::SeqCst), 12, "held exactly as counted");
+
+    let (x, y) = (request(11, 6, 20), request(11, 6, 33));
+    let (want_x, want_y) = (alone(&x), alone(&y));
+    // The first one's prefill waits until the second is queued, so they overlap.
+    let held = h.hold_next_forward();
+    let rx_x = h.engine.submit(x).expect("admitted");
+    let rx_y = h.engine.submit(y).expect("admitted");
+    let _ = held.send(());
+    let (got_x, got_y) = (collect(rx_x).0, collect(rx_y).0);
+    assert_eq!((got_x, got_y), (want_x, want_y));
+    assert_eq!(h.metrics.preemptions.get(), 0, "cached blocks went first");
+    assert_eq!(h.decode_batches().iter().max(), Some(&2), "the two ran together");
+    assert!(
+        h.held.peak.load(Ordering::SeqCst) <= 32,
+        "caches and cached blocks never held more than the budget"
+    );
+    h.settle();
+    assert_eq!(h.metrics.prefix_cache_blocks.get(), 0, "every cached block gave way");
 }

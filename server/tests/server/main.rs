@@ -6,6 +6,7 @@ mod compat;
 mod engine;
 mod generation;
 mod ondemand;
+mod prefix;
 mod structured;
 mod tools;
 mod validation;
