@@ -33,6 +33,20 @@ const ENDPOINT_KEYS: &[&str] = &[
     "AZURE_ENDPOINT",
 ];
 
+/// Whether the API server refused the operator a read (403): with the chart's
+/// `rbac.secretNamespaces` set, Secrets are readable only in the namespaces it lists.
+pub fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(response) if response.code == 403)
+}
+
+/// What a FineTuneJob or ModelDeployment whose Secret the operator may not read says, naming
+/// `field` and what grants the read.
+pub fn secret_forbidden(field: &str, ns: &str, name: &str) -> String {
+    format!(
+        "{field}: the operator may not read Secret {ns}/{name}; add namespace {ns} to the chart's rbac.secretNamespaces"
+    )
+}
+
 /// An endpoint as compared with the allow-list: no trailing slash, scheme and host lowercase.
 fn normalize(endpoint: &str) -> String {
     endpoint.trim().trim_end_matches('/').to_ascii_lowercase()

@@ -49,6 +49,68 @@ fn helm_lint_passes_with_default_and_nondefault_values() -> Result<()> {
     Ok(())
 }
 
+/// The rules of every ClusterRole in `objects` that grant something on Secrets.
+fn cluster_secret_rules(objects: &[Value]) -> Vec<Value> {
+    let cluster_roles = objects.iter().filter(|o| o["kind"] == "ClusterRole");
+    let rules = cluster_roles.flat_map(|r| r["rules"].as_array().cloned().unwrap_or_default());
+    rules
+        .filter(|rule| strings(&rule["resources"]).contains(&"secrets"))
+        .collect()
+}
+
+#[test]
+fn secret_namespaces_move_secret_reads_out_of_the_cluster_roles_into_those_namespaces() -> Result<()> {
+    let default = render("kt", "ops", &[])?;
+    assert_eq!(
+        cluster_secret_rules(&default).len(),
+        2,
+        "by default: get, and get/create of admin keys"
+    );
+    let objects = render("kt", "ops", &["--set", "rbac.secretNamespaces={team-a,team-b}"])?;
+    assert_eq!(
+        cluster_secret_rules(&objects),
+        Vec::<Value>::new(),
+        "no Secret rule cluster-wide"
+    );
+    for ns in ["team-a", "team-b"] {
+        let in_ns = |kind: &str| {
+            objects
+                .iter()
+                .find(|o| {
+                    o["kind"] == kind
+                        && o["metadata"]["name"] == "kt-kubetune-secrets"
+                        && o["metadata"]["namespace"] == ns
+                })
+                .unwrap_or_else(|| panic!("a {kind} kt-kubetune-secrets in {ns}"))
+        };
+        let rules = &in_ns("Role")["rules"];
+        assert_eq!(strings(&rules[0]["resources"]), ["secrets"]);
+        assert_eq!(strings(&rules[0]["verbs"]), ["get", "create"], "never list or watch");
+        let subject = &in_ns("RoleBinding")["subjects"][0];
+        assert_eq!(
+            (subject["name"].as_str(), subject["namespace"].as_str()),
+            (Some("kt-kubetune"), Some("ops"))
+        );
+    }
+    // Without the ModelDeployment role there are no admin keys to create.
+    let fewer = render(
+        "kt",
+        "ops",
+        &[
+            "--set",
+            "rbac.secretNamespaces={team-a}",
+            "--set",
+            "rbac.modelDeployments=false",
+        ],
+    )?;
+    let role = fewer
+        .iter()
+        .find(|o| o["kind"] == "Role" && o["metadata"]["namespace"] == "team-a")
+        .expect("Role");
+    assert_eq!(strings(&role["rules"][0]["verbs"]), ["get"]);
+    Ok(())
+}
+
 #[test]
 fn default_values_render_the_operator_with_leader_election_and_a_locked_down_pod() -> Result<()> {
     let objects = render("kubetune", "kubetune-system", &[])?;
@@ -693,6 +755,29 @@ async fn default_install_applies_and_grants_exactly_what_the_operator_uses() -> 
     check_all(&client, &sa, &ns.name, MODELDEPLOYMENT_MUST_NOT, false).await?;
     // Applying the same render again changes nothing the API server would report as a conflict.
     install(&client, &ns, &[]).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_secret_namespaces_the_operator_reads_secrets_only_in_the_namespaces_listed() -> Result<()> {
+    let client = client().await?;
+    let ns = TestNamespace::new(&client, "chart-sec").await?;
+    let _cleanup = ClusterScoped(ns.name.clone());
+    // The release namespace is the one listed: Roles can only be made in namespaces that exist.
+    let listed = format!("rbac.secretNamespaces={{{}}}", ns.name);
+    install(&client, &ns, &["--set", &listed]).await?;
+    let sa = format!("system:serviceaccount:{}:{}-kubetune", ns.name, ns.name);
+    let here = [
+        ("get", "/secrets", "$release", Some("kubetune-storage")),
+        ("create", "/secrets", "$release", None),
+    ];
+    check_all(&client, &sa, &ns.name, &here, true).await?;
+    let elsewhere = [
+        ("get", "/secrets", "team-a", Some("kubetune-storage")),
+        ("create", "/secrets", "team-a", None),
+        ("list", "/secrets", "$release", None),
+    ];
+    check_all(&client, &sa, &ns.name, &elsewhere, false).await?;
     Ok(())
 }
 

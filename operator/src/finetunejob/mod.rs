@@ -165,7 +165,18 @@ async fn dereference(ftj: &FineTuneJob, ctx: &Context) -> Result<Dereferenced> {
     let mut secret_data = std::collections::BTreeMap::new();
     if let Some(secret) = &ftj.spec.storage_secret_ref {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let Some(found) = secrets.get_opt(&secret.name).await? else {
+        let found = match secrets.get_opt(&secret.name).await {
+            Ok(found) => found,
+            // Not final: the namespace may be added to rbac.secretNamespaces.
+            Err(e) if crate::tenant_storage::is_forbidden(&e) => {
+                return Ok(Dereferenced::Waiting(Waiting {
+                    reason: "SecretForbidden",
+                    message: crate::tenant_storage::secret_forbidden("spec.storageSecretRef.name", &ns, &secret.name),
+                }))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(found) = found else {
             return Ok(Dereferenced::Waiting(Waiting {
                 reason: "SecretNotFound",
                 message: format!(

@@ -111,7 +111,19 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     // Request counters matter only to a canary under way (or about to start).
     let canary_in_flight = policy.canary.is_some() && desired.iter().any(|a| !promoted.adapters.contains(a));
     // Before the pods are asked anything: the admin API takes only this key.
-    let admin = admin_key(&ctx, &ns, &md).await?;
+    let admin = match admin_key(&ctx, &ns, &md).await {
+        Ok(admin) => admin,
+        Err(Error::Kube(e)) if crate::tenant_storage::is_forbidden(&e) => {
+            let waiting = Unresolved {
+                reason: "SecretForbidden",
+                message: crate::tenant_storage::secret_forbidden("admin key", &ns, &admin_key_secret_name(&md)),
+            };
+            let new_status = status::waiting_status(&md, &waiting, Time(k8s_openapi::jiff::Timestamp::now()));
+            refuse(&md, &ctx, &ns, &key, &waiting, new_status).await?;
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+        Err(e) => return Err(e),
+    };
     let pods = pod_views(&ctx, &ns, &md, canary_in_flight, &admin.key).await?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut the_plan = plan(&desired, &promoted, &pods.views, &previous, &policy, &now);
@@ -539,7 +551,17 @@ async fn open_registry(
     let mut vars = BTreeMap::new();
     if let Some(secret) = &md.spec.storage_secret_ref {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let Some(found) = api.get_opt(&secret.name).await? else {
+        let found = match api.get_opt(&secret.name).await {
+            Ok(found) => found,
+            Err(e) if crate::tenant_storage::is_forbidden(&e) => {
+                return Ok(Err(Unresolved {
+                    reason: "SecretForbidden",
+                    message: crate::tenant_storage::secret_forbidden("spec.storageSecretRef.name", ns, &secret.name),
+                }))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(found) = found else {
             return Ok(Err(Unresolved {
                 reason: "SecretNotFound",
                 message: format!("spec.storageSecretRef.name: Secret {ns}/{} does not exist", secret.name),

@@ -428,12 +428,24 @@ fn secret_ref() -> Value {
 /// The requests of a reconcile that finds no Secret and no Job: the status patch, if
 /// `status_changes`, and the event of the phase change, if `first`.
 async fn script_secret_missing(api: &mut ApiHandle, status_changes: bool, first: bool) -> Option<Value> {
+    let missing = (404, not_found(), "SecretNotFound");
+    script_secret_unreadable(api, missing, status_changes, first).await
+}
+
+/// As [`script_secret_missing`], for a Secret read answered with `(code, body)`, whose event
+/// has `reason`.
+async fn script_secret_unreadable(
+    api: &mut ApiHandle,
+    (code, reply, reason): (u16, Value, &str),
+    status_changes: bool,
+    first: bool,
+) -> Option<Value> {
     expect(
         api,
         Method::GET,
         "/api/v1/namespaces/team-a/secrets/s3-creds",
-        404,
-        not_found(),
+        code,
+        reply,
     )
     .await;
     expect(
@@ -469,7 +481,7 @@ async fn script_secret_missing(api: &mut ApiHandle, status_changes: bool, first:
         let event = expect_event(api).await;
         assert_eq!(
             (event["type"].as_str(), event["reason"].as_str()),
-            (Some("Warning"), Some("SecretNotFound"))
+            (Some("Warning"), Some(reason))
         );
     }
     status
@@ -506,6 +518,29 @@ async fn a_missing_secret_leaves_the_job_pending_and_looks_again_backing_off() {
     .await;
     assert_eq!(status, None);
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn a_secret_the_operator_may_not_read_leaves_the_job_pending_saying_what_grants_it() {
+    // The chart's rbac.secretNamespaces grants Secret reads only in the namespaces listed.
+    let (ctx, mut api) = context();
+    let ftj = finetunejob(secret_ref());
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"s3-creds\" is forbidden"});
+    let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
+        script_secret_unreadable(api, (403, forbidden, "SecretForbidden"), true, true).boxed()
+    })
+    .await;
+    let status = status.expect("status written");
+    assert_eq!(status["status"]["phase"], "Pending", "not final: the grant may come");
+    let ready = ready_condition(&status);
+    assert_eq!(ready["reason"], "SecretForbidden");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("team-a/s3-creds") && m.contains("rbac.secretNamespaces")),
+        "{ready}"
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 }
 
 #[tokio::test]

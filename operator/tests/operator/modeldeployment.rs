@@ -632,3 +632,44 @@ async fn a_registry_endpoint_the_platform_did_not_allow_is_refused_naming_the_se
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn secrets_the_operator_may_not_read_leave_the_deployment_pending_and_nothing_applied() {
+    // The chart's rbac.secretNamespaces grants Secret reads only in the namespaces listed.
+    let (ctx, mut api) = context();
+    let md = model_deployment(json!({
+        "adapters": [{"name": "bot", "version": 1}],
+        "storageSecretRef": {"name": "s3"},
+    }));
+    let forbidden = || json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"});
+    let (action, (status, event)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
+        async move {
+            expect(
+                api,
+                Method::GET,
+                &format!("{NS}/configmaps/support-adapters"),
+                404,
+                not_found(),
+            )
+            .await;
+            expect(api, Method::GET, &format!("{NS}/secrets/s3"), 403, forbidden()).await;
+            // The admin key cannot be read either: nothing is applied, no pod is asked.
+            expect(api, Method::GET, ADMIN_KEY_SECRET, 403, forbidden()).await;
+            let stored = serde_json::to_value(model_deployment(json!({}))).expect("json");
+            let status = expect(api, Method::PATCH, STATUS, 200, stored).await;
+            (status, expect_event(api).await)
+        }
+        .boxed()
+    })
+    .await;
+    assert_eq!(event["reason"], "SecretForbidden");
+    let ready = ready_condition(&status);
+    assert_eq!(ready["reason"], "SecretForbidden");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("admin key: ") && m.contains("rbac.secretNamespaces")),
+        "{ready}"
+    );
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(15)));
+}
