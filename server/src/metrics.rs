@@ -8,9 +8,11 @@
 //! convention, which vLLM ignores too) and the prometheus crate accepts them.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +32,10 @@ pub struct Metrics {
     /// KV blocks the prefix cache holds (they count against --kv-cache-mb).
     pub prefix_cache_blocks: IntGauge,
     pub vllm: VllmMetrics,
+    /// The most adapters loaded at once (`max_lora` of vllm:lora_requests_info).
+    max_lora: AtomicUsize,
+    /// The (running, waiting) adapter lists vllm:lora_requests_info shows now.
+    lora_info: Mutex<Option<(String, String)>>,
 }
 
 /// vLLM's names for the engine's state and request outcomes.
@@ -47,6 +53,10 @@ pub struct VllmMetrics {
     /// Prompt tokens looked up in the prefix cache, and those found (vLLM V1's counters).
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
+    /// One series naming the adapters of running and waiting requests (labels
+    /// `running_lora_adapters`, `waiting_lora_adapters`, `max_lora`), valued with when they
+    /// last changed, as vLLM sets it.
+    pub lora_requests_info: GaugeVec,
 }
 
 /// Label for requests whose `model` matched nothing served.
@@ -191,6 +201,14 @@ impl Metrics {
                 "Prompt tokens found in the prefix cache, not prefilled",
             ))
             .expect("static metric definition"),
+            lora_requests_info: GaugeVec::new(
+                vllm_opts(
+                    "vllm:lora_requests_info",
+                    "Adapters of running and waiting requests; the value is when they last changed (Unix seconds)",
+                ),
+                &["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            )
+            .expect("static metric definition"),
         };
         for c in [
             Box::new(vllm.num_requests_running.clone()) as Box<dyn prometheus::core::Collector>,
@@ -204,6 +222,7 @@ impl Metrics {
             Box::new(vllm.num_preemptions.clone()),
             Box::new(vllm.prefix_cache_queries.clone()),
             Box::new(vllm.prefix_cache_hits.clone()),
+            Box::new(vllm.lora_requests_info.clone()),
             Box::new(prefix_cache_blocks.clone()),
             Box::new(preemptions.clone()),
             Box::new(requests.clone()),
@@ -234,7 +253,37 @@ impl Metrics {
             preemptions,
             prefix_cache_blocks,
             vllm,
+            max_lora: AtomicUsize::new(0),
+            lora_info: Mutex::new(None),
         }
+    }
+
+    /// The most adapters the server loads at once (`--max-adapters`).
+    pub fn set_max_lora(&self, n: usize) {
+        self.max_lora.store(n, Ordering::Relaxed);
+    }
+
+    /// The adapters of running and waiting requests, for vllm:lora_requests_info: when they
+    /// change, the old series goes and a new one, valued now, takes its place, so that there
+    /// is one series at a time (vLLM keeps the old ones; dashboards take the newest either way).
+    pub fn lora_requests(&self, running: &[&str], waiting: &[&str]) {
+        let labels = (adapter_list(running), adapter_list(waiting));
+        let Ok(mut shown) = self.lora_info.lock() else {
+            return;
+        };
+        if shown.as_ref() == Some(&labels) {
+            return;
+        }
+        let max_lora = self.max_lora.load(Ordering::Relaxed).to_string();
+        let info = &self.vllm.lora_requests_info;
+        if let Some((running, waiting)) = shown.take() {
+            let _ = info.remove_label_values(&[&max_lora, &waiting, &running]);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        info.with_label_values(&[&max_lora, &labels.1, &labels.0]).set(now);
+        *shown = Some(labels);
     }
 
     /// The engine's state after each step: waiting and running sequences, and the reserved
@@ -295,8 +344,50 @@ impl Metrics {
     }
 }
 
+/// Adapter names as vLLM lists them in a label: each once, comma-separated (sorted here, so
+/// that the same set is the same series).
+fn adapter_list(names: &[&str]) -> String {
+    let mut names = names.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    names.join(",")
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_requests_info_is_one_series_naming_each_adapter_once() {
+        let m = Metrics::new("base");
+        m.set_max_lora(4);
+        m.lora_requests(&["b", "a", "b"], &["c"]);
+        let series = |m: &Metrics| -> Vec<String> {
+            m.render()
+                .lines()
+                .filter(|l| l.starts_with("vllm:lora_requests_info{"))
+                .map(|l| l.rsplit_once(' ').map_or(l, |(labels, _)| labels).to_string())
+                .collect()
+        };
+        assert_eq!(
+            series(&m),
+            [
+                r#"vllm:lora_requests_info{max_lora="4",model_name="base",running_lora_adapters="a,b",waiting_lora_adapters="c"}"#
+            ]
+        );
+        m.lora_requests(&[], &[]);
+        assert_eq!(
+            series(&m),
+            [
+                r#"vllm:lora_requests_info{max_lora="4",model_name="base",running_lora_adapters="",waiting_lora_adapters=""}"#
+            ],
+            "the old series is gone"
+        );
     }
 }

@@ -413,6 +413,7 @@ pub async fn build_with<B: Backend>(
         prefix_caching: args.prefix_caching(),
     };
     let metrics = Arc::new(Metrics::new(&base_name));
+    metrics.set_max_lora(args.max_adapters as usize);
     let engine = Engine::start(wrap(CandleBackend::new(model)), engine_config, metrics.clone());
     let vocab = config.vocab_size;
     let loader = if args.merge { None } else { Some(loader) };

@@ -24,7 +24,7 @@
 
 use super::backend::{Backend, DecodeItem, PrefillItem};
 use super::prefix::{PrefixCache, Scope};
-use super::{Admitted, EngineConfig, Event, FinishReason};
+use super::{Admitted, EngineConfig, Event, FinishReason, GenerateRequest};
 use crate::grammar::Constraint;
 use crate::metrics::Metrics;
 use crate::sampling::Sampler;
@@ -84,6 +84,11 @@ struct Sequence<C> {
     /// its first token and decodes from the next one.
     decoding: bool,
     done: bool,
+}
+
+/// The adapter a request names, if any (for vllm:lora_requests_info).
+fn adapter_name(r: &GenerateRequest) -> Option<&str> {
+    r.adapter.as_ref().map(|a| a.name.as_str())
 }
 
 impl<C> Sequence<C> {
@@ -161,6 +166,17 @@ impl<B: Backend> Loop<B> {
     fn report(&self) {
         let share = self.running_used() as f64 / self.config.kv_budget_bytes.max(1) as f64;
         self.metrics.engine_state(self.waiting.len(), self.running.len(), share);
+        let running: Vec<&str> = self
+            .running
+            .iter()
+            .filter_map(|s| adapter_name(&s.request.req))
+            .collect();
+        let waiting: Vec<&str> = self
+            .waiting
+            .iter()
+            .filter_map(|w| adapter_name(&w.request.req))
+            .collect();
+        self.metrics.lora_requests(&running, &waiting);
         let cached = self.prefix.as_ref().map_or(0, |p| p.len());
         self.metrics.prefix_cache_blocks.set(cached as i64);
     }

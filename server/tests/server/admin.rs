@@ -601,6 +601,50 @@ async fn vllm_named_series_count_what_requests_did() {
 }
 
 #[tokio::test]
+async fn vllm_lora_requests_info_names_the_adapters_of_running_requests() {
+    let f = fixture();
+    let (s, probe) = gated_server(&["--adapter", &adapter_flag("a", &f.adapter_a)]).await;
+    let info = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("vllm:lora_requests_info{"))
+            .map(str::to_string)
+            .collect()
+    };
+    // A request of adapter `a`, held at a decode step.
+    let step = probe.gate_steps();
+    let held = tokio::spawn({
+        let app = s.app.clone();
+        async move {
+            let body = json!({"model": "a", "prompt": "hello", "max_tokens": 2, "temperature": 0, "ignore_eos": true});
+            post(&app, "/v1/completions", body).await
+        }
+    });
+    wait_until("the adapter request runs", || {
+        s.state.metrics.vllm.num_requests_running.get() == 1
+    })
+    .await;
+    let during = info(&send(&s.app, "GET", "/metrics", None).await.text);
+    assert_eq!(during.len(), 1, "one series at a time: {during:?}");
+    assert!(
+        during[0].contains(r#"max_lora="16""#)
+            && during[0].contains(r#"running_lora_adapters="a""#)
+            && during[0].contains(r#"waiting_lora_adapters="""#),
+        "{during:?}"
+    );
+    let since: f64 = during[0].rsplit(' ').next().expect("value").parse().expect("a number");
+    assert!(since > 1.7e9, "when it last changed, in Unix seconds: {since}");
+    drop(step);
+    assert_eq!(held.await.expect("task").status, 200);
+    wait_until("the engine is idle", || {
+        s.state.metrics.vllm.num_requests_running.get() == 0
+    })
+    .await;
+    let after = info(&send(&s.app, "GET", "/metrics", None).await.text);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(after[0].contains(r#"running_lora_adapters="""#), "{after:?}");
+}
+
+#[tokio::test]
 async fn with_a_separate_admin_port_the_client_port_has_no_admin_api_and_the_admin_port_only_it() {
     let f = fixture();
     let s = server(&[]).await;
