@@ -12,6 +12,7 @@ pub mod modeldeployment;
 pub mod podhttp;
 pub mod pvc;
 pub mod tenant_storage;
+pub mod triggers;
 pub mod workload;
 
 #[cfg(test)]

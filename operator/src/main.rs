@@ -6,7 +6,7 @@ use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::controller::{self, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
@@ -18,9 +18,14 @@ use kubetune_operator::http::{router, Readiness};
 use kubetune_operator::leader::{LeaderElector, LeaseConfig, LeaseTiming};
 use kubetune_operator::metrics::Metrics;
 use kubetune_operator::modeldeployment;
+use kubetune_operator::triggers;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often each controller looks for objects that no reconcile has started for (a lost
+/// trigger); one is triggered at the second look that finds it.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -118,34 +123,62 @@ async fn main() -> anyhow::Result<()> {
     let (ftj_cache, ftj_writer) = reflector::store();
     // Every change reaches the cache, but only a new generation (a spec change) triggers a
     // reconcile: the operator's own status writes must not trigger the next one. Changes of
-    // the owned Jobs and the requeues still do.
-    let ftj_triggers = watcher(ftjs, watcher::Config::default())
-        .default_backoff()
-        .reflect(ftj_writer)
-        .touched_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    // the owned Jobs and the requeues still do. A listed object triggers only once the list is
+    // in the cache (see `triggers`).
+    let ftj_triggers = triggers::objects_once_cached(
+        watcher(ftjs, watcher::Config::default())
+            .default_backoff()
+            .reflect(ftj_writer),
+    )
+    .predicate_filter(predicates::generation, Default::default());
+    let ftj_started = Arc::new(triggers::Started::default());
+    let ftj_sweep = triggers::sweep_not_started(ftj_cache.clone(), ftj_started.clone(), SWEEP_INTERVAL, "FineTuneJob");
     let finetunejobs = Controller::for_stream(ftj_triggers, ftj_cache.clone())
+        .reconcile_on(ftj_sweep)
         .owns(
             jobs,
             watcher::Config::default().labels(finetunejob::build::FINETUNEJOB_LABEL),
         )
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
-        .run(finetunejob::reconcile, finetunejob::error_policy, ctx.clone())
+        .run(
+            move |ftj, ctx| {
+                ftj_started.record(&*ftj);
+                finetunejob::reconcile(ftj, ctx)
+            },
+            finetunejob::error_policy,
+            ctx.clone(),
+        )
         .for_each(log_result);
     let mdeps: Api<ModelDeployment> = Api::all(client.clone());
     let deployments: Api<Deployment> = Api::all(client.clone());
-    let modeldeployments = Controller::new(mdeps, watcher::Config::default());
-    let md_cache = modeldeployments.store();
-    tokio::spawn(prune_deleted_series(ctx.metrics.clone(), ftj_cache, md_cache));
-    let modeldeployments = modeldeployments
+    let (md_cache, md_writer) = reflector::store();
+    // Not `Controller::new`: it triggers a listed object before the list is in the cache, as
+    // `touched_objects()` does.
+    let md_triggers = triggers::objects_once_cached(
+        watcher(mdeps, watcher::Config::default())
+            .default_backoff()
+            .reflect(md_writer),
+    );
+    tokio::spawn(prune_deleted_series(ctx.metrics.clone(), ftj_cache, md_cache.clone()));
+    let md_started = Arc::new(triggers::Started::default());
+    let md_sweep = triggers::sweep_not_started(md_cache.clone(), md_started.clone(), SWEEP_INTERVAL, "ModelDeployment");
+    let modeldeployments = Controller::for_stream(md_triggers, md_cache)
+        .reconcile_on(md_sweep)
         .owns(
             deployments,
             watcher::Config::default().labels(modeldeployment::build::MODELDEPLOYMENT_LABEL),
         )
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown_signal())
-        .run(modeldeployment::reconcile, modeldeployment::error_policy, ctx)
+        .run(
+            move |md, ctx| {
+                md_started.record(&*md);
+                modeldeployment::reconcile(md, ctx)
+            },
+            modeldeployment::error_policy,
+            ctx,
+        )
         .for_each(log_result);
     let controller = futures::future::join(finetunejobs, modeldeployments);
     tracing::info!("kubetune-operator running");
@@ -182,9 +215,16 @@ async fn prune_deleted_series(
     }
 }
 
-async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "reconcile result");
+async fn log_result<T, E: std::error::Error>(result: Result<T, controller::Error<E, watcher::Error>>) {
+    match result {
+        Ok(_) => {}
+        // The error policy logs it, with the object and when it is retried.
+        Err(controller::Error::ReconcilerFailed(..)) => {}
+        // Expected for a deleted object (its own delete event, its Job's going).
+        Err(e @ controller::Error::ObjectNotFound(_)) => tracing::debug!(error = %e, "not reconciled"),
+        // A watch that failed is started again, with backoff; after a 410 Gone it lists again.
+        Err(controller::Error::QueueError(e)) => tracing::warn!(error = %e, "watch failed"),
+        Err(e) => tracing::warn!(error = %e, "controller error"),
     }
 }
 
