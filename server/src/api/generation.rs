@@ -35,6 +35,8 @@ pub struct Generation {
     pub completion_tokens: usize,
     /// Seconds it waited in the engine's queue for a batch slot, once admitted.
     pub queued_s: Option<f64>,
+    /// Prompt tokens found in the prefix cache at admission.
+    pub cached_tokens: usize,
 }
 
 impl Generation {
@@ -54,6 +56,7 @@ impl Generation {
             prompt_tokens,
             completion_tokens: 0,
             queued_s: None,
+            cached_tokens: 0,
         }
     }
 
@@ -63,7 +66,13 @@ impl Generation {
             let events = self.events.as_mut()?;
             let event = events.recv().await;
             match event {
-                Some(Event::Admitted { queued_s }) => self.queued_s = Some(queued_s),
+                Some(Event::Admitted {
+                    queued_s,
+                    cached_tokens,
+                }) => {
+                    self.queued_s = Some(queued_s);
+                    self.cached_tokens = cached_tokens;
+                }
                 Some(Event::Token { id, logprob }) => {
                     self.completion_tokens += 1;
                     self.tokens.push(TokenInfo { id, logprob });

@@ -212,8 +212,14 @@ fn new_id(endpoint: Endpoint) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+/// OpenAI's usage; `cached_tokens`: prompt tokens found in the prefix cache (the most any
+/// choice found: the choices share the prompt).
+fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    })
 }
 
 /// OpenAI's completions logprobs object for `tokens`, whose text starts at `offset`.
@@ -263,6 +269,7 @@ struct Collected {
     finish: Option<FinishReason>,
     completion_tokens: usize,
     queued_s: Option<f64>,
+    cached_tokens: usize,
 }
 
 async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
@@ -272,6 +279,7 @@ async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
         finish: None,
         completion_tokens: 0,
         queued_s: None,
+        cached_tokens: 0,
     };
     while let Some(chunk) = g.next().await {
         let chunk = chunk?;
@@ -281,6 +289,7 @@ async fn collect_one(mut g: Generation) -> Result<Collected, ApiError> {
     }
     c.completion_tokens = g.completion_tokens;
     c.queued_s = g.queued_s;
+    c.cached_tokens = g.cached_tokens;
     Ok(c)
 }
 
@@ -338,10 +347,11 @@ async fn collect(state: Arc<AppState>, meta: Meta, generations: Vec<Generation>,
     }
     let completion_tokens = collected.iter().map(|c| c.completion_tokens).sum();
     let queued_s = collected.iter().filter_map(|c| c.queued_s).reduce(f64::max);
+    let cached_tokens = collected.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
     log_finished(&meta, started, queued_s, completion_tokens);
     Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-        "choices": choices, "usage": usage(meta.prompt_tokens, completion_tokens),
+        "choices": choices, "usage": usage(meta.prompt_tokens, completion_tokens, cached_tokens),
     }))
     .into_response()
 }
@@ -395,6 +405,7 @@ enum Piece {
     Done {
         completion_tokens: usize,
         queued_s: Option<f64>,
+        cached_tokens: usize,
     },
 }
 
@@ -411,6 +422,7 @@ fn choice_stream(index: usize, g: Generation) -> ChoiceStream {
                     Piece::Done {
                         completion_tokens: g.completion_tokens,
                         queued_s: g.queued_s,
+                        cached_tokens: g.cached_tokens,
                     },
                 ),
                 None,
@@ -446,6 +458,7 @@ fn sse(
         readers: Vec<Option<ToolCallReader>>,
         completion_tokens: usize,
         queued_s: Option<f64>,
+        cached_tokens: usize,
         /// Choices without a finish_reason yet; the request's duration is taken at 0.
         unfinished: usize,
         failed: bool,
@@ -465,6 +478,7 @@ fn sse(
         readers,
         completion_tokens: 0,
         queued_s: None,
+        cached_tokens: 0,
         unfinished: n,
         failed: false,
         usage_sent: false,
@@ -499,9 +513,11 @@ fn sse(
                         Piece::Done {
                             completion_tokens,
                             queued_s,
+                            cached_tokens,
                         },
                     )) => {
                         s.completion_tokens += completion_tokens;
+                        s.cached_tokens = s.cached_tokens.max(cached_tokens);
                         s.queued_s = s.queued_s.into_iter().chain(queued_s).reduce(f64::max);
                         continue;
                     }
@@ -509,7 +525,7 @@ fn sse(
                         s.usage_sent = true;
                         let object = chunk_object(s.meta.endpoint);
                         let m = &s.meta;
-                        let usage = usage(m.prompt_tokens, s.completion_tokens);
+                        let usage = usage(m.prompt_tokens, s.completion_tokens, s.cached_tokens);
                         SseEvent::default().data(
                         json!({"id": m.id, "object": object, "created": m.created, "model": m.model, "choices": [], "usage": usage})
                             .to_string(),

@@ -226,10 +226,6 @@ impl<B: Backend> Loop<B> {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else { break };
-            if !w.announced {
-                let queued_s = w.request.enqueued.elapsed().as_secs_f64();
-                let _ = w.request.events.send(Event::Admitted { queued_s });
-            }
             let mut context = w.request.req.prompt.clone();
             context.extend_from_slice(&w.generated);
             let scope = Scope::of(w.request.req.adapter.as_ref());
@@ -238,6 +234,13 @@ impl<B: Backend> Loop<B> {
             let (cache, cached) = self.start_cache(positions, &hit);
             if self.prefix.is_some() {
                 self.metrics.prefix_lookup(context.len(), cached);
+            }
+            if !w.announced {
+                let queued_s = w.request.enqueued.elapsed().as_secs_f64();
+                let _ = w.request.events.send(Event::Admitted {
+                    queued_s,
+                    cached_tokens: cached,
+                });
             }
             self.admissions += 1;
             self.running.push(Sequence {

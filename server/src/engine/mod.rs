@@ -76,9 +76,11 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The request left the queue for a batch slot after `queued_s` seconds (sent once, also
-    /// if it is later preempted and readmitted).
+    /// if it is later preempted and readmitted), with its first `cached_tokens` prompt tokens
+    /// found in the prefix cache.
     Admitted {
         queued_s: f64,
+        cached_tokens: usize,
     },
     Token {
         id: u32,

@@ -147,7 +147,13 @@ class OpenAIClient(unittest.TestCase):
 
         developer, system, user = answer("developer"), answer("system"), answer("user")
         self.assertEqual(developer.choices[0].message.content, system.choices[0].message.content)
-        self.assertEqual(developer.usage, system.usage)
+        # The same prompt tokens; the second request finds the first one's full blocks in the prefix cache.
+        self.assertEqual(
+            (developer.usage.prompt_tokens, developer.usage.completion_tokens),
+            (system.usage.prompt_tokens, system.usage.completion_tokens),
+        )
+        self.assertEqual(developer.usage.prompt_tokens_details.cached_tokens, 0)
+        self.assertGreater(system.usage.prompt_tokens_details.cached_tokens, 0)
         self.assertNotEqual(
             developer.choices[0].message.content,
             user.choices[0].message.content,
