@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How often each controller looks for objects that no reconcile has started for (a lost
-/// trigger); one is triggered at the second look that finds it.
+/// trigger); one is triggered at the second look in a row that finds it with a reconcile slot
+/// free.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Parser, Debug)]
@@ -131,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
             .reflect(ftj_writer),
     )
     .predicate_filter(predicates::generation, Default::default());
-    let ftj_started = Arc::new(triggers::Started::default());
+    let ftj_started = Arc::new(triggers::Started::new(args.concurrency));
     let ftj_sweep = triggers::sweep_not_started(ftj_cache.clone(), ftj_started.clone(), SWEEP_INTERVAL, "FineTuneJob");
     let finetunejobs = Controller::for_stream(ftj_triggers, ftj_cache.clone())
         .reconcile_on(ftj_sweep)
@@ -143,8 +144,11 @@ async fn main() -> anyhow::Result<()> {
         .graceful_shutdown_on(shutdown_signal())
         .run(
             move |ftj, ctx| {
-                ftj_started.record(&*ftj);
-                finetunejob::reconcile(ftj, ctx)
+                let running = ftj_started.start(&*ftj);
+                async move {
+                    let _running = running;
+                    finetunejob::reconcile(ftj, ctx).await
+                }
             },
             finetunejob::error_policy,
             ctx.clone(),
@@ -161,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
             .reflect(md_writer),
     );
     tokio::spawn(prune_deleted_series(ctx.metrics.clone(), ftj_cache, md_cache.clone()));
-    let md_started = Arc::new(triggers::Started::default());
+    let md_started = Arc::new(triggers::Started::new(args.concurrency));
     let md_sweep = triggers::sweep_not_started(md_cache.clone(), md_started.clone(), SWEEP_INTERVAL, "ModelDeployment");
     let modeldeployments = Controller::for_stream(md_triggers, md_cache)
         .reconcile_on(md_sweep)
@@ -173,8 +177,11 @@ async fn main() -> anyhow::Result<()> {
         .graceful_shutdown_on(shutdown_signal())
         .run(
             move |md, ctx| {
-                md_started.record(&*md);
-                modeldeployment::reconcile(md, ctx)
+                let running = md_started.start(&*md);
+                async move {
+                    let _running = running;
+                    modeldeployment::reconcile(md, ctx).await
+                }
             },
             modeldeployment::error_policy,
             ctx,

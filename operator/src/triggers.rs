@@ -25,6 +25,7 @@ use kube::runtime::watcher::{Error, Event};
 use kube::Resource;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,25 +57,50 @@ where
         .flatten()
 }
 
-/// Which objects (by uid) a reconcile has started for, and at which generation; and which
-/// ones a sweep found without one, to trigger them if the next sweep still does.
+/// Which objects (by uid) a reconcile has started for, and at which generation; how many
+/// reconciles run; and which objects a sweep found without one, to trigger them if the next
+/// sweep still does.
 #[derive(Default)]
 pub struct Started {
     generations: Mutex<HashMap<String, Option<i64>>>,
     suspects: Mutex<HashSet<String>>,
+    running: Arc<AtomicUsize>,
+    /// The controller's concurrency limit; 0 for none.
+    concurrency: usize,
+}
+
+/// A reconcile that runs; it counts as running until dropped.
+pub struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Started {
-    /// Records that a reconcile of `obj` starts now.
-    pub fn record<K: Resource>(&self, obj: &K) {
-        if let (Some(uid), Ok(mut generations)) = (obj.meta().uid.clone(), self.generations.lock()) {
-            generations.insert(uid, obj.meta().generation);
+    /// For a controller that runs at most `concurrency` reconciles at once (0: no limit).
+    pub fn new(concurrency: u16) -> Self {
+        Started {
+            concurrency: usize::from(concurrency),
+            ..Default::default()
         }
     }
 
+    /// Records that a reconcile of `obj` starts now; it runs until the guard is dropped.
+    pub fn start<K: Resource>(&self, obj: &K) -> Running {
+        if let (Some(uid), Ok(mut generations)) = (obj.meta().uid.clone(), self.generations.lock()) {
+            generations.insert(uid, obj.meta().generation);
+        }
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Running(self.running.clone())
+    }
+
     /// The cached objects that no reconcile has started for at their current generation, at
-    /// this sweep and the one before (so one merely waiting in the queue for a free slot is
-    /// not counted after one sweep). Objects no longer in the cache are forgotten.
+    /// this sweep and the one before, with a free slot for a reconcile at both: while every
+    /// slot is taken, an object may just be waiting in the queue, but with one free the
+    /// controller would have started any object it had queued. Objects no longer in the cache
+    /// are forgotten.
     pub fn not_started<K>(&self, cache: &Store<K>) -> Vec<ObjectRef<K>>
     where
         K: Resource + Clone + 'static,
@@ -86,6 +112,10 @@ impl Started {
         let objects = cache.state();
         let cached: HashSet<&str> = objects.iter().filter_map(|o| o.meta().uid.as_deref()).collect();
         generations.retain(|uid, _| cached.contains(uid.as_str()));
+        if self.concurrency > 0 && self.running.load(Ordering::Relaxed) >= self.concurrency {
+            suspects.clear();
+            return Vec::new();
+        }
         let mut now_suspect = HashSet::new();
         let mut late = Vec::new();
         for obj in &objects {
@@ -255,14 +285,14 @@ mod tests {
         for obj in [with_uid("a", 1), with_uid("b", 1)] {
             writer.apply_watcher_event(&Event::Apply(obj));
         }
-        let started = Started::default();
-        started.record(&with_uid("a", 1));
+        let started = Started::new(2);
+        drop(started.start(&with_uid("a", 1)));
         assert!(
             started.not_started(&cache).is_empty(),
             "b may still be waiting in the queue at the first look"
         );
         assert_eq!(names(started.not_started(&cache)), ["b"]);
-        started.record(&with_uid("b", 1));
+        drop(started.start(&with_uid("b", 1)));
         assert!(started.not_started(&cache).is_empty());
     }
 
@@ -270,8 +300,8 @@ mod tests {
     fn a_new_generation_needs_a_reconcile_of_its_own() {
         let (cache, mut writer) = reflector::store::<ConfigMap>();
         writer.apply_watcher_event(&Event::Apply(with_uid("a", 1)));
-        let started = Started::default();
-        started.record(&with_uid("a", 1));
+        let started = Started::new(2);
+        drop(started.start(&with_uid("a", 1)));
         writer.apply_watcher_event(&Event::Apply(with_uid("a", 2)));
         assert!(started.not_started(&cache).is_empty());
         assert_eq!(names(started.not_started(&cache)), ["a"]);
@@ -286,8 +316,8 @@ mod tests {
         ));
         writer.apply_watcher_event(&Event::Apply(deleting));
         writer.apply_watcher_event(&Event::Apply(with_uid("gone", 1)));
-        let started = Started::default();
-        started.record(&with_uid("gone", 1));
+        let started = Started::new(2);
+        drop(started.start(&with_uid("gone", 1)));
         writer.apply_watcher_event(&Event::Delete(with_uid("gone", 1)));
         assert!(started.not_started(&cache).is_empty());
         assert!(started.not_started(&cache).is_empty());
@@ -295,5 +325,23 @@ mod tests {
             started.generations.lock().unwrap().is_empty(),
             "the deleted object is forgotten"
         );
+    }
+
+    #[test]
+    fn no_object_is_named_while_every_reconcile_slot_is_taken() {
+        let (cache, mut writer) = reflector::store::<ConfigMap>();
+        for obj in [with_uid("busy", 1), with_uid("queued", 1)] {
+            writer.apply_watcher_event(&Event::Apply(obj));
+        }
+        let started = Started::new(1);
+        let busy = started.start(&with_uid("busy", 1));
+        assert!(started.not_started(&cache).is_empty());
+        assert!(
+            started.not_started(&cache).is_empty(),
+            "queued may be waiting for the one slot"
+        );
+        drop(busy);
+        assert!(started.not_started(&cache).is_empty(), "the slot has just come free");
+        assert_eq!(names(started.not_started(&cache)), ["queued"]);
     }
 }
