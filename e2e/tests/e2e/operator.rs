@@ -106,9 +106,55 @@ async fn operator_from_the_chart_reconciles_finetunejobs_under_its_own_rbac() ->
     )
     .await?;
 
+    kueue_admits_a_queued_job_and_the_operator_leaves_it_running(&ftjs, &jobs).await?;
+
     // Deleting the FineTuneJob takes its Job with it (owner references; no finalizer).
     ftjs.delete("support-bot", &DeleteParams::foreground()).await?;
     wait_deleted(&jobs, "support-bot", TIMEOUT).await?;
+    Ok(())
+}
+
+/// Kueue, played by hand (this cluster has no Kueue): a FineTuneJob labelled with a queue gets
+/// its Job created suspended and reports `Queued`; Kueue admits it by un-suspending the Job as
+/// another field manager, and the operator must not suspend it again (#18 §13).
+async fn kueue_admits_a_queued_job_and_the_operator_leaves_it_running(
+    ftjs: &Api<FineTuneJob>,
+    jobs: &Api<Job>,
+) -> Result<()> {
+    let mut queued = unschedulable_finetunejob("queued")?;
+    queued.metadata.labels = Some([("kueue.x-k8s.io/queue-name".to_string(), "team-a".to_string())].into());
+    ftjs.create(&PostParams::default(), &queued).await?;
+    let suspended = |j: Option<&Job>| j.and_then(|j| j.spec.as_ref()).and_then(|s| s.suspend);
+    wait_for(
+        jobs,
+        "queued",
+        "created suspended for Kueue",
+        TIMEOUT,
+        move |j: Option<&Job>| suspended(j) == Some(true),
+    )
+    .await?;
+    wait_for(ftjs, "queued", "Queued", TIMEOUT, |f: Option<&FineTuneJob>| {
+        f.is_some_and(|f| condition_reason(f, "Ready").as_deref() == Some("Queued"))
+    })
+    .await?;
+    let admit = json!({"spec": {"suspend": false}});
+    let params = kube::api::PatchParams::apply("kueue-admission").force();
+    let job_patch = json!({"apiVersion": "batch/v1", "kind": "Job", "spec": admit["spec"]});
+    jobs.patch("queued", &params, &kube::api::Patch::Apply(&job_patch))
+        .await?;
+    // The operator sees the admitted Job (its status leaves Queued) and leaves it running.
+    wait_for(ftjs, "queued", "past Queued", TIMEOUT, |f: Option<&FineTuneJob>| {
+        f.is_some_and(|f| !matches!(condition_reason(f, "Ready").as_deref(), Some("Queued") | None))
+    })
+    .await?;
+    let job = jobs.get("queued").await?;
+    assert_eq!(
+        suspended(Some(&job)),
+        Some(false),
+        "the operator suspended an admitted Job again"
+    );
+    ftjs.delete("queued", &DeleteParams::foreground()).await?;
+    wait_deleted(jobs, "queued", TIMEOUT).await?;
     Ok(())
 }
 
