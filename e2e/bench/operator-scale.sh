@@ -7,6 +7,9 @@
 # operator RSS under 100 MiB.
 #
 #   e2e/bench/operator-scale.sh [N]
+#
+# KUBETUNE_BENCH_OPERATOR: an operator binary to run instead of building this checkout's (to
+# compare two builds on the same cluster). KUBETUNE_BENCH_LOG: the operator's RUST_LOG (warn).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source e2e/cluster/lib.sh
@@ -19,6 +22,7 @@ e2e/cluster/up.sh
 kwok_dir="$cache/bin/kwok-$KWOK_VERSION"
 cargo build -q --release -p kubetune-operator -p kubetune-crds
 target="${CARGO_TARGET_DIR:-$repo_root/target}"
+operator_bin="${KUBETUNE_BENCH_OPERATOR:-$target/release/kubetune-operator}"
 "$target/release/kubetune-crdgen" --stdout | kubectl apply --server-side --field-manager kubetune -f - >/dev/null
 kubectl wait --for condition=Established crd/finetunejobs.kubetune.dev --timeout 60s >/dev/null
 
@@ -74,7 +78,11 @@ fake_node_yaml | kubectl create -f - >/dev/null
 wait_for "fake nodes (kwok)" 60 kubectl wait --for condition=Ready node -l "$fake_selector" --timeout 5s
 kubectl create namespace "$ns" >/dev/null
 
-KUBECONFIG="$kubeconfig" RUST_LOG=warn start_daemon operator-bench "$target/release/kubetune-operator" \
+# The operator's log of this run alone: the log file is appended to.
+operator_log="$logs/operator-bench.log"
+touch "$operator_log"
+log_from=$(($(wc -l <"$operator_log") + 1))
+KUBECONFIG="$kubeconfig" RUST_LOG="${KUBETUNE_BENCH_LOG:-warn}" start_daemon operator-bench "$operator_bin" \
   --trainer-image kubetune/trainer:bench --http-addr 127.0.0.1:18181 --concurrency 16
 wait_for operator 60 curl -fsS http://127.0.0.1:18181/readyz
 op_pid="$(cat "$pids/operator-bench.pid")"
@@ -144,3 +152,9 @@ awk -v n="$n" -v c="$t_created" -v d="$t_done" -v t0="$t0" -v r="$rss_kib" 'BEGI
   printf "operator peak RSS:                 %.1f MiB (goal 100 MiB; ratio %.2f)\n", r / 1024, r / 1024 / 100
 }'
 echo "late past the 30 s goal:           ${late:-none}"
+failed=$(tail -n "+$log_from" "$operator_log" | grep -c 'reconcile failed' || true)
+immutable=$(tail -n "+$log_from" "$operator_log" | grep -c 'field is immutable' || true)
+echo "failed reconciles (retried):       $failed, of which 'field is immutable': $immutable"
+# The operator's sweep names each object whose trigger was lost (no reconcile had started).
+swept=$(tail -n "+$log_from" "$operator_log" | grep 'no reconcile had started' | grep -o 'ftj-[0-9]*' | sort -u | tr '\n' ' ' || true)
+echo "lost triggers found by the sweep:   ${swept:-none}"
