@@ -17,6 +17,10 @@ pub enum Error {
     /// A registry root that cannot be scoped to the object's namespace.
     #[error("adapter registry: {0}")]
     Registry(#[from] kubetune_storage::StorageError),
+    /// A reconcile that ran past its limit, most likely on a request that was never answered
+    /// (kube-client sets no read timeout).
+    #[error("the reconcile did not finish within {0:?} (a request that was never answered?)")]
+    TimedOut(std::time::Duration),
     #[error("serialising {what}: {source}")]
     Serialize {
         what: &'static str,
@@ -36,6 +40,7 @@ impl Error {
             Error::NotOwned(_) => "not_owned",
             Error::Generate { .. } => "generate",
             Error::Registry(_) => "registry",
+            Error::TimedOut(_) => "timeout",
         }
     }
 }

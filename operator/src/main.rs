@@ -28,6 +28,10 @@ use std::time::Duration;
 /// free.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The longest a reconcile may run: kube-client sets no read timeout, so a request the API
+/// server never answers would hang its reconcile, silently and for good.
+const RECONCILE_LIMIT: Duration = Duration::from_secs(300);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kubetune-operator",
@@ -147,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
                 let running = ftj_started.start(&*ftj);
                 async move {
                     let _running = running;
-                    finetunejob::reconcile(ftj, ctx).await
+                    triggers::within(RECONCILE_LIMIT, finetunejob::reconcile(ftj, ctx)).await
                 }
             },
             finetunejob::error_policy,
@@ -180,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
                 let running = md_started.start(&*md);
                 async move {
                     let _running = running;
-                    modeldeployment::reconcile(md, ctx).await
+                    triggers::within(RECONCILE_LIMIT, modeldeployment::reconcile(md, ctx)).await
                 }
             },
             modeldeployment::error_policy,
