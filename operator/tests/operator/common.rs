@@ -140,6 +140,11 @@ pub fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }
 
+/// The API server's answer to a request RBAC does not allow.
+pub fn forbidden() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"})
+}
+
 /// The Ready condition a status patch sends.
 pub fn ready_condition(status_patch: &Value) -> Value {
     status_patch["status"]["conditions"]

@@ -525,9 +525,8 @@ async fn a_secret_the_operator_may_not_read_leaves_the_job_pending_saying_what_g
     // The chart's rbac.secretNamespaces grants Secret reads only in the namespaces listed.
     let (ctx, mut api) = context();
     let ftj = finetunejob(secret_ref());
-    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"s3-creds\" is forbidden"});
     let (action, status) = reconcile_scripted(&ftj, &ctx, &mut api, |api| {
-        script_secret_unreadable(api, (403, forbidden, "SecretForbidden"), true, true).boxed()
+        script_secret_unreadable(api, (403, forbidden(), "SecretForbidden"), true, true).boxed()
     })
     .await;
     let status = status.expect("status written");

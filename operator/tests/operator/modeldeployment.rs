@@ -641,7 +641,6 @@ async fn secrets_the_operator_may_not_read_leave_the_deployment_pending_and_noth
         "adapters": [{"name": "bot", "version": 1}],
         "storageSecretRef": {"name": "s3"},
     }));
-    let forbidden = || json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"});
     let (action, (status, event)) = reconcile_scripted(&md, &ctx, &mut api, |api| {
         async move {
             expect(
