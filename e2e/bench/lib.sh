@@ -40,6 +40,43 @@ bench_model() {
   fi
 }
 
+# A copy of the benchmark model whose context is $1 tokens (max_position_embeddings), for the
+# server's scheduler and prefix benchmarks; sets $bench_context_model.
+bench_model_with_context() {
+  bench_context_model="$bench_work/model-ctx$1"
+  rm -rf "$bench_context_model"
+  cp -r "$bench_work/model" "$bench_context_model"
+  python3 - "$bench_context_model/config.json" "$1" <<'PYEOF'
+import json, sys
+path, context = sys.argv[1], int(sys.argv[2])
+config = json.load(open(path))
+config["max_position_embeddings"] = context
+json.dump(config, open(path, "w"), indent=1)
+PYEOF
+}
+
+# Starts $SERVER_BIN serving model $1 on 127.0.0.1:$PORT as `bench`, logging to $2, with the
+# flags that follow, and waits until it is ready; sets $bench_server_pid. Stopped by
+# bench_server_stop, which the caller also traps on EXIT.
+bench_server_pid=
+bench_server_start() {
+  local model=$1 log=$2
+  shift 2
+  "$SERVER_BIN" --model "$model" --served-model-name bench --listen "127.0.0.1:$PORT" "$@" >"$log" 2>&1 &
+  bench_server_pid=$!
+  until curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; do
+    kill -0 "$bench_server_pid" 2>/dev/null || { cat "$log"; exit 1; }
+    sleep 0.2
+  done
+}
+
+bench_server_stop() {
+  [[ -n "$bench_server_pid" ]] || return 0
+  kill "$bench_server_pid" 2>/dev/null || true
+  wait "$bench_server_pid" 2>/dev/null || true
+  bench_server_pid=
+}
+
 # A venv with torch, transformers and peft from PyPI (some GB, once); sets $bench_python.
 bench_venv() {
   local venv="$bench_work/venv"

@@ -27,40 +27,18 @@ if [[ -z "${SERVER_BIN:-}" ]]; then
   SERVER_BIN=$bench_target/release/kubetune-server
 fi
 bench_model
-model="$bench_work/model-4k"
-rm -rf "$model"
-cp -r "$bench_work/model" "$model"
-python3 - "$model/config.json" "$CONTEXT" <<'PYEOF'
-import json, sys
-path, context = sys.argv[1], int(sys.argv[2])
-config = json.load(open(path))
-config["max_position_embeddings"] = context
-json.dump(config, open(path, "w"), indent=1)
-PYEOF
+bench_model_with_context "$CONTEXT"
+model="$bench_context_model"
 
-SERVER_PID=
-stop_server() {
-  [[ -n "$SERVER_PID" ]] || return 0
-  kill "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
-}
-trap stop_server EXIT
-
+trap bench_server_stop EXIT
 start_server() {
-  "$SERVER_BIN" --model "$model" --served-model-name bench --listen "127.0.0.1:$PORT" "$@" \
-    >"$bench_work/prefix-server.log" 2>&1 &
-  SERVER_PID=$!
-  until curl -fsS "$URL/ready" >/dev/null 2>&1; do
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$bench_work/prefix-server.log"; exit 1; }
-    sleep 0.2
-  done
+  bench_server_start "$model" "$bench_work/prefix-server.log" "$@"
 }
 
 for mode in off on; do
   echo "== prefix caching $mode ($SERVER_BIN)"
   if [[ $mode == off ]]; then start_server --no-enable-prefix-caching; else start_server; fi
   python3 "$PY" ttft "$URL" "$SYSTEM" "$ROUNDS" "$bench_work/prefix-$mode.json"
-  stop_server
+  bench_server_stop
 done
 python3 "$PY" report "$bench_work/prefix-off.json" "$bench_work/prefix-on.json"

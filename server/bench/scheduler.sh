@@ -28,54 +28,32 @@ URL="http://127.0.0.1:$PORT"
 bench_build kubetune-server kubetune-model
 SERVER_BIN=${SERVER_BIN:-$bench_target/release/kubetune-server}
 bench_model
-model="$bench_work/model-32k"
-rm -rf "$model"
-cp -r "$bench_work/model" "$model"
-python3 - "$model/config.json" "$CONTEXT" <<'EOF'
-import json, sys
-path, context = sys.argv[1], int(sys.argv[2])
-config = json.load(open(path))
-config["max_position_embeddings"] = context
-json.dump(config, open(path, "w"), indent=1)
-EOF
+bench_model_with_context "$CONTEXT"
+model="$bench_context_model"
 # Keys and values, f32, per layer and KV head: 2 x 8 layers x 4 KV heads x 64 dims x 4 bytes.
 KV_BYTES=16384
 BUDGET=$((1024 << 20))
 
-SERVER_PID=
-stop_server() {
-  [[ -n "$SERVER_PID" ]] || return 0
-  kill "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
-}
-trap stop_server EXIT
-
+trap bench_server_stop EXIT
 start_server() {
-  "$SERVER_BIN" --model "$model" --served-model-name bench --listen "127.0.0.1:$PORT" \
-    --max-batch 16 --kv-cache-mb $((BUDGET >> 20)) "$@" >"$bench_work/scheduler-server.log" 2>&1 &
-  SERVER_PID=$!
-  until curl -fsS "$URL/ready" >/dev/null 2>&1; do
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$bench_work/scheduler-server.log"; exit 1; }
-    sleep 0.2
-  done
+  bench_server_start "$model" "$bench_work/scheduler-server.log" --max-batch 16 --kv-cache-mb $((BUDGET >> 20)) "$@"
 }
 
 peak_rss_mib() {
-  awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$SERVER_PID/status"
+  awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$bench_server_pid/status"
 }
 
 echo "== concurrency ($SERVER_BIN)"
 start_server
 python3 "$PY" concurrency "$URL" 16 "$CONTEXT" "$KV_BYTES" "$BUDGET"
 echo "  peak RSS: $(peak_rss_mib)"
-stop_server
+bench_server_stop
 
 for chunk in "$CONTEXT" 512; do
   echo "== gap: --prefill-chunk-tokens $chunk"
   start_server --prefill-chunk-tokens "$chunk"
   python3 "$PY" gap "$URL" "$LONG" "$bench_work/gap-$chunk.json"
   echo "  peak RSS: $(peak_rss_mib)"
-  stop_server
+  bench_server_stop
 done
 python3 "$PY" report "$bench_work/gap-$CONTEXT.json" "$bench_work/gap-512.json"
