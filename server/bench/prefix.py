@@ -19,6 +19,9 @@ import time
 import urllib.parse
 import urllib.request
 
+# /metrics reading, shared with the scheduler benchmark beside this file.
+from scheduler import metric
+
 FIRST_ID, VOCAB = 7, 8192
 QUESTION = 16
 
@@ -39,14 +42,6 @@ def first_token_s(url, prompt):
             conn.close()
             return first - sent
     raise SystemExit("the stream ended without a token")
-
-
-def metric(url, name):
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    raise SystemExit(f"/metrics has no {name}")
 
 
 def ttft(url, system_tokens, rounds, out):
