@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 import urllib.parse
-import urllib.request
 
 # /metrics reading, shared with the scheduler benchmark beside this file.
 from scheduler import metric
