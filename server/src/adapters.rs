@@ -56,6 +56,17 @@ impl Default for AdapterLimits {
     }
 }
 
+/// An adapter in the set, and the adapters evicted to make room for it.
+pub type Inserted = (Arc<LoadedAdapter>, Vec<Arc<LoadedAdapter>>);
+
+/// An adapter the caps kept out, handed back.
+pub struct Refused {
+    pub adapter: Box<LoadedAdapter>,
+    pub error: ApiError,
+    /// Room would be made once the requests holding on-demand adapters end.
+    pub until_requests_end: bool,
+}
+
 struct Slot {
     adapter: Arc<LoadedAdapter>,
     /// Loaded at start or by the admin API: never evicted.
@@ -139,16 +150,25 @@ impl AdapterSet {
 
     /// As [`insert`](Self::insert), pinned or not; also returns the adapters evicted to make
     /// room: the least recently used unpinned ones that no request holds.
-    pub fn insert_with(
-        &self,
-        adapter: LoadedAdapter,
-        pinned: bool,
-    ) -> Result<(Arc<LoadedAdapter>, Vec<Arc<LoadedAdapter>>), ApiError> {
-        self.check_rank(adapter.rank())?;
+    pub fn insert_with(&self, adapter: LoadedAdapter, pinned: bool) -> Result<Inserted, ApiError> {
+        self.try_insert(adapter, pinned).map_err(|refused| refused.error)
+    }
+
+    /// As [`insert_with`](Self::insert_with), but a refusal hands the adapter back and says
+    /// whether it is only for now: room would be made if the adapters that running requests
+    /// hold were idle, so a caller may wait for them instead of loading again.
+    pub fn try_insert(&self, adapter: LoadedAdapter, pinned: bool) -> Result<Inserted, Refused> {
+        if let Err(error) = self.check_rank(adapter.rank()) {
+            return Err(Refused {
+                adapter: Box::new(adapter),
+                error,
+                until_requests_end: false,
+            });
+        }
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        let totals = |map: &BTreeMap<String, Slot>| {
+        let totals = |map: &BTreeMap<String, Slot>, pinned_only: bool| {
             map.iter()
-                .filter(|(n, _)| **n != adapter.name)
+                .filter(|(n, s)| **n != adapter.name && (s.pinned || !pinned_only))
                 .fold((0, 0), |(c, b), (_, s)| (c + 1, b + s.adapter.bytes))
         };
         let fits = |(count, bytes): (usize, usize)| {
@@ -163,13 +183,13 @@ impl AdapterSet {
         victims.sort();
         let mut evicted = Vec::new();
         let mut victims = victims.into_iter();
-        while !fits(totals(&map)) {
+        while !fits(totals(&map, false)) {
             let Some((_, name)) = victims.next() else { break };
             if let Some(slot) = map.remove(&name) {
                 evicted.push((name, slot));
             }
         }
-        let (count, bytes) = totals(&map);
+        let (count, bytes) = totals(&map, false);
         let refusal = if count + 1 > self.limits.max_adapters {
             Some(format!(
                 "{count} adapters are loaded and the limit is {} (--max-adapters); unload one first",
@@ -184,14 +204,20 @@ impl AdapterSet {
             None
         };
         if let Some(message) = refusal {
-            // Nothing changes when the adapter cannot go in: put the evicted ones back.
+            // Nothing changes when the adapter cannot go in: put the evicted ones back. What
+            // is left unpinned is held by requests, which end.
             map.extend(evicted);
+            let until_requests_end = !pinned && fits(totals(&map, true));
             let busy = if pinned {
                 ""
             } else {
                 " (pinned adapters and adapters in use by running requests are not evicted)"
             };
-            return Err(ApiError::AdapterLimit(format!("{message}{busy}")));
+            return Err(Refused {
+                adapter: Box::new(adapter),
+                error: ApiError::AdapterLimit(format!("{message}{busy}")),
+                until_requests_end,
+            });
         }
         let adapter = Arc::new(adapter);
         let slot = Slot {

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub adapter_loads: IntCounterVec,
     /// On-demand adapters evicted to make room for another.
     pub adapter_evictions: IntCounter,
+    /// On-demand adapters read and waiting for running requests to leave a slot.
+    pub adapter_loads_waiting: IntGauge,
     pub preemptions: IntCounter,
     /// KV blocks the prefix cache holds (they count against --kv-cache-mb).
     pub prefix_cache_blocks: IntGauge,
@@ -141,6 +143,11 @@ impl Metrics {
             "On-demand adapters evicted, least recently used first, to make room for another",
         )
         .expect("static metric definition");
+        let adapter_loads_waiting = IntGauge::new(
+            "kubetune_server_adapter_loads_waiting",
+            "On-demand adapters read and waiting for a slot: every other on-demand adapter is in use by a running request",
+        )
+        .expect("static metric definition");
         let vllm_opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
         let vllm_histogram = |name: &str, help: &str| {
             Histogram::with_opts(
@@ -235,6 +242,7 @@ impl Metrics {
             Box::new(loaded_adapters.clone()),
             Box::new(adapter_loads.clone()),
             Box::new(adapter_evictions.clone()),
+            Box::new(adapter_loads_waiting.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -250,6 +258,7 @@ impl Metrics {
             loaded_adapters,
             adapter_loads,
             adapter_evictions,
+            adapter_loads_waiting,
             preemptions,
             prefix_cache_blocks,
             vllm,

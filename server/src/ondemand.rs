@@ -13,16 +13,30 @@
 //! `--adapter-load-timeout-s`) and single-flight: concurrent requests for one adapter wait on
 //! one per-name lock, and the ones after the first find it loaded. On-demand adapters are not
 //! pinned: when `--max-adapters` or `--max-adapter-memory-mb` is reached the least recently
-//! used of them that no request holds is evicted (see [`crate::adapters`]).
+//! used of them that no request holds is evicted (see [`crate::adapters`]). When every slot
+//! is held by running requests, the loaded adapter waits for one of them to end (within the
+//! same timeout) instead of refusing the request: with more adapters asked for at once than
+//! `--max-adapters`, requests queue for slots as they queue for the batch. Only a cap that
+//! pinned adapters alone fill is refused at once.
+//!
+//! [`OnDemand::ensure`] hands the request a hold on its adapter, which it keeps until
+//! validation has taken its own: an idle adapter, just loaded or found, could otherwise be
+//! evicted by another request's load in between, and this request would get a 404.
 
-use crate::adapters::AdapterSet;
+use crate::adapters::{AdapterSet, Inserted, LoadedAdapter, Refused};
 use crate::error::ApiError;
 use crate::loader::AdapterLoader;
 use crate::metrics::Metrics;
 use kubetune_storage::{AdapterRef, StorageError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+
+/// How often a loaded adapter looks for a slot again while running requests hold them all. A
+/// request lets its adapter go when the engine drops its finished sequence, which has no hook
+/// to wake on, so the wait polls; the interval grows to this from a few milliseconds.
+const SLOT_POLL_MAX: Duration = Duration::from_millis(100);
 
 pub struct OnDemand {
     semaphore: Semaphore,
@@ -39,8 +53,9 @@ impl OnDemand {
     }
 
     /// Makes sure the adapter `model` names is loaded, if it names a registry adapter that is
-    /// not. Returns Ok when there is nothing to do (the base, a loaded adapter, a malformed
-    /// body: validation answers those), and the load's error when loading fails.
+    /// not, and returns a hold on the adapter it names (keep it until validation is done).
+    /// Returns Ok when there is nothing to do (the base, a malformed body: validation answers
+    /// those), and the load's error when loading fails.
     pub async fn ensure(
         &self,
         loader: &AdapterLoader,
@@ -48,17 +63,20 @@ impl OnDemand {
         metrics: &Metrics,
         base_names: &[&str],
         model: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<Arc<LoadedAdapter>>, ApiError> {
         let name = model.split_once('@').map_or(model, |(n, _)| n);
-        if base_names.contains(&model) || base_names.contains(&name) || adapters.get(name).is_some() {
-            return Ok(());
+        if base_names.contains(&model) || base_names.contains(&name) {
+            return Ok(None);
+        }
+        if let Some(held) = adapters.get(name) {
+            return Ok(Some(held));
         }
         let Some(registry) = loader.registry.as_ref() else {
-            return Ok(());
+            return Ok(None);
         };
         // Not a well-formed reference: not an adapter name, so validation's 404 stands.
         let Ok(reference) = model.parse::<AdapterRef>() else {
-            return Ok(());
+            return Ok(None);
         };
         let flight = {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
@@ -66,8 +84,8 @@ impl OnDemand {
         };
         let result = async {
             let _flight = flight.lock().await;
-            if adapters.get(name).is_some() {
-                return Ok(());
+            if let Some(held) = adapters.get(name) {
+                return Ok(Some(held));
             }
             let resolved = match registry.resolve(&reference).await {
                 Ok(r) => r,
@@ -85,9 +103,9 @@ impl OnDemand {
                 .acquire()
                 .await
                 .map_err(|_| ApiError::ShuttingDown)?;
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let outcome = match loader.load_resolved(name, &resolved, adapters).await {
-                Ok(loaded) => adapters.insert_with(loaded, false),
+                Ok(loaded) => insert_when_room(adapters, metrics, loaded, started + loader.limits.timeout).await,
                 Err(e) => Err(e),
             };
             match outcome {
@@ -102,7 +120,7 @@ impl OnDemand {
                         name = %adapter.name, version = ?adapter.version, seconds = started.elapsed().as_secs_f64(),
                         "adapter loaded on demand"
                     );
-                    Ok(())
+                    Ok(Some(adapter))
                 }
                 Err(e) => {
                     let outcome = if e.to_string().contains("--adapter-load-timeout-s") {
@@ -124,5 +142,58 @@ impl OnDemand {
             flights.remove(name);
         }
         result
+    }
+}
+
+/// Puts a loaded on-demand adapter in the set, waiting while the only adapters that could make
+/// room are held by running requests, until `deadline`.
+async fn insert_when_room(
+    adapters: &AdapterSet,
+    metrics: &Metrics,
+    mut adapter: LoadedAdapter,
+    deadline: Instant,
+) -> Result<Inserted, ApiError> {
+    let mut poll = Duration::from_millis(5);
+    let mut waiting = None;
+    loop {
+        match adapters.try_insert(adapter, false) {
+            Ok(inserted) => return Ok(inserted),
+            Err(Refused {
+                adapter: back,
+                until_requests_end: true,
+                ..
+            }) if Instant::now() + poll < deadline => {
+                waiting.get_or_insert_with(|| WaitingGauge::enter(metrics));
+                adapter = *back;
+                tokio::time::sleep(poll).await;
+                poll = (poll * 2).min(SLOT_POLL_MAX);
+            }
+            Err(Refused {
+                error: ApiError::AdapterLimit(message),
+                until_requests_end: true,
+                ..
+            }) => {
+                return Err(ApiError::AdapterLimit(format!(
+                    "{message}; no slot came free within --adapter-load-timeout-s"
+                )))
+            }
+            Err(refused) => return Err(refused.error),
+        }
+    }
+}
+
+/// Counts a load in `kubetune_server_adapter_loads_waiting` while it lives.
+struct WaitingGauge<'a>(&'a Metrics);
+
+impl<'a> WaitingGauge<'a> {
+    fn enter(metrics: &'a Metrics) -> Self {
+        metrics.adapter_loads_waiting.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for WaitingGauge<'_> {
+    fn drop(&mut self) {
+        self.0.adapter_loads_waiting.dec();
     }
 }

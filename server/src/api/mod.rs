@@ -110,10 +110,12 @@ impl AppState {
     }
 
     /// Before validation: loads the registry adapter the body's `model` names if it is not
-    /// loaded and on-demand loading is on. Anything it cannot read is left to validation.
-    pub async fn ensure_adapter(&self, body: &[u8]) -> Result<(), ApiError> {
+    /// loaded and on-demand loading is on, and returns a hold on it that the caller keeps
+    /// until validation has taken the adapter (so that no other load evicts it in between).
+    /// Anything it cannot read is left to validation.
+    pub async fn ensure_adapter(&self, body: &[u8]) -> Result<Option<Arc<LoadedAdapter>>, ApiError> {
         let (Some(on_demand), Some(loader)) = (&self.on_demand, &self.loader) else {
-            return Ok(());
+            return Ok(None);
         };
         #[derive(serde::Deserialize)]
         struct Model {
@@ -123,7 +125,7 @@ impl AppState {
             model: Some(serde_json::Value::String(model)),
         }) = serde_json::from_slice::<Model>(body)
         else {
-            return Ok(());
+            return Ok(None);
         };
         let mut base_names = vec![self.base_name.as_str()];
         base_names.extend(loader.base_names.iter().map(String::as_str));

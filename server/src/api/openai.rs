@@ -53,13 +53,16 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request_id: Option<Req
         Ok(b) => b,
         Err(e) => return refuse(&state, &[], e),
     };
-    if let Err(e) = state.ensure_adapter(&body).await {
-        return refuse(&state, &body, e);
-    }
+    let adapter_hold = match state.ensure_adapter(&body).await {
+        Ok(hold) => hold,
+        Err(e) => return refuse(&state, &body, e),
+    };
     let valid = match validate(&state.validation(), endpoint, &body) {
         Ok(v) => v,
         Err(e) => return refuse(&state, &body, e),
     };
+    // Validation holds the adapter now (in the request).
+    drop(adapter_hold);
     let ValidGeneration {
         model,
         request,

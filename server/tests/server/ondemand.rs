@@ -6,7 +6,6 @@ use crate::common::*;
 use kubetune_storage::{Registry, Storage};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A registry in a temp dir holding `alpha@1` (r = 4), `beta@1` (r = 8) and `gamma@1` (r = 4),
 /// and a cache directory beside it.
@@ -238,8 +237,32 @@ async fn an_oversized_adapter_is_refused_before_its_weights_are_downloaded() {
     assert!(holds_weights(&reg.cache()));
 }
 
+/// Holds a request for `model` in the gated engine (its prefill waits for `release`); returns
+/// the request's task once it is in the engine.
+async fn hold_in_engine(
+    s: &TestServer,
+    probe: &Probe,
+    model: &str,
+) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<Reply>) {
+    let release = probe.arm_prefill();
+    let held = tokio::spawn({
+        let app = s.app.clone();
+        let model = model.to_string();
+        async move {
+            post(
+                &app,
+                "/v1/completions",
+                json!({"model": model, "prompt": "hello", "max_tokens": 2}),
+            )
+            .await
+        }
+    });
+    wait_until("the held request reaches the engine", || probe.prefill_reached()).await;
+    (release, held)
+}
+
 #[tokio::test]
-async fn pinned_adapters_and_adapters_in_use_are_never_evicted() {
+async fn pinned_adapters_and_adapters_in_use_are_never_evicted_and_a_load_waits_for_a_slot_in_use() {
     let f = fixture();
     let reg = registry().await;
     let cache = reg.cache_flag();
@@ -259,38 +282,33 @@ async fn pinned_adapters_and_adapters_in_use_are_never_evicted() {
     let r = complete(&s, "alpha").await;
     assert_eq!(r.status, 200, "{}", r.text);
     // Hold a request for alpha in the engine: alpha is in use and may not be evicted.
-    let release = probe.arm_prefill();
-    let held = tokio::spawn({
+    let (release, held) = hold_in_engine(&s, &probe, "alpha").await;
+    // beta's request waits for alpha's slot instead of being refused.
+    let waiting = tokio::spawn({
         let app = s.app.clone();
         async move {
             post(
                 &app,
                 "/v1/completions",
-                json!({"model": "alpha", "prompt": "hello", "max_tokens": 2}),
+                json!({"model": "beta", "prompt": "hello", "max_tokens": 2}),
             )
             .await
         }
     });
-    wait_until("alpha's request reaches the engine", || probe.prefill_reached()).await;
-    let r = complete(&s, "beta").await;
-    assert_eq!(r.status, 409, "{}", r.text);
-    assert_eq!(r.json()["error"]["code"], "adapter_limit");
+    wait_until("beta waits for a slot", || {
+        s.state.metrics.adapter_loads_waiting.get() == 1
+    })
+    .await;
     assert_eq!(served(&s).await, ["alpha", "pinned"]);
     release.send(()).expect("engine waits");
     let r = held.await.expect("task");
     assert_eq!(r.status, 200, "{}", r.text);
-    // The reply can come a moment before the engine drops the finished sequence.
-    wait_until("the engine has let alpha go", || {
-        s.state
-            .adapters
-            .get("alpha")
-            .is_some_and(|a| Arc::strong_count(&a) == 2)
-    })
-    .await;
-    // Now idle, alpha makes room; the pinned adapter stays whatever its last use.
-    let r = complete(&s, "beta").await;
+    // Once the engine lets alpha go, beta takes its place; the pinned adapter stays whatever
+    // its last use.
+    let r = waiting.await.expect("task");
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(served(&s).await, ["beta", "pinned"]);
+    assert_eq!(metric(&s, "kubetune_server_adapter_loads_waiting").await, 0.0);
     let r = complete(&s, "gamma").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(served(&s).await, ["gamma", "pinned"]);
@@ -298,13 +316,42 @@ async fn pinned_adapters_and_adapters_in_use_are_never_evicted() {
     let r = load(&s.app, json!({"name": "pinned-2", "source": "alpha@1"})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(served(&s).await, ["pinned", "pinned-2"]);
-    // With every slot pinned, an on-demand load is refused, naming the cap.
+    // With every slot pinned, an on-demand load is refused at once, naming the cap.
     let r = complete(&s, "beta").await;
     assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "adapter_limit");
     assert!(r.json()["error"]["message"]
         .as_str()
         .expect("message")
         .contains("--max-adapters"));
+}
+
+#[tokio::test]
+async fn a_load_that_finds_no_free_slot_within_the_load_timeout_is_refused_naming_the_flag() {
+    let reg = registry().await;
+    let cache = reg.cache_flag();
+    let (s, probe) = gated_server(&[
+        "--registry",
+        &reg.uri,
+        "--cache-dir",
+        &cache,
+        "--adapter-on-demand",
+        "--max-adapters",
+        "1",
+        "--adapter-load-timeout-s",
+        "1",
+    ])
+    .await;
+    let (release, held) = hold_in_engine(&s, &probe, "alpha").await;
+    let r = complete(&s, "beta").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "adapter_limit");
+    let message = r.json()["error"]["message"].as_str().expect("message").to_string();
+    assert!(message.contains("--adapter-load-timeout-s"), "{message}");
+    assert_eq!(served(&s).await, ["alpha"]);
+    assert_eq!(metric(&s, "kubetune_server_adapter_loads_waiting").await, 0.0);
+    release.send(()).expect("engine waits");
+    assert_eq!(held.await.expect("task").status, 200);
 }
 
 #[tokio::test]
