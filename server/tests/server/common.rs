@@ -336,6 +336,15 @@ impl Backend for TestBackend {
         self.inner.kv_bytes_per_token()
     }
 
+    // The prefix cache's copies, so that gated servers cache prompts as real ones do.
+    fn copy_positions(&self, cache: &Self::Cache, start: usize, len: usize) -> Result<Self::Cache, String> {
+        self.inner.copy_positions(cache, start, len)
+    }
+
+    fn extend_from(&self, cache: &mut Self::Cache, blocks: &[&Self::Cache]) -> Result<(), String> {
+        self.inner.extend_from(cache, blocks)
+    }
+
     fn forward(
         &self,
         tokens: &[u32],
