@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local cluster's Go binaries from their Go modules through the module proxy:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy,
-# crictl and MinIO (the default targets), and on request helm and actionlint
+# crictl, MinIO and kube-router (the default targets), and on request helm and actionlint
 # (`build-binaries.sh helm actionlint`, for the chart and CI workflow tests) and kwok
 # (`build-binaries.sh kwok`, for the operator scale benchmark).
 # Each lands in $KUBETUNE_CACHE/bin/<name>-<version>/ and is skipped when already there,
@@ -137,6 +137,21 @@ build_actionlint() {
   rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
 }
 
+# kube-router's firewall, the real node's NetworkPolicy enforcer (node-up.sh starts it with only
+# --run-firewall: iptables and ipset rules, no routing, no service proxy). Test-only: see
+# versions.env.
+build_kube_router() {
+  local out="$cache/bin/kube-router-$KUBE_ROUTER_VERSION"
+  [ -x "$out/kube-router" ] && { log "kube-router $KUBE_ROUTER_VERSION cached"; return; }
+  local work="$cache/build/kube-router-$KUBE_ROUTER_VERSION" m=github.com/cloudnativelabs/kube-router/v2
+  new_module "$work"
+  log "building kube-router $KUBE_ROUTER_VERSION"
+  (cd "$work" && go get "$m@$KUBE_ROUTER_VERSION" \
+    && go build -trimpath -ldflags "-s -w -X $m/pkg/version.Version=$KUBE_ROUTER_VERSION -X $m/pkg/version.BuildDate=1970-01-01T00:00:00Z" \
+      -o "$work/out/kube-router" "$m/cmd/kube-router")
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$work/out" "$out"
+}
+
 # kwok runs no stage (the configurations that move fake nodes and pods through their lifecycle)
 # unless given some, and its defaults live in kwokctl: the module's own stage files go beside
 # the binary, in stages/ (as in the module's kustomize/stage/), for the scripts to pick from.
@@ -160,5 +175,5 @@ build_kwok() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(etcd kubernetes crictl minio)
-for t in "${targets[@]}"; do "build_$t"; done
+[ ${#targets[@]} -gt 0 ] || targets=(etcd kubernetes crictl minio kube-router)
+for t in "${targets[@]}"; do "build_${t//-/_}"; done

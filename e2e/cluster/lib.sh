@@ -18,11 +18,12 @@ etcd_bin="$cache/bin/etcd-$ETCD_VERSION/etcd"
 minio_bin="$cache/bin/minio-$MINIO_VERSION/minio"
 kubeconfig="$cluster_dir/admin.kubeconfig"
 crictl_bin="$cache/bin/cri-tools-$CRI_TOOLS_VERSION/crictl"
+kube_router_bin="$cache/bin/kube-router-$KUBE_ROUTER_VERSION/kube-router"
 
-# The node (node-up.sh): containerd, kubelet and kube-proxy on this machine. Its pods live on a
-# bridge of their own, whose address is the node's IP. The API server and MinIO listen on that
-# address too (it is in the API server's certificate): pods reach them there, and nothing of the
-# cluster listens on the machine's other interfaces.
+# The node (node-up.sh): containerd, kubelet, kube-proxy and kube-router on this machine. Its pods
+# live on a bridge of their own, whose address is the node's IP. The API server and MinIO listen on
+# that address too (it is in the API server's certificate): pods reach them there, and nothing of
+# the cluster listens on the machine's other interfaces.
 NODE_NAME="${KUBETUNE_NODE_NAME:-kubetune-node-0}"
 node_dir="$cluster_dir/node"
 containerd_sock="$node_dir/containerd/containerd.sock"
@@ -65,10 +66,10 @@ wait_for() {
 # port_free HOST PORT: nothing listens there yet.
 port_free() { ! (echo >"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# The Debian packages the node needs (and `ip`, for the bridge).
+# The Debian packages the node needs (and `ip`, for the bridge; ipset, for kube-router's firewall).
 install_node_packages() {
   local missing=() p
-  for p in containerd runc containernetworking-plugins iptables conntrack iproute2 busybox-static; do
+  for p in containerd runc containernetworking-plugins iptables ipset conntrack iproute2 busybox-static; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stops the node and leaves nothing of it behind: no processes (containers and their shims
-# included), mounts, network namespaces, veths, iptables chains or cgroups. Keeps the imported
-# images and containerd's content, so that the next node-up.sh is warm, and the bridge, whose
-# address the API server and MinIO listen on (down.sh removes it last).
+# included), mounts, network namespaces, veths, iptables chains, ipsets or cgroups. Keeps the
+# imported images and containerd's content, so that the next node-up.sh is warm, and the bridge,
+# whose address the API server and MinIO listen on (down.sh removes it last).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -10,6 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 stop_daemon device-plugin
 stop_daemon kubelet
 stop_daemon kube-proxy
+stop_daemon kube-router
 # kube-proxy undoes its own rules; kubelet leaves its canary chains, removed below.
 if [ -x "$kube_bin/kube-proxy" ]; then "$kube_bin/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
 
@@ -31,8 +32,9 @@ for ns in $(ip netns list 2>/dev/null | awk '/^cni-/ {print $1}' || true); do
   ip netns pids "$ns" 2>/dev/null | grep -q . || ip netns delete "$ns" 2>/dev/null || true
 done
 
-# The chains of kube-proxy and kubelet (KUBE-*), and those the CNI bridge plugin made for our
-# network's pods (CNI-*, their rules commented `name: "kubetune"`) if a pod's teardown left any.
+# The chains of kube-proxy, kubelet and kube-router (KUBE-*: kube-router's are KUBE-ROUTER-*,
+# KUBE-POD-FW-* and KUBE-NWPLCY-*), and those the CNI bridge plugin made for our network's pods
+# (CNI-*, their rules commented `name: "kubetune"`) if a pod's teardown left any.
 ours() { [[ "$1" == KUBE-* ]] || { [[ "$1" == CNI-* ]] && grep -qF 'name: \"kubetune\"' <<<"$2"; }; }
 remove_chains() {
   local table chain rules own doomed
@@ -56,6 +58,12 @@ remove_chains() {
 }
 
 command -v iptables >/dev/null && remove_chains
+# kube-router's ipsets (its policies' pod addresses), once no rule refers to them.
+if command -v ipset >/dev/null; then
+  for set in $(ipset list -n 2>/dev/null | grep -E '^(KUBE-SRC-|KUBE-DST-|kube-router-)' || true); do
+    ipset destroy "$set" 2>/dev/null || true
+  done
+fi
 
 # kubelet's cgroups, under its cgroupRoot in every v1 hierarchy; empty once no container runs.
 for hierarchy in /sys/fs/cgroup/*/kubetune; do

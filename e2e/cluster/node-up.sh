@@ -4,6 +4,8 @@
 # like the control plane). Its pods run in containers from images this machine builds
 # (e2e/images/build.sh), on a bridge of their own, with Services through kube-proxy's iptables
 # rules, and `kubectl logs`, `exec` and `port-forward` reach them through kubelet.
+# NetworkPolicies are enforced, as kind's kindnetd enforces them: by kube-router's firewall alone
+# (iptables and ipset rules on the bridged pod traffic; no routing, no service proxy).
 #
 # kubetune-device-plugin (device-plugin/) offers $NODE_GPUS fake nvidia.com/gpu devices through
 # kubelet's device manager. The GPUs are fake and the binaries CPU builds, so the images that
@@ -133,6 +135,35 @@ conntrack: {maxPerCore: 0}
 YAML
 }
 
+# kube-router reads pods, namespaces and NetworkPolicies, and at start Services, Endpoints,
+# EndpointSlices and Nodes (its informers wait for all of them), with a client certificate as
+# kube-proxy does; no built-in ClusterRole fits, so it gets one that reads those and nothing more.
+write_kube_router_rbac() {
+  node_kubeconfig "$node_dir/kube-router.kubeconfig" kube-router
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "kubetune-local:kube-router"}
+rules:
+- apiGroups: [""]
+  resources: [namespaces, pods, services, endpoints, nodes]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "kubetune-local:kube-router"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "kubetune-local:kube-router"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:kube-router"}
+YAML
+}
+
 node_ready() {
   [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
@@ -175,7 +206,21 @@ write_kube_proxy_config
 if ! daemon_running kube-proxy; then
   start_daemon kube-proxy "$kube_bin/kube-proxy" --config "$node_dir/kube-proxy.yaml" --v 1
 fi
+# NetworkPolicies: kube-router's firewall only. Its health and metrics servers stay off (they would
+# listen on every interface); it sees bridged pod-to-pod traffic through br_netfilter (bridge_up).
+if [ ! -x "$kube_router_bin" ]; then
+  "$cluster_scripts/build-binaries.sh" kube-router
+fi
+write_kube_router_rbac
+if ! daemon_running kube-router; then
+  start_daemon kube-router "$kube_router_bin" --kubeconfig "$node_dir/kube-router.kubeconfig" \
+    --hostname-override "$NODE_NAME" --run-firewall=true --run-router=false --run-service-proxy=false \
+    --enable-cni=false --health-port=0 --metrics-port=0 --service-cluster-ip-range "$SERVICE_CIDR" --v 0
+fi
 wait_for "node $NODE_NAME" 120 node_ready
 node_gpus() { [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.allocatable.nvidia\.com/gpu}')" = "$NODE_GPUS" ]; }
 wait_for "the device plugin's $NODE_GPUS GPUs on $NODE_NAME" 60 node_gpus
+# Its top-level chain exists once the firewall has started; policies already in the API server are
+# enforced within its first sync.
+wait_for "kube-router's firewall" 60 iptables -w -n -L KUBE-ROUTER-FORWARD
 log "node $NODE_NAME ready (pods on $BRIDGE, $NODE_POD_CIDR)"

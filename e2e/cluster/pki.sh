@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates the local cluster's PKI once, as envtest does: a CA, the API server's serving certificate,
 # a system:masters client certificate for the admin kubeconfig, a controller-manager and a scheduler
-# client certificate, the real node's kubelet and kube-proxy client certificates, the API server's
-# client certificate towards kubelets (logs, exec, port-forward), and the service-account signing
-# key pair.
+# client certificate, the real node's kubelet, kube-proxy and kube-router client certificates, the
+# API server's client certificate towards kubelets (logs, exec, port-forward), and the
+# service-account signing key pair.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -44,6 +44,8 @@ client_cert scheduler system:kube-scheduler system:kube-scheduler
 # The Node authorizer knows a kubelet by this name and group, and lets it reach only its own pods' objects.
 client_cert "kubelet-$NODE_NAME" "system:node:$NODE_NAME" system:nodes
 client_cert kube-proxy system:kube-proxy system:node-proxier
+# kube-router's firewall, the node's NetworkPolicy enforcer; node-up.sh grants this user read access.
+client_cert kube-router system:kube-router kubetune:network-policy
 client_cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
 [ -f sa.key ] || { openssl genrsa -out sa.key 2048 2>/dev/null && openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null; }
 chmod 600 ./*.key
