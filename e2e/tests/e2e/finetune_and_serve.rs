@@ -3,22 +3,26 @@
 //! one, scale out, promote a version through a canary and clean up. Along the way: a bad
 //! dataset, suspend/resume, an operator restart in the middle of a run, a trainer pod killed
 //! mid-run that resumes from its checkpoint, an evaluation gate (`spec.evaluation`) that one
-//! version passes and an undertrained one fails without publishing, and DPO continued from the
-//! SFT adapter, rolled out as its next version.
+//! version passes and an undertrained one fails without publishing, DPO continued from the SFT
+//! adapter, rolled out as its next version, and the chart's NetworkPolicy keeping every pod but
+//! the operator's off the servers' admin port (enforced by the local cluster's node).
 //!
 //! One test function on purpose: the operator watches every namespace, so two installs at once
 //! would both reconcile the same objects (an install holds `tools::OPERATOR_LOCK` against every
 //! other install and every test that creates kubetune objects, for as long as it runs); and each
 //! step builds on the adapter versions the steps before it published.
 
+use crate::network_policy::Prober;
 use crate::tools::{install_operator, scratch_dir, tool, OperatorInstall};
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::discovery::Discovery;
 use kube::Client;
+use kubetune_crds::server_contract::{ADMIN_PORT, SERVER_PORT};
 use kubetune_crds::{EvaluationMetric, FineTuneJob, FineTuneJobPhase, ModelDeployment, RolloutState};
 use kubetune_e2e::pods::{chat, http, ready_pod_ips, served_models};
 use kubetune_e2e::store::{create_storage_secret, registry, storage, upload, BUCKET};
@@ -187,6 +191,7 @@ async fn finetune_serve_roll_out_and_roll_back() -> Result<()> {
     suspended_job_runs_when_resumed_through_an_operator_restart(&env, &system, &operator).await?;
     killed_trainer_resumes_from_its_checkpoint(&env).await?;
     serves_the_fine_tuned_answers(&env).await?;
+    only_the_operator_reaches_the_admin_port(&env, &system, &operator).await?;
     new_version_rolls_out_under_load(&env).await?;
     adapter_short_of_its_evaluation_gate_fails_and_publishes_nothing(&env).await?;
     broken_version_is_rolled_back(&env).await?;
@@ -432,6 +437,58 @@ async fn serves_the_fine_tuned_answers(env: &Env) -> Result<()> {
     assert_eq!(ips.len(), 1);
     every_pod_serves(&ips, 1).await?;
     right_answers(&http()?, &ips[0], &facts()?).await
+}
+
+/// With the chart's NetworkPolicy (`networkPolicy.admin`, on by default) a pod in the tenant's
+/// namespace reaches the server's inference port but not its admin port, nor does one there that
+/// wears the operator's labels; a pod with the operator's labels in the operator's namespace
+/// reaches the admin port. Probes go pod to pod: the node's own address is let through by any
+/// enforcer. `network_policy.rs` shows the enforcer on, so the refusals are the policy's.
+async fn only_the_operator_reaches_the_admin_port(
+    env: &Env,
+    system: &TestNamespace,
+    operator: &OperatorInstall,
+) -> Result<()> {
+    let selector = ListParams::default().labels("kubetune.dev/modeldeployment=support");
+    let policies = env.ns.api::<NetworkPolicy>().list(&selector).await?.items;
+    ensure!(
+        policies.len() == 1,
+        "not one admin NetworkPolicy for the ModelDeployment: {policies:#?}"
+    );
+    let ip = env.server_ips().await?.remove(0);
+    // The labels the operator's pods carry, from its Deployment: what the policy must admit.
+    let deployment = system.api::<Deployment>().get(&operator.deployment).await?;
+    let operator_labels = deployment
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.labels)
+        .context("the operator's pod template has no labels")?;
+
+    let tenant = Prober::start(&env.client, &env.ns.name, "tenant-probe", Default::default()).await?;
+    let impostor = Prober::start(&env.client, &env.ns.name, "impostor-probe", operator_labels.clone()).await?;
+    let from_operator = Prober::start(&env.client, &system.name, "operator-probe", operator_labels).await?;
+    tenant.wait_until(&ip, SERVER_PORT, true).await?;
+    tenant.wait_until(&ip, ADMIN_PORT, false).await?;
+    impostor.wait_until(&ip, SERVER_PORT, true).await?;
+    impostor.wait_until(&ip, ADMIN_PORT, false).await?;
+    from_operator.wait_until(&ip, ADMIN_PORT, true).await?;
+    // Refused still, now that every probe pod is known to the enforcer.
+    ensure!(
+        !tenant.connects(&ip, ADMIN_PORT)?,
+        "the tenant's pod reached the admin port"
+    );
+    ensure!(
+        !impostor.connects(&ip, ADMIN_PORT)?,
+        "a pod in the tenant's namespace with the operator's labels reached the admin port"
+    );
+    for (ns, name) in [
+        (&env.ns, "tenant-probe"),
+        (&env.ns, "impostor-probe"),
+        (system, "operator-probe"),
+    ] {
+        ns.api::<Pod>().delete(name, &DeleteParams::default()).await?;
+    }
+    Ok(())
 }
 
 /// Asks every question; fails unless the adapter gives (nearly) every trained answer. The tiny

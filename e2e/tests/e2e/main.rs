@@ -17,5 +17,6 @@ mod argocd;
 mod chart;
 mod ci;
 mod finetune_and_serve;
+mod network_policy;
 mod operator;
 mod real_node;
