@@ -92,15 +92,25 @@ impl Sampler {
 
     fn draw(&mut self, scores: &mut [f32]) -> u32 {
         let p = &self.params;
+        let candidates = if p.top_k > 0 {
+            p.top_k.min(scores.len())
+        } else {
+            scores.len()
+        };
+        if candidates > RANK_UP_TO {
+            return self.draw_by_mass(scores);
+        }
         let mut ranked = Ranked::new(scores, p.top_k);
         let Some(first) = ranked.get(0) else {
             return 0;
         };
         let max = scores[first as usize];
-        let weight = |i: u32| ((scores[i as usize] - max) / p.temperature).exp();
+        // Masses add up in f64: over a flat 150k vocabulary, f32 running sums drift by more
+        // than one token's weight, and the token drawn would depend on the order of addition.
+        let weight = |i: u32| ((scores[i as usize] - max) / p.temperature).exp() as f64;
         // The candidates' total mass, summed in an order that does not need them ranked: all
         // of the vocabulary in id order, or the top-k in rank order (ranked anyway, and few).
-        let total: f32 = if p.top_k > 0 {
+        let total: f64 = if p.top_k > 0 {
             (0..ranked.len()).filter_map(|r| ranked.get(r)).map(weight).sum()
         } else {
             (0..scores.len() as u32).map(weight).sum()
@@ -108,8 +118,8 @@ impl Sampler {
         // top-p: the smallest prefix whose mass reaches top_p (at least one token). Ranking
         // stops at the cut, which for a peaked distribution is a few dozen tokens.
         let (keep, kept_mass) = if p.top_p < 1.0 {
-            let target = p.top_p * total;
-            let (mut mass, mut keep) = (0.0f32, 0);
+            let target = p.top_p as f64 * total;
+            let (mut mass, mut keep) = (0.0f64, 0);
             while let Some(i) = ranked.get(keep) {
                 mass += weight(i);
                 keep += 1;
@@ -121,7 +131,7 @@ impl Sampler {
         } else {
             (ranked.len(), total)
         };
-        let mut r = self.rng.random::<f32>() * kept_mass;
+        let mut r = self.rng.random::<f32>() as f64 * kept_mass;
         let mut last = first;
         for rank in 0..keep {
             let Some(i) = ranked.get(rank) else { break };
@@ -135,6 +145,78 @@ impl Sampler {
         // Rounding left r just above the last bucket.
         last
     }
+
+    /// `draw` for many candidates, in linear time: the top-p cut and the drawn token are each
+    /// found by a selection on cumulative mass (quickselect that sums what ranks above the
+    /// pivot) instead of by ranking the tokens one by one. On a flat distribution, the ranked
+    /// walk sorts most of a 150k vocabulary for every token (a random model's case, and a real
+    /// one's long tail at temperature 1); this reads it a few times. It draws the token the
+    /// ranked walk draws, up to the rounding of the sums.
+    fn draw_by_mass(&mut self, scores: &[f32]) -> u32 {
+        let p = &self.params;
+        let mut ids: Vec<u32> = (0..scores.len() as u32).collect();
+        if p.top_k > 0 && p.top_k < ids.len() {
+            ids.select_nth_unstable_by(p.top_k - 1, |&a, &b| by_score(scores, a, b));
+            ids.truncate(p.top_k);
+        }
+        let max = ids
+            .iter()
+            .map(|&i| scores[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = scores.iter().map(|&x| ((x - max) / p.temperature).exp()).collect();
+        let total: f64 = ids.iter().map(|&i| weights[i as usize] as f64).sum();
+        let kept_mass = if p.top_p < 1.0 {
+            let target = p.top_p as f64 * total;
+            let (cut, mass) = select_by_mass(&mut ids, scores, &weights, |m| m >= target);
+            ids.retain(|&i| by_score(scores, i, cut) != std::cmp::Ordering::Greater);
+            mass
+        } else {
+            total
+        };
+        let r = self.rng.random::<f32>() as f64 * kept_mass;
+        select_by_mass(&mut ids, scores, &weights, |m| m > r).0
+    }
+}
+
+/// Candidate sets up to this size are ranked (few to rank, and exactly a full sort's order);
+/// larger ones are drawn from by cumulative mass ([`Sampler::draw_by_mass`]).
+const RANK_UP_TO: usize = 1024;
+
+/// The first token, in descending score order (ties: lower id first), at which the running
+/// mass (its own weight included) satisfies `reached`, and that mass; the lowest-ranked token
+/// when rounding keeps the total from reaching it. `reached` must be monotone in the mass.
+/// Reorders `ids`. Expected linear time: each pass partitions the range around a pivot and
+/// keeps only the side that holds the crossing.
+fn select_by_mass(ids: &mut [u32], scores: &[f32], weights: &[f32], reached: impl Fn(f64) -> bool) -> (u32, f64) {
+    let weight = |i: u32| weights[i as usize] as f64;
+    let (mut lo, mut hi) = (0, ids.len());
+    let mut above = 0.0f64;
+    let mut last = (ids[0], 0.0);
+    while lo < hi {
+        ids.swap(lo + (hi - lo) / 2, hi - 1);
+        let pivot = ids[hi - 1];
+        let (mut store, mut mass) = (lo, 0.0f64);
+        for j in lo..hi - 1 {
+            if by_score(scores, ids[j], pivot) == std::cmp::Ordering::Less {
+                ids.swap(store, j);
+                mass += weight(ids[store]);
+                store += 1;
+            }
+        }
+        ids.swap(store, hi - 1);
+        if reached(above + mass) {
+            hi = store;
+            continue;
+        }
+        let with_pivot = above + mass + weight(pivot);
+        if reached(with_pivot) {
+            return (pivot, with_pivot);
+        }
+        above = with_pivot;
+        last = (pivot, with_pivot);
+        lo = store + 1;
+    }
+    last
 }
 
 /// Token ids by descending score (ties: lower id first), ranked lazily: only as far as a
@@ -289,8 +371,8 @@ mod tests {
             order.truncate(p.top_k);
         }
         let max = scores[order[0] as usize];
-        let weight = |i: u32| ((scores[i as usize] - max) / p.temperature).exp();
-        let total: f32 = if p.top_k > 0 {
+        let weight = |i: u32| ((scores[i as usize] - max) / p.temperature).exp() as f64;
+        let total: f64 = if p.top_k > 0 {
             order.iter().map(|&i| weight(i)).sum()
         } else {
             (0..scores.len() as u32).map(weight).sum()
@@ -298,18 +380,18 @@ mod tests {
         let mut keep = order.len();
         let mut kept_mass = total;
         if p.top_p < 1.0 {
-            let (mut mass, mut k) = (0.0f32, 0);
+            let (mut mass, mut k) = (0.0f64, 0);
             for &i in &order {
                 mass += weight(i);
                 k += 1;
-                if mass >= p.top_p * total {
+                if mass >= p.top_p as f64 * total {
                     break;
                 }
             }
             keep = k;
             kept_mass = mass;
         }
-        let mut r = rng.random::<f32>() * kept_mass;
+        let mut r = rng.random::<f32>() as f64 * kept_mass;
         for &i in &order[..keep] {
             if r < weight(i) {
                 return i;
@@ -320,10 +402,11 @@ mod tests {
     }
 
     #[test]
-    fn lazy_ranking_samples_exactly_what_a_full_sort_samples() {
+    fn ranked_and_mass_draws_sample_exactly_what_a_full_sort_samples() {
         let mut gen = ChaCha8Rng::seed_from_u64(11);
         let mut checked = 0;
         for case in 0..60 {
+            // Up to RANK_UP_TO candidates are ranked; 5000 (without top-k) are drawn by mass.
             let vocab = [5, 64, 65, 300, 5000][case % 5];
             // Peaked, flat and tied logits: ties exercise the id tie-break.
             let logits: Vec<f32> = (0..vocab)
