@@ -6,6 +6,7 @@ use crate::common::*;
 use kubetune_storage::{Registry, Storage};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A registry in a temp dir holding `alpha@1` (r = 4), `beta@1` (r = 8) and `gamma@1` (r = 4),
 /// and a cache directory beside it.
@@ -237,6 +238,21 @@ async fn an_oversized_adapter_is_refused_before_its_weights_are_downloaded() {
     assert!(holds_weights(&reg.cache()));
 }
 
+/// A gated server (see `gated_server`) loading on demand from `reg`.
+async fn gated_on_demand_server(reg: &Registered, extra: &[&str]) -> (TestServer, Arc<Probe>) {
+    let cache = reg.cache_flag();
+    let mut flags = vec!["--registry", &reg.uri, "--cache-dir", &cache, "--adapter-on-demand"];
+    flags.extend_from_slice(extra);
+    gated_server(&flags).await
+}
+
+/// A completion for `model`, sent in a task of its own.
+fn spawn_completion(s: &TestServer, model: &str) -> tokio::task::JoinHandle<Reply> {
+    let app = s.app.clone();
+    let body = json!({"model": model, "prompt": "hello", "max_tokens": 2});
+    tokio::spawn(async move { post(&app, "/v1/completions", body).await })
+}
+
 /// Holds a request for `model` in the gated engine (its prefill waits for `release`); returns
 /// the request's task once it is in the engine.
 async fn hold_in_engine(
@@ -245,18 +261,7 @@ async fn hold_in_engine(
     model: &str,
 ) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<Reply>) {
     let release = probe.arm_prefill();
-    let held = tokio::spawn({
-        let app = s.app.clone();
-        let model = model.to_string();
-        async move {
-            post(
-                &app,
-                "/v1/completions",
-                json!({"model": model, "prompt": "hello", "max_tokens": 2}),
-            )
-            .await
-        }
-    });
+    let held = spawn_completion(s, model);
     wait_until("the held request reaches the engine", || probe.prefill_reached()).await;
     (release, held)
 }
@@ -265,36 +270,14 @@ async fn hold_in_engine(
 async fn pinned_adapters_and_adapters_in_use_are_never_evicted_and_a_load_waits_for_a_slot_in_use() {
     let f = fixture();
     let reg = registry().await;
-    let cache = reg.cache_flag();
     let pinned = adapter_flag("pinned", &f.adapter_a);
-    let (s, probe) = gated_server(&[
-        "--registry",
-        &reg.uri,
-        "--cache-dir",
-        &cache,
-        "--adapter-on-demand",
-        "--max-adapters",
-        "2",
-        "--adapter",
-        &pinned,
-    ])
-    .await;
+    let (s, probe) = gated_on_demand_server(&reg, &["--max-adapters", "2", "--adapter", &pinned]).await;
     let r = complete(&s, "alpha").await;
     assert_eq!(r.status, 200, "{}", r.text);
     // Hold a request for alpha in the engine: alpha is in use and may not be evicted.
     let (release, held) = hold_in_engine(&s, &probe, "alpha").await;
     // beta's request waits for alpha's slot instead of being refused.
-    let waiting = tokio::spawn({
-        let app = s.app.clone();
-        async move {
-            post(
-                &app,
-                "/v1/completions",
-                json!({"model": "beta", "prompt": "hello", "max_tokens": 2}),
-            )
-            .await
-        }
-    });
+    let waiting = spawn_completion(&s, "beta");
     wait_until("beta waits for a slot", || {
         s.state.metrics.adapter_loads_waiting.get() == 1
     })
@@ -329,19 +312,7 @@ async fn pinned_adapters_and_adapters_in_use_are_never_evicted_and_a_load_waits_
 #[tokio::test]
 async fn a_load_that_finds_no_free_slot_within_the_load_timeout_is_refused_naming_the_flag() {
     let reg = registry().await;
-    let cache = reg.cache_flag();
-    let (s, probe) = gated_server(&[
-        "--registry",
-        &reg.uri,
-        "--cache-dir",
-        &cache,
-        "--adapter-on-demand",
-        "--max-adapters",
-        "1",
-        "--adapter-load-timeout-s",
-        "1",
-    ])
-    .await;
+    let (s, probe) = gated_on_demand_server(&reg, &["--max-adapters", "1", "--adapter-load-timeout-s", "1"]).await;
     let (release, held) = hold_in_engine(&s, &probe, "alpha").await;
     let r = complete(&s, "beta").await;
     assert_eq!(r.status, 409, "{}", r.text);
