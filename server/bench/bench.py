@@ -60,8 +60,8 @@ def prompt(k):
     return [rng.randrange(FIRST_ID, VOCAB) for _ in range(PROMPT_TOKENS)]
 
 
-def prompts(n, first=0):
-    return [prompt(k) for k in range(first, first + n)]
+def prompts(n):
+    return [prompt(k) for k in range(n)]
 
 
 # Requests without max_tokens are chat requests: in OpenAI's API (and vLLM's, and ours) a
@@ -240,7 +240,7 @@ def run_hf(model_dir, out, quantize="none"):
         chat_ids = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
             chat_message(0), add_generation_prompt=True, tokenize=True, return_dict=False)
 
-    def new_tokens():
+    def new_per_request():
         return CONTEXT - len(chat_ids) if CHAT else NEW_TOKENS
 
     def generate(batch, new_tokens, adapters=None):
@@ -266,7 +266,7 @@ def run_hf(model_dir, out, quantize="none"):
         ttfts = [generate(b, 1, batch_adapters[0])[1] for _ in range(5 if b == 1 else 3)]
         tokens, seconds = 0, 0.0
         for r in range(rounds):
-            t, s = generate(b, new_tokens(), batch_adapters[r])
+            t, s = generate(b, new_per_request(), batch_adapters[r])
             tokens, seconds = tokens + t, seconds + s
         figures.append({
             "concurrency": b, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
@@ -275,7 +275,7 @@ def run_hf(model_dir, out, quantize="none"):
         })
         print(f"  hf      b={b:<3} {figures[-1]['tok_s']:8.1f} tok/s", flush=True)
     if CHAT:
-        print(f"  hf      chat prompt {len(chat_ids)} tokens, {new_tokens()} new tokens", flush=True)
+        print(f"  hf      chat prompt {len(chat_ids)} tokens, {new_per_request()} new tokens", flush=True)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {"runs": figures, "peak_rss_mib": rss_mib, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if DEVICE != "cpu":
