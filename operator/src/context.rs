@@ -19,6 +19,10 @@ pub struct Context {
     pub backoff: Backoff,
     pub model_shapes: ModelShapes,
     pub pod_http: crate::podhttp::PodHttp,
+    /// How often running FineTuneJobs are looked at again (see [`crate::pace`]).
+    pub finetunejob_pace: crate::pace::Pace,
+    /// How often ModelDeployments are looked at again.
+    pub modeldeployment_pace: crate::pace::Pace,
 }
 
 /// Per-object retry delays after failed reconciles: 5 s, doubling, at most 5 min.

@@ -9,6 +9,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod modeldeployment;
+pub mod pace;
 pub mod podhttp;
 pub mod pvc;
 pub mod tenant_storage;

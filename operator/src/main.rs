@@ -18,6 +18,7 @@ use kubetune_operator::http::{router, Readiness};
 use kubetune_operator::leader::{LeaderElector, LeaseConfig, LeaseTiming};
 use kubetune_operator::metrics::Metrics;
 use kubetune_operator::modeldeployment;
+use kubetune_operator::pace::Pace;
 use kubetune_operator::triggers;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -122,6 +123,8 @@ async fn main() -> anyhow::Result<()> {
         backoff: Backoff::default(),
         model_shapes: Default::default(),
         pod_http: kubetune_operator::podhttp::PodHttp::new(std::time::Duration::from_secs(5)),
+        finetunejob_pace: Pace::new(args.concurrency),
+        modeldeployment_pace: Pace::new(args.concurrency),
     });
     let ftjs: Api<FineTuneJob> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());

@@ -17,10 +17,12 @@
 //! (pages of 500) the old trigger left 3 of 1,000 without a Job, a status or a log line, all in
 //! the first page, but no `ObjectNotFound` was logged for them, so what held them is not
 //! proven. Here each object of a list is triggered after its `InitDone`, when the cache holds
-//! it.
+//! it. (What held them was found later: the running jobs' periodic looks took every reconcile
+//! slot, and kube-runtime serves such a backlog in hash order; see [`crate::pace`].)
 //!
 //! Whatever else might drop a trigger, [`sweep_not_started`] finds the cached objects that no
-//! reconcile has started for at their current generation, logs each by name and triggers it;
+//! reconcile has started for at their current generation, logs each by name and triggers it
+//! (and warns when every slot stays taken while objects wait, which no trigger can mend);
 //! and [`within`] ends a reconcile that never finishes (kube-client sets no read timeout) with
 //! an error that is logged and retried.
 
@@ -69,6 +71,8 @@ where
 pub struct Started {
     generations: Mutex<HashMap<String, Option<i64>>>,
     suspects: Mutex<HashSet<String>>,
+    /// Sweeps in a row that found every reconcile slot taken.
+    busy_sweeps: AtomicUsize,
     running: Arc<AtomicUsize>,
     /// The controller's concurrency limit; 0 for none.
     concurrency: usize,
@@ -106,37 +110,60 @@ impl Started {
     /// slot is taken, an object may just be waiting in the queue, but with one free the
     /// controller would have started any object it had queued. Objects no longer in the cache
     /// are forgotten.
-    pub fn not_started<K>(&self, cache: &Store<K>) -> Vec<ObjectRef<K>>
+    pub fn not_started<K>(&self, cache: &Store<K>) -> Swept<K>
     where
         K: Resource + Clone + 'static,
         K::DynamicType: Clone + Default + Eq + Hash,
     {
+        let mut swept = Swept {
+            late: Vec::new(),
+            waiting_on_busy_slots: 0,
+        };
         let (Ok(mut generations), Ok(mut suspects)) = (self.generations.lock(), self.suspects.lock()) else {
-            return Vec::new();
+            return swept;
         };
         let objects = cache.state();
         let cached: HashSet<&str> = objects.iter().filter_map(|o| o.meta().uid.as_deref()).collect();
         generations.retain(|uid, _| cached.contains(uid.as_str()));
+        let waiting: Vec<_> = objects
+            .iter()
+            .filter(|obj| {
+                let meta = obj.meta();
+                meta.deletion_timestamp.is_none()
+                    && meta
+                        .uid
+                        .as_ref()
+                        .is_some_and(|uid| generations.get(uid) != Some(&meta.generation))
+            })
+            .collect();
         if self.concurrency > 0 && self.running.load(Ordering::Relaxed) >= self.concurrency {
             suspects.clear();
-            return Vec::new();
+            if self.busy_sweeps.fetch_add(1, Ordering::Relaxed) >= 1 {
+                swept.waiting_on_busy_slots = waiting.len();
+            }
+            return swept;
         }
+        self.busy_sweeps.store(0, Ordering::Relaxed);
         let mut now_suspect = HashSet::new();
-        let mut late = Vec::new();
-        for obj in &objects {
-            let meta = obj.meta();
-            let Some(uid) = meta.uid.as_deref() else { continue };
-            if meta.deletion_timestamp.is_some() || generations.get(uid) == Some(&meta.generation) {
-                continue;
+        for obj in waiting {
+            let uid = obj.meta().uid.clone().unwrap_or_default();
+            if suspects.contains(&uid) {
+                swept.late.push(ObjectRef::from_obj(obj.as_ref()));
             }
-            if suspects.contains(uid) {
-                late.push(ObjectRef::from_obj(obj.as_ref()));
-            }
-            now_suspect.insert(uid.to_string());
+            now_suspect.insert(uid);
         }
         *suspects = now_suspect;
-        late
+        swept
     }
+}
+
+/// What a sweep found.
+pub struct Swept<K: Resource> {
+    /// Objects whose trigger was lost (see [`Started::not_started`]).
+    pub late: Vec<ObjectRef<K>>,
+    /// Objects waiting for a reconcile while every slot was taken at this sweep and the one
+    /// before: the controller is saturated (see [`crate::pace`]); 0 otherwise.
+    pub waiting_on_busy_slots: usize,
 }
 
 /// Every `every`, the objects of `cache` that `started` says no reconcile has started for (see
@@ -156,7 +183,25 @@ where
         let (cache, started) = (cache.clone(), started.clone());
         async move {
             tokio::time::sleep(every).await;
-            let late = started.not_started(&cache);
+            let Swept {
+                late,
+                waiting_on_busy_slots,
+            } = started.not_started(&cache);
+            tracing::debug!(
+                %kind,
+                cached = cache.state().len(),
+                running = started.running.load(Ordering::Relaxed),
+                late = late.len(),
+                "swept for objects no reconcile has started for"
+            );
+            if waiting_on_busy_slots > 0 {
+                tracing::warn!(
+                    %kind,
+                    waiting = waiting_on_busy_slots,
+                    "every reconcile slot was taken at two sweeps in a row while objects waited for a \
+                     reconcile; more slots (--concurrency) or a faster API server would let them in sooner"
+                );
+            }
             for obj in &late {
                 tracing::warn!(%kind, object = %obj, "no reconcile had started for it; triggering it");
             }
@@ -305,12 +350,12 @@ mod tests {
         let started = Started::new(2);
         drop(started.start(&with_uid("a", 1)));
         assert!(
-            started.not_started(&cache).is_empty(),
+            started.not_started(&cache).late.is_empty(),
             "b may still be waiting in the queue at the first look"
         );
-        assert_eq!(names(started.not_started(&cache)), ["b"]);
+        assert_eq!(names(started.not_started(&cache).late), ["b"]);
         drop(started.start(&with_uid("b", 1)));
-        assert!(started.not_started(&cache).is_empty());
+        assert!(started.not_started(&cache).late.is_empty());
     }
 
     #[test]
@@ -320,8 +365,8 @@ mod tests {
         let started = Started::new(2);
         drop(started.start(&with_uid("a", 1)));
         writer.apply_watcher_event(&Event::Apply(with_uid("a", 2)));
-        assert!(started.not_started(&cache).is_empty());
-        assert_eq!(names(started.not_started(&cache)), ["a"]);
+        assert!(started.not_started(&cache).late.is_empty());
+        assert_eq!(names(started.not_started(&cache).late), ["a"]);
     }
 
     #[test]
@@ -336,8 +381,8 @@ mod tests {
         let started = Started::new(2);
         drop(started.start(&with_uid("gone", 1)));
         writer.apply_watcher_event(&Event::Delete(with_uid("gone", 1)));
-        assert!(started.not_started(&cache).is_empty());
-        assert!(started.not_started(&cache).is_empty());
+        assert!(started.not_started(&cache).late.is_empty());
+        assert!(started.not_started(&cache).late.is_empty());
         assert!(
             started.generations.lock().unwrap().is_empty(),
             "the deleted object is forgotten"
@@ -352,14 +397,20 @@ mod tests {
         }
         let started = Started::new(1);
         let busy = started.start(&with_uid("busy", 1));
-        assert!(started.not_started(&cache).is_empty());
-        assert!(
-            started.not_started(&cache).is_empty(),
-            "queued may be waiting for the one slot"
+        let first = started.not_started(&cache);
+        assert!(first.late.is_empty());
+        assert_eq!(first.waiting_on_busy_slots, 0, "one busy sweep says nothing yet");
+        let second = started.not_started(&cache);
+        assert!(second.late.is_empty(), "queued may be waiting for the one slot");
+        assert_eq!(
+            second.waiting_on_busy_slots, 1,
+            "busy at two sweeps in a row, with queued waiting"
         );
         drop(busy);
-        assert!(started.not_started(&cache).is_empty(), "the slot has just come free");
-        assert_eq!(names(started.not_started(&cache)), ["queued"]);
+        let freed = started.not_started(&cache);
+        assert!(freed.late.is_empty(), "the slot has just come free");
+        assert_eq!(freed.waiting_on_busy_slots, 0);
+        assert_eq!(names(started.not_started(&cache).late), ["queued"]);
     }
 
     #[tokio::test]

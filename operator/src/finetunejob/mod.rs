@@ -42,6 +42,7 @@ enum Dereferenced {
 /// Reconciles one FineTuneJob. Idempotent: every step recomputes from what the API server holds.
 pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let started = std::time::Instant::now();
     let ns = ftj.namespace().ok_or_else(|| Error::MissingField {
         object: ftj.name_any(),
         field: "metadata.namespace",
@@ -51,6 +52,7 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
         // The Job and its pods go with the FineTuneJob through their owner references; the
         // published adapter is a product and stays.
         ctx.metrics.set_finetunejob_phase(&key, None);
+        ctx.finetunejob_pace.stop(&key);
         return Ok(Action::await_change());
     }
 
@@ -117,15 +119,22 @@ pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
     if waiting.is_some() {
         // Nothing announces the Secret or ServiceAccount (neither is watched): look again,
         // backing off.
+        ctx.finetunejob_pace.stop(&key);
         return Ok(Action::requeue(ctx.backoff.failed(&key)));
     }
     ctx.backoff.succeeded(&key);
+    // Running and pending jobs are looked at again at a pace that leaves reconcile slots for
+    // new jobs (see `crate::pace`).
+    let pace = |wanted| Action::requeue(ctx.finetunejob_pace.next_look(&key, wanted, started.elapsed()));
     Ok(match phase {
-        FineTuneJobPhase::Running => Action::requeue(PROGRESS_INTERVAL),
-        FineTuneJobPhase::Pending => Action::requeue(PENDING_INTERVAL),
+        FineTuneJobPhase::Running => pace(PROGRESS_INTERVAL),
+        FineTuneJobPhase::Pending => pace(PENDING_INTERVAL),
         // Invalid specs, finished and suspended jobs change with their spec or their Job, both
         // watched; the resync is a safety net.
-        _ => Action::requeue(RESYNC_INTERVAL),
+        _ => {
+            ctx.finetunejob_pace.stop(&key);
+            Action::requeue(RESYNC_INTERVAL)
+        }
     })
 }
 

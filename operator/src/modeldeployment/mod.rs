@@ -38,6 +38,7 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let started = std::time::Instant::now();
     let ns = md.namespace().ok_or_else(|| Error::MissingField {
         object: md.name_any(),
         field: "metadata.namespace",
@@ -196,17 +197,21 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .set_modeldeployment(&ns, &md.name_any(), ready, new_status.rollout.as_ref().map(|r| r.state));
     ctx.backoff.succeeded(&key);
     // A rollout is followed closely; an adapter that is not there yet is looked for again soon;
-    // otherwise pod restarts are caught by the periodic check.
+    // otherwise pod restarts are caught by the periodic check. All at a pace that leaves
+    // reconcile slots for new objects (see `crate::pace`).
     let rolling = the_plan
         .rollouts
         .iter()
         .any(|r| matches!(r.state, RolloutState::Progressing | RolloutState::Canary));
-    Ok(Action::requeue(Duration::from_secs(
-        match (rolling, unresolved.is_empty()) {
-            (true, _) => 3,
-            (false, false) => 15,
-            (false, true) => 30,
-        },
+    let wanted = Duration::from_secs(match (rolling, unresolved.is_empty()) {
+        (true, _) => 3,
+        (false, false) => 15,
+        (false, true) => 30,
+    });
+    Ok(Action::requeue(ctx.modeldeployment_pace.next_look(
+        &key,
+        wanted,
+        started.elapsed(),
     )))
 }
 

@@ -41,6 +41,8 @@ pub fn context_with(config: OperatorConfig) -> (Arc<Context>, ApiHandle) {
         backoff: Backoff::default(),
         model_shapes: Default::default(),
         pod_http: kubetune_operator::podhttp::PodHttp::new(std::time::Duration::from_secs(5)),
+        finetunejob_pace: Default::default(),
+        modeldeployment_pace: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
