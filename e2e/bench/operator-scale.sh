@@ -10,6 +10,11 @@
 #
 # KUBETUNE_BENCH_OPERATOR: an operator binary to run instead of building this checkout's (to
 # compare two builds on the same cluster). KUBETUNE_BENCH_LOG: the operator's RUST_LOG (warn).
+# KUBETUNE_BENCH_STRESS=1: the operator falls behind on purpose (#18 §0): the API server runs
+# without its watch cache (every list read from etcd, in pages of 500) and compacts etcd every
+# 30 s, and the operator is stopped while the jobs are created and for 65 s after, so that it
+# comes back to a watch that has expired and 1,000 jobs at once. The API server is restarted as
+# it was at the end.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source e2e/cluster/lib.sh
@@ -60,8 +65,18 @@ for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-
   cat "$kwok_dir/stages/$stage.yaml"
 done >"$kwok_config"
 
+stress="${KUBETUNE_BENCH_STRESS:-}"
+if [ -n "$stress" ]; then
+  stop_daemon kube-apiserver
+  KUBETUNE_APISERVER_ARGS="--watch-cache=false --etcd-compaction-interval=30s" e2e/cluster/up.sh
+fi
+
 ns="bench-$(date +%s)"
 cleanup() {
+  if [ -n "$stress" ]; then
+    stop_daemon kube-apiserver
+    e2e/cluster/up.sh >/dev/null 2>&1 || log "could not restart the API server; run e2e/cluster/up.sh"
+  fi
   stop_daemon operator-bench
   kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
   kubectl delete nodes -l "$fake_selector" --wait=false >/dev/null 2>&1 || true
@@ -109,8 +124,21 @@ done >"$manifests"
 log "creating $n FineTuneJobs in $ns"
 t0=$(date +%s.%N)
 goal=$((SECONDS + 30))
-kubectl create -f "$manifests" >/dev/null
-t_created=$(date +%s.%N)
+if [ -n "$stress" ]; then
+  kill -STOP "$op_pid"
+  kubectl create -f "$manifests" >/dev/null
+  t_created=$(date +%s.%N)
+  # Not a wait for a condition: the outage is the test. Two compaction intervals make sure the
+  # operator's watch has expired when it comes back.
+  sleep 65
+  kill -CONT "$op_pid"
+  t_resumed=$(date +%s.%N)
+  goal=$((SECONDS + 30))
+  log "operator resumed after a 65 s stop"
+else
+  kubectl create -f "$manifests" >/dev/null
+  t_created=$(date +%s.%N)
+fi
 current() {
   local jobs statuses
   jobs=$(kubectl get jobs -n "$ns" --no-headers 2>/dev/null | wc -l)
@@ -151,6 +179,9 @@ awk -v n="$n" -v c="$t_created" -v d="$t_done" -v t0="$t0" -v r="$rss_kib" 'BEGI
   printf "all Jobs exist, statuses current:  %.1f s after the first create (goal 30 s; ratio %.2f)\n", d, d / 30
   printf "operator peak RSS:                 %.1f MiB (goal 100 MiB; ratio %.2f)\n", r / 1024, r / 1024 / 100
 }'
+if [ -n "$stress" ]; then
+  awk -v r="$t_resumed" -v d="$t_done" 'BEGIN { printf "after the operator resumed:        %.1f s\n", d - r }'
+fi
 echo "late past the 30 s goal:           ${late:-none}"
 failed=$(tail -n "+$log_from" "$operator_log" | grep -c 'reconcile failed' || true)
 immutable=$(tail -n "+$log_from" "$operator_log" | grep -c 'field is immutable' || true)

@@ -51,6 +51,8 @@ if ! daemon_running etcd; then
 fi
 wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
+# KUBETUNE_APISERVER_ARGS: more kube-apiserver flags (the operator scale benchmark's stress mode).
+read -ra apiserver_args <<<"${KUBETUNE_APISERVER_ARGS:-}"
 if ! daemon_running kube-apiserver; then
   port_free "$BRIDGE_IP" "$APISERVER_PORT" || die "port $APISERVER_PORT is taken; set KUBETUNE_APISERVER_PORT"
   start_daemon kube-apiserver "$kube_bin/kube-apiserver" \
@@ -66,7 +68,7 @@ if ! daemon_running kube-apiserver; then
     --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
     --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
     --allow-privileged=true --profiling=false \
-    --cert-dir "$cluster_dir/apiserver-certs" --v 1
+    --cert-dir "$cluster_dir/apiserver-certs" --v 1 "${apiserver_args[@]}"
 fi
 wait_for kube-apiserver 120 kubectl get --raw /readyz
 
