@@ -26,8 +26,8 @@
 //! on the way), and so reads every byte of those files once more: 0.07-0.1 s per 100 MiB on
 //! this project's 2-core machine with the file in the page cache (sha2 with the CPU's SHA
 //! instructions, about 1.4 GB/s on one core; the SmolLM2 Q4_1 GGUF file, 98 MB, in 0.09-0.1 s;
-//! see the ignored test `hashing_cost` below), so about 11 s for a 7B model's 15 GB in bf16,
-//! or the disk's read time when that is slower.
+//! measured by `cargo run --release -p kubetune-trainer --example hash_cost`), so about 11 s
+//! for a 7B model's 15 GB in bf16, or the disk's read time when that is slower.
 
 use crate::error::{Result, TrainError};
 use kubetune_storage::{Sha256Digest, StorageError};
@@ -217,25 +217,5 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         write(dir.path(), "config.json", b"{}");
         assert!(of_model(dir.path()).await.is_err());
-    }
-
-    /// What hashing costs: `cargo test -p kubetune-trainer --lib hashing_cost -- --ignored
-    /// --nocapture` prints the time for a model with a 100 MiB weight file, and for the model
-    /// at `KUBETUNE_HASH_MODEL` when set (e.g. the SmolLM2 GGUF file of `e2e/models/smollm2.sh`),
-    /// each read once first so the page cache is warm, as right after a download.
-    #[tokio::test(flavor = "multi_thread")]
-    #[ignore]
-    async fn hashing_cost() {
-        let dir = tempfile::tempdir().expect("dir");
-        model(dir.path(), &vec![7u8; 100 << 20]);
-        let mut models = vec![dir.path().to_path_buf()];
-        models.extend(std::env::var_os("KUBETUNE_HASH_MODEL").map(PathBuf::from));
-        for path in models {
-            let digest = of_model(&path).await.expect("warm");
-            let start = std::time::Instant::now();
-            assert_eq!(of_model(&path).await.expect("digest"), digest);
-            let s = start.elapsed().as_secs_f64();
-            println!("{}: {s:.3} s, {digest}", path.display());
-        }
     }
 }
