@@ -15,6 +15,7 @@ use kubetune_model::LoraAdapter;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use tokio::sync::Notify;
 
 #[derive(Debug)]
 pub struct LoadedAdapter {
@@ -30,11 +31,36 @@ pub struct LoadedAdapter {
     pub loaded_at: u64,
     pub weights: LoraAdapter,
     pub bytes: usize,
+    /// Told each time the engine lets go of a request's hold on this adapter: the set it goes
+    /// into hands over its own, so that a load waiting for a slot that running requests hold
+    /// looks again at once (see `ondemand.rs`).
+    pub released: Arc<Notify>,
 }
 
 impl LoadedAdapter {
     pub fn rank(&self) -> usize {
         self.weights.config.r
+    }
+
+    /// An adapter of rank 1 with no weights, for tests of what holds and frees adapters.
+    #[cfg(test)]
+    pub(crate) fn empty(name: &str, digest: Option<&str>) -> Self {
+        let config = kubetune_model::LoraConfig {
+            r: 1,
+            alpha: 1.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+        };
+        LoadedAdapter {
+            name: name.into(),
+            version: Some(1),
+            digest: digest.map(str::to_string),
+            source: "test".into(),
+            loaded_at: 0,
+            weights: LoraAdapter::from_pairs(config, Default::default()),
+            bytes: 0,
+            released: Default::default(),
+        }
     }
 }
 
@@ -81,6 +107,8 @@ pub struct AdapterSet {
     loaded: RwLock<BTreeMap<String, Slot>>,
     /// Ticks on every use, so "least recently used" is exact even within one millisecond.
     clock: AtomicU64,
+    /// Told when a request lets go of one of the set's adapters.
+    released: Arc<Notify>,
 }
 
 impl AdapterSet {
@@ -89,7 +117,13 @@ impl AdapterSet {
             limits,
             loaded: RwLock::default(),
             clock: AtomicU64::new(0),
+            released: Arc::default(),
         }
+    }
+
+    /// Told each time a request lets go of one of the set's adapters.
+    pub fn released(&self) -> Arc<Notify> {
+        self.released.clone()
     }
 
     pub fn limits(&self) -> &AdapterLimits {
@@ -157,7 +191,8 @@ impl AdapterSet {
     /// As [`insert_with`](Self::insert_with), but a refusal hands the adapter back and says
     /// whether it is only for now: room would be made if the adapters that running requests
     /// hold were idle, so a caller may wait for them instead of loading again.
-    pub fn try_insert(&self, adapter: LoadedAdapter, pinned: bool) -> Result<Inserted, Refused> {
+    pub fn try_insert(&self, mut adapter: LoadedAdapter, pinned: bool) -> Result<Inserted, Refused> {
+        adapter.released = self.released.clone();
         if let Err(error) = self.check_rank(adapter.rank()) {
             return Err(Refused {
                 adapter: Box::new(adapter),

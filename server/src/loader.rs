@@ -351,6 +351,7 @@ impl AdapterLoader {
             loaded_at: crate::api::unix_now(),
             weights,
             bytes,
+            released: Default::default(),
         })
     }
 }

@@ -33,9 +33,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// How often a loaded adapter looks for a slot again while running requests hold them all. A
-/// request lets its adapter go when the engine drops its finished sequence, which has no hook
-/// to wake on, so the wait polls; the interval grows to this from a few milliseconds.
+/// How often a loaded adapter looks for a slot again while running requests hold them all, at
+/// the latest. The engine wakes the wait when it lets go of a finished request's adapter; a
+/// hold that ends elsewhere (a handler's, before its request reached the engine) is found by
+/// this poll, whose interval grows to this from a few milliseconds.
 const SLOT_POLL_MAX: Duration = Duration::from_millis(100);
 
 pub struct OnDemand {
@@ -155,7 +156,12 @@ async fn insert_when_room(
 ) -> Result<Inserted, ApiError> {
     let mut poll = Duration::from_millis(5);
     let mut waiting = None;
+    let released = adapters.released();
     loop {
+        // Listening before looking, so that a release between the two is not missed.
+        let notified = released.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         match adapters.try_insert(adapter, false) {
             Ok(inserted) => return Ok(inserted),
             Err(Refused {
@@ -165,7 +171,10 @@ async fn insert_when_room(
             }) if Instant::now() + poll < deadline => {
                 waiting.get_or_insert_with(|| WaitingGauge::enter(metrics));
                 adapter = *back;
-                tokio::time::sleep(poll).await;
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
                 poll = (poll * 2).min(SLOT_POLL_MAX);
             }
             Err(Refused {
@@ -195,5 +204,48 @@ impl<'a> WaitingGauge<'a> {
 impl Drop for WaitingGauge<'_> {
     fn drop(&mut self) {
         self.0.adapter_loads_waiting.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::AdapterLimits;
+
+    /// Runs on paused time: no virtual time passes unless every task waits on a timer, so a
+    /// load that finishes at the instant it started was woken by the release, not by its poll.
+    #[tokio::test(start_paused = true)]
+    async fn a_load_waiting_for_a_slot_takes_it_when_a_request_lets_go_without_waiting_for_its_poll() {
+        let set = Arc::new(AdapterSet::new(AdapterLimits {
+            max_adapters: 1,
+            ..Default::default()
+        }));
+        let metrics = Arc::new(Metrics::default());
+        let (in_use, _) = set
+            .insert_with(LoadedAdapter::empty("busy", None), false)
+            .expect("room");
+        let started = tokio::time::Instant::now();
+        let load = tokio::spawn({
+            let (set, metrics) = (set.clone(), metrics.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                insert_when_room(&set, &metrics, LoadedAdapter::empty("new", None), deadline).await
+            }
+        });
+        while metrics.adapter_loads_waiting.get() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // What the engine does when the request holding `busy` ends.
+        let released = in_use.released.clone();
+        drop(in_use);
+        released.notify_waiters();
+        let (inserted, evicted) = load.await.expect("joined").expect("a slot came free");
+        assert_eq!(inserted.name, "new");
+        assert_eq!(evicted.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["busy"]);
+        assert_eq!(
+            tokio::time::Instant::now(),
+            started,
+            "woken by its poll, not the release"
+        );
     }
 }

@@ -112,6 +112,18 @@ pub(crate) struct Admitted {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Drop for Admitted {
+    /// A request ends (finished, failed or cancelled): its adapter is let go first, then the
+    /// adapter's set is told, so that a load waiting for a slot finds this one free.
+    fn drop(&mut self) {
+        if let Some(adapter) = self.req.adapter.take() {
+            let released = adapter.released.clone();
+            drop(adapter);
+            released.notify_waiters();
+        }
+    }
+}
+
 /// Handle to the engine actor; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {

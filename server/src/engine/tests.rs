@@ -406,21 +406,35 @@ fn with_prompt(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
 }
 
 fn adapter(name: &str, digest: Option<&str>) -> Arc<crate::adapters::LoadedAdapter> {
-    let config = kubetune_model::LoraConfig {
-        r: 1,
-        alpha: 1.0,
-        dropout: 0.0,
-        target_modules: Vec::new(),
+    Arc::new(crate::adapters::LoadedAdapter::empty(name, digest))
+}
+
+#[test]
+fn a_request_that_ends_lets_go_of_its_adapter_and_then_tells_the_adapters_set() {
+    use futures::FutureExt;
+    let set = crate::adapters::AdapterSet::new(Default::default());
+    let (held, _) = set
+        .insert_with(crate::adapters::LoadedAdapter::empty("a", None), false)
+        .expect("room");
+    let released = set.released();
+    let mut told = Box::pin(released.notified());
+    told.as_mut().enable();
+    let mut req = request(4, 2, 1);
+    req.adapter = Some(held);
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let permits = Arc::new(tokio::sync::Semaphore::new(1));
+    let admitted = super::Admitted {
+        req,
+        events,
+        enqueued: std::time::Instant::now(),
+        _permit: permits.try_acquire_owned().expect("a permit"),
     };
-    Arc::new(crate::adapters::LoadedAdapter {
-        name: name.into(),
-        version: Some(1),
-        digest: digest.map(str::to_string),
-        source: "test".into(),
-        loaded_at: 0,
-        weights: kubetune_model::LoraAdapter::from_pairs(config, Default::default()),
-        bytes: 0,
-    })
+    assert!(told.as_mut().now_or_never().is_none(), "told while the request runs");
+    // What the engine does with a request that finished, failed or was cancelled.
+    drop(admitted);
+    assert!(told.as_mut().now_or_never().is_some(), "the set was not told");
+    let slot = set.get("a").expect("still loaded");
+    assert_eq!(Arc::strong_count(&slot), 2, "only the set and this test hold it");
 }
 
 impl Harness {
