@@ -42,6 +42,14 @@ impl LoadedAdapter {
         self.weights.config.r
     }
 
+    /// Ends a request's hold on the adapter: lets go of it first, then tells its set, so that
+    /// a load waiting for a slot finds this one free.
+    pub fn release(hold: Arc<Self>) {
+        let released = hold.released.clone();
+        drop(hold);
+        released.notify_waiters();
+    }
+
     /// An adapter of rank 1 with no weights, for tests of what holds and frees adapters.
     #[cfg(test)]
     pub(crate) fn empty(name: &str, digest: Option<&str>) -> Self {

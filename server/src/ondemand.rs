@@ -236,9 +236,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // What the engine does when the request holding `busy` ends.
-        let released = in_use.released.clone();
-        drop(in_use);
-        released.notify_waiters();
+        LoadedAdapter::release(in_use);
         let (inserted, evicted) = load.await.expect("joined").expect("a slot came free");
         assert_eq!(inserted.name, "new");
         assert_eq!(evicted.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["busy"]);

@@ -113,13 +113,10 @@ pub(crate) struct Admitted {
 }
 
 impl Drop for Admitted {
-    /// A request ends (finished, failed or cancelled): its adapter is let go first, then the
-    /// adapter's set is told, so that a load waiting for a slot finds this one free.
+    /// A request ends (finished, failed or cancelled), and with it its hold on its adapter.
     fn drop(&mut self) {
         if let Some(adapter) = self.req.adapter.take() {
-            let released = adapter.released.clone();
-            drop(adapter);
-            released.notify_waiters();
+            crate::adapters::LoadedAdapter::release(adapter);
         }
     }
 }
