@@ -14,8 +14,13 @@ use candle_core::{DType, Tensor, D};
 /// About this many bytes of f32 scores per block (batch x heads x rows x keys).
 const BLOCK_BYTES: usize = 64 << 20;
 
-/// softmax(scale q kᵀ + mask) v for q (b, h, t, d) and k, v (b, h, T, d) with as many heads as
-/// q; `mask` (t, T), additive f32, or None when every query sees every key.
+/// softmax(scale q kᵀ + mask) v for q (b, h, t, d) and k, v (b, g, T, d), each of the g KV heads
+/// serving h / g query heads in turn (grouped-query attention); `mask` (t, T), additive f32, or
+/// None when every query sees every key. The KV heads are repeated for the query heads inside
+/// the op, forward and backward, so a training graph keeps k and v as they are and not their
+/// repeated copies (2 of the bench layer's 19 MiB). The result is in
+/// the output projection's layout, (b, t, h d): in a training graph the op's own output is then
+/// the projection's input, instead of both it and a transposed copy being kept.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     in_blocks(q, k, v, mask, scale, block_rows(q, k.dim(2)?)?)
 }
@@ -44,7 +49,9 @@ pub(crate) fn softcapped(
 
 /// [`attention`] with `per` query rows per block.
 fn in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, per: usize) -> Result<Tensor> {
-    let (out, lse) = forward(q, k, v, mask, scale, per)?;
+    let (out, lse) = forward(q, &repeat_kv(k, q)?, &repeat_kv(v, q)?, mask, scale, per)?;
+    let (b, h, t, d) = out.dims4()?;
+    let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
     let backward = BlockedAttention {
         lse,
         mask: mask.cloned(),
@@ -52,6 +59,35 @@ fn in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f
         per,
     };
     Ok(crate::custom_grad::with_backward3([q, k, v], out, backward)?)
+}
+
+/// `kv` (b, g, T, d) with each KV head repeated for its query heads of `q` (b, h, t, d):
+/// (b, h, T, d), outside the graph.
+fn repeat_kv(kv: &Tensor, q: &Tensor) -> Result<Tensor> {
+    let (b, g, keys, d) = kv.dims4()?;
+    let h = q.dim(1)?;
+    if h == g {
+        return Ok(kv.detach());
+    }
+    if g == 0 || h % g != 0 {
+        return Err(crate::error::ModelError::ShapeMismatch(format!(
+            "attention: {h} query heads cannot share {g} KV heads"
+        )));
+    }
+    Ok(kv
+        .detach()
+        .unsqueeze(2)?
+        .expand((b, g, h / g, keys, d))?
+        .reshape((b, h, keys, d))?)
+}
+
+/// The gradient of [`repeat_kv`]'s input from its output's: each KV head's query heads summed.
+fn fold_kv(grad: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, h, keys, d) = grad.dims4()?;
+    if h == g {
+        return Ok(grad.clone());
+    }
+    Ok(grad.reshape((b, g, h / g, keys, d))?.sum(2)?)
 }
 
 /// Query rows per block: as many as keep a block's f32 scores near [`BLOCK_BYTES`].
@@ -112,10 +148,16 @@ impl BlockedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (t, per) = (q.dim(2)?, self.per);
-        let grad = grad.to_dtype(v.dtype())?;
+        let (b, h, t, d) = q.dims4()?;
+        let groups = k.dim(1)?;
+        let (k, v) = (&repeat_kv(k, q)?, &repeat_kv(v, q)?);
+        let per = self.per;
+        // The output and its gradient come in rows, (b, t, h d); the blocks work in heads.
+        let heads = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?) };
+        let (out, grad) = (heads(out)?, heads(&grad.to_dtype(v.dtype())?)?);
         // D = rowsum(dO ∘ O), the softmax backward's correction term.
         let d = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        drop(out);
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
         // dK and dV sum over blocks: in f32, then back to the inputs' dtype.
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
@@ -138,7 +180,10 @@ impl BlockedAttention {
             dk = add(dk, ds.t()?.matmul(&q_blk)?)?;
         }
         let missing = || crate::error::ModelError::EmptyInput("attention backward of an empty sequence".into());
-        let (dk, dv) = (dk.ok_or_else(missing)?, dv.ok_or_else(missing)?);
+        let (dk, dv) = (
+            fold_kv(&dk.ok_or_else(missing)?, groups)?,
+            fold_kv(&dv.ok_or_else(missing)?, groups)?,
+        );
         Ok((Tensor::cat(&dq, 2)?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
     }
 }
@@ -184,14 +229,13 @@ mod tests {
 
     /// Blocks of 16 query rows, the last one partial, with a mask that has an offset (keys of
     /// a cache) and a sliding window, in f32 against the whole graph; and one block of all rows.
+    /// With as many KV heads as query heads, and with each KV head serving two or three query
+    /// heads (the reference repeats them in the graph). The output comes in rows, (b, t, h d).
     #[test]
     fn blocked_attention_and_its_gradients_equal_the_whole_graph() {
         let dev = Device::Cpu;
-        let (b, h, t, offset, d) = (2, 3, 40, 9, 8);
+        let (b, h, t, offset, d) = (2, 6, 40, 9, 8);
         let total = offset + t;
-        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
-        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, total, d), &dev).unwrap()).unwrap();
-        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, total, d), &dev).unwrap()).unwrap();
         let window = 20;
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
@@ -207,20 +251,36 @@ mod tests {
             .collect();
         let mask = Tensor::from_vec(mask, (t, total), &dev).unwrap();
         let scale = 0.35;
-        let want = reference(&q, &k, &v, &mask, scale);
-        let w = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
-        let want_grads = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        for per in [16, t] {
-            let got = in_blocks(&q, &k, &v, Some(&mask), scale, per).unwrap();
-            assert!(
-                max_rel(&got, &want) < 1e-5,
-                "{per} rows: output off by {}",
-                max_rel(&got, &want)
-            );
-            let got_grads = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (g, r) = (got_grads.get(var).unwrap(), want_grads.get(var).unwrap());
-                assert!(max_rel(g, r) < 1e-4, "{per} rows: d{name} off by {}", max_rel(g, r));
+        for groups in [6, 3, 2] {
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, groups, total, d), &dev).unwrap()).unwrap();
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, groups, total, d), &dev).unwrap()).unwrap();
+            let repeated = |x: &Tensor| {
+                x.unsqueeze(2)
+                    .unwrap()
+                    .expand((b, groups, h / groups, total, d))
+                    .unwrap()
+                    .reshape((b, h, total, d))
+                    .unwrap()
+            };
+            let want = reference(&q, &repeated(&k), &repeated(&v), &mask, scale)
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
+            let want_grads = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for per in [16, t] {
+                let got = in_blocks(&q, &k, &v, Some(&mask), scale, per).unwrap();
+                let off = max_rel(&got, &want);
+                assert!(off < 1e-5, "{groups} KV heads, {per} rows: output off by {off}");
+                let got_grads = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let (g, r) = (got_grads.get(var).unwrap(), want_grads.get(var).unwrap());
+                    assert_eq!(g.dims(), var.dims(), "d{name}");
+                    let off = max_rel(g, r);
+                    assert!(off < 1e-4, "{groups} KV heads, {per} rows: d{name} off by {off}");
+                }
             }
         }
     }

@@ -222,7 +222,10 @@ impl CausalLm {
         }
         let x = self.last_layer_output(batch.input_ids, 0, None, Some(adapter))?;
         let (loss_sum, grad) = self.head_backward(&x.detach(), batch, &step)?;
-        let store = (x * grad)?.sum_all()?.backward()?;
+        let mut store = (x * &grad)?.sum_all()?.backward()?;
+        // candle also stores the gradient of `grad`, a constant here: `x * 1`, whose graph
+        // holds every layer's activations for as long as the store lives.
+        store.remove(&grad);
         Ok((loss_sum, store))
     }
 
@@ -260,12 +263,44 @@ impl CausalLm {
 /// `-sum(weights * log_softmax(logits)[targets])` for logits (rows, vocab), next-token ids
 /// (rows) and loss weights (rows): the training loss, summed rather than averaged so that
 /// chunks and micro-batches add up.
+///
+/// One op of the graph: through candle's ops the graph of a chunk kept about eleven
+/// logits-sized f32 tensors until its backward (the f32 copy, the log-softmax's steps and their
+/// gradients); this keeps the logits alone and computes `weights (softmax - onehot(targets))`
+/// in the backward.
 pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let weights = weights.to_dtype(DType::F32)?;
     // The log-softmax in f32: bf16 logits keep too few bits for the loss and its gradient.
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let weights = weights.to_dtype(picked.dtype())?;
-    Ok((picked * weights)?.sum_all()?.neg()?)
+    let x = logits.detach().to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let log_sum = x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = (x.gather(&targets.unsqueeze(1)?, 1)? - max - log_sum)?.squeeze(1)?;
+    let sum = (picked * &weights)?.sum_all()?.neg()?;
+    Ok(crate::custom_grad::with_backward(
+        logits,
+        sum,
+        NllBackward {
+            targets: targets.clone(),
+            weights,
+        },
+    )?)
+}
+
+struct NllBackward {
+    targets: Tensor,
+    weights: Tensor,
+}
+
+impl crate::custom_grad::Backward for NllBackward {
+    const NAME: &'static str = "weighted-nll";
+
+    /// d/dlogits = g w (softmax(logits) - onehot(target)) per row, g the scalar's gradient.
+    fn backward(&self, logits: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let scale = self.weights.broadcast_mul(&grad.to_dtype(DType::F32)?)?.unsqueeze(1)?;
+        let d = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.broadcast_mul(&scale)?;
+        d.scatter_add_set(&self.targets.unsqueeze(1)?, &scale.neg()?, 1)?;
+        d.to_dtype(logits.dtype())
+    }
 }
 
 /// Adds the gradients of layer `layer`'s adapter tensors in `store` to `into`, detached.
@@ -290,4 +325,43 @@ fn add_adapter_grads(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The op against candle's log-softmax, gather and sum, for f32 and bf16 logits: the loss
+    /// and the logits' gradient, with a weight of 0 on one row.
+    #[test]
+    fn the_weighted_nll_and_its_gradient_equal_candles_log_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, vocab) = (6, 50);
+        let targets = Tensor::new(&[3u32, 49, 0, 17, 17, 8], &dev)?;
+        let weights = Tensor::new(&[1f32, 0.5, 0.0, 2.0, 1.0, 1.0], &dev)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let logits = Var::from_tensor(&Tensor::randn(0f32, 3.0, (rows, vocab), &dev)?.to_dtype(dtype)?)?;
+            let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+            let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+            let want = (picked * &weights)?.sum_all()?.neg()?;
+            let got = weighted_nll(&logits, &targets, &weights)?;
+            let (w, g) = (want.to_scalar::<f32>()?, got.to_scalar::<f32>()?);
+            assert!((w - g).abs() < 1e-4 * w.abs(), "{dtype:?}: loss {g} against {w}");
+            let want = (want * 0.7)?.backward()?;
+            let got = (got * 0.7)?.backward()?;
+            let (want, got) = (
+                want.get(&logits).expect("gradient"),
+                got.get(&logits).expect("op gradient"),
+            );
+            assert_eq!(got.dtype(), dtype);
+            let diff = (want.to_dtype(DType::F32)? - got.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            let bound = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(diff < bound, "{dtype:?}: gradient off by {diff}");
+        }
+        Ok(())
+    }
 }

@@ -36,6 +36,7 @@ pub mod device;
 pub mod error;
 mod fused;
 mod fused_adapter;
+mod gated;
 pub mod generate;
 pub mod gguf;
 pub mod int8;

@@ -133,6 +133,38 @@ impl Projection {
     }
 }
 
+impl Projection {
+    /// `x` (batch, seq, in) projected into attention heads (batch, heads, seq, head_dim),
+    /// rotated by `heads.rope` when given. In a training graph with an undropped pair, one op
+    /// ([`crate::lora_linear::lora_linear_heads`]); otherwise the projection, then the split
+    /// and the rotation.
+    pub(crate) fn forward_heads(
+        &self,
+        x: &Tensor,
+        adapter: Option<&ActiveAdapter>,
+        heads: &crate::lora_linear::Heads,
+    ) -> Result<Tensor> {
+        let (b, t, fan_in) = x.dims3()?;
+        let x2 = x.reshape((b * t, fan_in))?;
+        let fused = adapter
+            .and_then(|a| a.undropped_pair(self.layer, self.module))
+            .filter(|(pair, _)| x2.track_op() || pair.a.track_op() || pair.b.track_op());
+        if let Some((pair, scale)) = fused {
+            let pair = (&pair.a, &pair.b, scale);
+            return crate::lora_linear::lora_linear_heads(&x2, &self.weight, self.bias.as_ref(), pair, heads);
+        }
+        let split = self
+            .forward(x, adapter)?
+            .reshape((b, t, heads.heads, heads.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        match &heads.rope {
+            Some((cos, sin)) => crate::rope::apply(&split, cos, sin),
+            None => Ok(split),
+        }
+    }
+}
+
 /// Which rows of a decode batch use which adapter. Rows of the same adapter are one group, so
 /// the low-rank product runs once per adapter, not once per row; rows without an adapter are
 /// in no group and get no delta.

@@ -12,6 +12,7 @@ use crate::config::{Activation, Config};
 use crate::error::{ModelError, Result};
 use crate::linear::{norm_if_any, BaseFormat, BaseWeight, Projection, RmsNorm};
 use crate::lora::{ActiveAdapter, LoraAdapter, TargetModule};
+use crate::lora_linear::Heads;
 use crate::rope::{self, Rope};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -554,24 +555,36 @@ impl Attention {
         adapter: Option<&ActiveAdapter>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        // Each projection goes straight into heads, rotated with them unless a per-head norm
+        // (over head_dim) comes between the split and RoPE.
+        let into = |heads: usize, rotate: bool| Heads {
+            batch: b,
+            heads,
+            head_dim: self.head_dim,
+            rope: rotate.then(|| (cos.clone(), sin.clone())),
         };
-        // Per-head norms act over head_dim, the last axis of (b, heads, t, head_dim).
-        let q = norm_if_any(&self.q_norm, split(self.q.forward(x, adapter)?, self.heads)?)?;
-        let k = norm_if_any(&self.k_norm, split(self.k.forward(x, adapter)?, self.kv_heads)?)?;
-        let v = split(self.v.forward(x, adapter)?, self.kv_heads)?;
-        let q = rope::apply(&q, cos, sin)?;
-        let k = rope::apply(&k, cos, sin)?;
+        let query_like = |p: &Projection, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = p.forward_heads(x, adapter, &into(heads, norm.is_none()))?;
+            match norm {
+                Some(n) => rope::apply(&n.forward(&y)?, cos, sin),
+                None => Ok(y),
+            }
+        };
+        let q = query_like(&self.q, self.heads, &self.q_norm)?;
+        let k = query_like(&self.k, self.kv_heads, &self.k_norm)?;
+        let v = self.v.forward_heads(x, adapter, &into(self.kv_heads, false))?;
         let (k, v) = match kv {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
         let scale = self.scale;
-        let heads = if let Some(cap) = self.softcap {
+        let rows = (b, t, self.heads * self.head_dim);
+        let out = if let Some(cap) = self.softcap {
             let k = repeat_kv(&k, self.heads / self.kv_heads)?.contiguous()?;
             let v = repeat_kv(&v, self.heads / self.kv_heads)?.contiguous()?;
             crate::attention::softcapped(&q, &k, &v, mask, scale, cap)?
+                .transpose(1, 2)?
+                .reshape(rows)?
         } else if crate::kernels::fused::fusable(&q) {
             // The query heads of each KV head stacked as rows of one matrix; the fused op
             // derives the causal (and window) mask from the shapes.
@@ -580,13 +593,13 @@ impl Attention {
             probs
                 .matmul(&v.contiguous()?)?
                 .reshape((b, self.heads, t, self.head_dim))?
+                .transpose(1, 2)?
+                .reshape(rows)?
         } else {
-            // In blocks of queries, scores and softmax in f32 (crate::attention).
-            let k = repeat_kv(&k, self.heads / self.kv_heads)?.contiguous()?;
-            let v = repeat_kv(&v, self.heads / self.kv_heads)?.contiguous()?;
+            // In blocks of queries, scores and softmax in f32 (crate::attention), which
+            // repeats the KV heads itself.
             crate::attention::attention(&q, &k, &v, mask, scale)?
         };
-        let out = heads.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&out, adapter)
     }
 }
@@ -614,8 +627,7 @@ impl Mlp {
         let up = self.up.forward(x, adapter)?;
         let h = match self.activation {
             Activation::Silu if crate::kernels::fused::fusable(&gate) => crate::kernels::fused::swiglu(&gate, &up)?,
-            Activation::Silu => (gate.silu()? * up)?,
-            Activation::GeluTanh => (gate.gelu()? * up)?,
+            activation => crate::gated::gated(&gate, &up, activation)?,
         };
         self.down.forward(&h, adapter)
     }

@@ -431,8 +431,9 @@ impl CustomOp2 for CausalProbs {
     /// With dS = scale * p * (g - sum(p * g)) the scores' gradient: dq = dS k, dk = dS^T q.
     fn bwd(&self, q: &Tensor, k: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let ds = p.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
-        let dq = ds.matmul(k)?;
-        let dk = ds.t()?.matmul(q)?;
+        // Detached: a gradient that held q and k through a graph would keep them alive.
+        let dq = ds.matmul(&k.detach())?;
+        let dk = ds.t()?.matmul(&q.detach())?;
         Ok((Some(dq), Some(dk)))
     }
 }
