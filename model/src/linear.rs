@@ -230,12 +230,39 @@ pub(crate) fn frozen_matmul(x: &Tensor, weight: &BaseWeight) -> Result<Tensor> {
     if !x.track_op() {
         return matmul_weight(x, weight);
     }
+    if let BaseWeight::Nf4(q) = weight {
+        // Both products expand the weight as matmul_weight does, a slice of rows at a time when
+        // it is large (the head): FrozenMatmul's forward sees only storage and would expand it
+        // whole.
+        let y = q.matmul_t(&x.detach())?;
+        return Ok(crate::custom_grad::with_backward(
+            x,
+            y,
+            FrozenBackward { weight: weight.clone() },
+        )?);
+    }
     Ok(x.apply_op1(FrozenMatmul { weight: weight.clone() })?)
 }
 
-/// The op behind [`frozen_matmul`]. It keeps the weight as stored: an NF4 weight stays packed
-/// between the forward and the backward pass and is expanded again for the backward product,
-/// so QLoRA never holds the whole base in f32 at once.
+/// The backward of [`frozen_matmul`] of an NF4 weight, which stays packed between the forward
+/// and the backward pass and is expanded again for the backward product, so QLoRA never holds
+/// the whole base expanded at once.
+struct FrozenBackward {
+    weight: BaseWeight,
+}
+
+impl crate::custom_grad::Backward for FrozenBackward {
+    const NAME: &'static str = "frozen-nf4-matmul";
+
+    /// d(x w^T)/dx = grad w; the weight gets no gradient.
+    fn backward(&self, _x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        self.weight
+            .grad_matmul(&grad.contiguous()?)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// The op behind [`frozen_matmul`] of a dense or int8 weight.
 struct FrozenMatmul {
     weight: BaseWeight,
 }
@@ -270,17 +297,6 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if let (BaseWeight::Nf4(q), Some((start, end))) = (&self.weight, layout.contiguous_offsets()) {
-            if q.is_sliced() {
-                // A large NF4 weight (the head) is expanded a slice at a time; the input is
-                // copied into a tensor for that, a small fraction of the product's output.
-                let (m, k) = layout.shape().dims2()?;
-                let input = Tensor::from_slice(&x.as_slice::<f32>()?[start..end], (m, k), &candle_core::Device::Cpu)?;
-                let y = q.product_cpu(&input).map_err(candle_core::Error::wrap)?;
-                let (n, _) = q.dims2().map_err(candle_core::Error::wrap)?;
-                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
-            }
-        }
         self.forward(x, layout, crate::custom_grad::cpu)
     }
 
@@ -391,7 +407,7 @@ impl crate::custom_grad::Backward for RmsNormBackward {
 mod tests {
     use super::*;
     use crate::kernels::matmul::close;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// The op's forward and input gradient equal a plain matmul's, for a dense and an NF4 weight.
     #[test]
@@ -441,6 +457,31 @@ mod tests {
         let no_graph = frozen_matmul(&x.as_tensor().detach(), &BaseWeight::Nf4(nf4))?;
         assert!(!no_graph.track_op());
         assert!(close(&no_graph, &plain));
+        Ok(())
+    }
+
+    /// On the GPU's path (bf16, codes expanded by tensor ops) an NF4 weight's product and input
+    /// gradient in a graph equal those of its expansion, within bf16 rounding.
+    #[test]
+    fn frozen_matmul_of_an_nf4_weight_expanded_by_tensor_ops_matches_its_expansion() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.02, (300, 256), &dev)?.to_dtype(DType::BF16)?;
+        let nf4 = crate::nf4::Nf4Tensor::quantize(&w)?;
+        let dense = nf4.dequantize()?;
+        assert_eq!(dense.dtype(), DType::BF16);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (7, 256), &dev)?.to_dtype(DType::BF16)?)?;
+        let ours = frozen_matmul(x.as_tensor(), &BaseWeight::Nf4(nf4))?;
+        let plain = x.as_tensor().matmul(&dense.t()?)?;
+        let relative = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+            Ok((&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert!(relative(&ours, &plain)? < 1e-2);
+        let probe = Tensor::randn(0f32, 1., (7, 300), &dev)?.to_dtype(DType::BF16)?;
+        let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+        let g_plain = (plain * &probe)?.sum_all()?.backward()?;
+        let (a, b) = (g_ours.get(&x).expect("grad"), g_plain.get(&x).expect("grad"));
+        assert!(relative(a, b)? < 1e-2, "input gradient off by {}", relative(a, b)?);
         Ok(())
     }
 

@@ -57,12 +57,20 @@ pub struct Nf4Tensor {
 }
 
 /// [`Nf4Tensor`]'s data on its device: the packed codes (u8, two per byte, low nibble first),
-/// one f32 absmax per block (the double quantization undone once at load), and the 16 levels.
+/// one f32 absmax per block (the double quantization undone once at load), and the levels of
+/// both codes of each of the 256 bytes, (256, 2).
 #[derive(Debug, Clone)]
 struct DeviceCodes {
     codes: Tensor,
     absmax: Tensor,
-    levels: Tensor,
+    byte_levels: Tensor,
+}
+
+/// Both levels of each byte value, low nibble first: a byte's two weights in one lookup.
+fn byte_levels() -> Vec<f32> {
+    (0..=255u8)
+        .flat_map(|b| [LEVELS[(b & 15) as usize], LEVELS[(b >> 4) as usize]])
+        .collect()
 }
 
 impl Nf4Tensor {
@@ -127,7 +135,7 @@ impl Nf4Tensor {
         Ok(DeviceCodes {
             codes: Tensor::from_slice(&self.codes, self.codes.len(), &self.device)?,
             absmax: Tensor::from_vec(absmax, self.absmax_q.len(), &self.device)?,
-            levels: Tensor::from_slice(&LEVELS[..], LEVELS.len(), &self.device)?,
+            byte_levels: Tensor::from_vec(byte_levels(), (256, 2), &self.device)?,
         })
     }
 
@@ -137,18 +145,19 @@ impl Nf4Tensor {
     }
 
     /// Elements `first..first + len` of the flattened weight, expanded on the device by tensor
-    /// ops: the whole blocks that hold them are unpacked, scaled, and cut to the range.
+    /// ops: the whole blocks that hold them are looked up a byte (two weights) at a time,
+    /// scaled, and cut to the range. The lookup by byte keeps the temporaries at about 12 bytes a
+    /// weight (the indices, f32 levels, their scaled copy, the result); unpacking the nibbles
+    /// with float ops took twice that.
     fn expand_on_device(&self, d: &DeviceCodes, first: usize, len: usize) -> Result<Tensor> {
         let (b0, b1) = (first / BLOCK, (first + len).div_ceil(BLOCK));
-        let packed = d
+        // As u32: candle's index_select reads the largest value of the index type as "no row"
+        // and gives zeros for it, so a u8 index of 255 (two codes of 15) would expand to 0.
+        let bytes = d
             .codes
             .narrow(0, b0 * BLOCK / 2, (b1 - b0) * BLOCK / 2)?
-            .to_dtype(DType::F32)?;
-        let high = (&packed / 16.0)?.floor()?;
-        let low = (&packed - (&high * 16.0)?)?;
-        // Low nibble first: interleave (low, high) per byte.
-        let codes = Tensor::stack(&[low, high], 1)?.flatten_all()?.to_dtype(DType::U32)?;
-        let values = d.levels.index_select(&codes, 0)?.reshape((b1 - b0, BLOCK))?;
+            .to_dtype(DType::U32)?;
+        let values = d.byte_levels.index_select(&bytes, 0)?.reshape((b1 - b0, BLOCK))?;
         let values = values.broadcast_mul(&d.absmax.narrow(0, b0, b1 - b0)?.unsqueeze(1)?)?;
         Ok(values
             .flatten_all()?
@@ -240,8 +249,8 @@ impl Nf4Tensor {
     /// Bytes held for this weight (codes and both quantization levels).
     pub fn storage_bytes(&self) -> usize {
         match &self.on_device {
-            // Codes, one f32 absmax per block, and the levels.
-            Some(d) => self.codes.len() + 4 * d.absmax.elem_count() + 4 * LEVELS.len(),
+            // Codes, one f32 absmax per block, and the levels of every byte.
+            Some(d) => self.codes.len() + 4 * d.absmax.elem_count() + 4 * d.byte_levels.elem_count(),
             None => self.codes.len() + self.absmax_q.len() + 4 * self.absmax_scale.len() + 4,
         }
     }
@@ -275,9 +284,12 @@ impl Nf4Tensor {
     fn rows_per_slice(&self) -> Result<usize> {
         let (rows, cols) = self.dims2()?;
         // On a GPU a product of a few hundred rows leaves most of the chip idle: slices there
-        // are 64 times larger (32 MiB of bf16), still far below the weight of a large head.
+        // are 16 times larger (8 MiB of bf16, about 40 MiB of temporaries), and weights up to
+        // 16M values (a 7B model's MLP projections) expand whole. A head (32M values at
+        // vocabulary 16k, hidden 2048) is sliced: expanded whole, its temporaries took more
+        // than the whole NF4 base saved.
         let (above, elems) = match self.on_device {
-            Some(_) => (SLICE_ABOVE << 6, SLICE_ELEMS << 6),
+            Some(_) => (SLICE_ABOVE << 4, SLICE_ELEMS << 4),
             None => (SLICE_ABOVE, SLICE_ELEMS),
         };
         Ok(if rows * cols > above {
@@ -400,10 +412,12 @@ mod tests {
     /// and for row ranges that cut blocks.
     #[test]
     fn the_tensor_op_expansion_equals_the_host_expansion() -> Result<()> {
-        let t = Tensor::randn(0f32, 0.02, (40, 96), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        // Large enough to hold every byte value, 255 (two codes of 15) among them.
+        let t = Tensor::randn(0f32, 0.02, (512, 1408), &Device::Cpu)?.to_dtype(DType::BF16)?;
         let on_device = Nf4Tensor::quantize(&t)?;
         let host = Nf4Tensor::quantize(&t.to_dtype(DType::F32)?)?;
         assert!(on_device.on_device.is_some() && host.on_device.is_none());
+        assert!(on_device.codes.contains(&255), "the weight holds the byte 255");
         let same = |a: Tensor, b: Tensor| -> Result<bool> {
             Ok(a.to_dtype(DType::F32)?
                 .eq(&b.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)?
