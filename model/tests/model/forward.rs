@@ -289,6 +289,9 @@ fn a_bf16_training_step_gives_the_f32_loss_and_f32_adapter_gradients_within_bf16
                     "{}: adapters train in f32",
                     v.name
                 );
+                // A gradient with a graph of its own would keep the activations it was
+                // computed from alive as long as the gradient lives (e2e/bench/step-memory.sh).
+                assert!(!g_bf16.track_op(), "{base:?} {what}: {} gradient holds a graph", v.name);
                 let err = relative_error(g_bf16, g);
                 assert!(err < 0.05, "{base:?} {what}: {} gradient off by {err}", v.name);
             }
