@@ -154,7 +154,9 @@ impl CausalLm {
         let flat = x.reshape((b * t, h))?;
         let head = self.head();
         let chunk = step.head_rows.max(1);
-        let mut loss_sum = 0.0;
+        // Summed on the device and read once: reading each chunk's loss would wait for the
+        // device (a GPU) once per chunk, leaving it idle while the next chunk is queued.
+        let mut loss_sum: Option<Tensor> = None;
         let mut grads = Vec::with_capacity((b * t).div_ceil(chunk));
         for start in (0..b * t).step_by(chunk) {
             let len = chunk.min(b * t - start);
@@ -167,14 +169,21 @@ impl CausalLm {
                 step.loss_scale,
                 &head,
             )?;
-            loss_sum += loss;
+            loss_sum = Some(match loss_sum {
+                Some(sum) => (sum + loss)?,
+                None => loss,
+            });
             grads.push(grad);
         }
+        let loss_sum = match loss_sum {
+            Some(sum) => sum.to_scalar::<f64>()?,
+            None => 0.0,
+        };
         Ok((loss_sum, Tensor::cat(&grads, 0)?.reshape((b, t, h))?))
     }
 
-    /// One chunk of [`CausalLm::head_backward`] through candle's graph: its unscaled loss and
-    /// the gradient of the scaled loss with respect to `rows`.
+    /// One chunk of [`CausalLm::head_backward`] through candle's graph: its unscaled loss (an
+    /// f64 scalar on the device) and the gradient of the scaled loss with respect to `rows`.
     fn head_chunk(
         &self,
         rows: &Tensor,
@@ -182,11 +191,12 @@ impl CausalLm {
         weights: &Tensor,
         scale: f64,
         head: &BaseWeight,
-    ) -> Result<(f64, Tensor)> {
+    ) -> Result<(Tensor, Tensor)> {
         let rows = Var::from_tensor(rows)?;
         let logits = self.cap_logits(frozen_matmul(&self.norm.forward(rows.as_tensor())?, head)?)?;
         let sum = weighted_nll(&logits, targets, weights)?;
-        let loss = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // Detached: kept until the last chunk, it would otherwise keep this chunk's graph.
+        let loss = sum.detach().to_dtype(DType::F64)?;
         let store = (sum * scale)?.backward()?;
         let grad = store
             .get(rows.as_tensor())
