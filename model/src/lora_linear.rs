@@ -17,15 +17,17 @@ use candle_core::Tensor;
 /// differentiable in x, a and b.
 pub(crate) fn lora_linear(x: &Tensor, weight: &BaseWeight, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let out = forward_rows(x, weight, a, b, scale, None)?;
-    Ok(crate::custom_grad::with_backward3(
-        [x, a, b],
-        out,
-        LoraLinearBackward {
-            weight: weight.clone(),
-            scale,
-            heads: None,
-        },
-    )?)
+    in_graph([x, a, b], out, weight, scale, None)
+}
+
+/// `out`, computed outside the graph, as the op's node in the graph of x, A and B.
+fn in_graph(args: [&Tensor; 3], out: Tensor, weight: &BaseWeight, scale: f64, heads: Option<Heads>) -> Result<Tensor> {
+    let backward = LoraLinearBackward {
+        weight: weight.clone(),
+        scale,
+        heads,
+    };
+    Ok(crate::custom_grad::with_backward3(args, out, backward)?)
 }
 
 /// Attention heads as a projection's output: (batch, heads, seq, head_dim), rotated by RoPE's
@@ -74,15 +76,7 @@ pub(crate) fn lora_linear_heads(
     heads: &Heads,
 ) -> Result<Tensor> {
     let out = heads.split(&forward_rows(x, weight, a, b, scale, bias)?)?;
-    Ok(crate::custom_grad::with_backward3(
-        [x, a, b],
-        out,
-        LoraLinearBackward {
-            weight: weight.clone(),
-            scale,
-            heads: Some(heads.clone()),
-        },
-    )?)
+    in_graph([x, a, b], out, weight, scale, Some(heads.clone()))
 }
 
 /// The op's result outside the graph: `x Wᵀ + scale (x Aᵀ) Bᵀ (+ bias)`.
@@ -162,17 +156,29 @@ mod tests {
             let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, (out, r), &dev)?)?;
             let separate = (x.matmul(&w.t()?)? + ((x.matmul(&a.t()?)? * scale)?.matmul(&b.t()?))?)?;
             let fused = lora_linear(&x, &weight, &a, &b, scale)?;
-            let max_diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
-                Ok((p - q)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
-            };
-            assert!(max_diff(&fused, &separate)? < 1e-4);
-            let probe = Tensor::randn(0f32, 1.0, (rows, out), &dev)?;
-            let want = (separate * &probe)?.sum_all()?.backward()?;
-            let got = (fused * &probe)?.sum_all()?.backward()?;
-            for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
-                let d = max_diff(got.get(v).expect("fused gradient"), want.get(v).expect("gradient"))?;
-                assert!(d < 1e-4, "d{name} off by {d}");
-            }
+            assert_same_value_and_gradients(&fused, &separate, [&x, &a, &b], "rows")?;
+        }
+        Ok(())
+    }
+
+    /// `fused` equals `separate` within 1e-4, and so do the gradients of x, A and B of both
+    /// against the same random weighting of their outputs.
+    fn assert_same_value_and_gradients(
+        fused: &Tensor,
+        separate: &Tensor,
+        [x, a, b]: [&Var; 3],
+        what: &str,
+    ) -> Result<()> {
+        let max_diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
+            Ok((p - q)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+        };
+        assert!(max_diff(fused, separate)? < 1e-4, "{what}: output");
+        let probe = Tensor::randn(0f32, 1.0, fused.shape(), fused.device())?;
+        let want = (separate * &probe)?.sum_all()?.backward()?;
+        let got = (fused * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("x", x), ("A", a), ("B", b)] {
+            let d = max_diff(got.get(v).expect("fused gradient"), want.get(v).expect("gradient"))?;
+            assert!(d < 1e-4, "{what}: d{name} off by {d}");
         }
         Ok(())
     }
@@ -211,16 +217,7 @@ mod tests {
             };
             let fused = lora_linear_heads(&x, &weight, Some(&bias), (&a, &b, scale), &layout)?;
             assert_eq!(fused.dims(), [batch, heads, t, head_dim]);
-            let max_diff =
-                |p: &Tensor, q: &Tensor| -> Result<f32> { Ok((p - q)?.abs()?.max_all()?.to_scalar::<f32>()?) };
-            assert!(max_diff(&fused, &separate)? < 1e-4, "rotated {rotated}: output");
-            let probe = Tensor::randn(0f32, 1.0, (batch, heads, t, head_dim), &dev)?;
-            let want = (separate * &probe)?.sum_all()?.backward()?;
-            let got = (fused * &probe)?.sum_all()?.backward()?;
-            for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
-                let d = max_diff(got.get(v).expect("fused gradient"), want.get(v).expect("gradient"))?;
-                assert!(d < 1e-4, "rotated {rotated}: d{name} off by {d}");
-            }
+            assert_same_value_and_gradients(&fused, &separate, [&x, &a, &b], &format!("rotated {rotated}"))?;
         }
         Ok(())
     }
