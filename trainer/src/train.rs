@@ -1105,12 +1105,25 @@ fn micro_batch_indices(len: usize, g: u64, per_epoch: u64, batch_size: usize, se
 const HEAD_ROWS: usize = 256;
 
 /// Tokens whose layer is recomputed at once under gradient checkpointing through candle's
-/// graph (CUDA). Whole sequences go together up to this many: fewer hold fewer activations,
-/// but matmuls of under ~512 rows ran slower (bench, 4 x 256 tokens: one sequence at a time
-/// 586 tok/s and 291 MiB peak RSS, two 652 tok/s and 310 MiB, all four 671 tok/s and 366
-/// MiB). The CPU's hand-written step recomputes the whole batch, whose tape of a layer is a
-/// fraction of what the graph held.
+/// graph off a GPU (bf16 on the CPU). Whole sequences go together up to this many: fewer hold
+/// fewer activations, but matmuls of under ~512 rows ran slower (bench, 4 x 256 tokens: one
+/// sequence at a time 586 tok/s and 291 MiB peak RSS, two 652 tok/s and 310 MiB, all four 671
+/// tok/s and 366 MiB). The CPU's hand-written f32 step recomputes the whole batch, whose tape
+/// of a layer is a fraction of what the graph held.
 const RECOMPUTE_TOKENS: usize = 512;
+
+/// [`RECOMPUTE_TOKENS`] on a GPU. A part of 512 tokens leaves most of the chip idle and
+/// queues every kernel of the layer once per part: the H200's checkpointed LoRA ran at 0.43x
+/// our plain step (4 x 512 tokens, one sequence a part), where a second forward should cost
+/// about a third more. A layer's graph holds about 17 bf16 hidden-sized rows a token
+/// (e2e/bench/step-memory.sh), so 8192 tokens of a hidden-4096 model are about 1.1 GiB.
+const RECOMPUTE_TOKENS_GPU: usize = 8192;
+
+/// Whole sequences of `len` tokens per recomputed part, at least one.
+fn recompute_sequences_for(len: usize, on_gpu: bool) -> usize {
+    let tokens = if on_gpu { RECOMPUTE_TOKENS_GPU } else { RECOMPUTE_TOKENS };
+    (tokens / len.max(1)).max(1)
+}
 
 /// A micro-batch as tensors. Sequences are right-padded, so padding never influences earlier
 /// positions under the causal mask. Position i of a sequence predicts token i + 1; its weight
@@ -1125,10 +1138,10 @@ struct LossTargets {
 }
 
 impl LossTargets {
-    /// Sequences per recomputed part, for [`RECOMPUTE_TOKENS`].
+    /// Sequences per recomputed part, for [`RECOMPUTE_TOKENS`] or [`RECOMPUTE_TOKENS_GPU`].
     fn recompute_sequences(&self) -> Result<usize> {
         let (_, len) = self.input.dims2()?;
-        Ok((RECOMPUTE_TOKENS / len.max(1)).max(1))
+        Ok(recompute_sequences_for(len, self.input.device().is_cuda()))
     }
 
     fn of(batch: &[&Example], pad: u32, device: &Device) -> Result<Self> {
@@ -1341,6 +1354,17 @@ mod tests {
         };
         f(&mut t);
         t
+    }
+
+    #[test]
+    fn checkpointing_recomputes_whole_sequences_of_512_tokens_off_a_gpu_and_8192_on_one() {
+        assert_eq!(recompute_sequences_for(256, false), 2);
+        assert_eq!(recompute_sequences_for(512, false), 1);
+        assert_eq!(recompute_sequences_for(512, true), 16);
+        assert_eq!(recompute_sequences_for(4096, true), 2);
+        // A sequence longer than the part is still recomputed whole.
+        assert_eq!(recompute_sequences_for(20_000, true), 1);
+        assert_eq!(recompute_sequences_for(0, false), 512);
     }
 
     #[test]
