@@ -11,6 +11,8 @@
 #                                               # large one (hidden 2048, 2 layers, 4 x 512)
 #   SHAPES=bench e2e/bench/step-memory.sh       # the benchmark shape alone (about 1 minute)
 #   SKIP_PEFT=1 ...                             # reuse the last PEFT figures
+#   DROPOUT=0.05 ...                            # LoRA dropout on both sides (default 0, as
+#                                               # e2e/gpu/check.sh; the trainer's default is 0.05)
 #
 # Why the CPU: the graph holds the same tensors on either device, so the activation memory of
 # the GPU path can be measured and cut on a machine without a GPU (e2e/gpu/check.sh measures the
@@ -21,7 +23,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bench_refuse_ci e2e/bench/step-memory.sh
-work="$bench_work/step-memory"
+work="$bench_work/step-memory${DROPOUT:+-dropout$DROPOUT}"
 mkdir -p "$work"
 
 echo "== build (release): kubetune-model's step_memory example and kubetune-tiny-model"
@@ -51,7 +53,7 @@ for shape in ${SHAPES:-bench large}; do
   # shellcheck disable=SC2086 # the flags are words
   [[ -f "$model/config.json" ]] || "$bench_target/release/kubetune-tiny-model" --out "$model" ${shape_flags[$shape]} >/dev/null
   for run in lora lora-ckpt qlora qlora-ckpt; do
-    flags=(--batch "$batch" --seq "$seq")
+    flags=(--batch "$batch" --seq "$seq" --dropout "${DROPOUT:-0}")
     [[ $run == qlora* ]] && flags+=(--nf4)
     [[ $run == *-ckpt ]] && flags+=(--checkpointing)
     echo "== $shape: ours $run"
@@ -59,7 +61,7 @@ for shape in ${SHAPES:-bench large}; do
   done
   for run in peft peft-ckpt; do
     [[ -n "${SKIP_PEFT:-}" && -f "$work/$shape-$run.json" ]] && continue
-    flags=()
+    flags=(--dropout "${DROPOUT:-0}")
     [[ $run == *-ckpt ]] && flags+=(--checkpointing)
     echo "== $shape: PyTorch + PEFT $run"
     "$bench_python" "$bench_root/e2e/bench/step_memory.py" "$model" "$batch" "$seq" "${flags[@]}" 2>/dev/null |

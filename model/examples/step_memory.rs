@@ -3,7 +3,7 @@
 //! device, so the activation memory of the GPU path can be found and cut without a GPU.
 //!
 //! `cargo run --release -p kubetune-model --example step_memory -- MODEL_DIR [--batch 4]
-//! [--seq 512] [--nf4] [--checkpointing] [--f32]`
+//! [--seq 512] [--nf4] [--checkpointing] [--f32] [--dropout P]`
 //!
 //! Prints one JSON object: the bytes live before the step (the base, the adapter), and the
 //! peak above them during one forward and backward, counted exactly by a counting allocator,
@@ -76,10 +76,11 @@ struct Args {
     nf4: bool,
     checkpointing: bool,
     dtype: DType,
+    dropout: f64,
 }
 
 fn parse() -> Result<Args, String> {
-    let usage = "usage: step_memory MODEL_DIR [--batch N] [--seq N] [--nf4] [--checkpointing] [--f32]";
+    let usage = "usage: step_memory MODEL_DIR [--batch N] [--seq N] [--nf4] [--checkpointing] [--f32] [--dropout P]";
     let mut args = std::env::args().skip(1);
     let mut out = Args {
         dir: args.next().ok_or(usage)?,
@@ -88,6 +89,7 @@ fn parse() -> Result<Args, String> {
         nf4: false,
         checkpointing: false,
         dtype: DType::BF16,
+        dropout: 0.0,
     };
     while let Some(flag) = args.next() {
         let mut number = || -> Result<usize, String> {
@@ -100,6 +102,12 @@ fn parse() -> Result<Args, String> {
             "--nf4" => out.nf4 = true,
             "--checkpointing" => out.checkpointing = true,
             "--f32" => out.dtype = DType::F32,
+            "--dropout" => {
+                let value = args.next().ok_or("--dropout needs a probability")?;
+                out.dropout = value
+                    .parse()
+                    .map_err(|_| format!("--dropout: {value:?} is not a number"))?;
+            }
             _ => return Err(format!("unknown argument {flag:?}; {usage}")),
         }
     }
@@ -135,7 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lora = LoraConfig {
         r: 16,
         alpha: 32.0,
-        dropout: 0.0,
+        dropout: args.dropout,
         target_modules: TargetModule::ALL.to_vec(),
     };
     let (adapter, _vars) = LoraAdapter::init_trainable(&config, lora, 0, model.device())?;
@@ -152,7 +160,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let active = ActiveAdapter {
         adapter: &adapter,
-        dropout_seed: None,
+        dropout_seed: Some(7),
         first_row: 0,
     };
 
@@ -180,6 +188,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dtype": format!("{:?}", args.dtype).to_lowercase(),
         "base": if args.nf4 { "nf4" } else { "dense" },
         "checkpointing": args.checkpointing,
+        "dropout": args.dropout,
         "tokens": rows,
         "loss_per_token": loss / rows as f64,
         "held_before_mib": mib(before),

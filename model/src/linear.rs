@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::int8::Int8Tensor;
 use crate::kernels::matmul::{matmul_t, SMALL_ROWS};
 use crate::lora::{ActiveAdapter, TargetModule};
+use crate::lora_linear::LowRank;
 use crate::nf4::Nf4Tensor;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Module, Shape, Storage, Tensor};
@@ -112,12 +113,10 @@ impl Projection {
     pub fn forward(&self, x: &Tensor, adapter: Option<&ActiveAdapter>) -> Result<Tensor> {
         let (b, t, fan_in) = x.dims3()?;
         let x2 = x.reshape((b * t, fan_in))?;
-        // In a training graph without dropout, the projection and its pair are one op.
-        let fused = adapter
-            .and_then(|a| a.undropped_pair(self.layer, self.module))
-            .filter(|(pair, _)| x2.track_op() || pair.a.track_op() || pair.b.track_op());
+        // In a training graph, the projection and its pair are one op.
+        let fused = self.trainable_pair(&x2, adapter);
         let mut y = match fused {
-            Some((pair, scale)) => crate::lora_linear::lora_linear(&x2, &self.weight, &pair.a, &pair.b, scale)?,
+            Some(pair) => crate::lora_linear::lora_linear(&x2, &self.weight, pair)?,
             None => frozen_matmul(&x2, &self.weight)?,
         };
         if let Some(bias) = &self.bias {
@@ -134,6 +133,19 @@ impl Projection {
 }
 
 impl Projection {
+    /// This projection's pair in `adapter` as the training op uses it, when there is one and a
+    /// graph to train it in (`x`, A or B tracked).
+    fn trainable_pair<'a>(&self, x: &Tensor, adapter: Option<&'a ActiveAdapter>) -> Option<LowRank<'a>> {
+        let (pair, scale, dropout) = adapter?.trainable_pair(self.layer, self.module)?;
+        let tracked = x.track_op() || pair.a.track_op() || pair.b.track_op();
+        tracked.then_some(LowRank {
+            a: &pair.a,
+            b: &pair.b,
+            scale,
+            dropout,
+        })
+    }
+
     /// `x` (batch, seq, in) projected into attention heads (batch, heads, seq, head_dim),
     /// rotated by `heads.rope` when given. In a training graph with an undropped pair, one op
     /// ([`crate::lora_linear::lora_linear_heads`]); otherwise the projection, then the split
@@ -146,11 +158,7 @@ impl Projection {
     ) -> Result<Tensor> {
         let (b, t, fan_in) = x.dims3()?;
         let x2 = x.reshape((b * t, fan_in))?;
-        let fused = adapter
-            .and_then(|a| a.undropped_pair(self.layer, self.module))
-            .filter(|(pair, _)| x2.track_op() || pair.a.track_op() || pair.b.track_op());
-        if let Some((pair, scale)) = fused {
-            let pair = (&pair.a, &pair.b, scale);
+        if let Some(pair) = self.trainable_pair(&x2, adapter) {
             return crate::lora_linear::lora_linear_heads(&x2, &self.weight, self.bias.as_ref(), pair, heads);
         }
         let split = self

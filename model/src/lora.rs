@@ -306,19 +306,31 @@ impl ActiveAdapter<'_> {
         Ok(Some(low.matmul(&pair.b.t()?)?.to_dtype(base_dtype)?))
     }
 
-    /// The pair of `module` in `layer` and its scale, when this forward applies no dropout to
-    /// it: the case [`crate::lora_linear`] computes as one op.
-    pub(crate) fn undropped_pair(&self, layer: usize, module: TargetModule) -> Option<(&LoraPair, f64)> {
-        let dropped = self.dropout_seed.is_some() && self.adapter.config.dropout > 0.0;
-        let pair = self.adapter.get(layer, module).filter(|_| !dropped)?;
-        Some((pair, self.adapter.config.scale()))
+    /// The pair of `module` in `layer`, its scale, and how its dropout mask is drawn (None
+    /// without dropout): what [`crate::lora_linear`] computes as one op, drawing the mask again
+    /// in its backward instead of keeping it.
+    pub(crate) fn trainable_pair(
+        &self,
+        layer: usize,
+        module: TargetModule,
+    ) -> Option<(&LoraPair, f64, Option<MaskDraw>)> {
+        let pair = self.adapter.get(layer, module)?;
+        Some((pair, self.adapter.config.scale(), self.mask_draw(layer, module)))
     }
 
-    /// [`ActiveAdapter::dropout_mask`] as a tensor on `device`. On the CPU it is that mask. On a
-    /// GPU it is drawn there: a host stream of rows x cols draws and its upload, for every
-    /// projection of every micro-batch, would cost more than the step. The device's generator
-    /// is seeded from the seed, the layer and the module, and draws the whole batch's rows up to
-    /// these, so a part recomputed under checkpointing gets the rows the whole batch got.
+    /// How the dropout mask of `module` in `layer` is drawn in this forward; None when not
+    /// training or p is 0.
+    pub(crate) fn mask_draw(&self, layer: usize, module: TargetModule) -> Option<MaskDraw> {
+        let p = self.adapter.config.dropout;
+        let seed = self.dropout_seed.filter(|_| p > 0.0)?;
+        Some(MaskDraw {
+            stream: mix(mix(seed, layer as u64), module.index()),
+            p,
+            first_row: self.first_row,
+        })
+    }
+
+    /// [`MaskDraw::draw`] of `module` in `layer`, or None without dropout.
     pub(crate) fn dropout_mask_on(
         &self,
         layer: usize,
@@ -327,23 +339,12 @@ impl ActiveAdapter<'_> {
         cols: usize,
         device: &Device,
     ) -> Result<Option<Tensor>> {
-        if device.is_cpu() {
-            let mask = self.dropout_mask(layer, module, rows, cols);
-            return Ok(mask.map(|m| Tensor::from_vec(m, (rows, cols), device)).transpose()?);
-        }
-        let p = self.adapter.config.dropout;
-        let Some(seed) = self.dropout_seed.filter(|_| p > 0.0) else {
-            return Ok(None);
-        };
-        device.set_seed(mix(mix(seed, layer as u64), module.index()))?;
-        let uniform = Tensor::rand(0f32, 1f32, (self.first_row + rows, cols), device)?;
-        Ok(Some(inverted_dropout(&uniform.narrow(0, self.first_row, rows)?, p)?))
+        self.mask_draw(layer, module)
+            .map(|d| d.draw(rows, cols, device))
+            .transpose()
     }
 
-    /// The inverted-dropout mask of the input of `module` in `layer`, (rows, cols) values of
-    /// 0 (probability p) or 1/(1-p); None when not training or p is 0. The stream runs over
-    /// the elements of the whole batch in order; these rows take their part from
-    /// `first_row`, so a batch recomputed in parts draws the masks of the whole.
+    /// [`MaskDraw::host_values`] of `module` in `layer`, or None without dropout.
     pub(crate) fn dropout_mask(
         &self,
         layer: usize,
@@ -351,17 +352,46 @@ impl ActiveAdapter<'_> {
         rows: usize,
         cols: usize,
     ) -> Option<Vec<f32>> {
-        let p = self.adapter.config.dropout;
-        let seed = self.dropout_seed.filter(|_| p > 0.0)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(seed, layer as u64), module.index()));
+        Some(self.mask_draw(layer, module)?.host_values(rows, cols))
+    }
+}
+
+/// Everything that decides one projection's dropout mask: its stream (from the seed, the layer
+/// and the module), p, and where this forward's rows start in the batch the stream covers. The
+/// same draw gives the same mask, so a backward can draw it again rather than keep it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct MaskDraw {
+    pub stream: u64,
+    pub p: f64,
+    pub first_row: usize,
+}
+
+impl MaskDraw {
+    /// The inverted-dropout mask of (rows, cols) inputs on `device`. On the CPU it is
+    /// [`MaskDraw::host_values`]. On a GPU it is drawn there: a host stream of rows x cols draws
+    /// and its upload, for every projection of every micro-batch, would cost more than the step.
+    /// The device's generator is seeded from the stream and draws the whole batch's rows up to
+    /// these, so a part recomputed under checkpointing gets the rows the whole batch got.
+    pub(crate) fn draw(&self, rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+        if device.is_cpu() {
+            return Ok(Tensor::from_vec(self.host_values(rows, cols), (rows, cols), device)?);
+        }
+        device.set_seed(self.stream)?;
+        let uniform = Tensor::rand(0f32, 1f32, (self.first_row + rows, cols), device)?;
+        inverted_dropout(&uniform.narrow(0, self.first_row, rows)?, self.p)
+    }
+
+    /// The mask's (rows, cols) values on the host, 0 (probability p) or 1/(1-p). The stream
+    /// runs over the elements of the whole batch in order; these rows take their part from
+    /// `first_row`.
+    pub(crate) fn host_values(&self, rows: usize, cols: usize) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.stream);
         // Each f64 draw takes two 32-bit words of the stream.
         rng.set_word_pos(2 * cols as u128 * self.first_row as u128);
-        let keep = (1.0 / (1.0 - p)) as f32;
-        Some(
-            (0..rows * cols)
-                .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-                .collect(),
-        )
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        (0..rows * cols)
+            .map(|_| if rng.random::<f64>() < self.p { 0.0 } else { keep })
+            .collect()
     }
 }
 
