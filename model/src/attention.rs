@@ -148,16 +148,20 @@ impl BlockedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, h, t, d) = q.dims4()?;
+        let (b, h, t, head_dim) = q.dims4()?;
         let groups = k.dim(1)?;
         let (k, v) = (&repeat_kv(k, q)?, &repeat_kv(v, q)?);
         let per = self.per;
         // The output and its gradient come in rows, (b, t, h d); the blocks work in heads.
-        let heads = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?) };
-        let (out, grad) = (heads(out)?, heads(&grad.to_dtype(v.dtype())?)?);
-        // D = rowsum(dO ∘ O), the softmax backward's correction term.
-        let d = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
-        drop(out);
+        let grad = grad.to_dtype(v.dtype())?;
+        // D = rowsum(dO ∘ O), the softmax backward's correction term: summed in rows, then the
+        // small (b, t, h, 1) result is moved to heads.
+        let d = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?
+            .reshape((b, t, h, head_dim))?
+            .sum_keepdim(D::Minus1)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let grad = grad.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
         // dK and dV sum over blocks: in f32, then back to the inputs' dtype.
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {

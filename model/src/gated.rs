@@ -26,21 +26,25 @@ fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
     }
 }
 
-/// d act(g) / dg in f32: SiLU's `s (1 + g (1 - s))` with s = sigmoid(g); for GELU's tanh form
-/// with u = c (g + 0.044715 g³), c = sqrt(2/π): `(1 + tanh u) / 2 + g (1 - tanh² u) c (1 +
+/// act(g) and d act(g) / dg in f32, sharing their sigmoid or tanh: SiLU's `g s` and
+/// `s (1 + g (1 - s))` with s = sigmoid(g); GELU's tanh form, with u = c (g + 0.044715 g³) and
+/// c = sqrt(2/π), `g (1 + tanh u) / 2` and `(1 + tanh u) / 2 + g (1 - tanh² u) c (1 +
 /// 3 · 0.044715 g²) / 2`.
-fn derivative(g: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+fn value_and_derivative(g: &Tensor, activation: Activation) -> candle_core::Result<(Tensor, Tensor)> {
     match activation {
         Activation::Silu => {
             let s = candle_nn::ops::sigmoid(g)?;
-            (g * s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)? * s
+            let derivative = ((g * s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)? * &s)?;
+            Ok(((g * s)?, derivative))
         }
         Activation::GeluTanh => {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             let g2 = g.sqr()?;
             let th = (g * g2.affine(0.044715, 1.0)?)?.affine(c, 0.0)?.tanh()?;
+            let half_one_plus = th.affine(0.5, 0.5)?;
             let slope = g2.affine(3.0 * 0.044715 * 0.5 * c, 0.5 * c)?;
-            th.affine(0.5, 0.5)? + ((g * th.sqr()?.affine(-1.0, 1.0)?)? * slope)?
+            let derivative = (&half_one_plus + ((g * th.sqr()?.affine(-1.0, 1.0)?)? * slope)?)?;
+            Ok(((g * half_one_plus)?, derivative))
         }
     }
 }
@@ -57,8 +61,9 @@ impl crate::custom_grad::Backward2 for GatedBackward {
         let dtype = gate.dtype();
         let g32 = gate.to_dtype(DType::F32)?;
         let grad32 = grad.to_dtype(DType::F32)?;
-        let d_up = (&grad32 * activate(&g32, self.activation)?)?.to_dtype(dtype)?;
-        let d_gate = ((grad32 * up.to_dtype(DType::F32)?)? * derivative(&g32, self.activation)?)?.to_dtype(dtype)?;
+        let (value, derivative) = value_and_derivative(&g32, self.activation)?;
+        let d_up = (&grad32 * value)?.to_dtype(dtype)?;
+        let d_gate = ((grad32 * up.to_dtype(DType::F32)?)? * derivative)?.to_dtype(dtype)?;
         Ok((d_gate, d_up))
     }
 }

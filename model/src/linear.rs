@@ -147,7 +147,7 @@ impl Projection {
     }
 
     /// `x` (batch, seq, in) projected into attention heads (batch, heads, seq, head_dim),
-    /// rotated by `heads.rope` when given. In a training graph with an undropped pair, one op
+    /// rotated by `heads.rope` when given. In a training graph with a pair, one op
     /// ([`crate::lora_linear::lora_linear_heads`]); otherwise the projection, then the split
     /// and the rotation.
     pub(crate) fn forward_heads(
