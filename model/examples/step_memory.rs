@@ -64,8 +64,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Tokens recomputed at once under checkpointing, as the trainer's `RECOMPUTE_TOKENS`.
-const RECOMPUTE_TOKENS: usize = 512;
+/// Tokens recomputed at once under checkpointing, as the trainer's `RECOMPUTE_TOKENS_GPU`:
+/// this measures the GPU's path, where a layer is rebuilt for whole batches of this size.
+const RECOMPUTE_TOKENS: usize = 8192;
 /// Rows of the head computed at once, as the trainer's `HEAD_ROWS`.
 const HEAD_ROWS: usize = 256;
 
