@@ -12,7 +12,7 @@ use crate::error::Result;
 use candle_core::{DType, Tensor, D};
 
 /// About this many bytes of f32 scores per block (batch x heads x rows x keys).
-const BLOCK_BYTES: usize = 64 << 20;
+const BLOCK_BYTES: usize = 32 << 20;
 
 /// softmax(scale q kᵀ + mask) v for q (b, h, t, d) and k, v (b, g, T, d), each of the g KV heads
 /// serving h / g query heads in turn (grouped-query attention); `mask` (t, T), additive f32, or
@@ -96,10 +96,11 @@ fn block_rows(q: &Tensor, keys: usize) -> Result<usize> {
     Ok((BLOCK_BYTES / (4 * b * h * keys).max(1)).clamp(16, t.max(16)))
 }
 
-/// The scores of queries `rows` of one block in f32, masked: (b, h, rows, T).
+/// The scores of queries `rows` of one block in f32, masked: (b, h, rows, T). The scale goes
+/// on the block's queries, a fraction of the scores' size, so no pass over the block scales it.
 fn scores(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64, start: usize) -> Result<Tensor> {
     let rows = q.dim(2)?;
-    let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let s = (q * scale)?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
     Ok(match mask {
         Some(m) => s.broadcast_add(&m.narrow(0, start, rows)?)?,
         None => s,
@@ -120,13 +121,15 @@ fn forward(
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for start in (0..t).step_by(per) {
         let rows = per.min(t - start);
+        // Two blocks of f32 at most: the scores, then the probabilities (one fused softmax).
         let s = scores(&q.narrow(2, start, rows)?, &k, mask, scale, start)?;
         let max = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        let p = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
-        outs.push(p.matmul(&v)?);
-        lses.push((max + sum.log()?)?);
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        drop(s);
+        // A row's largest probability is exp(0) / sum, so log(sum) = -log(max p): the
+        // log-sum-exp comes without another pass over the scores.
+        lses.push((max - p.max_keepdim(D::Minus1)?.log()?)?);
+        outs.push(p.to_dtype(v.dtype())?.matmul(&v)?);
     }
     Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
 }
@@ -171,21 +174,28 @@ impl BlockedAttention {
                 None => x,
             }))
         };
+        // Each block holds three f32 blocks at most (the probabilities, dP and dP - D), each
+        // one let go as soon as the next is made. The softmax's scale is left out of dS and
+        // applied to dQ and dK, which are a fraction of a block's size.
         for start in (0..t).step_by(per) {
             let rows = per.min(t - start);
             let q_blk = q.narrow(2, start, rows)?;
             let g_blk = grad.narrow(2, start, rows)?;
-            let s = scores(&q_blk, k, self.mask.as_ref(), self.scale, start)?;
-            let p = s.broadcast_sub(&self.lse.narrow(2, start, rows)?)?.exp()?;
+            let shifted = scores(&q_blk, k, self.mask.as_ref(), self.scale, start)?
+                .broadcast_sub(&self.lse.narrow(2, start, rows)?)?;
+            let p = shifted.exp()?;
+            drop(shifted);
             dv = add(dv, p.to_dtype(v.dtype())?.t()?.matmul(&g_blk)?)?;
             let dp = g_blk.matmul(&v.t()?)?.to_dtype(DType::F32)?;
-            let ds = ((p * dp.broadcast_sub(&d.narrow(2, start, rows)?)?)? * self.scale)?.to_dtype(q.dtype())?;
-            dq.push(ds.matmul(k)?);
+            let centred = dp.broadcast_sub(&d.narrow(2, start, rows)?)?;
+            drop(dp);
+            let ds = (p * centred)?.to_dtype(q.dtype())?;
+            dq.push((ds.matmul(k)? * self.scale)?);
             dk = add(dk, ds.t()?.matmul(&q_blk)?)?;
         }
         let missing = || crate::error::ModelError::EmptyInput("attention backward of an empty sequence".into());
         let (dk, dv) = (
-            fold_kv(&dk.ok_or_else(missing)?, groups)?,
+            fold_kv(&(dk.ok_or_else(missing)? * self.scale)?, groups)?,
             fold_kv(&dv.ok_or_else(missing)?, groups)?,
         );
         Ok((Tensor::cat(&dq, 2)?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
@@ -293,7 +303,7 @@ mod tests {
     fn block_rows_keep_a_block_near_the_budget() {
         let q = Tensor::zeros((4, 16, 4096, 8), DType::F32, &Device::Cpu).unwrap();
         let rows = block_rows(&q, 4096).unwrap();
-        assert_eq!(rows, 64, "4 x 16 heads x 4096 keys x 4 bytes is 1 MiB a row");
+        assert_eq!(rows, 32, "4 x 16 heads x 4096 keys x 4 bytes is 1 MiB a row");
         let small = Tensor::zeros((1, 1, 10, 8), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(block_rows(&small, 10).unwrap(), 16);
     }
