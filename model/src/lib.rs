@@ -53,6 +53,7 @@ pub mod nf4;
 pub mod peft;
 pub mod prefill;
 pub mod rope;
+mod row_chunks;
 pub mod tensors;
 pub mod threads;
 pub mod tiny;

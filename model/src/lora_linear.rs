@@ -14,6 +14,7 @@
 use crate::error::Result;
 use crate::linear::{matmul_weight, BaseWeight};
 use crate::lora::MaskDraw;
+use crate::row_chunks::{add_by_rows, rows_per_chunk};
 use candle_core::Tensor;
 
 /// A LoRA pair as one projection's op uses it: A (r, in), B (out, r), the scale, and how its
@@ -113,14 +114,20 @@ pub(crate) fn lora_linear_heads(
     in_graph(x, out, weight, pair, Some(heads.clone()))
 }
 
-/// The op's result outside the graph: `x Wᵀ + scale (dropout(x) Aᵀ) Bᵀ (+ bias)`.
+/// The op's result outside the graph: `x Wᵀ + scale (dropout(x) Aᵀ) Bᵀ (+ bias)`. The
+/// low-rank part widens x to f32: it goes a chunk of rows at a time (`row_chunks`).
 fn forward_rows(x: &Tensor, weight: &BaseWeight, pair: &LowRank, bias: Option<&Tensor>) -> Result<Tensor> {
     let x = x.detach();
     let base = matmul_weight(&x, weight)?;
     let mask = mask_of(pair.dropout, &x)?;
-    let xm = masked(x.to_dtype(pair.a.dtype())?, mask.as_ref())?;
-    let low = (xm.matmul(&pair.a.detach().t()?)? * pair.scale)?;
-    let out = (base + low.matmul(&pair.b.detach().t()?)?.to_dtype(x.dtype())?)?;
+    let (rows, width) = (x.dim(0)?, x.dim(1)?.max(base.dim(1)?));
+    let (a, b) = (pair.a.detach(), pair.b.detach());
+    let out = add_by_rows(base, rows, rows_per_chunk(width), |start, len| {
+        let mask = mask.as_ref().map(|m| m.narrow(0, start, len)).transpose()?;
+        let xm = masked(x.narrow(0, start, len)?.to_dtype(a.dtype())?, mask.as_ref())?;
+        let low = (xm.matmul(&a.t()?)? * pair.scale)?;
+        low.matmul(&b.t()?)?.to_dtype(x.dtype())
+    })?;
     Ok(match bias {
         Some(bias) => out.broadcast_add(bias)?,
         None => out,
@@ -153,30 +160,49 @@ impl crate::custom_grad::Backward3 for LoraLinearBackward {
         };
         // Drawn again from its seed, as the forward drew it.
         let mask = mask_of(self.dropout, x)?;
-        let xm = masked(x.to_dtype(a.dtype())?, mask.as_ref())?;
-        let g32 = grad.to_dtype(b.dtype())?;
-        let low = (xm.matmul(&a.t()?)? * self.scale)?;
-        let gb = (g32.matmul(b)? * self.scale)?;
-        let db = g32.t()?.matmul(&low)?;
-        let da = gb.t()?.matmul(&xm)?;
-        drop(xm);
         let base = self
             .weight
             .grad_matmul(&grad.contiguous()?)
             .map_err(candle_core::Error::wrap)?;
-        let dx = (base + masked(gb.matmul(a)?, mask.as_ref())?.to_dtype(x.dtype())?)?;
+        // The f32 products go a chunk of rows at a time; dA and dB sum over the chunks.
+        let (rows, width) = (x.dim(0)?, x.dim(1)?.max(grad.dim(1)?));
+        let (mut da, mut db) = (None, None);
+        let dx = add_by_rows(base, rows, rows_per_chunk(width), |start, len| {
+            let part = |t: &Tensor| t.narrow(0, start, len);
+            let mask = mask.as_ref().map(part).transpose()?;
+            let xm = masked(part(x)?.to_dtype(a.dtype())?, mask.as_ref())?;
+            let g32 = part(&grad)?.to_dtype(b.dtype())?;
+            let low = (xm.matmul(&a.t()?)? * self.scale)?;
+            let gb = (g32.matmul(b)? * self.scale)?;
+            accumulate(&mut db, g32.t()?.matmul(&low)?)?;
+            accumulate(&mut da, gb.t()?.matmul(&xm)?)?;
+            drop(xm);
+            masked(gb.matmul(a)?, mask.as_ref())?.to_dtype(x.dtype())
+        })?;
+        let none = || candle_core::Error::Msg("lora-linear backward of no rows".into());
+        let (da, db) = (da.ok_or_else(none)?, db.ok_or_else(none)?);
         Ok((dx, da, db))
     }
+}
+
+/// `sum + x`, or `x` for the first.
+fn accumulate(sum: &mut Option<Tensor>, x: Tensor) -> candle_core::Result<()> {
+    *sum = Some(match sum.take() {
+        Some(s) => (s + x)?,
+        None => x,
+    });
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::row_chunks::with_chunk_values;
     use candle_core::{DType, Device, Var};
 
     /// The op against the same function from separate ops, for a dense and an NF4 weight, in
-    /// f32, without dropout and with it (the separate ops apply the mask the draw gives): output
-    /// and the gradients of x, A and B.
+    /// f32, without dropout and with it (the separate ops apply the mask the draw gives), whole
+    /// and a chunk of rows at a time: output and the gradients of x, A and B.
     #[test]
     fn the_fused_projection_and_its_gradients_equal_the_separate_ops() -> Result<()> {
         let dev = Device::Cpu;
@@ -207,8 +233,14 @@ mod tests {
                     scale,
                     dropout,
                 };
-                let fused = lora_linear(&x, &weight, pair)?;
-                assert_same_value_and_gradients(&fused, &separate, [&x, &a, &b], &format!("dropout {dropout:?}"))?;
+                // In one pass, and in chunks of 2 of the 5 rows, forward and backward.
+                for chunk_values in [usize::MAX, 2 * fan_in] {
+                    with_chunk_values(chunk_values, || {
+                        let fused = lora_linear(&x, &weight, pair)?;
+                        let what = format!("dropout {dropout:?}, chunks of {chunk_values} values");
+                        assert_same_value_and_gradients(&fused, &separate, [&x, &a, &b], &what)
+                    })?;
+                }
             }
         }
         Ok(())
