@@ -202,6 +202,7 @@ impl<'a> Session<'a> {
         };
         let (model_config, model) = load_model(&model_dir, &LoadOptions::on(options.device.clone(), base))?;
         let tokenizer = TextTokenizer::load(&model_dir, model_config.eos_token_ids().first().copied())?;
+        tokenizer.check_fits(model_config.vocab_size)?;
         let data = prepare(config, &tokenizer)?;
         tracing::info!(
             train_sequences = data.train.len(),

@@ -92,6 +92,25 @@ impl TextTokenizer {
         })
     }
 
+    /// An error unless every id this tokenizer can produce has a row in the model's embedding
+    /// table of `vocab_size` rows. A larger id would fail the CPU's lookup mid-run, and on a
+    /// GPU would read past the table; checked once here, before any data is read.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        let Some(largest) = self.tokenizer.get_vocab(true).into_values().max() else {
+            return Ok(());
+        };
+        if largest as usize >= vocab_size {
+            return Err(TrainError::Tokenizer {
+                path: self.path.clone(),
+                message: format!(
+                    "it has token ids up to {largest}, but the model's config.json has vocab_size {vocab_size}: \
+                     the tokenizer does not belong to this model, or its embeddings were not resized"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Encodes text without special tokens.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self

@@ -18,6 +18,18 @@ fn tokenizer() -> (tempfile::TempDir, TextTokenizer) {
 }
 
 #[test]
+fn a_tokenizer_with_ids_past_the_models_vocabulary_is_refused_naming_vocab_size() {
+    let (dir, tok) = tokenizer();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).expect("config")).expect("json");
+    let vocab = config["vocab_size"].as_u64().expect("vocab_size") as usize;
+    tok.check_fits(vocab).expect("the tiny model's own tokenizer fits");
+    let err = tok.check_fits(vocab / 2).expect_err("half the rows").to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+    assert!(err.contains(&format!("vocab_size {}", vocab / 2)), "{err}");
+}
+
+#[test]
 fn loss_covers_only_the_response_and_eos() {
     let (_dir, tok) = tokenizer();
     let rec = parse_line(
