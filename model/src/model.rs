@@ -328,7 +328,7 @@ impl CausalLm {
     pub(crate) fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
         let rows = match &self.embed {
             BaseWeight::Dense(table) => table.index_select(ids, 0)?,
-            BaseWeight::Nf4(table) => table.gather_rows(&ids.to_vec1::<u32>()?)?,
+            BaseWeight::Nf4(table) => table.gather_rows(ids)?,
             BaseWeight::Int8(table) => table.dequantize()?.index_select(ids, 0)?,
         };
         match self.config.embedding_scale() {

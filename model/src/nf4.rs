@@ -123,10 +123,20 @@ impl Nf4Tensor {
     /// This weight, expanded to `dtype` from now on. The loader quantizes the checkpoint's f32
     /// values and then asks for the activations' dtype, so a bf16 base holds the same codes as
     /// an f32 one: quantizing bf16-rounded values would move some weights a whole level.
+    /// Off the host path the packed codes live on the device alone: a GPU's QLoRA run held a
+    /// second copy of the whole NF4 base in host memory.
     pub fn expanding_to(mut self, dtype: DType) -> Result<Self> {
         self.dtype = dtype;
         let host_path = self.device.is_cpu() && dtype == DType::F32;
-        self.on_device = if host_path { None } else { Some(self.device_codes()?) };
+        match (host_path, self.on_device.take()) {
+            (true, Some(d)) => self.codes = d.codes.to_vec1::<u8>()?,
+            (true, None) => {}
+            (false, Some(d)) => self.on_device = Some(d),
+            (false, None) => {
+                self.on_device = Some(self.device_codes()?);
+                self.codes = Vec::new();
+            }
+        }
         Ok(self)
     }
 
@@ -204,9 +214,27 @@ impl Nf4Tensor {
         Ok(Tensor::from_vec(out, (len, cols), &self.device)?)
     }
 
-    /// The rows of a 2-D table (an embedding) at `ids`, expanded: (ids.len(), cols).
-    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+    /// The rows of a 2-D table (an embedding) at `ids` (u32, one dimension), expanded:
+    /// (ids, cols). Off the host path by tensor ops on the device, so the ids are not read back.
+    pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.dims2()?;
+        if let Some(d) = &self.on_device {
+            if cols % BLOCK != 0 {
+                // Rows that split blocks: expanded whole (no model of ours has such a width).
+                return Ok(self.dequantize()?.index_select(ids, 0)?);
+            }
+            // Whole blocks per row: a row's bytes and absmaxes are rows of their own tables.
+            let n = ids.dim(0)?;
+            let bytes = d.codes.reshape((rows, cols / 2))?.index_select(ids, 0)?;
+            let values = d
+                .byte_levels
+                .index_select(&bytes.flatten_all()?.to_dtype(DType::U32)?, 0)?
+                .reshape((n * cols / BLOCK, BLOCK))?;
+            let absmax = d.absmax.reshape((rows, cols / BLOCK))?.index_select(ids, 0)?;
+            let values = values.broadcast_mul(&absmax.flatten_all()?.unsqueeze(1)?)?;
+            return Ok(values.reshape((n, cols))?.to_dtype(self.dtype)?);
+        }
+        let ids = ids.to_vec1::<u32>()?;
         if let Some(id) = ids.iter().find(|&&id| id as usize >= rows) {
             return Err(ModelError::TokenOutOfVocab(format!(
                 "token id {id} is outside the embedding table of {rows} rows"
@@ -250,7 +278,7 @@ impl Nf4Tensor {
     pub fn storage_bytes(&self) -> usize {
         match &self.on_device {
             // Codes, one f32 absmax per block, and the levels of every byte.
-            Some(d) => self.codes.len() + 4 * d.absmax.elem_count() + 4 * d.byte_levels.elem_count(),
+            Some(d) => d.codes.elem_count() + 4 * d.absmax.elem_count() + 4 * d.byte_levels.elem_count(),
             None => self.codes.len() + self.absmax_q.len() + 4 * self.absmax_scale.len() + 4,
         }
     }
@@ -401,9 +429,10 @@ mod tests {
         assert!(same(&q.dequantize_rows(0, 40)?, &whole)?);
         let ids = [5u32, 0, 39, 5, 22];
         let ids_t = Tensor::new(&ids, &Device::Cpu)?;
-        assert!(same(&q.gather_rows(&ids)?, &whole.index_select(&ids_t, 0)?)?);
+        assert!(same(&q.gather_rows(&ids_t)?, &whole.index_select(&ids_t, 0)?)?);
         assert!(q.dequantize_rows(30, 11).is_err(), "rows past the end");
-        let err = q.gather_rows(&[1, 40]).expect_err("an id past the table").to_string();
+        let past = Tensor::new(&[1u32, 40], &Device::Cpu)?;
+        let err = q.gather_rows(&past).expect_err("an id past the table").to_string();
         assert!(err.contains("token id 40") && err.contains("40 rows"), "{err}");
         Ok(())
     }
@@ -416,8 +445,11 @@ mod tests {
         let t = Tensor::randn(0f32, 0.02, (512, 1408), &Device::Cpu)?.to_dtype(DType::BF16)?;
         let on_device = Nf4Tensor::quantize(&t)?;
         let host = Nf4Tensor::quantize(&t.to_dtype(DType::F32)?)?;
-        assert!(on_device.on_device.is_some() && host.on_device.is_none());
-        assert!(on_device.codes.contains(&255), "the weight holds the byte 255");
+        let device_codes = on_device.on_device.as_ref().expect("codes on the device");
+        assert!(host.on_device.is_none());
+        assert!(on_device.codes.is_empty(), "no second copy of the codes on the host");
+        let bytes = device_codes.codes.to_vec1::<u8>()?;
+        assert!(bytes.contains(&255), "the weight holds the byte 255");
         let same = |a: Tensor, b: Tensor| -> Result<bool> {
             Ok(a.to_dtype(DType::F32)?
                 .eq(&b.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)?
@@ -428,10 +460,20 @@ mod tests {
         assert_eq!(on_device.dequantize()?.dtype(), DType::BF16);
         assert!(same(on_device.dequantize()?, host.dequantize()?)?);
         assert!(same(on_device.dequantize_rows(3, 17)?, host.dequantize_rows(3, 17)?)?);
-        assert!(same(
-            on_device.gather_rows(&[5, 0, 39])?,
-            host.gather_rows(&[5, 0, 39])?
-        )?);
+        let ids = Tensor::new(&[5u32, 0, 39, 511], &Device::Cpu)?;
+        assert!(same(on_device.gather_rows(&ids)?, host.gather_rows(&ids)?)?);
+        // Rows that split blocks (96 values) take the whole expansion.
+        let narrow = Tensor::randn(0f32, 0.02, (40, 96), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let (narrow_device, narrow_host) = (
+            Nf4Tensor::quantize(&narrow)?,
+            Nf4Tensor::quantize(&narrow.to_dtype(DType::F32)?)?,
+        );
+        let ids = Tensor::new(&[5u32, 0, 39], &Device::Cpu)?;
+        assert!(same(narrow_device.gather_rows(&ids)?, narrow_host.gather_rows(&ids)?)?);
+        // Back on the host path, the codes come back from the device.
+        let back = on_device.expanding_to(DType::F32)?;
+        assert_eq!(back.codes, host.codes);
+        assert!(same(back.dequantize()?.to_dtype(DType::BF16)?, host.dequantize()?)?);
         Ok(())
     }
 }
