@@ -6,6 +6,8 @@
 # - training: tokens/s and peak GPU memory of kubetune-trainer against PyTorch + PEFT (bf16 base,
 #   f32 adapters) on the benchmark shape of e2e/bench/lib.sh and a larger one generated here;
 #   LoRA and QLoRA, with and without checkpointing;
+# - profile: one decoder layer's pieces (projections, attention, norm, activation, head),
+#   forward and backward, each timed alone, ours against PyTorch + PEFT: where a step's time goes;
 # - serving: kubetune-server's generated tokens/s and TTFT at concurrency 1 and 16 against
 #   transformers `generate` in bf16.
 #
@@ -13,7 +15,8 @@
 #   e2e/gpu/check.sh                    # on the GPU machine, from the repo root
 #   e2e/gpu/check.sh --device cpu       # the same flow on the CPU (small shape, few steps)
 #
-# PARTS (default "correctness bench large serving") picks what runs; large is skipped on the CPU.
+# PARTS (default "correctness bench large profile serving") picks what runs; large is skipped on
+# the CPU.
 # RUNS (default "lora:false qlora:false lora:true qlora:true") picks our training runs
 # (method:checkpointing); STEP_TIMES (default "lora qlora") the large runs timed by phase.
 # Binaries: .kubetune/gpu-bundle/*.xz (GPU_BUNDLE), else target/release. Output: $OUT, else
@@ -33,7 +36,7 @@ work="${GPU_WORK:-/tmp/kubetune-gpu-check}"
 out="${OUT:-$root/.kubetune/gpu-check}"
 mkdir -p "$work/bin" "$out"
 log() { echo "== [${SECONDS}s] $*" >&2; }
-parts=" ${PARTS:-correctness bench large serving} "
+parts=" ${PARTS:-correctness bench large profile serving} "
 want() { [[ "$parts" == *" $1 "* ]]; }
 
 # --- binaries and the libraries they need ---------------------------------------------------
@@ -130,6 +133,25 @@ if [[ "$device" != cpu ]] && want large; then
     KUBETUNE_STEP_TIMES=1 timeout 120 "$bins/kubetune-trainer" --config "$work/large/times-$tag.yaml" 2>&1 |
       grep '"step times"' | tail -1 | tee "$out/step-times-$tag.txt"
   done
+fi
+
+# --- where a layer's time goes --------------------------------------------------------------
+# kubetune-device-check --profile and layer_profile.py time the same pieces of one decoder layer:
+# the large shape's width on a GPU, the bench shape's on the CPU.
+if want profile; then
+  if [[ "$device" == cpu ]]; then
+    profile_shape=(--batch 4 --seq 256 --hidden 512 --intermediate 1408 --heads 8 --kv-heads 4 --vocab 8192 --reps 2)
+  else
+    profile_shape=(--batch 4 --seq 512 --hidden 2048 --intermediate 5632 --heads 16 --kv-heads 8 --vocab 16384 --reps 20)
+  fi
+  log "profile: one layer's pieces, ours and PyTorch + PEFT's"
+  rm -f "$out/profile-ours.json" "$out/profile-torch.json"
+  timeout 120 "$bins/kubetune-device-check" --device "$device" --profile "${profile_shape[@]}" \
+    >"$out/profile-ours.json" 2>"$out/profile-ours.log" ||
+    echo "profile failed: $(tail -3 "$out/profile-ours.log")" >&2
+  timeout 120 "$PY" "$root/e2e/gpu/layer_profile.py" --device "$device" "${profile_shape[@]}" \
+    >"$out/profile-torch.json" 2>"$out/profile-torch.log" ||
+    echo "PyTorch profile failed: $(tail -3 "$out/profile-torch.log")" >&2
 fi
 
 # --- serving --------------------------------------------------------------------------------

@@ -59,11 +59,23 @@ def serving(out):
     return rows
 
 
+def profile(out):
+    ours, reference = load(os.path.join(out, "profile-ours.json")), load(os.path.join(out, "profile-torch.json"))
+    if not ours:
+        return None
+    ref = (reference or {}).get("ms", {})
+    # In the layer's order (layer_profile.py's), then any piece only we time.
+    names = [n for n in ref if n in ours["ms"]] + [n for n in ours["ms"] if n not in ref]
+    return {name: {"ms": round(ours["ms"][name], 3), "torch_ms": ref.get(name) and round(ref[name], 3),
+                   "speed_vs_torch": ratio(ref.get(name), ours["ms"][name])} for name in names}
+
+
 def main():
     out, device = sys.argv[1], sys.argv[2]
     gpu = open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else None
     summary = {"device": device, "gpu": gpu, "correctness": load(os.path.join(out, "correctness.json")),
-               "training": {n: training(out, n) for n in ["bench", "large"]}, "serving": serving(out)}
+               "training": {n: training(out, n) for n in ["bench", "large"]}, "profile": profile(out),
+               "serving": serving(out)}
     goals = {}
     for name, t in summary["training"].items():
         if t and t.get("ours-lora"):
@@ -102,6 +114,13 @@ def main():
             else:
                 print(f"{tag:16} {'no result':>9}")  # failed, or not in RUNS
         print(f"QLoRA memory / LoRA memory: {t['qlora_mem_vs_lora']}")
+    p = summary["profile"]
+    if p:
+        print("\none layer's pieces, forward and backward, ms (speed vs PyTorch: its ms / ours)")
+        print(f"{'piece':12} {'ours':>9} {'PyTorch':>9} {'speed':>7}")
+        for name, r in p.items():
+            torch_ms = f"{r['torch_ms']:9.3f}" if r["torch_ms"] is not None else f"{'-':>9}"
+            print(f"{name:12} {r['ms']:9.3f} {torch_ms} {r['speed_vs_torch'] or 0:6.2f}x")
     s = summary["serving"]
     if s:
         print("\nserving (128-token prompts, 128 new tokens, greedy)")

@@ -184,7 +184,7 @@ impl CausalLm {
 
     /// One chunk of [`CausalLm::head_backward`] through candle's graph: its unscaled loss (an
     /// f64 scalar on the device) and the gradient of the scaled loss with respect to `rows`.
-    fn head_chunk(
+    pub(crate) fn head_chunk(
         &self,
         rows: &Tensor,
         targets: &Tensor,

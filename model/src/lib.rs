@@ -52,6 +52,7 @@ pub mod model;
 pub mod nf4;
 pub mod peft;
 pub mod prefill;
+pub mod profile;
 pub mod rope;
 mod row_chunks;
 pub mod tensors;

@@ -7,6 +7,9 @@
 //! The candidate runs on `--device` in that device's base dtype, bf16 on a GPU; on the CPU it
 //! runs in bf16 too, so `--device cpu` exercises the GPU's code path without a GPU. It prints one
 //! JSON object and exits 1 when a figure is past its bound. `e2e/gpu/check.sh` runs it.
+//!
+//! With `--profile` it times the pieces of one decoder layer's forward and backward instead
+//! ([`kubetune_model::profile`]), on the shape its flags give (check.sh's large one by default).
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -27,10 +30,59 @@ struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = kubetune_model::device::parse_flag)]
     device: DeviceChoice,
+    /// Time the pieces of one decoder layer instead of checking correctness.
+    #[arg(long)]
+    profile: bool,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
+    #[arg(long, default_value_t = 5632)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 16384)]
+    vocab: usize,
+    /// Timed runs of each piece (after two unmeasured ones).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+}
+
+impl Args {
+    /// The profiled shape: LoRA r=16 and 256 head rows, as check.sh's training runs.
+    fn shape(&self) -> kubetune_model::profile::ProfileShape {
+        kubetune_model::profile::ProfileShape {
+            batch: self.batch,
+            seq: self.seq,
+            hidden: self.hidden,
+            intermediate: self.intermediate,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            vocab: self.vocab,
+            rank: 16,
+            head_rows: 256,
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.profile {
+        return match profile(&args) {
+            Ok(report) => {
+                println!("{report}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(args.device) {
         Ok(report) => {
             println!("{report}");
@@ -45,6 +97,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn profile(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let (device, _) = kubetune_model::device::open(args.device)?;
+    let shape = args.shape();
+    let pieces = kubetune_model::profile::layer_pieces(&device, &shape, args.reps)?;
+    let ms: serde_json::Map<String, serde_json::Value> = pieces
+        .into_iter()
+        .map(|(name, ms)| (name.to_string(), ms.into()))
+        .collect();
+    Ok(serde_json::json!({
+        "device": kubetune_model::device::describe(&device),
+        "shape": format!("{shape:?}"),
+        "reps": args.reps,
+        "ms": ms,
+    }))
 }
 
 fn run(choice: DeviceChoice) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
