@@ -367,37 +367,40 @@ pub(crate) struct MaskDraw {
 }
 
 impl MaskDraw {
-    /// The inverted-dropout mask of (rows, cols) inputs on `device`. On the CPU it is
-    /// [`MaskDraw::host_values`]. On a GPU it is drawn there: a host stream of rows x cols draws
-    /// and its upload, for every projection of every micro-batch, would cost more than the step.
-    /// The device's generator is seeded from the stream and draws the whole batch's rows up to
-    /// these, so a part recomputed under checkpointing gets the rows the whole batch got.
+    /// The inverted-dropout mask of (rows, cols) inputs on `device`, drawn there (by our
+    /// kernel on a GPU): element (r, c) is element (first_row + r) cols + c of the stream
+    /// (`kernels::dropout`), so a part recomputed under checkpointing, or a backward drawing
+    /// it again, gets exactly the rows the whole batch got.
     pub(crate) fn draw(&self, rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
-        if device.is_cpu() {
-            return Ok(Tensor::from_vec(self.host_values(rows, cols), (rows, cols), device)?);
-        }
-        device.set_seed(self.stream)?;
-        let uniform = Tensor::rand(0f32, 1f32, (self.first_row + rows, cols), device)?;
-        inverted_dropout(&uniform.narrow(0, self.first_row, rows)?, self.p)
+        let first = (self.first_row * cols) as u64;
+        crate::kernels::dropout::mask(self.stream, first, (rows, cols), self.p, device)
     }
 
-    /// The mask's (rows, cols) values on the host, 0 (probability p) or 1/(1-p). The stream
-    /// runs over the elements of the whole batch in order; these rows take their part from
-    /// `first_row`.
+    /// The mask's (rows, cols) values on the host, 0 (probability p) or 1/(1-p): the same
+    /// values as [`MaskDraw::draw`].
     pub(crate) fn host_values(&self, rows: usize, cols: usize) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.stream);
-        // Each f64 draw takes two 32-bit words of the stream.
-        rng.set_word_pos(2 * cols as u128 * self.first_row as u128);
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        (0..rows * cols)
-            .map(|_| if rng.random::<f64>() < self.p { 0.0 } else { keep })
-            .collect()
+        let first = (self.first_row * cols) as u64;
+        crate::kernels::dropout::host_values(self.stream, first, rows * cols, self.p)
     }
 }
 
-/// Inverted dropout from uniform draws in [0, 1): 0 where a draw is below `p`, else 1/(1-p).
-fn inverted_dropout(uniform: &Tensor, p: f64) -> Result<Tensor> {
-    Ok((uniform.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p)))?)
+/// The fraction of a dropout mask's elements that differ between `device` and the host: 0
+/// when they agree, as they must (a GPU draws its masks by our own kernel).
+/// `kubetune-device-check` runs it on a GPU.
+pub fn dropout_mask_mismatch(device: &Device) -> Result<f64> {
+    let draw = MaskDraw {
+        stream: mix(17, 3),
+        p: 0.1,
+        first_row: 5,
+    };
+    let (rows, cols) = (64, 1000);
+    let on = draw
+        .draw(rows, cols, device)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let host = draw.host_values(rows, cols);
+    Ok(on.iter().zip(&host).filter(|(a, b)| a != b).count() as f64 / host.len() as f64)
 }
 
 /// SplitMix64 step combining two values into a well-spread seed.
@@ -413,17 +416,6 @@ pub fn mix(a: u64, b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The GPU's mask from uniform draws: exactly the draws below p are dropped, the rest
-    /// scaled by 1/(1-p). (The draws themselves are the device generator's.)
-    #[test]
-    fn inverted_dropout_drops_the_draws_below_p_and_scales_the_rest() -> Result<()> {
-        let uniform = (Tensor::arange(0u32, 1000, &Device::Cpu)?.to_dtype(DType::F32)? / 1000.0)?;
-        let mask = inverted_dropout(&uniform, 0.3)?.to_vec1::<f32>()?;
-        assert!(mask[..300].iter().all(|&m| m == 0.0));
-        assert!(mask[300..].iter().all(|&m| (m - 1.0 / 0.7).abs() < 1e-6));
-        Ok(())
-    }
 
     #[test]
     fn the_cpu_mask_is_the_host_stream_and_none_without_a_seed() -> Result<()> {

@@ -2,7 +2,8 @@
 //!
 //! On a generated tiny model it compares, against the f32 CPU reference:
 //! - the logits of a forward with a LoRA adapter;
-//! - one training step's loss and every adapter gradient, with a dense and an NF4 base.
+//! - one training step's loss and every adapter gradient, with a dense and an NF4 base;
+//! - LoRA dropout's mask, drawn on the device, against the host's (they must be equal).
 //!
 //! The candidate runs on `--device` in that device's base dtype, bf16 on a GPU; on the CPU it
 //! runs in bf16 too, so `--device cpu` exercises the GPU's code path without a GPU. It prints one
@@ -140,6 +141,10 @@ fn run(choice: DeviceChoice) -> Result<serde_json::Value, Box<dyn std::error::Er
         report[format!("{base:?}").to_lowercase()] = figures;
     }
     std::fs::remove_dir_all(&dir).ok();
+    // LoRA dropout's masks: drawn on the device by our kernel, they must equal the host's.
+    let mismatch = kubetune_model::lora::dropout_mask_mismatch(&device)?;
+    report["dropout_mask_mismatch"] = mismatch.into();
+    pass &= mismatch == 0.0;
     report["pass"] = pass.into();
     Ok(report)
 }

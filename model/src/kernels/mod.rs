@@ -12,10 +12,13 @@
 //! - `softmax`: softmax, sigmoid and the loss gradient over f32 rows, vectorised.
 //! - `fused`: RMSNorm, SwiGLU, RoPE and causal softmax as single-pass ops with backwards.
 //! - `decode_attention`: one decode step's attention of each row against its cache.
+//! - `dropout`: LoRA dropout's mask from a counter, on the host or by our CUDA kernel (the one
+//!   kernel here that runs on a GPU).
 //! - `matrix`: strided f32 views and their gemm products, for the hand-written training step.
 //! - `scratch`: the training step's pool of reused f32 buffers.
 
 pub(crate) mod decode_attention;
+pub(crate) mod dropout;
 pub(crate) mod fused;
 pub(crate) mod matmul;
 pub(crate) mod matrix;
