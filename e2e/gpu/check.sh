@@ -5,7 +5,7 @@
 #   LoRA step's loss and adapter gradients, dense and NF4 base);
 # - training: tokens/s and peak GPU memory of kubetune-trainer against PyTorch + PEFT (bf16 base,
 #   f32 adapters) on the benchmark shape of e2e/bench/lib.sh and a larger one generated here;
-#   LoRA and QLoRA, with and without checkpointing;
+#   LoRA and QLoRA, with and without checkpointing, and LoRA at the trainer's default dropout;
 # - profile: one decoder layer's pieces (projections, attention, norm, activation, head),
 #   forward and backward, each timed alone, ours against PyTorch + PEFT: where a step's time goes;
 # - serving: kubetune-server's generated tokens/s and TTFT at concurrency 1 and 16 against
@@ -90,7 +90,7 @@ config() {
 model: $3
 dataset: { path: $4, format: text }
 method: $1
-lora: { r: 16, alpha: 32, dropout: 0, targetModules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] }
+lora: { r: 16, alpha: 32, dropout: ${DROPOUT:-0}, targetModules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] }
 training: { maxSteps: $5, batchSize: $6, maxSeqLength: $7, learningRate: 0.0001, scheduler: constant, loggingSteps: 1, gradientCheckpointing: $2 }
 output: $8
 YAML
@@ -118,13 +118,30 @@ train() {
   timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft.json" || true
   GRAD_CKPT=1 timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft-ckpt.json" || true
 }
+# train_dropout NAME STEPS BATCH SEQ: plain LoRA at the trainer's default dropout (0.05), ours
+# and PEFT's, on a shape train has made; the runs above use none. Our masks come from our own
+# kernel on a GPU (model/src/kernels/dropout.rs).
+train_dropout() {
+  local name=$1 steps=$2 batch=$3 seq=$4
+  local dir="$work/$name" res="$out/train-$name"
+  export STEPS=$steps BATCH=$batch SEQ=$seq
+  DROPOUT=0.05 config lora false "$dir/model" "$dir/data.jsonl" "$steps" "$batch" "$seq" "$dir/out-lora-dropout" \
+    >"$dir/lora-dropout.yaml"
+  log "kubetune-trainer $name lora, dropout 0.05"
+  timeout 150 "$PY" "$train_bench" ours "$bins/kubetune-trainer" "$dir/lora-dropout.yaml" "$res/ours-lora-dropout.json" ||
+    true
+  log "PyTorch + PEFT $name, dropout 0.05"
+  DROPOUT=0.05 timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft-dropout.json" ||
+    true
+}
 if [[ "$device" == cpu ]]; then
-  want bench && train bench bench_shape 3 4 256
+  want bench && train bench bench_shape 3 4 256 && train_dropout bench 3 4 256
 else
   want bench && train bench bench_shape 12 4 256
 fi
 if [[ "$device" != cpu ]] && want large; then
   train large large_shape 8 4 512
+  train_dropout large 8 4 512
   # Where a step's time goes (each phase waits for the GPU), for the LoRA run of the large shape.
   for tag in ${STEP_TIMES:-lora qlora}; do
     [[ -f "$work/large/$tag.yaml" ]] || continue

@@ -25,11 +25,12 @@ def training(out, name):
     if not os.path.isdir(d):
         return None
     runs = {tag: load(os.path.join(d, f"{tag}.json")) for tag in
-            ["ours-lora", "ours-qlora", "ours-lora-ckpt", "ours-qlora-ckpt", "peft", "peft-ckpt"]}
+            ["ours-lora", "ours-qlora", "ours-lora-ckpt", "ours-qlora-ckpt", "peft", "peft-ckpt",
+             "ours-lora-dropout", "peft-dropout"]}
     mem = "peak_gpu_mib" if any(r and "peak_gpu_mib" in r for r in runs.values()) else "peak_rss_mib"
     rows = {}
     for tag, r in runs.items():
-        ref = runs["peft-ckpt" if tag.endswith("ckpt") else "peft"]
+        ref = runs["peft-ckpt" if tag.endswith("ckpt") else "peft-dropout" if tag.endswith("dropout") else "peft"]
         rows[tag] = None if r is None else {
             "tok_s": round(r["tok_s"], 1), mem: round(r.get(mem, 0)),
             "tok_s_vs_peft": ratio(r["tok_s"], ref and ref["tok_s"]),
@@ -98,6 +99,7 @@ def main():
             print(f"correctness {base:5}: logits rel err {f.get('logits_rel_err', float('nan')):.4f}, greedy agree "
                   f"{f.get('greedy_agreement', float('nan')):.3f}, loss rel err {f.get('loss_rel_err', float('nan')):.5f}, "
                   f"max gradient rel err {f.get('gradient_rel_err_max', float('nan')):.4f}")
+        print(f"dropout masks: {c.get('dropout_mask_mismatch', 'not checked')} of the device's differ from the host's")
         print(f"correctness: {'PASS' if c.get('pass') else 'FAIL'} (bounds {c.get('bounds')})")
     else:
         print("correctness: no result")
@@ -106,13 +108,14 @@ def main():
             continue
         mem = t["memory"]
         print(f"\ntraining, {name} shape ({mem})")
-        print(f"{'run':16} {'tok/s':>9} {'MiB':>7} {'tok/s vs PEFT':>14} {'mem vs PEFT':>12}")
-        for tag in ["peft", "ours-lora", "ours-qlora", "peft-ckpt", "ours-lora-ckpt", "ours-qlora-ckpt"]:
+        print(f"{'run':17} {'tok/s':>9} {'MiB':>7} {'tok/s vs PEFT':>14} {'mem vs PEFT':>12}")
+        for tag in ["peft", "ours-lora", "ours-qlora", "peft-ckpt", "ours-lora-ckpt", "ours-qlora-ckpt",
+                    "peft-dropout", "ours-lora-dropout"]:
             r = t.get(tag)
             if r:
-                print(f"{tag:16} {r['tok_s']:9.1f} {r[mem]:7} {r['tok_s_vs_peft'] or 0:13.2f}x {r['mem_vs_peft'] or 0:11.2f}x")
+                print(f"{tag:17} {r['tok_s']:9.1f} {r[mem]:7} {r['tok_s_vs_peft'] or 0:13.2f}x {r['mem_vs_peft'] or 0:11.2f}x")
             else:
-                print(f"{tag:16} {'no result':>9}")  # failed, or not in RUNS
+                print(f"{tag:17} {'no result':>9}")  # failed, or not in RUNS
         print(f"QLoRA memory / LoRA memory: {t['qlora_mem_vs_lora']}")
     p = summary["profile"]
     if p:

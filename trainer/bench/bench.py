@@ -115,7 +115,8 @@ def run_peft(model_dir, ids_file, out):
     checkpointing = os.environ.get("GRAD_CKPT") == "1"
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    dropout = float(os.environ.get("DROPOUT", "0"))  # as the config's lora.dropout on our side
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
