@@ -9,6 +9,7 @@
 //! FlashAttention does; the graph keeps only q, k, v, the output and that log-sum-exp.
 
 use crate::error::Result;
+use crate::row_chunks::accumulate;
 use candle_core::{DType, Tensor, D};
 
 /// About this many bytes of f32 scores per block (batch x heads x rows x keys).
@@ -166,14 +167,7 @@ impl BlockedAttention {
             .contiguous()?;
         let grad = grad.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
-        // dK and dV sum over blocks: in f32, then back to the inputs' dtype.
-        let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
-            let x = x.to_dtype(DType::F32)?;
-            Ok(Some(match acc {
-                Some(a) => (a + x)?,
-                None => x,
-            }))
-        };
+        // dK and dV sum over blocks in f32, then go back to the inputs' dtype.
         // Each block holds three f32 blocks at most (the probabilities, dP and dP - D), each
         // one let go as soon as the next is made. The softmax's scale is left out of dS and
         // applied to dQ and dK, which are a fraction of a block's size.
@@ -185,13 +179,16 @@ impl BlockedAttention {
                 .broadcast_sub(&self.lse.narrow(2, start, rows)?)?;
             let p = shifted.exp()?;
             drop(shifted);
-            dv = add(dv, p.to_dtype(v.dtype())?.t()?.matmul(&g_blk)?)?;
+            accumulate(
+                &mut dv,
+                p.to_dtype(v.dtype())?.t()?.matmul(&g_blk)?.to_dtype(DType::F32)?,
+            )?;
             let dp = g_blk.matmul(&v.t()?)?.to_dtype(DType::F32)?;
             let centred = dp.broadcast_sub(&d.narrow(2, start, rows)?)?;
             drop(dp);
             let ds = (p * centred)?.to_dtype(q.dtype())?;
             dq.push((ds.matmul(k)? * self.scale)?);
-            dk = add(dk, ds.t()?.matmul(&q_blk)?)?;
+            accumulate(&mut dk, ds.t()?.matmul(&q_blk)?.to_dtype(DType::F32)?)?;
         }
         let missing = || crate::error::ModelError::EmptyInput("attention backward of an empty sequence".into());
         let (dk, dv) = (

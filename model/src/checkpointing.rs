@@ -21,6 +21,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::{frozen_matmul, BaseWeight};
 use crate::lora::ActiveAdapter;
 use crate::model::CausalLm;
+use crate::row_chunks::accumulate;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var, D};
 
@@ -169,10 +170,7 @@ impl CausalLm {
                 step.loss_scale,
                 &head,
             )?;
-            loss_sum = Some(match loss_sum {
-                Some(sum) => (sum + loss)?,
-                None => loss,
-            });
+            accumulate(&mut loss_sum, loss)?;
             grads.push(grad);
         }
         let loss_sum = match loss_sum {
@@ -261,10 +259,7 @@ impl CausalLm {
                 &batch.targets.narrow(0, start, len)?,
                 &batch.weights.narrow(0, start, len)?,
             )?;
-            total = Some(match total {
-                Some(t) => (t + sum)?,
-                None => sum,
-            });
+            accumulate(&mut total, sum)?;
         }
         total.ok_or_else(|| ModelError::EmptyInput("loss of an empty batch".into()))
     }

@@ -14,7 +14,7 @@
 use crate::error::Result;
 use crate::linear::{matmul_weight, BaseWeight};
 use crate::lora::MaskDraw;
-use crate::row_chunks::{add_by_rows, rows_per_chunk};
+use crate::row_chunks::{accumulate, add_by_rows, rows_per_chunk};
 use candle_core::Tensor;
 
 /// A LoRA pair as one projection's op uses it: A (r, in), B (out, r), the scale, and how its
@@ -183,15 +183,6 @@ impl crate::custom_grad::Backward3 for LoraLinearBackward {
         let (da, db) = (da.ok_or_else(none)?, db.ok_or_else(none)?);
         Ok((dx, da, db))
     }
-}
-
-/// `sum + x`, or `x` for the first.
-fn accumulate(sum: &mut Option<Tensor>, x: Tensor) -> candle_core::Result<()> {
-    *sum = Some(match sum.take() {
-        Some(s) => (s + x)?,
-        None => x,
-    });
-    Ok(())
 }
 
 #[cfg(test)]

@@ -381,10 +381,7 @@ impl Nf4Tensor {
                 grad.narrow(1, start, len)?.contiguous()?
             };
             let part = g.matmul(&self.dequantize_rows(start, len)?)?;
-            sum = Some(match sum {
-                Some(s) => (s + part)?,
-                None => part,
-            });
+            crate::row_chunks::accumulate(&mut sum, part)?;
         }
         sum.ok_or_else(|| ModelError::ShapeMismatch("NF4 product with an empty weight".into()))
     }

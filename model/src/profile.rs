@@ -116,14 +116,8 @@ pub fn layer_pieces(device: &Device, shape: &ProfileShape, reps: usize) -> Resul
             p.x.flatten_to(1)?
                 .narrow(0, 0, shape.head_rows.min(shape.batch * shape.seq))?;
         let n = rows.dim(0)?;
-        let (loss, grad) = model.head_chunk(
-            &rows,
-            &p.targets.narrow(0, 0, n)?,
-            &p.weights.narrow(0, 0, n)?,
-            1.0,
-            &model.head(),
-        )?;
-        drop((loss, grad));
+        let targets = (p.targets.narrow(0, 0, n)?, p.weights.narrow(0, 0, n)?);
+        model.head_chunk(&rows, &targets.0, &targets.1, 1.0, &model.head())?;
         Ok(())
     })?;
     Ok(out)
@@ -173,10 +167,9 @@ impl Pieces {
         })
     }
 
-    /// The backward of `y` against the output gradient `g`, its gradients dropped.
+    /// The backward of `y` against the output gradient `g`; the gradients are dropped.
     fn back(&self, y: Tensor, g: &Tensor) -> Result<()> {
-        let grads = (y * g)?.sum_all()?.backward()?;
-        drop(grads);
+        (y * g)?.sum_all()?.backward()?;
         Ok(())
     }
 }

@@ -6,7 +6,8 @@
 //! layer's whole graph. Under checkpointing on a GPU a layer is rebuilt for up to 8192 tokens,
 //! so these temporaries grew with the part, not with what the step keeps. Rows are
 //! independent in these backwards, so they run a chunk at a time, and each chunk's outputs
-//! are written into the whole outputs in place.
+//! are written into the whole outputs in place. What sums over chunks instead (a loss, a
+//! weight's gradient, attention's dK and dV) adds each chunk's part with [`accumulate`].
 
 use candle_core::{Result, Tensor};
 
@@ -79,6 +80,15 @@ pub(crate) fn by_rows<const M: usize>(
         }
     }
     Ok(whole.expect("at least two chunks"))
+}
+
+/// Adds `part` to the running `sum`, which the first part starts.
+pub(crate) fn accumulate(sum: &mut Option<Tensor>, part: Tensor) -> Result<()> {
+    *sum = Some(match sum.take() {
+        Some(s) => (s + part)?,
+        None => part,
+    });
+    Ok(())
 }
 
 /// `base + part(start, len)` for consecutive chunks of `rows` rows, `per` at a time. `base`
