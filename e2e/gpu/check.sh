@@ -96,6 +96,22 @@ output: $8
 YAML
 }
 
+# ours DIR RES TAG METHOD CHECKPOINTING: one kubetune-trainer run on DIR's model and data;
+# STEPS, BATCH, SEQ and DROPOUT come from the environment.
+ours() {
+  local dir=$1 res=$2 tag=$3
+  config "$4" "$5" "$dir/model" "$dir/data.jsonl" "$STEPS" "$BATCH" "$SEQ" "$dir/out-$tag" >"$dir/$tag.yaml"
+  log "kubetune-trainer $(basename "$dir") $tag"
+  timeout 150 "$PY" "$train_bench" ours "$bins/kubetune-trainer" "$dir/$tag.yaml" "$res/ours-$tag.json" || true
+}
+
+# peft DIR RES TAG: PyTorch + PEFT on the same model and data (GRAD_CKPT and DROPOUT from the
+# environment).
+peft() {
+  log "PyTorch + PEFT $(basename "$1") $3"
+  timeout 150 "$PY" "$train_bench" peft "$1/model" "$1/data.jsonl.ids.json" "$2/$3.json" || true
+}
+
 # train NAME SHAPE-ARRAY-NAME STEPS BATCH SEQ: ours (LoRA, QLoRA, each plain and checkpointed)
 # and PEFT (plain and checkpointed) on one generated model.
 train() {
@@ -110,38 +126,28 @@ train() {
   for run in ${RUNS:-lora:false qlora:false lora:true qlora:true}; do
     local method=${run%:*} ckpt=${run#*:} tag=${run%:*}
     [[ $ckpt == true ]] && tag="$tag-ckpt"
-    config "$method" "$ckpt" "$dir/model" "$dir/data.jsonl" "$steps" "$batch" "$seq" "$dir/out-$tag" >"$dir/$tag.yaml"
-    log "kubetune-trainer $name $tag"
-    timeout 150 "$PY" "$train_bench" ours "$bins/kubetune-trainer" "$dir/$tag.yaml" "$res/ours-$tag.json" || true
+    ours "$dir" "$res" "$tag" "$method" "$ckpt"
   done
-  log "PyTorch + PEFT $name"
-  timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft.json" || true
-  GRAD_CKPT=1 timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft-ckpt.json" || true
+  peft "$dir" "$res" peft
+  GRAD_CKPT=1 peft "$dir" "$res" peft-ckpt
 }
-# train_dropout NAME STEPS BATCH SEQ: plain LoRA at the trainer's default dropout (0.05), ours
-# and PEFT's, on a shape train has made; the runs above use none. Our masks come from our own
-# kernel on a GPU (model/src/kernels/dropout.rs).
+
+# train_dropout NAME: plain LoRA at the trainer's default dropout (0.05), ours and PEFT's, on
+# the model, data and sizes train NAME used last; those runs use none. Our masks come from our
+# own kernel on a GPU (model/src/kernels/dropout.rs).
 train_dropout() {
-  local name=$1 steps=$2 batch=$3 seq=$4
-  local dir="$work/$name" res="$out/train-$name"
-  export STEPS=$steps BATCH=$batch SEQ=$seq
-  DROPOUT=0.05 config lora false "$dir/model" "$dir/data.jsonl" "$steps" "$batch" "$seq" "$dir/out-lora-dropout" \
-    >"$dir/lora-dropout.yaml"
-  log "kubetune-trainer $name lora, dropout 0.05"
-  timeout 150 "$PY" "$train_bench" ours "$bins/kubetune-trainer" "$dir/lora-dropout.yaml" "$res/ours-lora-dropout.json" ||
-    true
-  log "PyTorch + PEFT $name, dropout 0.05"
-  DROPOUT=0.05 timeout 150 "$PY" "$train_bench" peft "$dir/model" "$dir/data.jsonl.ids.json" "$res/peft-dropout.json" ||
-    true
+  local dir="$work/$1" res="$out/train-$1"
+  DROPOUT=0.05 ours "$dir" "$res" lora-dropout lora false
+  DROPOUT=0.05 peft "$dir" "$res" peft-dropout
 }
 if [[ "$device" == cpu ]]; then
-  want bench && train bench bench_shape 3 4 256 && train_dropout bench 3 4 256
+  want bench && train bench bench_shape 3 4 256 && train_dropout bench
 else
   want bench && train bench bench_shape 12 4 256
 fi
 if [[ "$device" != cpu ]] && want large; then
   train large large_shape 8 4 512
-  train_dropout large 8 4 512
+  train_dropout large
   # Where a step's time goes (each phase waits for the GPU), for the LoRA run of the large shape.
   for tag in ${STEP_TIMES:-lora qlora}; do
     [[ -f "$work/large/$tag.yaml" ]] || continue
