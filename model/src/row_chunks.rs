@@ -1,4 +1,5 @@
-//! Backward passes in chunks of rows, so their f32 temporaries have a fixed size.
+//! Work in chunks of rows (the gated backward, the LoRA products forward and backward), so its
+//! f32 temporaries have a fixed size.
 //!
 //! A custom backward that widens its inputs to f32 makes several copies of them at once: the
 //! gated activation's made six f32 copies of the intermediate activations, 264 MiB at once for
@@ -11,7 +12,7 @@
 
 use candle_core::{Result, Tensor};
 
-/// Values of one f32 temporary of a chunk, about: 16 MiB. Large enough that a GPU's kernels
+/// Values of one f32 temporary of a chunk (16 MiB). Large enough that a GPU's kernels
 /// over a chunk outlast their launch, small enough to hold a few at once.
 const CHUNK_VALUES: usize = 1 << 22;
 
