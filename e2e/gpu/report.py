@@ -8,6 +8,18 @@ import json
 import os
 import sys
 
+# The training runs, PEFT's before ours under each setting, in the table's order.
+RUNS = ["peft", "ours-lora", "ours-qlora", "peft-ckpt", "ours-lora-ckpt", "ours-qlora-ckpt",
+        "peft-dropout", "ours-lora-dropout"]
+
+
+def reference(tag):
+    """PEFT's run under the setting of `tag`: checkpointed, with dropout, or plain."""
+    for setting in ("ckpt", "dropout"):
+        if tag.endswith(setting):
+            return f"peft-{setting}"
+    return "peft"
+
 
 def load(path):
     try:
@@ -24,13 +36,11 @@ def training(out, name):
     d = os.path.join(out, f"train-{name}")
     if not os.path.isdir(d):
         return None
-    runs = {tag: load(os.path.join(d, f"{tag}.json")) for tag in
-            ["ours-lora", "ours-qlora", "ours-lora-ckpt", "ours-qlora-ckpt", "peft", "peft-ckpt",
-             "ours-lora-dropout", "peft-dropout"]}
+    runs = {tag: load(os.path.join(d, f"{tag}.json")) for tag in RUNS}
     mem = "peak_gpu_mib" if any(r and "peak_gpu_mib" in r for r in runs.values()) else "peak_rss_mib"
     rows = {}
     for tag, r in runs.items():
-        ref = runs["peft-ckpt" if tag.endswith("ckpt") else "peft-dropout" if tag.endswith("dropout") else "peft"]
+        ref = runs[reference(tag)]
         rows[tag] = None if r is None else {
             "tok_s": round(r["tok_s"], 1), mem: round(r.get(mem, 0)),
             "tok_s_vs_peft": ratio(r["tok_s"], ref and ref["tok_s"]),
@@ -109,8 +119,7 @@ def main():
         mem = t["memory"]
         print(f"\ntraining, {name} shape ({mem})")
         print(f"{'run':17} {'tok/s':>9} {'MiB':>7} {'tok/s vs PEFT':>14} {'mem vs PEFT':>12}")
-        for tag in ["peft", "ours-lora", "ours-qlora", "peft-ckpt", "ours-lora-ckpt", "ours-qlora-ckpt",
-                    "peft-dropout", "ours-lora-dropout"]:
+        for tag in RUNS:
             r = t.get(tag)
             if r:
                 print(f"{tag:17} {r['tok_s']:9.1f} {r[mem]:7} {r['tok_s_vs_peft'] or 0:13.2f}x {r['mem_vs_peft'] or 0:11.2f}x")

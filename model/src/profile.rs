@@ -142,12 +142,9 @@ struct Pieces {
 
 impl Pieces {
     fn new(model: &crate::CausalLm, s: &ProfileShape, device: &Device) -> Result<Self> {
-        let var = |dims: &[usize]| -> Result<Tensor> {
-            let t = Tensor::randn(0f32, 1.0, dims, device)?.to_dtype(DType::BF16)?;
-            Ok(Var::from_tensor(&t)?.as_tensor().clone())
-        };
         let constant =
             |dims: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, dims, device)?.to_dtype(DType::BF16)?) };
+        let var = |dims: &[usize]| -> Result<Tensor> { Ok(Var::from_tensor(&constant(dims)?)?.as_tensor().clone()) };
         let (b, t, d) = (s.batch, s.seq, s.hidden / s.heads);
         let rows = b * t;
         let targets: Vec<u32> = (0..rows).map(|i| (i * 31 % model.config().vocab_size) as u32).collect();
